@@ -1,0 +1,145 @@
+#pragma once
+// Transferable callables: work sent to a process that already exists (a forkserver child, a pool
+// worker, an MPI rank) travels as bytes. The same binary runs on both sides, so code is named by
+// its address relative to the loaded module that holds it, and the module by its build id.
+// Nothing needs registering by hand; the invoker trampolines register themselves at static
+// initialisation, and a receiver runs only a registered trampoline (a forged address is refused).
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "mp/serialize.hpp"
+
+namespace mp::detail {
+
+/// Code named independently of where the module was loaded.
+struct CodeRef {
+    std::uint64_t module = 0;  // hash of the module's build id (or of its path without one)
+    std::uint64_t offset = 0;  // address minus the module's load address
+};
+
+/// Names the code at `address`; throws mp::Error when no loaded module holds it.
+CodeRef code_ref(std::uintptr_t address);
+/// The address of `ref` in this process; throws DecodeError when no loaded module matches or the
+/// address is not in an executable segment.
+std::uintptr_t resolve_code(const CodeRef& ref);
+
+/// A trampoline: decodes the arguments (and a function pointer, for that kind), calls, and
+/// encodes the result into `out` (nothing for void or a result without a codec).
+using Invoker = void (*)(Decoder& in, Encoder& out);
+bool register_invoker(Invoker fn) noexcept;
+bool is_registered_invoker(Invoker fn) noexcept;
+
+template <class F>
+concept FunctionPointer = std::is_pointer_v<F> && std::is_function_v<std::remove_pointer_t<F>>;
+
+/// An object with no state that can be made afresh on the other side: a captureless lambda or
+/// an empty function object.
+template <class F>
+concept StatelessCallable =
+    std::is_class_v<F> && std::is_empty_v<F> && std::is_default_constructible_v<F>;
+
+/// What may be sent to another process: a function (pointer) or a stateless callable.
+template <class F>
+concept Transferable = FunctionPointer<std::decay_t<F>> || StatelessCallable<std::decay_t<F>>;
+
+template <class F, class... A>
+decltype(auto) call_with(F& f, std::tuple<A...>& args) {
+    // Prefer moving the decoded arguments in; fall back to lvalues for `T&` parameters.
+    if constexpr (std::is_invocable_v<F&, A&&...>)
+        return std::apply(f, std::move(args));
+    else
+        return std::apply(f, args);
+}
+
+template <class F, class... A>
+void invoke_from(Decoder& in, Encoder& out) {
+    F f = [&]() -> F {
+        if constexpr (FunctionPointer<F>) {
+            CodeRef r;
+            r.module = in.get<std::uint64_t>();
+            r.offset = in.get<std::uint64_t>();
+            return reinterpret_cast<F>(resolve_code(r));
+        } else {
+            return F{};
+        }
+    }();
+    // Braced initialisation evaluates left to right: arguments decode in order.
+    std::tuple<A...> args{in.get<A>()...};
+    in.finish();
+    using R = decltype(call_with(f, args));
+    if constexpr (std::is_void_v<R>) {
+        call_with(f, args);
+    } else if constexpr (Encodable<R>) {
+        out.put(call_with(f, args));
+    } else {
+        (void)call_with(f, args);
+    }
+}
+
+template <class F, class... A>
+inline const bool invoker_registered = register_invoker(&invoke_from<F, A...>);
+
+/// An encoded call: [invoker][function, for a pointer][arguments...].
+struct Task {
+    std::string bytes;
+};
+
+/// Encodes `f(args...)` when it can cross a process boundary; std::nullopt otherwise (the caller
+/// decides whether that is an error: a fork-started Process does not need it).
+template <class F, class... Args>
+std::optional<Task> make_task(const F& f, const Args&... args) {
+    using Fn = std::decay_t<F>;
+    if constexpr (Transferable<Fn> && (Encodable<std::decay_t<Args>> && ...) &&
+                  std::is_invocable_v<Fn&, std::decay_t<Args>&...>) {
+        (void)invoker_registered<Fn, std::decay_t<Args>...>;
+        Encoder e;
+        Invoker inv = &invoke_from<Fn, std::decay_t<Args>...>;
+        CodeRef r = code_ref(reinterpret_cast<std::uintptr_t>(inv));
+        e.put(r.module);
+        e.put(r.offset);
+        if constexpr (FunctionPointer<Fn>) {
+            Fn fp = f;
+            if (fp == nullptr) throw Error("mp: cannot send a null function pointer");
+            CodeRef fr = code_ref(reinterpret_cast<std::uintptr_t>(fp));
+            e.put(fr.module);
+            e.put(fr.offset);
+        }
+        (e.put(static_cast<const std::decay_t<Args>&>(args)), ...);
+        return Task{e.take()};
+    } else {
+        return std::nullopt;
+    }
+}
+
+/// Like make_task, but a callable or argument that cannot be sent is a compile error that says
+/// what to do.
+template <class F, class... Args>
+Task make_transferable_task(const F& f, const Args&... args) {
+    using Fn = std::decay_t<F>;
+    static_assert(!(std::is_class_v<Fn> && !std::is_empty_v<Fn>),
+                  "mp: work sent to another process cannot capture state: pass the captured "
+                  "values as arguments instead (a captureless lambda, a function or an empty "
+                  "function object is transferable)");
+    static_assert(Transferable<Fn>,
+                  "mp: work sent to another process must be a function, a function pointer, a "
+                  "captureless lambda or an empty, default-constructible function object");
+    static_assert((Encodable<std::decay_t<Args>> && ...),
+                  "mp: every argument sent to another process needs an mp::Codec (a cereal "
+                  "serialize() function or a Codec<T> specialisation)");
+    static_assert(std::is_invocable_v<Fn&, std::decay_t<Args>&...>,
+                  "mp: the callable cannot be called with these arguments");
+    return *make_task(f, args...);
+}
+
+/// Decodes and runs a task; returns the encoded result. Throws DecodeError for bytes that do not
+/// name a registered invoker in this binary; whatever the callable throws propagates.
+std::string run_task(std::string_view bytes);
+
+}  // namespace mp::detail

@@ -1,0 +1,133 @@
+#pragma once
+/// mp's exception hierarchy. Every domain failure is an mp::Error; a failing
+/// system call is a std::system_error whose what() names the call.
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <sys/types.h>
+
+namespace mp {
+
+/// Base of every exception mp throws for a domain failure.
+class Error : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/// Misuse of a Process (start twice, join before start, ...), or a child that could not start.
+class ProcessError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A bounded wait ran out.
+class TimeoutError : public Error {
+public:
+    using Error::Error;
+    TimeoutError() : Error("timed out") {}
+};
+
+/// get on an empty queue without blocking (or after the timeout).
+class Empty : public Error {
+public:
+    using Error::Error;
+    Empty() : Error("queue is empty") {}
+};
+
+/// put on a full queue without blocking (or after the timeout).
+class Full : public Error {
+public:
+    using Error::Error;
+    Full() : Error("queue is full") {}
+};
+
+/// The other end is closed: nothing more will arrive.
+class EOFError : public Error {
+public:
+    using Error::Error;
+    EOFError() : Error("end of file: the peer has closed the connection") {}
+};
+
+/// Bytes could not be decoded into the requested type (truncated, oversized or malformed).
+class DecodeError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A received message did not fit the caller's buffer; the message is kept.
+class BufferTooShort : public Error {
+public:
+    explicit BufferTooShort(std::string message)
+        : Error("buffer too short for the received message"), message_(std::move(message)) {}
+    /// The whole message that did not fit.
+    const std::string& message() const noexcept { return message_; }
+
+private:
+    std::string message_;
+};
+
+/// The peer failed (or refused) the shared-key handshake.
+class AuthenticationError : public Error {
+public:
+    using Error::Error;
+};
+
+/// The pool cannot take or finish work any more.
+class BrokenProcessPool : public Error {
+public:
+    using Error::Error;
+};
+
+/// A worker process died while it ran a task.
+class WorkerDied : public Error {
+public:
+    /// `status` is the exit code (>= 0) or minus the signal number, as Process::exitcode().
+    WorkerDied(pid_t pid, int status);
+    pid_t pid() const noexcept { return pid_; }
+    /// The exit code when the worker exited, or std::nullopt when a signal ended it.
+    std::optional<int> exit_code() const noexcept {
+        return status_ >= 0 ? std::optional<int>(status_) : std::nullopt;
+    }
+    /// The signal that ended the worker, or std::nullopt when it exited.
+    std::optional<int> signal() const noexcept {
+        return status_ < 0 ? std::optional<int>(-status_) : std::nullopt;
+    }
+
+private:
+    pid_t pid_;
+    int status_;
+};
+
+/// The future was cancelled before it ran.
+class CancelledError : public Error {
+public:
+    using Error::Error;
+    CancelledError() : Error("the future was cancelled") {}
+};
+
+/// A Barrier was aborted or reset while a party waited.
+class BrokenBarrierError : public Error {
+public:
+    using Error::Error;
+    BrokenBarrierError() : Error("the barrier is broken") {}
+};
+
+/// An exception raised in another process: its type, message and origin.
+class RemoteError : public Error {
+public:
+    RemoteError(std::string type_name, std::string message, std::string origin);
+    /// The (demangled) type name of the remote exception, e.g. "std::out_of_range".
+    const std::string& type_name() const noexcept { return type_name_; }
+    /// The remote exception's what().
+    const std::string& message() const noexcept { return message_; }
+    /// Which process raised it, e.g. "ForkServerProcess-3 (pid 1234)".
+    const std::string& origin() const noexcept { return origin_; }
+
+private:
+    std::string type_name_;
+    std::string message_;
+    std::string origin_;
+};
+
+}  // namespace mp

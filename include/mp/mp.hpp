@@ -1,0 +1,7 @@
+#pragma once
+/// mp: Python's multiprocessing process model for C++20. This umbrella header includes every
+/// public header.
+
+#include "mp/errors.hpp"
+#include "mp/process.hpp"
+#include "mp/serialize.hpp"

@@ -1,0 +1,197 @@
+#pragma once
+/// mp::Process: run a function in a child process, as Python's multiprocessing.Process.
+///
+///     void work(std::string who) { std::printf("%s\n", who.c_str()); }
+///     mp::Process p(work, std::string("egon"));
+///     p.start();
+///     p.join();                     // p.exitcode() == 0
+///
+/// Start methods
+/// - fork (the default for Process): the child is a copy of the parent, so the target may be any
+///   callable, captures included. Fork in a parent that runs threads copies only the calling
+///   thread: a lock another thread holds stays locked in the child.
+/// - forkserver: the child is forked from a single-threaded server process, started once, at the
+///   first forkserver use or at set_start_method(StartMethod::forkserver); call that at the top of
+///   main, before any thread exists, and later children never inherit a held lock. The target must
+///   be transferable (a function, a function pointer, a captureless lambda or an empty function
+///   object) and its arguments must have an mp::Codec; a Process subclass runs only under fork.
+///
+/// Lifetime
+/// - exitcode() is std::nullopt while the child runs, N after it exited with N, -N after signal N.
+/// - An exception escaping the target prints "Process <name>:" and the exception to stderr; the
+///   exit code is 1. A child never runs the parent's atexit handlers or static destructors: it
+///   flushes stdio and leaves with _exit.
+/// - Daemon children are terminated when the parent exits normally and receive SIGKILL when the
+///   parent dies any other way (PR_SET_PDEATHSIG; under fork this fires when the *thread* that
+///   called start() ends, so start daemons from a thread that outlives them). A daemon may not
+///   start children. Non-daemon children are joined when the parent returns from main or calls
+///   std::exit.
+/// - Destructor policy: destroying a started Process whose child still runs joins a non-daemon
+///   child (like std::jthread) and terminates (SIGTERM, then waits) a daemon child. Destroying a
+///   Process always reaps its child: it never leaves a zombie.
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <sys/types.h>
+#include <utility>
+#include <vector>
+
+#include "mp/detail/task.hpp"
+#include "mp/errors.hpp"
+
+namespace mp {
+
+/// How a child process is created.
+enum class StartMethod { fork, forkserver };
+
+/// Options for a Process; every member has a sensible default.
+struct ProcessOptions {
+    /// Empty: "Process-N" (N counts this process's children; a grandchild is "Process-1:2").
+    std::string name;
+    /// Empty: inherit the daemon flag of the current process.
+    std::optional<bool> daemon;
+    /// Empty: the default set with set_start_method (fork unless changed).
+    std::optional<StartMethod> start_method;
+};
+
+namespace detail {
+struct ProcessState;
+}
+
+/// A lightweight, copyable view of a running child, as returned by active_children().
+class ChildProcess {
+public:
+    pid_t pid() const;
+    const std::string& name() const;
+    bool daemon() const;
+    bool is_alive() const;
+    std::optional<int> exitcode() const;
+    void join() const;
+    /// Returns true when the child has ended within the timeout.
+    bool join(std::chrono::nanoseconds timeout) const;
+    void terminate() const;
+    void kill() const;
+    int sentinel() const;
+
+private:
+    friend std::vector<ChildProcess> active_children();
+    explicit ChildProcess(std::shared_ptr<detail::ProcessState> s) : state_(std::move(s)) {}
+    std::shared_ptr<detail::ProcessState> state_;
+};
+
+/// A child process: created with a target and arguments, or by subclassing and overriding run().
+class Process {
+public:
+    /// Subclass style: override run().
+    Process();
+    explicit Process(ProcessOptions options);
+
+    /// Target style: the child calls target(args...) with copies of the arguments.
+    template <class F, class... Args>
+        requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
+    explicit Process(F&& target, Args&&... args)
+        : Process(ProcessOptions{}, std::forward<F>(target), std::forward<Args>(args)...) {}
+
+    template <class F, class... Args>
+        requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
+    Process(ProcessOptions options, F&& target, Args&&... args) : Process(std::move(options)) {
+        set_target(detail::make_task(target, args...),
+                   [f = std::decay_t<F>(std::forward<F>(target)),
+                    ... a = std::decay_t<Args>(std::forward<Args>(args))]() mutable {
+                       std::invoke(f, a...);
+                   });
+    }
+
+    Process(const Process&) = delete;
+    Process& operator=(const Process&) = delete;
+    /// See the destructor policy above.
+    virtual ~Process();
+
+    /// Starts the child. Throws ProcessError when already started, closed, or when the current
+    /// process is a daemon; std::system_error when the OS refuses.
+    void start();
+    /// Waits for the child to end. Throws ProcessError before start, after close, or in the child.
+    void join();
+    /// Waits at most `timeout`; returns true when the child has ended.
+    template <class Rep, class Period>
+    bool join(std::chrono::duration<Rep, Period> timeout) {
+        return join_for(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout));
+    }
+    /// True between start() and the child's end.
+    bool is_alive();
+    /// Sends SIGTERM. Throws ProcessError before start or after close.
+    void terminate();
+    /// Sends SIGKILL. Throws ProcessError before start or after close.
+    void kill();
+    /// Releases the sentinel and other resources; throws ProcessError while the child runs.
+    /// Afterwards every method but name() throws ProcessError.
+    void close();
+
+    /// The child's pid; 0 before start.
+    pid_t pid() const;
+    const std::string& name() const;
+    void name(std::string n);
+    /// std::nullopt until the child has ended (and before start).
+    std::optional<int> exitcode();
+    bool daemon() const;
+    /// Throws ProcessError after start.
+    void daemon(bool d);
+    /// A pidfd that polls readable once the child has ended. Throws ProcessError before start.
+    int sentinel() const;
+    /// The key the child will use for Listener/Client authentication (bytes, 32 by default).
+    const std::string& authkey() const;
+    void authkey(std::string key);
+    StartMethod start_method() const;
+
+protected:
+    /// The child's work. The default calls the target given to the constructor.
+    virtual void run();
+
+private:
+    void set_target(std::optional<detail::Task> task, std::function<void()> fn);
+    bool join_for(std::chrono::nanoseconds timeout);
+
+    std::shared_ptr<detail::ProcessState> state_;
+    std::function<void()> target_;
+    std::optional<detail::Task> task_;
+};
+
+/// What the current process knows about itself (Python's current_process()).
+struct ProcessIdentity {
+    std::string name = "MainProcess";
+    pid_t pid = 0;
+    bool daemon = false;
+    /// Inherited by children; 32 random bytes in the main process.
+    std::string authkey;
+    /// Position in the process tree: {} for the main process, {1} for Process-1, {1, 2} ...
+    std::vector<int> identity;
+};
+
+/// The parent of the current process, if it was started by mp.
+struct ParentProcess {
+    std::string name;
+    pid_t pid = 0;
+    /// True while the parent runs.
+    bool is_alive() const;
+};
+
+/// This process's identity; its name and authkey may be changed.
+ProcessIdentity& current_process();
+/// std::nullopt in a process that mp did not start.
+std::optional<ParentProcess> parent_process();
+/// The children started by this process that still run; finished ones are reaped.
+std::vector<ChildProcess> active_children();
+/// CPUs this process may use: its affinity mask, capped by a cgroup v2/v1 CPU quota (at least 1).
+int cpu_count();
+/// Sets the default start method. Throws ProcessError when one was already set, unless `force`.
+/// Choosing forkserver starts the server now, so call it before starting any thread.
+void set_start_method(StartMethod method, bool force = false);
+StartMethod get_start_method();
+
+std::string to_string(StartMethod m);
+
+}  // namespace mp

@@ -1,0 +1,170 @@
+// Names code across processes running the same binary: (build id of the module, offset in it).
+#include <link.h>
+
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "mp/detail/task.hpp"
+
+namespace mp::detail {
+namespace {
+
+struct Segment {
+    std::uintptr_t begin, end;
+    bool exec;
+};
+
+struct Module {
+    std::uintptr_t base;
+    std::uint64_t key;
+    std::vector<Segment> segments;
+};
+
+std::uint64_t fnv1a(const unsigned char* p, std::size_t n, std::uint64_t h = 1469598103934665603ull) {
+    for (std::size_t i = 0; i < n; ++i) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+// The GNU build id from a module's PT_NOTE segments; 0 when it has none.
+std::uint64_t build_id_key(const dl_phdr_info* info) {
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_NOTE) continue;
+        auto* p = reinterpret_cast<const unsigned char*>(info->dlpi_addr + ph.p_vaddr);
+        const unsigned char* end = p + ph.p_memsz;
+        while (p + sizeof(ElfW(Nhdr)) <= end) {
+            ElfW(Nhdr) nh;
+            std::memcpy(&nh, p, sizeof nh);
+            const unsigned char* name = p + sizeof nh;
+            const unsigned char* desc = name + ((nh.n_namesz + 3u) & ~3u);
+            const unsigned char* next = desc + ((nh.n_descsz + 3u) & ~3u);
+            if (next > end) break;
+            if (nh.n_type == NT_GNU_BUILD_ID && nh.n_namesz == 4 && std::memcmp(name, "GNU", 4) == 0)
+                return fnv1a(desc, nh.n_descsz);
+            p = next;
+        }
+    }
+    return 0;
+}
+
+int collect(dl_phdr_info* info, std::size_t, void* out) {
+    Module m;
+    m.base = info->dlpi_addr;
+    m.key = build_id_key(info);
+    if (m.key == 0) {
+        const char* name = info->dlpi_name != nullptr ? info->dlpi_name : "";
+        m.key = fnv1a(reinterpret_cast<const unsigned char*>(name), std::strlen(name)) ^ 1u;
+    }
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type != PT_LOAD) continue;
+        std::uintptr_t b = info->dlpi_addr + ph.p_vaddr;
+        m.segments.push_back({b, b + ph.p_memsz, (ph.p_flags & PF_X) != 0});
+    }
+    static_cast<std::vector<Module>*>(out)->push_back(std::move(m));
+    return 0;
+}
+
+// The loaded modules, rescanned when an address is not found (a library may have been dlopened
+// since the last scan).
+class ModuleTable {
+public:
+    template <class Pred>
+    const Module* find(Pred pred) {
+        std::lock_guard lock(mu_);
+        for (int attempt = 0; attempt < 2; ++attempt) {
+            if (attempt == 1 || modules_.empty()) rescan();
+            for (const Module& m : modules_)
+                if (pred(m)) return &m;
+        }
+        return nullptr;
+    }
+
+private:
+    void rescan() {
+        modules_.clear();
+        dl_iterate_phdr(collect, &modules_);
+    }
+    std::mutex mu_;
+    std::vector<Module> modules_;
+};
+
+ModuleTable& modules() {
+    static ModuleTable t;
+    return t;
+}
+
+struct InvokerRegistry {
+    std::mutex mu;
+    std::unordered_set<std::uintptr_t> set;
+};
+
+InvokerRegistry& invokers() {
+    static InvokerRegistry r;
+    return r;
+}
+
+}  // namespace
+
+CodeRef code_ref(std::uintptr_t address) {
+    const Module* m = modules().find([&](const Module& mod) {
+        for (const Segment& s : mod.segments)
+            if (s.exec && address >= s.begin && address < s.end) return true;
+        return false;
+    });
+    if (m == nullptr) throw Error("mp: the callable's code is in no loaded module");
+    return {m->key, address - m->base};
+}
+
+std::uintptr_t resolve_code(const CodeRef& ref) {
+    std::uintptr_t address = 0;
+    const Module* m = modules().find([&](const Module& mod) {
+        if (mod.key != ref.module) return false;
+        address = mod.base + ref.offset;
+        for (const Segment& s : mod.segments)
+            if (s.exec && address >= s.begin && address < s.end) return true;
+        return false;
+    });
+    if (m == nullptr)
+        throw DecodeError("mp: the received callable names code that this process does not have "
+                          "(a different binary or library version?)");
+    return address;
+}
+
+bool register_invoker(Invoker fn) noexcept {
+    try {
+        auto& r = invokers();
+        std::lock_guard lock(r.mu);
+        r.set.insert(reinterpret_cast<std::uintptr_t>(fn));
+        return true;
+    } catch (...) {
+        return false;
+    }
+}
+
+bool is_registered_invoker(Invoker fn) noexcept {
+    auto& r = invokers();
+    std::lock_guard lock(r.mu);
+    return r.set.count(reinterpret_cast<std::uintptr_t>(fn)) != 0;
+}
+
+std::string run_task(std::string_view bytes) {
+    Decoder in(bytes);
+    CodeRef r;
+    r.module = in.get<std::uint64_t>();
+    r.offset = in.get<std::uint64_t>();
+    auto inv = reinterpret_cast<Invoker>(resolve_code(r));
+    if (!is_registered_invoker(inv))
+        throw DecodeError("mp: the received task does not name an mp invoker in this binary");
+    Encoder out;
+    inv(in, out);
+    return out.take();
+}
+
+}  // namespace mp::detail

@@ -1,0 +1,585 @@
+#include "mp/process.hpp"
+
+#include <cxxabi.h>
+#include <fcntl.h>
+#include <openssl/rand.h>
+#include <poll.h>
+#include <sched.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <new>
+#include <typeinfo>
+
+#include "process_impl.hpp"
+#include "sys/error.hpp"
+#include "sys/pidfd.hpp"
+
+namespace mp {
+namespace {
+
+using detail::ProcessState;
+using Clock = std::chrono::steady_clock;
+
+std::string random_authkey() {
+    std::string key(32, '\0');
+    if (RAND_bytes(reinterpret_cast<unsigned char*>(key.data()), static_cast<int>(key.size())) != 1)
+        throw Error("mp: OpenSSL RAND_bytes failed to make an authkey");
+    return key;
+}
+
+// Per-process globals. A forked child resets them in become_child without allocating or locking:
+// another thread of the parent may have been inside any of them at the moment of fork.
+struct Globals {
+    ProcessIdentity main_identity;
+    ProcessIdentity* current = nullptr;
+    ParentProcess* parent = nullptr;
+    int parent_pidfd = -1;
+    std::atomic<int> counter{0};
+
+    std::mutex registry_mu;
+    std::vector<std::shared_ptr<ProcessState>> registry;  // started, not yet reaped
+    pid_t registry_owner = 0;
+    bool atexit_registered = false;
+
+    std::mutex method_mu;
+    StartMethod method = StartMethod::fork;
+    bool method_fixed = false;
+
+    Globals() {
+        main_identity.pid = ::getpid();
+        main_identity.authkey = random_authkey();
+        current = &main_identity;
+        registry_owner = ::getpid();
+    }
+};
+
+Globals& globals() {
+    static Globals* g = new Globals;  // never destroyed: the exit handler runs after statics die
+    return *g;
+}
+
+void exit_handler() noexcept;
+
+void register_child(const std::shared_ptr<ProcessState>& s) {
+    Globals& g = globals();
+    std::lock_guard lock(g.registry_mu);
+    if (!g.atexit_registered) {
+        std::atexit(exit_handler);
+        g.atexit_registered = true;
+    }
+    g.registry.push_back(s);
+}
+
+void unregister_child(const ProcessState* s) {
+    Globals& g = globals();
+    std::lock_guard lock(g.registry_mu);
+    if (g.registry_owner != ::getpid()) return;
+    std::erase_if(g.registry, [&](const auto& p) { return p.get() == s; });
+}
+
+std::vector<std::shared_ptr<ProcessState>> registry_snapshot() {
+    Globals& g = globals();
+    std::lock_guard lock(g.registry_mu);
+    if (g.registry_owner != ::getpid()) return {};
+    return g.registry;
+}
+
+// Python's _exit_function: terminate daemonic children, then join every child still running.
+void exit_handler() noexcept {
+    try {
+        auto children = registry_snapshot();
+        for (auto& c : children)
+            if (c->daemon && !c->wait(std::chrono::nanoseconds::zero())) c->signal(SIGTERM);
+        for (auto& c : children) c->wait(std::nullopt);
+    } catch (...) {
+        // Exiting anyway: nothing sensible to do with an error here.
+    }
+}
+
+std::string identity_name(const std::vector<int>& identity) {
+    std::string s = "Process-";
+    for (std::size_t i = 0; i < identity.size(); ++i) {
+        if (i != 0) s += ':';
+        s += std::to_string(identity[i]);
+    }
+    return s;
+}
+
+StartMethod fix_start_method() {
+    Globals& g = globals();
+    std::lock_guard lock(g.method_mu);
+    g.method_fixed = true;
+    return g.method;
+}
+
+std::string demangle(const char* name) {
+    int status = 0;
+    char* d = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+    std::string s = (status == 0 && d != nullptr) ? d : name;
+    std::free(d);
+    return s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- ProcessState
+
+namespace detail {
+
+void ProcessState::check_owner(const char* what) const {
+    if (owner != ::getpid())
+        throw ProcessError(std::string("can only ") + what + " a child process");
+}
+
+bool ProcessState::reap_locked() {
+    if (exitcode) return true;
+    if (method == StartMethod::forkserver && status) {
+        if (!sys::wait_fd(status.get(), POLLIN, std::chrono::nanoseconds::zero())) return false;
+        if (auto code = forkserver::read_status(status.get())) {
+            exitcode = *code;
+            status.reset();
+            return true;
+        }
+        // The server went away without a status: fall back to the pidfd, which still tells
+        // whether the child has ended, though not how.
+        status.reset();
+    }
+    if (method == StartMethod::forkserver) {
+        if (!sys::wait_fd(pidfd.get(), POLLIN, std::chrono::nanoseconds::zero())) return false;
+        exitcode = 255;  // as Python's forkserver when the status cannot be read
+        return true;
+    }
+    try {
+        exitcode = sys::pidfd_wait(pidfd.get(), true);
+    } catch (const std::system_error& e) {
+        if (e.code().value() != ECHILD) throw;
+        throw ProcessError("the exit status of pid " + std::to_string(pid) +
+                           " was collected by someone else (SIGCHLD ignored, or waitpid(-1) "
+                           "elsewhere in the program)");
+    }
+    return exitcode.has_value();
+}
+
+bool ProcessState::wait(std::optional<std::chrono::nanoseconds> timeout) {
+    const auto deadline = timeout ? Clock::now() + *timeout : Clock::time_point::max();
+    for (;;) {
+        {
+            std::lock_guard lock(mu);
+            if (reap_locked()) break;
+        }
+        std::optional<std::chrono::nanoseconds> left;
+        if (timeout) {
+            left = std::max(std::chrono::nanoseconds::zero(),
+                            std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - Clock::now()));
+        }
+        // Under forkserver the status message arrives just after the pidfd turns readable,
+        // so wait on the status socket while the server is there.
+        int fd;
+        {
+            std::lock_guard lock(mu);
+            fd = status ? status.get() : pidfd.get();
+        }
+        if (!sys::wait_fd(fd, POLLIN, left)) {
+            std::lock_guard lock(mu);
+            if (reap_locked()) break;
+            return false;
+        }
+    }
+    unregister_child(this);
+    return true;
+}
+
+void ProcessState::signal(int sig) {
+    std::lock_guard lock(mu);
+    if (exitcode) return;
+    sys::pidfd_send_signal(pidfd.get(), sig);
+}
+
+void report_child_exception() noexcept {
+    try {
+        const std::string& name = globals().current->name;
+        std::fprintf(stderr, "Process %s:\n", name.c_str());
+        try {
+            throw;
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "Traceback: %s: %s\n", demangle(typeid(e).name()).c_str(), e.what());
+        } catch (...) {
+            std::type_info* t = abi::__cxa_current_exception_type();
+            std::fprintf(stderr, "Traceback: exception of type %s\n",
+                         t != nullptr ? demangle(t->name()).c_str() : "unknown");
+        }
+    } catch (...) {
+        std::fputs("Process: an exception escaped the target\n", stderr);
+    }
+    std::fflush(stderr);
+}
+
+void finish_child(int code) noexcept {
+    try {
+        std::cout.flush();
+        std::cerr.flush();
+        std::clog.flush();
+    } catch (...) {
+    }
+    std::fflush(nullptr);
+    ::_exit(code);
+}
+
+void become_child(const ChildSetup& setup) noexcept {
+    Globals& g = globals();
+    g.current = setup.identity;
+    g.current->pid = ::getpid();
+    g.parent = setup.parent;
+    g.parent_pidfd = static_cast<int>(::syscall(SYS_pidfd_open, setup.parent_pid, 0));
+    g.counter.store(0);
+    // Another thread may have held these at the moment of fork: make fresh ones in place and let
+    // the parent's copies leak rather than run destructors over a half-changed state.
+    new (&g.registry_mu) std::mutex;
+    new (&g.registry) std::vector<std::shared_ptr<ProcessState>>;
+    g.registry_owner = ::getpid();
+    new (&g.method_mu) std::mutex;
+    forkserver::after_fork_in_child();
+
+    // As Python does: a child does not read the parent's stdin.
+    int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null >= 0 && null != 0) {
+        ::dup2(null, 0);
+        ::close(null);
+    }
+    if (setup.daemon) {
+        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        // The parent may have died before the line above: then no signal will come.
+        if (::getppid() != setup.parent_pid) ::kill(::getpid(), SIGKILL);
+    }
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------- Process
+
+Process::Process() : Process(ProcessOptions{}) {}
+
+Process::Process(ProcessOptions options) : state_(std::make_shared<ProcessState>()) {
+    ProcessIdentity& me = current_process();
+    state_->identity = me.identity;
+    state_->identity.push_back(++globals().counter);
+    state_->name = options.name.empty() ? identity_name(state_->identity) : std::move(options.name);
+    state_->daemon = options.daemon.value_or(me.daemon);
+    state_->method = options.start_method ? *options.start_method : fix_start_method();
+    state_->authkey = me.authkey;
+}
+
+Process::~Process() {
+    try {
+        auto& s = *state_;
+        if (s.stage != ProcessState::Stage::started || s.owner != ::getpid()) return;
+        if (s.daemon && !s.wait(std::chrono::nanoseconds::zero())) s.signal(SIGTERM);
+        s.wait(std::nullopt);
+    } catch (...) {
+        // A destructor does not throw; the child has been signalled or waited for as far as the
+        // OS allowed.
+    }
+}
+
+void Process::set_target(std::optional<detail::Task> task, std::function<void()> fn) {
+    task_ = std::move(task);
+    target_ = std::move(fn);
+}
+
+void Process::run() {
+    if (target_) target_();
+}
+
+void Process::start() {
+    auto& s = *state_;
+    if (s.stage == ProcessState::Stage::closed) throw ProcessError("process object is closed");
+    if (s.stage == ProcessState::Stage::started) throw ProcessError("cannot start a process twice");
+    if (current_process().daemon)
+        throw ProcessError("daemonic processes are not allowed to have children");
+
+    // Reap children that have ended, as Python's start() does, so zombies do not pile up.
+    for (auto& c : registry_snapshot()) c->wait(std::chrono::nanoseconds::zero());
+
+    if (s.method == StartMethod::forkserver) {
+        if (!task_)
+            throw ProcessError(
+                "the forkserver start method needs a transferable target (a function, a function "
+                "pointer, a captureless lambda or an empty function object) whose arguments have "
+                "an mp::Codec; a Process subclass or a capturing lambda runs only under fork");
+        detail::forkserver::Request req;
+        req.name = s.name;
+        req.daemon = s.daemon;
+        req.authkey = s.authkey;
+        req.identity = s.identity;
+        req.parent_name = current_process().name;
+        req.parent_pid = ::getpid();
+        req.task = task_->bytes;
+        auto started = detail::forkserver::start_child(req);
+        s.pid = started.pid;
+        s.pidfd = std::move(started.pidfd);
+        s.status = std::move(started.status);
+    } else {
+        // Everything the child needs is made here, in the parent.
+        auto* identity = new ProcessIdentity{s.name, 0, s.daemon, s.authkey, s.identity};
+        auto* parent = new ParentProcess{current_process().name, ::getpid()};
+        detail::ChildSetup setup{identity, parent, s.daemon, ::getpid()};
+        // Flush first, or the child would write the parent's buffered output a second time.
+        std::cout.flush();
+        std::cerr.flush();
+        std::fflush(nullptr);
+
+        pid_t pid = ::fork();
+        if (pid == 0) {
+            detail::become_child(setup);
+            detail::finish_child(detail::run_guarded([this] { run(); }));
+        }
+        delete identity;
+        delete parent;
+        if (pid < 0) sys::throw_system_error(errno, "fork");
+        s.pid = pid;
+        try {
+            s.pidfd = sys::pidfd_open(pid);
+        } catch (...) {
+            // Without a pidfd the child cannot be waited for safely: end it now.
+            ::kill(pid, SIGKILL);
+            siginfo_t info;
+            ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
+            throw;
+        }
+    }
+    s.owner = ::getpid();
+    s.stage = ProcessState::Stage::started;
+    register_child(state_);
+}
+
+namespace {
+void check_open(const ProcessState& s) {
+    if (s.stage == ProcessState::Stage::closed) throw ProcessError("process object is closed");
+}
+void check_started(const ProcessState& s, const char* what) {
+    check_open(s);
+    if (s.stage != ProcessState::Stage::started)
+        throw ProcessError(std::string("can only ") + what + " a started process");
+}
+}  // namespace
+
+void Process::join() {
+    check_started(*state_, "join");
+    state_->check_owner("join");
+    state_->wait(std::nullopt);
+}
+
+bool Process::join_for(std::chrono::nanoseconds timeout) {
+    check_started(*state_, "join");
+    state_->check_owner("join");
+    return state_->wait(std::max(timeout, std::chrono::nanoseconds::zero()));
+}
+
+bool Process::is_alive() {
+    check_open(*state_);
+    if (state_->stage != ProcessState::Stage::started) return false;
+    state_->check_owner("test");
+    return !state_->wait(std::chrono::nanoseconds::zero());
+}
+
+void Process::terminate() {
+    check_started(*state_, "terminate");
+    state_->signal(SIGTERM);
+}
+
+void Process::kill() {
+    check_started(*state_, "kill");
+    state_->signal(SIGKILL);
+}
+
+void Process::close() {
+    auto& s = *state_;
+    if (s.stage == ProcessState::Stage::closed) return;
+    if (s.stage == ProcessState::Stage::started) {
+        if (s.owner == ::getpid() && !s.wait(std::chrono::nanoseconds::zero()))
+            throw ProcessError("cannot close a process while it is still running; join or "
+                               "terminate it first");
+        std::lock_guard lock(s.mu);
+        s.pidfd.reset();
+        s.status.reset();
+    }
+    unregister_child(&s);
+    s.stage = ProcessState::Stage::closed;
+}
+
+pid_t Process::pid() const {
+    check_open(*state_);
+    return state_->pid;
+}
+
+const std::string& Process::name() const { return state_->name; }
+
+void Process::name(std::string n) { state_->name = std::move(n); }
+
+std::optional<int> Process::exitcode() {
+    check_open(*state_);
+    if (state_->stage != ProcessState::Stage::started) return std::nullopt;
+    if (state_->owner == ::getpid()) state_->wait(std::chrono::nanoseconds::zero());
+    std::lock_guard lock(state_->mu);
+    return state_->exitcode;
+}
+
+bool Process::daemon() const {
+    check_open(*state_);
+    return state_->daemon;
+}
+
+void Process::daemon(bool d) {
+    check_open(*state_);
+    if (state_->stage != ProcessState::Stage::created)
+        throw ProcessError("process has already started: daemon can only be set before start()");
+    state_->daemon = d;
+}
+
+int Process::sentinel() const {
+    check_started(*state_, "give the sentinel of");
+    return state_->pidfd.get();
+}
+
+const std::string& Process::authkey() const {
+    check_open(*state_);
+    return state_->authkey;
+}
+
+void Process::authkey(std::string key) {
+    check_open(*state_);
+    state_->authkey = std::move(key);
+}
+
+StartMethod Process::start_method() const {
+    check_open(*state_);
+    return state_->method;
+}
+
+// ---------------------------------------------------------------- ChildProcess
+
+pid_t ChildProcess::pid() const { return state_->pid; }
+const std::string& ChildProcess::name() const { return state_->name; }
+bool ChildProcess::daemon() const { return state_->daemon; }
+bool ChildProcess::is_alive() const { return !state_->wait(std::chrono::nanoseconds::zero()); }
+std::optional<int> ChildProcess::exitcode() const {
+    state_->wait(std::chrono::nanoseconds::zero());
+    std::lock_guard lock(state_->mu);
+    return state_->exitcode;
+}
+void ChildProcess::join() const { state_->wait(std::nullopt); }
+bool ChildProcess::join(std::chrono::nanoseconds timeout) const {
+    return state_->wait(std::max(timeout, std::chrono::nanoseconds::zero()));
+}
+void ChildProcess::terminate() const { state_->signal(SIGTERM); }
+void ChildProcess::kill() const { state_->signal(SIGKILL); }
+int ChildProcess::sentinel() const { return state_->pidfd.get(); }
+
+// ---------------------------------------------------------------- free functions
+
+ProcessIdentity& current_process() { return *globals().current; }
+
+bool ParentProcess::is_alive() const {
+    Globals& g = globals();
+    if (g.parent != nullptr && g.parent->pid == pid && g.parent_pidfd >= 0)
+        return !sys::wait_fd(g.parent_pidfd, POLLIN, std::chrono::nanoseconds::zero());
+    return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM);
+}
+
+std::optional<ParentProcess> parent_process() {
+    Globals& g = globals();
+    if (g.parent == nullptr) return std::nullopt;
+    return *g.parent;
+}
+
+std::vector<ChildProcess> active_children() {
+    std::vector<ChildProcess> alive;
+    for (auto& s : registry_snapshot())
+        if (!s->wait(std::chrono::nanoseconds::zero())) alive.push_back(ChildProcess(s));
+    return alive;
+}
+
+namespace {
+
+// The CPU quota of this process's cgroup, in CPUs, or std::nullopt without one. Walks up the
+// cgroup v2 hierarchy, since a parent's limit binds its children; falls back to cgroup v1.
+std::optional<double> cgroup_cpu_limit() {
+    std::optional<double> limit;
+    auto consider = [&](double quota, double period) {
+        if (quota > 0 && period > 0) {
+            double cpus = quota / period;
+            if (!limit || cpus < *limit) limit = cpus;
+        }
+    };
+    std::ifstream cg("/proc/self/cgroup");
+    std::string line;
+    while (std::getline(cg, line)) {
+        if (line.rfind("0::", 0) == 0) {
+            std::string path = line.substr(3);
+            for (;;) {
+                std::ifstream f("/sys/fs/cgroup" + path + "/cpu.max");
+                std::string quota;
+                double period = 0;
+                if (f >> quota >> period && quota != "max") consider(std::stod(quota), period);
+                if (path.empty() || path == "/") break;
+                path = path.substr(0, path.find_last_of('/'));
+            }
+        }
+    }
+    std::ifstream q("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us");
+    std::ifstream p("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us");
+    double quota = 0, period = 0;
+    if (q >> quota && p >> period) consider(quota, period);
+    return limit;
+}
+
+}  // namespace
+
+int cpu_count() {
+    int n = 0;
+    cpu_set_t set;
+    if (::sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+    if (n <= 0) n = static_cast<int>(::sysconf(_SC_NPROCESSORS_ONLN));
+    try {
+        if (auto limit = cgroup_cpu_limit()) n = std::min(n, static_cast<int>(std::ceil(*limit)));
+    } catch (...) {
+        // An unreadable or odd cgroup file leaves the affinity count as it is.
+    }
+    return std::max(n, 1);
+}
+
+void set_start_method(StartMethod method, bool force) {
+    Globals& g = globals();
+    {
+        std::lock_guard lock(g.method_mu);
+        if (g.method_fixed && !force)
+            throw ProcessError("the start method has already been set (or used); pass force=true "
+                               "to change it");
+        g.method = method;
+        g.method_fixed = true;
+    }
+    if (method == StartMethod::forkserver) detail::forkserver::ensure_running();
+}
+
+StartMethod get_start_method() { return fix_start_method(); }
+
+std::string to_string(StartMethod m) {
+    switch (m) {
+        case StartMethod::fork: return "fork";
+        case StartMethod::forkserver: return "forkserver";
+    }
+    return "unknown";
+}
+
+}  // namespace mp

@@ -1,0 +1,107 @@
+#pragma once
+// Internals shared by process.cpp and forkserver.cpp.
+
+#include <chrono>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <sys/types.h>
+#include <vector>
+
+#include "mp/process.hpp"
+#include "sys/fd.hpp"
+
+namespace mp::detail {
+
+struct ProcessState {
+    enum class Stage { created, started, closed };
+
+    std::string name;
+    bool daemon = false;
+    StartMethod method = StartMethod::fork;
+    std::string authkey;
+    std::vector<int> identity;
+
+    Stage stage = Stage::created;
+    pid_t pid = 0;
+    pid_t owner = 0;  // the process that started the child: only it may wait for or signal it
+    sys::Fd pidfd;
+    sys::Fd status;  // forkserver: the server writes the exit status here
+    std::optional<int> exitcode;
+    std::mutex mu;  // serialises reaping between threads that join the same child
+
+    /// Waits (at most `timeout`; std::nullopt forever) for the child to end and reaps it.
+    bool wait(std::optional<std::chrono::nanoseconds> timeout);
+    /// Sends `sig` unless the child has already been reaped.
+    void signal(int sig);
+    void check_owner(const char* what) const;
+
+private:
+    bool reap_locked();
+};
+
+/// What a new child needs to know about itself, prepared in the parent before fork so the child
+/// has nothing to allocate before it is known safe.
+struct ChildSetup {
+    ProcessIdentity* identity = nullptr;
+    ParentProcess* parent = nullptr;
+    bool daemon = false;
+    pid_t parent_pid = 0;  // for the daemon's "parent already gone" check
+};
+
+/// In a new child, before any user code: installs the identity, forgets the parent's children and
+/// locks, points stdin at /dev/null, arms the daemon's parent-death signal. Async-signal-safe.
+void become_child(const ChildSetup& setup) noexcept;
+/// Runs `body`, printing an escaping exception as "Process <name>:" and the error; returns the exit
+/// code (0, or 1 after an exception).
+template <class F>
+int run_guarded(F&& body) noexcept;
+/// Flushes stdio and C++ streams, then _exit(code). A child never returns through main.
+[[noreturn]] void finish_child(int code) noexcept;
+/// Prints the current exception as Python prints an exception escaping Process.run.
+void report_child_exception() noexcept;
+
+template <class F>
+int run_guarded(F&& body) noexcept {
+    try {
+        body();
+        return 0;
+    } catch (...) {
+        report_child_exception();
+        return 1;
+    }
+}
+
+namespace forkserver {
+
+/// Everything a forkserver child needs, sent to it over its own socket.
+struct Request {
+    std::string name;
+    bool daemon = false;
+    std::string authkey;
+    std::vector<int> identity;
+    std::string parent_name;
+    pid_t parent_pid = 0;
+    std::string task;
+};
+
+struct Started {
+    pid_t pid;
+    sys::Fd pidfd;
+    sys::Fd status;
+};
+
+/// Starts the server now if it is not running.
+void ensure_running();
+/// Has the server fork a child that runs `req`.
+Started start_child(const Request& req);
+/// Reads the exit status the server sent. std::nullopt: the server went away without sending one.
+std::optional<int> read_status(int status_fd);
+/// In a new fork child: forget the parent's client lock (another thread may have held it).
+void after_fork_in_child() noexcept;
+/// Runs a forkserver child's request: identity, then the task. Never returns.
+[[noreturn]] void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept;
+
+}  // namespace forkserver
+}  // namespace mp::detail

@@ -1,0 +1,159 @@
+#include "sys/fd.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "sys/error.hpp"
+
+namespace mp::sys {
+
+void Fd::reset(int fd) noexcept {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+}
+
+Fd Fd::dup() const { return Fd(check(::fcntl(fd_, F_DUPFD_CLOEXEC, 0), "fcntl(F_DUPFD_CLOEXEC)")); }
+
+std::size_t read_full(int fd, void* buf, std::size_t n) {
+    auto* p = static_cast<char*>(buf);
+    std::size_t got = 0;
+    while (got < n) {
+        ssize_t r = ::read(fd, p + got, n - got);
+        if (r > 0) {
+            got += static_cast<std::size_t>(r);
+        } else if (r == 0) {
+            break;
+        } else if (errno == EAGAIN) {
+            wait_fd(fd, POLLIN, std::nullopt);
+        } else if (errno != EINTR) {
+            throw_system_error(errno, "read");
+        }
+    }
+    return got;
+}
+
+void write_full(int fd, const void* buf, std::size_t n) {
+    const auto* p = static_cast<const char*>(buf);
+    bool is_socket = true;
+    while (n > 0) {
+        // send(MSG_NOSIGNAL) keeps a closed peer from killing us with SIGPIPE; a pipe or file
+        // is not a socket, so fall back to write for those.
+        ssize_t r = is_socket ? ::send(fd, p, n, MSG_NOSIGNAL) : ::write(fd, p, n);
+        if (r >= 0) {
+            p += r;
+            n -= static_cast<std::size_t>(r);
+        } else if (errno == ENOTSOCK && is_socket) {
+            is_socket = false;
+        } else if (errno == EAGAIN) {
+            wait_fd(fd, POLLOUT, std::nullopt);
+        } else if (errno != EINTR) {
+            throw_system_error(errno, is_socket ? "send" : "write");
+        }
+    }
+}
+
+std::pair<Fd, Fd> make_pipe(int flags) {
+    int fds[2];
+    check(::pipe2(fds, O_CLOEXEC | flags), "pipe2");
+    return {Fd(fds[0]), Fd(fds[1])};
+}
+
+std::pair<Fd, Fd> make_socketpair(int type) {
+    int fds[2];
+    check(::socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, fds), "socketpair");
+    return {Fd(fds[0]), Fd(fds[1])};
+}
+
+bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeout) {
+    using clock = std::chrono::steady_clock;
+    const auto deadline = timeout ? clock::now() + *timeout : clock::time_point::max();
+    for (;;) {
+        int ms = -1;
+        if (timeout) {
+            auto left = deadline - clock::now();
+            if (left < clock::duration::zero()) left = clock::duration::zero();
+            // Round up so a short timeout still waits instead of spinning on poll(0).
+            ms = static_cast<int>(
+                std::chrono::ceil<std::chrono::milliseconds>(left).count());
+        }
+        pollfd p{fd, events, 0};
+        int r = ::poll(&p, 1, ms);
+        if (r > 0) return true;
+        if (r == 0) {
+            if (clock::now() >= deadline) return false;
+            continue;
+        }
+        if (errno != EINTR) throw_system_error(errno, "poll");
+    }
+}
+
+void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fds) {
+    iovec iov{const_cast<void*>(data), n};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 8)];
+    if (fds.size() > 8) throw std::invalid_argument("send_fds: at most 8 descriptors");
+    if (!fds.empty()) {
+        std::memset(control, 0, sizeof control);
+        msg.msg_control = control;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+        cmsghdr* c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+        std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+    }
+    for (;;) {
+        ssize_t r = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
+        if (r >= 0) {
+            if (static_cast<std::size_t>(r) != n) throw_system_error(EMSGSIZE, "sendmsg");
+            return;
+        }
+        if (errno == EAGAIN) {
+            wait_fd(sock, POLLOUT, std::nullopt);
+        } else if (errno != EINTR) {
+            throw_system_error(errno, "sendmsg");
+        }
+    }
+}
+
+std::size_t recv_fds(int sock, void* data, std::size_t n, std::span<Fd> fds) {
+    iovec iov{data, n};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 8)];
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t r;
+    for (;;) {
+        r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        if (r >= 0) break;
+        if (errno == EAGAIN) {
+            wait_fd(sock, POLLIN, std::nullopt);
+        } else if (errno != EINTR) {
+            throw_system_error(errno, "recvmsg");
+        }
+    }
+    std::size_t stored = 0;
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
+            int fd;
+            std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            // Take ownership of every descriptor received, even surplus ones, so none leaks.
+            Fd owned(fd);
+            if (stored < fds.size()) fds[stored++] = std::move(owned);
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC) throw_system_error(EMSGSIZE, "recvmsg (descriptors truncated)");
+    return static_cast<std::size_t>(r);
+}
+
+}  // namespace mp::sys

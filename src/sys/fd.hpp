@@ -1,0 +1,63 @@
+#pragma once
+// A move-only owner of a file descriptor and the EINTR-safe I/O built on it.
+
+#include <chrono>
+#include <cstddef>
+#include <optional>
+#include <span>
+#include <sys/types.h>
+#include <utility>
+
+namespace mp::sys {
+
+/// Owns one file descriptor; closes it on destruction. Never retries close on EINTR (Linux
+/// releases the descriptor even when close reports EINTR, so a retry could close a stranger's).
+class Fd {
+public:
+    Fd() noexcept = default;
+    explicit Fd(int fd) noexcept : fd_(fd) {}
+    Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+    Fd& operator=(Fd&& o) noexcept {
+        if (this != &o) reset(std::exchange(o.fd_, -1));
+        return *this;
+    }
+    Fd(const Fd&) = delete;
+    Fd& operator=(const Fd&) = delete;
+    ~Fd() { reset(); }
+
+    int get() const noexcept { return fd_; }
+    explicit operator bool() const noexcept { return fd_ >= 0; }
+    /// Gives up ownership without closing.
+    [[nodiscard]] int release() noexcept { return std::exchange(fd_, -1); }
+    /// Closes the current descriptor (if any) and takes `fd`.
+    void reset(int fd = -1) noexcept;
+    /// A new descriptor for the same file, close-on-exec.
+    Fd dup() const;
+
+private:
+    int fd_ = -1;
+};
+
+/// Reads until `buf` is full or end of file; returns the bytes read (short only at EOF).
+/// Retries on EINTR; waits for readiness on a non-blocking descriptor.
+[[nodiscard]] std::size_t read_full(int fd, void* buf, std::size_t n);
+/// Writes all of `buf`; retries on EINTR and short writes. Never raises SIGPIPE on a socket
+/// (EPIPE is thrown as std::system_error instead).
+void write_full(int fd, const void* buf, std::size_t n);
+
+/// pipe2 with O_CLOEXEC (plus `flags`): {read end, write end}.
+std::pair<Fd, Fd> make_pipe(int flags = 0);
+/// socketpair(AF_UNIX, type | SOCK_CLOEXEC).
+std::pair<Fd, Fd> make_socketpair(int type);
+
+/// Waits until `fd` polls with any of `events` (or an error/hang-up). std::nullopt waits forever.
+/// Returns false on timeout. Retries on EINTR with the remaining time.
+bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeout);
+
+/// Sends bytes and descriptors over a Unix socket in one message (SCM_RIGHTS).
+void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fds);
+/// Receives one message of at most `n` bytes and up to `fds.size()` descriptors (close-on-exec).
+/// Returns the byte count (0 at EOF); received descriptors are stored in `fds`, others left empty.
+std::size_t recv_fds(int sock, void* data, std::size_t n, std::span<Fd> fds);
+
+}  // namespace mp::sys

@@ -1,0 +1,52 @@
+#include "sys/pidfd.hpp"
+
+#include <csignal>
+#include <poll.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "sys/error.hpp"
+
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+namespace mp::sys {
+
+Fd pidfd_open(pid_t pid) {
+    return Fd(static_cast<int>(check(::syscall(SYS_pidfd_open, pid, 0), "pidfd_open")));
+}
+
+bool pidfd_send_signal(int pidfd, int sig) {
+    if (::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0) == 0) return true;
+    if (errno == ESRCH) return false;
+    throw_system_error(errno, "pidfd_send_signal");
+}
+
+int decode_wait_status(int code, int status) {
+    switch (code) {
+        case CLD_EXITED: return status;
+        case CLD_KILLED:
+        case CLD_DUMPED: return -status;
+        default: return status;
+    }
+}
+
+std::optional<int> pidfd_wait(int pidfd, bool nohang) {
+    siginfo_t info{};
+    for (;;) {
+        int r = ::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info,
+                         WEXITED | (nohang ? WNOHANG : 0));
+        if (r == 0) break;
+        if (errno != EINTR) throw_system_error(errno, "waitid(P_PIDFD)");
+    }
+    if (info.si_pid == 0) return std::nullopt;  // WNOHANG and still running
+    return decode_wait_status(info.si_code, info.si_status);
+}
+
+bool pidfd_wait_exit(int pidfd, std::optional<std::chrono::nanoseconds> timeout) {
+    return wait_fd(pidfd, POLLIN, timeout);
+}
+
+}  // namespace mp::sys

@@ -154,8 +154,8 @@ bool is_registered_invoker(Invoker fn) noexcept {
     return r.set.count(reinterpret_cast<std::uintptr_t>(fn)) != 0;
 }
 
-std::string run_task(std::string_view bytes) {
-    Decoder in(bytes);
+std::string run_task(std::string_view bytes, std::span<int> fds) {
+    Decoder in(bytes, fds);
     CodeRef r;
     r.module = in.get<std::uint64_t>();
     r.offset = in.get<std::uint64_t>();

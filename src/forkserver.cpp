@@ -27,6 +27,7 @@
 #include <cstring>
 #include <mutex>
 #include <new>
+#include <vector>
 
 #include "mp/serialize.hpp"
 #include "process_impl.hpp"
@@ -230,6 +231,9 @@ bool accept_request(pid_t server_pid) noexcept {
     // Hold nothing of the parent's: a pipe end kept open here would hide EOF from its reader.
     ::syscall(SYS_close_range, kControlFd + 1, ~0U, 0);
     const pid_t self = ::getpid();
+    // Tell the client who we are: it learns that the server is up, and which process it is.
+    const std::int32_t hello = self;
+    if (::send(kControlFd, &hello, sizeof hello, MSG_NOSIGNAL) != sizeof hello) ::_exit(1);
 
     bool clients = true;
     while (clients || g_nslots > 0) {
@@ -286,7 +290,7 @@ bool accept_request(pid_t server_pid) noexcept {
 struct Client {
     std::mutex mu;
     sys::Fd control;
-    pid_t owner = 0;
+    pid_t server = 0;
 };
 
 Client& client() {
@@ -313,8 +317,15 @@ void start_server_locked(Client& c) {
     }
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         throw ProcessError("mp: could not start the forkserver");
+    theirs.reset();
+    std::int32_t hello = 0;
+    ssize_t n;
+    do {
+        n = ::recv(ours.get(), &hello, sizeof hello, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n != sizeof hello || hello <= 0) throw ProcessError("mp: the forkserver did not start");
     c.control = std::move(ours);
-    c.owner = ::getpid();
+    c.server = hello;
 }
 
 Client& ready_client() {
@@ -327,6 +338,12 @@ Client& ready_client() {
 }  // namespace
 
 void ensure_running() { ready_client(); }
+
+pid_t server_pid() {
+    Client& c = client();
+    std::lock_guard lock(c.mu);
+    return c.control ? c.server : 0;
+}
 
 void after_fork_in_child() noexcept {
     // The control socket stays usable (sends are atomic messages); only the lock is suspect.
@@ -357,9 +374,13 @@ Started start_child(const Request& req) {
     request_theirs.reset();
 
     std::string payload = encode(req);
-    std::uint64_t len = payload.size();
+    if (req.task_fds.size() > sys::kMaxFds)
+        throw ProcessError("mp: a forkserver child can receive at most " +
+                           std::to_string(sys::kMaxFds) + " descriptors");
+    // The header carries the task's descriptors; the payload follows on the same stream.
+    const std::uint64_t header[2] = {payload.size(), req.task_fds.size()};
     try {
-        sys::write_full(request_ours.get(), &len, sizeof len);
+        sys::send_fds(request_ours.get(), header, sizeof header, req.task_fds);
         sys::write_full(request_ours.get(), payload.data(), payload.size());
     } catch (const std::system_error&) {
         // The child died before reading its request; the reply and status below tell how.
@@ -399,10 +420,17 @@ void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept {
     }
     // From here the process is single-threaded with a consistent heap: ordinary code is safe.
     int code = run_guarded([&] {
-        std::uint64_t len = 0;
-        if (sys::read_full(kControlFd, &len, sizeof len) != sizeof len)
-            throw ProcessError("forkserver child: the parent sent no request");
+        std::uint64_t header[2] = {0, 0};
+        std::vector<sys::Fd> received(sys::kMaxFds);
+        std::size_t got = sys::recv_fds(kControlFd, header, sizeof header, received);
+        if (got < sizeof header)
+            got += sys::read_full(kControlFd, reinterpret_cast<char*>(header) + got, sizeof header - got);
+        if (got != sizeof header) throw ProcessError("forkserver child: the parent sent no request");
+        const std::uint64_t len = header[0];
         if (len > (std::uint64_t{1} << 40)) throw ProcessError("forkserver child: oversized request");
+        if (header[1] > sys::kMaxFds) throw ProcessError("forkserver child: too many descriptors");
+        for (std::size_t i = 0; i < header[1]; ++i)
+            if (!received[i]) throw ProcessError("forkserver child: descriptors missing from the request");
         std::string payload(len, '\0');
         if (sys::read_full(kControlFd, payload.data(), len) != len)
             throw ProcessError("forkserver child: truncated request");
@@ -418,7 +446,12 @@ void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept {
         ChildSetup setup{identity, parent, false, req.parent_pid};
         become_child(setup);
         identity->daemon = req.daemon;
-        run_task(req.task);
+        // The arguments take the descriptors they own; the rest close with `received`.
+        std::vector<int> fds;
+        for (std::size_t i = 0; i < header[1]; ++i) fds.push_back(received[i].get());
+        run_task(req.task, fds);
+        for (std::size_t i = 0; i < fds.size(); ++i)
+            if (fds[i] < 0) (void)received[i].release();
     });
     finish_child(code);
 }

@@ -144,16 +144,17 @@ void ProcessState::check_owner(const char* what) const {
 
 bool ProcessState::reap_locked() {
     if (exitcode) return true;
-    if (method == StartMethod::forkserver && status) {
+    // Descriptors are never closed here: another thread may be blocked in poll() on them, and
+    // closing an fd does not wake its poller. They close with close() or the state itself.
+    if (method == StartMethod::forkserver && !status_gone) {
         if (!sys::wait_fd(status.get(), POLLIN, std::chrono::nanoseconds::zero())) return false;
         if (auto code = forkserver::read_status(status.get())) {
             exitcode = *code;
-            status.reset();
             return true;
         }
         // The server went away without a status: fall back to the pidfd, which still tells
         // whether the child has ended, though not how.
-        status.reset();
+        status_gone = true;
     }
     if (method == StartMethod::forkserver) {
         if (!sys::wait_fd(pidfd.get(), POLLIN, std::chrono::nanoseconds::zero())) return false;
@@ -184,11 +185,13 @@ bool ProcessState::wait(std::optional<std::chrono::nanoseconds> timeout) {
                             std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - Clock::now()));
         }
         // Under forkserver the status message arrives just after the pidfd turns readable,
-        // so wait on the status socket while the server is there.
+        // so wait on the status socket while the server is there. Whoever reaps first, every
+        // waiter wakes: the server closes the socket after the status, and a pidfd stays
+        // readable once its process has ended.
         int fd;
         {
             std::lock_guard lock(mu);
-            fd = status ? status.get() : pidfd.get();
+            fd = (method == StartMethod::forkserver && !status_gone) ? status.get() : pidfd.get();
         }
         if (!sys::wait_fd(fd, POLLIN, left)) {
             std::lock_guard lock(mu);
@@ -325,6 +328,7 @@ void Process::start() {
         req.parent_name = current_process().name;
         req.parent_pid = ::getpid();
         req.task = task_->bytes;
+        req.task_fds = task_->fds;
         auto started = detail::forkserver::start_child(req);
         s.pid = started.pid;
         s.pidfd = std::move(started.pidfd);

@@ -27,7 +27,8 @@ struct ProcessState {
     pid_t pid = 0;
     pid_t owner = 0;  // the process that started the child: only it may wait for or signal it
     sys::Fd pidfd;
-    sys::Fd status;  // forkserver: the server writes the exit status here
+    sys::Fd status;  // forkserver: the server writes the exit status here, then closes it
+    bool status_gone = false;  // the server closed `status` without writing a status
     std::optional<int> exitcode;
     std::mutex mu;  // serialises reaping between threads that join the same child
 
@@ -84,6 +85,7 @@ struct Request {
     std::string parent_name;
     pid_t parent_pid = 0;
     std::string task;
+    std::vector<int> task_fds;  // borrowed; sent with SCM_RIGHTS, not encoded
 };
 
 struct Started {
@@ -94,6 +96,8 @@ struct Started {
 
 /// Starts the server now if it is not running.
 void ensure_running();
+/// The server's pid, or 0 when this process has not started one.
+pid_t server_pid();
 /// Has the server fork a child that runs `req`.
 Started start_child(const Request& req);
 /// Reads the exit status the server sent. std::nullopt: the server went away without sending one.

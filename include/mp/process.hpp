@@ -51,11 +51,11 @@ enum class StartMethod { fork, forkserver };
 /// Options for a Process; every member has a sensible default.
 struct ProcessOptions {
     /// Empty: "Process-N" (N counts this process's children; a grandchild is "Process-1:2").
-    std::string name;
+    std::string name{};
     /// Empty: inherit the daemon flag of the current process.
-    std::optional<bool> daemon;
+    std::optional<bool> daemon{};
     /// Empty: the default set with set_start_method (fork unless changed).
-    std::optional<StartMethod> start_method;
+    std::optional<StartMethod> start_method{};
 };
 
 namespace detail {
@@ -99,7 +99,10 @@ public:
     template <class F, class... Args>
         requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
     Process(ProcessOptions options, F&& target, Args&&... args) : Process(std::move(options)) {
-        set_target(detail::make_task(target, args...),
+        // Encode before the lambda below moves the arguments away (two arguments of one call
+        // would be evaluated in an unspecified order).
+        std::optional<detail::Task> task = detail::make_task(target, args...);
+        set_target(std::move(task),
                    [f = std::decay_t<F>(std::forward<F>(target)),
                     ... a = std::decay_t<Args>(std::forward<Args>(args))]() mutable {
                        std::invoke(f, a...);

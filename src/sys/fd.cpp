@@ -7,6 +7,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <vector>
+
 #include "sys/error.hpp"
 
 namespace mp::sys {
@@ -96,11 +98,10 @@ void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fd
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 8)];
-    if (fds.size() > 8) throw std::invalid_argument("send_fds: at most 8 descriptors");
+    if (fds.size() > kMaxFds) throw_system_error(EMSGSIZE, "sendmsg (too many descriptors)");
+    std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
     if (!fds.empty()) {
-        std::memset(control, 0, sizeof control);
-        msg.msg_control = control;
+        msg.msg_control = control.data();
         msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
         cmsghdr* c = CMSG_FIRSTHDR(&msg);
         c->cmsg_level = SOL_SOCKET;
@@ -127,9 +128,9 @@ std::size_t recv_fds(int sock, void* data, std::size_t n, std::span<Fd> fds) {
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 8)];
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
+    std::vector<char> control(CMSG_SPACE(sizeof(int) * kMaxFds));
+    msg.msg_control = control.data();
+    msg.msg_controllen = control.size();
     ssize_t r;
     for (;;) {
         r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);

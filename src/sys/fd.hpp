@@ -54,6 +54,8 @@ std::pair<Fd, Fd> make_socketpair(int type);
 /// Returns false on timeout. Retries on EINTR with the remaining time.
 bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeout);
 
+/// The most descriptors one message carries (the kernel's SCM_MAX_FD).
+inline constexpr std::size_t kMaxFds = 253;
 /// Sends bytes and descriptors over a Unix socket in one message (SCM_RIGHTS).
 void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fds);
 /// Receives one message of at most `n` bytes and up to `fds.size()` descriptors (close-on-exec).

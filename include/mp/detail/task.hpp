@@ -8,11 +8,13 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "mp/serialize.hpp"
 
@@ -86,9 +88,11 @@ void invoke_from(Decoder& in, Encoder& out) {
 template <class F, class... A>
 inline const bool invoker_registered = register_invoker(&invoke_from<F, A...>);
 
-/// An encoded call: [invoker][function, for a pointer][arguments...].
+/// An encoded call: [invoker][function, for a pointer][arguments...], plus the descriptors its
+/// arguments attached (borrowed from the arguments, which must outlive the sending).
 struct Task {
     std::string bytes;
+    std::vector<int> fds;
 };
 
 /// Encodes `f(args...)` when it can cross a process boundary; std::nullopt otherwise (the caller
@@ -112,7 +116,8 @@ std::optional<Task> make_task(const F& f, const Args&... args) {
             e.put(fr.offset);
         }
         (e.put(static_cast<const std::decay_t<Args>&>(args)), ...);
-        return Task{e.take()};
+        std::vector<int> fds = e.take_fds();
+        return Task{e.take(), std::move(fds)};
     } else {
         return std::nullopt;
     }
@@ -138,8 +143,10 @@ Task make_transferable_task(const F& f, const Args&... args) {
     return *make_task(f, args...);
 }
 
-/// Decodes and runs a task; returns the encoded result. Throws DecodeError for bytes that do not
-/// name a registered invoker in this binary; whatever the callable throws propagates.
-std::string run_task(std::string_view bytes);
+/// Decodes and runs a task; returns the encoded result. `fds` are the descriptors that arrived
+/// with it: the arguments take theirs and leave -1; the caller closes the rest. Throws
+/// DecodeError for bytes that do not name a registered invoker in this binary; whatever the
+/// callable throws propagates.
+std::string run_task(std::string_view bytes, std::span<int> fds = {});
 
 }  // namespace mp::detail

@@ -1,0 +1,93 @@
+#pragma once
+// A thin, process-shared futex wrapper: sleep until a 32-bit word in (shared) memory changes, and
+// wake sleepers on it. Used by the synchronisation primitives and the queues.
+//
+// The pattern every caller follows (no lost wake-up, because the kernel compares the word with
+// `expected` atomically with going to sleep):
+//
+//     waiter:  while (!condition(word.load())) {
+//                  if (futex_wait(word, observed, deadline) == FutexResult::timed_out) return false;
+//              }
+//     waker:   change word (or state the waiter re-reads after observing word); futex_wake(word, n);
+//
+// futex_wait returns `woken` for a real wake-up, for a word that already differed from
+// `expected` (EAGAIN) and for a signal that interrupted the sleep (EINTR): in every case the
+// caller re-checks its condition and, when it must still wait, calls again with the same
+// absolute deadline, so interruptions never stretch a timeout.
+//
+// Timeouts are absolute std::chrono::steady_clock time points (CLOCK_MONOTONIC on Linux), which
+// is what FUTEX_WAIT_BITSET takes natively: retries need no arithmetic and no clock jump
+// (settimeofday, NTP) moves a deadline.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <type_traits>
+
+namespace mp::detail {
+
+/// An absolute deadline on the steady clock; std::nullopt waits forever.
+using Deadline = std::optional<std::chrono::steady_clock::time_point>;
+
+/// The deadline `timeout` from now. Saturates instead of overflowing for huge timeouts (e.g.
+/// duration::max()); a negative timeout means "now" (poll once).
+template <class Rep, class Period>
+Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
+    using namespace std::chrono;
+    const auto now = steady_clock::now();
+    if (timeout <= duration<Rep, Period>::zero()) return now;
+    // Compare in long double seconds so that neither the conversion nor the sum can overflow.
+    const long double secs = duration<long double>(timeout).count();
+    const long double room = duration<long double>(steady_clock::time_point::max() - now).count();
+    if (secs >= room) return steady_clock::time_point::max();
+    return now + ceil<steady_clock::duration>(timeout);
+}
+
+/// The steady-clock deadline of a time point of any clock (another clock's time is measured as
+/// the distance from its now()).
+template <class Clock, class Duration>
+Deadline deadline_at(std::chrono::time_point<Clock, Duration> when) {
+    if constexpr (std::is_same_v<Clock, std::chrono::steady_clock>) {
+        return std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
+    } else {
+        return deadline_after(when - Clock::now());
+    }
+}
+
+/// True when `deadline` is set and has passed.
+inline bool expired(const Deadline& deadline) noexcept {
+    return deadline && std::chrono::steady_clock::now() >= *deadline;
+}
+
+/// Matches every waiter (FUTEX_BITSET_MATCH_ANY).
+inline constexpr std::uint32_t futex_bitset_any = 0xffffffffu;
+
+/// Why futex_wait returned.
+enum class FutexResult {
+    /// Woken, or the word already differed, or a signal interrupted the sleep: re-check.
+    woken,
+    /// The deadline passed (the word may still equal `expected`).
+    timed_out,
+};
+
+/// Sleeps while `word` holds `expected`, until woken or `deadline` (absolute, steady clock).
+/// The word may live in memory shared between processes (a shared futex: never
+/// FUTEX_PRIVATE_FLAG). `bitset` (non-zero) chooses which futex_wake calls wake this sleeper: a
+/// wake whose bitset shares a bit with it. Throws std::system_error("futex") only for misuse the
+/// kernel refuses (a bad address, a zero bitset).
+FutexResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
+                       const Deadline& deadline = std::nullopt,
+                       std::uint32_t bitset = futex_bitset_any);
+
+/// Wakes at most `count` sleepers on `word` (in any process) whose bitset shares a bit with
+/// `bitset`; returns how many were woken. Cheap when nobody sleeps (one system call, no wait),
+/// but callers that can tell nobody waits should skip it.
+int futex_wake(const std::atomic<std::uint32_t>& word, int count = 1,
+               std::uint32_t bitset = futex_bitset_any);
+
+/// Wakes every sleeper on `word`; returns how many were woken.
+int futex_wake_all(const std::atomic<std::uint32_t>& word,
+                   std::uint32_t bitset = futex_bitset_any);
+
+}  // namespace mp::detail

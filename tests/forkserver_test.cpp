@@ -1,0 +1,170 @@
+// The forkserver start method: descriptors carried to the child, a server that was killed is
+// replaced, starts from many threads at once, a forkserver child using forkserver itself, and a
+// daemon child that goes when its requester is SIGKILLed.
+#include <gtest/gtest.h>
+
+#include <csignal>
+#include <fcntl.h>
+#include <poll.h>
+#include <mutex>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+
+#include "helpers/leak_check.hpp"
+#include "mp/process.hpp"
+#include "process_impl.hpp"
+#include "sys/fd.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+// A value that carries a descriptor, as Connection or a shared lock does.
+struct WriteEnd {
+    int fd = -1;
+};
+
+}  // namespace
+
+template <>
+struct mp::Codec<WriteEnd> {
+    static void encode(Encoder& e, const WriteEnd& w) { e.put(e.attach_fd(w.fd)); }
+    static WriteEnd decode(Decoder& d) { return WriteEnd{d.take_fd(d.get<std::uint32_t>())}; }
+};
+
+namespace {
+
+constexpr mp::ProcessOptions kForkserver{.start_method = mp::StartMethod::forkserver};
+
+void write_message(WriteEnd w, std::string text) {
+    mp::sys::write_full(w.fd, text.data(), text.size());
+    ::close(w.fd);
+}
+
+std::string read_all(int fd) {
+    std::string out;
+    char buf[256];
+    for (;;) {
+        std::size_t n = mp::sys::read_full(fd, buf, sizeof buf);
+        out.append(buf, n);
+        if (n < sizeof buf) return out;
+    }
+}
+
+void exit_with(int code) { ::_exit(code); }
+
+void sleep_forever() {
+    for (;;) ::pause();
+}
+
+}  // namespace
+
+TEST(Forkserver, DescriptorsTravelWithTheArguments) {
+    auto [r, w] = mp::sys::make_pipe();
+    mp::Process p(kForkserver, write_message, WriteEnd{w.get()}, std::string("through the server"));
+    p.start();
+    w.reset();  // the child has its own copy now; EOF comes when it closes it
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_EQ(read_all(r.get()), "through the server");
+}
+
+TEST(Forkserver, ChildHoldsNoDescriptorOfTheParent) {
+    // A pipe the parent keeps open must not be held by the server or its children, or its
+    // reader would never see EOF.
+    auto [r, w] = mp::sys::make_pipe();
+    mp::Process p(kForkserver, +[] { ::sleep(1); });
+    p.start();
+    w.reset();
+    ASSERT_TRUE(mp::sys::wait_fd(r.get(), POLLIN, 5s));
+    char c;
+    EXPECT_EQ(mp::sys::read_full(r.get(), &c, 1), 0u);  // EOF while the child still runs
+    p.terminate();
+    p.join();
+}
+
+TEST(Forkserver, KilledServerIsReplaced) {
+    mp::detail::forkserver::ensure_running();
+    pid_t server = mp::detail::forkserver::server_pid();
+    ASSERT_GT(server, 0);
+    ASSERT_EQ(::kill(server, SIGKILL), 0);
+    ASSERT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));
+    mp::Process p(kForkserver, exit_with, 5);
+    p.start();
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 5);
+    EXPECT_NE(mp::detail::forkserver::server_pid(), server);
+}
+
+TEST(Forkserver, ManyThreadsStartAtOnce) {
+    std::vector<std::thread> threads;
+    std::mutex mu;
+    std::vector<int> codes;
+    for (int t = 0; t < 4; ++t) {
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < 10; ++i) {
+                mp::Process p(kForkserver, exit_with, t * 10 + i);
+                p.start();
+                p.join();
+                std::lock_guard lock(mu);
+                codes.push_back(*p.exitcode());
+            }
+        });
+    }
+    for (auto& th : threads) th.join();
+    std::sort(codes.begin(), codes.end());
+    ASSERT_EQ(codes.size(), 40u);
+    for (int i = 0; i < 40; ++i) EXPECT_EQ(codes[i], i);
+}
+
+TEST(Forkserver, ChildOfAForkserverChildUsesForkserver) {
+    auto nested = +[](WriteEnd w) {
+        mp::Process inner(kForkserver, write_message, w, std::string("grandchild ran"));
+        inner.start();
+        ::close(w.fd);
+        inner.join();
+        ::_exit(inner.exitcode() == 0 ? 0 : 1);
+    };
+    auto [r, w] = mp::sys::make_pipe();
+    mp::Process p(kForkserver, nested, WriteEnd{w.get()});
+    p.start();
+    w.reset();
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_EQ(read_all(r.get()), "grandchild ran");
+}
+
+TEST(Forkserver, DaemonGoesWhenItsRequesterIsKilled) {
+    // A fork child asks the forkserver for a daemon, reports the daemon's pid, and is SIGKILLed;
+    // the server sees the requester's status socket close and kills the daemon.
+    mp::detail::forkserver::ensure_running();
+    auto [r, w] = mp::sys::make_pipe();
+    pid_t requester = ::fork();
+    if (requester == 0) {
+        mp::Process d({.daemon = true, .start_method = mp::StartMethod::forkserver}, sleep_forever);
+        d.start();
+        pid_t pid = d.pid();
+        mp::sys::write_full(w.get(), &pid, sizeof pid);
+        for (;;) ::pause();
+    }
+    w.reset();
+    pid_t daemon_pid = 0;
+    ASSERT_TRUE(mp::sys::wait_fd(r.get(), POLLIN, 10s));
+    ASSERT_EQ(mp::sys::read_full(r.get(), &daemon_pid, sizeof daemon_pid), sizeof daemon_pid);
+    ASSERT_TRUE(mp::test::pid_running(daemon_pid));
+    ::kill(requester, SIGKILL);
+    ::waitpid(requester, nullptr, 0);
+    EXPECT_TRUE(mp::test::wait_pid_stopped(daemon_pid, 5000ms));
+}
+
+TEST(Forkserver, NonTransferableTargetIsRefusedAtStart) {
+    int captured = 3;
+    mp::Process p(kForkserver, [captured] { ::_exit(captured); });
+    try {
+        p.start();
+        FAIL() << "start() should throw";
+    } catch (const mp::ProcessError& e) {
+        EXPECT_NE(std::string(e.what()).find("transferable"), std::string::npos) << e.what();
+    }
+}

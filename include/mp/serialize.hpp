@@ -5,8 +5,9 @@
 /// types have a codec, so `mp::Encodable<std::vector<X>>` is simply false when X has none):
 ///   - arithmetic types (bool checked to be 0/1) and enums, std::byte included;
 ///   - std::string (any std::basic_string of a character type);
-///   - std::vector (one bulk copy for arithmetic, enum and byte-copied elements), std::vector<bool>
-///     (packed bits), std::array, std::deque, std::list;
+///   - std::vector (one bulk copy for arithmetic, enum and byte-copied elements, so
+///     std::vector<std::byte> is a byte buffer), std::vector<bool> (packed bits), std::array,
+///     std::deque, std::list;
 ///   - std::map, std::multimap, std::unordered_map, std::unordered_multimap, std::set,
 ///     std::multiset, std::unordered_set, std::unordered_multiset;
 ///   - std::optional, std::variant, std::monostate, std::tuple, std::pair;
@@ -15,8 +16,13 @@
 ///   - std::unique_ptr<T> (null allowed; not for polymorphic T, which would be sliced);
 ///   - user types with a cereal serialize() (member or free) or save()/load() pair, through mp's
 ///     own cereal archives. Include the cereal headers for the standard types such a type holds,
-///     exactly as with cereal itself (e.g. <cereal/types/vector.hpp>, <cereal/types/string.hpp>).
-///     A type with a cereal function is always encoded with it, even when it is trivially copyable;
+///     exactly as with cereal itself (e.g. <cereal/types/vector.hpp>, <cereal/types/string.hpp>);
+///     inside such a type cereal rules, so each member needs cereal support (an mp Codec is not
+///     consulted there). A type with a cereal function is always encoded with it, even when it is
+///     trivially copyable. Standard types that cereal knows and mp does not (std::shared_ptr, a
+///     std::unique_ptr to a polymorphic type) work the same way once their cereal header is
+///     included; cereal accepts those for any element type, so a missing element function shows
+///     up as cereal's compile error rather than mp's;
 ///   - other trivially copyable, standard-layout classes (plain structs of numbers): copied byte
 ///     for byte. A pointer or reference inside such a struct is copied as an address that means
 ///     nothing in the other process, and its bool or enum members are not checked on decode:
@@ -47,9 +53,9 @@
 /// Decoding never trusts its input: truncated, forged or malformed bytes throw mp::DecodeError,
 /// never crash, hang or allocate far beyond the input's size. What that costs:
 ///   - a container's length may not exceed the bytes after it, counting each element as at least
-///     one byte. So every built-in kind takes at least one byte (std::monostate, std::tuple<> and
-///     a cereal value that writes nothing are sent as one zero byte); a user Codec whose encoding
-///     can be empty should do the same. Inside a cereal type, where cereal's own containers are
+///     one byte. So every built-in kind but an empty std::array takes at least one byte
+///     (std::monostate, std::tuple<> and a cereal value that writes nothing are sent as one zero
+///     byte); a user Codec whose encoding can be empty should do the same. Inside a cereal type, where cereal's own containers are
 ///     used, a container of elements that cereal writes as nothing (empty types) may hold no more
 ///     elements than bytes follow it, and all such lengths together no more than the input's size;
 ///   - values nest at most Decoder::max_depth levels deep (a recursive cereal type is counted in
@@ -330,8 +336,9 @@ inline void read_empty(Decoder& d, const char* what) {
                           std::to_string(b) + " (expected 0)");
 }
 
-/// Standard templates that mp encodes itself: they never fall through to the cereal or the
-/// byte-copy kinds, so `std::array<int*, 2>` has no codec rather than a memcpy of addresses.
+/// Standard templates that mp encodes itself (or refuses, as views of this process's memory):
+/// they never fall through to the cereal or the byte-copy kinds, so `std::array<int*, 2>` has no
+/// codec rather than a memcpy of addresses.
 template <class T>
 struct is_builtin_template : std::false_type {};
 template <class C, class Tr, class A>

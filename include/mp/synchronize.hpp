@@ -1,0 +1,444 @@
+#pragma once
+/// Process-shared synchronisation, as Python's multiprocessing.synchronize: Lock, RLock,
+/// Semaphore, BoundedSemaphore, Condition, Event and Barrier.
+///
+///     mp::Lock lock;
+///     mp::Process p([lock]() mutable { std::lock_guard g(lock); /* ... */ });
+///     p.start();
+///     { std::lock_guard g(lock); /* ... */ }
+///     p.join();
+///
+/// Sharing. Every object is a cheap, copyable handle on a small block of shared memory (a memfd,
+/// so nothing appears in /dev/shm and nothing can leak there). Copies refer to the same lock,
+/// semaphore, ...; the memory goes when the last handle in the last process goes.
+/// - fork: a Process target's arguments (and captures) are copied into the child, and the copies
+///   refer to the same shared state: pass the handle by value.
+/// - forkserver (and anything else that sends values with mp::Codec): every type has a Codec
+///   that sends its memfd along (SCM_RIGHTS); the receiver maps the same memory. Receiving an
+///   object this process already has (the same memfd) gives a handle on the existing mapping.
+///
+/// Waiting. Every blocking call has a timed form taking a std::chrono duration (or, for the
+/// std-style names, a time point of any clock); timeouts are measured on the steady clock. A
+/// waiting thread sleeps in the kernel (futex or robust mutex): it uses no CPU.
+///
+/// Locks. Lock and RLock are robust, process-shared mutexes (pthread, PTHREAD_MUTEX_ROBUST):
+/// - They meet Lockable and TimedLockable (lock, try_lock, unlock, try_lock_for, try_lock_until),
+///   so std::lock_guard, std::unique_lock and std::scoped_lock work; Python's acquire/release are
+///   there too.
+/// - Unlike Python's multiprocessing.Lock (a semaphore), a Lock is owned by the thread that
+///   acquired it and only that thread may release it. Use a Semaphore (or BoundedSemaphore) of 1
+///   to hand a permit from one process to another.
+/// - Owner death: when the thread or process holding a lock dies (even by SIGKILL), the next
+///   acquirer gets the lock normally, and owner_died() returns true while it holds it. The lock
+///   itself is consistent again at once; what it protected may be half-updated, so check
+///   owner_died() after acquiring wherever that matters:
+///       std::lock_guard g(lock);
+///       if (lock.owner_died()) repair_shared_state();
+///   A Condition's or Barrier's lock is recovered the same way (a Barrier whose internal lock was
+///   recovered is broken, since its count can no longer be trusted).
+///
+/// Errors (misuse throws std::system_error, as std::mutex and std::unique_lock do):
+/// - releasing a Lock or RLock that the calling thread does not hold (Python's ValueError
+///   "semaphore or lock released too many times" for a Lock, AssertionError for an RLock
+///   released by a non-owner): std::errc::operation_not_permitted;
+/// - a blocking acquire of a Lock the calling thread already holds (it would wait forever):
+///   std::errc::resource_deadlock_would_occur; try_lock returns false and a timed acquire waits
+///   out its timeout and returns false, as Python does;
+/// - Condition::wait/notify without holding its lock: std::errc::operation_not_permitted;
+/// - releasing a BoundedSemaphore above its initial value (Python's ValueError):
+///   std::errc::value_too_large;
+/// - a negative initial value or a Barrier of fewer than one party: std::invalid_argument;
+/// - a broken Barrier: mp::BrokenBarrierError.
+///
+/// Death of other parties. A process killed while it waits on a Semaphore, Event or Condition
+/// leaves the others working. A semaphore count is not owned, so a process killed between
+/// acquire and release takes its permit with it (as in Python). A Condition waiter killed inside
+/// wait() may let one later notify() wake one waiter more than it asked for (a spurious wake-up,
+/// which wait_for absorbs).
+
+#include <chrono>
+#include <concepts>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "mp/detail/futex.hpp"
+#include "mp/detail/task.hpp"
+#include "mp/errors.hpp"
+#include "mp/serialize.hpp"
+
+namespace mp {
+
+namespace detail {
+struct MutexImpl;
+struct SemaphoreImpl;
+struct ConditionImpl;
+struct EventImpl;
+struct BarrierImpl;
+struct SyncAccess;
+}  // namespace detail
+
+namespace detail {
+
+/// What Lock and RLock share; see those classes.
+class BasicLock {
+public:
+    /// Waits for the lock (block = true) or tries once (block = false); returns whether the lock
+    /// was acquired. Never returns false when blocking.
+    bool acquire(bool block = true);
+    /// Waits at most `timeout`; returns false when it ran out.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return acquire_until(detail::deadline_after(timeout));
+    }
+    /// Releases the lock; throws std::system_error(operation_not_permitted) when the calling
+    /// thread does not hold it.
+    void release();
+
+    /// std-style acquire (Lockable).
+    void lock() { (void)acquire(true); }
+    /// std-style non-blocking acquire (Lockable).
+    bool try_lock() { return acquire(false); }
+    /// std-style release (Lockable).
+    void unlock() { release(); }
+    /// std-style timed acquire (TimedLockable).
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire_until(detail::deadline_after(timeout));
+    }
+    /// std-style timed acquire until a time point of any clock (TimedLockable).
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
+        return acquire_until(detail::deadline_at(when));
+    }
+
+    /// True while the calling thread holds the lock and got it from a holder that died holding
+    /// it (the protected data may be inconsistent). Meaningful only while holding the lock.
+    bool owner_died() const noexcept;
+    /// True when the calling thread holds the lock.
+    bool held() const noexcept;
+
+protected:
+    explicit BasicLock(std::shared_ptr<MutexImpl> impl) noexcept : impl_(std::move(impl)) {}
+    bool acquire_until(const Deadline& deadline);
+
+private:
+    friend struct detail::SyncAccess;
+    std::shared_ptr<MutexImpl> impl_;
+};
+
+}  // namespace detail
+
+/// A process-shared, robust, non-recursive mutex (Python's multiprocessing.Lock, with owner
+/// semantics: only the acquiring thread may release it). See the header comment.
+class Lock : public detail::BasicLock {
+public:
+    /// A new, unlocked lock in fresh shared memory.
+    Lock();
+
+private:
+    friend struct detail::SyncAccess;
+    explicit Lock(std::shared_ptr<detail::MutexImpl> impl) noexcept : BasicLock(std::move(impl)) {}
+};
+
+/// A process-shared, robust, recursive mutex (Python's multiprocessing.RLock): the holding
+/// thread may acquire it again, and must release it as many times.
+class RLock : public detail::BasicLock {
+public:
+    /// A new, unlocked recursive lock in fresh shared memory.
+    RLock();
+    /// How many times the calling thread holds the lock (0 when it does not hold it).
+    unsigned recursion_count() const noexcept;
+
+private:
+    friend struct detail::SyncAccess;
+    explicit RLock(std::shared_ptr<detail::MutexImpl> impl) noexcept
+        : BasicLock(std::move(impl)) {}
+};
+
+/// A process-shared counting semaphore (Python's multiprocessing.Semaphore). Not owned: any
+/// thread of any process may release. Also Lockable (lock = acquire, unlock = release).
+class Semaphore {
+public:
+    /// A semaphore holding `value` permits; throws std::invalid_argument when negative.
+    explicit Semaphore(int value = 1);
+
+    /// Takes a permit, waiting for one (block = true) or not (block = false); returns whether a
+    /// permit was taken.
+    bool acquire(bool block = true);
+    /// Waits at most `timeout` for a permit; returns false when it ran out.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return acquire_until(detail::deadline_after(timeout));
+    }
+    /// Returns a permit and wakes one waiter. A BoundedSemaphore throws
+    /// std::system_error(value_too_large) when that would exceed its initial value.
+    void release();
+    /// The number of permits available now (a snapshot: other processes may change it at once).
+    int get_value() const noexcept;
+
+    /// std-style acquire (Lockable).
+    void lock() { (void)acquire(true); }
+    /// std-style non-blocking acquire (Lockable).
+    bool try_lock() { return acquire(false); }
+    /// std-style release (Lockable).
+    void unlock() { release(); }
+    /// std-style timed acquire (TimedLockable).
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return acquire_until(detail::deadline_after(timeout));
+    }
+    /// std-style timed acquire until a time point of any clock (TimedLockable).
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
+        return acquire_until(detail::deadline_at(when));
+    }
+
+protected:
+    Semaphore(int value, bool bounded);
+    explicit Semaphore(std::shared_ptr<detail::SemaphoreImpl> impl) noexcept
+        : impl_(std::move(impl)) {}
+
+private:
+    friend struct detail::SyncAccess;
+    bool acquire_until(const detail::Deadline& deadline);
+    std::shared_ptr<detail::SemaphoreImpl> impl_;
+};
+
+/// A Semaphore that may not be released above its initial value (Python's BoundedSemaphore):
+/// an extra release() throws std::system_error(value_too_large) and changes nothing.
+class BoundedSemaphore : public Semaphore {
+public:
+    /// A bounded semaphore holding (at most) `value` permits.
+    explicit BoundedSemaphore(int value = 1);
+
+private:
+    friend struct detail::SyncAccess;
+    explicit BoundedSemaphore(std::shared_ptr<detail::SemaphoreImpl> impl) noexcept
+        : Semaphore(std::move(impl)) {}
+};
+
+/// A process-shared condition variable bound to a Lock or RLock (Python's
+/// multiprocessing.Condition). The lock must be held around wait() and notify(). notify(n) wakes
+/// exactly min(n, number of waiters) of the threads waiting when it is called; a waiter that
+/// arrives later is not woken by it. Also Lockable, through its lock.
+class Condition {
+public:
+    /// A condition with a new RLock.
+    Condition();
+    /// A condition on `lock` (shared: it is the same lock as the caller's).
+    explicit Condition(Lock lock);
+    /// A condition on `lock` (shared: it is the same lock as the caller's).
+    explicit Condition(RLock lock);
+
+    /// Acquires the underlying lock (see Lock::acquire).
+    bool acquire(bool block = true) { return lock_->acquire(block); }
+    /// Acquires the underlying lock, waiting at most `timeout`.
+    template <class Rep, class Period>
+    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return lock_->acquire(timeout);
+    }
+    /// Releases the underlying lock.
+    void release() { lock_->release(); }
+    /// std-style acquire of the underlying lock.
+    void lock() { lock_->lock(); }
+    /// std-style non-blocking acquire of the underlying lock.
+    bool try_lock() { return lock_->try_lock(); }
+    /// std-style release of the underlying lock.
+    void unlock() { lock_->unlock(); }
+    /// std-style timed acquire of the underlying lock.
+    template <class Rep, class Period>
+    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return lock_->try_lock_for(timeout);
+    }
+    /// std-style timed acquire of the underlying lock until a time point of any clock.
+    template <class Clock, class Duration>
+    bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
+        return lock_->try_lock_until(when);
+    }
+    /// See Lock::owner_died (about the underlying lock).
+    bool owner_died() const noexcept { return lock_->owner_died(); }
+
+    /// Releases the lock (all levels of an RLock), sleeps until notified, and reacquires the lock
+    /// (restoring its level) before returning. Throws std::system_error(operation_not_permitted)
+    /// when the calling thread does not hold the lock.
+    void wait() { (void)wait_until_deadline(std::nullopt); }
+    /// As wait(), for at most `timeout`; returns false when it ran out (the lock is held again
+    /// either way).
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return wait_until_deadline(detail::deadline_after(timeout));
+    }
+    /// As wait(), until a time point of any clock; returns false when it passed.
+    template <class Clock, class Duration>
+    bool wait_until(std::chrono::time_point<Clock, Duration> when) {
+        return wait_until_deadline(detail::deadline_at(when));
+    }
+    /// Waits until pred() is true (checked first, and after each wake-up, with the lock held);
+    /// returns its last result (Python's wait_for).
+    template <class Predicate>
+        requires std::predicate<Predicate&>
+    bool wait_for(Predicate pred) {
+        return wait_for_deadline(pred, std::nullopt);
+    }
+    /// As wait_for(pred), giving up after `timeout`: returns pred()'s last result (false when
+    /// the time ran out with the predicate still false).
+    template <class Predicate, class Rep, class Period>
+        requires std::predicate<Predicate&>
+    bool wait_for(Predicate pred, std::chrono::duration<Rep, Period> timeout) {
+        return wait_for_deadline(pred, detail::deadline_after(timeout));
+    }
+
+    /// Wakes min(n, waiting) of the threads now waiting (none for n <= 0). Throws
+    /// std::system_error(operation_not_permitted) when the calling thread does not hold the lock.
+    void notify(int n = 1);
+    /// Wakes every thread now waiting.
+    void notify_all();
+
+private:
+    friend struct detail::SyncAccess;
+    Condition(std::shared_ptr<detail::ConditionImpl> impl, std::shared_ptr<detail::BasicLock> lock)
+        : impl_(std::move(impl)), lock_(std::move(lock)) {}
+    bool wait_until_deadline(const detail::Deadline& deadline);
+    template <class Predicate>
+    bool wait_for_deadline(Predicate& pred, const detail::Deadline& deadline) {
+        bool result = static_cast<bool>(pred());
+        while (!result) {
+            if (detail::expired(deadline)) break;
+            (void)wait_until_deadline(deadline);
+            result = static_cast<bool>(pred());
+        }
+        return result;
+    }
+
+    std::shared_ptr<detail::ConditionImpl> impl_;
+    // The lock as a Lock or RLock object (both share the same MutexImpl as the user's copy).
+    std::shared_ptr<detail::BasicLock> lock_;
+};
+
+/// A process-shared flag that threads can wait for (Python's multiprocessing.Event).
+class Event {
+public:
+    /// A new event, not set.
+    Event();
+
+    /// True when the flag is set.
+    bool is_set() const noexcept;
+    /// Sets the flag and wakes every waiter.
+    void set();
+    /// Clears the flag.
+    void clear();
+    /// Waits until the flag is set.
+    void wait() { (void)wait_until_deadline(std::nullopt); }
+    /// Waits at most `timeout`; returns true when the flag was set (also when it was set and
+    /// cleared again while this thread waited), false when the time ran out.
+    template <class Rep, class Period>
+    bool wait(std::chrono::duration<Rep, Period> timeout) {
+        return wait_until_deadline(detail::deadline_after(timeout));
+    }
+
+private:
+    friend struct detail::SyncAccess;
+    explicit Event(std::shared_ptr<detail::EventImpl> impl) noexcept : impl_(std::move(impl)) {}
+    bool wait_until_deadline(const detail::Deadline& deadline);
+    std::shared_ptr<detail::EventImpl> impl_;
+};
+
+/// A process-shared barrier for a fixed number of parties (Python's multiprocessing.Barrier,
+/// with threading.Barrier's semantics).
+///
+/// The action, when given, runs in exactly one party (the last to arrive) before any party is
+/// released; if it throws, the barrier breaks and that party's wait() rethrows. The action runs
+/// in whichever process arrives last, so it must exist there: under fork any callable works
+/// (the child has a copy); sent through mp::Codec (forkserver), the action must be transferable
+/// (a function, a function pointer or a captureless lambda), or encoding throws mp::Error.
+class Barrier {
+public:
+    /// A barrier for `parties` parties (>= 1, else std::invalid_argument); `timeout` is the
+    /// default for wait() (std::nullopt: wait forever).
+    explicit Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+    /// As above, with an action run by one party before the others are released.
+    template <class F>
+        requires std::invocable<std::decay_t<F>&>
+    Barrier(int parties, F&& action, std::optional<std::chrono::nanoseconds> timeout = std::nullopt)
+        : Barrier(parties, timeout, std::function<void()>(action), action_task(action)) {}
+
+    /// Waits for all parties; returns this party's arrival index, 0 .. parties()-1 (exactly one
+    /// party gets each). Throws BrokenBarrierError when the barrier is or becomes broken (abort,
+    /// reset while waiting, a timeout in any party, a throwing action, a recovered lock).
+    int wait();
+    /// As wait(), with `timeout` instead of the default; when it runs out the barrier breaks and
+    /// BrokenBarrierError is thrown.
+    template <class Rep, class Period>
+    int wait(std::chrono::duration<Rep, Period> timeout) {
+        return wait_until_deadline(detail::deadline_after(timeout));
+    }
+    /// Returns the barrier to its initial state; parties waiting now get BrokenBarrierError.
+    void reset();
+    /// Breaks the barrier: parties waiting now and later get BrokenBarrierError until reset().
+    void abort();
+    /// The number of parties needed to pass.
+    int parties() const noexcept;
+    /// The number of parties waiting now.
+    int n_waiting() const;
+    /// True when the barrier is broken.
+    bool broken() const;
+
+private:
+    friend struct detail::SyncAccess;
+    Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout,
+            std::function<void()> action, std::optional<std::string> task);
+    explicit Barrier(std::shared_ptr<detail::BarrierImpl> impl) noexcept
+        : impl_(std::move(impl)) {}
+    template <class F>
+    static std::optional<std::string> action_task(const F& action) {
+        if (auto t = detail::make_task(action)) return std::move(t->bytes);
+        return std::nullopt;
+    }
+    int wait_until_deadline(const detail::Deadline& deadline);
+    std::shared_ptr<detail::BarrierImpl> impl_;
+};
+
+/// Codecs: each sends its shared memory's descriptor (Encoder::attach_fd); decoding maps it and
+/// checks that it holds an object of the expected kind (else mp::DecodeError).
+template <>
+struct Codec<Lock> {
+    static void encode(Encoder& e, const Lock& v);
+    static Lock decode(Decoder& d);
+};
+template <>
+struct Codec<RLock> {
+    static void encode(Encoder& e, const RLock& v);
+    static RLock decode(Decoder& d);
+};
+template <>
+struct Codec<Semaphore> {
+    static void encode(Encoder& e, const Semaphore& v);
+    static Semaphore decode(Decoder& d);
+};
+template <>
+struct Codec<BoundedSemaphore> {
+    static void encode(Encoder& e, const BoundedSemaphore& v);
+    static BoundedSemaphore decode(Decoder& d);
+};
+template <>
+struct Codec<Condition> {
+    static void encode(Encoder& e, const Condition& v);
+    static Condition decode(Decoder& d);
+};
+template <>
+struct Codec<Event> {
+    static void encode(Encoder& e, const Event& v);
+    static Event decode(Decoder& d);
+};
+template <>
+struct Codec<Barrier> {
+    static void encode(Encoder& e, const Barrier& v);
+    static Barrier decode(Decoder& d);
+};
+
+}  // namespace mp

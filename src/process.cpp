@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <openssl/rand.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -229,6 +230,9 @@ void report_child_exception() noexcept {
 }
 
 void finish_child(int code) noexcept {
+    // A child is a parent too: its daemons go, its other children are waited for (Python's
+    // _bootstrap runs util._exit_function the same way).
+    exit_handler();
     try {
         std::cout.flush();
         std::cerr.flush();
@@ -253,6 +257,18 @@ void become_child(const ChildSetup& setup) noexcept {
     g.registry_owner = ::getpid();
     new (&g.method_mu) std::mutex;
     forkserver::after_fork_in_child();
+
+    // The thread that called start() may block signals (a sigwait/signalfd design) or the
+    // parent may ignore SIGTERM; either would make terminate() a no-op on this child.
+    // Restore SIGTERM first, then unblock: a SIGTERM already pending is delivered now.
+    struct sigaction term {};
+    if (::sigaction(SIGTERM, nullptr, &term) == 0 && term.sa_handler == SIG_IGN) {
+        term.sa_handler = SIG_DFL;
+        ::sigaction(SIGTERM, &term, nullptr);
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
 
     // As Python does: a child does not read the parent's stdin.
     int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
@@ -343,11 +359,18 @@ void Process::start() {
         std::cerr.flush();
         std::fflush(nullptr);
 
+        // Block every signal in this thread across fork: a SIGTERM sent before the child has
+        // restored SIGTERM's default action then stays pending (Linux never discards a blocked
+        // signal, even an ignored one) instead of being lost; become_child unblocks.
+        sigset_t all, old_mask;
+        sigfillset(&all);
+        ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
         pid_t pid = ::fork();
         if (pid == 0) {
             detail::become_child(setup);
             detail::finish_child(detail::run_guarded([this] { run(); }));
         }
+        ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
         delete identity;
         delete parent;
         if (pid < 0) sys::throw_system_error(errno, "fork");

@@ -26,6 +26,10 @@
 ///   called start() ends, so start daemons from a thread that outlives them). A daemon may not
 ///   start children. Non-daemon children are joined when the parent returns from main or calls
 ///   std::exit.
+/// - A fork child starts with no signal blocked and, when the parent ignored SIGTERM, with SIGTERM's
+///   default action, so terminate() always works; other handlers and dispositions are inherited.
+/// - When a child's target returns, the child terminates its own daemon children and joins the
+///   others before it exits, as Python's children do.
 /// - Destructor policy: destroying a started Process whose child still runs joins a non-daemon
 ///   child (like std::jthread) and terminates (SIGTERM, then waits) a daemon child. Destroying a
 ///   Process always reaps its child: it never leaves a zombie.
@@ -122,6 +126,13 @@ public:
     /// Waits at most `timeout`; returns true when the child has ended.
     template <class Rep, class Period>
     bool join(std::chrono::duration<Rep, Period> timeout) {
+        // A timeout too long for nanoseconds (seconds::max(), say) means "wait for ever"; convert
+        // through long double seconds so the comparison itself cannot overflow.
+        constexpr long double forever = 1e9L;  // ~31 years
+        if (std::chrono::duration<long double>(timeout).count() >= forever) {
+            join();
+            return true;
+        }
         return join_for(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout));
     }
     /// True between start() and the child's end.

@@ -1,0 +1,138 @@
+// The mp side of each bench/run.py workload. One program, one mode per workload; every mode
+// prints one JSON line:
+//     {"workload":"W1","value":412.3,"unit":"us","size":200,"method":"..."}
+// and a workload whose mp primitive has not landed yet prints "value":null (shown as n/a).
+//
+//     mp_workloads W1 [--size N] [--quick]
+//     mp_workloads info       (the compiler that built this program)
+//     mp_workloads list       (the workloads and whether each is implemented)
+//
+// Adding a workload's mp side (a later issue): write one function
+//     double wN(long long size)     // does the work `size` times, returns the value in `unit`
+// next to the others, and put its name in the kWorkloads row instead of nullptr. Definitions are
+// in bench/README.md and must match bench/python/workloads.py and bench/limits/limits.cpp.
+// A failed check throws: the program exits 1 and the runner reports a broken benchmark.
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <stdexcept>
+#include <string_view>
+
+#include "mp/mp.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+void check(bool ok, const char* what) {
+    if (!ok) throw std::runtime_error(what);
+}
+
+// ---- W1: start and join a child running an empty function, in sequence (us each) -------------
+
+void empty() {}
+
+double w1(long long n) {
+    auto t0 = Clock::now();
+    for (long long i = 0; i < n; ++i) {
+        mp::Process p(empty);
+        p.start();
+        p.join();
+        check(p.exitcode() == 0, "W1: the child did not exit with 0");
+    }
+    return seconds_since(t0) * 1e6 / double(n);
+}
+
+// ---- the table ---------------------------------------------------------------------------------
+
+struct Workload {
+    const char* id;
+    const char* unit;
+    long long full;   // the size run.py uses (it always passes --size; these are for hand runs)
+    long long quick;  // --quick
+    double (*run)(long long size);  // nullptr: mp has no such primitive yet (prints n/a)
+    const char* method;             // what the mp side uses, shown in the report
+};
+
+const Workload kWorkloads[] = {
+    {"W1", "us", 200, 20, w1, "mp::Process (fork), start + join"},
+    {"W2a", "tasks/s", 100000, 2000, nullptr, "ProcessPoolExecutor: submit + result per task"},
+    {"W2b", "tasks/s", 100000, 10000, nullptr, "ProcessPoolExecutor::map, chunks of 1000"},
+    {"W3", "efficiency", 64, 8, nullptr, "ProcessPoolExecutor(2), 20 ms CPU-time tasks"},
+    {"W4", "msgs/s", 1000000, 20000, nullptr, "Queue, 64-byte messages"},
+    {"W5", "MB/s", 1024, 16, nullptr, "Queue, 1 MiB messages"},
+    {"W6-pipe", "us", 100000, 2000, nullptr, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
+    {"W6-queue", "us", 100000, 2000, nullptr, "two Queues, 8-byte round trips"},
+    {"W7", "ns", 1000000, 20000, nullptr, "Lock + Value<long long>, 2 processes"},
+    {"W8a", "requests/s", 3000, 200, nullptr, "Listener/Client with authkey, one per request"},
+    {"W8b", "us", 20000, 1000, nullptr, "Listener/Client with authkey, one connection"},
+    {"W9", "ops/s", 20000, 1000, nullptr, "Manager dict proxy from a child process"},
+};
+
+void print_json(const Workload& w, const double* value, long long size) {
+    char v[32] = "null";
+    if (value) std::snprintf(v, sizeof v, "%.9g", *value);
+    std::printf("{\"workload\":\"%s\",\"value\":%s,\"unit\":\"%s\",\"size\":%lld,"
+                "\"method\":\"%s\"}\n",
+                w.id, v, w.unit, size, w.method);
+    std::fflush(stdout);
+}
+
+int usage() {
+    std::fprintf(stderr, "usage: mp_workloads <workload> [--size N] [--quick] | info | list\n");
+    return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2) return usage();
+    std::string_view id = argv[1];
+    if (id == "info") {
+#if defined(__clang__)
+        std::printf("{\"compiler\":\"clang %s\"}\n", __VERSION__);
+#else
+        std::printf("{\"compiler\":\"gcc %s\"}\n", __VERSION__);
+#endif
+        return 0;
+    }
+    if (id == "list") {
+        for (const auto& w : kWorkloads)
+            std::printf("%-9s %s\n", w.id, w.run ? "implemented" : "n/a");
+        return 0;
+    }
+    bool quick = false;
+    long long size = -1;
+    for (int i = 2; i < argc; ++i) {
+        std::string_view a = argv[i];
+        if (a == "--quick")
+            quick = true;
+        else if (a == "--size" && i + 1 < argc)
+            size = std::atoll(argv[++i]);
+        else
+            return usage();
+    }
+    for (const auto& w : kWorkloads) {
+        if (id != w.id) continue;
+        if (size <= 0) size = quick ? w.quick : w.full;
+        if (!w.run) {
+            print_json(w, nullptr, size);
+            return 0;
+        }
+        try {
+            double value = w.run(size);
+            print_json(w, &value, size);
+            return 0;
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "mp_workloads %s: %s\n", w.id, e.what());
+            return 1;
+        }
+    }
+    return usage();
+}

@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""The Python side of bench/run.py: each workload written as a Python user would write it, with
+multiprocessing, concurrent.futures, multiprocessing.connection and managers (standard library
+only). One workload per invocation; prints one JSON line:
+
+    python3 bench/python/workloads.py W4 [--size N] [--quick]
+    {"workload": "W4", "value": 123456.7, "unit": "msgs/s", "size": 100000, "method": "..."}
+
+Start method: fork everywhere (the Linux default of Python 3.11, set explicitly so 3.14's change
+of default does not change the numbers). Process start-up is never inside the timed region except
+in W1, whose subject it is; pools are warmed up (every worker started) before timing.
+
+Where the full size would take Python minutes, the default size is smaller (see PYTHON_SIZES) and
+the value is a rate or a per-operation time, so it stays comparable with the full-size C++ runs.
+A failed check (a wrong result or count) raises: the process exits non-zero, which the runner
+reports as a broken benchmark.
+"""
+
+import argparse
+import json
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+CTX = mp.get_context("fork")
+
+# workload -> (full size, quick size). Units of "size": W1 starts, W2 tasks, W3 tasks,
+# W4 messages, W5 1-MiB messages, W6 round trips, W7 increments per process, W8a milliseconds,
+# W8b round trips, W9 set+get pairs.
+PYTHON_SIZES = {
+    "W1": (200, 20),
+    "W2a": (20_000, 2_000),      # full C++ size 100,000: ProcessPoolExecutor.submit is ~30 us/task
+    "W2b": (100_000, 10_000),
+    "W3": (64, 8),
+    "W4": (200_000, 20_000),     # full C++ size 1,000,000
+    "W5": (1024, 16),
+    "W6-pipe": (100_000, 2_000),
+    "W6-queue": (20_000, 2_000),  # full C++ size 100,000
+    "W7": (200_000, 20_000),     # full C++ size 1,000,000 per process
+    "W8a": (3000, 200),
+    "W8b": (20_000, 1_000),
+    "W9": (5_000, 500),          # full C++ size 20,000
+}
+
+TASK_MS = 20.0  # W3 task length (quick mode too: only the count shrinks)
+
+
+def result(workload, value, unit, size, method):
+    print(json.dumps({"workload": workload, "value": value, "unit": unit, "size": size,
+                      "method": method}), flush=True)
+
+
+# ---- W1 ------------------------------------------------------------------------------------------
+
+def empty():
+    pass
+
+
+def w1(n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        p = CTX.Process(target=empty)
+        p.start()
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError("W1: child failed")
+    dt = time.perf_counter() - t0
+    result("W1", dt * 1e6 / n, "us", n, "multiprocessing.Process (fork), start + join")
+
+
+# ---- W2 ------------------------------------------------------------------------------------------
+
+def square(x):
+    return x * x
+
+
+def warm_pool(ex):
+    # Under fork, the first submit starts every worker; wait until they all ran something.
+    list(ex.map(square, range(16)))
+
+
+def w2a(n):
+    with ProcessPoolExecutor(max_workers=2, mp_context=CTX) as ex:
+        warm_pool(ex)
+        t0 = time.perf_counter()
+        futures = [ex.submit(square, x) for x in range(n)]
+        out = [f.result() for f in futures]
+        dt = time.perf_counter() - t0
+    if out != [x * x for x in range(n)]:
+        raise RuntimeError("W2a: wrong results")
+    result("W2a", n / dt, "tasks/s", n,
+           "ProcessPoolExecutor(2): submit every task, then result() of each in order")
+
+
+def w2b(n):
+    with ProcessPoolExecutor(max_workers=2, mp_context=CTX) as ex:
+        warm_pool(ex)
+        t0 = time.perf_counter()
+        out = list(ex.map(square, range(n), chunksize=1000))
+        dt = time.perf_counter() - t0
+    if out != [x * x for x in range(n)]:
+        raise RuntimeError("W2b: wrong results")
+    result("W2b", n / dt, "tasks/s", n, "ProcessPoolExecutor(2).map(chunksize=1000)")
+
+
+# ---- W3 ------------------------------------------------------------------------------------------
+
+def burn(seed):
+    """Burns TASK_MS of this thread's CPU time in an arithmetic loop; returns a checksum."""
+    end = time.thread_time() + TASK_MS / 1000
+    x = seed
+    while True:
+        for _ in range(200):
+            x = (x * 1103515245 + 12345) & 0xFFFFFFFF
+        if time.thread_time() >= end:
+            return x
+
+
+def w3(n):
+    t0 = time.perf_counter()
+    for i in range(n):
+        burn(i)
+    serial = time.perf_counter() - t0
+    with ProcessPoolExecutor(max_workers=2, mp_context=CTX) as ex:
+        warm_pool(ex)
+        t0 = time.perf_counter()
+        out = list(ex.map(burn, range(n)))
+        parallel = time.perf_counter() - t0
+    if len(out) != n:
+        raise RuntimeError("W3: wrong task count")
+    result("W3", serial / (2 * parallel), "efficiency", n,
+           "ProcessPoolExecutor(2).map, 20 ms CPU-time tasks, chunksize 1")
+
+
+# ---- W4 / W5 -------------------------------------------------------------------------------------
+
+def producer(q, start, n, size):
+    payload = bytes(size)
+    start.wait()
+    for _ in range(n):
+        q.put(payload)
+
+
+def queue_transfer(workload, n, size):
+    q = CTX.Queue()
+    start = CTX.Event()
+    p = CTX.Process(target=producer, args=(q, start, n, size))
+    p.start()
+    t0 = time.perf_counter()
+    start.set()
+    for _ in range(n):
+        m = q.get()
+        if len(m) != size:
+            raise RuntimeError(workload + ": wrong message size")
+    dt = time.perf_counter() - t0
+    p.join()
+    return dt
+
+
+def w4(n):
+    dt = queue_transfer("W4", n, 64)
+    result("W4", n / dt, "msgs/s", n, "multiprocessing.Queue, 64-byte bytes objects")
+
+
+def w5(n):
+    dt = queue_transfer("W5", n, 1 << 20)
+    result("W5", n * (1 << 20) / dt / 1e6, "MB/s", n,
+           "multiprocessing.Queue, 1 MiB bytes objects")
+
+
+# ---- W6 ------------------------------------------------------------------------------------------
+
+def pipe_echo(conn):
+    while True:
+        m = conn.recv_bytes()
+        if not m:
+            return
+        conn.send_bytes(m)
+
+
+def w6_pipe(n):
+    a, b = CTX.Pipe()
+    p = CTX.Process(target=pipe_echo, args=(b,))
+    p.start()
+    msg = b"\x01" * 8
+    t0 = time.perf_counter()
+    for _ in range(n):
+        a.send_bytes(msg)
+        if a.recv_bytes() != msg:
+            raise RuntimeError("W6-pipe: wrong echo")
+    dt = time.perf_counter() - t0
+    a.send_bytes(b"")
+    p.join()
+    result("W6-pipe", dt * 1e6 / n, "us", n, "multiprocessing.Pipe(), send_bytes/recv_bytes")
+
+
+def queue_echo(inq, outq):
+    while True:
+        m = inq.get()
+        if m is None:
+            return
+        outq.put(m)
+
+
+def w6_queue(n):
+    ping, pong = CTX.Queue(), CTX.Queue()
+    p = CTX.Process(target=queue_echo, args=(ping, pong))
+    p.start()
+    msg = b"\x01" * 8
+    ping.put(msg)  # the first put starts each queue's feeder thread: keep it out of the timing
+    pong.get()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        ping.put(msg)
+        if pong.get() != msg:
+            raise RuntimeError("W6-queue: wrong echo")
+    dt = time.perf_counter() - t0
+    ping.put(None)
+    p.join()
+    result("W6-queue", dt * 1e6 / n, "us", n, "two multiprocessing.Queue, put/get of 8-byte bytes")
+
+
+# ---- W7 ------------------------------------------------------------------------------------------
+
+def incrementer(counter, start, n):
+    lock = counter.get_lock()
+    start.wait()
+    for _ in range(n):
+        with lock:
+            counter.value += 1
+
+
+def w7(n):
+    counter = CTX.Value("q", 0)
+    start = CTX.Event()
+    ps = [CTX.Process(target=incrementer, args=(counter, start, n)) for _ in range(2)]
+    for p in ps:
+        p.start()
+    t0 = time.perf_counter()
+    start.set()
+    for p in ps:
+        p.join()
+    dt = time.perf_counter() - t0
+    if counter.value != 2 * n:
+        raise RuntimeError("W7: wrong final count %d" % counter.value)
+    result("W7", dt * 1e9 / (2 * n), "ns", n,
+           "multiprocessing.Value('q') and its lock (an RLock), 2 processes")
+
+
+# ---- W8 ------------------------------------------------------------------------------------------
+
+AUTHKEY = b"mp-bench-secret-key"
+
+
+def echo_server(listener):
+    # One connection at a time; an empty request is the stop signal.
+    while True:
+        with listener.accept() as c:
+            try:
+                while True:
+                    m = c.recv_bytes()
+                    if not m:
+                        return
+                    c.send_bytes(m)
+            except EOFError:
+                pass
+
+
+def start_server():
+    listener = mpc.Listener(("127.0.0.1", 0), authkey=AUTHKEY)
+    p = CTX.Process(target=echo_server, args=(listener,))
+    p.start()
+    address = listener.address
+    listener.close()  # the server child holds its own copy
+    return p, address
+
+
+def stop_server(p, address):
+    with mpc.Client(address, authkey=AUTHKEY) as c:
+        c.send_bytes(b"")
+    p.join()
+
+
+def w8a(ms):
+    p, address = start_server()
+    msg = b"\x01" * 8
+    count = 0
+    t0 = time.perf_counter()
+    end = t0 + ms / 1000
+    while time.perf_counter() < end:
+        with mpc.Client(address, authkey=AUTHKEY) as c:
+            c.send_bytes(msg)
+            if c.recv_bytes() != msg:
+                raise RuntimeError("W8a: wrong echo")
+        count += 1
+    dt = time.perf_counter() - t0
+    stop_server(p, address)
+    result("W8a", count / dt, "requests/s", ms,
+           "Client(authkey) per request: handshake, 8-byte send_bytes/recv_bytes, close")
+
+
+def w8b(n):
+    p, address = start_server()
+    msg = b"\x01" * 8
+    with mpc.Client(address, authkey=AUTHKEY) as c:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            c.send_bytes(msg)
+            if c.recv_bytes() != msg:
+                raise RuntimeError("W8b: wrong echo")
+        dt = time.perf_counter() - t0
+    stop_server(p, address)
+    result("W8b", dt * 1e6 / n, "us", n, "one Client(authkey) connection, 8-byte round trips")
+
+
+# ---- W9 ------------------------------------------------------------------------------------------
+
+def dict_user(d, n, report):
+    t0 = time.perf_counter()
+    for i in range(n):
+        d[i] = i
+        if d[i] != i:
+            raise RuntimeError("W9: wrong value")
+    report.send(time.perf_counter() - t0)
+
+
+def w9(n):
+    with CTX.Manager() as manager:
+        d = manager.dict()
+        r, w = CTX.Pipe(duplex=False)
+        p = CTX.Process(target=dict_user, args=(d, n, w))
+        p.start()
+        dt = r.recv()
+        p.join()
+        if p.exitcode != 0 or len(d) != n:
+            raise RuntimeError("W9: the child failed")
+    result("W9", 2 * n / dt, "ops/s", n, "SyncManager().dict() proxy used from a child process")
+
+
+WORKLOADS = {
+    "W1": w1, "W2a": w2a, "W2b": w2b, "W3": w3, "W4": w4, "W5": w5,
+    "W6-pipe": w6_pipe, "W6-queue": w6_queue, "W7": w7, "W8a": w8a, "W8b": w8b, "W9": w9,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("--size", type=int, help="override the default size")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds in total)")
+    args = ap.parse_args()
+    full, quick = PYTHON_SIZES[args.workload]
+    WORKLOADS[args.workload](args.size or (quick if args.quick else full))
+
+
+if __name__ == "__main__":
+    main()

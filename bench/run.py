@@ -1,0 +1,734 @@
+#!/usr/bin/env python3
+"""mp versus Python's multiprocessing versus the machine's limit, in one table.
+
+    python3 bench/run.py --build build/release            # full run (make bench)
+    python3 bench/run.py --build build/release --quick    # seconds (make bench-quick, CI)
+
+For each repetition, for each workload, it runs the mp side (<build>/bench/mp_workloads), the
+Python side (bench/python/workloads.py) and the limit (<build>/bench/mp_limits), each as its own
+process with a timeout, so that drift hits all three alike and a hung side cannot hang the run.
+Then it runs the Google Benchmark microbenchmarks (<build>/bench/mp_bench) and writes
+    bench/results/latest.json   every raw value
+    bench/results/latest.md     medians, ratios, sizes and the machine
+    bench/results/ratios.png    a bar chart of the ratios (gnuplot)
+
+Exit status: 0 when every side ran (an mp side that does not exist yet is "n/a", not a failure);
+1 when a side crashed, failed its own check, printed no result, or timed out; 2 on bad usage.
+Speed is never judged. Standard library only.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+HIGHER, LOWER = "higher", "lower"
+
+# The workloads. Sizes are the source of truth: run.py passes --size to every side. `cpp` is the
+# size of the mp and limit sides, `py` the Python side's (smaller where full size would make the
+# run long; the value is a rate or a time per operation, so it stays comparable), `quick` is
+# --quick for all three. `size_unit` says what a size counts.
+WORKLOADS = [
+    dict(id="W1", title="start + join a child running an empty function, in sequence",
+         unit="us", per="per start+join", better=LOWER,
+         cpp=200, py=200, quick=20, size_unit="starts"),
+    dict(id="W2a", title="x*x on 2 workers: submit + result per task, in order",
+         unit="tasks/s", per="", better=HIGHER,
+         cpp=100_000, py=20_000, quick=2_000, size_unit="tasks"),
+    dict(id="W2b", title="x*x on 2 workers: map with chunks of 1,000, in order",
+         unit="tasks/s", per="", better=HIGHER,
+         cpp=100_000, py=100_000, quick=10_000, size_unit="tasks"),
+    dict(id="W3", title="64 CPU-bound 20 ms tasks on 2 workers: serial / (2 x parallel)",
+         unit="efficiency", per="", better=HIGHER,
+         cpp=64, py=64, quick=8, size_unit="tasks"),
+    dict(id="W4", title="producer to consumer process, 64-byte messages",
+         unit="msgs/s", per="", better=HIGHER,
+         cpp=1_000_000, py=200_000, quick=20_000, size_unit="msgs"),
+    dict(id="W5", title="producer to consumer process, 1 MiB messages (MB = 10^6 bytes)",
+         unit="MB/s", per="", better=HIGHER,
+         cpp=1024, py=1024, quick=16, size_unit="MiB"),
+    dict(id="W6-pipe", title="8-byte round trip between two processes over a Pipe",
+         unit="us", per="per round trip", better=LOWER,
+         cpp=100_000, py=100_000, quick=2_000, size_unit="round trips"),
+    dict(id="W6-queue", title="8-byte round trip between two processes over Queues",
+         unit="us", per="per round trip", better=LOWER,
+         cpp=100_000, py=20_000, quick=2_000, size_unit="round trips"),
+    dict(id="W7", title="2 processes x lock / increment / unlock a shared counter",
+         unit="ns", per="per increment", better=LOWER,
+         cpp=1_000_000, py=200_000, quick=20_000, size_unit="increments per process"),
+    dict(id="W8a", title="Listener/Client (authkey) on 127.0.0.1, one connection per request",
+         unit="requests/s", per="", better=HIGHER,
+         cpp=3000, py=3000, quick=200, size_unit="ms"),
+    dict(id="W8b", title="Listener/Client (authkey) on 127.0.0.1, round trips on one connection",
+         unit="us", per="per round trip", better=LOWER,
+         cpp=20_000, py=20_000, quick=1_000, size_unit="round trips"),
+    dict(id="W9", title="manager dict: set + get from a child process (1 op = 1 set or 1 get)",
+         unit="ops/s", per="", better=HIGHER,
+         cpp=20_000, py=20_000, quick=1_000, size_unit="set+get pairs"),
+]
+
+# Reference rows: a limit only (what one process can do at all), shown under the table.
+REFERENCES = [
+    dict(id="memcpy", title="memcpy of 1 MiB blocks in one process (a ceiling for W5)",
+         unit="MB/s", better=HIGHER, cpp=1024, quick=16, size_unit="MiB"),
+]
+
+SIDES = ("mp", "python", "limit")
+
+
+# ---- running one side ----------------------------------------------------------------------------
+
+class Outcome:
+    """One run of one side: a value, or a status saying why there is none."""
+
+    def __init__(self, status, value=None, record=None, detail=""):
+        self.status = status  # "ok", "n/a", "timeout", "error", "missing"
+        self.value = value
+        self.record = record or {}
+        self.detail = detail
+
+    def to_json(self):
+        d = {"status": self.status, "value": self.value}
+        if self.detail:
+            d["detail"] = self.detail
+        return d
+
+
+def kill_group(pgid):
+    # Each side runs in its own session, so its process group holds every process it forked
+    # (pool workers, a manager, a server): one signal ends them all, and nothing left behind can
+    # hold our stdout pipe open.
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_side(argv, timeout, workload):
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+                                cwd=ROOT)
+    except OSError as e:
+        return Outcome("error", detail=f"cannot start {argv[0]}: {e}")
+    # Drain both pipes in threads and wait for the side's main process, not for end of file: a
+    # process it left behind may hold the pipes open.
+    captured = {}
+
+    def drain(name, f):
+        captured[name] = f.read()
+
+    readers = [threading.Thread(target=drain, args=("out", proc.stdout), daemon=True),
+               threading.Thread(target=drain, args=("err", proc.stderr), daemon=True)]
+    for t in readers:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    kill_group(proc.pid)  # a hung side, or what a finished side left behind
+    proc.wait()
+    for t in readers:
+        t.join(timeout=10)
+    out, err = captured.get("out", ""), captured.get("err", "")
+    if timed_out:
+        return Outcome("timeout", detail=f"no result within {timeout:g} s")
+    if proc.returncode != 0:
+        tail = " | ".join((err or "").strip().splitlines()[-3:])
+        how = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"exit status {proc.returncode}")
+        return Outcome("error", detail=f"{how}: {tail}")
+    record = None
+    for line in reversed((out or "").strip().splitlines()):
+        try:
+            record = json.loads(line)
+            break
+        except ValueError:
+            continue
+    if not isinstance(record, dict) or record.get("workload") != workload:
+        return Outcome("error", detail=f"no JSON result line for {workload} on stdout")
+    value = record.get("value")
+    if value is None:
+        return Outcome("n/a", record=record)
+    if not isinstance(value, (int, float)):
+        return Outcome("error", detail=f"bad value {value!r}")
+    return Outcome("ok", float(value), record)
+
+
+class Sides:
+    """Where each side's program is, and how to call it for a workload."""
+
+    def __init__(self, build, workdir):
+        bench = build / "bench"
+        self.mp = bench / "mp_workloads"
+        self.limits = bench / "mp_limits"
+        self.micro = bench / "mp_bench"
+        self.python = [sys.executable, str(HERE / "python" / "workloads.py")]
+        self.notes = []
+        if not self.mp.exists():
+            self.notes.append(f"{self.mp} not found: every mp value is n/a "
+                              "(build with MP_BUILD_BENCH=ON)")
+            self.mp = None
+        if not self.limits.exists():
+            self.limits = self.build_limits(workdir)
+        if self.micro.exists() is False:
+            self.notes.append(f"{self.micro} not found: no microbenchmarks")
+            self.micro = None
+
+    def build_limits(self, workdir):
+        # Without a CMake build (e.g. while developing the runner) compile the limits program
+        # alone: it uses no mp.
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        exe = workdir / "mp_limits"
+        src = HERE / "limits" / "limits.cpp"
+        if cxx is None:
+            sys.exit("run.py: no mp_limits in the build and no C++ compiler to build it")
+        subprocess.run([cxx, "-std=c++20", "-O2", "-o", str(exe), str(src)], check=True)
+        self.notes.append(f"mp_limits built standalone with {cxx} -O2 (not found in the build)")
+        return exe
+
+    def argv(self, side, wid, size):
+        if side == "mp":
+            return None if self.mp is None else [str(self.mp), wid, "--size", str(size)]
+        if side == "python":
+            return self.python + [wid, "--size", str(size)]
+        return [str(self.limits), wid, "--size", str(size)]
+
+
+# ---- the microbenchmarks -------------------------------------------------------------------------
+
+def run_micro(sides, quick, timeout):
+    if sides.micro is None:
+        return None
+    args = [str(sides.micro), "--benchmark_format=json",
+            "--benchmark_enable_random_interleaving=true"]
+    if quick:
+        args += ["--benchmark_min_time=0.05", "--benchmark_repetitions=1"]
+    else:
+        args += ["--benchmark_min_time=0.5", "--benchmark_repetitions=5"]
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "benchmarks": []}
+    if p.returncode != 0:
+        return {"status": "error", "detail": p.stderr.strip()[-500:], "benchmarks": []}
+    try:
+        data = json.loads(p.stdout)
+    except ValueError:
+        return {"status": "error", "detail": "bad JSON from mp_bench", "benchmarks": []}
+    # One row per benchmark: the median aggregate when there are repetitions, else the only run;
+    # iterations are those of one repetition.
+    rows = {}
+    for b in data.get("benchmarks", []):
+        name = (b.get("run_name") or b["name"]).replace("/real_time", "").replace(
+            "/manual_time", "")
+        row = rows.setdefault(name, {"name": name, "runs": []})
+        if b.get("error_occurred"):
+            row["error"] = b.get("error_message", "error")
+            continue
+        agg = b.get("aggregate_name")
+        if not agg:
+            row["runs"].append(b["real_time"])
+            row.setdefault("iterations", b.get("iterations"))
+            row.setdefault("time", b["real_time"])
+            row["time_unit"] = b.get("time_unit", "ns")
+        elif agg == "median":
+            row["time"] = b["real_time"]
+    return {"status": "ok", "benchmarks": list(rows.values()),
+            "repetitions": 1 if quick else 5, "context": data.get("context", {})}
+
+
+# ---- the machine ---------------------------------------------------------------------------------
+
+def machine_info(sides):
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    mem = ""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    except OSError:
+        pass
+    compiler = "unknown"
+    for exe in (sides.mp, sides.limits):
+        if exe is None:
+            continue
+        try:
+            compiler = json.loads(subprocess.run([str(exe), "info"], capture_output=True,
+                                                 text=True, timeout=10).stdout)["compiler"]
+            break
+        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired):
+            continue
+    commit = ""
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += " (with uncommitted changes)"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": f"{os.cpu_count()} online, {usable} usable",
+        "memory": mem,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "compiler": compiler,
+        "python": f"CPython {platform.python_version()}",
+        "commit": commit or "unknown",
+    }
+
+
+class OtherLoad:
+    """CPU time that programs other than this run used while it ran, from /proc/stat minus our
+    own and our children's CPU time: a busy machine makes every number noisy, so say so."""
+
+    def __init__(self):
+        self.t0 = self._now()
+
+    @staticmethod
+    def _now():
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+            busy = (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            return None
+        ours = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            r = resource.getrusage(who)
+            ours += r.ru_utime + r.ru_stime
+        return busy, ours, time.monotonic()
+
+    def cpus(self):
+        t1 = self._now()
+        if self.t0 is None or t1 is None or t1[2] <= self.t0[2]:
+            return None
+        other = (t1[0] - self.t0[0]) - (t1[1] - self.t0[1])
+        return max(0.0, other / (t1[2] - self.t0[2]))
+
+
+# ---- numbers and ratios --------------------------------------------------------------------------
+
+def summarize(outcomes):
+    """Median of the good values, with what went wrong in the others."""
+    values = [o.value for o in outcomes if o.status == "ok"]
+    counts = {}
+    for o in outcomes:
+        if o.status != "ok":
+            counts[o.status] = counts.get(o.status, 0) + 1
+    median = statistics.median(values) if values else None
+    return {"median": median, "n": len(values), "runs": len(outcomes), "problems": counts,
+            "min": min(values) if values else None, "max": max(values) if values else None}
+
+
+def oriented(mp, other, better):
+    """How many times better mp is than `other` (>1: mp better), whatever the unit's direction."""
+    if mp is None or other is None or mp <= 0 or other <= 0:
+        return None
+    return mp / other if better == HIGHER else other / mp
+
+
+def fmt_num(v):
+    if v is None:
+        return ""
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3g}"
+
+
+def fmt_cell(summary, unit):
+    if summary["n"] == 0:
+        probs = summary["problems"]
+        if not probs:
+            return "n/a"
+        if set(probs) == {"n/a"}:
+            return "n/a"
+        return " / ".join(sorted(k for k in probs if k != "n/a")) or "n/a"
+    text = f"{fmt_num(summary['median'])} {unit}"
+    bad = {k: v for k, v in summary["problems"].items() if k != "n/a"}
+    if bad:
+        text += " (" + ", ".join(f"{v} {k}" for k, v in sorted(bad.items())) + ")"
+    return text
+
+
+def fmt_ratio(r, percent=False):
+    if r is None:
+        return "—"
+    if percent:
+        return f"{r * 100:.3g}%" if r < 10 else f"{r:.3g}x"
+    return f"{r:.3g}x"
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+def write_markdown(path, results, refs, micro, machine, config, chart_ok):
+    L = []
+    L.append("# mp benchmarks: mp vs Python multiprocessing vs the machine's limit")
+    L.append("")
+    mode = "QUICK mode: tiny sizes, for CI only; these numbers mean nothing" if config["quick"] \
+        else "full run"
+    L.append(f"{config['date']} · {mode} · median of {config['reps']} repetition(s), "
+             "interleaved (each repetition runs every workload's mp, Python and limit side "
+             "in turn)")
+    L.append("")
+    busy = config.get("other_load_cpus") or 0.0
+    if busy > 0.2:
+        L.append(f"**Warning: other programs used {busy:.1f} of the {os.cpu_count()} CPUs on "
+                 "average during this run; these numbers are noisier and slower than on an idle "
+                 "machine.**")
+        L.append("")
+    L.append("**How to read it.** *Better* says whether a higher or a lower value is better for "
+             "that row. Both ratios are oriented so that **higher is better for mp**, whatever "
+             "the unit: **mp vs Python** is how many times faster mp is than Python (2x: twice "
+             "as fast; 0.5x: half as fast); **mp vs limit** is the share of the machine's limit "
+             "that mp reaches (100%: at the limit). `n/a`: mp has no such primitive yet.")
+    L.append("")
+    L.append("| Workload | Better | mp | Python | Limit | mp vs Python (x faster) "
+             "| mp vs limit (% of limit) | Size mp & limit / Python |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        w = r["workload"]
+        s = r["summary"]
+        size = (f"{w['cpp_size']:,} / {w['py_size']:,} {w['size_unit']}"
+                if w["cpp_size"] != w["py_size"] else f"{w['cpp_size']:,} {w['size_unit']}")
+        unit = w["unit"] + (f" {w['per']}" if w.get("per") else "")
+        L.append(f"| **{w['id']}** {w['title']} | {w['better']} | {fmt_cell(s['mp'], unit)} | "
+                 f"{fmt_cell(s['python'], unit)} | {fmt_cell(s['limit'], unit)} | "
+                 f"{fmt_ratio(r['vs_python'])} | {fmt_ratio(r['vs_limit'], percent=True)} | "
+                 f"{size} |")
+    L.append("")
+    for ref in refs:
+        w = ref["workload"]
+        L.append(f"Reference: {w['title']}: {fmt_cell(ref['summary'], w['unit'])} "
+                 f"({w['cpp_size']:,} {w['size_unit']}).")
+    L.append("")
+    if chart_ok:
+        L.append("![mp vs Python and vs the limit, per workload (log scale)](ratios.png)")
+        L.append("")
+
+    L.append("## What each side runs")
+    L.append("")
+    L.append("| Workload | mp | Python | Limit |")
+    L.append("|---|---|---|---|")
+    for r in results:
+        m = r["methods"]
+        L.append(f"| {r['workload']['id']} | {m.get('mp', '')} | {m.get('python', '')} | "
+                 f"{m.get('limit', '')} |")
+    L.append("")
+    L.append("Python runs with the fork start method everywhere; pools are warmed up before "
+             "timing. Python sizes smaller than the C++ ones are marked in the Size column; every "
+             "value is a rate or a time per operation, so the sizes stay comparable. Limits wait "
+             "on shared memory with a short spin, then a futex. CPython 3.11's "
+             "`multiprocessing.connection` does not set TCP_NODELAY: after the authkey handshake "
+             "the client's two writes in a row meet the server's delayed ACK (about 40 ms), "
+             "which is why Python's W8a is so low. Definitions: bench/README.md.")
+    L.append("")
+
+    L.append("## Microbenchmarks (Google Benchmark, bench/bench_*.cpp)")
+    L.append("")
+    if micro is None:
+        L.append("mp_bench not built.")
+    elif micro["status"] != "ok":
+        L.append(f"mp_bench failed: {micro['status']} {micro.get('detail', '')}")
+    else:
+        reps = micro.get("repetitions", 1)
+        L.append(f"Median wall time per iteration over {reps} repetition(s).")
+        L.append("")
+        L.append("| Benchmark | Time (median) | Range over repetitions "
+                 "| Iterations per repetition |")
+        L.append("|---|---|---|---|")
+        by_name = {}
+        for b in sorted(micro["benchmarks"], key=lambda b: b["name"]):
+            by_name[b["name"]] = b
+            if "error" in b:
+                L.append(f"| {b['name']} | error: {b['error']} | | |")
+            else:
+                runs = b.get("runs") or [b["time"]]
+                L.append(f"| {b['name']} | {b['time']:.4g} {b['time_unit']} | "
+                         f"{min(runs):.4g} – {max(runs):.4g} {b['time_unit']} | "
+                         f"{b.get('iterations', '')} |")
+        L.append("")
+        bare, proc = by_name.get("BM_BareForkWaitpid"), by_name.get("BM_ProcessStartJoin")
+        if bare and proc and "time" in bare and "time" in proc and bare["time"] > 0:
+            ratio = proc["time"] / bare["time"]
+            verdict = "meets" if ratio <= 1.2 else "misses"
+            L.append(f"BM_ProcessStartJoin / BM_BareForkWaitpid = **{ratio:.2f}x** "
+                     f"(lower is better; the foundation's target is <= 1.2x: {verdict} it"
+                     f"{' — but quick mode proves nothing' if config['quick'] else ''}).")
+            L.append("")
+
+    L.append("## Machine")
+    L.append("")
+    for k in ("cpu", "cores", "memory", "kernel", "compiler", "python", "commit"):
+        L.append(f"- {k}: {machine.get(k, '')}")
+    L.append(f"- build: {config['build']} ({config.get('build_type', '?')})")
+    L.append(f"- wall time of this run: {config['elapsed_s']:.0f} s")
+    if config.get("other_load_cpus") is not None:
+        L.append(f"- CPU used by other programs during the run: "
+                 f"{config['other_load_cpus']:.2f} CPUs on average")
+    for n in config.get("notes", []):
+        L.append(f"- note: {n}")
+    L.append("")
+    L.append("Raw values of every run: latest.json. Regenerate: `make bench` "
+             "(or `make bench-quick`).")
+    L.append("")
+    path.write_text("\n".join(L))
+
+
+XLABEL = ("mp vs Python: how many times faster mp is than Python.   "
+          "mp vs limit: the share of the machine's limit that mp reaches (1 = at the limit).")
+
+
+YTICS = ", ".join(f'"{v:g}" {v:g}' for e in range(-3, 5) for v in (10.0 ** e, 3 * 10.0 ** e))
+
+
+def write_chart(out_png, results, workdir):
+    """One bar group per workload with an mp value: speed-up over Python, share of the limit."""
+    gnuplot = shutil.which("gnuplot")
+    if gnuplot is None:
+        return False, "gnuplot not found"
+    rows = [r for r in results if r["vs_python"] is not None or r["vs_limit"] is not None]
+    data = workdir / "ratios.dat"
+    with data.open("w") as f:
+        # columns: workload, mp vs Python, mp vs limit (no header line: it would count as a row)
+        for r in rows:
+            vp = r["vs_python"] if r["vs_python"] is not None else "NaN"
+            vl = r["vs_limit"] if r["vs_limit"] is not None else "NaN"
+            f.write(f"\"{r['workload']['id']}\" {vp} {vl}\n")
+    terms = subprocess.run([gnuplot, "-e", "set terminal"], capture_output=True,
+                           text=True).stdout + subprocess.run(
+        [gnuplot, "-e", "set terminal"], capture_output=True, text=True).stderr
+    term = "pngcairo size 1100,600 font 'Sans,11'" if "pngcairo" in terms \
+        else "png size 1100,600"
+    values = [v for r in rows for v in (r["vs_python"], r["vs_limit"]) if v]
+    lo = min(values + [0.5]) / 2
+    hi = max(values + [2]) * 3
+    script = workdir / "ratios.gp"
+    title = "mp vs Python multiprocessing and vs the machine limit (higher is better)"
+    if not rows:
+        script.write_text(f"""
+set terminal {term}
+set output '{out_png}'
+unset border; unset tics; unset key
+set title "{title}"
+set label 1 "no workload has an mp side yet" at graph 0.5, 0.5 center
+plot [0:1][0:1] NaN notitle
+""")
+    else:
+        script.write_text(f"""
+set terminal {term}
+set output '{out_png}'
+set title "{title}"
+set style data histogram
+set style histogram clustered gap 1
+set style fill solid 0.85 border -1
+set boxwidth 0.9
+set logscale y
+set yrange [{lo}:{hi}]
+set ylabel "ratio (log scale; 1 = parity)"
+set ytics ({YTICS})
+set grid ytics
+set key outside top center horizontal
+set xtics nomirror
+set xrange [-0.6:{len(rows) - 0.4}]
+set arrow from graph 0, first 1 to graph 1, first 1 nohead lc rgb "#444444" dt 2 lw 1.5
+set xlabel "{XLABEL}" font ",10"
+plot '{data}' using 2:xtic(1) title "mp vs Python (speed-up)" lc rgb "#1f77b4", \\
+     '' using 3 title "mp vs limit (share)" lc rgb "#ff7f0e", \\
+     '' using ($0 - 1.0/6):2:(sprintf("%.3g", $2)) with labels offset 0,0.7 font ",9" notitle, \\
+     '' using ($0 + 1.0/6):3:(sprintf("%.3g", $3)) with labels offset 0,0.7 font ",9" notitle
+""")
+    p = subprocess.run([gnuplot, str(script)], capture_output=True, text=True)
+    if p.returncode != 0:
+        return False, "gnuplot failed: " + p.stderr.strip()[-300:]
+    return True, ""
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--build", default="build/release", help="CMake build directory")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, seconds in total (CI)")
+    ap.add_argument("--reps", type=int, help="repetitions (default 5; quick: 2)")
+    ap.add_argument("--only", help="comma-separated workload ids, e.g. W1,W4")
+    ap.add_argument("--timeout", type=float, help="seconds per side run (default 120; quick: 30)")
+    ap.add_argument("--out", help="output directory (default bench/results; quick: "
+                                  "bench/results/quick, so CI never overwrites the real results)")
+    ap.add_argument("--no-micro", action="store_true", help="skip the Google Benchmark binary")
+    args = ap.parse_args()
+
+    reps = args.reps or (2 if args.quick else 5)
+    timeout = args.timeout or (30.0 if args.quick else 120.0)
+    build = Path(args.build)
+    if not build.is_absolute():
+        build = (Path.cwd() / build).resolve()
+    out = Path(args.out) if args.out else HERE / "results" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    workloads = WORKLOADS
+    refs = REFERENCES
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {w["id"] for w in WORKLOADS + REFERENCES}
+        if unknown:
+            ap.error(f"unknown workload(s): {', '.join(sorted(unknown))}")
+        workloads = [w for w in WORKLOADS if w["id"] in wanted]
+        refs = [w for w in REFERENCES if w["id"] in wanted]
+
+    started = datetime.datetime.now()
+    workdir = Path(tempfile.mkdtemp(prefix="mp-bench-"))
+    try:
+        sides = Sides(build, workdir)
+        machine = machine_info(sides)
+        build_type = ""
+        cache = build / "CMakeCache.txt"
+        if cache.exists():
+            for line in cache.read_text().splitlines():
+                if line.startswith("CMAKE_BUILD_TYPE:"):
+                    build_type = line.split("=", 1)[1]
+
+        def size_of(w, side):
+            if args.quick:
+                return w["quick"]
+            return w["py"] if side == "python" else w["cpp"]
+
+        raw = {w["id"]: {s: [] for s in SIDES} for w in workloads}
+        raw_refs = {w["id"]: [] for w in refs}
+        methods = {w["id"]: {} for w in workloads}
+        broken = []
+        print(f"run.py: {len(workloads)} workloads x 3 sides x {reps} repetitions"
+              f"{' (quick)' if args.quick else ''}; build {build}", flush=True)
+        for n in sides.notes:
+            print(f"run.py: note: {n}", flush=True)
+        others = OtherLoad()
+        for rep in range(1, reps + 1):
+            for w in workloads:
+                line = []
+                for side in SIDES:
+                    argv = sides.argv(side, w["id"], size_of(w, side))
+                    if argv is None:
+                        o = Outcome("n/a", detail="mp_workloads not built")
+                    else:
+                        o = run_side(argv, timeout, w["id"])
+                    raw[w["id"]][side].append(o)
+                    if o.record.get("method"):
+                        methods[w["id"]][side] = o.record["method"]
+                    if o.status in ("error", "timeout"):
+                        broken.append(f"{w['id']} {side} (repetition {rep}): {o.status}: "
+                                      f"{o.detail}")
+                    line.append(f"{side} " + (fmt_num(o.value) if o.status == "ok"
+                                              else o.status))
+                print(f"  [{rep}/{reps}] {w['id']:<9} " + " | ".join(line) + f"  ({w['unit']})",
+                      flush=True)
+            for w in refs:
+                o = run_side(sides.argv("limit", w["id"], w["quick" if args.quick else "cpp"]),
+                             timeout, w["id"])
+                raw_refs[w["id"]].append(o)
+                if o.status in ("error", "timeout"):
+                    broken.append(f"{w['id']} limit (repetition {rep}): {o.status}: {o.detail}")
+
+        micro = None
+        if not args.no_micro:
+            print("run.py: microbenchmarks (mp_bench)", flush=True)
+            micro = run_micro(sides, args.quick, timeout=120 if args.quick else 600)
+            if micro is not None and micro["status"] != "ok":
+                broken.append(f"mp_bench: {micro['status']}: {micro.get('detail', '')}")
+
+        results = []
+        for w in workloads:
+            s = {side: summarize(raw[w["id"]][side]) for side in SIDES}
+            results.append({
+                "workload": dict(w, cpp_size=w["quick"] if args.quick else w["cpp"],
+                                 py_size=w["quick"] if args.quick else w["py"]),
+                "summary": s,
+                "methods": methods[w["id"]],
+                "vs_python": oriented(s["mp"]["median"], s["python"]["median"], w["better"]),
+                "vs_limit": oriented(s["mp"]["median"], s["limit"]["median"], w["better"]),
+            })
+        ref_results = [{"workload": dict(w, cpp_size=w["quick"] if args.quick else w["cpp"]),
+                        "summary": summarize(raw_refs[w["id"]])} for w in refs]
+
+        elapsed = (datetime.datetime.now() - started).total_seconds()
+        config = {"quick": args.quick, "reps": reps, "timeout_s": timeout,
+                  "build": str(build.relative_to(ROOT) if build.is_relative_to(ROOT) else build),
+                  "build_type": build_type or "?", "date": started.strftime("%Y-%m-%d %H:%M"),
+                  "elapsed_s": elapsed, "notes": sides.notes,
+                  "other_load_cpus": others.cpus()}
+
+        png = out / "ratios.png"
+        chart_ok, why = write_chart(png, results, workdir)
+        if not chart_ok:
+            print(f"run.py: no chart: {why}", file=sys.stderr)
+        write_markdown(out / "latest.md", results, ref_results, micro, machine, config, chart_ok)
+        (out / "latest.json").write_text(json.dumps({
+            "config": config,
+            "machine": machine,
+            "workloads": [{
+                "id": r["workload"]["id"], "title": r["workload"]["title"],
+                "unit": r["workload"]["unit"], "better": r["workload"]["better"],
+                "size": {"mp": r["workload"]["cpp_size"], "python": r["workload"]["py_size"],
+                         "limit": r["workload"]["cpp_size"], "unit": r["workload"]["size_unit"]},
+                "methods": r["methods"],
+                "raw": {side: [o.to_json() for o in raw[r["workload"]["id"]][side]]
+                        for side in SIDES},
+                "median": {side: r["summary"][side]["median"] for side in SIDES},
+                "mp_vs_python": r["vs_python"], "mp_vs_limit": r["vs_limit"],
+            } for r in results],
+            "references": [{
+                "id": r["workload"]["id"], "title": r["workload"]["title"],
+                "unit": r["workload"]["unit"], "size": r["workload"]["cpp_size"],
+                "raw": [o.to_json() for o in raw_refs[r["workload"]["id"]]],
+                "median": r["summary"]["median"],
+            } for r in ref_results],
+            "micro": micro,
+            "problems": broken,
+        }, indent=1) + "\n")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print((out / "latest.md").read_text())
+    print(f"run.py: wrote {out / 'latest.md'}, {out / 'latest.json'}"
+          f"{', ' + str(png) if chart_ok else ''} in {elapsed:.0f} s")
+    if broken:
+        print("run.py: FAILED sides:", file=sys.stderr)
+        for b in broken:
+            print("  " + b, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

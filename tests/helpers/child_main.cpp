@@ -1,0 +1,429 @@
+/// mp_test_child: the helper program of the test suite. Tests run it (path: MP_TEST_CHILD) with a
+/// mode in argv[1]:
+///
+///   exit N                      exits with code N (std::exit)
+///   crash                       dies of SIGSEGV
+///   abort                       dies of SIGABRT
+///   sleep SECONDS               sleeps (fractions allowed), then exits 0
+///   echo                        copies stdin to stdout
+///   authkey                     prints mp::current_process().authkey in hex
+///
+/// Scenario programs, for behaviour that needs a process of its own (program exit, a killed
+/// parent, threads, atexit). Each prints what the test needs on stdout and exits 0 when its own
+/// checks pass; a diagnostic goes to stderr.
+///
+///   daemon-orphan FILE [forkserver]
+///                               starts a daemon child (fork, or forkserver) that sleeps, writes
+///                               its pid to FILE, then blocks (up to 60 s) so the test can SIGKILL
+///                               this program
+///   forkserver-stdio            printf("parent-buffered") without a newline, then forkserver
+///                               children: one prints "fs-buffered" without a newline, one throws;
+///                               prints "exitcodes A B" and "thrower NAME"
+///   exit-joins FILE [std-exit]  starts a non-daemon child that sleeps briefly and then appends
+///                               "child-finished" to FILE; prints "child-pid P"; returns from main
+///                               (or calls std::exit) without joining it
+///   exit-terminates-daemon FILE starts a daemon child whose SIGTERM handler appends "sigterm" to
+///                               FILE; prints "daemon-pid P" once the handler is set; returns
+///   exit-leaves-nothing         starts a non-daemon fork child, a daemon fork child and a
+///                               non-daemon forkserver child; prints "pid P" for each; returns
+///   threaded-forkserver         set_start_method(forkserver) first, then 3 threads (one holds a
+///                               global std::mutex) while forkserver children lock that mutex
+///   threaded-forkserver-late    threads that allocate run before the first forkserver use;
+///                               forkserver children allocate and print "fs-child I allocated N"
+///   atexit-not-run FILE         an atexit handler and a static destructor append "atexit PID" and
+///                               "static-dtor PID" to FILE; a fork child prints "child-buffered"
+///                               without a newline and returns; prints "child-pid P"
+///   parent-buffer               printf("parent-buffered") without a newline, then a fork child
+///                               runs and is joined; prints "child-done"
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <mutex>
+#include <poll.h>
+#include <string>
+#include <sys/resource.h>
+#include <thread>
+#include <unistd.h>
+#include <utility>
+#include <vector>
+
+#include "mp/process.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+
+/// A path kept in static storage: signal handlers, atexit handlers and static destructors use it.
+char g_marker_path[4096];
+
+void set_marker_path(const char* path) {
+    std::snprintf(g_marker_path, sizeof g_marker_path, "%s", path);
+}
+
+/// Appends `text` to the marker file; async-signal-safe.
+void append_marker(const char* text) {
+    if (g_marker_path[0] == '\0') return;
+    int fd = ::open(g_marker_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) return;
+    std::size_t len = std::strlen(text);
+    while (len > 0) {
+        ssize_t n = ::write(fd, text, len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        text += n;
+        len -= static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+}
+
+void append_marker_with_pid(const char* what) {
+    char line[128];
+    std::snprintf(line, sizeof line, "%s %d\n", what, static_cast<int>(::getpid()));
+    append_marker(line);
+}
+
+bool write_all(int fd, const std::string& s) {
+    const char* p = s.data();
+    std::size_t left = s.size();
+    while (left > 0) {
+        ssize_t n = ::write(fd, p, left);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return false;
+        p += n;
+        left -= static_cast<std::size_t>(n);
+    }
+    return true;
+}
+
+/// Writes `text` to `path` atomically (a reader never sees it half written).
+void write_file_atomically(const std::string& path, const std::string& text) {
+    const std::string tmp = path + ".tmp";
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        std::perror("open");
+        std::exit(90);
+    }
+    if (!write_all(fd, text)) std::exit(91);
+    ::close(fd);
+    if (::rename(tmp.c_str(), path.c_str()) != 0) std::exit(92);
+}
+
+void sleep_seconds(double s) {
+    std::this_thread::sleep_for(std::chrono::duration<double>(s));
+}
+
+/// Sleeps in short steps for at most `limit`, forever-ish but bounded (no stray program may
+/// outlive a broken test by much).
+[[noreturn]] void block_for(std::chrono::seconds limit) {
+    auto deadline = std::chrono::steady_clock::now() + limit;
+    while (std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(50ms);
+    std::_Exit(3);
+}
+
+/// Static object whose destructor leaves a marker (in atexit-not-run): only the program's own
+/// exit may run it, never a child's.
+bool g_static_marker_enabled = false;
+struct StaticMarker {
+    ~StaticMarker() {
+        if (g_static_marker_enabled) append_marker_with_pid("static-dtor");
+    }
+};
+StaticMarker g_static_marker;
+
+/// Processes that only the program's exit may join or terminate (no destructor runs for them).
+/// Kept in a plain global array so that LeakSanitizer still sees them as reachable.
+mp::Process* g_kept[8];
+int g_nkept = 0;
+
+template <class... A>
+mp::Process* keep(A&&... args) {
+    auto* p = new mp::Process(std::forward<A>(args)...);
+    g_kept[g_nkept++] = p;
+    return p;
+}
+
+// ---- simple modes ----
+
+int mode_echo() {
+    char buf[4096];
+    for (;;) {
+        ssize_t n = ::read(0, buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return 0;
+        if (!write_all(1, std::string(buf, static_cast<std::size_t>(n)))) return 1;
+    }
+}
+
+int mode_authkey() {
+    static const char hex[] = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : mp::current_process().authkey) {
+        out += hex[c >> 4];
+        out += hex[c & 15];
+    }
+    std::printf("%s\n", out.c_str());
+    return 0;
+}
+
+// ---- scenarios ----
+
+void block_a_minute() { block_for(60s); }
+
+int mode_daemon_orphan(const std::string& file, bool forkserver) {
+    mp::ProcessOptions options{.name = "orphan", .daemon = true};
+    if (forkserver) options.start_method = mp::StartMethod::forkserver;
+    // Leaked on purpose: the program is killed, nothing is destroyed.
+    auto* p = keep(options, block_a_minute);
+    p->start();
+    write_file_atomically(file, std::to_string(p->pid()) + "\n");
+    block_for(60s);
+}
+
+void exit_joins_child(std::string file) {
+    sleep_seconds(0.15);
+    set_marker_path(file.c_str());
+    append_marker("child-finished\n");
+}
+
+int mode_exit_joins(const std::string& file, bool use_std_exit) {
+    // Leaked on purpose: only the exit-time join may wait for this child, not a destructor.
+    auto* p = keep(exit_joins_child, file);
+    p->start();
+    std::printf("child-pid %d\n", static_cast<int>(p->pid()));
+    std::fflush(stdout);
+    if (use_std_exit) std::exit(0);
+    return 0;
+}
+
+void on_sigterm(int) {
+    append_marker("sigterm\n");
+    ::_exit(0);
+}
+
+int mode_exit_terminates_daemon(const std::string& file) {
+    set_marker_path(file.c_str());
+    int ready[2];
+    if (::pipe2(ready, O_CLOEXEC) != 0) return 90;
+    const int ready_w = ready[1];
+    auto* p = keep(mp::ProcessOptions{.daemon = true}, [ready_w] {
+        struct sigaction sa {};
+        sa.sa_handler = on_sigterm;
+        sigemptyset(&sa.sa_mask);
+        ::sigaction(SIGTERM, &sa, nullptr);
+        sigset_t unblock;
+        sigemptyset(&unblock);
+        sigaddset(&unblock, SIGTERM);
+        ::sigprocmask(SIG_UNBLOCK, &unblock, nullptr);
+        (void)write_all(ready_w, "r");
+        block_for(60s);
+    });
+    p->start();
+    ::close(ready[1]);
+    pollfd pfd{ready[0], POLLIN, 0};
+    char c = 0;
+    if (::poll(&pfd, 1, 10000) != 1 || ::read(ready[0], &c, 1) != 1) {
+        std::fprintf(stderr, "the daemon child did not get ready\n");
+        return 2;
+    }
+    ::close(ready[0]);
+    std::printf("daemon-pid %d\n", static_cast<int>(p->pid()));
+    std::fflush(stdout);
+    return 0;
+}
+
+void short_nap() { sleep_seconds(0.05); }
+
+int mode_exit_leaves_nothing() {
+    auto* a = keep([] { sleep_seconds(0.05); });
+    auto* b = keep(mp::ProcessOptions{.daemon = true}, [] { block_for(60s); });
+    auto* c = keep(mp::ProcessOptions{.start_method = mp::StartMethod::forkserver},
+                              short_nap);
+    a->start();
+    b->start();
+    c->start();
+    std::printf("pid %d\npid %d\npid %d\n", static_cast<int>(a->pid()), static_cast<int>(b->pid()),
+                static_cast<int>(c->pid()));
+    std::fflush(stdout);
+    return 0;
+}
+
+std::mutex g_mutex;
+
+void lock_global_mutex(int i) {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    std::printf("fs-child %d locked\n", i);
+}
+
+int run_forkserver_children(void (*fn)(int), int count, const mp::ProcessOptions& options) {
+    int failures = 0;
+    for (int i = 0; i < count; ++i) {
+        mp::Process p(options, fn, i);
+        p.start();
+        if (!p.join(10s)) {
+            std::fprintf(stderr, "forkserver child %d did not finish within 10 s (deadlock?)\n", i);
+            p.kill();
+            p.join();
+            ++failures;
+            continue;
+        }
+        if (p.exitcode() != 0) {
+            std::fprintf(stderr, "forkserver child %d: exit code %d\n", i,
+                         p.exitcode().value_or(-999));
+            ++failures;
+        }
+    }
+    return failures;
+}
+
+int mode_threaded_forkserver() {
+    mp::set_start_method(mp::StartMethod::forkserver);
+    std::atomic<bool> stop{false};
+    std::atomic<bool> held{false};
+    std::vector<std::thread> threads;
+    threads.emplace_back([&] {
+        std::lock_guard<std::mutex> lock(g_mutex);
+        held = true;
+        while (!stop) std::this_thread::sleep_for(1ms);
+    });
+    for (int t = 0; t < 2; ++t) {
+        threads.emplace_back([&] {
+            while (!stop) {
+                std::vector<std::string> v(64, std::string(100, 'x'));
+                std::this_thread::sleep_for(100us);
+            }
+        });
+    }
+    while (!held) std::this_thread::sleep_for(1ms);
+    const int failures = run_forkserver_children(lock_global_mutex, 3, {});
+    stop = true;
+    for (auto& t : threads) t.join();
+    if (failures != 0) return 1;
+    std::printf("all ok\n");
+    return 0;
+}
+
+void allocate_and_print(int i) {
+    std::vector<std::string> v;
+    for (int k = 0; k < 1000; ++k) v.emplace_back(static_cast<std::size_t>(100 + k), 'a');
+    std::size_t total = 0;
+    for (const auto& s : v) total += s.size();
+    std::printf("fs-child %d allocated %zu\n", i, total);
+}
+
+int mode_threaded_forkserver_late() {
+    std::atomic<bool> stop{false};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 3; ++t) {
+        threads.emplace_back([&] {
+            while (!stop) {
+                std::vector<std::string> v(64, std::string(100, 'x'));
+                auto* p = new char[4096];
+                delete[] p;
+            }
+        });
+    }
+    std::this_thread::sleep_for(10ms);
+    const int failures = run_forkserver_children(
+        allocate_and_print, 3, mp::ProcessOptions{.start_method = mp::StartMethod::forkserver});
+    stop = true;
+    for (auto& t : threads) t.join();
+    if (failures != 0) return 1;
+    std::printf("all ok\n");
+    return 0;
+}
+
+void at_exit_handler() { append_marker_with_pid("atexit"); }
+
+int mode_atexit_not_run(const std::string& file) {
+    set_marker_path(file.c_str());
+    g_static_marker_enabled = true;
+    std::atexit(at_exit_handler);
+    mp::Process p([] { std::printf("child-buffered"); });
+    p.start();
+    p.join();
+    std::printf("\nchild-pid %d\nchild-exitcode %d\n", static_cast<int>(p.pid()),
+                p.exitcode().value_or(-999));
+    return 0;
+}
+
+int mode_parent_buffer() {
+    std::printf("parent-buffered");
+    mp::Process p([] { std::printf("child-ran\n"); });
+    p.start();
+    p.join();
+    std::printf("\nchild-done %d\n", p.exitcode().value_or(-999));
+    return 0;
+}
+
+void print_without_newline() { std::printf("fs-buffered"); }
+void throw_runtime_error(std::string what) { throw std::runtime_error(what); }
+
+int mode_forkserver_stdio() {
+    std::printf("parent-buffered");  // must not be printed again by the server or its children
+    mp::set_start_method(mp::StartMethod::forkserver);
+    mp::Process a(print_without_newline);
+    a.start();
+    a.join();
+    mp::Process b(throw_runtime_error, std::string("thrown in a forkserver child"));
+    b.start();
+    b.join();
+    std::printf("\nexitcodes %d %d\nthrower %s\n", a.exitcode().value_or(-999),
+                b.exitcode().value_or(-999), b.name().c_str());
+    return 0;
+}
+
+int usage() {
+    std::fprintf(stderr, "mp_test_child: unknown or incomplete mode\n");
+    return 64;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc < 2) return usage();
+    const std::string mode = argv[1];
+    const std::string arg = argc > 2 ? argv[2] : "";
+    try {
+        if (mode == "exit" && argc > 2) std::exit(std::atoi(argv[2]));
+        if (mode == "crash" || mode == "abort") {
+            // No core file for an intended crash.
+            rlimit no_core{0, 0};
+            ::setrlimit(RLIMIT_CORE, &no_core);
+        }
+        if (mode == "crash") {
+            std::signal(SIGSEGV, SIG_DFL);
+            std::raise(SIGSEGV);
+            return 99;
+        }
+        if (mode == "abort") std::abort();
+        if (mode == "sleep" && argc > 2) {
+            sleep_seconds(std::atof(argv[2]));
+            return 0;
+        }
+        if (mode == "echo") return mode_echo();
+        if (mode == "authkey") return mode_authkey();
+        if (mode == "daemon-orphan" && argc > 2) {
+            return mode_daemon_orphan(arg, argc > 3 && std::strcmp(argv[3], "forkserver") == 0);
+        }
+        if (mode == "forkserver-stdio") return mode_forkserver_stdio();
+        if (mode == "exit-joins" && argc > 2) {
+            return mode_exit_joins(arg, argc > 3 && std::strcmp(argv[3], "std-exit") == 0);
+        }
+        if (mode == "exit-terminates-daemon" && argc > 2) return mode_exit_terminates_daemon(arg);
+        if (mode == "exit-leaves-nothing") return mode_exit_leaves_nothing();
+        if (mode == "threaded-forkserver") return mode_threaded_forkserver();
+        if (mode == "threaded-forkserver-late") return mode_threaded_forkserver_late();
+        if (mode == "atexit-not-run" && argc > 2) return mode_atexit_not_run(arg);
+        if (mode == "parent-buffer") return mode_parent_buffer();
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());
+        return 70;
+    }
+    return usage();
+}

@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string_view>
 
@@ -49,6 +50,33 @@ double w1(long long n) {
     return seconds_since(t0) * 1e6 / double(n);
 }
 
+// ---- W7: 2 processes each doing n lock / increment / unlock on a shared counter (ns each) -------
+
+void incrementer(mp::Value<long long> counter, mp::Event start, long long n) {
+    start.wait();
+    for (long long i = 0; i < n; ++i) {
+        std::lock_guard guard(counter.get_lock());
+        ++counter.get_obj();
+    }
+}
+
+double w7(long long n) {
+    mp::Value<long long> counter(0);  // with its lock (an RLock by default, as Python's Value)
+    mp::Event start;
+    mp::Process a(incrementer, counter, start, n);
+    mp::Process b(incrementer, counter, start, n);
+    a.start();
+    b.start();
+    auto t0 = Clock::now();
+    start.set();
+    a.join();
+    b.join();
+    double dt = seconds_since(t0);
+    check(a.exitcode() == 0 && b.exitcode() == 0, "W7: an incrementer failed");
+    check(counter.get() == 2 * n, "W7: wrong final count");
+    return dt * 1e9 / double(2 * n);
+}
+
 // ---- the table ---------------------------------------------------------------------------------
 
 struct Workload {
@@ -69,7 +97,7 @@ const Workload kWorkloads[] = {
     {"W5", "MB/s", 1024, 16, nullptr, "Queue, 1 MiB messages"},
     {"W6-pipe", "us", 100000, 2000, nullptr, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
     {"W6-queue", "us", 100000, 2000, nullptr, "two Queues, 8-byte round trips"},
-    {"W7", "ns", 1000000, 20000, nullptr, "Lock + Value<long long>, 2 processes"},
+    {"W7", "ns", 1000000, 20000, w7, "mp::Value<long long> and its lock (an RLock), 2 processes"},
     {"W8a", "requests/s", 3000, 200, nullptr, "Listener/Client with authkey, one per request"},
     {"W8b", "us", 20000, 1000, nullptr, "Listener/Client with authkey, one connection"},
     {"W9", "ops/s", 20000, 1000, nullptr, "Manager dict proxy from a child process"},

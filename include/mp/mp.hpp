@@ -2,7 +2,6 @@
 /// mp: Python's multiprocessing process model for C++20. This umbrella header includes every
 /// public header.
 
-#include "mp/connection.hpp"
 #include "mp/errors.hpp"
 #include "mp/process.hpp"
 #include "mp/serialize.hpp"

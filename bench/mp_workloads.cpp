@@ -50,6 +50,51 @@ double w1(long long n) {
     return seconds_since(t0) * 1e6 / double(n);
 }
 
+// ---- W4 / W5: one producer process -> one consumer process (msgs/s, MB/s) ------------------------
+double queue_transfer(long long n, std::size_t size) {
+    mp::Queue<std::string> q;
+    mp::Process producer([q, n, size]() mutable {
+        const std::string msg(size, '\x01');
+        for (long long i = 0; i < n; ++i) q.put(msg);
+    });
+    auto t0 = Clock::now();
+    producer.start();
+    std::size_t bytes = 0;
+    for (long long i = 0; i < n; ++i) bytes += q.get().size();
+    const double dt = seconds_since(t0);
+    producer.join();
+    check(producer.exitcode() == 0, "queue transfer: the producer failed");
+    check(bytes == static_cast<std::size_t>(n) * size, "queue transfer: wrong byte count");
+    return dt;
+}
+double w4(long long n) { return double(n) / queue_transfer(n, 64); }
+double w5(long long n) { return double(n) * double(1 << 20) / queue_transfer(n, 1 << 20) / 1e6; }
+
+// ---- W6-queue: 8-byte round trips over two Queues (us each) -------------------------------------
+double w6_queue(long long n) {
+    mp::Queue<std::string> ping, pong;
+    mp::Process echo([ping, pong]() mutable {
+        for (;;) {
+            std::string m = ping.get();
+            if (m.empty()) return;
+            pong.put(m);
+        }
+    });
+    echo.start();
+    const std::string msg(8, '\x01');
+    ping.put(msg);
+    check(pong.get() == msg, "W6-queue: wrong echo");
+    auto t0 = Clock::now();
+    for (long long i = 0; i < n; ++i) {
+        ping.put(msg);
+        check(pong.get() == msg, "W6-queue: wrong echo");
+    }
+    const double dt = seconds_since(t0);
+    ping.put(std::string());
+    echo.join();
+    return dt * 1e6 / double(n);
+}
+
 // ---- W7: 2 processes each doing n lock / increment / unlock on a shared counter (ns each) -------
 
 void incrementer(mp::Value<long long> counter, mp::Event start, long long n) {
@@ -93,10 +138,10 @@ const Workload kWorkloads[] = {
     {"W2a", "tasks/s", 100000, 2000, nullptr, "ProcessPoolExecutor: submit + result per task"},
     {"W2b", "tasks/s", 100000, 10000, nullptr, "ProcessPoolExecutor::map, chunks of 1000"},
     {"W3", "efficiency", 64, 8, nullptr, "ProcessPoolExecutor(2), 20 ms CPU-time tasks"},
-    {"W4", "msgs/s", 1000000, 20000, nullptr, "Queue, 64-byte messages"},
-    {"W5", "MB/s", 1024, 16, nullptr, "Queue, 1 MiB messages"},
+    {"W4", "msgs/s", 1000000, 20000, w4, "Queue, 64-byte messages"},
+    {"W5", "MB/s", 1024, 16, w5, "Queue, 1 MiB messages"},
     {"W6-pipe", "us", 100000, 2000, nullptr, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
-    {"W6-queue", "us", 100000, 2000, nullptr, "two Queues, 8-byte round trips"},
+    {"W6-queue", "us", 100000, 2000, w6_queue, "two Queues, 8-byte round trips"},
     {"W7", "ns", 1000000, 20000, w7, "mp::Value<long long> and its lock (an RLock), 2 processes"},
     {"W8a", "requests/s", 3000, 200, nullptr, "Listener/Client with authkey, one per request"},
     {"W8b", "us", 20000, 1000, nullptr, "Listener/Client with authkey, one connection"},

@@ -42,6 +42,14 @@ public:
     Full() : Error("queue is full") {}
 };
 
+/// put or get on a queue handle after close() (Python raises ValueError "Queue is closed").
+class QueueClosed : public Error {
+public:
+    using Error::Error;
+    /// what() is "Queue is closed", as Python's message.
+    QueueClosed() : Error("Queue is closed") {}
+};
+
 /// The other end is closed: nothing more will arrive.
 class EOFError : public Error {
 public:

@@ -4,6 +4,7 @@
 
 #include "mp/errors.hpp"
 #include "mp/process.hpp"
+#include "mp/queue.hpp"
 #include "mp/serialize.hpp"
 #include "mp/shared_memory.hpp"
 #include "mp/synchronize.hpp"

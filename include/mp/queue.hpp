@@ -1,0 +1,322 @@
+#pragma once
+/// mp::Queue<T>, mp::SimpleQueue<T>, mp::JoinableQueue<T>: Python's multiprocessing queues, as a
+/// byte ring in shared memory that producers and consumers in any number of processes use
+/// directly (no feeder thread, no pipe).
+///
+///     mp::Queue<std::string> q;                      // unbounded count, 1 MiB ring
+///     mp::Process p([](mp::Queue<std::string> q) { q.put("hello"); }, q);
+///     p.start();
+///     std::string s = q.get();                        // "hello"
+///     p.join();
+///
+/// Semantics (as Python's, with the differences marked):
+/// - put(v) blocks while the queue holds `maxsize` items (maxsize > 0) or while the ring has no
+///   room for v; put(v, timeout) raises mp::Full when that lasts longer than `timeout`, and
+///   put_nowait(v) raises it at once. get() blocks while the queue is empty; get(timeout) and
+///   get_nowait() raise mp::Empty. A message larger than the ring streams through it in pieces.
+/// - qsize() counts the messages put and not yet taken; like Python's, it is a snapshot that
+///   may be stale by the time the caller looks at it. empty() is qsize() == 0; full() is
+///   maxsize > 0 && qsize() >= maxsize.
+/// - close() marks this process's handle closed (every copy of the handle in this process shares
+///   the mark): a later put or get raises mp::QueueClosed (Python: ValueError "Queue is closed").
+///   It does not affect other processes' handles, nor wake a put or get under way.
+/// - Difference from Python: there is no feeder thread. A put either completes into shared
+///   memory before it returns or blocks (or raises Full), so a process that put items nobody has
+///   consumed can exit, and be joined, at once: its items stay in the queue for the consumers.
+///   join_thread()/cancel_join_thread() therefore do not exist.
+/// - Difference from Python: a get(timeout) that has started to receive a message larger than the
+///   ring waits for the rest of it while its producer is alive, beyond the timeout (the producer
+///   finishes promptly, since the consumer drains the ring as it goes); a get never returns part
+///   of a message.
+/// - Values cross as bytes through mp::Codec<T>; a value that fails to decode raises
+///   mp::DecodeError (that message is consumed).
+///
+/// Robustness: a producer or consumer killed (SIGKILL) at any instant loses at most the message
+/// it was putting or taking; the others carry on. The design (src/queue.cpp states the
+/// invariants in full):
+/// - A producer lock and a consumer lock, both robust process-shared pthread mutexes, serialise
+///   producers and consumers each for a whole message. Between the two holders the ring is
+///   single-producer/single-consumer: a byte `head` published by the producer (release) and a
+///   `tail` published by the consumer, both counting bytes since creation (never wrapping).
+/// - Every message goes into the ring as one or more chunks, each a header (message id, payload
+///   length, total length, FIRST/LAST/ABORT flags) and payload. A chunk is visible only when the
+///   head moves past all of it, so a reader never sees a half-written chunk.
+/// - The producer lock holder records what it is doing (the message id, where it started, where
+///   its last chunk will end, the committed count before it) before doing it. Whoever takes the
+///   lock next and learns (EOWNERDEAD) that the holder died repairs from that record: a message
+///   whose last chunk was published stays; one partly published gets an ABORT chunk, for which a
+///   producer always leaves room after every non-last chunk.
+/// - A consumer that finds chunks of a message whose FIRST chunk it never saw (its taker died)
+///   drops them; one that is assembling a message and sees no more chunks checks the producer
+///   lock: free or owner dead means the rest will never come, so it repairs and moves on.
+/// - The message counts (committed by producers, taken by consumers) are changed by the lock
+///   holders after recording the value they are about to write, so a death between two steps is
+///   repaired exactly and qsize() stays exact. task_done() is a single atomic step.
+/// - A put(v, timeout) that times out after streaming part of a large message withdraws it (an
+///   ABORT chunk); consumers skip the part, which occupies the ring until they do.
+/// - Waiting: a short spin (~2 us), a few sched_yield()s (to ~20 us: the peer may need this very
+///   core), then a futex wait on a sequence word that the other side bumps (and wakes) only when a
+///   waiter has said so. A blocked put or get, or an idle queue, costs no CPU.
+///
+/// Lifetime (destructor policy): a Queue is a cheap copyable handle; copies (in this process, or in a child made by
+/// fork) refer to the same queue, and a forkserver child receives it as an argument through its
+/// Codec, which sends the memfd. The queue's memory (and the items in it) goes when the last
+/// handle in the last process goes. Nothing is ever created in /dev/shm.
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "mp/detail/futex.hpp"
+#include "mp/detail/shared_block.hpp"
+#include "mp/errors.hpp"
+#include "mp/serialize.hpp"
+
+namespace mp {
+
+/// The default size of a queue's ring buffer: 1 MiB.
+inline constexpr std::size_t default_queue_buffer = std::size_t{1} << 20;
+
+namespace detail {
+
+/// The untyped queue: one shared block (header + ring) and this process's closed mark. Shared
+/// by the copies of a handle in one process.
+class QueueCore {
+public:
+    /// A new queue. `buffer_bytes` is rounded up to a power of two of at least 4 KiB.
+    QueueCore(std::size_t maxsize, std::size_t buffer_bytes);
+    /// Attaches the queue in `block` (received from another process); checks its header.
+    explicit QueueCore(SharedBlock block);
+    QueueCore(const QueueCore&) = delete;
+    QueueCore& operator=(const QueueCore&) = delete;
+    ~QueueCore();
+
+    /// Puts one message; false when `block` is false or `deadline` passed before it could start
+    /// (or, for a message that was streaming, before the rest fitted: then it is withdrawn).
+    bool put(std::string_view bytes, bool block, const Deadline& deadline);
+    /// Takes one message into `out`; false when none came in time.
+    bool get(std::string& out, bool block, const Deadline& deadline);
+    std::size_t qsize() const noexcept;
+    std::size_t maxsize() const noexcept;
+    /// The ring's size in bytes.
+    std::size_t buffer_size() const noexcept;
+    /// Throws mp::Error when every message put so far was already task_done.
+    void task_done();
+    /// False when `deadline` passed first.
+    bool join(const Deadline& deadline);
+
+    /// The shared layout; defined (and documented) in src/queue.cpp only.
+    struct Header;
+
+    /// The memfd, to send to another process.
+    int fd() const noexcept { return block_.fd(); }
+    /// Marks this process's handles closed.
+    void close() noexcept { closed_.store(true, std::memory_order_relaxed); }
+    /// Throws QueueClosed after close().
+    void check_open() const {
+        if (closed_.load(std::memory_order_relaxed)) throw QueueClosed();
+    }
+
+private:
+    SharedBlock block_;
+    Header* h_ = nullptr;
+    char* ring_ = nullptr;
+    std::atomic<bool> closed_{false};
+};
+
+/// Lends this thread's message buffer (empty) for one put or get, and takes it back after.
+class QueueBuffer {
+public:
+    QueueBuffer() noexcept : bytes(std::move(spare())) { bytes.clear(); }
+    ~QueueBuffer() {
+        if (bytes.capacity() <= (std::size_t{1} << 20)) spare() = std::move(bytes);
+    }
+    QueueBuffer(const QueueBuffer&) = delete;
+    QueueBuffer& operator=(const QueueBuffer&) = delete;
+    /// The lent buffer: empty, with the capacity earlier messages left.
+    std::string bytes;
+
+private:
+    static std::string& spare() noexcept {
+        thread_local std::string s;
+        return s;
+    }
+};
+
+}  // namespace detail
+
+/// A process-shared FIFO queue of T (Python's multiprocessing.Queue).
+template <class T>
+class Queue {
+    static_assert(Encodable<T>, "mp::Queue<T>: T needs an mp::Codec");
+
+public:
+    /// A new queue holding at most `maxsize` items (0: no limit but the ring's room), with a
+    /// ring of `buffer_bytes` (rounded up to a power of two of at least 4 KiB). Messages larger
+    /// than the ring still pass (they stream through it).
+    explicit Queue(std::size_t maxsize = 0, std::size_t buffer_bytes = default_queue_buffer)
+        : core_(std::make_shared<detail::QueueCore>(maxsize, buffer_bytes)) {}
+
+    /// Puts `v`, waiting as long as the queue is full. Throws QueueClosed after close().
+    void put(const T& v) { put_impl(v, true, std::nullopt); }
+    /// Puts `v`, waiting at most `timeout`; throws mp::Full after that.
+    template <class Rep, class Period>
+    void put(const T& v, std::chrono::duration<Rep, Period> timeout) {
+        put_impl(v, true, detail::deadline_after(timeout));
+    }
+    /// Puts `v` only if there is room now, for the item and for all of its bytes in the ring
+    /// (so a message larger than the free room always raises); throws mp::Full otherwise.
+    void put_nowait(const T& v) { put_impl(v, false, std::nullopt); }
+
+    /// Takes the next item, waiting as long as the queue is empty. Throws QueueClosed after
+    /// close().
+    T get() { return get_impl(true, std::nullopt); }
+    /// Takes the next item, waiting at most `timeout`; throws mp::Empty after that.
+    template <class Rep, class Period>
+    T get(std::chrono::duration<Rep, Period> timeout) {
+        return get_impl(true, detail::deadline_after(timeout));
+    }
+    /// Takes the next item if one is there now; throws mp::Empty otherwise.
+    T get_nowait() { return get_impl(false, std::nullopt); }
+
+    /// Items put and not yet taken (a snapshot).
+    std::size_t qsize() const noexcept { return core_->qsize(); }
+    /// qsize() == 0 (a snapshot).
+    bool empty() const noexcept { return qsize() == 0; }
+    /// maxsize() > 0 && qsize() >= maxsize() (a snapshot).
+    bool full() const noexcept {
+        return core_->maxsize() != 0 && core_->qsize() >= core_->maxsize();
+    }
+    /// The item limit given at construction; 0 for none.
+    std::size_t maxsize() const noexcept { return core_->maxsize(); }
+    /// The ring's size in bytes.
+    std::size_t buffer_size() const noexcept { return core_->buffer_size(); }
+    /// No more put or get through this process's handles (see the header comment).
+    void close() noexcept { core_->close(); }
+
+protected:
+    explicit Queue(std::shared_ptr<detail::QueueCore> core) : core_(std::move(core)) {}
+    std::shared_ptr<detail::QueueCore> core_;
+
+private:
+    template <class, class>
+    friend struct mp::Codec;
+
+    // Both reuse a per-thread buffer, so a stream of small messages costs no allocation for
+    // the bytes; a buffer that grew past the ring's size is given back after use.
+    void put_impl(const T& v, bool block, const detail::Deadline& deadline) {
+        core_->check_open();
+        detail::QueueBuffer buf;
+        Encoder e(std::move(buf.bytes));
+        e.put(v);
+        buf.bytes = e.take();
+        if (!core_->put(buf.bytes, block, deadline)) throw Full();
+    }
+    T get_impl(bool block, const detail::Deadline& deadline) {
+        core_->check_open();
+        detail::QueueBuffer buf;
+        if (!core_->get(buf.bytes, block, deadline)) throw Empty();
+        Decoder d(buf.bytes);
+        T v = d.template get<T>();
+        d.finish();
+        return v;
+    }
+};
+
+/// A Queue whose consumers report each item done, so that join() can wait for all of them
+/// (Python's multiprocessing.JoinableQueue).
+template <class T>
+class JoinableQueue : public Queue<T> {
+public:
+    /// As Queue(maxsize, buffer_bytes).
+    explicit JoinableQueue(std::size_t maxsize = 0,
+                           std::size_t buffer_bytes = default_queue_buffer)
+        : Queue<T>(maxsize, buffer_bytes) {}
+
+    /// Reports one taken item processed. Throws mp::Error("task_done() called too many times")
+    /// when there are more task_done calls than items put. An item lost with a consumer killed
+    /// while taking it counts as done, so join() does not wait for it forever.
+    void task_done() { this->core_->task_done(); }
+    /// Waits until every item put was reported done.
+    void join() { this->core_->join(std::nullopt); }
+    /// Waits at most `timeout`; returns true when every item put was reported done.
+    template <class Rep, class Period>
+    bool join(std::chrono::duration<Rep, Period> timeout) {
+        return this->core_->join(detail::deadline_after(timeout));
+    }
+
+private:
+    template <class, class>
+    friend struct mp::Codec;
+    explicit JoinableQueue(std::shared_ptr<detail::QueueCore> core)
+        : Queue<T>(std::move(core)) {}
+};
+
+/// The simplest queue: put, get, empty, close (Python's multiprocessing.SimpleQueue). Unbounded
+/// in count; put blocks only while the ring has no room.
+template <class T>
+class SimpleQueue {
+    static_assert(Encodable<T>, "mp::SimpleQueue<T>: T needs an mp::Codec");
+
+public:
+    /// A new queue with a ring of `buffer_bytes`.
+    explicit SimpleQueue(std::size_t buffer_bytes = default_queue_buffer)
+        : q_(0, buffer_bytes) {}
+    /// Puts `v`, waiting for room in the ring. Throws QueueClosed after close().
+    void put(const T& v) { q_.put(v); }
+    /// Takes the next item, waiting for one. Throws QueueClosed after close().
+    T get() { return q_.get(); }
+    /// True when no item is waiting (a snapshot).
+    bool empty() const noexcept { return q_.empty(); }
+    /// No more put or get through this process's handles.
+    void close() noexcept { q_.close(); }
+
+private:
+    template <class, class>
+    friend struct mp::Codec;
+    explicit SimpleQueue(Queue<T> q) : q_(std::move(q)) {}
+    Queue<T> q_;
+};
+
+namespace detail {
+/// Sends a queue as its memfd; the receiver maps it.
+inline void encode_queue(Encoder& e, const QueueCore& core) { e.put(e.attach_fd(core.fd())); }
+inline std::shared_ptr<QueueCore> decode_queue(Decoder& d) {
+    const auto index = d.get<std::uint32_t>();
+    return std::make_shared<QueueCore>(SharedBlock::attach(d.take_fd(index)));
+}
+}  // namespace detail
+
+/// A Queue crosses to another process (a forkserver child, a pool worker) as its memfd.
+template <class T>
+struct Codec<Queue<T>> {
+    static void encode(Encoder& e, const Queue<T>& q) { detail::encode_queue(e, *q.core_); }
+    static Queue<T> decode(Decoder& d) { return Queue<T>(detail::decode_queue(d)); }
+};
+
+/// As Codec<Queue<T>>.
+template <class T>
+struct Codec<JoinableQueue<T>> {
+    static void encode(Encoder& e, const JoinableQueue<T>& q) {
+        detail::encode_queue(e, *q.core_);
+    }
+    static JoinableQueue<T> decode(Decoder& d) {
+        return JoinableQueue<T>(detail::decode_queue(d));
+    }
+};
+
+/// As Codec<Queue<T>>.
+template <class T>
+struct Codec<SimpleQueue<T>> {
+    static void encode(Encoder& e, const SimpleQueue<T>& q) { Codec<Queue<T>>::encode(e, q.q_); }
+    static SimpleQueue<T> decode(Decoder& d) {
+        return SimpleQueue<T>(Codec<Queue<T>>::decode(d));
+    }
+};
+
+}  // namespace mp

@@ -1,0 +1,619 @@
+// The shared-memory transport behind mp::Queue (see include/mp/queue.hpp for the overview).
+//
+// Layout of the memfd block: a Header (one page) followed by the ring (a power of two of bytes).
+//
+// Positions. `head` and `tail` count bytes written to / taken from the ring since creation; they
+// never wrap (2^64 bytes), so `head - tail` is the bytes in use and a recorded position can never
+// be confused with a later one. A byte at position p lives at ring[p & (capacity - 1)].
+//
+// Chunks. A message of n bytes is written as chunks, each a ChunkHeader {id, total = n, len,
+// flags} followed by `len` payload bytes (wrapping around the ring end as needed). The first chunk
+// has FIRST, the last LAST (a one-chunk message has both); an ABORT chunk (no payload) withdraws
+// the partly written message with its id.
+//
+// Invariants
+//  I1  Only the holder of the producer lock (plock) writes ring bytes at or after `head`, `head`,
+//      `committed` and the p_* record; only the holder of the consumer lock (clock) writes `tail`,
+//      `taken` and the c_* record. (A consumer may hold both: see I6.)
+//  I2  Every byte in [tail, head) belongs to a complete chunk: the producer stores `head` (release)
+//      only after writing a whole chunk, so a consumer never reads half a chunk.
+//  I3  All chunks of one message are written while one producer holds plock without a break, so
+//      in the ring a message's chunks are contiguous, in order, and followed (if at all) by the
+//      message's ABORT or by the next message's FIRST chunk.
+//  I4  After a non-last chunk the producer leaves at least kHdr bytes free (`tail` only grows, so
+//      they stay free): an ABORT chunk always fits after a partly written message.
+//  I5  The producer writes, in order: p_next_id, p_start = head, p_end = 0, p_committed_before,
+//      p_inflight = id; then chunks; before the last chunk p_end = its end and committed += 1;
+//      then head = p_end; then p_inflight = 0. So, for a producer that died with p_inflight != 0:
+//        head == p_end       the message is complete in the ring (committed counts it);
+//        head == p_start     nothing of it is visible: undo committed, nothing else;
+//        otherwise           a part is visible: undo committed and append ABORT (fits by I4).
+//      The repair itself follows the same record (it sets p_end before publishing the ABORT), so
+//      a repairer killed half-way leaves a state the next repairer handles: repair is idempotent.
+//  I6  A consumer assembling a message that sees no further chunk checks plock: if it can take it
+//      (free, or EOWNERDEAD and repaired by I5) no producer is writing that message any more, so
+//      once the chunks now in the ring are read and the message is still incomplete, it is
+//      dropped. While plock is held by a live producer the rest is coming.
+//  I7  A consumer reads a chunk fully before it stores `tail` past it; a chunk whose FIRST it did
+//      not see (its message's taker died after taking the FIRST) is dropped, and an orphan LAST
+//      counts the message as taken (and done, for join()).
+//  I8  Taking a message's last chunk: c_pending_taken = taken + 1, c_pending_end = new tail;
+//      tail = new tail; taken = c_pending_taken; c_pending_end = 0. A consumer that finds the
+//      clock owner dead and tail == c_pending_end knows the message left the ring but never
+//      reached its caller: it sets taken and counts the message done.
+//
+// Waiting. A waiter first spins and yields briefly (spin_for), then sleeps. Each side has a
+// sequence word (futex) and a "waiting" flag; there is at most one
+// waiter per side at a time (the lock holder), so a flag suffices, and a waiter killed while
+// waiting leaves at most a stale flag, which costs the other side a futex_wake call per chunk
+// until the next waiter on that side clears it. The waiter sets its flag,
+// reads the sequence, re-checks its condition and sleeps on the sequence; the other side stores
+// its index, then reads the flag, and if set bumps the sequence and wakes. All of these are
+// seq_cst, so either the waiter sees the new index or the other side sees the flag (Dekker).
+
+#include "mp/queue.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <new>
+#include <pthread.h>
+#include <sched.h>
+#include <stdexcept>
+#include <system_error>
+
+#include "sys/error.hpp"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace mp::detail {
+
+namespace {
+
+constexpr std::uint64_t kMagic = 0x6d702d7175657565ULL;  // "mp-queue"
+constexpr std::uint32_t kVersion = 1;
+constexpr std::size_t kHeaderBytes = 4096;
+constexpr std::size_t kMinRing = 4096;
+// How a waiter waits before it sleeps on the futex: first it spins briefly (the peer on another
+// core usually answers within a microsecond or two), then it yields the CPU for a while (the peer
+// may be waiting for *this* core: spinning would only delay it) and finally sleeps. Together they
+// catch a peer that is busy putting or taking without paying for a futex sleep and wake-up on
+// either side, which costs several microseconds and, with a full ring, would otherwise recur for
+// every message the consumer frees; an idle queue still sleeps after kYieldTime.
+constexpr auto kSpinTime = std::chrono::microseconds(2);
+constexpr auto kYieldTime = std::chrono::microseconds(20);
+// How often a consumer holding part of a message checks whether its producer died.
+constexpr auto kPeerCheck = std::chrono::milliseconds(20);
+
+enum : std::uint32_t { kFirst = 1, kLast = 2, kAbort = 4 };
+
+struct ChunkHeader {
+    std::uint64_t id;
+    std::uint64_t total;
+    std::uint32_t len;
+    std::uint32_t flags;
+};
+constexpr std::uint64_t kHdr = sizeof(ChunkHeader);
+static_assert(kHdr == 24);
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+using U64 = std::atomic<std::uint64_t>;
+using U32 = std::atomic<std::uint32_t>;
+constexpr auto sc = std::memory_order_seq_cst;
+constexpr auto rlx = std::memory_order_relaxed;
+constexpr auto acq = std::memory_order_acquire;
+constexpr auto rel = std::memory_order_release;
+
+timespec to_timespec(std::chrono::steady_clock::time_point t) {
+    const auto ns =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+    timespec ts{};
+    if (ns > 0) {
+        ts.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
+        ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+    }
+    return ts;
+}
+
+// Holds a robust mutex; on EOWNERDEAD runs the repair, then marks the mutex consistent (if the
+// repairer dies first, the next locker gets EOWNERDEAD again and repairs again: see I5, I8).
+class RobustGuard {
+public:
+    RobustGuard() = default;
+    RobustGuard(const RobustGuard&) = delete;
+    RobustGuard& operator=(const RobustGuard&) = delete;
+    ~RobustGuard() { unlock(); }
+
+    // How: 0 trylock, 1 block until deadline (or forever).
+    template <class Repair>
+    bool lock(pthread_mutex_t* m, bool block, const Deadline& deadline, Repair repair) {
+        int rc;
+        if (!block) {
+            rc = ::pthread_mutex_trylock(m);
+        } else if (deadline) {
+            const timespec ts = to_timespec(*deadline);
+            rc = ::pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+        } else {
+            rc = ::pthread_mutex_lock(m);
+        }
+        if (rc == EBUSY || rc == ETIMEDOUT) return false;
+        if (rc != 0 && rc != EOWNERDEAD) sys::throw_system_error(rc, "pthread_mutex_lock");
+        m_ = m;
+        if (rc == EOWNERDEAD) {
+            repair();
+            ::pthread_mutex_consistent(m);
+        }
+        return true;
+    }
+    void unlock() noexcept {
+        if (m_ != nullptr) ::pthread_mutex_unlock(std::exchange(m_, nullptr));
+    }
+    bool owns() const noexcept { return m_ != nullptr; }
+
+private:
+    pthread_mutex_t* m_ = nullptr;
+};
+
+void init_robust_mutex(pthread_mutex_t* m) {
+    pthread_mutexattr_t a;
+    sys::check_ret(::pthread_mutexattr_init(&a), "pthread_mutexattr_init");
+    sys::check_ret(::pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED),
+                   "pthread_mutexattr_setpshared");
+    sys::check_ret(::pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST),
+                   "pthread_mutexattr_setrobust");
+    const int rc = ::pthread_mutex_init(m, &a);
+    ::pthread_mutexattr_destroy(&a);
+    sys::check_ret(rc, "pthread_mutex_init");
+}
+
+std::size_t ring_size_for(std::size_t requested) {
+    std::size_t n = kMinRing;
+    while (n < requested) {
+        if (n >= (std::size_t{1} << 30))
+            throw std::invalid_argument("mp::Queue: the buffer may be at most 1 GiB");
+        n <<= 1;
+    }
+    return n;
+}
+
+}  // namespace
+
+struct QueueCore::Header {
+    std::uint64_t magic;
+    std::uint32_t version;
+    std::uint32_t reserved;
+    std::uint64_t capacity;  // ring bytes, a power of two
+    std::uint64_t maxsize;   // 0: no item limit
+
+    alignas(64) pthread_mutex_t plock;
+    // Producer side (I1: written by the plock holder).
+    alignas(64) U64 head;
+    U64 committed;  // messages made visible (or about to be: I5)
+    // The producer's record (I5), on a line of its own: the consumer reads `head` for every
+    // message and should not miss in cache because the producer wrote its record.
+    alignas(64) U64 p_next_id;
+    U64 p_inflight;
+    U64 p_start;
+    U64 p_end;
+    U64 p_committed_before;
+    U64 space_target;  // the tail the waiting producer needs (0: any progress)
+
+    alignas(64) pthread_mutex_t clock;
+    // Consumer side (I1: written by the clock holder).
+    alignas(64) U64 tail;
+    U64 taken;
+    alignas(64) U64 c_pending_end;  // the consumer's record (I8), on its own line
+    U64 c_pending_taken;
+
+    alignas(64) U32 data_seq;  // bumped by the producer for a waiting consumer
+    U32 data_waiting;
+    alignas(64) U32 space_seq;  // bumped by the consumer for a waiting producer
+    U32 space_waiting;
+
+    alignas(64) U64 tasks_done;  // JoinableQueue: task_done calls (and messages lost, I8)
+    U32 join_seq;
+    U32 joiners;
+};
+
+static_assert(sizeof(QueueCore::Header) <= kHeaderBytes);
+
+QueueCore::QueueCore(std::size_t maxsize, std::size_t buffer_bytes) {
+    const std::size_t cap = ring_size_for(buffer_bytes);
+    block_ = SharedBlock::create(kHeaderBytes + cap, "mp-queue");
+    h_ = new (block_.data()) Header{};
+    h_->magic = kMagic;
+    h_->version = kVersion;
+    h_->capacity = cap;
+    h_->maxsize = maxsize;
+    init_robust_mutex(&h_->plock);
+    init_robust_mutex(&h_->clock);
+    ring_ = static_cast<char*>(block_.data()) + kHeaderBytes;
+}
+
+QueueCore::QueueCore(SharedBlock block) : block_(std::move(block)) {
+    if (block_.size() < kHeaderBytes + kMinRing)
+        throw DecodeError("mp::Queue: the shared block is too small to hold a queue");
+    h_ = static_cast<Header*>(block_.data());
+    const std::uint64_t cap = h_->capacity;
+    if (h_->magic != kMagic || h_->version != kVersion || cap < kMinRing ||
+        (cap & (cap - 1)) != 0 || block_.size() < kHeaderBytes + cap)
+        throw DecodeError("mp::Queue: the shared block does not hold a queue");
+    ring_ = static_cast<char*>(block_.data()) + kHeaderBytes;
+}
+
+QueueCore::~QueueCore() = default;
+
+std::size_t QueueCore::maxsize() const noexcept { return h_->maxsize; }
+std::size_t QueueCore::buffer_size() const noexcept { return h_->capacity; }
+
+std::size_t QueueCore::qsize() const noexcept {
+    // taken first: taken <= committed at any instant, and committed only grows after that read
+    // (except an undo of a message that was never visible, hence never taken).
+    const std::uint64_t t = h_->taken.load(acq);
+    const std::uint64_t c = h_->committed.load(acq);
+    return c > t ? static_cast<std::size_t>(c - t) : 0;
+}
+
+namespace {
+
+// Ring access with wrap-around.
+struct Ring {
+    char* base;
+    std::uint64_t cap;
+    void write(std::uint64_t pos, const void* src, std::size_t n) const noexcept {
+        const std::size_t off = static_cast<std::size_t>(pos & (cap - 1));
+        const std::size_t first = std::min<std::size_t>(n, cap - off);
+        std::memcpy(base + off, src, first);
+        if (n > first) std::memcpy(base, static_cast<const char*>(src) + first, n - first);
+    }
+    void read(std::uint64_t pos, void* dst, std::size_t n) const noexcept {
+        const std::size_t off = static_cast<std::size_t>(pos & (cap - 1));
+        const std::size_t first = std::min<std::size_t>(n, cap - off);
+        std::memcpy(dst, base + off, first);
+        if (n > first) std::memcpy(static_cast<char*>(dst) + first, base, n - first);
+    }
+    void append_to(std::string& out, std::uint64_t pos, std::size_t n) const {
+        const std::size_t off = static_cast<std::size_t>(pos & (cap - 1));
+        const std::size_t first = std::min<std::size_t>(n, cap - off);
+        out.append(base + off, first);
+        if (n > first) out.append(base, n - first);
+    }
+};
+
+// Spins, then sleeps on `seq` with `flag` raised, until ready() or the deadline; returns ready().
+template <class Ready>
+bool spin_for(Ready ready) {
+    if (ready()) return true;
+    const auto start = std::chrono::steady_clock::now();
+    for (;;) {
+        for (int i = 0; i < 16; ++i) {
+            cpu_relax();
+            if (ready()) return true;
+        }
+        if (std::chrono::steady_clock::now() - start >= kSpinTime) break;
+    }
+    for (;;) {
+        ::sched_yield();
+        if (ready()) return true;
+        if (std::chrono::steady_clock::now() - start >= kYieldTime) return false;
+    }
+}
+
+template <class Ready>
+bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {
+    if (spin_for(ready)) return true;
+    for (;;) {
+        flag.store(1, sc);
+        const std::uint32_t seen = seq.load(sc);
+        if (ready()) break;
+        if (futex_wait(seq, seen, deadline) == FutexResult::timed_out) break;
+    }
+    flag.store(0, rlx);
+    return ready();
+}
+
+void wake_if_waiting(U32& seq, U32& flag) {
+    if (flag.load(sc) != 0) {
+        seq.fetch_add(1, sc);
+        futex_wake_all(seq);
+    }
+}
+
+}  // namespace
+
+// ---- the producer side (caller holds plock) --------------------------------------------------
+
+namespace {
+
+struct Producer {
+    QueueCore::Header* h;
+    Ring ring;
+
+    void publish(std::uint64_t new_head) {
+        h->head.store(new_head, sc);
+        wake_if_waiting(h->data_seq, h->data_waiting);
+    }
+    void write_chunk(std::uint64_t pos, const ChunkHeader& c, const char* payload) {
+        ring.write(pos, &c, kHdr);
+        if (c.len != 0) ring.write(pos + kHdr, payload, c.len);
+    }
+    void wake_joiners() {
+        h->join_seq.fetch_add(1, sc);
+        if (h->joiners.load(sc) != 0) futex_wake_all(h->join_seq);
+    }
+
+    // I5: finishes (keeps) or withdraws the message recorded in p_inflight. Used for the repair
+    // after a producer died and by a live producer whose put timed out half-way.
+    void settle_inflight() {
+        const std::uint64_t id = h->p_inflight.load(acq);
+        if (id == 0) return;
+        const std::uint64_t hd = h->head.load(acq);
+        const std::uint64_t end = h->p_end.load(acq);
+        if (!(end != 0 && hd == end)) {
+            h->committed.store(h->p_committed_before.load(acq), sc);
+            wake_joiners();  // the undo may make tasks_done == committed
+            if (hd != h->p_start.load(acq)) {
+                const std::uint64_t ne = hd + kHdr;
+                h->p_end.store(ne, rel);
+                static constexpr char kNoPayload = 0;
+                write_chunk(hd, ChunkHeader{id, 0, 0, kAbort}, &kNoPayload);  // fits: I4
+                publish(ne);
+            }
+        }
+        h->p_inflight.store(0, rel);
+    }
+};
+
+}  // namespace
+
+bool QueueCore::put(std::string_view bytes, bool block, const Deadline& deadline) {
+    Header* const h = h_;
+    Producer p{h, Ring{ring_, h->capacity}};
+    RobustGuard guard;
+    if (!guard.lock(&h->plock, block, deadline, [&] { p.settle_inflight(); })) return false;
+
+    const std::uint64_t cap = h->capacity;
+    if (h->maxsize != 0) {
+        auto has_slot = [&] {
+            const std::uint64_t t = h->taken.load(sc);
+            return h->committed.load(rlx) - t < h->maxsize;
+        };
+        if (!has_slot()) {
+            if (!block) return false;
+            h->space_target.store(0, sc);
+            if (!wait_for(h->space_seq, h->space_waiting, deadline, has_slot)) return false;
+        }
+    }
+
+    const std::uint64_t n = bytes.size();
+    // put_nowait: all or nothing, so it never leaves a withdrawn part taking up the ring.
+    if (!block && kHdr + n > cap - (h->head.load(rlx) - h->tail.load(acq))) return false;
+    const std::uint64_t id = h->p_next_id.load(rlx) + 1;
+    h->p_next_id.store(id, rel);
+    h->p_start.store(h->head.load(rlx), rel);
+    h->p_end.store(0, rel);
+    h->p_committed_before.store(h->committed.load(rlx), rel);
+    h->p_inflight.store(id, sc);
+
+    // Whatever escapes below (only a futex misuse could), the message is settled, not left
+    // half-written under a lock that is then released.
+    struct Settle {
+        Producer& p;
+        bool armed = true;
+        ~Settle() {
+            if (armed) p.settle_inflight();
+        }
+    } settle{p};
+
+    std::uint64_t off = 0;
+    std::uint32_t first = kFirst;
+    for (;;) {
+        const std::uint64_t hd = h->head.load(rlx);
+        const std::uint64_t free = cap - (hd - h->tail.load(acq));
+        const std::uint64_t rem = n - off;
+        if (kHdr + rem <= free) {
+            // The last chunk (I5: record its end and commit before making it visible).
+            const std::uint64_t nh = hd + kHdr + rem;
+            h->p_end.store(nh, rel);
+            h->committed.store(h->committed.load(rlx) + 1, sc);
+            p.write_chunk(hd,
+                          ChunkHeader{id, n, static_cast<std::uint32_t>(rem), first | kLast},
+                          bytes.data() + off);
+            p.publish(nh);
+            h->p_inflight.store(0, rel);
+            settle.armed = false;
+            return true;
+        }
+        const std::uint64_t min_piece = std::min<std::uint64_t>(rem, cap / 4);
+        if (free >= 2 * kHdr + min_piece) {
+            // A non-last chunk, leaving kHdr bytes free for a possible ABORT (I4).
+            const std::uint64_t len = free - 2 * kHdr;
+            p.write_chunk(hd, ChunkHeader{id, n, static_cast<std::uint32_t>(len), first},
+                          bytes.data() + off);
+            p.publish(hd + kHdr + len);
+            off += len;
+            first = 0;
+            continue;
+        }
+        if (!block) return false;  // Settle withdraws what was written
+        // Wait for exactly the room the next chunk needs: a consumer wakes us only when its tail
+        // reaches that (space_target), so a slow consumer does not pay a wake-up per chunk while
+        // we are still short of room.
+        const std::uint64_t need = std::min(kHdr + rem, 2 * kHdr + min_piece);
+        auto room = [&] { return cap - (hd - h->tail.load(sc)) >= need; };
+        h->space_target.store(hd + need - cap, sc);  // no wrap: hd - tail > cap - need here
+        if (!wait_for(h->space_seq, h->space_waiting, deadline, room))
+            return false;  // timed out: Settle withdraws the part written
+    }
+}
+
+// ---- the consumer side (caller holds clock) ---------------------------------------------------
+
+namespace {
+
+struct Consumer {
+    QueueCore::Header* h;
+    Ring ring;
+
+    void wake_producer() {
+        if (h->space_waiting.load(sc) != 0 && h->tail.load(rlx) >= h->space_target.load(sc)) {
+            h->space_seq.fetch_add(1, sc);
+            futex_wake_all(h->space_seq);
+        }
+    }
+    void advance(std::uint64_t new_tail) {
+        h->tail.store(new_tail, sc);
+        wake_producer();
+    }
+    // I8: the tail past a message's last chunk, and the count, as a unit a repairer can finish.
+    void take(std::uint64_t new_tail) {
+        const std::uint64_t t = h->taken.load(rlx) + 1;
+        h->c_pending_taken.store(t, rel);
+        h->c_pending_end.store(new_tail, sc);
+        h->tail.store(new_tail, sc);
+        h->taken.store(t, sc);
+        h->c_pending_end.store(0, rel);
+        wake_producer();
+    }
+    void count_lost() {
+        h->tasks_done.fetch_add(1, sc);
+        h->join_seq.fetch_add(1, sc);
+        if (h->joiners.load(sc) != 0) futex_wake_all(h->join_seq);
+    }
+    // I8 repair after a consumer died holding clock.
+    void repair() {
+        const std::uint64_t end = h->c_pending_end.load(acq);
+        if (end == 0) return;
+        if (h->tail.load(acq) == end) {
+            h->taken.store(h->c_pending_taken.load(acq), sc);
+            count_lost();
+        }
+        h->c_pending_end.store(0, rel);
+        wake_producer();
+    }
+};
+
+}  // namespace
+
+bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
+    Header* const h = h_;
+    Consumer c{h, Ring{ring_, h->capacity}};
+    RobustGuard guard;
+    if (!guard.lock(&h->clock, block, deadline, [&] { c.repair(); })) return false;
+
+    RobustGuard producer_guard;  // taken only to prove a partial message dead (I6)
+    bool have = false;           // assembling message `id`
+    std::uint64_t id = 0;
+    std::uint64_t total = 0;
+    out.clear();
+    for (;;) {
+        const std::uint64_t t = h->tail.load(rlx);
+        const std::uint64_t hd = h->head.load(acq);
+        if (hd - t >= kHdr) {
+            ChunkHeader ch;
+            c.ring.read(t, &ch, kHdr);
+            if (ch.len > hd - t - kHdr || (ch.flags & ~(kFirst | kLast | kAbort)) != 0)
+                throw Error("mp::Queue: the shared ring is corrupt");  // never: I2
+            const std::uint64_t nt = t + kHdr + ch.len;
+            if ((ch.flags & kAbort) != 0) {
+                if (have && ch.id == id) {
+                    have = false;
+                    out.clear();
+                }
+                c.advance(nt);
+                continue;
+            }
+            if ((ch.flags & kFirst) != 0) {
+                // A FIRST while assembling would mean the old message was withdrawn without an
+                // ABORT; I5 rules that out, but dropping the old one is the only sane reading.
+                have = true;
+                id = ch.id;
+                total = ch.total;
+                out.clear();
+                out.reserve(static_cast<std::size_t>(total));
+            }
+            if (have && ch.id == id) {
+                c.ring.append_to(out, t + kHdr, ch.len);
+                if ((ch.flags & kLast) != 0) {
+                    if (out.size() != total) throw Error("mp::Queue: the shared ring is corrupt");
+                    c.take(nt);
+                    return true;
+                }
+                c.advance(nt);
+            } else if ((ch.flags & kLast) != 0) {
+                c.take(nt);  // I7: the rest of a message whose taker died
+                c.count_lost();
+            } else {
+                c.advance(nt);
+            }
+            continue;
+        }
+
+        // No chunk to read.
+        if (producer_guard.owns()) {
+            // I6: nobody is writing, so the partial message will never be completed.
+            have = false;
+            out.clear();
+            producer_guard.unlock();
+            continue;
+        }
+        auto data = [&] { return h->head.load(sc) - h->tail.load(rlx) >= kHdr; };
+        if (!have) {
+            if (!block) return false;
+            if (!wait_for(h->data_seq, h->data_waiting, deadline, data)) return false;
+            continue;
+        }
+        // Mid-message: the producer is streaming the rest. Wait a little, then make sure it is
+        // alive (holding plock); the caller's deadline does not cut a message in half.
+        if (wait_for(h->data_seq, h->data_waiting, deadline_after(kPeerCheck), data)) continue;
+        Producer p{h, c.ring};
+        producer_guard.lock(&h->plock, false, std::nullopt, [&] { p.settle_inflight(); });
+    }
+}
+
+// ---- JoinableQueue ----------------------------------------------------------------------------
+
+void QueueCore::task_done() {
+    Header* const h = h_;
+    std::uint64_t done = h->tasks_done.load(sc);
+    for (;;) {
+        if (done >= h->committed.load(sc)) throw Error("task_done() called too many times");
+        if (h->tasks_done.compare_exchange_weak(done, done + 1, sc)) break;
+    }
+    h->join_seq.fetch_add(1, sc);
+    if (h->joiners.load(sc) != 0) futex_wake_all(h->join_seq);
+}
+
+bool QueueCore::join(const Deadline& deadline) {
+    Header* const h = h_;
+    auto finished = [&] { return h->tasks_done.load(sc) >= h->committed.load(sc); };
+    if (finished()) return true;
+    h->joiners.fetch_add(1, sc);
+    bool ok = false;
+    for (;;) {
+        const std::uint32_t seen = h->join_seq.load(sc);
+        if (finished()) {
+            ok = true;
+            break;
+        }
+        if (futex_wait(h->join_seq, seen, deadline) == FutexResult::timed_out) {
+            ok = finished();
+            break;
+        }
+    }
+    h->joiners.fetch_sub(1, sc);
+    return ok;
+}
+
+}  // namespace mp::detail

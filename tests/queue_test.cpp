@@ -1,0 +1,744 @@
+// Tests for mp/queue.hpp: the behaviours CPython's _test_multiprocessing checks for Queue,
+// JoinableQueue and SimpleQueue (_TestQueue, _TestSimpleQueue), the C++-specific ones (messages
+// from 1 byte to many times the ring, streaming withdrawn on timeout, forkserver passing, joining
+// a producer whose items nobody took), and robustness: producers and consumers killed with
+// SIGKILL at random instants under load. Every wait is bounded; timing assertions are only loose
+// "at least about the timeout" bounds.
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <new>
+#include <random>
+#include <set>
+#include <string>
+#include <sys/mman.h>
+#include <system_error>
+#include <thread>
+#include <tuple>
+#include <unistd.h>
+#include <vector>
+
+#include "mp/process.hpp"
+#include "mp/queue.hpp"
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr auto TIMEOUT1 = 100ms;
+constexpr auto TIMEOUT3 = 200ms;
+constexpr auto LONG = 20s;  // never reached unless something is broken
+
+// A T in anonymous shared memory, visible to forked children (test bookkeeping only).
+template <class T>
+class Shared {
+public:
+    Shared() {
+        void* p = ::mmap(nullptr, sizeof(T), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+                         -1, 0);
+        if (p == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap");
+        p_ = new (p) T{};
+    }
+    ~Shared() {
+        p_->~T();
+        ::munmap(p_, sizeof(T));
+    }
+    Shared(const Shared&) = delete;
+    Shared& operator=(const Shared&) = delete;
+    T* operator->() const { return p_; }
+    T& operator*() const { return *p_; }
+
+private:
+    T* p_;
+};
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// Checks that `f` throws E after roughly `expected` (at least 80% of it; generous upper bound).
+template <class E, class F>
+void expect_throws_after(F f, std::chrono::milliseconds expected) {
+    const auto t0 = Clock::now();
+    EXPECT_THROW(f(), E);
+    const double elapsed = seconds_since(t0);
+    const double want = std::chrono::duration<double>(expected).count();
+    EXPECT_GE(elapsed, want * 0.8);
+    EXPECT_LT(elapsed, want + 5.0);
+}
+
+std::string pattern(std::size_t n, std::uint64_t seed) {
+    std::string s(n, '\0');
+    for (std::size_t i = 0; i < n; ++i)
+        s[i] = static_cast<char>((seed * 131 + i * 7 + (i >> 8)) & 0xff);
+    return s;
+}
+
+// ---- _TestQueue ------------------------------------------------------------------------------
+
+TEST(Queue, PutPythonSemantics) {
+    constexpr std::size_t MAXSIZE = 6;
+    mp::Queue<int> queue(MAXSIZE);
+    Shared<std::atomic<int>> go;
+    Shared<std::atomic<int>> sum;
+    mp::Process child([&] {
+        while (go->load() == 0) std::this_thread::sleep_for(1ms);
+        int s = 0;
+        for (int i = 0; i < 6; ++i) s += queue.get(LONG);
+        sum->store(s);
+    });
+    child.start();
+
+    EXPECT_TRUE(queue.empty());
+    EXPECT_FALSE(queue.full());
+    queue.put(1);
+    queue.put(2, 1s);
+    queue.put(3);
+    queue.put(4, TIMEOUT1);
+    queue.put_nowait(5);
+    queue.put(6, 0ms);
+    EXPECT_EQ(queue.qsize(), 6u);
+    EXPECT_FALSE(queue.empty());
+    EXPECT_TRUE(queue.full());
+
+    expect_throws_after<mp::Full>([&] { queue.put_nowait(7); }, 0ms);
+    expect_throws_after<mp::Full>([&] { queue.put(7, 0ms); }, 0ms);
+    expect_throws_after<mp::Full>([&] { queue.put(7, TIMEOUT1); }, TIMEOUT1);
+    expect_throws_after<mp::Full>([&] { queue.put(7, TIMEOUT3); }, TIMEOUT3);
+    EXPECT_EQ(queue.qsize(), 6u);
+
+    go->store(1);
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_EQ(sum->load(), 21);
+    EXPECT_TRUE(queue.empty());
+    EXPECT_FALSE(queue.full());
+}
+
+TEST(Queue, GetPythonSemantics) {
+    mp::Queue<int> queue;
+    Shared<std::atomic<int>> go;
+    mp::Process child([&] {
+        while (go->load() == 0) std::this_thread::sleep_for(1ms);
+        for (int i = 2; i <= 5; ++i) queue.put(i);
+    });
+    child.start();
+    EXPECT_TRUE(queue.empty());
+    go->store(1);
+    ASSERT_TRUE(child.join(LONG));  // no feeder thread: the items are in the queue already
+    EXPECT_FALSE(queue.empty());
+    EXPECT_EQ(queue.get(), 2);
+    EXPECT_EQ(queue.get(LONG), 3);
+    EXPECT_EQ(queue.get(1s), 4);
+    EXPECT_EQ(queue.get_nowait(), 5);
+    EXPECT_TRUE(queue.empty());
+
+    expect_throws_after<mp::Empty>([&] { (void)queue.get_nowait(); }, 0ms);
+    expect_throws_after<mp::Empty>([&] { (void)queue.get(0ms); }, 0ms);
+    expect_throws_after<mp::Empty>([&] { (void)queue.get(TIMEOUT1); }, TIMEOUT1);
+    expect_throws_after<mp::Empty>([&] { (void)queue.get(TIMEOUT3); }, TIMEOUT3);
+}
+
+// Python's test_fork: the child puts items nobody has taken and exits; joining it must not
+// deadlock (Python warns about exactly this case), and the items are all there afterwards.
+TEST(Queue, JoiningAProducerWhoseItemsNobodyTookDoesNotDeadlock) {
+    mp::Queue<std::string> queue;
+    mp::Process child([&] {
+        for (int i = 0; i < 1000; ++i) queue.put(pattern(300, static_cast<std::uint64_t>(i)));
+    });
+    child.start();
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_EQ(queue.qsize(), 1000u);
+    for (int i = 0; i < 1000; ++i) ASSERT_EQ(queue.get(LONG), pattern(300, static_cast<std::uint64_t>(i)));
+    EXPECT_THROW((void)queue.get_nowait(), mp::Empty);
+}
+
+TEST(Queue, Qsize) {
+    mp::Queue<int> q;
+    EXPECT_EQ(q.qsize(), 0u);
+    q.put(1);
+    EXPECT_EQ(q.qsize(), 1u);
+    q.put(5);
+    EXPECT_EQ(q.qsize(), 2u);
+    EXPECT_EQ(q.get(), 1);
+    EXPECT_EQ(q.qsize(), 1u);
+    EXPECT_EQ(q.get(), 5);
+    EXPECT_EQ(q.qsize(), 0u);
+}
+
+TEST(Queue, TimeoutRaisesEmptyAfterAboutTheTimeout) {
+    mp::Queue<int> q;
+    const auto t0 = Clock::now();
+    EXPECT_THROW((void)q.get(200ms), mp::Empty);
+    EXPECT_GE(seconds_since(t0), 0.1);  // Python's own bound
+}
+
+TEST(Queue, PutAndGetAfterCloseRaise) {
+    mp::Queue<int> q;
+    q.put(1);
+    q.close();
+    try {
+        q.put(2);
+        ADD_FAILURE() << "put after close did not throw";
+    } catch (const mp::QueueClosed& e) {
+        EXPECT_NE(std::string(e.what()).find("is closed"), std::string::npos);
+    }
+    EXPECT_THROW((void)q.get(), mp::QueueClosed);
+    EXPECT_THROW((void)q.get_nowait(), mp::QueueClosed);
+    EXPECT_THROW(q.put_nowait(3), mp::QueueClosed);
+    // A copy in this process shares the mark.
+    mp::Queue<int> copy = q;
+    EXPECT_THROW(copy.put(4), mp::QueueClosed);
+}
+
+TEST(Queue, CloseInOneProcessDoesNotAffectAnother) {
+    mp::Queue<int> q;
+    mp::Process child([&] {
+        q.put(1);
+        q.close();
+    });
+    child.start();
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_EQ(q.get(LONG), 1);
+}
+
+TEST(Queue, BlockedPutResumesWhenAConsumerTakesOne) {
+    mp::Queue<int> q(2);
+    q.put(1);
+    q.put(2);
+    mp::Process child([&] {
+        std::this_thread::sleep_for(150ms);
+        (void)q.get(LONG);
+    });
+    child.start();
+    const auto t0 = Clock::now();
+    q.put(3, LONG);  // blocks until the child takes one
+    EXPECT_GE(seconds_since(t0), 0.05);
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(q.get(), 2);
+    EXPECT_EQ(q.get(), 3);
+}
+
+TEST(Queue, ValuesOfManyTypes) {
+    using V = std::tuple<int, std::string, std::vector<double>, std::optional<std::string>>;
+    mp::Queue<V> q;
+    mp::Process child([&] {
+        q.put(V{1, "one", {1.5, 2.5}, std::nullopt});
+        q.put(V{2, "", {}, std::string("x")});
+    });
+    child.start();
+    EXPECT_EQ(q.get(LONG), (V{1, "one", {1.5, 2.5}, std::nullopt}));
+    EXPECT_EQ(q.get(LONG), (V{2, "", {}, std::string("x")}));
+    ASSERT_TRUE(child.join(LONG));
+}
+
+TEST(Queue, CopiesReferToTheSameQueue) {
+    mp::Queue<int> a(0, 4096);
+    mp::Queue<int> b = a;
+    a.put(1);
+    EXPECT_EQ(b.qsize(), 1u);
+    EXPECT_EQ(b.get(), 1);
+    EXPECT_TRUE(a.empty());
+    EXPECT_EQ(b.buffer_size(), 4096u);
+}
+
+// The locks are per thread (robust mutexes), so threads of one process may share a queue too.
+TEST(Queue, ThreadsOfOneProcessShareAQueue) {
+    mp::Queue<std::pair<int, int>> q(0, 4096);
+    constexpr int N = 20000;
+    std::atomic<long long> sum{0};
+    std::atomic<int> bad{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 2; ++t)
+        threads.emplace_back([&, t] {
+            for (int i = 0; i < N; ++i) q.put({t, i});
+        });
+    for (int c = 0; c < 2; ++c)
+        threads.emplace_back([&] {
+            int last[2] = {-1, -1};
+            for (int i = 0; i < N; ++i) {
+                auto [t, v] = q.get(LONG);
+                if (v <= last[t]) bad.fetch_add(1);
+                last[t] = v;
+                sum.fetch_add(v);
+            }
+        });
+    for (auto& th : threads) th.join();
+    EXPECT_EQ(bad.load(), 0);
+    EXPECT_EQ(sum.load(), 2LL * N * (N - 1) / 2);
+    EXPECT_TRUE(q.empty());
+}
+
+// ---- message sizes ---------------------------------------------------------------------------
+
+TEST(Queue, MessagesFromOneByteToManyTimesTheRing) {
+    mp::Queue<std::string> q(0, 4096);
+    EXPECT_EQ(q.buffer_size(), 4096u);
+    const std::vector<std::size_t> sizes = {0,    1,     2,     23,      24,     100,
+                                            4000, 4072,  4096,  4097,    10000,  65536,
+                                            1,    1 << 20, 3,   3 << 20, 12345};
+    mp::Process child([&] {
+        for (std::size_t i = 0; i < sizes.size(); ++i) q.put(pattern(sizes[i], i));
+    });
+    child.start();
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        const std::string got = q.get(LONG);
+        ASSERT_EQ(got.size(), sizes[i]);
+        ASSERT_EQ(got, pattern(sizes[i], i)) << "message " << i;
+    }
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_TRUE(q.empty());
+}
+
+TEST(Queue, SingleByteValues) {
+    mp::Queue<std::uint8_t> q(0, 4096);
+    mp::Process child([&] {
+        for (int i = 0; i < 100000; ++i) q.put(static_cast<std::uint8_t>(i));
+    });
+    child.start();
+    for (int i = 0; i < 100000; ++i) ASSERT_EQ(q.get(LONG), static_cast<std::uint8_t>(i));
+    ASSERT_TRUE(child.join(LONG));
+}
+
+TEST(Queue, PutNowaitOfAMessageLargerThanTheFreeRoomRaisesFull) {
+    mp::Queue<std::string> q(0, 4096);
+    EXPECT_THROW(q.put_nowait(std::string(10000, 'x')), mp::Full);
+    EXPECT_TRUE(q.empty());
+    q.put_nowait("small");
+    EXPECT_EQ(q.get_nowait(), "small");
+}
+
+// A put that streamed part of a large message and then timed out withdraws it: the consumer
+// never sees the part, and the queue carries on.
+TEST(Queue, TimedOutStreamingPutIsWithdrawn) {
+    mp::Queue<std::string> q(0, 4096);
+    expect_throws_after<mp::Full>([&] { q.put(pattern(20000, 1), TIMEOUT1); }, TIMEOUT1);
+    EXPECT_EQ(q.qsize(), 0u);
+    EXPECT_THROW((void)q.get(TIMEOUT1), mp::Empty);
+    q.put("after");
+    EXPECT_EQ(q.get(LONG), "after");
+
+    // Again with a consumer that takes the first part while the producer streams.
+    expect_throws_after<mp::Full>([&] { q.put(pattern(20000, 2), TIMEOUT1); }, TIMEOUT1);
+    mp::Process child([&] { q.put(pattern(9000, 3)); });
+    child.start();
+    EXPECT_EQ(q.get(LONG), pattern(9000, 3));
+    ASSERT_TRUE(child.join(LONG));
+}
+
+// ---- JoinableQueue ---------------------------------------------------------------------------
+
+TEST(JoinableQueue, TaskDoneAndJoin) {
+    mp::JoinableQueue<int> queue;
+    Shared<std::atomic<int>> total;
+    std::vector<std::unique_ptr<mp::Process>> workers;
+    for (int w = 0; w < 4; ++w) {
+        workers.push_back(std::make_unique<mp::Process>([&] {
+            for (;;) {
+                const int v = queue.get(LONG);
+                if (v < 0) {
+                    queue.task_done();
+                    return;
+                }
+                total->fetch_add(v);
+                queue.task_done();
+            }
+        }));
+        workers.back()->start();
+    }
+    for (int i = 0; i < 10; ++i) queue.put(i);
+    queue.join();
+    EXPECT_EQ(total->load(), 45);
+    for (int w = 0; w < 4; ++w) queue.put(-1);
+    EXPECT_TRUE(queue.join(LONG));
+    for (auto& w : workers) {
+        ASSERT_TRUE(w->join(LONG));
+        EXPECT_EQ(w->exitcode(), 0);
+    }
+}
+
+TEST(JoinableQueue, TaskDoneCalledTooManyTimes) {
+    mp::JoinableQueue<int> q;
+    try {
+        q.task_done();
+        ADD_FAILURE() << "task_done on an empty queue did not throw";
+    } catch (const mp::Error& e) {
+        EXPECT_STREQ(e.what(), "task_done() called too many times");
+    }
+    q.put(1);
+    (void)q.get();
+    q.task_done();
+    EXPECT_THROW(q.task_done(), mp::Error);
+}
+
+TEST(JoinableQueue, JoinWaitsForEveryItem) {
+    mp::JoinableQueue<int> q;
+    EXPECT_TRUE(q.join(0ms));
+    q.put(1);
+    q.put(2);
+    const auto t0 = Clock::now();
+    EXPECT_FALSE(q.join(TIMEOUT1));
+    EXPECT_GE(seconds_since(t0), 0.08);
+    (void)q.get();
+    q.task_done();
+    EXPECT_FALSE(q.join(0ms));
+    mp::Process child([&] {
+        std::this_thread::sleep_for(100ms);
+        (void)q.get(LONG);
+        q.task_done();
+    });
+    child.start();
+    EXPECT_TRUE(q.join(LONG));
+    ASSERT_TRUE(child.join(LONG));
+}
+
+// ---- SimpleQueue -------------------------------------------------------------------------------
+
+TEST(SimpleQueue, EmptyPutGetClose) {
+    mp::SimpleQueue<std::string> q;
+    EXPECT_TRUE(q.empty());
+    mp::Process child([&] {
+        q.put("a");
+        q.put("b");
+    });
+    child.start();
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_FALSE(q.empty());
+    EXPECT_EQ(q.get(), "a");
+    EXPECT_EQ(q.get(), "b");
+    EXPECT_TRUE(q.empty());
+    q.close();
+    EXPECT_THROW(q.put("c"), mp::QueueClosed);
+    EXPECT_THROW((void)q.get(), mp::QueueClosed);
+}
+
+// ---- forkserver ---------------------------------------------------------------------------------
+
+void fs_producer(mp::Queue<std::string> q, int n) {
+    for (int i = 0; i < n; ++i) q.put(std::to_string(i));
+}
+void fs_echo(mp::JoinableQueue<int> in, mp::SimpleQueue<int> out) {
+    for (;;) {
+        const int v = in.get();
+        in.task_done();
+        if (v < 0) return;
+        out.put(v * 2);
+    }
+}
+
+TEST(Queue, PassedToAForkserverChild) {
+    mp::Queue<std::string> q;
+    mp::Process p({.start_method = mp::StartMethod::forkserver}, fs_producer, q, 100);
+    p.start();
+    for (int i = 0; i < 100; ++i) ASSERT_EQ(q.get(LONG), std::to_string(i));
+    ASSERT_TRUE(p.join(LONG));
+    EXPECT_EQ(p.exitcode(), 0);
+}
+
+TEST(JoinableQueue, PassedToAForkserverChildWithASimpleQueue) {
+    mp::JoinableQueue<int> in;
+    mp::SimpleQueue<int> out;
+    mp::Process p({.start_method = mp::StartMethod::forkserver}, fs_echo, in, out);
+    p.start();
+    for (int i = 0; i < 50; ++i) in.put(i);
+    in.put(-1);
+    EXPECT_TRUE(in.join(LONG));
+    for (int i = 0; i < 50; ++i) ASSERT_EQ(out.get(), i * 2);
+    ASSERT_TRUE(p.join(LONG));
+    EXPECT_EQ(p.exitcode(), 0);
+}
+
+// ---- many producers and consumers -----------------------------------------------------------------
+
+using Item = std::tuple<std::uint32_t, std::uint64_t, std::string>;  // producer, seq, payload
+
+TEST(Queue, ManyProducersAndConsumersExactAccounting) {
+    constexpr int P = 4, C = 3, N = 3000;
+    mp::Queue<Item> q(0, 16384);
+    // One consumer's report: per producer, count and sum of seqs, and whether every sequence
+    // was strictly increasing and every payload intact.
+    using Report = std::tuple<std::vector<std::uint64_t>, std::vector<std::uint64_t>, bool>;
+    mp::Queue<Report> reports;
+    std::vector<std::unique_ptr<mp::Process>> procs;
+    for (int c = 0; c < C; ++c) {
+        procs.push_back(std::make_unique<mp::Process>([&] {
+            std::vector<std::uint64_t> count(P), sum(P);
+            std::vector<std::int64_t> last(P, -1);
+            bool ok = true;
+            for (;;) {
+                auto [p, seq, payload] = q.get(LONG);
+                if (p == UINT32_MAX) break;
+                if (p >= P || static_cast<std::int64_t>(seq) <= last[p] ||
+                    payload != pattern(payload.size(), seq))
+                    ok = false;
+                if (p < P) {
+                    last[p] = static_cast<std::int64_t>(seq);
+                    ++count[p];
+                    sum[p] += seq;
+                }
+            }
+            reports.put(Report{count, sum, ok});
+        }));
+    }
+    for (int p = 0; p < P; ++p) {
+        procs.push_back(std::make_unique<mp::Process>([&, p] {
+            std::mt19937 rng(static_cast<unsigned>(p));
+            for (std::uint64_t s = 0; s < N; ++s) {
+                const std::size_t len = (s % 97 == 0) ? 20000 + rng() % 20000 : rng() % 200;
+                q.put(Item{static_cast<std::uint32_t>(p), s, pattern(len, s)});
+            }
+        }));
+    }
+    for (auto& pr : procs) pr->start();
+    for (int p = 0; p < P; ++p) ASSERT_TRUE(procs[C + p]->join(LONG));
+    for (int c = 0; c < C; ++c) q.put(Item{UINT32_MAX, 0, {}});
+    std::vector<std::uint64_t> count(P), sum(P);
+    for (int c = 0; c < C; ++c) {
+        auto [cnt, sm, ok] = reports.get(LONG);
+        EXPECT_TRUE(ok);
+        for (int p = 0; p < P; ++p) {
+            count[p] += cnt[p];
+            sum[p] += sm[p];
+        }
+    }
+    for (int p = 0; p < P; ++p) {
+        EXPECT_EQ(count[p], static_cast<std::uint64_t>(N));
+        EXPECT_EQ(sum[p], static_cast<std::uint64_t>(N) * (N - 1) / 2);
+    }
+    for (auto& pr : procs) {
+        ASSERT_TRUE(pr->join(LONG));
+        EXPECT_EQ(pr->exitcode(), 0);
+    }
+    EXPECT_EQ(q.qsize(), 0u);
+}
+
+// ---- death ---------------------------------------------------------------------------------------
+
+TEST(Queue, ConsumerKilledWhileWaitingDoesNotWedgeTheQueue) {
+    mp::Queue<int> q;
+    mp::Process waiter([&] { (void)q.get(); });  // holds the consumer lock while it waits
+    waiter.start();
+    std::this_thread::sleep_for(100ms);
+    waiter.kill();
+    ASSERT_TRUE(waiter.join(LONG));
+    q.put(7);
+    EXPECT_EQ(q.get(LONG), 7);
+}
+
+TEST(Queue, ProducerKilledMidMessageLosesOnlyThatMessage) {
+    mp::Queue<std::string> q(0, 4096);
+    q.put("before");
+    // No consumer yet: the child streams part of a large message and blocks holding the lock.
+    mp::Process producer([&] { q.put(pattern(50000, 9)); });
+    producer.start();
+    std::this_thread::sleep_for(150ms);
+    producer.kill();
+    ASSERT_TRUE(producer.join(LONG));
+    EXPECT_EQ(q.get(LONG), "before");
+    // The partial message is dropped (the consumer finds its producer dead), not delivered.
+    EXPECT_THROW((void)q.get(TIMEOUT3), mp::Empty);
+    EXPECT_EQ(q.qsize(), 0u);
+    q.put("after");
+    EXPECT_EQ(q.get(LONG), "after");
+    // And a new producer repairs too, when it is the first to take the lock.
+    mp::Process producer2([&] { q.put(pattern(50000, 10)); });
+    producer2.start();
+    std::this_thread::sleep_for(150ms);
+    producer2.kill();
+    ASSERT_TRUE(producer2.join(LONG));
+    // The ring is full of the dead producer's part: a consumer must drain it for "again" to fit.
+    mp::Process consumer([&] { std::_Exit(q.get(LONG) == "again" ? 0 : 1); });
+    consumer.start();
+    q.put("again", LONG);
+    ASSERT_TRUE(consumer.join(LONG));
+    EXPECT_EQ(consumer.exitcode(), 0);
+    EXPECT_EQ(q.qsize(), 0u);
+}
+
+// A consumer killed while it streams a message many times the ring: the next consumer drops the
+// rest of that message (or gets all of it, if the kill came before the consumer started it) and
+// then the next message; the count stays exact.
+TEST(Queue, ConsumerKilledMidMessageLosesOnlyThatMessage) {
+    for (int round = 0; round < 5; ++round) {
+        mp::Queue<std::string> q(0, 4096);
+        mp::Process producer([&] {
+            q.put(pattern(2 << 20, 1));
+            q.put("after");
+        });
+        mp::Process consumer([&] { (void)q.get(); });
+        consumer.start();
+        producer.start();
+        std::this_thread::sleep_for(std::chrono::milliseconds(2 + 3 * round));
+        consumer.kill();
+        ASSERT_TRUE(consumer.join(LONG));
+        std::string m = q.get(LONG);
+        if (m != "after") {
+            // The consumer died before it took the big message, or after it took all of it.
+            EXPECT_EQ(m, pattern(2 << 20, 1));
+            m = q.get(LONG);
+        }
+        EXPECT_EQ(m, "after");
+        ASSERT_TRUE(producer.join(LONG));
+        EXPECT_EQ(q.qsize(), 0u);
+        EXPECT_THROW((void)q.get_nowait(), mp::Empty);
+    }
+}
+
+// Random SIGKILLs of producers and consumers under load. Every consumer forwards what it takes
+// to a results queue (tagged with its own id) that this process drains; then:
+//   - per (consumer, producer), the sequence numbers are strictly increasing (FIFO per producer);
+//   - no (producer, seq) arrives twice;
+//   - a producer's sequence numbers below the count it finished putting are all there, except
+//     at most one per consumer kill (the message it was taking or forwarding);
+//   - the queues' counts are exact at the end.
+TEST(Queue, RandomKillsOfProducersAndConsumersUnderLoad) {
+    constexpr int P = 3, C = 3, KILLS = 400, MAX_IDS = P + C + KILLS + 8;
+    struct Control {
+        std::atomic<int> stop;
+        std::atomic<std::uint64_t> put_done[MAX_IDS];
+    };
+    Shared<Control> ctl;
+    mp::Queue<Item> q(0, 16384);
+    using Fwd = std::tuple<std::uint32_t, std::uint32_t, std::uint64_t, bool>;  // c, p, seq, ok
+    mp::Queue<Fwd> results(0, 1 << 20);
+
+    auto producer = [&](std::uint32_t id) {
+        return [&ctl, &q, id] {
+            std::mt19937 rng(id);
+            for (std::uint64_t s = 0; ctl->stop.load() == 0; ++s) {
+                const std::size_t len = (rng() % 50 == 0) ? 20000 + rng() % 30000 : rng() % 300;
+                q.put(Item{id, s, pattern(len, s)});
+                ctl->put_done[id].store(s + 1);
+            }
+        };
+    };
+    auto consumer = [&](std::uint32_t id) {
+        return [&q, &results, id] {
+            for (;;) {
+                auto [p, seq, payload] = q.get();
+                if (p == UINT32_MAX) return;
+                results.put(Fwd{id, p, seq, payload == pattern(payload.size(), seq)});
+            }
+        };
+    };
+
+    struct Role {
+        bool is_producer;
+        std::unique_ptr<mp::Process> proc;
+    };
+    std::vector<Role> live;
+    std::uint32_t next_id = 0;
+    std::set<std::uint32_t> producer_ids;
+    auto spawn = [&](bool is_producer) {
+        const std::uint32_t id = next_id++;
+        auto proc = is_producer ? std::make_unique<mp::Process>(mp::ProcessOptions{.daemon = true},
+                                                               producer(id))
+                                : std::make_unique<mp::Process>(mp::ProcessOptions{.daemon = true},
+                                                               consumer(id));
+        proc->start();
+        if (is_producer) producer_ids.insert(id);
+        live.push_back(Role{is_producer, std::move(proc)});
+    };
+    for (int i = 0; i < P; ++i) spawn(true);
+    for (int i = 0; i < C; ++i) spawn(false);
+
+    std::map<std::pair<std::uint32_t, std::uint32_t>, std::int64_t> last;  // (c, p) -> seq
+    std::set<std::pair<std::uint32_t, std::uint64_t>> seen;
+    std::uint64_t bad_order = 0, duplicates = 0, corrupt = 0, received = 0;
+    auto absorb = [&](const Fwd& f) {
+        auto [c, p, seq, ok] = f;
+        ++received;
+        if (!ok) ++corrupt;
+        auto& l = last.try_emplace({c, p}, -1).first->second;
+        if (static_cast<std::int64_t>(seq) <= l) ++bad_order;
+        l = static_cast<std::int64_t>(seq);
+        if (!seen.insert({p, seq}).second) ++duplicates;
+    };
+    auto drain_for = [&](std::chrono::milliseconds d) {
+        const auto until = Clock::now() + d;
+        while (Clock::now() < until) {
+            try {
+                absorb(results.get(5ms));
+            } catch (const mp::Empty&) {
+            }
+        }
+    };
+
+    const unsigned seed = std::random_device{}();
+    std::printf("kill test seed %u\n", seed);
+    std::mt19937 rng(seed);
+    int consumer_kills = 0, producer_kills = 0;
+    const auto t0 = Clock::now();
+    for (int k = 0; k < KILLS && seconds_since(t0) < 25; ++k) {
+        drain_for(std::chrono::milliseconds(1 + rng() % 8));
+        const std::size_t victim = rng() % live.size();
+        const bool was_producer = live[victim].is_producer;
+        live[victim].proc->kill();
+        ASSERT_TRUE(live[victim].proc->join(LONG));
+        live.erase(live.begin() + static_cast<std::ptrdiff_t>(victim));
+        (was_producer ? producer_kills : consumer_kills)++;
+        spawn(was_producer);
+    }
+    const int kills = producer_kills + consumer_kills;
+    std::printf("%d kills in %.1f s\n", kills, seconds_since(t0));
+    EXPECT_GE(kills, 100) << "too few kills in the time allowed";
+
+    // Wind down: stop the producers, then one sentinel per consumer; drain everything.
+    ctl->stop.store(1);
+    const auto t1 = Clock::now();
+    for (auto& r : live) {
+        if (!r.is_producer) continue;
+        // Keep draining: a full results queue would stop the consumers, and so the producers.
+        while (r.proc->is_alive() && seconds_since(t1) < 30) drain_for(10ms);
+        ASSERT_TRUE(r.proc->join(LONG)) << "a producer is wedged";
+        EXPECT_EQ(r.proc->exitcode(), 0);
+    }
+    int consumers = 0;
+    for (auto& r : live) consumers += r.is_producer ? 0 : 1;
+    for (int i = 0; i < consumers; ++i) q.put(Item{UINT32_MAX, 0, {}}, LONG);
+    const auto t2 = Clock::now();
+    for (auto& r : live) {
+        if (r.is_producer) continue;
+        while (r.proc->is_alive() && seconds_since(t2) < 30) drain_for(10ms);
+        ASSERT_TRUE(r.proc->join(LONG)) << "a consumer is wedged";
+        EXPECT_EQ(r.proc->exitcode(), 0);
+    }
+    drain_for(50ms);
+    while (!results.empty()) absorb(results.get(LONG));
+
+    std::uint64_t missing = 0, beyond = 0, expected = 0;
+    for (std::uint32_t p : producer_ids) {
+        const std::uint64_t done = ctl->put_done[p].load();
+        expected += done;
+        for (std::uint64_t s = 0; s < done; ++s)
+            if (!seen.count({p, s})) ++missing;
+        // Only the message a killed producer was putting may be beyond its count.
+        for (auto it = seen.lower_bound({p, done + 1}); it != seen.end() && it->first == p; ++it)
+            ++beyond;
+    }
+    EXPECT_EQ(corrupt, 0u);
+    EXPECT_EQ(bad_order, 0u);
+    EXPECT_EQ(duplicates, 0u);
+    EXPECT_EQ(beyond, 0u);
+    EXPECT_LE(missing, static_cast<std::uint64_t>(consumer_kills))
+        << "lost more messages than consumers were killed";
+    EXPECT_GT(received, 1000u);
+    EXPECT_EQ(q.qsize(), 0u);
+    EXPECT_EQ(results.qsize(), 0u);
+    std::printf("kills: %d producers, %d consumers; %llu messages received, %llu missing of %llu\n",
+                producer_kills, consumer_kills, static_cast<unsigned long long>(received),
+                static_cast<unsigned long long>(missing), static_cast<unsigned long long>(expected));
+}
+
+}  // namespace

@@ -95,6 +95,33 @@ double w6_queue(long long n) {
     return dt * 1e6 / double(n);
 }
 
+// ---- W6-pipe: 8-byte round trips over a duplex Pipe (us each) ----------------------------------
+double w6_pipe(long long n) {
+    auto [here, there] = mp::Pipe();
+    mp::Process echo([there = there, here = here]() mutable {
+        here.close();  // our copy of the parent's end
+        for (;;) {
+            std::string m = there.recv_bytes();
+            if (m.empty()) return;
+            there.send_bytes(m);
+        }
+    });
+    echo.start();
+    there.close();
+    const std::string msg(8, '\x01');
+    here.send_bytes(msg);
+    check(here.recv_bytes() == msg, "W6-pipe: wrong echo");
+    auto t0 = Clock::now();
+    for (long long i = 0; i < n; ++i) {
+        here.send_bytes(msg);
+        check(here.recv_bytes() == msg, "W6-pipe: wrong echo");
+    }
+    const double dt = seconds_since(t0);
+    here.send_bytes(std::string());
+    echo.join();
+    return dt * 1e6 / double(n);
+}
+
 // ---- W7: 2 processes each doing n lock / increment / unlock on a shared counter (ns each) -------
 
 void incrementer(mp::Value<long long> counter, mp::Event start, long long n) {
@@ -140,7 +167,7 @@ const Workload kWorkloads[] = {
     {"W3", "efficiency", 64, 8, nullptr, "ProcessPoolExecutor(2), 20 ms CPU-time tasks"},
     {"W4", "msgs/s", 1000000, 20000, w4, "Queue, 64-byte messages"},
     {"W5", "MB/s", 1024, 16, w5, "Queue, 1 MiB messages"},
-    {"W6-pipe", "us", 100000, 2000, nullptr, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
+    {"W6-pipe", "us", 100000, 2000, w6_pipe, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
     {"W6-queue", "us", 100000, 2000, w6_queue, "two Queues, 8-byte round trips"},
     {"W7", "ns", 1000000, 20000, w7, "mp::Value<long long> and its lock (an RLock), 2 processes"},
     {"W8a", "requests/s", 3000, 200, nullptr, "Listener/Client with authkey, one per request"},

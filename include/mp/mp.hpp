@@ -2,6 +2,7 @@
 /// mp: Python's multiprocessing process model for C++20. This umbrella header includes every
 /// public header.
 
+#include "mp/connection.hpp"
 #include "mp/errors.hpp"
 #include "mp/process.hpp"
 #include "mp/queue.hpp"

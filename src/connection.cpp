@@ -1,0 +1,528 @@
+#include "mp/connection.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <ctime>
+#include <limits>
+#include <poll.h>
+#include <pthread.h>
+#include <stdexcept>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <system_error>
+#include <unistd.h>
+
+#include "sys/error.hpp"
+#include "sys/fd.hpp"
+
+namespace mp {
+
+namespace detail {
+struct ConnectionState {
+    sys::Fd fd;
+    bool readable = false;
+    bool writable = false;
+    // Sockets are written with sendmsg(MSG_NOSIGNAL); anything else needs the SIGPIPE dance.
+    bool is_socket = false;
+};
+}  // namespace detail
+
+namespace {
+
+using std::chrono::nanoseconds;
+
+// A frame's length field: 4 bytes, big-endian, signed; -1 announces an 8-byte length.
+constexpr std::uint64_t kMaxShortLength = 0x7fffffff;
+// Bodies up to this size are allocated at once; a longer announced length allocates as its
+// bytes actually arrive, so a forged header cannot make us reserve memory the peer never sends.
+constexpr std::size_t kEagerAllocation = std::size_t{64} << 20;
+
+// A timeout so long that now + timeout would overflow the clock is taken as "no limit".
+std::optional<nanoseconds> clamp_timeout(std::optional<nanoseconds> timeout) {
+    constexpr auto kForever = std::chrono::hours(24 * 365 * 100);
+    if (!timeout) return timeout;
+    if (*timeout > kForever) return std::nullopt;
+    return std::max(*timeout, nanoseconds::zero());
+}
+
+[[noreturn]] void throw_bad_fd(const char* op, const char* what) {
+    throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
+                            std::string("mp::Connection::") + op + ": " + what);
+}
+
+void put_be32(unsigned char* p, std::uint32_t v) {
+    for (int i = 3; i >= 0; --i, v >>= 8) p[i] = static_cast<unsigned char>(v & 0xff);
+}
+void put_be64(unsigned char* p, std::uint64_t v) {
+    for (int i = 7; i >= 0; --i, v >>= 8) p[i] = static_cast<unsigned char>(v & 0xff);
+}
+std::uint64_t get_be(const unsigned char* p, int n) {
+    std::uint64_t v = 0;
+    for (int i = 0; i < n; ++i) v = (v << 8) | p[i];
+    return v;
+}
+
+// Blocks SIGPIPE in this thread for the duration of a write to a pipe, and swallows the SIGPIPE
+// that the write raised (it is thread-directed and stays pending while blocked). One that was
+// already pending before the write belongs to somebody else and is left alone.
+class SigpipeGuard {
+public:
+    explicit SigpipeGuard(bool active) : active_(active) {
+        if (!active_) return;
+        sigemptyset(&pipe_);
+        sigaddset(&pipe_, SIGPIPE);
+        sys::check_ret(::pthread_sigmask(SIG_BLOCK, &pipe_, &old_), "pthread_sigmask");
+        sigset_t pending;
+        sigemptyset(&pending);
+        ::sigpending(&pending);
+        was_pending_ = sigismember(&pending, SIGPIPE) == 1;
+    }
+    // Called when a write failed with EPIPE: the kernel queued a SIGPIPE for this thread.
+    void consume() noexcept {
+        if (!active_ || was_pending_) return;
+        const timespec zero{0, 0};
+        while (::sigtimedwait(&pipe_, nullptr, &zero) == -1 && errno == EINTR) {
+        }
+    }
+    ~SigpipeGuard() {
+        if (active_) ::pthread_sigmask(SIG_SETMASK, &old_, nullptr);
+    }
+    SigpipeGuard(const SigpipeGuard&) = delete;
+    SigpipeGuard& operator=(const SigpipeGuard&) = delete;
+
+private:
+    bool active_;
+    bool was_pending_ = false;
+    sigset_t pipe_{};
+    sigset_t old_{};
+};
+
+// Writes every byte of `iov[0..count)` with as few system calls as the kernel allows: one for a
+// frame that fits the socket or pipe buffer. EINTR and short writes are retried.
+//
+// `fds` (sockets only) ride on the first sendmsg as SCM_RIGHTS: the kernel attaches them to the
+// first bytes it queues, which are the frame's header, so the reader gets them with the header.
+void write_iov(int fd, bool is_socket, iovec* iov, int count, std::span<const int> fds = {}) {
+    SigpipeGuard guard(!is_socket);
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * sys::kMaxFds)];
+    while (count > 0) {
+        ssize_t r;
+        if (is_socket) {
+            msghdr msg{};
+            msg.msg_iov = iov;
+            msg.msg_iovlen = static_cast<std::size_t>(count);
+            if (!fds.empty()) {
+                std::memset(control, 0, sizeof control);
+                msg.msg_control = control;
+                msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+                cmsghdr* c = CMSG_FIRSTHDR(&msg);
+                c->cmsg_level = SOL_SOCKET;
+                c->cmsg_type = SCM_RIGHTS;
+                c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+                std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+            }
+            r = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+            if (r > 0) fds = {};  // sent with the first bytes; never again
+        } else {
+            r = ::writev(fd, iov, count);
+        }
+        if (r < 0) {
+            const int err = errno;
+            if (err == EINTR) continue;
+            if (err == EAGAIN || err == EWOULDBLOCK) {  // a descriptor the user made non-blocking
+                sys::wait_fd(fd, POLLOUT, std::nullopt);
+                continue;
+            }
+            if (err == EPIPE) guard.consume();
+            sys::throw_system_error(err, is_socket ? "sendmsg" : "writev");
+        }
+        auto done = static_cast<std::size_t>(r);
+        while (count > 0 && done >= iov->iov_len) {
+            done -= iov->iov_len;
+            ++iov;
+            --count;
+        }
+        if (count > 0) {
+            iov->iov_base = static_cast<char*>(iov->iov_base) + done;
+            iov->iov_len -= done;
+        }
+    }
+}
+
+// Reads exactly n bytes. `mid_frame` says whether bytes of this frame were already read, so an
+// end of file here is a truncated frame rather than a clean end.
+void read_exact(int fd, void* buf, std::size_t n, bool mid_frame) {
+    const std::size_t got = sys::read_full(fd, buf, n);
+    if (got == n) return;
+    if (got == 0 && !mid_frame) throw EOFError();
+    throw EOFError("mp::Connection: got end of file during message (the peer closed mid-frame)");
+}
+
+// Reads exactly n header bytes from a Unix socket, taking the descriptors that came with them
+// (stored in `fds`, owned by the caller). A peer that sent more than we accept, or descriptors
+// the kernel had to drop (MSG_CTRUNC), is an error: they are closed, never leaked.
+void read_first_bytes_with_fds(int fd, unsigned char* buf, std::size_t n, std::vector<int>& fds) {
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * sys::kMaxFds)];
+    iovec iov{buf, n};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    ssize_t r;
+    for (;;) {
+        r = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+        if (r >= 0) break;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            sys::wait_fd(fd, POLLIN, std::nullopt);
+        } else if (errno != EINTR) {
+            sys::throw_system_error(errno, "recvmsg");
+        }
+    }
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
+            int received;
+            std::memcpy(&received, CMSG_DATA(c) + i * sizeof(int), sizeof received);
+            fds.push_back(received);
+        }
+    }
+    if (msg.msg_flags & MSG_CTRUNC)
+        throw DecodeError("mp::Connection::recv: descriptors were dropped (more than " +
+                          std::to_string(sys::kMaxFds) + " in one message)");
+    const auto got = static_cast<std::size_t>(r);
+    if (got == 0) throw EOFError();
+    if (got < n) read_exact(fd, buf + got, n - got, true);
+}
+
+std::string describe_length(std::int64_t announced, std::uint64_t length, bool long_form) {
+    if (!long_form && announced < 0) return std::to_string(announced);
+    return std::to_string(length);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- Connection
+
+Connection::Connection(int fd, bool readable, bool writable) {
+    if (fd < 0) throw std::invalid_argument("mp::Connection: invalid handle " + std::to_string(fd));
+    if (!readable && !writable)
+        throw std::invalid_argument(
+            "mp::Connection: at least one of readable and writable must be true");
+    struct stat st {};
+    const bool is_socket = ::fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode);
+    impl_ = std::make_shared<detail::ConnectionState>();
+    impl_->fd.reset(fd);
+    impl_->readable = readable;
+    impl_->writable = writable;
+    impl_->is_socket = is_socket;
+}
+
+void Connection::check_writable(const char* op) const {
+    if (!impl_ || !impl_->fd) throw_bad_fd(op, "handle is closed");
+    if (!impl_->writable) throw_bad_fd(op, "connection is read-only");
+}
+
+void Connection::write_message(std::string_view body, std::span<const int> fds) {
+    if (!fds.empty()) {
+        if (!impl_->is_socket)
+            throw Error("mp::Connection::send: the value carries file descriptors, which travel "
+                        "only over a duplex (Unix socket) connection, not a pipe");
+        if (fds.size() > sys::kMaxFds)
+            throw Error("mp::Connection::send: the value carries " + std::to_string(fds.size()) +
+                        " file descriptors; one message holds at most " +
+                        std::to_string(sys::kMaxFds));
+    }
+    const std::uint64_t n = body.size();
+    unsigned char header[12];
+    iovec iov[2];
+    if (n > kMaxShortLength) {
+        put_be32(header, 0xffffffffu);  // -1: an 8-byte length follows
+        put_be64(header + 4, n);
+        iov[0] = {header, 12};
+    } else {
+        put_be32(header, static_cast<std::uint32_t>(n));
+        iov[0] = {header, 4};
+    }
+    // Header and body leave in one sendmsg/writev: no Nagle delay on a TCP socket (Python
+    // concatenates small messages for the same reason) and no copy of a large body. An empty
+    // body is not written separately, so the frame is never split around a zero-length write.
+    iov[1] = {const_cast<char*>(body.data()), body.size()};
+    write_iov(impl_->fd.get(), impl_->is_socket, iov, n == 0 ? 1 : 2, fds);
+}
+
+void Connection::send_bytes(std::string_view buffer, std::size_t offset,
+                            std::optional<std::size_t> size) {
+    check_writable("send_bytes");
+    const std::size_t n = buffer.size();
+    if (offset > n) throw std::invalid_argument("mp::Connection::send_bytes: buffer length < offset");
+    if (!size) {
+        size = n - offset;
+    } else if (*size > n - offset) {
+        throw std::invalid_argument("mp::Connection::send_bytes: buffer length < offset + size");
+    }
+    write_message(buffer.substr(offset, *size));
+}
+
+namespace {
+
+detail::ConnectionState& check_readable_impl(const std::shared_ptr<detail::ConnectionState>& impl,
+                                      const char* op) {
+    if (!impl || !impl->fd) throw_bad_fd(op, "handle is closed");
+    if (!impl->readable) throw_bad_fd(op, "connection is write-only");
+    return *impl;
+}
+
+// Reads a frame header; returns the body length. A length that is negative (other than the -1
+// marker), beyond `maxlength`, or beyond what this process could ever hold is refused before
+// anything of the body is read: the stream is then out of step, so (as Python) the connection
+// stops being readable, or is closed when it was not writable either.
+std::uint64_t read_header(detail::ConnectionState& s, std::optional<std::size_t> maxlength,
+                          const char* op, std::vector<int>* fds = nullptr) {
+    unsigned char h[8];
+    if (fds != nullptr && s.is_socket)
+        read_first_bytes_with_fds(s.fd.get(), h, 4, *fds);
+    else
+        read_exact(s.fd.get(), h, 4, false);
+    const auto announced = static_cast<std::int32_t>(static_cast<std::uint32_t>(get_be(h, 4)));
+    std::uint64_t length;
+    bool long_form = false;
+    bool bad = false;
+    if (announced == -1) {
+        read_exact(s.fd.get(), h, 8, true);
+        length = get_be(h, 8);
+        long_form = true;
+        bad = length > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
+    } else {
+        length = static_cast<std::uint64_t>(announced);
+        bad = announced < 0;
+    }
+    if (!bad && maxlength && length > *maxlength) bad = true;
+    if (bad) {
+        std::string msg = std::string("mp::Connection::") + op + ": bad message length " +
+                          describe_length(announced, length, long_form);
+        if (maxlength) msg += " (maxlength " + std::to_string(*maxlength) + ")";
+        if (s.writable)
+            s.readable = false;
+        else
+            s.fd.reset();
+        throw DecodeError(msg);
+    }
+    return length;
+}
+
+// Reads a body of `n` bytes into a fresh string. Lengths above kEagerAllocation grow the buffer
+// as the bytes come in, so memory follows what the peer really sent: a forged length costs at
+// most kGrowth times the bytes that did arrive. Growing by 4 rather than 2 keeps the copies and
+// fresh page faults of a real large message low (a 1 GiB body: 64 MiB, 256 MiB, then 1 GiB).
+std::string read_body(int fd, std::uint64_t n) {
+    constexpr std::size_t kGrowth = 4;
+    std::string out;
+    const auto total = static_cast<std::size_t>(n);
+    if (total <= kEagerAllocation) {
+        out.resize(total);
+        read_exact(fd, out.data(), total, true);
+        return out;
+    }
+    std::size_t have = 0;
+    std::size_t cap = kEagerAllocation;
+    while (have < total) {
+        out.resize(cap);
+        read_exact(fd, out.data() + have, cap - have, true);
+        have = cap;
+        cap = cap > total / kGrowth ? total : cap * kGrowth;
+    }
+    return out;
+}
+
+}  // namespace
+
+std::string Connection::recv_bytes(std::optional<std::size_t> maxlength) {
+    detail::ConnectionState& s = check_readable_impl(impl_, "recv_bytes");
+    const std::uint64_t n = read_header(s, maxlength, "recv_bytes");
+    return read_body(s.fd.get(), n);
+}
+
+std::string Connection::recv_message(std::vector<int>& fds) {
+    detail::ConnectionState& s = check_readable_impl(impl_, "recv");
+    const std::uint64_t n = read_header(s, std::nullopt, "recv", &fds);
+    return read_body(s.fd.get(), n);
+}
+
+detail::ReceivedFds::~ReceivedFds() {
+    for (int fd : fds)
+        if (fd >= 0) ::close(fd);
+}
+
+std::size_t Connection::recv_bytes_into(std::span<std::byte> buffer, std::size_t offset) {
+    detail::ConnectionState& s = check_readable_impl(impl_, "recv_bytes_into");
+    if (offset > buffer.size())
+        throw std::invalid_argument("mp::Connection::recv_bytes_into: offset too large");
+    const std::uint64_t n = read_header(s, std::nullopt, "recv_bytes_into");
+    if (n > buffer.size() - offset) throw BufferTooShort(read_body(s.fd.get(), n));
+    const auto size = static_cast<std::size_t>(n);
+    read_exact(s.fd.get(), buffer.data() + offset, size, true);
+    return size;
+}
+
+bool Connection::poll() { return poll(nanoseconds::zero()); }
+
+bool Connection::poll(std::optional<nanoseconds> timeout) {
+    detail::ConnectionState& s = check_readable_impl(impl_, "poll");
+    return sys::wait_fd(s.fd.get(), POLLIN, clamp_timeout(timeout));
+}
+
+void Connection::close() noexcept {
+    if (impl_) impl_->fd.reset();
+}
+
+bool Connection::closed() const noexcept { return !impl_ || !impl_->fd; }
+
+int Connection::fileno() const {
+    if (closed()) throw_bad_fd("fileno", "handle is closed");
+    return impl_->fd.get();
+}
+
+bool Connection::readable() const noexcept { return impl_ && impl_->readable; }
+bool Connection::writable() const noexcept { return impl_ && impl_->writable; }
+
+std::pair<Connection, Connection> Pipe(bool duplex) {
+    if (duplex) {
+        auto [a, b] = sys::make_socketpair(SOCK_STREAM);
+        Connection ca(a.get());
+        (void)a.release();
+        Connection cb(b.get());
+        (void)b.release();
+        return {std::move(ca), std::move(cb)};
+    }
+    auto [r, w] = sys::make_pipe();
+    Connection reader(r.get(), true, false);
+    (void)r.release();
+    Connection writer(w.get(), false, true);
+    (void)w.release();
+    return {std::move(reader), std::move(writer)};
+}
+
+// ---------------------------------------------------------------- Codec<Connection>
+
+namespace {
+constexpr unsigned char kReadable = 1;
+constexpr unsigned char kWritable = 2;
+}  // namespace
+
+void Codec<Connection>::encode(Encoder& e, const Connection& c) {
+    unsigned char flags = 0;
+    if (!c.closed()) flags = static_cast<unsigned char>((c.readable() ? kReadable : 0) |
+                                                        (c.writable() ? kWritable : 0));
+    e.write(&flags, 1);
+    if (flags != 0) e.put(e.attach_fd(c.fileno()));
+}
+
+Connection Codec<Connection>::decode(Decoder& d) {
+    unsigned char flags;
+    d.read(&flags, 1);
+    if (flags == 0) return Connection();
+    if (flags > (kReadable | kWritable))
+        throw DecodeError("mp::Codec<Connection>: invalid flags byte " + std::to_string(flags));
+    const int fd = d.take_fd(d.get<std::uint32_t>());
+    return Connection(fd, (flags & kReadable) != 0, (flags & kWritable) != 0);
+}
+
+// ---------------------------------------------------------------- wait
+
+namespace connection {
+namespace {
+
+int waitable_fd(const Waitable& w) {
+    if (const auto* c = std::get_if<Connection*>(&w)) {
+        if (*c == nullptr || (*c)->closed()) throw_bad_fd("wait", "handle is closed");
+        return (*c)->fileno();
+    }
+    return std::get<int>(w);
+}
+
+// Polls `fds` for readability; fills `ready` (one flag per fd). A descriptor counts as ready on
+// a hang-up or error too, as Python's selectors report them (the next read then says why).
+void poll_ready(std::span<pollfd> fds, std::optional<nanoseconds> timeout) {
+    using clock = std::chrono::steady_clock;
+    timeout = clamp_timeout(timeout);
+    if (fds.empty() && !timeout)
+        throw std::invalid_argument(
+            "mp::connection::wait: nothing to wait for and no timeout (it would never return)");
+    const auto deadline = timeout ? clock::now() + *timeout : clock::time_point::max();
+    for (;;) {
+        timespec ts{};
+        timespec* tsp = nullptr;
+        if (timeout) {
+            auto left = std::max(nanoseconds::zero(),
+                                 std::chrono::duration_cast<nanoseconds>(deadline - clock::now()));
+            ts.tv_sec = static_cast<time_t>(left.count() / 1'000'000'000);
+            ts.tv_nsec = static_cast<long>(left.count() % 1'000'000'000);
+            tsp = &ts;
+        }
+        const int r = ::ppoll(fds.data(), fds.size(), tsp, nullptr);
+        if (r >= 0) {
+            for (const pollfd& p : fds)
+                if (p.revents & POLLNVAL)
+                    throw std::system_error(
+                        std::make_error_code(std::errc::bad_file_descriptor),
+                        "mp::connection::wait: descriptor " + std::to_string(p.fd) + " is not open");
+            return;  // r == 0 is the timeout: every revents is 0
+        }
+        if (errno != EINTR) sys::throw_system_error(errno, "ppoll");
+        if (timeout && clock::now() >= deadline) {
+            for (pollfd& p : fds) p.revents = 0;
+            return;
+        }
+    }
+}
+
+template <class T, class FdOf>
+std::vector<T> wait_any(std::span<const T> objects, std::optional<nanoseconds> timeout,
+                        FdOf fd_of) {
+    std::vector<pollfd> fds;
+    fds.reserve(objects.size());
+    for (const T& o : objects) fds.push_back(pollfd{fd_of(o), POLLIN, 0});
+    poll_ready(fds, timeout);
+    std::vector<T> ready;
+    for (std::size_t i = 0; i < objects.size(); ++i)
+        if (fds[i].revents != 0) ready.push_back(objects[i]);
+    return ready;
+}
+
+}  // namespace
+
+std::vector<Connection*> wait(std::span<Connection* const> objects,
+                              std::optional<nanoseconds> timeout) {
+    return wait_any<Connection*>(objects, timeout,
+                                 [](Connection* c) { return waitable_fd(Waitable(c)); });
+}
+
+std::vector<Connection*> wait(std::initializer_list<Connection*> objects,
+                              std::optional<nanoseconds> timeout) {
+    return wait(std::span<Connection* const>(objects.begin(), objects.size()), timeout);
+}
+
+std::vector<int> wait(std::span<const int> fds, std::optional<nanoseconds> timeout) {
+    return wait_any<int>(fds, timeout, [](int fd) { return fd; });
+}
+
+std::vector<int> wait(std::initializer_list<int> fds, std::optional<nanoseconds> timeout) {
+    return wait(std::span<const int>(fds.begin(), fds.size()), timeout);
+}
+
+std::vector<Waitable> wait(std::span<const Waitable> objects, std::optional<nanoseconds> timeout) {
+    return wait_any<Waitable>(objects, timeout, [](const Waitable& w) { return waitable_fd(w); });
+}
+
+std::vector<Waitable> wait(std::initializer_list<Waitable> objects,
+                           std::optional<nanoseconds> timeout) {
+    return wait(std::span<const Waitable>(objects.begin(), objects.size()), timeout);
+}
+
+}  // namespace connection
+}  // namespace mp

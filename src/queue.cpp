@@ -51,6 +51,9 @@
 // its index, then reads the flag, and if set bumps the sequence and wakes. All of these are
 // seq_cst, so either the waiter sees the new index or the other side sees the flag (Dekker).
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
 #include "mp/queue.hpp"
 
 #include <algorithm>
@@ -144,6 +147,14 @@ public:
         } else if (deadline) {
             const timespec ts = to_timespec(*deadline);
             rc = ::pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+#if defined(__SANITIZE_THREAD__)
+            // ThreadSanitizer does not intercept clocklock: tell it the mutex is now held, or
+            // it reports the unlock as an unlock of a free mutex and the ring copies as races.
+            if (rc == 0 || rc == EOWNERDEAD) {
+                __tsan_mutex_pre_lock(m, __tsan_mutex_try_lock);
+                __tsan_mutex_post_lock(m, __tsan_mutex_try_lock, 0);
+            }
+#endif
         } else {
             rc = ::pthread_mutex_lock(m);
         }

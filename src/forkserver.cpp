@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <iostream>
 #include <csignal>
 #include <cstring>
@@ -293,8 +294,13 @@ struct Client {
     pid_t server = 0;
 };
 
+// Set once the client exists, so a fork child that never used the forkserver need not create
+// one (a function-local static would allocate in every such child).
+std::atomic<Client*> g_client{nullptr};
+
 Client& client() {
-    static Client* c = new Client;  // never destroyed: children may still be starting at exit
+    // Never destroyed: children may still be starting at exit.
+    static Client* c = (g_client = new Client, g_client.load());
     return *c;
 }
 
@@ -347,7 +353,7 @@ pid_t server_pid() {
 
 void after_fork_in_child() noexcept {
     // The control socket stays usable (sends are atomic messages); only the lock is suspect.
-    new (&client().mu) std::mutex;
+    if (Client* c = g_client.load(std::memory_order_relaxed)) new (&c->mu) std::mutex;
 }
 
 Started start_child(const Request& req) {

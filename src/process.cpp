@@ -22,6 +22,10 @@
 #include <new>
 #include <typeinfo>
 
+#if defined(__GLIBCXX__)
+#include <ext/stdio_sync_filebuf.h>
+#endif
+
 #include "process_impl.hpp"
 #include "sys/error.hpp"
 #include "sys/pidfd.hpp"
@@ -53,6 +57,10 @@ struct Globals {
     pid_t registry_owner = 0;
     bool atexit_registered = false;
 
+    // Whether a C++ standard stream keeps a buffer of its own (not synced with stdio, or given
+    // another streambuf), decided in the parent at start() so the child need not look.
+    std::atomic<bool> cxx_streams_buffer{true};
+
     std::mutex method_mu;
     StartMethod method = StartMethod::fork;
     bool method_fixed = false;
@@ -71,6 +79,18 @@ Globals& globals() {
 }
 
 void exit_handler() noexcept;
+
+// True unless cout, cerr and clog all just forward to stdio (libstdc++'s default), in which case
+// flushing stdout and stderr flushes them too.
+bool cxx_streams_buffer() {
+#if defined(__GLIBCXX__)
+    for (std::ostream* os : {&std::cout, &std::cerr, &std::clog})
+        if (dynamic_cast<__gnu_cxx::stdio_sync_filebuf<char>*>(os->rdbuf()) == nullptr) return true;
+    return false;
+#else
+    return true;
+#endif
+}
 
 void register_child(const std::shared_ptr<ProcessState>& s) {
     Globals& g = globals();
@@ -145,6 +165,9 @@ void ProcessState::check_owner(const char* what) const {
 
 bool ProcessState::reap_locked() {
     if (exitcode) return true;
+    // Registered just before fork, the state has no pidfd for a moment: another thread reaping
+    // the registry then simply finds it still running.
+    if (!pidfd) return false;
     // Descriptors are never closed here: another thread may be blocked in poll() on them, and
     // closing an fd does not wake its poller. They close with close() or the state itself.
     if (method == StartMethod::forkserver && !status_gone) {
@@ -233,53 +256,77 @@ void finish_child(int code) noexcept {
     // A child is a parent too: its daemons go, its other children are waited for (Python's
     // _bootstrap runs util._exit_function the same way).
     exit_handler();
-    try {
-        std::cout.flush();
-        std::cerr.flush();
-        std::clog.flush();
-    } catch (...) {
+    // As Python's child flushes sys.stdout and sys.stderr: the standard streams only, and only
+    // when they hold something (a flush takes the stream's lock, i.e. writes a page shared
+    // with the parent). Close other files you write in a child.
+    if (globals().cxx_streams_buffer.load(std::memory_order_relaxed)) {
+        try {
+            std::cout.flush();
+            std::cerr.flush();
+            std::clog.flush();
+        } catch (...) {
+        }
     }
-    std::fflush(nullptr);
+    // glibc's FILE: pending output lies between write_base and write_ptr (what __fpending
+    // computes, without binding another libc symbol in the child).
+    if (stdout->_IO_write_ptr > stdout->_IO_write_base) std::fflush(stdout);
+    if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
     ::_exit(code);
 }
 
+// Only raw syscall() from here: the parent has already bound syscall's PLT entry, while any
+// libc function the parent never called would be bound lazily by ld.so in every child, at the
+// price of a symbol lookup and several page faults each time.
+namespace {
+long sys_call(long n, auto... args) noexcept { return ::syscall(n, args...); }
+
+// The kernel's struct sigaction (rt_sigaction takes this layout, not libc's).
+struct KernelSigaction {
+    void (*handler)(int);
+    unsigned long flags;
+    void (*restorer)();
+    unsigned long mask;
+};
+}  // namespace
+
 void become_child(const ChildSetup& setup) noexcept {
     Globals& g = globals();
+    const auto self = static_cast<pid_t>(sys_call(SYS_getpid));
     g.current = setup.identity;
-    g.current->pid = ::getpid();
+    g.current->pid = self;
     g.parent = setup.parent;
-    g.parent_pidfd = static_cast<int>(::syscall(SYS_pidfd_open, setup.parent_pid, 0));
+    g.parent_pidfd = static_cast<int>(sys_call(SYS_pidfd_open, setup.parent_pid, 0));
     g.counter.store(0);
     // Another thread may have held these at the moment of fork: make fresh ones in place and let
     // the parent's copies leak rather than run destructors over a half-changed state.
     new (&g.registry_mu) std::mutex;
     new (&g.registry) std::vector<std::shared_ptr<ProcessState>>;
-    g.registry_owner = ::getpid();
+    g.registry_owner = self;
     new (&g.method_mu) std::mutex;
     forkserver::after_fork_in_child();
 
     // The thread that called start() may block signals (a sigwait/signalfd design) or the
     // parent may ignore SIGTERM; either would make terminate() a no-op on this child.
     // Restore SIGTERM first, then unblock: a SIGTERM already pending is delivered now.
-    struct sigaction term {};
-    if (::sigaction(SIGTERM, nullptr, &term) == 0 && term.sa_handler == SIG_IGN) {
-        term.sa_handler = SIG_DFL;
-        ::sigaction(SIGTERM, &term, nullptr);
+    KernelSigaction term{};
+    if (sys_call(SYS_rt_sigaction, SIGTERM, nullptr, &term, sizeof(unsigned long)) == 0 &&
+        term.handler == SIG_IGN) {
+        term.handler = SIG_DFL;
+        sys_call(SYS_rt_sigaction, SIGTERM, &term, nullptr, sizeof(unsigned long));
     }
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    const unsigned long none = 0;
+    sys_call(SYS_rt_sigprocmask, SIG_SETMASK, &none, nullptr, sizeof none);
 
     // As Python does: a child does not read the parent's stdin.
-    int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-    if (null >= 0 && null != 0) {
-        ::dup2(null, 0);
-        ::close(null);
+    const int null = static_cast<int>(sys_call(SYS_openat, AT_FDCWD, "/dev/null", O_RDONLY | O_CLOEXEC));
+    if (null > 0) {
+        sys_call(SYS_dup3, null, 0, 0);
+        sys_call(SYS_close, null);
     }
     if (setup.daemon) {
-        ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+        sys_call(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
         // The parent may have died before the line above: then no signal will come.
-        if (::getppid() != setup.parent_pid) ::kill(::getpid(), SIGKILL);
+        if (sys_call(SYS_getppid) != setup.parent_pid) sys_call(SYS_kill, self, SIGKILL);
     }
 }
 
@@ -350,14 +397,26 @@ void Process::start() {
         s.pidfd = std::move(started.pidfd);
         s.status = std::move(started.status);
     } else {
-        // Everything the child needs is made here, in the parent.
-        auto* identity = new ProcessIdentity{s.name, 0, s.daemon, s.authkey, s.identity};
-        auto* parent = new ParentProcess{current_process().name, ::getpid()};
-        detail::ChildSetup setup{identity, parent, s.daemon, ::getpid()};
-        // Flush first, or the child would write the parent's buffered output a second time.
-        std::cout.flush();
-        std::cerr.flush();
-        std::fflush(nullptr);
+        // Everything the child needs is made here, in the parent, and everything the parent
+        // records is written before fork too: each page either side writes while both live is
+        // a copy-on-write fault, the bulk of what a start costs beyond the bare fork.
+        s.child_identity = ProcessIdentity{s.name, 0, s.daemon, s.authkey, s.identity};
+        s.child_parent = ParentProcess{current_process().name, ::getpid()};
+        detail::ChildSetup setup{&s.child_identity, &s.child_parent, s.daemon, ::getpid()};
+        // Flush what the child flushes when it ends, or it would write the parent's buffered
+        // output a second time.
+        const bool cxx_buffers = cxx_streams_buffer();
+        globals().cxx_streams_buffer.store(cxx_buffers, std::memory_order_relaxed);
+        if (cxx_buffers) {
+            std::cout.flush();
+            std::cerr.flush();
+            std::clog.flush();
+        }
+        if (stdout->_IO_write_ptr > stdout->_IO_write_base) std::fflush(stdout);
+        if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
+        s.owner = ::getpid();
+        s.stage = ProcessState::Stage::started;
+        register_child(state_);
 
         // Block every signal in this thread across fork: a SIGTERM sent before the child has
         // restored SIGTERM's default action then stays pending (Linux never discards a blocked
@@ -371,19 +430,27 @@ void Process::start() {
             detail::finish_child(detail::run_guarded([this] { run(); }));
         }
         ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
-        delete identity;
-        delete parent;
-        if (pid < 0) sys::throw_system_error(errno, "fork");
-        s.pid = pid;
+        if (pid < 0) {
+            int err = errno;
+            unregister_child(&s);
+            s.stage = ProcessState::Stage::created;
+            sys::throw_system_error(err, "fork");
+        }
         try {
-            s.pidfd = sys::pidfd_open(pid);
+            sys::Fd fd = sys::pidfd_open(pid);
+            std::lock_guard lock(s.mu);
+            s.pid = pid;
+            s.pidfd = std::move(fd);
         } catch (...) {
             // Without a pidfd the child cannot be waited for safely: end it now.
             ::kill(pid, SIGKILL);
             siginfo_t info;
             ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
+            unregister_child(&s);
+            s.stage = ProcessState::Stage::created;
             throw;
         }
+        return;
     }
     s.owner = ::getpid();
     s.stage = ProcessState::Stage::started;

@@ -2,6 +2,7 @@
 // Internals shared by process.cpp and forkserver.cpp.
 
 #include <chrono>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -30,6 +31,10 @@ struct ProcessState {
     sys::Fd status;  // forkserver: the server writes the exit status here, then closes it
     bool status_gone = false;  // the server closed `status` without writing a status
     std::optional<int> exitcode;
+    // A fork child's setup, kept until the state goes: freeing it right after fork would write
+    // heap pages the child still shares.
+    ProcessIdentity child_identity;
+    ParentProcess child_parent;
     std::mutex mu;  // serialises reaping between threads that join the same child
 
     /// Waits (at most `timeout`; std::nullopt forever) for the child to end and reaps it.

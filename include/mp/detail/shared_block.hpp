@@ -7,6 +7,10 @@
 #include <cstddef>
 #include <utility>
 
+namespace mp::sys {
+class Fd;
+}
+
 namespace mp::detail {
 
 class SharedBlock {
@@ -41,6 +45,7 @@ public:
     explicit operator bool() const noexcept { return data_ != nullptr; }
 
 private:
+    static SharedBlock map(sys::Fd fd, std::size_t size);
     void release() noexcept;
     void* data_ = nullptr;
     std::size_t size_ = 0;

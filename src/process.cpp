@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <sstream>
 #include <iostream>
 #include <new>
 #include <typeinfo>
@@ -606,35 +607,77 @@ std::vector<ChildProcess> active_children() {
 
 namespace {
 
-// The CPU quota of this process's cgroup, in CPUs, or std::nullopt without one. Walks up the
-// cgroup v2 hierarchy, since a parent's limit binds its children; falls back to cgroup v1.
+// The CPU quota of this process's cgroups, in CPUs, or std::nullopt without one. Finds the
+// cgroup v2 mount and any v1 hierarchy holding the cpu controller in /proc/self/mountinfo, this
+// process's place in each from /proc/self/cgroup, and walks up to the mount's root, since a
+// parent's limit binds its children too. The smallest quota wins.
 std::optional<double> cgroup_cpu_limit() {
+    struct Mount {
+        std::string root, point;
+    };
+    std::optional<Mount> v2, v1cpu;
+    {
+        std::ifstream mi("/proc/self/mountinfo");
+        std::string line;
+        while (std::getline(mi, line)) {
+            // id parent major:minor root mountpoint options [optional...] - fstype source superopts
+            std::istringstream in(line);
+            std::string id, parent, dev, root, point, opts, field;
+            in >> id >> parent >> dev >> root >> point >> opts;
+            while (in >> field && field != "-") {
+            }
+            std::string fstype, source, super;
+            in >> fstype >> source >> super;
+            if (fstype == "cgroup2" && !v2) v2 = Mount{root, point};
+            if (fstype == "cgroup" && !v1cpu) {
+                std::istringstream so(super);
+                std::string o;
+                while (std::getline(so, o, ','))
+                    if (o == "cpu") v1cpu = Mount{root, point};
+            }
+        }
+    }
     std::optional<double> limit;
     auto consider = [&](double quota, double period) {
-        if (quota > 0 && period > 0) {
-            double cpus = quota / period;
-            if (!limit || cpus < *limit) limit = cpus;
+        if (quota > 0 && period > 0 && (!limit || quota / period < *limit)) limit = quota / period;
+    };
+    // Visits the directory of `path` (relative to the hierarchy's root) and each of its parents
+    // that the mount shows.
+    auto walk = [](const Mount& m, std::string path, auto&& visit) {
+        if (m.root != "/" && path.rfind(m.root, 0) == 0) path = path.substr(m.root.size());
+        for (;;) {
+            visit(m.point + (path == "/" ? "" : path));
+            if (path.empty() || path == "/") break;
+            path = path.substr(0, path.find_last_of('/'));
         }
     };
     std::ifstream cg("/proc/self/cgroup");
     std::string line;
     while (std::getline(cg, line)) {
-        if (line.rfind("0::", 0) == 0) {
-            std::string path = line.substr(3);
-            for (;;) {
-                std::ifstream f("/sys/fs/cgroup" + path + "/cpu.max");
+        // hierarchy-id:controllers:path
+        auto a = line.find(':'), b = line.find(':', a + 1);
+        if (a == std::string::npos || b == std::string::npos) continue;
+        std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+        if (controllers.empty() && v2) {
+            walk(*v2, path, [&](const std::string& dir) {
+                std::ifstream f(dir + "/cpu.max");
                 std::string quota;
                 double period = 0;
                 if (f >> quota >> period && quota != "max") consider(std::stod(quota), period);
-                if (path.empty() || path == "/") break;
-                path = path.substr(0, path.find_last_of('/'));
-            }
+            });
+        }
+        std::istringstream cs(controllers);
+        std::string c;
+        bool has_cpu = false;
+        while (std::getline(cs, c, ',')) has_cpu |= (c == "cpu");
+        if (has_cpu && v1cpu) {
+            walk(*v1cpu, path, [&](const std::string& dir) {
+                std::ifstream q(dir + "/cpu.cfs_quota_us"), p(dir + "/cpu.cfs_period_us");
+                double quota = 0, period = 0;
+                if (q >> quota && p >> period) consider(quota, period);
+            });
         }
     }
-    std::ifstream q("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us");
-    std::ifstream p("/sys/fs/cgroup/cpu,cpuacct/cpu.cfs_period_us");
-    double quota = 0, period = 0;
-    if (q >> quota && p >> period) consider(quota, period);
     return limit;
 }
 

@@ -4,8 +4,8 @@
 // (W5) is the throughput. The other process is a fork child started before the timed loop.
 //
 //   W4  one producer process -> one consumer process, 64-byte messages       (msgs/s)
-//   W5  the same with 1 MiB messages (larger than nothing: the default ring is 1 MiB, so every
-//       message streams through it in pieces)                               (MB/s)
+//   W5  the same with 1 MiB messages (the default ring is 1 MiB, so every message streams
+//       through it in chunks of a quarter of the ring)                      (MB/s)
 //   W6  8-byte round trips between two processes over two Queues             (us per round trip)
 
 #include <benchmark/benchmark.h>

@@ -41,6 +41,15 @@
 //      tail = new tail; taken = c_pending_taken; c_pending_end = 0. A consumer that finds the
 //      clock owner dead and tail == c_pending_end knows the message left the ring but never
 //      reached its caller: it sets taken and counts the message done.
+//  I9  p_tail_seen <= tail and c_head_seen <= head always: each is written only by its side's
+//      lock holder, with a value just read (acquire) from the real index, and the indices only
+//      grow. So the room (chunks) a stale copy shows is really there, and the bytes it covers
+//      are ordered by that acquire and the lock hand-off since; a side reads the other's index
+//      only when its copy shows too little, not once per message (a cache miss each time).
+//  The record stores (I5, I8) need only their program order, which release stores keep (a
+//  killed process's stores still land in that order); seq_cst is kept for the stores a waiter
+//  on the other side must see before the flag is read (head, tail, and taken when there is a
+//  maxsize: see Waiting).
 //
 // Waiting. A waiter first spins and yields briefly (spin_for), then sleeps. Each side has a
 // sequence word (futex) and a "waiting" flag; there is at most one
@@ -78,7 +87,7 @@ namespace mp::detail {
 namespace {
 
 constexpr std::uint64_t kMagic = 0x6d702d7175657565ULL;  // "mp-queue"
-constexpr std::uint32_t kVersion = 1;
+constexpr std::uint32_t kVersion = 2;
 constexpr std::size_t kHeaderBytes = 4096;
 constexpr std::size_t kMinRing = 4096;
 // How a waiter waits before it sleeps on the futex: first it spins briefly (the peer on another
@@ -219,6 +228,7 @@ struct QueueCore::Header {
     U64 p_end;
     U64 p_committed_before;
     U64 space_target;  // the tail the waiting producer needs (0: any progress)
+    U64 p_tail_seen;   // a tail the producers last read: a lower bound, so room it shows is there
 
     alignas(64) pthread_mutex_t clock;
     // Consumer side (I1: written by the clock holder).
@@ -226,6 +236,7 @@ struct QueueCore::Header {
     U64 taken;
     alignas(64) U64 c_pending_end;  // the consumer's record (I8), on its own line
     U64 c_pending_taken;
+    U64 c_head_seen;  // a head the consumers last read: a lower bound, so chunks it shows are there
 
     alignas(64) U32 data_seq;  // bumped by the producer for a waiting consumer
     U32 data_waiting;
@@ -294,12 +305,52 @@ struct Ring {
         std::memcpy(dst, base + off, first);
         if (n > first) std::memcpy(static_cast<char*>(dst) + first, base, n - first);
     }
-    void append_to(std::string& out, std::uint64_t pos, std::size_t n) const {
+    void append_to(QueueSink& out, std::uint64_t pos, std::size_t n) const {
         const std::size_t off = static_cast<std::size_t>(pos & (cap - 1));
         const std::size_t first = std::min<std::size_t>(n, cap - off);
         out.append(base + off, first);
         if (n > first) out.append(base, n - first);
     }
+};
+
+// The bytes of a message given as parts, read front to back as its chunks are written.
+class Gather {
+public:
+    explicit Gather(std::span<const std::string_view> parts) noexcept : parts_(parts) {}
+    // Copies the next n bytes (n <= those left) into the ring at pos.
+    void copy_to(const Ring& ring, std::uint64_t pos, std::uint64_t n) noexcept {
+        while (n != 0) {
+            while (off_ == parts_[i_].size()) {
+                ++i_;
+                off_ = 0;
+            }
+            const std::size_t k = static_cast<std::size_t>(
+                std::min<std::uint64_t>(n, parts_[i_].size() - off_));
+            ring.write(pos, parts_[i_].data() + off_, k);
+            off_ += k;
+            pos += k;
+            n -= k;
+        }
+    }
+
+private:
+    std::span<const std::string_view> parts_;
+    std::size_t i_ = 0;
+    std::size_t off_ = 0;
+};
+
+// Collects a message into a std::string (the Codec path).
+class StringSink final : public QueueSink {
+public:
+    explicit StringSink(std::string& out) noexcept : out_(out) {}
+    void begin(std::uint64_t total) override {
+        out_.clear();
+        out_.reserve(static_cast<std::size_t>(total));
+    }
+    void append(const char* data, std::size_t n) override { out_.append(data, n); }
+
+private:
+    std::string& out_;
 };
 
 // Spins, then sleeps on `seq` with `flag` raised, until ready() or the deadline; returns ready().
@@ -355,9 +406,9 @@ struct Producer {
         h->head.store(new_head, sc);
         wake_if_waiting(h->data_seq, h->data_waiting);
     }
-    void write_chunk(std::uint64_t pos, const ChunkHeader& c, const char* payload) {
+    void write_chunk(std::uint64_t pos, const ChunkHeader& c, Gather& payload) {
         ring.write(pos, &c, kHdr);
-        if (c.len != 0) ring.write(pos + kHdr, payload, c.len);
+        payload.copy_to(ring, pos + kHdr, c.len);
     }
     void wake_joiners() {
         h->join_seq.fetch_add(1, sc);
@@ -377,8 +428,8 @@ struct Producer {
             if (hd != h->p_start.load(acq)) {
                 const std::uint64_t ne = hd + kHdr;
                 h->p_end.store(ne, rel);
-                static constexpr char kNoPayload = 0;
-                write_chunk(hd, ChunkHeader{id, 0, 0, kAbort}, &kNoPayload);  // fits: I4
+                const ChunkHeader abort{id, 0, 0, kAbort};
+                ring.write(hd, &abort, kHdr);  // fits: I4
                 publish(ne);
             }
         }
@@ -388,7 +439,8 @@ struct Producer {
 
 }  // namespace
 
-bool QueueCore::put(std::string_view bytes, bool block, const Deadline& deadline) {
+bool QueueCore::put(std::span<const std::string_view> parts, bool block,
+                    const Deadline& deadline) {
     Header* const h = h_;
     Producer p{h, Ring{ring_, h->capacity}};
     RobustGuard guard;
@@ -407,7 +459,9 @@ bool QueueCore::put(std::string_view bytes, bool block, const Deadline& deadline
         }
     }
 
-    const std::uint64_t n = bytes.size();
+    std::uint64_t n = 0;
+    for (const std::string_view part : parts) n += part.size();
+    Gather bytes(parts);
     // put_nowait: all or nothing, so it never leaves a withdrawn part taking up the ring.
     if (!block && kHdr + n > cap - (h->head.load(rlx) - h->tail.load(acq))) return false;
     const std::uint64_t id = h->p_next_id.load(rlx) + 1;
@@ -415,7 +469,9 @@ bool QueueCore::put(std::string_view bytes, bool block, const Deadline& deadline
     h->p_start.store(h->head.load(rlx), rel);
     h->p_end.store(0, rel);
     h->p_committed_before.store(h->committed.load(rlx), rel);
-    h->p_inflight.store(id, sc);
+    // Release, not seq_cst: only a later plock holder reads the record, and it needs only the
+    // order of these stores (a killed process's stores still land in program order).
+    h->p_inflight.store(id, rel);
 
     // Whatever escapes below (only a futex misuse could), the message is settled, not left
     // half-written under a lock that is then released.
@@ -431,16 +487,24 @@ bool QueueCore::put(std::string_view bytes, bool block, const Deadline& deadline
     std::uint32_t first = kFirst;
     for (;;) {
         const std::uint64_t hd = h->head.load(rlx);
-        const std::uint64_t free = cap - (hd - h->tail.load(acq));
         const std::uint64_t rem = n - off;
+        // Read the consumers' tail only when the last one seen leaves too little room: the line
+        // it lives on changes with every message taken, and reading it each time costs a cache
+        // miss per message.
+        std::uint64_t tl = h->p_tail_seen.load(rlx);
+        if (cap - (hd - tl) < kHdr + rem) {
+            tl = h->tail.load(acq);
+            h->p_tail_seen.store(tl, rlx);
+        }
+        const std::uint64_t free = cap - (hd - tl);
         if (kHdr + rem <= free) {
             // The last chunk (I5: record its end and commit before making it visible).
             const std::uint64_t nh = hd + kHdr + rem;
             h->p_end.store(nh, rel);
-            h->committed.store(h->committed.load(rlx) + 1, sc);
+            h->committed.store(h->committed.load(rlx) + 1, rel);
             p.write_chunk(hd,
                           ChunkHeader{id, n, static_cast<std::uint32_t>(rem), first | kLast},
-                          bytes.data() + off);
+                          bytes);
             p.publish(nh);
             h->p_inflight.store(0, rel);
             settle.armed = false;
@@ -448,10 +512,11 @@ bool QueueCore::put(std::string_view bytes, bool block, const Deadline& deadline
         }
         const std::uint64_t min_piece = std::min<std::uint64_t>(rem, cap / 4);
         if (free >= 2 * kHdr + min_piece) {
-            // A non-last chunk, leaving kHdr bytes free for a possible ABORT (I4).
-            const std::uint64_t len = free - 2 * kHdr;
-            p.write_chunk(hd, ChunkHeader{id, n, static_cast<std::uint32_t>(len), first},
-                          bytes.data() + off);
+            // A non-last chunk, leaving kHdr bytes free for a possible ABORT (I4). At most a
+            // quarter of the ring, so that the consumer copies one chunk out while we copy the
+            // next in, rather than each waiting for the other's whole ring.
+            const std::uint64_t len = std::min(free - 2 * kHdr, cap / 4);
+            p.write_chunk(hd, ChunkHeader{id, n, static_cast<std::uint32_t>(len), first}, bytes);
             p.publish(hd + kHdr + len);
             off += len;
             first = 0;
@@ -491,9 +556,14 @@ struct Consumer {
     void take(std::uint64_t new_tail) {
         const std::uint64_t t = h->taken.load(rlx) + 1;
         h->c_pending_taken.store(t, rel);
-        h->c_pending_end.store(new_tail, sc);
+        h->c_pending_end.store(new_tail, rel);  // ordered before tail: I8 needs only the order
         h->tail.store(new_tail, sc);
-        h->taken.store(t, sc);
+        // Only a producer waiting for an item slot (maxsize) must see `taken` before we look at
+        // its flag; without a maxsize, release keeps I8's order at less cost.
+        if (h->maxsize != 0)
+            h->taken.store(t, sc);
+        else
+            h->taken.store(t, rel);
         h->c_pending_end.store(0, rel);
         wake_producer();
     }
@@ -518,6 +588,11 @@ struct Consumer {
 }  // namespace
 
 bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
+    StringSink sink(out);
+    return get(sink, block, deadline);
+}
+
+bool QueueCore::get(QueueSink& out, bool block, const Deadline& deadline) {
     Header* const h = h_;
     Consumer c{h, Ring{ring_, h->capacity}};
     RobustGuard guard;
@@ -527,10 +602,15 @@ bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
     bool have = false;           // assembling message `id`
     std::uint64_t id = 0;
     std::uint64_t total = 0;
-    out.clear();
+    std::uint64_t got = 0;  // bytes of message `id` handed to `out`
     for (;;) {
         const std::uint64_t t = h->tail.load(rlx);
-        const std::uint64_t hd = h->head.load(acq);
+        // As the producer with the tail: the head last seen, while it shows a chunk.
+        std::uint64_t hd = h->c_head_seen.load(rlx);
+        if (hd < t || hd - t < kHdr) {
+            hd = h->head.load(acq);
+            h->c_head_seen.store(hd, rlx);
+        }
         if (hd - t >= kHdr) {
             ChunkHeader ch;
             c.ring.read(t, &ch, kHdr);
@@ -538,10 +618,7 @@ bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
                 throw Error("mp::Queue: the shared ring is corrupt");  // never: I2
             const std::uint64_t nt = t + kHdr + ch.len;
             if ((ch.flags & kAbort) != 0) {
-                if (have && ch.id == id) {
-                    have = false;
-                    out.clear();
-                }
+                if (have && ch.id == id) have = false;
                 c.advance(nt);
                 continue;
             }
@@ -551,13 +628,15 @@ bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
                 have = true;
                 id = ch.id;
                 total = ch.total;
-                out.clear();
-                out.reserve(static_cast<std::size_t>(total));
+                got = 0;
+                out.begin(total);
             }
             if (have && ch.id == id) {
+                if (ch.len > total - got) throw Error("mp::Queue: the shared ring is corrupt");
                 c.ring.append_to(out, t + kHdr, ch.len);
+                got += ch.len;
                 if ((ch.flags & kLast) != 0) {
-                    if (out.size() != total) throw Error("mp::Queue: the shared ring is corrupt");
+                    if (got != total) throw Error("mp::Queue: the shared ring is corrupt");
                     c.take(nt);
                     return true;
                 }
@@ -575,7 +654,6 @@ bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
         if (producer_guard.owns()) {
             // I6: nobody is writing, so the partial message will never be completed.
             have = false;
-            out.clear();
             producer_guard.unlock();
             continue;
         }

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <csignal>
+#include <fcntl.h>
 #include <cstdlib>
 #include <cstdint>
 #include <map>
@@ -309,6 +310,62 @@ TEST(Queue, SingleByteValues) {
     child.start();
     for (int i = 0; i < 100000; ++i) ASSERT_EQ(q.get(LONG), static_cast<std::uint8_t>(i));
     ASSERT_TRUE(child.join(LONG));
+}
+
+// Strings of wider characters and vectors of byte-copied elements go between the caller's object
+// and the ring directly (no encoded copy); through a small ring they stream in many chunks.
+TEST(Queue, FlatValuesFromEmptyToManyTimesTheRing) {
+    mp::Queue<std::vector<std::uint32_t>> vq(0, 4096);
+    mp::Queue<std::u16string> sq(0, 4096);
+    const std::vector<std::size_t> sizes = {0, 1, 2, 1000, 1017, 5000, 300000, 3};
+    auto vec = [](std::size_t n, std::size_t seed) {
+        std::vector<std::uint32_t> v(n);
+        for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::uint32_t>(i * 2654435761u + seed);
+        return v;
+    };
+    auto wide = [](std::size_t n, std::size_t seed) {
+        std::u16string s(n, u'\0');
+        for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char16_t>(i * 31 + seed);
+        return s;
+    };
+    mp::Process child([&] {
+        for (std::size_t i = 0; i < sizes.size(); ++i) {
+            vq.put(vec(sizes[i], i));
+            sq.put(wide(sizes[i], i));
+        }
+    });
+    child.start();
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        ASSERT_EQ(vq.get(LONG), vec(sizes[i], i)) << "message " << i;
+        ASSERT_EQ(sq.get(LONG), wide(sizes[i], i)) << "message " << i;
+    }
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_TRUE(vq.empty());
+    EXPECT_TRUE(sq.empty());
+}
+
+// The ring is shared memory any process may write: a message that does not encode the
+// receiver's type raises DecodeError (as Codec<T> would) and is consumed, even on the direct path.
+TEST(Queue, MalformedFlatMessageRaisesDecodeErrorAndIsConsumed) {
+    mp::Queue<std::vector<std::uint64_t>> writer(0, 4096);
+    mp::Encoder e;
+    e.put(writer);
+    ASSERT_EQ(e.fds().size(), 1u);
+    std::vector<int> fds{::fcntl(e.fds()[0], F_DUPFD_CLOEXEC, 0)};
+    ASSERT_GE(fds[0], 0);
+    mp::Decoder d(e.bytes(), fds);
+    auto reader = d.get<mp::Queue<std::string>>();
+    ASSERT_EQ(fds[0], -1);  // the reader's handle owns the duplicate
+
+    writer.put({1, 2, 3});  // a count of 3 and 24 bytes: a string of 3 chars has 21 too many
+    EXPECT_THROW((void)reader.get(LONG), mp::DecodeError);
+    EXPECT_EQ(reader.qsize(), 0u);
+    writer.put({});  // a count of 0 and nothing else: the empty string
+    EXPECT_EQ(reader.get(LONG), "");
+    writer.put({0x6968});  // count 1, then 8 bytes: too many for a 1-char string
+    EXPECT_THROW((void)reader.get(LONG), mp::DecodeError);
+    EXPECT_TRUE(reader.empty());
 }
 
 TEST(Queue, PutNowaitOfAMessageLargerThanTheFreeRoomRaisesFull) {

@@ -29,7 +29,9 @@
 ///   finishes promptly, since the consumer drains the ring as it goes); a get never returns part
 ///   of a message.
 /// - Values cross as bytes through mp::Codec<T>; a value that fails to decode raises
-///   mp::DecodeError (that message is consumed).
+///   mp::DecodeError (that message is consumed). A std::string (any basic_string of a character
+///   type) or a std::vector of byte-copied elements is copied straight between the object and
+///   the ring, in its Codec's format: one copy on each side, no encoded buffer in between.
 ///
 /// Robustness: a producer or consumer killed (SIGKILL) at any instant loses at most the message
 /// it was putting or taking; the others carry on. The design (src/queue.cpp states the
@@ -40,7 +42,9 @@
 ///   `tail` published by the consumer, both counting bytes since creation (never wrapping).
 /// - Every message goes into the ring as one or more chunks, each a header (message id, payload
 ///   length, total length, FIRST/LAST/ABORT flags) and payload. A chunk is visible only when the
-///   head moves past all of it, so a reader never sees a half-written chunk.
+///   head moves past all of it, so a reader never sees a half-written chunk. A message that must
+///   stream goes in chunks of at most a quarter of the ring, so that its producer copies one in
+///   while its consumer copies the one before out.
 /// - The producer lock holder records what it is doing (the message id, where it started, where
 ///   its last chunk will end, the committed count before it) before doing it. Whoever takes the
 ///   lock next and learns (EOWNERDEAD) that the holder died repairs from that record: a message
@@ -67,8 +71,12 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <span>
 #include <string>
+#include <type_traits>
+#include <vector>
 #include <string_view>
 #include <utility>
 
@@ -84,6 +92,19 @@ inline constexpr std::size_t default_queue_buffer = std::size_t{1} << 20;
 
 namespace detail {
 
+/// Where QueueCore::get puts a message's bytes as they leave the ring.
+class QueueSink {
+public:
+    /// A message of `total` bytes starts. May come again for a later message when the one begun
+    /// was withdrawn (its producer died or timed out): forget the bytes appended so far.
+    virtual void begin(std::uint64_t total) = 0;
+    /// The message's next `n` bytes; all `total` of them come before get() returns true.
+    virtual void append(const char* data, std::size_t n) = 0;
+
+protected:
+    ~QueueSink() = default;
+};
+
 /// The untyped queue: one shared block (header + ring) and this process's closed mark. Shared
 /// by the copies of a handle in one process.
 class QueueCore {
@@ -96,9 +117,16 @@ public:
     QueueCore& operator=(const QueueCore&) = delete;
     ~QueueCore();
 
-    /// Puts one message; false when `block` is false or `deadline` passed before it could start
-    /// (or, for a message that was streaming, before the rest fitted: then it is withdrawn).
-    bool put(std::string_view bytes, bool block, const Deadline& deadline);
+    /// Puts one message, the concatenation of `parts` (gathered straight into the ring); false
+    /// when `block` is false or `deadline` passed before it could start (or, for a message that
+    /// was streaming, before the rest fitted: then it is withdrawn).
+    bool put(std::span<const std::string_view> parts, bool block, const Deadline& deadline);
+    bool put(std::string_view bytes, bool block, const Deadline& deadline) {
+        return put(std::span<const std::string_view>(&bytes, 1), block, deadline);
+    }
+    /// Takes one message, handing its bytes to `out` as they leave the ring; false when none
+    /// came in time.
+    bool get(QueueSink& out, bool block, const Deadline& deadline);
     /// Takes one message into `out`; false when none came in time.
     bool get(std::string& out, bool block, const Deadline& deadline);
     std::size_t qsize() const noexcept;
@@ -146,6 +174,82 @@ private:
         thread_local std::string s;
         return s;
     }
+};
+
+/// Types whose encoding is an 8-byte element count and then the elements' bytes (mp's codecs
+/// for std::basic_string and for std::vector of byte-copied elements). A queue moves these
+/// between the caller's object and the ring directly, with no encoded copy in between.
+template <class T>
+struct QueueFlat : std::false_type {};
+template <class C, class Tr, class A>
+    requires std::is_arithmetic_v<C>
+struct QueueFlat<std::basic_string<C, Tr, A>> : std::true_type {
+    using Element = C;
+};
+template <class E, class A>
+    requires bytewise<E> && std::is_default_constructible_v<E> && (!std::is_same_v<E, bool>)
+struct QueueFlat<std::vector<E, A>> : std::true_type {
+    using Element = E;
+};
+
+/// Receives a QueueFlat T straight into its storage. A message of another shape (impossible
+/// from mp's own put, but the ring is shared with every process) is collected whole and
+/// decoded by the Codec, so it fails exactly as it would there.
+template <class T>
+class FlatSink final : public QueueSink {
+    using E = typename QueueFlat<T>::Element;
+
+public:
+    void begin(std::uint64_t total) override {
+        got_ = 0;
+        flat_ = total >= kCount && (total - kCount) % sizeof(E) == 0;
+        if (flat_) {
+            value_.clear();
+            value_.resize(static_cast<std::size_t>((total - kCount) / sizeof(E)));
+        } else {
+            other_.clear();
+            other_.reserve(static_cast<std::size_t>(total));
+        }
+    }
+    void append(const char* data, std::size_t n) override {
+        if (!flat_) {
+            other_.append(data, n);
+            return;
+        }
+        if (got_ < kCount) {
+            const std::size_t k = std::min<std::size_t>(n, kCount - got_);
+            std::memcpy(count_ + got_, data, k);
+            got_ += k;
+            data += k;
+            n -= k;
+        }
+        if (n != 0) {
+            std::memcpy(reinterpret_cast<char*>(value_.data()) + (got_ - kCount), data, n);
+            got_ += n;
+        }
+    }
+    /// The value; throws DecodeError as Codec<T> would for bytes that do not encode a T.
+    T take() {
+        if (flat_) {
+            std::uint64_t count;
+            std::memcpy(&count, count_, kCount);
+            if (little_endian(count) == value_.size()) return std::move(value_);
+            other_.assign(count_, kCount);
+            other_.append(reinterpret_cast<const char*>(value_.data()), value_.size() * sizeof(E));
+        }
+        Decoder d(other_);
+        T v = d.template get<T>();
+        d.finish();
+        return v;
+    }
+
+private:
+    static constexpr std::size_t kCount = sizeof(std::uint64_t);
+    T value_;
+    std::string other_;
+    char count_[kCount] = {};
+    std::size_t got_ = 0;
+    bool flat_ = true;
 };
 
 }  // namespace detail
@@ -211,6 +315,17 @@ private:
     // the bytes; a buffer that grew past the ring's size is given back after use.
     void put_impl(const T& v, bool block, const detail::Deadline& deadline) {
         core_->check_open();
+        if constexpr (detail::QueueFlat<T>::value) {
+            using E = typename detail::QueueFlat<T>::Element;
+            const std::uint64_t count = detail::little_endian(v.size());
+            char prefix[sizeof count];
+            std::memcpy(prefix, &count, sizeof count);
+            const std::string_view parts[2] = {
+                {prefix, sizeof prefix},
+                {reinterpret_cast<const char*>(v.data()), v.size() * sizeof(E)}};
+            if (!core_->put(parts, block, deadline)) throw Full();
+            return;
+        }
         detail::QueueBuffer buf;
         Encoder e(std::move(buf.bytes));
         e.put(v);
@@ -219,6 +334,11 @@ private:
     }
     T get_impl(bool block, const detail::Deadline& deadline) {
         core_->check_open();
+        if constexpr (detail::QueueFlat<T>::value) {
+            detail::FlatSink<T> sink;
+            if (!core_->get(sink, block, deadline)) throw Empty();
+            return sink.take();
+        }
         detail::QueueBuffer buf;
         if (!core_->get(buf.bytes, block, deadline)) throw Empty();
         Decoder d(buf.bytes);

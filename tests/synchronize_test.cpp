@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
 #include "mp/synchronize.hpp"
 
@@ -36,28 +37,7 @@ constexpr auto TIMEOUT1 = 100ms;
 constexpr auto TIMEOUT2 = 200ms;
 constexpr auto LONG = 20s;      // a bound that is never reached unless something is broken
 
-// A T in anonymous shared memory: visible to forked children (test bookkeeping only).
-template <class T>
-class Shared {
-public:
-    Shared() {
-        void* p = ::mmap(nullptr, sizeof(T), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
-                         -1, 0);
-        if (p == MAP_FAILED) throw std::system_error(errno, std::system_category(), "mmap");
-        p_ = new (p) T{};
-    }
-    ~Shared() {
-        p_->~T();
-        ::munmap(p_, sizeof(T));
-    }
-    Shared(const Shared&) = delete;
-    Shared& operator=(const Shared&) = delete;
-    T* operator->() const { return p_; }
-    T& operator*() const { return *p_; }
-
-private:
-    T* p_;
-};
+using mp::test::Shared;
 
 // In a child: leave with `code` when `ok` is false (gtest assertions do not cross processes).
 void require(bool ok, int code) {

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <ctime>
 #include <limits>
+#include <memory>
 #include <poll.h>
 #include <pthread.h>
 #include <stdexcept>
@@ -27,7 +28,41 @@ struct ConnectionState {
     bool writable = false;
     // Sockets are written with sendmsg(MSG_NOSIGNAL); anything else needs the SIGPIPE dance.
     bool is_socket = false;
+
+    // The receive buffer (see "Reading ahead" in connection.hpp). rbuf[rpos, rend) holds bytes
+    // taken from the descriptor that no receive has returned yet; they always start at a frame
+    // boundary or inside the frame being received. `consumed` is the stream offset of
+    // rbuf[rpos]. A socket fills it with one recvmsg of up to kReadAhead bytes; a pipe only
+    // ever reads the header bytes it needs, so its stream never runs ahead of the frames
+    // returned (its reading end may be shared between processes, as Python's queues do).
+    std::unique_ptr<char[]> rbuf;
+    std::size_t rpos = 0;
+    std::size_t rend = 0;
+    std::uint64_t consumed = 0;
+    // Descriptors (SCM_RIGHTS) that arrived with buffered bytes. The kernel ends a recvmsg right
+    // after the bytes the descriptors rode on, which are the first bytes of the frame that
+    // carries them (one sendmsg each), so a batch belongs to the frame holding stream offset
+    // `end - 1`, where `end` is where the read that brought it ended.
+    struct FdBatch {
+        std::uint64_t end;
+        std::vector<int> fds;
+        bool truncated;  // MSG_CTRUNC: the kernel dropped some
+    };
+    std::vector<FdBatch> fd_batches;
+
+    std::size_t buffered() const noexcept { return rend - rpos; }
+    void drop_buffered() noexcept {
+        rpos = rend = 0;
+        for (FdBatch& b : fd_batches)
+            for (int f : b.fds) ::close(f);
+        fd_batches.clear();
+    }
+    ~ConnectionState() { drop_buffered(); }
 };
+
+std::size_t buffered_bytes(const Connection& c) noexcept {
+    return c.impl_ && c.impl_->fd ? c.impl_->buffered() : 0;
+}
 }  // namespace detail
 
 namespace {
@@ -161,12 +196,18 @@ void read_exact(int fd, void* buf, std::size_t n, bool mid_frame) {
     throw EOFError("mp::Connection: got end of file during message (the peer closed mid-frame)");
 }
 
-// Reads exactly n header bytes from a Unix socket, taking the descriptors that came with them
-// (stored in `fds`, owned by the caller). A peer that sent more than we accept, or descriptors
-// the kernel had to drop (MSG_CTRUNC), is an error: they are closed, never leaked.
-void read_first_bytes_with_fds(int fd, unsigned char* buf, std::size_t n, std::vector<int>& fds) {
+// One socket buffer's worth: a recvmsg of this much usually brings a small frame's header and
+// body together (and any frames queued behind it), so a small message costs one system call.
+constexpr std::size_t kReadAhead = std::size_t{64} << 10;
+// The longest frame header: -1, then an 8-byte length.
+constexpr std::size_t kMaxHeader = 12;
+
+// One recvmsg into s.rbuf[s.rend, kReadAhead), keeping any descriptors that came along in
+// s.fd_batches (never leaked: the state closes those nobody takes). Returns the byte count, 0
+// at end of file.
+std::size_t recv_some(detail::ConnectionState& s) {
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * sys::kMaxFds)];
-    iovec iov{buf, n};
+    iovec iov{s.rbuf.get() + s.rend, kReadAhead - s.rend};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
@@ -174,14 +215,17 @@ void read_first_bytes_with_fds(int fd, unsigned char* buf, std::size_t n, std::v
     msg.msg_controllen = sizeof control;
     ssize_t r;
     for (;;) {
-        r = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+        r = ::recvmsg(s.fd.get(), &msg, MSG_CMSG_CLOEXEC);
         if (r >= 0) break;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            sys::wait_fd(fd, POLLIN, std::nullopt);
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {  // a descriptor the user made non-blocking
+            sys::wait_fd(s.fd.get(), POLLIN, std::nullopt);
         } else if (errno != EINTR) {
             sys::throw_system_error(errno, "recvmsg");
         }
     }
+    const auto got = static_cast<std::size_t>(r);
+    s.rend += got;
+    std::vector<int> fds;
     for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
         const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -191,12 +235,59 @@ void read_first_bytes_with_fds(int fd, unsigned char* buf, std::size_t n, std::v
             fds.push_back(received);
         }
     }
-    if (msg.msg_flags & MSG_CTRUNC)
-        throw DecodeError("mp::Connection::recv: descriptors were dropped (more than " +
-                          std::to_string(sys::kMaxFds) + " in one message)");
-    const auto got = static_cast<std::size_t>(r);
-    if (got == 0) throw EOFError();
-    if (got < n) read_exact(fd, buf + got, n - got, true);
+    const bool truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+    if (!fds.empty() || truncated) {
+        // push_back may throw: the descriptors are closed rather than leaked.
+        try {
+            s.fd_batches.push_back({s.consumed + s.buffered(), std::move(fds), truncated});
+        } catch (...) {
+            for (int f : fds) ::close(f);
+            throw;
+        }
+    }
+    return got;
+}
+
+// Makes the first `need` (<= kMaxHeader) bytes of the current frame available at s.rbuf +
+// s.rpos. A socket reads as much as it holds (up to kReadAhead); a pipe reads no further than
+// `need`. `mid_frame`: bytes of this frame were already returned, so end of file here is a
+// truncated frame even with nothing buffered.
+void fill(detail::ConnectionState& s, std::size_t need, bool mid_frame) {
+    if (s.buffered() >= need) return;
+    if (!s.rbuf)
+        s.rbuf = std::make_unique_for_overwrite<char[]>(s.is_socket ? kReadAhead : kMaxHeader);
+    if (s.rpos > 0) {  // fewer than kMaxHeader bytes: slide them to the front
+        std::memmove(s.rbuf.get(), s.rbuf.get() + s.rpos, s.buffered());
+        s.rend -= s.rpos;
+        s.rpos = 0;
+    }
+    while (s.rend < need) {
+        std::size_t got;
+        if (s.is_socket) {
+            got = recv_some(s);
+        } else {
+            got = sys::read_full(s.fd.get(), s.rbuf.get() + s.rend, need - s.rend);
+            s.rend += got;
+            if (s.rend < need) got = 0;  // read_full stops short only at end of file
+        }
+        if (got == 0) {
+            if (s.rend == 0 && !mid_frame) throw EOFError();
+            throw EOFError(
+                "mp::Connection: got end of file during message (the peer closed mid-frame)");
+        }
+    }
+}
+
+// Moves `n` body bytes to `dst`: first what the buffer holds, then the rest straight from the
+// descriptor (exactly the rest, so the stream never runs past this frame there, and a large
+// body is not copied twice).
+void take_body(detail::ConnectionState& s, char* dst, std::size_t n) {
+    const std::size_t from_buffer = std::min(n, s.buffered());
+    if (from_buffer > 0) std::memcpy(dst, s.rbuf.get() + s.rpos, from_buffer);
+    s.rpos += from_buffer;
+    if (s.rpos == s.rend) s.rpos = s.rend = 0;
+    if (from_buffer < n) read_exact(s.fd.get(), dst + from_buffer, n - from_buffer, true);
+    s.consumed += n;
 }
 
 std::string describe_length(std::int64_t announced, std::uint64_t length, bool long_form) {
@@ -277,24 +368,31 @@ detail::ConnectionState& check_readable_impl(const std::shared_ptr<detail::Conne
     return *impl;
 }
 
-// Reads a frame header; returns the body length. A length that is negative (other than the -1
-// marker), beyond `maxlength`, or beyond what this process could ever hold is refused before
-// anything of the body is read: the stream is then out of step, so (as Python) the connection
+// The frame being received: where it starts in the stream and its body length.
+struct Frame {
+    std::uint64_t start;
+    std::uint64_t length;
+};
+
+// Reads a frame header. A length that is negative (other than the -1 marker), beyond
+// `maxlength`, or beyond what this process could ever hold is refused before anything of the
+// body is returned or allocated: the stream is then out of step, so (as Python) the connection
 // stops being readable, or is closed when it was not writable either.
-std::uint64_t read_header(detail::ConnectionState& s, std::optional<std::size_t> maxlength,
-                          const char* op, std::vector<int>* fds = nullptr) {
-    unsigned char h[8];
-    if (fds != nullptr && s.is_socket)
-        read_first_bytes_with_fds(s.fd.get(), h, 4, *fds);
-    else
-        read_exact(s.fd.get(), h, 4, false);
+Frame read_header(detail::ConnectionState& s, std::optional<std::size_t> maxlength,
+                  const char* op) {
+    const std::uint64_t start = s.consumed;
+    fill(s, 4, false);
+    const auto* h = reinterpret_cast<const unsigned char*>(s.rbuf.get() + s.rpos);
     const auto announced = static_cast<std::int32_t>(static_cast<std::uint32_t>(get_be(h, 4)));
     std::uint64_t length;
+    std::size_t header_size = 4;
     bool long_form = false;
     bool bad = false;
     if (announced == -1) {
-        read_exact(s.fd.get(), h, 8, true);
-        length = get_be(h, 8);
+        fill(s, kMaxHeader, true);
+        h = reinterpret_cast<const unsigned char*>(s.rbuf.get() + s.rpos);
+        length = get_be(h + 4, 8);
+        header_size = kMaxHeader;
         long_form = true;
         bad = length > static_cast<std::uint64_t>(std::numeric_limits<std::ptrdiff_t>::max());
     } else {
@@ -306,51 +404,92 @@ std::uint64_t read_header(detail::ConnectionState& s, std::optional<std::size_t>
         std::string msg = std::string("mp::Connection::") + op + ": bad message length " +
                           describe_length(announced, length, long_form);
         if (maxlength) msg += " (maxlength " + std::to_string(*maxlength) + ")";
-        if (s.writable)
+        if (s.writable) {
             s.readable = false;
-        else
+        } else {
+            s.drop_buffered();
             s.fd.reset();
+        }
         throw DecodeError(msg);
     }
-    return length;
+    s.rpos += header_size;
+    s.consumed += header_size;
+    return {start, length};
 }
 
 // Reads a body of `n` bytes into a fresh string. Lengths above kEagerAllocation grow the buffer
 // as the bytes come in, so memory follows what the peer really sent: a forged length costs at
 // most kGrowth times the bytes that did arrive. Growing by 4 rather than 2 keeps the copies and
 // fresh page faults of a real large message low (a 1 GiB body: 64 MiB, 256 MiB, then 1 GiB).
-std::string read_body(int fd, std::uint64_t n) {
+std::string read_body(detail::ConnectionState& s, std::uint64_t n) {
     constexpr std::size_t kGrowth = 4;
     std::string out;
     const auto total = static_cast<std::size_t>(n);
     if (total <= kEagerAllocation) {
         out.resize(total);
-        read_exact(fd, out.data(), total, true);
+        take_body(s, out.data(), total);
         return out;
     }
     std::size_t have = 0;
     std::size_t cap = kEagerAllocation;
     while (have < total) {
         out.resize(cap);
-        read_exact(fd, out.data() + have, cap - have, true);
+        take_body(s, out.data() + have, cap - have);
         have = cap;
         cap = cap > total / kGrowth ? total : cap * kGrowth;
     }
     return out;
 }
 
+// Once frame `f` is wholly received: hands the descriptors that came with it to `out` (or
+// closes them when nobody asked, as the kernel does for a plain read), and closes any stray
+// ones from before it. Returns true when the kernel dropped some of the frame's descriptors.
+bool finish_frame(detail::ConnectionState& s, const Frame& f, std::vector<int>* out) {
+    bool truncated = false;
+    const std::uint64_t next = s.consumed;
+    auto it = s.fd_batches.begin();
+    for (; it != s.fd_batches.end() && it->end <= next; ++it) {
+        const bool ours = it->end > f.start;
+        if (ours) truncated = truncated || it->truncated;
+        for (int& fd : it->fds) {
+            if (ours && out != nullptr) {
+                out->push_back(fd);  // reserved below: cannot throw
+            } else {
+                ::close(fd);
+            }
+            fd = -1;
+        }
+    }
+    s.fd_batches.erase(s.fd_batches.begin(), it);
+    return truncated;
+}
+
+// Room in `out` for the descriptors finish_frame may hand over, so that it cannot throw.
+void reserve_frame_fds(const detail::ConnectionState& s, std::vector<int>& out) {
+    std::size_t n = out.size();
+    for (const auto& b : s.fd_batches) n += b.fds.size();
+    out.reserve(n);
+}
+
 }  // namespace
 
 std::string Connection::recv_bytes(std::optional<std::size_t> maxlength) {
     detail::ConnectionState& s = check_readable_impl(impl_, "recv_bytes");
-    const std::uint64_t n = read_header(s, maxlength, "recv_bytes");
-    return read_body(s.fd.get(), n);
+    const Frame f = read_header(s, maxlength, "recv_bytes");
+    std::string out = read_body(s, f.length);
+    (void)finish_frame(s, f, nullptr);
+    return out;
 }
 
 std::string Connection::recv_message(std::vector<int>& fds) {
     detail::ConnectionState& s = check_readable_impl(impl_, "recv");
-    const std::uint64_t n = read_header(s, std::nullopt, "recv", &fds);
-    return read_body(s.fd.get(), n);
+    const Frame f = read_header(s, std::nullopt, "recv");
+    std::string out = read_body(s, f.length);
+    reserve_frame_fds(s, fds);
+    if (finish_frame(s, f, &fds))
+        throw DecodeError("mp::Connection::recv: descriptors were dropped (more than " +
+                          std::to_string(sys::kMaxFds) + " in one message)");
+    return out;
 }
 
 detail::ReceivedFds::~ReceivedFds() {
@@ -362,10 +501,15 @@ std::size_t Connection::recv_bytes_into(std::span<std::byte> buffer, std::size_t
     detail::ConnectionState& s = check_readable_impl(impl_, "recv_bytes_into");
     if (offset > buffer.size())
         throw std::invalid_argument("mp::Connection::recv_bytes_into: offset too large");
-    const std::uint64_t n = read_header(s, std::nullopt, "recv_bytes_into");
-    if (n > buffer.size() - offset) throw BufferTooShort(read_body(s.fd.get(), n));
-    const auto size = static_cast<std::size_t>(n);
-    read_exact(s.fd.get(), buffer.data() + offset, size, true);
+    const Frame f = read_header(s, std::nullopt, "recv_bytes_into");
+    if (f.length > buffer.size() - offset) {
+        std::string whole = read_body(s, f.length);
+        (void)finish_frame(s, f, nullptr);
+        throw BufferTooShort(std::move(whole));
+    }
+    const auto size = static_cast<std::size_t>(f.length);
+    take_body(s, reinterpret_cast<char*>(buffer.data() + offset), size);
+    (void)finish_frame(s, f, nullptr);
     return size;
 }
 
@@ -373,11 +517,14 @@ bool Connection::poll() { return poll(nanoseconds::zero()); }
 
 bool Connection::poll(std::optional<nanoseconds> timeout) {
     detail::ConnectionState& s = check_readable_impl(impl_, "poll");
+    if (s.buffered() > 0) return true;  // read ahead: no need to ask the descriptor
     return sys::wait_fd(s.fd.get(), POLLIN, clamp_timeout(timeout));
 }
 
 void Connection::close() noexcept {
-    if (impl_) impl_->fd.reset();
+    if (!impl_) return;
+    impl_->drop_buffered();
+    impl_->fd.reset();
 }
 
 bool Connection::closed() const noexcept { return !impl_ || !impl_->fd; }
@@ -412,24 +559,48 @@ std::pair<Connection, Connection> Pipe(bool duplex) {
 namespace {
 constexpr unsigned char kReadable = 1;
 constexpr unsigned char kWritable = 2;
+constexpr unsigned char kBuffered = 4;  // received bytes follow, read ahead by the sender
 }  // namespace
 
 void Codec<Connection>::encode(Encoder& e, const Connection& c) {
     unsigned char flags = 0;
     if (!c.closed()) flags = static_cast<unsigned char>((c.readable() ? kReadable : 0) |
                                                         (c.writable() ? kWritable : 0));
+    // Bytes already read ahead from the descriptor travel with it, so the receiver goes on
+    // exactly where this handle would have (as a fork child inherits them with its memory).
+    const std::size_t buffered = detail::buffered_bytes(c);
+    if (buffered > 0) {
+        if (!c.impl_->fd_batches.empty())
+            throw Error("mp::Codec<Connection>: the connection has read ahead frames that carry "
+                        "descriptors; receive them before sending the connection on");
+        flags = static_cast<unsigned char>(flags | kBuffered);
+    }
     e.write(&flags, 1);
     if (flags != 0) e.put(e.attach_fd(c.fileno()));
+    if (buffered > 0)
+        e.put(std::string(c.impl_->rbuf.get() + c.impl_->rpos, buffered));
 }
 
 Connection Codec<Connection>::decode(Decoder& d) {
     unsigned char flags;
     d.read(&flags, 1);
     if (flags == 0) return Connection();
-    if (flags > (kReadable | kWritable))
+    if (flags > (kReadable | kWritable | kBuffered) || (flags & (kReadable | kWritable)) == 0)
         throw DecodeError("mp::Codec<Connection>: invalid flags byte " + std::to_string(flags));
     const int fd = d.take_fd(d.get<std::uint32_t>());
-    return Connection(fd, (flags & kReadable) != 0, (flags & kWritable) != 0);
+    Connection c(fd, (flags & kReadable) != 0, (flags & kWritable) != 0);
+    if (flags & kBuffered) {
+        const auto bytes = d.get<std::string>();
+        auto& s = *c.impl_;
+        const std::size_t capacity = s.is_socket ? kReadAhead : kMaxHeader;
+        if (bytes.size() > capacity)
+            throw DecodeError("mp::Codec<Connection>: more buffered bytes than a receive buffer "
+                              "holds");
+        s.rbuf = std::make_unique_for_overwrite<char[]>(capacity);
+        std::memcpy(s.rbuf.get(), bytes.data(), bytes.size());
+        s.rend = bytes.size();
+    }
+    return c;
 }
 
 // ---------------------------------------------------------------- wait
@@ -481,16 +652,32 @@ void poll_ready(std::span<pollfd> fds, std::optional<nanoseconds> timeout) {
     }
 }
 
+// True when `w` is a Connection whose receive buffer already holds bytes: ready, whatever its
+// descriptor says (the descriptor may have nothing more to give).
+bool buffered_ready(Connection* c) { return c != nullptr && detail::buffered_bytes(*c) > 0; }
+bool buffered_ready(int) { return false; }
+bool buffered_ready(const Waitable& w) {
+    const auto* c = std::get_if<Connection*>(&w);
+    return c != nullptr && buffered_ready(*c);
+}
+
 template <class T, class FdOf>
 std::vector<T> wait_any(std::span<const T> objects, std::optional<nanoseconds> timeout,
                         FdOf fd_of) {
     std::vector<pollfd> fds;
     fds.reserve(objects.size());
-    for (const T& o : objects) fds.push_back(pollfd{fd_of(o), POLLIN, 0});
-    poll_ready(fds, timeout);
+    std::vector<bool> buffered(objects.size());
+    bool any_buffered = false;
+    for (std::size_t i = 0; i < objects.size(); ++i) {
+        fds.push_back(pollfd{fd_of(objects[i]), POLLIN, 0});
+        buffered[i] = buffered_ready(objects[i]);
+        any_buffered = any_buffered || buffered[i];
+    }
+    // Something is ready already: just look at the others (still checking every descriptor).
+    poll_ready(fds, any_buffered ? std::optional<nanoseconds>(nanoseconds::zero()) : timeout);
     std::vector<T> ready;
     for (std::size_t i = 0; i < objects.size(); ++i)
-        if (fds[i].revents != 0) ready.push_back(objects[i]);
+        if (buffered[i] || fds[i].revents != 0) ready.push_back(objects[i]);
     return ready;
 }
 

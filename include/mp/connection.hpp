@@ -20,7 +20,25 @@
 /// Python program can read what send_bytes writes and vice versa. send()/recv() put mp::Codec
 /// bytes in the frame, not pickle. Descriptors sent with send() (a Connection inside the
 /// value) ride on the frame's first bytes as SCM_RIGHTS ancillary data, invisible to a reader
-/// that does not ask for them (recv_bytes, Python): the kernel closes them for it.
+/// that does not ask for them: recv_bytes closes them, and for Python the kernel does.
+///
+/// Reading ahead. A connection over a socket (Pipe(), or any stream socket given to the
+/// constructor) receives with one recvmsg of up to 64 KiB, which usually brings a small frame's
+/// header and body together, and keeps the bytes of the frames behind it in a receive buffer
+/// that the handle's copies in this process share (a small message then costs one system call
+/// each way, as a bare socket ping-pong). A large body is read straight into its destination.
+/// What this means for a user:
+///   - poll() and connection::wait count buffered bytes as ready; a poll/select/epoll of
+///     fileno() alone does not see them, so wait on the Connection, not on its descriptor;
+///   - one process receives from a socket end at a time. A fork child inherits a copy of the
+///     buffer with its memory, and a Connection sent with send() or to a forkserver child takes
+///     its buffered bytes along (mp::Error if descriptors of read-ahead frames wait in it:
+///     receive those first), so an end handed to another process goes on exactly where this one
+///     stopped; but two processes receiving from one socket end, even under a lock, would each
+///     keep frames the other expects;
+///   - a connection over a pipe (Pipe(false)'s reader, or any non-socket) never reads past the
+///     frame it returns, as Python, so its reading end may be shared by processes that take turns
+///     under a lock (Python's SimpleQueue pattern).
 ///
 /// Handles and ownership. A Connection is a cheap, copyable handle that shares one descriptor
 /// among its copies in this process (a Process target under fork receives copies of its
@@ -41,9 +59,9 @@
 ///     "connection is read-only" or "connection is write-only" [OSError];
 ///   - a frame longer than `maxlength`, or a length no frame can have (negative, or beyond what
 ///     this process could hold): mp::DecodeError "bad message length", thrown before any of the
-///     body is read or allocated [OSError]. The stream then sits inside a frame, so the
-///     connection stops being readable, and is closed when it was not writable either (exactly
-///     what Python does);
+///     body is returned or allocated (a socket may hold some of it in its receive buffer)
+///     [OSError]. The stream then sits inside a frame, so the connection stops being readable,
+///     and is closed when it was not writable either (exactly what Python does);
 ///   - a message that does not fit recv_bytes_into's buffer: mp::BufferTooShort, which carries
 ///     the whole message; the stream stays in step;
 ///   - an offset or size outside the buffer: std::invalid_argument [ValueError];
@@ -54,7 +72,8 @@
 /// closed reader is std::system_error(EPIPE) and the program's signal dispositions are left
 /// alone.
 ///
-/// Threads: like Python's, one Connection serves one sender and one receiver at a time. Two
+/// Threads: like Python's, one Connection serves one sender and one receiver at a time (poll()
+/// and connection::wait on it count as receiving: they look at the receive buffer). Two
 /// threads (or processes) sending at once may interleave frames; guard the end with a lock. Do
 /// not close() a connection that another thread is using.
 
@@ -78,9 +97,13 @@
 
 namespace mp {
 
+class Connection;
+
 namespace detail {
 /// What a Connection handle shares among its copies (defined in src/connection.cpp).
 struct ConnectionState;
+/// Bytes received into `c`'s buffer that no receive has returned yet (0 when closed).
+std::size_t buffered_bytes(const Connection& c) noexcept;
 
 /// Descriptors that arrived with a message; the destructor closes those nobody took (-1).
 struct ReceivedFds {
@@ -169,19 +192,20 @@ public:
             offset);
     }
 
-    /// True when a message (or end of file) is ready to be received; never waits (Python's
-    /// poll() / poll(0)).
+    /// True when a message (or end of file) is ready to be received, or received bytes wait in
+    /// the receive buffer; never waits (Python's poll() / poll(0)).
     bool poll();
     /// Waits at most `timeout` (zero or negative: not at all) for a message or end of file;
     /// std::nullopt waits without limit (Python's poll(None)).
     bool poll(std::optional<std::chrono::nanoseconds> timeout);
 
-    /// Closes the descriptor for every copy of this handle in this process. Idempotent. Copies
-    /// in other processes are theirs to close.
+    /// Closes the descriptor for every copy of this handle in this process, dropping what its
+    /// receive buffer held. Idempotent. Copies in other processes are theirs to close.
     void close() noexcept;
     /// True after close() (by any copy) and for a default-constructed Connection.
     bool closed() const noexcept;
-    /// The descriptor, still owned by the connection. Throws (EBADF) when closed.
+    /// The descriptor, still owned by the connection. Throws (EBADF) when closed. Bytes already in
+    /// the receive buffer do not show on it: poll() or connection::wait() see them.
     int fileno() const;
     /// True when this end may receive (false for Pipe(false)'s writer).
     bool readable() const noexcept;
@@ -194,6 +218,8 @@ public:
     }
 
 private:
+    friend std::size_t detail::buffered_bytes(const Connection& c) noexcept;
+    friend struct Codec<Connection>;
     void check_writable(const char* op) const;
     void write_message(std::string_view body, std::span<const int> fds = {});
     std::string recv_message(std::vector<int>& fds);
@@ -208,7 +234,9 @@ std::pair<Connection, Connection> Pipe(bool duplex = true);
 /// A Connection crosses to a forkserver child (or any process mp sends encoded arguments to,
 /// or through Connection::send over a duplex connection) with its descriptor attached
 /// (SCM_RIGHTS); the receiver owns a new descriptor for the same
-/// channel, with the same readable/writable sides. The descriptor is borrowed while the
+/// channel, with the same readable/writable sides, and the bytes this end had read ahead (see
+/// "Reading ahead" above; mp::Error when descriptors of read-ahead frames wait there). The
+/// descriptor is borrowed while the
 /// arguments are encoded, so keep the Connection open until Process::start() has returned. A
 /// closed Connection arrives closed.
 template <>
@@ -226,7 +254,8 @@ namespace connection {
 using Waitable = std::variant<Connection*, int>;
 
 /// Waits until at least one of `objects` is ready to read (a message, data, end of file or
-/// a hang-up; a sentinel when its process has ended) or `timeout` passes (std::nullopt: no
+/// a hang-up; a Connection with bytes in its receive buffer, without asking its descriptor; a
+/// sentinel when its process has ended) or `timeout` passes (std::nullopt: no
 /// limit; zero or negative: just look). Returns the ready ones in the order given, empty after
 /// a timeout. A closed Connection throws std::system_error (EBADF), as does a descriptor that
 /// is not open. An empty list with no timeout, which could never return, throws

@@ -142,23 +142,14 @@ private:
 // first bytes it queues, which are the frame's header, so the reader gets them with the header.
 void write_iov(int fd, bool is_socket, iovec* iov, int count, std::span<const int> fds = {}) {
     SigpipeGuard guard(!is_socket);
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * sys::kMaxFds)];
+    sys::FdControl control;
     while (count > 0) {
         ssize_t r;
         if (is_socket) {
             msghdr msg{};
             msg.msg_iov = iov;
             msg.msg_iovlen = static_cast<std::size_t>(count);
-            if (!fds.empty()) {
-                std::memset(control, 0, sizeof control);
-                msg.msg_control = control;
-                msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-                cmsghdr* c = CMSG_FIRSTHDR(&msg);
-                c->cmsg_level = SOL_SOCKET;
-                c->cmsg_type = SCM_RIGHTS;
-                c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-                std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-            }
+            sys::attach_rights(msg, control, fds);
             r = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
             if (r > 0) fds = {};  // sent with the first bytes; never again
         } else {
@@ -206,13 +197,13 @@ constexpr std::size_t kMaxHeader = 12;
 // s.fd_batches (never leaked: the state closes those nobody takes). Returns the byte count, 0
 // at end of file.
 std::size_t recv_some(detail::ConnectionState& s) {
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * sys::kMaxFds)];
+    sys::FdControl control;
     iovec iov{s.rbuf.get() + s.rend, kReadAhead - s.rend};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
     ssize_t r;
     for (;;) {
         r = ::recvmsg(s.fd.get(), &msg, MSG_CMSG_CLOEXEC);
@@ -226,14 +217,16 @@ std::size_t recv_some(detail::ConnectionState& s) {
     const auto got = static_cast<std::size_t>(r);
     s.rend += got;
     std::vector<int> fds;
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-        const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (std::size_t i = 0; i < count; ++i) {
-            int received;
-            std::memcpy(&received, CMSG_DATA(c) + i * sizeof(int), sizeof received);
-            fds.push_back(received);
+    if (msg.msg_controllen != 0) {
+        // Reserve first so that no push_back can fail half-way; if even that fails, close what
+        // arrived rather than leak it.
+        try {
+            fds.reserve(sys::kMaxFds);
+        } catch (...) {
+            sys::for_each_right(msg, [](int received) { ::close(received); });
+            throw;
         }
+        sys::for_each_right(msg, [&](int received) { fds.push_back(received); });
     }
     const bool truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
     if (!fds.empty() || truncated) {

@@ -7,7 +7,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <vector>
 
 #include "sys/error.hpp"
 
@@ -93,22 +92,26 @@ bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeo
     }
 }
 
+void attach_rights(msghdr& msg, FdControl& control, std::span<const int> fds) {
+    if (fds.empty()) return;
+    if (fds.size() > kMaxFds) throw_system_error(EMSGSIZE, "sendmsg (too many descriptors)");
+    std::memset(control.buf, 0, CMSG_SPACE(sizeof(int) * fds.size()));
+    msg.msg_control = control.buf;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+}
+
 void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fds) {
     iovec iov{const_cast<void*>(data), n};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    if (fds.size() > kMaxFds) throw_system_error(EMSGSIZE, "sendmsg (too many descriptors)");
-    std::vector<char> control(CMSG_SPACE(sizeof(int) * fds.size()));
-    if (!fds.empty()) {
-        msg.msg_control = control.data();
-        msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-        cmsghdr* c = CMSG_FIRSTHDR(&msg);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-        std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-    }
+    FdControl control;
+    attach_rights(msg, control, fds);
     for (;;) {
         ssize_t r = ::sendmsg(sock, &msg, MSG_NOSIGNAL);
         if (r >= 0) {
@@ -128,9 +131,9 @@ std::size_t recv_fds(int sock, void* data, std::size_t n, std::span<Fd> fds) {
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    std::vector<char> control(CMSG_SPACE(sizeof(int) * kMaxFds));
-    msg.msg_control = control.data();
-    msg.msg_controllen = control.size();
+    FdControl control;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
     ssize_t r;
     for (;;) {
         r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
@@ -142,17 +145,11 @@ std::size_t recv_fds(int sock, void* data, std::size_t n, std::span<Fd> fds) {
         }
     }
     std::size_t stored = 0;
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-        std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (std::size_t i = 0; i < count; ++i) {
-            int fd;
-            std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-            // Take ownership of every descriptor received, even surplus ones, so none leaks.
-            Fd owned(fd);
-            if (stored < fds.size()) fds[stored++] = std::move(owned);
-        }
-    }
+    // Take ownership of every descriptor received, even surplus ones, so none leaks.
+    for_each_right(msg, [&](int fd) {
+        Fd owned(fd);
+        if (stored < fds.size()) fds[stored++] = std::move(owned);
+    });
     if (msg.msg_flags & MSG_CTRUNC) throw_system_error(EMSGSIZE, "recvmsg (descriptors truncated)");
     return static_cast<std::size_t>(r);
 }

@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <optional>
 #include <span>
+#include <sys/socket.h>
+#include <cstring>
 #include <sys/types.h>
 #include <utility>
 
@@ -56,6 +58,30 @@ bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeo
 
 /// The most descriptors one message carries (the kernel's SCM_MAX_FD).
 inline constexpr std::size_t kMaxFds = 253;
+
+/// Room for the SCM_RIGHTS control data of one message (kept on the stack: no allocation).
+struct FdControl {
+    alignas(cmsghdr) char buf[CMSG_SPACE(sizeof(int) * kMaxFds)];
+};
+
+/// Makes `msg` carry `fds` as SCM_RIGHTS, in `control`; nothing when `fds` is empty. Throws
+/// std::system_error(EMSGSIZE) for more than kMaxFds.
+void attach_rights(msghdr& msg, FdControl& control, std::span<const int> fds);
+
+/// Calls take(fd) for every descriptor a received message carried, in order. Every one must be
+/// taken (owned or closed) by `take`, or it leaks.
+template <class Take>
+void for_each_right(msghdr& msg, Take&& take) {
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
+            int fd;
+            std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            take(fd);
+        }
+    }
+}
 /// Sends bytes and descriptors over a Unix socket in one message (SCM_RIGHTS).
 void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fds);
 /// Receives one message of at most `n` bytes and up to `fds.size()` descriptors (close-on-exec).

@@ -33,6 +33,7 @@
 #include "mp/serialize.hpp"
 #include "process_impl.hpp"
 #include "sys/error.hpp"
+#include "sys/helper_process.hpp"
 #include "sys/pidfd.hpp"
 
 #ifndef P_PIDFD
@@ -142,19 +143,6 @@ void send_reply(int status_fd, std::int32_t pid, int pidfd) noexcept {
     }
 }
 
-void reset_signals(bool ignore_sigint) noexcept {
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);
-    struct sigaction dfl {};
-    dfl.sa_handler = SIG_DFL;
-    for (int sig = 1; sig < NSIG; ++sig) {
-        if (sig == SIGKILL || sig == SIGSTOP) continue;
-        ::sigaction(sig, &dfl, nullptr);
-    }
-    if (ignore_sigint) ::signal(SIGINT, SIG_IGN);
-}
-
 // Accepts one request from the control socket. Returns false when every client has gone.
 bool accept_request(pid_t server_pid) noexcept {
     Header h{};
@@ -224,13 +212,9 @@ bool accept_request(pid_t server_pid) noexcept {
     // every child: drop it.
     ::__fpurge(stdout);
     ::__fpurge(stderr);
-    reset_signals(true);
-    if (control != kControlFd) {
-        ::dup2(control, kControlFd);
-        ::close(control);
-    }
-    // Hold nothing of the parent's: a pipe end kept open here would hide EOF from its reader.
-    ::syscall(SYS_close_range, kControlFd + 1, ~0U, 0);
+    // Ctrl-C is meant for the program and its children, not for the server (as Python's).
+    sys::reset_signals({SIGINT});
+    sys::keep_only(control, kControlFd);
     const pid_t self = ::getpid();
     // Tell the client who we are: it learns that the server is up, and which process it is.
     const std::int32_t hello = self;
@@ -310,19 +294,7 @@ void start_server_locked(Client& c) {
     std::cout.flush();
     std::cerr.flush();
     std::fflush(nullptr);
-    // Double fork: the server is reparented at once, so it is nobody's child and never a zombie.
-    pid_t mid = ::fork();
-    if (mid < 0) sys::throw_system_error(errno, "fork (forkserver)");
-    if (mid == 0) {
-        pid_t server = ::fork();
-        if (server == 0) server_main(theirs.get());
-        ::_exit(server < 0 ? 1 : 0);
-    }
-    int status = 0;
-    while (::waitpid(mid, &status, 0) < 0 && errno == EINTR) {
-    }
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        throw ProcessError("mp: could not start the forkserver");
+    sys::start_detached("fork (forkserver)", [&] { server_main(theirs.get()); });
     theirs.reset();
     std::int32_t hello = 0;
     ssize_t n;
@@ -413,11 +385,7 @@ std::optional<int> read_status(int status_fd) {
 void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept {
     // Keep only stdio and our request socket: the control socket and the other children's
     // sockets and pidfds belong to the server.
-    if (request_fd != kControlFd) {
-        ::dup2(request_fd, kControlFd);  // replaces the control socket's descriptor
-        ::close(request_fd);
-    }
-    ::syscall(SYS_close_range, kControlFd + 1, ~0U, 0);
+    sys::keep_only(request_fd, kControlFd);  // replaces the control socket's descriptor
     ::fcntl(kControlFd, F_SETFD, FD_CLOEXEC);
     ::signal(SIGINT, SIG_DFL);
     if (daemon) {

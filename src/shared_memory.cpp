@@ -51,6 +51,7 @@
 #include <ostream>
 
 #include "sys/error.hpp"
+#include "sys/helper_process.hpp"
 #include "sys/fd.hpp"
 
 namespace mp {
@@ -242,30 +243,15 @@ void clean_up() noexcept {
     ::prctl(PR_SET_NAME, "mp-shm-tracker");
     // Like Python's tracker, survive the Ctrl-C and SIGTERM meant for the program, so that the
     // program's segments are still cleaned up when it goes.
-    sigset_t none;
-    sigemptyset(&none);
-    ::sigprocmask(SIG_SETMASK, &none, nullptr);
-    struct sigaction dfl {};
-    dfl.sa_handler = SIG_DFL;
-    for (int sig = 1; sig < NSIG; ++sig) {
-        if (sig != SIGKILL && sig != SIGSTOP) ::sigaction(sig, &dfl, nullptr);
-    }
-    ::signal(SIGINT, SIG_IGN);
-    ::signal(SIGTERM, SIG_IGN);
-    ::signal(SIGPIPE, SIG_IGN);
-    if (sock != kTrackerFd) {
-        ::dup2(sock, kTrackerFd);
-        if (sock > kTrackerFd) ::close(sock);  // a lower one is stdio, replaced just below
-    }
-    // Hold nothing of the creator's but stderr (for the warning): a pipe end kept open here
-    // would hide end of file from its reader for as long as the tracker lives.
+    sys::reset_signals({SIGINT, SIGTERM, SIGPIPE});
+    sys::keep_only(sock, kTrackerFd);
+    // Hold nothing of the creator's but stderr (for the warning).
     int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
     if (null >= 0) {
         ::dup2(null, STDIN_FILENO);
         ::dup2(null, STDOUT_FILENO);
         if (null > kTrackerFd) ::close(null);
     }
-    ::syscall(SYS_close_range, kTrackerFd + 1, ~0U, 0);
     if (::chdir("/") != 0) {
         // Only to avoid pinning the creator's working directory (a mount point, say).
     }
@@ -320,22 +306,8 @@ void start_tracker_locked(TrackerClient& c) {
     if (c.fd >= 0) ::close(c.fd);
     c.fd = -1;
     auto [ours, theirs] = sys::make_socketpair(SOCK_SEQPACKET);
-    // Double fork: the tracker is reparented at once, so it is nobody's child and never a zombie.
-    pid_t mid = ::fork();
-    if (mid < 0) sys::throw_system_error(errno, "fork (resource tracker)");
-    if (mid == 0) {
-        pid_t tracker = ::fork();
-        if (tracker == 0) tracker_main(theirs.get(), ours.get());
-        ::_exit(tracker < 0 ? 1 : 0);
-    }
-    int status = 0;
-    pid_t r;
-    while ((r = ::waitpid(mid, &status, 0)) < 0 && errno == EINTR) {
-    }
-    // ECHILD: someone reaped it for us (SIGCHLD ignored); the first message tells whether the
-    // tracker runs.
-    if (r == mid && (!WIFEXITED(status) || WEXITSTATUS(status) != 0))
-        throw std::system_error(EAGAIN, std::system_category(), "fork (resource tracker)");
+    sys::start_detached("fork (resource tracker)",
+                        [&] { tracker_main(theirs.get(), ours.get()); });
     c.fd = ours.release();
     c.owner = ::getpid();
 }

@@ -94,6 +94,7 @@ bool cxx_streams_buffer() {
 }
 
 void register_child(const std::shared_ptr<ProcessState>& s) {
+    s->listed = true;
     Globals& g = globals();
     std::lock_guard lock(g.registry_mu);
     if (!g.atexit_registered) {
@@ -199,10 +200,14 @@ bool ProcessState::reap_locked() {
 
 bool ProcessState::wait(std::optional<std::chrono::nanoseconds> timeout) {
     const auto deadline = timeout ? Clock::now() + *timeout : Clock::time_point::max();
+    bool unlist = false;  // only the call that sees the end first leaves the registry
     for (;;) {
         {
             std::lock_guard lock(mu);
-            if (reap_locked()) break;
+            if (reap_locked()) {
+                unlist = std::exchange(listed, false);
+                break;
+            }
         }
         std::optional<std::chrono::nanoseconds> left;
         if (timeout) {
@@ -220,11 +225,12 @@ bool ProcessState::wait(std::optional<std::chrono::nanoseconds> timeout) {
         }
         if (!sys::wait_fd(fd, POLLIN, left)) {
             std::lock_guard lock(mu);
-            if (reap_locked()) break;
-            return false;
+            if (!reap_locked()) return false;
+            unlist = std::exchange(listed, false);
+            break;
         }
     }
-    unregister_child(this);
+    if (unlist) unregister_child(this);
     return true;
 }
 

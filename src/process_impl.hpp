@@ -31,6 +31,7 @@ struct ProcessState {
     sys::Fd status;  // forkserver: the server writes the exit status here, then closes it
     bool status_gone = false;  // the server closed `status` without writing a status
     std::optional<int> exitcode;
+    bool listed = false;  // in the registry of running children (guarded by mu once started)
     // A fork child's setup, kept until the state goes: freeing it right after fork would write
     // heap pages the child still shares.
     ProcessIdentity child_identity;

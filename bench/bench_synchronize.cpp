@@ -19,6 +19,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
 #include "mp/synchronize.hpp"
 
@@ -26,28 +27,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// A T in anonymous shared memory.
-template <class T>
-class Shared {
-public:
-    Shared() {
-        void* p = ::mmap(nullptr, sizeof(T), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
-                         -1, 0);
-        if (p == MAP_FAILED) throw std::bad_alloc();
-        p_ = new (p) T{};
-    }
-    ~Shared() {
-        p_->~T();
-        ::munmap(p_, sizeof(T));
-    }
-    Shared(const Shared&) = delete;
-    Shared& operator=(const Shared&) = delete;
-    T* operator->() const { return p_; }
-    T& operator*() const { return *p_; }
-
-private:
-    T* p_;
-};
+using mp::test::Shared;  // the tests' helper: bookkeeping that is not the lock under test
 
 // The increment the lock protects: a plain (non-atomic) read-modify-write.
 inline void bump(long long* counter) {

@@ -4,6 +4,8 @@
 
 #include "mp/connection.hpp"
 #include "mp/errors.hpp"
+#include "mp/futures.hpp"
+#include "mp/pool.hpp"
 #include "mp/process.hpp"
 #include "mp/queue.hpp"
 #include "mp/serialize.hpp"

@@ -6,6 +6,7 @@
 // initialisation, and a receiver runs only a registered trampoline (a forged address is refused).
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <optional>
 #include <span>
@@ -60,18 +61,22 @@ decltype(auto) call_with(F& f, std::tuple<A...>& args) {
         return std::apply(f, args);
 }
 
+/// The callable a task names: a function pointer read from `in`, or a stateless object made afresh.
+template <class F>
+F read_callable(Decoder& in) {
+    if constexpr (FunctionPointer<F>) {
+        CodeRef r;
+        r.module = in.get<std::uint64_t>();
+        r.offset = in.get<std::uint64_t>();
+        return reinterpret_cast<F>(resolve_code(r));
+    } else {
+        return F{};
+    }
+}
+
 template <class F, class... A>
 void invoke_from(Decoder& in, Encoder& out) {
-    F f = [&]() -> F {
-        if constexpr (FunctionPointer<F>) {
-            CodeRef r;
-            r.module = in.get<std::uint64_t>();
-            r.offset = in.get<std::uint64_t>();
-            return reinterpret_cast<F>(resolve_code(r));
-        } else {
-            return F{};
-        }
-    }();
+    F f = read_callable<F>(in);
     // Braced initialisation evaluates left to right: arguments decode in order.
     std::tuple<A...> args{in.get<A>()...};
     in.finish();
@@ -84,6 +89,84 @@ void invoke_from(Decoder& in, Encoder& out) {
         (void)call_with(f, args);
     }
 }
+
+/// Inside a catch block: appends the exception being handled (defined with the futures).
+void encode_current_exception(Encoder& e);
+
+/// Writes one chunk item's outcome: [u8 ok][u64 length][result bytes, or the error's ErrorInfo].
+class ItemOutcome {
+public:
+    explicit ItemOutcome(Encoder& out) : out_(out), at_(out.bytes().size()) {
+        out_.put(std::uint8_t{1});
+        out_.write_size(0);
+    }
+    /// Replaces whatever the item wrote with the exception being handled.
+    void fail() {
+        out_.bytes().resize(at_);
+        out_.put(std::uint8_t{0});
+        out_.write_size(0);
+        encode_current_exception(out_);
+    }
+    ~ItemOutcome() {
+        const std::uint64_t n = little_endian(std::uint64_t{out_.bytes().size() - at_ - 9});
+        std::memcpy(out_.bytes().data() + at_ + 1, &n, sizeof n);
+    }
+    ItemOutcome(const ItemOutcome&) = delete;
+    ItemOutcome& operator=(const ItemOutcome&) = delete;
+
+private:
+    Encoder& out_;
+    std::size_t at_;
+};
+
+/// A chunk: [callable][u64 count][arguments of each call...]. Every call runs, each outcome
+/// (result or exception) is written separately, so one failing item fails only itself. Arguments
+/// that cannot be decoded fail that item and every later one (their bytes are out of step).
+template <class F, class... A>
+void invoke_chunk_from(Decoder& in, Encoder& out) {
+    F f = read_callable<F>(in);
+    const std::uint64_t n = in.read_size(0);
+    for (std::uint64_t i = 0; i < n; ++i) {
+        std::optional<std::tuple<A...>> args;
+        {
+            ItemOutcome item(out);
+            try {
+                args.emplace(std::tuple<A...>{in.get<A>()...});
+            } catch (...) {
+                item.fail();
+            }
+            if (args) {
+                try {
+                    using R = decltype(call_with(f, *args));
+                    if constexpr (std::is_void_v<R>) {
+                        call_with(f, *args);
+                    } else if constexpr (Encodable<R>) {
+                        out.put(call_with(f, *args));
+                    } else {
+                        (void)call_with(f, *args);
+                    }
+                } catch (...) {
+                    item.fail();
+                }
+                continue;
+            }
+        }
+        // Out of step: every later item fails with the same error.
+        for (++i; i < n; ++i) {
+            ItemOutcome rest(out);
+            try {
+                throw DecodeError("mp: an earlier item of this chunk could not be decoded");
+            } catch (...) {
+                rest.fail();
+            }
+        }
+        return;
+    }
+    in.finish();
+}
+
+template <class F, class... A>
+inline const bool chunk_invoker_registered = register_invoker(&invoke_chunk_from<F, A...>);
 
 template <class F, class... A>
 inline const bool invoker_registered = register_invoker(&invoke_from<F, A...>);
@@ -142,6 +225,54 @@ Task make_transferable_task(const F& f, const Args&... args) {
                   "mp: the callable cannot be called with these arguments");
     return *make_task(f, args...);
 }
+
+/// Builds chunk tasks for calls of one callable: the callable is named once per chunk, then
+/// each call's arguments follow.
+template <class F, class... A>
+class ChunkBuilder {
+public:
+    explicit ChunkBuilder(const F& f) {
+        (void)chunk_invoker_registered<F, A...>;
+        Encoder e;
+        Invoker inv = &invoke_chunk_from<F, A...>;
+        CodeRef r = code_ref(reinterpret_cast<std::uintptr_t>(inv));
+        e.put(r.module);
+        e.put(r.offset);
+        if constexpr (FunctionPointer<F>) {
+            if (f == nullptr) throw Error("mp: cannot send a null function pointer");
+            CodeRef fr = code_ref(reinterpret_cast<std::uintptr_t>(f));
+            e.put(fr.module);
+            e.put(fr.offset);
+        }
+        prefix_ = e.take();
+        reset();
+    }
+    /// Appends one call's arguments.
+    template <class... B>
+    void add(const B&... args) {
+        (e_.put(static_cast<const A&>(args)), ...);
+        ++count_;
+    }
+    std::size_t count() const noexcept { return count_; }
+    /// The chunk so far, as a task; starts a new one.
+    Task take() {
+        const std::uint64_t n = little_endian(std::uint64_t{count_});
+        std::memcpy(e_.bytes().data() + prefix_.size(), &n, sizeof n);
+        Task t{e_.take(), e_.take_fds()};
+        reset();
+        return t;
+    }
+
+private:
+    void reset() {
+        e_ = Encoder(prefix_);
+        e_.write_size(0);
+        count_ = 0;
+    }
+    std::string prefix_;
+    Encoder e_;
+    std::size_t count_ = 0;
+};
 
 /// Decodes and runs a task; returns the encoded result. `fds` are the descriptors that arrived
 /// with it: the arguments take theirs and leave -1; the caller closes the rest. Throws

@@ -1,0 +1,558 @@
+#pragma once
+/// mp::Future<T>, mp::ProcessPoolExecutor, mp::wait, mp::as_completed: Python's
+/// concurrent.futures with worker processes that may crash, hang or leak without taking the
+/// pool down.
+///
+///     int square(int x) { return x * x; }
+///     mp::ProcessPoolExecutor ex({.max_workers = 4});
+///     mp::Future<int> f = ex.submit(square, 7);
+///     f.result();                                   // 49
+///     for (int y : ex.map(square, std::vector{1, 2, 3})) ...
+///
+/// Work is a transferable callable (a function, a function pointer, a captureless lambda or an
+/// empty function object) whose arguments and result have an mp::Codec; a capturing lambda is a
+/// compile error that says to pass the captured values as arguments.
+///
+/// Failures arrive through the future:
+/// - an exception thrown by the task: standard exception types (std::out_of_range,
+///   std::invalid_argument, std::runtime_error, ...) and mp's own come back as themselves with
+///   the remote message; any other type as mp::RemoteError with its type name, message and the
+///   worker it came from;
+/// - a worker that died running the task (segfault, abort, exit(), SIGKILL, the OOM killer):
+///   mp::WorkerDied with its pid and exit code or signal. Only that task (or chunk) fails; a
+///   replacement worker starts and the pool carries on. With
+///   ExecutorOptions::break_on_worker_death the pool breaks instead, as Python's does: every
+///   unfinished future fails with mp::BrokenProcessPool and so does every later submit;
+/// - a task that ran past its timeout: its worker is killed, the future fails with
+///   mp::TimeoutError, a replacement starts;
+/// - cancel() before the task started: mp::CancelledError.
+///
+/// Threads: futures may be waited on from any thread. Done callbacks run in the pool's own
+/// thread (the one that collects results), or at once in the calling thread when the future is
+/// already done, or in the thread that cancels it; never in a worker. A callback must not block
+/// for long: it holds up every other result of the pool.
+///
+/// Workers start with the forkserver method by default, so a parent that already runs threads
+/// is safe. When the parent dies, even by SIGKILL, its workers are killed at once.
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <iterator>
+#include <memory>
+#include <optional>
+#include <ranges>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "mp/detail/future_core.hpp"
+#include "mp/detail/pool_engine.hpp"
+#include "mp/detail/task.hpp"
+#include "mp/errors.hpp"
+#include "mp/process.hpp"
+#include "mp/serialize.hpp"
+
+namespace mp {
+
+template <class T>
+class Future;
+
+namespace detail {
+template <class T>
+T decode_value(const std::string& bytes) {
+    if constexpr (std::is_void_v<T>) {
+        return;
+    } else {
+        return decode<T>(bytes);
+    }
+}
+template <class T>
+std::shared_ptr<FutureCore> core_of(const Future<T>& f);
+using Timeout = std::optional<std::chrono::nanoseconds>;
+}  // namespace detail
+
+/// The eventual result of work handed to a pool: a cheap copyable handle; copies share the state.
+template <class T>
+class Future {
+public:
+    /// An empty handle (valid() is false); every other member needs a valid one.
+    Future() = default;
+    explicit Future(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
+
+    bool valid() const noexcept { return core_ != nullptr; }
+    /// Cancels the work unless a worker has taken it: false once running or done.
+    bool cancel() const { return core_->cancel(); }
+    bool cancelled() const noexcept {
+        return core_->state() == detail::FutureCore::State::cancelled;
+    }
+    /// True while a worker has the task.
+    bool running() const noexcept { return core_->state() == detail::FutureCore::State::running; }
+    /// Finished (with a value or an exception) or cancelled.
+    bool done() const noexcept { return core_->done(); }
+
+    /// Waits for the value. Throws what the task threw (see the header), CancelledError when
+    /// cancelled, TimeoutError when `timeout` passes first (the work goes on).
+    T result(detail::Timeout timeout = std::nullopt) const {
+        wait_done(timeout);
+        if (cancelled()) throw CancelledError();
+        if (auto e = core_->error()) std::rethrow_exception(e);
+        return detail::decode_value<T>(core_->bytes());
+    }
+    template <class Rep, class Period>
+    T result(std::chrono::duration<Rep, Period> timeout) const {
+        return result(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
+    }
+
+    /// The exception the work ended with; nullptr when it produced a value. Throws CancelledError
+    /// when cancelled, TimeoutError when `timeout` passes first.
+    std::exception_ptr exception(detail::Timeout timeout = std::nullopt) const {
+        wait_done(timeout);
+        if (cancelled()) throw CancelledError();
+        return core_->error();
+    }
+    template <class Rep, class Period>
+    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) const {
+        return exception(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
+    }
+
+    /// Waits until done; false when `timeout` passed first.
+    bool wait(detail::Timeout timeout = std::nullopt) const { return core_->wait(timeout); }
+
+    /// Calls fn(future) once done: at once (in this thread) when already done, else in the pool's
+    /// result thread, or in the thread that cancels it. Callbacks run in the order added.
+    void add_done_callback(std::function<void(const Future&)> fn) const {
+        core_->add_done_callback([fn = std::move(fn)](detail::FutureCore& c) {
+            fn(Future(c.shared_from_this()));
+        });
+    }
+
+    friend bool operator==(const Future& a, const Future& b) noexcept { return a.core_ == b.core_; }
+
+private:
+    friend std::shared_ptr<detail::FutureCore> detail::core_of<T>(const Future<T>&);
+    void wait_done(detail::Timeout timeout) const {
+        if (!core_->wait(timeout)) throw TimeoutError("the future did not finish in time");
+    }
+    std::shared_ptr<detail::FutureCore> core_;
+};
+
+namespace detail {
+template <class T>
+std::shared_ptr<FutureCore> core_of(const Future<T>& f) {
+    return f.core_;
+}
+template <class T>
+std::vector<FutureCore*> raw_cores(const std::vector<Future<T>>& fs) {
+    std::vector<FutureCore*> out;
+    out.reserve(fs.size());
+    for (const auto& f : fs) out.push_back(core_of(f).get());
+    return out;
+}
+}  // namespace detail
+
+/// When mp::wait returns (Python's FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED).
+using ReturnWhen = detail::ReturnWhen;
+inline constexpr ReturnWhen FIRST_COMPLETED = ReturnWhen::first_completed;
+inline constexpr ReturnWhen FIRST_EXCEPTION = ReturnWhen::first_exception;
+inline constexpr ReturnWhen ALL_COMPLETED = ReturnWhen::all_completed;
+
+/// What mp::wait returns: the futures that are done and those that are not, each in input order.
+template <class T>
+struct WaitResult {
+    std::vector<Future<T>> done;
+    std::vector<Future<T>> not_done;
+};
+
+/// Waits until `when` holds for `futures` (FIRST_EXCEPTION: one finished with an exception, or
+/// all done) or `timeout` passes; never throws TimeoutError (look at not_done).
+template <class T>
+WaitResult<T> wait(const std::vector<Future<T>>& futures, detail::Timeout timeout = std::nullopt,
+                   ReturnWhen when = ALL_COMPLETED) {
+    auto cores = detail::raw_cores(futures);
+    auto idx = detail::wait_cores(cores, timeout, when);
+    WaitResult<T> r;
+    std::vector<bool> is_done(futures.size(), false);
+    for (auto i : idx) is_done[i] = true;
+    for (std::size_t i = 0; i < futures.size(); ++i)
+        (is_done[i] ? r.done : r.not_done).push_back(futures[i]);
+    return r;
+}
+template <class T>
+WaitResult<T> wait(const std::vector<Future<T>>& futures, ReturnWhen when) {
+    return wait(futures, std::nullopt, when);
+}
+template <class T, class Rep, class Period>
+WaitResult<T> wait(const std::vector<Future<T>>& futures, std::chrono::duration<Rep, Period> timeout,
+                   ReturnWhen when = ALL_COMPLETED) {
+    return wait(futures, detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)),
+                when);
+}
+
+/// Options of mp::as_completed.
+struct AsCompletedOptions {
+    /// From the call; std::nullopt: no limit.
+    detail::Timeout timeout;
+    /// Draw a progress bar on stderr as futures finish.
+    bool progress = false;
+};
+
+/// The futures in the order they finish (those already done first, in input order). Iterating
+/// past `timeout` (counted from the call) throws TimeoutError "N (of M) futures unfinished".
+/// Duplicates are yielded once.
+template <class T>
+class AsCompleted {
+public:
+    AsCompleted(std::vector<Future<T>> futures, AsCompletedOptions options)
+        : futures_(dedupe(std::move(futures))),
+          queue_(std::make_unique<detail::CompletionQueue>(detail::raw_cores(futures_))) {
+        if (options.timeout)
+            deadline_ = std::chrono::steady_clock::now() + *options.timeout;
+        if (options.progress)
+            bar_ = std::make_unique<detail::ProgressBar>("as_completed", futures_.size());
+    }
+
+    class iterator {
+    public:
+        using iterator_category = std::input_iterator_tag;
+        using value_type = Future<T>;
+        using difference_type = std::ptrdiff_t;
+        iterator() = default;
+        explicit iterator(AsCompleted* owner) : owner_(owner) { advance(); }
+        const Future<T>& operator*() const { return owner_->futures_[index_]; }
+        const Future<T>* operator->() const { return &owner_->futures_[index_]; }
+        iterator& operator++() {
+            advance();
+            return *this;
+        }
+        void operator++(int) { advance(); }
+        friend bool operator==(const iterator& a, std::default_sentinel_t) noexcept {
+            return a.owner_ == nullptr;
+        }
+
+    private:
+        void advance() {
+            auto next = owner_->queue_->next(owner_->deadline_);
+            if (!next) {
+                owner_ = nullptr;
+                return;
+            }
+            index_ = *next;
+            if (owner_->bar_) owner_->bar_->advance();
+        }
+        AsCompleted* owner_ = nullptr;
+        std::size_t index_ = 0;
+    };
+
+    iterator begin() { return iterator(this); }
+    std::default_sentinel_t end() const noexcept { return {}; }
+
+private:
+    static std::vector<Future<T>> dedupe(std::vector<Future<T>> in) {
+        std::vector<Future<T>> out;
+        for (auto& f : in)
+            if (std::find(out.begin(), out.end(), f) == out.end()) out.push_back(std::move(f));
+        return out;
+    }
+    std::vector<Future<T>> futures_;
+    std::unique_ptr<detail::CompletionQueue> queue_;
+    std::optional<std::chrono::steady_clock::time_point> deadline_;
+    std::unique_ptr<detail::ProgressBar> bar_;
+};
+
+template <class T>
+AsCompleted<T> as_completed(std::vector<Future<T>> futures, AsCompletedOptions options = {}) {
+    return AsCompleted<T>(std::move(futures), std::move(options));
+}
+template <class T, class Rep, class Period>
+AsCompleted<T> as_completed(std::vector<Future<T>> futures, std::chrono::duration<Rep, Period> timeout) {
+    return AsCompleted<T>(std::move(futures),
+                          {std::chrono::duration_cast<std::chrono::nanoseconds>(timeout), false});
+}
+
+/// Options of a ProcessPoolExecutor; every member has a sensible default.
+struct ExecutorOptions {
+    /// Empty: cpu_count(). Zero or less is std::invalid_argument, as Python's ValueError.
+    std::optional<int> max_workers;
+    /// Empty: forkserver (safe in a parent with threads). fork starts workers faster but copies
+    /// the parent, threads' locks included.
+    std::optional<StartMethod> start_method;
+    /// A worker is replaced after this many tasks (chunks count as one); 0: never.
+    std::size_t max_tasks_per_child = 0;
+    /// A worker whose resident memory passes this many bytes after a task is replaced; 0: never.
+    std::size_t max_memory_per_child = 0;
+    /// Default per-task time limit, counted from when a worker starts the task; empty: none.
+    detail::Timeout task_timeout;
+    /// Python's behaviour: a worker that dies breaks the whole pool (BrokenProcessPool).
+    bool break_on_worker_death = false;
+};
+
+/// Options of one submit.
+struct TaskOptions {
+    /// Overrides ExecutorOptions::task_timeout for this task.
+    detail::Timeout timeout;
+};
+
+/// Options of map (ProcessPoolExecutor and Pool).
+struct MapOptions {
+    /// Calls per task sent to a worker; 0: the default (1 for the executor, Python's
+    /// ceil(n / (4 * workers)) for Pool). A worker that dies fails its whole chunk.
+    std::size_t chunksize = 0;
+    /// The executor's map: iterating past this (counted from the call) throws TimeoutError.
+    detail::Timeout timeout;
+    /// Time limit for each chunk once started (overrides the pool's task_timeout).
+    detail::Timeout task_timeout;
+    /// Draw a progress bar on stderr (done/total, rate, ETA) as chunks finish.
+    bool progress = false;
+};
+
+namespace detail {
+
+template <class F, class... A>
+using call_result_t = std::invoke_result_t<std::decay_t<F>&, std::decay_t<A>&...>;
+
+/// The value type of a map over a callable whose result may be void (then std::monostate).
+template <class R>
+using item_t = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
+
+template <class F, class... A>
+void check_work() {
+    using Fn = std::decay_t<F>;
+    static_assert(!(std::is_class_v<Fn> && !std::is_empty_v<Fn>),
+                  "mp: work sent to another process cannot capture state: pass the captured "
+                  "values as arguments instead (a captureless lambda, a function or an empty "
+                  "function object is transferable)");
+    static_assert(Transferable<Fn>,
+                  "mp: work sent to another process must be a function, a function pointer, a "
+                  "captureless lambda or an empty, default-constructible function object");
+    static_assert((Encodable<std::decay_t<A>> && ...),
+                  "mp: every argument sent to another process needs an mp::Codec (a cereal "
+                  "serialize() function or a Codec<T> specialisation)");
+    static_assert(std::is_invocable_v<Fn&, std::decay_t<A>&...>,
+                  "mp: the callable cannot be called with these arguments");
+    using R = call_result_t<F, A...>;
+    static_assert(std::is_void_v<R> || Encodable<R>,
+                  "mp: the result of work run in another process needs an mp::Codec");
+}
+
+/// Chunked calls of one callable: each chunk a task, its result the items' outcomes.
+struct ChunkSet {
+    std::vector<std::shared_ptr<FutureCore>> cores;
+    std::vector<std::size_t> sizes;
+    std::size_t items = 0;
+};
+
+/// Builds and submits the chunks of fn over rows produced by `each(add)`.
+template <class F, class... A, class Rows>
+ChunkSet submit_chunks(PoolEngine& engine, const F& fn, std::size_t chunksize, Timeout task_timeout,
+                       Rows&& rows) {
+    ChunkBuilder<std::decay_t<F>, std::decay_t<A>...> builder(fn);
+    ChunkSet set;
+    if (chunksize == 0) chunksize = 1;
+    auto flush = [&] {
+        std::size_t n = builder.count();
+        set.cores.push_back(engine.submit(builder.take(), JobOptions{task_timeout, n}));
+        set.sizes.push_back(n);
+    };
+    rows([&](const auto&... args) {
+        builder.add(args...);
+        ++set.items;
+        if (builder.count() == chunksize) flush();
+    });
+    if (builder.count() != 0) flush();
+    return set;
+}
+
+/// Calls `add(a, b, ...)` for each row of the zipped ranges, up to the shortest.
+template <class... Rs>
+auto zip_rows(Rs&... ranges) {
+    return [&ranges...](auto&& add) {
+        auto its = std::make_tuple(std::ranges::begin(ranges)...);
+        auto ends = std::make_tuple(std::ranges::end(ranges)...);
+        auto any_end = [&]<std::size_t... I>(std::index_sequence<I...>) {
+            return ((std::get<I>(its) == std::get<I>(ends)) || ...);
+        };
+        auto step = [&]<std::size_t... I>(std::index_sequence<I...>) {
+            add(*std::get<I>(its)...);
+            (++std::get<I>(its), ...);
+        };
+        while (!any_end(std::index_sequence_for<Rs...>{})) step(std::index_sequence_for<Rs...>{});
+    };
+}
+
+/// Calls `add(get<0>(t), get<1>(t), ...)` for each tuple of `range`.
+template <class R>
+auto star_rows(R& range) {
+    return [&range](auto&& add) {
+        for (const auto& t : range) std::apply([&](const auto&... a) { add(a...); }, t);
+    };
+}
+
+}  // namespace detail
+
+/// The results of a map, in input order, produced lazily: iterating waits for each in turn.
+/// An item whose call failed throws its exception when reached; the chunks not yet started are
+/// then cancelled (as Python's map does), and so they are after a TimeoutError.
+template <class R>
+class MapResults {
+public:
+    using value_type = R;
+
+    MapResults(detail::ChunkSet set, detail::Timeout timeout, bool progress, const char* label)
+        : set_(std::make_shared<detail::ChunkSet>(std::move(set))) {
+        if (timeout) deadline_ = std::chrono::steady_clock::now() + *timeout;
+        if (progress) {
+            auto bar = std::make_shared<detail::ProgressBar>(label, set_->items);
+            for (std::size_t i = 0; i < set_->cores.size(); ++i)
+                set_->cores[i]->add_done_callback(
+                    [bar, n = set_->sizes[i]](detail::FutureCore&) { bar->advance(n); });
+        }
+    }
+
+    /// How many results there will be.
+    std::size_t size() const noexcept { return set_->items; }
+
+    class iterator {
+    public:
+        using iterator_category = std::input_iterator_tag;
+        using value_type = R;
+        using difference_type = std::ptrdiff_t;
+        iterator() = default;
+        explicit iterator(MapResults* owner) : owner_(owner) {
+            if (owner_->set_->items == 0) owner_ = nullptr;
+        }
+        /// Waits for this item and decodes it (each dereference decodes anew).
+        R operator*() const { return owner_->item(chunk_, pos_); }
+        iterator& operator++() {
+            if (++pos_ == owner_->set_->sizes[chunk_]) {
+                pos_ = 0;
+                if (++chunk_ == owner_->set_->sizes.size()) owner_ = nullptr;
+            }
+            return *this;
+        }
+        void operator++(int) { ++*this; }
+        friend bool operator==(const iterator& a, std::default_sentinel_t) noexcept {
+            return a.owner_ == nullptr;
+        }
+
+    private:
+        MapResults* owner_ = nullptr;
+        std::size_t chunk_ = 0;
+        std::size_t pos_ = 0;
+    };
+
+    iterator begin() { return iterator(this); }
+    std::default_sentinel_t end() const noexcept { return {}; }
+
+    /// Every result, in order (throws as iteration would).
+    std::vector<R> to_vector() {
+        std::vector<R> out;
+        out.reserve(size());
+        for (auto&& v : *this) out.push_back(std::move(v));
+        return out;
+    }
+
+    /// Cancels every chunk not yet started.
+    void cancel() const {
+        for (auto& c : set_->cores) c->cancel();
+    }
+
+private:
+    R item(std::size_t chunk, std::size_t pos) {
+        auto& core = *set_->cores[chunk];
+        try {
+            std::optional<std::chrono::nanoseconds> left;
+            if (deadline_) {
+                auto now = std::chrono::steady_clock::now();
+                left = now < *deadline_ ? *deadline_ - now : std::chrono::nanoseconds::zero();
+            }
+            if (!core.wait(left)) throw TimeoutError("map: the results did not arrive in time");
+            if (core.state() == detail::FutureCore::State::cancelled) throw CancelledError();
+            if (auto e = core.error()) std::rethrow_exception(e);
+            if (parsed_chunk_ != chunk) {
+                items_ = detail::split_chunk(core.bytes(), set_->sizes[chunk]);
+                parsed_chunk_ = chunk;
+            }
+            const auto& it = items_[pos];
+            if (!it.ok) detail::throw_item_error(it);
+            return decode<R>(it.bytes);
+        } catch (...) {
+            cancel();
+            throw;
+        }
+    }
+
+    std::shared_ptr<detail::ChunkSet> set_;
+    std::optional<std::chrono::steady_clock::time_point> deadline_;
+    std::size_t parsed_chunk_ = static_cast<std::size_t>(-1);
+    std::vector<detail::ChunkItem> items_;
+};
+
+/// A pool of worker processes that runs transferable callables and hands back futures.
+///
+/// Destructor policy: shuts down and waits, as `with ProcessPoolExecutor()` does: every
+/// submitted task still runs to its end, then the workers exit and are reaped.
+class ProcessPoolExecutor {
+public:
+    explicit ProcessPoolExecutor(ExecutorOptions options = {}) : engine_(make_config(options, {})) {}
+    /// Each worker calls initializer(args...) before its first task. An initializer that throws
+    /// or kills its worker breaks the pool: every future fails with BrokenProcessPool.
+    template <class F, class... A>
+    ProcessPoolExecutor(ExecutorOptions options, const F& initializer, const A&... args)
+        : engine_(make_config(options, detail::make_transferable_task(initializer, args...))) {}
+    ~ProcessPoolExecutor() = default;
+    ProcessPoolExecutor(const ProcessPoolExecutor&) = delete;
+    ProcessPoolExecutor& operator=(const ProcessPoolExecutor&) = delete;
+
+    /// Schedules fn(args...) (copies of the arguments, encoded now). Throws mp::Error after
+    /// shutdown(), BrokenProcessPool when the pool is broken.
+    template <class F, class... A>
+        requires(!std::is_same_v<std::decay_t<F>, TaskOptions>)
+    Future<detail::call_result_t<F, A...>> submit(const F& fn, const A&... args) {
+        return submit(TaskOptions{}, fn, args...);
+    }
+    /// submit with options: submit({.timeout = 2s}, fn, args...).
+    template <class F, class... A>
+    Future<detail::call_result_t<F, A...>> submit(TaskOptions options, const F& fn, const A&... args) {
+        detail::check_work<F, A...>();
+        return Future<detail::call_result_t<F, A...>>(
+            engine_.submit(*detail::make_task(fn, args...), detail::JobOptions{options.timeout, 0}));
+    }
+
+    /// fn over the zipped ranges (up to the shortest), results in input order. The ranges are
+    /// consumed and every task submitted before this returns.
+    template <class F, class... Rs>
+        requires(sizeof...(Rs) > 0 && !std::is_same_v<std::decay_t<F>, MapOptions>)
+    auto map(const F& fn, Rs&&... ranges) {
+        return map(MapOptions{}, fn, std::forward<Rs>(ranges)...);
+    }
+    template <class F, class... Rs>
+        requires(sizeof...(Rs) > 0)
+    auto map(MapOptions options, const F& fn, Rs&&... ranges) {
+        using R = detail::call_result_t<F, std::ranges::range_value_t<Rs>...>;
+        detail::check_work<F, std::ranges::range_value_t<Rs>...>();
+        auto set = detail::submit_chunks<F, std::ranges::range_value_t<Rs>...>(
+            engine_, fn, options.chunksize == 0 ? 1 : options.chunksize, options.task_timeout,
+            detail::zip_rows(ranges...));
+        return MapResults<detail::item_t<R>>(std::move(set), options.timeout, options.progress, "map");
+    }
+
+    /// No new work after this. wait: block until every running and pending task has finished
+    /// and the workers have exited. cancel_futures: cancel the tasks no worker has started.
+    /// Safe to call more than once.
+    void shutdown(bool wait = true, bool cancel_futures = false) { engine_.shutdown(wait, cancel_futures); }
+
+    /// The number of worker processes.
+    int max_workers() const noexcept { return engine_.size(); }
+    /// Counts of submitted / pending / running / done / failed tasks, per worker too.
+    PoolStats stats() const { return engine_.stats(); }
+
+private:
+    static detail::PoolConfig make_config(const ExecutorOptions& o, std::optional<detail::Task> init);
+    detail::PoolEngine engine_;
+};
+
+}  // namespace mp

@@ -1,0 +1,906 @@
+// The pool's thread: starts workers, feeds them tasks, collects results, and deals with workers
+// that die, overrun or retire.
+//
+// One thread per pool owns every worker and runs one poll() loop over
+//   - an eventfd that submit(), shutdown() and terminate() ring (only when the loop sleeps),
+//   - each worker's socket (results in, tasks out when a write was short),
+//   - each worker's end: a pidfd (fork) or the forkserver's status socket,
+// with a timeout at the nearest task deadline. Nothing but this thread touches a worker.
+//
+// Which task did a dead worker run? Each worker has a slot in a shared page where it stores the
+// ordinal (its own count, 1, 2, ...) of the task it starts and of the one it finishes. Tasks are
+// handed to a worker in order and run in order, so after its death, with its socket drained:
+//   ordinal <= finished             ran to the end, but the answer was lost with the worker;
+//   ordinal == started > finished   was running: it fails (WorkerDied, or TimeoutError if the
+//                                   pool killed it for overrunning);
+//   ordinal > started               never started: handed to another worker.
+// The worker sends its answers before it blocks for more work and before any task when the
+// oldest unsent one is 200 us old, so the first case is rare and small.
+//
+// How many tasks a worker holds: enough to cover about a millisecond of its measured task time
+// (at least 2, at most 1024), so tiny tasks travel in batches and long ones are not stuck
+// behind each other in one worker while another idles.
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <iostream>
+#include <mutex>
+#include <thread>
+
+#include "mp/detail/pool_engine.hpp"
+#include "mp/futures.hpp"
+#include "mp/pool.hpp"
+#include "pool_frames.hpp"
+#include "process_impl.hpp"
+#include "sys/error.hpp"
+#include "sys/pidfd.hpp"
+
+namespace mp {
+namespace detail::pool {
+/// A descriptor handed to a forkserver worker as an argument of its entry function.
+struct PassedFd {
+    int fd = -1;
+};
+}  // namespace detail::pool
+
+template <>
+struct Codec<detail::pool::PassedFd> {
+    static constexpr std::size_t min_encoded_size = 4;
+    static void encode(Encoder& e, const detail::pool::PassedFd& p) { e.put(e.attach_fd(p.fd)); }
+    static detail::pool::PassedFd decode(Decoder& d) { return {d.take_fd(d.get<std::uint32_t>())}; }
+};
+
+namespace detail {
+namespace pool {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::nanoseconds;
+
+// A forkserver worker's entry: map the status page, then serve.
+void forkserver_worker(PassedFd sock, PassedFd page, std::uint64_t page_bytes) {
+    void* p = ::mmap(nullptr, page_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, page.fd, 0);
+    ::close(page.fd);
+    if (p == MAP_FAILED) sys::throw_system_error(errno, "mmap (pool worker)");
+    int code = worker_loop(sock.fd, static_cast<WorkerSlot*>(p));
+    finish_child(code);
+}
+
+struct Job {
+    std::uint64_t ordinal = 0;  // in its current worker
+    std::string bytes;
+    std::vector<sys::Fd> fds;
+    std::size_t items = 0;
+    std::optional<nanoseconds> timeout;
+    std::shared_ptr<FutureCore> core;
+};
+
+struct Worker {
+    std::size_t slot = 0;
+    pid_t pid = 0;
+    std::string name;
+    sys::Fd sock;
+    sys::Fd pidfd;
+    sys::Fd status;  // forkserver: the exit status arrives here
+    bool forked = false;
+    std::deque<Job> inflight;
+    std::uint64_t next_ordinal = 1;
+    std::uint64_t sent = 0;
+    FrameReader in;
+    FrameWriter out;
+    bool ready = false;
+    bool retiring = false;
+    bool closing = false;  // socket shut for writing: the worker exits when idle
+    std::uint64_t timed_out = 0;  // the ordinal the pool killed it for
+    std::optional<Clock::time_point> deadline;
+    std::uint64_t deadline_ordinal = 0;
+    double avg_ns = 0;
+    std::unique_ptr<ProcessIdentity> identity;  // fork: the child's, alive while it runs
+    std::unique_ptr<ParentProcess> parent;
+    // Counted for stats(); written by the pool's thread only, read under the pool's lock.
+    std::atomic<std::size_t> assigned{0}, running{0}, done{0}, failed{0};
+
+    int exit_fd() const { return forked ? pidfd.get() : status.get(); }
+    std::size_t capacity(std::size_t max_tasks) const {
+        std::size_t cap = 2;
+        if (avg_ns > 0) cap = static_cast<std::size_t>(std::clamp(1e6 / avg_ns, 2.0, 1024.0));
+        if (max_tasks != 0) cap = std::min<std::size_t>(cap, max_tasks - std::min<std::size_t>(sent, max_tasks));
+        return cap;
+    }
+};
+
+std::string describe_status(int status) {
+    if (status < 0) {
+        const char* name = ::sigabbrev_np(-status);
+        return "was killed by signal " + std::to_string(-status) +
+               (name != nullptr ? std::string(" (SIG") + name + ")" : std::string());
+    }
+    return "exited with code " + std::to_string(status);
+}
+
+}  // namespace
+}  // namespace pool
+
+struct PoolEngine::Impl {
+    using Clock = std::chrono::steady_clock;
+    PoolConfig cfg;
+
+    // Shared with submitters: under mu.
+    mutable std::mutex mu;
+    std::deque<pool::Job> incoming;
+    bool shutting_down = false;
+    bool cancel_requested = false;
+    bool terminate_requested = false;
+    bool broken = false;
+    bool finished = false;
+    bool loop_sleeping = false;
+    std::string broken_reason;
+    std::vector<std::unique_ptr<pool::Worker>> workers;  // structure changes under mu
+    std::atomic<std::size_t> submitted{0}, pending_count{0}, running_count{0}, done_count{0},
+        failed_count{0}, cancelled_count{0}, started_count{0}, death_count{0};
+
+    sys::Fd wake;
+    pool::WorkerSlot* slots = nullptr;
+    std::size_t page_bytes = 0;
+    sys::Fd page;
+    std::vector<bool> slot_used;
+    std::vector<sys::Fd> init_fds;  // owned copies of the initializer's descriptors
+    std::thread thread;
+
+    // The pool's thread only.
+    std::deque<pool::Job> pending;
+    std::size_t worker_counter = 0;
+    int start_failures = 0;  // consecutive workers that died before they were ready
+
+    explicit Impl(PoolConfig c) : cfg(std::move(c)) {
+        wake = sys::Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+        if (!wake) sys::throw_system_error(errno, "eventfd");
+        page_bytes = (sizeof(pool::WorkerSlot) * static_cast<std::size_t>(cfg.workers) + 4095) & ~std::size_t{4095};
+        page = sys::Fd(::memfd_create("mp-pool", MFD_CLOEXEC));
+        if (!page) sys::throw_system_error(errno, "memfd_create");
+        if (::ftruncate(page.get(), static_cast<off_t>(page_bytes)) != 0)
+            sys::throw_system_error(errno, "ftruncate");
+        void* p = ::mmap(nullptr, page_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, page.get(), 0);
+        if (p == MAP_FAILED) sys::throw_system_error(errno, "mmap");
+        slots = static_cast<pool::WorkerSlot*>(p);
+        slot_used.assign(static_cast<std::size_t>(cfg.workers), false);
+    }
+    ~Impl() {
+        if (slots != nullptr) ::munmap(slots, page_bytes);
+    }
+
+    void ring() {
+        const std::uint64_t one = 1;
+        ssize_t n = ::write(wake.get(), &one, sizeof one);
+        (void)n;  // EAGAIN: the counter is already non-zero, the loop will wake
+    }
+    // Under mu.
+    void ring_if_sleeping() {
+        if (loop_sleeping) {
+            loop_sleeping = false;
+            ring();
+        }
+    }
+
+    // ---- the loop ------------------------------------------------------------------------------
+
+    void run() noexcept {
+        try {
+            loop();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "mp pool: internal error, the pool is broken: %s\n", e.what());
+            try {
+                break_pool(std::string("internal error: ") + e.what());
+                kill_all();
+                while (!workers.empty()) wait_exit(*workers.front(), true);
+            } catch (...) {
+            }
+        }
+        std::lock_guard lock(mu);
+        finished = true;
+    }
+
+    void loop() {
+        std::vector<pollfd> fds;
+        while (true) {
+            bool terminate = false, cancel = false;
+            {
+                std::lock_guard lock(mu);
+                while (!incoming.empty()) {
+                    pending.push_back(std::move(incoming.front()));
+                    incoming.pop_front();
+                }
+                terminate = terminate_requested;
+                cancel = std::exchange(cancel_requested, false);
+            }
+            if (terminate) {
+                fail_all(std::make_exception_ptr(BrokenProcessPool("the pool was terminated")));
+                kill_all();
+                while (!workers.empty()) wait_exit(*workers.front(), true);
+                return;
+            }
+            if (cancel) cancel_pending();
+            if (is_broken()) fail_pending();
+
+            const bool draining = shutting_down_now();
+            if (!is_broken()) {
+                const std::size_t busy = in_flight();
+                if (!draining || !pending.empty() || busy != 0) start_workers();
+            }
+            dispatch();
+            for (auto& w : workers) send(*w);
+            if (draining && pending.empty() && in_flight() == 0) {
+                for (auto& w : workers) close_input(*w);
+                if (workers.empty()) return;
+            }
+
+            // Sleep until something happens.
+            fds.clear();
+            fds.push_back({wake.get(), POLLIN, 0});
+            for (auto& w : workers) {
+                short ev = w->sock ? POLLIN : 0;
+                if (w->sock && !w->out.empty()) ev |= POLLOUT;
+                fds.push_back({w->sock ? w->sock.get() : -1, ev, 0});
+                fds.push_back({w->exit_fd(), POLLIN, 0});
+            }
+            int timeout_ms = -1;
+            const auto now = Clock::now();
+            for (auto& w : workers)
+                if (w->deadline) {
+                    auto left = std::chrono::ceil<std::chrono::milliseconds>(*w->deadline - now).count();
+                    left = std::max<decltype(left)>(left, 0);
+                    if (timeout_ms < 0 || left < timeout_ms) timeout_ms = static_cast<int>(left);
+                }
+            {
+                std::lock_guard lock(mu);
+                if (!incoming.empty() || terminate_requested || cancel_requested) continue;
+                loop_sleeping = true;
+            }
+            int n = ::poll(fds.data(), fds.size(), timeout_ms);
+            {
+                std::lock_guard lock(mu);
+                loop_sleeping = false;
+            }
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                sys::throw_system_error(errno, "poll (pool)");
+            }
+            if (fds[0].revents != 0) {
+                std::uint64_t v;
+                ssize_t r = ::read(wake.get(), &v, sizeof v);
+                (void)r;
+            }
+            // Index by position: a worker may go while we look at the others.
+            std::vector<pool::Worker*> dead;
+            for (std::size_t i = 0; i < workers.size(); ++i) {
+                auto& w = *workers[i];
+                const short sock_ev = fds[1 + 2 * i].revents;
+                const short exit_ev = fds[2 + 2 * i].revents;
+                if (sock_ev & (POLLIN | POLLHUP | POLLERR)) receive(w);
+                if (sock_ev & POLLOUT) send(w);
+                if (exit_ev != 0) dead.push_back(&w);
+            }
+            for (pool::Worker* w : dead) wait_exit(*w, false);
+            check_deadlines();
+        }
+    }
+
+    bool is_broken() const {
+        std::lock_guard lock(mu);
+        return broken;
+    }
+    bool shutting_down_now() const {
+        std::lock_guard lock(mu);
+        return shutting_down;
+    }
+    std::size_t in_flight() const {
+        std::size_t n = 0;
+        for (auto& w : workers) n += w->inflight.size();
+        return n;
+    }
+
+    // ---- workers -------------------------------------------------------------------------------
+
+    void start_workers() {
+        while (static_cast<int>(workers.size()) < cfg.workers) {
+            try {
+                start_worker();
+            } catch (const std::exception& e) {
+                break_pool(std::string("a worker could not start: ") + e.what());
+                return;
+            }
+        }
+    }
+
+    void start_worker() {
+        auto w = std::make_unique<pool::Worker>();
+        w->slot = static_cast<std::size_t>(std::find(slot_used.begin(), slot_used.end(), false) - slot_used.begin());
+        slot_used[w->slot] = true;
+        struct SlotGuard {
+            Impl* self;
+            std::size_t slot;
+            bool keep = false;
+            ~SlotGuard() {
+                if (!keep) self->slot_used[slot] = false;
+            }
+        } guard{this, w->slot};
+        new (&slots[w->slot]) pool::WorkerSlot;
+        const std::size_t number = ++worker_counter;
+        w->name = cfg.worker_name + "-" + std::to_string(number);
+        auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
+        std::vector<int> identity = current_process().identity;
+        identity.push_back(static_cast<int>(number));
+
+        if (cfg.method == StartMethod::forkserver) {
+            forkserver::Request req;
+            req.name = w->name;
+            req.daemon = true;
+            req.authkey = current_process().authkey;
+            req.identity = identity;
+            req.parent_name = current_process().name;
+            req.parent_pid = ::getpid();
+            Task t = make_transferable_task(&pool::forkserver_worker, pool::PassedFd{theirs.get()},
+                                            pool::PassedFd{page.get()}, std::uint64_t{page_bytes});
+            req.task = std::move(t.bytes);
+            req.task_fds = std::move(t.fds);
+            auto started = forkserver::start_child(req);
+            w->pid = started.pid;
+            w->pidfd = std::move(started.pidfd);
+            w->status = std::move(started.status);
+        } else {
+            w->identity = std::make_unique<ProcessIdentity>(
+                ProcessIdentity{w->name, 0, true, current_process().authkey, identity});
+            w->parent = std::make_unique<ParentProcess>(ParentProcess{current_process().name, ::getpid()});
+            ChildSetup setup{w->identity.get(), w->parent.get(), true, ::getpid()};
+            // The other workers' sockets must not stay open in this one: a dead worker's end of
+            // file would never show.
+            std::vector<int> close_in_child;
+            for (auto& o : workers) close_in_child.push_back(o->sock.get());
+            close_in_child.push_back(ours.get());
+            close_in_child.push_back(wake.get());
+            std::fflush(stdout);
+            std::fflush(stderr);
+            sigset_t all, old_mask;
+            sigfillset(&all);
+            ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
+            pid_t pid = ::fork();
+            if (pid == 0) {
+                become_child(setup);
+                for (int fd : close_in_child)
+                    if (fd >= 0) ::close(fd);
+                finish_child(pool::worker_loop(theirs.get(), slots));
+            }
+            ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+            if (pid < 0) sys::throw_system_error(errno, "fork (pool worker)");
+            w->forked = true;
+            w->pid = pid;
+            try {
+                w->pidfd = sys::pidfd_open(pid);
+            } catch (...) {
+                ::kill(pid, SIGKILL);
+                siginfo_t info;
+                ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
+                throw;
+            }
+        }
+        theirs.reset();
+        ::fcntl(ours.get(), F_SETFL, ::fcntl(ours.get(), F_GETFL) | O_NONBLOCK);
+        w->sock = std::move(ours);
+
+        // The first frame: which slot, the limits, the initializer.
+        std::string init;
+        auto put = [&](const auto& v) { init.append(reinterpret_cast<const char*>(&v), sizeof v); };
+        put(static_cast<std::uint32_t>(w->slot));
+        put(static_cast<std::uint64_t>(cfg.max_tasks_per_child));
+        put(static_cast<std::uint64_t>(cfg.max_memory_per_child));
+        put(static_cast<std::uint8_t>(cfg.initializer ? 1 : 0));
+        std::vector<int> frame_fds;
+        if (cfg.initializer) {
+            init += cfg.initializer->bytes;
+            frame_fds = cfg.initializer->fds;
+        }
+        w->out.add(pool::FrameType::init, 0, 0, init, {}, std::move(frame_fds));
+        guard.keep = true;
+        started_count.fetch_add(1, std::memory_order_relaxed);
+        std::lock_guard lock(mu);
+        workers.push_back(std::move(w));
+    }
+
+    // Shuts the socket for writing: the worker reads end of file once it has run what it holds.
+    void close_input(pool::Worker& w) {
+        if (w.closing || !w.sock) return;
+        if (!w.out.empty()) return;  // the rest of its work is still on the way
+        w.closing = true;
+        ::shutdown(w.sock.get(), SHUT_WR);
+    }
+
+    void kill_all() {
+        for (auto& w : workers)
+            if (w->pidfd) sys::pidfd_send_signal(w->pidfd.get(), SIGKILL);
+    }
+
+    // ---- tasks out ------------------------------------------------------------------------------
+
+    void dispatch() {
+        while (!pending.empty()) {
+            pool::Worker* best = nullptr;
+            std::size_t best_room = 0;
+            for (auto& w : workers) {
+                if (w->retiring || w->closing || w->timed_out != 0) continue;
+                const std::size_t cap = w->capacity(cfg.max_tasks_per_child);
+                const std::size_t held = w->inflight.size();
+                if (held >= cap) continue;
+                // Prefer the emptiest worker, so work spreads before it piles up.
+                const std::size_t room = cap - held;
+                if (best == nullptr || held < best->inflight.size() ||
+                    (held == best->inflight.size() && room > best_room)) {
+                    best = w.get();
+                    best_room = room;
+                }
+            }
+            if (best == nullptr) return;
+            pool::Job job = std::move(pending.front());
+            pending.pop_front();
+            pending_count.fetch_sub(1, std::memory_order_relaxed);
+            if (!job.core->set_running() && job.core->state() == FutureCore::State::cancelled) {
+                cancelled_count.fetch_add(1, std::memory_order_relaxed);
+                continue;
+            }
+            assign(*best, std::move(job));
+        }
+    }
+
+    void assign(pool::Worker& w, pool::Job job) {
+        job.ordinal = w.next_ordinal++;
+        ++w.sent;
+        const auto timeout = job.timeout ? job.timeout : cfg.task_timeout;
+        std::vector<int> fds;
+        for (auto& fd : job.fds) fds.push_back(fd.get());
+        w.out.add(pool::FrameType::task, timeout ? pool::kTimed : 0, job.ordinal, job.bytes, {},
+                  std::move(fds));
+        job.timeout = timeout;
+        // The job keeps its bytes and descriptors until it finishes: a worker that dies before
+        // starting it hands it back to be sent again.
+        w.inflight.push_back(std::move(job));
+        w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
+        running_count.fetch_add(1, std::memory_order_relaxed);
+    }
+
+    void send(pool::Worker& w) {
+        if (!w.sock || w.out.empty()) return;
+        try {
+            (void)w.out.flush(w.sock.get());
+        } catch (const std::system_error&) {
+            // The worker has gone; its end will be seen on its exit descriptor.
+        }
+    }
+
+    // ---- answers in -----------------------------------------------------------------------------
+
+    void receive(pool::Worker& w) {
+        while (w.sock) {
+            auto st = w.in.read_some(w.sock.get());
+            bool progressed = false;
+            while (auto f = w.in.next()) {
+                handle(w, *f);
+                progressed = true;
+            }
+            (void)progressed;
+            if (st != pool::FrameReader::Status::data) {
+                if (st == pool::FrameReader::Status::eof) {
+                    // Nothing more will come; its exit descriptor says when it has ended.
+                    w.sock.reset();
+                }
+                return;
+            }
+        }
+    }
+
+    void handle(pool::Worker& w, pool::Frame& f) {
+        using pool::FrameType;
+        switch (f.type) {
+            case FrameType::ready:
+                w.ready = true;
+                start_failures = 0;
+                return;
+            case FrameType::init_failed: {
+                Decoder d(f.payload);
+                ErrorInfo info = decode_error_info(d);
+                break_pool("the pool's initializer raised " + info.type_name + ": " + info.message +
+                           " (in " + info.origin + ")");
+                return;
+            }
+            case FrameType::started:
+                if (!w.inflight.empty() && w.inflight.front().ordinal == f.ordinal && w.inflight.front().timeout) {
+                    w.deadline = Clock::now() + *w.inflight.front().timeout;
+                    w.deadline_ordinal = f.ordinal;
+                }
+                w.running.store(1, std::memory_order_relaxed);
+                return;
+            case FrameType::result: {
+                if (w.inflight.empty() || w.inflight.front().ordinal != f.ordinal)
+                    throw DecodeError("mp pool: a worker answered a task it was not given");
+                pool::Job job = std::move(w.inflight.front());
+                w.inflight.pop_front();
+                w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
+                w.running.store(0, std::memory_order_relaxed);
+                if (w.deadline_ordinal == f.ordinal) w.deadline.reset();
+                std::uint64_t run_ns = 0;
+                if (f.payload.size() < sizeof run_ns) throw DecodeError("mp pool: truncated result");
+                std::memcpy(&run_ns, f.payload.data(), sizeof run_ns);
+                const std::string_view body = f.payload.substr(sizeof run_ns);
+                const double per = static_cast<double>(run_ns) / static_cast<double>(std::max<std::size_t>(job.items, 1));
+                w.avg_ns = w.avg_ns == 0 ? per : 0.8 * w.avg_ns + 0.2 * per;
+                running_count.fetch_sub(1, std::memory_order_relaxed);
+                if (f.flags & pool::kOk) {
+                    w.done.fetch_add(1, std::memory_order_relaxed);
+                    done_count.fetch_add(1, std::memory_order_relaxed);
+                    job.core->set_result(std::string(body));
+                } else {
+                    w.failed.fetch_add(1, std::memory_order_relaxed);
+                    failed_count.fetch_add(1, std::memory_order_relaxed);
+                    Decoder d(body);
+                    job.core->set_exception(make_remote_exception(decode_error_info(d)));
+                }
+                return;
+            }
+            case FrameType::retire:
+                w.retiring = true;
+                return;
+            default:
+                throw DecodeError("mp pool: unexpected frame from a worker");
+        }
+    }
+
+    // ---- ends -----------------------------------------------------------------------------------
+
+    void check_deadlines() {
+        const auto now = Clock::now();
+        for (auto& w : workers) {
+            if (!w->deadline || *w->deadline > now) continue;
+            w->timed_out = w->deadline_ordinal;
+            w->deadline.reset();
+            if (w->pidfd) sys::pidfd_send_signal(w->pidfd.get(), SIGKILL);
+        }
+    }
+
+    // The worker has ended (or is being made to): read what it sent, reap it, settle its tasks.
+    void wait_exit(pool::Worker& w, bool terminating) {
+        if (w.sock) {
+            receive(w);
+        }
+        int status = 0;
+        std::optional<int> st;
+        if (w.forked) {
+            st = sys::pidfd_wait(w.pidfd.get(), false);
+        } else {
+            st = forkserver::read_status(w.status.get());
+        }
+        status = st.value_or(-SIGKILL);
+
+        const std::uint64_t started = slots[w.slot].started.load(std::memory_order_acquire);
+        const std::uint64_t finished_ord = slots[w.slot].finished.load(std::memory_order_acquire);
+        const bool unasked = !w.retiring && !w.closing && w.timed_out == 0 && !terminating;
+        if (unasked) death_count.fetch_add(1, std::memory_order_relaxed);
+        std::deque<pool::Job> again;
+        for (auto& job : w.inflight) {
+            std::exception_ptr e;
+            if (terminating) {
+                e = std::make_exception_ptr(BrokenProcessPool("the pool was terminated"));
+            } else if (job.ordinal <= finished_ord) {
+                e = std::make_exception_ptr(WorkerDied(w.pid, status));
+            } else if (job.ordinal == started) {
+                if (w.timed_out == job.ordinal) {
+                    e = std::make_exception_ptr(TimeoutError(
+                        "the task ran longer than its time limit; its worker " + w.name + " (pid " +
+                        std::to_string(w.pid) + ") was killed"));
+                } else {
+                    e = std::make_exception_ptr(WorkerDied(w.pid, status));
+                }
+            } else {
+                again.push_back(std::move(job));
+                continue;
+            }
+            running_count.fetch_sub(1, std::memory_order_relaxed);
+            failed_count.fetch_add(1, std::memory_order_relaxed);
+            job.core->set_exception(e);
+        }
+        w.inflight.clear();
+        // Tasks it never started go first, in their order, to the next free worker.
+        for (auto it = again.rbegin(); it != again.rend(); ++it) {
+            running_count.fetch_sub(1, std::memory_order_relaxed);
+            pending_count.fetch_add(1, std::memory_order_relaxed);
+            pending.push_front(std::move(*it));
+        }
+        const bool was_ready = w.ready;
+        const std::string name = w.name;
+        const pid_t pid = w.pid;
+        slot_used[w.slot] = false;
+        {
+            std::lock_guard lock(mu);
+            workers.erase(std::find_if(workers.begin(), workers.end(),
+                                       [&](auto& p) { return p.get() == &w; }));
+        }
+        if (terminating) return;
+        if (unasked && !was_ready && ++start_failures >= 3) {
+            break_pool("workers die as they start (the last, " + name + " (pid " + std::to_string(pid) +
+                       "), " + pool::describe_status(status) + ")");
+        } else if (unasked && cfg.break_on_worker_death) {
+            break_pool("a worker, " + name + " (pid " + std::to_string(pid) + "), " +
+                       pool::describe_status(status) + "; the pool is not usable any more");
+        }
+    }
+
+    // ---- failing -------------------------------------------------------------------------------
+
+    void break_pool(const std::string& reason) {
+        {
+            std::lock_guard lock(mu);
+            if (broken) return;
+            broken = true;
+            broken_reason = "mp pool is broken: " + reason;
+        }
+        auto e = std::make_exception_ptr(BrokenProcessPool(broken_reason_copy()));
+        fail_all(e);
+        kill_all();
+    }
+    std::string broken_reason_copy() const {
+        std::lock_guard lock(mu);
+        return broken_reason;
+    }
+
+    void fail_pending() {
+        if (pending.empty()) return;
+        auto e = std::make_exception_ptr(BrokenProcessPool(broken_reason_copy()));
+        while (!pending.empty()) {
+            pending_count.fetch_sub(1, std::memory_order_relaxed);
+            failed_count.fetch_add(1, std::memory_order_relaxed);
+            pending.front().core->set_exception(e);
+            pending.pop_front();
+        }
+    }
+
+    void fail_all(const std::exception_ptr& e) {
+        {
+            std::lock_guard lock(mu);
+            while (!incoming.empty()) {
+                pending.push_back(std::move(incoming.front()));
+                incoming.pop_front();
+            }
+        }
+        while (!pending.empty()) {
+            pending_count.fetch_sub(1, std::memory_order_relaxed);
+            failed_count.fetch_add(1, std::memory_order_relaxed);
+            pending.front().core->set_exception(e);
+            pending.pop_front();
+        }
+        for (auto& w : workers) {
+            for (auto& job : w->inflight) {
+                running_count.fetch_sub(1, std::memory_order_relaxed);
+                failed_count.fetch_add(1, std::memory_order_relaxed);
+                job.core->set_exception(e);
+            }
+            w->inflight.clear();
+        }
+    }
+
+    void cancel_pending() {
+        for (auto& job : pending) {
+            if (job.core->cancel()) cancelled_count.fetch_add(1, std::memory_order_relaxed);
+            pending_count.fetch_sub(1, std::memory_order_relaxed);
+        }
+        pending.clear();
+    }
+};
+
+// ---- PoolEngine ---------------------------------------------------------------------------------
+
+PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
+    if (config.workers < 1) throw std::invalid_argument("mp pool: the number of workers must be at least 1");
+    if (config.worker_name.empty())
+        config.worker_name = config.method == StartMethod::forkserver ? "ForkServerPoolWorker" : "ForkPoolWorker";
+    if (config.method == StartMethod::forkserver) forkserver::ensure_running();
+    // The initializer's descriptors are borrowed from its arguments, which are gone when the
+    // constructor returns; every worker, replacements too, needs them: keep copies.
+    std::vector<sys::Fd> init_fds;
+    if (config.initializer)
+        for (int& fd : config.initializer->fds) {
+            int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+            if (d < 0) sys::throw_system_error(errno, "fcntl(F_DUPFD_CLOEXEC)");
+            init_fds.emplace_back(d);
+            fd = d;
+        }
+    impl_ = std::make_shared<Impl>(std::move(config));
+    impl_->init_fds = std::move(init_fds);
+    Impl* impl = impl_.get();
+    impl_->thread = std::thread([impl] { impl->run(); });
+}
+
+PoolEngine::~PoolEngine() {
+    try {
+        shutdown(true, false);
+    } catch (...) {
+    }
+    if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
+    pool::Job job;
+    job.bytes = std::move(task.bytes);
+    for (int fd : task.fds) {
+        int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        if (d < 0) sys::throw_system_error(errno, "fcntl(F_DUPFD_CLOEXEC)");
+        job.fds.emplace_back(d);
+    }
+    job.items = options.items;
+    job.timeout = options.timeout;
+    job.core = std::make_shared<FutureCore>();
+    auto core = job.core;
+    std::lock_guard lock(impl_->mu);
+    if (impl_->broken) throw BrokenProcessPool(impl_->broken_reason);
+    if (impl_->shutting_down || impl_->terminate_requested)
+        throw Error("cannot schedule new futures after shutdown");
+    impl_->incoming.push_back(std::move(job));
+    impl_->submitted.fetch_add(1, std::memory_order_relaxed);
+    impl_->pending_count.fetch_add(1, std::memory_order_relaxed);
+    impl_->ring_if_sleeping();
+    return core;
+}
+
+void PoolEngine::shutdown(bool wait, bool cancel_pending) {
+    {
+        std::lock_guard lock(impl_->mu);
+        impl_->shutting_down = true;
+        if (cancel_pending) impl_->cancel_requested = true;
+        impl_->ring();
+    }
+    if (wait) join();
+}
+
+void PoolEngine::terminate() {
+    {
+        std::lock_guard lock(impl_->mu);
+        impl_->shutting_down = true;
+        impl_->terminate_requested = true;
+        impl_->ring();
+    }
+    join();
+}
+
+void PoolEngine::join() {
+    if (impl_->thread.get_id() == std::this_thread::get_id())
+        throw Error("mp pool: cannot join the pool from its own thread (a done callback)");
+    static std::mutex join_mu;  // two threads joining one pool
+    std::lock_guard lock(join_mu);
+    if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+bool PoolEngine::shut_down() const {
+    std::lock_guard lock(impl_->mu);
+    return impl_->shutting_down;
+}
+
+bool PoolEngine::broken() const {
+    std::lock_guard lock(impl_->mu);
+    return impl_->broken;
+}
+
+PoolStats PoolEngine::stats() const {
+    PoolStats s;
+    auto& i = *impl_;
+    s.submitted = i.submitted.load();
+    s.pending = i.pending_count.load();
+    s.running = i.running_count.load();
+    s.done = i.done_count.load();
+    s.failed = i.failed_count.load();
+    s.cancelled = i.cancelled_count.load();
+    s.workers_started = i.started_count.load();
+    s.worker_deaths = i.death_count.load();
+    std::lock_guard lock(i.mu);
+    for (auto& w : i.workers)
+        s.workers.push_back({w->pid, w->name, w->assigned.load(), w->running.load(), w->done.load(),
+                             w->failed.load()});
+    return s;
+}
+
+// ---- chunks ---------------------------------------------------------------------------------
+
+std::vector<ChunkItem> split_chunk(const std::string& bytes, std::size_t expected) {
+    std::vector<ChunkItem> items;
+    items.reserve(expected);
+    Decoder d(bytes);
+    for (std::size_t i = 0; i < expected; ++i) {
+        const bool ok = d.get<std::uint8_t>() != 0;
+        const std::uint64_t n = d.read_size(1);
+        items.push_back({ok, d.read_view(static_cast<std::size_t>(n))});
+    }
+    d.finish();
+    return items;
+}
+
+void throw_item_error(const ChunkItem& item) {
+    Decoder d(item.bytes);
+    std::rethrow_exception(make_remote_exception(decode_error_info(d)));
+}
+
+std::size_t default_chunksize(std::size_t n, int workers) noexcept {
+    const std::size_t div = 4 * static_cast<std::size_t>(std::max(workers, 1));
+    std::size_t c = n / div;
+    if (n % div != 0) ++c;
+    return std::max<std::size_t>(c, 1);
+}
+
+}  // namespace detail
+
+// ---- the public classes' out-of-line parts ---------------------------------------------------
+
+namespace {
+int worker_count(const std::optional<int>& n, const char* message) {
+    if (!n) return cpu_count();
+    if (*n < 1) throw std::invalid_argument(message);
+    return *n;
+}
+}  // namespace
+
+detail::PoolConfig ProcessPoolExecutor::make_config(const ExecutorOptions& o, std::optional<detail::Task> init) {
+    detail::PoolConfig c;
+    c.workers = worker_count(o.max_workers, "max_workers must be greater than 0");
+    c.method = o.start_method.value_or(StartMethod::forkserver);
+    c.max_tasks_per_child = o.max_tasks_per_child;
+    c.max_memory_per_child = o.max_memory_per_child;
+    c.task_timeout = o.task_timeout;
+    c.break_on_worker_death = o.break_on_worker_death;
+    c.initializer = std::move(init);
+    return c;
+}
+
+detail::PoolConfig Pool::make_config(const PoolOptions& o, std::optional<detail::Task> init) {
+    detail::PoolConfig c;
+    c.workers = worker_count(o.processes, "Number of processes must be at least 1");
+    c.method = o.start_method.value_or(StartMethod::forkserver);
+    c.max_tasks_per_child = o.maxtasksperchild;
+    c.max_memory_per_child = o.max_memory_per_child;
+    c.task_timeout = o.task_timeout;
+    c.initializer = std::move(init);
+    return c;
+}
+
+Pool::~Pool() {
+    try {
+        if (stage_ == Stage::running || !engine_.shut_down()) terminate();
+        engine_.join();
+    } catch (...) {
+    }
+}
+
+void Pool::check_running() const {
+    if (stage_ != Stage::running) throw Error("Pool not running");
+}
+
+void Pool::close() {
+    if (stage_ == Stage::running) stage_ = Stage::closed;
+    engine_.shutdown(false, false);
+}
+
+void Pool::terminate() {
+    stage_ = Stage::terminated;
+    engine_.terminate();
+}
+
+void Pool::join() {
+    if (stage_ == Stage::running) throw Error("Pool is still running");
+    engine_.join();
+}
+
+}  // namespace mp

@@ -1,0 +1,106 @@
+#pragma once
+// The pool's wire between its thread and one worker: a Unix stream socket carrying frames
+//   [u64 payload length][u64 ordinal][u8 type][u8 flags][u16 descriptor count][u32 zero][payload]
+// with descriptors passed by SCM_RIGHTS on the first byte of their frame. Both sides batch:
+// a writer appends frames to a buffer and sends it in as few calls as the socket allows; a
+// reader takes whatever has arrived and hands out the complete frames. Tiny tasks therefore
+// cost a system call per batch, not per task.
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "sys/fd.hpp"
+
+namespace mp::detail::pool {
+
+enum class FrameType : std::uint8_t {
+    eof_marker = 0,  // not on the wire: the reader's end of file
+    // parent -> worker
+    init = 1,  // payload: [u32 slot][u64 max tasks][u64 max rss bytes][u8 has init][init task]
+    task = 2,  // payload: the task (a chunk too); ordinal: the worker's count of tasks sent to it
+    // worker -> parent
+    ready = 10,        // the initializer ran (or there was none)
+    init_failed = 11,  // payload: ErrorInfo
+    started = 12,      // sent before a task with a time limit runs
+    result = 13,       // payload: [u64 run time ns][result bytes, or ErrorInfo when not ok]
+    retire = 14,       // the worker leaves after this (task or memory limit reached)
+};
+
+inline constexpr std::uint8_t kTimed = 1;   // task: tell the parent when it starts
+inline constexpr std::uint8_t kOk = 1;      // result: a value, not an exception
+
+struct FrameHeader {
+    std::uint64_t length;
+    std::uint64_t ordinal;
+    std::uint8_t type;
+    std::uint8_t flags;
+    std::uint16_t nfds;
+    std::uint32_t zero;
+};
+static_assert(sizeof(FrameHeader) == 24);
+
+/// A frame far beyond any task is a corrupt stream, not a message.
+inline constexpr std::uint64_t kMaxFrame = std::uint64_t{1} << 40;
+
+struct Frame {
+    FrameType type;
+    std::uint8_t flags;
+    std::uint64_t ordinal;
+    std::string_view payload;  // valid until the reader's next read
+    std::vector<sys::Fd> fds;
+};
+
+class FrameReader {
+public:
+    enum class Status { data, again, eof };
+    /// Reads what has arrived (one recvmsg); blocks only when the socket is blocking.
+    Status read_some(int fd);
+    /// The next complete frame, if one has arrived. Throws DecodeError for a corrupt stream.
+    std::optional<Frame> next();
+    bool has_partial() const noexcept { return end_ != start_; }
+
+private:
+    std::string buf_;
+    std::size_t start_ = 0;
+    std::size_t end_ = 0;
+    std::deque<sys::Fd> fds_;
+};
+
+class FrameWriter {
+public:
+    /// Appends a frame; `fds` are borrowed until flushed (the caller keeps them open).
+    void add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
+             std::string_view b = {}, std::vector<int> fds = {});
+    bool empty() const noexcept { return off_ == buf_.size(); }
+    std::size_t pending_bytes() const noexcept { return buf_.size() - off_; }
+    /// Sends as much as the socket takes: all of it when blocking. True when all was sent.
+    /// Throws std::system_error (EPIPE when the peer has gone).
+    bool flush(int fd);
+
+private:
+    std::string buf_;
+    std::size_t off_ = 0;
+    struct Rights {
+        std::size_t at;
+        std::vector<int> fds;
+    };
+    std::deque<Rights> rights_;
+};
+
+/// One worker's entry in the shared status page, written by the worker, read by the pool after
+/// the worker has died: which task it had started, which it had finished.
+struct alignas(64) WorkerSlot {
+    std::atomic<std::uint64_t> started{0};
+    std::atomic<std::uint64_t> finished{0};
+};
+
+/// The worker's life: the loop over frames on `sock`. Returns its exit code.
+int worker_loop(int sock, WorkerSlot* slots);
+
+}  // namespace mp::detail::pool

@@ -1,0 +1,297 @@
+// The pool's frames and a worker's life: read tasks, run them, answer, in batches.
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+
+#include "mp/detail/future_core.hpp"
+#include "mp/detail/task.hpp"
+#include "mp/errors.hpp"
+#include "pool_frames.hpp"
+#include "sys/error.hpp"
+
+namespace mp::detail::pool {
+
+// ---- reading ------------------------------------------------------------------------------------
+
+FrameReader::Status FrameReader::read_some(int fd) {
+    // Keep room for a large batch of small frames; move the unread rest to the front first.
+    constexpr std::size_t kChunk = 256 * 1024;
+    if (start_ == end_) start_ = end_ = 0;
+    if (buf_.size() - end_ < kChunk / 4) {
+        if (start_ != 0) {
+            std::memmove(buf_.data(), buf_.data() + start_, end_ - start_);
+            end_ -= start_;
+            start_ = 0;
+        }
+        if (buf_.size() - end_ < kChunk / 4) buf_.resize(end_ + kChunk);
+    }
+    iovec iov{buf_.data() + end_, buf_.size() - end_};
+    sys::FdControl control;
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    ssize_t n;
+    do {
+        n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return Status::again;
+        if (errno == ECONNRESET) return Status::eof;
+        sys::throw_system_error(errno, "recvmsg (pool)");
+    }
+    sys::for_each_right(msg, [&](int got) { fds_.emplace_back(got); });
+    if (n == 0) return Status::eof;
+    end_ += static_cast<std::size_t>(n);
+    return Status::data;
+}
+
+std::optional<Frame> FrameReader::next() {
+    const std::size_t have = end_ - start_;
+    if (have < sizeof(FrameHeader)) return std::nullopt;
+    FrameHeader h;
+    std::memcpy(&h, buf_.data() + start_, sizeof h);
+    if (h.length > kMaxFrame || h.zero != 0)
+        throw DecodeError("mp pool: corrupt frame from the other side");
+    if (have - sizeof h < h.length) {
+        // Make room for the whole frame now, so the next read can complete it.
+        if (buf_.size() - start_ < sizeof h + h.length) {
+            std::memmove(buf_.data(), buf_.data() + start_, have);
+            start_ = 0;
+            end_ = have;
+            buf_.resize(sizeof h + h.length + 64 * 1024);
+        }
+        return std::nullopt;
+    }
+    if (fds_.size() < h.nfds) {
+        // Descriptors travel with the frame's first byte, so they are here by now.
+        throw DecodeError("mp pool: a frame's descriptors did not arrive");
+    }
+    Frame f;
+    f.type = static_cast<FrameType>(h.type);
+    f.flags = h.flags;
+    f.ordinal = h.ordinal;
+    f.payload = std::string_view(buf_.data() + start_ + sizeof h, h.length);
+    for (std::uint16_t i = 0; i < h.nfds; ++i) {
+        f.fds.push_back(std::move(fds_.front()));
+        fds_.pop_front();
+    }
+    start_ += sizeof h + h.length;
+    return f;
+}
+
+// ---- writing ------------------------------------------------------------------------------------
+
+void FrameWriter::add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
+                      std::string_view b, std::vector<int> fds) {
+    if (off_ == buf_.size()) {
+        buf_.clear();
+        off_ = 0;
+    }
+    FrameHeader h{a.size() + b.size(), ordinal, static_cast<std::uint8_t>(type), flags,
+                  static_cast<std::uint16_t>(fds.size()), 0};
+    if (fds.size() > sys::kMaxFds) throw Error("mp pool: a task may carry at most 253 descriptors");
+    if (!fds.empty()) rights_.push_back({buf_.size(), std::move(fds)});
+    buf_.append(reinterpret_cast<const char*>(&h), sizeof h);
+    buf_.append(a);
+    buf_.append(b);
+}
+
+bool FrameWriter::flush(int fd) {
+    while (off_ < buf_.size()) {
+        // Send up to the next frame with descriptors; that frame goes with them attached.
+        std::size_t stop = buf_.size();
+        const bool attach = !rights_.empty() && rights_.front().at == off_;
+        if (!attach && !rights_.empty()) stop = rights_.front().at;
+        iovec iov{buf_.data() + off_, stop - off_};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        sys::FdControl control;
+        if (attach) sys::attach_rights(msg, control, rights_.front().fds);
+        ssize_t n;
+        do {
+            n = ::sendmsg(fd, &msg, MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+            sys::throw_system_error(errno, "sendmsg (pool)");
+        }
+        if (attach) rights_.pop_front();
+        off_ += static_cast<std::size_t>(n);
+    }
+    buf_.clear();
+    off_ = 0;
+    return true;
+}
+
+// ---- the worker ---------------------------------------------------------------------------------
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::size_t resident_bytes() {
+    std::FILE* f = std::fopen("/proc/self/statm", "re");
+    if (f == nullptr) return 0;
+    unsigned long size = 0, resident = 0;
+    int n = std::fscanf(f, "%lu %lu", &size, &resident);
+    std::fclose(f);
+    if (n != 2) return 0;
+    return resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+}
+
+void flush_stdio() {
+    // Output a task printed should not wait for the worker's exit; flushing only what is
+    // pending keeps the common case free of system calls.
+    if (stdout->_IO_write_ptr > stdout->_IO_write_base) std::fflush(stdout);
+    if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
+}
+
+template <class T>
+T read_raw(std::string_view& p) {
+    T v{};
+    if (p.size() < sizeof v) throw DecodeError("mp pool: truncated init frame");
+    std::memcpy(&v, p.data(), sizeof v);
+    p.remove_prefix(sizeof v);
+    return v;
+}
+
+class Worker {
+public:
+    Worker(int sock, WorkerSlot* slots) : sock_(sock), slots_(slots) {}
+
+    int run() {
+        Frame init = next_frame();
+        if (init.type == FrameType::eof_marker) return 0;
+        if (init.type != FrameType::init) return 3;
+        std::string_view p = init.payload;
+        slot_ = &slots_[read_raw<std::uint32_t>(p)];
+        max_tasks_ = read_raw<std::uint64_t>(p);
+        max_rss_ = read_raw<std::uint64_t>(p);
+        const bool has_init = read_raw<std::uint8_t>(p) != 0;
+        if (has_init) {
+            std::vector<int> fds = raw(init.fds);
+            try {
+                (void)run_task(p, fds);
+            } catch (...) {
+                Encoder e;
+                encode_current_exception(e);
+                out_.add(FrameType::init_failed, 0, 0, e.bytes());
+                out_.flush(sock_);
+                return 1;
+            }
+            flush_stdio();
+        }
+        out_.add(FrameType::ready, 0, 0, {});
+        while (true) {
+            Frame f = next_frame();
+            if (f.type == FrameType::eof_marker) return 0;
+            if (f.type != FrameType::task) return 3;
+            if (!run_one(f)) return 0;
+        }
+    }
+
+private:
+    // Returns false when the worker should retire.
+    bool run_one(Frame& f) {
+        const auto begin = Clock::now();
+        // Results wait in the buffer while more tasks are queued here; do not let them wait
+        // behind a long task (a death then would lose them).
+        if (!out_.empty() && begin - oldest_unsent_ > std::chrono::microseconds(200)) flush();
+        slot_->started.store(f.ordinal, std::memory_order_release);
+        if (f.flags & kTimed) {
+            out_.add(FrameType::started, 0, f.ordinal, {});
+            flush();
+        }
+        std::vector<int> fds = raw(f.fds);
+        std::string result;
+        std::uint8_t flags = kOk;
+        try {
+            result = run_task(f.payload, fds);
+        } catch (...) {
+            flags = 0;
+            Encoder e;
+            encode_current_exception(e);
+            result = e.take();
+        }
+        // Descriptors the arguments did not take close with f.fds; those taken are theirs.
+        for (std::size_t i = 0; i < fds.size(); ++i)
+            if (fds[i] < 0) (void)f.fds[i].release();
+        const auto end = Clock::now();
+        flush_stdio();
+        const std::uint64_t run_ns = static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(end - begin).count());
+        if (out_.empty()) oldest_unsent_ = end;
+        out_.add(FrameType::result, flags, f.ordinal,
+                 std::string_view(reinterpret_cast<const char*>(&run_ns), sizeof run_ns), result);
+        slot_->finished.store(f.ordinal, std::memory_order_release);
+        ++done_;
+        if ((max_tasks_ != 0 && done_ >= max_tasks_) || (max_rss_ != 0 && resident_bytes() > max_rss_)) {
+            out_.add(FrameType::retire, 0, f.ordinal, {});
+            flush();
+            return false;
+        }
+        return true;
+    }
+
+    static std::vector<int> raw(const std::vector<sys::Fd>& fds) {
+        std::vector<int> out;
+        for (const auto& fd : fds) out.push_back(fd.get());
+        return out;
+    }
+
+    void flush() {
+        try {
+            out_.flush(sock_);
+        } catch (const std::system_error&) {
+            // The pool has gone: nobody wants the results.
+            flush_stdio();
+            ::_exit(0);
+        }
+    }
+
+    // The next frame, flushing the answers before blocking for more work. An end of file (the
+    // pool closed the socket, or the parent died) comes back as eof_marker.
+    Frame next_frame() {
+        while (true) {
+            if (auto f = in_.next()) return std::move(*f);
+            flush();
+            if (in_.read_some(sock_) == FrameReader::Status::eof) {
+                Frame f;
+                f.type = FrameType::eof_marker;
+                return f;
+            }
+        }
+    }
+
+    int sock_;
+    WorkerSlot* slots_;
+    WorkerSlot* slot_ = nullptr;
+    std::uint64_t max_tasks_ = 0;
+    std::uint64_t max_rss_ = 0;
+    std::uint64_t done_ = 0;
+    FrameReader in_;
+    FrameWriter out_;
+    Clock::time_point oldest_unsent_{};
+};
+
+}  // namespace
+
+int worker_loop(int sock, WorkerSlot* slots) {
+    try {
+        return Worker(sock, slots).run();
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "mp pool worker %d: %s\n", static_cast<int>(::getpid()), e.what());
+        return 3;
+    }
+}
+
+}  // namespace mp::detail::pool

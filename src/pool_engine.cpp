@@ -96,6 +96,7 @@ struct Worker {
     bool forked = false;
     std::deque<Job> inflight;
     std::uint64_t next_ordinal = 1;
+    std::uint64_t answered = 0;  // the last ordinal whose answer arrived
     std::uint64_t sent = 0;
     FrameReader in;
     FrameWriter out;
@@ -153,6 +154,7 @@ struct PoolEngine::Impl {
     sys::Fd wake;
     pool::WorkerSlot* slots = nullptr;
     std::size_t page_bytes = 0;
+    std::size_t stage_offset = 0;  // the workers' stages follow their slots in the page
     sys::Fd page;
     std::vector<bool> slot_used;
     std::vector<sys::Fd> init_fds;  // owned copies of the initializer's descriptors
@@ -166,7 +168,8 @@ struct PoolEngine::Impl {
     explicit Impl(PoolConfig c) : cfg(std::move(c)) {
         wake = sys::Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
         if (!wake) sys::throw_system_error(errno, "eventfd");
-        page_bytes = (sizeof(pool::WorkerSlot) * static_cast<std::size_t>(cfg.workers) + 4095) & ~std::size_t{4095};
+        stage_offset = (sizeof(pool::WorkerSlot) * static_cast<std::size_t>(cfg.workers) + 4095) & ~std::size_t{4095};
+        page_bytes = stage_offset + pool::kStageBytes * static_cast<std::size_t>(cfg.workers);
         page = sys::Fd(::memfd_create("mp-pool", MFD_CLOEXEC));
         if (!page) sys::throw_system_error(errno, "memfd_create");
         if (::ftruncate(page.get(), static_cast<off_t>(page_bytes)) != 0)
@@ -402,6 +405,8 @@ struct PoolEngine::Impl {
         std::string init;
         auto put = [&](const auto& v) { init.append(reinterpret_cast<const char*>(&v), sizeof v); };
         put(static_cast<std::uint32_t>(w->slot));
+        put(static_cast<std::uint64_t>(stage_offset + w->slot * pool::kStageBytes));
+        put(static_cast<std::uint64_t>(pool::kStageBytes));
         put(static_cast<std::uint64_t>(cfg.max_tasks_per_child));
         put(static_cast<std::uint64_t>(cfg.max_memory_per_child));
         put(static_cast<std::uint8_t>(cfg.initializer ? 1 : 0));
@@ -529,8 +534,10 @@ struct PoolEngine::Impl {
                 w.running.store(1, std::memory_order_relaxed);
                 return;
             case FrameType::result: {
+                if (f.ordinal <= w.answered) return;  // seen already (resent from its stage)
                 if (w.inflight.empty() || w.inflight.front().ordinal != f.ordinal)
                     throw DecodeError("mp pool: a worker answered a task it was not given");
+                w.answered = f.ordinal;
                 pool::Job job = std::move(w.inflight.front());
                 w.inflight.pop_front();
                 w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
@@ -577,8 +584,21 @@ struct PoolEngine::Impl {
 
     // The worker has ended (or is being made to): read what it sent, reap it, settle its tasks.
     void wait_exit(pool::Worker& w, bool terminating) {
-        if (w.sock) {
-            receive(w);
+        if (w.sock) receive(w);
+        // Answers it had finished but not sent wait in its stage (some may have been sent too:
+        // handle() ignores an answer twice). A frame cut short on the socket is in the stage whole.
+        const pool::WorkerSlot& slot = slots[w.slot];
+        const std::uint64_t committed = slot.committed.load(std::memory_order_acquire);
+        const std::uint64_t sent = slot.sent.load(std::memory_order_acquire);
+        if (!terminating && sent < committed && committed <= pool::kStageBytes) {
+            const char* stage = reinterpret_cast<const char*>(slots) + stage_offset + w.slot * pool::kStageBytes;
+            w.in.reset(std::string_view(stage + sent, committed - sent));
+            try {
+                while (auto f = w.in.next()) handle(w, *f);
+            } catch (const DecodeError&) {
+                // A stage cut mid-frame cannot happen (frames are committed whole); if it is
+                // garbage anyway, the tasks below settle as if nothing was there.
+            }
         }
         int status = 0;
         std::optional<int> st;

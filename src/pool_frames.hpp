@@ -22,7 +22,8 @@ namespace mp::detail::pool {
 enum class FrameType : std::uint8_t {
     eof_marker = 0,  // not on the wire: the reader's end of file
     // parent -> worker
-    init = 1,  // payload: [u32 slot][u64 max tasks][u64 max rss bytes][u8 has init][init task]
+    init = 1,  // [u32 slot][u64 stage offset][u64 stage bytes][u64 max tasks][u64 max rss]
+               // [u8 has initializer][initializer task]
     task = 2,  // payload: the task (a chunk too); ordinal: the worker's count of tasks sent to it
     // worker -> parent
     ready = 10,        // the initializer ran (or there was none)
@@ -64,6 +65,8 @@ public:
     /// The next complete frame, if one has arrived. Throws DecodeError for a corrupt stream.
     std::optional<Frame> next();
     bool has_partial() const noexcept { return end_ != start_; }
+    /// Forgets what was read and reads `bytes` instead (a dead worker's unsent answers).
+    void reset(std::string_view bytes);
 
 private:
     std::string buf_;
@@ -94,11 +97,18 @@ private:
 };
 
 /// One worker's entry in the shared status page, written by the worker, read by the pool after
-/// the worker has died: which task it had started, which it had finished.
+/// the worker has died: which task it had started, which it had finished, and how much of its
+/// stage (the shared buffer its answers wait in until sent) is written and sent.
 struct alignas(64) WorkerSlot {
     std::atomic<std::uint64_t> started{0};
     std::atomic<std::uint64_t> finished{0};
+    std::atomic<std::uint64_t> committed{0};
+    std::atomic<std::uint64_t> sent{0};
 };
+
+/// Each worker's stage: answers are written here, in shared memory, and sent in batches, so
+/// those a worker finished but had not sent when it died are not lost: the pool reads them.
+inline constexpr std::size_t kStageBytes = 256 * 1024;
 
 /// The worker's life: the loop over frames on `sock`. Returns its exit code.
 int worker_loop(int sock, WorkerSlot* slots);

@@ -53,6 +53,13 @@ FrameReader::Status FrameReader::read_some(int fd) {
     return Status::data;
 }
 
+void FrameReader::reset(std::string_view bytes) {
+    buf_.assign(bytes.data(), bytes.size());
+    start_ = 0;
+    end_ = bytes.size();
+    fds_.clear();
+}
+
 std::optional<Frame> FrameReader::next() {
     const std::size_t have = end_ - start_;
     if (have < sizeof(FrameHeader)) return std::nullopt;
@@ -164,6 +171,77 @@ T read_raw(std::string_view& p) {
     return v;
 }
 
+// The worker's answers, staged in its shared slot's buffer (see kStageBytes), sent in batches.
+class StageWriter {
+public:
+    void attach(int sock, WorkerSlot* slot, char* stage, std::size_t cap) {
+        sock_ = sock;
+        slot_ = slot;
+        stage_ = stage;
+        cap_ = cap;
+    }
+    bool empty() const noexcept { return committed_ == sent_; }
+
+    void add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
+             std::string_view b = {}) {
+        FrameHeader h{a.size() + b.size(), ordinal, static_cast<std::uint8_t>(type), flags, 0, 0};
+        const std::size_t n = sizeof h + a.size() + b.size();
+        if (committed_ + n > cap_) flush();
+        if (n > cap_) {
+            // Too big to stage: straight to the socket. A death during this write loses only
+            // this answer, and its task counts as running, not finished.
+            send_all(&h, sizeof h);
+            send_all(a.data(), a.size());
+            send_all(b.data(), b.size());
+            return;
+        }
+        char* p = stage_ + committed_;
+        std::memcpy(p, &h, sizeof h);
+        std::memcpy(p + sizeof h, a.data(), a.size());
+        std::memcpy(p + sizeof h + a.size(), b.data(), b.size());
+        committed_ += n;
+        slot_->committed.store(committed_, std::memory_order_release);
+    }
+
+    void flush() {
+        if (committed_ == 0) return;
+        while (sent_ < committed_) {
+            ssize_t n = ::send(sock_, stage_ + sent_, committed_ - sent_, MSG_NOSIGNAL);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                sys::throw_system_error(errno, "send (pool worker)");
+            }
+            sent_ += static_cast<std::size_t>(n);
+            slot_->sent.store(sent_, std::memory_order_release);
+        }
+        // Empty again. committed first: a death between the two stores leaves sent >= committed,
+        // which the pool reads as nothing unsent.
+        committed_ = sent_ = 0;
+        slot_->committed.store(0, std::memory_order_release);
+        slot_->sent.store(0, std::memory_order_release);
+    }
+
+private:
+    void send_all(const void* p, std::size_t n) {
+        const char* c = static_cast<const char*>(p);
+        while (n != 0) {
+            ssize_t k = ::send(sock_, c, n, MSG_NOSIGNAL);
+            if (k < 0) {
+                if (errno == EINTR) continue;
+                sys::throw_system_error(errno, "send (pool worker)");
+            }
+            c += k;
+            n -= static_cast<std::size_t>(k);
+        }
+    }
+    int sock_ = -1;
+    WorkerSlot* slot_ = nullptr;
+    char* stage_ = nullptr;
+    std::size_t cap_ = 0;
+    std::size_t committed_ = 0;
+    std::size_t sent_ = 0;
+};
+
 class Worker {
 public:
     Worker(int sock, WorkerSlot* slots) : sock_(sock), slots_(slots) {}
@@ -174,6 +252,9 @@ public:
         if (init.type != FrameType::init) return 3;
         std::string_view p = init.payload;
         slot_ = &slots_[read_raw<std::uint32_t>(p)];
+        const auto stage_offset = read_raw<std::uint64_t>(p);
+        const auto stage_bytes = read_raw<std::uint64_t>(p);
+        out_.attach(sock_, slot_, reinterpret_cast<char*>(slots_) + stage_offset, stage_bytes);
         max_tasks_ = read_raw<std::uint64_t>(p);
         max_rss_ = read_raw<std::uint64_t>(p);
         const bool has_init = read_raw<std::uint8_t>(p) != 0;
@@ -185,7 +266,7 @@ public:
                 Encoder e;
                 encode_current_exception(e);
                 out_.add(FrameType::init_failed, 0, 0, e.bytes());
-                out_.flush(sock_);
+                flush();
                 return 1;
             }
             flush_stdio();
@@ -250,7 +331,7 @@ private:
 
     void flush() {
         try {
-            out_.flush(sock_);
+            out_.flush();
         } catch (const std::system_error&) {
             // The pool has gone: nobody wants the results.
             flush_stdio();
@@ -279,7 +360,7 @@ private:
     std::uint64_t max_rss_ = 0;
     std::uint64_t done_ = 0;
     FrameReader in_;
-    FrameWriter out_;
+    StageWriter out_;
     Clock::time_point oldest_unsent_{};
 };
 

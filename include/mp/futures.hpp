@@ -394,8 +394,10 @@ auto star_rows(R& range) {
 }  // namespace detail
 
 /// The results of a map, in input order, produced lazily: iterating waits for each in turn.
-/// An item whose call failed throws its exception when reached; the chunks not yet started are
-/// then cancelled (as Python's map does), and so they are after a TimeoutError.
+/// An item whose call failed throws its exception when dereferenced; unlike Python's map, the
+/// iteration may go on past it (catch around `*it`), so one bad input does not cost the rest.
+/// A whole chunk whose worker died throws WorkerDied for each of its items. After a
+/// TimeoutError the chunks not yet started are cancelled, as Python's map does.
 template <class R>
 class MapResults {
 public:
@@ -463,26 +465,24 @@ public:
 private:
     R item(std::size_t chunk, std::size_t pos) {
         auto& core = *set_->cores[chunk];
-        try {
-            std::optional<std::chrono::nanoseconds> left;
-            if (deadline_) {
-                auto now = std::chrono::steady_clock::now();
-                left = now < *deadline_ ? *deadline_ - now : std::chrono::nanoseconds::zero();
-            }
-            if (!core.wait(left)) throw TimeoutError("map: the results did not arrive in time");
-            if (core.state() == detail::FutureCore::State::cancelled) throw CancelledError();
-            if (auto e = core.error()) std::rethrow_exception(e);
-            if (parsed_chunk_ != chunk) {
-                items_ = detail::split_chunk(core.bytes(), set_->sizes[chunk]);
-                parsed_chunk_ = chunk;
-            }
-            const auto& it = items_[pos];
-            if (!it.ok) detail::throw_item_error(it);
-            return decode<R>(it.bytes);
-        } catch (...) {
-            cancel();
-            throw;
+        std::optional<std::chrono::nanoseconds> left;
+        if (deadline_) {
+            auto now = std::chrono::steady_clock::now();
+            left = now < *deadline_ ? *deadline_ - now : std::chrono::nanoseconds::zero();
         }
+        if (!core.wait(left)) {
+            cancel();
+            throw TimeoutError("map: the results did not arrive in time");
+        }
+        if (core.state() == detail::FutureCore::State::cancelled) throw CancelledError();
+        if (auto e = core.error()) std::rethrow_exception(e);
+        if (parsed_chunk_ != chunk) {
+            items_ = detail::split_chunk(core.bytes(), set_->sizes[chunk]);
+            parsed_chunk_ = chunk;
+        }
+        const auto& it = items_[pos];
+        if (!it.ok) detail::throw_item_error(it);
+        return decode<R>(it.bytes);
     }
 
     std::shared_ptr<detail::ChunkSet> set_;

@@ -1,0 +1,527 @@
+#include "mp/detail/future_core.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cxxabi.h>
+#include <new>
+#include <stdexcept>
+#include <string_view>
+#include <typeinfo>
+#include <unistd.h>
+
+#include "mp/process.hpp"
+
+namespace mp::detail {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// now + timeout without overflow: a timeout too long to represent means "no limit".
+std::optional<Clock::time_point> deadline_after(std::chrono::nanoseconds timeout) {
+    const Clock::time_point now = Clock::now();
+    if (timeout > Clock::time_point::max() - now) return std::nullopt;
+    return now + std::chrono::duration_cast<Clock::duration>(timeout);
+}
+
+// Best effort, never throws: a progress line or a callback's failure must not become an error of
+// its own.
+void write_stderr(std::string_view s) noexcept {
+    while (!s.empty()) {
+        const ssize_t n = ::write(STDERR_FILENO, s.data(), s.size());
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return;
+        }
+        s.remove_prefix(static_cast<std::size_t>(n));
+    }
+}
+
+void run_callback(const std::function<void(FutureCore&)>& cb, FutureCore& core) noexcept {
+    try {
+        cb(core);
+    } catch (const std::exception& e) {
+        try {
+            write_stderr(std::string("mp: exception calling callback for future: ") + e.what() +
+                         "\n");
+        } catch (...) {
+        }
+    } catch (...) {
+        write_stderr("mp: exception calling callback for future: unknown exception\n");
+    }
+}
+
+std::string demangle(const char* name) {
+    if (name == nullptr) return "unknown";
+    int status = 0;
+    char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+    if (status != 0 || out == nullptr) return name;
+    std::string s(out);
+    std::free(out);
+    return s;
+}
+
+std::string current_exception_type_name() {
+    const std::type_info* t = abi::__cxa_current_exception_type();
+    return t == nullptr ? std::string("unknown") : demangle(t->name());
+}
+
+template <class E>
+std::exception_ptr make_with_message(const std::string& message) {
+    return std::make_exception_ptr(E(message));
+}
+
+struct KnownType {
+    std::string_view name;
+    std::exception_ptr (*make)(const std::string&);
+};
+
+// Exceptions that come back as themselves: the standard ones with a message constructor and mp's
+// own. Names are as abi::__cxa_demangle spells them.
+constexpr KnownType kKnownTypes[] = {
+    {"std::runtime_error", make_with_message<std::runtime_error>},
+    {"std::logic_error", make_with_message<std::logic_error>},
+    {"std::invalid_argument", make_with_message<std::invalid_argument>},
+    {"std::out_of_range", make_with_message<std::out_of_range>},
+    {"std::length_error", make_with_message<std::length_error>},
+    {"std::domain_error", make_with_message<std::domain_error>},
+    {"std::range_error", make_with_message<std::range_error>},
+    {"std::overflow_error", make_with_message<std::overflow_error>},
+    {"std::underflow_error", make_with_message<std::underflow_error>},
+    {"std::bad_alloc", [](const std::string&) { return std::make_exception_ptr(std::bad_alloc()); }},
+    {"mp::Error", make_with_message<Error>},
+    {"mp::TimeoutError", make_with_message<TimeoutError>},
+    {"mp::ProcessError", make_with_message<ProcessError>},
+    {"mp::DecodeError", make_with_message<DecodeError>},
+    {"mp::AuthenticationError", make_with_message<AuthenticationError>},
+    {"mp::BrokenProcessPool", make_with_message<BrokenProcessPool>},
+    {"mp::CancelledError", make_with_message<CancelledError>},
+    {"mp::EOFError", make_with_message<EOFError>},
+    {"mp::QueueClosed", make_with_message<QueueClosed>},
+    {"mp::Empty", make_with_message<Empty>},
+    {"mp::Full", make_with_message<Full>},
+    {"mp::BrokenBarrierError", make_with_message<BrokenBarrierError>},
+};
+
+}  // namespace
+
+// ---- exceptions across processes ----
+
+void encode_current_exception(Encoder& e) {
+    ErrorInfo info;
+    if (!std::current_exception()) {
+        // Called outside a handler: `throw;` would terminate the process.
+        info.type_name = "unknown";
+        info.message = "no exception is being handled";
+    } else {
+        try {
+            throw;
+        } catch (const RemoteError& r) {
+            // Passed on from a process further down: keep the original type and origin rather
+            // than wrapping it once per hop.
+            info.type_name = r.type_name();
+            info.message = r.message();
+            info.origin = r.origin();
+        } catch (const std::exception& x) {
+            info.type_name = current_exception_type_name();
+            info.message = x.what();
+        } catch (...) {
+            info.type_name = current_exception_type_name();
+            info.message = "unknown exception";
+        }
+    }
+    if (info.origin.empty())
+        info.origin = current_process().name + " (pid " + std::to_string(::getpid()) + ")";
+    e.put(info.type_name);
+    e.put(info.message);
+    e.put(info.origin);
+}
+
+ErrorInfo decode_error_info(Decoder& d) {
+    ErrorInfo info;
+    info.type_name = d.get<std::string>();
+    info.message = d.get<std::string>();
+    info.origin = d.get<std::string>();
+    return info;
+}
+
+std::exception_ptr make_remote_exception(const ErrorInfo& info) {
+    for (const KnownType& k : kKnownTypes)
+        if (k.name == info.type_name) return k.make(info.message);
+    return std::make_exception_ptr(RemoteError(info.type_name, info.message, info.origin));
+}
+
+// ---- FutureCore ----
+
+bool FutureCore::cancel() {
+    std::unique_lock lk(mu_);
+    // A CAS, not a store: set_running takes pending -> running without the lock.
+    State expected = State::pending;
+    if (!state_.compare_exchange_strong(expected, State::cancelled, std::memory_order_acq_rel,
+                                        std::memory_order_acquire))
+        return expected == State::cancelled;  // as Python: cancelling twice succeeds
+    complete(lk);
+    return true;
+}
+
+bool FutureCore::set_running() noexcept {
+    State expected = State::pending;
+    return state_.compare_exchange_strong(expected, State::running, std::memory_order_acq_rel,
+                                          std::memory_order_acquire);
+}
+
+void FutureCore::set_result(std::string bytes) {
+    std::unique_lock lk(mu_);
+    if (done()) return;
+    bytes_ = std::move(bytes);
+    // A store is enough: under mu_ nobody else finishes or cancels, and a concurrent set_running
+    // (pending -> running) is simply superseded.
+    state_.store(State::finished, std::memory_order_release);
+    complete(lk);
+}
+
+void FutureCore::set_exception(std::exception_ptr error) {
+    std::unique_lock lk(mu_);
+    if (done()) return;
+    error_ = std::move(error);
+    state_.store(State::finished, std::memory_order_release);
+    complete(lk);
+}
+
+void FutureCore::complete(std::unique_lock<std::mutex>& lk) {
+    for (FutureWaiter* w : waiters_) w->on_done(*this);
+    waiters_.clear();
+    if (sleepers_ > 0) cv_.notify_all();
+    std::vector<std::function<void(FutureCore&)>> callbacks = std::move(callbacks_);
+    callbacks_.clear();
+    // A callback may drop the last owner of this core (e.g. the pool's table entry): keep it
+    // alive until every callback has run. Not every core is owned by a shared_ptr (tests).
+    std::shared_ptr<FutureCore> self = weak_from_this().lock();
+    lk.unlock();
+    for (const auto& cb : callbacks) run_callback(cb, *this);
+}
+
+bool FutureCore::wait(std::optional<std::chrono::nanoseconds> timeout) const {
+    if (done()) return true;
+    if (timeout && *timeout <= std::chrono::nanoseconds::zero()) return false;
+    const std::optional<Clock::time_point> deadline =
+        timeout ? deadline_after(*timeout) : std::nullopt;
+    std::unique_lock lk(mu_);
+    ++sleepers_;
+    if (deadline)
+        cv_.wait_until(lk, *deadline, [this] { return done(); });
+    else
+        cv_.wait(lk, [this] { return done(); });
+    --sleepers_;
+    return done();
+}
+
+void FutureCore::add_done_callback(std::function<void(FutureCore&)> cb) {
+    {
+        std::lock_guard lk(mu_);
+        if (!done()) {
+            callbacks_.push_back(std::move(cb));
+            return;
+        }
+    }
+    run_callback(cb, *this);
+}
+
+bool FutureCore::add_waiter(FutureWaiter* w) {
+    std::lock_guard lk(mu_);
+    if (done()) return false;
+    waiters_.push_back(w);
+    return true;
+}
+
+void FutureCore::remove_waiter(FutureWaiter* w) {
+    // Every registration goes: after this returns, `w` is never called again, so it may be
+    // destroyed (on_done runs under mu_, which this waits for).
+    std::lock_guard lk(mu_);
+    std::erase(waiters_, w);
+}
+
+std::shared_ptr<FutureCore> FutureCore::when_all(
+    std::span<const std::shared_ptr<FutureCore>> parts) {
+    auto all = std::make_shared<FutureCore>();
+    if (parts.empty()) {
+        all->set_result({});
+        return all;
+    }
+    // Callbacks run in whichever thread finishes a part (or here, for a part already done), so
+    // the count is atomic; the last one to bring it to zero finishes `all`. A failure finishes it
+    // at once, and later completions are ignored by set_result/set_exception. The parts hold
+    // `all` only until their callbacks have run: no cycle.
+    auto remaining = std::make_shared<std::atomic<std::size_t>>(parts.size());
+    for (const auto& part : parts) {
+        part->add_done_callback([all, remaining](FutureCore& c) {
+            if (c.state() == State::cancelled)
+                all->set_exception(std::make_exception_ptr(CancelledError()));
+            else if (c.error())
+                all->set_exception(c.error());
+            else if (remaining->fetch_sub(1, std::memory_order_acq_rel) == 1)
+                all->set_result({});
+        });
+    }
+    return all;
+}
+
+// ---- wait ----
+
+namespace {
+
+class WaitAny final : public FutureWaiter {
+public:
+    void on_done(FutureCore& core) noexcept override {
+        // Called under core's lock after its result was stored: error() is safe to read.
+        std::lock_guard lk(mu);
+        count(core);
+        cv.notify_all();
+    }
+    // The caller holds mu.
+    void count(const FutureCore& core) noexcept {
+        ++done;
+        if (core.state() == FutureCore::State::finished && core.error()) ++failed;
+    }
+    // As Python, every mode is met once all are done (so an empty input returns at once).
+    bool satisfied(ReturnWhen mode, std::size_t total) const noexcept {
+        if (done >= total) return true;
+        switch (mode) {
+            case ReturnWhen::first_completed: return done > 0;
+            case ReturnWhen::first_exception: return failed > 0;
+            case ReturnWhen::all_completed: return false;
+        }
+        return true;
+    }
+
+    std::mutex mu;
+    std::condition_variable cv;
+    std::size_t done = 0;
+    std::size_t failed = 0;  // finished with an exception; cancelled does not count, as Python
+};
+
+std::vector<std::size_t> done_indices(std::span<FutureCore* const> cores) {
+    std::vector<std::size_t> out;
+    for (std::size_t i = 0; i < cores.size(); ++i)
+        if (cores[i]->done()) out.push_back(i);
+    return out;
+}
+
+}  // namespace
+
+std::vector<std::size_t> wait_cores(std::span<FutureCore* const> cores,
+                                    std::optional<std::chrono::nanoseconds> timeout,
+                                    ReturnWhen mode) {
+    WaitAny w;
+    for (FutureCore* c : cores)
+        if (c->done()) w.count(*c);
+    if (w.satisfied(mode, cores.size()) ||
+        (timeout && *timeout <= std::chrono::nanoseconds::zero()))
+        return done_indices(cores);
+    const std::optional<Clock::time_point> deadline =
+        timeout ? deadline_after(*timeout) : std::nullopt;
+
+    // `w` lives on this stack: it must leave every core before this returns, whatever happens.
+    std::size_t registered = 0;
+    struct Unregister {
+        std::span<FutureCore* const> cores;
+        std::size_t& n;
+        WaitAny* w;
+        ~Unregister() {
+            for (std::size_t i = 0; i < n; ++i) cores[i]->remove_waiter(w);
+        }
+    } unregister{cores, registered, &w};
+
+    {
+        std::lock_guard lk(w.mu);
+        w.done = 0;
+        w.failed = 0;
+    }
+    for (FutureCore* c : cores) {
+        // Never under w.mu: the lock order is core, then waiter (on_done).
+        const bool added = c->add_waiter(&w);
+        ++registered;
+        if (!added) {
+            std::lock_guard lk(w.mu);
+            w.count(*c);
+        }
+    }
+    {
+        std::unique_lock lk(w.mu);
+        auto ready = [&] { return w.satisfied(mode, cores.size()); };
+        if (deadline)
+            w.cv.wait_until(lk, *deadline, ready);
+        else
+            w.cv.wait(lk, ready);
+    }
+    return done_indices(cores);
+}
+
+// ---- CompletionQueue ----
+
+CompletionQueue::CompletionQueue(std::vector<FutureCore*> cores)
+    : cores_(std::move(cores)), seen_(cores_.size(), false) {
+    // Reserved so on_done (noexcept, under a core's lock) never allocates.
+    ready_.reserve(cores_.size());
+    by_core_.reserve(cores_.size());
+    for (std::size_t i = 0; i < cores_.size(); ++i) by_core_.emplace_back(cores_[i], i);
+    std::sort(by_core_.begin(), by_core_.end());
+
+    std::size_t registered = 0;
+    try {
+        for (std::size_t i = 0; i < cores_.size(); ++i) {
+            // Not under mu_: the lock order is core, then queue (on_done).
+            const bool added = cores_[i]->add_waiter(this);
+            ++registered;
+            if (!added) {
+                std::lock_guard lk(mu_);
+                if (!seen_[i]) {
+                    seen_[i] = true;
+                    ready_.push_back(i);
+                }
+            }
+        }
+    } catch (...) {
+        for (std::size_t i = 0; i < registered; ++i) cores_[i]->remove_waiter(this);
+        throw;
+    }
+}
+
+CompletionQueue::~CompletionQueue() {
+    for (FutureCore* c : cores_) c->remove_waiter(this);
+}
+
+void CompletionQueue::on_done(FutureCore& core) noexcept {
+    std::lock_guard lk(mu_);
+    // A core listed twice is registered twice: the first call hands out all its indices, the
+    // second finds them seen.
+    auto [first, last] = std::equal_range(
+        by_core_.begin(), by_core_.end(), std::pair<FutureCore*, std::size_t>(&core, 0),
+        [](const auto& a, const auto& b) { return a.first < b.first; });
+    for (auto it = first; it != last; ++it) {
+        if (seen_[it->second]) continue;
+        seen_[it->second] = true;
+        ready_.push_back(it->second);
+    }
+    cv_.notify_all();
+}
+
+std::optional<std::size_t> CompletionQueue::next(
+    std::optional<std::chrono::steady_clock::time_point> deadline) {
+    std::unique_lock lk(mu_);
+    if (handed_ == cores_.size()) return std::nullopt;
+    // ready_ only grows and each index enters it once, so handed_ is its read position.
+    auto ready = [this] { return handed_ < ready_.size(); };
+    if (deadline) {
+        if (!cv_.wait_until(lk, *deadline, ready))
+            // As Python: the futures not yet handed out, all of which were unfinished when the
+            // wait ran out.
+            throw TimeoutError(std::to_string(cores_.size() - handed_) + " (of " +
+                               std::to_string(cores_.size()) + ") futures unfinished");
+    } else {
+        cv_.wait(lk, ready);
+    }
+    return ready_[handed_++];
+}
+
+// ---- ProgressBar ----
+
+namespace {
+
+constexpr auto kTtyInterval = std::chrono::milliseconds(100);
+constexpr auto kLineInterval = std::chrono::seconds(2);
+constexpr std::size_t kBarWidth = 20;
+
+std::string format_duration(double seconds) {
+    if (!(seconds >= 0) || seconds > 99.0 * 3600) return "?";
+    const auto total = static_cast<unsigned long long>(seconds + 0.5);
+    const unsigned long long h = total / 3600, m = (total / 60) % 60, s = total % 60;
+    char buf[32];
+    if (h > 0)
+        std::snprintf(buf, sizeof buf, "%llu:%02llu:%02llu", h, m, s);
+    else
+        std::snprintf(buf, sizeof buf, "%llu:%02llu", m, s);
+    return buf;
+}
+
+}  // namespace
+
+ProgressBar::ProgressBar(std::string label, std::size_t total)
+    : label_(std::move(label)),
+      total_(total),
+      start_(Clock::now()),
+      // Off a terminal, the first line waits one interval so short runs print only the final one.
+      last_draw_(start_),
+      tty_(::isatty(STDERR_FILENO) == 1) {
+    if (tty_) draw(false);
+}
+
+ProgressBar::~ProgressBar() {
+    try {
+        draw(true);
+    } catch (...) {
+    }
+}
+
+void ProgressBar::advance(std::size_t n) {
+    done_.fetch_add(n, std::memory_order_relaxed);
+    draw(false);
+}
+
+void ProgressBar::add_total(std::size_t n) { total_.fetch_add(n, std::memory_order_relaxed); }
+
+std::string ProgressBar::render() const {
+    const std::size_t done = done_.load(std::memory_order_relaxed);
+    const std::size_t total = total_.load(std::memory_order_relaxed);
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start_).count();
+    // Integer arithmetic, so 30 of 100 is exactly 30% and six cells of twenty.
+    const std::size_t shown = std::min(done, total);
+    const std::size_t filled = total == 0 ? kBarWidth : shown * kBarWidth / total;
+    const std::size_t percent = total == 0 ? 100 : shown * 100 / total;
+
+    std::string bar(kBarWidth, ' ');
+    std::fill_n(bar.begin(), filled, '=');
+    if (filled < kBarWidth && filled > 0) bar[filled - 1] = '>';
+
+    std::string rate = "?";
+    std::string eta = "?";
+    if (done > 0 && elapsed > 0) {
+        const double per_second = static_cast<double>(done) / elapsed;
+        char buf[48];
+        std::snprintf(buf, sizeof buf, "%.1f", per_second);
+        rate = buf;
+        eta = format_duration(done >= total ? 0.0
+                                            : static_cast<double>(total - done) / per_second);
+    }
+    char pct[8];
+    std::snprintf(pct, sizeof pct, "%3zu%%", percent);
+
+    std::string line = label_;
+    line += ' ';
+    line += std::to_string(done) + "/" + std::to_string(total);
+    line += " [" + bar + "] " + pct + " " + rate + "/s ETA " + eta;
+    return line;
+}
+
+void ProgressBar::draw(bool final) {
+    std::unique_lock lk(mu_, std::defer_lock);
+    if (final) {
+        lk.lock();
+    } else if (!lk.try_lock()) {
+        return;  // another thread is drawing: its line is as good as ours
+    }
+    const Clock::time_point now = Clock::now();
+    const bool due = tty_ ? !drawn_ || now - last_draw_ >= kTtyInterval
+                          : now - last_draw_ >= kLineInterval;
+    if (!final && !due) return;
+    last_draw_ = now;
+    drawn_ = true;
+    // "\x1b[K" clears what a longer previous line left behind.
+    if (tty_)
+        write_stderr("\r" + render() + "\x1b[K" + (final ? "\n" : ""));
+    else
+        write_stderr(render() + "\n");
+}
+
+}  // namespace mp::detail

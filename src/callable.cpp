@@ -2,6 +2,8 @@
 #include <link.h>
 
 #include <cstring>
+#include <array>
+#include <atomic>
 #include <mutex>
 #include <string>
 #include <unordered_set>
@@ -75,6 +77,9 @@ int collect(dl_phdr_info* info, std::size_t, void* out) {
 // since the last scan).
 class ModuleTable {
 public:
+    /// Bumped at every rescan: lookups cached by a thread are good while it stays the same.
+    static inline std::atomic<std::uint64_t> generation{1};
+
     template <class Pred>
     const Module* find(Pred pred) {
         std::lock_guard lock(mu_);
@@ -88,6 +93,7 @@ public:
 
 private:
     void rescan() {
+        generation.fetch_add(1, std::memory_order_release);
         modules_.clear();
         dl_iterate_phdr(collect, &modules_);
     }
@@ -112,7 +118,57 @@ InvokerRegistry& invokers() {
 
 }  // namespace
 
+CodeRef code_ref_uncached(std::uintptr_t address);
+std::uintptr_t resolve_code_uncached(const CodeRef& ref);
+
+// A pool sends the same few callables again and again: each thread remembers its last lookups,
+// so a task costs no lock and no search of the module table.
+template <class Key, class Value>
+struct LookupCache {
+    struct Entry {
+        std::uint64_t generation = 0;
+        Key key{};
+        Value value{};
+    };
+    std::array<Entry, 4> entries{};
+    std::size_t next = 0;
+    const Value* find(const Key& k) const {
+        const auto g = ModuleTable::generation.load(std::memory_order_acquire);
+        for (const Entry& e : entries)
+            if (e.generation == g && e.key == k) return &e.value;
+        return nullptr;
+    }
+    void put(const Key& k, const Value& v, std::uint64_t g) {
+        entries[next] = {g, k, v};
+        next = (next + 1) % entries.size();
+    }
+};
+
+struct RefKey {
+    std::uint64_t module, offset;
+    bool operator==(const RefKey&) const = default;
+};
+
 CodeRef code_ref(std::uintptr_t address) {
+    thread_local LookupCache<std::uintptr_t, CodeRef> cache;
+    if (const CodeRef* hit = cache.find(address)) return *hit;
+    const auto g = ModuleTable::generation.load(std::memory_order_acquire);
+    CodeRef r = code_ref_uncached(address);
+    cache.put(address, r, g);
+    return r;
+}
+
+std::uintptr_t resolve_code(const CodeRef& ref) {
+    thread_local LookupCache<RefKey, std::uintptr_t> cache;
+    const RefKey key{ref.module, ref.offset};
+    if (const std::uintptr_t* hit = cache.find(key)) return *hit;
+    const auto g = ModuleTable::generation.load(std::memory_order_acquire);
+    std::uintptr_t a = resolve_code_uncached(ref);
+    cache.put(key, a, g);
+    return a;
+}
+
+CodeRef code_ref_uncached(std::uintptr_t address) {
     const Module* m = modules().find([&](const Module& mod) {
         for (const Segment& s : mod.segments)
             if (s.exec && address >= s.begin && address < s.end) return true;
@@ -122,7 +178,7 @@ CodeRef code_ref(std::uintptr_t address) {
     return {m->key, address - m->base};
 }
 
-std::uintptr_t resolve_code(const CodeRef& ref) {
+std::uintptr_t resolve_code_uncached(const CodeRef& ref) {
     std::uintptr_t address = 0;
     const Module* m = modules().find([&](const Module& mod) {
         if (mod.key != ref.module) return false;
@@ -149,9 +205,22 @@ bool register_invoker(Invoker fn) noexcept {
 }
 
 bool is_registered_invoker(Invoker fn) noexcept {
+    // Invokers register at static initialisation and never leave: a hit stays true.
+    thread_local std::array<Invoker, 4> seen{};
+    thread_local std::size_t next = 0;
+    for (Invoker s : seen)
+        if (s == fn) return true;
     auto& r = invokers();
-    std::lock_guard lock(r.mu);
-    return r.set.count(reinterpret_cast<std::uintptr_t>(fn)) != 0;
+    bool known;
+    {
+        std::lock_guard lock(r.mu);
+        known = r.set.count(reinterpret_cast<std::uintptr_t>(fn)) != 0;
+    }
+    if (known) {
+        seen[next] = fn;
+        next = (next + 1) % seen.size();
+    }
+    return known;
 }
 
 std::string run_task(std::string_view bytes, std::span<int> fds) {

@@ -159,6 +159,7 @@ struct PoolEngine::Impl {
     std::vector<bool> slot_used;
     std::vector<sys::Fd> init_fds;  // owned copies of the initializer's descriptors
     std::thread thread;
+    std::mutex join_mu;
 
     // The pool's thread only.
     std::deque<pool::Job> pending;
@@ -220,9 +221,13 @@ struct PoolEngine::Impl {
             bool terminate = false, cancel = false;
             {
                 std::lock_guard lock(mu);
-                while (!incoming.empty()) {
-                    pending.push_back(std::move(incoming.front()));
-                    incoming.pop_front();
+                if (pending.empty()) {
+                    pending.swap(incoming);
+                } else {
+                    while (!incoming.empty()) {
+                        pending.push_back(std::move(incoming.front()));
+                        incoming.pop_front();
+                    }
                 }
                 terminate = terminate_requested;
                 cancel = std::exchange(cancel_requested, false);
@@ -801,8 +806,7 @@ void PoolEngine::terminate() {
 void PoolEngine::join() {
     if (impl_->thread.get_id() == std::this_thread::get_id())
         throw Error("mp pool: cannot join the pool from its own thread (a done callback)");
-    static std::mutex join_mu;  // two threads joining one pool
-    std::lock_guard lock(join_mu);
+    std::lock_guard lock(impl_->join_mu);  // two threads may join one pool
     if (impl_->thread.joinable()) impl_->thread.join();
 }
 

@@ -14,8 +14,9 @@
 //   ordinal == started > finished   was running: it fails (WorkerDied, or TimeoutError if the
 //                                   pool killed it for overrunning);
 //   ordinal > started               never started: handed to another worker.
-// The worker sends its answers before it blocks for more work and before any task when the
-// oldest unsent one is 200 us old, so the first case is rare and small.
+// A worker's answers wait in a stage in the same shared page until sent (when it runs out of
+// work, or, by a second thread of the worker, once one has waited a millisecond): the pool reads
+// what a dead worker had not sent, so the first case loses nothing.
 //
 // How many tasks a worker holds: enough to cover about a millisecond of its measured task time
 // (at least 2, at most 1024), so tiny tasks travel in batches and long ones are not stuck

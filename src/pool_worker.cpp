@@ -6,7 +6,10 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
+#include <thread>
 #include <fstream>
 
 #include "mp/detail/future_core.hpp"
@@ -171,22 +174,36 @@ T read_raw(std::string_view& p) {
     return v;
 }
 
-// The worker's answers, staged in its shared slot's buffer (see kStageBytes), sent in batches.
+// The worker's answers, staged in its shared slot's buffer (see kStageBytes), sent in batches:
+// when the worker runs out of work, when the stage fills, and, from a second thread, when an
+// answer has waited a millisecond (so a result never waits behind a long task that follows it).
 class StageWriter {
 public:
+    ~StageWriter() {
+        if (flusher_.joinable()) {
+            {
+                std::lock_guard lock(mu_);
+                stop_ = true;
+            }
+            cv_.notify_one();
+            flusher_.join();
+        }
+    }
+
     void attach(int sock, WorkerSlot* slot, char* stage, std::size_t cap) {
         sock_ = sock;
         slot_ = slot;
         stage_ = stage;
         cap_ = cap;
+        flusher_ = std::thread([this] { flusher(); });
     }
-    bool empty() const noexcept { return committed_ == sent_; }
 
     void add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
              std::string_view b = {}) {
+        std::unique_lock lock(mu_);
         FrameHeader h{a.size() + b.size(), ordinal, static_cast<std::uint8_t>(type), flags, 0, 0};
         const std::size_t n = sizeof h + a.size() + b.size();
-        if (committed_ + n > cap_) flush();
+        if (committed_ + n > cap_) flush_locked();
         if (n > cap_) {
             // Too big to stage: straight to the socket. A death during this write loses only
             // this answer, and its task counts as running, not finished.
@@ -201,14 +218,30 @@ public:
         std::memcpy(p + sizeof h + a.size(), b.data(), b.size());
         committed_ += n;
         slot_->committed.store(committed_, std::memory_order_release);
+        if (!armed_) {
+            armed_ = true;
+            first_unsent_ = Clock::now();
+            lock.unlock();
+            cv_.notify_one();
+        }
     }
 
+    /// Sends everything staged. Throws std::system_error when the pool has gone.
     void flush() {
+        std::lock_guard lock(mu_);
+        flush_locked();
+    }
+
+private:
+    void flush_locked() {
+        if (failed_) sys::throw_system_error(EPIPE, "send (pool worker)");
+        armed_ = false;
         if (committed_ == 0) return;
         while (sent_ < committed_) {
             ssize_t n = ::send(sock_, stage_ + sent_, committed_ - sent_, MSG_NOSIGNAL);
             if (n < 0) {
                 if (errno == EINTR) continue;
+                failed_ = true;
                 sys::throw_system_error(errno, "send (pool worker)");
             }
             sent_ += static_cast<std::size_t>(n);
@@ -221,25 +254,54 @@ public:
         slot_->sent.store(0, std::memory_order_release);
     }
 
-private:
+    void flusher() {
+        std::unique_lock lock(mu_);
+        while (!stop_) {
+            if (!armed_) {
+                cv_.wait(lock);
+                continue;
+            }
+            const auto due = first_unsent_ + std::chrono::milliseconds(1);
+            if (Clock::now() < due) {
+                cv_.wait_until(lock, due);
+                continue;
+            }
+            try {
+                flush_locked();
+            } catch (const std::system_error&) {
+                // The pool has gone; the worker finds out at its next flush.
+                armed_ = false;
+            }
+        }
+    }
+
     void send_all(const void* p, std::size_t n) {
         const char* c = static_cast<const char*>(p);
         while (n != 0) {
             ssize_t k = ::send(sock_, c, n, MSG_NOSIGNAL);
             if (k < 0) {
                 if (errno == EINTR) continue;
+                failed_ = true;
                 sys::throw_system_error(errno, "send (pool worker)");
             }
             c += k;
             n -= static_cast<std::size_t>(k);
         }
     }
+
     int sock_ = -1;
     WorkerSlot* slot_ = nullptr;
     char* stage_ = nullptr;
     std::size_t cap_ = 0;
     std::size_t committed_ = 0;
     std::size_t sent_ = 0;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool armed_ = false;  // answers wait unsent; first_unsent_ says since when
+    bool stop_ = false;
+    bool failed_ = false;
+    Clock::time_point first_unsent_{};
+    std::thread flusher_;
 };
 
 class Worker {
@@ -284,9 +346,6 @@ private:
     // Returns false when the worker should retire.
     bool run_one(Frame& f) {
         const auto begin = Clock::now();
-        // Results wait in the buffer while more tasks are queued here; do not let them wait
-        // behind a long task (a death then would lose them).
-        if (!out_.empty() && begin - oldest_unsent_ > std::chrono::microseconds(200)) flush();
         slot_->started.store(f.ordinal, std::memory_order_release);
         if (f.flags & kTimed) {
             out_.add(FrameType::started, 0, f.ordinal, {});
@@ -310,7 +369,6 @@ private:
         flush_stdio();
         const std::uint64_t run_ns = static_cast<std::uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(end - begin).count());
-        if (out_.empty()) oldest_unsent_ = end;
         out_.add(FrameType::result, flags, f.ordinal,
                  std::string_view(reinterpret_cast<const char*>(&run_ns), sizeof run_ns), result);
         slot_->finished.store(f.ordinal, std::memory_order_release);
@@ -361,7 +419,6 @@ private:
     std::uint64_t done_ = 0;
     FrameReader in_;
     StageWriter out_;
-    Clock::time_point oldest_unsent_{};
 };
 
 }  // namespace

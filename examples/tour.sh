@@ -70,6 +70,16 @@ run 06_pid_ppid \
   "the child's getppid() is the parent's pid; exitcode None before the end, 0 after join, -15 after terminate()"
 run 07_forkserver \
   "children come from the fork server (their getppid() is not main); exit codes 0 0 0 3 1, and 'Process failing:' with the exception on stderr"
+run 08_async_callback \
+  "four workers print 'is running'; each 'handle res N' comes from a callback as its result arrives, in no fixed order; 主 last, after shutdown"
+run 09_sync_submit \
+  "submit(...).result() one at a time: 'is running' then its result, alternating, in input order 0 1 4 9 16; about 1 s in all"
+run 10_worker_crash \
+  "fragile(13) segfaults its worker: that line shows mp::WorkerDied (signal 11, SIGSEGV), the other 19 results print, and the pool runs one more task"
+run 11_pool \
+  "Pool map in order, imap_unordered (sorted), five apply_async callbacks 100..104, then close/join"
+run 12_task_timeout \
+  "the 5 s task is killed at its 300 ms limit: mp::TimeoutError naming the killed worker; the quick task and the next one still succeed"
 
 echo
 if [ ${#failed[@]} -ne 0 ]; then

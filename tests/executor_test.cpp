@@ -1,0 +1,1640 @@
+// Tests of mp::ProcessPoolExecutor, mp::Future (as the executor hands it out), mp::wait and
+// mp::as_completed (include/mp/futures.hpp).
+//
+// Ported from CPython's Lib/test/test_concurrent_futures (executor, wait, as_completed, future,
+// shutdown, initializer, process pool, deadlock), plus the failures mp handles where Python's
+// pool breaks: workers that crash, exit, are killed or overrun, workers recycled by task count or
+// memory, a parent killed by SIGKILL, a parent that already runs threads.
+//
+// ctest runs every TEST in a process of its own and the shared main (helpers/test_main.cpp)
+// fails a test that leaves a child, an fd or a /dev/shm entry behind. Tasks that must wait for
+// the test wait on a file (a gate) in a temporary directory, never longer than kGateLimit, so a
+// broken test cannot hang a worker. Every wait of the test itself is bounded; nothing asserts on
+// speed.
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <filesystem>
+#include <fstream>
+#include <gtest/gtest.h>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <poll.h>
+#include <random>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <thread>
+#include <typeinfo>
+#include <unistd.h>
+#include <utility>
+#include <vector>
+
+#include "helpers/leak_check.hpp"
+#include "mp/futures.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+/// The bound on a wait that is expected to succeed.
+constexpr auto kLong = 10s;
+/// The longest a gated task waits for its gate.
+constexpr auto kGateLimit = 20s;
+
+// ---------------------------------------------------------------------------------------------
+// Work run in the workers
+// ---------------------------------------------------------------------------------------------
+
+int square(int x) { return x * x; }
+int mul(int a, int b) { return a * b; }
+long long power(int base, int exp) {
+    long long r = 1;
+    for (int i = 0; i < exp; ++i) r *= base;
+    return r;
+}
+std::string repeat(std::string s, int n) {
+    std::string out;
+    for (int i = 0; i < n; ++i) out += s;
+    return out;
+}
+std::vector<int> iota_vec(int n) {
+    std::vector<int> v(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = i;
+    return v;
+}
+void do_nothing(int) {}
+int worker_pid(int) { return static_cast<int>(::getpid()); }
+
+/// Python's divmod(a, b)[0]; a zero divisor is std::out_of_range("division by zero").
+int divide(int a, int b) {
+    if (b == 0) throw std::out_of_range("division by zero");
+    return a / b;
+}
+
+int sleep_ms(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+}
+int sleep_pid(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return static_cast<int>(::getpid());
+}
+int nap_square(int x) {
+    ::usleep(100);
+    return x * x;
+}
+
+/// Waits (at most kGateLimit) for `path` to exist; 1 when it did, 0 when the wait ran out.
+int wait_file(std::string path) {
+    const auto deadline = Clock::now() + kGateLimit;
+    while (Clock::now() < deadline) {
+        if (::access(path.c_str(), F_OK) == 0) return 1;
+        std::this_thread::sleep_for(2ms);
+    }
+    return 0;
+}
+
+/// Creates `started`, then waits for `gate` as wait_file does.
+int start_then_wait(std::string started, std::string gate) {
+    std::ofstream(started) << "started\n";
+    return wait_file(gate);
+}
+
+/// Sleeps `ms`, then dies as die(how).
+int die_after(int ms, int how);
+
+/// The side effect of a task: creates the file `path`.
+int touch_file(std::string path) {
+    std::ofstream(path) << "ran\n";
+    return 1;
+}
+
+enum Death { kSegv = 0, kAbort = 1, kExit7 = 2, kSigkill = 3 };
+
+/// Ends the worker it runs in: a real segfault, abort(), exit(7) or SIGKILL. The default
+/// dispositions come back first, so a sanitizer's handler does not turn a signal into an exit.
+int die(int how) {
+    rlimit no_core{0, 0};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    switch (how) {
+    case kSegv: {
+        ::signal(SIGSEGV, SIG_DFL);
+        void* page = ::mmap(nullptr, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        *static_cast<volatile int*>(page) = 1;
+        break;
+    }
+    case kAbort:
+        ::signal(SIGABRT, SIG_DFL);
+        std::abort();
+    case kExit7:
+        std::exit(7);
+    case kSigkill:
+        ::raise(SIGKILL);
+        break;
+    default:
+        break;
+    }
+    return -1;
+}
+
+int die_after(int ms, int how) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return die(how);
+}
+
+/// x squared, except that x == 7 segfaults.
+int square_or_segv(int x) {
+    if (x == 7) die(kSegv);
+    return x * x;
+}
+
+struct CustomError : std::exception {
+    std::string msg;
+    explicit CustomError(std::string m) : msg(std::move(m)) {}
+    const char* what() const noexcept override { return msg.c_str(); }
+};
+
+int throw_out_of_range(std::string what) { throw std::out_of_range(what); }
+int throw_invalid_argument(std::string what) { throw std::invalid_argument(what); }
+int throw_runtime_error(std::string what) { throw std::runtime_error(what); }
+int throw_custom(std::string what) { throw CustomError(what + " in pid " + std::to_string(::getpid())); }
+
+/// Allocates and touches `mb` megabytes and keeps them: the worker's resident memory grows.
+int hog_memory(int mb) {
+    static std::vector<char*> kept;
+    const std::size_t n = static_cast<std::size_t>(mb) << 20;
+    char* p = static_cast<char*>(std::malloc(n));
+    if (p == nullptr) return -1;
+    for (std::size_t i = 0; i < n; i += 4096) p[i] = 1;
+    kept.push_back(p);
+    return static_cast<int>(::getpid());
+}
+
+int g_init_value = -1;
+void init_global(int v) { g_init_value = v; }
+void init_that_throws(int) { throw std::runtime_error("initializer failed"); }
+int read_global(int) { return g_init_value; }
+
+// ---------------------------------------------------------------------------------------------
+// Test helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A temporary directory, removed with its contents.
+class TempDir {
+public:
+    TempDir() {
+        char tmpl[] = "/tmp/mp_executor_test.XXXXXX";
+        if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
+        path_ = tmpl;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path_, ec);
+    }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    std::string path(const std::string& name) const { return path_ + "/" + name; }
+    bool exists(const std::string& name) const { return ::access(path(name).c_str(), F_OK) == 0; }
+    void touch(const std::string& name) const { std::ofstream(path(name)) << "x\n"; }
+
+private:
+    std::string path_;
+};
+
+/// Files that gated tasks wait for; opens itself on destruction so no worker outlives the test
+/// for long whatever happened.
+class Gate {
+public:
+    explicit Gate(const TempDir& dir, std::string name = "gate") : dir_(dir), name_(std::move(name)) {}
+    ~Gate() { open(); }
+    Gate(const Gate&) = delete;
+    Gate& operator=(const Gate&) = delete;
+    std::string path() const { return dir_.path(name_); }
+    void open() { dir_.touch(name_); }
+
+private:
+    const TempDir& dir_;
+    std::string name_;
+};
+
+/// Polls `pred` every 5 ms until it holds or `limit` passes.
+template <class P>
+bool eventually(P pred, std::chrono::milliseconds limit = kLong) {
+    const auto deadline = Clock::now() + limit;
+    while (!pred()) {
+        if (Clock::now() >= deadline) return false;
+        std::this_thread::sleep_for(5ms);
+    }
+    return true;
+}
+
+/// Submits gated tasks until one of them stays pending: every worker then holds as much as it
+/// takes, and what is submitted next stays pending until the gate opens.
+template <class Ex>
+std::vector<mp::Future<int>> saturate(Ex& ex, const Gate& gate) {
+    std::vector<mp::Future<int>> blockers;
+    for (int i = 0; i < 64; ++i) {
+        blockers.push_back(ex.submit(wait_file, gate.path()));
+        std::this_thread::sleep_for(50ms);
+        const auto st = ex.stats();
+        if (st.pending > 0 && st.running > 0) break;
+    }
+    return blockers;
+}
+
+/// The exception a future ended with, as a string "<kind>: what()" for messages.
+template <class T>
+std::exception_ptr error_of(const mp::Future<T>& f) {
+    return f.exception(kLong);
+}
+
+/// Runs `f`, which must throw E; returns the exception (or std::nullopt, with a failure).
+template <class E, class F>
+std::optional<E> catch_as(F&& f) {
+    try {
+        f();
+    } catch (const E& e) {
+        return e;
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << "expected " << typeid(E).name() << ", got " << typeid(e).name() << ": "
+                      << e.what();
+        return std::nullopt;
+    } catch (...) {
+        ADD_FAILURE() << "expected " << typeid(E).name() << ", got a non-std exception";
+        return std::nullopt;
+    }
+    ADD_FAILURE() << "expected " << typeid(E).name() << ", nothing was thrown";
+    return std::nullopt;
+}
+
+std::set<pid_t> worker_pids(const mp::PoolStats& st) {
+    std::set<pid_t> out;
+    for (const auto& w : st.workers) out.insert(w.pid);
+    return out;
+}
+
+/// Waits until the executor has answered everything it was given.
+bool settled(const mp::ProcessPoolExecutor& ex) {
+    return eventually([&] {
+        const auto st = ex.stats();
+        return st.pending == 0 && st.running == 0;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// ExecutorTest (CPython executor.py, test_process_pool.py)
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorTest, Submit) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    mp::Future<long long> f = ex.submit(power, 2, 8);
+    EXPECT_TRUE(f.valid());
+    EXPECT_EQ(f.result(kLong), 256);
+    EXPECT_TRUE(f.done());
+    EXPECT_FALSE(f.cancelled());
+    EXPECT_FALSE(f.running());
+}
+
+TEST(ExecutorTest, SubmitStringsVectorsAndVoid) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto s = ex.submit(repeat, std::string("ab"), 3);
+    auto v = ex.submit(iota_vec, 5);
+    mp::Future<void> n = ex.submit(do_nothing, 1);
+    auto lambda = ex.submit([](int a, int b) { return a - b; }, 10, 4);
+    EXPECT_EQ(s.result(kLong), "ababab");
+    EXPECT_EQ(v.result(kLong), (std::vector<int>{0, 1, 2, 3, 4}));
+    n.result(kLong);
+    EXPECT_TRUE(n.done());
+    EXPECT_EQ(lambda.result(kLong), 6);
+}
+
+TEST(ExecutorTest, DefaultFutureIsNotValid) {
+    mp::Future<int> f;
+    EXPECT_FALSE(f.valid());
+}
+
+TEST(ExecutorTest, MaxWorkersZeroOrNegativeIsInvalidArgument) {
+    for (int n : {0, -1}) {
+        auto e = catch_as<std::invalid_argument>([&] { mp::ProcessPoolExecutor ex({.max_workers = n}); });
+        if (e) {
+            EXPECT_NE(std::string(e->what()).find("max_workers must be greater than 0"), std::string::npos)
+            << e->what();
+        }
+    }
+}
+
+TEST(ExecutorTest, MaxWorkersIsReported) {
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    EXPECT_EQ(ex.max_workers(), 3);
+}
+
+TEST(ExecutorTest, MapZipsRangesInOrder) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> a(10), b(10);
+    for (int i = 0; i < 10; ++i) a[static_cast<std::size_t>(i)] = b[static_cast<std::size_t>(i)] = i;
+    std::vector<long long> ref;
+    for (int i = 0; i < 10; ++i) ref.push_back(power(i, i));
+    EXPECT_EQ(ex.map(power, a, b).to_vector(), ref);
+    EXPECT_EQ(ex.map({.chunksize = 3}, power, a, b).to_vector(), ref);
+}
+
+TEST(ExecutorTest, MapStopsAtTheShortestRange) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> a{1, 2, 3, 4, 5};
+    std::vector<int> b{10, 20, 30};
+    auto r = ex.map(mul, a, b);
+    EXPECT_EQ(r.size(), 3u);
+    EXPECT_EQ(r.to_vector(), (std::vector<int>{10, 40, 90}));
+}
+
+TEST(ExecutorTest, MapChunksize) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> a(40);
+    for (int i = 0; i < 40; ++i) a[static_cast<std::size_t>(i)] = i % 7;
+    std::vector<long long> ref;
+    for (int x : a) ref.push_back(power(x, x));
+    for (std::size_t cs : {1u, 6u, 40u, 50u}) {
+        EXPECT_EQ(ex.map({.chunksize = cs}, power, a, a).to_vector(), ref) << "chunksize " << cs;
+    }
+}
+
+TEST(ExecutorTest, MapOfAnEmptyRange) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> none;
+    auto r = ex.map(square, none);
+    EXPECT_EQ(r.size(), 0u);
+    EXPECT_TRUE(r.to_vector().empty());
+}
+
+TEST(ExecutorTest, MapIteratesLazilyWithRangeFor) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> in{1, 2, 3, 4};
+    std::vector<int> out;
+    for (int y : ex.map(square, in)) out.push_back(y);
+    EXPECT_EQ(out, (std::vector<int>{1, 4, 9, 16}));
+}
+
+TEST(ExecutorTest, MapException) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> a{1, 1, 1, 1}, b{2, 3, 0, 5};
+    auto r = ex.map(divide, a, b);
+    auto it = r.begin();
+    EXPECT_EQ(*it, 0);
+    ++it;
+    EXPECT_EQ(*it, 0);
+    ++it;
+    auto e = catch_as<std::out_of_range>([&] { (void)*it; });
+    if (e) {
+        EXPECT_STREQ(e->what(), "division by zero");
+    }
+}
+
+TEST(ExecutorTest, MapTimeout) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> in{0, 0, 3000};
+    std::vector<int> results;
+    auto r = ex.map({.timeout = 1s}, sleep_ms, in);
+    auto e = catch_as<mp::TimeoutError>([&] {
+        for (int v : r) results.push_back(v);
+    });
+    EXPECT_EQ(results, (std::vector<int>{0, 0}));
+}
+
+TEST(ExecutorTest, MapWithASegfaultingItemFailsOnlyThatItem) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> in(20);
+    for (int i = 0; i < 20; ++i) in[static_cast<std::size_t>(i)] = i;
+    auto r = ex.map({.chunksize = 1}, square_or_segv, in);
+    // A failed item cancels the chunks not yet started (as Python's map): let every chunk
+    // finish first, so that each other item has its value.
+    ASSERT_TRUE(settled(ex));
+    int i = 0;
+    int died = 0;
+    for (auto it = r.begin(); it != r.end(); ++it, ++i) {
+        try {
+            EXPECT_EQ(*it, i * i) << "item " << i;
+        } catch (const mp::WorkerDied& e) {
+            ++died;
+            EXPECT_EQ(i, 7);
+            EXPECT_GT(e.pid(), 0);
+            EXPECT_EQ(e.signal(), std::optional<int>(SIGSEGV));
+            EXPECT_FALSE(e.exit_code().has_value());
+        } catch (const std::exception& e) {
+            ADD_FAILURE() << "item " << i << ": unexpected exception " << e.what();
+        }
+    }
+    EXPECT_EQ(i, 20);
+    EXPECT_EQ(died, 1);
+    EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+}
+
+TEST(ExecutorTest, ShutdownRaceIssue12456) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> in(3, 2);
+    auto r = ex.map(square, in);
+    ex.shutdown();
+    EXPECT_EQ(r.to_vector(), (std::vector<int>{4, 4, 4}));
+}
+
+TEST(ExecutorTest, Saturation) {
+    // test_saturation: many more blocked jobs than workers never start more than max_workers.
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 30; ++i) fs.push_back(ex.submit(wait_file, gate.path()));
+    std::this_thread::sleep_for(100ms);
+    const auto st = ex.stats();
+    EXPECT_LE(st.workers.size(), 2u);
+    EXPECT_EQ(st.workers_started, st.workers.size());
+    gate.open();
+    for (auto& f : fs) EXPECT_EQ(f.result(kLong), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exceptions (test_traceback, test_error_during_func_exec_on_worker)
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorException, StandardTypesArriveAsThemselves) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto oor = ex.submit(throw_out_of_range, std::string("index 42 is out of range"));
+    auto inv = ex.submit(throw_invalid_argument, std::string("bad argument"));
+    auto rt = ex.submit(throw_runtime_error, std::string("123"));
+    if (auto e = catch_as<std::out_of_range>([&] { oor.result(kLong); })) {
+        EXPECT_STREQ(e->what(), "index 42 is out of range");
+    }
+    if (auto e = catch_as<std::invalid_argument>([&] { inv.result(kLong); })) {
+        EXPECT_STREQ(e->what(), "bad argument");
+    }
+    if (auto e = catch_as<std::runtime_error>([&] { rt.result(kLong); })) {
+        EXPECT_STREQ(e->what(), "123");
+    }
+    // The pool goes on.
+    EXPECT_EQ(ex.submit(square, 3).result(kLong), 9);
+}
+
+TEST(ExecutorException, CustomTypeArrivesAsRemoteError) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    const int pid = ex.submit(worker_pid, 0).result(kLong);
+    auto f = ex.submit(throw_custom, std::string("custom failure"));
+    if (auto e = catch_as<mp::RemoteError>([&] { f.result(kLong); })) {
+        EXPECT_NE(e->type_name().find("CustomError"), std::string::npos) << e->type_name();
+        EXPECT_EQ(e->message(), "custom failure in pid " + std::to_string(pid));
+        EXPECT_NE(e->origin().find(std::to_string(pid)), std::string::npos) << e->origin();
+    }
+}
+
+TEST(ExecutorException, ExceptionReturnsTheErrorOrNull) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto ok = ex.submit(square, 4);
+    auto bad = ex.submit(divide, 1, 0);
+    EXPECT_EQ(ok.exception(kLong), nullptr);
+    auto e = bad.exception(kLong);
+    ASSERT_NE(e, nullptr);
+    EXPECT_THROW(std::rethrow_exception(e), std::out_of_range);
+    EXPECT_TRUE(bad.done());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Future (test_future.py, through the executor)
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorFuture, ResultAndExceptionWithTimeout) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit(wait_file, gate.path());
+    EXPECT_THROW(f.result(50ms), mp::TimeoutError);
+    EXPECT_THROW(f.exception(50ms), mp::TimeoutError);
+    EXPECT_FALSE(f.wait(10ms));
+    EXPECT_FALSE(f.done());
+    gate.open();
+    EXPECT_EQ(f.result(kLong), 1);
+    EXPECT_TRUE(f.wait(0ms));
+}
+
+TEST(ExecutorFuture, RunningWhileAWorkerHasIt) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit(wait_file, gate.path());
+    EXPECT_TRUE(eventually([&] { return f.running(); }));
+    EXPECT_FALSE(f.cancel());  // test_cancel: a running future cannot be cancelled
+    EXPECT_FALSE(f.cancelled());
+    gate.open();
+    EXPECT_EQ(f.result(kLong), 1);
+    EXPECT_FALSE(f.running());
+    EXPECT_FALSE(f.cancel());  // nor a finished one
+}
+
+TEST(ExecutorFuture, AResultDoesNotWaitForTheNextTaskOfItsWorker) {
+    // One worker holds both tasks; the first one's value must arrive while the second runs
+    // (Python sends each result as it is produced).
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto quick = ex.submit(square, 2);
+    auto slow = ex.submit(wait_file, gate.path());
+    EXPECT_EQ(quick.result(5s), 4);
+    EXPECT_FALSE(slow.done());
+    gate.open();
+    EXPECT_EQ(slow.result(kLong), 1);
+}
+
+TEST(ExecutorFuture, CopiesShareTheState) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit(square, 5);
+    mp::Future<int> g = f;
+    EXPECT_TRUE(f == g);
+    EXPECT_EQ(g.result(kLong), 25);
+    EXPECT_TRUE(f.done());
+    EXPECT_FALSE(f == ex.submit(square, 5));
+}
+
+TEST(ExecutorFuture, DoneCallbackWithResultRunsOnceOutsideTheWorkers) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit([](std::string gate_path, int x) { return wait_file(gate_path) * x * x; },
+                       gate.path(), 6);
+    std::mutex mu;
+    std::vector<int> seen;
+    std::vector<pid_t> pids;
+    std::vector<std::thread::id> threads;
+    f.add_done_callback([&](const mp::Future<int>& done) {
+        std::lock_guard lk(mu);
+        seen.push_back(done.result(0s));
+        pids.push_back(::getpid());
+        threads.push_back(std::this_thread::get_id());
+    });
+    gate.open();
+    EXPECT_EQ(f.result(kLong), 36);
+    ASSERT_TRUE(eventually([&] {
+        std::lock_guard lk(mu);
+        return !seen.empty();
+    }));
+    std::this_thread::sleep_for(20ms);
+    std::lock_guard lk(mu);
+    EXPECT_EQ(seen, (std::vector<int>{36}));
+    EXPECT_EQ(pids, (std::vector<pid_t>{::getpid()}));
+    ASSERT_EQ(threads.size(), 1u);
+    EXPECT_NE(threads[0], std::this_thread::get_id());
+}
+
+TEST(ExecutorFuture, DoneCallbackWithException) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit(divide, 1, 0);
+    std::atomic<int> calls{0};
+    std::atomic<bool> had_error{false};
+    f.exception(kLong);
+    f.add_done_callback([&](const mp::Future<int>& done) {
+        had_error = done.exception(0s) != nullptr;
+        ++calls;
+    });
+    // Already done: the callback ran at once, in this thread.
+    EXPECT_EQ(calls.load(), 1);
+    EXPECT_TRUE(had_error.load());
+}
+
+TEST(ExecutorFuture, DoneCallbackWithCancelRunsInTheCancellingThread) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto blockers = saturate(ex, gate);
+    auto f = ex.submit(square, 3);
+    std::atomic<int> calls{0};
+    std::thread::id where;
+    bool was_cancelled = false;
+    f.add_done_callback([&](const mp::Future<int>& done) {
+        was_cancelled = done.cancelled();
+        where = std::this_thread::get_id();
+        ++calls;
+    });
+    EXPECT_TRUE(f.cancel());
+    EXPECT_EQ(calls.load(), 1);
+    EXPECT_TRUE(was_cancelled);
+    EXPECT_EQ(where, std::this_thread::get_id());
+    EXPECT_THROW(f.result(kLong), mp::CancelledError);
+    EXPECT_THROW(f.exception(kLong), mp::CancelledError);
+    gate.open();
+    for (auto& b : blockers) EXPECT_EQ(b.result(kLong), 1);
+}
+
+TEST(ExecutorFuture, DoneCallbackThatThrowsDoesNotStopTheOthers) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    TempDir dir;
+    Gate gate(dir);
+    auto f = ex.submit(wait_file, gate.path());
+    std::atomic<int> order{0};
+    std::atomic<int> first{-1}, second{-1};
+    f.add_done_callback([&](const mp::Future<int>&) {
+        first = order++;
+        throw std::runtime_error("doh!");
+    });
+    f.add_done_callback([&](const mp::Future<int>&) { second = order++; });
+    gate.open();
+    EXPECT_EQ(f.result(kLong), 1);
+    ASSERT_TRUE(eventually([&] { return second.load() >= 0; }));
+    EXPECT_EQ(first.load(), 0);
+    EXPECT_EQ(second.load(), 1);
+    // The pool is unharmed.
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// mp::wait (test_wait.py). The completed futures of Python's tests come from the executor:
+// SUCCESSFUL (a value), EXCEPTION (out_of_range), CANCELLED (cancelled while pending).
+// ---------------------------------------------------------------------------------------------
+
+struct FinishedFutures {
+    mp::Future<int> successful, exception, cancelled;
+};
+
+/// A 3-worker executor's finished futures, with the gate closed again afterwards.
+FinishedFutures make_finished(mp::ProcessPoolExecutor& ex, const TempDir& dir) {
+    FinishedFutures out;
+    out.successful = ex.submit(mul, 21, 2);
+    out.exception = ex.submit(divide, 1, 0);
+    out.successful.wait(kLong);
+    out.exception.wait(kLong);
+    {
+        Gate gate(dir, "finished-gate");
+        auto blockers = saturate(ex, gate);
+        out.cancelled = ex.submit(square, 1);
+        EXPECT_TRUE(out.cancelled.cancel());
+        gate.open();
+        for (auto& b : blockers) b.wait(kLong);
+    }
+    EXPECT_TRUE(settled(ex));
+    return out;
+}
+
+TEST(ExecutorWait, DuplicateFuturesIssue20369) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto f = ex.submit(sleep_ms, 100);
+    auto r = mp::wait(std::vector{f, f}, kLong, mp::ALL_COMPLETED);
+    ASSERT_FALSE(r.done.empty());
+    for (auto& d : r.done) EXPECT_TRUE(d == f);
+    EXPECT_TRUE(r.not_done.empty());
+}
+
+TEST(ExecutorWait, FirstCompleted) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    Gate gate(dir);
+    auto f1 = ex.submit(mul, 21, 2);
+    auto f2 = ex.submit(wait_file, gate.path());
+    // Python's CANCELLED_FUTURE is cancelled but not yet notified; mp's cancel notifies at once,
+    // so a fresh pending future stands in for it.
+    auto pending = ex.submit(wait_file, gate.path());
+    auto r = mp::wait(std::vector{pending, f1, f2}, kLong, mp::FIRST_COMPLETED);
+    EXPECT_EQ(r.done, (std::vector{f1}));
+    EXPECT_EQ(r.not_done, (std::vector{pending, f2}));
+    EXPECT_EQ(f1.result(0s), 42);
+}
+
+TEST(ExecutorWait, FirstCompletedSomeAlreadyCompleted) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    Gate gate(dir);
+    auto f1 = ex.submit(wait_file, gate.path());
+    auto r = mp::wait(std::vector{fin.cancelled, fin.successful, f1}, kLong, mp::FIRST_COMPLETED);
+    EXPECT_EQ(r.done, (std::vector{fin.cancelled, fin.successful}));
+    EXPECT_EQ(r.not_done, (std::vector{f1}));
+}
+
+TEST(ExecutorWait, FirstException) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    Gate gate(dir);
+    auto f1 = ex.submit(mul, 2, 21);
+    f1.wait(kLong);
+    auto f2 = ex.submit([](int ms) -> int {
+        std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+        throw std::runtime_error("this is an exception");
+    }, 100);
+    auto f3 = ex.submit(wait_file, gate.path());
+    auto r = mp::wait(std::vector{f1, f2, f3}, kLong, mp::FIRST_EXCEPTION);
+    EXPECT_EQ(r.done, (std::vector{f1, f2}));
+    EXPECT_EQ(r.not_done, (std::vector{f3}));
+}
+
+TEST(ExecutorWait, FirstExceptionSomeAlreadyComplete) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    Gate gate(dir);
+    auto f1 = ex.submit(divide, 21, 0);
+    auto f2 = ex.submit(wait_file, gate.path());
+    auto r = mp::wait(std::vector{fin.successful, fin.cancelled, f1, f2}, kLong, mp::FIRST_EXCEPTION);
+    EXPECT_EQ(r.done, (std::vector{fin.successful, fin.cancelled, f1}));
+    EXPECT_EQ(r.not_done, (std::vector{f2}));
+}
+
+TEST(ExecutorWait, FirstExceptionOneAlreadyFailed) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    Gate gate(dir);
+    auto f1 = ex.submit(wait_file, gate.path());
+    auto r = mp::wait(std::vector{fin.exception, f1}, kLong, mp::FIRST_EXCEPTION);
+    EXPECT_EQ(r.done, (std::vector{fin.exception}));
+    EXPECT_EQ(r.not_done, (std::vector{f1}));
+}
+
+TEST(ExecutorWait, AllCompleted) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    auto f1 = ex.submit(divide, 2, 0);
+    auto f2 = ex.submit(mul, 2, 21);
+    std::vector all{fin.successful, fin.cancelled, fin.exception, f1, f2};
+    auto r = mp::wait(all, kLong, mp::ALL_COMPLETED);
+    EXPECT_EQ(r.done, all);
+    EXPECT_TRUE(r.not_done.empty());
+    // Without a timeout and without a mode: ALL_COMPLETED.
+    auto r2 = mp::wait(all);
+    EXPECT_EQ(r2.done, all);
+}
+
+TEST(ExecutorWait, Timeout) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    Gate gate(dir);
+    auto f = ex.submit(wait_file, gate.path());
+    auto r = mp::wait(std::vector{fin.cancelled, fin.exception, fin.successful, f}, 50ms,
+                      mp::ALL_COMPLETED);
+    EXPECT_EQ(r.done, (std::vector{fin.cancelled, fin.exception, fin.successful}));
+    EXPECT_EQ(r.not_done, (std::vector{f}));
+}
+
+TEST(ExecutorWait, ManyFuturesAllCompleted) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 200; ++i) fs.push_back(ex.submit(square, i));
+    auto r = mp::wait(fs, 60s);
+    EXPECT_EQ(r.done.size(), 200u);
+    EXPECT_TRUE(r.not_done.empty());
+    for (int i = 0; i < 200; ++i) EXPECT_EQ(fs[static_cast<std::size_t>(i)].result(0s), i * i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// mp::as_completed (test_as_completed.py)
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorAsCompleted, NoTimeout) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    auto f1 = ex.submit(mul, 2, 21);
+    auto f2 = ex.submit(mul, 7, 6);
+    std::vector all{fin.cancelled, fin.exception, fin.successful, f1, f2};
+    std::vector<mp::Future<int>> completed;
+    for (const auto& f : mp::as_completed(all, mp::AsCompletedOptions{.timeout = 60s}))
+        completed.push_back(f);
+    ASSERT_EQ(completed.size(), all.size());
+    for (auto& f : all) EXPECT_NE(std::find(completed.begin(), completed.end(), f), completed.end());
+    // Those already done come first, in input order.
+    EXPECT_TRUE(completed[0] == fin.cancelled);
+    EXPECT_TRUE(completed[1] == fin.exception);
+    EXPECT_TRUE(completed[2] == fin.successful);
+}
+
+TEST(ExecutorAsCompleted, FutureTimesOut) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    Gate gate(dir);
+    for (auto timeout : {0ms, 100ms}) {
+        auto f = ex.submit(wait_file, gate.path());
+        std::vector<mp::Future<int>> completed;
+        EXPECT_THROW(
+            {
+                for (const auto& c : mp::as_completed(std::vector{fin.cancelled, fin.exception, fin.successful, f},
+                                                      timeout))
+                    completed.push_back(c);
+            },
+            mp::TimeoutError)
+            << "timeout " << timeout.count() << " ms";
+        EXPECT_EQ(completed, (std::vector{fin.cancelled, fin.exception, fin.successful}));
+    }
+}
+
+TEST(ExecutorAsCompleted, DuplicateFuturesAreYieldedOnce) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto f = ex.submit(sleep_ms, 100);
+    int n = 0;
+    for (const auto& c : mp::as_completed(std::vector{f, f, f}, kLong)) {
+        EXPECT_TRUE(c == f);
+        ++n;
+    }
+    EXPECT_EQ(n, 1);
+}
+
+TEST(ExecutorAsCompleted, TimeoutMessageCountsTheUnfinished) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    auto fin = make_finished(ex, dir);
+    Gate gate(dir);
+    auto running = ex.submit(wait_file, gate.path());
+    ASSERT_TRUE(eventually([&] { return running.running(); }));
+    auto other = ex.submit(wait_file, gate.path());
+    auto e = catch_as<mp::TimeoutError>([&] {
+        for (const auto& c : mp::as_completed(std::vector{fin.cancelled, other, running, fin.successful}, 0ms))
+            (void)c;
+    });
+    if (e) {
+        EXPECT_STREQ(e->what(), "2 (of 4) futures unfinished");
+    }
+}
+
+TEST(ExecutorAsCompleted, YieldsInCompletionOrder) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    Gate first(dir, "first"), second(dir, "second");
+    auto a = ex.submit(wait_file, second.path());
+    auto b = ex.submit(wait_file, first.path());
+    std::vector<mp::Future<int>> order;
+    auto ac = mp::as_completed(std::vector{a, b}, 30s);
+    auto it = ac.begin();
+    first.open();
+    order.push_back(*it);
+    second.open();
+    ++it;
+    order.push_back(*it);
+    ++it;
+    EXPECT_TRUE(it == ac.end());
+    EXPECT_EQ(order, (std::vector{b, a}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancel and shutdown (test_future.py test_cancel, test_shutdown.py)
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorCancel, APendingTaskNeverRuns) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto blockers = saturate(ex, gate);
+    std::vector<mp::Future<int>> targets;
+    for (int i = 0; i < 5; ++i) targets.push_back(ex.submit(touch_file, dir.path("ran-" + std::to_string(i))));
+    for (auto& t : targets) {
+        EXPECT_TRUE(t.cancel());
+        EXPECT_TRUE(t.cancelled());
+        EXPECT_TRUE(t.done());
+        EXPECT_FALSE(t.running());
+        EXPECT_TRUE(t.cancel());  // cancelling again keeps it cancelled
+        EXPECT_THROW(t.result(kLong), mp::CancelledError);
+    }
+    auto after = ex.submit(touch_file, dir.path("after"));
+    gate.open();
+    for (auto& b : blockers) EXPECT_EQ(b.result(kLong), 1);
+    EXPECT_EQ(after.result(kLong), 1);
+    ex.shutdown(true);
+    for (int i = 0; i < 5; ++i) EXPECT_FALSE(dir.exists("ran-" + std::to_string(i))) << i;
+    EXPECT_TRUE(dir.exists("after"));
+    EXPECT_GE(ex.stats().cancelled, 5u);
+}
+
+TEST(ExecutorShutdown, CancelFuturesCancelsEveryPendingOne) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto blockers = saturate(ex, gate);
+    std::vector<mp::Future<int>> targets;
+    for (int i = 0; i < 50; ++i) targets.push_back(ex.submit(touch_file, dir.path("ran-" + std::to_string(i))));
+    std::thread opener([&] {
+        std::this_thread::sleep_for(200ms);
+        gate.open();
+    });
+    ex.shutdown(true, true);
+    opener.join();
+    for (auto& t : targets) EXPECT_TRUE(t.cancelled());
+    for (int i = 0; i < 50; ++i) EXPECT_FALSE(dir.exists("ran-" + std::to_string(i))) << i;
+    // Every blocker either ran (it was in a worker) or was cancelled with the rest.
+    for (auto& b : blockers) {
+        ASSERT_TRUE(b.done());
+        if (!b.cancelled()) {
+            EXPECT_EQ(b.result(0s), 1);
+        }
+    }
+    EXPECT_THROW(ex.submit(square, 2), mp::Error);
+}
+
+TEST(ExecutorShutdown, CancelFuturesWithoutWait) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    auto blockers = saturate(ex, gate);
+    std::vector<mp::Future<int>> targets;
+    for (int i = 0; i < 10; ++i) targets.push_back(ex.submit(square, i));
+    ex.shutdown(false, true);
+    for (auto& t : targets) EXPECT_TRUE(eventually([&] { return t.cancelled(); }));
+    gate.open();
+    for (auto& b : blockers) {
+        ASSERT_TRUE(b.wait(kLong));
+        if (!b.cancelled()) {
+            EXPECT_EQ(b.result(0s), 1);
+        }
+    }
+}
+
+TEST(ExecutorShutdown, SubmitAfterShutdownThrows) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+    ex.shutdown();
+    try {
+        ex.submit(square, 2);
+        ADD_FAILURE() << "submit after shutdown did not throw";
+    } catch (const mp::BrokenProcessPool& e) {
+        ADD_FAILURE() << "submit after shutdown: BrokenProcessPool instead of mp::Error: " << e.what();
+    } catch (const mp::Error&) {
+    }
+    std::vector<int> in{1, 2};
+    EXPECT_THROW((void)ex.map(square, in), mp::Error);
+    ex.shutdown();  // twice is fine
+}
+
+TEST(ExecutorShutdown, ShutdownWaitsForEveryTaskIssue12364) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(sleep_ms, 10));
+    ex.shutdown();
+    for (auto& f : fs) {
+        EXPECT_TRUE(f.done());
+        EXPECT_EQ(f.result(0s), 10);
+    }
+}
+
+TEST(ExecutorShutdown, NoWaitStillDeliversResults) {
+    std::optional<mp::MapResults<int>> res;
+    std::vector<int> in;
+    for (int i = -5; i < 5; ++i) in.push_back(i);
+    {
+        mp::ProcessPoolExecutor ex({.max_workers = 2});
+        res.emplace(ex.map([](int x) { return x < 0 ? -x : x; }, in));
+        ex.shutdown(false);
+    }
+    EXPECT_EQ(res->to_vector(), (std::vector<int>{5, 4, 3, 2, 1, 0, 1, 2, 3, 4}));
+}
+
+TEST(ExecutorShutdown, DestructorWaitsForTheWork) {
+    std::vector<mp::Future<int>> fs;
+    {
+        mp::ProcessPoolExecutor ex({.max_workers = 2});
+        for (int i = 0; i < 6; ++i) fs.push_back(ex.submit(sleep_pid, 50));
+    }
+    for (auto& f : fs) {
+        EXPECT_TRUE(f.done());
+        EXPECT_GT(f.result(0s), 0);
+    }
+}
+
+TEST(ExecutorShutdown, WorkersExitAfterShutdown) {
+    mp::ProcessPoolExecutor ex({.max_workers = 3});
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 9; ++i) fs.push_back(ex.submit(sleep_pid, 20));
+    for (auto& f : fs) f.wait(kLong);
+    const auto pids = worker_pids(ex.stats());
+    EXPECT_FALSE(pids.empty());
+    ex.shutdown(true);
+    for (pid_t p : pids) EXPECT_TRUE(mp::test::wait_pid_stopped(p, 5000ms)) << "worker " << p;
+    EXPECT_TRUE(ex.stats().workers.empty());
+}
+
+TEST(ExecutorShutdown, MaxTasksEarlyShutdown) {
+    mp::ProcessPoolExecutor ex({.max_workers = 3, .max_tasks_per_child = 1});
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 6; ++i) fs.push_back(ex.submit(mul, i, i));
+    ex.shutdown();
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(fs[static_cast<std::size_t>(i)].result(0s), i * i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initializer (test_init.py)
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorInitializer, RunsInEveryWorkerWithItsArguments) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2}, init_global, 42);
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 10; ++i) fs.push_back(ex.submit(read_global, i));
+    for (auto& f : fs) EXPECT_EQ(f.result(kLong), 42);
+}
+
+TEST(ExecutorInitializer, ReplacementWorkersRunItToo) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .max_tasks_per_child = 2}, init_global, 7);
+    std::set<int> pids;
+    for (int i = 0; i < 6; ++i) {
+        EXPECT_EQ(ex.submit(read_global, i).result(kLong), 7);
+        pids.insert(ex.submit(worker_pid, 0).result(kLong));
+    }
+    EXPECT_GE(pids.size(), 3u);
+}
+
+TEST(ExecutorInitializer, FailingInitializerBreaksThePool) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2}, init_that_throws, 0);
+    std::vector<mp::Future<int>> fs;
+    try {
+        for (int i = 0; i < 5; ++i) fs.push_back(ex.submit(square, i));
+    } catch (const mp::BrokenProcessPool&) {
+        // The pool may already know it is broken.
+    }
+    for (auto& f : fs) EXPECT_THROW(f.result(kLong), mp::BrokenProcessPool);
+    EXPECT_TRUE(eventually([&] {
+        try {
+            ex.submit(square, 1).wait(kLong);
+            return false;
+        } catch (const mp::BrokenProcessPool&) {
+            return true;
+        }
+    }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker death: only the task fails, with WorkerDied; a replacement starts
+// ---------------------------------------------------------------------------------------------
+
+void check_death_fails_only_its_task(Death how, std::optional<mp::StartMethod> method = std::nullopt) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = method});
+    std::vector<mp::Future<int>> before, after;
+    for (int i = 0; i < 10; ++i) before.push_back(ex.submit(square, i));
+    for (auto& f : before) f.wait(kLong);
+    const auto started = ex.stats().workers_started;
+    auto victim = ex.submit(die, static_cast<int>(how));
+    for (int i = 0; i < 10; ++i) after.push_back(ex.submit(square, i));
+
+    if (auto e = catch_as<mp::WorkerDied>([&] { victim.result(kLong); })) {
+        EXPECT_GT(e->pid(), 0);
+        switch (how) {
+        case kSegv:
+            EXPECT_EQ(e->signal(), std::optional<int>(SIGSEGV)) << e->what();
+            break;
+        case kAbort:
+            EXPECT_EQ(e->signal(), std::optional<int>(SIGABRT)) << e->what();
+            break;
+        case kSigkill:
+            EXPECT_EQ(e->signal(), std::optional<int>(SIGKILL)) << e->what();
+            break;
+        case kExit7:
+            EXPECT_EQ(e->exit_code(), std::optional<int>(7)) << e->what();
+            EXPECT_FALSE(e->signal().has_value());
+            break;
+        }
+        EXPECT_TRUE(eventually([&] { return worker_pids(ex.stats()).count(e->pid()) == 0; }));
+    }
+    for (int i = 0; i < 10; ++i) {
+        EXPECT_EQ(before[static_cast<std::size_t>(i)].result(kLong), i * i);
+        EXPECT_EQ(after[static_cast<std::size_t>(i)].result(kLong), i * i);
+    }
+    EXPECT_TRUE(eventually([&] { return ex.stats().workers_started > started; }));
+    EXPECT_GE(ex.stats().worker_deaths, 1u);
+    EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+    // And again: the replacement may die too.
+    EXPECT_THROW(ex.submit(die, static_cast<int>(how)).result(kLong), mp::WorkerDied);
+    EXPECT_EQ(ex.submit(square, 8).result(kLong), 64);
+}
+
+TEST(ExecutorWorkerDeath, SegfaultFailsOnlyItsTask) { check_death_fails_only_its_task(kSegv); }
+TEST(ExecutorWorkerDeath, AbortFailsOnlyItsTask) { check_death_fails_only_its_task(kAbort); }
+TEST(ExecutorWorkerDeath, ExitFailsOnlyItsTask) { check_death_fails_only_its_task(kExit7); }
+TEST(ExecutorWorkerDeath, SigkillFailsOnlyItsTask) { check_death_fails_only_its_task(kSigkill); }
+
+TEST(ExecutorWorkerDeath, WorkerKilledFromOutside) {
+    // test_killed_child, where mp fails only the task instead of breaking the pool.
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit(start_then_wait, dir.path("started"), gate.path());
+    ASSERT_TRUE(eventually([&] { return dir.exists("started") && !ex.stats().workers.empty(); }));
+    const pid_t pid = ex.stats().workers.at(0).pid;
+    ASSERT_GT(pid, 0);
+    ASSERT_EQ(::kill(pid, SIGKILL), 0);
+    if (auto e = catch_as<mp::WorkerDied>([&] { f.result(kLong); })) {
+        EXPECT_EQ(e->pid(), pid);
+        EXPECT_EQ(e->signal(), std::optional<int>(SIGKILL));
+    }
+    EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+}
+
+TEST(ExecutorWorkerDeath, BreakOnWorkerDeathBreaksThePool) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .break_on_worker_death = true});
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+    // The victim goes first and dies once the rest is queued behind it and beside it.
+    auto victim = ex.submit(die_after, 300, static_cast<int>(kSigkill));
+    std::vector<mp::Future<int>> unfinished;
+    for (int i = 0; i < 4; ++i) unfinished.push_back(ex.submit(wait_file, gate.path()));
+    for (int i = 0; i < 4; ++i) unfinished.push_back(ex.submit(square, i));
+    // The task that killed its worker may say so (WorkerDied) or fail as the rest.
+    EXPECT_THROW(victim.result(kLong), mp::Error);
+    if (auto e = victim.exception(0s)) {
+        try {
+            std::rethrow_exception(e);
+        } catch (const mp::WorkerDied&) {
+        } catch (const mp::BrokenProcessPool&) {
+        } catch (const std::exception& x) {
+            ADD_FAILURE() << "the victim failed with " << x.what();
+        }
+    }
+    for (auto& f : unfinished) {
+        ASSERT_TRUE(f.wait(kLong));
+        // A task that finished before the pool broke keeps its value.
+        if (f.exception(0s) != nullptr) {
+            EXPECT_THROW(f.result(0s), mp::BrokenProcessPool);
+        }
+    }
+    // The gated ones cannot have finished: the gate is still closed.
+    for (int i = 0; i < 4; ++i)
+        EXPECT_THROW(unfinished[static_cast<std::size_t>(i)].result(0s), mp::BrokenProcessPool);
+    EXPECT_THROW(ex.submit(square, 2), mp::BrokenProcessPool);
+    std::vector<int> in{1, 2};
+    EXPECT_THROW((void)ex.map(square, in), mp::BrokenProcessPool);
+}
+
+TEST(ExecutorWorkerDeath, BreakOnWorkerDeathWithAnExitInATask) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .break_on_worker_death = true});
+    auto victim = ex.submit(die, static_cast<int>(kExit7));
+    // The task that killed its worker may say so (WorkerDied) or fail as the rest.
+    EXPECT_THROW(victim.result(kLong), mp::Error);
+    if (auto e = victim.exception(0s)) {
+        try {
+            std::rethrow_exception(e);
+        } catch (const mp::WorkerDied&) {
+        } catch (const mp::BrokenProcessPool&) {
+        } catch (const std::exception& x) {
+            ADD_FAILURE() << "the victim failed with " << x.what();
+        }
+    }
+    EXPECT_THROW(ex.submit(square, 2), mp::BrokenProcessPool);
+}
+
+/// 1000 SIGKILLs of random workers while ~20,000 small tasks run (more batches while the kills
+/// go on, at most ~60 s). `only_answered`: kill only workers that have already answered a task
+/// (so none that is still starting).
+void thousand_random_kills(bool only_answered) {
+    mp::ProcessPoolExecutor ex({.max_workers = 4});
+    EXPECT_EQ(ex.submit(square, 3).result(kLong), 9);
+    constexpr int kKills = 1000;
+    const auto deadline = Clock::now() + 60s;
+    std::atomic<bool> stop{false};
+    std::atomic<int> kills{0};
+    std::thread killer([&] {
+        std::mt19937 rng(20240607);
+        std::set<pid_t> killed;
+        while (!stop.load() && kills.load() < kKills) {
+            std::vector<pid_t> live;
+            for (const auto& w : ex.stats().workers)
+                if (w.pid > 0 && killed.count(w.pid) == 0 && (!only_answered || w.done + w.failed > 0))
+                    live.push_back(w.pid);
+            if (live.empty()) {
+                std::this_thread::sleep_for(200us);
+                continue;
+            }
+            const pid_t victim = live[rng() % live.size()];
+            if (::kill(victim, SIGKILL) == 0) {
+                killed.insert(victim);
+                ++kills;
+            }
+            std::this_thread::sleep_for(500us);
+        }
+    });
+
+    std::size_t total = 0, values = 0, died = 0, other = 0;
+    int batches = 0;
+    try {
+    do {
+        const int n = batches == 0 ? 20000 : 5000;
+        std::vector<mp::Future<int>> batch;
+        batch.reserve(static_cast<std::size_t>(n));
+        for (int i = 0; i < n; ++i) batch.push_back(ex.submit(nap_square, i % 1000));
+        // Inputs are i % 1000: the expected value is computed from that.
+        auto r = mp::wait(batch, 90s);
+        EXPECT_TRUE(r.not_done.empty()) << r.not_done.size() << " futures did not finish";
+        for (int i = 0; i < n; ++i) {
+            const auto& f = batch[static_cast<std::size_t>(i)];
+            if (!f.done()) continue;
+            ++total;
+            try {
+                EXPECT_EQ(f.result(0s), (i % 1000) * (i % 1000));
+                ++values;
+            } catch (const mp::WorkerDied& e) {
+                EXPECT_GT(e.pid(), 0);
+                ++died;
+            } catch (const std::exception& e) {
+                if (other++ < 5) ADD_FAILURE() << "unexpected exception: " << e.what();
+            }
+        }
+        ++batches;
+        if (!r.not_done.empty()) break;
+    } while (kills.load() < kKills && Clock::now() < deadline);
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << "after " << total << " tasks and " << kills.load()
+                      << " kills, the executor threw: " << e.what();
+    }
+    stop = true;
+    killer.join();
+    EXPECT_GE(kills.load(), kKills) << "only " << kills.load() << " kills in " << batches << " batches";
+    EXPECT_EQ(other, 0u);
+    EXPECT_EQ(values + died, total);
+    EXPECT_GT(values, 0u);
+    EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+    const auto st = ex.stats();
+    EXPECT_GE(st.worker_deaths, static_cast<std::size_t>(kills.load()) / 2);
+    EXPECT_GT(st.workers_started, 4u);
+    std::printf("random kills: %d kills, %d batches, %zu tasks, %zu WorkerDied, %zu workers started\n",
+                kills.load(), batches, total, died, st.workers_started);
+}
+
+TEST(ExecutorWorkerDeath, ThousandRandomKillsDuringALargeMap) { thousand_random_kills(false); }
+TEST(ExecutorWorkerDeath, ThousandKillsOfWorkersThatHaveAnswered) { thousand_random_kills(true); }
+
+// ---------------------------------------------------------------------------------------------
+// Timeouts
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorTimeout, ExecutorTaskTimeoutFailsTheOverdueTask) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .task_timeout = 1s});
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+    const auto started = ex.stats().workers_started;
+    auto overdue = ex.submit(sleep_pid, 10000);
+    std::vector<mp::Future<int>> others;
+    for (int i = 0; i < 10; ++i) others.push_back(ex.submit(sleep_ms, 50));
+    EXPECT_THROW(overdue.result(8s), mp::TimeoutError);
+    EXPECT_TRUE(overdue.done());
+    for (auto& f : others) EXPECT_EQ(f.result(kLong), 50);
+    EXPECT_TRUE(eventually([&] { return ex.stats().workers_started > started; }));
+    EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+}
+
+TEST(ExecutorTimeout, TheOverdueWorkerIsKilledAndReplaced) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    const int first_pid = ex.submit(worker_pid, 0).result(kLong);
+    auto overdue = ex.submit(mp::TaskOptions{.timeout = 500ms}, sleep_pid, 10000);
+    EXPECT_THROW(overdue.result(8s), mp::TimeoutError);
+    EXPECT_TRUE(mp::test::wait_pid_stopped(first_pid, 5000ms));
+    const int second_pid = ex.submit(worker_pid, 0).result(kLong);
+    EXPECT_NE(second_pid, first_pid);
+}
+
+TEST(ExecutorTimeout, TaskOptionsTimeoutOverridesTheDefault) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .task_timeout = 500ms});
+    // A longer limit for this one task lets it finish.
+    auto slow_ok = ex.submit(mp::TaskOptions{.timeout = 20s}, sleep_ms, 1200);
+    // A shorter limit on a pool without one.
+    mp::ProcessPoolExecutor ex2({.max_workers = 1});
+    auto overdue = ex2.submit(mp::TaskOptions{.timeout = 1s}, sleep_ms, 10000);
+    auto fine = ex2.submit(mp::TaskOptions{.timeout = 5s}, sleep_ms, 10);
+    EXPECT_EQ(slow_ok.result(kLong), 1200);
+    EXPECT_THROW(overdue.result(8s), mp::TimeoutError);
+    EXPECT_EQ(fine.result(kLong), 10);
+}
+
+TEST(ExecutorTimeout, MapTaskTimeout) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> in{10, 10000, 20, 30};
+    auto r = ex.map({.chunksize = 1, .task_timeout = 1s}, sleep_ms, in);
+    ASSERT_TRUE(settled(ex));
+    std::vector<int> got;
+    int timeouts = 0;
+    for (auto it = r.begin(); it != r.end(); ++it) {
+        try {
+            got.push_back(*it);
+        } catch (const mp::TimeoutError&) {
+            ++timeouts;
+        }
+    }
+    EXPECT_EQ(got, (std::vector<int>{10, 20, 30}));
+    EXPECT_EQ(timeouts, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker lifetime: max_tasks_per_child, max_memory_per_child
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorLifetime, MaxTasksPerChildOneWorker) {
+    // test_max_tasks_per_child
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .max_tasks_per_child = 3});
+    const int original = ex.submit(worker_pid, 0).result(kLong);
+    EXPECT_EQ(ex.submit(worker_pid, 0).result(kLong), original);
+    EXPECT_EQ(ex.submit(worker_pid, 0).result(kLong), original);
+    const int next = ex.submit(worker_pid, 0).result(kLong);
+    EXPECT_NE(next, original);
+    EXPECT_LE(ex.stats().workers.size(), 1u);
+}
+
+TEST(ExecutorLifetime, MaxTasksPerChildRecyclesWorkers) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .max_tasks_per_child = 3});
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 12; ++i) fs.push_back(ex.submit(sleep_pid, 5));
+    std::map<int, int> per_pid;
+    for (auto& f : fs) ++per_pid[f.result(kLong)];
+    EXPECT_GE(per_pid.size(), 4u);
+    for (auto& [pid, n] : per_pid) EXPECT_LE(n, 3) << "pid " << pid << " ran " << n << " tasks";
+    EXPECT_GE(ex.stats().workers_started, 4u);
+}
+
+TEST(ExecutorLifetime, MaxMemoryPerChildRetiresTheWorker) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .max_memory_per_child = 100u << 20});
+    const int small = ex.submit(worker_pid, 0).result(kLong);
+    EXPECT_EQ(ex.submit(worker_pid, 0).result(kLong), small);
+    const int hog = ex.submit(hog_memory, 200).result(kLong);
+    EXPECT_EQ(hog, small);
+    const int next = ex.submit(worker_pid, 0).result(kLong);
+    EXPECT_NE(next, hog);
+    EXPECT_EQ(ex.stats().worker_deaths, 0u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The parent's side: killed by SIGKILL, already running threads
+// ---------------------------------------------------------------------------------------------
+
+std::optional<std::string> read_line(int fd, std::chrono::milliseconds timeout) {
+    const auto deadline = Clock::now() + timeout;
+    std::string line;
+    for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+        if (left.count() < 0) return std::nullopt;
+        pollfd pfd{fd, POLLIN, 0};
+        int r = ::poll(&pfd, 1, static_cast<int>(left.count()));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return std::nullopt;
+        char c = 0;
+        ssize_t n = ::read(fd, &c, 1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return std::nullopt;
+        if (c == '\n') return line;
+        line += c;
+    }
+}
+
+void run_parent_death(std::optional<mp::StartMethod> method) {
+    int fds[2];
+    ASSERT_EQ(::pipe2(fds, O_CLOEXEC), 0);
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+        ::close(fds[0]);
+        try {
+            mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = method});
+            std::vector<mp::Future<int>> fs;
+            for (int i = 0; i < 4; ++i) fs.push_back(ex.submit(sleep_ms, 30000));
+            const auto deadline = Clock::now() + 10s;
+            std::string line;
+            while (Clock::now() < deadline) {
+                const auto st = ex.stats();
+                if (st.workers.size() == 2 && st.running >= 2 && st.workers[0].pid > 0 && st.workers[1].pid > 0) {
+                    line = std::to_string(st.workers[0].pid) + " " + std::to_string(st.workers[1].pid) + "\n";
+                    break;
+                }
+                std::this_thread::sleep_for(5ms);
+            }
+            if (!line.empty()) (void)!::write(fds[1], line.data(), line.size());
+            std::this_thread::sleep_for(30s);  // the test kills this process
+        } catch (...) {
+        }
+        ::_exit(0);
+    }
+    ::close(fds[1]);
+    const auto line = read_line(fds[0], 20000ms);
+    ::close(fds[0]);
+    std::vector<pid_t> pids;
+    if (line) {
+        std::istringstream in(*line);
+        pid_t p;
+        while (in >> p) pids.push_back(p);
+    }
+    ::kill(child, SIGKILL);
+    int status = 0;
+    EXPECT_EQ(::waitpid(child, &status, 0), child);
+    ASSERT_EQ(pids.size(), 2u) << "the child did not report its workers";
+    for (pid_t p : pids) {
+        const auto deadline = Clock::now() + 5s;
+        bool gone = false;
+        while (Clock::now() < deadline) {
+            if (::kill(p, 0) != 0 && errno == ESRCH) {
+                gone = true;
+                break;
+            }
+            std::this_thread::sleep_for(10ms);
+        }
+        EXPECT_TRUE(gone) << "worker " << p << " outlived its killed parent by 5 s (state '"
+                          << mp::test::proc_info(p).state << "')";
+        if (!gone) ::kill(p, SIGKILL);
+    }
+}
+
+TEST(ExecutorParentDeath, WorkersDieWhenTheParentIsKilled) { run_parent_death(std::nullopt); }
+TEST(ExecutorParentDeath, ForkWorkersDieWhenTheParentIsKilled) { run_parent_death(mp::StartMethod::fork); }
+
+void run_with_busy_threads(std::optional<mp::StartMethod> method) {
+    std::atomic<bool> stop{false};
+    std::mutex held;
+    std::vector<std::thread> threads;
+    std::atomic<int> locked{0};
+    for (int i = 0; i < 4; ++i) {
+        threads.emplace_back([&, i] {
+            if (i == 0) {
+                std::lock_guard lk(held);
+                ++locked;
+                while (!stop.load()) std::this_thread::sleep_for(1ms);
+                return;
+            }
+            ++locked;
+            // Churn the allocator, so a fork may catch its locks taken.
+            while (!stop.load()) {
+                std::vector<std::string> v;
+                for (int k = 0; k < 64; ++k) v.emplace_back(static_cast<std::size_t>(100 + k), 'x');
+            }
+        });
+    }
+    ASSERT_TRUE(eventually([&] { return locked.load() == 4; }));
+    {
+        mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = method});
+        std::vector<mp::Future<int>> fs;
+        for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(square, i));
+        for (int i = 0; i < 50; ++i) EXPECT_EQ(fs[static_cast<std::size_t>(i)].result(kLong), i * i);
+        std::vector<int> in(100);
+        for (int i = 0; i < 100; ++i) in[static_cast<std::size_t>(i)] = i;
+        auto r = ex.map({.chunksize = 7}, square, in).to_vector();
+        for (int i = 0; i < 100; ++i) EXPECT_EQ(r[static_cast<std::size_t>(i)], i * i);
+        // Replacements start while the threads still run.
+        EXPECT_THROW(ex.submit(die, static_cast<int>(kSigkill)).result(kLong), mp::WorkerDied);
+        EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+    }
+    stop = true;
+    for (auto& t : threads) t.join();
+}
+
+TEST(ExecutorThreadedParent, ForkserverPoolWorksWhileThreadsHoldLocks) { run_with_busy_threads(std::nullopt); }
+TEST(ExecutorThreadedParent, ForkPoolWorksWhileThreadsHoldLocks) {
+    run_with_busy_threads(mp::StartMethod::fork);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress bar, stats
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `f` with fd 2 sent to a temporary file; returns what was written there.
+template <class F>
+std::string capture_stderr(F&& f) {
+    TempDir dir;
+    const std::string path = dir.path("stderr");
+    std::fflush(stderr);
+    const int saved = ::fcntl(2, F_DUPFD_CLOEXEC, 0);
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (saved < 0 || fd < 0) throw std::runtime_error("capture_stderr: cannot redirect");
+    ::dup2(fd, 2);
+    ::close(fd);
+    try {
+        f();
+    } catch (...) {
+        std::fflush(stderr);
+        ::dup2(saved, 2);
+        ::close(saved);
+        throw;
+    }
+    std::fflush(stderr);
+    ::dup2(saved, 2);
+    ::close(saved);
+    std::ifstream in(path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+TEST(ExecutorProgress, MapDrawsTheTotal) {
+    std::vector<int> in(100);
+    for (int i = 0; i < 100; ++i) in[static_cast<std::size_t>(i)] = i;
+    std::vector<int> got;
+    const std::string out = capture_stderr([&] {
+        mp::ProcessPoolExecutor ex({.max_workers = 2});
+        auto r = ex.map({.chunksize = 5, .progress = true}, square, in);
+        got = r.to_vector();
+    });
+    EXPECT_EQ(got.size(), 100u);
+    EXPECT_NE(out.find("100/100"), std::string::npos) << "stderr was: " << out;
+    EXPECT_EQ(out.find('\r'), std::string::npos) << "not a terminal: plain lines expected";
+}
+
+TEST(ExecutorProgress, AsCompletedDrawsTheTotal) {
+    const std::string out = capture_stderr([&] {
+        mp::ProcessPoolExecutor ex({.max_workers = 2});
+        std::vector<mp::Future<int>> fs;
+        for (int i = 0; i < 10; ++i) fs.push_back(ex.submit(square, i));
+        int n = 0;
+        for (const auto& f : mp::as_completed(fs, {.timeout = 30s, .progress = true})) {
+            (void)f;
+            ++n;
+        }
+        EXPECT_EQ(n, 10);
+    });
+    EXPECT_NE(out.find("10/10"), std::string::npos) << "stderr was: " << out;
+}
+
+TEST(ExecutorStats, CountsAndWorkers) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 10; ++i) fs.push_back(ex.submit(square, i));
+    for (int i = 0; i < 3; ++i) fs.push_back(ex.submit(divide, i, 0));
+    for (auto& f : fs) f.wait(kLong);
+    ASSERT_TRUE(eventually([&] {
+        const auto st = ex.stats();
+        return st.done + st.failed == 13;
+    }));
+    const auto st = ex.stats();
+    EXPECT_EQ(st.submitted, 13u);
+    EXPECT_EQ(st.done, 10u);
+    EXPECT_EQ(st.failed, 3u);
+    EXPECT_EQ(st.pending, 0u);
+    EXPECT_EQ(st.running, 0u);
+    EXPECT_EQ(st.cancelled, 0u);
+    EXPECT_EQ(st.worker_deaths, 0u);
+    EXPECT_EQ(st.workers_started, 2u);
+    ASSERT_EQ(st.workers.size(), 2u);
+    std::size_t done = 0, failed = 0;
+    std::set<std::string> names;
+    for (const auto& w : st.workers) {
+        EXPECT_GT(w.pid, 0);
+        EXPECT_TRUE(mp::test::pid_running(w.pid));
+        names.insert(w.name);
+        EXPECT_EQ(w.assigned, 0u);
+        EXPECT_EQ(w.running, 0u);
+        done += w.done;
+        failed += w.failed;
+    }
+    EXPECT_EQ(names, (std::set<std::string>{"ForkServerPoolWorker-1", "ForkServerPoolWorker-2"}));
+    EXPECT_EQ(done, 10u);
+    EXPECT_EQ(failed, 3u);
+}
+
+TEST(ExecutorStats, RunningAndPendingWhileBlocked) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto blockers = saturate(ex, gate);
+    const auto st = ex.stats();
+    EXPECT_GE(st.running, 1u);
+    EXPECT_GE(st.pending, 1u);
+    EXPECT_EQ(st.submitted, blockers.size());
+    ASSERT_EQ(st.workers.size(), 1u);
+    EXPECT_EQ(st.workers[0].running, 1u);
+    EXPECT_GE(st.workers[0].assigned, 1u);
+    gate.open();
+    for (auto& b : blockers) EXPECT_EQ(b.result(kLong), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fork start method: the core behaviour again
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorFork, SubmitMapAndExceptions) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork});
+    EXPECT_EQ(ex.submit(power, 2, 8).result(kLong), 256);
+    std::vector<int> in{1, 2, 3, 4, 5};
+    EXPECT_EQ(ex.map({.chunksize = 2}, square, in).to_vector(), (std::vector<int>{1, 4, 9, 16, 25}));
+    if (auto e = catch_as<std::out_of_range>([&] { ex.submit(throw_out_of_range, std::string("oops")).result(kLong); })) {
+        EXPECT_STREQ(e->what(), "oops");
+    }
+    EXPECT_THROW(ex.submit(throw_custom, std::string("x")).result(kLong), mp::RemoteError);
+    const auto st = ex.stats();
+    ASSERT_FALSE(st.workers.empty());
+    for (const auto& w : st.workers) EXPECT_EQ(w.name.rfind("ForkPoolWorker-", 0), 0u) << w.name;
+}
+
+TEST(ExecutorFork, SegfaultFailsOnlyItsTask) { check_death_fails_only_its_task(kSegv, mp::StartMethod::fork); }
+TEST(ExecutorFork, ExitFailsOnlyItsTask) { check_death_fails_only_its_task(kExit7, mp::StartMethod::fork); }
+
+TEST(ExecutorFork, TimeoutAndMaxTasksPerChild) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = mp::StartMethod::fork, .max_tasks_per_child = 2});
+    std::set<int> pids;
+    for (int i = 0; i < 6; ++i) pids.insert(ex.submit(worker_pid, 0).result(kLong));
+    EXPECT_GE(pids.size(), 3u);
+    EXPECT_THROW(ex.submit(mp::TaskOptions{.timeout = 500ms}, sleep_ms, 10000).result(8s), mp::TimeoutError);
+    EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+}
+
+TEST(ExecutorFork, InitializerRuns) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork}, init_global, 5);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(ex.submit(read_global, 0).result(kLong), 5);
+}
+
+}  // namespace

@@ -34,6 +34,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <condition_variable>
 #include <deque>
 #include <iostream>
 #include <mutex>
@@ -111,7 +112,7 @@ struct Worker {
     std::unique_ptr<ProcessIdentity> identity;  // fork: the child's, alive while it runs
     std::unique_ptr<ParentProcess> parent;
     // Counted for stats(); written by the pool's thread only, read under the pool's lock.
-    std::atomic<std::size_t> assigned{0}, running{0}, done{0}, failed{0};
+    std::atomic<std::size_t> assigned{0}, done{0}, failed{0};
 
     int exit_fd() const { return forked ? pidfd.get() : status.get(); }
     std::size_t capacity(std::size_t max_tasks) const {
@@ -147,6 +148,8 @@ struct PoolEngine::Impl {
     bool broken = false;
     bool finished = false;
     bool loop_sleeping = false;
+    std::uint64_t cancels_done = 0;  // cancel_pending passes the loop made
+    std::condition_variable cancel_cv;
     std::string broken_reason;
     std::vector<std::unique_ptr<pool::Worker>> workers;  // structure changes under mu
     std::atomic<std::size_t> submitted{0}, pending_count{0}, running_count{0}, done_count{0},
@@ -214,6 +217,7 @@ struct PoolEngine::Impl {
         }
         std::lock_guard lock(mu);
         finished = true;
+        cancel_cv.notify_all();
     }
 
     void loop() {
@@ -239,7 +243,12 @@ struct PoolEngine::Impl {
                 while (!workers.empty()) wait_exit(*workers.front(), true);
                 return;
             }
-            if (cancel) cancel_pending();
+            if (cancel) {
+                cancel_pending();
+                std::lock_guard lock(mu);
+                ++cancels_done;
+                cancel_cv.notify_all();
+            }
             if (is_broken()) fail_pending();
 
             const bool draining = shutting_down_now();
@@ -537,7 +546,6 @@ struct PoolEngine::Impl {
                     w.deadline = Clock::now() + *w.inflight.front().timeout;
                     w.deadline_ordinal = f.ordinal;
                 }
-                w.running.store(1, std::memory_order_relaxed);
                 return;
             case FrameType::result: {
                 if (f.ordinal <= w.answered) return;  // seen already (resent from its stage)
@@ -547,7 +555,6 @@ struct PoolEngine::Impl {
                 pool::Job job = std::move(w.inflight.front());
                 w.inflight.pop_front();
                 w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
-                w.running.store(0, std::memory_order_relaxed);
                 if (w.deadline_ordinal == f.ordinal) w.deadline.reset();
                 std::uint64_t run_ns = 0;
                 if (f.payload.size() < sizeof run_ns) throw DecodeError("mp pool: truncated result");
@@ -786,10 +793,16 @@ std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
 
 void PoolEngine::shutdown(bool wait, bool cancel_pending) {
     {
-        std::lock_guard lock(impl_->mu);
+        std::unique_lock lock(impl_->mu);
         impl_->shutting_down = true;
         if (cancel_pending) impl_->cancel_requested = true;
         impl_->ring();
+        // As Python's: the pending futures are cancelled by the time shutdown returns (unless
+        // called from the pool's own thread, a done callback, which cannot wait for itself).
+        if (cancel_pending && impl_->thread.get_id() != std::this_thread::get_id()) {
+            const std::uint64_t before = impl_->cancels_done;
+            impl_->cancel_cv.wait(lock, [&] { return impl_->cancels_done != before || impl_->finished; });
+        }
     }
     if (wait) join();
 }
@@ -833,9 +846,13 @@ PoolStats PoolEngine::stats() const {
     s.workers_started = i.started_count.load();
     s.worker_deaths = i.death_count.load();
     std::lock_guard lock(i.mu);
-    for (auto& w : i.workers)
-        s.workers.push_back({w->pid, w->name, w->assigned.load(), w->running.load(), w->done.load(),
-                             w->failed.load()});
+    for (auto& w : i.workers) {
+        // The worker's own slot says whether it is inside a task now.
+        const auto& slot = i.slots[w->slot];
+        const std::size_t running =
+            slot.started.load(std::memory_order_acquire) > slot.finished.load(std::memory_order_acquire) ? 1 : 0;
+        s.workers.push_back({w->pid, w->name, w->assigned.load(), running, w->done.load(), w->failed.load()});
+    }
     return s;
 }
 

@@ -14,12 +14,16 @@
 // A failed check throws: the program exits 1 and the runner reports a broken benchmark.
 
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <exception>
 #include <mutex>
+#include <ranges>
 #include <stdexcept>
 #include <string_view>
+#include <vector>
 
 #include "mp/mp.hpp"
 
@@ -48,6 +52,86 @@ double w1(long long n) {
         check(p.exitcode() == 0, "W1: the child did not exit with 0");
     }
     return seconds_since(t0) * 1e6 / double(n);
+}
+
+// ---- W2: x*x on 2 workers, results in order (tasks/s) --------------------------------------------
+
+long long square(long long x) { return x * x; }
+
+// Outside the timing, as the Python side: every worker started and has run something.
+void warm_pool(mp::ProcessPoolExecutor& ex) {
+    auto out = ex.map(square, std::views::iota(0LL, 16LL)).to_vector();
+    check(out.size() == 16 && out[15] == 225, "warm-up: wrong results");
+}
+
+void check_squares(const std::vector<long long>& out, long long n, const char* what) {
+    bool ok = out.size() == static_cast<std::size_t>(n);
+    for (long long i = 0; ok && i < n; ++i) ok = out[static_cast<std::size_t>(i)] == i * i;
+    check(ok, what);
+}
+
+// W2a: submit every task, then the result of each, in order.
+double w2a(long long n) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    warm_pool(ex);
+    std::vector<mp::Future<long long>> futures;
+    futures.reserve(static_cast<std::size_t>(n));
+    std::vector<long long> out;
+    out.reserve(static_cast<std::size_t>(n));
+    auto t0 = Clock::now();
+    for (long long x = 0; x < n; ++x) futures.push_back(ex.submit(square, x));
+    for (const auto& f : futures) out.push_back(f.result());
+    const double dt = seconds_since(t0);
+    check_squares(out, n, "W2a: wrong results");
+    return double(n) / dt;
+}
+
+// W2b: the same with map in chunks of 1,000.
+double w2b(long long n) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    warm_pool(ex);
+    auto t0 = Clock::now();
+    auto out = ex.map({.chunksize = 1000}, square, std::views::iota(0LL, n)).to_vector();
+    const double dt = seconds_since(t0);
+    check_squares(out, n, "W2b: wrong results");
+    return double(n) / dt;
+}
+
+// ---- W3: CPU-bound tasks of 20 ms on 2 workers: serial / (2 x parallel) (efficiency) -----------
+
+constexpr double kTaskMs = 20.0;
+
+double thread_cpu_seconds() {
+    timespec ts;
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
+}
+
+// Burns kTaskMs of this thread's CPU time in an arithmetic loop; returns a checksum (Python's
+// `burn`, and the limit's).
+std::uint32_t burn(std::uint32_t seed) {
+    const double end = thread_cpu_seconds() + kTaskMs * 1e-3;
+    std::uint32_t x = seed;
+    do {
+        for (int i = 0; i < 10000; ++i) x = x * 1103515245u + 12345u;
+        asm volatile("" : "+r"(x));
+    } while (thread_cpu_seconds() < end);
+    return x;
+}
+
+double w3(long long n) {
+    const auto tasks = static_cast<std::uint32_t>(n);
+    auto t0 = Clock::now();
+    for (std::uint32_t i = 0; i < tasks; ++i) burn(i);
+    const double serial = seconds_since(t0);
+
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    warm_pool(ex);
+    t0 = Clock::now();
+    auto out = ex.map(burn, std::views::iota(0u, tasks)).to_vector();  // chunksize 1
+    const double parallel = seconds_since(t0);
+    check(out.size() == tasks, "W3: wrong task count");
+    return serial / (2 * parallel);
 }
 
 // ---- W4 / W5: one producer process -> one consumer process (msgs/s, MB/s) ------------------------
@@ -162,9 +246,11 @@ struct Workload {
 
 const Workload kWorkloads[] = {
     {"W1", "us", 200, 20, w1, "mp::Process (fork), start + join"},
-    {"W2a", "tasks/s", 100000, 2000, nullptr, "ProcessPoolExecutor: submit + result per task"},
-    {"W2b", "tasks/s", 100000, 10000, nullptr, "ProcessPoolExecutor::map, chunks of 1000"},
-    {"W3", "efficiency", 64, 8, nullptr, "ProcessPoolExecutor(2), 20 ms CPU-time tasks"},
+    {"W2a", "tasks/s", 100000, 2000, w2a,
+     "ProcessPoolExecutor(2): submit every task, then result() of each in order"},
+    {"W2b", "tasks/s", 100000, 10000, w2b, "ProcessPoolExecutor(2).map, chunksize 1000"},
+    {"W3", "efficiency", 64, 8, w3,
+     "ProcessPoolExecutor(2).map, 20 ms CPU-time tasks, chunksize 1"},
     {"W4", "msgs/s", 1000000, 20000, w4, "Queue, 64-byte messages"},
     {"W5", "MB/s", 1024, 16, w5, "Queue, 1 MiB messages"},
     {"W6-pipe", "us", 100000, 2000, w6_pipe, "Pipe, 8-byte send_bytes/recv_bytes round trips"},

@@ -1,0 +1,844 @@
+// Tests of mp::Pool and mp::AsyncResult (include/mp/pool.hpp).
+//
+// Ported from CPython's Lib/test/_test_multiprocessing.py (_TestPool, _TestPoolWorkerErrors,
+// _TestPoolWorkerLifetime), plus what mp adds: a worker that dies fails only its task (or
+// chunk) with mp::WorkerDied, per-task timeouts, memory limits, a progress bar, stats.
+//
+// ctest runs every TEST in a process of its own and the shared main (helpers/test_main.cpp)
+// fails a test that leaves a child, an fd or a /dev/shm entry behind. Tasks that must wait for
+// the test wait on a file (a gate), never longer than kGateLimit. Every wait of the test is
+// bounded; nothing asserts on speed.
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <fcntl.h>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <gtest/gtest.h>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <thread>
+#include <tuple>
+#include <typeinfo>
+#include <unistd.h>
+#include <utility>
+#include <vector>
+
+#include "helpers/leak_check.hpp"
+#include "mp/pool.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+constexpr auto kLong = 10s;
+constexpr auto kGateLimit = 20s;
+
+// ---------------------------------------------------------------------------------------------
+// Work run in the workers
+// ---------------------------------------------------------------------------------------------
+
+int sqr(int x) { return x * x; }
+int sqr_wait(int x, int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return x * x;
+}
+int mul(int a, int b) { return a * b; }
+int parse_int(std::string s) { return std::stoi(s); }
+int worker_pid(int) { return static_cast<int>(::getpid()); }
+int sleep_ms(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+}
+int wait_file(std::string path) {
+    const auto deadline = Clock::now() + kGateLimit;
+    while (Clock::now() < deadline) {
+        if (::access(path.c_str(), F_OK) == 0) return 1;
+        std::this_thread::sleep_for(2ms);
+    }
+    return 0;
+}
+void noop(int) {}
+
+struct CustomError : std::exception {
+    const char* what() const noexcept override { return "a custom error"; }
+};
+int raise_runtime(int x) { throw std::runtime_error("raised for " + std::to_string(x)); }
+int raise_custom(int) { throw CustomError(); }
+/// x squared, except that 5 throws std::out_of_range.
+int sqr_or_raise(int x) {
+    if (x == 5) throw std::out_of_range("five");
+    return x * x;
+}
+
+int segfault() {
+    rlimit no_core{0, 0};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    ::signal(SIGSEGV, SIG_DFL);
+    void* page = ::mmap(nullptr, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    *static_cast<volatile int*>(page) = 1;
+    return -1;
+}
+/// x squared, except that 7 segfaults.
+int sqr_or_segv(int x) {
+    if (x == 7) segfault();
+    return x * x;
+}
+int exit_seven(int) { std::exit(7); }
+
+int hog_memory(int mb) {
+    static std::vector<char*> kept;
+    const std::size_t n = static_cast<std::size_t>(mb) << 20;
+    char* p = static_cast<char*>(std::malloc(n));
+    if (p == nullptr) return -1;
+    for (std::size_t i = 0; i < n; i += 4096) p[i] = 1;
+    kept.push_back(p);
+    return static_cast<int>(::getpid());
+}
+
+int g_value = -1;
+std::string g_name;
+void init_globals(int v, std::string name) {
+    g_value = v;
+    g_name = std::move(name);
+}
+void init_that_throws() { throw std::runtime_error("initializer failed"); }
+std::string read_globals(int) { return g_name + ":" + std::to_string(g_value); }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+class TempDir {
+public:
+    TempDir() {
+        char tmpl[] = "/tmp/mp_pool_test.XXXXXX";
+        if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
+        path_ = tmpl;
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path_, ec);
+    }
+    TempDir(const TempDir&) = delete;
+    TempDir& operator=(const TempDir&) = delete;
+    std::string path(const std::string& name) const { return path_ + "/" + name; }
+    void touch(const std::string& name) const { std::ofstream(path(name)) << "x\n"; }
+
+private:
+    std::string path_;
+};
+
+/// A file gated tasks wait for; opens on destruction.
+class Gate {
+public:
+    explicit Gate(const TempDir& dir) : dir_(dir) {}
+    ~Gate() { open(); }
+    Gate(const Gate&) = delete;
+    Gate& operator=(const Gate&) = delete;
+    std::string path() const { return dir_.path("gate"); }
+    void open() { dir_.touch("gate"); }
+
+private:
+    const TempDir& dir_;
+};
+
+template <class P>
+bool eventually(P pred, std::chrono::milliseconds limit = kLong) {
+    const auto deadline = Clock::now() + limit;
+    while (!pred()) {
+        if (Clock::now() >= deadline) return false;
+        std::this_thread::sleep_for(5ms);
+    }
+    return true;
+}
+
+template <class E, class F>
+std::optional<E> catch_as(F&& f) {
+    try {
+        f();
+    } catch (const E& e) {
+        return e;
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << "expected " << typeid(E).name() << ", got " << typeid(e).name() << ": " << e.what();
+        return std::nullopt;
+    } catch (...) {
+        ADD_FAILURE() << "expected " << typeid(E).name() << ", got a non-std exception";
+        return std::nullopt;
+    }
+    ADD_FAILURE() << "expected " << typeid(E).name() << ", nothing was thrown";
+    return std::nullopt;
+}
+
+std::vector<int> range(int n) {
+    std::vector<int> v(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) v[static_cast<std::size_t>(i)] = i;
+    return v;
+}
+std::vector<int> squares(int n) {
+    std::vector<int> v;
+    for (int i = 0; i < n; ++i) v.push_back(i * i);
+    return v;
+}
+
+template <class F>
+std::string capture_stderr(F&& f) {
+    TempDir dir;
+    const std::string path = dir.path("stderr");
+    std::fflush(stderr);
+    const int saved = ::fcntl(2, F_DUPFD_CLOEXEC, 0);
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (saved < 0 || fd < 0) throw std::runtime_error("capture_stderr: cannot redirect");
+    ::dup2(fd, 2);
+    ::close(fd);
+    auto restore = [&] {
+        std::fflush(stderr);
+        ::dup2(saved, 2);
+        ::close(saved);
+    };
+    try {
+        f();
+    } catch (...) {
+        restore();
+        throw;
+    }
+    restore();
+    std::ifstream in(path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+// ---------------------------------------------------------------------------------------------
+// _TestPool
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolTest, Apply) {
+    mp::Pool pool(4);
+    EXPECT_EQ(pool.apply(sqr, 5), 25);
+    EXPECT_EQ(pool.apply(mul, 3, 4), 12);
+    EXPECT_EQ(pool.apply(sqr_wait, 3, 10), 9);
+    pool.close();
+    pool.join();
+}
+
+TEST(PoolTest, Map) {
+    mp::Pool pool(4);
+    EXPECT_EQ(pool.map(sqr, range(10)), squares(10));
+    EXPECT_EQ(pool.map(sqr, range(100), 10), squares(100));
+    EXPECT_EQ(pool.map(sqr, range(100), mp::MapOptions{.chunksize = 1}), squares(100));
+}
+
+TEST(PoolTest, MapDefaultChunksizeIsPythons) {
+    // ceil(n / (4 * workers)): 100 items on 2 workers -> chunks of 13 -> 8 tasks.
+    EXPECT_EQ(mp::detail::default_chunksize(100, 2), 13u);
+    mp::Pool pool(2);
+    EXPECT_EQ(pool.map(sqr, range(100)), squares(100));
+    EXPECT_EQ(pool.stats().submitted, 8u);
+}
+
+TEST(PoolTest, Starmap) {
+    mp::Pool pool(4);
+    std::vector<std::tuple<int, int>> args;
+    for (int i = 0; i < 10; ++i) args.emplace_back(i, i + 1);
+    std::vector<int> ref;
+    for (auto& [a, b] : args) ref.push_back(a * b);
+    EXPECT_EQ(pool.starmap(mul, args), ref);
+    EXPECT_EQ(pool.starmap(mul, args, 2), ref);
+    std::vector<std::pair<int, int>> pairs{{2, 3}, {4, 5}};
+    EXPECT_EQ(pool.starmap(mul, pairs), (std::vector<int>{6, 20}));
+}
+
+TEST(PoolTest, StarmapAsync) {
+    mp::Pool pool(4);
+    std::vector<std::tuple<int, int>> args;
+    for (int i = 0; i < 100; ++i) args.emplace_back(i, i + 1);
+    std::vector<int> ref;
+    for (auto& [a, b] : args) ref.push_back(a * b);
+    EXPECT_EQ(pool.starmap_async(mul, args).get(kLong), ref);
+}
+
+TEST(PoolTest, MapAsync) {
+    mp::Pool pool(4);
+    EXPECT_EQ(pool.map_async(sqr, range(10)).get(kLong), squares(10));
+    EXPECT_EQ(pool.map_async(sqr, range(10), std::size_t{3}).get(kLong), squares(10));
+}
+
+TEST(PoolTest, MapAsyncCallbacks) {
+    mp::Pool pool(4);
+    std::mutex mu;
+    std::vector<std::vector<int>> call_args;
+    std::vector<std::string> errors;
+    auto r = pool.map_async(
+        sqr, std::vector<int>{1, 2}, {},
+        // A lambda does not convert here (the std::function's R is deduced): see the report.
+        std::function<void(const std::vector<int>&)>([&](const std::vector<int>& v) {
+            std::lock_guard lk(mu);
+            call_args.push_back(v);
+        }),
+        [&](std::exception_ptr e) {
+            std::lock_guard lk(mu);
+            try {
+                std::rethrow_exception(e);
+            } catch (const std::exception& x) {
+                errors.push_back(x.what());
+            }
+        });
+    EXPECT_EQ(r.get(kLong), (std::vector<int>{1, 4}));
+    ASSERT_TRUE(eventually([&] {
+        std::lock_guard lk(mu);
+        return !call_args.empty();
+    }));
+    auto bad = pool.map_async(
+        raise_runtime, std::vector<int>{1}, {},
+        std::function<void(const std::vector<int>&)>([&](const std::vector<int>& v) {
+            std::lock_guard lk(mu);
+            call_args.push_back(v);
+        }),
+        [&](std::exception_ptr e) {
+            std::lock_guard lk(mu);
+            try {
+                std::rethrow_exception(e);
+            } catch (const std::exception& x) {
+                errors.push_back(x.what());
+            }
+        });
+    EXPECT_THROW(bad.get(kLong), std::runtime_error);
+    ASSERT_TRUE(eventually([&] {
+        std::lock_guard lk(mu);
+        return !errors.empty();
+    }));
+    std::lock_guard lk(mu);
+    EXPECT_EQ(call_args, (std::vector<std::vector<int>>{{1, 4}}));
+    EXPECT_EQ(errors, (std::vector<std::string>{"raised for 1"}));
+}
+
+TEST(PoolTest, MapChunksize) {
+    mp::Pool pool(2);
+    EXPECT_EQ(pool.map_async(parse_int, std::vector<std::string>{"1"}, std::size_t{1}).get(kLong),
+              (std::vector<int>{1}));
+}
+
+TEST(PoolTest, MapWithAnExceptionThrowsIt) {
+    // test_map_no_failfast: the error arrives, and close/join do not hang.
+    mp::Pool pool(2);
+    if (auto e = catch_as<std::out_of_range>([&] { pool.map(sqr_or_raise, range(10), 1); })) {
+        EXPECT_STREQ(e->what(), "five");
+    }
+    pool.close();
+    pool.join();
+}
+
+TEST(PoolTest, Async) {
+    mp::Pool pool(2);
+    auto res = pool.apply_async(sqr_wait, 7, 100);
+    EXPECT_EQ(res.get(kLong), 49);
+    EXPECT_TRUE(res.ready());
+    EXPECT_TRUE(res.successful());
+}
+
+TEST(PoolTest, AsyncTimeout) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::Pool pool(2);
+    auto res = pool.apply_async(wait_file, gate.path());
+    EXPECT_THROW(res.get(100ms), mp::TimeoutError);
+    EXPECT_FALSE(res.wait(50ms));
+    EXPECT_FALSE(res.ready());
+    gate.open();
+    EXPECT_TRUE(res.wait(kLong));
+    EXPECT_EQ(res.get(kLong), 1);
+}
+
+TEST(PoolTest, Imap) {
+    mp::Pool pool(4);
+    auto it = pool.imap(sqr, range(10));
+    std::vector<int> got;
+    for (int v : it) got.push_back(v);
+    EXPECT_EQ(got, squares(10));
+
+    auto it2 = pool.imap(sqr, range(10));
+    for (int i = 0; i < 10; ++i) EXPECT_EQ(it2.next(kLong), std::optional<int>(i * i));
+    EXPECT_EQ(it2.next(kLong), std::nullopt);
+
+    auto it3 = pool.imap(sqr, range(1000), 100);
+    for (int i = 0; i < 1000; ++i) EXPECT_EQ(it3.next(kLong), std::optional<int>(i * i));
+    EXPECT_EQ(it3.next(kLong), std::nullopt);
+}
+
+TEST(PoolTest, ImapContinuesAfterAFailedItem) {
+    mp::Pool pool(2);
+    for (std::size_t cs : {1u, 3u}) {
+        auto it = pool.imap(sqr_or_raise, range(10), cs);
+        for (int i = 0; i < 10; ++i) {
+            if (i == 5) {
+                EXPECT_THROW(it.next(kLong), std::out_of_range) << "chunksize " << cs;
+            } else {
+                EXPECT_EQ(it.next(kLong), std::optional<int>(i * i)) << "item " << i << ", chunksize " << cs;
+            }
+        }
+        EXPECT_EQ(it.next(kLong), std::nullopt);
+    }
+}
+
+TEST(PoolTest, ImapNextTimeout) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::Pool pool(2);
+    std::vector<std::string> paths{gate.path()};
+    auto it = pool.imap(wait_file, paths);
+    EXPECT_THROW(it.next(100ms), mp::TimeoutError);
+    gate.open();
+    EXPECT_EQ(it.next(kLong), std::optional<int>(1));
+    EXPECT_EQ(it.next(kLong), std::nullopt);
+}
+
+TEST(PoolTest, ImapUnordered) {
+    mp::Pool pool(4);
+    for (std::size_t cs : {1u, 53u}) {
+        std::vector<int> got;
+        for (int v : pool.imap_unordered(sqr, range(1000), cs)) got.push_back(v);
+        std::sort(got.begin(), got.end());
+        EXPECT_EQ(got, squares(1000)) << "chunksize " << cs;
+    }
+}
+
+TEST(PoolTest, ImapUnorderedYieldsInCompletionOrder) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::Pool pool(2);
+    // The first input waits for the gate; the second is a plain square and comes first.
+    std::vector<std::string> in{gate.path(), "fast"};
+    auto it = pool.imap_unordered([](std::string p) { return p == "fast" ? 2 : wait_file(p); }, in);
+    EXPECT_EQ(it.next(kLong), std::optional<int>(2));
+    gate.open();
+    EXPECT_EQ(it.next(kLong), std::optional<int>(1));
+    EXPECT_EQ(it.next(kLong), std::nullopt);
+}
+
+TEST(PoolTest, MakePool) {
+    for (int n : {0, -1}) {
+        if (auto e = catch_as<std::invalid_argument>([&] { mp::Pool p(n); })) {
+            EXPECT_NE(std::string(e->what()).find("Number of processes must be at least 1"), std::string::npos)
+                << e->what();
+        }
+    }
+    EXPECT_THROW(mp::Pool(mp::PoolOptions{.processes = 0}), std::invalid_argument);
+    mp::Pool p(3);
+    EXPECT_EQ(p.processes(), 3);
+    p.close();
+    p.join();
+}
+
+TEST(PoolTest, TerminateFailsRunningWorkQuickly) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::Pool pool(2);
+    std::vector<mp::AsyncResult<int>> rs;
+    for (int i = 0; i < 6; ++i) rs.push_back(pool.apply_async(wait_file, gate.path()));
+    auto big = pool.map_async(sleep_ms, std::vector<int>(200, 100), std::size_t{1});
+    std::this_thread::sleep_for(100ms);
+    pool.terminate();
+    for (auto& r : rs) EXPECT_THROW(r.get(5s), mp::BrokenProcessPool);
+    EXPECT_THROW(big.get(5s), mp::BrokenProcessPool);
+    pool.join();
+    EXPECT_THROW(pool.apply(sqr, 1), mp::Error);
+}
+
+TEST(PoolTest, EmptyIterable) {
+    mp::Pool pool(2);
+    std::vector<int> none;
+    EXPECT_TRUE(pool.map(sqr, none).empty());
+    EXPECT_TRUE(pool.map_async(sqr, none).get(kLong).empty());
+    std::vector<std::tuple<int, int>> no_pairs;
+    EXPECT_TRUE(pool.starmap(mul, no_pairs).empty());
+    int n = 0;
+    for (int v : pool.imap(sqr, none)) n += v + 1;
+    for (int v : pool.imap_unordered(sqr, none)) n += v + 1;
+    EXPECT_EQ(n, 0);
+    pool.close();
+    pool.join();
+}
+
+TEST(PoolTest, DestructorAfterCloseWaitsForTheWork) {
+    // test_context: the submitted work finishes.
+    std::vector<mp::AsyncResult<int>> rs;
+    {
+        mp::Pool pool(2);
+        for (int i = 0; i < 6; ++i) rs.push_back(pool.apply_async(sqr_wait, i, 30));
+        pool.close();
+    }
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(rs[static_cast<std::size_t>(i)].get(0s), i * i);
+}
+
+TEST(PoolTest, DestructorOfARunningPoolTerminatesIt) {
+    TempDir dir;
+    Gate gate(dir);
+    std::optional<mp::AsyncResult<int>> r;
+    {
+        mp::Pool pool(1);
+        r.emplace(pool.apply_async(wait_file, gate.path()));
+    }
+    EXPECT_THROW(r->get(kLong), mp::BrokenProcessPool);
+}
+
+TEST(PoolTest, ExceptionsArriveWithTheirTypes) {
+    // test_traceback / test_wrapped_exception
+    mp::Pool pool(1);
+    if (auto e = catch_as<std::runtime_error>([&] { pool.apply(raise_runtime, 123); })) {
+        EXPECT_STREQ(e->what(), "raised for 123");
+    }
+    const int pid = pool.apply(worker_pid, 0);
+    if (auto e = catch_as<mp::RemoteError>([&] { pool.apply(raise_custom, 0); })) {
+        EXPECT_NE(e->type_name().find("CustomError"), std::string::npos) << e->type_name();
+        EXPECT_EQ(e->message(), "a custom error");
+        EXPECT_NE(e->origin().find(std::to_string(pid)), std::string::npos) << e->origin();
+    }
+    EXPECT_EQ(pool.apply(sqr, 3), 9);
+}
+
+TEST(PoolTest, ApplyAfterCloseThrows) {
+    mp::Pool pool(2);
+    pool.close();
+    EXPECT_THROW(pool.apply(sqr, 1), mp::Error);
+    EXPECT_THROW(pool.apply_async(sqr, 1), mp::Error);
+    EXPECT_THROW(pool.map(sqr, range(3)), mp::Error);
+    EXPECT_THROW(pool.imap(sqr, range(3)), mp::Error);
+    pool.join();
+}
+
+TEST(PoolTest, JoinBeforeCloseThrows) {
+    mp::Pool pool(2);
+    if (auto e = catch_as<mp::Error>([&] { pool.join(); })) {
+        EXPECT_NE(std::string(e->what()).find("still running"), std::string::npos) << e->what();
+    }
+    pool.close();
+    pool.join();
+}
+
+TEST(PoolTest, ForkStartMethod) {
+    mp::Pool pool(mp::PoolOptions{.processes = 2, .start_method = mp::StartMethod::fork});
+    EXPECT_EQ(pool.map(sqr, range(20), 3), squares(20));
+    EXPECT_EQ(pool.apply(mul, 6, 7), 42);
+    EXPECT_THROW(pool.apply(sqr_or_segv, 7), mp::WorkerDied);
+    EXPECT_EQ(pool.apply(sqr, 8), 64);
+    for (const auto& w : pool.stats().workers) EXPECT_EQ(w.name.rfind("ForkPoolWorker-", 0), 0u) << w.name;
+    pool.close();
+    pool.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// AsyncResult
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolAsyncResult, SuccessfulBeforeReadyThrows) {
+    TempDir dir;
+    Gate gate(dir);
+    mp::Pool pool(2);
+    auto r = pool.apply_async(wait_file, gate.path());
+    EXPECT_FALSE(r.ready());
+    EXPECT_THROW((void)r.successful(), mp::Error);
+    gate.open();
+    EXPECT_TRUE(r.wait(kLong));
+    EXPECT_TRUE(r.ready());
+    EXPECT_TRUE(r.successful());
+    auto bad = pool.apply_async(raise_runtime, 1);
+    EXPECT_TRUE(bad.wait(kLong));
+    EXPECT_FALSE(bad.successful());
+    EXPECT_THROW(bad.get(kLong), std::runtime_error);
+}
+
+TEST(PoolAsyncResult, VoidResult) {
+    mp::Pool pool(1);
+    auto r = pool.apply_async(noop, 1);
+    r.get(kLong);
+    EXPECT_TRUE(r.successful());
+}
+
+TEST(PoolAsyncResult, CallbackRunsInTheParentOnAnotherThread) {
+    mp::Pool pool(2);
+    std::mutex mu;
+    std::vector<int> values;
+    std::vector<pid_t> pids;
+    std::vector<std::thread::id> threads;
+    std::vector<mp::AsyncResult<int>> rs;
+    for (int i = 0; i < 5; ++i) {
+        rs.push_back(pool.apply_async(mul, mp::args(i, 10), [&](const int& v) {
+            std::lock_guard lk(mu);
+            values.push_back(v);
+            pids.push_back(::getpid());
+            threads.push_back(std::this_thread::get_id());
+        }));
+    }
+    for (int i = 0; i < 5; ++i) EXPECT_EQ(rs[static_cast<std::size_t>(i)].get(kLong), i * 10);
+    ASSERT_TRUE(eventually([&] {
+        std::lock_guard lk(mu);
+        return values.size() == 5;
+    }));
+    std::lock_guard lk(mu);
+    std::sort(values.begin(), values.end());
+    EXPECT_EQ(values, (std::vector<int>{0, 10, 20, 30, 40}));
+    for (pid_t p : pids) EXPECT_EQ(p, ::getpid());
+    for (auto t : threads) EXPECT_NE(t, std::this_thread::get_id());
+}
+
+TEST(PoolAsyncResult, ErrorCallback) {
+    // _TestPoolWorkerErrors.test_async_error_callback
+    mp::Pool pool(2);
+    std::mutex mu;
+    std::vector<std::string> errors;
+    std::atomic<int> ok_calls{0};
+    auto r = pool.apply_async(
+        raise_runtime, mp::args(4), [&](const int&) { ++ok_calls; },
+        [&](std::exception_ptr e) {
+            std::lock_guard lk(mu);
+            try {
+                std::rethrow_exception(e);
+            } catch (const std::runtime_error& x) {
+                errors.push_back(x.what());
+            } catch (...) {
+                errors.push_back("?");
+            }
+        });
+    EXPECT_THROW(r.get(kLong), std::runtime_error);
+    ASSERT_TRUE(eventually([&] {
+        std::lock_guard lk(mu);
+        return !errors.empty();
+    }));
+    std::lock_guard lk(mu);
+    EXPECT_EQ(errors, (std::vector<std::string>{"raised for 4"}));
+    EXPECT_EQ(ok_calls.load(), 0);
+}
+
+TEST(PoolAsyncResult, ErrorCallbackForAWorkerThatDied) {
+    mp::Pool pool(2);
+    std::atomic<bool> died{false};
+    auto r = pool.apply_async(exit_seven, mp::args(0), nullptr, [&](std::exception_ptr e) {
+        try {
+            std::rethrow_exception(e);
+        } catch (const mp::WorkerDied& w) {
+            died = w.exit_code() == std::optional<int>(7);
+        } catch (...) {
+        }
+    });
+    EXPECT_THROW(r.get(kLong), mp::WorkerDied);
+    EXPECT_TRUE(eventually([&] { return died.load(); }));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker death, timeouts
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolWorkerDeath, ASegfaultFailsOnlyItsTask) {
+    mp::Pool pool(2);
+    std::vector<mp::AsyncResult<int>> rs;
+    for (int i = 0; i < 10; ++i) rs.push_back(pool.apply_async(sqr, i));
+    for (auto& r : rs) r.wait(kLong);
+    const auto started = pool.stats().workers_started;
+    auto bad = pool.apply_async(sqr_or_segv, 7);
+    for (int i = 0; i < 10; ++i) rs.push_back(pool.apply_async(sqr, i));
+    if (auto e = catch_as<mp::WorkerDied>([&] { bad.get(kLong); })) {
+        EXPECT_GT(e->pid(), 0);
+        EXPECT_EQ(e->signal(), std::optional<int>(SIGSEGV));
+    }
+    for (std::size_t i = 0; i < rs.size(); ++i) EXPECT_EQ(rs[i].get(kLong), static_cast<int>((i % 10) * (i % 10)));
+    EXPECT_TRUE(eventually([&] { return pool.stats().workers_started > started; }));
+    EXPECT_EQ(pool.apply(sqr, 7), 49);
+    pool.close();
+    pool.join();
+}
+
+TEST(PoolWorkerDeath, MapFailsWithWorkerDied) {
+    mp::Pool pool(2);
+    EXPECT_THROW(pool.map(sqr_or_segv, range(20), 1), mp::WorkerDied);
+    EXPECT_EQ(pool.map(sqr, range(20)), squares(20));
+}
+
+TEST(PoolWorkerDeath, ImapGivesEveryOtherItem) {
+    mp::Pool pool(2);
+    auto it = pool.imap(sqr_or_segv, range(20), 1);
+    for (int i = 0; i < 20; ++i) {
+        if (i == 7) {
+            if (auto e = catch_as<mp::WorkerDied>([&] { it.next(kLong); })) {
+                EXPECT_EQ(e->signal(), std::optional<int>(SIGSEGV));
+            }
+        } else {
+            EXPECT_EQ(it.next(kLong), std::optional<int>(i * i)) << "item " << i;
+        }
+    }
+    EXPECT_EQ(it.next(kLong), std::nullopt);
+}
+
+TEST(PoolWorkerDeath, ExitInATask) {
+    mp::Pool pool(1);
+    if (auto e = catch_as<mp::WorkerDied>([&] { pool.apply(exit_seven, 0); })) {
+        EXPECT_EQ(e->exit_code(), std::optional<int>(7));
+    }
+    EXPECT_EQ(pool.apply(sqr, 6), 36);
+}
+
+TEST(PoolTimeout, TaskTimeout) {
+    mp::Pool pool(mp::PoolOptions{.processes = 2, .task_timeout = 1s});
+    auto overdue = pool.apply_async(sleep_ms, 10000);
+    std::vector<mp::AsyncResult<int>> rs;
+    for (int i = 0; i < 6; ++i) rs.push_back(pool.apply_async(sqr_wait, i, 20));
+    EXPECT_THROW(overdue.get(8s), mp::TimeoutError);
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(rs[static_cast<std::size_t>(i)].get(kLong), i * i);
+    EXPECT_EQ(pool.apply(sqr, 7), 49);
+}
+
+// ---------------------------------------------------------------------------------------------
+// _TestPoolWorkerLifetime, initializer, memory limit
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolWorkerLifetime, MaxTasksPerChildReplacesWorkers) {
+    mp::Pool pool(mp::PoolOptions{.processes = 3, .maxtasksperchild = 10});
+    std::vector<mp::AsyncResult<int>> warm;
+    for (int i = 0; i < 3; ++i) warm.push_back(pool.apply_async(sqr, i));
+    for (auto& r : warm) r.wait(kLong);
+    std::set<pid_t> orig;
+    for (const auto& w : pool.stats().workers) orig.insert(w.pid);
+    std::vector<mp::AsyncResult<int>> results, pids;
+    for (int i = 0; i < 100; ++i) {
+        results.push_back(pool.apply_async(sqr, i));
+        pids.push_back(pool.apply_async(worker_pid, i));
+    }
+    std::map<int, int> per_pid;
+    for (int i = 0; i < 100; ++i) {
+        EXPECT_EQ(results[static_cast<std::size_t>(i)].get(kLong), i * i);
+        ++per_pid[pids[static_cast<std::size_t>(i)].get(kLong)];
+    }
+    // 203 tasks, at most 10 per worker.
+    EXPECT_GE(per_pid.size(), 20u);
+    for (auto& [pid, n] : per_pid) EXPECT_LE(n, 10) << pid;
+    std::set<pid_t> now;
+    ASSERT_TRUE(eventually([&] {
+        now.clear();
+        for (const auto& w : pool.stats().workers) now.insert(w.pid);
+        return now.size() == 3 || now.empty();
+    }));
+    for (pid_t p : now) EXPECT_GT(p, 0);
+    EXPECT_NE(orig, now);
+    pool.close();
+    pool.join();
+}
+
+TEST(PoolWorkerLifetime, EarlyClose) {
+    // Issue #10332: closing a pool whose workers have limited lifetimes before all the tasks
+    // completed would make join() hang.
+    mp::Pool pool(mp::PoolOptions{.processes = 3, .maxtasksperchild = 1});
+    std::vector<mp::AsyncResult<int>> rs;
+    for (int i = 0; i < 6; ++i) rs.push_back(pool.apply_async(sqr_wait, i, 300));
+    pool.close();
+    pool.join();
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(rs[static_cast<std::size_t>(i)].get(0s), i * i);
+}
+
+TEST(PoolWorkerLifetime, MaxMemoryPerChild) {
+    mp::Pool pool(mp::PoolOptions{.processes = 1, .max_memory_per_child = 100u << 20});
+    const int first = pool.apply(worker_pid, 0);
+    EXPECT_EQ(pool.apply(worker_pid, 0), first);
+    EXPECT_EQ(pool.apply(hog_memory, 200), first);
+    EXPECT_NE(pool.apply(worker_pid, 0), first);
+}
+
+TEST(PoolInitializer, RunsInEveryWorkerWithItsArguments) {
+    mp::Pool pool(mp::PoolOptions{.processes = 3}, init_globals, 42, std::string("init"));
+    auto r = pool.map(read_globals, range(30), 1);
+    for (const auto& s : r) EXPECT_EQ(s, "init:42");
+    pool.close();
+    pool.join();
+}
+
+TEST(PoolInitializer, AnInitializerThatThrowsBreaksThePool) {
+    mp::Pool pool(mp::PoolOptions{.processes = 2}, init_that_throws);
+    try {
+        auto r = pool.apply_async(sqr, 2);
+        EXPECT_THROW(r.get(kLong), mp::BrokenProcessPool);
+    } catch (const mp::BrokenProcessPool&) {
+        // Already known to be broken at submit.
+    }
+    EXPECT_TRUE(eventually([&] {
+        try {
+            pool.apply_async(sqr, 2).wait(kLong);
+            return false;
+        } catch (const mp::BrokenProcessPool&) {
+            return true;
+        }
+    }));
+    pool.terminate();
+    pool.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress bar, stats
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolProgress, MapDrawsTheTotal) {
+    std::vector<int> got;
+    const std::string out = capture_stderr([&] {
+        mp::Pool pool(2);
+        got = pool.map(sqr, range(100), mp::MapOptions{.chunksize = 10, .progress = true});
+        pool.close();
+        pool.join();
+    });
+    EXPECT_EQ(got, squares(100));
+    EXPECT_NE(out.find("100/100"), std::string::npos) << "stderr was: " << out;
+}
+
+TEST(PoolProgress, ImapDrawsTheTotal) {
+    const std::string out = capture_stderr([&] {
+        mp::Pool pool(2);
+        int n = 0;
+        {
+            auto it = pool.imap(sqr, range(50), mp::MapOptions{.chunksize = 5, .progress = true});
+            for (int v : it) n += v >= 0;
+        }
+        EXPECT_EQ(n, 50);
+        pool.close();
+        pool.join();
+    });
+    EXPECT_NE(out.find("50/50"), std::string::npos) << "stderr was: " << out;
+}
+
+TEST(PoolStatsTest, CountsAndWorkerNames) {
+    mp::Pool pool(2);
+    std::vector<mp::AsyncResult<int>> rs;
+    for (int i = 0; i < 8; ++i) rs.push_back(pool.apply_async(sqr, i));
+    for (int i = 0; i < 2; ++i) rs.push_back(pool.apply_async(raise_runtime, i));
+    for (auto& r : rs) r.wait(kLong);
+    ASSERT_TRUE(eventually([&] {
+        const auto st = pool.stats();
+        return st.done + st.failed == 10;
+    }));
+    const auto st = pool.stats();
+    EXPECT_EQ(st.submitted, 10u);
+    EXPECT_EQ(st.done, 8u);
+    EXPECT_EQ(st.failed, 2u);
+    EXPECT_EQ(st.pending, 0u);
+    EXPECT_EQ(st.running, 0u);
+    ASSERT_EQ(st.workers.size(), 2u);
+    std::set<std::string> names;
+    for (const auto& w : st.workers) {
+        EXPECT_GT(w.pid, 0);
+        names.insert(w.name);
+    }
+    EXPECT_EQ(names, (std::set<std::string>{"ForkServerPoolWorker-1", "ForkServerPoolWorker-2"}));
+    pool.close();
+    pool.join();
+}
+
+}  // namespace

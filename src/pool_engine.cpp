@@ -168,7 +168,10 @@ struct PoolEngine::Impl {
     // The pool's thread only.
     std::deque<pool::Job> pending;
     std::size_t worker_counter = 0;
-    int start_failures = 0;  // consecutive workers that died before they were ready
+    // Consecutive workers that died before they were ready: crashed in the initializer (or at
+    // start), or killed from outside (SIGKILL: the OOM killer, an operator) while starting.
+    int start_crashes = 0;
+    int start_kills = 0;
 
     explicit Impl(PoolConfig c) : cfg(std::move(c)) {
         wake = sys::Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -532,7 +535,7 @@ struct PoolEngine::Impl {
         switch (f.type) {
             case FrameType::ready:
                 w.ready = true;
-                start_failures = 0;
+                start_crashes = start_kills = 0;
                 return;
             case FrameType::init_failed: {
                 Decoder d(f.payload);
@@ -666,7 +669,13 @@ struct PoolEngine::Impl {
                                        [&](auto& p) { return p.get() == &w; }));
         }
         if (terminating) return;
-        if (unasked && !was_ready && ++start_failures >= 3) {
+        // A crash at start repeats for every replacement: three in a row break the pool. Kills
+        // from outside are the killer's doing, but a worker killed every time its initializer
+        // runs (by the OOM killer, say) would be replaced for ever: a hundred break the pool.
+        const bool start_failed =
+            unasked && !was_ready &&
+            (status == -SIGKILL ? cfg.initializer && ++start_kills >= 100 : ++start_crashes >= 3);
+        if (start_failed) {
             break_pool("workers die as they start (the last, " + name + " (pid " + std::to_string(pid) +
                        "), " + pool::describe_status(status) + ")");
         } else if (unasked && cfg.break_on_worker_death) {

@@ -869,12 +869,14 @@ TEST(ExecutorAsCompleted, YieldsInCompletionOrder) {
     TempDir dir;
     mp::ProcessPoolExecutor ex({.max_workers = 3});
     Gate first(dir, "first"), second(dir, "second");
-    auto a = ex.submit(wait_file, second.path());
-    auto b = ex.submit(wait_file, first.path());
+    // Each runs in a worker of its own before the gates open.
+    auto a = ex.submit(start_then_wait, dir.path("a-started"), second.path());
+    auto b = ex.submit(start_then_wait, dir.path("b-started"), first.path());
+    ASSERT_TRUE(eventually([&] { return dir.exists("a-started") && dir.exists("b-started"); }));
     std::vector<mp::Future<int>> order;
     auto ac = mp::as_completed(std::vector{a, b}, 30s);
-    auto it = ac.begin();
     first.open();
+    auto it = ac.begin();  // waits for the first to finish
     order.push_back(*it);
     second.open();
     ++it;

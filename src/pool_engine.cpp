@@ -629,6 +629,12 @@ struct PoolEngine::Impl {
         const std::uint64_t finished_ord = slots[w.slot].finished.load(std::memory_order_acquire);
         const bool unasked = !w.retiring && !w.closing && w.timed_out == 0 && !terminating;
         if (unasked) death_count.fetch_add(1, std::memory_order_relaxed);
+        if (unasked && cfg.break_on_worker_death && !is_broken()) {
+            // Python's behaviour: every unfinished future, the dead worker's own too, fails
+            // with BrokenProcessPool.
+            break_pool("a worker, " + w.name + " (pid " + std::to_string(w.pid) + "), " +
+                       pool::describe_status(status) + "; the pool is not usable any more");
+        }
         std::deque<pool::Job> again;
         for (auto& job : w.inflight) {
             std::exception_ptr e;
@@ -678,9 +684,6 @@ struct PoolEngine::Impl {
         if (start_failed) {
             break_pool("workers die as they start (the last, " + name + " (pid " + std::to_string(pid) +
                        "), " + pool::describe_status(status) + ")");
-        } else if (unasked && cfg.break_on_worker_death) {
-            break_pool("a worker, " + name + " (pid " + std::to_string(pid) + "), " +
-                       pool::describe_status(status) + "; the pool is not usable any more");
         }
     }
 

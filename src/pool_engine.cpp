@@ -79,14 +79,15 @@ void forkserver_worker(PassedFd sock, PassedFd page, std::uint64_t page_bytes) {
     finish_child(code);
 }
 
-struct Job {
+// A task and its future in one allocation: the queues hold pointers, the user the future.
+struct Job : FutureCore {
     std::uint64_t ordinal = 0;  // in its current worker
     std::string bytes;
     std::vector<sys::Fd> fds;
     std::size_t items = 0;
     std::optional<nanoseconds> timeout;
-    std::shared_ptr<FutureCore> core;
 };
+using JobPtr = std::shared_ptr<Job>;
 
 struct Worker {
     std::size_t slot = 0;
@@ -96,7 +97,7 @@ struct Worker {
     sys::Fd pidfd;
     sys::Fd status;  // forkserver: the exit status arrives here
     bool forked = false;
-    std::deque<Job> inflight;
+    std::deque<JobPtr> inflight;
     std::uint64_t next_ordinal = 1;
     std::uint64_t answered = 0;  // the last ordinal whose answer arrived
     std::uint64_t sent = 0;
@@ -141,7 +142,7 @@ struct PoolEngine::Impl {
 
     // Shared with submitters: under mu.
     mutable std::mutex mu;
-    std::deque<pool::Job> incoming;
+    std::deque<pool::JobPtr> incoming;
     bool shutting_down = false;
     bool cancel_requested = false;
     bool terminate_requested = false;
@@ -166,7 +167,7 @@ struct PoolEngine::Impl {
     std::mutex join_mu;
 
     // The pool's thread only.
-    std::deque<pool::Job> pending;
+    std::deque<pool::JobPtr> pending;
     std::size_t worker_counter = 0;
     // Consecutive workers that died before they were ready: crashed in the initializer (or at
     // start), or killed from outside (SIGKILL: the OOM killer, an operator) while starting.
@@ -473,10 +474,10 @@ struct PoolEngine::Impl {
                 }
             }
             if (best == nullptr) return;
-            pool::Job job = std::move(pending.front());
+            pool::JobPtr job = std::move(pending.front());
             pending.pop_front();
             pending_count.fetch_sub(1, std::memory_order_relaxed);
-            if (!job.core->set_running() && job.core->state() == FutureCore::State::cancelled) {
+            if (!job->set_running() && job->state() == FutureCore::State::cancelled) {
                 cancelled_count.fetch_add(1, std::memory_order_relaxed);
                 continue;
             }
@@ -484,15 +485,15 @@ struct PoolEngine::Impl {
         }
     }
 
-    void assign(pool::Worker& w, pool::Job job) {
-        job.ordinal = w.next_ordinal++;
+    void assign(pool::Worker& w, pool::JobPtr job) {
+        job->ordinal = w.next_ordinal++;
         ++w.sent;
-        const auto timeout = job.timeout ? job.timeout : cfg.task_timeout;
+        const auto timeout = job->timeout ? job->timeout : cfg.task_timeout;
         std::vector<int> fds;
-        for (auto& fd : job.fds) fds.push_back(fd.get());
-        w.out.add(pool::FrameType::task, timeout ? pool::kTimed : 0, job.ordinal, job.bytes, {},
+        for (auto& fd : job->fds) fds.push_back(fd.get());
+        w.out.add(pool::FrameType::task, timeout ? pool::kTimed : 0, job->ordinal, job->bytes, {},
                   std::move(fds));
-        job.timeout = timeout;
+        job->timeout = timeout;
         // The job keeps its bytes and descriptors until it finishes: a worker that dies before
         // starting it hands it back to be sent again.
         w.inflight.push_back(std::move(job));
@@ -545,17 +546,17 @@ struct PoolEngine::Impl {
                 return;
             }
             case FrameType::started:
-                if (!w.inflight.empty() && w.inflight.front().ordinal == f.ordinal && w.inflight.front().timeout) {
-                    w.deadline = Clock::now() + *w.inflight.front().timeout;
+                if (!w.inflight.empty() && w.inflight.front()->ordinal == f.ordinal && w.inflight.front()->timeout) {
+                    w.deadline = Clock::now() + *w.inflight.front()->timeout;
                     w.deadline_ordinal = f.ordinal;
                 }
                 return;
             case FrameType::result: {
                 if (f.ordinal <= w.answered) return;  // seen already (resent from its stage)
-                if (w.inflight.empty() || w.inflight.front().ordinal != f.ordinal)
+                if (w.inflight.empty() || w.inflight.front()->ordinal != f.ordinal)
                     throw DecodeError("mp pool: a worker answered a task it was not given");
                 w.answered = f.ordinal;
-                pool::Job job = std::move(w.inflight.front());
+                pool::JobPtr job = std::move(w.inflight.front());
                 w.inflight.pop_front();
                 w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
                 if (w.deadline_ordinal == f.ordinal) w.deadline.reset();
@@ -563,18 +564,18 @@ struct PoolEngine::Impl {
                 if (f.payload.size() < sizeof run_ns) throw DecodeError("mp pool: truncated result");
                 std::memcpy(&run_ns, f.payload.data(), sizeof run_ns);
                 const std::string_view body = f.payload.substr(sizeof run_ns);
-                const double per = static_cast<double>(run_ns) / static_cast<double>(std::max<std::size_t>(job.items, 1));
+                const double per = static_cast<double>(run_ns) / static_cast<double>(std::max<std::size_t>(job->items, 1));
                 w.avg_ns = w.avg_ns == 0 ? per : 0.8 * w.avg_ns + 0.2 * per;
                 running_count.fetch_sub(1, std::memory_order_relaxed);
                 if (f.flags & pool::kOk) {
                     w.done.fetch_add(1, std::memory_order_relaxed);
                     done_count.fetch_add(1, std::memory_order_relaxed);
-                    job.core->set_result(std::string(body));
+                    job->set_result(std::string(body));
                 } else {
                     w.failed.fetch_add(1, std::memory_order_relaxed);
                     failed_count.fetch_add(1, std::memory_order_relaxed);
                     Decoder d(body);
-                    job.core->set_exception(make_remote_exception(decode_error_info(d)));
+                    job->set_exception(make_remote_exception(decode_error_info(d)));
                 }
                 return;
             }
@@ -635,15 +636,15 @@ struct PoolEngine::Impl {
             break_pool("a worker, " + w.name + " (pid " + std::to_string(w.pid) + "), " +
                        pool::describe_status(status) + "; the pool is not usable any more");
         }
-        std::deque<pool::Job> again;
+        std::deque<pool::JobPtr> again;
         for (auto& job : w.inflight) {
             std::exception_ptr e;
             if (terminating) {
                 e = std::make_exception_ptr(BrokenProcessPool("the pool was terminated"));
-            } else if (job.ordinal <= finished_ord) {
+            } else if (job->ordinal <= finished_ord) {
                 e = std::make_exception_ptr(WorkerDied(w.pid, status));
-            } else if (job.ordinal == started) {
-                if (w.timed_out == job.ordinal) {
+            } else if (job->ordinal == started) {
+                if (w.timed_out == job->ordinal) {
                     e = std::make_exception_ptr(TimeoutError(
                         "the task ran longer than its time limit; its worker " + w.name + " (pid " +
                         std::to_string(w.pid) + ") was killed"));
@@ -656,7 +657,7 @@ struct PoolEngine::Impl {
             }
             running_count.fetch_sub(1, std::memory_order_relaxed);
             failed_count.fetch_add(1, std::memory_order_relaxed);
-            job.core->set_exception(e);
+            job->set_exception(e);
         }
         w.inflight.clear();
         // Tasks it never started go first, in their order, to the next free worker.
@@ -711,7 +712,7 @@ struct PoolEngine::Impl {
         while (!pending.empty()) {
             pending_count.fetch_sub(1, std::memory_order_relaxed);
             failed_count.fetch_add(1, std::memory_order_relaxed);
-            pending.front().core->set_exception(e);
+            pending.front()->set_exception(e);
             pending.pop_front();
         }
     }
@@ -727,14 +728,14 @@ struct PoolEngine::Impl {
         while (!pending.empty()) {
             pending_count.fetch_sub(1, std::memory_order_relaxed);
             failed_count.fetch_add(1, std::memory_order_relaxed);
-            pending.front().core->set_exception(e);
+            pending.front()->set_exception(e);
             pending.pop_front();
         }
         for (auto& w : workers) {
             for (auto& job : w->inflight) {
                 running_count.fetch_sub(1, std::memory_order_relaxed);
                 failed_count.fetch_add(1, std::memory_order_relaxed);
-                job.core->set_exception(e);
+                job->set_exception(e);
             }
             w->inflight.clear();
         }
@@ -742,7 +743,7 @@ struct PoolEngine::Impl {
 
     void cancel_pending() {
         for (auto& job : pending) {
-            if (job.core->cancel()) cancelled_count.fetch_add(1, std::memory_order_relaxed);
+            if (job->cancel()) cancelled_count.fetch_add(1, std::memory_order_relaxed);
             pending_count.fetch_sub(1, std::memory_order_relaxed);
         }
         pending.clear();
@@ -781,17 +782,16 @@ PoolEngine::~PoolEngine() {
 }
 
 std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
-    pool::Job job;
-    job.bytes = std::move(task.bytes);
+    auto job = std::make_shared<pool::Job>();
+    job->bytes = std::move(task.bytes);
     for (int fd : task.fds) {
         int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
         if (d < 0) sys::throw_system_error(errno, "fcntl(F_DUPFD_CLOEXEC)");
-        job.fds.emplace_back(d);
+        job->fds.emplace_back(d);
     }
-    job.items = options.items;
-    job.timeout = options.timeout;
-    job.core = std::make_shared<FutureCore>();
-    auto core = job.core;
+    job->items = options.items;
+    job->timeout = options.timeout;
+    std::shared_ptr<FutureCore> core = job;
     std::lock_guard lock(impl_->mu);
     if (impl_->broken) throw BrokenProcessPool(impl_->broken_reason);
     if (impl_->shutting_down || impl_->terminate_requested)

@@ -345,7 +345,8 @@ public:
 private:
     // Returns false when the worker should retire.
     bool run_one(Frame& f) {
-        const auto begin = Clock::now();
+        // Back-to-back tasks share a clock reading: this one began when the last one ended.
+        const auto begin = last_end_ ? *last_end_ : Clock::now();
         slot_->started.store(f.ordinal, std::memory_order_release);
         if (f.flags & kTimed) {
             out_.add(FrameType::started, 0, f.ordinal, {});
@@ -365,8 +366,9 @@ private:
         // Descriptors the arguments did not take close with f.fds; those taken are theirs.
         for (std::size_t i = 0; i < fds.size(); ++i)
             if (fds[i] < 0) (void)f.fds[i].release();
-        const auto end = Clock::now();
         flush_stdio();
+        const auto end = Clock::now();
+        last_end_ = end;
         const std::uint64_t run_ns = static_cast<std::uint64_t>(
             std::chrono::duration_cast<std::chrono::nanoseconds>(end - begin).count());
         out_.add(FrameType::result, flags, f.ordinal,
@@ -403,6 +405,7 @@ private:
         while (true) {
             if (auto f = in_.next()) return std::move(*f);
             flush();
+            last_end_.reset();  // waiting for work is not part of the next task's time
             if (in_.read_some(sock_) == FrameReader::Status::eof) {
                 Frame f;
                 f.type = FrameType::eof_marker;
@@ -419,6 +422,7 @@ private:
     std::uint64_t done_ = 0;
     FrameReader in_;
     StageWriter out_;
+    std::optional<Clock::time_point> last_end_;
 };
 
 }  // namespace

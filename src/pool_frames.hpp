@@ -50,9 +50,9 @@ static_assert(sizeof(FrameHeader) == 24);
 inline constexpr std::uint64_t kMaxFrame = std::uint64_t{1} << 40;
 
 struct Frame {
-    FrameType type;
-    std::uint8_t flags;
-    std::uint64_t ordinal;
+    FrameType type = FrameType::eof_marker;
+    std::uint8_t flags = 0;
+    std::uint64_t ordinal = 0;
     std::string_view payload;  // valid until the reader's next read
     std::vector<sys::Fd> fds;
 };

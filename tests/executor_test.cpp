@@ -1461,7 +1461,12 @@ void run_with_busy_threads(std::optional<mp::StartMethod> method) {
                 return;
             }
             ++locked;
-            // Churn the allocator, so a fork may catch its locks taken.
+            // With forkserver, churn the allocator too: the workers must not inherit a lock a
+            // thread held. (fork copies the parent's locks by design, see ExecutorOptions.)
+            if (method == mp::StartMethod::fork) {
+                while (!stop.load()) std::this_thread::sleep_for(1ms);
+                return;
+            }
             while (!stop.load()) {
                 std::vector<std::string> v;
                 for (int k = 0; k < 64; ++k) v.emplace_back(static_cast<std::size_t>(100 + k), 'x');

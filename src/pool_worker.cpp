@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -180,14 +181,8 @@ T read_raw(std::string_view& p) {
 class StageWriter {
 public:
     ~StageWriter() {
-        if (flusher_.joinable()) {
-            {
-                std::lock_guard lock(mu_);
-                stop_ = true;
-            }
-            cv_.notify_one();
-            flusher_.join();
-        }
+        stop();
+        active_ = nullptr;
     }
 
     void attach(int sock, WorkerSlot* slot, char* stage, std::size_t cap) {
@@ -196,6 +191,24 @@ public:
         stage_ = stage;
         cap_ = cap;
         flusher_ = std::thread([this] { flusher(); });
+        // A task may call exit(): stop the flusher first (atexit handlers run last-registered
+        // first), so the process ends single-threaded, as exit-time checkers (LeakSanitizer)
+        // and the C library's own teardown expect.
+        active_ = this;
+        static const bool registered = std::atexit([] {
+            if (StageWriter* w = active_) w->stop();
+        }) == 0;
+        (void)registered;
+    }
+
+    void stop() {
+        if (!flusher_.joinable() || flusher_.get_id() == std::this_thread::get_id()) return;
+        {
+            std::lock_guard lock(mu_);
+            stop_ = true;
+        }
+        cv_.notify_one();
+        flusher_.join();
     }
 
     void add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
@@ -214,8 +227,9 @@ public:
         }
         char* p = stage_ + committed_;
         std::memcpy(p, &h, sizeof h);
-        std::memcpy(p + sizeof h, a.data(), a.size());
-        std::memcpy(p + sizeof h + a.size(), b.data(), b.size());
+        // An empty view may hold a null pointer, which memcpy must not be given even for 0 bytes.
+        if (!a.empty()) std::memcpy(p + sizeof h, a.data(), a.size());
+        if (!b.empty()) std::memcpy(p + sizeof h + a.size(), b.data(), b.size());
         committed_ += n;
         slot_->committed.store(committed_, std::memory_order_release);
         if (!armed_) {
@@ -302,6 +316,7 @@ private:
     bool failed_ = false;
     Clock::time_point first_unsent_{};
     std::thread flusher_;
+    static inline StageWriter* active_ = nullptr;  // the worker's one writer, for atexit
 };
 
 class Worker {

@@ -32,8 +32,13 @@
 /// already done, or in the thread that cancels it; never in a worker. A callback must not block
 /// for long: it holds up every other result of the pool.
 ///
-/// Workers start with the forkserver method by default, so a parent that already runs threads
-/// is safe. When the parent dies, even by SIGKILL, its workers are killed at once.
+/// Workers start with the forkserver method by default: they are forked from a single-threaded
+/// server, not from this process, so a parent that already runs threads is safe. The server
+/// itself is forked from this process once, at the first pool (or at
+/// mp::set_start_method(mp::StartMethod::forkserver)); glibc's allocator is fork-safe, so that
+/// is sound while other threads run, but a lock of another kind that a thread holds at that
+/// moment is inherited by every worker: call set_start_method at the top of main to be sure.
+/// When the parent dies, even by SIGKILL, its workers are killed at once.
 
 #include <algorithm>
 #include <chrono>

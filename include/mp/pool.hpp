@@ -305,7 +305,7 @@ public:
     template <class F, class Rg, class V = std::ranges::range_value_t<Rg>,
               class R = detail::item_t<detail::call_result_t<F, V>>>
     AsyncResult<std::vector<R>> map_async(const F& fn, Rg&& range, MapOptions options = {},
-                                          std::function<void(const std::vector<R>&)> callback = nullptr,
+                                          std::type_identity_t<std::function<void(const std::vector<R>&)>> callback = nullptr,
                                           std::function<void(std::exception_ptr)> error_callback = nullptr) {
         detail::check_work<F, V>();
         return async_chunks<R>(
@@ -324,7 +324,8 @@ public:
     }
     template <class F, class Rg, class Tup = std::ranges::range_value_t<Rg>>
     auto starmap_async(const F& fn, Rg&& range, MapOptions options = {},
-                       std::function<void(const std::vector<detail::item_t<detail::star_result_t<F, Tup>>>&)>
+                       std::type_identity_t<std::function<void(
+                           const std::vector<detail::item_t<detail::star_result_t<F, Tup>>>&)>>
                            callback = nullptr,
                        std::function<void(std::exception_ptr)> error_callback = nullptr) {
         return star<F, Tup>(fn, range, options, std::move(callback), std::move(error_callback),

@@ -1095,12 +1095,6 @@ void check_death_fails_only_its_task(Death how, std::optional<mp::StartMethod> m
             EXPECT_EQ(e->signal(), std::optional<int>(SIGKILL)) << e->what();
             break;
         case kExit7:
-#if defined(__SANITIZE_ADDRESS__)
-            // LeakSanitizer runs at exit() and, in a child forked from a thread of a threaded
-            // process (a fork-method worker), cannot stop the world: it reports the parent's
-            // stacks' objects as leaks and exits with its own code, 23.
-            if (method == mp::StartMethod::fork && e->exit_code() == std::optional<int>(23)) break;
-#endif
             EXPECT_EQ(e->exit_code(), std::optional<int>(7)) << e->what();
             EXPECT_FALSE(e->signal().has_value());
             break;

@@ -325,19 +325,7 @@ using item_t = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
 
 template <class F, class... A>
 void check_work() {
-    using Fn = std::decay_t<F>;
-    static_assert(!(std::is_class_v<Fn> && !std::is_empty_v<Fn>),
-                  "mp: work sent to another process cannot capture state: pass the captured "
-                  "values as arguments instead (a captureless lambda, a function or an empty "
-                  "function object is transferable)");
-    static_assert(Transferable<Fn>,
-                  "mp: work sent to another process must be a function, a function pointer, a "
-                  "captureless lambda or an empty, default-constructible function object");
-    static_assert((Encodable<std::decay_t<A>> && ...),
-                  "mp: every argument sent to another process needs an mp::Codec (a cereal "
-                  "serialize() function or a Codec<T> specialisation)");
-    static_assert(std::is_invocable_v<Fn&, std::decay_t<A>&...>,
-                  "mp: the callable cannot be called with these arguments");
+    check_transferable<F, A...>();
     using R = call_result_t<F, A...>;
     static_assert(std::is_void_v<R> || Encodable<R>,
                   "mp: the result of work run in another process needs an mp::Codec");
@@ -349,6 +337,14 @@ struct ChunkSet {
     std::vector<std::size_t> sizes;
     std::size_t items = 0;
 };
+
+/// Draws a progress bar on stderr that advances as each chunk of `set` finishes (in the pool's
+/// thread) and draws its last line when the last chunk's callback lets it go.
+inline void show_progress(const ChunkSet& set, const char* label) {
+    auto bar = std::make_shared<ProgressBar>(label, set.items);
+    for (std::size_t i = 0; i < set.cores.size(); ++i)
+        set.cores[i]->add_done_callback([bar, n = set.sizes[i]](FutureCore&) { bar->advance(n); });
+}
 
 /// Builds and submits the chunks of fn over rows produced by `each(add)`.
 template <class F, class... A, class Rows>
@@ -411,12 +407,7 @@ public:
     MapResults(detail::ChunkSet set, detail::Timeout timeout, bool progress, const char* label)
         : set_(std::make_shared<detail::ChunkSet>(std::move(set))) {
         if (timeout) deadline_ = std::chrono::steady_clock::now() + *timeout;
-        if (progress) {
-            auto bar = std::make_shared<detail::ProgressBar>(label, set_->items);
-            for (std::size_t i = 0; i < set_->cores.size(); ++i)
-                set_->cores[i]->add_done_callback(
-                    [bar, n = set_->sizes[i]](detail::FutureCore&) { bar->advance(n); });
-        }
+        if (progress) detail::show_progress(*set_, label);
     }
 
     /// How many results there will be.

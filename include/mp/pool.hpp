@@ -129,12 +129,7 @@ public:
             for (auto& c : set_->cores) raw.push_back(c.get());
             queue_ = std::make_shared<CompletionQueue>(std::move(raw));
         }
-        if (progress) {
-            auto bar = std::make_shared<ProgressBar>(ordered ? "imap" : "imap_unordered", set_->items);
-            for (std::size_t i = 0; i < set_->cores.size(); ++i)
-                set_->cores[i]->add_done_callback(
-                    [bar, n = set_->sizes[i]](FutureCore&) { bar->advance(n); });
-        }
+        if (progress) show_progress(*set_, ordered ? "imap" : "imap_unordered");
     }
 
     std::size_t size() const noexcept { return set_->items; }
@@ -411,12 +406,7 @@ private:
                                              std::function<void(std::exception_ptr)> error_callback,
                                              bool progress, const char* label) {
         auto shared = std::make_shared<detail::ChunkSet>(std::move(set));
-        if (progress) {
-            auto bar = std::make_shared<detail::ProgressBar>(label, shared->items);
-            for (std::size_t i = 0; i < shared->cores.size(); ++i)
-                shared->cores[i]->add_done_callback(
-                    [bar, n = shared->sizes[i]](detail::FutureCore&) { bar->advance(n); });
-        }
+        if (progress) detail::show_progress(*shared, label);
         auto all = detail::FutureCore::when_all(shared->cores);
         if (callback || error_callback) {
             all->add_done_callback([shared, callback = std::move(callback),

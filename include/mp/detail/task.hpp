@@ -206,10 +206,10 @@ std::optional<Task> make_task(const F& f, const Args&... args) {
     }
 }
 
-/// Like make_task, but a callable or argument that cannot be sent is a compile error that says
-/// what to do.
+/// Compile-time checks that f(args...) can be sent to another process, each failing with a
+/// message that says what to do.
 template <class F, class... Args>
-Task make_transferable_task(const F& f, const Args&... args) {
+constexpr void check_transferable() {
     using Fn = std::decay_t<F>;
     static_assert(!(std::is_class_v<Fn> && !std::is_empty_v<Fn>),
                   "mp: work sent to another process cannot capture state: pass the captured "
@@ -223,6 +223,13 @@ Task make_transferable_task(const F& f, const Args&... args) {
                   "serialize() function or a Codec<T> specialisation)");
     static_assert(std::is_invocable_v<Fn&, std::decay_t<Args>&...>,
                   "mp: the callable cannot be called with these arguments");
+}
+
+/// Like make_task, but a callable or argument that cannot be sent is a compile error that says
+/// what to do.
+template <class F, class... Args>
+Task make_transferable_task(const F& f, const Args&... args) {
+    check_transferable<F, Args...>();
     return *make_task(f, args...);
 }
 

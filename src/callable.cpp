@@ -1,5 +1,6 @@
 // Names code across processes running the same binary: (build id of the module, offset in it).
 #include <link.h>
+#include <pthread.h>
 
 #include <cstring>
 #include <array>
@@ -97,7 +98,10 @@ private:
         modules_.clear();
         dl_iterate_phdr(collect, &modules_);
     }
-    std::mutex mu_;
+public:
+    std::mutex mu_;  // also held across fork (see fork_guard)
+
+private:
     std::vector<Module> modules_;
 };
 
@@ -115,6 +119,28 @@ InvokerRegistry& invokers() {
     static InvokerRegistry r;
     return r;
 }
+
+// A fork from one thread while another holds one of these locks (looking up a callable) would
+// leave the child a lock nobody releases, and the child's first task would wait for ever: hold
+// both across every fork, as glibc does with its allocator's.
+const bool fork_guard = [] {
+    modules();
+    invokers();
+    ::pthread_atfork(
+        [] {
+            modules().mu_.lock();
+            invokers().mu.lock();
+        },
+        [] {
+            invokers().mu.unlock();
+            modules().mu_.unlock();
+        },
+        [] {
+            invokers().mu.unlock();
+            modules().mu_.unlock();
+        });
+    return true;
+}();
 
 }  // namespace
 

@@ -462,12 +462,26 @@ struct PoolEngine::Impl {
 
     // ---- tasks out ------------------------------------------------------------------------------
 
+    // How long the worker has been inside its current task (zero when between tasks).
+    std::chrono::nanoseconds busy_for(const pool::Worker& w, Clock::time_point now) const {
+        const auto& slot = slots[w.slot];
+        const std::uint64_t started = slot.started.load(std::memory_order_acquire);
+        if (started <= slot.finished.load(std::memory_order_acquire)) return std::chrono::nanoseconds::zero();
+        const Clock::time_point at{Clock::duration(slot.started_at.load(std::memory_order_relaxed))};
+        return now > at ? std::chrono::duration_cast<std::chrono::nanoseconds>(now - at) : std::chrono::nanoseconds::zero();
+    }
+
     void dispatch() {
+        const auto now = Clock::now();
         while (!pending.empty()) {
             pool::Worker* best = nullptr;
             std::size_t best_room = 0;
             for (auto& w : workers) {
                 if (w->retiring || w->closing || w->timed_out != 0) continue;
+                // A worker inside a task for over a millisecond gets no more for now: what it
+                // holds already waits behind that task, and more would wait too while another
+                // worker may be free (its depth was sized by the tiny tasks before).
+                if (!w->inflight.empty() && busy_for(*w, now) > std::chrono::milliseconds(1)) continue;
                 const std::size_t cap = w->capacity(cfg.max_tasks_per_child);
                 const std::size_t held = w->inflight.size();
                 if (held >= cap) continue;

@@ -102,6 +102,7 @@ private:
 struct alignas(64) WorkerSlot {
     std::atomic<std::uint64_t> started{0};
     std::atomic<std::uint64_t> finished{0};
+    std::atomic<std::int64_t> started_at{0};  // steady_clock nanoseconds at the last start
     std::atomic<std::uint64_t> committed{0};
     std::atomic<std::uint64_t> sent{0};
 };

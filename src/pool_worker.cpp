@@ -362,6 +362,7 @@ private:
     bool run_one(Frame& f) {
         // Back-to-back tasks share a clock reading: this one began when the last one ended.
         const auto begin = last_end_ ? *last_end_ : Clock::now();
+        slot_->started_at.store(begin.time_since_epoch().count(), std::memory_order_relaxed);
         slot_->started.store(f.ordinal, std::memory_order_release);
         if (f.flags & kTimed) {
             out_.add(FrameType::started, 0, f.ordinal, {});

@@ -1,6 +1,7 @@
 #pragma once
 /// mp::Connection and mp::Pipe: message channels between processes, as Python's
-/// multiprocessing.connection, and mp::connection::wait over several of them.
+/// multiprocessing.connection; mp::Listener and mp::Client to connect over TCP or Unix sockets
+/// with an authkey; and mp::connection::wait over several of them.
 ///
 ///     void echo(mp::Connection c) {                    // echoes until an empty message
 ///         for (std::string m; !(m = c.recv_bytes()).empty();) c.send_bytes(m);
@@ -246,6 +247,147 @@ struct Codec<Connection> {
     static void encode(Encoder& e, const Connection& c);
     static Connection decode(Decoder& d);
 };
+
+// ---------------------------------------------------------------- Listener and Client
+
+/// Where a Listener listens and a Client connects (Python's `address` argument). Three kinds:
+///   - TCP: `Address("127.0.0.1", 6000)`, `Address("::1", 0)`, `Address("localhost", 6000)`
+///     (Python's `(host, port)` tuple). The host is a name or a numeric IPv4 or IPv6 address;
+///     an empty host listens on every IPv4 interface (Python's `('', port)`). Port 0 lets the
+///     system pick one; Listener::address() then holds the real port.
+///   - a Unix socket path: `Address("/tmp/app.sock")` (Python's str address);
+///   - a Linux abstract Unix name: `Address(std::string("\0app", 4))` or
+///     `Address::abstract("app")`: no file, gone when the last socket closes.
+/// The kind decides the socket family, as Python's address_type() does; there is no separate
+/// `family` argument.
+struct Address {
+    enum class Family { tcp, unix_path, unix_abstract };
+
+    /// A Unix address with no name (what last_accepted() gives for an unnamed Unix peer).
+    Address() = default;
+    /// A TCP address.
+    Address(std::string host_, std::uint16_t port_)
+        : family(Family::tcp), host(std::move(host_)), port(port_) {}
+    /// A Unix socket: a path, or an abstract name when `path_` starts with '\0'.
+    Address(std::string path_)  // NOLINT(google-explicit-constructor): Python passes a str
+        : family(!path_.empty() && path_[0] == '\0' ? Family::unix_abstract : Family::unix_path),
+          path(std::move(path_)) {}
+    Address(const char* path_) : Address(std::string(path_)) {}  // NOLINT
+    /// The abstract Unix name `name` (stored as '\0' + name in `path`).
+    static Address abstract(std::string_view name) {
+        Address a;
+        a.family = Family::unix_abstract;
+        a.path.reserve(name.size() + 1);
+        a.path += '\0';
+        a.path += name;
+        return a;
+    }
+
+    bool is_tcp() const noexcept { return family == Family::tcp; }
+    bool is_unix() const noexcept { return family != Family::tcp; }
+
+    /// "127.0.0.1:6000", "[::1]:6000", "/tmp/app.sock", "@app" (abstract; '@' stands for '\0').
+    std::string to_string() const;
+    friend bool operator==(const Address&, const Address&) = default;
+
+    Family family = Family::unix_path;
+    std::string host;         ///< TCP only.
+    std::uint16_t port = 0;   ///< TCP only.
+    std::string path;         ///< Unix only; starts with '\0' for an abstract name.
+};
+
+/// Options of a Listener.
+struct ListenerOptions {
+    /// When set, every accepted connection must pass the mutual HMAC challenge with this key
+    /// (see "Authentication" at Listener) before accept() returns it. std::nullopt: no
+    /// authentication, as Python's authkey=None. An empty key is a key (HMAC takes it).
+    std::optional<std::string> authkey;
+    /// listen()'s backlog. Python's default is 1, which makes a burst of TCP clients wait for
+    /// SYN retries (a second each); mp takes 64.
+    int backlog = 64;
+    /// The longest the whole handshake of one connection may take (Python: no limit). A peer
+    /// that connects and stalls makes accept() throw mp::AuthenticationError("handshake timed
+    /// out") after this long, so it delays the clients queued behind it by at most this much.
+    std::chrono::milliseconds handshake_timeout{5000};
+};
+
+/// Options of Client().
+struct ClientOptions {
+    /// The key for the mutual HMAC challenge; must match the Listener's (std::nullopt: none).
+    std::optional<std::string> authkey;
+    /// The longest the handshake may take once connected (mp::AuthenticationError after it).
+    std::chrono::milliseconds handshake_timeout{5000};
+};
+
+/// A listening socket that hands out Connections (Python's multiprocessing.connection.Listener).
+///
+///     mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = "secret"});
+///     // elsewhere: auto c = mp::Client(l.address(), {.authkey = "secret"});
+///     mp::Connection c = l.accept();   // authenticated both ways
+///     c.send_bytes("hello");
+///
+/// Sockets: close-on-exec; TCP listeners set SO_REUSEADDR, and every TCP connection (accepted
+/// or made by Client) sets TCP_NODELAY, which Python does not (a Python server answers a new
+/// client's first request only after a 40 ms delayed ACK).
+///
+/// Authentication (with an authkey): byte-compatible with CPython's deliver_challenge /
+/// answer_challenge. accept() first delivers a challenge (`#CHALLENGE#{sha256}` + 40 random
+/// bytes, as Python 3.12+) and checks the peer's HMAC of it, then answers the peer's challenge;
+/// Client() does the reverse. Both forms of the answer are accepted: Python 3.12's
+/// `{digest}` + HMAC (md5, sha256, sha384, sha3_256 or sha3_384) and Python <= 3.11's raw
+/// 16-byte HMAC-MD5; a 20-byte challenge (Python <= 3.11) is answered with raw HMAC-MD5,
+/// a `{digest}`-prefixed one with that digest. Random bytes and HMACs come from OpenSSL's
+/// libcrypto; digests are compared in constant time. A handshake message longer than 256
+/// bytes is refused. Failures are mp::AuthenticationError, with Python's messages: "digest
+/// received was wrong" on the side whose challenge was answered wrongly, "digest sent was
+/// rejected" on the other; the connection is closed and no payload passes.
+///
+/// Destructor: close(). A Unix path listener unlinks its path then, in the process that
+/// created it only (a fork child's copy closes its descriptor but leaves the file, as
+/// Python's Finalize). Move-only.
+class Listener {
+public:
+    /// Listens on a fresh Unix socket path in the temporary directory (Python's Listener()).
+    Listener();
+    /// Binds and listens on `address`. Throws std::system_error naming the failing call
+    /// (EADDRINUSE, ...), or std::invalid_argument for a host that does not resolve.
+    explicit Listener(const Address& address, ListenerOptions options = {});
+    Listener(Listener&& o) noexcept;
+    Listener& operator=(Listener&& o) noexcept;
+    Listener(const Listener&) = delete;
+    Listener& operator=(const Listener&) = delete;
+    ~Listener();
+
+    /// Waits for a connection, authenticates it when an authkey is set, and returns it.
+    /// Throws mp::AuthenticationError when that peer fails the handshake, stalls in it past
+    /// handshake_timeout, or closes during it (the next accept() serves the next peer); and
+    /// std::system_error(EBADF) "listener is closed" after close() [Python: OSError].
+    Connection accept();
+    /// Stops listening (and unlinks a Unix path, see above). Idempotent. Not to be called while
+    /// another thread is blocked in accept().
+    void close() noexcept;
+    bool closed() const noexcept;
+    /// The address listened on, with the real port when 0 was asked for.
+    const Address& address() const noexcept { return address_; }
+    /// The peer of the last accepted connection (an unnamed Unix peer has an empty path);
+    /// std::nullopt before the first.
+    const std::optional<Address>& last_accepted() const noexcept { return last_accepted_; }
+    /// The listening descriptor (for poll / connection::wait). Throws (EBADF) when closed.
+    int fileno() const;
+
+private:
+    int fd_ = -1;
+    Address address_;
+    std::optional<Address> last_accepted_;
+    ListenerOptions options_;
+    int creator_pid_ = 0;  // the process that unlinks a Unix path
+};
+
+/// Connects to a Listener at `address` (Python's multiprocessing.connection.Client) and, with
+/// an authkey, answers its challenge and then challenges it. Returns the connected Connection.
+/// Throws std::system_error naming the call (ECONNREFUSED, ENOENT, ...), std::invalid_argument
+/// for a host that does not resolve, mp::AuthenticationError when the handshake fails.
+Connection Client(const Address& address, ClientOptions options = {});
 
 namespace connection {
 

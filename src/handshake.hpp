@@ -1,0 +1,43 @@
+#pragma once
+// The authkey handshake of CPython's multiprocessing.connection (deliver_challenge /
+// answer_challenge), both the Python <= 3.11 HMAC-MD5 form and the 3.12+ `{digest}` form, on a
+// raw connected stream socket. Private to mp; the fuzz target drives it directly.
+
+#include <chrono>
+#include <string>
+#include <string_view>
+#include <utility>
+
+namespace mp::detail::handshake {
+
+using Clock = std::chrono::steady_clock;
+
+/// Handshake messages longer than this are refused (Python's recv_bytes(256)).
+inline constexpr std::size_t kMaxMessage = 256;
+/// Random bytes in a challenge we send (Python 3.12's MESSAGE_LENGTH).
+inline constexpr std::size_t kChallengeLength = 40;
+
+/// Reads one frame of at most kMaxMessage bytes from `fd`, reading exactly the frame's bytes
+/// (nothing of what follows it). mp::AuthenticationError for an oversized or malformed length,
+/// end of file, or the deadline passing first.
+std::string read_message(int fd, Clock::time_point deadline);
+/// Writes `body` as one frame.
+void write_message(int fd, std::string_view body);
+
+/// Python 3.12's _get_digest_name_and_payload: {"", message} for the legacy 16- and 20-byte
+/// forms, {digest, payload} for `{digest}payload` with an allowed digest; AuthenticationError
+/// otherwise.
+std::pair<std::string_view, std::string_view> digest_name_and_payload(std::string_view message);
+/// Python 3.12's _create_response: raw HMAC-MD5 for a legacy challenge, else `{digest}` + HMAC.
+std::string create_response(std::string_view authkey, std::string_view message);
+/// Python 3.12's _verify_challenge; AuthenticationError when `response` is not a valid MAC of
+/// `message` (compared in constant time).
+void verify_challenge(std::string_view authkey, std::string_view message,
+                      std::string_view response);
+
+/// Sends a `{sha256}` challenge and checks the answer; sends #WELCOME# or #FAILURE#.
+void deliver_challenge(int fd, std::string_view authkey, Clock::time_point deadline);
+/// Answers the peer's challenge and expects #WELCOME#.
+void answer_challenge(int fd, std::string_view authkey, Clock::time_point deadline);
+
+}  // namespace mp::detail::handshake

@@ -1,0 +1,463 @@
+// mp::Listener, mp::Client and the authkey handshake (see connection.hpp and handshake.hpp).
+
+#include <arpa/inet.h>
+#include <cerrno>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+#include <poll.h>
+#include <stdexcept>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <system_error>
+#include <unistd.h>
+
+#include "handshake.hpp"
+#include "mp/connection.hpp"
+#include "sys/error.hpp"
+#include "sys/fd.hpp"
+
+namespace mp {
+
+// ---------------------------------------------------------------- the handshake
+
+namespace detail::handshake {
+namespace {
+
+constexpr std::string_view kChallenge = "#CHALLENGE#";
+constexpr std::string_view kWelcome = "#WELCOME#";
+constexpr std::string_view kFailure = "#FAILURE#";
+// Python 3.12: challenges of this length (and 16-byte answers) are the legacy HMAC-MD5 form.
+constexpr std::size_t kMd5OnlyMessageLength = 20;
+constexpr std::size_t kMd5DigestLength = 16;
+constexpr std::size_t kMaxDigestNameLength = 8;  // "sha3_256"
+
+const EVP_MD* digest_by_name(std::string_view name) {
+    if (name == "md5") return EVP_md5();
+    if (name == "sha256") return EVP_sha256();
+    if (name == "sha384") return EVP_sha384();
+    if (name == "sha3_256") return EVP_sha3_256();
+    if (name == "sha3_384") return EVP_sha3_384();
+    return nullptr;
+}
+
+std::string hmac(const EVP_MD* md, std::string_view key, std::string_view message) {
+    unsigned char out[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    // OpenSSL reads a null key as "no key given"; an empty key must still be a key.
+    static const unsigned char empty = 0;
+    const void* k = key.empty() ? static_cast<const void*>(&empty) : key.data();
+    if (::HMAC(md, k, static_cast<int>(key.size()),
+               reinterpret_cast<const unsigned char*>(message.data()), message.size(), out,
+               &len) == nullptr)
+        throw AuthenticationError("HMAC failed");
+    return std::string(reinterpret_cast<const char*>(out), len);
+}
+
+// recv with the handshake's deadline: try first, wait only when nothing is there yet.
+void read_exact(int fd, char* buf, std::size_t n, Clock::time_point deadline) {
+    while (n > 0) {
+        ssize_t r = ::recv(fd, buf, n, MSG_DONTWAIT);
+        if (r > 0) {
+            buf += r;
+            n -= static_cast<std::size_t>(r);
+            continue;
+        }
+        if (r == 0) throw AuthenticationError("connection closed during the handshake");
+        if (errno == EINTR) continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK) sys::throw_system_error(errno, "recv");
+        const auto left = deadline - Clock::now();
+        if (left <= Clock::duration::zero() ||
+            !sys::wait_fd(fd, POLLIN, std::chrono::duration_cast<std::chrono::nanoseconds>(left)))
+            throw AuthenticationError("handshake timed out");
+    }
+}
+
+}  // namespace
+
+std::string read_message(int fd, Clock::time_point deadline) {
+    unsigned char header[4];
+    read_exact(fd, reinterpret_cast<char*>(header), sizeof header, deadline);
+    const std::int32_t n = static_cast<std::int32_t>(
+        (std::uint32_t{header[0]} << 24) | (std::uint32_t{header[1]} << 16) |
+        (std::uint32_t{header[2]} << 8) | std::uint32_t{header[3]});
+    // -1 announces a 64-bit length, always beyond 256 for a sender that means it.
+    if (n < 0 || static_cast<std::size_t>(n) > kMaxMessage)
+        throw AuthenticationError("bad message length in the handshake");
+    std::string body(static_cast<std::size_t>(n), '\0');
+    read_exact(fd, body.data(), body.size(), deadline);
+    return body;
+}
+
+void write_message(int fd, std::string_view body) {
+    char buf[4 + kMaxMessage + 64];
+    const auto n = static_cast<std::uint32_t>(body.size());
+    buf[0] = static_cast<char>(n >> 24);
+    buf[1] = static_cast<char>(n >> 16);
+    buf[2] = static_cast<char>(n >> 8);
+    buf[3] = static_cast<char>(n);
+    std::memcpy(buf + 4, body.data(), body.size());  // callers send short messages only
+    sys::write_full(fd, buf, 4 + body.size());
+}
+
+std::pair<std::string_view, std::string_view> digest_name_and_payload(std::string_view message) {
+    if (message.size() == kMd5OnlyMessageLength || message.size() == kMd5DigestLength)
+        return {{}, message};
+    if (!message.empty() && message[0] == '{') {
+        // Python: message.find(b'}', 1, _MAX_DIGEST_LEN + 2)
+        const std::size_t end = std::min(message.size(), kMaxDigestNameLength + 2);
+        const std::size_t curly = message.substr(0, end).find('}', 1);
+        if (curly != std::string_view::npos) {
+            std::string_view name = message.substr(1, curly - 1);
+            if (digest_by_name(name) != nullptr) return {name, message.substr(curly + 1)};
+        }
+    }
+    throw AuthenticationError(
+        "unsupported message length, missing digest prefix, or unsupported digest");
+}
+
+std::string create_response(std::string_view authkey, std::string_view message) {
+    const std::string_view name = digest_name_and_payload(message).first;
+    if (name.empty()) return hmac(EVP_md5(), authkey, message);  // legacy server: raw HMAC-MD5
+    // The MAC covers the whole message, the {digest} prefix included.
+    std::string r = "{";
+    r += name;
+    r += '}';
+    r += hmac(digest_by_name(name), authkey, message);
+    return r;
+}
+
+void verify_challenge(std::string_view authkey, std::string_view message,
+                      std::string_view response) {
+    auto [name, mac] = digest_name_and_payload(response);
+    if (name.empty()) name = "md5";
+    const std::string expected = hmac(digest_by_name(name), authkey, message);
+    if (expected.size() != mac.size())
+        throw AuthenticationError("expected '" + std::string(name) + "' of length " +
+                                  std::to_string(expected.size()) + " got " +
+                                  std::to_string(mac.size()));
+    if (CRYPTO_memcmp(expected.data(), mac.data(), mac.size()) != 0)
+        throw AuthenticationError("digest received was wrong");
+}
+
+void deliver_challenge(int fd, std::string_view authkey, Clock::time_point deadline) {
+    unsigned char random[kChallengeLength];
+    if (RAND_bytes(random, sizeof random) != 1) throw Error("RAND_bytes failed");
+    std::string message = "{sha256}";
+    message.append(reinterpret_cast<const char*>(random), sizeof random);
+    std::string challenge(kChallenge);
+    challenge += message;
+    write_message(fd, challenge);
+    const std::string response = read_message(fd, deadline);
+    try {
+        verify_challenge(authkey, message, response);
+    } catch (const AuthenticationError&) {
+        try {
+            write_message(fd, kFailure);
+        } catch (const std::system_error&) {
+            // The peer went away; it learns of its failure by the closed connection.
+        }
+        throw;
+    }
+    write_message(fd, kWelcome);
+}
+
+void answer_challenge(int fd, std::string_view authkey, Clock::time_point deadline) {
+    const std::string challenge = read_message(fd, deadline);
+    if (!challenge.starts_with(kChallenge))
+        throw AuthenticationError("Protocol error, expected challenge");
+    const std::string_view message = std::string_view(challenge).substr(kChallenge.size());
+    if (message.size() < kMd5OnlyMessageLength)
+        throw AuthenticationError("challenge too short: " + std::to_string(message.size()) +
+                                  " bytes");
+    write_message(fd, create_response(authkey, message));
+    if (read_message(fd, deadline) != kWelcome)
+        throw AuthenticationError("digest sent was rejected");
+}
+
+}  // namespace detail::handshake
+
+// ---------------------------------------------------------------- addresses
+
+namespace {
+
+using detail::handshake::Clock;
+
+std::string Address_to_string(const Address& a) {
+    switch (a.family) {
+    case Address::Family::tcp:
+        if (a.host.find(':') != std::string::npos)
+            return "[" + a.host + "]:" + std::to_string(a.port);
+        return a.host + ":" + std::to_string(a.port);
+    case Address::Family::unix_abstract:
+        return "@" + a.path.substr(1);
+    case Address::Family::unix_path:
+        break;
+    }
+    return a.path;
+}
+
+struct SockAddr {
+    sockaddr_storage ss{};
+    socklen_t len = 0;
+    sockaddr* get() { return reinterpret_cast<sockaddr*>(&ss); }
+};
+
+SockAddr unix_sockaddr(const Address& a, const char* op) {
+    SockAddr s;
+    auto* un = reinterpret_cast<sockaddr_un*>(&s.ss);
+    un->sun_family = AF_UNIX;
+    const bool abstract = a.family == Address::Family::unix_abstract;
+    // A path needs room for its terminating NUL; an abstract name is counted by the length.
+    if (a.path.empty() || a.path.size() + (abstract ? 0 : 1) > sizeof un->sun_path)
+        throw std::system_error(ENAMETOOLONG, std::system_category(),
+                                std::string(op) + ": AF_UNIX path empty or too long");
+    std::memcpy(un->sun_path, a.path.data(), a.path.size());
+    s.len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + a.path.size() +
+                                   (abstract ? 0 : 1));
+    return s;
+}
+
+Address from_sockaddr(const sockaddr_storage& ss, socklen_t len) {
+    if (ss.ss_family == AF_INET || ss.ss_family == AF_INET6) {
+        char host[INET6_ADDRSTRLEN] = {};
+        std::uint16_t port = 0;
+        if (ss.ss_family == AF_INET) {
+            const auto* in = reinterpret_cast<const sockaddr_in*>(&ss);
+            ::inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+            port = ntohs(in->sin_port);
+        } else {
+            const auto* in6 = reinterpret_cast<const sockaddr_in6*>(&ss);
+            ::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+            port = ntohs(in6->sin6_port);
+        }
+        return Address(std::string(host), port);
+    }
+    const auto* un = reinterpret_cast<const sockaddr_un*>(&ss);
+    const std::size_t off = offsetof(sockaddr_un, sun_path);
+    if (len <= off) return Address();  // unnamed
+    std::size_t n = len - off;
+    if (un->sun_path[0] == '\0') return Address(std::string(un->sun_path, n));
+    return Address(std::string(un->sun_path, ::strnlen(un->sun_path, n)));
+}
+
+struct AddrInfo {
+    addrinfo* list = nullptr;
+    AddrInfo() = default;
+    AddrInfo(const AddrInfo&) = delete;
+    AddrInfo& operator=(const AddrInfo&) = delete;
+    ~AddrInfo() {
+        if (list) ::freeaddrinfo(list);
+    }
+};
+
+void resolve(AddrInfo& out, const Address& a, bool passive) {
+    addrinfo hints{};
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV | (passive ? AI_PASSIVE : 0);
+    // An empty host listens on every IPv4 interface, as Python's ('', port).
+    hints.ai_family = a.host.empty() ? AF_INET : AF_UNSPEC;
+    const std::string port = std::to_string(a.port);
+    const int rc = ::getaddrinfo(a.host.empty() ? nullptr : a.host.c_str(), port.c_str(), &hints,
+                                 &out.list);
+    if (rc != 0)
+        throw std::invalid_argument("mp: cannot resolve host '" + a.host +
+                                    "': " + ::gai_strerror(rc));
+}
+
+void set_nodelay(int fd) {
+    int one = 1;
+    sys::check(::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one),
+               "setsockopt(TCP_NODELAY)");
+}
+
+// A blocking connect; an EINTR leaves the connection going on in the background, so wait for
+// its outcome rather than calling connect again.
+void connect_fd(int fd, const sockaddr* sa, socklen_t len) {
+    if (::connect(fd, sa, len) == 0) return;
+    if (errno != EINTR) sys::throw_system_error(errno, "connect");
+    (void)sys::wait_fd(fd, POLLOUT, std::nullopt);
+    int err = 0;
+    socklen_t l = sizeof err;
+    sys::check(::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l), "getsockopt(SO_ERROR)");
+    if (err != 0) sys::throw_system_error(err, "connect");
+}
+
+std::string random_hex(std::size_t bytes) {
+    unsigned char r[32];
+    if (RAND_bytes(r, static_cast<int>(bytes)) != 1) throw Error("RAND_bytes failed");
+    static const char digits[] = "0123456789abcdef";
+    std::string s;
+    for (std::size_t i = 0; i < bytes; ++i) {
+        s += digits[r[i] >> 4];
+        s += digits[r[i] & 15];
+    }
+    return s;
+}
+
+Address arbitrary_unix_address() {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
+    return Address(dir + "/mp-listener-" + random_hex(8));
+}
+
+}  // namespace
+
+std::string Address::to_string() const { return Address_to_string(*this); }
+
+// ---------------------------------------------------------------- Listener
+
+Listener::Listener() : Listener(arbitrary_unix_address()) {}
+
+Listener::Listener(const Address& address, ListenerOptions options)
+    : address_(address), options_(std::move(options)), creator_pid_(::getpid()) {
+    sys::Fd fd;
+    if (address.is_tcp()) {
+        AddrInfo ai;
+        resolve(ai, address, true);
+        std::system_error last(EADDRNOTAVAIL, std::system_category(), "bind");
+        for (addrinfo* p = ai.list; p != nullptr; p = p->ai_next) {
+            sys::Fd s(::socket(p->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+            if (!s) {
+                last = std::system_error(errno, std::system_category(), "socket");
+                continue;
+            }
+            int one = 1;
+            sys::check(::setsockopt(s.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one),
+                       "setsockopt(SO_REUSEADDR)");
+            if (::bind(s.get(), p->ai_addr, p->ai_addrlen) != 0) {
+                last = std::system_error(errno, std::system_category(), "bind");
+                continue;
+            }
+            fd = std::move(s);
+            break;
+        }
+        if (!fd) throw last;
+    } else {
+        SockAddr sa = unix_sockaddr(address, "bind");
+        fd.reset(sys::check(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket"));
+        sys::check(::bind(fd.get(), sa.get(), sa.len), "bind");
+    }
+    if (::listen(fd.get(), options_.backlog) != 0) {
+        const int err = errno;
+        if (address.family == Address::Family::unix_path) ::unlink(address.path.c_str());
+        sys::throw_system_error(err, "listen");
+    }
+    if (address.is_tcp()) {
+        SockAddr sa;
+        sa.len = sizeof sa.ss;
+        sys::check(::getsockname(fd.get(), sa.get(), &sa.len), "getsockname");
+        address_ = from_sockaddr(sa.ss, sa.len);
+    }
+    fd_ = fd.release();
+}
+
+Listener::Listener(Listener&& o) noexcept
+    : fd_(std::exchange(o.fd_, -1)),
+      address_(std::move(o.address_)),
+      last_accepted_(std::move(o.last_accepted_)),
+      options_(std::move(o.options_)),
+      creator_pid_(o.creator_pid_) {}
+
+Listener& Listener::operator=(Listener&& o) noexcept {
+    if (this != &o) {
+        close();
+        fd_ = std::exchange(o.fd_, -1);
+        address_ = std::move(o.address_);
+        last_accepted_ = std::move(o.last_accepted_);
+        options_ = std::move(o.options_);
+        creator_pid_ = o.creator_pid_;
+    }
+    return *this;
+}
+
+Listener::~Listener() { close(); }
+
+void Listener::close() noexcept {
+    if (fd_ < 0) return;
+    ::close(std::exchange(fd_, -1));
+    if (address_.family == Address::Family::unix_path && ::getpid() == creator_pid_)
+        ::unlink(address_.path.c_str());
+}
+
+bool Listener::closed() const noexcept { return fd_ < 0; }
+
+int Listener::fileno() const {
+    if (fd_ < 0)
+        throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
+                                "mp::Listener::fileno: listener is closed");
+    return fd_;
+}
+
+Connection Listener::accept() {
+    if (fd_ < 0)
+        throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
+                                "mp::Listener::accept: listener is closed");
+    SockAddr peer;
+    sys::Fd c;
+    for (;;) {
+        peer.len = sizeof peer.ss;
+        int r = ::accept4(fd_, peer.get(), &peer.len, SOCK_CLOEXEC);
+        if (r >= 0) {
+            c.reset(r);
+            break;
+        }
+        // A peer that gave up before we took it is no error of ours (ECONNABORTED).
+        if (errno != EINTR && errno != ECONNABORTED) sys::throw_system_error(errno, "accept4");
+    }
+    if (address_.is_tcp()) set_nodelay(c.get());
+    last_accepted_ = from_sockaddr(peer.ss, peer.len);
+    if (options_.authkey) {
+        const auto deadline = Clock::now() + options_.handshake_timeout;
+        detail::handshake::deliver_challenge(c.get(), *options_.authkey, deadline);
+        detail::handshake::answer_challenge(c.get(), *options_.authkey, deadline);
+    }
+    return Connection(c.release());
+}
+
+// ---------------------------------------------------------------- Client
+
+Connection Client(const Address& address, ClientOptions options) {
+    sys::Fd fd;
+    if (address.is_tcp()) {
+        AddrInfo ai;
+        resolve(ai, address, false);
+        std::system_error last(EADDRNOTAVAIL, std::system_category(), "connect");
+        for (addrinfo* p = ai.list; p != nullptr; p = p->ai_next) {
+            sys::Fd s(::socket(p->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0));
+            if (!s) {
+                last = std::system_error(errno, std::system_category(), "socket");
+                continue;
+            }
+            try {
+                connect_fd(s.get(), p->ai_addr, p->ai_addrlen);
+            } catch (const std::system_error& e) {
+                last = e;
+                continue;
+            }
+            fd = std::move(s);
+            break;
+        }
+        if (!fd) throw last;
+        set_nodelay(fd.get());
+    } else {
+        SockAddr sa = unix_sockaddr(address, "connect");
+        fd.reset(sys::check(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket"));
+        connect_fd(fd.get(), sa.get(), sa.len);
+    }
+    if (options.authkey) {
+        const auto deadline = Clock::now() + options.handshake_timeout;
+        detail::handshake::answer_challenge(fd.get(), *options.authkey, deadline);
+        detail::handshake::deliver_challenge(fd.get(), *options.authkey, deadline);
+    }
+    return Connection(fd.release());
+}
+
+}  // namespace mp

@@ -22,6 +22,7 @@
 #include <mutex>
 #include <ranges>
 #include <stdexcept>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -233,6 +234,79 @@ double w7(long long n) {
     return dt * 1e9 / double(2 * n);
 }
 
+// ---- W8: Listener/Client with an authkey on 127.0.0.1 ------------------------------------------
+
+const char kW8Authkey[] = "mp-bench-secret-key";
+
+// One connection at a time, echoing; an empty request is the stop signal. The listener lives in
+// this child and reports its port (port 0 asked for) through `report`.
+void w8_echo_server(mp::Connection report) {
+    mp::Listener listener(mp::Address("127.0.0.1", 0), {.authkey = std::string(kW8Authkey)});
+    report.send(static_cast<int>(listener.address().port));
+    for (;;) {
+        mp::Connection c = listener.accept();
+        try {
+            for (;;) {
+                std::string m = c.recv_bytes();
+                if (m.empty()) return;
+                c.send_bytes(m);
+            }
+        } catch (const mp::EOFError&) {
+        }
+    }
+}
+
+// Starts `p` (running w8_echo_server(w)) and returns the address it listens on.
+mp::Address w8_start_server(mp::Process& p, mp::Connection& r, mp::Connection& w) {
+    p.start();
+    w.close();
+    return mp::Address("127.0.0.1", static_cast<std::uint16_t>(r.recv<int>()));
+}
+
+void w8_stop_server(mp::Process& p, const mp::Address& address) {
+    mp::Client(address, {.authkey = std::string(kW8Authkey)}).send_bytes("");
+    p.join();
+    check(p.exitcode() == 0, "W8: the server failed");
+}
+
+double w8a(long long ms) {
+    auto [r, w] = mp::Pipe(false);
+    mp::Process server(w8_echo_server, w);
+    const mp::Address address = w8_start_server(server, r, w);
+    const std::string msg(8, '\x01');
+    long long count = 0;
+    auto t0 = Clock::now();
+    const auto end = t0 + std::chrono::milliseconds(ms);
+    while (Clock::now() < end) {
+        mp::Connection c = mp::Client(address, {.authkey = std::string(kW8Authkey)});
+        c.send_bytes(msg);
+        check(c.recv_bytes() == msg, "W8a: wrong echo");
+        ++count;
+    }
+    const double dt = seconds_since(t0);
+    w8_stop_server(server, address);
+    return double(count) / dt;
+}
+
+double w8b(long long n) {
+    auto [r, w] = mp::Pipe(false);
+    mp::Process server(w8_echo_server, w);
+    const mp::Address address = w8_start_server(server, r, w);
+    const std::string msg(8, '\x01');
+    double dt = 0;
+    {
+        mp::Connection c = mp::Client(address, {.authkey = std::string(kW8Authkey)});
+        auto t0 = Clock::now();
+        for (long long i = 0; i < n; ++i) {
+            c.send_bytes(msg);
+            check(c.recv_bytes() == msg, "W8b: wrong echo");
+        }
+        dt = seconds_since(t0);
+    }
+    w8_stop_server(server, address);
+    return dt * 1e6 / double(n);
+}
+
 // ---- the table ---------------------------------------------------------------------------------
 
 struct Workload {
@@ -256,8 +330,9 @@ const Workload kWorkloads[] = {
     {"W6-pipe", "us", 100000, 2000, w6_pipe, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
     {"W6-queue", "us", 100000, 2000, w6_queue, "two Queues, 8-byte round trips"},
     {"W7", "ns", 1000000, 20000, w7, "mp::Value<long long> and its lock (an RLock), 2 processes"},
-    {"W8a", "requests/s", 3000, 200, nullptr, "Listener/Client with authkey, one per request"},
-    {"W8b", "us", 20000, 1000, nullptr, "Listener/Client with authkey, one connection"},
+    {"W8a", "requests/s", 3000, 200, w8a,
+     "Client(authkey) per request: handshake, 8-byte send_bytes/recv_bytes, close"},
+    {"W8b", "us", 20000, 1000, w8b, "one Client(authkey) connection, 8-byte round trips"},
     {"W9", "ops/s", 20000, 1000, nullptr, "Manager dict proxy from a child process"},
 };
 

@@ -80,6 +80,8 @@ run 11_pool \
   "Pool map in order, imap_unordered (sorted), five apply_async callbacks 100..104, then close/join"
 run 12_task_timeout \
   "the 5 s task is killed at its 300 ms limit: mp::TimeoutError naming the killed worker; the quick task and the next one still succeed"
+run 13_listener_client \
+  "an intruder with a wrong key is refused on both sides (AuthenticationError); three workers authenticate and share nine 'downloads', each URL reported once; all stop"
 
 echo
 if [ ${#failed[@]} -ne 0 ]; then

@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcereal-dev libssl-dev
   python3 gnuplot-nox
+  clang-14 libclang-rt-14-dev  # libFuzzer for tests/fuzz (the `fuzz` preset)
 )
 
 missing=()

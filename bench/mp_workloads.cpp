@@ -307,6 +307,29 @@ double w8b(long long n) {
     return dt * 1e6 / double(n);
 }
 
+// W9: a Manager's dict, used from a child process: d[i] = i, then d[i]; 1 op = one set or get.
+void dict_user(mp::DictProxy<long long, long long> d, long long n, mp::Connection report) {
+    auto t0 = Clock::now();
+    for (long long i = 0; i < n; ++i) {
+        d.set(i, i);
+        check(d.get(i) == i, "W9: wrong value");
+    }
+    report.send(seconds_since(t0));
+}
+
+double w9(long long n) {
+    mp::Manager manager;
+    auto d = manager.dict<long long, long long>();
+    auto [r, w] = mp::Pipe(false);
+    mp::Process p(dict_user, d, n, w);
+    p.start();
+    w.close();
+    double dt = r.recv<double>();
+    p.join();
+    check(p.exitcode() == 0 && d.size() == std::size_t(n), "W9: the child failed");
+    return 2.0 * double(n) / dt;
+}
+
 // ---- the table ---------------------------------------------------------------------------------
 
 struct Workload {
@@ -333,7 +356,8 @@ const Workload kWorkloads[] = {
     {"W8a", "requests/s", 3000, 200, w8a,
      "Client(authkey) per request: handshake, 8-byte send_bytes/recv_bytes, close"},
     {"W8b", "us", 20000, 1000, w8b, "one Client(authkey) connection, 8-byte round trips"},
-    {"W9", "ops/s", 20000, 1000, nullptr, "Manager dict proxy from a child process"},
+    {"W9", "ops/s", 20000, 1000, w9,
+     "Manager().dict<long long, long long>() proxy from a child process (fork)"},
 };
 
 void print_json(const Workload& w, const double* value, long long size) {

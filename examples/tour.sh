@@ -82,6 +82,10 @@ run 12_task_timeout \
   "the 5 s task is killed at its 300 ms limit: mp::TimeoutError naming the killed worker; the quick task and the next one still succeed"
 run 13_listener_client \
   "an intruder with a wrong key is refused on both sides (AuthenticationError); three workers authenticate and share nine 'downloads', each URL reported once; all stop"
+run 15_manager_dict \
+  "four processes add 100, 200, 300 and 400 to one manager dict under a manager Lock: total = 1000, no update lost"
+run 16_remote_manager \
+  "a manager served on 127.0.0.1 with an authkey: the client process adds to the server's Tally; reset() is not exposed (RemoteError); a wrong key is refused (AuthenticationError)"
 
 echo
 if [ ${#failed[@]} -ne 0 ]; then

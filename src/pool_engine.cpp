@@ -289,6 +289,17 @@ struct PoolEngine::Impl {
                     left = std::max<decltype(left)>(left, 0);
                     if (timeout_ms < 0 || left < timeout_ms) timeout_ms = static_cast<int>(left);
                 }
+            // Wake when a worker with tasks queued behind its current one has been in it for
+            // a millisecond while another idles: take_back may then move them.
+            if (has_idle_worker())
+                for (auto& w : workers) {
+                    if (w->inflight.size() < 2) continue;
+                    // Between tasks (or not yet in the first): look again in a millisecond.
+                    const auto busy = busy_for(*w, now);
+                    auto left = std::chrono::ceil<std::chrono::milliseconds>(std::chrono::milliseconds(1) - busy).count();
+                    left = std::max<decltype(left)>(left, 1);
+                    if (timeout_ms < 0 || left < timeout_ms) timeout_ms = static_cast<int>(left);
+                }
             {
                 std::lock_guard lock(mu);
                 if (!incoming.empty() || terminate_requested || cancel_requested) continue;
@@ -465,14 +476,57 @@ struct PoolEngine::Impl {
     // How long the worker has been inside its current task (zero when between tasks).
     std::chrono::nanoseconds busy_for(const pool::Worker& w, Clock::time_point now) const {
         const auto& slot = slots[w.slot];
-        const std::uint64_t started = slot.started.load(std::memory_order_acquire);
+        const std::uint64_t started = slot.started.load(std::memory_order_acquire) & ~pool::kRevoked;
         if (started <= slot.finished.load(std::memory_order_acquire)) return std::chrono::nanoseconds::zero();
         const Clock::time_point at{Clock::duration(slot.started_at.load(std::memory_order_relaxed))};
         return now > at ? std::chrono::duration_cast<std::chrono::nanoseconds>(now - at) : std::chrono::nanoseconds::zero();
     }
 
+    // When a worker idles while another sits in a long task with more queued behind it, take
+    // those back (see WorkerSlot::started) so the idle one can have them.
+    bool has_idle_worker() const {
+        for (auto& w : workers)
+            if (w->inflight.empty() && !w->retiring && !w->closing && w->timed_out == 0 && w->ready) return true;
+        return false;
+    }
+
+    bool take_back(Clock::time_point now) {
+        if (!has_idle_worker()) return false;
+        bool took = false;
+        for (auto& w : workers) {
+            if (w->inflight.size() < 2 || busy_for(*w, now) <= std::chrono::milliseconds(1)) continue;
+            auto& slot = slots[w->slot];
+            std::uint64_t cur = slot.started.load(std::memory_order_acquire);
+            if (cur & pool::kRevoked) continue;  // the last taking back is not behind it yet
+            const std::uint64_t hi = w->inflight.back()->ordinal;
+            if (hi <= cur) continue;
+            slot.revoked_hi.store(hi, std::memory_order_release);
+            if (!slot.started.compare_exchange_strong(cur, cur | pool::kRevoked, std::memory_order_acq_rel))
+                continue;  // it has just started another task: look again next time
+            // Every task after `cur` is ours again, in order, ahead of the rest.
+            std::deque<pool::JobPtr> back;
+            while (!w->inflight.empty() && w->inflight.back()->ordinal > cur) {
+                back.push_front(std::move(w->inflight.back()));
+                w->inflight.pop_back();
+            }
+            w->assigned.store(w->inflight.size(), std::memory_order_relaxed);
+            for (auto it = back.rbegin(); it != back.rend(); ++it) {
+                running_count.fetch_sub(1, std::memory_order_relaxed);
+                pending_count.fetch_add(1, std::memory_order_relaxed);
+                pending.push_front(std::move(*it));
+            }
+            took = true;
+        }
+        return took;
+    }
+
     void dispatch() {
         const auto now = Clock::now();
+        assign_pending(now);
+        if (pending.empty() && take_back(now)) assign_pending(now);
+    }
+
+    void assign_pending(Clock::time_point now) {
         while (!pending.empty()) {
             pool::Worker* best = nullptr;
             std::size_t best_room = 0;
@@ -602,6 +656,10 @@ struct PoolEngine::Impl {
             case FrameType::retire:
                 w.retiring = true;
                 return;
+            case FrameType::skipped:
+                // Taken back already (see take_back): nothing to do but note the answer.
+                w.answered = std::max(w.answered, f.ordinal);
+                return;
             default:
                 throw DecodeError("mp pool: unexpected frame from a worker");
         }
@@ -646,7 +704,7 @@ struct PoolEngine::Impl {
         }
         status = st.value_or(-SIGKILL);
 
-        const std::uint64_t started = slots[w.slot].started.load(std::memory_order_acquire);
+        const std::uint64_t started = slots[w.slot].started.load(std::memory_order_acquire) & ~pool::kRevoked;
         const std::uint64_t finished_ord = slots[w.slot].finished.load(std::memory_order_acquire);
         const bool unasked = !w.retiring && !w.closing && w.timed_out == 0 && !terminating;
         if (unasked) death_count.fetch_add(1, std::memory_order_relaxed);
@@ -882,7 +940,10 @@ PoolStats PoolEngine::stats() const {
         // The worker's own slot says whether it is inside a task now.
         const auto& slot = i.slots[w->slot];
         const std::size_t running =
-            slot.started.load(std::memory_order_acquire) > slot.finished.load(std::memory_order_acquire) ? 1 : 0;
+            (slot.started.load(std::memory_order_acquire) & ~pool::kRevoked) >
+                    slot.finished.load(std::memory_order_acquire)
+                ? 1
+                : 0;
         s.workers.push_back({w->pid, w->name, w->assigned.load(), running, w->done.load(), w->failed.load()});
     }
     return s;

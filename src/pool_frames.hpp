@@ -31,8 +31,10 @@ enum class FrameType : std::uint8_t {
     started = 12,      // sent before a task with a time limit runs
     result = 13,       // payload: [u64 run time ns][result bytes, or ErrorInfo when not ok]
     retire = 14,       // the worker leaves after this (task or memory limit reached)
+    skipped = 15,      // a task the pool had taken back was not run
 };
 
+inline constexpr std::uint64_t kRevoked = std::uint64_t{1} << 63;
 inline constexpr std::uint8_t kTimed = 1;   // task: tell the parent when it starts
 inline constexpr std::uint8_t kOk = 1;      // result: a value, not an exception
 
@@ -100,9 +102,15 @@ private:
 /// the worker has died: which task it had started, which it had finished, and how much of its
 /// stage (the shared buffer its answers wait in until sent) is written and sent.
 struct alignas(64) WorkerSlot {
+    /// The ordinal of the last task the worker started (or skipped), plus kRevoked while the
+    /// pool has taken back the tasks up to revoked_hi. The worker starts task o only by moving
+    /// this word from o - 1 to o (compare-and-swap); the pool takes tasks back only by setting
+    /// kRevoked on the word it read. So each queued task is either started here or taken back,
+    /// never both.
     std::atomic<std::uint64_t> started{0};
     std::atomic<std::uint64_t> finished{0};
     std::atomic<std::int64_t> started_at{0};  // steady_clock nanoseconds at the last start
+    std::atomic<std::uint64_t> revoked_hi{0};
     std::atomic<std::uint64_t> committed{0};
     std::atomic<std::uint64_t> sent{0};
 };

@@ -363,7 +363,12 @@ private:
         // Back-to-back tasks share a clock reading: this one began when the last one ended.
         const auto begin = last_end_ ? *last_end_ : Clock::now();
         slot_->started_at.store(begin.time_since_epoch().count(), std::memory_order_relaxed);
-        slot_->started.store(f.ordinal, std::memory_order_release);
+        if (!claim(f.ordinal)) {
+            // The pool took this task back (to give it to an idle worker): say so, run nothing.
+            slot_->finished.store(f.ordinal, std::memory_order_release);
+            out_.add(FrameType::skipped, 0, f.ordinal, {});
+            return true;
+        }
         if (f.flags & kTimed) {
             out_.add(FrameType::started, 0, f.ordinal, {});
             flush();
@@ -397,6 +402,24 @@ private:
             return false;
         }
         return true;
+    }
+
+    // Moves the slot's started word to `ordinal`; false when the pool has taken it back.
+    bool claim(std::uint64_t ordinal) {
+        std::uint64_t cur = slot_->started.load(std::memory_order_acquire);
+        while (true) {
+            if (cur & kRevoked) {
+                if (ordinal <= slot_->revoked_hi.load(std::memory_order_acquire)) {
+                    // Only this worker changes a revoked word: step past the skipped task.
+                    slot_->started.store(ordinal | kRevoked, std::memory_order_release);
+                    return false;
+                }
+            }
+            // The revoked range (if any) is behind us: start it, clearing the mark.
+            if (slot_->started.compare_exchange_weak(cur, ordinal, std::memory_order_acq_rel,
+                                                     std::memory_order_acquire))
+                return true;
+        }
     }
 
     static std::vector<int> raw(const std::vector<sys::Fd>& fds) {

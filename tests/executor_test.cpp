@@ -555,6 +555,24 @@ TEST(ExecutorFuture, AResultDoesNotWaitForTheNextTaskOfItsWorker) {
     EXPECT_EQ(slow.result(kLong), 1);
 }
 
+TEST(ExecutorBalance, TasksQueuedBehindALongOneMoveToAnIdleWorker) {
+    // Tiny tasks first, so each worker takes many at a time; then a blocked task with quick
+    // ones submitted in the same burst: those handed to the blocked task's worker must be taken
+    // back and run by the other worker, not wait for the gate.
+    TempDir dir;
+    Gate gate(dir);
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> warm(2000, 3);
+    for (int v : ex.map(square, warm)) ASSERT_EQ(v, 9);
+    auto blocked = ex.submit(wait_file, gate.path());
+    std::vector<mp::Future<int>> quick;
+    for (int i = 0; i < 40; ++i) quick.push_back(ex.submit(square, i));
+    for (int i = 0; i < 40; ++i) EXPECT_EQ(quick[static_cast<std::size_t>(i)].result(10s), i * i) << i;
+    EXPECT_FALSE(blocked.done());
+    gate.open();
+    EXPECT_EQ(blocked.result(kLong), 1);
+}
+
 TEST(ExecutorFuture, CopiesShareTheState) {
     mp::ProcessPoolExecutor ex({.max_workers = 1});
     auto f = ex.submit(square, 5);

@@ -5,6 +5,7 @@
 #include "mp/connection.hpp"
 #include "mp/errors.hpp"
 #include "mp/futures.hpp"
+#include "mp/managers.hpp"
 #include "mp/pool.hpp"
 #include "mp/process.hpp"
 #include "mp/queue.hpp"

@@ -1,0 +1,830 @@
+#pragma once
+/// Managers: state kept in a server process and used from other processes through proxies, as
+/// Python's multiprocessing.managers.
+///
+///     mp::Manager m;                                   // starts the server process (fork)
+///     auto d = m.dict<std::string, int>();
+///     mp::Process p([](auto d) { d.set("a", 1); }, d); // a proxy passes to children
+///     p.start(); p.join();
+///     d.get("a");                                      // 1
+///
+///     mp::BaseManager srv(mp::Address("127.0.0.1", 0), "secret");
+///     srv.register_type<Counter>("Counter", {{"inc", &Counter::inc}, {"get", &Counter::get}});
+///     srv.start();                                     // or serve_forever() in this process
+///     // elsewhere (the same program, registering the same types):
+///     mp::BaseManager cli(address, "secret");
+///     cli.register_type<Counter>("Counter", {...});
+///     cli.connect();
+///     auto c = cli.create("Counter");
+///     c.call("inc", 5);  c.call<int>("get");
+///
+/// Protocol. Each proxy call is one request and one reply over a connection to the server
+/// (a Unix or TCP stream socket carrying mp::Connection frames). The server serves every client
+/// connection with its own thread, as Python's does; a call on a dict, list, Namespace, Value,
+/// Array or a registered type holds that object's mutex, so each call is atomic. Queues, locks,
+/// events, conditions, semaphores and barriers synchronise themselves, so a blocking call on
+/// one does not hold up others. Each thread of each process opens its own connection to a
+/// server on first use (a fork child opens a new one: it never shares its parent's).
+///
+/// Authentication. Every connection starts with a mutual HMAC-SHA256 challenge on the
+/// manager's authkey (both directions, compared in constant time); a wrong key is
+/// mp::AuthenticationError on the client and the server keeps serving others. An mp::Manager
+/// makes a random key. A TCP address requires a non-empty key (std::invalid_argument).
+///
+/// Errors a proxy call raises:
+///   - an exception thrown by the method on the server: the same standard or mp exception type
+///     when it is one (std::out_of_range for a missing dict key or list index, mp::Empty for
+///     get_nowait on an empty queue, ...), otherwise mp::RemoteError with its type name,
+///     message and origin;
+///   - a method the type does not expose, or an object that no longer exists: mp::RemoteError;
+///   - the server died (or shut down) before or during the call: mp::EOFError when the
+///     connection breaks, std::system_error (ECONNREFUSED / ENOENT) when no server listens.
+///     A call never hangs on a dead server.
+/// A client killed in the middle of a call costs the server only that connection's thread.
+///
+/// Lifetime. An object lives in the server while a proxy to it exists in the process that
+/// created it or in a process that decoded one (a proxy passed through mp::Codec takes a
+/// reference of its own); proxies copied into a fork child use the parent's reference, so keep
+/// the parent's proxy (or the Process) alive while the child runs, as in Python. Destroying an
+/// mp::Manager (or BaseManager that started a server) shuts the server down and joins it.
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <typeinfo>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <sys/types.h>
+
+#include "mp/connection.hpp"
+#include "mp/errors.hpp"
+#include "mp/serialize.hpp"
+
+namespace mp {
+
+namespace detail::managers {
+
+/// A method as the server runs it: decodes its arguments from `in`, writes its result to `out`.
+using Method = std::function<void(void* object, Decoder& in, Encoder& out)>;
+
+/// What the server knows about a type it can create.
+struct TypeEntry {
+    std::function<std::shared_ptr<void>(Decoder& args)> make;
+    std::unordered_map<std::string, Method> methods;
+    /// true: each call holds the object's mutex (atomic calls). false: the type synchronises
+    /// itself (blocking primitives).
+    bool serialised = true;
+    /// Called when a client connection ends (a lock it held is released).
+    std::function<void(void* object, std::uint64_t caller)> on_disconnect;
+};
+using TypeTable = std::unordered_map<std::string, TypeEntry>;
+
+void encode_address(Encoder& e, const Address& a);
+Address decode_address(Decoder& d);
+
+/// The built-in types, registered at static initialisation by every program that names them
+/// (so a server running the same binary knows them).
+bool register_builtin(const std::string& name, TypeEntry (*make_entry)());
+
+template <class T>
+void put_result(Encoder& out, T&& v) {
+    if constexpr (!std::is_void_v<std::remove_cvref_t<T>>) out.put(v);
+}
+
+template <class T, class R, class... A, class Call>
+Method method_from(Call call) {
+    return [call](void* o, Decoder& in, Encoder& out) {
+        std::tuple<std::decay_t<A>...> args{in.get<std::decay_t<A>>()...};
+        in.finish();
+        T& self = *static_cast<T*>(o);
+        if constexpr (std::is_void_v<R>)
+            std::apply([&](auto&... a) { call(self, a...); }, args);
+        else
+            out.put(std::apply([&](auto&... a) -> R { return call(self, a...); }, args));
+    };
+}
+
+template <class T, class R, class... A>
+Method make_method(R (T::*pm)(A...)) {
+    return method_from<T, R, A...>([pm](T& s, auto&... a) -> R { return (s.*pm)(a...); });
+}
+template <class T, class R, class... A>
+Method make_method(R (T::*pm)(A...) const) {
+    return method_from<T, R, A...>([pm](T& s, auto&... a) -> R { return (s.*pm)(a...); });
+}
+template <class T, class R, class... A>
+Method make_method(R (T::*pm)(A...) noexcept) {
+    return method_from<T, R, A...>([pm](T& s, auto&... a) -> R { return (s.*pm)(a...); });
+}
+template <class T, class R, class... A>
+Method make_method(R (T::*pm)(A...) const noexcept) {
+    return method_from<T, R, A...>([pm](T& s, auto&... a) -> R { return (s.*pm)(a...); });
+}
+
+template <class F>
+struct callable_traits : callable_traits<decltype(std::function{std::declval<F>()})> {};
+template <class R, class Self, class... A>
+struct callable_traits<std::function<R(Self, A...)>> {
+    template <class T, class F>
+    static Method make(F f) {
+        return method_from<T, R, A...>([f](T& s, auto&... a) -> R { return f(s, a...); });
+    }
+};
+/// A free callable taking the object first: [](Counter& c, int n) { ... }.
+template <class T, class F>
+    requires(!std::is_member_function_pointer_v<F>)
+Method make_method(F f) {
+    return callable_traits<F>::template make<T>(std::move(f));
+}
+
+/// The client side of one object: where it lives and its id there.
+struct ProxyState {
+    Address address;
+    std::string authkey;
+    std::string type_id;
+    std::uint64_t id = 0;
+    pid_t owner = 0;  ///< the process holding the server reference (0: none)
+    ProxyState() = default;
+    ProxyState(const ProxyState&) = delete;
+    ProxyState& operator=(const ProxyState&) = delete;
+    ~ProxyState();  ///< drops the reference when this process holds it
+};
+
+enum class Op : std::uint8_t { create = 1, call = 2, incref = 3, decref = 4, shutdown = 5, ping = 6 };
+/// Starts a request in `e`: op, object id, name; the arguments follow (the rest of the message).
+inline void begin_request(Encoder& e, Op op, std::uint64_t id, std::string_view name) {
+    e.put(static_cast<std::uint8_t>(op));
+    e.put(id);
+    e.write_size(name.size());
+    e.write(name.data(), name.size());
+}
+/// Sends the request in `message` over this thread's connection to the server and returns the
+/// reply's result bytes, or throws the server's exception.
+std::string request(const Address& address, const std::string& authkey, std::string& message);
+/// The same, for a request without arguments.
+std::string request(const Address& address, const std::string& authkey, Op op,
+                    std::uint64_t id, std::string_view name, std::string_view args);
+std::shared_ptr<ProxyState> adopt(Address address, std::string authkey,
+                                  std::string type_id, std::uint64_t id, bool incref);
+
+template <class S>
+struct Builtin {
+    static TypeEntry entry() { return S::entry(); }
+    static inline const bool registered = register_builtin(typeid(S).name(), &entry);
+    static std::string name() {
+        (void)registered;
+        return typeid(S).name();
+    }
+};
+
+}  // namespace detail::managers
+
+/// A method a registered type exposes: a name and a member function pointer (const or not), or a
+/// callable taking the object first. Arguments and results need mp::Codecs.
+template <class T>
+struct Exposed {
+    template <class M>
+    Exposed(std::string n, M m) : name(std::move(n)), fn(detail::managers::make_method<T>(m)) {}
+    std::string name;
+    detail::managers::Method fn;
+};
+
+/// A proxy for any object in a manager: call(name, args...) runs the method on the server.
+class BaseProxy {
+public:
+    BaseProxy() = default;
+    /// Calls `method` with `args` on the server and decodes its result as R (void: none).
+    template <class R = void, class... A>
+    R call(std::string_view method, const A&... args) const {
+        const detail::managers::ProxyState& s = state();
+        Encoder e;
+        detail::managers::begin_request(e, detail::managers::Op::call, s.id, method);
+        (e.put(args), ...);
+        std::string reply = detail::managers::request(s.address, s.authkey, e.bytes());
+        if constexpr (!std::is_void_v<R>) {
+            Decoder d(reply);
+            R r = d.get<R>();
+            d.finish();
+            return r;
+        }
+    }
+    /// The object's id in the server.
+    std::uint64_t id() const { return state().id; }
+    /// The type name it was created with.
+    const std::string& type_id() const { return state().type_id; }
+    /// The server's address.
+    const Address& address() const { return state().address; }
+    explicit operator bool() const noexcept { return state_ != nullptr; }
+
+    /// Internal: wraps a state (used by the managers and the Codec).
+    explicit BaseProxy(std::shared_ptr<detail::managers::ProxyState> s) : state_(std::move(s)) {}
+    const std::shared_ptr<detail::managers::ProxyState>& shared_state() const { return state_; }
+
+private:
+    const detail::managers::ProxyState& state() const {
+        if (!state_) throw ProcessError("mp: an empty proxy (default-constructed or moved from)");
+        return *state_;
+    }
+    std::shared_ptr<detail::managers::ProxyState> state_;
+};
+
+/// A proxy travels to another process as its server address, authkey, type and id; the
+/// receiver takes a server reference of its own and opens its own connection.
+template <class P>
+    requires std::derived_from<P, BaseProxy>
+struct Codec<P> {
+    static void encode(Encoder& e, const P& p) {
+        const auto& s = p.shared_state();
+        if (!s) throw Error("mp: cannot send an empty proxy");
+        detail::managers::encode_address(e, s->address);
+        e.put(s->authkey);
+        e.put(s->type_id);
+        e.put(s->id);
+    }
+    static P decode(Decoder& d) {
+        Address a = detail::managers::decode_address(d);
+        std::string key = d.get<std::string>();
+        std::string type = d.get<std::string>();
+        auto id = d.get<std::uint64_t>();
+        return P(detail::managers::adopt(std::move(a), std::move(key), std::move(type), id, true));
+    }
+};
+
+// ---- the built-in proxies ----------------------------------------------------------------------
+
+/// Timeouts travel as nanoseconds; std::nullopt waits without limit.
+using OptTimeout = std::optional<std::chrono::nanoseconds>;
+
+namespace detail::managers {
+template <class K, class V> struct DictServant;
+template <class T> struct ListServant;
+struct NamespaceServant;
+template <class T> struct QueueServant;
+struct LockServant;
+struct RLockServant;
+struct SemaphoreServant;
+struct EventServant;
+struct ConditionServant;
+struct BarrierServant;
+template <class T> struct ValueServant;
+template <class T> struct ArrayServant;
+}  // namespace detail::managers
+
+/// dict<K, V>: Python's DictProxy. get() of a missing key throws std::out_of_range.
+template <class K, class V>
+class DictProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    void set(const K& k, const V& v) const { call("set", k, v); }
+    V get(const K& k) const { return call<V>("get", k); }
+    /// The value, or `fallback` when the key is missing (Python's d.get(k, default)).
+    V get(const K& k, const V& fallback) const { return call<V>("get_or", k, fallback); }
+    bool contains(const K& k) const { return call<bool>("contains", k); }
+    std::size_t size() const { return call<std::uint64_t>("size"); }
+    std::vector<K> keys() const { return call<std::vector<K>>("keys"); }
+    std::vector<V> values() const { return call<std::vector<V>>("values"); }
+    std::vector<std::pair<K, V>> items() const { return call<std::vector<std::pair<K, V>>>("items"); }
+    /// Removes the key; returns its value (std::out_of_range when missing).
+    V pop(const K& k) const { return call<V>("pop", k); }
+    /// Removes the key if present; returns whether it was.
+    bool erase(const K& k) const { return call<bool>("erase", k); }
+    V setdefault(const K& k, const V& v) const { return call<V>("setdefault", k, v); }
+    void update(const std::map<K, V>& m) const { call("update", m); }
+    void clear() const { call("clear"); }
+    /// A copy of the whole dict.
+    std::map<K, V> copy() const { return call<std::map<K, V>>("copy"); }
+};
+
+/// list<T>: Python's ListProxy. An index out of range throws std::out_of_range; negative indexes
+/// count from the end.
+template <class T>
+class ListProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    void append(const T& v) const { call("append", v); }
+    void extend(const std::vector<T>& v) const { call("extend", v); }
+    T get(std::int64_t i) const { return call<T>("get", i); }
+    void set(std::int64_t i, const T& v) const { call("set", i, v); }
+    void insert(std::int64_t i, const T& v) const { call("insert", i, v); }
+    T pop(std::int64_t i = -1) const { return call<T>("pop", i); }
+    /// Removes the first element equal to v (std::invalid_argument when none).
+    void remove(const T& v) const { call("remove", v); }
+    std::size_t index(const T& v) const { return call<std::uint64_t>("index", v); }
+    std::size_t count(const T& v) const { return call<std::uint64_t>("count", v); }
+    std::size_t size() const { return call<std::uint64_t>("size"); }
+    void clear() const { call("clear"); }
+    void reverse() const { call("reverse"); }
+    void sort() const { call("sort"); }
+    std::vector<T> to_vector() const { return call<std::vector<T>>("copy"); }
+};
+
+/// Namespace: named attributes of any encodable type (get<T> of the wrong type is DecodeError;
+/// of a missing name std::out_of_range).
+class NamespaceProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    template <class T>
+    void set(const std::string& name, const T& v) const {
+        Encoder e;
+        e.put(v);
+        call("set", name, e.bytes());
+    }
+    template <class T>
+    T get(const std::string& name) const {
+        std::string b = call<std::string>("get", name);
+        Decoder d(b);
+        T r = d.get<T>();
+        d.finish();
+        return r;
+    }
+    bool contains(const std::string& name) const { return call<bool>("contains", name); }
+    void erase(const std::string& name) const { call("erase", name); }
+    std::vector<std::string> names() const { return call<std::vector<std::string>>("names"); }
+};
+
+/// Queue<T> (maxsize 0: unbounded): mp::Empty / mp::Full as the local queues.
+template <class T>
+class QueueProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    /// Blocks while a bounded queue is full (mp::Full after `timeout`).
+    void put(const T& v, OptTimeout timeout = std::nullopt) const {
+        call("put", encode(v), true, timeout);
+    }
+    void put_nowait(const T& v) const { call("put", encode(v), false, OptTimeout{}); }
+    /// Blocks until an item arrives (mp::Empty after `timeout`).
+    T get(OptTimeout timeout = std::nullopt) const { return decode(call<std::string>("get", true, timeout)); }
+    T get_nowait() const { return decode(call<std::string>("get", false, OptTimeout{})); }
+    std::size_t qsize() const { return call<std::uint64_t>("qsize"); }
+    bool empty() const { return qsize() == 0; }
+    bool full() const { return call<bool>("full"); }
+
+private:
+    // The server keeps items as bytes, so one queue servant serves every T.
+    static std::string encode(const T& v) {
+        Encoder e;
+        e.put(v);
+        return std::move(e.bytes());
+    }
+    static T decode(const std::string& b) {
+        Decoder d(b);
+        T r = d.get<T>();
+        d.finish();
+        return r;
+    }
+};
+
+/// JoinableQueue<T>: a Queue with task_done() and join().
+template <class T>
+class JoinableQueueProxy : public QueueProxy<T> {
+public:
+    using QueueProxy<T>::QueueProxy;
+    /// std::invalid_argument when called more times than items were put (Python's ValueError).
+    void task_done() const { this->call("task_done"); }
+    void join() const { this->call("join"); }
+};
+
+/// Lock / RLock: owned by the calling thread's connection (as Python's, whose server thread per
+/// connection owns it). A lock whose owner disconnects (a killed process) is released.
+class LockProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    /// Returns false when `timeout` passed first; blocking=false just tries.
+    bool acquire(bool blocking = true, OptTimeout timeout = std::nullopt) const {
+        return call<bool>("acquire", blocking, timeout);
+    }
+    /// mp::ProcessError-like std::runtime_error (remote) when not held by the caller.
+    void release() const { call("release"); }
+    void lock() const { acquire(); }
+    bool try_lock() const { return acquire(false); }
+    void unlock() const { release(); }
+};
+using RLockProxy = LockProxy;
+
+/// Semaphore / BoundedSemaphore (releasing a bounded one past its value: std::invalid_argument).
+class SemaphoreProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    bool acquire(bool blocking = true, OptTimeout timeout = std::nullopt) const {
+        return call<bool>("acquire", blocking, timeout);
+    }
+    void release() const { call("release"); }
+    int get_value() const { return call<int>("get_value"); }
+};
+
+class EventProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    void set() const { call("set"); }
+    void clear() const { call("clear"); }
+    bool is_set() const { return call<bool>("is_set"); }
+    /// True when the event is set (at once or within `timeout`).
+    bool wait(OptTimeout timeout = std::nullopt) const { return call<bool>("wait", timeout); }
+};
+
+/// Condition with its own (reentrant) lock, owned like an RLock.
+class ConditionProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    bool acquire(bool blocking = true, OptTimeout timeout = std::nullopt) const {
+        return call<bool>("acquire", blocking, timeout);
+    }
+    void release() const { call("release"); }
+    void lock() const { acquire(); }
+    void unlock() const { release(); }
+    /// Releases the lock, waits for a notify (or the timeout), takes the lock back; false on
+    /// timeout. The caller must hold the lock.
+    bool wait(OptTimeout timeout = std::nullopt) const { return call<bool>("wait", timeout); }
+    void notify(int n = 1) const { call("notify", n); }
+    void notify_all() const { call("notify_all"); }
+};
+
+/// Barrier(parties): wait() returns 0..parties-1; mp::BrokenBarrierError when broken, aborted or
+/// timed out.
+class BarrierProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    int wait(OptTimeout timeout = std::nullopt) const { return call<int>("wait", timeout); }
+    void abort() const { call("abort"); }
+    void reset() const { call("reset"); }
+    int parties() const { return call<int>("parties"); }
+    int n_waiting() const { return call<int>("n_waiting"); }
+    bool broken() const { return call<bool>("broken"); }
+};
+
+/// Value<T>: get/set, and for arithmetic T an atomic fetch_add (returns the old value).
+template <class T>
+class ValueProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    T get() const { return call<T>("get"); }
+    void set(const T& v) const { call("set", v); }
+    T fetch_add(const T& delta) const
+        requires std::is_arithmetic_v<T>
+    {
+        return call<T>("fetch_add", delta);
+    }
+};
+
+/// Array<T> of a fixed size.
+template <class T>
+class ArrayProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+    T get(std::int64_t i) const { return call<T>("get", i); }
+    void set(std::int64_t i, const T& v) const { call("set", i, v); }
+    std::size_t size() const { return call<std::uint64_t>("size"); }
+    std::vector<T> to_vector() const { return call<std::vector<T>>("copy"); }
+};
+
+// ---- BaseManager -------------------------------------------------------------------------------
+
+namespace detail::managers {
+struct ServerHandle;
+}
+
+/// Python's BaseManager: a server of registered types at an address with an authkey.
+///
+/// Destructor policy: a manager that start()ed a server shuts it down (a shutdown request, then
+/// SIGKILL after 5 s) and joins it; one that only connect()ed does nothing to the server.
+class BaseManager {
+public:
+    /// A Unix socket in a fresh temporary directory and a random authkey.
+    BaseManager();
+    /// `address` (TCP port 0: any free port; address() tells which after start) and `authkey`
+    /// (required for TCP: std::invalid_argument when empty).
+    BaseManager(Address address, std::string authkey);
+    BaseManager(const BaseManager&) = delete;
+    BaseManager& operator=(const BaseManager&) = delete;
+    virtual ~BaseManager();
+
+    /// Registers a type the server can create: `type_id` names it, `CtorArgs` are what
+    /// create(type_id, args...) passes to its constructor, `methods` are exposed (others are a
+    /// RemoteError). Register the same types on the server's and the clients' managers, before
+    /// start() or serve_forever().
+    template <class T, class... CtorArgs>
+    void register_type(const std::string& type_id, std::initializer_list<Exposed<T>> methods) {
+        detail::managers::TypeEntry entry;
+        entry.make = [](Decoder& in) -> std::shared_ptr<void> {
+            std::tuple<std::decay_t<CtorArgs>...> args{in.get<std::decay_t<CtorArgs>>()...};
+            in.finish();
+            return std::apply([](auto&... a) { return std::make_shared<T>(a...); }, args);
+        };
+        for (const Exposed<T>& m : methods) entry.methods[m.name] = m.fn;
+        types_[type_id] = std::move(entry);
+    }
+
+    /// Forks a server process listening at address() (bound before the fork, so it is ready
+    /// when start returns). ProcessError when already started or connected.
+    void start();
+    /// Serves in this process until a client asks for shutdown(); then returns. `on_ready` is
+    /// called with the bound address (the real port when 0 was asked for) once it listens.
+    void serve_forever(std::function<void(const Address&)> on_ready = {});
+    /// Checks that a server answers at address() with this authkey (AuthenticationError on a
+    /// wrong key, std::system_error when nothing listens).
+    void connect();
+    /// Asks the server to stop (also one this manager only connected to, e.g. one in
+    /// serve_forever elsewhere); when this manager started it, waits for it to exit (SIGKILL
+    /// after 5 s). Idempotent.
+    void shutdown();
+
+    /// Creates a `type_id` object on the server with constructor arguments `args`.
+    template <class... A>
+    BaseProxy create(const std::string& type_id, const A&... args) {
+        return BaseProxy(create_state(type_id, encode_args(args...)));
+    }
+
+    const Address& address() const noexcept { return address_; }
+    const std::string& authkey() const noexcept { return authkey_; }
+    /// The server process's pid when this manager started it, else 0.
+    pid_t server_pid() const noexcept;
+
+protected:
+    template <class... A>
+    static std::string encode_args(const A&... args) {
+        Encoder e;
+        (e.put(args), ...);
+        return std::move(e.bytes());
+    }
+    std::shared_ptr<detail::managers::ProxyState> create_state(const std::string& type_id,
+                                                               std::string args);
+    template <class S, class P, class... A>
+    P make_builtin(const A&... args) {
+        return P(create_state(detail::managers::Builtin<S>::name(), encode_args(args...)));
+    }
+
+private:
+    Address address_;
+    std::string authkey_;
+    detail::managers::TypeTable types_;
+    std::unique_ptr<detail::managers::ServerHandle> server_;
+    bool connected_ = false;
+};
+
+/// Python's SyncManager / multiprocessing.Manager(): a started server with the built-in types.
+class SyncManager : public BaseManager {
+public:
+    /// Starts the server at once (a Unix socket, a random authkey).
+    SyncManager();
+    /// A manager at `address` with `authkey`; call start() or connect().
+    SyncManager(Address address, std::string authkey)
+        : BaseManager(std::move(address), std::move(authkey)) {}
+
+    template <class K, class V>
+    DictProxy<K, V> dict() {
+        return make_builtin<detail::managers::DictServant<K, V>, DictProxy<K, V>>();
+    }
+    template <class K, class V>
+    DictProxy<K, V> dict(const std::map<K, V>& initial) {
+        return make_builtin<detail::managers::DictServant<K, V>, DictProxy<K, V>>(initial);
+    }
+    template <class T>
+    ListProxy<T> list(const std::vector<T>& initial = {}) {
+        return make_builtin<detail::managers::ListServant<T>, ListProxy<T>>(initial);
+    }
+    NamespaceProxy Namespace();
+    template <class T>
+    QueueProxy<T> Queue(std::int64_t maxsize = 0) {
+        return make_builtin<detail::managers::QueueServant<T>, QueueProxy<T>>(maxsize);
+    }
+    template <class T>
+    JoinableQueueProxy<T> JoinableQueue(std::int64_t maxsize = 0) {
+        return make_builtin<detail::managers::QueueServant<T>, JoinableQueueProxy<T>>(maxsize);
+    }
+    LockProxy Lock();
+    RLockProxy RLock();
+    SemaphoreProxy Semaphore(int value = 1);
+    SemaphoreProxy BoundedSemaphore(int value = 1);
+    EventProxy Event();
+    ConditionProxy Condition();
+    BarrierProxy Barrier(int parties);
+    template <class T>
+    ValueProxy<T> Value(const T& initial = T{}) {
+        return make_builtin<detail::managers::ValueServant<T>, ValueProxy<T>>(initial);
+    }
+    template <class T>
+    ArrayProxy<T> Array(const std::vector<T>& initial) {
+        return make_builtin<detail::managers::ArrayServant<T>, ArrayProxy<T>>(initial);
+    }
+    template <class T>
+    ArrayProxy<T> Array(std::size_t size) {
+        return Array<T>(std::vector<T>(size));
+    }
+};
+
+/// multiprocessing.Manager(): a started SyncManager.
+using Manager = SyncManager;
+
+// ---- servants (the server's side of the built-in types) ----------------------------------------
+
+namespace detail::managers {
+
+/// Python's index rule: negative counts from the end; out of range throws std::out_of_range.
+std::size_t normalise_index(std::int64_t i, std::size_t size, bool allow_end = false);
+
+template <class K, class V>
+struct DictServant {
+    explicit DictServant(std::map<K, V> m = {}) : d(m.begin(), m.end()) {}
+    std::unordered_map<K, V> d;
+    static TypeEntry entry() {
+        using S = DictServant;
+        TypeEntry t;
+        t.make = [](Decoder& in) -> std::shared_ptr<void> {
+            if (in.remaining() == 0) return std::make_shared<S>();
+            auto m = in.get<std::map<K, V>>();
+            in.finish();
+            return std::make_shared<S>(std::move(m));
+        };
+        t.methods = {
+            {"set", make_method<S>([](S& s, const K& k, const V& v) { s.d.insert_or_assign(k, v); })},
+            {"get", make_method<S>([](S& s, const K& k) -> V {
+                 auto it = s.d.find(k);
+                 if (it == s.d.end()) throw std::out_of_range("KeyError: no such key in the dict");
+                 return it->second;
+             })},
+            {"get_or", make_method<S>([](S& s, const K& k, const V& f) -> V {
+                 auto it = s.d.find(k);
+                 return it == s.d.end() ? f : it->second;
+             })},
+            {"contains", make_method<S>([](S& s, const K& k) { return s.d.contains(k); })},
+            {"size", make_method<S>([](S& s) { return std::uint64_t(s.d.size()); })},
+            {"keys", make_method<S>([](S& s) {
+                 std::vector<K> r;
+                 for (auto& kv : s.d) r.push_back(kv.first);
+                 return r;
+             })},
+            {"values", make_method<S>([](S& s) {
+                 std::vector<V> r;
+                 for (auto& kv : s.d) r.push_back(kv.second);
+                 return r;
+             })},
+            {"items", make_method<S>([](S& s) {
+                 return std::vector<std::pair<K, V>>(s.d.begin(), s.d.end());
+             })},
+            {"pop", make_method<S>([](S& s, const K& k) -> V {
+                 auto it = s.d.find(k);
+                 if (it == s.d.end()) throw std::out_of_range("KeyError: no such key in the dict");
+                 V v = std::move(it->second);
+                 s.d.erase(it);
+                 return v;
+             })},
+            {"erase", make_method<S>([](S& s, const K& k) { return s.d.erase(k) != 0; })},
+            {"setdefault", make_method<S>([](S& s, const K& k, const V& v) -> V {
+                 return s.d.try_emplace(k, v).first->second;
+             })},
+            {"update", make_method<S>([](S& s, const std::map<K, V>& m) {
+                 for (auto& kv : m) s.d.insert_or_assign(kv.first, kv.second);
+             })},
+            {"clear", make_method<S>([](S& s) { s.d.clear(); })},
+            {"copy", make_method<S>([](S& s) { return std::map<K, V>(s.d.begin(), s.d.end()); })},
+        };
+        return t;
+    }
+};
+
+template <class T>
+struct ListServant {
+    std::vector<T> v;
+    static TypeEntry entry() {
+        using S = ListServant;
+        TypeEntry t;
+        t.make = [](Decoder& in) -> std::shared_ptr<void> {
+            auto s = std::make_shared<S>();
+            s->v = in.get<std::vector<T>>();
+            in.finish();
+            return s;
+        };
+        t.methods = {
+            {"append", make_method<S>([](S& s, const T& x) { s.v.push_back(x); })},
+            {"extend", make_method<S>([](S& s, const std::vector<T>& x) {
+                 s.v.insert(s.v.end(), x.begin(), x.end());
+             })},
+            {"get", make_method<S>([](S& s, std::int64_t i) -> T {
+                 return s.v[normalise_index(i, s.v.size())];
+             })},
+            {"set", make_method<S>([](S& s, std::int64_t i, const T& x) {
+                 s.v[normalise_index(i, s.v.size())] = x;
+             })},
+            {"insert", make_method<S>([](S& s, std::int64_t i, const T& x) {
+                 // Python clamps insert positions instead of raising.
+                 auto n = static_cast<std::int64_t>(s.v.size());
+                 if (i < 0) i = std::max<std::int64_t>(0, i + n);
+                 if (i > n) i = n;
+                 s.v.insert(s.v.begin() + i, x);
+             })},
+            {"pop", make_method<S>([](S& s, std::int64_t i) -> T {
+                 if (s.v.empty()) throw std::out_of_range("IndexError: pop from empty list");
+                 std::size_t k = normalise_index(i, s.v.size());
+                 T x = std::move(s.v[k]);
+                 s.v.erase(s.v.begin() + static_cast<std::ptrdiff_t>(k));
+                 return x;
+             })},
+            {"remove", make_method<S>([](S& s, const T& x) {
+                 for (auto it = s.v.begin(); it != s.v.end(); ++it)
+                     if (*it == x) {
+                         s.v.erase(it);
+                         return;
+                     }
+                 throw std::invalid_argument("ValueError: list.remove(x): x not in list");
+             })},
+            {"index", make_method<S>([](S& s, const T& x) -> std::uint64_t {
+                 for (std::size_t i = 0; i < s.v.size(); ++i)
+                     if (s.v[i] == x) return i;
+                 throw std::invalid_argument("ValueError: x is not in list");
+             })},
+            {"count", make_method<S>([](S& s, const T& x) {
+                 std::uint64_t n = 0;
+                 for (auto& y : s.v) n += (y == x);
+                 return n;
+             })},
+            {"size", make_method<S>([](S& s) { return std::uint64_t(s.v.size()); })},
+            {"clear", make_method<S>([](S& s) { s.v.clear(); })},
+            {"reverse", make_method<S>([](S& s) { std::reverse(s.v.begin(), s.v.end()); })},
+            {"sort", make_method<S>([](S& s) {
+                 if constexpr (requires(T a, T b) { a < b; }) {
+                     std::sort(s.v.begin(), s.v.end());
+                 } else {
+                     throw std::invalid_argument("TypeError: the element type has no operator<");
+                 }
+             })},
+            {"copy", make_method<S>([](S& s) { return s.v; })},
+        };
+        return t;
+    }
+};
+
+template <class T>
+struct ValueServant {
+    T v{};
+    static TypeEntry entry() {
+        using S = ValueServant;
+        TypeEntry t;
+        t.make = [](Decoder& in) -> std::shared_ptr<void> {
+            auto s = std::make_shared<S>();
+            s->v = in.get<T>();
+            in.finish();
+            return s;
+        };
+        t.methods = {
+            {"get", make_method<S>([](S& s) -> T { return s.v; })},
+            {"set", make_method<S>([](S& s, const T& x) { s.v = x; })},
+        };
+        if constexpr (std::is_arithmetic_v<T>)
+            t.methods["fetch_add"] = make_method<S>([](S& s, const T& x) -> T {
+                T old = s.v;
+                s.v = static_cast<T>(s.v + x);
+                return old;
+            });
+        return t;
+    }
+};
+
+template <class T>
+struct ArrayServant {
+    std::vector<T> v;
+    static TypeEntry entry() {
+        using S = ArrayServant;
+        TypeEntry t;
+        t.make = [](Decoder& in) -> std::shared_ptr<void> {
+            auto s = std::make_shared<S>();
+            s->v = in.get<std::vector<T>>();
+            in.finish();
+            return s;
+        };
+        t.methods = {
+            {"get", make_method<S>([](S& s, std::int64_t i) -> T {
+                 return s.v[normalise_index(i, s.v.size())];
+             })},
+            {"set", make_method<S>([](S& s, std::int64_t i, const T& x) {
+                 s.v[normalise_index(i, s.v.size())] = x;
+             })},
+            {"size", make_method<S>([](S& s) { return std::uint64_t(s.v.size()); })},
+            {"copy", make_method<S>([](S& s) { return s.v; })},
+        };
+        return t;
+    }
+};
+
+/// The untyped core of the server's queue (items as encoded bytes).
+struct QueueCore;
+TypeEntry queue_entry();
+
+template <class T>
+struct QueueServant {
+    static TypeEntry entry() { return queue_entry(); }
+};
+
+}  // namespace detail::managers
+}  // namespace mp

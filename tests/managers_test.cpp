@@ -1,0 +1,552 @@
+// Tests for mp/managers.hpp: the behaviours CPython's _TestManager, _TestRemoteManager,
+// _TestMyManager and the manager flavours of _TestQueue/_TestLock/_TestEvent/_TestCondition/
+// _TestBarrier/_TestDict/_TestList/_TestNamespace check, plus death tests (a client killed in a
+// call, a killed server). Every wait is bounded.
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <csignal>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include "mp/connection.hpp"
+#include "mp/managers.hpp"
+#include "mp/process.hpp"
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr auto LONG = 20s;  // a bound reached only when something is broken
+
+/// Runs `f` in a fork child; the child's exit code says whether it passed (0) or threw (1).
+template <class F>
+int run_child(F f) {
+    mp::Process p({.start_method = mp::StartMethod::fork}, std::move(f));
+    p.start();
+    if (!p.join(LONG)) {
+        p.kill();
+        p.join();
+        return -1000;
+    }
+    return *p.exitcode();
+}
+
+void check(bool ok, const char* what) {
+    if (!ok) throw std::runtime_error(what);
+}
+
+struct Counter {
+    explicit Counter(int start = 0) : n(start) {}
+    int inc(int by) { return n += by; }
+    int get() const { return n; }
+    void fail(std::string msg) { throw std::logic_error(msg); }
+    void secret() {}
+    int n;
+};
+
+struct MyError : std::exception {
+    const char* what() const noexcept override { return "my error"; }
+};
+
+void register_counter(mp::BaseManager& m) {
+    m.register_type<Counter, int>("Counter", {{"inc", &Counter::inc},
+                                              {"get", &Counter::get},
+                                              {"fail", &Counter::fail},
+                                              {"custom", [](Counter&) { throw MyError(); }}});
+}
+
+// ---- each proxy type's operations ---------------------------------------------------------------
+
+TEST(ManagerTest, Dict) {
+    mp::Manager m;
+    auto d = m.dict<std::string, int>();
+    EXPECT_EQ(d.size(), 0u);
+    d.set("a", 1);
+    d.set("b", 2);
+    d.set("a", 3);
+    EXPECT_EQ(d.get("a"), 3);
+    EXPECT_EQ(d.get("zz", -1), -1);
+    EXPECT_TRUE(d.contains("b"));
+    EXPECT_FALSE(d.contains("c"));
+    EXPECT_EQ(d.size(), 2u);
+    EXPECT_THROW(d.get("missing"), std::out_of_range);
+    auto keys = d.keys();
+    std::sort(keys.begin(), keys.end());
+    EXPECT_EQ(keys, (std::vector<std::string>{"a", "b"}));
+    EXPECT_EQ(d.setdefault("c", 7), 7);
+    EXPECT_EQ(d.setdefault("c", 8), 7);
+    d.update({{"d", 4}, {"a", 10}});
+    EXPECT_EQ(d.copy(), (std::map<std::string, int>{{"a", 10}, {"b", 2}, {"c", 7}, {"d", 4}}));
+    EXPECT_EQ(d.pop("d"), 4);
+    EXPECT_THROW(d.pop("d"), std::out_of_range);
+    EXPECT_TRUE(d.erase("c"));
+    EXPECT_FALSE(d.erase("c"));
+    EXPECT_EQ(d.items().size(), 2u);
+    d.clear();
+    EXPECT_EQ(d.size(), 0u);
+
+    auto d2 = m.dict<int, std::vector<double>>({{1, {1.5, 2.5}}});
+    EXPECT_EQ(d2.get(1), (std::vector<double>{1.5, 2.5}));
+}
+
+TEST(ManagerTest, List) {
+    mp::Manager m;
+    auto l = m.list<int>({5, 6});
+    l.append(3);
+    EXPECT_EQ(l.get(0), 5);
+    EXPECT_EQ(l.get(-1), 3);
+    EXPECT_THROW(l.get(3), std::out_of_range);
+    l.set(1, 60);
+    l.extend({1, 2});
+    l.insert(0, 9);
+    EXPECT_EQ(l.to_vector(), (std::vector<int>{9, 5, 60, 3, 1, 2}));
+    EXPECT_EQ(l.index(60), 2u);
+    EXPECT_THROW(l.index(61), std::invalid_argument);
+    EXPECT_EQ(l.count(5), 1u);
+    EXPECT_EQ(l.pop(), 2);
+    EXPECT_EQ(l.pop(0), 9);
+    l.remove(60);
+    l.sort();
+    EXPECT_EQ(l.to_vector(), (std::vector<int>{1, 3, 5}));
+    l.reverse();
+    EXPECT_EQ(l.to_vector(), (std::vector<int>{5, 3, 1}));
+    EXPECT_EQ(l.size(), 3u);
+    l.clear();
+    EXPECT_THROW(l.pop(), std::out_of_range);
+}
+
+TEST(ManagerTest, Namespace) {
+    mp::Manager m;
+    auto ns = m.Namespace();
+    ns.set<int>("x", 1);
+    ns.set<std::string>("name", "egon");
+    EXPECT_EQ(ns.get<int>("x"), 1);
+    EXPECT_EQ(ns.get<std::string>("name"), "egon");
+    EXPECT_TRUE(ns.contains("x"));
+    EXPECT_THROW(ns.get<int>("y"), std::out_of_range);
+    ns.erase("x");
+    EXPECT_FALSE(ns.contains("x"));
+    EXPECT_EQ(ns.names(), std::vector<std::string>{"name"});
+    EXPECT_EQ(run_child([ns] { ns.set<double>("z", 2.5); }), 0);
+    EXPECT_EQ(ns.get<double>("z"), 2.5);
+}
+
+TEST(ManagerTest, ValueAndArray) {
+    mp::Manager m;
+    auto v = m.Value<int>(7);
+    EXPECT_EQ(v.get(), 7);
+    v.set(9);
+    EXPECT_EQ(v.fetch_add(2), 9);
+    EXPECT_EQ(v.get(), 11);
+    auto s = m.Value<std::string>("hi");
+    EXPECT_EQ(s.get(), "hi");
+    auto a = m.Array<double>(3);
+    a.set(1, 2.5);
+    EXPECT_EQ(a.get(1), 2.5);
+    EXPECT_EQ(a.size(), 3u);
+    EXPECT_EQ(a.to_vector(), (std::vector<double>{0, 2.5, 0}));
+    EXPECT_THROW(a.get(3), std::out_of_range);
+}
+
+TEST(ManagerTest, QueueOperations) {
+    mp::Manager m;
+    auto q = m.Queue<std::string>(2);
+    EXPECT_TRUE(q.empty());
+    q.put("a");
+    q.put_nowait("b");
+    EXPECT_TRUE(q.full());
+    EXPECT_EQ(q.qsize(), 2u);
+    EXPECT_THROW(q.put_nowait("c"), mp::Full);
+    auto t0 = Clock::now();
+    EXPECT_THROW(q.put("c", 100ms), mp::Full);
+    EXPECT_GE(Clock::now() - t0, 100ms);
+    EXPECT_EQ(q.get(), "a");
+    EXPECT_EQ(q.get_nowait(), "b");
+    EXPECT_THROW(q.get_nowait(), mp::Empty);
+    EXPECT_THROW(q.get(50ms), mp::Empty);
+}
+
+TEST(ManagerTest, SemaphoreAndBounded) {
+    mp::Manager m;
+    auto s = m.Semaphore(2);
+    EXPECT_TRUE(s.acquire());
+    EXPECT_TRUE(s.acquire());
+    EXPECT_FALSE(s.acquire(false));
+    EXPECT_FALSE(s.acquire(true, 50ms));
+    s.release();
+    EXPECT_EQ(s.get_value(), 1);
+    auto b = m.BoundedSemaphore(1);
+    EXPECT_THROW(b.release(), std::invalid_argument);
+}
+
+TEST(ManagerTest, LockAndRLock) {
+    mp::Manager m;
+    auto l = m.Lock();
+    EXPECT_TRUE(l.acquire());
+    EXPECT_FALSE(l.acquire(false));
+    l.release();
+    EXPECT_THROW(l.release(), std::runtime_error);
+    {
+        std::lock_guard g(l);
+    }
+    auto r = m.RLock();
+    EXPECT_TRUE(r.acquire());
+    EXPECT_TRUE(r.acquire());
+    r.release();
+    r.release();
+    EXPECT_THROW(r.release(), std::runtime_error);
+}
+
+// ---- several processes --------------------------------------------------------------------------
+
+TEST(ManagerTest, ConcurrentDictAndValueExactTotal) {
+    mp::Manager m;
+    auto d = m.dict<std::string, int>({{"n", 0}});
+    auto lock = m.Lock();
+    auto v = m.Value<long>(0);
+    constexpr int kProcs = 4, kIters = 200;
+    std::vector<std::unique_ptr<mp::Process>> ps;
+    for (int i = 0; i < kProcs; ++i) {
+        ps.push_back(std::make_unique<mp::Process>([=] {
+            for (int k = 0; k < kIters; ++k) {
+                std::lock_guard g(lock);
+                d.set("n", d.get("n") + 1);
+                v.fetch_add(1);
+            }
+        }));
+        ps.back()->start();
+    }
+    for (auto& p : ps) {
+        ASSERT_TRUE(p->join(LONG));
+        EXPECT_EQ(p->exitcode(), 0);
+    }
+    EXPECT_EQ(d.get("n"), kProcs * kIters);
+    EXPECT_EQ(v.get(), kProcs * kIters);
+}
+
+TEST(ManagerTest, QueueProducerConsumerAcrossProcesses) {
+    mp::Manager m;
+    auto q = m.Queue<int>();
+    mp::Process producer([q] {
+        for (int i = 0; i < 100; ++i) q.put(i);
+    });
+    producer.start();
+    long sum = 0;
+    for (int i = 0; i < 100; ++i) sum += q.get(LONG);
+    EXPECT_EQ(sum, 4950);
+    ASSERT_TRUE(producer.join(LONG));
+    EXPECT_EQ(producer.exitcode(), 0);
+}
+
+TEST(ManagerTest, JoinableQueueTaskDoneAndJoin) {
+    mp::Manager m;
+    auto q = m.JoinableQueue<int>();
+    auto results = m.list<int>();
+    mp::Process consumer([q, results] {
+        for (;;) {
+            int x = q.get(LONG);
+            if (x < 0) {
+                q.task_done();
+                return;
+            }
+            results.append(x * x);
+            q.task_done();
+        }
+    });
+    consumer.start();
+    for (int i = 0; i < 10; ++i) q.put(i);
+    q.put(-1);
+    q.join();  // returns only after every item was processed
+    EXPECT_EQ(results.size(), 10u);
+    ASSERT_TRUE(consumer.join(LONG));
+    EXPECT_THROW(q.task_done(), std::invalid_argument);
+}
+
+TEST(ManagerTest, LockAcrossProcesses) {
+    mp::Manager m;
+    auto l = m.Lock();
+    auto e = m.Event();
+    mp::Process holder([l, e] {
+        l.acquire();
+        e.set();
+        std::this_thread::sleep_for(300ms);
+        l.release();
+    });
+    holder.start();
+    ASSERT_TRUE(e.wait(LONG));
+    EXPECT_FALSE(l.acquire(false));
+    EXPECT_TRUE(l.acquire(true, LONG));  // once the holder releases it
+    l.release();
+    ASSERT_TRUE(holder.join(LONG));
+    EXPECT_EQ(holder.exitcode(), 0);
+}
+
+TEST(ManagerTest, EventAcrossProcesses) {
+    mp::Manager m;
+    auto e = m.Event();
+    EXPECT_FALSE(e.is_set());
+    auto t0 = Clock::now();
+    EXPECT_FALSE(e.wait(100ms));
+    EXPECT_GE(Clock::now() - t0, 100ms);
+    mp::Process setter([e] {
+        std::this_thread::sleep_for(100ms);
+        e.set();
+    });
+    setter.start();
+    EXPECT_TRUE(e.wait(LONG));
+    EXPECT_TRUE(e.is_set());
+    e.clear();
+    EXPECT_FALSE(e.is_set());
+    ASSERT_TRUE(setter.join(LONG));
+}
+
+TEST(ManagerTest, ConditionAcrossProcesses) {
+    mp::Manager m;
+    auto c = m.Condition();
+    auto ready = m.Value<int>(0);
+    std::vector<std::unique_ptr<mp::Process>> ps;
+    for (int i = 0; i < 3; ++i) {
+        ps.push_back(std::make_unique<mp::Process>([c, ready] {
+            c.acquire();
+            ready.fetch_add(1);
+            bool ok = c.wait(LONG);
+            c.release();
+            check(ok, "not notified");
+        }));
+        ps.back()->start();
+    }
+    // Wait until all three are waiting (each fetch_add happens under the lock before wait).
+    auto deadline = Clock::now() + LONG;
+    while (ready.get() < 3 && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+    c.acquire();  // a waiter has released the lock inside wait once we hold it
+    c.notify();
+    c.release();
+    c.acquire();
+    c.notify_all();
+    c.release();
+    for (auto& p : ps) {
+        ASSERT_TRUE(p->join(LONG));
+        EXPECT_EQ(p->exitcode(), 0);
+    }
+    c.acquire();
+    EXPECT_FALSE(c.wait(50ms));
+    c.release();
+    EXPECT_THROW(c.notify(), std::runtime_error);  // not holding the lock
+}
+
+TEST(ManagerTest, BarrierAcrossProcesses) {
+    mp::Manager m;
+    auto b = m.Barrier(3);
+    auto indexes = m.list<int>();
+    std::vector<std::unique_ptr<mp::Process>> ps;
+    for (int i = 0; i < 2; ++i) {
+        ps.push_back(std::make_unique<mp::Process>([b, indexes] { indexes.append(b.wait(LONG)); }));
+        ps.back()->start();
+    }
+    indexes.append(b.wait(LONG));
+    for (auto& p : ps) ASSERT_TRUE(p->join(LONG));
+    auto got = indexes.to_vector();
+    std::sort(got.begin(), got.end());
+    EXPECT_EQ(got, (std::vector<int>{0, 1, 2}));
+    EXPECT_EQ(b.parties(), 3);
+    EXPECT_THROW(b.wait(50ms), mp::BrokenBarrierError);  // times out alone: breaks
+    EXPECT_TRUE(b.broken());
+    b.reset();
+    EXPECT_FALSE(b.broken());
+    b.abort();
+    EXPECT_THROW(b.wait(), mp::BrokenBarrierError);
+}
+
+TEST(ManagerTest, ProxyTravelsThroughACodec) {
+    mp::Manager m;
+    auto d = m.dict<int, int>();
+    auto [a, b] = mp::Pipe();
+    mp::Process child([b] {
+        auto got = mp::Connection(b).recv<mp::DictProxy<int, int>>();
+        got.set(1, 42);
+    });
+    child.start();
+    a.send(d);
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_EQ(d.get(1), 42);
+    // Same process: the decoded copy holds its own reference; the object survives it.
+    {
+        mp::Encoder e;
+        e.put(d);
+        mp::Decoder dec(e.bytes());
+        auto copy = dec.get<mp::DictProxy<int, int>>();
+        EXPECT_EQ(copy.get(1), 42);
+    }
+    EXPECT_EQ(d.get(1), 42);
+}
+
+// ---- registered types and errors ----------------------------------------------------------------
+
+TEST(ManagerTest, RegisteredTypeExposedAndUnexposed) {
+    mp::BaseManager m;
+    register_counter(m);
+    m.start();
+    auto c = m.create("Counter", 10);
+    EXPECT_EQ(c.call<int>("inc", 5), 15);
+    EXPECT_EQ(c.call<int>("get"), 15);
+    EXPECT_EQ(run_child([c] { c.call<int>("inc", 1); }), 0);
+    EXPECT_EQ(c.call<int>("get"), 16);
+    try {
+        c.call("secret");
+        FAIL() << "an unexposed method ran";
+    } catch (const mp::RemoteError& e) {
+        EXPECT_NE(e.message().find("not exposed"), std::string::npos) << e.message();
+    }
+    EXPECT_THROW(m.create("NoSuchType"), mp::RemoteError);
+    // A standard exception comes back as itself; any other as RemoteError naming its type.
+    try {
+        c.call("fail", std::string("boom"));
+        FAIL();
+    } catch (const std::logic_error& e) {
+        EXPECT_STREQ(e.what(), "boom");
+    }
+    try {
+        c.call("custom");
+        FAIL();
+    } catch (const mp::RemoteError& e) {
+        EXPECT_NE(e.type_name().find("MyError"), std::string::npos) << e.type_name();
+        EXPECT_EQ(e.message(), "my error");
+    }
+    // Wrong argument types are a decoding error on the server, not a crash.
+    EXPECT_ANY_THROW(c.call<int>("inc", std::string("x")));
+    EXPECT_EQ(c.call<int>("get"), 16);
+    m.shutdown();
+}
+
+TEST(ManagerTest, RemoteManagerOverTcpWithAuthkey) {
+    mp::BaseManager server(mp::Address("127.0.0.1", 0), "secret key");
+    register_counter(server);
+    server.start();
+    ASSERT_TRUE(server.address().is_tcp());
+    ASSERT_NE(server.address().port, 0);
+    mp::Address addr = server.address();
+    auto c = server.create("Counter", 0);
+    auto id = c.id();
+    // Another process connects with the key and works on the same object.
+    EXPECT_EQ(run_child([addr, id] {
+                  mp::BaseManager client(addr, "secret key");
+                  register_counter(client);
+                  client.connect();
+                  auto mine = client.create("Counter", 100);
+                  check(mine.call<int>("inc", 1) == 101, "own counter");
+              }),
+              0);
+    c.call<int>("inc", 2);
+    EXPECT_EQ(c.call<int>("get"), 2);
+    (void)id;
+    // A wrong key is refused, and the server goes on serving.
+    mp::BaseManager wrong(addr, "not the key");
+    EXPECT_THROW(wrong.connect(), mp::AuthenticationError);
+    EXPECT_EQ(c.call<int>("get"), 2);
+    EXPECT_THROW(mp::BaseManager(mp::Address("127.0.0.1", 0), ""), std::invalid_argument);
+    server.shutdown();
+}
+
+TEST(ManagerTest, ServeForeverAndRemoteShutdown) {
+    auto [r, w] = mp::Pipe(false);
+    mp::Process srv([w] {
+        mp::BaseManager m(mp::Address("127.0.0.1", 0), "k");
+        register_counter(m);
+        m.serve_forever([&](const mp::Address& a) { mp::Connection(w).send(a.port); });
+    });
+    srv.start();
+    ASSERT_TRUE(r.poll(LONG));
+    auto port = r.recv<std::uint16_t>();
+    mp::BaseManager client(mp::Address("127.0.0.1", port), "k");
+    register_counter(client);
+    client.connect();
+    auto c = client.create("Counter", 1);
+    EXPECT_EQ(c.call<int>("inc", 1), 2);
+    client.shutdown();  // the serve_forever returns
+    ASSERT_TRUE(srv.join(LONG));
+    EXPECT_EQ(srv.exitcode(), 0);
+}
+
+// ---- death --------------------------------------------------------------------------------------
+
+TEST(ManagerTest, ClientKilledMidCallServerServesOthers) {
+    mp::Manager m;
+    auto q = m.Queue<int>();
+    auto l = m.Lock();
+    auto started = m.Event();
+    mp::Process blocked([q, l, started] {
+        l.acquire();
+        started.set();
+        q.get();  // blocks in the server until killed
+    });
+    blocked.start();
+    ASSERT_TRUE(started.wait(LONG));
+    std::this_thread::sleep_for(50ms);
+    blocked.kill();
+    blocked.join();
+    auto d = m.dict<int, int>();
+    d.set(1, 1);
+    EXPECT_EQ(d.get(1), 1);
+    // The killed client's lock is released when its connection ends.
+    EXPECT_TRUE(l.acquire(true, LONG));
+    l.release();
+    q.put(5);
+    q.put(6);
+    // The dead client's pending get may take one item once it comes (it never returns it).
+    auto got = q.get(LONG);
+    EXPECT_TRUE(got == 5 || got == 6);
+}
+
+TEST(ManagerTest, ServerKilledClientErrorsPromptly) {
+    mp::Manager m;
+    auto d = m.dict<int, int>();
+    d.set(1, 1);
+    ::kill(m.server_pid(), SIGKILL);
+    auto t0 = Clock::now();
+    bool threw = false;
+    try {
+        // Give the kill a moment to land; every call must end in an error, never hang.
+        for (int i = 0; i < 1000; ++i) {
+            d.get(1);
+            std::this_thread::sleep_for(5ms);
+        }
+    } catch (const mp::EOFError&) {
+        threw = true;
+    } catch (const std::system_error&) {
+        threw = true;
+    }
+    EXPECT_TRUE(threw);
+    EXPECT_LT(Clock::now() - t0, 5s);
+    EXPECT_ANY_THROW(d.get(1));  // and goes on failing
+    m.shutdown();                // reaps the dead server
+}
+
+TEST(ManagerTest, ShutdownLeavesNoProcess) {
+    pid_t pid;
+    {
+        mp::Manager m;
+        pid = m.server_pid();
+        ASSERT_GT(pid, 0);
+        auto d = m.dict<int, int>();
+        m.shutdown();
+        m.shutdown();  // idempotent
+        EXPECT_ANY_THROW(d.get(1));
+    }
+    EXPECT_EQ(::kill(pid, 0), -1);
+    // The destructor alone shuts down as well.
+    {
+        mp::Manager m;
+        pid = m.server_pid();
+    }
+    EXPECT_EQ(::kill(pid, 0), -1);
+}
+
+}  // namespace

@@ -11,4 +11,5 @@
 #include "mp/queue.hpp"
 #include "mp/serialize.hpp"
 #include "mp/shared_memory.hpp"
+#include "mp/socketserver.hpp"
 #include "mp/synchronize.hpp"

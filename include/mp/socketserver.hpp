@@ -1,0 +1,352 @@
+#pragma once
+/// Python's socketserver for C++: TCP, UDP and Unix socket servers that hand each request to a
+/// handler object, synchronously, in a thread, in a forked child, or (beyond Python) in one of N
+/// pre-forked worker processes.
+///
+///     struct Echo : mp::StreamRequestHandler {
+///         void handle() override { wfile.write(rfile.readline()); }
+///     };
+///     mp::ThreadingTCPServer srv({"127.0.0.1", 9000}, mp::handler<Echo>());
+///     std::thread t([&] { srv.serve_forever(); });
+///     ...; srv.shutdown(); t.join(); srv.server_close();
+///
+/// Python's mixins are a policy here: SocketServer<kind, family, concurrency>, with the Python
+/// names as aliases (TCPServer, ThreadingTCPServer, ForkingUnixStreamServer, ...). Hooks that
+/// Python users override (verify_request, handle_error, handle_timeout, service_actions,
+/// process_request, finish_request) are virtual; subclass an alias to override them.
+///
+/// Destructor policy: the destructor calls server_close(), then joins every handler thread still
+/// running (daemon_threads or not: a detached thread would outlive the server it uses) and
+/// every forked child still running (mp::Process's policy). A subclass whose overridden hooks
+/// run in handler threads should call server_close() in its own destructor.
+
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <sys/types.h>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "mp/errors.hpp"
+
+namespace mp {
+
+class Process;
+
+/// A socket address: host and port for TCP/UDP (IPv4, or IPv6 when the host contains ':'), or
+/// a path for a Unix socket (a path starting with '\0' is a Linux abstract name).
+struct ServerAddress {
+    std::string host;
+    std::uint16_t port = 0;
+    std::string path;
+
+    ServerAddress() = default;
+    ServerAddress(std::string h, std::uint16_t p) : host(std::move(h)), port(p) {}
+    /// A Unix socket path.
+    ServerAddress(std::string unix_path) : path(std::move(unix_path)) {}
+    ServerAddress(const char* unix_path) : path(unix_path) {}
+
+    bool is_unix() const noexcept { return !path.empty(); }
+    /// "host:port" ("[v6]:port"), or the path.
+    std::string to_string() const;
+    bool operator==(const ServerAddress&) const = default;
+};
+
+/// One request as a handler sees it. Stream servers: fd() is the accepted connection (the
+/// server closes it after the handler). Datagram servers: data is the packet and fd() the
+/// server's own socket, to answer with sendto.
+class Request {
+public:
+    Request() = default;
+    Request(Request&& o) noexcept
+        : data(std::move(o.data)), fd_(std::exchange(o.fd_, -1)), owned_(std::exchange(o.owned_, false)) {}
+    Request& operator=(Request&& o) noexcept;
+    Request(const Request&) = delete;
+    Request& operator=(const Request&) = delete;
+    ~Request() { close(); }
+
+    int fd() const noexcept { return fd_; }
+    std::string data;
+
+private:
+    friend class BaseServer;
+    void close() noexcept;
+    int fd_ = -1;
+    bool owned_ = false;  // stream connections are owned; a datagram server's socket is not
+};
+
+/// Python's rfile: buffered reads from a socket (StreamRequestHandler) or from a packet
+/// (DatagramRequestHandler).
+class InputFile {
+public:
+    InputFile() = default;
+    /// Reads `fd`; each wait for data is bounded by `timeout` (mp::TimeoutError) when set.
+    InputFile(int fd, std::optional<std::chrono::nanoseconds> timeout) : fd_(fd), timeout_(timeout) {}
+    /// Reads the bytes of `data` (a datagram).
+    explicit InputFile(std::string data) : buf_(std::move(data)), eof_(true) {}
+
+    /// One line with its '\n' (at most `limit` bytes); the rest at end of file; "" at EOF.
+    std::string readline(std::size_t limit = static_cast<std::size_t>(-1));
+    /// Up to `n` bytes: fewer only at end of file.
+    std::string read(std::size_t n);
+    /// Everything up to end of file.
+    std::string read();
+
+private:
+    bool fill();
+    int fd_ = -1;
+    std::optional<std::chrono::nanoseconds> timeout_;
+    std::string buf_;
+    std::size_t pos_ = 0;
+    bool eof_ = false;
+};
+
+/// Python's wfile: unbuffered writes to a socket, or the reply being built (datagrams).
+class OutputFile {
+public:
+    OutputFile() = default;
+    /// Writes go straight to `fd` (all of them; a closed peer is std::system_error(EPIPE)).
+    explicit OutputFile(int fd) : fd_(fd) {}
+    void write(std::string_view bytes);
+    /// What was written (datagram reply); empty for a socket.
+    const std::string& getvalue() const noexcept { return buf_; }
+
+private:
+    int fd_ = -1;
+    std::string buf_;
+};
+
+class BaseServer;
+
+/// A handler is made for each request; the server calls setup(), handle(), then finish() (also
+/// when handle() throws; the exception then goes to the server's handle_error).
+class BaseRequestHandler {
+public:
+    virtual ~BaseRequestHandler() = default;
+    virtual void setup() {}
+    virtual void handle() {}
+    virtual void finish() {}
+
+    /// The connection (stream) or the packet and the server's socket (datagram).
+    Request& request() const noexcept { return *request_; }
+    const ServerAddress& client_address() const noexcept { return *client_; }
+    BaseServer& server() const noexcept { return *server_; }
+
+private:
+    friend class BaseServer;
+    Request* request_ = nullptr;
+    const ServerAddress* client_ = nullptr;
+    BaseServer* server_ = nullptr;
+};
+
+/// rfile/wfile over the connection. Set `timeout` (in the constructor) to bound each read.
+class StreamRequestHandler : public BaseRequestHandler {
+public:
+    void setup() override;
+    void finish() override {}
+
+    InputFile rfile;
+    OutputFile wfile;
+    /// Bounds each wait for data in rfile (mp::TimeoutError); none by default, as Python.
+    std::optional<std::chrono::nanoseconds> timeout;
+    /// Sets TCP_NODELAY on the connection (TCP only).
+    bool disable_nagle_algorithm = false;
+};
+
+/// rfile reads the packet; what is written to wfile is sent back to the client in finish().
+class DatagramRequestHandler : public BaseRequestHandler {
+public:
+    void setup() override;
+    void finish() override;
+
+    InputFile rfile;
+    OutputFile wfile;
+};
+
+using HandlerFactory = std::function<std::unique_ptr<BaseRequestHandler>()>;
+
+/// The factory for a handler class: mp::TCPServer srv(addr, mp::handler<MyHandler>());
+template <class H>
+HandlerFactory handler() {
+    static_assert(std::is_base_of_v<BaseRequestHandler, H>, "a handler derives from mp::BaseRequestHandler");
+    return [] { return std::make_unique<H>(); };
+}
+
+enum class SocketKind { stream, datagram };
+enum class AddressFamily { inet, unix_socket };
+enum class Concurrency {
+    none,       ///< the request is handled in serve_forever's thread
+    threading,  ///< a thread per request (ThreadingMixIn)
+    forking,    ///< a forked child per request (ForkingMixIn)
+};
+
+struct ServerOptions {
+    /// False: the caller calls server_bind() and server_activate() itself.
+    bool bind_and_activate = true;
+    bool allow_reuse_address = false;  ///< SO_REUSEADDR
+    bool allow_reuse_port = false;     ///< SO_REUSEPORT
+    int request_queue_size = 5;        ///< listen() backlog
+    /// handle_request() waits this long for a request, then calls handle_timeout(); none: forever.
+    std::optional<std::chrono::nanoseconds> timeout{};
+    std::size_t max_packet_size = 8192;  ///< datagram servers
+    /// Threading: server_close() does not wait for the handler threads (the destructor does).
+    bool daemon_threads = false;
+    /// Threading/forking: server_close() waits for the handler threads / children.
+    bool block_on_close = true;
+    /// Forking: at most this many children at once; the next request waits for one to end.
+    std::size_t max_children = 40;
+    /// Prefork: the number of worker processes.
+    std::size_t workers = 4;
+};
+
+/// A socket server (Python's BaseServer and TCPServer/UDPServer in one).
+class BaseServer {
+public:
+    BaseServer(const BaseServer&) = delete;
+    BaseServer& operator=(const BaseServer&) = delete;
+    virtual ~BaseServer();
+
+    /// Handles requests until shutdown(); checks for shutdown at least every poll_interval
+    /// (shutdown() also wakes it at once). std::logic_error after server_close().
+    virtual void serve_forever(std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(500));
+    /// From another thread: makes serve_forever return and waits until it has. Called while
+    /// serve_forever is not running, it returns at once and the next serve_forever returns at once.
+    /// As in Python, calling it from serve_forever's own thread (a non-threading handler) deadlocks.
+    void shutdown();
+    /// Waits for one request (at most options().timeout) and handles it; handle_timeout() if none
+    /// came. std::logic_error after server_close().
+    void handle_request();
+    /// Closes the socket; waits for handler threads / children per block_on_close. Idempotent.
+    virtual void server_close();
+
+    void server_bind();
+    void server_activate();
+    /// The bound address (the real port when 0 was asked for).
+    const ServerAddress& server_address() const noexcept { return address_; }
+    int fileno() const noexcept { return sock_; }
+    const ServerOptions& options() const noexcept { return options_; }
+
+    /// Forking: the children still running (after the last collect).
+    std::size_t active_children() const;
+    /// Forking: reaps the children that ended; with blocking, waits for all of them.
+    void collect_children(bool blocking = false);
+
+    // ---- hooks ----
+    /// False: the request is closed unanswered.
+    virtual bool verify_request(const Request& request, const ServerAddress& client_address);
+    /// Called inside the catch block of a handler's exception (std::current_exception() is it).
+    /// The default prints Python's dashed block with the client address and the error to stderr.
+    virtual void handle_error(const Request& request, const ServerAddress& client_address);
+    /// handle_request() saw no request within the timeout.
+    virtual void handle_timeout() {}
+    /// Called once per serve_forever loop (the forking server collects its children here).
+    virtual void service_actions();
+    virtual void process_request(Request& request, const ServerAddress& client_address);
+    /// Makes the handler and runs it.
+    virtual void finish_request(Request& request, const ServerAddress& client_address);
+    /// Stream: shuts the connection down for writing and closes it.
+    virtual void shutdown_request(Request& request);
+    virtual void close_request(Request& request);
+
+protected:
+    struct Kind {
+        SocketKind socket;
+        AddressFamily family;
+        Concurrency concurrency;
+    };
+    BaseServer(ServerAddress address, HandlerFactory factory, Kind kind, ServerOptions options);
+
+    /// Accepts one request without waiting long; false when nothing could be taken.
+    void handle_request_noblock();
+    /// serve_forever's bookkeeping: false when a pending shutdown says not to start.
+    bool begin_serving();
+    void end_serving() noexcept;
+    bool shutdown_requested();
+    /// Becomes readable when shutdown() is called.
+    int wakeup_fd() const noexcept { return wake_r_; }
+    void drain_wakeup() noexcept;
+    void check_open() const;
+
+private:
+    bool get_request(Request& request, ServerAddress& client);
+    void join_threads(bool all);
+
+    ServerAddress address_;
+    HandlerFactory factory_;
+    Kind kind_;
+    ServerOptions options_;
+    int sock_ = -1;
+    int wake_r_ = -1, wake_w_ = -1;
+
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool serving_ = false;
+    bool shutdown_request_ = false;
+
+    struct HandlerThread {
+        std::thread thread;
+        std::shared_ptr<bool> done;  // guarded by threads_mu_
+    };
+    std::mutex threads_mu_;
+    std::vector<HandlerThread> threads_;
+    std::vector<std::unique_ptr<Process>> children_;
+};
+
+/// Python's server classes as one template: a socket kind, an address family, a concurrency.
+template <SocketKind S, AddressFamily F, Concurrency C>
+class SocketServer : public BaseServer {
+public:
+    SocketServer(ServerAddress address, HandlerFactory factory, ServerOptions options = {})
+        : BaseServer(std::move(address), std::move(factory), Kind{S, F, C}, std::move(options)) {}
+};
+
+using TCPServer = SocketServer<SocketKind::stream, AddressFamily::inet, Concurrency::none>;
+using UDPServer = SocketServer<SocketKind::datagram, AddressFamily::inet, Concurrency::none>;
+using UnixStreamServer = SocketServer<SocketKind::stream, AddressFamily::unix_socket, Concurrency::none>;
+using UnixDatagramServer = SocketServer<SocketKind::datagram, AddressFamily::unix_socket, Concurrency::none>;
+using ThreadingTCPServer = SocketServer<SocketKind::stream, AddressFamily::inet, Concurrency::threading>;
+using ThreadingUDPServer = SocketServer<SocketKind::datagram, AddressFamily::inet, Concurrency::threading>;
+using ThreadingUnixStreamServer =
+    SocketServer<SocketKind::stream, AddressFamily::unix_socket, Concurrency::threading>;
+using ThreadingUnixDatagramServer =
+    SocketServer<SocketKind::datagram, AddressFamily::unix_socket, Concurrency::threading>;
+using ForkingTCPServer = SocketServer<SocketKind::stream, AddressFamily::inet, Concurrency::forking>;
+using ForkingUDPServer = SocketServer<SocketKind::datagram, AddressFamily::inet, Concurrency::forking>;
+using ForkingUnixStreamServer = SocketServer<SocketKind::stream, AddressFamily::unix_socket, Concurrency::forking>;
+using ForkingUnixDatagramServer =
+    SocketServer<SocketKind::datagram, AddressFamily::unix_socket, Concurrency::forking>;
+
+/// Beyond Python: serve_forever starts options().workers processes that all accept on the one
+/// listening socket and handle requests one at a time. A worker that dies (a crash, a kill) is
+/// replaced. shutdown() is graceful: each worker finishes the request it is handling, then
+/// exits, and serve_forever returns once all have been joined. Workers are daemon processes: a
+/// parent that dies without shutting down takes them with it.
+class PreforkTCPServer : public BaseServer {
+public:
+    PreforkTCPServer(ServerAddress address, HandlerFactory factory, ServerOptions options = {});
+    ~PreforkTCPServer() override;
+
+    void serve_forever(std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(500)) override;
+
+    /// The pids of the running workers.
+    std::vector<pid_t> worker_pids() const;
+    /// Workers started so far by this server (the first N plus the replacements).
+    std::size_t workers_started() const;
+
+private:
+    std::unique_ptr<Process> start_worker(int stop_fd);
+
+    mutable std::mutex workers_mu_;
+    std::vector<std::unique_ptr<Process>> workers_;
+    std::size_t started_ = 0;
+};
+
+}  // namespace mp

@@ -1,0 +1,813 @@
+// Tests of mp's socketserver (include/mp/socketserver.hpp).
+//
+// Ports the behaviours of CPython's test_socketserver: an echo round trip with a real client
+// socket through every server type (TCP, UDP, Unix stream and datagram; plain, threading and
+// forking), shutdown() from another thread, handle_error called while the server goes on,
+// handler threads joined and children reaped by server_close (the shared main fails a test that
+// leaves a child or an fd behind), handle_request's timeout calling handle_timeout, a
+// verify_request that drops the request; plus ForkingTCPServer's max_children and
+// PreforkTCPServer (a crashed worker replaced, graceful shutdown). Every client socket has a
+// receive timeout and every wait is bounded, so a broken server fails a test instead of hanging.
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <netinet/in.h>
+#include <stdexcept>
+#include <string>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include <arpa/inet.h>
+
+#include "mp/socketserver.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+// ---- a small blocking client ----
+
+class Client {
+public:
+    Client(const mp::ServerAddress& to, int type, const std::string& bind_path = {}) {
+        const bool v6 = !to.is_unix() && to.host.find(':') != std::string::npos;
+        const int family = to.is_unix() ? AF_UNIX : (v6 ? AF_INET6 : AF_INET);
+        fd_ = ::socket(family, type | SOCK_CLOEXEC, 0);
+        if (fd_ < 0) throw std::system_error(errno, std::system_category(), "socket");
+        timeval tv{10, 0};  // no test waits forever on a broken server
+        ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        if (!bind_path.empty()) {
+            sockaddr_un un{};
+            un.sun_family = AF_UNIX;
+            std::strncpy(un.sun_path, bind_path.c_str(), sizeof un.sun_path - 1);
+            if (::bind(fd_, reinterpret_cast<sockaddr*>(&un), sizeof un) != 0) {
+                throw std::system_error(errno, std::system_category(), "bind");
+            }
+        }
+        sockaddr_storage ss{};
+        socklen_t len = 0;
+        if (to.is_unix()) {
+            auto* un = reinterpret_cast<sockaddr_un*>(&ss);
+            un->sun_family = AF_UNIX;
+            std::strncpy(un->sun_path, to.path.c_str(), sizeof un->sun_path - 1);
+            len = sizeof(sockaddr_un);
+        } else if (v6) {
+            auto* in6 = reinterpret_cast<sockaddr_in6*>(&ss);
+            in6->sin6_family = AF_INET6;
+            in6->sin6_port = htons(to.port);
+            ::inet_pton(AF_INET6, to.host.c_str(), &in6->sin6_addr);
+            len = sizeof(sockaddr_in6);
+        } else {
+            auto* in = reinterpret_cast<sockaddr_in*>(&ss);
+            in->sin_family = AF_INET;
+            in->sin_port = htons(to.port);
+            ::inet_pton(AF_INET, to.host.c_str(), &in->sin_addr);
+            len = sizeof(sockaddr_in);
+        }
+        if (::connect(fd_, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+            int err = errno;
+            ::close(fd_);
+            throw std::system_error(err, std::system_category(), "connect");
+        }
+    }
+    ~Client() {
+        if (fd_ >= 0) ::close(fd_);
+    }
+    Client(const Client&) = delete;
+    Client& operator=(const Client&) = delete;
+
+    void send(const std::string& s) {
+        std::size_t off = 0;
+        while (off < s.size()) {
+            ssize_t n = ::send(fd_, s.data() + off, s.size() - off, MSG_NOSIGNAL);
+            if (n < 0 && errno == EINTR) continue;  // a child's SIGCHLD (a socket timeout is not restarted)
+            if (n < 0) throw std::system_error(errno, std::system_category(), "send");
+            off += static_cast<std::size_t>(n);
+        }
+    }
+    void shut_wr() { ::shutdown(fd_, SHUT_WR); }
+    /// One recv (a datagram, or what a stream has now); "" at EOF; throws on timeout.
+    std::string recv_some() {
+        char buf[65536];
+        ssize_t n;
+        do {
+            n = ::recv(fd_, buf, sizeof buf, 0);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) throw std::system_error(errno, std::system_category(), "recv");
+        return std::string(buf, static_cast<std::size_t>(n));
+    }
+    std::string recv_all() {
+        std::string out;
+        for (std::string s = recv_some(); !s.empty(); s = recv_some()) out += s;
+        return out;
+    }
+    std::string recv_line() {
+        std::string out;
+        char c;
+        while (true) {
+            ssize_t n = ::recv(fd_, &c, 1, 0);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0) throw std::system_error(errno, std::system_category(), "recv");
+            if (n == 0) return out;
+            out += c;
+            if (c == '\n') return out;
+        }
+    }
+
+private:
+    int fd_ = -1;
+};
+
+/// Runs serve_forever in a thread; shuts the server down and joins at the end of the scope.
+class Serving {
+public:
+    explicit Serving(mp::BaseServer& s, std::chrono::nanoseconds poll = 50ms)
+        : s_(s), t_([this, poll] { s_.serve_forever(poll); }) {}
+    ~Serving() { stop(); }
+    void stop() {
+        if (t_.joinable()) {
+            s_.shutdown();
+            t_.join();
+        }
+    }
+
+private:
+    mp::BaseServer& s_;
+    std::thread t_;
+};
+
+/// A fresh Unix socket path in a private directory, removed at the end of the scope.
+class TempPath {
+public:
+    TempPath() {
+        char tmpl[] = "/tmp/mp_socketserver_XXXXXX";
+        if (::mkdtemp(tmpl) == nullptr) throw std::system_error(errno, std::system_category(), "mkdtemp");
+        dir_ = tmpl;
+    }
+    ~TempPath() {
+        for (auto& p : paths_) ::unlink(p.c_str());
+        ::rmdir(dir_.c_str());
+    }
+    std::string make(const std::string& name) {
+        paths_.push_back(dir_ + "/" + name);
+        return paths_.back();
+    }
+
+private:
+    std::string dir_;
+    std::vector<std::string> paths_;
+};
+
+// ---- handlers ----
+
+struct StreamEcho : mp::StreamRequestHandler {
+    void handle() override {
+        for (std::string line = rfile.readline(); !line.empty(); line = rfile.readline()) wfile.write(line);
+    }
+};
+
+struct DatagramEcho : mp::DatagramRequestHandler {
+    void handle() override { wfile.write(rfile.read()); }
+};
+
+const std::string kTestLines = "hello world\nsecond line\nno newline at end";
+
+template <class Server>
+void stream_round_trip(const mp::ServerAddress& addr) {
+    Server srv(addr, mp::handler<StreamEcho>());
+    ASSERT_EQ(srv.fileno() >= 0, true);
+    {
+        Serving serving(srv);
+        for (int i = 0; i < 3; ++i) {
+            Client c(srv.server_address(), SOCK_STREAM);
+            c.send(kTestLines);
+            c.shut_wr();
+            EXPECT_EQ(c.recv_all(), kTestLines);
+        }
+    }
+    srv.server_close();
+}
+
+template <class Server>
+void datagram_round_trip(const mp::ServerAddress& addr, const std::string& client_path = {}) {
+    Server srv(addr, mp::handler<DatagramEcho>());
+    {
+        Serving serving(srv);
+        Client c(srv.server_address(), SOCK_DGRAM, client_path);
+        for (int i = 0; i < 3; ++i) {
+            const std::string msg = "datagram " + std::to_string(i);
+            c.send(msg);
+            EXPECT_EQ(c.recv_some(), msg);
+        }
+    }
+    srv.server_close();
+}
+
+// ---- every server type: an echo round trip ----
+
+TEST(Socketserver, TCPServer) { stream_round_trip<mp::TCPServer>({"127.0.0.1", 0}); }
+TEST(Socketserver, ThreadingTCPServer) { stream_round_trip<mp::ThreadingTCPServer>({"127.0.0.1", 0}); }
+TEST(Socketserver, ForkingTCPServer) { stream_round_trip<mp::ForkingTCPServer>({"127.0.0.1", 0}); }
+
+TEST(Socketserver, TCPServerIPv6) {
+    try {
+        stream_round_trip<mp::ThreadingTCPServer>({"::1", 0});
+    } catch (const std::system_error& e) {
+        GTEST_SKIP() << "no IPv6 loopback here: " << e.what();
+    }
+}
+
+TEST(Socketserver, UDPServer) { datagram_round_trip<mp::UDPServer>({"127.0.0.1", 0}); }
+TEST(Socketserver, ThreadingUDPServer) { datagram_round_trip<mp::ThreadingUDPServer>({"127.0.0.1", 0}); }
+TEST(Socketserver, ForkingUDPServer) { datagram_round_trip<mp::ForkingUDPServer>({"127.0.0.1", 0}); }
+
+TEST(Socketserver, UnixStreamServer) {
+    TempPath tmp;
+    stream_round_trip<mp::UnixStreamServer>(tmp.make("s"));
+}
+TEST(Socketserver, ThreadingUnixStreamServer) {
+    TempPath tmp;
+    stream_round_trip<mp::ThreadingUnixStreamServer>(tmp.make("s"));
+}
+TEST(Socketserver, ForkingUnixStreamServer) {
+    TempPath tmp;
+    stream_round_trip<mp::ForkingUnixStreamServer>(tmp.make("s"));
+}
+
+TEST(Socketserver, UnixDatagramServer) {
+    TempPath tmp;
+    datagram_round_trip<mp::UnixDatagramServer>(tmp.make("s"), tmp.make("c"));
+}
+TEST(Socketserver, ThreadingUnixDatagramServer) {
+    TempPath tmp;
+    datagram_round_trip<mp::ThreadingUnixDatagramServer>(tmp.make("s"), tmp.make("c"));
+}
+TEST(Socketserver, ForkingUnixDatagramServer) {
+    TempPath tmp;
+    datagram_round_trip<mp::ForkingUnixDatagramServer>(tmp.make("s"), tmp.make("c"));
+}
+
+TEST(Socketserver, UnixAbstractName) {
+    const std::string name = std::string(1, '\0') + "mp_socketserver_test_" + std::to_string(::getpid());
+    mp::UnixStreamServer srv(name, mp::handler<StreamEcho>());
+    EXPECT_EQ(srv.server_address().path, name);
+    EXPECT_EQ(srv.server_address().to_string()[0], '@');
+}
+
+TEST(Socketserver, WrongAddressFamilyIsRefused) {
+    EXPECT_THROW(mp::TCPServer("/tmp/x", mp::handler<StreamEcho>()), std::invalid_argument);
+    EXPECT_THROW(mp::UnixStreamServer(mp::ServerAddress("127.0.0.1", 0), mp::handler<StreamEcho>()),
+                 std::invalid_argument);
+}
+
+TEST(Socketserver, UseAfterServerCloseIsAnError) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+    srv.server_close();
+    srv.server_close();  // idempotent
+    EXPECT_EQ(srv.fileno(), -1);
+    EXPECT_THROW(srv.handle_request(), std::logic_error);
+    EXPECT_THROW(srv.serve_forever(), std::logic_error);
+}
+
+TEST(Socketserver, ServerAddressHasTheBoundPort) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+    EXPECT_NE(srv.server_address().port, 0);
+    EXPECT_EQ(srv.server_address().host, "127.0.0.1");
+}
+
+TEST(Socketserver, AllowReuseAddressAndPort) {
+    mp::TCPServer a({"127.0.0.1", 0}, mp::handler<StreamEcho>(), {.allow_reuse_port = true});
+    // Another socket may bind the same port only when both ask for SO_REUSEPORT.
+    mp::TCPServer b(a.server_address(), mp::handler<StreamEcho>(), {.allow_reuse_port = true});
+    EXPECT_EQ(a.server_address().port, b.server_address().port);
+    EXPECT_THROW(mp::TCPServer(a.server_address(), mp::handler<StreamEcho>()), std::system_error);
+    mp::TCPServer c({"127.0.0.1", 0}, mp::handler<StreamEcho>(), {.allow_reuse_address = true});
+}
+
+TEST(Socketserver, BindAndActivateFalse) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>(), {.bind_and_activate = false});
+    EXPECT_EQ(srv.server_address().port, 0);
+    srv.server_bind();
+    srv.server_activate();
+    EXPECT_NE(srv.server_address().port, 0);
+    Serving serving(srv);
+    Client c(srv.server_address(), SOCK_STREAM);
+    c.send("x\n");
+    EXPECT_EQ(c.recv_line(), "x\n");
+}
+
+// ---- StreamRequestHandler's rfile/wfile ----
+
+struct ReadPieces : mp::StreamRequestHandler {
+    void handle() override {
+        std::string a = rfile.readline();    // "line one\n"
+        std::string b = rfile.read(4);       // "abcd"
+        std::string c = rfile.readline(3);   // "efg" (limit)
+        std::string d = rfile.readline();    // "h\n"
+        std::string rest = rfile.read();     // up to EOF
+        std::string after = rfile.readline();  // "" at EOF
+        wfile.write(a + "|" + b + "|" + c + "|" + d + "|" + rest + "|" + after + "|");
+    }
+};
+
+TEST(Socketserver, StreamHandlerReadlineAndRead) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<ReadPieces>());
+    Serving serving(srv);
+    Client c(srv.server_address(), SOCK_STREAM);
+    c.send("line ");
+    std::this_thread::sleep_for(20ms);  // a line that arrives in pieces
+    c.send("one\nabcdefgh\nthe rest");
+    c.shut_wr();
+    EXPECT_EQ(c.recv_all(), "line one\n|abcd|efg|h\n|the rest||");
+}
+
+struct TimeoutReader : mp::StreamRequestHandler {
+    TimeoutReader() { timeout = 100ms; }
+    void handle() override {
+        try {
+            rfile.readline();
+            wfile.write("no timeout");
+        } catch (const mp::TimeoutError&) {
+            wfile.write("timeout");
+        }
+    }
+};
+
+TEST(Socketserver, StreamHandlerTimeout) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<TimeoutReader>());
+    Serving serving(srv);
+    Client c(srv.server_address(), SOCK_STREAM);
+    EXPECT_EQ(c.recv_all(), "timeout");
+}
+
+// ---- setup / handle / finish and what a handler sees ----
+
+struct Recorder : mp::BaseRequestHandler {
+    static inline std::vector<std::string> calls;
+    static inline mp::BaseServer* seen_server = nullptr;
+    void setup() override { calls.push_back("setup"); }
+    void handle() override {
+        calls.push_back("handle");
+        seen_server = &server();
+        const std::string reply = client_address().host;
+        EXPECT_EQ(::send(request().fd(), reply.data(), reply.size(), MSG_NOSIGNAL), static_cast<ssize_t>(reply.size()));
+        if (calls.size() > 3) throw std::runtime_error("second time");
+    }
+    void finish() override { calls.push_back("finish"); }
+};
+
+TEST(Socketserver, HandlerSetupHandleFinish) {
+    Recorder::calls.clear();
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<Recorder>());
+    {
+        Client c(srv.server_address(), SOCK_STREAM);
+        srv.handle_request();
+        EXPECT_EQ(c.recv_all(), "127.0.0.1");
+    }
+    EXPECT_EQ(Recorder::calls, (std::vector<std::string>{"setup", "handle", "finish"}));
+    EXPECT_EQ(Recorder::seen_server, &srv);
+    {
+        // finish() runs also when handle() throws.
+        Client c(srv.server_address(), SOCK_STREAM);
+        testing::internal::CaptureStderr();
+        srv.handle_request();
+        testing::internal::GetCapturedStderr();
+    }
+    EXPECT_EQ(Recorder::calls.size(), 6u);
+    EXPECT_EQ(Recorder::calls.back(), "finish");
+}
+
+// ---- shutdown ----
+
+TEST(Socketserver, ShutdownFromAnotherThread) {
+    // CPython's test_shutdown: several servers, each served by a thread, shut down from here.
+    for (int i = 0; i < 5; ++i) {
+        mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+        std::atomic<bool> returned{false};
+        std::thread t([&] {
+            srv.serve_forever(10s);  // shutdown() wakes it: no waiting out the poll interval
+            returned = true;
+        });
+        {
+            Client c(srv.server_address(), SOCK_STREAM);
+            c.send("ping\n");
+            EXPECT_EQ(c.recv_line(), "ping\n");
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        srv.shutdown();  // blocks until serve_forever has left its loop
+        EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+        t.join();
+        EXPECT_TRUE(returned.load());
+        srv.server_close();
+    }
+}
+
+TEST(Socketserver, ShutdownBeforeServeForever) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+    srv.shutdown();        // nothing serving: returns at once
+    srv.serve_forever();   // ... and the pending request makes this return at once too
+    std::thread t([&] { srv.serve_forever(20ms); });
+    std::this_thread::sleep_for(50ms);
+    srv.shutdown();
+    t.join();
+}
+
+TEST(Socketserver, ServeAgainAfterShutdown) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+    for (int round = 0; round < 2; ++round) {
+        Serving serving(srv);
+        Client c(srv.server_address(), SOCK_STREAM);
+        c.send("again\n");
+        EXPECT_EQ(c.recv_line(), "again\n");
+    }
+}
+
+// ---- errors ----
+
+struct Throwing : mp::StreamRequestHandler {
+    void handle() override {
+        std::string line = rfile.readline();
+        if (line == "boom\n") throw std::runtime_error("handler failed on purpose");
+        wfile.write(line);
+    }
+};
+
+template <class Base>
+class CountingErrors : public Base {
+public:
+    using Base::Base;
+    ~CountingErrors() override { this->server_close(); }
+    void handle_error(const mp::Request&, const mp::ServerAddress&) override {
+        try {
+            throw;
+        } catch (const std::runtime_error& e) {
+            std::lock_guard lock(mu);
+            messages.push_back(e.what());
+        }
+    }
+    std::mutex mu;
+    std::vector<std::string> messages;
+};
+
+template <class Server>
+void error_handler_keeps_serving() {
+    CountingErrors<Server> srv({"127.0.0.1", 0}, mp::handler<Throwing>());
+    {
+        Serving serving(srv);
+        for (int i = 0; i < 3; ++i) {
+            {
+                Client c(srv.server_address(), SOCK_STREAM);
+                c.send("boom\n");
+                EXPECT_EQ(c.recv_all(), "");  // closed after the error
+            }
+            Client ok(srv.server_address(), SOCK_STREAM);
+            ok.send("fine\n");
+            EXPECT_EQ(ok.recv_line(), "fine\n");
+        }
+    }
+    srv.server_close();
+    std::lock_guard lock(srv.mu);
+    ASSERT_EQ(srv.messages.size(), 3u);
+    EXPECT_EQ(srv.messages[0], "handler failed on purpose");
+}
+
+TEST(Socketserver, HandleErrorCalledAndServerContinues) { error_handler_keeps_serving<mp::TCPServer>(); }
+TEST(Socketserver, HandleErrorCalledAndServerContinuesThreading) {
+    error_handler_keeps_serving<mp::ThreadingTCPServer>();
+}
+
+TEST(Socketserver, DefaultHandleErrorPrintsToStderr) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<Throwing>());
+    Client c(srv.server_address(), SOCK_STREAM);
+    c.send("boom\n");
+    testing::internal::CaptureStderr();
+    srv.handle_request();
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find("----------------------------------------\n"), std::string::npos) << err;
+    EXPECT_NE(err.find("Exception occurred during processing of request from 127.0.0.1:"), std::string::npos)
+        << err;
+    EXPECT_NE(err.find("std::runtime_error: handler failed on purpose"), std::string::npos) << err;
+    // The server is still usable.
+    Client c2(srv.server_address(), SOCK_STREAM);
+    c2.send("after\n");
+    srv.handle_request();
+    EXPECT_EQ(c2.recv_line(), "after\n");
+}
+
+TEST(Socketserver, ForkingHandlerErrorGoesToTheChildsStderr) {
+    // The child reports the error and exits; the parent serves on and reaps it.
+    mp::ForkingTCPServer srv({"127.0.0.1", 0}, mp::handler<Throwing>());
+    {
+        Serving serving(srv);
+        {
+            Client c(srv.server_address(), SOCK_STREAM);
+            c.send("boom\n");
+            EXPECT_EQ(c.recv_all(), "");
+        }
+        Client ok(srv.server_address(), SOCK_STREAM);
+        ok.send("fine\n");
+        EXPECT_EQ(ok.recv_line(), "fine\n");
+    }
+    srv.server_close();
+    EXPECT_EQ(srv.active_children(), 0u);
+}
+
+// ---- threads joined, children reaped ----
+
+struct SlowDone : mp::StreamRequestHandler {
+    static inline std::atomic<int> finished{0};
+    void handle() override {
+        wfile.write("started\n");
+        std::this_thread::sleep_for(200ms);
+        finished++;
+    }
+};
+
+TEST(Socketserver, ThreadingServerCloseJoinsThreads) {
+    SlowDone::finished = 0;
+    mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<SlowDone>());
+    {
+        Serving serving(srv);
+        std::vector<std::unique_ptr<Client>> clients;
+        for (int i = 0; i < 3; ++i) {
+            clients.push_back(std::make_unique<Client>(srv.server_address(), SOCK_STREAM));
+        }
+        for (auto& c : clients) EXPECT_EQ(c->recv_line(), "started\n");
+    }
+    EXPECT_LT(SlowDone::finished.load(), 3);  // still sleeping
+    srv.server_close();                       // block_on_close: waits for every handler
+    EXPECT_EQ(SlowDone::finished.load(), 3);
+}
+
+TEST(Socketserver, DaemonThreadsAreNotWaitedForByServerClose) {
+    SlowDone::finished = 0;
+    {
+        mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<SlowDone>(), {.daemon_threads = true});
+        {
+            Serving serving(srv);
+            Client c(srv.server_address(), SOCK_STREAM);
+            EXPECT_EQ(c.recv_line(), "started\n");
+        }
+        srv.server_close();
+        EXPECT_EQ(SlowDone::finished.load(), 0);
+    }  // the destructor joins it: no thread outlives the server
+    EXPECT_EQ(SlowDone::finished.load(), 1);
+}
+
+struct SlowPid : mp::StreamRequestHandler {
+    void handle() override {
+        wfile.write(std::to_string(::getpid()) + "\n");
+        std::this_thread::sleep_for(200ms);
+    }
+};
+
+TEST(Socketserver, ForkingServerCloseReapsChildren) {
+    mp::ForkingTCPServer srv({"127.0.0.1", 0}, mp::handler<SlowPid>());
+    std::vector<pid_t> pids;
+    {
+        Serving serving(srv);
+        for (int i = 0; i < 3; ++i) {
+            Client c(srv.server_address(), SOCK_STREAM);
+            pids.push_back(std::stoi(c.recv_line()));
+            EXPECT_NE(pids.back(), ::getpid());
+        }
+    }
+    srv.server_close();  // block_on_close: waits for all three
+    EXPECT_EQ(srv.active_children(), 0u);
+    for (pid_t p : pids) EXPECT_NE(::kill(p, 0), 0) << "child " << p << " not reaped";
+}
+
+TEST(Socketserver, ForkingChildrenCollectedWhileServing) {
+    mp::ForkingTCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+    {
+        Serving serving(srv, 20ms);
+        for (int i = 0; i < 5; ++i) {
+            Client c(srv.server_address(), SOCK_STREAM);
+            c.send("x\n");
+            c.shut_wr();
+            EXPECT_EQ(c.recv_all(), "x\n");
+        }
+    }
+    // service_actions reaps the ended children while serve_forever runs (no server_close here).
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (srv.active_children() != 0 && std::chrono::steady_clock::now() < deadline) {
+        Serving serving(srv, 20ms);
+        std::this_thread::sleep_for(60ms);
+    }
+    EXPECT_EQ(srv.active_children(), 0u);
+}
+
+template <class Base>
+class MaxChildrenProbe : public Base {
+public:
+    using Base::Base;
+    void process_request(mp::Request& r, const mp::ServerAddress& a) override {
+        Base::process_request(r, a);
+        most = std::max(most, this->active_children());
+    }
+    std::size_t most = 0;
+};
+
+TEST(Socketserver, ForkingMaxChildren) {
+    MaxChildrenProbe<mp::ForkingTCPServer> srv({"127.0.0.1", 0}, mp::handler<SlowPid>(),
+                                               {.request_queue_size = 8, .max_children = 2});
+    std::vector<std::unique_ptr<Client>> clients;
+    for (int i = 0; i < 5; ++i) clients.push_back(std::make_unique<Client>(srv.server_address(), SOCK_STREAM));
+    // Each handle_request forks one child; at the limit it first waits for a child to end.
+    for (int i = 0; i < 5; ++i) srv.handle_request();
+    EXPECT_EQ(srv.most, 2u);  // never a third child while two run
+    for (auto& c : clients) EXPECT_FALSE(c->recv_line().empty());
+    srv.server_close();
+    EXPECT_EQ(srv.active_children(), 0u);
+}
+
+// ---- handle_request, timeout, verify_request ----
+
+template <class Base>
+class TimeoutCounter : public Base {
+public:
+    using Base::Base;
+    void handle_timeout() override { ++timeouts; }
+    int timeouts = 0;
+};
+
+TEST(Socketserver, HandleRequestTimeoutCallsHandleTimeout) {
+    TimeoutCounter<mp::TCPServer> srv({"127.0.0.1", 0}, mp::handler<StreamEcho>(), {.timeout = 100ms});
+    const auto t0 = std::chrono::steady_clock::now();
+    srv.handle_request();
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, 100ms);
+    EXPECT_EQ(srv.timeouts, 1);
+    srv.handle_request();
+    EXPECT_EQ(srv.timeouts, 2);
+
+    Client c(srv.server_address(), SOCK_STREAM);
+    c.send("in time\n");
+    c.shut_wr();
+    srv.handle_request();
+    EXPECT_EQ(srv.timeouts, 2);
+    EXPECT_EQ(c.recv_all(), "in time\n");
+}
+
+TEST(Socketserver, HandleRequestTimeoutUDP) {
+    TimeoutCounter<mp::UDPServer> srv({"127.0.0.1", 0}, mp::handler<DatagramEcho>(), {.timeout = 50ms});
+    srv.handle_request();
+    EXPECT_EQ(srv.timeouts, 1);
+}
+
+struct MustNotRun : mp::StreamRequestHandler {
+    static inline std::atomic<int> runs{0};
+    void handle() override { runs++; wfile.write("handled"); }
+};
+
+template <class Base>
+class Refusing : public Base {
+public:
+    using Base::Base;
+    bool verify_request(const mp::Request& r, const mp::ServerAddress& a) override {
+        ++verified;
+        EXPECT_GE(r.fd(), 0);
+        EXPECT_EQ(a.host, "127.0.0.1");
+        return false;
+    }
+    int verified = 0;
+};
+
+TEST(Socketserver, VerifyRequestFalseDropsTheRequest) {
+    MustNotRun::runs = 0;
+    Refusing<mp::TCPServer> srv({"127.0.0.1", 0}, mp::handler<MustNotRun>());
+    Client c(srv.server_address(), SOCK_STREAM);
+    srv.handle_request();
+    EXPECT_EQ(c.recv_all(), "");
+    EXPECT_EQ(srv.verified, 1);
+    EXPECT_EQ(MustNotRun::runs.load(), 0);
+}
+
+TEST(Socketserver, VerifyRequestFalseForkingStartsNoChild) {
+    MustNotRun::runs = 0;
+    Refusing<mp::ForkingTCPServer> srv({"127.0.0.1", 0}, mp::handler<MustNotRun>());
+    Client c(srv.server_address(), SOCK_STREAM);
+    srv.handle_request();
+    EXPECT_EQ(c.recv_all(), "");
+    EXPECT_EQ(srv.active_children(), 0u);
+}
+
+// ---- PreforkTCPServer ----
+
+// A worker forked while this process holds a client socket keeps a copy of it, and the server
+// side of that connection would never see EOF: connect only once every worker runs.
+void wait_for_workers(const mp::PreforkTCPServer& srv, std::size_t n) {
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (srv.worker_pids().size() < n && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(5ms);
+    }
+    ASSERT_EQ(srv.worker_pids().size(), n);
+}
+
+struct PidOrCrash : mp::StreamRequestHandler {
+    void handle() override {
+        for (std::string line = rfile.readline(); !line.empty(); line = rfile.readline()) {
+            if (line == "crash\n") {
+                const rlimit no_core{0, 0};
+                ::setrlimit(RLIMIT_CORE, &no_core);
+                std::raise(SIGKILL);
+            }
+            if (line == "slow\n") std::this_thread::sleep_for(300ms);
+            wfile.write(std::to_string(::getpid()) + "\n");
+        }
+    }
+};
+
+TEST(Socketserver, PreforkServesFromWorkers) {
+    mp::PreforkTCPServer srv({"127.0.0.1", 0}, mp::handler<PidOrCrash>(), {.workers = 3});
+    {
+        Serving serving(srv, 20ms);
+        wait_for_workers(srv, 3);
+        for (int i = 0; i < 10; ++i) {
+            Client c(srv.server_address(), SOCK_STREAM);
+            c.send("pid\n");
+            const pid_t p = std::stoi(c.recv_line());
+            EXPECT_NE(p, ::getpid());
+        }
+        EXPECT_EQ(srv.worker_pids().size(), 3u);
+        EXPECT_EQ(srv.workers_started(), 3u);
+    }
+    EXPECT_TRUE(srv.worker_pids().empty());  // all joined when serve_forever returned
+    srv.server_close();
+}
+
+TEST(Socketserver, PreforkCrashedWorkerIsReplaced) {
+    mp::PreforkTCPServer srv({"127.0.0.1", 0}, mp::handler<PidOrCrash>(), {.workers = 2});
+    Serving serving(srv, 20ms);
+    wait_for_workers(srv, 2);
+    pid_t crashed = 0;
+    {
+        Client c(srv.server_address(), SOCK_STREAM);
+        c.send("pid\n");
+        crashed = std::stoi(c.recv_line());
+        c.send("crash\n");
+        EXPECT_EQ(c.recv_all(), "");  // the worker died with the connection
+    }
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (srv.workers_started() < 3 && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(10ms);
+    }
+    EXPECT_EQ(srv.workers_started(), 3u);
+    std::vector<pid_t> pids = srv.worker_pids();
+    EXPECT_EQ(pids.size(), 2u);
+    EXPECT_EQ(std::count(pids.begin(), pids.end(), crashed), 0);
+    for (int i = 0; i < 6; ++i) {
+        Client c(srv.server_address(), SOCK_STREAM);
+        c.send("pid\n");
+        EXPECT_NE(std::stoi(c.recv_line()), crashed);
+    }
+}
+
+TEST(Socketserver, PreforkShutdownIsGraceful) {
+    mp::PreforkTCPServer srv({"127.0.0.1", 0}, mp::handler<PidOrCrash>(), {.workers = 2});
+    auto serving = std::make_unique<Serving>(srv, 20ms);
+    wait_for_workers(srv, 2);
+    Client c(srv.server_address(), SOCK_STREAM);
+    c.send("pid\n");
+    EXPECT_FALSE(c.recv_line().empty());  // a worker has the connection
+    c.send("slow\n");
+    c.shut_wr();
+    std::this_thread::sleep_for(50ms);  // the worker is in the middle of the slow request
+    serving.reset();                    // shutdown: waits for the workers to finish
+    EXPECT_FALSE(c.recv_line().empty());  // the slow answer still came
+    EXPECT_EQ(c.recv_all(), "");
+    srv.server_close();
+}
+
+TEST(Socketserver, PreforkHandleErrorInWorker) {
+    CountingErrors<mp::PreforkTCPServer> srv({"127.0.0.1", 0}, mp::handler<Throwing>(), {.workers = 1});
+    Serving serving(srv, 20ms);
+    wait_for_workers(srv, 1);
+    for (int i = 0; i < 3; ++i) {
+        {
+            Client c(srv.server_address(), SOCK_STREAM);
+            c.send("boom\n");
+            EXPECT_EQ(c.recv_all(), "");
+        }
+        Client ok(srv.server_address(), SOCK_STREAM);
+        ok.send("fine\n");
+        EXPECT_EQ(ok.recv_line(), "fine\n");
+    }
+    EXPECT_EQ(srv.workers_started(), 1u);  // errors do not end the worker
+}
+
+}  // namespace

@@ -35,9 +35,19 @@ std::string create_response(std::string_view authkey, std::string_view message);
 void verify_challenge(std::string_view authkey, std::string_view message,
                       std::string_view response);
 
-/// Sends a `{sha256}` challenge and checks the answer; sends #WELCOME# or #FAILURE#.
+/// Python's deliver_challenge: sends a `{sha256}` challenge and checks the answer; sends
+/// #WELCOME# or #FAILURE#.
 void deliver_challenge(int fd, std::string_view authkey, Clock::time_point deadline);
-/// Answers the peer's challenge and expects #WELCOME#.
+/// Python's answer_challenge: answers the peer's challenge and expects #WELCOME#.
 void answer_challenge(int fd, std::string_view authkey, Clock::time_point deadline);
+
+/// The Listener's side: Python's deliver_challenge (a `{sha256}` challenge; #WELCOME# or
+/// #FAILURE#), then answer_challenge. Welcome and answer share one write when the client sent
+/// its challenge early (an mp Client does).
+void server_handshake(int fd, std::string_view authkey, Clock::time_point deadline);
+/// The Client's side: Python's answer_challenge, then deliver_challenge, with our challenge
+/// sent in the same write as our answer (wire-compatible: the server reads it only after
+/// welcoming us).
+void client_handshake(int fd, std::string_view authkey, Clock::time_point deadline);
 
 }  // namespace mp::detail::handshake

@@ -8,6 +8,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <optional>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
@@ -61,30 +62,36 @@ std::string hmac(const EVP_MD* md, std::string_view key, std::string_view messag
     return std::string(reinterpret_cast<const char*>(out), len);
 }
 
-// recv with the handshake's deadline: try first, wait only when nothing is there yet.
-void read_exact(int fd, char* buf, std::size_t n, Clock::time_point deadline) {
+// recv with the handshake's deadline: try first, wait only when nothing is there yet. With
+// `may_be_empty`, returns false instead of waiting when not one byte has arrived.
+bool read_exact(int fd, char* buf, std::size_t n, Clock::time_point deadline,
+                bool may_be_empty = false) {
+    bool first = true;
     while (n > 0) {
         ssize_t r = ::recv(fd, buf, n, MSG_DONTWAIT);
         if (r > 0) {
             buf += r;
             n -= static_cast<std::size_t>(r);
+            first = false;
             continue;
         }
         if (r == 0) throw AuthenticationError("connection closed during the handshake");
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) sys::throw_system_error(errno, "recv");
+        if (first && may_be_empty) return false;
         const auto left = deadline - Clock::now();
         if (left <= Clock::duration::zero() ||
             !sys::wait_fd(fd, POLLIN, std::chrono::duration_cast<std::chrono::nanoseconds>(left)))
             throw AuthenticationError("handshake timed out");
     }
+    return true;
 }
 
-}  // namespace
-
-std::string read_message(int fd, Clock::time_point deadline) {
+std::optional<std::string> read_message_impl(int fd, Clock::time_point deadline,
+                                             bool may_be_empty) {
     unsigned char header[4];
-    read_exact(fd, reinterpret_cast<char*>(header), sizeof header, deadline);
+    if (!read_exact(fd, reinterpret_cast<char*>(header), sizeof header, deadline, may_be_empty))
+        return std::nullopt;
     const std::int32_t n = static_cast<std::int32_t>(
         (std::uint32_t{header[0]} << 24) | (std::uint32_t{header[1]} << 16) |
         (std::uint32_t{header[2]} << 8) | std::uint32_t{header[3]});
@@ -94,6 +101,65 @@ std::string read_message(int fd, Clock::time_point deadline) {
     std::string body(static_cast<std::size_t>(n), '\0');
     read_exact(fd, body.data(), body.size(), deadline);
     return body;
+}
+
+void put_frame(std::string& out, std::string_view body) {
+    const auto n = static_cast<std::uint32_t>(body.size());
+    out += static_cast<char>(n >> 24);
+    out += static_cast<char>(n >> 16);
+    out += static_cast<char>(n >> 8);
+    out += static_cast<char>(n);
+    out += body;
+}
+
+// Two frames in one write: one segment on the wire, one wake-up of the peer.
+void write_messages(int fd, std::string_view a, std::string_view b) {
+    std::string out;
+    out.reserve(8 + a.size() + b.size());
+    put_frame(out, a);
+    put_frame(out, b);
+    sys::write_full(fd, out.data(), out.size());
+}
+
+// A fresh challenge body in Python 3.12's form: {sha256} and 40 random bytes.
+std::string make_challenge() {
+    unsigned char random[kChallengeLength];
+    if (RAND_bytes(random, sizeof random) != 1) throw Error("RAND_bytes failed");
+    std::string message = "{sha256}";
+    message.append(reinterpret_cast<const char*>(random), sizeof random);
+    return message;
+}
+
+// The answer to the peer's #CHALLENGE# message (Python's answer_challenge checks).
+std::string answer_for(std::string_view authkey, std::string_view challenge) {
+    if (!challenge.starts_with(kChallenge))
+        throw AuthenticationError("Protocol error, expected challenge");
+    const std::string_view message = challenge.substr(kChallenge.size());
+    if (message.size() < kMd5OnlyMessageLength)
+        throw AuthenticationError("challenge too short: " + std::to_string(message.size()) +
+                                  " bytes");
+    return create_response(authkey, message);
+}
+
+// Checks the peer's answer to our challenge; tells it #FAILURE# (if it still listens) when wrong.
+void check_answer(int fd, std::string_view authkey, std::string_view message,
+                  std::string_view response) {
+    try {
+        verify_challenge(authkey, message, response);
+    } catch (const AuthenticationError&) {
+        try {
+            write_message(fd, kFailure);
+        } catch (const std::system_error&) {
+            // The peer went away; it learns of its failure by the closed connection.
+        }
+        throw;
+    }
+}
+
+}  // namespace
+
+std::string read_message(int fd, Clock::time_point deadline) {
+    return *read_message_impl(fd, deadline, false);
 }
 
 void write_message(int fd, std::string_view body) {
@@ -148,38 +214,49 @@ void verify_challenge(std::string_view authkey, std::string_view message,
 }
 
 void deliver_challenge(int fd, std::string_view authkey, Clock::time_point deadline) {
-    unsigned char random[kChallengeLength];
-    if (RAND_bytes(random, sizeof random) != 1) throw Error("RAND_bytes failed");
-    std::string message = "{sha256}";
-    message.append(reinterpret_cast<const char*>(random), sizeof random);
+    const std::string message = make_challenge();
     std::string challenge(kChallenge);
     challenge += message;
     write_message(fd, challenge);
-    const std::string response = read_message(fd, deadline);
-    try {
-        verify_challenge(authkey, message, response);
-    } catch (const AuthenticationError&) {
-        try {
-            write_message(fd, kFailure);
-        } catch (const std::system_error&) {
-            // The peer went away; it learns of its failure by the closed connection.
-        }
-        throw;
-    }
+    check_answer(fd, authkey, message, read_message(fd, deadline));
     write_message(fd, kWelcome);
 }
 
 void answer_challenge(int fd, std::string_view authkey, Clock::time_point deadline) {
-    const std::string challenge = read_message(fd, deadline);
-    if (!challenge.starts_with(kChallenge))
-        throw AuthenticationError("Protocol error, expected challenge");
-    const std::string_view message = std::string_view(challenge).substr(kChallenge.size());
-    if (message.size() < kMd5OnlyMessageLength)
-        throw AuthenticationError("challenge too short: " + std::to_string(message.size()) +
-                                  " bytes");
-    write_message(fd, create_response(authkey, message));
-    if (read_message(fd, deadline) != kWelcome)
-        throw AuthenticationError("digest sent was rejected");
+    write_message(fd, answer_for(authkey, read_message(fd, deadline)));
+    if (read_message(fd, deadline) != kWelcome) throw AuthenticationError("digest sent was rejected");
+}
+
+void server_handshake(int fd, std::string_view authkey, Clock::time_point deadline) {
+    // Python's Listener: deliver_challenge, then answer_challenge.
+    const std::string message = make_challenge();
+    std::string challenge(kChallenge);
+    challenge += message;
+    write_message(fd, challenge);
+    check_answer(fd, authkey, message, read_message(fd, deadline));
+    // An mp Client sends its challenge together with its answer; a Python one only after our
+    // #WELCOME#. When it is already here, welcome and answer go out in one write.
+    if (std::optional<std::string> theirs = read_message_impl(fd, deadline, true)) {
+        write_messages(fd, kWelcome, answer_for(authkey, *theirs));
+    } else {
+        write_message(fd, kWelcome);
+        write_message(fd, answer_for(authkey, read_message(fd, deadline)));
+    }
+    if (read_message(fd, deadline) != kWelcome) throw AuthenticationError("digest sent was rejected");
+}
+
+void client_handshake(int fd, std::string_view authkey, Clock::time_point deadline) {
+    // Python's Client: answer_challenge, then deliver_challenge; but our challenge goes out in
+    // the same write as our answer instead of after the server's #WELCOME# (a Python or mp
+    // Listener reads it only once it has welcomed us), which saves a round trip per connection.
+    const std::string response = answer_for(authkey, read_message(fd, deadline));
+    const std::string message = make_challenge();
+    std::string challenge(kChallenge);
+    challenge += message;
+    write_messages(fd, response, challenge);
+    if (read_message(fd, deadline) != kWelcome) throw AuthenticationError("digest sent was rejected");
+    check_answer(fd, authkey, message, read_message(fd, deadline));
+    write_message(fd, kWelcome);
 }
 
 }  // namespace detail::handshake
@@ -190,14 +267,23 @@ namespace {
 
 using detail::handshake::Clock;
 
+// Built with append only: GCC 12 at -O3 sees a false -Wrestrict in `"x" + std::string`.
 std::string Address_to_string(const Address& a) {
+    std::string s;
     switch (a.family) {
-    case Address::Family::tcp:
-        if (a.host.find(':') != std::string::npos)
-            return "[" + a.host + "]:" + std::to_string(a.port);
-        return a.host + ":" + std::to_string(a.port);
+    case Address::Family::tcp: {
+        const bool v6 = a.host.find(':') != std::string::npos;
+        if (v6) s += '[';
+        s += a.host;
+        if (v6) s += ']';
+        s += ':';
+        s += std::to_string(a.port);
+        return s;
+    }
     case Address::Family::unix_abstract:
-        return "@" + a.path.substr(1);
+        s += '@';
+        s.append(a.path, 1);
+        return s;
     case Address::Family::unix_path:
         break;
     }
@@ -415,9 +501,18 @@ Connection Listener::accept() {
     if (address_.is_tcp()) set_nodelay(c.get());
     last_accepted_ = from_sockaddr(peer.ss, peer.len);
     if (options_.authkey) {
-        const auto deadline = Clock::now() + options_.handshake_timeout;
-        detail::handshake::deliver_challenge(c.get(), *options_.authkey, deadline);
-        detail::handshake::answer_challenge(c.get(), *options_.authkey, deadline);
+        try {
+            detail::handshake::server_handshake(c.get(), *options_.authkey,
+                                                Clock::now() + options_.handshake_timeout);
+        } catch (...) {
+            // Read what the refused peer sent but we did not: closing a socket with unread
+            // bytes resets the connection, and the reset could reach the peer before our
+            // #FAILURE#, which it should read.
+            char sink[512];
+            for (int i = 0; i < 8 && ::recv(c.get(), sink, sizeof sink, MSG_DONTWAIT) > 0; ++i) {
+            }
+            throw;
+        }
     }
     return Connection(c.release());
 }
@@ -452,11 +547,9 @@ Connection Client(const Address& address, ClientOptions options) {
         fd.reset(sys::check(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0), "socket"));
         connect_fd(fd.get(), sa.get(), sa.len);
     }
-    if (options.authkey) {
-        const auto deadline = Clock::now() + options.handshake_timeout;
-        detail::handshake::answer_challenge(fd.get(), *options.authkey, deadline);
-        detail::handshake::deliver_challenge(fd.get(), *options.authkey, deadline);
-    }
+    if (options.authkey)
+        detail::handshake::client_handshake(fd.get(), *options.authkey,
+                                            Clock::now() + options.handshake_timeout);
     return Connection(fd.release());
 }
 

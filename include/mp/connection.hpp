@@ -305,9 +305,12 @@ struct ListenerOptions {
     /// listen()'s backlog. Python's default is 1, which makes a burst of TCP clients wait for
     /// SYN retries (a second each); mp takes 64.
     int backlog = 64;
-    /// The longest the whole handshake of one connection may take (Python: no limit). A peer
-    /// that connects and stalls makes accept() throw mp::AuthenticationError("handshake timed
-    /// out") after this long, so it delays the clients queued behind it by at most this much.
+    /// The longest the whole handshake of one connection may take (Python: no limit). The
+    /// handshake runs inside accept(): a peer that connects and stalls (or trickles bytes)
+    /// makes accept() throw mp::AuthenticationError("handshake timed out") after this long, so
+    /// it delays the clients queued behind it by at most this much. A server that must not
+    /// pause even that long accepts in one thread per pending peer, or without an authkey and
+    /// authenticates elsewhere.
     std::chrono::milliseconds handshake_timeout{5000};
 };
 
@@ -333,7 +336,11 @@ struct ClientOptions {
 /// Authentication (with an authkey): byte-compatible with CPython's deliver_challenge /
 /// answer_challenge. accept() first delivers a challenge (`#CHALLENGE#{sha256}` + 40 random
 /// bytes, as Python 3.12+) and checks the peer's HMAC of it, then answers the peer's challenge;
-/// Client() does the reverse. Both forms of the answer are accepted: Python 3.12's
+/// Client() does the reverse, except that it sends its own challenge in the same write as its
+/// answer rather than after the server's #WELCOME# (a server, Python's included, reads it only
+/// once it has welcomed the client, so the bytes on the wire stay Python's; it saves a round
+/// trip per connection, and the server then sends #WELCOME# and its answer in one write).
+/// Both forms of the answer are accepted: Python 3.12's
 /// `{digest}` + HMAC (md5, sha256, sha384, sha3_256 or sha3_384) and Python <= 3.11's raw
 /// 16-byte HMAC-MD5; a 20-byte challenge (Python <= 3.11) is answered with raw HMAC-MD5,
 /// a `{digest}`-prefixed one with that digest. Random bytes and HMACs come from OpenSSL's

@@ -1,6 +1,6 @@
 // libFuzzer target: the authkey handshake. Arbitrary bytes play the peer's side of the
-// conversation (its framed messages, or garbage) against the Listener side (deliver_challenge
-// then answer_challenge), the Client side (answer_challenge then deliver_challenge), and the
+// conversation (its framed messages, or garbage) against the Listener side (server_handshake), the Client side
+// (client_handshake), and the
 // response parser alone. Anything but mp::AuthenticationError / std::system_error, a crash, a
 // leak or a hang is a bug; and a garbage peer must never be welcomed.
 
@@ -45,14 +45,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const auto deadline = hs::Clock::now() + std::chrono::milliseconds(200);
     bool welcomed = false;
     try {
-        if (mode == 0) {
-            hs::deliver_challenge(sv[0], key, deadline);
-            welcomed = true;  // impossible: the challenge is random, garbage cannot answer it
-        } else {
-            hs::answer_challenge(sv[0], key, deadline);
-            hs::deliver_challenge(sv[0], key, deadline);
-            welcomed = true;
-        }
+        // Either way, a welcome is impossible: our challenge is random, garbage cannot answer it.
+        if (mode == 0)
+            hs::server_handshake(sv[0], key, deadline);
+        else
+            hs::client_handshake(sv[0], key, deadline);
+        welcomed = true;
     } catch (const mp::AuthenticationError&) {
     } catch (const std::system_error&) {
     }

@@ -20,6 +20,7 @@
 #include <functional>
 #include <netinet/in.h>
 #include <optional>
+#include <ostream>
 #include <poll.h>
 #include <spawn.h>
 #include <stdexcept>
@@ -308,6 +309,43 @@ TEST(Listener, CloseUnlinksPathAndAcceptThenFails) {
     } catch (const std::system_error& e) {
         EXPECT_EQ(e.code(), std::errc::no_such_file_or_directory);
     }
+}
+
+TEST(Listener, ForkChildCloseLeavesThePath) {
+    // Only the process that created a Unix path listener unlinks it (Python's Finalize).
+    const std::string path = temp_socket_path("fork");
+    mp::Listener l{mp::Address(path)};
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        l.close();
+        struct stat st {};
+        ::_exit(::stat(path.c_str(), &st) == 0 ? 0 : 1);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child unlinked the path";
+    struct stat st {};
+    EXPECT_EQ(::stat(path.c_str(), &st), 0);
+    // The listener still works after its child's copy closed.
+    Background client([&] { mp::Client(l.address()).send_bytes("still here"); });
+    EXPECT_EQ(accept_within(l).recv_bytes(), "still here");
+    client.get();
+}
+
+TEST(Listener, AcceptAfterRefusalServesTheNextClient) {
+    // A refused peer costs one accept() call; the listener goes on.
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey});
+    Background clients([&] {
+        try {
+            mp::Client(l.address(), {.authkey = "wrong"});
+        } catch (const mp::AuthenticationError&) {
+        }
+        mp::Client(l.address(), {.authkey = kKey}).send_bytes("second");
+    });
+    EXPECT_THROW(accept_within(l), mp::AuthenticationError);
+    EXPECT_EQ(accept_within(l).recv_bytes(), "second");
+    clients.get();
 }
 
 TEST(Listener, TcpAcceptAfterCloseFailsAndClientIsRefused) {
@@ -690,6 +728,7 @@ struct InteropCase {
     std::string kind;     // tcp, unix, abstract
     std::string version;  // 311, 312
 };
+void PrintTo(const InteropCase& c, std::ostream* os) { *os << c.kind << "/py" << c.version; }
 
 std::string python_addr(const mp::Address& a) {
     if (a.is_tcp()) return a.host + ":" + std::to_string(a.port);

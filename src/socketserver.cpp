@@ -88,9 +88,7 @@ ServerAddress from_sockaddr(const sockaddr_storage& s, socklen_t len) {
         if (len <= off) return ServerAddress{};  // an unbound client
         std::size_t n = len - off;
         if (un->sun_path[0] != '\0') n = ::strnlen(un->sun_path, n);
-        ServerAddress a;
-        a.path.assign(un->sun_path, n);
-        return a;
+        return ServerAddress(std::string(un->sun_path, n));
     }
     default:
         return ServerAddress{};
@@ -116,13 +114,7 @@ std::string demangle(const char* name) {
 
 }  // namespace
 
-// ---- ServerAddress, Request ----
-
-std::string ServerAddress::to_string() const {
-    if (is_unix()) return path[0] == '\0' ? "@" + path.substr(1) : path;
-    if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
-    return host + ":" + std::to_string(port);
-}
+// ---- Request ----
 
 Request& Request::operator=(Request&& o) noexcept {
     if (this != &o) {

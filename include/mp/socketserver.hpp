@@ -35,30 +35,16 @@
 #include <utility>
 #include <vector>
 
+#include "mp/connection.hpp"
 #include "mp/errors.hpp"
 
 namespace mp {
 
 class Process;
 
-/// A socket address: host and port for TCP/UDP (IPv4, or IPv6 when the host contains ':'), or
-/// a path for a Unix socket (a path starting with '\0' is a Linux abstract name).
-struct ServerAddress {
-    std::string host;
-    std::uint16_t port = 0;
-    std::string path;
-
-    ServerAddress() = default;
-    ServerAddress(std::string h, std::uint16_t p) : host(std::move(h)), port(p) {}
-    /// A Unix socket path.
-    ServerAddress(std::string unix_path) : path(std::move(unix_path)) {}
-    ServerAddress(const char* unix_path) : path(unix_path) {}
-
-    bool is_unix() const noexcept { return !path.empty(); }
-    /// "host:port" ("[v6]:port"), or the path.
-    std::string to_string() const;
-    bool operator==(const ServerAddress&) const = default;
-};
+/// A server's address is mp::Address (connection.hpp): host and port for TCP/UDP (IPv4, or IPv6
+/// for a numeric IPv6 host), or a Unix path ('\0' first: a Linux abstract name).
+using ServerAddress = Address;
 
 /// One request as a handler sees it. Stream servers: fd() is the accepted connection (the
 /// server closes it after the handler). Datagram servers: data is the packet and fd() the

@@ -14,6 +14,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "mp/connection.hpp"
 #include "mp/managers.hpp"
 #include "mp/process.hpp"
@@ -473,6 +475,47 @@ TEST(ManagerTest, ServeForeverAndRemoteShutdown) {
     client.shutdown();  // the serve_forever returns
     ASSERT_TRUE(srv.join(LONG));
     EXPECT_EQ(srv.exitcode(), 0);
+}
+
+TEST(ManagerTest, BaseManagerOnAUnixPath) {
+    std::string path = "/tmp/mp-manager-test-" + std::to_string(::getpid()) + ".sock";
+    {
+        mp::BaseManager server(mp::Address(path), "key");
+        register_counter(server);
+        server.start();
+        EXPECT_EQ(server.address().path, path);
+        EXPECT_EQ(run_child([path] {
+                      mp::BaseManager client(mp::Address(path), "key");
+                      register_counter(client);
+                      client.connect();
+                      check(client.create("Counter", 4).call<int>("get") == 4, "counter");
+                  }),
+                  0);
+        server.shutdown();
+    }
+    EXPECT_NE(::access(path.c_str(), F_OK), 0);  // the server removed its socket file
+}
+
+TEST(ManagerTest, ObjectLivesWhileAnyProcessHoldsAReference) {
+    mp::Manager m;
+    auto [a, b] = mp::Pipe();
+    auto gate = m.Event();
+    mp::Process holder([b, gate] {
+        auto d = mp::Connection(b).recv<mp::DictProxy<int, int>>();  // takes its own reference
+        mp::Connection(b).send(1);
+        check(gate.wait(LONG), "gate");
+        check(d.get(7) == 49, "the object survived its creator's proxy");
+    });
+    holder.start();
+    {
+        auto d = m.dict<int, int>();
+        d.set(7, 49);
+        a.send(d);
+        EXPECT_EQ(a.recv<int>(), 1);
+    }  // the creator's reference goes here
+    gate.set();
+    ASSERT_TRUE(holder.join(LONG));
+    EXPECT_EQ(holder.exitcode(), 0);
 }
 
 // ---- death --------------------------------------------------------------------------------------

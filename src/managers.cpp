@@ -654,8 +654,7 @@ private:
         try {
             // The handshake runs here, off the accept path: a stalling peer holds up nobody.
             auto deadline = Clock::now() + kHandshakeTimeout;
-            handshake::deliver_challenge(c.fileno(), authkey_, deadline);
-            handshake::answer_challenge(c.fileno(), authkey_, deadline);
+            handshake::server_handshake(c.fileno(), authkey_, deadline);
             for (;;) {
                 std::string msg = c.recv_bytes();
                 Encoder out;

@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdexcept>
 #include <string>
 #include <sys/resource.h>
@@ -79,7 +80,19 @@ public:
             ::inet_pton(AF_INET, to.host.c_str(), &in->sin_addr);
             len = sizeof(sockaddr_in);
         }
-        if (::connect(fd_, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+        int rc = ::connect(fd_, reinterpret_cast<sockaddr*>(&ss), len);
+        if (rc != 0 && errno == EINTR) {
+            // A child's SIGCHLD: the connection goes on in the background; wait for its outcome.
+            pollfd p{fd_, POLLOUT, 0};
+            while (::poll(&p, 1, 10000) < 0 && errno == EINTR) {
+            }
+            int err = 0;
+            socklen_t elen = sizeof err;
+            ::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &elen);
+            errno = err;
+            rc = err == 0 ? 0 : -1;
+        }
+        if (rc != 0) {
             int err = errno;
             ::close(fd_);
             throw std::system_error(err, std::system_category(), "connect");

@@ -449,7 +449,8 @@ def write_markdown(path, results, refs, micro, machine, config, chart_ok):
     L.append("Python runs with the fork start method everywhere; pools are warmed up before "
              "timing. Python sizes smaller than the C++ ones are marked in the Size column; every "
              "value is a rate or a time per operation, so the sizes stay comparable. Limits wait "
-             "on shared memory with a short spin, then a futex. CPython 3.11's "
+             "on shared memory with a short spin, then a futex; W8a's limit does a minimal mutual "
+             "HMAC-SHA256 challenge-response per connection with libcrypto directly. CPython 3.11's "
              "`multiprocessing.connection` does not set TCP_NODELAY: after the authkey handshake "
              "the client's two writes in a row meet the server's delayed ACK (about 40 ms), "
              "which is why Python's W8a is so low. Definitions: bench/README.md.")

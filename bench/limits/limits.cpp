@@ -41,6 +41,10 @@
 #include <vector>
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
 
 namespace {
 
@@ -646,6 +650,14 @@ int tcp_connect(uint16_t port) {
 
 // The server answers each 8-byte request with the same 8 bytes, until the client closes;
 // one connection at a time, as a single-threaded multiprocessing.connection.Listener would.
+void echo_requests(int c, bool* any) {
+    uint64_t v;
+    while (read_full(c, &v, sizeof v)) {
+        *any = true;
+        write_full(c, &v, sizeof v);
+    }
+}
+
 pid_t tcp_echo_server(int lfd) {
     return fork_child([&] {
         for (;;) {
@@ -656,14 +668,77 @@ pid_t tcp_echo_server(int lfd) {
             }
             int one = 1;
             ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-            uint64_t v;
             bool any = false;
-            while (read_full(c, &v, sizeof v)) {
-                any = true;
-                write_full(c, &v, sizeof v);
-            }
+            echo_requests(c, &any);
             ::close(c);
             if (!any) return true;  // an empty connection is the stop signal
+        }
+    });
+}
+
+// W8a's handshake: the least a mutual HMAC-SHA256 challenge-response over TCP costs, with the
+// messages in mp's order and pipelined as mp pipelines them (src/listener.cpp):
+//     server -> client   32-byte random challenge Cs
+//     client -> server   HMAC-SHA256(key, Cs) + 32-byte random challenge Cc   (one write)
+//     server -> client   1-byte OK + HMAC-SHA256(key, Cc)                     (one write)
+//     client -> server   1-byte OK + the 8-byte request                       (one write)
+//     server -> client   the 8-byte reply
+// MACs are checked with CRYPTO_memcmp; challenges come from RAND_bytes.
+constexpr std::string_view kW8Key = "mp-bench-secret-key";  // bench/python/workloads.py's AUTHKEY
+constexpr size_t kNonce = 32;
+constexpr size_t kMac = 32;  // SHA-256
+constexpr unsigned char kOk = 1;
+
+void random_challenge(unsigned char* out) {
+    if (RAND_bytes(out, int(kNonce)) != 1) fail("RAND_bytes failed");
+}
+
+void hmac_sha256(const unsigned char* challenge, unsigned char* out) {
+    unsigned int len = 0;
+    if (HMAC(EVP_sha256(), kW8Key.data(), int(kW8Key.size()), challenge, kNonce, out, &len) ==
+            nullptr ||
+        len != kMac)
+        fail("HMAC failed");
+}
+
+bool mac_ok(const unsigned char* challenge, const unsigned char* mac) {
+    unsigned char expected[kMac];
+    hmac_sha256(challenge, expected);
+    return CRYPTO_memcmp(expected, mac, kMac) == 0;
+}
+
+// The server's side of W8a: handshake, then echo. A client that reads the challenge and closes
+// is the stop signal.
+pid_t tcp_auth_echo_server(int lfd) {
+    return fork_child([&] {
+        for (;;) {
+            int c = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+            if (c < 0) {
+                if (errno == EINTR) continue;
+                die("accept4");
+            }
+            int one = 1;
+            ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            unsigned char cs[kNonce];
+            random_challenge(cs);
+            write_full(c, cs, sizeof cs);
+            unsigned char in[kMac + kNonce];  // their MAC of cs, their challenge
+            if (!read_full(c, in, sizeof in)) {
+                ::close(c);
+                return true;
+            }
+            if (!mac_ok(cs, in)) fail("W8a: the client's MAC is wrong");
+            unsigned char out[1 + kMac];
+            out[0] = kOk;
+            hmac_sha256(in + kMac, out + 1);
+            write_full(c, out, sizeof out);
+            unsigned char request[1 + 8];  // OK, then the first request (one write)
+            if (!read_full(c, request, sizeof request) || request[0] != kOk)
+                fail("W8a: the client refused our MAC");
+            write_full(c, request + 1, 8);
+            bool any = false;
+            echo_requests(c, &any);
+            ::close(c);
         }
     });
 }
@@ -671,24 +746,41 @@ pid_t tcp_echo_server(int lfd) {
 void w8a(long long ms) {
     uint16_t port = 0;
     int lfd = tcp_listener(&port);
-    pid_t server = tcp_echo_server(lfd);
+    pid_t server = tcp_auth_echo_server(lfd);
     ::close(lfd);
     long long count = 0;
     auto t0 = Clock::now();
     auto end = t0 + std::chrono::milliseconds(ms);
     while (Clock::now() < end) {
         int fd = tcp_connect(port);
+        unsigned char cs[kNonce];
+        if (!read_full(fd, cs, sizeof cs)) fail("W8a: no challenge");
+        unsigned char out[kMac + kNonce];  // our MAC of cs, our challenge
+        hmac_sha256(cs, out);
+        random_challenge(out + kMac);
+        write_full(fd, out, sizeof out);
+        unsigned char in[1 + kMac];  // OK, their MAC of our challenge
+        if (!read_full(fd, in, sizeof in) || in[0] != kOk) fail("W8a: the server refused our MAC");
+        if (!mac_ok(out + kMac, in + 1)) fail("W8a: the server's MAC is wrong");
+        unsigned char request[1 + 8];  // OK, then the request
+        request[0] = kOk;
         uint64_t v = uint64_t(count), r = 0;
-        write_full(fd, &v, sizeof v);
+        std::memcpy(request + 1, &v, sizeof v);
+        write_full(fd, request, sizeof request);
         if (!read_full(fd, &r, sizeof r) || r != v) fail("W8a: wrong echo");
         ::close(fd);
         ++count;
     }
     double dt = seconds_since(t0);
-    ::close(tcp_connect(port));
+    int stop = tcp_connect(port);  // read the challenge, then close: the stop signal
+    unsigned char cs[kNonce];
+    if (!read_full(stop, cs, sizeof cs)) fail("W8a: no challenge");
+    ::close(stop);
     wait_ok(server);
     print_result("W8a", double(count) / dt, "requests/s", ms,
-                 "TCP connect/accept, one 8-byte request and reply, close (no auth)");
+                 "TCP connect/accept, TCP_NODELAY, mutual HMAC-SHA256 challenge-response "
+                 "(libcrypto; 32-byte challenges, answer and counter-challenge in one write), "
+                 "one 8-byte request and reply, close");
 }
 
 void w8b(long long n) {

@@ -156,6 +156,33 @@ void check_answer(int fd, std::string_view authkey, std::string_view message,
     }
 }
 
+// Python's Listener: deliver_challenge, then answer_challenge.
+void server_handshake_impl(int fd, std::string_view authkey, Clock::time_point deadline) {
+    const std::string message = make_challenge();
+    std::string challenge(kChallenge);
+    challenge += message;
+    write_message(fd, challenge);
+    check_answer(fd, authkey, message, read_message(fd, deadline));
+    // An mp Client sends its challenge together with its answer; a Python one only after our
+    // #WELCOME#. When it is already here, welcome and answer go out in one write.
+    if (std::optional<std::string> theirs = read_message_impl(fd, deadline, true)) {
+        write_messages(fd, kWelcome, answer_for(authkey, *theirs));
+    } else {
+        write_message(fd, kWelcome);
+        write_message(fd, answer_for(authkey, read_message(fd, deadline)));
+    }
+    if (read_message(fd, deadline) != kWelcome) throw AuthenticationError("digest sent was rejected");
+}
+
+// Reads what a refused peer sent but we did not (an mp Client's early challenge): closing a
+// socket with unread bytes resets the connection, and the reset could reach the peer before our
+// #FAILURE#, which it should read ("digest sent was rejected", not a reset).
+void discard_unread(int fd) noexcept {
+    char sink[512];
+    for (int i = 0; i < 8 && ::recv(fd, sink, sizeof sink, MSG_DONTWAIT) > 0; ++i) {
+    }
+}
+
 }  // namespace
 
 std::string read_message(int fd, Clock::time_point deadline) {
@@ -228,21 +255,12 @@ void answer_challenge(int fd, std::string_view authkey, Clock::time_point deadli
 }
 
 void server_handshake(int fd, std::string_view authkey, Clock::time_point deadline) {
-    // Python's Listener: deliver_challenge, then answer_challenge.
-    const std::string message = make_challenge();
-    std::string challenge(kChallenge);
-    challenge += message;
-    write_message(fd, challenge);
-    check_answer(fd, authkey, message, read_message(fd, deadline));
-    // An mp Client sends its challenge together with its answer; a Python one only after our
-    // #WELCOME#. When it is already here, welcome and answer go out in one write.
-    if (std::optional<std::string> theirs = read_message_impl(fd, deadline, true)) {
-        write_messages(fd, kWelcome, answer_for(authkey, *theirs));
-    } else {
-        write_message(fd, kWelcome);
-        write_message(fd, answer_for(authkey, read_message(fd, deadline)));
+    try {
+        server_handshake_impl(fd, authkey, deadline);
+    } catch (...) {
+        discard_unread(fd);
+        throw;
     }
-    if (read_message(fd, deadline) != kWelcome) throw AuthenticationError("digest sent was rejected");
 }
 
 void client_handshake(int fd, std::string_view authkey, Clock::time_point deadline) {
@@ -501,18 +519,8 @@ Connection Listener::accept() {
     if (address_.is_tcp()) set_nodelay(c.get());
     last_accepted_ = from_sockaddr(peer.ss, peer.len);
     if (options_.authkey) {
-        try {
-            detail::handshake::server_handshake(c.get(), *options_.authkey,
-                                                Clock::now() + options_.handshake_timeout);
-        } catch (...) {
-            // Read what the refused peer sent but we did not: closing a socket with unread
-            // bytes resets the connection, and the reset could reach the peer before our
-            // #FAILURE#, which it should read.
-            char sink[512];
-            for (int i = 0; i < 8 && ::recv(c.get(), sink, sizeof sink, MSG_DONTWAIT) > 0; ++i) {
-            }
-            throw;
-        }
+        detail::handshake::server_handshake(c.get(), *options_.authkey,
+                                            Clock::now() + options_.handshake_timeout);
     }
     return Connection(c.release());
 }

@@ -372,6 +372,11 @@ bool spin_for(Ready ready) {
     }
 }
 
+// A sleep never lasts longer than this before the condition is looked at again: a peer killed
+// between making progress and waking us, or another waiter clearing the shared flag as it
+// leaves, would otherwise leave us asleep although the condition holds.
+constexpr auto kRecheck = std::chrono::milliseconds(50);
+
 template <class Ready>
 bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {
     if (spin_for(ready)) return true;
@@ -379,7 +384,11 @@ bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {
         flag.store(1, sc);
         const std::uint32_t seen = seq.load(sc);
         if (ready()) break;
-        if (futex_wait(seq, seen, deadline) == FutexResult::timed_out) break;
+        const auto recheck = std::chrono::steady_clock::now() + kRecheck;
+        const bool capped = !deadline || recheck < *deadline;
+        if (futex_wait(seq, seen, capped ? Deadline(recheck) : deadline) == FutexResult::timed_out &&
+            !capped)
+            break;
     }
     flag.store(0, rlx);
     return ready();

@@ -589,12 +589,7 @@ struct PoolEngine::Impl {
     void receive(pool::Worker& w) {
         while (w.sock) {
             auto st = w.in.read_some(w.sock.get());
-            bool progressed = false;
-            while (auto f = w.in.next()) {
-                handle(w, *f);
-                progressed = true;
-            }
-            (void)progressed;
+            while (auto f = w.in.next()) handle(w, *f);
             if (st != pool::FrameReader::Status::data) {
                 if (st == pool::FrameReader::Status::eof) {
                     // Nothing more will come; its exit descriptor says when it has ended.

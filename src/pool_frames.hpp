@@ -66,7 +66,6 @@ public:
     Status read_some(int fd);
     /// The next complete frame, if one has arrived. Throws DecodeError for a corrupt stream.
     std::optional<Frame> next();
-    bool has_partial() const noexcept { return end_ != start_; }
     /// Forgets what was read and reads `bytes` instead (a dead worker's unsent answers).
     void reset(std::string_view bytes);
 
@@ -83,7 +82,6 @@ public:
     void add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
              std::string_view b = {}, std::vector<int> fds = {});
     bool empty() const noexcept { return off_ == buf_.size(); }
-    std::size_t pending_bytes() const noexcept { return buf_.size() - off_; }
     /// Sends as much as the socket takes: all of it when blocking. True when all was sent.
     /// Throws std::system_error (EPIPE when the peer has gone).
     bool flush(int fd);

@@ -70,11 +70,6 @@ inline constexpr bool is_args<mp::Args<A...>> = true;
 template <class F, class Tup>
 using star_result_t = decltype(std::apply(std::declval<std::decay_t<F>&>(), std::declval<Tup&>()));
 
-template <class T>
-struct Callbacks {
-    std::function<void(const T&)> on_ok;
-    std::function<void(std::exception_ptr)> on_error;
-};
 }  // namespace detail
 
 /// The result of an *_async call (Python's AsyncResult / MapResult).

@@ -10,6 +10,7 @@ packages=(
   libcereal-dev libssl-dev
   python3 gnuplot-nox
   clang-14 libclang-rt-14-dev  # libFuzzer for tests/fuzz (the `fuzz` preset)
+  openmpi-bin libopenmpi-dev   # mp::mpi, the executor over MPI ranks (include/mp/mpi.hpp)
 )
 
 missing=()

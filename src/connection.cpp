@@ -306,6 +306,15 @@ Connection::Connection(int fd, bool readable, bool writable) {
     impl_->is_socket = is_socket;
 }
 
+Connection::Connection(detail::KnownSocket, int fd) {
+    if (fd < 0) throw std::invalid_argument("mp::Connection: invalid handle " + std::to_string(fd));
+    impl_ = std::make_shared<detail::ConnectionState>();
+    impl_->fd.reset(fd);
+    impl_->readable = true;
+    impl_->writable = true;
+    impl_->is_socket = true;
+}
+
 void Connection::check_writable(const char* op) const {
     if (!impl_ || !impl_->fd) throw_bad_fd(op, "handle is closed");
     if (!impl_->writable) throw_bad_fd(op, "connection is read-only");

@@ -62,45 +62,33 @@ std::string hmac(const EVP_MD* md, std::string_view key, std::string_view messag
     return std::string(reinterpret_cast<const char*>(out), len);
 }
 
-// recv with the handshake's deadline: try first, wait only when nothing is there yet. With
-// `may_be_empty`, returns false instead of waiting when not one byte has arrived.
-bool read_exact(int fd, char* buf, std::size_t n, Clock::time_point deadline,
-                bool may_be_empty = false) {
-    bool first = true;
+// recv with the handshake's deadline: try first, wait only when nothing is there yet.
+void read_exact(int fd, char* buf, std::size_t n, Clock::time_point deadline) {
     while (n > 0) {
         ssize_t r = ::recv(fd, buf, n, MSG_DONTWAIT);
         if (r > 0) {
             buf += r;
             n -= static_cast<std::size_t>(r);
-            first = false;
             continue;
         }
         if (r == 0) throw AuthenticationError("connection closed during the handshake");
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) sys::throw_system_error(errno, "recv");
-        if (first && may_be_empty) return false;
         const auto left = deadline - Clock::now();
         if (left <= Clock::duration::zero() ||
             !sys::wait_fd(fd, POLLIN, std::chrono::duration_cast<std::chrono::nanoseconds>(left)))
             throw AuthenticationError("handshake timed out");
     }
-    return true;
 }
 
-std::optional<std::string> read_message_impl(int fd, Clock::time_point deadline,
-                                             bool may_be_empty) {
-    unsigned char header[4];
-    if (!read_exact(fd, reinterpret_cast<char*>(header), sizeof header, deadline, may_be_empty))
-        return std::nullopt;
+std::size_t frame_length(const unsigned char* header) {
     const std::int32_t n = static_cast<std::int32_t>(
         (std::uint32_t{header[0]} << 24) | (std::uint32_t{header[1]} << 16) |
         (std::uint32_t{header[2]} << 8) | std::uint32_t{header[3]});
     // -1 announces a 64-bit length, always beyond 256 for a sender that means it.
     if (n < 0 || static_cast<std::size_t>(n) > kMaxMessage)
         throw AuthenticationError("bad message length in the handshake");
-    std::string body(static_cast<std::size_t>(n), '\0');
-    read_exact(fd, body.data(), body.size(), deadline);
-    return body;
+    return static_cast<std::size_t>(n);
 }
 
 void put_frame(std::string& out, std::string_view body) {
@@ -156,22 +144,109 @@ void check_answer(int fd, std::string_view authkey, std::string_view message,
     }
 }
 
+// The messages of one handshake, read with as few system calls as the protocol allows: each
+// wait is one poll (the peer always has to answer first, so trying the socket before waiting
+// would only fail), and a read takes whatever has arrived, so that frames sent in one write
+// (an mp peer pipelines them) come in one recv. Only the last message is read exactly: a peer
+// may send its first request right behind it, and those bytes belong to the Connection.
+class MessageReader {
+public:
+    MessageReader(int fd, Clock::time_point deadline) : fd_(fd), deadline_(deadline) {}
+
+    /// The next message; with `may_be_empty`, std::nullopt when nothing of it has arrived yet
+    /// (without waiting).
+    std::optional<std::string> next(bool may_be_empty = false) {
+        if (end_ - begin_ < 4 && !fill(4, may_be_empty)) return std::nullopt;
+        const std::size_t n = body_length();
+        fill(4 + n, false);
+        std::string body(buf_ + begin_ + 4, n);
+        begin_ += 4 + n;
+        return body;
+    }
+
+    /// After the last message: the peer must not have sent anything more yet.
+    void expect_drained() const {
+        if (begin_ != end_) throw AuthenticationError("unexpected data in the handshake");
+    }
+
+    /// The last message, expected to be `expected` long (the peer's #WELCOME#): never reads
+    /// past it. Bytes already buffered beyond it are a protocol error.
+    std::string last(std::size_t expected) {
+        limit_ = 4 + expected;
+        if (end_ - begin_ < 4) fill(4, false);
+        const std::size_t n = body_length();
+        limit_ = 4 + n;
+        fill(4 + n, false);
+        std::string body(buf_ + begin_ + 4, n);
+        begin_ += 4 + n;
+        if (begin_ != end_) throw AuthenticationError("unexpected data in the handshake");
+        return body;
+    }
+
+private:
+    std::size_t body_length() const {
+        return frame_length(reinterpret_cast<const unsigned char*>(buf_ + begin_));
+    }
+
+    // Until `need` bytes from begin_ are buffered. The first read of a message waits first
+    // (unless `may_be_empty`: then one try without waiting, false when nothing came).
+    bool fill(std::size_t need, bool may_be_empty) {
+        if (begin_ != 0) {
+            std::memmove(buf_, buf_ + begin_, end_ - begin_);
+            end_ -= begin_;
+            begin_ = 0;
+        }
+        bool wait = !may_be_empty;
+        while (end_ - begin_ < need) {
+            if (wait) {
+                const auto left = deadline_ - Clock::now();
+                if (left <= Clock::duration::zero() ||
+                    !sys::wait_fd(fd_, POLLIN,
+                                  std::chrono::duration_cast<std::chrono::nanoseconds>(left)))
+                    throw AuthenticationError("handshake timed out");
+            }
+            // Room for a whole message after the one being read; never past limit_.
+            std::size_t room = sizeof buf_ - end_;
+            if (limit_ != 0) room = std::min(room, begin_ + std::max(limit_, need) - end_);
+            const ssize_t r = ::recv(fd_, buf_ + end_, room, MSG_DONTWAIT);
+            if (r > 0) {
+                end_ += static_cast<std::size_t>(r);
+                may_be_empty = false;
+                continue;
+            }
+            if (r == 0) throw AuthenticationError("connection closed during the handshake");
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) sys::throw_system_error(errno, "recv");
+            if (may_be_empty && end_ == begin_) return false;
+            wait = true;
+        }
+        return true;
+    }
+
+    int fd_;
+    Clock::time_point deadline_;
+    std::size_t limit_ = 0;  // when set, never buffer beyond begin_ + limit_
+    std::size_t begin_ = 0, end_ = 0;
+    char buf_[2 * (4 + kMaxMessage)];
+};
+
 // Python's Listener: deliver_challenge, then answer_challenge.
 void server_handshake_impl(int fd, std::string_view authkey, Clock::time_point deadline) {
     const std::string message = make_challenge();
     std::string challenge(kChallenge);
     challenge += message;
     write_message(fd, challenge);
-    check_answer(fd, authkey, message, read_message(fd, deadline));
+    MessageReader in(fd, deadline);
+    check_answer(fd, authkey, message, *in.next());
     // An mp Client sends its challenge together with its answer; a Python one only after our
     // #WELCOME#. When it is already here, welcome and answer go out in one write.
-    if (std::optional<std::string> theirs = read_message_impl(fd, deadline, true)) {
+    if (std::optional<std::string> theirs = in.next(true)) {
         write_messages(fd, kWelcome, answer_for(authkey, *theirs));
     } else {
         write_message(fd, kWelcome);
-        write_message(fd, answer_for(authkey, read_message(fd, deadline)));
+        write_message(fd, answer_for(authkey, *in.next()));
     }
-    if (read_message(fd, deadline) != kWelcome) throw AuthenticationError("digest sent was rejected");
+    if (in.last(kWelcome.size()) != kWelcome) throw AuthenticationError("digest sent was rejected");
 }
 
 // Reads what a refused peer sent but we did not (an mp Client's early challenge): closing a
@@ -186,7 +261,11 @@ void discard_unread(int fd) noexcept {
 }  // namespace
 
 std::string read_message(int fd, Clock::time_point deadline) {
-    return *read_message_impl(fd, deadline, false);
+    unsigned char header[4];
+    read_exact(fd, reinterpret_cast<char*>(header), sizeof header, deadline);
+    std::string body(frame_length(header), '\0');
+    read_exact(fd, body.data(), body.size(), deadline);
+    return body;
 }
 
 void write_message(int fd, std::string_view body) {
@@ -267,13 +346,17 @@ void client_handshake(int fd, std::string_view authkey, Clock::time_point deadli
     // Python's Client: answer_challenge, then deliver_challenge; but our challenge goes out in
     // the same write as our answer instead of after the server's #WELCOME# (a Python or mp
     // Listener reads it only once it has welcomed us), which saves a round trip per connection.
-    const std::string response = answer_for(authkey, read_message(fd, deadline));
+    // The server sends nothing after its answer until it has our #WELCOME#, so every read here
+    // may take whatever has arrived.
+    MessageReader in(fd, deadline);
+    const std::string response = answer_for(authkey, *in.next());
     const std::string message = make_challenge();
     std::string challenge(kChallenge);
     challenge += message;
     write_messages(fd, response, challenge);
-    if (read_message(fd, deadline) != kWelcome) throw AuthenticationError("digest sent was rejected");
-    check_answer(fd, authkey, message, read_message(fd, deadline));
+    if (*in.next() != kWelcome) throw AuthenticationError("digest sent was rejected");
+    check_answer(fd, authkey, message, *in.next());
+    in.expect_drained();
     write_message(fd, kWelcome);
 }
 
@@ -522,7 +605,7 @@ Connection Listener::accept() {
         detail::handshake::server_handshake(c.get(), *options_.authkey,
                                             Clock::now() + options_.handshake_timeout);
     }
-    return Connection(c.release());
+    return Connection(detail::KnownSocket{}, c.release());
 }
 
 // ---------------------------------------------------------------- Client
@@ -558,7 +641,7 @@ Connection Client(const Address& address, ClientOptions options) {
     if (options.authkey)
         detail::handshake::client_handshake(fd.get(), *options.authkey,
                                             Clock::now() + options.handshake_timeout);
-    return Connection(fd.release());
+    return Connection(detail::KnownSocket{}, fd.release());
 }
 
 }  // namespace mp

@@ -19,6 +19,7 @@
 #include <fstream>
 #include <functional>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <optional>
 #include <ostream>
 #include <poll.h>
@@ -552,6 +553,105 @@ TEST(Handshake, ListenerWithoutKeyTimesOutAClientWithOne) {
         EXPECT_STREQ(e.what(), "handshake timed out");
     }
     server.get();
+}
+
+// The handshake reads whatever has arrived (one recv for frames sent together), except the
+// Listener's last read, which must leave a request sent right behind #WELCOME# to the Connection.
+
+/// One frame from a raw socket, read exactly; throws after 10 s.
+std::string raw_recv_frame(int fd) {
+    auto read_n = [fd](char* p, std::size_t n) {
+        while (n > 0) {
+            pollfd pf{fd, POLLIN, 0};
+            if (::poll(&pf, 1, 10000) != 1) throw std::runtime_error("raw peer: nothing came");
+            const ssize_t r = ::recv(fd, p, n, 0);
+            if (r <= 0) throw std::runtime_error("raw peer: end of file");
+            p += r;
+            n -= static_cast<std::size_t>(r);
+        }
+    };
+    unsigned char h[4];
+    read_n(reinterpret_cast<char*>(h), 4);
+    std::string body((std::size_t{h[0]} << 24) | (std::size_t{h[1]} << 16) |
+                         (std::size_t{h[2]} << 8) | std::size_t{h[3]},
+                     '\0');
+    read_n(body.data(), body.size());
+    return body;
+}
+
+/// A client's answer to the `#CHALLENGE#...` message `challenge`.
+std::string answer_to(std::string_view challenge) {
+    return hs::create_response(kKey, challenge.substr(std::string_view("#CHALLENGE#").size()));
+}
+
+TEST(Handshake, RequestSentWithTheClientsWelcomeReachesTheConnection) {
+    // Python's Client order (no pipelining), then #WELCOME# and the first request in one write.
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey});
+    Background client([&] {
+        RawFd c{raw_connect(l.address())};
+        raw_send(c.fd, frame(answer_to(raw_recv_frame(c.fd))));
+        ASSERT_EQ(raw_recv_frame(c.fd), "#WELCOME#");
+        const std::string ours = "{sha256}" + std::string(40, 'c');
+        raw_send(c.fd, frame("#CHALLENGE#" + ours));
+        hs::verify_challenge(kKey, ours, raw_recv_frame(c.fd));
+        raw_send(c.fd, frame("#WELCOME#") + frame("first request"));
+        ASSERT_EQ(raw_recv_frame(c.fd), "reply");
+    });
+    mp::Connection s = accept_within(l);
+    EXPECT_EQ(s.recv_bytes(), "first request");
+    s.send_bytes("reply");
+    client.get();
+}
+
+TEST(Handshake, PeerSendingOneByteAtATimeIsServed) {
+    // An mp Client's pipelined answer + challenge, and every other message, split into 1-byte
+    // writes: the reads put the frames together.
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey});
+    auto trickle = [](int fd, const std::string& bytes) {
+        for (char ch : bytes) {
+            raw_send(fd, std::string_view(&ch, 1));
+            std::this_thread::sleep_for(100us);
+        }
+    };
+    Background client([&] {
+        RawFd c{raw_connect(l.address())};
+        const int one = 1;
+        ::setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        const std::string ours = "{sha256}" + std::string(40, 'd');
+        trickle(c.fd, frame(answer_to(raw_recv_frame(c.fd))) + frame("#CHALLENGE#" + ours));
+        ASSERT_EQ(raw_recv_frame(c.fd), "#WELCOME#");
+        hs::verify_challenge(kKey, ours, raw_recv_frame(c.fd));
+        trickle(c.fd, frame("#WELCOME#") + frame("ok"));
+    });
+    mp::Connection s = accept_within(l);
+    EXPECT_EQ(s.recv_bytes(), "ok");
+    client.get();
+}
+
+TEST(Handshake, ServerSendingMoreThanTheHandshakeIsRefusedByTheClient) {
+    // A server that sends an extra frame before the client has welcomed it breaks the
+    // protocol: the client refuses it rather than drop or misread those bytes.
+    mp::Listener l(mp::Address("127.0.0.1", 0));
+    std::string client_error;
+    Background client([&] {
+        try {
+            mp::Client(l.address(), {.authkey = kKey});
+        } catch (const mp::AuthenticationError& e) {
+            client_error = e.what();
+        }
+    });
+    {
+        mp::Connection s = accept_within(l);
+        const std::string ours = "{sha256}" + std::string(40, 'e');
+        s.send_bytes("#CHALLENGE#" + ours);
+        hs::verify_challenge(kKey, ours, s.recv_bytes());
+        const std::string theirs = s.recv_bytes();
+        std::string out = frame("#WELCOME#") + frame(answer_to(theirs)) + frame("too early");
+        ASSERT_EQ(::send(s.fileno(), out.data(), out.size(), MSG_NOSIGNAL),
+                  static_cast<ssize_t>(out.size()));
+        client.get();
+    }
+    EXPECT_EQ(client_error, "unexpected data in the handshake");
 }
 
 // ---------------------------------------------------------------- the digests

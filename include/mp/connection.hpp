@@ -115,6 +115,9 @@ struct ReceivedFds {
     std::vector<int> fds;
 };
 
+/// Tag: the descriptor is known to be a connected stream socket (Listener/Client).
+struct KnownSocket {};
+
 /// A contiguous range whose elements are plain bytes of memory (numbers, PODs, std::byte).
 template <class R>
 concept byte_buffer = std::ranges::contiguous_range<R> && std::ranges::sized_range<R> &&
@@ -130,6 +133,8 @@ public:
     /// std::invalid_argument when fd < 0 or when neither readable nor writable [ValueError];
     /// the descriptor then stays the caller's.
     explicit Connection(int fd, bool readable = true, bool writable = true);
+    /// Takes ownership of `fd`, a connected stream socket, readable and writable.
+    Connection(detail::KnownSocket, int fd);
 
     /// Sends `value` encoded with mp::Codec as one message. A value that carries file
     /// descriptors (a Connection, or anything whose Codec attaches one) sends them along with

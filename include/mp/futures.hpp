@@ -346,9 +346,10 @@ inline void show_progress(const ChunkSet& set, const char* label) {
         set.cores[i]->add_done_callback([bar, n = set.sizes[i]](FutureCore&) { bar->advance(n); });
 }
 
-/// Builds and submits the chunks of fn over rows produced by `each(add)`.
-template <class F, class... A, class Rows>
-ChunkSet submit_chunks(PoolEngine& engine, const F& fn, std::size_t chunksize, Timeout task_timeout,
+/// Builds and submits the chunks of fn over rows produced by `each(add)` to `engine` (a
+/// PoolEngine, or mp::mpi's engine: anything with submit(Task, JobOptions) -> FutureCore).
+template <class F, class... A, class Engine, class Rows>
+ChunkSet submit_chunks(Engine& engine, const F& fn, std::size_t chunksize, Timeout task_timeout,
                        Rows&& rows) {
     ChunkBuilder<std::decay_t<F>, std::decay_t<A>...> builder(fn);
     ChunkSet set;

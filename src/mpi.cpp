@@ -1,0 +1,649 @@
+// mp::mpi: worker ranks that serve tasks, and the root's thread that feeds them in batches.
+//
+// Wire: every exchange is a "message" on one tag between the root and one worker: an 8-byte
+// little-endian length, then a kind byte and its body. A message larger than
+// max_message_bytes() (MPI counts are int) is sent as several MPI messages ("pieces") in a row;
+// MPI keeps messages between two ranks on one tag in order, so the receiver appends the pieces
+// until the length is reached.
+//   root -> worker: hello [u64 root program key]
+//                   tasks [u64 ordinal][u64 n][n bytes]...
+//                   stop
+//   worker -> root: ident [u64 program key][u64 pid][string host]
+//                   results [u64 ordinal][u8 ok][u64 run ns][u64 n][n bytes: value or ErrorInfo]...
+
+#include "mp/mpi.hpp"
+
+#include <link.h>
+#include <mpi.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <list>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "mp/detail/future_core.hpp"
+#include "mp/detail/task.hpp"
+#include "mp/errors.hpp"
+#include "mp/process.hpp"
+
+namespace mp::mpi {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kTag = 2917;
+
+enum class Kind : std::uint8_t { hello = 1, tasks = 2, stop = 3, ident = 4, results = 5 };
+
+struct Globals {
+    std::mutex mu;
+    bool env_alive = false;
+    bool we_initialized = false;
+    bool executor_alive = false;
+    int rank = 0;
+    int size = 1;
+    std::size_t max_message = std::size_t{1} << 30;
+};
+
+Globals& globals() {
+    static Globals g;
+    return g;
+}
+
+std::string mpi_error_text(int rc) {
+    char buf[MPI_MAX_ERROR_STRING];
+    int n = 0;
+    if (MPI_Error_string(rc, buf, &n) != MPI_SUCCESS) return "MPI error " + std::to_string(rc);
+    return std::string(buf, static_cast<std::size_t>(n));
+}
+
+// MPI_COMM_WORLD returns errors (see Environment): a failing call names itself.
+void check(int rc, const char* what) {
+    if (rc != MPI_SUCCESS)
+        throw BrokenProcessPool(std::string("mp::mpi: ") + what + " failed: " + mpi_error_text(rc));
+}
+
+void put_u64(std::string& s, std::uint64_t v) {
+    v = mp::detail::little_endian(v);
+    s.append(reinterpret_cast<const char*>(&v), sizeof v);
+}
+
+std::uint64_t get_u64(std::string_view& p) {
+    std::uint64_t v;
+    if (p.size() < sizeof v) throw DecodeError("mp::mpi: truncated message");
+    std::memcpy(&v, p.data(), sizeof v);
+    p.remove_prefix(sizeof v);
+    return mp::detail::little_endian(v);
+}
+
+std::string_view get_bytes(std::string_view& p, std::uint64_t n) {
+    if (p.size() < n) throw DecodeError("mp::mpi: truncated message");
+    std::string_view v = p.substr(0, n);
+    p.remove_prefix(n);
+    return v;
+}
+
+// A message under construction: room for its length first, then the kind.
+std::string start_message(Kind kind) {
+    std::string s(8, '\0');
+    s.push_back(static_cast<char>(kind));
+    return s;
+}
+
+void seal(std::string& m) {
+    const std::uint64_t n = mp::detail::little_endian(std::uint64_t{m.size() - 8});
+    std::memcpy(m.data(), &n, sizeof n);
+}
+
+// The pieces of a sealed message: [offset, length) each at most max_message bytes.
+template <class Fn>
+void for_each_piece(const std::string& m, Fn&& fn) {
+    const std::size_t max = globals().max_message;
+    for (std::size_t off = 0; off < m.size(); off += max)
+        fn(m.data() + off, static_cast<int>(std::min(max, m.size() - off)));
+}
+
+void send_blocking(std::string& m, int dest) {
+    seal(m);
+    for_each_piece(m, [&](const char* p, int n) {
+        check(MPI_Send(p, n, MPI_BYTE, dest, kTag, MPI_COMM_WORLD), "MPI_Send");
+    });
+}
+
+// Receives one piece that MPI_(I)probe found (`status`), appending it to `into`.
+void recv_piece(std::string& into, const MPI_Status& status) {
+    int count = 0;
+    check(MPI_Get_count(&status, MPI_BYTE, &count), "MPI_Get_count");
+    const std::size_t at = into.size();
+    into.resize(at + static_cast<std::size_t>(count));
+    check(MPI_Recv(into.data() + at, count, MPI_BYTE, status.MPI_SOURCE, kTag, MPI_COMM_WORLD,
+                   MPI_STATUS_IGNORE),
+          "MPI_Recv");
+}
+
+// Bytes still missing from a message whose first pieces are in `m`; throws on a bad length.
+std::size_t missing(const std::string& m) {
+    if (m.size() < 9) throw DecodeError("mp::mpi: a message shorter than its header");
+    std::string_view p(m);
+    const std::uint64_t n = get_u64(p);
+    if (n + 8 < m.size()) throw DecodeError("mp::mpi: a message longer than its header says");
+    return static_cast<std::size_t>(n + 8 - m.size());
+}
+
+// Waits politely: spins (yielding) briefly, then sleeps up to a millisecond, so an idle rank
+// does not take a core from the ranks that work (Open MPI's blocking calls busy-poll).
+class Backoff {
+public:
+    void reset() noexcept { idle_ = 0; }
+    void pause() {
+        if (++idle_ < 200) {
+            std::this_thread::yield();
+            return;
+        }
+        const long us = std::min<long>(1000, 10L * (idle_ - 199));
+        std::this_thread::sleep_for(std::chrono::microseconds(us));
+    }
+
+private:
+    long idle_ = 0;
+};
+
+// A whole message from `source` (blocking, with the backoff above between probes).
+std::string recv_blocking(int source) {
+    Backoff backoff;
+    std::string m;
+    while (true) {
+        int flag = 0;
+        MPI_Status st;
+        check(MPI_Iprobe(source, kTag, MPI_COMM_WORLD, &flag, &st), "MPI_Iprobe");
+        if (!flag) {
+            backoff.pause();
+            continue;
+        }
+        backoff.reset();
+        recv_piece(m, st);
+        if (missing(m) == 0) return m;
+    }
+}
+
+std::string host_name() {
+    char buf[256] = {};
+    if (::gethostname(buf, sizeof buf - 1) != 0) return "?";
+    return buf;
+}
+
+int first_exec_segment(dl_phdr_info* info, std::size_t, void* out) {
+    for (int i = 0; i < info->dlpi_phnum; ++i) {
+        const ElfW(Phdr)& ph = info->dlpi_phdr[i];
+        if (ph.p_type == PT_LOAD && (ph.p_flags & PF_X) != 0) {
+            *static_cast<std::uintptr_t*>(out) = info->dlpi_addr + ph.p_vaddr;
+            return 1;  // the first module is the program itself
+        }
+    }
+    return 1;
+}
+
+// ---- a worker rank --------------------------------------------------------------------------
+
+class Server {
+public:
+    int run() {
+        auto& g = globals();
+        current_process().name = "MPIRank-" + std::to_string(g.rank) + "@" + host_name();
+        while (true) {
+            std::string m = recv_blocking(0);
+            std::string_view p(m);
+            p.remove_prefix(8);
+            const auto kind = static_cast<Kind>(p.front());
+            p.remove_prefix(1);
+            switch (kind) {
+                case Kind::hello: {
+                    root_matches_ = get_u64(p) == mpi::detail::program_key();
+                    std::string r = start_message(Kind::ident);
+                    put_u64(r, mpi::detail::program_key());
+                    put_u64(r, static_cast<std::uint64_t>(::getpid()));
+                    r += host_name();
+                    send_blocking(r, 0);
+                    break;
+                }
+                case Kind::tasks:
+                    run_tasks(p);
+                    break;
+                case Kind::stop:
+                    return 0;
+                default:
+                    throw DecodeError("mp::mpi: an unknown message from the root");
+            }
+        }
+    }
+
+private:
+    void run_tasks(std::string_view p) {
+        std::string out = start_message(Kind::results);
+        auto first_unsent = Clock::now();
+        bool unsent = false;
+        while (!p.empty()) {
+            const std::uint64_t ordinal = get_u64(p);
+            const std::string_view task = get_bytes(p, get_u64(p));
+            const auto begin = Clock::now();
+            if (!unsent) first_unsent = begin;
+            std::string result;
+            std::uint8_t ok = 1;
+            try {
+                if (!root_matches_)
+                    throw Error("mp::mpi: this rank runs a different binary from the root's");
+                result = mp::detail::run_task(task);
+            } catch (...) {
+                ok = 0;
+                Encoder e;
+                mp::detail::encode_current_exception(e);
+                result = e.take();
+            }
+            const auto end = Clock::now();
+            put_u64(out, ordinal);
+            out.push_back(static_cast<char>(ok));
+            put_u64(out, static_cast<std::uint64_t>(
+                             std::chrono::duration_cast<std::chrono::nanoseconds>(end - begin).count()));
+            put_u64(out, result.size());
+            out += result;
+            unsent = true;
+            // A result does not wait long behind the tasks that follow it in the batch.
+            if (out.size() > (1u << 20) || end - first_unsent > std::chrono::milliseconds(1)) {
+                send_blocking(out, 0);
+                out = start_message(Kind::results);
+                unsent = false;
+            }
+        }
+        if (unsent) send_blocking(out, 0);
+        std::fflush(stdout);
+        std::fflush(stderr);
+    }
+
+    bool root_matches_ = false;
+};
+
+}  // namespace
+
+// ---- Environment ----------------------------------------------------------------------------
+
+namespace {
+void init_mpi(int* argc, char*** argv) {
+    auto& g = globals();
+    std::lock_guard lock(g.mu);
+    if (g.env_alive) throw Error("mp::mpi: only one Environment may exist");
+    int inited = 0;
+    MPI_Initialized(&inited);
+    int provided = MPI_THREAD_SINGLE;
+    if (!inited) {
+        if (MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided) != MPI_SUCCESS)
+            throw Error("mp::mpi: MPI_Init_thread failed");
+        g.we_initialized = true;
+    } else {
+        MPI_Query_thread(&provided);
+    }
+    if (provided < MPI_THREAD_SERIALIZED) {
+        if (g.we_initialized) MPI_Finalize();
+        g.we_initialized = false;
+        throw Error("mp::mpi: the MPI library does not give MPI_THREAD_SERIALIZED");
+    }
+    // Errors come back as codes (then exceptions) instead of the default abort, where the MPI
+    // library can go on at all.
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MPI_Comm_rank(MPI_COMM_WORLD, &g.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &g.size);
+    if (const char* s = std::getenv("MP_MPI_MAX_MESSAGE")) {
+        char* end = nullptr;
+        const unsigned long long v = std::strtoull(s, &end, 10);
+        if (end != s && *end == '\0' && v >= 64 && v <= static_cast<unsigned long long>(INT_MAX))
+            g.max_message = static_cast<std::size_t>(v);
+    }
+    g.env_alive = true;
+}
+}  // namespace
+
+Environment::Environment(int& argc, char**& argv) { init_mpi(&argc, &argv); }
+Environment::Environment() { init_mpi(nullptr, nullptr); }
+
+Environment::~Environment() {
+    auto& g = globals();
+    if (g.rank == 0) {
+        for (int r = 1; r < g.size; ++r) {
+            std::string m = start_message(Kind::stop);
+            try {
+                send_blocking(m, r);
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "mp::mpi: could not stop rank %d: %s\n", r, e.what());
+            }
+        }
+    }
+    std::lock_guard lock(g.mu);
+    g.env_alive = false;
+    if (g.we_initialized) MPI_Finalize();
+    g.we_initialized = false;
+}
+
+int Environment::rank() const noexcept { return globals().rank; }
+int Environment::size() const noexcept { return globals().size; }
+
+int Environment::serve() {
+    if (is_root()) throw Error("mp::mpi: rank 0 runs the program; only the other ranks serve");
+    try {
+        return Server().run();
+    } catch (const std::exception& e) {
+        // The protocol is broken (or MPI failed): nothing sensible is left to do but end the job.
+        std::fprintf(stderr, "mp::mpi: rank %d: %s\n", rank(), e.what());
+        std::fflush(stderr);
+        MPI_Abort(MPI_COMM_WORLD, 3);
+        return 3;
+    }
+}
+
+int run(int& argc, char**& argv, const std::function<int()>& root_main) {
+    Environment env(argc, argv);
+    if (!env.is_root()) return env.serve();
+    try {
+        return root_main();
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "mp::mpi: rank 0: %s\n", e.what());
+    } catch (...) {
+        std::fprintf(stderr, "mp::mpi: rank 0: an unknown exception\n");
+    }
+    return 1;
+}
+
+// ---- the root's engine ----------------------------------------------------------------------
+
+namespace detail {
+
+std::uint64_t program_key() {
+    static const std::uint64_t key = [] {
+        std::uintptr_t addr = 0;
+        dl_iterate_phdr(first_exec_segment, &addr);
+        if (addr == 0) throw Error("mp::mpi: cannot find the program's code");
+        return mp::detail::code_ref(addr).module;
+    }();
+    return key;
+}
+
+std::size_t max_message_bytes() noexcept { return globals().max_message; }
+
+struct Engine::Impl {
+    struct Job {
+        std::shared_ptr<mp::detail::FutureCore> core;
+        std::string bytes;
+        std::uint64_t ordinal = 0;
+        std::size_t size = 0;  // of bytes, which are dropped once sent
+    };
+    struct Worker {
+        int rank = 0;
+        std::deque<Job> inflight;
+        std::size_t inflight_bytes = 0;
+        double avg_ns = 0;  // per task, as the worker measured it
+        std::string partial;  // a message whose later pieces have not arrived
+    };
+    struct Send {
+        MPI_Request request;
+        std::shared_ptr<std::string> keep;
+    };
+
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<Job> pending;  // under mu
+    bool stopping = false;    // under mu
+    bool broken = false;      // under mu
+    std::string broken_why;   // under mu
+    std::uint64_t next_ordinal = 1;
+    std::vector<Worker> workers;
+    std::list<Send> sends;
+    std::thread thread;
+
+    void main() {
+        try {
+            loop();
+        } catch (const std::exception& e) {
+            fail_all(e.what());
+        }
+    }
+
+    // Tasks a worker may hold (queued or running): about 2 ms of work, so it never waits for
+    // the next batch, but not so much that it hoards what an idle rank could run.
+    static std::size_t limit(const Worker& w) {
+        if (w.avg_ns <= 0) return 2;
+        return static_cast<std::size_t>(std::clamp(2e6 / w.avg_ns, 2.0, 1024.0));
+    }
+
+    void loop() {
+        Backoff backoff;
+        while (true) {
+            bool progress = false;
+            {
+                std::unique_lock lock(mu);
+                const bool busy = !sends.empty() || std::any_of(workers.begin(), workers.end(), [](const Worker& w) {
+                    return !w.inflight.empty() || !w.partial.empty();
+                });
+                if (!busy && pending.empty()) {
+                    if (stopping) return;
+                    cv.wait_for(lock, std::chrono::milliseconds(100));
+                    continue;
+                }
+                progress |= dispatch(lock);
+            }
+            progress |= reap_sends();
+            progress |= receive();
+            if (progress)
+                backoff.reset();
+            else
+                backoff.pause();
+        }
+    }
+
+    // Hands pending jobs to workers with room, one batch message each. Called with mu held.
+    bool dispatch(std::unique_lock<std::mutex>& lock) {
+        bool any = false;
+        for (Worker& w : workers) {
+            if (pending.empty()) break;
+            const std::size_t room = limit(w) > w.inflight.size() ? limit(w) - w.inflight.size() : 0;
+            if (room == 0 || w.inflight_bytes >= (8u << 20)) continue;
+            auto msg = std::make_shared<std::string>(start_message(Kind::tasks));
+            std::size_t taken = 0;
+            while (!pending.empty() && taken < room &&
+                   (taken == 0 || msg->size() + pending.front().bytes.size() < (4u << 20))) {
+                Job job = std::move(pending.front());
+                pending.pop_front();
+                if (!job.core->set_running()) continue;  // cancelled meanwhile
+                put_u64(*msg, job.ordinal);
+                put_u64(*msg, job.bytes.size());
+                *msg += job.bytes;
+                w.inflight_bytes += job.size;
+                job.bytes = std::string();
+                w.inflight.push_back(std::move(job));
+                ++taken;
+            }
+            if (taken == 0) continue;
+            lock.unlock();
+            seal(*msg);
+            for_each_piece(*msg, [&](const char* p, int n) {
+                Send s{MPI_REQUEST_NULL, msg};
+                check(MPI_Isend(p, n, MPI_BYTE, w.rank, kTag, MPI_COMM_WORLD, &s.request), "MPI_Isend");
+                sends.push_back(std::move(s));
+            });
+            lock.lock();
+            any = true;
+        }
+        return any;
+    }
+
+    bool reap_sends() {
+        bool any = false;
+        for (auto it = sends.begin(); it != sends.end();) {
+            int done = 0;
+            check(MPI_Test(&it->request, &done, MPI_STATUS_IGNORE), "MPI_Test");
+            if (done) {
+                it = sends.erase(it);
+                any = true;
+            } else {
+                ++it;
+            }
+        }
+        return any;
+    }
+
+    bool receive() {
+        bool any = false;
+        while (true) {
+            int flag = 0;
+            MPI_Status st;
+            check(MPI_Iprobe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &flag, &st), "MPI_Iprobe");
+            if (!flag) return any;
+            any = true;
+            if (st.MPI_SOURCE < 1 || st.MPI_SOURCE > static_cast<int>(workers.size()))
+                throw DecodeError("mp::mpi: a message from an unknown rank");
+            Worker& w = workers[static_cast<std::size_t>(st.MPI_SOURCE - 1)];
+            recv_piece(w.partial, st);
+            if (missing(w.partial) != 0) continue;
+            std::string m = std::move(w.partial);
+            w.partial.clear();
+            handle(w, m);
+        }
+    }
+
+    void handle(Worker& w, const std::string& m) {
+        std::string_view p(m);
+        p.remove_prefix(8);
+        if (static_cast<Kind>(p.front()) != Kind::results)
+            throw DecodeError("mp::mpi: unexpected message from rank " + std::to_string(w.rank));
+        p.remove_prefix(1);
+        while (!p.empty()) {
+            const std::uint64_t ordinal = get_u64(p);
+            const auto ok = static_cast<std::uint8_t>(get_bytes(p, 1).front());
+            const std::uint64_t run_ns = get_u64(p);
+            const std::string_view body = get_bytes(p, get_u64(p));
+            if (w.inflight.empty() || w.inflight.front().ordinal != ordinal)
+                throw DecodeError("mp::mpi: rank " + std::to_string(w.rank) +
+                                  " answered a task it was not given");
+            Job job = std::move(w.inflight.front());
+            w.inflight.pop_front();
+            w.inflight_bytes -= job.size;
+            const double ns = static_cast<double>(run_ns);
+            w.avg_ns = w.avg_ns == 0 ? ns : 0.8 * w.avg_ns + 0.2 * ns;
+            if (ok) {
+                job.core->set_result(std::string(body));
+            } else {
+                Decoder d(body);
+                job.core->set_exception(mp::detail::make_remote_exception(mp::detail::decode_error_info(d)));
+            }
+        }
+    }
+
+    void fail_all(const std::string& why) {
+        std::deque<Job> jobs;
+        {
+            std::lock_guard lock(mu);
+            broken = true;
+            broken_why = why;
+            jobs.swap(pending);
+        }
+        for (Worker& w : workers)
+            for (Job& j : w.inflight) jobs.push_back(std::move(j));
+        for (Job& j : jobs) {
+            j.core->set_running();
+            j.core->set_exception(std::make_exception_ptr(BrokenProcessPool(why)));
+        }
+    }
+};
+
+Engine::Engine() : impl_(std::make_unique<Impl>()) {
+    auto& g = globals();
+    {
+        std::lock_guard lock(g.mu);
+        if (!g.env_alive) throw Error("mp::mpi: an Executor needs an mp::mpi::Environment");
+        if (g.rank != 0) throw Error("mp::mpi: an Executor is made on rank 0; the other ranks serve");
+        if (g.size < 2)
+            throw Error("mp::mpi: an Executor needs at least 2 ranks (mpirun -n 2 or more)");
+        if (g.executor_alive) throw Error("mp::mpi: only one Executor may be live at a time");
+        g.executor_alive = true;
+    }
+    try {
+        // Every worker rank must run this very program: code travels as offsets into it.
+        const std::uint64_t mine = program_key();
+        for (int r = 1; r < g.size; ++r) {
+            std::string m = start_message(Kind::hello);
+            put_u64(m, mine);
+            send_blocking(m, r);
+        }
+        std::string refused;
+        for (int r = 1; r < g.size; ++r) {
+            std::string m = recv_blocking(r);
+            std::string_view p(m);
+            p.remove_prefix(8);
+            if (static_cast<Kind>(p.front()) != Kind::ident)
+                throw DecodeError("mp::mpi: rank " + std::to_string(r) + " did not answer hello");
+            p.remove_prefix(1);
+            const std::uint64_t key = get_u64(p);
+            const std::uint64_t pid = get_u64(p);
+            if (key != mine && refused.empty()) {
+                char buf[64];
+                std::snprintf(buf, sizeof buf, "%016llx, rank 0 has %016llx",
+                              static_cast<unsigned long long>(key), static_cast<unsigned long long>(mine));
+                refused = "mp::mpi: rank " + std::to_string(r) + " (" + std::string(p) + ", pid " +
+                          std::to_string(pid) + ") runs a different binary from rank 0 (build id key " +
+                          buf + "): every rank must run the same program";
+            }
+            impl_->workers.push_back(Impl::Worker{r, {}, 0, 0, {}});
+        }
+        if (!refused.empty()) throw Error(refused);
+    } catch (...) {
+        std::lock_guard lock(g.mu);
+        g.executor_alive = false;
+        throw;
+    }
+    workers_ = g.size - 1;
+    impl_->thread = std::thread([impl = impl_.get()] { impl->main(); });
+}
+
+Engine::~Engine() {
+    shutdown(true, false);
+    if (impl_->thread.joinable()) impl_->thread.join();
+    auto& g = globals();
+    std::lock_guard lock(g.mu);
+    g.executor_alive = false;
+}
+
+std::shared_ptr<mp::detail::FutureCore> Engine::submit(mp::detail::Task task, mp::detail::JobOptions options) {
+    if (!task.fds.empty()) throw Error("mp::mpi: file descriptors cannot be sent to another rank");
+    if (options.timeout) throw Error("mp::mpi: task timeouts are not supported over MPI");
+    auto core = std::make_shared<mp::detail::FutureCore>();
+    {
+        std::lock_guard lock(impl_->mu);
+        if (impl_->broken) throw BrokenProcessPool(impl_->broken_why);
+        if (impl_->stopping) throw Error("mp::mpi: cannot submit after shutdown");
+        const std::size_t n = task.bytes.size();
+        impl_->pending.push_back(Impl::Job{core, std::move(task.bytes), impl_->next_ordinal++, n});
+    }
+    impl_->cv.notify_one();
+    return core;
+}
+
+void Engine::shutdown(bool wait, bool cancel_pending) {
+    std::deque<Impl::Job> cancelled;
+    {
+        std::lock_guard lock(impl_->mu);
+        impl_->stopping = true;
+        if (cancel_pending) cancelled.swap(impl_->pending);
+    }
+    impl_->cv.notify_one();
+    for (auto& j : cancelled) j.core->cancel();
+    if (wait && impl_->thread.joinable()) impl_->thread.join();
+}
+
+}  // namespace detail
+}  // namespace mp::mpi

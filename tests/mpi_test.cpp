@@ -1,0 +1,270 @@
+// mp::mpi under mpirun: rank 0 runs the GoogleTest suite (each test makes its own Executor,
+// so executors follow one another as in `python -m mpi4py.futures`), the other ranks serve.
+// Other modes (argv[1]) are single scenarios that ctest checks by exit status and output:
+//   --expect-mismatch  rank 0 of an MPMD job whose workers run mpi_test_variant (this source
+//                      built with MP_MPI_TEST_VARIANT=1, so a different build id): the Executor
+//                      must be refused with an mp::Error naming rank 1; exits 0 when it is.
+//   --crash-worker     a task kills its worker rank with SIGSEGV: Open MPI must end the job
+//                      (non-zero, a message naming the signal) instead of leaving rank 0 waiting.
+//   --throw-in-root    mp::mpi::run with a root_main that throws: exit code 1, workers stopped.
+#include <gtest/gtest.h>
+#include <mpi.h>
+
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mp/mpi.hpp"
+
+#ifndef MP_MPI_TEST_VARIANT
+#define MP_MPI_TEST_VARIANT 0
+#endif
+
+using namespace std::chrono_literals;
+
+namespace {
+
+// Part of the binary, so mpi_test and mpi_test_variant differ (and so do their build ids).
+volatile int variant = MP_MPI_TEST_VARIANT;
+
+int square(int x) { return x * x; }
+
+int my_rank() {
+    int r = -1;
+    MPI_Comm_rank(MPI_COMM_WORLD, &r);
+    return r;
+}
+
+int rank_after(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return my_rank();
+}
+
+int sleep_then(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return ms;
+}
+
+int checked_inverse(int x) {
+    if (x == 0) throw std::invalid_argument("zero has no inverse");
+    return 1000 / x;
+}
+
+struct CustomError : std::exception {
+    const char* what() const noexcept override { return "a custom failure"; }
+};
+int throws_custom(int) { throw CustomError(); }
+
+int at(std::vector<int> v, int i) { return v.at(static_cast<std::size_t>(i)); }
+
+// A large value both ways: the argument's checksum, and a result of the same size.
+std::string echo_big(const std::string& s) {
+    std::string out(s.size(), '\0');
+    for (std::size_t i = 0; i < s.size(); ++i) out[i] = static_cast<char>(s[i] + 1);
+    return out;
+}
+
+std::atomic<int> void_calls{0};
+void nothing(int) { void_calls.fetch_add(1); }
+
+void crash(int) { std::raise(SIGSEGV); }
+
+TEST(MpiExecutor, SubmitReturnsTheResult) {
+    mp::mpi::Executor ex;
+    EXPECT_EQ(ex.max_workers(), 2);
+    auto f = ex.submit(square, 7);
+    EXPECT_EQ(f.result(60s), 49);
+    auto g = ex.submit([](int a, int b) { return a + b; }, 2, 3);
+    EXPECT_EQ(g.result(60s), 5);
+}
+
+TEST(MpiExecutor, VoidTask) {
+    mp::mpi::Executor ex;
+    auto f = ex.submit(nothing, 1);
+    f.result(60s);
+    EXPECT_TRUE(f.done());
+    EXPECT_EQ(void_calls.load(), 0);  // ran on a worker rank, not here
+}
+
+TEST(MpiExecutor, MapKeepsInputOrderWithAnyChunksize) {
+    mp::mpi::Executor ex;
+    std::vector<int> xs(10000);
+    for (int i = 0; i < 10000; ++i) xs[static_cast<std::size_t>(i)] = i;
+    for (std::size_t chunk : {std::size_t{1}, std::size_t{7}, std::size_t{1000}, std::size_t{20000}}) {
+        auto out = ex.map({.chunksize = chunk, .timeout = 60s}, square, xs).to_vector();
+        ASSERT_EQ(out.size(), xs.size()) << chunk;
+        for (int i = 0; i < 10000; ++i) ASSERT_EQ(out[static_cast<std::size_t>(i)], i * i) << chunk;
+    }
+    std::vector<int> none;
+    EXPECT_TRUE(ex.map(square, none).to_vector().empty());
+    // Zipped ranges, up to the shortest.
+    std::vector<int> a{1, 2, 3}, b{10, 20};
+    auto sums = ex.map([](int x, int y) { return x + y; }, a, b).to_vector();
+    EXPECT_EQ(sums, (std::vector<int>{11, 22}));
+}
+
+TEST(MpiExecutor, WorkIsSpreadOverEveryWorkerRank) {
+    mp::mpi::Executor ex;
+    std::vector<int> ms(40, 5);
+    auto ranks = ex.map({.timeout = 60s}, rank_after, ms).to_vector();
+    std::set<int> seen(ranks.begin(), ranks.end());
+    EXPECT_EQ(seen, (std::set<int>{1, 2}));
+}
+
+TEST(MpiExecutor, ExceptionsComeBackAsFromTheLocalPool) {
+    mp::mpi::Executor ex;
+    EXPECT_THROW(ex.submit(checked_inverse, 0).result(60s), std::invalid_argument);
+    EXPECT_THROW(ex.submit(at, std::vector<int>{1}, 5).result(60s), std::out_of_range);
+    try {
+        ex.submit(throws_custom, 1).result(60s);
+        FAIL() << "no exception";
+    } catch (const mp::RemoteError& e) {
+        EXPECT_NE(std::string(e.type_name()).find("CustomError"), std::string::npos) << e.type_name();
+        EXPECT_EQ(e.message(), "a custom failure");
+        EXPECT_NE(e.origin().find("MPIRank-"), std::string::npos) << e.origin();
+    }
+    // In a map, a failing item fails only itself.
+    std::vector<int> xs{5, 0, 10};
+    auto res = ex.map({.chunksize = 3}, checked_inverse, xs);
+    auto it = res.begin();
+    EXPECT_EQ(*it, 200);
+    ++it;
+    EXPECT_THROW(*it, std::invalid_argument);
+    ++it;
+    EXPECT_EQ(*it, 100);
+}
+
+TEST(MpiExecutor, WaitAndAsCompleted) {
+    mp::mpi::Executor ex;
+    std::vector<mp::Future<int>> fs;
+    for (int ms : {400, 10, 200, 20}) fs.push_back(ex.submit(sleep_then, ms));
+    auto first = mp::wait(fs, 60s, mp::FIRST_COMPLETED);
+    EXPECT_FALSE(first.done.empty());
+    std::vector<int> order;
+    for (auto& f : mp::as_completed(fs, 60s)) order.push_back(f.result());
+    std::sort(order.begin(), order.end());
+    EXPECT_EQ(order, (std::vector<int>{10, 20, 200, 400}));
+    auto all = mp::wait(fs, 60s);
+    EXPECT_EQ(all.done.size(), 4u);
+    EXPECT_TRUE(all.not_done.empty());
+}
+
+TEST(MpiExecutor, HundredMegabyteArgumentAndResult) {
+    mp::mpi::Executor ex;
+    std::string big(100u << 20, '\0');
+    for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 131 % 251);
+    auto f = ex.submit(echo_big, big);
+    const std::string out = f.result(120s);
+    ASSERT_EQ(out.size(), big.size());
+    for (std::size_t i = 0; i < big.size(); i += 4093)
+        ASSERT_EQ(out[i], static_cast<char>(big[i] + 1)) << i;
+    ASSERT_EQ(out.back(), static_cast<char>(big.back() + 1));
+}
+
+TEST(MpiExecutor, ShutdownRefusesNewWorkAndCancelsPending) {
+    mp::mpi::Executor ex;
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(sleep_then, 20));
+    ex.shutdown(true, true);
+    int cancelled = 0, ran = 0;
+    for (auto& f : fs) {
+        ASSERT_TRUE(f.done());
+        if (f.cancelled()) {
+            ++cancelled;
+        } else {
+            EXPECT_EQ(f.result(), 20);
+            ++ran;
+        }
+    }
+    EXPECT_EQ(cancelled + ran, 50);
+    EXPECT_GT(cancelled, 0);  // 50 x 20 ms over 2 ranks cannot all have started
+    EXPECT_THROW(ex.submit(square, 1), mp::Error);
+    ex.shutdown();  // again: nothing happens
+}
+
+TEST(MpiExecutor, OneLiveExecutorAtATimeThenTheNext) {
+    {
+        mp::mpi::Executor ex;
+        try {
+            mp::mpi::Executor second;
+            FAIL() << "a second live executor was allowed";
+        } catch (const mp::Error& e) {
+            EXPECT_NE(std::string(e.what()).find("only one Executor"), std::string::npos) << e.what();
+        }
+        EXPECT_EQ(ex.submit(square, 3).result(60s), 9);
+    }
+    mp::mpi::Executor next;
+    EXPECT_EQ(next.submit(square, 4).result(60s), 16);
+}
+
+mp::mpi::Environment* suite_env = nullptr;
+
+TEST(MpiEnvironment, RankZeroDoesNotServeAndASecondEnvironmentIsRefused) {
+    ASSERT_NE(suite_env, nullptr);
+    EXPECT_TRUE(suite_env->is_root());
+    EXPECT_EQ(suite_env->size(), 3);
+    EXPECT_THROW(suite_env->serve(), mp::Error);
+    // The suite's Environment lives in main(); a second one is an error, not a second MPI_Init.
+    int argc = 0;
+    char** argv = nullptr;
+    EXPECT_THROW(mp::mpi::Environment(argc, argv), mp::Error);
+}
+
+int expect_mismatch() {
+    try {
+        mp::mpi::Executor ex;
+        std::fprintf(stderr, "FAIL: an executor was made over ranks running another binary\n");
+        return 1;
+    } catch (const mp::Error& e) {
+        const std::string what = e.what();
+        std::printf("refused: %s\n", what.c_str());
+        if (what.find("rank 1") == std::string::npos || what.find("different binary") == std::string::npos)
+            return 1;
+    }
+    return 0;
+}
+
+int crash_worker() {
+    mp::mpi::Executor ex;
+    auto f = ex.submit(crash, 1);
+    try {
+        f.result(60s);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "rank 0 still running after the crash: %s\n", e.what());
+    }
+    // Open MPI should have ended the job long before this.
+    std::fprintf(stderr, "FAIL: the job was not ended by the crash\n");
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 99);
+    return 99;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const std::string mode = argc > 1 ? argv[1] : "";
+    if (mode == "--throw-in-root") {
+        return mp::mpi::run(argc, argv, [] () -> int {
+            mp::mpi::Executor ex;
+            if (ex.submit(square, 5).result(60s) != 25) return 2;
+            throw std::runtime_error("the root program failed on purpose");
+        });
+    }
+    mp::mpi::Environment env(argc, argv);
+    if (!env.is_root()) return env.serve();
+    if (variant != 0) {
+        std::fprintf(stderr, "mpi_test_variant only serves\n");
+        return 1;
+    }
+    suite_env = &env;
+    if (mode == "--expect-mismatch") return expect_mismatch();
+    if (mode == "--crash-worker") return crash_worker();
+    ::testing::InitGoogleTest(&argc, argv);
+    return RUN_ALL_TESTS();
+}

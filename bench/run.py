@@ -79,6 +79,15 @@ WORKLOADS = [
     dict(id="W9", title="manager dict: set + get from a child process (1 op = 1 set or 1 get)",
          unit="ops/s", per="", better=HIGHER,
          cpp=20_000, py=20_000, quick=1_000, size_unit="set+get pairs"),
+    # Over MPI: mp and Python (mpi4py.futures) run under `mpirun -n 3` (2 worker ranks). Their
+    # Limit column is no machine limit but the local pool doing the same work (`limit_as`: the mp
+    # side of W2a / W2b), so "mp vs limit" is the share of the local pool's rate kept over MPI.
+    dict(id="W10a", title="over MPI, 3 ranks: x*x, submit + result per task, in order",
+         unit="tasks/s", per="", better=HIGHER, mpi=True, limit_as="W2a",
+         cpp=100_000, py=20_000, quick=2_000, size_unit="tasks"),
+    dict(id="W10b", title="over MPI, 3 ranks: x*x, map with chunks of 1,000, in order",
+         unit="tasks/s", per="", better=HIGHER, mpi=True, limit_as="W2b",
+         cpp=100_000, py=100_000, quick=10_000, size_unit="tasks"),
 ]
 
 # Reference rows: a limit only (what one process can do at all), shown under the table.
@@ -189,6 +198,57 @@ class Sides:
         if self.micro.exists() is False:
             self.notes.append(f"{self.micro} not found: no microbenchmarks")
             self.micro = None
+        self.find_mpi(bench)
+
+    def find_mpi(self, bench):
+        # W10: mp::mpi's program and mpi4py.futures, both under mpirun -n 3.
+        self.mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
+        self.mp_mpi = bench / "mp_mpi_workloads"
+        self.mpi_python = None
+        self.timeout = 120.0
+        if self.mpirun is None:
+            self.notes.append("no mpirun: the W10 rows are n/a")
+            return
+        self.mpirun = [self.mpirun, "-n", "3"]
+        version = subprocess.run([self.mpirun[0], "--version"], capture_output=True,
+                                 text=True).stdout
+        if "Open MPI" in version:
+            # More ranks than cores, and root (CI): Open MPI refuses both unless told.
+            self.mpirun.insert(1, "--oversubscribe")
+            os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        if not self.mp_mpi.exists():
+            self.notes.append(f"{self.mp_mpi} not found (mp built without MPI): mp's W10 is n/a")
+            self.mp_mpi = None
+        # mpi4py may be installed for the system's Python only (Debian's python3-mpi4py).
+        for py in dict.fromkeys([sys.executable, "/usr/bin/python3"]):
+            if py and Path(py).exists() and subprocess.run(
+                    [py, "-c", "import mpi4py.futures"], capture_output=True).returncode == 0:
+                self.mpi_python = py
+                break
+        if self.mpi_python is None:
+            self.notes.append("mpi4py not importable (apt install python3-mpi4py): Python's W10 "
+                              "is n/a")
+        elif self.mpi_python != sys.executable:
+            self.notes.append(f"W10's Python side runs {self.mpi_python} (it has mpi4py)")
+
+    def expected(self, side, w):
+        """The workload id the side's JSON line names (a Limit column borrowed from another
+        workload's mp side names that workload)."""
+        return w["limit_as"] if side == "limit" and w.get("limit_as") else w["id"]
+
+    def mpi_argv(self, side, wid, size):
+        under = ["timeout", "-k", "5", f"{max(self.timeout - 5, 1):g}"]
+        if side == "mp":
+            if self.mpirun is None or self.mp_mpi is None:
+                return None
+            return under + self.mpirun + [str(self.mp_mpi), wid, "--size", str(size)]
+        if self.mpirun is None or self.mpi_python is None:
+            # The Python side itself says n/a (mpi4py missing).
+            return self.python + [wid, "--size", str(size)]
+        return under + self.mpirun + [self.mpi_python, "-m", "mpi4py.futures",
+                                      str(HERE / "python" / "workloads.py"), wid, "--size",
+                                      str(size)]
 
     def build_limits(self, workdir):
         # Without a CMake build (e.g. while developing the runner) compile the limits program
@@ -202,7 +262,12 @@ class Sides:
         self.notes.append(f"mp_limits built standalone with {cxx} -O2 (not found in the build)")
         return exe
 
-    def argv(self, side, wid, size):
+    def argv(self, side, wid, size, w=None):
+        if w is not None and w.get("mpi"):
+            if side == "limit":
+                return None if self.mp is None else [str(self.mp), w["limit_as"], "--size",
+                                                     str(size)]
+            return self.mpi_argv(side, wid, size)
         if side == "mp":
             return None if self.mp is None else [str(self.mp), wid, "--size", str(size)]
         if side == "python":
@@ -453,7 +518,11 @@ def write_markdown(path, results, refs, micro, machine, config, chart_ok):
              "HMAC-SHA256 challenge-response per connection with libcrypto directly. CPython 3.11's "
              "`multiprocessing.connection` does not set TCP_NODELAY: after the authkey handshake "
              "the client's two writes in a row meet the server's delayed ACK (about 40 ms), "
-             "which is why Python's W8a is so low. Definitions: bench/README.md.")
+             "which is why Python's W8a is so low. W10a/b run mp::mpi and mpi4py.futures under "
+             "`mpirun -n 3` (rank 0 hands out work to 2 worker ranks on this machine); their "
+             "Limit column is the local mp pool doing the same work (W2a/W2b's mp side), so "
+             "'mp vs limit' there is the share of the local pool's rate that MPI keeps. "
+             "Definitions: bench/README.md.")
     L.append("")
 
     L.append("## Microbenchmarks (Google Benchmark, bench/bench_*.cpp)")
@@ -613,6 +682,7 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="mp-bench-"))
     try:
         sides = Sides(build, workdir)
+        sides.timeout = timeout
         machine = machine_info(sides)
         build_type = ""
         cache = build / "CMakeCache.txt"
@@ -639,14 +709,17 @@ def main():
             for w in workloads:
                 line = []
                 for side in SIDES:
-                    argv = sides.argv(side, w["id"], size_of(w, side))
+                    argv = sides.argv(side, w["id"], size_of(w, side), w)
                     if argv is None:
                         o = Outcome("n/a", detail="mp_workloads not built")
                     else:
-                        o = run_side(argv, timeout, w["id"])
+                        o = run_side(argv, timeout, sides.expected(side, w))
                     raw[w["id"]][side].append(o)
                     if o.record.get("method"):
                         methods[w["id"]][side] = o.record["method"]
+                        if side == "limit" and w.get("limit_as"):
+                            methods[w["id"]][side] = (f"not a limit: the local pool, the mp side "
+                                                      f"of {w['limit_as']}: " + o.record["method"])
                     if o.status in ("error", "timeout"):
                         broken.append(f"{w['id']} {side} (repetition {rep}): {o.status}: "
                                       f"{o.detail}")

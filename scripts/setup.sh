@@ -11,6 +11,7 @@ packages=(
   python3 gnuplot-nox
   clang-14 libclang-rt-14-dev  # libFuzzer for tests/fuzz (the `fuzz` preset)
   openmpi-bin libopenmpi-dev   # mp::mpi, the executor over MPI ranks (include/mp/mpi.hpp)
+  python3-mpi4py               # the Python side of the MPI benchmarks (W10: mpi4py.futures)
 )
 
 missing=()

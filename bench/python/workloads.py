@@ -42,6 +42,8 @@ PYTHON_SIZES = {
     "W8a": (3000, 200),
     "W8b": (20_000, 1_000),
     "W9": (5_000, 500),          # full C++ size 20,000
+    "W10a": (20_000, 2_000),     # full C++ size 100,000
+    "W10b": (100_000, 10_000),
 }
 
 TASK_MS = 20.0  # W3 task length (quick mode too: only the count shrinks)
@@ -339,7 +341,58 @@ def w9(n):
     result("W9", 2 * n / dt, "ops/s", n, "SyncManager().dict() proxy used from a child process")
 
 
+# ---- W10: the executor over MPI (mpi4py.futures), run by run.py as -------------------------------
+#     mpirun -n 3 python3 -m mpi4py.futures bench/python/workloads.py W10a --size N
+# Rank 0 runs this script; ranks 1 and 2 are mpi4py's workers (2 workers, like W2's pool).
+
+def mpi_executor(workload):
+    try:
+        from mpi4py import MPI
+        from mpi4py.futures import MPIPoolExecutor
+    except ImportError:
+        result(workload, None, "tasks/s", 0, "mpi4py is not installed (python3-mpi4py)")
+        return None
+    if MPI.COMM_WORLD.Get_size() < 2:
+        raise RuntimeError(f"{workload}: run under mpirun -n 3 python3 -m mpi4py.futures")
+    ex = MPIPoolExecutor()
+    out = list(ex.map(square, range(16)))  # warm-up: every worker has run something
+    if out != [x * x for x in range(16)]:
+        raise RuntimeError(f"{workload}: warm-up: wrong results")
+    return ex
+
+
+def w10a(n):
+    ex = mpi_executor("W10a")
+    if ex is None:
+        return
+    with ex:
+        t0 = time.perf_counter()
+        futures = [ex.submit(square, x) for x in range(n)]
+        out = [f.result() for f in futures]
+        dt = time.perf_counter() - t0
+    if out != [x * x for x in range(n)]:
+        raise RuntimeError("W10a: wrong results")
+    result("W10a", n / dt, "tasks/s", n,
+           "mpi4py.futures.MPIPoolExecutor, mpirun -n 3 (2 worker ranks): submit every task, "
+           "then result() of each")
+
+
+def w10b(n):
+    ex = mpi_executor("W10b")
+    if ex is None:
+        return
+    with ex:
+        t0 = time.perf_counter()
+        out = list(ex.map(square, range(n), chunksize=1000))
+        dt = time.perf_counter() - t0
+    if out != [x * x for x in range(n)]:
+        raise RuntimeError("W10b: wrong results")
+    result("W10b", n / dt, "tasks/s", n,
+           "mpi4py.futures.MPIPoolExecutor, mpirun -n 3 (2 worker ranks): map, chunksize 1000")
+
+
 WORKLOADS = {
+    "W10a": w10a, "W10b": w10b,
     "W1": w1, "W2a": w2a, "W2b": w2b, "W3": w3, "W4": w4, "W5": w5,
     "W6-pipe": w6_pipe, "W6-queue": w6_queue, "W7": w7, "W8a": w8a, "W8b": w8b, "W9": w9,
 }

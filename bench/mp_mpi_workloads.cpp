@@ -1,0 +1,117 @@
+// The mp side of run.py's MPI workloads (W10a, W10b): mp::mpi::Executor over the worker ranks
+// of `mpirun -n 3` (rank 0 hands out the work, ranks 1 and 2 run it: 2 workers, like W2's pool).
+// Rank 0 prints one JSON line, as bench/mp_workloads.cpp does:
+//     {"workload":"W10a","value":123456,"unit":"tasks/s","size":100000,"method":"..."}
+//
+//     mpirun -n 3 mp_mpi_workloads W10a [--size N] [--quick]
+//
+// The same work as W2a / W2b (x*x, results checked in order); MPI start-up and a warm-up map are
+// outside the timing.
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <ranges>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "mp/mpi.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+    return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+long long square(long long x) { return x * x; }
+
+void check_squares(const std::vector<long long>& out, long long n, const char* what) {
+    bool ok = out.size() == static_cast<std::size_t>(n);
+    for (long long i = 0; ok && i < n; ++i) ok = out[static_cast<std::size_t>(i)] == i * i;
+    if (!ok) throw std::runtime_error(what);
+}
+
+void warm(mp::mpi::Executor& ex) {
+    auto out = ex.map(square, std::views::iota(0LL, 16LL)).to_vector();
+    check_squares(out, 16, "warm-up: wrong results");
+}
+
+// W10a: submit every task, then the result of each, in order.
+double w10a(long long n) {
+    mp::mpi::Executor ex;
+    warm(ex);
+    std::vector<mp::Future<long long>> futures;
+    futures.reserve(static_cast<std::size_t>(n));
+    std::vector<long long> out;
+    out.reserve(static_cast<std::size_t>(n));
+    auto t0 = Clock::now();
+    for (long long x = 0; x < n; ++x) futures.push_back(ex.submit(square, x));
+    for (const auto& f : futures) out.push_back(f.result());
+    const double dt = seconds_since(t0);
+    check_squares(out, n, "W10a: wrong results");
+    return double(n) / dt;
+}
+
+// W10b: map in chunks of 1,000.
+double w10b(long long n) {
+    mp::mpi::Executor ex;
+    warm(ex);
+    auto t0 = Clock::now();
+    auto out = ex.map({.chunksize = 1000}, square, std::views::iota(0LL, n)).to_vector();
+    const double dt = seconds_since(t0);
+    check_squares(out, n, "W10b: wrong results");
+    return double(n) / dt;
+}
+
+struct Workload {
+    const char* id;
+    long long full, quick;
+    double (*run)(long long);
+    const char* method;
+};
+
+const Workload kWorkloads[] = {
+    {"W10a", 100000, 2000, w10a,
+     "mp::mpi::Executor, mpirun -n 3 (2 worker ranks): submit every task, then result() of each"},
+    {"W10b", 100000, 10000, w10b, "mp::mpi::Executor, mpirun -n 3 (2 worker ranks): map, chunksize 1000"},
+};
+
+int usage() {
+    std::fprintf(stderr, "usage: mpirun -n 3 mp_mpi_workloads W10a|W10b [--size N] [--quick]\n");
+    return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    return mp::mpi::run(argc, argv, [&]() -> int {
+        if (argc < 2) return usage();
+        const std::string_view id = argv[1];
+        bool quick = false;
+        long long size = -1;
+        for (int i = 2; i < argc; ++i) {
+            const std::string_view a = argv[i];
+            if (a == "--quick")
+                quick = true;
+            else if (a == "--size" && i + 1 < argc)
+                size = std::atoll(argv[++i]);
+            else
+                return usage();
+        }
+        for (const auto& w : kWorkloads) {
+            if (id != w.id) continue;
+            if (size <= 0) size = quick ? w.quick : w.full;
+            const double value = w.run(size);
+            std::printf("{\"workload\":\"%s\",\"value\":%.9g,\"unit\":\"tasks/s\",\"size\":%lld,"
+                        "\"method\":\"%s\"}\n",
+                        w.id, value, size, w.method);
+            std::fflush(stdout);
+            return 0;
+        }
+        return usage();
+    });
+}

@@ -5,11 +5,13 @@
 // max_message_bytes() (MPI counts are int) is sent as several MPI messages ("pieces") in a row;
 // MPI keeps messages between two ranks on one tag in order, so the receiver appends the pieces
 // until the length is reached.
-//   root -> worker: hello [u64 root program key]
+//   root -> worker: hello [u64 root program key][u8 isolate][u64 task timeout ns, 0: none]
 //                   tasks [u64 ordinal][u64 n][n bytes]...
 //                   stop
 //   worker -> root: ident [u64 program key][u64 pid][string host]
-//                   results [u64 ordinal][u8 ok][u64 run ns][u64 n][n bytes: value or ErrorInfo]...
+//                   results [u64 ordinal][u8 outcome][u64 run ns][u64 n][n bytes]...
+//                   (outcome 1: the value; 0: an ErrorInfo; 2: the local worker died:
+//                   [u64 pid][u64 status as int64])
 
 #include "mp/mpi.hpp"
 
@@ -32,6 +34,7 @@
 #include <vector>
 
 #include "mp/detail/future_core.hpp"
+#include "mp/detail/pool_engine.hpp"
 #include "mp/detail/task.hpp"
 #include "mp/errors.hpp"
 #include "mp/process.hpp"
@@ -49,6 +52,7 @@ struct Globals {
     bool env_alive = false;
     bool we_initialized = false;
     bool executor_alive = false;
+    mpi::detail::Engine* live_engine = nullptr;  // the root's live executor, if any
     int rank = 0;
     int size = 1;
     std::size_t max_message = std::size_t{1} << 30;
@@ -208,6 +212,17 @@ public:
             switch (kind) {
                 case Kind::hello: {
                     root_matches_ = get_u64(p) == mpi::detail::program_key();
+                    const bool isolate = get_bytes(p, 1).front() != 0;
+                    const std::uint64_t timeout_ns = get_u64(p);
+                    // A new executor: its own local pool (or none); the last one's goes.
+                    local_.reset();
+                    if (isolate && root_matches_) {
+                        mp::detail::PoolConfig c;
+                        c.workers = 1;
+                        c.worker_name = "MPIRank-" + std::to_string(g.rank) + "-Worker";
+                        if (timeout_ns != 0) c.task_timeout = std::chrono::nanoseconds(timeout_ns);
+                        local_ = std::make_unique<mp::detail::PoolEngine>(std::move(c));
+                    }
                     std::string r = start_message(Kind::ident);
                     put_u64(r, mpi::detail::program_key());
                     put_u64(r, static_cast<std::uint64_t>(::getpid()));
@@ -228,6 +243,7 @@ public:
 
 private:
     void run_tasks(std::string_view p) {
+        if (local_) return run_isolated(p);
         std::string out = start_message(Kind::results);
         auto first_unsent = Clock::now();
         bool unsent = false;
@@ -268,7 +284,63 @@ private:
         std::fflush(stderr);
     }
 
+    // The tasks of a batch go to the local worker process together; answers return in order.
+    void run_isolated(std::string_view p) {
+        struct Item {
+            std::uint64_t ordinal;
+            std::shared_ptr<mp::detail::FutureCore> core;
+            Clock::time_point submitted;
+        };
+        std::vector<Item> items;
+        while (!p.empty()) {
+            const std::uint64_t ordinal = get_u64(p);
+            const std::string_view task = get_bytes(p, get_u64(p));
+            items.push_back({ordinal, local_->submit(mp::detail::Task{std::string(task), {}}, {}), Clock::now()});
+        }
+        std::string out = start_message(Kind::results);
+        auto first_unsent = Clock::now();
+        bool unsent = false;
+        for (Item& it : items) {
+            it.core->wait(std::nullopt);
+            const auto end = Clock::now();
+            if (!unsent) first_unsent = end;
+            std::string result;
+            std::uint8_t outcome = 1;
+            if (auto e = it.core->error()) {
+                try {
+                    std::rethrow_exception(e);
+                } catch (const WorkerDied& d) {
+                    outcome = 2;
+                    put_u64(result, static_cast<std::uint64_t>(d.pid()));
+                    const int status = d.signal() ? -*d.signal() : d.exit_code().value_or(0);
+                    put_u64(result, static_cast<std::uint64_t>(static_cast<std::int64_t>(status)));
+                } catch (...) {
+                    outcome = 0;
+                    Encoder enc;
+                    mp::detail::encode_current_exception(enc);
+                    result = enc.take();
+                }
+            } else {
+                result = it.core->bytes();
+            }
+            put_u64(out, it.ordinal);
+            out.push_back(static_cast<char>(outcome));
+            put_u64(out, static_cast<std::uint64_t>(
+                             std::chrono::duration_cast<std::chrono::nanoseconds>(end - it.submitted).count()));
+            put_u64(out, result.size());
+            out += result;
+            unsent = true;
+            if (out.size() > (1u << 20) || end - first_unsent > std::chrono::milliseconds(1)) {
+                send_blocking(out, 0);
+                out = start_message(Kind::results);
+                unsent = false;
+            }
+        }
+        if (unsent) send_blocking(out, 0);
+    }
+
     bool root_matches_ = false;
+    std::unique_ptr<mp::detail::PoolEngine> local_;  // with isolate_tasks
 };
 
 }  // namespace
@@ -315,6 +387,14 @@ Environment::Environment() { init_mpi(nullptr, nullptr); }
 
 Environment::~Environment() {
     auto& g = globals();
+    mpi::detail::Engine* live = nullptr;
+    {
+        std::lock_guard lock(g.mu);
+        live = g.live_engine;
+    }
+    // An executor that outlives its Environment (destroy executors first): its thread must be
+    // done with MPI before the workers stop and MPI ends.
+    if (live != nullptr) live->shutdown(true, false);
     if (g.rank == 0) {
         for (int r = 1; r < g.size; ++r) {
             std::string m = start_message(Kind::stop);
@@ -524,7 +604,7 @@ struct Engine::Impl {
         p.remove_prefix(1);
         while (!p.empty()) {
             const std::uint64_t ordinal = get_u64(p);
-            const auto ok = static_cast<std::uint8_t>(get_bytes(p, 1).front());
+            const auto ok = static_cast<std::uint8_t>(get_bytes(p, 1).front());  // the outcome
             const std::uint64_t run_ns = get_u64(p);
             const std::string_view body = get_bytes(p, get_u64(p));
             if (w.inflight.empty() || w.inflight.front().ordinal != ordinal)
@@ -535,8 +615,13 @@ struct Engine::Impl {
             w.inflight_bytes -= job.size;
             const double ns = static_cast<double>(run_ns);
             w.avg_ns = w.avg_ns == 0 ? ns : 0.8 * w.avg_ns + 0.2 * ns;
-            if (ok) {
+            if (ok == 1) {
                 job.core->set_result(std::string(body));
+            } else if (ok == 2) {
+                std::string_view b = body;
+                const auto pid = static_cast<pid_t>(get_u64(b));
+                const auto status = static_cast<int>(static_cast<std::int64_t>(get_u64(b)));
+                job.core->set_exception(std::make_exception_ptr(WorkerDied(pid, status)));
             } else {
                 Decoder d(body);
                 job.core->set_exception(mp::detail::make_remote_exception(mp::detail::decode_error_info(d)));
@@ -561,7 +646,11 @@ struct Engine::Impl {
     }
 };
 
-Engine::Engine() : impl_(std::make_unique<Impl>()) {
+Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>()) {
+    if (options.task_timeout && !options.isolate_tasks)
+        throw Error("mp::mpi: task_timeout needs isolate_tasks (a rank's own task cannot be killed)");
+    if (options.task_timeout && options.task_timeout->count() <= 0)
+        throw std::invalid_argument("mp::mpi: task_timeout must be positive");
     auto& g = globals();
     {
         std::lock_guard lock(g.mu);
@@ -578,6 +667,8 @@ Engine::Engine() : impl_(std::make_unique<Impl>()) {
         for (int r = 1; r < g.size; ++r) {
             std::string m = start_message(Kind::hello);
             put_u64(m, mine);
+            m.push_back(static_cast<char>(options.isolate_tasks ? 1 : 0));
+            put_u64(m, options.task_timeout ? static_cast<std::uint64_t>(options.task_timeout->count()) : 0);
             send_blocking(m, r);
         }
         std::string refused;
@@ -608,6 +699,8 @@ Engine::Engine() : impl_(std::make_unique<Impl>()) {
     }
     workers_ = g.size - 1;
     impl_->thread = std::thread([impl = impl_.get()] { impl->main(); });
+    std::lock_guard lock(g.mu);
+    g.live_engine = this;
 }
 
 Engine::~Engine() {
@@ -616,6 +709,7 @@ Engine::~Engine() {
     auto& g = globals();
     std::lock_guard lock(g.mu);
     g.executor_alive = false;
+    g.live_engine = nullptr;
 }
 
 std::shared_ptr<mp::detail::FutureCore> Engine::submit(mp::detail::Task task, mp::detail::JobOptions options) {

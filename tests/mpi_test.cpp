@@ -4,8 +4,9 @@
 //   --expect-mismatch  rank 0 of an MPMD job whose workers run mpi_test_variant (this source
 //                      built with MP_MPI_TEST_VARIANT=1, so a different build id): the Executor
 //                      must be refused with an mp::Error naming rank 1; exits 0 when it is.
-//   --crash-worker     a task kills its worker rank with SIGSEGV: Open MPI must end the job
-//                      (non-zero, a message naming the signal) instead of leaving rank 0 waiting.
+//   --crash-worker     a task kills its worker rank with SIGSEGV (no isolate_tasks): Open MPI
+//                      must end the job (non-zero, a message naming the signal) instead of
+//                      leaving rank 0 waiting.
 //   --throw-in-root    mp::mpi::run with a root_main that throws: exit code 1, workers stopped.
 #include <gtest/gtest.h>
 #include <mpi.h>
@@ -201,6 +202,45 @@ TEST(MpiExecutor, OneLiveExecutorAtATimeThenTheNext) {
     }
     mp::mpi::Executor next;
     EXPECT_EQ(next.submit(square, 4).result(60s), 16);
+}
+
+TEST(MpiIsolated, ACrashingTaskFailsAloneWithWorkerDied) {
+    mp::mpi::Executor ex({.isolate_tasks = true});
+    try {
+        ex.submit(crash, 1).result(60s);
+        FAIL() << "no exception";
+    } catch (const mp::WorkerDied& e) {
+        EXPECT_EQ(e.signal(), SIGSEGV) << e.what();
+    }
+    // The rank carries on with a new local worker; values and exceptions travel as before.
+    EXPECT_EQ(ex.submit(square, 9).result(60s), 81);
+    EXPECT_THROW(ex.submit(checked_inverse, 0).result(60s), std::invalid_argument);
+    // A chunk whose worker died fails whole; the other chunks are fine.
+    std::vector<int> xs{1, 2, 3, 4};
+    auto res = ex.map({.chunksize = 2, .timeout = 60s}, [](int x) {
+        if (x == 3) std::raise(SIGSEGV);
+        return x * 10;
+    }, xs);
+    auto it = res.begin();
+    EXPECT_EQ(*it, 10);
+    ++it;
+    EXPECT_EQ(*it, 20);
+    ++it;
+    EXPECT_THROW(*it, mp::WorkerDied);
+    ++it;
+    EXPECT_THROW(*it, mp::WorkerDied);
+    auto many = ex.map({.chunksize = 100, .timeout = 60s}, square, std::vector<int>(1000, 3)).to_vector();
+    EXPECT_EQ(many, std::vector<int>(1000, 9));
+}
+
+TEST(MpiIsolated, TaskTimeoutKillsTheLocalWorker) {
+    EXPECT_THROW(mp::mpi::Executor({.task_timeout = 1s}), mp::Error);  // needs isolate_tasks
+    mp::mpi::Executor ex({.isolate_tasks = true, .task_timeout = 300ms});
+    auto slow = ex.submit(sleep_then, 30000);
+    auto quick = ex.submit(sleep_then, 1);
+    EXPECT_THROW(slow.result(60s), mp::TimeoutError);
+    EXPECT_EQ(quick.result(60s), 1);
+    EXPECT_EQ(ex.submit(square, 2).result(60s), 4);
 }
 
 mp::mpi::Environment* suite_env = nullptr;

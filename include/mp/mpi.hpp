@@ -39,12 +39,17 @@
 ///   should be survivable belongs in a local mp::ProcessPoolExecutor (inside a task, if need be).
 ///   Where the MPI library reports an error instead of aborting, every unfinished future fails
 ///   with mp::BrokenProcessPool naming the MPI error, and so does every later submit.
-/// - no per-task timeout: an MPI rank's task cannot be killed without killing the job.
+///   With ExecutorOptions::isolate_tasks each rank runs its tasks in a local worker process
+///   instead, and a crash fails only that task (or chunk) with mp::WorkerDied, as in the
+///   local pool.
+/// - a per-task time limit needs isolate_tasks (a rank's own task cannot be killed without
+///   killing the job): ExecutorOptions::task_timeout.
 ///
 /// Threads: the root's MPI calls are all made by one thread that each Executor owns (MPI is
 /// initialised with MPI_THREAD_MULTIPLE when available, at least MPI_THREAD_SERIALIZED), so
 /// futures complete while the caller waits. Only one Executor may be live at a time.
 
+#include <chrono>
 #include <cstddef>
 #include <functional>
 #include <memory>
@@ -59,9 +64,9 @@ namespace mp::mpi {
 
 /// MPI for this process: initialises it (unless the program already did) and finalises it.
 ///
-/// Destructor policy: on the root, tells every worker rank to stop serving (any Executor must
-/// be gone by then: a live one is shut down and waited for first); on every rank, calls
-/// MPI_Finalize when this object initialised MPI.
+/// Destructor policy: on the root, shuts down and waits for a live Executor (destroy executors
+/// first), then tells every worker rank to stop serving; on every rank, calls MPI_Finalize when
+/// this object initialised MPI.
 class Environment {
 public:
     /// MPI_Init_thread; throws mp::Error when MPI cannot give MPI_THREAD_SERIALIZED or when a
@@ -89,13 +94,26 @@ public:
 /// ("mp::mpi: rank 0: ...") and gives 1, after the workers have been stopped cleanly.
 int run(int& argc, char**& argv, const std::function<int()>& root_main);
 
+/// Options of an mp::mpi::Executor.
+struct ExecutorOptions {
+    /// Each worker rank runs its tasks in a local worker process of its own (a one-worker
+    /// mp::ProcessPoolExecutor on that machine) instead of in the rank itself: a task that
+    /// crashes its process fails with mp::WorkerDied (pid and signal; a chunk fails whole) and
+    /// the rank starts a new local worker, where without it Open MPI ends the whole job. Costs a
+    /// local hop per task (batched) and a fork per crash.
+    bool isolate_tasks = false;
+    /// Only with isolate_tasks: a task running longer than this (counted from its start) has
+    /// its local worker killed and fails with mp::TimeoutError. Empty: no limit.
+    std::optional<std::chrono::nanoseconds> task_timeout;
+};
+
 namespace detail {
 
 /// The root's side: the thread that hands batches of tasks to worker ranks and collects their
 /// answers. Same contract as mp::detail::PoolEngine::submit.
 class Engine {
 public:
-    Engine();
+    explicit Engine(const ExecutorOptions& options);
     ~Engine();
     Engine(const Engine&) = delete;
     Engine& operator=(const Engine&) = delete;
@@ -127,7 +145,7 @@ class Executor {
 public:
     /// Needs a live Environment on rank 0 and at least 2 ranks (mp::Error otherwise). Checks
     /// that every worker rank runs this very binary: mp::Error naming the first that does not.
-    Executor() = default;
+    explicit Executor(ExecutorOptions options = {}) : engine_(options) {}
     ~Executor() = default;
     Executor(const Executor&) = delete;
     Executor& operator=(const Executor&) = delete;

@@ -28,6 +28,8 @@ struct ConnectionState {
     bool writable = false;
     // Sockets are written with sendmsg(MSG_NOSIGNAL); anything else needs the SIGPIPE dance.
     bool is_socket = false;
+    // Descriptors may arrive (a Unix socket, or a socket of unknown family): read with recvmsg.
+    bool may_carry_fds = false;
 
     // The receive buffer (see "Reading ahead" in connection.hpp). rbuf[rpos, rend) holds bytes
     // taken from the descriptor that no receive has returned yet; they always start at a frame
@@ -190,6 +192,8 @@ void read_exact(int fd, void* buf, std::size_t n, bool mid_frame) {
 // One socket buffer's worth: a recvmsg of this much usually brings a small frame's header and
 // body together (and any frames queued behind it), so a small message costs one system call.
 constexpr std::size_t kReadAhead = std::size_t{64} << 10;
+// Frames up to this long are copied into one buffer and sent with send().
+constexpr std::size_t kSmallFrame = 512;
 // The longest frame header: -1, then an 8-byte length.
 constexpr std::size_t kMaxHeader = 12;
 
@@ -197,6 +201,20 @@ constexpr std::size_t kMaxHeader = 12;
 // s.fd_batches (never leaked: the state closes those nobody takes). Returns the byte count, 0
 // at end of file.
 std::size_t recv_some(detail::ConnectionState& s) {
+    if (!s.may_carry_fds) {  // TCP: no descriptors can come, a plain recv does
+        for (;;) {
+            const ssize_t r = ::recv(s.fd.get(), s.rbuf.get() + s.rend, kReadAhead - s.rend, 0);
+            if (r >= 0) {
+                s.rend += static_cast<std::size_t>(r);
+                return static_cast<std::size_t>(r);
+            }
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                sys::wait_fd(s.fd.get(), POLLIN, std::nullopt);
+            } else if (errno != EINTR) {
+                sys::throw_system_error(errno, "recv");
+            }
+        }
+    }
     sys::FdControl control;
     iovec iov{s.rbuf.get() + s.rend, kReadAhead - s.rend};
     msghdr msg{};
@@ -304,15 +322,17 @@ Connection::Connection(int fd, bool readable, bool writable) {
     impl_->readable = readable;
     impl_->writable = writable;
     impl_->is_socket = is_socket;
+    impl_->may_carry_fds = is_socket;
 }
 
-Connection::Connection(detail::KnownSocket, int fd) {
+Connection::Connection(detail::KnownSocket kind, int fd) {
     if (fd < 0) throw std::invalid_argument("mp::Connection: invalid handle " + std::to_string(fd));
     impl_ = std::make_shared<detail::ConnectionState>();
     impl_->fd.reset(fd);
     impl_->readable = true;
     impl_->writable = true;
     impl_->is_socket = true;
+    impl_->may_carry_fds = kind.unix_family;
 }
 
 void Connection::check_writable(const char* op) const {
@@ -331,6 +351,14 @@ void Connection::write_message(std::string_view body, std::span<const int> fds) 
                         std::to_string(sys::kMaxFds));
     }
     const std::uint64_t n = body.size();
+    if (impl_->is_socket && fds.empty() && n <= kSmallFrame) {
+        // A small frame is copied behind its header and leaves in one send.
+        char frame[4 + kSmallFrame];
+        put_be32(reinterpret_cast<unsigned char*>(frame), static_cast<std::uint32_t>(n));
+        std::memcpy(frame + 4, body.data(), n);
+        sys::write_full(impl_->fd.get(), frame, 4 + n);
+        return;
+    }
     unsigned char header[12];
     iovec iov[2];
     if (n > kMaxShortLength) {

@@ -605,7 +605,7 @@ Connection Listener::accept() {
         detail::handshake::server_handshake(c.get(), *options_.authkey,
                                             Clock::now() + options_.handshake_timeout);
     }
-    return Connection(detail::KnownSocket{}, c.release());
+    return Connection(detail::KnownSocket{!address_.is_tcp()}, c.release());
 }
 
 // ---------------------------------------------------------------- Client
@@ -641,7 +641,7 @@ Connection Client(const Address& address, ClientOptions options) {
     if (options.authkey)
         detail::handshake::client_handshake(fd.get(), *options.authkey,
                                             Clock::now() + options.handshake_timeout);
-    return Connection(detail::KnownSocket{}, fd.release());
+    return Connection(detail::KnownSocket{!address.is_tcp()}, fd.release());
 }
 
 }  // namespace mp

@@ -214,6 +214,32 @@ TEST_P(ListenerKinds, AuthenticatedRoundTrip) {
     }
 }
 
+TEST_P(ListenerKinds, FramesOfEverySizeBothWays) {
+    // Small frames leave in one send (header copied in front), larger ones as header + body;
+    // TCP reads with recv, Unix sockets with recvmsg (descriptors may ride along). Sent back to
+    // back, so reads take several frames at once and frames straddle reads.
+    const std::vector<std::size_t> sizes = {0, 1, 8, 511, 512, 513, 4096, 70000, std::size_t{1} << 20};
+    auto payload = [](std::size_t n) {
+        std::string m(n, '\0');
+        for (std::size_t i = 0; i < n; ++i) m[i] = static_cast<char>('a' + (i * 7 + n) % 26);
+        return m;
+    };
+    mp::Listener l(address_for(GetParam()), {.authkey = kKey});
+    Background client([&] {
+        mp::Connection c = mp::Client(l.address(), {.authkey = kKey});
+        for (std::size_t n : sizes) c.send_bytes(payload(n));
+        for (std::size_t n : sizes)
+            if (c.recv_bytes() != payload(n)) throw std::runtime_error("wrong echo");
+    });
+    mp::Connection s = accept_within(l);
+    std::vector<std::string> got;
+    for (std::size_t i = 0; i < sizes.size(); ++i) got.push_back(s.recv_bytes());
+    for (const std::string& m : got) s.send_bytes(m);
+    client.get();
+    for (std::size_t i = 0; i < sizes.size(); ++i) EXPECT_EQ(got[i], payload(sizes[i])) << sizes[i];
+    s.close();
+}
+
 TEST_P(ListenerKinds, NoAuthkeyRoundTrip) {
     mp::Listener l(address_for(GetParam()));
     Background client([&] {

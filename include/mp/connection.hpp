@@ -115,8 +115,11 @@ struct ReceivedFds {
     std::vector<int> fds;
 };
 
-/// Tag: the descriptor is known to be a connected stream socket (Listener/Client).
-struct KnownSocket {};
+/// Tag: the descriptor is known to be a connected stream socket (Listener/Client); a Unix one
+/// may carry descriptors, a TCP one cannot.
+struct KnownSocket {
+    bool unix_family;
+};
 
 /// A contiguous range whose elements are plain bytes of memory (numbers, PODs, std::byte).
 template <class R>

@@ -314,7 +314,10 @@ using ForkingUnixDatagramServer =
 /// listening socket and handle requests one at a time. A worker that dies (a crash, a kill) is
 /// replaced. shutdown() is graceful: each worker finishes the request it is handling, then
 /// exits, and serve_forever returns once all have been joined. Workers are daemon processes: a
-/// parent that dies without shutting down takes them with it.
+/// parent that dies without shutting down takes them with it. Workers are forked, so each holds
+/// a copy of every descriptor the parent had open without FD_CLOEXEC's help (fork keeps them
+/// all): a socket the parent closes stays open in the workers until they exit. Open other
+/// connections after serve_forever's workers have started, or close them in the handler's setup.
 class PreforkTCPServer : public BaseServer {
 public:
     PreforkTCPServer(ServerAddress address, HandlerFactory factory, ServerOptions options = {});

@@ -106,7 +106,7 @@ TEST(MpiExecutor, MapKeepsInputOrderWithAnyChunksize) {
     EXPECT_TRUE(ex.map(square, none).to_vector().empty());
     // Zipped ranges, up to the shortest.
     std::vector<int> a{1, 2, 3}, b{10, 20};
-    auto sums = ex.map([](int x, int y) { return x + y; }, a, b).to_vector();
+    auto sums = ex.map({.timeout = 60s}, [](int x, int y) { return x + y; }, a, b).to_vector();
     EXPECT_EQ(sums, (std::vector<int>{11, 22}));
 }
 
@@ -132,7 +132,7 @@ TEST(MpiExecutor, ExceptionsComeBackAsFromTheLocalPool) {
     }
     // In a map, a failing item fails only itself.
     std::vector<int> xs{5, 0, 10};
-    auto res = ex.map({.chunksize = 3}, checked_inverse, xs);
+    auto res = ex.map({.chunksize = 3, .timeout = 60s}, checked_inverse, xs);
     auto it = res.begin();
     EXPECT_EQ(*it, 200);
     ++it;

@@ -322,6 +322,16 @@ TEST(ExecutorTest, SubmitStringsVectorsAndVoid) {
     EXPECT_EQ(lambda.result(kLong), 6);
 }
 
+TEST(ExecutorTest, MapOverAVoidFunction) {
+    // A void call writes no result bytes: each item is a std::monostate.
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> in(10, 1);
+    for (std::size_t chunksize : {std::size_t{1}, std::size_t{3}}) {
+        auto results = ex.map({.chunksize = chunksize, .timeout = kLong}, do_nothing, in);
+        EXPECT_EQ(results.to_vector().size(), in.size()) << "chunksize " << chunksize;
+    }
+}
+
 TEST(ExecutorTest, DefaultFutureIsNotValid) {
     mp::Future<int> f;
     EXPECT_FALSE(f.valid());

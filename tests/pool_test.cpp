@@ -568,6 +568,16 @@ TEST(PoolAsyncResult, VoidResult) {
     EXPECT_TRUE(r.successful());
 }
 
+TEST(PoolAsyncResult, MapAndImapOverAVoidFunction) {
+    mp::Pool pool(2);
+    std::vector<int> in(10, 1);
+    EXPECT_EQ(pool.map(noop, in, 3).size(), in.size());
+    auto it = pool.imap(noop, in, 4);
+    std::size_t n = 0;
+    while (it.next(kLong)) ++n;
+    EXPECT_EQ(n, in.size());
+}
+
 TEST(PoolAsyncResult, CallbackRunsInTheParentOnAnotherThread) {
     mp::Pool pool(2);
     std::mutex mu;

@@ -323,6 +323,16 @@ using call_result_t = std::invoke_result_t<std::decay_t<F>&, std::decay_t<A>&...
 template <class R>
 using item_t = std::conditional_t<std::is_void_v<R>, std::monostate, R>;
 
+/// One map item's value: a void call wrote no bytes (std::monostate then), anything else its
+/// encoding.
+template <class R>
+R decode_item(std::string_view bytes) {
+    if constexpr (std::is_same_v<R, std::monostate>) {
+        if (bytes.empty()) return {};
+    }
+    return decode<R>(bytes);
+}
+
 template <class F, class... A>
 void check_work() {
     check_transferable<F, A...>();
@@ -479,7 +489,7 @@ private:
         }
         const auto& it = items_[pos];
         if (!it.ok) detail::throw_item_error(it);
-        return decode<R>(it.bytes);
+        return detail::decode_item<R>(it.bytes);
     }
 
     std::shared_ptr<detail::ChunkSet> set_;

@@ -141,7 +141,7 @@ public:
         if (pos_ < items_.size()) {
             const ChunkItem& it = items_[pos_++];
             if (!it.ok) throw_item_error(it);
-            return decode<R>(it.bytes);
+            return decode_item<R>(it.bytes);
         }
         if (taken_ == set_->cores.size()) return std::nullopt;
         std::size_t chunk;
@@ -231,7 +231,7 @@ std::vector<R> collect_chunks(const ChunkSet& set) {
         if (core.state() == FutureCore::State::cancelled) throw CancelledError();
         for (const ChunkItem& it : split_chunk(core.bytes(), set.sizes[c])) {
             if (!it.ok) throw_item_error(it);
-            out.push_back(decode<R>(it.bytes));
+            out.push_back(decode_item<R>(it.bytes));
         }
     }
     return out;

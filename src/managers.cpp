@@ -9,14 +9,17 @@
 #include <deque>
 #include <mutex>
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 
 #include <openssl/rand.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include "handshake.hpp"
+#include "manager_channel.hpp"
 #include "mp/detail/future_core.hpp"
 #include "mp/process.hpp"
 
@@ -644,6 +647,8 @@ private:
                 return;
             case Op::ping:
                 return;
+            case Op::channel:
+                break;  // asked for once, before any call (serve_client): not here
         }
         throw DecodeError("mp: unknown manager request");
     }
@@ -655,8 +660,20 @@ private:
             // The handshake runs here, off the accept path: a stalling peer holds up nobody.
             auto deadline = Clock::now() + kHandshakeTimeout;
             handshake::server_handshake(c.fileno(), authkey_, deadline);
+            Channel channel;
+            std::string msg;
             for (;;) {
-                std::string msg = c.recv_bytes();
+                if (channel) {
+                    channel.receive(c, msg, [this] {
+                        if (stopping_.load() || client_gone()) throw ClientGone();
+                    });
+                } else {
+                    msg = c.recv_bytes();
+                    if (!msg.empty() && msg[0] == static_cast<char>(Op::channel)) {
+                        channel = offer_channel(c);
+                        continue;
+                    }
+                }
                 Encoder out;
                 out.put(std::uint8_t{0});
                 bool stop = false;
@@ -669,7 +686,10 @@ private:
                     out.put(std::uint8_t{1});
                     encode_current_exception(out);
                 }
-                c.send_bytes(out.bytes());
+                if (channel)
+                    channel.reply(c, out.bytes());
+                else
+                    c.send_bytes(out.bytes());
                 if (stop) {
                     char b = 1;
                     (void)!::write(wake_w_.fileno(), &b, 1);
@@ -684,6 +704,24 @@ private:
         }
         release_owned(caller);
         c.close();
+    }
+
+    /// Answers a client's request for a shared-memory channel (a Unix socket only: the peer is on
+    /// this host, and has passed the handshake). Without one (no memfd to be had, or TCP) the
+    /// client goes on over the socket.
+    Channel offer_channel(Connection& c) {
+        Channel channel;
+        ChannelOffer offer;
+        if (listener_.address().is_unix()) {
+            try {
+                channel = Channel::create(offer.fd);
+            } catch (const std::system_error&) {
+                channel = Channel();
+                offer.fd.reset();
+            }
+        }
+        c.send(offer);
+        return channel;  // the memfd closes here: the client has its own copy
     }
 
     /// Releases what a departed connection held (locks), so a killed client cannot wedge others.
@@ -711,12 +749,34 @@ private:
 
 // ---- the client's connections ------------------------------------------------------------------
 
+/// This process's id, cached: getpid() is a system call, and a proxy call looks it up each time
+/// (to notice a fork child). Cleared in a fork child (pthread_atfork); mp forks only through
+/// fork(), which runs the handlers.
+std::atomic<pid_t> g_pid{0};
+[[maybe_unused]] const int g_pid_atfork =
+    ::pthread_atfork(nullptr, nullptr, [] { g_pid.store(0, std::memory_order_relaxed); });
+
+pid_t current_pid() noexcept {
+    pid_t p = g_pid.load(std::memory_order_relaxed);
+    if (p == 0) {
+        p = ::getpid();
+        g_pid.store(p, std::memory_order_relaxed);
+    }
+    return p;
+}
+
+/// A connection to a server and, on a Unix socket, its shared-memory channel.
+struct Link {
+    Connection socket;
+    Channel channel;
+};
+
 /// One connection per server (and key) per thread; a fork child starts afresh.
 struct ClientConnections {
     pid_t pid = 0;
-    std::map<std::string, Connection> by_address;
+    std::map<std::string, Link> by_address;
     // The last one used, so that a run of calls to one server skips the map.
-    Connection* last = nullptr;
+    Link* last = nullptr;
     Address last_address;
     std::string last_key;
 };
@@ -726,11 +786,25 @@ std::string connection_key(const Address& address, const std::string& authkey) {
     return address.to_string() + '\n' + authkey;
 }
 
-Connection& connection_to(const Address& address, const std::string& authkey) {
+/// Connects and authenticates; over a Unix socket, also asks for a channel.
+Link open_link(const Address& address, const std::string& authkey) {
+    Link l{Client(address, {.authkey = authkey}), Channel()};
+    if (address.is_unix()) {
+        Encoder e;
+        begin_request(e, Op::channel, 0, {});
+        l.socket.send_bytes(e.bytes());
+        auto offer = l.socket.recv<ChannelOffer>();
+        if (offer.fd) l.channel = Channel::attach(std::move(offer.fd));
+    }
+    return l;
+}
+
+Link& connection_to(const Address& address, const std::string& authkey) {
     ClientConnections& cc = t_connections;
-    pid_t pid = ::getpid();
+    pid_t pid = current_pid();
     if (cc.pid != pid) {
-        // A fork child's copies of its parent's connections: never used, just dropped.
+        // A fork child's copies of its parent's connections (and channels): never used, just
+        // dropped (closing a socket copy and unmapping a channel touch nothing the parent uses).
         cc.by_address.clear();
         cc.last = nullptr;
         cc.pid = pid;
@@ -739,7 +813,7 @@ Connection& connection_to(const Address& address, const std::string& authkey) {
     std::string key = connection_key(address, authkey);
     auto it = cc.by_address.find(key);
     if (it == cc.by_address.end())
-        it = cc.by_address.emplace(key, Client(address, {.authkey = authkey})).first;
+        it = cc.by_address.emplace(key, open_link(address, authkey)).first;
     cc.last = &it->second;
     cc.last_address = address;
     cc.last_key = authkey;
@@ -749,7 +823,7 @@ Connection& connection_to(const Address& address, const std::string& authkey) {
 /// Drops this thread's connection to a server that went away (so no descriptor lingers).
 void drop_connection(const Address& address, const std::string& authkey) {
     ClientConnections& cc = t_connections;
-    if (cc.pid != ::getpid()) return;
+    if (cc.pid != current_pid()) return;
     cc.by_address.erase(connection_key(address, authkey));
     cc.last = nullptr;
 }
@@ -766,10 +840,14 @@ std::string random_key() {
 std::string request(const Address& address, const std::string& authkey, std::string& message) {
     std::string reply;
     {
-        Connection& c = connection_to(address, authkey);
+        Link& link = connection_to(address, authkey);
         try {
-            c.send_bytes(message);
-            reply = c.recv_bytes();
+            if (link.channel) {
+                reply = link.channel.call(link.socket, message);
+            } else {
+                link.socket.send_bytes(message);
+                reply = link.socket.recv_bytes();
+            }
         } catch (...) {
             // The server is gone (or the stream is out of step): the next call reconnects.
             drop_connection(address, authkey);

@@ -7,7 +7,11 @@
 
 #include <chrono>
 #include <csignal>
+#include <fstream>
+#include <future>
+#include <latch>
 #include <map>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -601,6 +605,242 @@ TEST(ManagerTest, ShutdownLeavesNoProcess) {
         pid = m.server_pid();
     }
     EXPECT_EQ(::kill(pid, 0), -1);
+}
+
+// ---- the shared-memory channel (Unix addresses) -------------------------------------------------
+
+/// The inodes of this process's mappings of manager channels (/proc/PID/maps names the memfd).
+std::vector<unsigned long> channel_mappings(pid_t pid = 0) {
+    std::ifstream maps(pid == 0 ? std::string("/proc/self/maps")
+                                : "/proc/" + std::to_string(pid) + "/maps");
+    std::vector<unsigned long> inodes;
+    for (std::string line; std::getline(maps, line);) {
+        if (line.find("mp-manager-channel") == std::string::npos) continue;
+        std::istringstream in(line);
+        std::string range, perms, offset, dev;
+        unsigned long inode = 0;
+        in >> range >> perms >> offset >> dev >> inode;
+        inodes.push_back(inode);
+    }
+    return inodes;
+}
+
+/// Polls until pred() or LONG passes.
+template <class Pred>
+bool eventually(Pred pred) {
+    auto deadline = Clock::now() + LONG;
+    while (!pred()) {
+        if (Clock::now() > deadline) return false;
+        std::this_thread::sleep_for(5ms);
+    }
+    return true;
+}
+
+TEST(ManagerChannelTest, UnixAddressGetsAChannelTcpDoesNot) {
+    const auto before = channel_mappings().size();
+    {
+        mp::Manager m;
+        auto d = m.dict<int, int>();
+        d.set(1, 2);
+        EXPECT_EQ(d.get(1), 2);
+        // One mapping for this thread's connection (the server maps the block too, in its own
+        // process).
+        EXPECT_EQ(channel_mappings().size(), before + 1);
+        EXPECT_EQ(channel_mappings(m.server_pid()).size(), 1u);
+        m.shutdown();
+        EXPECT_EQ(channel_mappings().size(), before);  // unmapped with the connection
+    }
+    mp::BaseManager tcp(mp::Address("127.0.0.1", 0), "key");
+    register_counter(tcp);
+    tcp.start();
+    auto c = tcp.create("Counter", 1);
+    EXPECT_EQ(c.call<int>("inc", 1), 2);
+    EXPECT_EQ(channel_mappings().size(), before);
+    EXPECT_EQ(channel_mappings(tcp.server_pid()).size(), 0u);
+    tcp.shutdown();
+}
+
+TEST(ManagerChannelTest, MessagesLargerThanTheBufferGoOverTheSocket) {
+    mp::Manager m;
+    auto d = m.dict<int, std::string>();
+    // Around the 64 KiB buffer (the request adds a header), and far beyond it.
+    const std::vector<std::size_t> sizes = {0,         1,         65'000,    65'536 - 40,
+                                            65'536,    65'537,    100'000,   1 << 20,
+                                            8 << 20};
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+        std::string v(sizes[i], static_cast<char>('a' + i));
+        if (!v.empty()) v.back() = 'z';
+        d.set(static_cast<int>(i), v);                     // a large request, a small reply
+        EXPECT_EQ(d.get(static_cast<int>(i)), v) << sizes[i];  // a small request, a large reply
+        EXPECT_EQ(d.setdefault(static_cast<int>(i), "x"), v);  // a small request, a large reply
+        EXPECT_EQ(d.pop(static_cast<int>(i)), v);
+        EXPECT_EQ(d.setdefault(static_cast<int>(i), v), v);  // large both ways
+        EXPECT_EQ(d.size(), i + 1);                          // and the channel is still in step
+    }
+    auto l = m.list<std::string>();
+    l.extend(std::vector<std::string>(64, std::string(4096, 'q')));  // 256 KiB in one request
+    EXPECT_EQ(l.to_vector().size(), 64u);
+    // A fork child does the same through a channel of its own.
+    EXPECT_EQ(run_child([d] {
+                  std::string big(3 << 20, 'c');
+                  d.set(100, big);
+                  check(d.get(100) == big, "big value in the child");
+                  check(d.get(1) == "z", "small value in the child");
+              }),
+              0);
+    EXPECT_EQ(d.get(100).size(), 3u << 20);
+}
+
+TEST(ManagerChannelTest, ForkChildStartsAfreshWithAChannelOfItsOwn) {
+    mp::Manager m;
+    auto d = m.dict<int, int>();
+    d.set(1, 1);
+    const auto before = channel_mappings();
+    ASSERT_FALSE(before.empty());
+    const unsigned long mine = before.back();
+    for (int round = 0; round < 3; ++round) {
+        EXPECT_EQ(run_child([d, mine, round] {
+                      // The parent's mapping came along with fork; the first call drops it and
+                      // asks the server for a new block.
+                      for (int i = 0; i < 100; ++i) d.set(10 + round, i);
+                      auto now = channel_mappings();
+                      check(now.size() == 1, "the child holds exactly one channel");
+                      check(now[0] != mine, "the child reuses its parent's channel");
+                  }),
+                  0);
+        // Meanwhile and afterwards the parent's channel is untouched and in step.
+        EXPECT_EQ(d.get(10 + round), 99);
+        EXPECT_EQ(channel_mappings(), before);
+    }
+    // A child forked while the parent calls from another thread (once that thread has
+    // connected: a fork in the middle of another thread's handshake could copy OpenSSL's RAND
+    // lock held, as with any threaded program that forks).
+    std::atomic<bool> stop{false};
+    std::latch connected(1);
+    std::thread busy([d, &stop, &connected] {
+        d.set(2, -1);
+        connected.count_down();
+        for (int i = 0; !stop.load(); ++i) d.set(2, i);
+    });
+    connected.wait();
+    EXPECT_EQ(run_child([d] {
+                  for (int i = 0; i < 200; ++i) d.set(3, i);
+                  check(d.get(3) == 199, "child value");
+              }),
+              0);
+    stop.store(true);
+    busy.join();
+    EXPECT_EQ(d.get(3), 199);
+    EXPECT_EQ(d.get(1), 1);
+}
+
+TEST(ManagerChannelTest, ProxyPassedToAForkserverChild) {
+    mp::Manager m;
+    auto d = m.dict<int, int>();
+    d.set(0, 5);
+    mp::Process p({.start_method = mp::StartMethod::forkserver},
+                  [](mp::DictProxy<int, int> dict) {
+                      for (int i = 1; i <= 100; ++i) dict.set(i, dict.get(i - 1) + 1);
+                      check(channel_mappings().size() == 1, "one channel in the child");
+                  },
+                  d);
+    p.start();
+    ASSERT_TRUE(p.join(LONG));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_EQ(d.get(100), 105);
+}
+
+TEST(ManagerChannelTest, ManyThreadsAndProcessesEachWithTheirOwnChannel) {
+    mp::Manager m;
+    auto v = m.Value<long>(0);
+    v.set(0);
+    const auto before = channel_mappings().size();
+    constexpr int kThreads = 4, kProcs = 3, kIters = 300;
+    std::latch all_called(kThreads), counted(1);
+    // The processes first: a fork while another thread is in its handshake could copy
+    // OpenSSL's RAND lock held (as with any threaded program that forks).
+    std::vector<std::unique_ptr<mp::Process>> ps;
+    for (int i = 0; i < kProcs; ++i) {
+        ps.push_back(std::make_unique<mp::Process>([v] {
+            for (int k = 0; k < kIters; ++k) v.fetch_add(1);
+        }));
+        ps.back()->start();
+    }
+    std::vector<std::thread> threads;
+    for (int t = 0; t < kThreads; ++t)
+        threads.emplace_back([&, v] {
+            for (int i = 0; i < kIters; ++i) v.fetch_add(1);
+            all_called.count_down();
+            counted.wait();  // keep the connection until the mappings are counted
+        });
+    all_called.wait();
+    EXPECT_EQ(channel_mappings().size(), before + kThreads);
+    counted.count_down();
+    for (auto& t : threads) t.join();
+    for (auto& p : ps) {
+        ASSERT_TRUE(p->join(LONG));
+        EXPECT_EQ(p->exitcode(), 0);
+    }
+    EXPECT_EQ(v.get(), long{(kThreads + kProcs) * kIters});
+    // A thread's connections (and channels) end with it, and the server then unmaps its side.
+    EXPECT_EQ(channel_mappings().size(), before);
+    EXPECT_TRUE(eventually([&] { return channel_mappings(m.server_pid()).size() == before; }))
+        << channel_mappings(m.server_pid()).size();
+}
+
+TEST(ManagerChannelTest, ClientKilledWhileCallingServerReleasesItsLock) {
+    mp::Manager m;
+    auto d = m.dict<int, int>();
+    auto l = m.Lock();
+    auto started = m.Event();
+    for (int round = 0; round < 4; ++round) {
+        started.clear();
+        mp::Process busy([d, l, started, round] {
+            for (int i = 0;; ++i) {
+                l.acquire();
+                d.set(round, i);
+                if (i == 10) started.set();
+                if (round % 2 == 1) d.set(-1, d.get(round));  // die with the lock held, often
+                l.release();
+            }
+        });
+        busy.start();
+        ASSERT_TRUE(started.wait(LONG));
+        std::this_thread::sleep_for(std::chrono::milliseconds(5 + 7 * round));
+        busy.kill();
+        busy.join();
+        EXPECT_TRUE(l.acquire(true, LONG)) << "round " << round;  // released if it was held
+        l.release();
+        EXPECT_GE(d.get(round), 10);
+    }
+    const pid_t server = m.server_pid();
+    EXPECT_TRUE(eventually([&] { return channel_mappings(server).size() == 1; }))
+        << channel_mappings(server).size();
+}
+
+TEST(ManagerChannelTest, ServerKilledWhileAClientWaitsOnTheChannel) {
+    mp::Manager m;
+    auto q = m.Queue<int>();
+    auto d = m.dict<int, int>();
+    d.set(1, 1);
+    auto waiter = std::async(std::launch::async, [q] {
+        try {
+            q.get();  // blocks in the server: this thread sleeps on the channel
+            return std::string("returned");
+        } catch (const mp::EOFError&) {
+            return std::string("EOFError");
+        } catch (const std::exception& e) {
+            return std::string("other: ") + e.what();
+        }
+    });
+    std::this_thread::sleep_for(100ms);  // let it go to sleep on the futex
+    ::kill(m.server_pid(), SIGKILL);
+    ASSERT_EQ(waiter.wait_for(LONG), std::future_status::ready);
+    EXPECT_EQ(waiter.get(), "EOFError");
+    // This thread's channel (idle when the server died) fails too, and keeps failing.
+    EXPECT_THROW(d.get(1), mp::EOFError);
+    EXPECT_ANY_THROW(d.get(1));
+    m.shutdown();
 }
 
 }  // namespace

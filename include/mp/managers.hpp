@@ -25,6 +25,12 @@
 /// events, conditions, semaphores and barriers synchronise themselves, so a blocking call on
 /// one does not hold up others. Each thread of each process opens its own connection to a
 /// server on first use (a fork child opens a new one: it never shares its parent's).
+/// Same host: over a Unix socket address (what mp::Manager uses), an authenticated connection
+/// also gets a block of shared memory from the server (a memfd passed over the socket, never
+/// named in /dev/shm), and each call goes through it instead of the socket: the request and the
+/// reply are copied in, and the waiting side spins briefly, then sleeps on a futex. Messages over
+/// 64 KiB still travel over the socket, which also tells each side that the other died. TCP
+/// connections always use the socket.
 ///
 /// Authentication. Every connection starts with a mutual HMAC-SHA256 challenge on the
 /// manager's authkey (both directions, compared in constant time); a wrong key is
@@ -162,7 +168,11 @@ struct ProxyState {
     ~ProxyState();  ///< drops the reference when this process holds it
 };
 
-enum class Op : std::uint8_t { create = 1, call = 2, incref = 3, decref = 4, shutdown = 5, ping = 6 };
+/// channel: asks for the shared-memory fast path (src/manager_channel.hpp), sent once after the
+/// handshake over a Unix socket; the reply carries a memfd or nothing.
+enum class Op : std::uint8_t {
+    create = 1, call = 2, incref = 3, decref = 4, shutdown = 5, ping = 6, channel = 7
+};
 /// Starts a request in `e`: op, object id, name; the arguments follow (the rest of the message).
 inline void begin_request(Encoder& e, Op op, std::uint64_t id, std::string_view name) {
     e.put(static_cast<std::uint8_t>(op));

@@ -791,17 +791,20 @@ TEST(ManagerChannelTest, ManyThreadsAndProcessesEachWithTheirOwnChannel) {
 TEST(ManagerChannelTest, ClientKilledWhileCallingServerReleasesItsLock) {
     mp::Manager m;
     auto d = m.dict<int, int>();
+    auto big = m.dict<int, std::string>();
     auto l = m.Lock();
     auto started = m.Event();
-    for (int round = 0; round < 4; ++round) {
+    for (int round = 0; round < 6; ++round) {
         started.clear();
-        mp::Process busy([d, l, started, round] {
+        mp::Process busy([d, big, l, started, round] {
+            const std::string value(1 << 20, 'b');  // over the socket, both ways
             for (int i = 0;; ++i) {
                 l.acquire();
                 d.set(round, i);
                 if (i == 10) started.set();
-                if (round % 2 == 1) d.set(-1, d.get(round));  // die with the lock held, often
+                if (round % 3 == 1) d.set(-1, d.get(round));  // die with the lock held, often
                 l.release();
+                if (round % 3 == 2) check(big.setdefault(round, value) == value, "big value");
             }
         });
         busy.start();
@@ -813,6 +816,7 @@ TEST(ManagerChannelTest, ClientKilledWhileCallingServerReleasesItsLock) {
         l.release();
         EXPECT_GE(d.get(round), 10);
     }
+    EXPECT_EQ(big.size(), 2u);
     const pid_t server = m.server_pid();
     EXPECT_TRUE(eventually([&] { return channel_mappings(server).size() == 1; }))
         << channel_mappings(server).size();

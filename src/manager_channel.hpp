@@ -23,7 +23,8 @@
 //
 // Trust. Only a connection that passed the authkey handshake can ask for a channel. The server
 // still treats the block as the client's to scribble on: it reads each length once, checks it
-// against the capacity, and copies the request out before decoding it.
+// against the capacity, and copies the request out before decoding it; and the memfd is sealed
+// at its size, so a client cannot shrink it under the server's mapping (SIGBUS).
 //
 // Waiting (as src/queue.cpp): each side has a sequence word and a "waiting" flag. A waiter whose
 // peer last ran on another CPU first spins for up to kSpinTime (the peer usually answers within a
@@ -45,6 +46,7 @@
 #include <string_view>
 #include <utility>
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/mman.h>
@@ -76,6 +78,9 @@ inline constexpr std::uint32_t kCapacity = 64 * 1024;
 inline constexpr auto kSpinTime = std::chrono::microseconds(20);
 /// How often a sleeping waiter looks whether its peer hung up.
 inline constexpr auto kPeerCheck = std::chrono::milliseconds(50);
+/// A block is sealed at its size (neither side can shrink or grow it) and is never larger.
+inline constexpr int kSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+inline constexpr std::size_t kMaxBlock = std::size_t{64} << 20;
 /// The name the memfd shows in /proc/PID/maps (tests look for it).
 inline constexpr const char* kName = "mp-manager-channel";
 
@@ -178,8 +183,12 @@ public:
     /// The server's side: a new block; `fd` receives its memfd, to send to the client and close.
     static Channel create(sys::Fd& fd) {
         const std::size_t size = channel::kHeaderBytes + 2 * std::size_t{channel::kCapacity};
-        sys::Fd f(sys::check(::memfd_create(channel::kName, MFD_CLOEXEC), "memfd_create"));
+        sys::Fd f(sys::check(::memfd_create(channel::kName, MFD_CLOEXEC | MFD_ALLOW_SEALING),
+                             "memfd_create"));
         sys::check(::ftruncate(f.get(), static_cast<off_t>(size)), "ftruncate");
+        // Sealed at its size: a client could otherwise shrink the file under the server's
+        // mapping, and the server would die of SIGBUS at its next access.
+        sys::check(::fcntl(f.get(), F_ADD_SEALS, channel::kSeals), "fcntl(F_ADD_SEALS)");
         Channel c = map(f.get(), size);
         // The memfd is zero-filled: every atomic starts at 0.
         auto* h = new (c.base_) channel::Header{};
@@ -198,7 +207,11 @@ public:
         struct stat st {};
         sys::check(::fstat(fd.get(), &st), "fstat");
         const auto size = static_cast<std::size_t>(st.st_size);
-        if (st.st_size <= 0 || size < channel::kHeaderBytes)
+        // The same checks protect the client from a bad server: a block that could shrink
+        // under the mapping (SIGBUS), or too big to be one of ours.
+        const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+        if (st.st_size <= 0 || size < channel::kHeaderBytes || size > channel::kMaxBlock ||
+            seals < 0 || (seals & channel::kSeals) != channel::kSeals)
             throw Error("mp: the manager sent a bad shared-memory channel");
         Channel c = map(fd.get(), size);
         const channel::Header* h = c.header();

@@ -18,11 +18,13 @@
 #include <thread>
 #include <vector>
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "mp/connection.hpp"
 #include "mp/managers.hpp"
 #include "mp/process.hpp"
+#include "manager_channel.hpp"  // src/: the channel's block, tested directly below
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
@@ -634,6 +636,22 @@ bool eventually(Pred pred) {
         std::this_thread::sleep_for(5ms);
     }
     return true;
+}
+
+TEST(ManagerChannelTest, BlockIsSealedAndCheckedOnAttach) {
+    using mp::detail::managers::Channel;
+    mp::sys::Fd fd;
+    Channel server = Channel::create(fd);
+    ASSERT_TRUE(server);
+    // Nobody holding the descriptor can shrink the block under the other side's mapping.
+    EXPECT_EQ(::ftruncate(fd.get(), 4096), -1);
+    EXPECT_EQ(errno, EPERM);
+    EXPECT_TRUE(Channel::attach(fd.dup()));
+    // An unsealed (or foreign) block is refused.
+    mp::sys::Fd plain(::memfd_create("mp-test-plain", MFD_CLOEXEC));
+    ASSERT_TRUE(plain);
+    ASSERT_EQ(::ftruncate(plain.get(), 4096 + 2 * 65536), 0);
+    EXPECT_THROW(Channel::attach(std::move(plain)), mp::Error);
 }
 
 TEST(ManagerChannelTest, UnixAddressGetsAChannelTcpDoesNot) {

@@ -138,8 +138,23 @@ timespec to_timespec(std::chrono::steady_clock::time_point t) {
     return ts;
 }
 
+// A sleep never lasts longer than this before the condition is looked at again: a peer killed
+// between making progress and waking us, or another waiter clearing the shared flag as it
+// leaves, would otherwise leave us asleep although the condition holds. The same bound applies
+// to a wait for either lock (see RobustGuard).
+constexpr auto kRecheck = std::chrono::milliseconds(50);
+
 // Holds a robust mutex; on EOWNERDEAD runs the repair, then marks the mutex consistent (if the
 // repairer dies first, the next locker gets EOWNERDEAD again and repairs again: see I5, I8).
+//
+// A blocking lock waits in slices of kRecheck, never in one unbounded pthread_mutex_lock: a
+// robust mutex can lose its wake-up when a waiter is killed. The unlock clears the lock word
+// (and with it FUTEX_WAITERS) and wakes one waiter; if that waiter is killed before it runs
+// while another thread takes the free lock (a fast-path lock, which does not set FUTEX_WAITERS
+// again), the kernel's robust-list cleanup of the dead waiter does nothing (the word names a
+// live owner), and the new owner's unlock wakes nobody. The other waiters then sleep on a free
+// lock until something else touches the futex. A waiter that times out re-reads the word and
+// takes the lock, so such a loss costs at most kRecheck.
 class RobustGuard {
 public:
     RobustGuard() = default;
@@ -147,15 +162,20 @@ public:
     RobustGuard& operator=(const RobustGuard&) = delete;
     ~RobustGuard() { unlock(); }
 
-    // How: 0 trylock, 1 block until deadline (or forever).
+    // block false: trylock; true: until `deadline` (or forever).
     template <class Repair>
     bool lock(pthread_mutex_t* m, bool block, const Deadline& deadline, Repair repair) {
         int rc;
         if (!block) {
             rc = ::pthread_mutex_trylock(m);
-        } else if (deadline) {
-            const timespec ts = to_timespec(*deadline);
-            rc = ::pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+        } else {
+            for (;;) {
+                const auto recheck = std::chrono::steady_clock::now() + kRecheck;
+                const bool capped = !deadline || recheck < *deadline;
+                const timespec ts = to_timespec(capped ? recheck : *deadline);
+                rc = ::pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+                if (rc != ETIMEDOUT || !capped) break;
+            }
 #if defined(__SANITIZE_THREAD__)
             // ThreadSanitizer does not intercept clocklock: tell it the mutex is now held, or
             // it reports the unlock as an unlock of a free mutex and the ring copies as races.
@@ -164,11 +184,10 @@ public:
                 __tsan_mutex_post_lock(m, __tsan_mutex_try_lock, 0);
             }
 #endif
-        } else {
-            rc = ::pthread_mutex_lock(m);
         }
         if (rc == EBUSY || rc == ETIMEDOUT) return false;
-        if (rc != 0 && rc != EOWNERDEAD) sys::throw_system_error(rc, "pthread_mutex_lock");
+        if (rc != 0 && rc != EOWNERDEAD)
+            sys::throw_system_error(rc, block ? "pthread_mutex_clocklock" : "pthread_mutex_trylock");
         m_ = m;
         if (rc == EOWNERDEAD) {
             repair();
@@ -276,6 +295,8 @@ QueueCore::QueueCore(SharedBlock block) : block_(std::move(block)) {
 
 QueueCore::~QueueCore() = default;
 
+void* QueueCore::producer_lock_for_testing() const noexcept { return &h_->plock; }
+
 std::size_t QueueCore::maxsize() const noexcept { return h_->maxsize; }
 std::size_t QueueCore::buffer_size() const noexcept { return h_->capacity; }
 
@@ -371,11 +392,6 @@ bool spin_for(Ready ready) {
         if (std::chrono::steady_clock::now() - start >= kYieldTime) return false;
     }
 }
-
-// A sleep never lasts longer than this before the condition is looked at again: a peer killed
-// between making progress and waking us, or another waiter clearing the shared flag as it
-// leaves, would otherwise leave us asleep although the condition holds.
-constexpr auto kRecheck = std::chrono::milliseconds(50);
 
 template <class Ready>
 bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {

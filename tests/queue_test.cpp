@@ -12,14 +12,18 @@
 #include <csignal>
 #include <fcntl.h>
 #include <cstdlib>
+#include <fstream>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <new>
+#include <pthread.h>
 #include <random>
+#include <sched.h>
 #include <set>
 #include <string>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <system_error>
 #include <thread>
 #include <tuple>
@@ -601,6 +605,131 @@ TEST(Queue, ProducerKilledMidMessageLosesOnlyThatMessage) {
     ASSERT_TRUE(consumer.join(LONG));
     EXPECT_EQ(consumer.exitcode(), 0);
     EXPECT_EQ(q.qsize(), 0u);
+}
+
+// Reaches QueueCore's test hook through Queue's protected handle.
+struct QueueProbe : mp::Queue<int> {
+    explicit QueueProbe(const mp::Queue<int>& q) : mp::Queue<int>(q) {}
+    pthread_mutex_t* producer_lock() const {
+        return static_cast<pthread_mutex_t*>(core_->producer_lock_for_testing());
+    }
+};
+
+// The state letter of process `pid` (/proc/PID/stat): 'R' runnable, 'S' asleep, ...
+char proc_state(pid_t pid) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string line;
+    std::getline(f, line);
+    const auto paren = line.rfind(')');
+    return paren == std::string::npos || paren + 2 >= line.size() ? '?' : line[paren + 2];
+}
+
+// True when `pid` is blocked in a futex call on `word` (/proc/PID/syscall: number, arguments).
+bool in_futex_on(pid_t pid, const void* word) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/syscall");
+    long nr = -1;
+    std::string arg0;
+    if (!(f >> nr >> arg0) || nr != SYS_futex) return false;
+    return std::stoull(arg0, nullptr, 16) == reinterpret_cast<std::uintptr_t>(word);
+}
+
+// A producer waiting for the producer lock survives a wake-up lost with a killed waiter. glibc's
+// robust mutexes can lose one: the unlock clears the lock word (FUTEX_WAITERS with it) and wakes
+// one waiter; if that waiter is killed before it runs while another thread takes the free lock
+// (the fast path, which does not set FUTEX_WAITERS again), the kernel's cleanup for the dead
+// waiter wakes nobody (the word names a live owner), and neither does the new owner's unlock.
+// The other waiters sleep on a free lock. Here this test is that other thread: it holds the lock
+// while two producers queue up on it, unlocks, takes the lock back before the woken producer
+// runs (both are pinned to this CPU at SCHED_IDLE, so a wake-up never preempts the test), kills
+// that producer and unlocks. Seen as "a producer is wedged" in
+// RandomKillsOfProducersAndConsumersUnderLoad, mostly under ASan.
+TEST(Queue, ProducerWaitingForTheLockSurvivesAWakeUpLostWithAKilledWaiter) {
+    cpu_set_t saved;
+    ASSERT_EQ(sched_getaffinity(0, sizeof saved, &saved), 0);
+    struct RestoreAffinity {
+        cpu_set_t& set;
+        ~RestoreAffinity() { sched_setaffinity(0, sizeof set, &set); }
+    } restore{saved};
+    auto sleeping_on = [](mp::Process& p, const void* word) {
+        const auto t0 = Clock::now();
+        while (!(in_futex_on(p.pid(), word) && proc_state(p.pid()) == 'S')) {
+            if (seconds_since(t0) > 10) return false;
+            std::this_thread::sleep_for(1ms);
+        }
+        return true;
+    };
+
+    int staged = 0, attempts = 0;
+    for (; attempts < 10 && staged < 3; ++attempts) {
+        mp::Queue<int> q;
+        pthread_mutex_t* const plock = QueueProbe(q).producer_lock();
+        const int cpu = sched_getcpu();
+        ASSERT_GE(cpu, 0);
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        auto waiter = [&](int v) {
+            return [&, v] {
+                sched_param none{};
+                if (sched_setaffinity(0, sizeof one, &one) != 0 ||
+                    sched_setscheduler(0, SCHED_IDLE, &none) != 0)
+                    std::_Exit(3);
+                q.put(v);
+            };
+        };
+        ASSERT_EQ(pthread_mutex_lock(plock), 0);
+        mp::Process w1(waiter(1)), w2(waiter(2));
+        w1.start();
+        ASSERT_TRUE(sleeping_on(w1, plock));
+        w2.start();
+        ASSERT_TRUE(sleeping_on(w2, plock));
+
+        // From here to the kill, this thread runs on the waiters' CPU, which the woken one cannot
+        // take from it.
+        ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+        ASSERT_EQ(pthread_mutex_unlock(plock), 0);  // wakes one waiter
+        const int rc = pthread_mutex_trylock(plock);
+        const char s1 = proc_state(w1.pid()), s2 = proc_state(w2.pid());
+        mp::Process* woken = nullptr;
+        mp::Process* other = nullptr;
+        if (rc == 0 && s1 == 'R' && s2 == 'S') woken = &w1, other = &w2;
+        if (rc == 0 && s2 == 'R' && s1 == 'S') woken = &w2, other = &w1;
+        if (woken != nullptr) {
+            woken->kill();
+            ASSERT_TRUE(woken->join(LONG));
+        }
+        ASSERT_EQ(sched_setaffinity(0, sizeof saved, &saved), 0);
+        // Staged when this thread holds the lock with FUTEX_WAITERS clear (glibc's lock word:
+        // the owner's tid, | 0x80000000 when someone sleeps): its unlock wakes nobody.
+        const bool lost = woken != nullptr && plock->__data.__lock == gettid();
+        if (rc == 0) {
+            ASSERT_EQ(pthread_mutex_unlock(plock), 0);
+        }
+        if (!lost) {
+            // Not staged (the woken waiter ran first): both finish, or one was killed.
+            for (mp::Process* p : {&w1, &w2}) {
+                if (p != woken) {
+                    ASSERT_TRUE(p->join(LONG));
+                }
+            }
+            continue;
+        }
+        ++staged;
+        const int value = other == &w1 ? 1 : 2;
+        // Without a bounded wait for the lock, `other` sleeps on a free lock for ever.
+        const bool finished = other->join(5s);
+        EXPECT_TRUE(finished) << "the surviving producer is still waiting for a free lock";
+        if (!finished) {
+            other->kill();
+            ASSERT_TRUE(other->join(LONG));
+            continue;
+        }
+        EXPECT_EQ(other->exitcode(), 0);
+        EXPECT_EQ(q.get(LONG), value);
+        EXPECT_EQ(q.qsize(), 0u);
+    }
+    std::printf("lost wake-up staged %d times in %d attempts\n", staged, attempts);
+    EXPECT_GE(staged, 1) << "the lost wake-up could not be staged in 10 attempts";
 }
 
 // A consumer killed while it streams a message many times the ring: the next consumer drops the

@@ -60,7 +60,10 @@
 ///   ABORT chunk); consumers skip the part, which occupies the ring until they do.
 /// - Waiting: a short spin (~2 us), a few sched_yield()s (to ~20 us: the peer may need this very
 ///   core), then a futex wait on a sequence word that the other side bumps (and wakes) only when a
-///   waiter has said so. A blocked put or get, or an idle queue, costs no CPU.
+///   waiter has said so. Waits for the locks and for the futex are cut into 50 ms slices, after
+///   each of which the waiter looks again: a wake-up lost to a peer killed at the wrong instant
+///   (robust mutexes can lose one: see RobustGuard in src/queue.cpp) costs at most that. A
+///   blocked put or get, or an idle queue, costs next to no CPU.
 ///
 /// Lifetime (destructor policy): a Queue is a cheap copyable handle; copies (in this process, or in a child made by
 /// fork) refer to the same queue, and a forkserver child receives it as an argument through its
@@ -143,6 +146,9 @@ public:
 
     /// The memfd, to send to another process.
     int fd() const noexcept { return block_.fd(); }
+    /// For tests only: the producer lock, a robust process-shared pthread_mutex_t, so that a
+    /// test can hold it and stage what a killed waiter leaves behind.
+    void* producer_lock_for_testing() const noexcept;
     /// Marks this process's handles closed.
     void close() noexcept { closed_.store(true, std::memory_order_relaxed); }
     /// Throws QueueClosed after close().

@@ -485,6 +485,7 @@ struct Engine::Impl {
     std::vector<Worker> workers;
     std::list<Send> sends;
     std::thread thread;
+    std::mutex join_mu;  // shutdown(wait) may come from several threads at once
 
     void main() {
         try {
@@ -610,22 +611,30 @@ struct Engine::Impl {
             if (w.inflight.empty() || w.inflight.front().ordinal != ordinal)
                 throw DecodeError("mp::mpi: rank " + std::to_string(w.rank) +
                                   " answered a task it was not given");
+            // Decoded while the job is still in flight: if the answer cannot be decoded, the
+            // job is there for fail_all to fail (taken out first, its future was never completed).
+            std::string value;
+            std::exception_ptr error;
+            if (ok == 1) {
+                value = std::string(body);
+            } else if (ok == 2) {
+                std::string_view b = body;
+                const auto pid = static_cast<pid_t>(get_u64(b));
+                const auto status = static_cast<int>(static_cast<std::int64_t>(get_u64(b)));
+                error = std::make_exception_ptr(WorkerDied(pid, status));
+            } else {
+                Decoder d(body);
+                error = mp::detail::make_remote_exception(mp::detail::decode_error_info(d));
+            }
             Job job = std::move(w.inflight.front());
             w.inflight.pop_front();
             w.inflight_bytes -= job.size;
             const double ns = static_cast<double>(run_ns);
             w.avg_ns = w.avg_ns == 0 ? ns : 0.8 * w.avg_ns + 0.2 * ns;
-            if (ok == 1) {
-                job.core->set_result(std::string(body));
-            } else if (ok == 2) {
-                std::string_view b = body;
-                const auto pid = static_cast<pid_t>(get_u64(b));
-                const auto status = static_cast<int>(static_cast<std::int64_t>(get_u64(b)));
-                job.core->set_exception(std::make_exception_ptr(WorkerDied(pid, status)));
-            } else {
-                Decoder d(body);
-                job.core->set_exception(mp::detail::make_remote_exception(mp::detail::decode_error_info(d)));
-            }
+            if (error)
+                job.core->set_exception(std::move(error));
+            else
+                job.core->set_result(std::move(value));
         }
     }
 
@@ -705,7 +714,6 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
 
 Engine::~Engine() {
     shutdown(true, false);
-    if (impl_->thread.joinable()) impl_->thread.join();
     auto& g = globals();
     std::lock_guard lock(g.mu);
     g.executor_alive = false;
@@ -736,7 +744,13 @@ void Engine::shutdown(bool wait, bool cancel_pending) {
     }
     impl_->cv.notify_one();
     for (auto& j : cancelled) j.core->cancel();
-    if (wait && impl_->thread.joinable()) impl_->thread.join();
+    if (!wait) return;
+    // A done callback runs in the engine's thread, which cannot wait for itself.
+    if (impl_->thread.get_id() == std::this_thread::get_id())
+        throw Error("mp::mpi: shutdown(wait) from the executor's own thread (a done callback)");
+    // Two threads may shut down (and so join) at once: std::thread::join is not thread-safe.
+    std::lock_guard lock(impl_->join_mu);
+    if (impl_->thread.joinable()) impl_->thread.join();
 }
 
 }  // namespace detail

@@ -8,13 +8,18 @@
 //                      must end the job (non-zero, a message naming the signal) instead of
 //                      leaving rank 0 waiting.
 //   --throw-in-root    mp::mpi::run with a root_main that throws: exit code 1, workers stopped.
+//   --forged-answer    a task sends rank 0 an answer for itself that cannot be decoded: its
+//                      future must fail with mp::BrokenProcessPool (not be lost); exits 0 then.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -74,7 +79,12 @@ std::string echo_big(const std::string& s) {
 std::atomic<int> void_calls{0};
 void nothing(int) { void_calls.fetch_add(1); }
 
-void crash(int) { std::raise(SIGSEGV); }
+// The default disposition first, so a sanitizer's SIGSEGV handler does not turn the crash into
+// an abort (mpi.rank_dies expects Open MPI to name signal 11).
+void crash(int) {
+    std::signal(SIGSEGV, SIG_DFL);
+    std::raise(SIGSEGV);
+}
 
 TEST(MpiExecutor, SubmitReturnsTheResult) {
     mp::mpi::Executor ex;
@@ -189,6 +199,47 @@ TEST(MpiExecutor, ShutdownRefusesNewWorkAndCancelsPending) {
     ex.shutdown();  // again: nothing happens
 }
 
+TEST(MpiExecutor, TwoThreadsShutDownAtOnce) {
+    mp::mpi::Executor ex;
+    auto f = ex.submit(sleep_then, 300);
+    // Both wait for the running task; neither may fail (std::thread::join is not thread-safe:
+    // a second concurrent join was EINVAL, std::system_error, or worse).
+    std::atomic<int> failures{0};
+    auto stop = [&] {
+        try {
+            ex.shutdown();
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "shutdown failed: %s\n", e.what());
+            failures.fetch_add(1);
+        }
+    };
+    std::thread a(stop), b(stop);
+    a.join();
+    b.join();
+    EXPECT_EQ(failures.load(), 0);
+    ASSERT_TRUE(f.done());
+    EXPECT_EQ(f.result(), 300);
+}
+
+TEST(MpiExecutor, ShutdownWithWaitFromADoneCallbackIsAnError) {
+    mp::mpi::Executor ex;
+    std::atomic<int> outcome{0};  // 1: mp::Error, 2: another exception, 3: returned
+    auto f = ex.submit(sleep_then, 200);  // still running when the callback is added
+    f.add_done_callback([&](const mp::Future<int>&) {
+        try {
+            ex.shutdown(true, false);  // in the executor's own thread: it cannot wait for itself
+            outcome = 3;
+        } catch (const mp::Error&) {
+            outcome = 1;
+        } catch (...) {
+            outcome = 2;
+        }
+    });
+    EXPECT_EQ(f.result(60s), 200);
+    ex.shutdown();
+    EXPECT_EQ(outcome.load(), 1);
+}
+
 TEST(MpiExecutor, OneLiveExecutorAtATimeThenTheNext) {
     {
         mp::mpi::Executor ex;
@@ -285,6 +336,39 @@ int crash_worker() {
     return 99;
 }
 
+// Sends rank 0, as this worker rank's answer to task 1 (the first task of an executor), a
+// "worker died" outcome whose body is missing: mp::mpi's wire format (src/mpi.cpp), tag 2917.
+int forge_answer(int) {
+    std::string m(8, '\0');
+    auto put = [&m](std::uint64_t v) { m.append(reinterpret_cast<const char*>(&v), sizeof v); };
+    m.push_back(5);  // results
+    put(1);          // ordinal
+    m.push_back(2);  // outcome: the local worker died, [pid][status] should follow
+    put(0);          // run ns
+    put(0);          // body length: nothing
+    const std::uint64_t n = m.size() - 8;
+    std::memcpy(m.data(), &n, sizeof n);  // little-endian hosts only, as this test runs on
+    MPI_Send(m.data(), static_cast<int>(m.size()), MPI_BYTE, 0, 2917, MPI_COMM_WORLD);
+    return 0;
+}
+
+int forged_answer() {
+    mp::mpi::Executor ex;
+    auto f = ex.submit(forge_answer, 0);
+    try {
+        f.result(30s);
+        std::fprintf(stderr, "FAIL: the forged answer was accepted\n");
+    } catch (const mp::BrokenProcessPool& e) {
+        std::printf("broken as expected: %s\n", e.what());
+        return 0;
+    } catch (const mp::TimeoutError&) {
+        std::fprintf(stderr, "FAIL: the future was lost (never completed)\n");
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "FAIL: another exception: %s\n", e.what());
+    }
+    return 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -305,6 +389,7 @@ int main(int argc, char** argv) {
     suite_env = &env;
     if (mode == "--expect-mismatch") return expect_mismatch();
     if (mode == "--crash-worker") return crash_worker();
+    if (mode == "--forged-answer") return forged_answer();
     ::testing::InitGoogleTest(&argc, argv);
     return RUN_ALL_TESTS();
 }

@@ -179,7 +179,9 @@ public:
                                                  "map");
     }
     /// No new work after this. wait: block until every submitted task has finished.
-    /// cancel_futures: cancel the tasks not yet sent to a rank. Safe to call more than once.
+    /// cancel_futures: cancel the tasks not yet sent to a rank. Safe to call more than once and
+    /// from several threads at once; shutdown with wait from a done callback (the executor's own
+    /// thread, which cannot wait for itself) is mp::Error.
     void shutdown(bool wait = true, bool cancel_futures = false) { engine_.shutdown(wait, cancel_futures); }
 
     /// The number of worker ranks.

@@ -9,6 +9,7 @@
 //                   tasks [u64 ordinal][u64 n][n bytes]...
 //                   stop
 //   worker -> root: ident [u64 program key][u64 pid][string host]
+//                   stop (the echo of the root's stop: a serving rank's last message)
 //                   results [u64 ordinal][u8 outcome][u64 run ns][u64 n][n bytes]...
 //                   (outcome 1: the value; 0: an ErrorInfo; 2: the local worker died:
 //                   [u64 pid][u64 status as int64])
@@ -52,6 +53,7 @@ struct Globals {
     bool env_alive = false;
     bool we_initialized = false;
     bool executor_alive = false;
+    bool workers_engaged = false;  // an Executor has talked to the worker ranks
     mpi::detail::Engine* live_engine = nullptr;  // the root's live executor, if any
     int rank = 0;
     int size = 1;
@@ -233,8 +235,11 @@ public:
                 case Kind::tasks:
                     run_tasks(p);
                     break;
-                case Kind::stop:
+                case Kind::stop: {
+                    std::string r = start_message(Kind::stop);  // the last message: see ~Environment
+                    send_blocking(r, 0);
                     return 0;
+                }
                 default:
                     throw DecodeError("mp::mpi: an unknown message from the root");
             }
@@ -380,6 +385,34 @@ void init_mpi(int* argc, char*** argv) {
     }
     g.env_alive = true;
 }
+
+// On the root, after the stops: reads and drops what the worker ranks still send until each
+// has echoed its stop. Answers nobody waits for any more (an executor that broke, or whose
+// constructor failed) would otherwise leave a rank blocked in MPI_Send of a large one, never
+// reading its stop, and every rank waiting in MPI_Finalize. Only once an Executor has talked to
+// the ranks (a program whose other ranks never serve must not wait here for an echo).
+void drain_until_stopped(int expected) {
+    auto& g = globals();
+    std::vector<std::string> partial(static_cast<std::size_t>(g.size));
+    Backoff backoff;
+    while (expected > 0) {
+        int flag = 0;
+        MPI_Status st;
+        check(MPI_Iprobe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &flag, &st), "MPI_Iprobe");
+        if (!flag) {
+            backoff.pause();
+            continue;
+        }
+        backoff.reset();
+        if (st.MPI_SOURCE < 1 || st.MPI_SOURCE >= g.size)
+            throw DecodeError("mp::mpi: a message from an unknown rank");
+        std::string& m = partial[static_cast<std::size_t>(st.MPI_SOURCE)];
+        recv_piece(m, st);
+        if (missing(m) != 0) continue;
+        if (static_cast<Kind>(m[8]) == Kind::stop) --expected;
+        m.clear();
+    }
+}
 }  // namespace
 
 Environment::Environment(int& argc, char**& argv) { init_mpi(&argc, &argv); }
@@ -396,12 +429,21 @@ Environment::~Environment() {
     // done with MPI before the workers stop and MPI ends.
     if (live != nullptr) live->shutdown(true, false);
     if (g.rank == 0) {
+        int stopped = 0;
         for (int r = 1; r < g.size; ++r) {
             std::string m = start_message(Kind::stop);
             try {
                 send_blocking(m, r);
+                ++stopped;
             } catch (const std::exception& e) {
                 std::fprintf(stderr, "mp::mpi: could not stop rank %d: %s\n", r, e.what());
+            }
+        }
+        if (g.workers_engaged) {
+            try {
+                drain_until_stopped(stopped);
+            } catch (const std::exception& e) {
+                std::fprintf(stderr, "mp::mpi: while stopping the worker ranks: %s\n", e.what());
             }
         }
     }
@@ -669,6 +711,7 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
             throw Error("mp::mpi: an Executor needs at least 2 ranks (mpirun -n 2 or more)");
         if (g.executor_alive) throw Error("mp::mpi: only one Executor may be live at a time");
         g.executor_alive = true;
+        g.workers_engaged = true;
     }
     try {
         // Every worker rank must run this very program: code travels as offsets into it.

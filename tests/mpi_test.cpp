@@ -9,7 +9,9 @@
 //                      leaving rank 0 waiting.
 //   --throw-in-root    mp::mpi::run with a root_main that throws: exit code 1, workers stopped.
 //   --forged-answer    a task sends rank 0 an answer for itself that cannot be decoded: its
-//                      future must fail with mp::BrokenProcessPool (not be lost); exits 0 then.
+//                      future must fail with mp::BrokenProcessPool (not be lost), and the job
+//                      must still end (its rank blocked sending the real, unread answer is
+//                      drained before MPI_Finalize); exits 0 then.
 #include <gtest/gtest.h>
 #include <mpi.h>
 
@@ -338,7 +340,9 @@ int crash_worker() {
 
 // Sends rank 0, as this worker rank's answer to task 1 (the first task of an executor), a
 // "worker died" outcome whose body is missing: mp::mpi's wire format (src/mpi.cpp), tag 2917.
-int forge_answer(int) {
+// Its real answer, which rank 0 no longer reads, is 4 MB: too large for MPI to buffer, so the
+// rank stays in MPI_Send until rank 0 takes it (at the end, before MPI_Finalize).
+std::string forge_answer(int) {
     std::string m(8, '\0');
     auto put = [&m](std::uint64_t v) { m.append(reinterpret_cast<const char*>(&v), sizeof v); };
     m.push_back(5);  // results
@@ -349,7 +353,7 @@ int forge_answer(int) {
     const std::uint64_t n = m.size() - 8;
     std::memcpy(m.data(), &n, sizeof n);  // little-endian hosts only, as this test runs on
     MPI_Send(m.data(), static_cast<int>(m.size()), MPI_BYTE, 0, 2917, MPI_COMM_WORLD);
-    return 0;
+    return std::string(4u << 20, 'x');
 }
 
 int forged_answer() {

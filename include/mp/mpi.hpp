@@ -65,7 +65,8 @@ namespace mp::mpi {
 /// MPI for this process: initialises it (unless the program already did) and finalises it.
 ///
 /// Destructor policy: on the root, shuts down and waits for a live Executor (destroy executors
-/// first), then tells every worker rank to stop serving; on every rank, calls MPI_Finalize when
+/// first), then tells every worker rank to stop serving and waits for each to echo the stop
+/// (dropping answers nobody waits for any more); on every rank, calls MPI_Finalize when
 /// this object initialised MPI.
 class Environment {
 public:

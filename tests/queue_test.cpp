@@ -30,6 +30,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/proc_state.hpp"
 #include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
 #include "mp/queue.hpp"
@@ -615,23 +616,8 @@ struct QueueProbe : mp::Queue<int> {
     }
 };
 
-// The state letter of process `pid` (/proc/PID/stat): 'R' runnable, 'S' asleep, ...
-char proc_state(pid_t pid) {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-    std::string line;
-    std::getline(f, line);
-    const auto paren = line.rfind(')');
-    return paren == std::string::npos || paren + 2 >= line.size() ? '?' : line[paren + 2];
-}
-
-// True when `pid` is blocked in a futex call on `word` (/proc/PID/syscall: number, arguments).
-bool in_futex_on(pid_t pid, const void* word) {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/syscall");
-    long nr = -1;
-    std::string arg0;
-    if (!(f >> nr >> arg0) || nr != SYS_futex) return false;
-    return std::stoull(arg0, nullptr, 16) == reinterpret_cast<std::uintptr_t>(word);
-}
+using mp::test::in_futex_on;
+using mp::test::proc_state;
 
 // A producer waiting for the producer lock survives a wake-up lost with a killed waiter. glibc's
 // robust mutexes can lose one: the unlock clears the lock word (FUTEX_WAITERS with it) and wakes

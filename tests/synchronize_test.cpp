@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <functional>
+#include <sched.h>
 #include <mutex>
 #include <new>
 #include <stdexcept>
@@ -23,6 +24,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/proc_state.hpp"
 #include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
 #include "mp/synchronize.hpp"
@@ -303,6 +305,83 @@ TEST(SyncLock, WaiterIsWokenWhenHolderIsKilled) {
     kill_and_join(*holder);
     join_ok(*waiter);
     EXPECT_EQ(seen->load(), 1);
+}
+
+// A waiter survives a wake-up lost with a killed waiter (glibc's robust mutexes can lose one:
+// the unlock clears FUTEX_WAITERS and wakes one waiter; if that one is killed before it runs
+// while another thread takes the free lock on the fast path, nobody wakes the other waiters,
+// which would sleep on a free lock). This test is that other thread: it holds the lock while two
+// children queue up on it, releases, takes it back with try_lock before the woken child runs
+// (both are pinned to this CPU at SCHED_IDLE, so a wake-up never preempts the test), kills that
+// child and releases. The survivor must get the lock.
+TEST(SyncLock, WaiterSurvivesAWakeUpLostWithAKilledWaiter) {
+    using mp::test::in_futex_on;
+    using mp::test::proc_state;
+    cpu_set_t saved;
+    ASSERT_EQ(sched_getaffinity(0, sizeof saved, &saved), 0);
+    struct RestoreAffinity {
+        cpu_set_t& set;
+        ~RestoreAffinity() { sched_setaffinity(0, sizeof set, &set); }
+    } restore{saved};
+    auto asleep = [](mp::Process& p) {
+        const auto t0 = Clock::now();
+        while (!(in_futex_on(p.pid()) && proc_state(p.pid()) == 'S')) {
+            if (Clock::now() - t0 > LONG) return false;
+            std::this_thread::sleep_for(1ms);
+        }
+        return true;
+    };
+    int staged = 0;
+    for (int attempt = 0; attempt < 10 && staged < 3; ++attempt) {
+        mp::Lock lock;
+        const int cpu = sched_getcpu();
+        ASSERT_GE(cpu, 0);
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        auto waiter = [&] {
+            sched_param none{};
+            if (sched_setaffinity(0, sizeof one, &one) != 0 ||
+                sched_setscheduler(0, SCHED_IDLE, &none) != 0)
+                std::_Exit(3);
+            if (!lock.acquire(LONG)) std::_Exit(4);
+            lock.release();
+        };
+        lock.lock();
+        auto w1 = spawn(waiter);
+        ASSERT_TRUE(asleep(*w1));
+        auto w2 = spawn(waiter);
+        ASSERT_TRUE(asleep(*w2));
+        // From here to the kill this thread runs on the waiters' CPU, which the woken one
+        // cannot take from it.
+        ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+        lock.release();  // wakes one waiter
+        const bool retaken = lock.try_lock();
+        const char s1 = proc_state(w1->pid()), s2 = proc_state(w2->pid());
+        mp::Process* woken = nullptr;
+        mp::Process* other = nullptr;
+        if (retaken && s1 == 'R' && s2 == 'S') woken = w1.get(), other = w2.get();
+        if (retaken && s2 == 'R' && s1 == 'S') woken = w2.get(), other = w1.get();
+        if (woken != nullptr) kill_and_join(*woken);
+        ASSERT_EQ(sched_setaffinity(0, sizeof saved, &saved), 0);
+        if (retaken) lock.release();
+        if (woken == nullptr) {  // not staged: the woken waiter ran first
+            join_ok(*w1);
+            join_ok(*w2);
+            continue;
+        }
+        ++staged;
+        // Without a bounded wait for the mutex, `other` sleeps on a free lock for ever.
+        const bool finished = other->join(5s);
+        EXPECT_TRUE(finished) << "the surviving waiter is still waiting for a free lock";
+        if (!finished) {
+            other->kill();
+            other->join();
+        } else {
+            EXPECT_EQ(other->exitcode(), 0);
+        }
+    }
+    EXPECT_GE(staged, 1) << "the lost wake-up was never staged";
 }
 
 TEST(SyncLock, HolderThreadExitIsReported) {

@@ -17,54 +17,21 @@
 #include <string_view>
 #include <vector>
 
+#include "executor_work.hpp"
 #include "mp/mpi.hpp"
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) {
-    return std::chrono::duration<double>(Clock::now() - t0).count();
-}
-
-long long square(long long x) { return x * x; }
-
-void check_squares(const std::vector<long long>& out, long long n, const char* what) {
-    bool ok = out.size() == static_cast<std::size_t>(n);
-    for (long long i = 0; ok && i < n; ++i) ok = out[static_cast<std::size_t>(i)] == i * i;
-    if (!ok) throw std::runtime_error(what);
-}
-
-void warm(mp::mpi::Executor& ex) {
-    auto out = ex.map(square, std::views::iota(0LL, 16LL)).to_vector();
-    check_squares(out, 16, "warm-up: wrong results");
-}
-
 // W10a: submit every task, then the result of each, in order.
 double w10a(long long n) {
     mp::mpi::Executor ex;
-    warm(ex);
-    std::vector<mp::Future<long long>> futures;
-    futures.reserve(static_cast<std::size_t>(n));
-    std::vector<long long> out;
-    out.reserve(static_cast<std::size_t>(n));
-    auto t0 = Clock::now();
-    for (long long x = 0; x < n; ++x) futures.push_back(ex.submit(square, x));
-    for (const auto& f : futures) out.push_back(f.result());
-    const double dt = seconds_since(t0);
-    check_squares(out, n, "W10a: wrong results");
-    return double(n) / dt;
+    return mp_bench::submit_then_results(ex, n, "W10a: wrong results");
 }
 
 // W10b: map in chunks of 1,000.
 double w10b(long long n) {
     mp::mpi::Executor ex;
-    warm(ex);
-    auto t0 = Clock::now();
-    auto out = ex.map({.chunksize = 1000}, square, std::views::iota(0LL, n)).to_vector();
-    const double dt = seconds_since(t0);
-    check_squares(out, n, "W10b: wrong results");
-    return double(n) / dt;
+    return mp_bench::chunked_map(ex, n, "W10b: wrong results");
 }
 
 struct Workload {

@@ -26,6 +26,7 @@
 #include <string_view>
 #include <vector>
 
+#include "executor_work.hpp"
 #include "mp/mp.hpp"
 
 namespace {
@@ -57,45 +58,19 @@ double w1(long long n) {
 
 // ---- W2: x*x on 2 workers, results in order (tasks/s) --------------------------------------------
 
-long long square(long long x) { return x * x; }
-
-// Outside the timing, as the Python side: every worker started and has run something.
-void warm_pool(mp::ProcessPoolExecutor& ex) {
-    auto out = ex.map(square, std::views::iota(0LL, 16LL)).to_vector();
-    check(out.size() == 16 && out[15] == 225, "warm-up: wrong results");
-}
-
-void check_squares(const std::vector<long long>& out, long long n, const char* what) {
-    bool ok = out.size() == static_cast<std::size_t>(n);
-    for (long long i = 0; ok && i < n; ++i) ok = out[static_cast<std::size_t>(i)] == i * i;
-    check(ok, what);
-}
+using mp_bench::square;
+using mp_bench::warm;
 
 // W2a: submit every task, then the result of each, in order.
 double w2a(long long n) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
-    warm_pool(ex);
-    std::vector<mp::Future<long long>> futures;
-    futures.reserve(static_cast<std::size_t>(n));
-    std::vector<long long> out;
-    out.reserve(static_cast<std::size_t>(n));
-    auto t0 = Clock::now();
-    for (long long x = 0; x < n; ++x) futures.push_back(ex.submit(square, x));
-    for (const auto& f : futures) out.push_back(f.result());
-    const double dt = seconds_since(t0);
-    check_squares(out, n, "W2a: wrong results");
-    return double(n) / dt;
+    return mp_bench::submit_then_results(ex, n, "W2a: wrong results");
 }
 
 // W2b: the same with map in chunks of 1,000.
 double w2b(long long n) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
-    warm_pool(ex);
-    auto t0 = Clock::now();
-    auto out = ex.map({.chunksize = 1000}, square, std::views::iota(0LL, n)).to_vector();
-    const double dt = seconds_since(t0);
-    check_squares(out, n, "W2b: wrong results");
-    return double(n) / dt;
+    return mp_bench::chunked_map(ex, n, "W2b: wrong results");
 }
 
 // ---- W3: CPU-bound tasks of 20 ms on 2 workers: serial / (2 x parallel) (efficiency) -----------
@@ -127,7 +102,7 @@ double w3(long long n) {
     const double serial = seconds_since(t0);
 
     mp::ProcessPoolExecutor ex({.max_workers = 2});
-    warm_pool(ex);
+    warm(ex);
     t0 = Clock::now();
     auto out = ex.map(burn, std::views::iota(0u, tasks)).to_vector();  // chunksize 1
     const double parallel = seconds_since(t0);

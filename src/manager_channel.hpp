@@ -57,12 +57,10 @@
 #include "mp/detail/futex.hpp"
 #include "mp/errors.hpp"
 #include "mp/serialize.hpp"
+#include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 namespace mp::detail::managers {
 
@@ -102,14 +100,6 @@ struct Header {
 };
 static_assert(sizeof(Header) <= kHeaderBytes);
 
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-}
-
 /// Waits until ready(value of `word`) and returns that value; calls check() (which throws to
 /// give up) whenever a sleep of kPeerCheck ends without progress. `peer_cpu`: the CPU the peer
 /// last ran on (-1: unknown).
@@ -125,7 +115,7 @@ std::uint32_t wait(const U32& word, U32& flag, int peer_cpu, Ready ready, Check 
         const auto start = Clock::now();
         for (;;) {
             for (int i = 0; i < 8; ++i) {
-                cpu_relax();
+                sys::cpu_relax();
                 if (ready(v = word.load(std::memory_order_acquire))) return v;
             }
             if (Clock::now() - start >= kSpinTime) break;

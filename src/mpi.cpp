@@ -200,6 +200,36 @@ int first_exec_segment(dl_phdr_info* info, std::size_t, void* out) {
 
 // ---- a worker rank --------------------------------------------------------------------------
 
+// A worker's answers to one batch of tasks, on their way to the root: each is [ordinal]
+// [outcome][nanoseconds it took][length][bytes]. They leave when 1 MiB has gathered or the
+// oldest has waited 1 ms (a result does not wait long behind the tasks after it), and at the end.
+class ResultBatch {
+public:
+    void add(std::uint64_t ordinal, std::uint8_t outcome, Clock::duration took,
+             const std::string& result, Clock::time_point now) {
+        if (out_.empty()) {
+            out_ = start_message(Kind::results);
+            first_ = now;
+        }
+        put_u64(out_, ordinal);
+        out_.push_back(static_cast<char>(outcome));
+        put_u64(out_, static_cast<std::uint64_t>(
+                          std::chrono::duration_cast<std::chrono::nanoseconds>(took).count()));
+        put_u64(out_, result.size());
+        out_ += result;
+        if (out_.size() > (1u << 20) || now - first_ > std::chrono::milliseconds(1)) flush();
+    }
+    void flush() {
+        if (out_.empty()) return;
+        send_blocking(out_, 0);
+        out_.clear();
+    }
+
+private:
+    std::string out_;
+    Clock::time_point first_;
+};
+
 class Server {
 public:
     int run() {
@@ -249,14 +279,11 @@ public:
 private:
     void run_tasks(std::string_view p) {
         if (local_) return run_isolated(p);
-        std::string out = start_message(Kind::results);
-        auto first_unsent = Clock::now();
-        bool unsent = false;
+        ResultBatch batch;
         while (!p.empty()) {
             const std::uint64_t ordinal = get_u64(p);
             const std::string_view task = get_bytes(p, get_u64(p));
             const auto begin = Clock::now();
-            if (!unsent) first_unsent = begin;
             std::string result;
             std::uint8_t ok = 1;
             try {
@@ -270,21 +297,9 @@ private:
                 result = e.take();
             }
             const auto end = Clock::now();
-            put_u64(out, ordinal);
-            out.push_back(static_cast<char>(ok));
-            put_u64(out, static_cast<std::uint64_t>(
-                             std::chrono::duration_cast<std::chrono::nanoseconds>(end - begin).count()));
-            put_u64(out, result.size());
-            out += result;
-            unsent = true;
-            // A result does not wait long behind the tasks that follow it in the batch.
-            if (out.size() > (1u << 20) || end - first_unsent > std::chrono::milliseconds(1)) {
-                send_blocking(out, 0);
-                out = start_message(Kind::results);
-                unsent = false;
-            }
+            batch.add(ordinal, ok, end - begin, result, end);
         }
-        if (unsent) send_blocking(out, 0);
+        batch.flush();
         std::fflush(stdout);
         std::fflush(stderr);
     }
@@ -302,13 +317,10 @@ private:
             const std::string_view task = get_bytes(p, get_u64(p));
             items.push_back({ordinal, local_->submit(mp::detail::Task{std::string(task), {}}, {}), Clock::now()});
         }
-        std::string out = start_message(Kind::results);
-        auto first_unsent = Clock::now();
-        bool unsent = false;
+        ResultBatch batch;
         for (Item& it : items) {
             it.core->wait(std::nullopt);
             const auto end = Clock::now();
-            if (!unsent) first_unsent = end;
             std::string result;
             std::uint8_t outcome = 1;
             if (auto e = it.core->error()) {
@@ -328,20 +340,9 @@ private:
             } else {
                 result = it.core->bytes();
             }
-            put_u64(out, it.ordinal);
-            out.push_back(static_cast<char>(outcome));
-            put_u64(out, static_cast<std::uint64_t>(
-                             std::chrono::duration_cast<std::chrono::nanoseconds>(end - it.submitted).count()));
-            put_u64(out, result.size());
-            out += result;
-            unsent = true;
-            if (out.size() > (1u << 20) || end - first_unsent > std::chrono::milliseconds(1)) {
-                send_blocking(out, 0);
-                out = start_message(Kind::results);
-                unsent = false;
-            }
+            batch.add(it.ordinal, outcome, end - it.submitted, result, end);
         }
-        if (unsent) send_blocking(out, 0);
+        batch.flush();
     }
 
     bool root_matches_ = false;

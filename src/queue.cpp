@@ -76,11 +76,9 @@
 #include <stdexcept>
 #include <system_error>
 
+#include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
 
 namespace mp::detail {
 
@@ -111,14 +109,6 @@ struct ChunkHeader {
 };
 constexpr std::uint64_t kHdr = sizeof(ChunkHeader);
 static_assert(kHdr == 24);
-
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-}
 
 using U64 = std::atomic<std::uint64_t>;
 using U32 = std::atomic<std::uint32_t>;
@@ -381,7 +371,7 @@ bool spin_for(Ready ready) {
     const auto start = std::chrono::steady_clock::now();
     for (;;) {
         for (int i = 0; i < 16; ++i) {
-            cpu_relax();
+            sys::cpu_relax();
             if (ready()) return true;
         }
         if (std::chrono::steady_clock::now() - start >= kSpinTime) break;

@@ -22,6 +22,7 @@
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
 #endif
+#include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
 
@@ -690,14 +691,6 @@ bool try_take(SemaphoreCore& c) noexcept {
     return false;
 }
 
-inline void cpu_relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-}
-
 }  // namespace
 
 Semaphore::Semaphore(int value) : impl_(new_semaphore(value, false)) {}
@@ -715,7 +708,7 @@ bool Semaphore::acquire_until(const Deadline& deadline) {
     // A short spin: a release often follows within a few hundred nanoseconds, far cheaper than
     // sleeping and being woken.
     for (int i = 0; i < 100; ++i) {
-        cpu_relax();
+        sys::cpu_relax();
         if (c.value.load(std::memory_order_relaxed) != 0 && try_take(c)) return true;
     }
     // Registering before re-reading the value pairs with release()'s increment-then-read of

@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "workload_args.hpp"
 #include "executor_work.hpp"
 #include "mp/mpi.hpp"
 
@@ -58,17 +59,10 @@ int main(int argc, char** argv) {
     return mp::mpi::run(argc, argv, [&]() -> int {
         if (argc < 2) return usage();
         const std::string_view id = argv[1];
-        bool quick = false;
-        long long size = -1;
-        for (int i = 2; i < argc; ++i) {
-            const std::string_view a = argv[i];
-            if (a == "--quick")
-                quick = true;
-            else if (a == "--size" && i + 1 < argc)
-                size = std::atoll(argv[++i]);
-            else
-                return usage();
-        }
+        mp_bench::WorkloadArgs args;
+        if (!mp_bench::parse_workload_args(argc, argv, args)) return usage();
+        const bool quick = args.quick;
+        long long size = args.size;
         for (const auto& w : kWorkloads) {
             if (id != w.id) continue;
             if (size <= 0) size = quick ? w.quick : w.full;

@@ -96,10 +96,7 @@ struct NamespaceServant {
 TypeEntry namespace_entry() {
     using S = NamespaceServant;
     TypeEntry t;
-    t.make = [](Decoder& in) -> std::shared_ptr<void> {
-        in.finish();
-        return std::make_shared<S>();
-    };
+    t.make = make_servant<S>;
     t.methods = {
         {"set", make_method<S>([](S& s, const std::string& k, const std::string& v) {
              s.attrs.insert_or_assign(k, v);
@@ -246,10 +243,7 @@ TypeEntry event_entry() {
     using S = EventServant;
     TypeEntry t;
     t.serialised = false;
-    t.make = [](Decoder& in) -> std::shared_ptr<void> {
-        in.finish();
-        return std::make_shared<S>();
-    };
+    t.make = make_servant<S>;
     t.methods = {{"set", make_method(&S::set)},
                  {"clear", make_method(&S::clear)},
                  {"is_set", make_method(&S::is_set)},
@@ -332,10 +326,7 @@ TypeEntry condition_entry() {
     using S = ConditionServant;
     TypeEntry t;
     t.serialised = false;
-    t.make = [](Decoder& in) -> std::shared_ptr<void> {
-        in.finish();
-        return std::make_shared<S>();
-    };
+    t.make = make_servant<S>;
     t.methods = {{"acquire", make_method(&S::acquire)},
                  {"release", make_method(&S::release)},
                  {"wait", make_method(&S::wait)},

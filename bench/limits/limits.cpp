@@ -46,6 +46,8 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 
+#include "../workload_args.hpp"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -658,16 +660,24 @@ void echo_requests(int c, bool* any) {
     }
 }
 
+// The next connection on `lfd`, with TCP_NODELAY.
+int accept_nodelay(int lfd) {
+    for (;;) {
+        const int c = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0) {
+            if (errno == EINTR) continue;
+            die("accept4");
+        }
+        int one = 1;
+        ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        return c;
+    }
+}
+
 pid_t tcp_echo_server(int lfd) {
     return fork_child([&] {
         for (;;) {
-            int c = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
-            if (c < 0) {
-                if (errno == EINTR) continue;
-                die("accept4");
-            }
-            int one = 1;
-            ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            const int c = accept_nodelay(lfd);
             bool any = false;
             echo_requests(c, &any);
             ::close(c);
@@ -712,13 +722,7 @@ bool mac_ok(const unsigned char* challenge, const unsigned char* mac) {
 pid_t tcp_auth_echo_server(int lfd) {
     return fork_child([&] {
         for (;;) {
-            int c = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
-            if (c < 0) {
-                if (errno == EINTR) continue;
-                die("accept4");
-            }
-            int one = 1;
-            ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+            const int c = accept_nodelay(lfd);
             unsigned char cs[kNonce];
             random_challenge(cs);
             write_full(c, cs, sizeof cs);
@@ -906,17 +910,10 @@ int main(int argc, char** argv) {
                     __VERSION__);
         return 0;
     }
-    bool quick = false;
-    long long size = -1;
-    for (int i = 2; i < argc; ++i) {
-        std::string_view a = argv[i];
-        if (a == "--quick")
-            quick = true;
-        else if (a == "--size" && i + 1 < argc)
-            size = std::atoll(argv[++i]);
-        else
-            return usage();
-    }
+    mp_bench::WorkloadArgs args;
+    if (!mp_bench::parse_workload_args(argc, argv, args)) return usage();
+    const bool quick = args.quick;
+    long long size = args.size;
     for (const auto& m : kModes) {
         if (id == m.id) {
             m.run(size > 0 ? size : quick ? m.quick : m.full);

@@ -644,6 +644,22 @@ namespace detail::managers {
 /// Python's index rule: negative counts from the end; out of range throws std::out_of_range.
 std::size_t normalise_index(std::int64_t i, std::size_t size, bool allow_end = false);
 
+/// TypeEntry::make for a servant made with no arguments.
+template <class S>
+std::shared_ptr<void> make_servant(Decoder& in) {
+    in.finish();
+    return std::make_shared<S>();
+}
+
+/// TypeEntry::make for a servant holding one value (its field `v`), sent as the argument.
+template <class S>
+std::shared_ptr<void> make_servant_holding(Decoder& in) {
+    auto s = std::make_shared<S>();
+    s->v = in.get<decltype(S::v)>();
+    in.finish();
+    return s;
+}
+
 template <class K, class V>
 struct DictServant {
     explicit DictServant(std::map<K, V> m = {}) : d(m.begin(), m.end()) {}
@@ -710,12 +726,7 @@ struct ListServant {
     static TypeEntry entry() {
         using S = ListServant;
         TypeEntry t;
-        t.make = [](Decoder& in) -> std::shared_ptr<void> {
-            auto s = std::make_shared<S>();
-            s->v = in.get<std::vector<T>>();
-            in.finish();
-            return s;
-        };
+        t.make = make_servant_holding<S>;
         t.methods = {
             {"append", make_method<S>([](S& s, const T& x) { s.v.push_back(x); })},
             {"extend", make_method<S>([](S& s, const std::vector<T>& x) {
@@ -781,12 +792,7 @@ struct ValueServant {
     static TypeEntry entry() {
         using S = ValueServant;
         TypeEntry t;
-        t.make = [](Decoder& in) -> std::shared_ptr<void> {
-            auto s = std::make_shared<S>();
-            s->v = in.get<T>();
-            in.finish();
-            return s;
-        };
+        t.make = make_servant_holding<S>;
         t.methods = {
             {"get", make_method<S>([](S& s) -> T { return s.v; })},
             {"set", make_method<S>([](S& s, const T& x) { s.v = x; })},
@@ -807,12 +813,7 @@ struct ArrayServant {
     static TypeEntry entry() {
         using S = ArrayServant;
         TypeEntry t;
-        t.make = [](Decoder& in) -> std::shared_ptr<void> {
-            auto s = std::make_shared<S>();
-            s->v = in.get<std::vector<T>>();
-            in.finish();
-            return s;
-        };
+        t.make = make_servant_holding<S>;
         t.methods = {
             {"get", make_method<S>([](S& s, std::int64_t i) -> T {
                  return s.v[normalise_index(i, s.v.size())];

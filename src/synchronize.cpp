@@ -251,10 +251,9 @@ int clocklock(MutexCore& c, std::chrono::steady_clock::time_point until) {
 // sleep on a free lock. A slice that ends re-reads the word, so such a loss costs at most
 // kRecheck (the same bug and fix as the queue's locks, src/queue.cpp).
 bool lock_mutex(MutexCore& c, LockMode mode, const Deadline& deadline) {
-    int rc = EINVAL;
-    if (mode == LockMode::try_once) {
-        rc = ::pthread_mutex_trylock(&c.mutex);
-    } else {
+    // A free mutex is taken at once, without reading the clock.
+    int rc = ::pthread_mutex_trylock(&c.mutex);
+    if (rc == EBUSY && mode != LockMode::try_once) {
         for (;;) {
             const auto recheck = std::chrono::steady_clock::now() + kRecheck;
             const bool capped = mode == LockMode::block || recheck < *deadline;

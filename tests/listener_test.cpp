@@ -103,6 +103,30 @@ private:
     std::thread t_;
 };
 
+/// A Client(address, key) in the background that the peer is expected to refuse; error()
+/// joins it and returns its AuthenticationError's message ("" when it connected). With a
+/// payload, the client sends it once connected.
+class RefusedClient {
+public:
+    RefusedClient(const mp::Address& a, std::string key, std::string payload = {})
+        : bg_([this, a, key = std::move(key), payload = std::move(payload)] {
+              try {
+                  mp::Connection c = mp::Client(a, {.authkey = key});
+                  if (!payload.empty()) c.send_bytes(payload);
+              } catch (const mp::AuthenticationError& e) {
+                  error_ = e.what();
+              }
+          }) {}
+    std::string error() {
+        bg_.get();
+        return error_;
+    }
+
+private:
+    std::string error_;  // before bg_: written by its thread
+    Background bg_;
+};
+
 /// A connected raw socket to `a` (no handshake): the misbehaving peer.
 int raw_connect(const mp::Address& a) {
     int fd = -1;
@@ -253,23 +277,14 @@ TEST_P(ListenerKinds, NoAuthkeyRoundTrip) {
 
 TEST_P(ListenerKinds, WrongKeyFailsOnBothSides) {
     mp::Listener l(address_for(GetParam()), {.authkey = kKey});
-    std::string client_error;
-    Background client([&] {
-        try {
-            mp::Connection c = mp::Client(l.address(), {.authkey = "not the key"});
-            c.send_bytes("payload");
-        } catch (const mp::AuthenticationError& e) {
-            client_error = e.what();
-        }
-    });
+    RefusedClient client(l.address(), "not the key", "payload");
     try {
         accept_within(l);
         ADD_FAILURE() << "accept() returned a connection with the wrong key";
     } catch (const mp::AuthenticationError& e) {
         EXPECT_STREQ(e.what(), "digest received was wrong");
     }
-    client.get();
-    EXPECT_EQ(client_error, "digest sent was rejected");
+    EXPECT_EQ(client.error(), "digest sent was rejected");
 }
 
 INSTANTIATE_TEST_SUITE_P(, ListenerKinds, ::testing::Values("ipv4", "ipv6", "unix", "abstract"),
@@ -441,14 +456,7 @@ TEST(Handshake, ServerThatCannotAnswerIsRejectedByTheClient) {
     // A server that takes any answer but does not know the key: the Client finds its answer
     // wrong ("digest received was wrong") and sends #FAILURE#.
     mp::Listener l(mp::Address("127.0.0.1", 0));
-    std::string client_error;
-    Background client([&] {
-        try {
-            mp::Client(l.address(), {.authkey = kKey});
-        } catch (const mp::AuthenticationError& e) {
-            client_error = e.what();
-        }
-    });
+    RefusedClient client(l.address(), kKey);
     mp::Connection s = accept_within(l);
     s.send_bytes("#CHALLENGE#" + std::string(20, 'a'));
     EXPECT_EQ(s.recv_bytes().size(), 16u) << "a legacy challenge gets a raw HMAC-MD5";
@@ -458,8 +466,7 @@ TEST(Handshake, ServerThatCannotAnswerIsRejectedByTheClient) {
     EXPECT_EQ(challenge.size(), 11u + 8u + 40u);
     s.send_bytes("{sha256}" + std::string(32, 'z'));
     EXPECT_EQ(s.recv_bytes(), "#FAILURE#");
-    client.get();
-    EXPECT_EQ(client_error, "digest received was wrong");
+    EXPECT_EQ(client.error(), "digest received was wrong");
 }
 
 TEST(Handshake, OversizedMessageRefusedByTheListener) {
@@ -658,14 +665,7 @@ TEST(Handshake, ServerSendingMoreThanTheHandshakeIsRefusedByTheClient) {
     // A server that sends an extra frame before the client has welcomed it breaks the
     // protocol: the client refuses it rather than drop or misread those bytes.
     mp::Listener l(mp::Address("127.0.0.1", 0));
-    std::string client_error;
-    Background client([&] {
-        try {
-            mp::Client(l.address(), {.authkey = kKey});
-        } catch (const mp::AuthenticationError& e) {
-            client_error = e.what();
-        }
-    });
+    RefusedClient client(l.address(), kKey);
     {
         mp::Connection s = accept_within(l);
         const std::string ours = "{sha256}" + std::string(40, 'e');
@@ -675,9 +675,8 @@ TEST(Handshake, ServerSendingMoreThanTheHandshakeIsRefusedByTheClient) {
         std::string out = frame("#WELCOME#") + frame(answer_to(theirs)) + frame("too early");
         ASSERT_EQ(::send(s.fileno(), out.data(), out.size(), MSG_NOSIGNAL),
                   static_cast<ssize_t>(out.size()));
-        client.get();
+        EXPECT_EQ(client.error(), "unexpected data in the handshake");
     }
-    EXPECT_EQ(client_error, "unexpected data in the handshake");
 }
 
 // ---------------------------------------------------------------- the digests

@@ -146,6 +146,13 @@ private:
     int fd_ = -1;
 };
 
+/// Sends `line` to a stream server and expects it back (the echo handlers).
+void expect_line_echoed(const mp::ServerAddress& to, const std::string& line) {
+    Client c(to, SOCK_STREAM);
+    c.send(line);
+    EXPECT_EQ(c.recv_line(), line);
+}
+
 /// Runs serve_forever in a thread; shuts the server down and joins at the end of the scope.
 class Serving {
 public:
@@ -319,9 +326,7 @@ TEST(Socketserver, BindAndActivateFalse) {
     srv.server_activate();
     EXPECT_NE(srv.server_address().port, 0);
     Serving serving(srv);
-    Client c(srv.server_address(), SOCK_STREAM);
-    c.send("x\n");
-    EXPECT_EQ(c.recv_line(), "x\n");
+    expect_line_echoed(srv.server_address(), "x\n");
 }
 
 // ---- StreamRequestHandler's rfile/wfile ----
@@ -417,9 +422,7 @@ TEST(Socketserver, ShutdownFromAnotherThread) {
             returned = true;
         });
         {
-            Client c(srv.server_address(), SOCK_STREAM);
-            c.send("ping\n");
-            EXPECT_EQ(c.recv_line(), "ping\n");
+            expect_line_echoed(srv.server_address(), "ping\n");
         }
         const auto t0 = std::chrono::steady_clock::now();
         srv.shutdown();  // blocks until serve_forever has left its loop
@@ -444,9 +447,7 @@ TEST(Socketserver, ServeAgainAfterShutdown) {
     mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
     for (int round = 0; round < 2; ++round) {
         Serving serving(srv);
-        Client c(srv.server_address(), SOCK_STREAM);
-        c.send("again\n");
-        EXPECT_EQ(c.recv_line(), "again\n");
+        expect_line_echoed(srv.server_address(), "again\n");
     }
 }
 

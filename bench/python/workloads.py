@@ -80,31 +80,47 @@ def square(x):
 
 def warm_pool(ex):
     # Under fork, the first submit starts every worker; wait until they all ran something.
-    list(ex.map(square, range(16)))
+    out = list(ex.map(square, range(16)))
+    if out != [x * x for x in range(16)]:
+        raise RuntimeError("warm-up: wrong results")
+
+
+def check_squares(out, n, workload):
+    if out != [x * x for x in range(n)]:
+        raise RuntimeError(f"{workload}: wrong results")
+
+
+# The work of W2 (local pool) and W10 (MPI), as bench/executor_work.hpp: tasks per second.
+def submit_then_results(ex, n, workload):
+    t0 = time.perf_counter()
+    futures = [ex.submit(square, x) for x in range(n)]
+    out = [f.result() for f in futures]
+    dt = time.perf_counter() - t0
+    check_squares(out, n, workload)
+    return n / dt
+
+
+def chunked_map(ex, n, workload):
+    t0 = time.perf_counter()
+    out = list(ex.map(square, range(n), chunksize=1000))
+    dt = time.perf_counter() - t0
+    check_squares(out, n, workload)
+    return n / dt
 
 
 def w2a(n):
     with ProcessPoolExecutor(max_workers=2, mp_context=CTX) as ex:
         warm_pool(ex)
-        t0 = time.perf_counter()
-        futures = [ex.submit(square, x) for x in range(n)]
-        out = [f.result() for f in futures]
-        dt = time.perf_counter() - t0
-    if out != [x * x for x in range(n)]:
-        raise RuntimeError("W2a: wrong results")
-    result("W2a", n / dt, "tasks/s", n,
+        rate = submit_then_results(ex, n, "W2a")
+    result("W2a", rate, "tasks/s", n,
            "ProcessPoolExecutor(2): submit every task, then result() of each in order")
 
 
 def w2b(n):
     with ProcessPoolExecutor(max_workers=2, mp_context=CTX) as ex:
         warm_pool(ex)
-        t0 = time.perf_counter()
-        out = list(ex.map(square, range(n), chunksize=1000))
-        dt = time.perf_counter() - t0
-    if out != [x * x for x in range(n)]:
-        raise RuntimeError("W2b: wrong results")
-    result("W2b", n / dt, "tasks/s", n, "ProcessPoolExecutor(2).map(chunksize=1000)")
+        rate = chunked_map(ex, n, "W2b")
+    result("W2b", rate, "tasks/s", n, "ProcessPoolExecutor(2).map(chunksize=1000)")
 
 
 # ---- W3 ------------------------------------------------------------------------------------------
@@ -355,9 +371,7 @@ def mpi_executor(workload):
     if MPI.COMM_WORLD.Get_size() < 2:
         raise RuntimeError(f"{workload}: run under mpirun -n 3 python3 -m mpi4py.futures")
     ex = MPIPoolExecutor()
-    out = list(ex.map(square, range(16)))  # warm-up: every worker has run something
-    if out != [x * x for x in range(16)]:
-        raise RuntimeError(f"{workload}: warm-up: wrong results")
+    warm_pool(ex)  # every worker has run something
     return ex
 
 
@@ -366,13 +380,8 @@ def w10a(n):
     if ex is None:
         return
     with ex:
-        t0 = time.perf_counter()
-        futures = [ex.submit(square, x) for x in range(n)]
-        out = [f.result() for f in futures]
-        dt = time.perf_counter() - t0
-    if out != [x * x for x in range(n)]:
-        raise RuntimeError("W10a: wrong results")
-    result("W10a", n / dt, "tasks/s", n,
+        rate = submit_then_results(ex, n, "W10a")
+    result("W10a", rate, "tasks/s", n,
            "mpi4py.futures.MPIPoolExecutor, mpirun -n 3 (2 worker ranks): submit every task, "
            "then result() of each")
 
@@ -382,12 +391,8 @@ def w10b(n):
     if ex is None:
         return
     with ex:
-        t0 = time.perf_counter()
-        out = list(ex.map(square, range(n), chunksize=1000))
-        dt = time.perf_counter() - t0
-    if out != [x * x for x in range(n)]:
-        raise RuntimeError("W10b: wrong results")
-    result("W10b", n / dt, "tasks/s", n,
+        rate = chunked_map(ex, n, "W10b")
+    result("W10b", rate, "tasks/s", n,
            "mpi4py.futures.MPIPoolExecutor, mpirun -n 3 (2 worker ranks): map, chunksize 1000")
 
 

@@ -60,9 +60,6 @@
 // its index, then reads the flag, and if set bumps the sequence and wakes. All of these are
 // seq_cst, so either the waiter sees the new index or the other side sees the flag (Dekker).
 
-#if defined(__SANITIZE_THREAD__)
-#include <sanitizer/tsan_interface.h>
-#endif
 #include "mp/queue.hpp"
 
 #include <algorithm>
@@ -78,6 +75,7 @@
 
 #include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
+#include "sys/robust_mutex.hpp"
 
 
 namespace mp::detail {
@@ -117,17 +115,6 @@ constexpr auto rlx = std::memory_order_relaxed;
 constexpr auto acq = std::memory_order_acquire;
 constexpr auto rel = std::memory_order_release;
 
-timespec to_timespec(std::chrono::steady_clock::time_point t) {
-    const auto ns =
-        std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
-    timespec ts{};
-    if (ns > 0) {
-        ts.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
-        ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-    }
-    return ts;
-}
-
 // A sleep never lasts longer than this before the condition is looked at again: a peer killed
 // between making progress and waking us, or another waiter clearing the shared flag as it
 // leaves, would otherwise leave us asleep although the condition holds. The same bound applies
@@ -137,14 +124,8 @@ constexpr auto kRecheck = std::chrono::milliseconds(50);
 // Holds a robust mutex; on EOWNERDEAD runs the repair, then marks the mutex consistent (if the
 // repairer dies first, the next locker gets EOWNERDEAD again and repairs again: see I5, I8).
 //
-// A blocking lock waits in slices of kRecheck, never in one unbounded pthread_mutex_lock: a
-// robust mutex can lose its wake-up when a waiter is killed. The unlock clears the lock word
-// (and with it FUTEX_WAITERS) and wakes one waiter; if that waiter is killed before it runs
-// while another thread takes the free lock (a fast-path lock, which does not set FUTEX_WAITERS
-// again), the kernel's robust-list cleanup of the dead waiter does nothing (the word names a
-// live owner), and the new owner's unlock wakes nobody. The other waiters then sleep on a free
-// lock until something else touches the futex. A waiter that times out re-reads the word and
-// takes the lock, so such a loss costs at most kRecheck.
+// A blocking lock waits in slices (sys::lock_robust): a robust mutex can lose its wake-up when a
+// waiter is killed.
 class RobustGuard {
 public:
     RobustGuard() = default;
@@ -155,28 +136,10 @@ public:
     // block false: trylock; true: until `deadline` (or forever).
     template <class Repair>
     bool lock(pthread_mutex_t* m, bool block, const Deadline& deadline, Repair repair) {
-        // A free mutex is taken at once, without reading the clock.
-        int rc = ::pthread_mutex_trylock(m);
-        if (rc == EBUSY && block) {
-            for (;;) {
-                const auto recheck = std::chrono::steady_clock::now() + kRecheck;
-                const bool capped = !deadline || recheck < *deadline;
-                const timespec ts = to_timespec(capped ? recheck : *deadline);
-                rc = ::pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
-                if (rc != ETIMEDOUT || !capped) break;
-            }
-#if defined(__SANITIZE_THREAD__)
-            // ThreadSanitizer does not intercept clocklock: tell it the mutex is now held, or
-            // it reports the unlock as an unlock of a free mutex and the ring copies as races.
-            if (rc == 0 || rc == EOWNERDEAD) {
-                __tsan_mutex_pre_lock(m, __tsan_mutex_try_lock);
-                __tsan_mutex_post_lock(m, __tsan_mutex_try_lock, 0);
-            }
-#endif
-        }
+        const int rc = sys::lock_robust(m, block, deadline);
         if (rc == EBUSY || rc == ETIMEDOUT) return false;
         if (rc != 0 && rc != EOWNERDEAD)
-            sys::throw_system_error(rc, block ? "pthread_mutex_clocklock" : "pthread_mutex_trylock");
+            sys::throw_system_error(rc, "pthread_mutex_lock (robust)");
         m_ = m;
         if (rc == EOWNERDEAD) {
             repair();

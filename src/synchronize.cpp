@@ -19,11 +19,9 @@
 #include <unistd.h>
 
 #include "mp/detail/shared_block.hpp"
-#if defined(__SANITIZE_THREAD__)
-#include <sanitizer/tsan_interface.h>
-#endif
 #include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
+#include "sys/robust_mutex.hpp"
 #include "sys/fd.hpp"
 
 namespace mp::detail {
@@ -207,60 +205,13 @@ void init_mutex(MutexCore& c) {
 
 enum class LockMode { block, try_once, timed };
 
-// How long one wait for the pthread mutex lasts before the waiter looks again (see lock_mutex).
-constexpr auto kRecheck = std::chrono::milliseconds(50);
-
-// pthread_mutex_clocklock on the steady clock until `until`.
-int clocklock(MutexCore& c, std::chrono::steady_clock::time_point until) {
-#if defined(__SANITIZE_THREAD__)
-    // ThreadSanitizer intercepts timedlock but not clocklock; convert to the realtime clock (a
-    // clock jump could stretch the wait: tests only).
-    auto left = until - std::chrono::steady_clock::now();
-    timespec now{};
-    ::clock_gettime(CLOCK_REALTIME, &now);
-    auto ns = std::max<std::int64_t>(
-        0, std::chrono::duration_cast<std::chrono::nanoseconds>(left).count());
-    ns += static_cast<std::int64_t>(now.tv_nsec);
-    timespec ts{};
-    ts.tv_sec = now.tv_sec + static_cast<time_t>(ns / 1'000'000'000);
-    ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-    const int rc = ::pthread_mutex_timedlock(&c.mutex, &ts);
-    if (rc == EOWNERDEAD) {
-        // Its timedlock interceptor, unlike lock and trylock, ignores EOWNERDEAD (the mutex is
-        // held): tell it, or the unlock looks like an unlock of a free mutex.
-        __tsan_mutex_pre_lock(&c.mutex, __tsan_mutex_try_lock);
-        __tsan_mutex_post_lock(&c.mutex, __tsan_mutex_try_lock, 0);
-    }
-    return rc;
-#else
-    const timespec ts = to_timespec(until);
-    return ::pthread_mutex_clocklock(&c.mutex, CLOCK_MONOTONIC, &ts);
-#endif
-}
-
 // Locks the pthread mutex itself; false when busy or timed out. A holder that died is recovered
 // here: the mutex is made consistent at once (so a later holder never finds it unrecoverable)
-// and owner_died is set for the new holder to see.
-//
-// A wait never sleeps in one unbounded (or deadline-long) pthread_mutex_lock but in slices of
-// kRecheck: a robust mutex can lose its wake-up when a waiter is killed. The unlock clears the
-// lock word (and with it FUTEX_WAITERS) and wakes one waiter; if that waiter is killed before it
-// runs while another thread takes the free lock on the fast path (which does not set
-// FUTEX_WAITERS again), the kernel's robust-list cleanup for the dead waiter wakes nobody (the
-// word names a live owner) and neither does the new owner's unlock: the other waiters would
-// sleep on a free lock. A slice that ends re-reads the word, so such a loss costs at most
-// kRecheck (the same bug and fix as the queue's locks, src/queue.cpp).
+// and owner_died is set for the new holder to see. A wait goes in slices (sys::lock_robust): a
+// robust mutex can lose its wake-up when a waiter is killed.
 bool lock_mutex(MutexCore& c, LockMode mode, const Deadline& deadline) {
-    // A free mutex is taken at once, without reading the clock.
-    int rc = ::pthread_mutex_trylock(&c.mutex);
-    if (rc == EBUSY && mode != LockMode::try_once) {
-        for (;;) {
-            const auto recheck = std::chrono::steady_clock::now() + kRecheck;
-            const bool capped = mode == LockMode::block || recheck < *deadline;
-            rc = clocklock(c, capped ? recheck : *deadline);
-            if (rc != ETIMEDOUT || !capped) break;
-        }
-    }
+    const int rc = sys::lock_robust(&c.mutex, mode != LockMode::try_once,
+                                    mode == LockMode::block ? Deadline{} : deadline);
     switch (rc) {
         case 0:
             c.owner_died.store(0, std::memory_order_relaxed);
@@ -273,8 +224,7 @@ bool lock_mutex(MutexCore& c, LockMode mode, const Deadline& deadline) {
         case ETIMEDOUT:
             return false;
         default:
-            sys::throw_system_error(rc, mode == LockMode::try_once ? "pthread_mutex_trylock"
-                                                                   : "pthread_mutex_clocklock");
+            sys::throw_system_error(rc, "pthread_mutex_lock (robust)");
     }
 }
 

@@ -52,6 +52,10 @@ FrameReader::Status FrameReader::read_some(int fd) {
         sys::throw_system_error(errno, "recvmsg (pool)");
     }
     sys::for_each_right(msg, [&](int got) { fds_.emplace_back(got); });
+    if ((msg.msg_flags & MSG_CTRUNC) != 0) {
+        // The kernel dropped descriptors that did not fit: the frames they belong to are lost.
+        throw DecodeError("mp pool: descriptors were cut off in transit (MSG_CTRUNC)");
+    }
     if (n == 0) return Status::eof;
     end_ += static_cast<std::size_t>(n);
     return Status::data;
@@ -117,10 +121,14 @@ void FrameWriter::add(FrameType type, std::uint8_t flags, std::uint64_t ordinal,
 
 bool FrameWriter::flush(int fd) {
     while (off_ < buf_.size()) {
-        // Send up to the next frame with descriptors; that frame goes with them attached.
-        std::size_t stop = buf_.size();
+        // One sendmsg never crosses the start of a frame with descriptors: those go attached to
+        // that frame's first byte, in a call of its own, so that each frame's descriptors leave
+        // (and arrive) with it. A call may carry the one frame with descriptors it starts with,
+        // and the frames without any behind it, up to the next frame that has some.
         const bool attach = !rights_.empty() && rights_.front().at == off_;
-        if (!attach && !rights_.empty()) stop = rights_.front().at;
+        std::size_t stop = buf_.size();
+        const std::size_t next_rights = attach ? 1 : 0;
+        if (rights_.size() > next_rights) stop = rights_[next_rights].at;
         iovec iov{buf_.data() + off_, stop - off_};
         msghdr msg{};
         msg.msg_iov = &iov;

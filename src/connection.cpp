@@ -75,7 +75,10 @@ using std::chrono::nanoseconds;
 constexpr std::uint64_t kMaxShortLength = 0x7fffffff;
 // Bodies up to this size are allocated at once; a longer announced length allocates as its
 // bytes actually arrive, so a forged header cannot make us reserve memory the peer never sends.
-constexpr std::size_t kEagerAllocation = std::size_t{64} << 20;
+// Small, because it is what a 4-byte header alone costs: at 64 MiB, eight peers that each sent
+// one header and stalled held half a gigabyte of a manager's memory. Growing from 1 MiB costs a
+// real large message a few copies of a third of its size at most.
+constexpr std::size_t kEagerAllocation = std::size_t{1} << 20;
 
 // A timeout so long that now + timeout would overflow the clock is taken as "no limit".
 std::optional<nanoseconds> clamp_timeout(std::optional<nanoseconds> timeout) {
@@ -450,7 +453,8 @@ Frame read_header(detail::ConnectionState& s, std::optional<std::size_t> maxleng
 // Reads a body of `n` bytes into a fresh string. Lengths above kEagerAllocation grow the buffer
 // as the bytes come in, so memory follows what the peer really sent: a forged length costs at
 // most kGrowth times the bytes that did arrive. Growing by 4 rather than 2 keeps the copies and
-// fresh page faults of a real large message low (a 1 GiB body: 64 MiB, 256 MiB, then 1 GiB).
+// fresh page faults of a real large message low (a 1 GiB body: 1, 4, 16, 64, 256 MiB, then
+// 1 GiB).
 std::string read_body(detail::ConnectionState& s, std::uint64_t n) {
     constexpr std::size_t kGrowth = 4;
     std::string out;

@@ -4,6 +4,7 @@
 // raw connected stream socket. Private to mp; the fuzz target drives it directly.
 
 #include <chrono>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -41,11 +42,45 @@ void deliver_challenge(int fd, std::string_view authkey, Clock::time_point deadl
 /// Python's answer_challenge: answers the peer's challenge and expects #WELCOME#.
 void answer_challenge(int fd, std::string_view authkey, Clock::time_point deadline);
 
+/// The Listener's side of one handshake as a state machine that never waits, so that one thread
+/// can drive many peers at once (a peer that stalls holds up nobody). The constructor sends our
+/// challenge; advance() reads what has arrived and answers as far as it allows. The protocol is
+/// server_handshake's (below). Every failure of the peer (a wrong or malformed answer, end of
+/// file, a reset, a peer that does not read) is mp::AuthenticationError, never a system error:
+/// to the server it is all the same event, a peer that did not authenticate. Before throwing it
+/// reads (without waiting) what the peer sent but we did not, as server_handshake.
+class ServerHandshake {
+public:
+    /// `authkey` must outlive the object.
+    ServerHandshake(int fd, std::string_view authkey);
+    ServerHandshake(const ServerHandshake&) = delete;
+    ServerHandshake& operator=(const ServerHandshake&) = delete;
+
+    /// True once the peer is authenticated (nothing past its #WELCOME# has been read); false
+    /// when it needs more bytes from the peer (wait for the socket to be readable).
+    bool advance();
+
+private:
+    enum class Stage { answer, challenge, welcome };
+    bool step();
+    std::optional<std::string_view> frame() const;
+    void consume(std::size_t n);
+
+    int fd_;
+    std::string_view authkey_;
+    std::string message_;  // our challenge's payload
+    Stage stage_ = Stage::answer;
+    bool welcomed_ = false;  // #WELCOME# for the peer's answer has gone out
+    std::size_t end_ = 0;
+    char buf_[2 * (4 + kMaxMessage)];
+};
+
 /// The Listener's side: Python's deliver_challenge (a `{sha256}` challenge; #WELCOME# or
 /// #FAILURE#), then answer_challenge. Welcome and answer share one write when the client sent
 /// its challenge early (an mp Client does). When it throws, it has first read (without waiting)
 /// what the peer sent but we did not, so that closing `fd` sends no reset that could overtake
 /// our #FAILURE# (the Listener and the manager server both rely on this).
+/// Waits for the peer with `deadline` (a blocking ServerHandshake).
 void server_handshake(int fd, std::string_view authkey, Clock::time_point deadline);
 /// The Client's side: Python's answer_challenge, then deliver_challenge, with our challenge
 /// sent in the same write as our answer (wire-compatible: the server reads it only after

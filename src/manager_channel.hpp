@@ -248,10 +248,11 @@ public:
 
     // ---- the server's side --------------------------------------------------------------------
 
-    /// Waits for the next request and stores it in `msg`. check() runs whenever a sleep ends
+    /// Waits for the next request and stores it in `msg` (one sent over the socket may be at
+    /// most `maxlength` bytes: DecodeError beyond). check() runs whenever a sleep ends
     /// without one, and throws to give up (the client hung up, the server stops).
     template <class Check>
-    void receive(Connection& sock, std::string& msg, Check check) {
+    void receive(Connection& sock, std::string& msg, std::size_t maxlength, Check check) {
         channel::Header* h = header();
         const std::uint32_t last = seq_;
         seq_ = channel::wait(h->req_seq, h->server_waiting,
@@ -259,7 +260,7 @@ public:
                              [last](std::uint32_t v) { return v != last; }, check);
         const std::uint32_t len = h->req_len.load(std::memory_order_relaxed);
         if (len == channel::kOnSocket) {
-            msg = sock.recv_bytes();
+            msg = sock.recv_bytes(maxlength);
             return;
         }
         if (len > cap_) throw DecodeError("mp: bad request length in the manager's channel");

@@ -18,7 +18,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "handshake.hpp"
 #include "manager_channel.hpp"
 #include "mp/detail/future_core.hpp"
 #include "mp/process.hpp"
@@ -39,6 +38,12 @@ struct NoSuchObject : std::runtime_error {
 
 using Clock = std::chrono::steady_clock;
 constexpr auto kHandshakeTimeout = std::chrono::seconds(5);
+constexpr std::size_t kMaxMessage = BaseManager::max_message;
+
+bool is_out_of_resources(const std::error_code& e) {
+    return e == std::errc::too_many_files_open || e == std::errc::too_many_files_open_in_system ||
+           e == std::errc::no_buffer_space || e == std::errc::not_enough_memory;
+}
 
 /// The connection a server thread serves: lock ownership is per connection.
 thread_local std::uint64_t t_caller = 0;
@@ -532,8 +537,12 @@ struct Object {
 
 class Server : public std::enable_shared_from_this<Server> {
 public:
+    // The Listener runs the handshakes, all of them in the accept loop and at once (none holds
+    // up another, and an unauthenticated peer costs no thread); a client gets its thread only
+    // once it has authenticated.
     Server(const Address& address, std::string authkey, TypeTable types)
-        : listener_(address), authkey_(std::move(authkey)), types_(std::move(types)) {
+        : listener_(address, {.authkey = authkey, .handshake_timeout = kHandshakeTimeout}),
+          authkey_(std::move(authkey)), types_(std::move(types)) {
         auto [r, w] = Pipe(false);
         wake_r_ = r;
         wake_w_ = w;
@@ -543,22 +552,33 @@ public:
 
     /// Accepts until shutdown; then closes every client connection and returns.
     void serve() {
-        for (;;) {
-            auto ready = connection::wait({listener_.fileno(), wake_r_.fileno()});
-            if (stopping_.load()) break;
-            if (std::find(ready.begin(), ready.end(), listener_.fileno()) == ready.end()) continue;
-            Connection c;
+        while (!stopping_.load()) {
+            std::optional<Connection> c;
             try {
-                c = listener_.accept();
-            } catch (const std::exception&) {
-                continue;  // a peer that vanished while being accepted
+                c = accept_or_stop(listener_, wake_r_.fileno());
+            } catch (const AuthenticationError&) {
+                continue;  // a peer that failed its handshake
+            } catch (const std::system_error& e) {
+                // Out of descriptors or memory: the Listener backs off (the next accept leaves
+                // the backlog alone for a while), and the clients' threads carry on.
+                if (is_out_of_resources(e.code())) continue;
+                throw;
             }
+            if (!c || stopping_.load()) break;
             std::uint64_t caller = ++next_caller_;
             {
                 std::lock_guard lk(mu_);
-                clients_.emplace(caller, c.fileno());
+                clients_.emplace(caller, c->fileno());
             }
-            std::thread(&Server::serve_client, shared_from_this(), c, caller).detach();
+            try {
+                std::thread(&Server::serve_client, shared_from_this(), std::move(*c), caller)
+                    .detach();
+            } catch (const std::system_error&) {
+                // No thread to be had (EAGAIN: RLIMIT_NPROC, memory): refuse this client (its
+                // connection closes with the arguments std::thread had taken) and stay up.
+                std::lock_guard lk(mu_);
+                clients_.erase(caller);
+            }
         }
         listener_.close();
         std::lock_guard lk(mu_);
@@ -648,18 +668,15 @@ private:
         t_caller = caller;
         t_client_fd = c.fileno();
         try {
-            // The handshake runs here, off the accept path: a stalling peer holds up nobody.
-            auto deadline = Clock::now() + kHandshakeTimeout;
-            handshake::server_handshake(c.fileno(), authkey_, deadline);
             Channel channel;
             std::string msg;
             for (;;) {
                 if (channel) {
-                    channel.receive(c, msg, [this] {
+                    channel.receive(c, msg, kMaxMessage, [this] {
                         if (stopping_.load() || client_gone()) throw ClientGone();
                     });
                 } else {
-                    msg = c.recv_bytes();
+                    msg = c.recv_bytes(kMaxMessage);
                     if (!msg.empty() && msg[0] == static_cast<char>(Op::channel)) {
                         channel = offer_channel(c);
                         continue;
@@ -671,6 +688,10 @@ private:
                 try {
                     Decoder in(msg);
                     handle(in, out);
+                    if (out.bytes().size() > kMaxMessage)
+                        throw Error("mp: a reply of " + std::to_string(out.bytes().size()) +
+                                    " bytes is over the manager's limit of " +
+                                    std::to_string(kMaxMessage));
                     stop = stopping_.load();
                 } catch (...) {
                     out = Encoder();
@@ -829,6 +850,10 @@ std::string random_key() {
 }  // namespace
 
 std::string request(const Address& address, const std::string& authkey, std::string& message) {
+    // The server would drop the connection on reading the header; say why instead.
+    if (message.size() > kMaxMessage)
+        throw Error("mp: a manager request of " + std::to_string(message.size()) +
+                    " bytes is over the limit of " + std::to_string(kMaxMessage));
     std::string reply;
     {
         Link& link = connection_to(address, authkey);

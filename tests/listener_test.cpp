@@ -16,7 +16,9 @@
 #include <cstring>
 #include <exception>
 #include <fcntl.h>
+#include <algorithm>
 #include <fstream>
+#include <mutex>
 #include <functional>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -158,6 +160,20 @@ struct RawFd {
         if (fd >= 0) ::close(fd);
     }
 };
+
+struct RawFds {
+    std::vector<int> fds;
+    ~RawFds() {
+        for (int fd : fds) ::close(fd);
+    }
+};
+
+/// Closes a TCP socket with a reset (SO_LINGER {1, 0}) instead of a FIN.
+void reset_close(int& fd) {
+    const linger l{1, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    ::close(std::exchange(fd, -1));
+}
 
 std::string frame(std::string_view body) {
     std::string f(4, '\0');
@@ -536,26 +552,6 @@ TEST(Handshake, ShortChallengeRefusedByTheClient) {
     server.get();
 }
 
-TEST(Handshake, StalledPeerDoesNotHoldUpTheNextClient) {
-    mp::Listener l(mp::Address("127.0.0.1", 0),
-                   {.authkey = kKey, .handshake_timeout = std::chrono::milliseconds(300)});
-    RawFd staller{raw_connect(l.address())};  // connects, then says nothing
-    Background good([&] {
-        mp::Connection c = mp::Client(l.address(), {.authkey = kKey});
-        c.send_bytes("served");
-    });
-    const auto t0 = std::chrono::steady_clock::now();
-    try {
-        accept_within(l);
-        ADD_FAILURE() << "the stalled peer was accepted";
-    } catch (const mp::AuthenticationError& e) {
-        EXPECT_STREQ(e.what(), "handshake timed out");
-    }
-    EXPECT_GE(std::chrono::steady_clock::now() - t0, 250ms) << "the deadline was waited out";
-    EXPECT_EQ(accept_within(l).recv_bytes(), "served");
-    good.get();
-}
-
 TEST(Handshake, PeerClosingMidHandshake) {
     mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey});
     {
@@ -615,6 +611,156 @@ std::string raw_recv_frame(int fd) {
 /// A client's answer to the `#CHALLENGE#...` message `challenge`.
 std::string answer_to(std::string_view challenge) {
     return hs::create_response(kKey, challenge.substr(std::string_view("#CHALLENGE#").size()));
+}
+
+TEST(Handshake, StalledPeersDoNotHoldUpAnHonestClient) {
+    // Issue 12 item 10 (slowloris): handshakes used to run one at a time inside accept(), so
+    // each stalled peer ahead of an honest client delayed it by a whole handshake_timeout.
+    constexpr auto kTimeout = 2000ms;
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey, .handshake_timeout = kTimeout});
+    RawFds stallers;
+    for (int i = 0; i < 20; ++i) stallers.fds.push_back(raw_connect(l.address()));
+    Background good([&] {
+        mp::Connection c = mp::Client(l.address(), {.authkey = kKey});
+        c.send_bytes("served");
+    });
+    const auto t0 = std::chrono::steady_clock::now();
+    try {
+        mp::Connection c = accept_within(l);
+        EXPECT_LT(std::chrono::steady_clock::now() - t0, kTimeout)
+            << "the honest client waited for a stalled peer's deadline";
+        EXPECT_EQ(c.recv_bytes(), "served");
+    } catch (const mp::AuthenticationError& e) {
+        ADD_FAILURE() << "a stalled peer was served first: " << e.what();
+    }
+    good.get();
+    // The stalled peers are dropped at their deadline, which accept() reports.
+    try {
+        accept_within(l);
+        ADD_FAILURE() << "a stalled peer was accepted";
+    } catch (const mp::AuthenticationError& e) {
+        EXPECT_STREQ(e.what(), "handshake timed out");
+    }
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, kTimeout) << "the deadline was waited out";
+}
+
+TEST(Handshake, PendingHandshakesAreCappedOldestDroppedFirst) {
+    // Idle peers cannot take every handshake slot: a new peer drops the one waiting longest.
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey, .max_pending_handshakes = 4});
+    RawFds stallers;
+    for (int i = 0; i < 6; ++i) stallers.fds.push_back(raw_connect(l.address()));
+    Background good([&] { mp::Client(l.address(), {.authkey = kKey}).send_bytes("served"); });
+    int dropped = 0;
+    std::optional<mp::Connection> c;
+    for (int i = 0; i < 20 && !c; ++i) {
+        try {
+            c = accept_within(l);
+        } catch (const mp::AuthenticationError& e) {
+            EXPECT_STREQ(e.what(), "too many pending handshakes");
+            ++dropped;
+        }
+    }
+    ASSERT_TRUE(c.has_value());
+    EXPECT_EQ(c->recv_bytes(), "served");
+    good.get();
+    EXPECT_EQ(dropped, 3) << "7 peers, 4 slots";
+    // The first staller was dropped: after our challenge, its connection ends.
+    EXPECT_TRUE(raw_recv_frame(stallers.fds[0]).starts_with("#CHALLENGE#"));
+    pollfd p{stallers.fds[0], POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 10000), 1);
+    char byte;
+    EXPECT_EQ(::recv(stallers.fds[0], &byte, 1, 0), 0);
+}
+
+TEST(Handshake, PeerResettingAtAnyStepIsAnAuthenticationError) {
+    // Issue 12 item 9: a TCP reset during the handshake made accept() throw std::system_error
+    // (ECONNRESET, EPIPE), which breaks the documented `catch (AuthenticationError&)` loop.
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey});
+    for (int step = 0; step < 4; ++step) {
+        SCOPED_TRACE("reset after step " + std::to_string(step));
+        auto peer_steps = [&l, step] {
+            RawFd c{raw_connect(l.address())};
+            if (step >= 1) {
+                const std::string challenge = raw_recv_frame(c.fd);
+                if (step >= 2)
+                    raw_send(c.fd, frame(answer_to(challenge)) +
+                                       frame("#CHALLENGE#{sha256}" + std::string(40, 'r')));
+                if (step >= 3) {
+                    ASSERT_EQ(raw_recv_frame(c.fd), "#WELCOME#");
+                    (void)raw_recv_frame(c.fd);  // the answer to our challenge
+                }
+            }
+            reset_close(c.fd);
+        };
+        std::optional<Background> peer;
+        if (step == 0)
+            peer_steps();  // the reset is in before accept() takes the connection
+        else
+            peer.emplace(peer_steps);
+        try {
+            accept_within(l);
+            ADD_FAILURE() << "accepted";
+        } catch (const mp::AuthenticationError&) {
+        } catch (const std::system_error& e) {
+            ADD_FAILURE() << "std::system_error: " << e.what();
+        }
+        if (peer) peer->get();
+    }
+    Background good([&] { mp::Client(l.address(), {.authkey = kKey}).send_bytes("after resets"); });
+    EXPECT_EQ(accept_within(l).recv_bytes(), "after resets");
+    good.get();
+}
+
+TEST(Listener, AcceptFromTwoThreadsAtOnce) {
+    // Issue 12 item 10: accept() may run in several threads (run under TSan too).
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey});
+    constexpr int kClients = 16;
+    std::mutex mu;
+    std::vector<std::string> got;
+    auto acceptor = [&] {
+        for (int i = 0; i < kClients / 2; ++i) {
+            mp::Connection c = accept_within(l);
+            std::string m = c.recv_bytes();
+            EXPECT_TRUE(l.last_accepted().has_value());
+            std::lock_guard lk(mu);
+            got.push_back(std::move(m));
+        }
+    };
+    Background a(acceptor), b(acceptor);
+    std::vector<std::thread> clients;
+    for (int i = 0; i < kClients; ++i)
+        clients.emplace_back([&l, i] {
+            mp::Client(l.address(), {.authkey = kKey}).send_bytes(std::to_string(i));
+        });
+    for (auto& t : clients) t.join();
+    a.get();
+    b.get();
+    std::sort(got.begin(), got.end());
+    std::vector<std::string> want;
+    for (int i = 0; i < kClients; ++i) want.push_back(std::to_string(i));
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(got, want);
+}
+
+TEST(Listener, HandshakeLeftPendingMakesFilenoReadable) {
+    // accept() returns the first peer to finish; one still in its handshake stays with the
+    // Listener, and its bytes make fileno() readable, so a loop that polls fileno() serves it.
+    mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey});
+    RawFd slow{raw_connect(l.address())};
+    Background fast([&] { mp::Client(l.address(), {.authkey = kKey}).send_bytes("fast"); });
+    EXPECT_EQ(accept_within(l).recv_bytes(), "fast");
+    fast.get();
+    Background finish([&] {
+        const std::string ours = "{sha256}" + std::string(40, 'p');
+        raw_send(slow.fd, frame(answer_to(raw_recv_frame(slow.fd))) + frame("#CHALLENGE#" + ours));
+        ASSERT_EQ(raw_recv_frame(slow.fd), "#WELCOME#");
+        hs::verify_challenge(kKey, ours, raw_recv_frame(slow.fd));
+        raw_send(slow.fd, frame("#WELCOME#") + frame("slow"));
+    });
+    pollfd p{l.fileno(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 10000), 1) << "the pending handshake's bytes did not wake fileno()";
+    EXPECT_EQ(accept_within(l).recv_bytes(), "slow");
+    finish.get();
 }
 
 TEST(Handshake, RequestSentWithTheClientsWelcomeReachesTheConnection) {

@@ -5,8 +5,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
+#include <filesystem>
+#include <iterator>
 #include <fstream>
 #include <future>
 #include <latch>
@@ -18,7 +21,12 @@
 #include <thread>
 #include <vector>
 
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "mp/connection.hpp"
@@ -866,3 +874,239 @@ TEST(ManagerChannelTest, ServerKilledWhileAClientWaitsOnTheChannel) {
 }
 
 }  // namespace
+
+// ---- hostile peers (issue 12 items 8, 11, 12) ---------------------------------------------------
+
+namespace {
+
+const std::string kHostileKey = "hostile test key";
+
+/// A field of /proc/PID/status ("Threads:", "VmRSS:" in kB); -1 when absent.
+long proc_status(pid_t pid, const std::string& field) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/status");
+    for (std::string line; std::getline(f, line);)
+        if (line.starts_with(field)) return std::stol(line.substr(field.size()));
+    return -1;
+}
+
+/// The CPU time (user + system) process `pid` has used, in seconds.
+double cpu_seconds(pid_t pid) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    std::istringstream in(stat.substr(stat.rfind(')') + 2));  // after "pid (comm) "
+    std::string field;
+    unsigned long long utime = 0, stime = 0;
+    for (int i = 3; i <= 15 && in >> field; ++i) {
+        if (i == 14) utime = std::stoull(field);
+        if (i == 15) stime = std::stoull(field);
+    }
+    return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+/// A plain TCP connection to `a` that never says anything.
+int tcp_connect(const mp::Address& a) {
+    sockaddr_in in{};
+    in.sin_family = AF_INET;
+    in.sin_port = htons(a.port);
+    in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || ::connect(fd, reinterpret_cast<sockaddr*>(&in), sizeof in) != 0)
+        throw std::system_error(errno, std::system_category(), "connect");
+    return fd;
+}
+
+struct RawFds {
+    std::vector<int> fds;
+    ~RawFds() {
+        for (int fd : fds) ::close(fd);
+    }
+};
+
+/// Lowers RLIMIT_NOFILE so that exactly `free` more descriptors can be opened.
+void limit_free_descriptors(int free) {
+    std::vector<int> open;
+    for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd"))
+        open.push_back(std::stoi(e.path().filename().string()));
+    // The iterator's own descriptor was in the listing and is closed now: not counted below.
+    rlim_t limit = 0;
+    for (int left = free;; ++limit) {
+        const bool used = std::ranges::find(open, static_cast<int>(limit)) != open.end() &&
+                          ::fcntl(static_cast<int>(limit), F_GETFD) != -1;
+        if (!used && left-- == 0) break;
+    }
+    const rlimit r{limit, limit};
+    if (::setrlimit(RLIMIT_NOFILE, &r) != 0) std::_Exit(90);
+}
+
+/// A TCP manager serving in a fork child once `setup` has run there (rlimits, a user).
+class ServerChild {
+public:
+    template <class Setup>
+    explicit ServerChild(Setup setup) {
+        auto [r, w] = mp::Pipe(false);
+        process_ = std::make_unique<mp::Process>(
+            mp::ProcessOptions{.start_method = mp::StartMethod::fork}, [w, setup] {
+                setup();
+                mp::BaseManager m(mp::Address("127.0.0.1", 0), kHostileKey);
+                register_counter(m);
+                m.serve_forever([&](const mp::Address& a) { mp::Connection(w).send(a.port); });
+            });
+        process_->start();
+        if (!r.poll(LONG)) throw std::runtime_error("the manager did not start");
+        address_ = mp::Address("127.0.0.1", r.recv<std::uint16_t>());
+    }
+    ~ServerChild() {
+        try {
+            mp::BaseManager client(address_, kHostileKey);
+            client.connect();
+            client.shutdown();
+        } catch (const std::exception&) {
+            // already gone (what some tests check)
+        }
+        if (!process_->join(LONG)) {
+            process_->kill();
+            process_->join();
+        }
+    }
+    const mp::Address& address() const { return address_; }
+    pid_t pid() const { return process_->pid(); }
+    mp::Process& process() { return *process_; }
+
+private:
+    std::unique_ptr<mp::Process> process_;
+    mp::Address address_;
+};
+
+}  // namespace
+
+TEST(ManagerHostileTest, IdlePeersCostTheServerNoThread) {
+    // Item 8: the server gave every connection a thread for its handshake, so unauthenticated
+    // peers that connect and say nothing cost a thread each (and past RLIMIT_NPROC, the
+    // server). Now the handshakes run in the accept loop; only an authenticated client gets one.
+    mp::BaseManager server(mp::Address("127.0.0.1", 0), kHostileKey);
+    register_counter(server);
+    server.start();
+    const pid_t pid = server.server_pid();
+    auto counter = server.create("Counter", 0);  // this thread's connection: one server thread
+    const long threads = proc_status(pid, "Threads:");
+    ASSERT_GT(threads, 0);
+    RawFds idle;
+    for (int i = 0; i < 60; ++i) idle.fds.push_back(tcp_connect(server.address()));
+    // A client that connects after them is accepted after them (the backlog is in order).
+    const mp::Address addr = server.address();
+    EXPECT_EQ(run_child([addr] {
+                  mp::BaseManager client(addr, kHostileKey);
+                  register_counter(client);
+                  client.connect();
+                  check(client.create("Counter", 1).call<int>("inc", 1) == 2, "served");
+              }),
+              0);
+    EXPECT_LE(proc_status(pid, "Threads:"), threads + 2)
+        << "the idle peers got threads (the child's own thread may linger a moment)";
+    EXPECT_EQ(counter.call<int>("inc", 1), 1);
+}
+
+TEST(ManagerHostileTest, NoThreadForAClientRefusesItAndTheServerStaysUp) {
+    // Item 8: std::thread's exception escaped Server::serve() and the server exited.
+    // RLIMIT_NPROC counts every process of a user and does not bind root, so the server runs as
+    // `nobody` (uid 65534), which needs root to switch to.
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root to run the server as another user";
+    ServerChild server([] {
+        if (::setresgid(65534, 65534, 65534) != 0 || ::setresuid(65534, 65534, 65534) != 0)
+            std::_Exit(91);
+        const rlimit r{4, 4};  // this process (its main thread) and 3 more threads
+        if (::setrlimit(RLIMIT_NPROC, &r) != 0) std::_Exit(92);
+    });
+    std::vector<mp::Connection> clients;
+    for (int i = 0; i < 12; ++i)
+        clients.push_back(mp::Client(server.address(), {.authkey = kHostileKey}));
+    // Those the server had no thread for are closed: their first read sees end of file.
+    int refused = 0;
+    for (auto& c : clients) {
+        if (!c.poll(300ms)) continue;
+        try {
+            (void)c.recv_bytes();
+        } catch (const mp::EOFError&) {
+            ++refused;
+        }
+    }
+    EXPECT_GT(refused, 0) << "every client got a thread: the limit did not bind";
+    EXPECT_TRUE(server.process().is_alive()) << "the server exited";
+    clients.clear();  // their threads end
+    bool served = false;
+    for (int attempt = 0; attempt < 100 && !served; ++attempt) {
+        try {
+            mp::BaseManager client(server.address(), kHostileKey);
+            register_counter(client);
+            client.connect();
+            served = client.create("Counter", 1).call<int>("inc", 1) == 2;
+        } catch (const mp::EOFError&) {
+            std::this_thread::sleep_for(50ms);  // the old threads have not all ended yet
+        } catch (const std::exception& e) {
+            ADD_FAILURE() << e.what();
+            break;
+        }
+    }
+    EXPECT_TRUE(served);
+}
+
+TEST(ManagerHostileTest, OutOfDescriptorsBacksOffAndServesItsClients) {
+    // Item 11: out of descriptors, the server retried accept() at once, for ever (a CPU at
+    // 100%). It must back off, and keep serving the clients it has.
+    ServerChild server([] { limit_free_descriptors(8); });
+    mp::BaseManager client(server.address(), kHostileKey);
+    register_counter(client);
+    client.connect();
+    auto counter = client.create("Counter", 0);
+    RawFds idle;  // more than the server has descriptors for: the rest wait in its backlog
+    for (int i = 0; i < 40; ++i) idle.fds.push_back(tcp_connect(server.address()));
+    std::this_thread::sleep_for(200ms);
+    const double cpu0 = cpu_seconds(server.pid());
+    const auto t0 = Clock::now();
+    std::this_thread::sleep_for(1s);
+    const double used = cpu_seconds(server.pid()) - cpu0;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    EXPECT_LT(used / elapsed, 0.3) << "the server spins on EMFILE: " << used << " s of CPU in "
+                                   << elapsed << " s";
+    EXPECT_EQ(counter.call<int>("inc", 1), 1) << "the connected client is still served";
+}
+
+TEST(ManagerHostileTest, AnnouncedHugeFrameCostsNoMemoryAndOverLimitIsRefused) {
+    // Item 12: an authenticated peer's 4-byte header made the server allocate (and zero) 64 MiB
+    // at once. Now memory grows with the bytes that arrive, and a frame over the limit
+    // (BaseManager::max_message) drops that connection.
+    mp::BaseManager server(mp::Address("127.0.0.1", 0), kHostileKey);
+    register_counter(server);
+    server.start();
+    const pid_t pid = server.server_pid();
+    auto counter = server.create("Counter", 0);
+    const long rss0 = proc_status(pid, "VmRSS:");
+    ASSERT_GT(rss0, 0);
+    auto send_raw = [](mp::Connection& c, std::string_view bytes) {
+        ASSERT_EQ(::send(c.fileno(), bytes.data(), bytes.size(), MSG_NOSIGNAL),
+                  static_cast<ssize_t>(bytes.size()));
+    };
+    std::vector<mp::Connection> stalled;
+    for (int i = 0; i < 4; ++i) {
+        stalled.push_back(mp::Client(server.address(), {.authkey = kHostileKey}));
+        // 512 MiB announced (within the limit), 16 bytes sent.
+        send_raw(stalled.back(), std::string("\x20\x00\x00\x00", 4) + std::string(16, 'x'));
+    }
+    long peak = rss0;
+    for (int i = 0; i < 25; ++i) {
+        std::this_thread::sleep_for(20ms);
+        peak = std::max(peak, proc_status(pid, "VmRSS:"));
+    }
+    EXPECT_LT(peak - rss0, 32 * 1024) << "kB: the server reserved memory for announced frames";
+    EXPECT_EQ(counter.call<int>("inc", 1), 1);
+    // Over the limit, in the short and the long form: the server hangs up on that peer.
+    const std::string over[] = {std::string("\x7f\xff\xff\xff", 4),
+                                std::string("\xff\xff\xff\xff\x00\x00\x01\x00\x00\x00\x00\x00", 12)};
+    for (const std::string& header : over) {
+        mp::Connection c = mp::Client(server.address(), {.authkey = kHostileKey});
+        send_raw(c, header);
+        ASSERT_TRUE(c.poll(5s)) << "the server kept reading an over-limit frame";
+        EXPECT_THROW((void)c.recv_bytes(), mp::EOFError);
+    }
+    EXPECT_EQ(counter.call<int>("inc", 1), 2);
+}

@@ -313,13 +313,16 @@ struct ListenerOptions {
     /// listen()'s backlog. Python's default is 1, which makes a burst of TCP clients wait for
     /// SYN retries (a second each); mp takes 64.
     int backlog = 64;
-    /// The longest the whole handshake of one connection may take (Python: no limit). The
-    /// handshake runs inside accept(): a peer that connects and stalls (or trickles bytes)
-    /// makes accept() throw mp::AuthenticationError("handshake timed out") after this long, so
-    /// it delays the clients queued behind it by at most this much. A server that must not
-    /// pause even that long accepts in one thread per pending peer, or without an authkey and
-    /// authenticates elsewhere.
+    /// The longest the whole handshake of one connection may take (Python: no limit); a peer
+    /// still in it then is dropped, and accept() reports it with
+    /// mp::AuthenticationError("handshake timed out"). Handshakes run concurrently (see
+    /// accept()), so a peer that stalls or trickles bytes delays nobody else.
     std::chrono::milliseconds handshake_timeout{5000};
+    /// The most peers in the handshake at once. A new connection beyond it drops the peer that
+    /// has been in its handshake longest (accept() reports it with mp::AuthenticationError
+    /// "too many pending handshakes"): idle peers cannot hold every slot and lock honest
+    /// clients out, and the descriptors they cost stay bounded.
+    std::size_t max_pending_handshakes = 128;
 };
 
 /// Options of Client().
@@ -360,6 +363,19 @@ struct ClientOptions {
 /// Destructor: close(). A Unix path listener unlinks its path then, in the process that
 /// created it only (a fork child's copy closes its descriptor but leaves the file, as
 /// Python's Finalize). Move-only.
+///
+/// Threads: accept(), last_accepted() and fileno() may be called from several threads at
+/// once; close(), moving and destruction may not overlap any other call.
+class Listener;
+
+namespace detail {
+/// A Listener's handshakes in progress (defined in src/listener.cpp).
+struct ListenerState;
+/// Listener::accept(), except that it returns std::nullopt once `stop_fd` polls readable (a
+/// server loop's shutdown signal).
+std::optional<Connection> accept_or_stop(Listener& listener, int stop_fd);
+}  // namespace detail
+
 class Listener {
 public:
     /// Listens on a fresh Unix socket path in the temporary directory (Python's Listener()).
@@ -374,34 +390,53 @@ public:
     ~Listener();
 
     /// Waits for a connection, authenticates it when an authkey is set, and returns it.
-    /// Throws mp::AuthenticationError when that peer fails the handshake, stalls in it past
-    /// handshake_timeout, or closes during it (the next accept() serves the next peer); and
-    /// std::system_error(EBADF) "listener is closed" after close() [Python: OSError].
+    /// Handshakes run concurrently: accept() takes each new peer into its handshake and drives
+    /// every pending one as its bytes arrive (one thread, no waiting on any single peer), and
+    /// returns the first that completes; the others stay pending with the Listener and go on in
+    /// the next accept() call (in any thread). So an honest client is served within its own
+    /// round trips however many peers stall (up to max_pending_handshakes).
+    /// Throws mp::AuthenticationError when a peer fails the handshake in any way: a wrong key,
+    /// a malformed message, end of file or a reset during it, a stall past handshake_timeout,
+    /// or being dropped for a newer peer (see max_pending_handshakes); the next accept() serves
+    /// the next peer. std::system_error(EMFILE, ENFILE, ENOBUFS or ENOMEM) when the process is
+    /// out of descriptors or memory for a new connection: the Listener then leaves new
+    /// connections queued in the backlog for a back-off (10 ms, doubling to 1 s while it lasts)
+    /// during which accept() goes on with pending handshakes only, so that a loop that retries
+    /// does not spin. std::system_error(EBADF) "listener is closed" after close()
+    /// [Python: OSError].
     Connection accept();
-    /// Stops listening (and unlinks a Unix path, see above). Idempotent. Not to be called while
-    /// another thread is blocked in accept().
+    /// Stops listening (and unlinks a Unix path, see above); drops the pending handshakes.
+    /// Idempotent. Not to be called while another thread is in accept().
     void close() noexcept;
     bool closed() const noexcept;
     /// The address listened on, with the real port when 0 was asked for.
     const Address& address() const noexcept { return address_; }
     /// The peer of the last accepted connection (an unnamed Unix peer has an empty path);
     /// std::nullopt before the first.
-    const std::optional<Address>& last_accepted() const noexcept { return last_accepted_; }
-    /// The listening descriptor (for poll / connection::wait). Throws (EBADF) when closed.
+    std::optional<Address> last_accepted() const;
+    /// A descriptor for poll / connection::wait that polls readable when accept() has
+    /// something to do: a new connection, bytes from a peer in its handshake, a handshake
+    /// deadline or the end of a back-off. It is an epoll descriptor, not the listening socket:
+    /// a loop that waits on the socket itself would miss the handshakes a previous accept()
+    /// left pending. Throws (EBADF) when closed.
     int fileno() const;
 
 private:
-    int fd_ = -1;
+    friend std::optional<Connection> detail::accept_or_stop(Listener&, int);
+    std::optional<Connection> accept_impl(int stop_fd);
+
+    int fd_ = -1;  // the listening socket
     Address address_;
-    std::optional<Address> last_accepted_;
     ListenerOptions options_;
     int creator_pid_ = 0;  // the process that unlinks a Unix path
+    std::unique_ptr<detail::ListenerState> state_;
 };
 
 /// Connects to a Listener at `address` (Python's multiprocessing.connection.Client) and, with
 /// an authkey, answers its challenge and then challenges it. Returns the connected Connection.
 /// Throws std::system_error naming the call (ECONNREFUSED, ENOENT, ...), std::invalid_argument
-/// for a host that does not resolve, mp::AuthenticationError when the handshake fails.
+/// for a host that does not resolve, mp::AuthenticationError when the handshake fails (the
+/// server refused us, or reset or closed the connection, or went silent, during it).
 Connection Client(const Address& address, ClientOptions options = {});
 
 namespace connection {

@@ -509,8 +509,22 @@ struct ServerHandle;
 ///
 /// Destructor policy: a manager that start()ed a server shuts it down (a shutdown request, then
 /// SIGKILL after 5 s) and joins it; one that only connect()ed does nothing to the server.
+///
+/// Hostile peers: the server authenticates a connection before it gives it a thread, and runs
+/// the handshakes of every pending peer at once in its accept loop (see mp::Listener::accept;
+/// at most 128 pending, 5 s each), so peers that connect and stall cost no thread and delay no
+/// honest client. A message is at most max_message bytes: a larger request throws mp::Error in
+/// the client before anything is sent, a larger reply comes back as mp::RemoteError, and a
+/// peer whose frame announces more is disconnected. Memory for a long message grows as its
+/// bytes arrive, so a frame header alone reserves nothing large. Out of descriptors, the server
+/// backs off from accepting (up to 1 s at a time) and keeps serving its connected clients; when
+/// no thread can be started for an authenticated client, that connection is closed and the
+/// server stays up.
 class BaseManager {
 public:
+    /// The longest request or reply, in bytes (1 GiB).
+    static constexpr std::size_t max_message = std::size_t{1} << 30;
+
     /// A Unix socket in a fresh temporary directory and a random authkey.
     BaseManager();
     /// `address` (TCP port 0: any free port; address() tells which after start) and `authkey`

@@ -13,10 +13,6 @@
 #include <mutex>
 #include <optional>
 #include <algorithm>
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
-#include <openssl/rand.h>
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/timerfd.h>
@@ -28,6 +24,7 @@
 
 #include "handshake.hpp"
 #include "mp/connection.hpp"
+#include "sys/crypto.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
 
@@ -45,28 +42,6 @@ constexpr std::string_view kFailure = "#FAILURE#";
 constexpr std::size_t kMd5OnlyMessageLength = 20;
 constexpr std::size_t kMd5DigestLength = 16;
 constexpr std::size_t kMaxDigestNameLength = 8;  // "sha3_256"
-
-const EVP_MD* digest_by_name(std::string_view name) {
-    if (name == "md5") return EVP_md5();
-    if (name == "sha256") return EVP_sha256();
-    if (name == "sha384") return EVP_sha384();
-    if (name == "sha3_256") return EVP_sha3_256();
-    if (name == "sha3_384") return EVP_sha3_384();
-    return nullptr;
-}
-
-std::string hmac(const EVP_MD* md, std::string_view key, std::string_view message) {
-    unsigned char out[EVP_MAX_MD_SIZE];
-    unsigned int len = 0;
-    // OpenSSL reads a null key as "no key given"; an empty key must still be a key.
-    static const unsigned char empty = 0;
-    const void* k = key.empty() ? static_cast<const void*>(&empty) : key.data();
-    if (::HMAC(md, k, static_cast<int>(key.size()),
-               reinterpret_cast<const unsigned char*>(message.data()), message.size(), out,
-               &len) == nullptr)
-        throw AuthenticationError("HMAC failed");
-    return std::string(reinterpret_cast<const char*>(out), len);
-}
 
 // recv with the handshake's deadline: try first, wait only when nothing is there yet.
 void read_exact(int fd, char* buf, std::size_t n, Clock::time_point deadline) {
@@ -117,11 +92,7 @@ void write_messages(int fd, std::string_view a, std::string_view b) {
 
 // A fresh challenge body in Python 3.12's form: {sha256} and 40 random bytes.
 std::string make_challenge() {
-    unsigned char random[kChallengeLength];
-    if (RAND_bytes(random, sizeof random) != 1) throw Error("RAND_bytes failed");
-    std::string message = "{sha256}";
-    message.append(reinterpret_cast<const char*>(random), sizeof random);
-    return message;
+    return "{sha256}" + sys::crypto::random_string(kChallengeLength);
 }
 
 // The answer to the peer's #CHALLENGE# message (Python's answer_challenge checks).
@@ -274,7 +245,7 @@ std::pair<std::string_view, std::string_view> digest_name_and_payload(std::strin
         const std::size_t curly = message.substr(0, end).find('}', 1);
         if (curly != std::string_view::npos) {
             std::string_view name = message.substr(1, curly - 1);
-            if (digest_by_name(name) != nullptr) return {name, message.substr(curly + 1)};
+            if (sys::crypto::known_digest(name)) return {name, message.substr(curly + 1)};
         }
     }
     throw AuthenticationError(
@@ -283,12 +254,12 @@ std::pair<std::string_view, std::string_view> digest_name_and_payload(std::strin
 
 std::string create_response(std::string_view authkey, std::string_view message) {
     const std::string_view name = digest_name_and_payload(message).first;
-    if (name.empty()) return hmac(EVP_md5(), authkey, message);  // legacy server: raw HMAC-MD5
+    if (name.empty()) return sys::crypto::hmac("md5", authkey, message);  // legacy server: raw HMAC-MD5
     // The MAC covers the whole message, the {digest} prefix included.
     std::string r = "{";
     r += name;
     r += '}';
-    r += hmac(digest_by_name(name), authkey, message);
+    r += sys::crypto::hmac(name, authkey, message);
     return r;
 }
 
@@ -296,12 +267,12 @@ void verify_challenge(std::string_view authkey, std::string_view message,
                       std::string_view response) {
     auto [name, mac] = digest_name_and_payload(response);
     if (name.empty()) name = "md5";
-    const std::string expected = hmac(digest_by_name(name), authkey, message);
+    const std::string expected = sys::crypto::hmac(name, authkey, message);
     if (expected.size() != mac.size())
         throw AuthenticationError("expected '" + std::string(name) + "' of length " +
                                   std::to_string(expected.size()) + " got " +
                                   std::to_string(mac.size()));
-    if (CRYPTO_memcmp(expected.data(), mac.data(), mac.size()) != 0)
+    if (!sys::crypto::equal_constant_time(expected, mac))
         throw AuthenticationError("digest received was wrong");
 }
 
@@ -572,13 +543,13 @@ void connect_fd(int fd, const sockaddr* sa, socklen_t len) {
 }
 
 std::string random_hex(std::size_t bytes) {
-    unsigned char r[32];
-    if (RAND_bytes(r, static_cast<int>(bytes)) != 1) throw Error("RAND_bytes failed");
+    const std::string r = sys::crypto::random_string(bytes);
     static const char digits[] = "0123456789abcdef";
     std::string s;
-    for (std::size_t i = 0; i < bytes; ++i) {
-        s += digits[r[i] >> 4];
-        s += digits[r[i] & 15];
+    for (char c : r) {
+        const auto b = static_cast<unsigned char>(c);
+        s += digits[b >> 4];
+        s += digits[b & 15];
     }
     return s;
 }

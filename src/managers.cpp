@@ -12,7 +12,6 @@
 #include <system_error>
 #include <thread>
 
-#include <openssl/rand.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sys/socket.h>
@@ -21,6 +20,7 @@
 #include "manager_channel.hpp"
 #include "mp/detail/future_core.hpp"
 #include "mp/process.hpp"
+#include "sys/crypto.hpp"
 
 namespace mp {
 namespace detail::managers {
@@ -840,12 +840,7 @@ void drop_connection(const Address& address, const std::string& authkey) {
     cc.last = nullptr;
 }
 
-std::string random_key() {
-    std::string key(32, '\0');
-    if (RAND_bytes(reinterpret_cast<unsigned char*>(key.data()), static_cast<int>(key.size())) != 1)
-        throw Error("mp: OpenSSL RAND_bytes failed to make a manager authkey");
-    return key;
-}
+std::string random_key() { return sys::crypto::random_string(32); }
 
 }  // namespace
 

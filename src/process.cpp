@@ -2,7 +2,6 @@
 
 #include <cxxabi.h>
 #include <fcntl.h>
-#include <openssl/rand.h>
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
@@ -28,6 +27,7 @@
 #endif
 
 #include "process_impl.hpp"
+#include "sys/crypto.hpp"
 #include "sys/error.hpp"
 #include "sys/pidfd.hpp"
 
@@ -37,12 +37,7 @@ namespace {
 using detail::ProcessState;
 using Clock = std::chrono::steady_clock;
 
-std::string random_authkey() {
-    std::string key(32, '\0');
-    if (RAND_bytes(reinterpret_cast<unsigned char*>(key.data()), static_cast<int>(key.size())) != 1)
-        throw Error("mp: OpenSSL RAND_bytes failed to make an authkey");
-    return key;
-}
+std::string random_authkey() { return sys::crypto::random_string(32); }
 
 // Per-process globals. A forked child resets them in become_child without allocating or locking:
 // another thread of the parent may have been inside any of them at the moment of fork.

@@ -17,6 +17,7 @@
 #include <sys/syscall.h>
 #include <system_error>
 #include <unistd.h>
+#include <vector>
 
 #include "mp/detail/shared_block.hpp"
 #include "sys/cpu_relax.hpp"
@@ -251,6 +252,21 @@ bool held_by_me(const MutexCore& c) noexcept {
     return c.owner.load(std::memory_order_relaxed) == me && futex_owner_is(c, me);
 }
 
+// Whether a thread of this process holds `m`: its futex word names the holder's thread id, and
+// tgkill(getpid(), tid, 0) succeeds only for a thread of this process (a dead holder's id is
+// cleared from the word by the kernel, so a reused id is never mistaken for it).
+bool held_in_this_process(const pthread_mutex_t& m) noexcept {
+#if defined(__GLIBC__)
+    const auto tid = static_cast<pid_t>(
+        static_cast<unsigned>(__atomic_load_n(&m.__data.__lock, __ATOMIC_RELAXED)) &
+        FUTEX_TID_MASK);
+    return tid != 0 && ::syscall(SYS_tgkill, ::getpid(), tid, 0) == 0;
+#else
+    (void)m;
+    return true;  // unknown: keep the mapping (the cost is a small leak, never a lost death)
+#endif
+}
+
 // Acquire with Lock/RLock semantics; `what` names the operation in errors.
 bool mutex_acquire(MutexCore& c, bool recursive, LockMode mode, const Deadline& deadline,
                    const char* what) {
@@ -482,18 +498,31 @@ struct MutexImpl {
     MutexImpl(const MutexImpl&) = delete;
     MutexImpl& operator=(const MutexImpl&) = delete;
     ~MutexImpl() {
-        // glibc links held robust mutexes into a per-thread list through the mutex memory:
-        // unmapping one this thread holds would leave the list pointing at unmapped memory.
-        if (held_by_me(*core)) {
-            core->count = 0;
-            core->owner.store(0, std::memory_order_relaxed);
-            ::pthread_mutex_unlock(&core->mutex);
+        // The last handle in this process going is no release: a lock still held here stays
+        // held, so that a process (or thread) that ends holding it is a dead owner, whatever
+        // its start method ran after the target (a forkserver child destroys the target's
+        // arguments; a fork child does not). Its memory stays mapped too: glibc links held
+        // robust mutexes into a per-thread list through the mutex memory, and the kernel walks
+        // that list when the thread dies to mark the lock's owner dead; unmapped, the walk
+        // stops there and the lock would stay held by nobody for ever.
+        if (block && held_in_this_process(core->mutex)) {
+            if (pin_held(block)) return;
+            // Not pinned: unmapping a lock this thread holds must at least unlink it from the
+            // robust list first.
+            if (held_by_me(*core)) {
+                core->count = 0;
+                core->owner.store(0, std::memory_order_relaxed);
+                ::pthread_mutex_unlock(&core->mutex);
+            }
         }
         forget_attached(block);
     }
     SharedBlock block;
     MutexCore* core;
     bool recursive = false;
+
+private:
+    static bool pin_held(SharedBlock& block) noexcept;
 };
 
 struct SemaphoreImpl {
@@ -563,6 +592,31 @@ struct SyncAccess {
     static Event make_event(std::shared_ptr<EventImpl> i) { return Event(std::move(i)); }
     static Barrier make_barrier(std::shared_ptr<BarrierImpl> i) { return Barrier(std::move(i)); }
 };
+
+// Moves the block of a held lock whose last handle went into a MutexImpl that lives until the
+// process ends, and makes it the one a handle received later attaches to (so the holder can
+// still release it through that handle, at the address its robust list knows). False when that
+// could not be done (out of memory): the caller then unmaps as before.
+bool MutexImpl::pin_held(SharedBlock& block) noexcept {
+    static auto* pinned = new std::vector<std::shared_ptr<MutexImpl>>;  // never destroyed
+    try {
+        struct stat st {};
+        sys::check(::fstat(block.fd(), &st), "fstat");
+        const auto kind = static_cast<const Header*>(block.data())->kind;
+        auto& reg = registry();
+        std::lock_guard g(reg.mu);
+        // Everything that may throw comes before the block moves: a MutexImpl destroyed here
+        // would come back to this function with the registry's mutex held.
+        auto& entry = reg.live[{st.st_dev, st.st_ino}];
+        pinned->reserve(pinned->size() + 1);
+        auto keep = std::make_shared<MutexImpl>(std::move(block));
+        entry = {keep, static_cast<std::uint32_t>(kind)};
+        pinned->push_back(std::move(keep));
+        return true;
+    } catch (...) {
+        return false;
+    }
+}
 
 namespace {
 

@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <optional>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <functional>
 #include <sched.h>
@@ -27,6 +28,7 @@
 #include "helpers/proc_state.hpp"
 #include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
+#include "mp/shared_memory.hpp"
 #include "mp/synchronize.hpp"
 
 using namespace std::chrono_literals;
@@ -1384,6 +1386,101 @@ TEST(SyncForkserver, BarrierWithTransferableAction) {
     EXPECT_EQ(action_runs, 1);
     ASSERT_TRUE(out.acquire(LONG));
     join_ok(p);
+}
+
+// ---- A process that ends holding a lock is a dead owner under every start method (a forkserver
+// child destroys the target's arguments on its way out, a fork child does not).
+
+namespace {
+const mp::ProcessOptions forked{.start_method = mp::StartMethod::fork};
+
+void lock_locked_child(mp::Lock lock, mp::Event event, mp::Value<std::int8_t> res) {
+    (void)lock.acquire();
+    res.set(lock.held() ? 1 : 0);  // Python's lock.locked()
+    event.set();
+}
+
+void hold_and_throw(mp::Lock lock, mp::RLock rlock, mp::Event event) {
+    (void)lock.acquire();
+    (void)rlock.acquire();
+    (void)rlock.acquire();
+    event.set();
+    throw std::runtime_error("leaving with the locks held (the test expects this)");
+}
+
+void nothing() {}
+
+// The forkserver is forked from this process when it first starts a child: objects created
+// before that are known to it (and to its children) already, so a child would not be the only
+// holder of its handles. Real programs start it early (a pool does): start it before the objects.
+void start_method_ready(const mp::ProcessOptions& how) {
+    mp::Process p(how, nothing);
+    p.start();
+    join_ok(p);
+}
+
+// CPython: _TestLock.test_lock_locked_2processes. The child leaves holding the lock: Python's
+// lock stays locked; mp's goes to the next acquirer, which is told its owner died.
+void test_lock_locked_2processes(const mp::ProcessOptions& how) {
+    start_method_ready(how);
+    mp::Lock lock;
+    mp::Event event;
+    mp::Value<std::int8_t> res(0);
+    mp::Process p(how, lock_locked_child, lock, event, res);
+    p.start();
+    ASSERT_TRUE(event.wait(LONG));
+    EXPECT_EQ(res.get(), 1);
+    join_ok(p);
+    ASSERT_TRUE(lock.try_lock_for(LONG));
+    EXPECT_TRUE(lock.owner_died());
+    lock.unlock();
+}
+
+void target_throws_holding_locks(const mp::ProcessOptions& how) {
+    start_method_ready(how);
+    mp::Lock lock;
+    mp::RLock rlock;
+    mp::Event event;
+    mp::Process p(how, hold_and_throw, lock, rlock, event);
+    p.start();
+    ASSERT_TRUE(event.wait(LONG));
+    join_ok(p, 1);
+    ASSERT_TRUE(lock.try_lock_for(LONG));
+    EXPECT_TRUE(lock.owner_died());
+    lock.unlock();
+    ASSERT_TRUE(rlock.try_lock_for(LONG));
+    EXPECT_TRUE(rlock.owner_died());
+    EXPECT_EQ(rlock.recursion_count(), 1u);
+    rlock.unlock();
+}
+}  // namespace
+
+TEST(SyncLock, TestLock_test_lock_locked_2processes_Fork) { test_lock_locked_2processes(forked); }
+
+TEST(SyncLock, TestLock_test_lock_locked_2processes_Forkserver) {
+    test_lock_locked_2processes(forkserver);
+}
+
+TEST(SyncLock, TargetThrowingHoldingTheLockIsADeadOwnerFork) {
+    target_throws_holding_locks(forked);
+}
+
+TEST(SyncLock, TargetThrowingHoldingTheLockIsADeadOwnerForkserver) {
+    target_throws_holding_locks(forkserver);
+}
+
+TEST(SyncLock, LastHandleGoingDoesNotReleaseTheLock) {
+    // This process's only handle lives in `only`; the fork child drops its copy of it while
+    // holding the lock, then ends.
+    std::optional<mp::Lock> only(std::in_place);
+    auto p = spawn([&] {
+        require(only->acquire(), 2);
+        only.reset();
+    });
+    join_ok(*p);
+    ASSERT_TRUE(only->try_lock_for(LONG));
+    EXPECT_TRUE(only->owner_died());
+    only->unlock();
 }
 
 TEST(SyncForkserver, HolderKilledIsRecovered) {

@@ -37,8 +37,8 @@
 ///   A Condition's or Barrier's lock is recovered the same way (a Barrier whose internal lock was
 ///   recovered is broken, since its count can no longer be trusted).
 /// - Destroying handles never releases a lock: when the last handle in a process goes while a
-///   thread of that process holds the lock, it stays held (and its memory stays mapped until the
-///   process ends), so a process that ends holding it, by returning, throwing or being killed,
+///   thread of that process holds the lock, it stays held (and its memory stays mapped, with its
+///   descriptor open, until the process ends), so a process that ends holding it, by returning, throwing or being killed,
 ///   under any start method, is a dead owner for the next acquirer.
 ///
 /// Errors (misuse throws std::system_error, as std::mutex and std::unique_lock do):

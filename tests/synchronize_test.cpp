@@ -1360,6 +1360,40 @@ TEST(SyncBarrier, WaitInsideItsOwnActionIsReported) {
     EXPECT_TRUE(barrier.broken());  // a throwing action breaks the barrier
 }
 
+TEST(SyncBarrier, ProcessKilledHoldingTheInternalLockLeavesTheCountRight) {
+    // n_waiting() holds the barrier's internal lock for most of its run: a process calling it in
+    // a loop, killed, often dies holding that lock. The next holder recovers it, breaks the
+    // barrier and recounts the parties inside wait() from their slots (the waiter here).
+    mp::Barrier barrier(2);
+    const unsigned seed = std::random_device{}();
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    std::mt19937 rng(seed);
+    int recovered = 0;
+    for (int it = 0; it < 20; ++it) {
+        auto waiter = spawn(expect_broken([&] { return barrier.wait(LONG); }));
+        ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+        auto spinner = spawn([&] {
+            for (;;) (void)barrier.n_waiting();
+        });
+        std::this_thread::sleep_for(std::chrono::microseconds(500 + rng() % 3000));
+        kill_and_join(*spinner);
+        if (barrier.broken()) {
+            ++recovered;  // it died holding the lock
+        } else {
+            barrier.abort();
+        }
+        join_ok(*waiter);
+        barrier.reset();
+        ASSERT_FALSE(barrier.broken());
+        ASSERT_EQ(barrier.n_waiting(), 0);
+        // Counted right: two fresh parties pass together.
+        auto other = spawn([&] { require(barrier.wait(LONG) >= 0, 2); });
+        EXPECT_GE(barrier.wait(LONG), 0);
+        join_ok(*other);
+    }
+    std::printf("%d of 20 kills landed while the internal lock was held\n", recovered);
+}
+
 TEST(SyncBarrier, RandomKillsNeverHangASurvivor) {
     // Parties run many rounds with timed waits; one or two are SIGKILLed at a random moment
     // (inside wait() mostly, between waits sometimes). Every survivor must end, by finishing or

@@ -850,8 +850,8 @@ namespace {
 constexpr std::int32_t filling = 0, draining = 1, running_action = 2, resetting = -1,
                        broken_state = -2;
 
-// How often a waiting party wakes to look for parties that died inside wait(), and the least
-// time between two such looks by anyone.
+// How often a waiting party wakes to look for parties that died inside wait(). However many
+// wait, their looks are at least half of it apart (BarrierCore::next_scan_ns).
 constexpr auto party_check_interval = std::chrono::milliseconds(100);
 
 std::int64_t steady_ns() noexcept {

@@ -49,6 +49,8 @@
 #include <mutex>
 #include <new>
 #include <ostream>
+#include <stdexcept>
+#include <string>
 
 #include "sys/error.hpp"
 #include "sys/helper_process.hpp"
@@ -405,6 +407,25 @@ std::string random_name() {
     return name;
 }
 
+// Refuses what shm_open would misread rather than refuse: an embedded NUL ends the C string, so
+// the call (and a later unlink) would act on someone else's segment; glibc strips any number of
+// leading '/', so "//x" would be the segment "x" under another name; "." and ".." name /dev/shm
+// itself and /dev. The rest (empty, '/' inside, too long) glibc refuses too, but only after the
+// tracker has been told of the name: refused here, nothing is announced.
+void check_name(const std::string& name) {
+    auto refuse = [&](const char* why) {
+        std::string shown;  // printable: a NUL shown as \0, a long name cut
+        for (char c : name.substr(0, 64)) shown += c == '\0' ? std::string("\\0") : std::string(1, c);
+        if (name.size() > 64) shown += "...";
+        throw std::invalid_argument("mp::SharedMemory: invalid name '" + shown + "': " + why);
+    };
+    if (name.empty()) refuse("it is empty");
+    if (name.find('\0') != std::string::npos) refuse("embedded null character");
+    if (name.find('/') != std::string::npos) refuse("'/' is allowed only as the first character");
+    if (name == "." || name == "..") refuse("'.' and '..' are not segment names");
+    if (name.size() > kMaxName) refuse("longer than NAME_MAX (255) characters");
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------ SharedMemory
@@ -434,11 +455,11 @@ SharedMemory::SharedMemory(std::optional<std::string> name, bool create, std::si
     if (!name && !create)
         throw std::invalid_argument("mp::SharedMemory: 'name' can only be empty if create=true");
     if (name && !name->empty() && name->front() == '/') name->erase(0, 1);
+    if (name) check_name(*name);
 
     State& s = *state_;
     const int flags = create ? O_CREAT | O_EXCL | O_RDWR : O_RDWR;
-    // A name too long for the tracker is too long for shm_open too: let shm_open say so.
-    const bool tracked = create && track_it && (!name || name->size() <= kMaxName);
+    const bool tracked = create && track_it;
     // Announced to the tracker before shm_open, so that no instant is left in which a SIGKILL
     // could leak the segment (see the protocol at the top of this file).
     auto open_segment = [&](const std::string& n) -> int {

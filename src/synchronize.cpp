@@ -17,6 +17,7 @@
 #include <sys/syscall.h>
 #include <system_error>
 #include <unistd.h>
+#include <vector>
 
 #include "mp/detail/shared_block.hpp"
 #include "sys/cpu_relax.hpp"
@@ -134,19 +135,30 @@ struct EventCore {
     std::atomic<std::uint32_t> waiters;
 };
 
-// A barrier: Python's threading.Barrier state machine under a robust mutex and a condition.
+// A barrier: Python's threading.Barrier state machine under a robust mutex and a condition,
+// plus one PartySlot per party, which the block holds after the core. Every field is written
+// with the mutex held.
 struct BarrierCore {
     MutexCore mutex;
     CondCore cond;
     std::int32_t parties;
-    std::int32_t state;  // 0 filling, 1 draining, -1 resetting, -2 broken
-    std::int32_t count;  // parties inside wait()
+    std::int32_t state;  // 0 filling, 1 draining, 2 running the action, -1 resetting, -2 broken
+    std::int32_t count;  // parties inside wait() that hold a slot: the occupied slots
     std::int32_t has_timeout;
     std::int64_t timeout_ns;
-    // Bumped when the mutex is recovered from a dead holder: `count` is then reset to 0 (the dead
-    // party may or may not have been counted), and parties that entered before must not
-    // decrement it again when they leave.
-    std::uint32_t epoch;
+    std::int32_t slots_ready;   // slots [0, slots_ready) have been initialised
+    std::int32_t reserved;
+    std::int64_t next_scan_ns;  // steady clock: when a waiter next looks for dead parties
+};
+
+// A counted party's proof of life: it holds its slot's robust mutex from arrival until it leaves
+// wait(). When its process dies, the kernel marks the mutex's owner dead, and a trylock by anyone
+// else returns EOWNERDEAD instead of EBUSY: a dead party is known without its help and without
+// pids (which may be reused).
+struct PartySlot {
+    pthread_mutex_t mutex;
+    std::int32_t occupied;  // 1 while a party counted in `count` holds it
+    std::int32_t reserved;
 };
 
 template <class Core>
@@ -169,8 +181,8 @@ const char* kind_name(Kind k) {
 }
 
 template <class Core>
-SharedBlock create_block(Kind kind) {
-    SharedBlock b = SharedBlock::create(sizeof(Block<Core>), kind_name(kind));
+SharedBlock create_block(Kind kind, std::size_t extra = 0) {
+    SharedBlock b = SharedBlock::create(sizeof(Block<Core>) + extra, kind_name(kind));
     // The memfd is zero-filled: zero is the initial state of every atomic here.
     auto* blk = new (b.data()) Block<Core>{};
     blk->header.magic = block_magic;
@@ -186,7 +198,7 @@ Core* core_of(const SharedBlock& b) noexcept {
 // ---------------------------------------------------------------------------------------------
 // Mutex operations.
 
-void init_mutex(MutexCore& c) {
+void init_robust_mutex(pthread_mutex_t& m) {
     pthread_mutexattr_t attr;
     sys::check_ret(::pthread_mutexattr_init(&attr), "pthread_mutexattr_init");
     struct AttrGuard {
@@ -200,8 +212,10 @@ void init_mutex(MutexCore& c) {
     // Error-checking: an unlock by a thread that does not hold it fails instead of corrupting.
     sys::check_ret(::pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK),
                    "pthread_mutexattr_settype");
-    sys::check_ret(::pthread_mutex_init(&c.mutex, &attr), "pthread_mutex_init");
+    sys::check_ret(::pthread_mutex_init(&m, &attr), "pthread_mutex_init");
 }
+
+void init_mutex(MutexCore& c) { init_robust_mutex(c.mutex); }
 
 enum class LockMode { block, try_once, timed };
 
@@ -249,6 +263,21 @@ bool futex_owner_is(const MutexCore& c, pid_t tid) noexcept {
 bool held_by_me(const MutexCore& c) noexcept {
     const pid_t me = current_tid();
     return c.owner.load(std::memory_order_relaxed) == me && futex_owner_is(c, me);
+}
+
+// Whether a thread of this process holds `m`: its futex word names the holder's thread id, and
+// tgkill(getpid(), tid, 0) succeeds only for a thread of this process (a dead holder's id is
+// cleared from the word by the kernel, so a reused id is never mistaken for it).
+bool held_in_this_process(const pthread_mutex_t& m) noexcept {
+#if defined(__GLIBC__)
+    const auto tid = static_cast<pid_t>(
+        static_cast<unsigned>(__atomic_load_n(&m.__data.__lock, __ATOMIC_RELAXED)) &
+        FUTEX_TID_MASK);
+    return tid != 0 && ::syscall(SYS_tgkill, ::getpid(), tid, 0) == 0;
+#else
+    (void)m;
+    return true;  // unknown: keep the mapping (the cost is a small leak, never a lost death)
+#endif
 }
 
 // Acquire with Lock/RLock semantics; `what` names the operation in errors.
@@ -482,18 +511,31 @@ struct MutexImpl {
     MutexImpl(const MutexImpl&) = delete;
     MutexImpl& operator=(const MutexImpl&) = delete;
     ~MutexImpl() {
-        // glibc links held robust mutexes into a per-thread list through the mutex memory:
-        // unmapping one this thread holds would leave the list pointing at unmapped memory.
-        if (held_by_me(*core)) {
-            core->count = 0;
-            core->owner.store(0, std::memory_order_relaxed);
-            ::pthread_mutex_unlock(&core->mutex);
+        // The last handle in this process going is no release: a lock still held here stays
+        // held, so that a process (or thread) that ends holding it is a dead owner, whatever
+        // its start method ran after the target (a forkserver child destroys the target's
+        // arguments; a fork child does not). Its memory stays mapped too: glibc links held
+        // robust mutexes into a per-thread list through the mutex memory, and the kernel walks
+        // that list when the thread dies to mark the lock's owner dead; unmapped, the walk
+        // stops there and the lock would stay held by nobody for ever.
+        if (block && held_in_this_process(core->mutex)) {
+            if (pin_held(block)) return;
+            // Not pinned: unmapping a lock this thread holds must at least unlink it from the
+            // robust list first.
+            if (held_by_me(*core)) {
+                core->count = 0;
+                core->owner.store(0, std::memory_order_relaxed);
+                ::pthread_mutex_unlock(&core->mutex);
+            }
         }
         forget_attached(block);
     }
     SharedBlock block;
     MutexCore* core;
     bool recursive = false;
+
+private:
+    static bool pin_held(SharedBlock& block) noexcept;
 };
 
 struct SemaphoreImpl {
@@ -524,7 +566,17 @@ struct EventImpl {
 };
 
 struct BarrierImpl {
-    explicit BarrierImpl(SharedBlock b) : block(std::move(b)), core(core_of<BarrierCore>(block)) {}
+    explicit BarrierImpl(SharedBlock b)
+        : block(std::move(b)),
+          core(core_of<BarrierCore>(block)),
+          slots(reinterpret_cast<PartySlot*>(static_cast<char*>(block.data()) +
+                                             sizeof(Block<BarrierCore>))) {
+        // Received memory must hold the slots its party count promises.
+        const auto parties = static_cast<std::size_t>(std::max(core->parties, 0));
+        if (core->parties < 1 ||
+            (block.size() - sizeof(Block<BarrierCore>)) / sizeof(PartySlot) < parties)
+            throw DecodeError("mp::Barrier: the received memory is too small for its parties");
+    }
     BarrierImpl(const BarrierImpl&) = delete;
     BarrierImpl& operator=(const BarrierImpl&) = delete;
     ~BarrierImpl() {
@@ -536,6 +588,7 @@ struct BarrierImpl {
     }
     SharedBlock block;
     BarrierCore* core;
+    PartySlot* slots;
     std::function<void()> action;      // this process's copy of the action
     std::optional<std::string> task;   // the action as a transferable task, when it is one
 };
@@ -563,6 +616,31 @@ struct SyncAccess {
     static Event make_event(std::shared_ptr<EventImpl> i) { return Event(std::move(i)); }
     static Barrier make_barrier(std::shared_ptr<BarrierImpl> i) { return Barrier(std::move(i)); }
 };
+
+// Moves the block of a held lock whose last handle went into a MutexImpl that lives until the
+// process ends, and makes it the one a handle received later attaches to (so the holder can
+// still release it through that handle, at the address its robust list knows). False when that
+// could not be done (out of memory): the caller then unmaps as before.
+bool MutexImpl::pin_held(SharedBlock& block) noexcept {
+    static auto* pinned = new std::vector<std::shared_ptr<MutexImpl>>;  // never destroyed
+    try {
+        struct stat st {};
+        sys::check(::fstat(block.fd(), &st), "fstat");
+        const auto kind = static_cast<const Header*>(block.data())->kind;
+        auto& reg = registry();
+        std::lock_guard g(reg.mu);
+        // Everything that may throw comes before the block moves: a MutexImpl destroyed here
+        // would come back to this function with the registry's mutex held.
+        auto& entry = reg.live[{st.st_dev, st.st_ino}];
+        pinned->reserve(pinned->size() + 1);
+        auto keep = std::make_shared<MutexImpl>(std::move(block));
+        entry = {keep, static_cast<std::uint32_t>(kind)};
+        pinned->push_back(std::move(keep));
+        return true;
+    } catch (...) {
+        return false;
+    }
+}
 
 namespace {
 
@@ -769,16 +847,90 @@ bool Event::wait_until_deadline(const Deadline& deadline) {
 
 namespace {
 
-constexpr std::int32_t filling = 0, draining = 1, resetting = -1, broken_state = -2;
+constexpr std::int32_t filling = 0, draining = 1, running_action = 2, resetting = -1,
+                       broken_state = -2;
+
+// How often a waiting party wakes to look for parties that died inside wait(). However many
+// wait, their looks are at least half of it apart (BarrierCore::next_scan_ns).
+constexpr auto party_check_interval = std::chrono::milliseconds(100);
+
+std::int64_t steady_ns() noexcept {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+// Takes a free slot for the calling thread (the barrier's mutex held); returns its index. Slots
+// are initialised on first use, lowest first: a barrier for many parties touches only as many as
+// were ever inside wait() at once. There is always a free one: at most `parties` are counted.
+int claim_slot(BarrierCore& c, PartySlot* slots) {
+    for (int i = 0; i < c.parties; ++i) {
+        if (i == c.slots_ready) {
+            init_robust_mutex(slots[i].mutex);
+            slots[i].occupied = 0;
+            c.slots_ready = i + 1;
+        }
+        PartySlot& s = slots[i];
+        if (s.occupied != 0) continue;
+        int rc = ::pthread_mutex_trylock(&s.mutex);
+        // A party that died while it held the barrier's mutex, between freeing its slot and
+        // unlocking it: the slot is free all the same.
+        if (rc == EOWNERDEAD) rc = ::pthread_mutex_consistent(&s.mutex);
+        if (rc == 0) {
+            s.occupied = 1;
+            return i;
+        }
+    }
+    throw Error("mp::Barrier: no free party slot (its shared state is corrupt)");
+}
+
+void release_slot(PartySlot* slots, int i) noexcept {
+    slots[i].occupied = 0;
+    (void)::pthread_mutex_unlock(&slots[i].mutex);
+}
+
+// Frees the slot of every counted party that died (the barrier's mutex held); returns how many.
+// EBUSY is a live party; EDEADLK is the calling thread's own slot (error-checking mutex).
+int reap_dead_parties(BarrierCore& c, PartySlot* slots) noexcept {
+    int dead = 0;
+    for (int i = 0; i < c.slots_ready; ++i) {
+        PartySlot& s = slots[i];
+        if (s.occupied == 0) continue;
+        int rc = ::pthread_mutex_trylock(&s.mutex);
+        if (rc == EOWNERDEAD) rc = ::pthread_mutex_consistent(&s.mutex);
+        if (rc != 0) continue;
+        release_slot(slots, i);
+        --c.count;
+        ++dead;
+    }
+    return dead;
+}
+
+// The barrier whose action the calling thread runs: its wait() there could never return.
+thread_local const BarrierCore* action_of = nullptr;
+
+void barrier_break(BarrierCore& c) {
+    c.state = broken_state;
+    cond_notify(c.cond, UINT32_MAX);
+}
 
 // Holds the barrier's mutex; a recovered mutex breaks the barrier (its count may be wrong).
 class BarrierGuard {
 public:
-    explicit BarrierGuard(BarrierCore& c) : c_(c) {
+    BarrierGuard(BarrierCore& c, PartySlot* slots) : c_(c), slots_(slots) {
         (void)mutex_acquire(c_.mutex, false, LockMode::block, std::nullopt, "mp::Barrier");
         check_recovered();
     }
+    // As above, giving up at `deadline` (false: not acquired). The mutex is held only for
+    // bookkeeping, never across a wait or the action, so this is rarely more than a moment.
+    BarrierGuard(BarrierCore& c, PartySlot* slots, const Deadline& deadline, bool& acquired)
+        : c_(c), slots_(slots) {
+        held_ = acquired =
+            mutex_acquire(c_.mutex, false, LockMode::timed, deadline, "mp::Barrier");
+        if (held_) check_recovered();
+    }
     ~BarrierGuard() {
+        if (!held_) return;
         try {
             mutex_release(c_.mutex, false, "mp::Barrier");
         } catch (...) {
@@ -787,28 +939,64 @@ public:
     BarrierGuard(const BarrierGuard&) = delete;
     BarrierGuard& operator=(const BarrierGuard&) = delete;
 
-    void check_recovered() {
-        if (c_.mutex.owner_died.exchange(0, std::memory_order_relaxed) != 0) {
-            c_.state = broken_state;
-            c_.count = 0;
-            ++c_.epoch;
-            cond_notify(c_.cond, UINT32_MAX);
-        }
+    void unlock() {
+        mutex_release(c_.mutex, false, "mp::Barrier");
+        held_ = false;
     }
-    bool wait(const Deadline& deadline) {
-        bool woken = cond_wait(c_.cond, c_.mutex, deadline);
+    void relock() {
+        (void)mutex_acquire(c_.mutex, false, LockMode::block, std::nullopt, "mp::Barrier");
+        held_ = true;
         check_recovered();
-        return woken;
+    }
+
+    // The holder died inside its bookkeeping: the barrier is broken, and `count` is recounted
+    // from the slots of the parties still alive (the dead one may have been half counted).
+    void check_recovered() {
+        if (c_.mutex.owner_died.exchange(0, std::memory_order_relaxed) == 0) return;
+        c_.state = broken_state;
+        (void)reap_dead_parties(c_, slots_);
+        std::int32_t live = 0;
+        for (int i = 0; i < c_.slots_ready; ++i) live += slots_[i].occupied != 0 ? 1 : 0;
+        c_.count = live;
+        cond_notify(c_.cond, UINT32_MAX);
+    }
+
+    // Removes the parties that died inside wait(). One that died waiting for the round to
+    // complete (or while the action ran) can never arrive: the round breaks, as a timeout
+    // would break it. One that died after the round completed, or while the barrier was
+    // broken or resetting, only leaves. Rate-limited unless `now`.
+    void check_parties(bool now) {
+        if (!now) {
+            const std::int64_t t = steady_ns();
+            if (t < c_.next_scan_ns) return;
+            c_.next_scan_ns =
+                t + std::chrono::duration_cast<std::chrono::nanoseconds>(party_check_interval)
+                        .count() / 2;
+        }
+        if (reap_dead_parties(c_, slots_) == 0) return;
+        if (c_.state == filling || c_.state == running_action) {
+            c_.state = broken_state;
+        } else if (c_.count == 0 && (c_.state == draining || c_.state == resetting)) {
+            c_.state = filling;
+        }
+        cond_notify(c_.cond, UINT32_MAX);
+    }
+
+    // Waits for a notify, `deadline` or one check interval, whichever comes first, then looks
+    // for dead parties: a party that died inside wait() wakes nobody.
+    void wait(const Deadline& deadline) {
+        Deadline until = std::chrono::steady_clock::now() + party_check_interval;
+        if (deadline && *deadline < *until) until = deadline;
+        (void)cond_wait(c_.cond, c_.mutex, until);
+        check_recovered();
+        check_parties(false);
     }
 
 private:
     BarrierCore& c_;
+    PartySlot* slots_;
+    bool held_ = true;
 };
-
-void barrier_break(BarrierCore& c) {
-    c.state = broken_state;
-    cond_notify(c.cond, UINT32_MAX);
-}
 
 }  // namespace
 
@@ -818,7 +1006,8 @@ Barrier::Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout)
 Barrier::Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout,
                  std::function<void()> action, std::optional<std::string> task) {
     if (parties < 1) throw std::invalid_argument("mp::Barrier: parties must be >= 1");
-    SharedBlock b = create_block<BarrierCore>(Kind::barrier);
+    SharedBlock b = create_block<BarrierCore>(
+        Kind::barrier, static_cast<std::size_t>(parties) * sizeof(PartySlot));
     auto* c = core_of<BarrierCore>(b);
     init_mutex(c->mutex);
     c->parties = parties;
@@ -840,40 +1029,76 @@ int Barrier::wait() {
 
 int Barrier::wait_until_deadline(const Deadline& deadline) {
     BarrierCore& c = *impl_->core;
-    BarrierGuard g(c);
-    // Wait while the barrier drains or resets (Python's _enter).
-    while (c.state == draining || c.state == resetting) (void)g.wait(std::nullopt);
+    PartySlot* slots = impl_->slots;
+    if (action_of == &c)
+        throw_errc(std::errc::resource_deadlock_would_occur,
+                   "mp::Barrier::wait: called from the barrier's own action");
+    bool acquired = false;
+    BarrierGuard g(c, slots, deadline, acquired);
+    if (!acquired) throw BrokenBarrierError();  // a peer stopped inside the bookkeeping
+    // Python's _enter (wait while the previous round drains or a reset completes), with the
+    // deadline: a party stuck in the previous round must not hold a timed wait beyond it.
+    while (c.state == draining || c.state == resetting || c.state == running_action) {
+        if (expired(deadline)) {
+            barrier_break(c);
+            throw BrokenBarrierError();
+        }
+        g.wait(deadline);
+    }
     if (c.state < 0) throw BrokenBarrierError();
+    const int slot = claim_slot(c, slots);
     const int index = c.count++;
-    // Python's `finally`: leave the barrier, and the last one out reopens it (_exit).
+    // Python's `finally`: leave the barrier, and the last one out reopens it (_exit). Runs with
+    // the mutex held (the guard outlives it).
     struct Leave {
         BarrierCore& c;
-        std::uint32_t epoch;
+        PartySlot* slots;
+        int slot;
         ~Leave() {
-            if (c.epoch != epoch) return;  // recovered meanwhile: count was reset without us
+            release_slot(slots, slot);
             if (--c.count == 0 && (c.state == resetting || c.state == draining)) {
                 c.state = filling;
                 cond_notify(c.cond, UINT32_MAX);
             }
         }
-    } leave{c, c.epoch};
+    } leave{c, slots, slot};
     if (index + 1 == c.parties) {
-        // The last to arrive runs the action, then releases the others (_release).
-        try {
-            if (impl_->action) impl_->action();
-        } catch (...) {
-            barrier_break(c);
-            throw;
+        // The last to arrive releases the others (_release), unless a party counted in this
+        // round has died since it arrived: the round would pass one party short.
+        g.check_parties(true);
+        if (c.state != filling) throw BrokenBarrierError();
+        if (impl_->action) {
+            // Without the mutex: the others' timed waits must not depend on the action's time,
+            // and a party killed in the action is found dead by its slot like any other.
+            c.state = running_action;
+            g.unlock();
+            struct InAction {
+                const BarrierCore* outer;
+                explicit InAction(const BarrierCore& c) : outer(std::exchange(action_of, &c)) {}
+                ~InAction() { action_of = outer; }
+            };
+            try {
+                InAction in_action(c);
+                impl_->action();
+            } catch (...) {
+                g.relock();
+                barrier_break(c);
+                throw;
+            }
+            g.relock();
+            // Aborted, reset, timed out by another party, or recovered meanwhile.
+            if (c.state != running_action) throw BrokenBarrierError();
         }
         c.state = draining;
         cond_notify(c.cond, UINT32_MAX);
     } else {
-        // _wait: wait_for(state != filling, timeout).
-        while (c.state == filling) {
-            if (expired(deadline) || (!g.wait(deadline) && c.state == filling)) {
+        // _wait: wait_for(state != filling, timeout); the action counts as filling still.
+        while (c.state == filling || c.state == running_action) {
+            if (expired(deadline)) {
                 barrier_break(c);
                 throw BrokenBarrierError();
             }
+            g.wait(deadline);
         }
         if (c.state < 0) throw BrokenBarrierError();
     }
@@ -882,9 +1107,10 @@ int Barrier::wait_until_deadline(const Deadline& deadline) {
 
 void Barrier::reset() {
     BarrierCore& c = *impl_->core;
-    BarrierGuard g(c);
+    BarrierGuard g(c, impl_->slots);
+    g.check_parties(true);  // a dead party would never leave, and the reset never complete
     if (c.count > 0) {
-        if (c.state == filling || c.state == broken_state) c.state = resetting;
+        if (c.state != draining) c.state = resetting;
     } else {
         c.state = filling;
     }
@@ -893,7 +1119,7 @@ void Barrier::reset() {
 
 void Barrier::abort() {
     BarrierCore& c = *impl_->core;
-    BarrierGuard g(c);
+    BarrierGuard g(c, impl_->slots);
     barrier_break(c);
 }
 
@@ -901,13 +1127,15 @@ int Barrier::parties() const noexcept { return impl_->core->parties; }
 
 int Barrier::n_waiting() const {
     BarrierCore& c = *impl_->core;
-    BarrierGuard g(c);
-    return c.state == filling ? c.count : 0;
+    BarrierGuard g(c, impl_->slots);
+    g.check_parties(true);
+    return c.state == filling || c.state == running_action ? c.count : 0;
 }
 
 bool Barrier::broken() const {
     BarrierCore& c = *impl_->core;
-    BarrierGuard g(c);
+    BarrierGuard g(c, impl_->slots);
+    g.check_parties(true);
     return c.state == broken_state;
 }
 

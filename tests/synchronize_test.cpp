@@ -12,12 +12,16 @@
 #include <fcntl.h>
 #include <optional>
 #include <chrono>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <functional>
 #include <sched.h>
 #include <mutex>
 #include <new>
+#include <random>
 #include <stdexcept>
+#include <string>
 #include <sys/mman.h>
 #include <system_error>
 #include <thread>
@@ -27,6 +31,7 @@
 #include "helpers/proc_state.hpp"
 #include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
+#include "mp/shared_memory.hpp"
 #include "mp/synchronize.hpp"
 
 using namespace std::chrono_literals;
@@ -1199,8 +1204,8 @@ TEST(SyncBarrier, PythonTestThousand) {
 }
 
 TEST(SyncBarrier, PartyKilledInsideTheActionBreaksTheBarrier) {
-    // The action runs with the barrier's lock held: killing its process there leaves the lock
-    // to be recovered, and a recovered barrier is broken (its count cannot be trusted).
+    // A party killed inside the action is a party that died inside wait(): the round it was
+    // completing breaks.
     mp::Semaphore in_action(0);
     mp::Barrier barrier(2, [&] {
         in_action.release();
@@ -1217,6 +1222,234 @@ TEST(SyncBarrier, PartyKilledInsideTheActionBreaksTheBarrier) {
     barrier.reset();
     EXPECT_FALSE(barrier.broken());
     EXPECT_EQ(barrier.n_waiting(), 0);
+}
+
+// ---- Parties that die, stop or misbehave: a dead party breaks the barrier, and every timed wait
+// returns by its deadline.
+
+namespace {
+// In a child: a wait that must end in BrokenBarrierError (anything else: exit code 3).
+template <class Wait>
+auto expect_broken(Wait w) {
+    return [w]() mutable {
+        try {
+            (void)w();
+        } catch (const mp::BrokenBarrierError&) {
+            return;
+        }
+        require(false, 3);
+    };
+}
+}  // namespace
+
+TEST(SyncBarrier, LastArrivalAfterADeathDoesNotPassOneShort) {
+    mp::Barrier barrier(3);
+    auto dead = spawn([&] { (void)barrier.wait(); });
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+    std::atomic<int> first_outcome{0};  // 1: BrokenBarrierError, 2: passed
+    std::thread first([&] {
+        try {
+            (void)barrier.wait(LONG);
+            first_outcome = 2;
+        } catch (const mp::BrokenBarrierError&) {
+            first_outcome = 1;
+        }
+    });
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 2), 2);
+    kill_and_join(*dead);
+    // The third arrival completes the count only with the dead party's help: it must break.
+    EXPECT_THROW((void)barrier.wait(LONG), mp::BrokenBarrierError);
+    first.join();
+    EXPECT_EQ(first_outcome.load(), 1);
+    EXPECT_TRUE(barrier.broken());
+    auto later = spawn(expect_broken([&] { return barrier.wait(LONG); }));  // until reset()
+    join_ok(*later);
+}
+
+TEST(SyncBarrier, PartyKilledInsideWaitWakesTheOthersWithBrokenBarrier) {
+    // The survivors wait without a timeout: only the death can end their wait.
+    mp::Barrier barrier(4);
+    auto dead = spawn([&] { (void)barrier.wait(); });
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+    auto s1 = spawn(expect_broken([&] { return barrier.wait(); }));
+    auto s2 = spawn(expect_broken([&] { return barrier.wait(); }));
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 3), 3);
+    kill_and_join(*dead);
+    join_ok(*s1);
+    join_ok(*s2);
+    EXPECT_TRUE(barrier.broken());
+    EXPECT_EQ(barrier.n_waiting(), 0);
+}
+
+TEST(SyncBarrier, TimedWaitAfterADeathAndAResetReturnsByItsDeadline) {
+    mp::Barrier barrier(2);
+    auto dead = spawn([&] { (void)barrier.wait(); });
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+    kill_and_join(*dead);
+    barrier.reset();  // must not wait for the dead party to leave
+    // Alone, it times out (and breaks the barrier), by its deadline.
+    auto late = spawn(expect_broken([&] { return barrier.wait(1s); }));
+    join_ok(*late);
+    EXPECT_TRUE(barrier.broken());
+}
+
+TEST(SyncBarrier, ResetAfterADeathMakesTheBarrierUsableAgain) {
+    constexpr int parties = 3;
+    mp::Barrier barrier(parties);
+    auto dead = spawn([&] { (void)barrier.wait(); });
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+    kill_and_join(*dead);
+    barrier.reset();
+    EXPECT_FALSE(barrier.broken());
+    EXPECT_EQ(barrier.n_waiting(), 0);
+    // Fresh parties pass, twice, each arrival index given once per round.
+    Shared<std::array<std::atomic<int>, parties>> seen;
+    std::vector<std::unique_ptr<mp::Process>> ps;
+    for (int i = 0; i < parties; ++i)
+        ps.push_back(spawn([&] {
+            for (int round = 0; round < 2; ++round) {
+                const int index = barrier.wait(LONG);
+                require(index >= 0 && index < parties, 2);
+                ++(*seen)[static_cast<std::size_t>(index)];
+            }
+        }));
+    for (auto& p : ps) join_ok(*p);
+    for (auto& n : *seen) EXPECT_EQ(n.load(), 2);
+    EXPECT_FALSE(barrier.broken());
+}
+
+TEST(SyncBarrier, TimedWaitReturnsByItsDeadlineWhileAPartyIsStopped) {
+    mp::Barrier barrier(2);
+    auto stopped = spawn(expect_broken([&] { return barrier.wait(); }));
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+    ASSERT_EQ(::kill(stopped->pid(), SIGSTOP), 0);
+    barrier.reset();  // the stopped party cannot leave: the reset stays pending
+    auto late = spawn(expect_broken([&] { return barrier.wait(500ms); }));
+    join_ok(*late);
+    ASSERT_EQ(::kill(stopped->pid(), SIGCONT), 0);
+    join_ok(*stopped);
+}
+
+TEST(SyncBarrier, TimedWaitDoesNotDependOnTheActionsDuration) {
+    mp::Semaphore in_action(0), finish(0);
+    mp::Barrier barrier(2, [&] {
+        in_action.release();
+        (void)finish.acquire(LONG);
+    });
+    auto first = spawn(expect_broken([&] { return barrier.wait(500ms); }));
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+    // Arrives last and runs the action, which lasts until `finish` (or LONG).
+    auto last = spawn(expect_broken([&] { return barrier.wait(); }));
+    ASSERT_TRUE(in_action.acquire(LONG));
+    join_ok(*first);  // its deadline passed while the action ran: the barrier broke
+    finish.release();
+    join_ok(*last);   // the action ended on a broken barrier: nobody was released
+    EXPECT_TRUE(barrier.broken());
+}
+
+TEST(SyncBarrier, WaitInsideItsOwnActionIsReported) {
+    mp::Barrier* self = nullptr;
+    mp::Barrier barrier(1, [&] { (void)self->wait(1s); });
+    self = &barrier;
+    try {
+        (void)barrier.wait(LONG);
+        ADD_FAILURE() << "wait() inside the action returned";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(code_of(e), std::errc::resource_deadlock_would_occur) << e.what();
+    }
+    EXPECT_TRUE(barrier.broken());  // a throwing action breaks the barrier
+}
+
+TEST(SyncBarrier, ProcessKilledHoldingTheInternalLockLeavesTheCountRight) {
+    // n_waiting() holds the barrier's internal lock for most of its run: a process calling it in
+    // a loop, killed, often dies holding that lock. The next holder recovers it, breaks the
+    // barrier and recounts the parties inside wait() from their slots (the waiter here).
+    mp::Barrier barrier(2);
+    const unsigned seed = std::random_device{}();
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    std::mt19937 rng(seed);
+    int recovered = 0;
+    for (int it = 0; it < 20; ++it) {
+        auto waiter = spawn(expect_broken([&] { return barrier.wait(LONG); }));
+        ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+        auto spinner = spawn([&] {
+            for (;;) (void)barrier.n_waiting();
+        });
+        std::this_thread::sleep_for(std::chrono::microseconds(500 + rng() % 3000));
+        kill_and_join(*spinner);
+        if (barrier.broken()) {
+            ++recovered;  // it died holding the lock
+        } else {
+            barrier.abort();
+        }
+        join_ok(*waiter);
+        barrier.reset();
+        ASSERT_FALSE(barrier.broken());
+        ASSERT_EQ(barrier.n_waiting(), 0);
+        // Counted right: two fresh parties pass together.
+        auto other = spawn([&] { require(barrier.wait(LONG) >= 0, 2); });
+        EXPECT_GE(barrier.wait(LONG), 0);
+        join_ok(*other);
+    }
+    std::printf("%d of 20 kills landed while the internal lock was held\n", recovered);
+}
+
+TEST(SyncBarrier, RandomKillsNeverHangASurvivor) {
+    // Parties run many rounds with timed waits; one or two are SIGKILLed at a random moment
+    // (inside wait() mostly, between waits sometimes). Every survivor must end, by finishing or
+    // with BrokenBarrierError, and reset() must make the barrier usable for the next parties.
+    constexpr int parties = 4, rounds = 200, iterations = 30;
+    mp::Barrier barrier(parties);
+    Shared<std::atomic<int>> finished, broken;
+    const unsigned seed = std::random_device{}();
+    SCOPED_TRACE("seed " + std::to_string(seed));
+    std::mt19937 rng(seed);
+    for (int it = 0; it <= iterations; ++it) {
+        const bool last = it == iterations;  // no kill: every party finishes
+        // Short enough to keep the test short when a party dies between waits (only the
+        // timeout ends that round), long for the last iteration, which must not break.
+        const std::chrono::milliseconds timeout = last ? LONG : 500ms;
+        finished->store(0);
+        std::vector<std::unique_ptr<mp::Process>> ps;
+        for (int i = 0; i < parties; ++i)
+            ps.push_back(spawn([&] {
+                try {
+                    for (int r = 0; r < rounds; ++r) (void)barrier.wait(timeout);
+                    ++*finished;
+                } catch (const mp::BrokenBarrierError&) {
+                    ++*broken;
+                }
+            }));
+        std::vector<bool> killed(parties, false);
+        if (!last) {
+            const int kills = 1 + static_cast<int>(rng() % 2);
+            for (int k = 0; k < kills; ++k) {
+                std::this_thread::sleep_for(std::chrono::microseconds(rng() % 8000));
+                const auto victim = rng() % parties;
+                ps[victim]->kill();
+                killed[victim] = true;
+            }
+        }
+        for (int i = 0; i < parties; ++i) {
+            auto& p = *ps[static_cast<std::size_t>(i)];
+            if (!p.join(LONG)) {
+                for (auto& q : ps) q->kill();
+                for (auto& q : ps) q->join();
+                FAIL() << "iteration " << it << ": party " << i << " hangs";
+            }
+            if (!killed[static_cast<std::size_t>(i)] || p.exitcode() != -SIGKILL) {
+                EXPECT_EQ(p.exitcode(), 0) << "iteration " << it << ", party " << i;
+            }
+        }
+        if (last) {
+            EXPECT_EQ(finished->load(), parties);
+        }
+        barrier.reset();
+        ASSERT_FALSE(barrier.broken()) << "iteration " << it;
+        ASSERT_EQ(barrier.n_waiting(), 0) << "iteration " << it;
+    }
+    std::printf("%d survivors ended with BrokenBarrierError over %d iterations\n", broken->load(),
+                iterations);
 }
 
 // ============================================================================ Codecs
@@ -1384,6 +1617,101 @@ TEST(SyncForkserver, BarrierWithTransferableAction) {
     EXPECT_EQ(action_runs, 1);
     ASSERT_TRUE(out.acquire(LONG));
     join_ok(p);
+}
+
+// ---- A process that ends holding a lock is a dead owner under every start method (a forkserver
+// child destroys the target's arguments on its way out, a fork child does not).
+
+namespace {
+const mp::ProcessOptions forked{.start_method = mp::StartMethod::fork};
+
+void lock_locked_child(mp::Lock lock, mp::Event event, mp::Value<std::int8_t> res) {
+    (void)lock.acquire();
+    res.set(lock.held() ? 1 : 0);  // Python's lock.locked()
+    event.set();
+}
+
+void hold_and_throw(mp::Lock lock, mp::RLock rlock, mp::Event event) {
+    (void)lock.acquire();
+    (void)rlock.acquire();
+    (void)rlock.acquire();
+    event.set();
+    throw std::runtime_error("leaving with the locks held (the test expects this)");
+}
+
+void nothing() {}
+
+// The forkserver is forked from this process when it first starts a child: objects created
+// before that are known to it (and to its children) already, so a child would not be the only
+// holder of its handles. Real programs start it early (a pool does): start it before the objects.
+void start_method_ready(const mp::ProcessOptions& how) {
+    mp::Process p(how, nothing);
+    p.start();
+    join_ok(p);
+}
+
+// CPython: _TestLock.test_lock_locked_2processes. The child leaves holding the lock: Python's
+// lock stays locked; mp's goes to the next acquirer, which is told its owner died.
+void test_lock_locked_2processes(const mp::ProcessOptions& how) {
+    start_method_ready(how);
+    mp::Lock lock;
+    mp::Event event;
+    mp::Value<std::int8_t> res(0);
+    mp::Process p(how, lock_locked_child, lock, event, res);
+    p.start();
+    ASSERT_TRUE(event.wait(LONG));
+    EXPECT_EQ(res.get(), 1);
+    join_ok(p);
+    ASSERT_TRUE(lock.try_lock_for(LONG));
+    EXPECT_TRUE(lock.owner_died());
+    lock.unlock();
+}
+
+void target_throws_holding_locks(const mp::ProcessOptions& how) {
+    start_method_ready(how);
+    mp::Lock lock;
+    mp::RLock rlock;
+    mp::Event event;
+    mp::Process p(how, hold_and_throw, lock, rlock, event);
+    p.start();
+    ASSERT_TRUE(event.wait(LONG));
+    join_ok(p, 1);
+    ASSERT_TRUE(lock.try_lock_for(LONG));
+    EXPECT_TRUE(lock.owner_died());
+    lock.unlock();
+    ASSERT_TRUE(rlock.try_lock_for(LONG));
+    EXPECT_TRUE(rlock.owner_died());
+    EXPECT_EQ(rlock.recursion_count(), 1u);
+    rlock.unlock();
+}
+}  // namespace
+
+TEST(SyncLock, TestLock_test_lock_locked_2processes_Fork) { test_lock_locked_2processes(forked); }
+
+TEST(SyncLock, TestLock_test_lock_locked_2processes_Forkserver) {
+    test_lock_locked_2processes(forkserver);
+}
+
+TEST(SyncLock, TargetThrowingHoldingTheLockIsADeadOwnerFork) {
+    target_throws_holding_locks(forked);
+}
+
+TEST(SyncLock, TargetThrowingHoldingTheLockIsADeadOwnerForkserver) {
+    target_throws_holding_locks(forkserver);
+}
+
+TEST(SyncLock, LastHandleGoingDoesNotReleaseTheLock) {
+    // This process's only handle lives in `only`; the fork child drops its copy of it while
+    // holding the lock, then ends.
+    std::optional<mp::Lock> only(std::in_place);
+    auto p = spawn([&] {
+        require(only->acquire(), 2);
+        only.reset();
+    });
+    join_ok(*p);
+    ASSERT_TRUE(only->try_lock_for(LONG));
+    EXPECT_TRUE(only->owner_died());
+    only->unlock();
 }
 
 TEST(SyncForkserver, HolderKilledIsRecovered) {

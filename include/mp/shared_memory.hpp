@@ -94,7 +94,9 @@ public:
     ///   With `track`, registers it with this process's resource tracker (see above).
     /// Throws std::invalid_argument when create is true and size is 0, when size does not fit a
     /// signed size (a negative number converted, as Python's "'size' must be a positive
-    /// integer"), or when there is neither a name nor create; std::system_error naming the call
+    /// integer"), when there is neither a name nor create, or when the name (after the optional
+    /// leading '/') is empty, holds a NUL (Python's ValueError "embedded null character") or a
+    /// '/', is "." or "..", or is longer than NAME_MAX (255); std::system_error naming the call
     /// (shm_open, ftruncate, mmap, ...) when the OS refuses.
     SharedMemory(std::optional<std::string> name, bool create = false, std::size_t size = 0,
                  bool track = true);

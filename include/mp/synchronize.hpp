@@ -36,6 +36,10 @@
 ///       if (lock.owner_died()) repair_shared_state();
 ///   A Condition's or Barrier's lock is recovered the same way (a Barrier whose internal lock was
 ///   recovered is broken, since its count can no longer be trusted).
+/// - Destroying handles never releases a lock: when the last handle in a process goes while a
+///   thread of that process holds the lock, it stays held (and its memory stays mapped, with its
+///   descriptor open, until the process ends), so a process that ends holding it, by returning, throwing or being killed,
+///   under any start method, is a dead owner for the next acquirer.
 ///
 /// Errors (misuse throws std::system_error, as std::mutex and std::unique_lock do):
 /// - releasing a Lock or RLock that the calling thread does not hold (Python's ValueError
@@ -51,7 +55,9 @@
 /// - a broken Barrier: mp::BrokenBarrierError.
 ///
 /// Death of other parties. A process killed while it waits on a Semaphore, Event or Condition
-/// leaves the others working. A semaphore count is not owned, so a process killed between
+/// leaves the others working. A party killed inside Barrier::wait() breaks the barrier: the other
+/// parties get BrokenBarrierError (those already waiting within about 100 ms, a party arriving
+/// to complete the round at once), and reset() makes it usable again. A semaphore count is not owned, so a process killed between
 /// acquire and release takes its permit with it (as in Python). A Condition waiter killed inside
 /// wait() may let one later notify() wake one waiter more than it asked for (a spurious wake-up,
 /// which wait_for absorbs).
@@ -355,7 +361,22 @@ private:
 /// released; if it throws, the barrier breaks and that party's wait() rethrows. The action runs
 /// in whichever process arrives last, so it must exist there: under fork any callable works
 /// (the child has a copy); sent through mp::Codec (forkserver), the action must be transferable
-/// (a function, a function pointer or a captureless lambda), or encoding throws mp::Error.
+/// (a function, a function pointer or a captureless lambda), or encoding throws mp::Error. It
+/// runs without the barrier's internal lock: it may call abort(), reset(), n_waiting() or
+/// broken(); a wait() on the same barrier from inside it throws
+/// std::system_error(resource_deadlock_would_occur). If the barrier breaks while the action runs
+/// (another party's timeout, abort, reset), nobody is released and that party's wait() throws
+/// BrokenBarrierError once the action returns.
+///
+/// Dead and stuck parties. Each party inside wait() holds a robust token in the shared state, so
+/// a party killed there is noticed: it breaks the round it was waiting for (the others get
+/// BrokenBarrierError; one that arrives to complete the round checks first, so a round never
+/// passes one party short), and leaves a round that had already completed, or a pending reset,
+/// without holding them up. A timed wait returns by its deadline whatever the other parties do:
+/// also while a previous round still drains or a reset is pending (for instance behind a stopped
+/// party), in which case the barrier breaks as on any timeout. (The one exception is a peer
+/// stopped during the barrier's own few instructions of bookkeeping: a wait that must reacquire
+/// the internal lock after sleeping waits for it.)
 class Barrier {
 public:
     /// A barrier for `parties` parties (>= 1, else std::invalid_argument); `timeout` is the
@@ -369,7 +390,8 @@ public:
 
     /// Waits for all parties; returns this party's arrival index, 0 .. parties()-1 (exactly one
     /// party gets each). Throws BrokenBarrierError when the barrier is or becomes broken (abort,
-    /// reset while waiting, a timeout in any party, a throwing action, a recovered lock).
+    /// reset while waiting, a timeout in any party, a throwing action, a party that died inside
+    /// wait(), a recovered lock).
     int wait();
     /// As wait(), with `timeout` instead of the default; when it runs out the barrier breaks and
     /// BrokenBarrierError is thrown.

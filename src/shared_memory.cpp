@@ -307,9 +307,11 @@ TrackerClient& client() {
 void start_tracker_locked(TrackerClient& c) {
     if (c.fd >= 0) ::close(c.fd);
     c.fd = -1;
-    auto [ours, theirs] = sys::make_socketpair(SOCK_SEQPACKET);
-    sys::start_detached("fork (resource tracker)",
-                        [&] { tracker_main(theirs.get(), ours.get()); });
+    auto pair = sys::make_socketpair(SOCK_SEQPACKET);
+    sys::Fd& ours = pair.first;
+    const int theirs = pair.second.get();
+    const int ours_fd = ours.get();
+    sys::start_detached("fork (resource tracker)", [&] { tracker_main(theirs, ours_fd); });
     c.fd = ours.release();
     c.owner = ::getpid();
 }

@@ -79,8 +79,8 @@ private:
 /// #FAILURE#), then answer_challenge. Welcome and answer share one write when the client sent
 /// its challenge early (an mp Client does). When it throws, it has first read (without waiting)
 /// what the peer sent but we did not, so that closing `fd` sends no reset that could overtake
-/// our #FAILURE# (the Listener and the manager server both rely on this).
-/// Waits for the peer with `deadline` (a blocking ServerHandshake).
+/// our #FAILURE#. A blocking ServerHandshake (which the Listener drives without blocking):
+/// waits for the peer until `deadline`.
 void server_handshake(int fd, std::string_view authkey, Clock::time_point deadline);
 /// The Client's side: Python's answer_challenge, then deliver_challenge, with our challenge
 /// sent in the same write as our answer (wire-compatible: the server reads it only after

@@ -597,6 +597,7 @@ struct ListenerState {
     std::optional<Address> last_accepted;
     std::chrono::milliseconds backoff{0};
     Clock::time_point resume_at;
+    std::optional<Clock::time_point> armed;  // when the timer fires, if it is set
 };
 
 }  // namespace detail
@@ -627,25 +628,27 @@ void own(State& st, int listen_fd) {
     epoll_control(st.epoll.get(), EPOLL_CTL_ADD, st.timer.get(), EPOLLIN, State::kTimerId);
     st.listening = true;
     st.backoff = std::chrono::milliseconds(0);
+    st.armed.reset();
     st.pid = pid;
 }
 
-// Arms the timer for the oldest handshake's deadline or the end of the back-off, whichever
-// comes first (steady_clock is CLOCK_MONOTONIC).
+// Makes sure the timer fires by the oldest handshake's deadline and the end of the back-off
+// (steady_clock is CLOCK_MONOTONIC). A timer already set for earlier is left alone: firing early
+// costs one wake-up (on_timer sets it again), while setting it for every peer that comes and
+// goes would cost a system call each.
 void arm_timer(State& st) {
     std::optional<Clock::time_point> when;
     if (!st.peers.empty()) when = st.peers.begin()->second.deadline;
     if (!st.listening) when = when ? std::min(*when, st.resume_at) : st.resume_at;
+    if (!when || (st.armed && *st.armed <= *when)) return;
+    const auto ns = std::max<std::int64_t>(
+        1, std::chrono::duration_cast<std::chrono::nanoseconds>(when->time_since_epoch()).count());
     itimerspec its{};
-    if (when) {
-        const auto ns = std::max<std::int64_t>(
-            1, std::chrono::duration_cast<std::chrono::nanoseconds>(when->time_since_epoch())
-                   .count());
-        its.it_value.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
-        its.it_value.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-    }
+    its.it_value.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
+    its.it_value.tv_nsec = static_cast<long>(ns % 1'000'000'000);
     sys::check(::timerfd_settime(st.timer.get(), TFD_TIMER_ABSTIME, &its, nullptr),
                "timerfd_settime");
+    st.armed = when;
 }
 
 // Takes a peer out of the set (explicitly: a fork child may still hold a copy of its socket,
@@ -660,6 +663,7 @@ Peers::iterator drop(State& st, Peers::iterator it) {
 std::size_t on_timer(State& st, int listen_fd) {
     std::uint64_t ticks;
     (void)!::read(st.timer.get(), &ticks, sizeof ticks);
+    st.armed.reset();
     const auto now = Clock::now();
     if (!st.listening && now >= st.resume_at) {
         epoll_control(st.epoll.get(), EPOLL_CTL_ADD, listen_fd, EPOLLIN, State::kListenId);

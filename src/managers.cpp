@@ -40,11 +40,6 @@ using Clock = std::chrono::steady_clock;
 constexpr auto kHandshakeTimeout = std::chrono::seconds(5);
 constexpr std::size_t kMaxMessage = BaseManager::max_message;
 
-bool is_out_of_resources(const std::error_code& e) {
-    return e == std::errc::too_many_files_open || e == std::errc::too_many_files_open_in_system ||
-           e == std::errc::no_buffer_space || e == std::errc::not_enough_memory;
-}
-
 /// The connection a server thread serves: lock ownership is per connection.
 thread_local std::uint64_t t_caller = 0;
 
@@ -541,8 +536,9 @@ public:
     // up another, and an unauthenticated peer costs no thread); a client gets its thread only
     // once it has authenticated.
     Server(const Address& address, std::string authkey, TypeTable types)
-        : listener_(address, {.authkey = authkey, .handshake_timeout = kHandshakeTimeout}),
-          authkey_(std::move(authkey)), types_(std::move(types)) {
+        : listener_(address,
+                    {.authkey = std::move(authkey), .handshake_timeout = kHandshakeTimeout}),
+          types_(std::move(types)) {
         auto [r, w] = Pipe(false);
         wake_r_ = r;
         wake_w_ = w;
@@ -556,13 +552,11 @@ public:
             std::optional<Connection> c;
             try {
                 c = accept_or_stop(listener_, wake_r_.fileno());
-            } catch (const AuthenticationError&) {
-                continue;  // a peer that failed its handshake
-            } catch (const std::system_error& e) {
-                // Out of descriptors or memory: the Listener backs off (the next accept leaves
-                // the backlog alone for a while), and the clients' threads carry on.
-                if (is_out_of_resources(e.code())) continue;
-                throw;
+            } catch (const std::exception&) {
+                // A peer that failed its handshake or vanished, or no descriptor or memory for
+                // a new one: the Listener then leaves its backlog alone for a while (no spinning
+                // here), and the clients' threads carry on.
+                continue;
             }
             if (!c || stopping_.load()) break;
             std::uint64_t caller = ++next_caller_;
@@ -748,7 +742,6 @@ private:
     }
 
     Listener listener_;
-    std::string authkey_;
     TypeTable types_;
     Connection wake_r_, wake_w_;
     std::atomic<bool> stopping_{false};

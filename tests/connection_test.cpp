@@ -9,6 +9,8 @@
 
 #include <gtest/gtest.h>
 
+#include <fstream>
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -563,6 +565,29 @@ TEST(Connection, HugeAnnouncedLengthWithMaxlengthAllocatesNothing) {
     auto [a, b] = mp::Pipe();
     raw_write(a.fileno(), header64(std::uint64_t{1} << 40));  // 1 TiB announced
     expect_bad_length([&] { (void)b.recv_bytes(1 << 20); });
+}
+
+/// A "kB" field of /proc/self/status (VmRSS:, VmHWM:).
+long self_status_kb(const std::string& field) {
+    std::ifstream f("/proc/self/status");
+    for (std::string line; std::getline(f, line);)
+        if (line.starts_with(field)) return std::stol(line.substr(field.size()));
+    return -1;
+}
+
+TEST(Connection, AnnouncedLengthAloneReservesLittleMemory) {
+    // Issue 12 item 12: a body up to 64 MiB was allocated (and zeroed) as soon as its header
+    // came, so a peer's 4-byte header alone cost that much. Memory must follow the bytes sent.
+    auto [a, b] = mp::Pipe();
+    raw_write(a.fileno(), header32(512 << 20) + std::string(16, 'x'));  // 512 MiB announced
+    ASSERT_EQ(::shutdown(a.fileno(), SHUT_WR), 0);
+    // "5" restarts VmHWM, the peak resident size, from the current one.
+    { std::ofstream("/proc/self/clear_refs") << "5"; }
+    const long before = self_status_kb("VmHWM:");
+    ASSERT_GT(before, 0);
+    EXPECT_THROW((void)b.recv_bytes(), mp::EOFError);
+    const long grown = self_status_kb("VmHWM:") - before;
+    EXPECT_LT(grown, 8 * 1024) << "kB of peak memory for 16 bytes received";
 }
 
 TEST(Connection, MalformedLengths) {

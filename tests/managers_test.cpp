@@ -956,12 +956,16 @@ public:
         address_ = mp::Address("127.0.0.1", r.recv<std::uint16_t>());
     }
     ~ServerChild() {
-        try {
-            mp::BaseManager client(address_, kHostileKey);
-            client.connect();
-            client.shutdown();
-        } catch (const std::exception&) {
-            // already gone (what some tests check)
+        // A server at its thread limit may refuse a few tries while old client threads end.
+        for (int attempt = 0; attempt < 40 && process_->is_alive(); ++attempt) {
+            try {
+                mp::BaseManager client(address_, kHostileKey);
+                client.connect();
+                client.shutdown();
+                break;
+            } catch (const std::exception&) {
+                std::this_thread::sleep_for(50ms);
+            }
         }
         if (!process_->join(LONG)) {
             process_->kill();
@@ -1020,13 +1024,18 @@ TEST(ManagerHostileTest, NoThreadForAClientRefusesItAndTheServerStaysUp) {
     std::vector<mp::Connection> clients;
     for (int i = 0; i < 12; ++i)
         clients.push_back(mp::Client(server.address(), {.authkey = kHostileKey}));
-    // Those the server had no thread for are closed: their first read sees end of file.
+    // Those the server had no thread for are closed: their first read sees end of file (or a
+    // reset, when the server closed before reading what a client had sent).
     int refused = 0;
     for (auto& c : clients) {
         if (!c.poll(300ms)) continue;
         try {
             (void)c.recv_bytes();
+            ADD_FAILURE() << "the server sent something unasked";
         } catch (const mp::EOFError&) {
+            ++refused;
+        } catch (const std::system_error& e) {
+            EXPECT_EQ(e.code(), std::errc::connection_reset);
             ++refused;
         }
     }
@@ -1042,6 +1051,9 @@ TEST(ManagerHostileTest, NoThreadForAClientRefusesItAndTheServerStaysUp) {
             served = client.create("Counter", 1).call<int>("inc", 1) == 2;
         } catch (const mp::EOFError&) {
             std::this_thread::sleep_for(50ms);  // the old threads have not all ended yet
+        } catch (const std::system_error& e) {
+            EXPECT_EQ(e.code(), std::errc::connection_reset) << e.what();
+            std::this_thread::sleep_for(50ms);  // the same, seen as a reset
         } catch (const std::exception& e) {
             ADD_FAILURE() << e.what();
             break;
@@ -1053,6 +1065,11 @@ TEST(ManagerHostileTest, NoThreadForAClientRefusesItAndTheServerStaysUp) {
 TEST(ManagerHostileTest, OutOfDescriptorsBacksOffAndServesItsClients) {
     // Item 11: out of descriptors, the server retried accept() at once, for ever (a CPU at
     // 100%). It must back off, and keep serving the clients it has.
+#if defined(__SANITIZE_ADDRESS__)
+    // The asan preset has UBSan's vptr check, which opens a pipe to check an object's memory
+    // and, with none to be had, reports every virtual call as a bad type and ends the server.
+    GTEST_SKIP() << "UBSan's vptr check cannot run in a process out of descriptors";
+#endif
     ServerChild server([] { limit_free_descriptors(8); });
     mp::BaseManager client(server.address(), kHostileKey);
     register_counter(client);

@@ -812,10 +812,10 @@ void barrier_break(BarrierCore& c) {
 
 }  // namespace
 
-Barrier::Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout)
+Barrier::Barrier(int parties, detail::Timeout timeout)
     : Barrier(parties, timeout, {}, std::nullopt) {}
 
-Barrier::Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout,
+Barrier::Barrier(int parties, detail::Timeout timeout,
                  std::function<void()> action, std::optional<std::string> task) {
     if (parties < 1) throw std::invalid_argument("mp::Barrier: parties must be >= 1");
     SharedBlock b = create_block<BarrierCore>(Kind::barrier);

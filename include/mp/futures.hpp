@@ -54,6 +54,7 @@
 #include <utility>
 #include <vector>
 
+#include "mp/detail/deadline.hpp"
 #include "mp/detail/future_core.hpp"
 #include "mp/detail/pool_engine.hpp"
 #include "mp/detail/task.hpp"
@@ -77,7 +78,6 @@ T decode_value(const std::string& bytes) {
 }
 template <class T>
 std::shared_ptr<FutureCore> core_of(const Future<T>& f);
-using Timeout = std::optional<std::chrono::nanoseconds>;
 }  // namespace detail
 
 /// The eventual result of work handed to a pool: a cheap copyable handle; copies share the state.
@@ -107,10 +107,6 @@ public:
         if (auto e = core_->error()) std::rethrow_exception(e);
         return detail::decode_value<T>(core_->bytes());
     }
-    template <class Rep, class Period>
-    T result(std::chrono::duration<Rep, Period> timeout) const {
-        return result(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
-    }
 
     /// The exception the work ended with; nullptr when it produced a value. Throws CancelledError
     /// when cancelled, TimeoutError when `timeout` passes first.
@@ -118,10 +114,6 @@ public:
         wait_done(timeout);
         if (cancelled()) throw CancelledError();
         return core_->error();
-    }
-    template <class Rep, class Period>
-    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) const {
-        return exception(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
     }
 
     /// Waits until done; false when `timeout` passed first.
@@ -190,12 +182,6 @@ template <class T>
 WaitResult<T> wait(const std::vector<Future<T>>& futures, ReturnWhen when) {
     return wait(futures, std::nullopt, when);
 }
-template <class T, class Rep, class Period>
-WaitResult<T> wait(const std::vector<Future<T>>& futures, std::chrono::duration<Rep, Period> timeout,
-                   ReturnWhen when = ALL_COMPLETED) {
-    return wait(futures, detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)),
-                when);
-}
 
 /// Options of mp::as_completed.
 struct AsCompletedOptions {
@@ -214,8 +200,7 @@ public:
     AsCompleted(std::vector<Future<T>> futures, AsCompletedOptions options)
         : futures_(dedupe(std::move(futures))),
           queue_(std::make_unique<detail::CompletionQueue>(detail::raw_cores(futures_))) {
-        if (options.timeout)
-            deadline_ = std::chrono::steady_clock::now() + *options.timeout;
+        deadline_ = detail::deadline_after(options.timeout);
         if (options.progress)
             bar_ = std::make_unique<detail::ProgressBar>("as_completed", futures_.size());
     }
@@ -264,7 +249,7 @@ private:
     }
     std::vector<Future<T>> futures_;
     std::unique_ptr<detail::CompletionQueue> queue_;
-    std::optional<std::chrono::steady_clock::time_point> deadline_;
+    detail::Deadline deadline_;
     std::unique_ptr<detail::ProgressBar> bar_;
 };
 
@@ -275,7 +260,7 @@ AsCompleted<T> as_completed(std::vector<Future<T>> futures, AsCompletedOptions o
 template <class T, class Rep, class Period>
 AsCompleted<T> as_completed(std::vector<Future<T>> futures, std::chrono::duration<Rep, Period> timeout) {
     return AsCompleted<T>(std::move(futures),
-                          {std::chrono::duration_cast<std::chrono::nanoseconds>(timeout), false});
+                          {detail::Timeout(timeout), false});
 }
 
 /// Options of a ProcessPoolExecutor; every member has a sensible default.
@@ -417,7 +402,7 @@ public:
 
     MapResults(detail::ChunkSet set, detail::Timeout timeout, bool progress, const char* label)
         : set_(std::make_shared<detail::ChunkSet>(std::move(set))) {
-        if (timeout) deadline_ = std::chrono::steady_clock::now() + *timeout;
+        deadline_ = detail::deadline_after(timeout);
         if (progress) detail::show_progress(*set_, label);
     }
 
@@ -472,12 +457,7 @@ public:
 private:
     R item(std::size_t chunk, std::size_t pos) {
         auto& core = *set_->cores[chunk];
-        std::optional<std::chrono::nanoseconds> left;
-        if (deadline_) {
-            auto now = std::chrono::steady_clock::now();
-            left = now < *deadline_ ? *deadline_ - now : std::chrono::nanoseconds::zero();
-        }
-        if (!core.wait(left)) {
+        if (!core.wait(detail::remaining(deadline_))) {
             cancel();
             throw TimeoutError("map: the results did not arrive in time");
         }
@@ -493,7 +473,7 @@ private:
     }
 
     std::shared_ptr<detail::ChunkSet> set_;
-    std::optional<std::chrono::steady_clock::time_point> deadline_;
+    detail::Deadline deadline_;
     std::size_t parsed_chunk_ = static_cast<std::size_t>(-1);
     std::vector<detail::ChunkItem> items_;
 };

@@ -360,11 +360,11 @@ class Barrier {
 public:
     /// A barrier for `parties` parties (>= 1, else std::invalid_argument); `timeout` is the
     /// default for wait() (std::nullopt: wait forever).
-    explicit Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+    explicit Barrier(int parties, detail::Timeout timeout = std::nullopt);
     /// As above, with an action run by one party before the others are released.
     template <class F>
         requires std::invocable<std::decay_t<F>&>
-    Barrier(int parties, F&& action, std::optional<std::chrono::nanoseconds> timeout = std::nullopt)
+    Barrier(int parties, F&& action, detail::Timeout timeout = std::nullopt)
         : Barrier(parties, timeout, std::function<void()>(action), action_task(action)) {}
 
     /// Waits for all parties; returns this party's arrival index, 0 .. parties()-1 (exactly one
@@ -390,7 +390,7 @@ public:
 
 private:
     friend struct detail::SyncAccess;
-    Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout,
+    Barrier(int parties, detail::Timeout timeout,
             std::function<void()> action, std::optional<std::string> task);
     explicit Barrier(std::shared_ptr<detail::BarrierImpl> impl) noexcept
         : impl_(std::move(impl)) {}

@@ -102,6 +102,7 @@ constexpr KnownType kKnownTypes[] = {
     {"mp::Empty", make_with_message<Empty>},
     {"mp::Full", make_with_message<Full>},
     {"mp::BrokenBarrierError", make_with_message<BrokenBarrierError>},
+    {"mp::EmptyHandle", make_with_message<EmptyHandle>},
 };
 
 }  // namespace

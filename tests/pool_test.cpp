@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "helpers/leak_check.hpp"
+#include "helpers/timeouts.hpp"
 #include "mp/pool.hpp"
 
 namespace {
@@ -832,6 +833,95 @@ TEST(PoolAsyncResult, CallbacksRunBeforeGetReturns) {
         EXPECT_EQ(r.get(kLong), 9);
     });
     EXPECT_NE(err.find("cb"), std::string::npos) << err;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misuse (issue 12 item 6): a result moved from throws mp::EmptyHandle on use, never crashes.
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolMisuse, MovedFromResultsThrowEmptyHandle) {
+    mp::Pool pool(1);
+    auto r = pool.apply_async(sqr, 3);
+    auto r2 = std::move(r);
+    EXPECT_THROW((void)r.get(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW((void)r.get(1s), mp::EmptyHandle);
+    EXPECT_THROW((void)r.wait(), mp::EmptyHandle);
+    EXPECT_THROW((void)r.ready(), mp::EmptyHandle);
+    EXPECT_THROW((void)r.successful(), mp::EmptyHandle);
+    EXPECT_EQ(r2.get(kLong), 9);
+
+    auto m = pool.map_async(sqr, std::vector{1, 2});
+    auto m2 = std::move(m);
+    EXPECT_THROW((void)m.get(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_EQ(m2.get(kLong), (std::vector{1, 4}));
+
+    auto it = pool.imap(sqr, std::vector{1, 2});
+    auto it2 = std::move(it);
+    EXPECT_THROW((void)it.next(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW((void)it.begin(), mp::EmptyHandle);
+    EXPECT_EQ(it2.next(kLong), std::optional<int>(1));
+    EXPECT_EQ(it2.next(kLong), std::optional<int>(4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeout values (issue 12 item 5): "for ever" durations wait (the value arrives later and is
+// returned), zero and negative ones only look, each of its own type.
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolTimeoutValues, AsyncResultGetAndWait) {
+    TempDir dir;  // outlives the pool
+    mp::Pool pool(2);
+    mp::test::for_each_forever([&](auto forever) {
+        EXPECT_EQ(pool.apply_async(sleep_ms, 50).get(forever), 50);
+        EXPECT_TRUE(pool.apply_async(sleep_ms, 50).wait(forever));
+        EXPECT_EQ(pool.map_async(sleep_ms, std::vector{50, 60}).get(forever), (std::vector{50, 60}));
+    });
+    Gate gate(dir);
+    auto pending = pool.apply_async(wait_file, gate.path());
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_THROW(pending.get(t), mp::TimeoutError);
+        EXPECT_FALSE(pending.wait(t));
+    });
+    gate.open();
+    ASSERT_EQ(pending.get(kLong), 1);
+    mp::test::for_each_no_wait([&](auto t) { EXPECT_EQ(pending.get(t), 1); });
+}
+
+TEST(PoolTimeoutValues, ImapNext) {
+    TempDir dir;
+    mp::Pool pool(2);
+    mp::test::for_each_forever([&](auto forever) {
+        auto it = pool.imap(sleep_ms, std::vector{50, 60});
+        EXPECT_EQ(it.next(forever), std::optional<int>(50));
+        EXPECT_EQ(it.next(forever), std::optional<int>(60));
+        EXPECT_EQ(it.next(forever), std::nullopt);
+        auto un = pool.imap_unordered(sleep_ms, std::vector{50});
+        EXPECT_EQ(un.next(forever), std::optional<int>(50));
+        EXPECT_EQ(un.next(forever), std::nullopt);
+    });
+    Gate gate(dir);
+    auto it = pool.imap(wait_file, std::vector{gate.path()});
+    auto un = pool.imap_unordered(wait_file, std::vector{gate.path()});
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_THROW(it.next(t), mp::TimeoutError);
+        EXPECT_THROW(un.next(t), mp::TimeoutError);
+    });
+    gate.open();
+    EXPECT_EQ(it.next(kLong), std::optional<int>(1));
+    EXPECT_EQ(un.next(kLong), std::optional<int>(1));
+}
+
+TEST(PoolTimeoutValues, TaskTimeouts) {
+    mp::test::for_each_forever([&](auto forever) {
+        mp::Pool pool(mp::PoolOptions{.processes = 1, .task_timeout = forever});
+        EXPECT_EQ(pool.apply(sleep_ms, 50), 50);
+        EXPECT_EQ(pool.map(sleep_ms, std::vector{50, 60}, mp::MapOptions{.task_timeout = forever}),
+                  (std::vector{50, 60}));
+        pool.close();
+        pool.join();
+    });
+    mp::Pool pool(mp::PoolOptions{.processes = 1, .task_timeout = -1s});
+    EXPECT_THROW(pool.apply(sleep_ms, 5000), mp::TimeoutError);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -84,28 +84,27 @@ std::shared_ptr<FutureCore> core_of(const Future<T>& f);
 template <class T>
 class Future {
 public:
-    /// An empty handle (valid() is false); every other member needs a valid one.
+    /// An empty handle (valid() is false): every other member throws mp::EmptyHandle, as they
+    /// do on a handle moved from.
     Future() = default;
     explicit Future(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
 
     bool valid() const noexcept { return core_ != nullptr; }
     /// Cancels the work unless a worker has taken it: false once running or done.
-    bool cancel() const { return core_->cancel(); }
-    bool cancelled() const noexcept {
-        return core_->state() == detail::FutureCore::State::cancelled;
-    }
+    bool cancel() const { return core().cancel(); }
+    bool cancelled() const { return core().state() == detail::FutureCore::State::cancelled; }
     /// True while a worker has the task.
-    bool running() const noexcept { return core_->state() == detail::FutureCore::State::running; }
+    bool running() const { return core().state() == detail::FutureCore::State::running; }
     /// Finished (with a value or an exception) or cancelled.
-    bool done() const noexcept { return core_->done(); }
+    bool done() const { return core().done(); }
 
     /// Waits for the value. Throws what the task threw (see the header), CancelledError when
     /// cancelled, TimeoutError when `timeout` passes first (the work goes on).
     T result(detail::Timeout timeout = std::nullopt) const {
         wait_done(timeout);
         if (cancelled()) throw CancelledError();
-        if (auto e = core_->error()) std::rethrow_exception(e);
-        return detail::decode_value<T>(core_->bytes());
+        if (auto e = core().error()) std::rethrow_exception(e);
+        return detail::decode_value<T>(core().bytes());
     }
 
     /// The exception the work ended with; nullptr when it produced a value. Throws CancelledError
@@ -113,16 +112,16 @@ public:
     std::exception_ptr exception(detail::Timeout timeout = std::nullopt) const {
         wait_done(timeout);
         if (cancelled()) throw CancelledError();
-        return core_->error();
+        return core().error();
     }
 
     /// Waits until done; false when `timeout` passed first.
-    bool wait(detail::Timeout timeout = std::nullopt) const { return core_->wait(timeout); }
+    bool wait(detail::Timeout timeout = std::nullopt) const { return core().wait(timeout); }
 
     /// Calls fn(future) once done: at once (in this thread) when already done, else in the pool's
     /// result thread, or in the thread that cancels it. Callbacks run in the order added.
     void add_done_callback(std::function<void(const Future&)> fn) const {
-        core_->add_done_callback([fn = std::move(fn)](detail::FutureCore& c) {
+        core().add_done_callback([fn = std::move(fn)](detail::FutureCore& c) {
             fn(Future(c.shared_from_this()));
         });
     }
@@ -132,8 +131,9 @@ public:
 private:
     friend std::shared_ptr<detail::FutureCore> detail::core_of<T>(const Future<T>&);
     void wait_done(detail::Timeout timeout) const {
-        if (!core_->wait(timeout)) throw TimeoutError("the future did not finish in time");
+        if (!core().wait(timeout)) throw TimeoutError("the future did not finish in time");
     }
+    detail::FutureCore& core() const { return detail::deref_handle(core_, "mp::Future"); }
     std::shared_ptr<detail::FutureCore> core_;
 };
 
@@ -146,7 +146,7 @@ template <class T>
 std::vector<FutureCore*> raw_cores(const std::vector<Future<T>>& fs) {
     std::vector<FutureCore*> out;
     out.reserve(fs.size());
-    for (const auto& f : fs) out.push_back(core_of(f).get());
+    for (const auto& f : fs) out.push_back(&deref_handle(core_of(f), "mp::Future"));
     return out;
 }
 }  // namespace detail
@@ -407,7 +407,7 @@ public:
     }
 
     /// How many results there will be.
-    std::size_t size() const noexcept { return set_->items; }
+    std::size_t size() const { return set().items; }
 
     class iterator {
     public:
@@ -416,7 +416,7 @@ public:
         using difference_type = std::ptrdiff_t;
         iterator() = default;
         explicit iterator(MapResults* owner) : owner_(owner) {
-            if (owner_->set_->items == 0) owner_ = nullptr;
+            if (owner_->set().items == 0) owner_ = nullptr;
         }
         /// Waits for this item and decodes it (each dereference decodes anew).
         R operator*() const { return owner_->item(chunk_, pos_); }
@@ -451,12 +451,12 @@ public:
 
     /// Cancels every chunk not yet started.
     void cancel() const {
-        for (auto& c : set_->cores) c->cancel();
+        for (auto& c : set().cores) c->cancel();
     }
 
 private:
     R item(std::size_t chunk, std::size_t pos) {
-        auto& core = *set_->cores[chunk];
+        auto& core = *set().cores[chunk];
         if (!core.wait(detail::remaining(deadline_))) {
             cancel();
             throw TimeoutError("map: the results did not arrive in time");
@@ -471,6 +471,8 @@ private:
         if (!it.ok) detail::throw_item_error(it);
         return detail::decode_item<R>(it.bytes);
     }
+
+    detail::ChunkSet& set() const { return detail::deref_handle(set_, "mp::MapResults"); }
 
     std::shared_ptr<detail::ChunkSet> set_;
     detail::Deadline deadline_;

@@ -244,8 +244,7 @@ public:
 
 private:
     const detail::managers::ProxyState& state() const {
-        if (!state_) throw ProcessError("mp: an empty proxy (default-constructed or moved from)");
-        return *state_;
+        return detail::deref_handle(state_, "mp proxy");
     }
     std::shared_ptr<detail::managers::ProxyState> state_;
 };

@@ -85,22 +85,24 @@ public:
     /// Waits for and returns the value; throws what the work threw, or TimeoutError when
     /// `timeout` passes first (the work goes on).
     T get(detail::Timeout timeout = std::nullopt) const {
-        if (!done_->wait(timeout)) throw TimeoutError("the result did not arrive in time");
-        if (auto e = done_->error()) std::rethrow_exception(e);
-        if (done_->state() == detail::FutureCore::State::cancelled) throw CancelledError();
+        if (!core().wait(timeout)) throw TimeoutError("the result did not arrive in time");
+        if (auto e = core().error()) std::rethrow_exception(e);
+        if (core().state() == detail::FutureCore::State::cancelled) throw CancelledError();
         return value_();
     }
     /// Waits until ready; false when `timeout` passed first.
-    bool wait(detail::Timeout timeout = std::nullopt) const { return done_->wait(timeout); }
-    bool ready() const noexcept { return done_->done(); }
+    bool wait(detail::Timeout timeout = std::nullopt) const { return core().wait(timeout); }
+    bool ready() const { return core().done(); }
     /// Whether the call completed without raising. Throws mp::Error when not ready (Python:
     /// ValueError).
     bool successful() const {
         if (!ready()) throw Error("the result is not ready");
-        return done_->state() == detail::FutureCore::State::finished && !done_->error();
+        return core().state() == detail::FutureCore::State::finished && !core().error();
     }
 
 private:
+    // Every member but the constructor throws mp::EmptyHandle on a result moved from.
+    detail::FutureCore& core() const { return detail::deref_handle(done_, "mp::AsyncResult"); }
     std::shared_ptr<detail::FutureCore> done_;
     std::function<T()> value_;
 };
@@ -179,6 +181,7 @@ public:
     /// An exception thrown by the input comes once, after the results of the items read before
     /// it (the items of its unfinished chunk are dropped); then std::nullopt, as after the last.
     std::optional<R> next(Timeout timeout = std::nullopt) {
+        if (!feed_) throw_empty_handle("mp::IMapResults");
         if (remaining_failed_ != 0) {
             // A chunk that failed as a whole (its worker died, say): each of its items raises.
             --remaining_failed_;

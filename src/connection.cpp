@@ -80,14 +80,6 @@ constexpr std::uint64_t kMaxShortLength = 0x7fffffff;
 // real large message a few copies of a third of its size at most.
 constexpr std::size_t kEagerAllocation = std::size_t{1} << 20;
 
-// A timeout so long that now + timeout would overflow the clock is taken as "no limit".
-std::optional<nanoseconds> clamp_timeout(std::optional<nanoseconds> timeout) {
-    constexpr auto kForever = std::chrono::hours(24 * 365 * 100);
-    if (!timeout) return timeout;
-    if (*timeout > kForever) return std::nullopt;
-    return std::max(*timeout, nanoseconds::zero());
-}
-
 [[noreturn]] void throw_bad_fd(const char* op, const char* what) {
     throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
                             std::string("mp::Connection::") + op + ": " + what);
@@ -549,10 +541,10 @@ std::size_t Connection::recv_bytes_into(std::span<std::byte> buffer, std::size_t
 
 bool Connection::poll() { return poll(nanoseconds::zero()); }
 
-bool Connection::poll(std::optional<nanoseconds> timeout) {
+bool Connection::poll(detail::Timeout timeout) {
     detail::ConnectionState& s = check_readable_impl(impl_, "poll");
     if (s.buffered() > 0) return true;  // read ahead: no need to ask the descriptor
-    return sys::wait_fd(s.fd.get(), POLLIN, clamp_timeout(timeout));
+    return sys::wait_fd(s.fd.get(), POLLIN, timeout);
 }
 
 void Connection::close() noexcept {
@@ -652,19 +644,16 @@ int waitable_fd(const Waitable& w) {
 
 // Polls `fds` for readability; fills `ready` (one flag per fd). A descriptor counts as ready on
 // a hang-up or error too, as Python's selectors report them (the next read then says why).
-void poll_ready(std::span<pollfd> fds, std::optional<nanoseconds> timeout) {
-    using clock = std::chrono::steady_clock;
-    timeout = clamp_timeout(timeout);
+void poll_ready(std::span<pollfd> fds, detail::Timeout timeout) {
     if (fds.empty() && !timeout)
         throw std::invalid_argument(
             "mp::connection::wait: nothing to wait for and no timeout (it would never return)");
-    const auto deadline = timeout ? clock::now() + *timeout : clock::time_point::max();
+    const detail::Deadline deadline = detail::deadline_after(timeout);
     for (;;) {
         timespec ts{};
         timespec* tsp = nullptr;
         if (timeout) {
-            auto left = std::max(nanoseconds::zero(),
-                                 std::chrono::duration_cast<nanoseconds>(deadline - clock::now()));
+            const nanoseconds left = *detail::remaining(deadline);
             ts.tv_sec = static_cast<time_t>(left.count() / 1'000'000'000);
             ts.tv_nsec = static_cast<long>(left.count() % 1'000'000'000);
             tsp = &ts;
@@ -679,7 +668,7 @@ void poll_ready(std::span<pollfd> fds, std::optional<nanoseconds> timeout) {
             return;  // r == 0 is the timeout: every revents is 0
         }
         if (errno != EINTR) sys::throw_system_error(errno, "ppoll");
-        if (timeout && clock::now() >= deadline) {
+        if (detail::expired(deadline)) {
             for (pollfd& p : fds) p.revents = 0;
             return;
         }
@@ -696,7 +685,7 @@ bool buffered_ready(const Waitable& w) {
 }
 
 template <class T, class FdOf>
-std::vector<T> wait_any(std::span<const T> objects, std::optional<nanoseconds> timeout,
+std::vector<T> wait_any(std::span<const T> objects, detail::Timeout timeout,
                         FdOf fd_of) {
     std::vector<pollfd> fds;
     fds.reserve(objects.size());
@@ -708,7 +697,7 @@ std::vector<T> wait_any(std::span<const T> objects, std::optional<nanoseconds> t
         any_buffered = any_buffered || buffered[i];
     }
     // Something is ready already: just look at the others (still checking every descriptor).
-    poll_ready(fds, any_buffered ? std::optional<nanoseconds>(nanoseconds::zero()) : timeout);
+    poll_ready(fds, any_buffered ? detail::Timeout(nanoseconds::zero()) : timeout);
     std::vector<T> ready;
     for (std::size_t i = 0; i < objects.size(); ++i)
         if (buffered[i] || fds[i].revents != 0) ready.push_back(objects[i]);
@@ -718,30 +707,30 @@ std::vector<T> wait_any(std::span<const T> objects, std::optional<nanoseconds> t
 }  // namespace
 
 std::vector<Connection*> wait(std::span<Connection* const> objects,
-                              std::optional<nanoseconds> timeout) {
+                              detail::Timeout timeout) {
     return wait_any<Connection*>(objects, timeout,
                                  [](Connection* c) { return waitable_fd(Waitable(c)); });
 }
 
 std::vector<Connection*> wait(std::initializer_list<Connection*> objects,
-                              std::optional<nanoseconds> timeout) {
+                              detail::Timeout timeout) {
     return wait(std::span<Connection* const>(objects.begin(), objects.size()), timeout);
 }
 
-std::vector<int> wait(std::span<const int> fds, std::optional<nanoseconds> timeout) {
+std::vector<int> wait(std::span<const int> fds, detail::Timeout timeout) {
     return wait_any<int>(fds, timeout, [](int fd) { return fd; });
 }
 
-std::vector<int> wait(std::initializer_list<int> fds, std::optional<nanoseconds> timeout) {
+std::vector<int> wait(std::initializer_list<int> fds, detail::Timeout timeout) {
     return wait(std::span<const int>(fds.begin(), fds.size()), timeout);
 }
 
-std::vector<Waitable> wait(std::span<const Waitable> objects, std::optional<nanoseconds> timeout) {
+std::vector<Waitable> wait(std::span<const Waitable> objects, detail::Timeout timeout) {
     return wait_any<Waitable>(objects, timeout, [](const Waitable& w) { return waitable_fd(w); });
 }
 
 std::vector<Waitable> wait(std::initializer_list<Waitable> objects,
-                           std::optional<nanoseconds> timeout) {
+                           detail::Timeout timeout) {
     return wait(std::span<const Waitable>(objects.begin(), objects.size()), timeout);
 }
 

@@ -102,6 +102,7 @@ constexpr KnownType kKnownTypes[] = {
     {"mp::Empty", make_with_message<Empty>},
     {"mp::Full", make_with_message<Full>},
     {"mp::BrokenBarrierError", make_with_message<BrokenBarrierError>},
+    {"mp::EmptyHandle", make_with_message<EmptyHandle>},
 };
 
 }  // namespace
@@ -226,6 +227,20 @@ void FutureCore::add_done_callback(std::function<void(FutureCore&)> cb) {
         }
     }
     run_callback(cb, *this);
+}
+
+std::shared_ptr<FutureCore> FutureCore::after_callback(std::function<void(FutureCore&)> cb) {
+    auto ready = std::make_shared<FutureCore>();
+    add_done_callback([ready, cb = std::move(cb)](FutureCore& c) {
+        run_callback(cb, c);
+        if (c.state() == State::cancelled)
+            ready->cancel();
+        else if (auto e = c.error())
+            ready->set_exception(e);
+        else
+            ready->set_result({});
+    });
+    return ready;
 }
 
 bool FutureCore::add_waiter(FutureWaiter* w) {
@@ -390,6 +405,28 @@ CompletionQueue::CompletionQueue(std::vector<FutureCore*> cores)
 
 CompletionQueue::~CompletionQueue() {
     for (FutureCore* c : cores_) c->remove_waiter(this);
+}
+
+void CompletionQueue::add(FutureCore* core) {
+    std::size_t i;
+    {
+        std::lock_guard lk(mu_);
+        i = cores_.size();
+        cores_.push_back(core);
+        seen_.push_back(false);
+        ready_.reserve(cores_.size());  // on_done must not allocate
+        const std::pair<FutureCore*, std::size_t> entry(core, i);
+        by_core_.insert(std::upper_bound(by_core_.begin(), by_core_.end(), entry), entry);
+    }
+    // Not under mu_: the lock order is core, then queue (on_done).
+    if (!core->add_waiter(this)) {
+        std::lock_guard lk(mu_);
+        if (!seen_[i]) {
+            seen_[i] = true;
+            ready_.push_back(i);
+        }
+        cv_.notify_all();
+    }
 }
 
 void CompletionQueue::on_done(FutureCore& core) noexcept {

@@ -76,8 +76,8 @@ bool wait_for(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, boo
               const OptTimeout& timeout, Pred ready) {
     if (ready()) return true;
     if (!blocking) return false;
-    std::optional<Clock::time_point> deadline;
-    if (timeout) deadline = Clock::now() + std::max(*timeout, std::chrono::nanoseconds(0));
+    // Saturated again here: the value came from a peer.
+    const mp::detail::Deadline deadline = mp::detail::deadline_after(mp::detail::Timeout(timeout));
     for (;;) {
         auto slice = Clock::now() + std::chrono::milliseconds(100);
         if (deadline && *deadline < slice) slice = *deadline;

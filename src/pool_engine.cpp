@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <condition_variable>
@@ -286,7 +287,8 @@ struct PoolEngine::Impl {
             for (auto& w : workers)
                 if (w->deadline) {
                     auto left = std::chrono::ceil<std::chrono::milliseconds>(*w->deadline - now).count();
-                    left = std::max<decltype(left)>(left, 0);
+                    // Capped so a deadline weeks away does not wrap int: poll just wakes early.
+                    left = std::clamp<decltype(left)>(left, 0, INT_MAX);
                     if (timeout_ms < 0 || left < timeout_ms) timeout_ms = static_cast<int>(left);
                 }
             // Wake when a worker with tasks queued behind its current one has been in it for
@@ -1007,6 +1009,11 @@ detail::PoolConfig Pool::make_config(const PoolOptions& o, std::optional<detail:
 }
 
 Pool::~Pool() {
+    {
+        // An imap that outlives the pool reads no more input.
+        std::lock_guard lk(imaps_->mu);
+        imaps_->engine = nullptr;
+    }
     try {
         if (stage_ == Stage::running || !engine_.shut_down()) terminate();
         engine_.join();
@@ -1019,6 +1026,8 @@ void Pool::check_running() const {
 }
 
 void Pool::close() {
+    // The unread input of a live imap is work already asked for: submit it before closing.
+    if (stage_ == Stage::running) detail::drain_imaps(*imaps_);
     if (stage_ == Stage::running) stage_ = Stage::closed;
     engine_.shutdown(false, false);
 }

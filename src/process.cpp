@@ -193,8 +193,8 @@ bool ProcessState::reap_locked() {
     return exitcode.has_value();
 }
 
-bool ProcessState::wait(std::optional<std::chrono::nanoseconds> timeout) {
-    const auto deadline = timeout ? Clock::now() + *timeout : Clock::time_point::max();
+bool ProcessState::wait(detail::Timeout timeout) {
+    const detail::Deadline deadline = detail::deadline_after(timeout);
     bool unlist = false;  // only the call that sees the end first leaves the registry
     for (;;) {
         {
@@ -204,11 +204,7 @@ bool ProcessState::wait(std::optional<std::chrono::nanoseconds> timeout) {
                 break;
             }
         }
-        std::optional<std::chrono::nanoseconds> left;
-        if (timeout) {
-            left = std::max(std::chrono::nanoseconds::zero(),
-                            std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - Clock::now()));
-        }
+        const detail::Timeout left = detail::remaining(deadline);
         // Under forkserver the status message arrives just after the pidfd turns readable,
         // so wait on the status socket while the server is there. Whoever reaps first, every
         // waiter wakes: the server closes the socket after the status, and a pidfd stays
@@ -476,10 +472,10 @@ void Process::join() {
     state_->wait(std::nullopt);
 }
 
-bool Process::join_for(std::chrono::nanoseconds timeout) {
+bool Process::join(detail::Timeout timeout) {
     check_started(*state_, "join");
     state_->check_owner("join");
-    return state_->wait(std::max(timeout, std::chrono::nanoseconds::zero()));
+    return state_->wait(timeout);
 }
 
 bool Process::is_alive() {
@@ -575,8 +571,8 @@ std::optional<int> ChildProcess::exitcode() const {
     return state_->exitcode;
 }
 void ChildProcess::join() const { state_->wait(std::nullopt); }
-bool ChildProcess::join(std::chrono::nanoseconds timeout) const {
-    return state_->wait(std::max(timeout, std::chrono::nanoseconds::zero()));
+bool ChildProcess::join(detail::Timeout timeout) const {
+    return state_->wait(timeout);
 }
 void ChildProcess::terminate() const { state_->signal(SIGTERM); }
 void ChildProcess::kill() const { state_->signal(SIGKILL); }

@@ -39,7 +39,7 @@ struct ProcessState {
     std::mutex mu;  // serialises reaping between threads that join the same child
 
     /// Waits (at most `timeout`; std::nullopt forever) for the child to end and reaps it.
-    bool wait(std::optional<std::chrono::nanoseconds> timeout);
+    bool wait(detail::Timeout timeout);
     /// Sends `sig` unless the child has already been reaped.
     void signal(int sig);
     void check_owner(const char* what) const;

@@ -524,21 +524,27 @@ SharedMemory::SharedMemory(std::optional<std::string> name, bool create, std::si
     // The mapping keeps the segment; the descriptor is not needed any more.
 }
 
-const std::string& SharedMemory::name() const noexcept { return state_->name; }
-
-std::size_t SharedMemory::size() const noexcept { return state_->size; }
-
-std::span<std::byte> SharedMemory::buf() const noexcept {
-    std::byte* p = state_->data.load();
-    return p == nullptr ? std::span<std::byte>() : std::span<std::byte>(p, state_->size);
+const std::string& SharedMemory::name() const {
+    return detail::deref_handle(state_, "mp::SharedMemory").name;
 }
 
-bool SharedMemory::closed() const noexcept { return state_->data.load() == nullptr; }
+std::size_t SharedMemory::size() const { return detail::deref_handle(state_, "mp::SharedMemory").size; }
 
-void SharedMemory::close() noexcept { state_->unmap(); }
+std::span<std::byte> SharedMemory::buf() const {
+    const State& s = detail::deref_handle(state_, "mp::SharedMemory");
+    std::byte* p = s.data.load();
+    return p == nullptr ? std::span<std::byte>() : std::span<std::byte>(p, s.size);
+}
+
+// A handle moved from maps nothing: closed, and nothing to close.
+bool SharedMemory::closed() const noexcept { return !state_ || state_->data.load() == nullptr; }
+
+void SharedMemory::close() noexcept {
+    if (state_) state_->unmap();
+}
 
 void SharedMemory::unlink() {
-    State& s = *state_;
+    State& s = detail::deref_handle(state_, "mp::SharedMemory");
     int rc = ::shm_unlink(("/" + s.name).c_str());
     int err = errno;
     {

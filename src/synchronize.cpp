@@ -594,13 +594,32 @@ struct BarrierImpl {
 };
 
 /// Private access for the codecs and Condition.
+// A handle moved from holds nothing: every use of it is mp::EmptyHandle, never a crash.
+template <class P>
+const std::shared_ptr<P>& check_handle(const std::shared_ptr<P>& p, const char* type) {
+    if (!p) throw_empty_handle(type);
+    return p;
+}
+
 struct SyncAccess {
-    static const std::shared_ptr<MutexImpl>& impl(const BasicLock& l) { return l.impl_; }
-    static const std::shared_ptr<SemaphoreImpl>& impl(const Semaphore& s) { return s.impl_; }
-    static const std::shared_ptr<ConditionImpl>& impl(const Condition& c) { return c.impl_; }
-    static const std::shared_ptr<BasicLock>& lock(const Condition& c) { return c.lock_; }
-    static const std::shared_ptr<EventImpl>& impl(const Event& e) { return e.impl_; }
-    static const std::shared_ptr<BarrierImpl>& impl(const Barrier& b) { return b.impl_; }
+    static const std::shared_ptr<MutexImpl>& impl(const BasicLock& l) {
+        return check_handle(l.impl_, "mp::Lock");
+    }
+    static const std::shared_ptr<SemaphoreImpl>& impl(const Semaphore& s) {
+        return check_handle(s.impl_, "mp::Semaphore");
+    }
+    static const std::shared_ptr<ConditionImpl>& impl(const Condition& c) {
+        return check_handle(c.impl_, "mp::Condition");
+    }
+    static const std::shared_ptr<BasicLock>& lock(const Condition& c) {
+        return check_handle(c.lock_, "mp::Condition");
+    }
+    static const std::shared_ptr<EventImpl>& impl(const Event& e) {
+        return check_handle(e.impl_, "mp::Event");
+    }
+    static const std::shared_ptr<BarrierImpl>& impl(const Barrier& b) {
+        return check_handle(b.impl_, "mp::Barrier");
+    }
     static Lock make_lock(std::shared_ptr<MutexImpl> i) { return Lock(std::move(i)); }
     static RLock make_rlock(std::shared_ptr<MutexImpl> i) { return RLock(std::move(i)); }
     static Semaphore make_semaphore(std::shared_ptr<SemaphoreImpl> i) {
@@ -662,6 +681,7 @@ using namespace detail;
 // Lock, RLock
 
 bool detail::BasicLock::acquire(bool block) {
+    check_handle(impl_, "mp::Lock");
     return mutex_acquire(*impl_->core, impl_->recursive,
                          block ? LockMode::block : LockMode::try_once, std::nullopt,
                          impl_->recursive ? "mp::RLock::acquire: the calling thread holds it"
@@ -670,27 +690,34 @@ bool detail::BasicLock::acquire(bool block) {
 }
 
 bool detail::BasicLock::acquire_until(const Deadline& deadline) {
+    check_handle(impl_, "mp::Lock");
     return mutex_acquire(*impl_->core, impl_->recursive, LockMode::timed, deadline,
                          impl_->recursive ? "mp::RLock::acquire" : "mp::Lock::acquire");
 }
 
 void detail::BasicLock::release() {
+    check_handle(impl_, "mp::Lock");
     mutex_release(*impl_->core, impl_->recursive,
                   impl_->recursive ? "mp::RLock::release" : "mp::Lock::release");
 }
 
-bool detail::BasicLock::owner_died() const noexcept {
+bool detail::BasicLock::owner_died() const {
+    check_handle(impl_, "mp::Lock");
     return held_by_me(*impl_->core) &&
            impl_->core->owner_died.load(std::memory_order_relaxed) != 0;
 }
 
-bool detail::BasicLock::held() const noexcept { return held_by_me(*impl_->core); }
+bool detail::BasicLock::held() const {
+    check_handle(impl_, "mp::Lock");
+    return held_by_me(*impl_->core);
+}
 
 Lock::Lock() : BasicLock(new_mutex(Kind::lock)) {}
 
 RLock::RLock() : BasicLock(new_mutex(Kind::rlock)) {}
 
-unsigned RLock::recursion_count() const noexcept {
+unsigned RLock::recursion_count() const {
+    check_handle(SyncAccess::impl(*this), "mp::RLock");
     const auto& i = SyncAccess::impl(*this);
     return held_by_me(*i->core) ? i->core->count : 0;
 }
@@ -725,11 +752,13 @@ Semaphore::Semaphore(int value, bool bounded) : impl_(new_semaphore(value, bound
 BoundedSemaphore::BoundedSemaphore(int value) : Semaphore(value, true) {}
 
 bool Semaphore::acquire(bool block) {
+    check_handle(impl_, "mp::Semaphore");
     if (!block) return try_take(*impl_->core);
     return acquire_until(std::nullopt);
 }
 
 bool Semaphore::acquire_until(const Deadline& deadline) {
+    check_handle(impl_, "mp::Semaphore");
     SemaphoreCore& c = *impl_->core;
     if (try_take(c)) return true;
     // A short spin: a release often follows within a few hundred nanoseconds, far cheaper than
@@ -752,6 +781,7 @@ bool Semaphore::acquire_until(const Deadline& deadline) {
 }
 
 void Semaphore::release() {
+    check_handle(impl_, "mp::Semaphore");
     SemaphoreCore& c = *impl_->core;
     std::uint32_t v = c.value.load();
     for (;;) {
@@ -766,7 +796,8 @@ void Semaphore::release() {
     if (c.waiters.load() != 0) futex_wake(c.value, 1);
 }
 
-int Semaphore::get_value() const noexcept {
+int Semaphore::get_value() const {
+    check_handle(impl_, "mp::Semaphore");
     return static_cast<int>(impl_->core->value.load());
 }
 
@@ -786,6 +817,7 @@ Condition::Condition(RLock lock)
     : impl_(new_condition()), lock_(std::make_shared<RLock>(std::move(lock))) {}
 
 bool Condition::wait_until_deadline(const Deadline& deadline) {
+    check_handle(impl_, "mp::Condition");
     MutexCore& m = *SyncAccess::impl(*lock_)->core;
     if (!held_by_me(m))
         throw_errc(std::errc::operation_not_permitted,
@@ -794,6 +826,7 @@ bool Condition::wait_until_deadline(const Deadline& deadline) {
 }
 
 void Condition::notify(int n) {
+    check_handle(impl_, "mp::Condition");
     if (!held_by_me(*SyncAccess::impl(*lock_)->core))
         throw_errc(std::errc::operation_not_permitted,
                    "mp::Condition::notify: the calling thread must hold the condition's lock");
@@ -809,9 +842,13 @@ void Condition::notify_all() { notify(INT_MAX); }
 Event::Event()
     : impl_(register_created(std::make_shared<EventImpl>(create_block<EventCore>(Kind::event)))) {}
 
-bool Event::is_set() const noexcept { return (impl_->core->word.load() & 1u) != 0; }
+bool Event::is_set() const {
+    check_handle(impl_, "mp::Event");
+    return (impl_->core->word.load() & 1u) != 0;
+}
 
 void Event::set() {
+    check_handle(impl_, "mp::Event");
     EventCore& c = *impl_->core;
     std::uint32_t w = c.word.load();
     do {
@@ -820,9 +857,13 @@ void Event::set() {
     if (c.waiters.load() != 0) futex_wake_all(c.word);
 }
 
-void Event::clear() { impl_->core->word.fetch_and(~1u); }
+void Event::clear() {
+    check_handle(impl_, "mp::Event");
+    impl_->core->word.fetch_and(~1u);
+}
 
 bool Event::wait_until_deadline(const Deadline& deadline) {
+    check_handle(impl_, "mp::Event");
     EventCore& c = *impl_->core;
     const std::uint32_t start = c.word.load();
     if (start & 1u) return true;
@@ -1000,10 +1041,10 @@ private:
 
 }  // namespace
 
-Barrier::Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout)
+Barrier::Barrier(int parties, detail::Timeout timeout)
     : Barrier(parties, timeout, {}, std::nullopt) {}
 
-Barrier::Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout,
+Barrier::Barrier(int parties, detail::Timeout timeout,
                  std::function<void()> action, std::optional<std::string> task) {
     if (parties < 1) throw std::invalid_argument("mp::Barrier: parties must be >= 1");
     SharedBlock b = create_block<BarrierCore>(
@@ -1021,6 +1062,7 @@ Barrier::Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout,
 }
 
 int Barrier::wait() {
+    check_handle(impl_, "mp::Barrier");
     const BarrierCore& c = *impl_->core;
     // The default timeout is shared state: every process waits with the same one.
     if (c.has_timeout) return wait_until_deadline(deadline_after(std::chrono::nanoseconds(c.timeout_ns)));
@@ -1028,6 +1070,7 @@ int Barrier::wait() {
 }
 
 int Barrier::wait_until_deadline(const Deadline& deadline) {
+    check_handle(impl_, "mp::Barrier");
     BarrierCore& c = *impl_->core;
     PartySlot* slots = impl_->slots;
     if (action_of == &c)
@@ -1106,6 +1149,7 @@ int Barrier::wait_until_deadline(const Deadline& deadline) {
 }
 
 void Barrier::reset() {
+    check_handle(impl_, "mp::Barrier");
     BarrierCore& c = *impl_->core;
     BarrierGuard g(c, impl_->slots);
     g.check_parties(true);  // a dead party would never leave, and the reset never complete
@@ -1118,14 +1162,19 @@ void Barrier::reset() {
 }
 
 void Barrier::abort() {
+    check_handle(impl_, "mp::Barrier");
     BarrierCore& c = *impl_->core;
     BarrierGuard g(c, impl_->slots);
     barrier_break(c);
 }
 
-int Barrier::parties() const noexcept { return impl_->core->parties; }
+int Barrier::parties() const {
+    check_handle(impl_, "mp::Barrier");
+    return impl_->core->parties;
+}
 
 int Barrier::n_waiting() const {
+    check_handle(impl_, "mp::Barrier");
     BarrierCore& c = *impl_->core;
     BarrierGuard g(c, impl_->slots);
     g.check_parties(true);
@@ -1133,6 +1182,7 @@ int Barrier::n_waiting() const {
 }
 
 bool Barrier::broken() const {
+    check_handle(impl_, "mp::Barrier");
     BarrierCore& c = *impl_->core;
     BarrierGuard g(c, impl_->slots);
     g.check_parties(true);

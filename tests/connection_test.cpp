@@ -41,6 +41,7 @@
 #include <utility>
 #include <vector>
 
+#include "helpers/timeouts.hpp"
 #include "mp/connection.hpp"
 #include "mp/process.hpp"
 #include "sys/fd.hpp"
@@ -1441,4 +1442,87 @@ TEST(Connection, WireCompatibleWithPython) {
     const int status = child.wait();
     ASSERT_TRUE(WIFEXITED(status));
     EXPECT_EQ(WEXITSTATUS(status), 0) << "python3 failed (127: not found)";
+}
+
+// =============================================================================================
+// Timeout values (issue 12 item 5): "for ever" durations of every type wait for the message,
+// zero and negative ones only look.
+// =============================================================================================
+
+TEST(TimeoutValues, ConnectionPollAndWait) {
+    mp::test::for_each_forever([&](auto forever) {
+        auto [a, b] = mp::Pipe();
+        std::thread t = guarded_thread([conn = b]() mutable {
+            std::this_thread::sleep_for(30ms);
+            conn.send_bytes("late");
+            std::this_thread::sleep_for(30ms);
+            conn.send_bytes("later");
+        });
+        EXPECT_TRUE(a.poll(forever));
+        EXPECT_EQ(a.recv_bytes(), "late");
+        EXPECT_EQ(mp::connection::wait({&a}, forever), std::vector<mp::Connection*>{&a});
+        EXPECT_EQ(a.recv_bytes(), "later");
+        t.join();
+
+        auto [r, w] = mp::sys::make_pipe();
+        std::thread u = guarded_thread([fd = w.get()] {
+            std::this_thread::sleep_for(30ms);
+            EXPECT_EQ(::write(fd, "x", 1), 1);
+        });
+        EXPECT_EQ(mp::connection::wait({r.get()}, forever), std::vector<int>{r.get()});
+        u.join();
+    });
+    mp::test::for_each_no_wait([&](auto t) {
+        auto [a, b] = mp::Pipe();
+        EXPECT_FALSE(a.poll(t));
+        EXPECT_TRUE(mp::connection::wait({&a}, t).empty());
+        auto [r, w] = mp::sys::make_pipe();
+        EXPECT_TRUE(mp::connection::wait({r.get()}, t).empty());
+        EXPECT_TRUE(mp::connection::wait(std::vector<int>{}, t).empty());
+        b.send_bytes("now");
+        EXPECT_TRUE(a.poll(t));
+        EXPECT_EQ(mp::connection::wait({&a}, t), std::vector<mp::Connection*>{&a});
+    });
+}
+
+// =============================================================================================
+// Misuse (issue 12 item 6): a Connection or Listener that is default-constructed or moved from
+// is a closed handle: std::system_error EBADF ("handle is closed", Python's OSError), never a
+// crash.
+// =============================================================================================
+
+TEST(Misuse, EmptyConnectionAndListenerThrowBadFileDescriptor) {
+    auto expect_ebadf = [](auto&& use) {
+        try {
+            use();
+            ADD_FAILURE() << "no exception";
+        } catch (const std::system_error& e) {
+            EXPECT_EQ(e.code(), std::errc::bad_file_descriptor) << e.what();
+        }
+    };
+    auto [a, b] = mp::Pipe();
+    mp::Connection moved = std::move(a);
+    for (mp::Connection* c : {&a, static_cast<mp::Connection*>(nullptr)}) {
+        mp::Connection empty;
+        mp::Connection& x = c != nullptr ? *c : empty;
+        EXPECT_TRUE(x.closed());
+        expect_ebadf([&] { x.send_bytes("x"); });
+        expect_ebadf([&] { (void)x.recv_bytes(); });
+        expect_ebadf([&] { x.send(1); });
+        expect_ebadf([&] { (void)x.recv<int>(); });
+        expect_ebadf([&] { (void)x.poll(); });
+        expect_ebadf([&] { (void)x.fileno(); });
+        expect_ebadf([&] { (void)mp::connection::wait({&x}, 0s); });
+        EXPECT_NO_THROW(x.close());
+    }
+    moved.send_bytes("still works");
+    EXPECT_EQ(b.recv_bytes(), "still works");
+
+    mp::Listener l;
+    mp::Listener l2 = std::move(l);
+    EXPECT_TRUE(l.closed());  // NOLINT(bugprone-use-after-move)
+    expect_ebadf([&] { (void)l.accept(); });
+    expect_ebadf([&] { (void)l.fileno(); });
+    EXPECT_NO_THROW(l.close());
+    EXPECT_FALSE(l2.closed());
 }

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "helpers/leak_check.hpp"
+#include "helpers/timeouts.hpp"
 #include "mp/futures.hpp"
 
 namespace {
@@ -1677,6 +1678,135 @@ TEST(ExecutorFork, TimeoutAndMaxTasksPerChild) {
 TEST(ExecutorFork, InitializerRuns) {
     mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork}, init_global, 5);
     for (int i = 0; i < 4; ++i) EXPECT_EQ(ex.submit(read_global, 0).result(kLong), 5);
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Misuse (issue 12 item 6): an empty handle (default-constructed, or moved from) throws
+// mp::EmptyHandle on use instead of crashing.
+// ---------------------------------------------------------------------------------------------
+
+template <class F>
+void expect_empty_handle(F&& use, const char* type) {
+    try {
+        use();
+        ADD_FAILURE() << "no exception";
+    } catch (const mp::EmptyHandle& e) {
+        EXPECT_NE(std::string(e.what()).find(type), std::string::npos) << e.what();
+    }
+}
+
+void expect_unusable(const mp::Future<int>& f) {
+    EXPECT_FALSE(f.valid());
+    expect_empty_handle([&] { (void)f.result(); }, "mp::Future");
+    expect_empty_handle([&] { (void)f.result(1s); }, "mp::Future");
+    expect_empty_handle([&] { (void)f.exception(); }, "mp::Future");
+    expect_empty_handle([&] { (void)f.wait(0s); }, "mp::Future");
+    expect_empty_handle([&] { (void)f.done(); }, "mp::Future");
+    expect_empty_handle([&] { (void)f.running(); }, "mp::Future");
+    expect_empty_handle([&] { (void)f.cancelled(); }, "mp::Future");
+    expect_empty_handle([&] { (void)f.cancel(); }, "mp::Future");
+    expect_empty_handle([&] { f.add_done_callback([](const mp::Future<int>&) {}); }, "mp::Future");
+    expect_empty_handle([&] { (void)mp::wait(std::vector{f}, 0s); }, "mp::Future");
+    expect_empty_handle([&] { (void)mp::as_completed(std::vector{f}); }, "mp::Future");
+}
+
+TEST(ExecutorMisuse, DefaultConstructedFutureThrowsEmptyHandle) { expect_unusable(mp::Future<int>()); }
+
+TEST(ExecutorMisuse, MovedFromFutureAndMapResultsThrowEmptyHandle) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit(square, 3);
+    auto g = std::move(f);
+    expect_unusable(f);  // NOLINT(bugprone-use-after-move): the point of the test
+    EXPECT_EQ(g.result(kLong), 9);
+
+    auto results = ex.map(square, std::vector{1, 2});
+    auto moved = std::move(results);
+    expect_empty_handle([&] { (void)results.begin(); }, "mp::MapResults");  // NOLINT(bugprone-use-after-move)
+    expect_empty_handle([&] { (void)results.to_vector(); }, "mp::MapResults");
+    expect_empty_handle([&] { (void)results.size(); }, "mp::MapResults");
+    expect_empty_handle([&] { results.cancel(); }, "mp::MapResults");
+    EXPECT_EQ(moved.to_vector(), (std::vector{1, 4}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeout values (issue 12 item 5): every call that takes a timeout, at durations that mean "for
+// ever" (it must wait: the value arrives later and is returned) and at zero and negative ones
+// (it only looks), each of its own type.
+// ---------------------------------------------------------------------------------------------
+
+TEST(ExecutorTimeoutValues, FutureResultExceptionWait) {
+    TempDir dir;  // outlives the pool, whose destructor waits for the gated tasks
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    mp::test::for_each_forever([&](auto forever) {
+        EXPECT_EQ(ex.submit(sleep_ms, 50).result(forever), 50);
+        EXPECT_EQ(ex.submit(sleep_ms, 50).exception(forever), nullptr);
+        auto f = ex.submit(sleep_ms, 50);
+        EXPECT_TRUE(f.wait(forever));
+        EXPECT_TRUE(f.done());
+    });
+    Gate gate(dir);
+    auto pending = ex.submit(wait_file, gate.path());
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_THROW(pending.result(t), mp::TimeoutError);
+        EXPECT_THROW(pending.exception(t), mp::TimeoutError);
+        EXPECT_FALSE(pending.wait(t));
+    });
+    gate.open();
+    ASSERT_EQ(pending.result(kLong), 1);
+    // Done: no wait is needed, whatever the timeout.
+    mp::test::for_each_no_wait([&](auto t) { EXPECT_EQ(pending.result(t), 1); });
+}
+
+TEST(ExecutorTimeoutValues, WaitAndAsCompleted) {
+    TempDir dir;  // outlives the pool, whose destructor waits for the gated tasks
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    mp::test::for_each_forever([&](auto forever) {
+        std::vector fs{ex.submit(sleep_ms, 50), ex.submit(sleep_ms, 60)};
+        auto r = mp::wait(fs, forever);
+        EXPECT_EQ(r.done.size(), 2u);
+        EXPECT_TRUE(r.not_done.empty());
+        std::vector gs{ex.submit(sleep_ms, 50), ex.submit(sleep_ms, 60)};
+        EXPECT_FALSE(mp::wait(gs, forever, mp::FIRST_COMPLETED).done.empty());
+        std::vector hs{ex.submit(sleep_ms, 50), ex.submit(sleep_ms, 60)};
+        int n = 0;
+        for (auto& f : mp::as_completed(hs, forever)) n += f.result(0s) > 0;
+        EXPECT_EQ(n, 2);
+        std::vector is{ex.submit(sleep_ms, 50)};
+        n = 0;
+        for (auto& f : mp::as_completed(is, {.timeout = forever})) n += f.result(0s) > 0;
+        EXPECT_EQ(n, 1);
+    });
+    Gate gate(dir);
+    std::vector pending{ex.submit(wait_file, gate.path())};
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_EQ(mp::wait(pending, t).not_done.size(), 1u);
+        EXPECT_EQ(mp::wait(pending, t, mp::FIRST_COMPLETED).not_done.size(), 1u);
+        EXPECT_THROW(for (auto& f : mp::as_completed(pending, t)) (void)f, mp::TimeoutError);
+        EXPECT_THROW(for (auto& f : mp::as_completed(pending, {.timeout = t})) (void)f, mp::TimeoutError);
+    });
+}
+
+TEST(ExecutorTimeoutValues, MapTimeoutAndTaskTimeouts) {
+    TempDir dir;  // outlives the pool, whose destructor waits for the gated tasks
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    const std::vector<int> naps{50, 60, 70};
+    mp::test::for_each_forever([&](auto forever) {
+        EXPECT_EQ(ex.map({.timeout = forever}, sleep_ms, naps).to_vector(), naps);
+        EXPECT_EQ(ex.map({.task_timeout = forever}, sleep_ms, naps).to_vector(), naps);
+        EXPECT_EQ(ex.submit({.timeout = forever}, sleep_ms, 50).result(kLong), 50);
+        mp::ProcessPoolExecutor limited({.max_workers = 1, .task_timeout = forever});
+        EXPECT_EQ(limited.submit(sleep_ms, 50).result(kLong), 50);
+    });
+    Gate gate(dir);
+    const std::vector<std::string> gated{gate.path()};
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_THROW(ex.map({.timeout = t}, wait_file, gated).to_vector(), mp::TimeoutError);
+    });
+    // A task time limit of zero or less has passed by the time a worker starts the task.
+    EXPECT_THROW(ex.submit({.timeout = -1s}, sleep_ms, 5000).result(kLong), mp::TimeoutError);
+    EXPECT_THROW(ex.submit({.timeout = std::chrono::hours::min()}, sleep_ms, 5000).result(kLong),
+                 mp::TimeoutError);
 }
 
 }  // namespace

@@ -15,11 +15,14 @@
 #include <regex>
 #include <stdexcept>
 #include <string>
+#include <limits>
 #include <thread>
 #include <typeinfo>
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/timeouts.hpp"
+#include "mp/detail/deadline.hpp"
 #include "mp/detail/future_core.hpp"
 #include "mp/errors.hpp"
 #include "mp/process.hpp"
@@ -1140,6 +1143,62 @@ TEST(ProgressBar, AdvancedByFutureCallbacks) {
         EXPECT_EQ(bar->render().rfind("submit 3/3 ", 0), 0u) << bar->render();
     }
     testing::internal::GetCapturedStderr();
+}
+
+// ---- detail::Timeout: the conversion behind every timeout of the library (issue 12 item 5) ----
+
+TEST(Timeout, ForeverDurationsOfEveryTypeMeanNoLimit) {
+    using mp::detail::Timeout;
+    mp::test::for_each_forever([](auto d) { EXPECT_FALSE(Timeout(d).has_value()); });
+    EXPECT_FALSE(Timeout().has_value());
+    EXPECT_FALSE(Timeout(std::nullopt).has_value());
+    EXPECT_FALSE(Timeout(std::optional<std::chrono::seconds>(std::chrono::seconds::max())).has_value());
+    EXPECT_FALSE(Timeout(mp::detail::forever).has_value());
+    EXPECT_FALSE(mp::detail::deadline_after(std::chrono::hours::max()).has_value());
+}
+
+TEST(Timeout, ZeroNegativeAndNaNMeanZero) {
+    using mp::detail::Timeout;
+    mp::test::for_each_no_wait([](auto d) {
+        const Timeout t(d);
+        ASSERT_TRUE(t.has_value());
+        EXPECT_EQ(*t, 0ns);
+    });
+    const Timeout nan(std::chrono::duration<double>(std::numeric_limits<double>::quiet_NaN()));
+    ASSERT_TRUE(nan.has_value());
+    EXPECT_EQ(*nan, 0ns);
+    const auto before = Clock::now();
+    const auto d = mp::detail::deadline_after(std::chrono::seconds::min());
+    ASSERT_TRUE(d.has_value());
+    EXPECT_GE(*d, before);
+    EXPECT_LE(*d, Clock::now());
+}
+
+TEST(Timeout, OrdinaryDurationsKeepTheirLengthRoundedUp) {
+    using mp::detail::Timeout;
+    EXPECT_EQ(*Timeout(1500ms), 1500ms);
+    EXPECT_EQ(*Timeout(std::chrono::duration<double>(0.25)), 250ms);
+    EXPECT_EQ(*Timeout(std::chrono::duration<double, std::nano>(1.5)), 2ns);
+    EXPECT_EQ(*Timeout(std::chrono::duration<long long, std::pico>(1)), 1ns);
+    EXPECT_EQ(*Timeout(std::chrono::hours(24 * 365 * 30)), std::chrono::hours(24 * 365 * 30));
+    EXPECT_EQ(*Timeout(std::optional<std::chrono::seconds>(2s)), 2s);
+    EXPECT_EQ(mp::detail::remaining(std::nullopt), Timeout());
+    EXPECT_EQ(mp::detail::remaining(Clock::now() - 1s), Timeout(0s));
+    const Timeout left = mp::detail::remaining(Clock::now() + 1h);
+    ASSERT_TRUE(left.has_value());
+    EXPECT_GT(*left, 59min);
+    EXPECT_LE(*left, 1h);
+}
+
+TEST(Timeout, FutureCoreWaitWithEveryTimeout) {
+    auto core = std::make_shared<FutureCore>();
+    mp::test::for_each_no_wait([&](auto t) { EXPECT_FALSE(core->wait(mp::detail::Timeout(t))); });
+    std::thread finisher([&] {
+        std::this_thread::sleep_for(30ms);
+        core->set_result("x");
+    });
+    mp::test::for_each_forever([&](auto forever) { EXPECT_TRUE(core->wait(mp::detail::Timeout(forever))); });
+    finisher.join();
 }
 
 }  // namespace

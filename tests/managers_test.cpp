@@ -873,6 +873,20 @@ TEST(ManagerChannelTest, ServerKilledWhileAClientWaitsOnTheChannel) {
     m.shutdown();
 }
 
+TEST(ManagerMisuse, EmptyProxiesThrowEmptyHandle) {
+    // issue 12 item 6: a default-constructed (or moved-from) proxy holds no referent.
+    mp::DictProxy<std::string, int> d;
+    EXPECT_FALSE(static_cast<bool>(d));
+    EXPECT_THROW(d.set("a", 1), mp::EmptyHandle);
+    mp::QueueProxy<int> q;
+    EXPECT_THROW(q.put(1), mp::EmptyHandle);
+    EXPECT_THROW((void)q.get(0s), mp::EmptyHandle);
+    mp::LockProxy l;
+    EXPECT_THROW((void)l.acquire(), mp::EmptyHandle);
+    mp::EventProxy e;
+    EXPECT_THROW((void)e.wait(1s), mp::EmptyHandle);
+}
+
 }  // namespace
 
 // ---- hostile peers (issue 12 items 8, 11, 12) ---------------------------------------------------

@@ -23,6 +23,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <ranges>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "helpers/leak_check.hpp"
+#include "helpers/timeouts.hpp"
 #include "mp/pool.hpp"
 
 namespace {
@@ -406,6 +408,116 @@ TEST(PoolTest, ImapNextTimeout) {
     EXPECT_EQ(it.next(kLong), std::nullopt);
 }
 
+// exception_throwing_generator(total, when) of CPython's test: 0, 1, ... total - 1, but
+// SayWhenError instead of `when` (-1: at once). The input is read in this process, so any
+// exception type works.
+struct SayWhenError : std::runtime_error {
+    SayWhenError() : std::runtime_error("Somebody said when") {}
+};
+auto exception_throwing_generator(int total, int when) {
+    return std::views::iota(0, total) | std::views::transform([when](int i) {
+               if (when == -1 || i == when) throw SayWhenError();
+               return i;
+           });
+}
+
+TEST(PoolTest, PythonTestImapHandleIterableException) {
+    // _TestPool.test_imap_handle_iterable_exception
+    mp::Pool pool(4);
+    // SayWhenError seen at the very first of the iterable
+    auto it = pool.imap(sqr, exception_throwing_generator(1, -1), 1);
+    EXPECT_THROW(it.next(kLong), SayWhenError);
+    // again, make sure it's reentrant
+    it = pool.imap(sqr, exception_throwing_generator(1, -1), 1);
+    EXPECT_THROW(it.next(kLong), SayWhenError);
+
+    it = pool.imap(sqr, exception_throwing_generator(10, 3), 1);
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(it.next(kLong), std::optional<int>(i * i));
+    EXPECT_THROW(it.next(kLong), SayWhenError);
+    // mp: then the end, as after the last result.
+    EXPECT_EQ(it.next(kLong), std::nullopt);
+
+    // SayWhenError seen at start of problematic chunk's results
+    it = pool.imap(sqr, exception_throwing_generator(20, 7), 2);
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(it.next(kLong), std::optional<int>(i * i));
+    EXPECT_THROW(it.next(kLong), SayWhenError);
+    it = pool.imap(sqr, exception_throwing_generator(20, 7), 4);
+    for (int i = 0; i < 4; ++i) EXPECT_EQ(it.next(kLong), std::optional<int>(i * i));
+    EXPECT_THROW(it.next(kLong), SayWhenError);
+}
+
+TEST(PoolTest, PythonTestImapUnorderedHandleIterableException) {
+    // _TestPool.test_imap_unordered_handle_iterable_exception
+    mp::Pool pool(4);
+    // SayWhenError seen at the very first of the iterable
+    auto it = pool.imap_unordered(sqr, exception_throwing_generator(1, -1), 1);
+    EXPECT_THROW(it.next(kLong), SayWhenError);
+    // again, make sure it's reentrant
+    it = pool.imap_unordered(sqr, exception_throwing_generator(1, -1), 1);
+    EXPECT_THROW(it.next(kLong), SayWhenError);
+
+    for (auto [total, when, chunksize] : {std::tuple(10, 3, std::size_t{1}), std::tuple(20, 7, std::size_t{2})}) {
+        it = pool.imap_unordered(sqr, exception_throwing_generator(total, when), chunksize);
+        const std::vector<int> all = squares(total);
+        std::multiset<int> expected_values(all.begin(), all.end());
+        // imap_unordered makes it difficult to anticipate the SayWhenError
+        EXPECT_THROW(
+            for (int i = 0; i < total; ++i) {
+                auto value = it.next(kLong);
+                ASSERT_TRUE(value.has_value());
+                auto pos = expected_values.find(*value);
+                ASSERT_NE(pos, expected_values.end()) << *value;
+                expected_values.erase(pos);
+            },
+            SayWhenError);
+    }
+}
+
+TEST(PoolTest, ImapReadsAnEndlessInputLazily) {
+    mp::Pool pool(2);
+    std::atomic<int> read{0};
+    auto counted = std::views::iota(0) | std::views::transform([&read](int i) {
+                       ++read;
+                       return i;
+                   });
+    constexpr int kTaken = 50;
+    {
+        auto it = pool.imap(sqr, counted, 3);
+        for (int i = 0; i < kTaken; ++i) ASSERT_EQ(it.next(kLong), std::optional<int>(i * i));
+        // Read ahead: at most two chunks per worker beyond the chunk being taken.
+        EXPECT_LE(read.load(), (kTaken / 3 + 1 + 2 * 2) * 3);
+    }
+    read = 0;
+    {
+        auto it = pool.imap_unordered(sqr, counted);
+        std::set<int> got;
+        for (int i = 0; i < kTaken; ++i) {
+            auto v = it.next(kLong);
+            ASSERT_TRUE(v.has_value());
+            got.insert(*v);
+        }
+        EXPECT_EQ(got.size(), std::size_t{kTaken});
+        EXPECT_LE(read.load(), kTaken + 2 * 2);
+    }
+}
+
+TEST(PoolTest, CloseReadsTheRestOfAnImapsInput) {
+    mp::Pool pool(2);
+    std::atomic<int> read{0};
+    auto counted = std::views::iota(0, 30) | std::views::transform([&read](int i) {
+                       ++read;
+                       return i;
+                   });
+    auto it = pool.imap(sqr, counted, 2);
+    EXPECT_LT(read.load(), 30);
+    pool.close();
+    EXPECT_EQ(read.load(), 30);
+    std::vector<int> got;
+    while (auto v = it.next(kLong)) got.push_back(*v);
+    EXPECT_EQ(got, squares(30));
+    pool.join();
+}
+
 TEST(PoolTest, ImapUnordered) {
     mp::Pool pool(4);
     for (std::size_t cs : {1u, 53u}) {
@@ -646,6 +758,170 @@ TEST(PoolAsyncResult, ErrorCallbackForAWorkerThatDied) {
     });
     EXPECT_THROW(r.get(kLong), mp::WorkerDied);
     EXPECT_TRUE(eventually([&] { return died.load(); }));
+}
+
+// Python sets an AsyncResult ready only after its callback returned, so wait() and get() see what
+// the callback did: no `eventually` below. Each check runs several rounds because the callback
+// used to race the waiter (it ran after the result was ready in 21 runs of 25).
+constexpr int kCallbackRounds = 25;
+
+std::string what_of(std::exception_ptr e) {
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        return std::string(typeid(x).name()) + ": " + x.what();
+    }
+}
+
+TEST(PoolAsyncResult, PythonTestMapAsyncCallbacks) {
+    // _TestPool.test_map_async_callbacks (Python's int() is parse_int: std::stoi)
+    mp::Pool pool(2);
+    for (int round = 0; round < kCallbackRounds; ++round) {
+        std::vector<std::vector<int>> values;
+        std::vector<std::string> errors;
+        auto on_value = std::function<void(const std::vector<int>&)>(
+            [&](const std::vector<int>& v) { values.push_back(v); });
+        auto on_error = [&](std::exception_ptr e) { errors.push_back(what_of(e)); };
+
+        ASSERT_TRUE(pool.map_async(parse_int, std::vector<std::string>{"1"}, {}, on_value, on_error)
+                        .wait(kLong));
+        ASSERT_EQ(values, (std::vector<std::vector<int>>{{1}})) << "round " << round;
+        ASSERT_TRUE(errors.empty());
+
+        ASSERT_TRUE(pool.map_async(parse_int, std::vector<std::string>{"a"}, {}, on_value, on_error)
+                        .wait(kLong));
+        ASSERT_EQ(errors.size(), 1u) << "round " << round;
+        EXPECT_NE(errors[0].find("invalid_argument"), std::string::npos) << errors[0];
+        EXPECT_EQ(values.size(), 1u);
+    }
+}
+
+TEST(PoolAsyncResult, PythonTestAsyncErrorCallback) {
+    // _TestPoolWorkerErrors.test_async_error_callback
+    mp::Pool pool(2);
+    for (int round = 0; round < kCallbackRounds; ++round) {
+        std::optional<std::string> scratchpad;
+        // A callback that takes a while: the waiter must still wait for it.
+        auto res = pool.apply_async(raise_runtime, mp::args(round), nullptr, [&](std::exception_ptr e) {
+            std::this_thread::sleep_for(2ms);
+            scratchpad = what_of(e);
+        });
+        EXPECT_THROW(res.get(kLong), std::runtime_error);
+        ASSERT_TRUE(scratchpad.has_value()) << "round " << round;
+        EXPECT_NE(scratchpad->find("raised for " + std::to_string(round)), std::string::npos);
+    }
+}
+
+TEST(PoolAsyncResult, CallbacksRunBeforeGetReturns) {
+    // The value callbacks of apply_async and starmap_async, and a callback that throws (printed;
+    // the result still becomes ready).
+    mp::Pool pool(2);
+    for (int round = 0; round < kCallbackRounds; ++round) {
+        std::optional<int> got;
+        auto r = pool.apply_async(sqr, mp::args(round), [&](const int& v) { got = v; });
+        EXPECT_EQ(r.get(kLong), round * round);
+        ASSERT_EQ(got, round * round) << "round " << round;
+
+        std::optional<std::vector<int>> products;
+        auto s = pool.starmap_async(mul, std::vector<std::pair<int, int>>{{round, 2}, {3, 4}}, {},
+                                    [&](const std::vector<int>& v) { products = v; });
+        EXPECT_EQ(s.get(kLong), (std::vector<int>{round * 2, 12}));
+        ASSERT_EQ(products, (std::vector<int>{round * 2, 12})) << "round " << round;
+    }
+    std::string err = capture_stderr([&] {
+        auto r = pool.apply_async(sqr, mp::args(3), [](const int&) { throw std::runtime_error("cb"); });
+        EXPECT_EQ(r.get(kLong), 9);
+    });
+    EXPECT_NE(err.find("cb"), std::string::npos) << err;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misuse (issue 12 item 6): a result moved from throws mp::EmptyHandle on use, never crashes.
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolMisuse, MovedFromResultsThrowEmptyHandle) {
+    mp::Pool pool(1);
+    auto r = pool.apply_async(sqr, 3);
+    auto r2 = std::move(r);
+    EXPECT_THROW((void)r.get(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW((void)r.get(1s), mp::EmptyHandle);
+    EXPECT_THROW((void)r.wait(), mp::EmptyHandle);
+    EXPECT_THROW((void)r.ready(), mp::EmptyHandle);
+    EXPECT_THROW((void)r.successful(), mp::EmptyHandle);
+    EXPECT_EQ(r2.get(kLong), 9);
+
+    auto m = pool.map_async(sqr, std::vector{1, 2});
+    auto m2 = std::move(m);
+    EXPECT_THROW((void)m.get(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_EQ(m2.get(kLong), (std::vector{1, 4}));
+
+    auto it = pool.imap(sqr, std::vector{1, 2});
+    auto it2 = std::move(it);
+    EXPECT_THROW((void)it.next(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW((void)it.begin(), mp::EmptyHandle);
+    EXPECT_EQ(it2.next(kLong), std::optional<int>(1));
+    EXPECT_EQ(it2.next(kLong), std::optional<int>(4));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeout values (issue 12 item 5): "for ever" durations wait (the value arrives later and is
+// returned), zero and negative ones only look, each of its own type.
+// ---------------------------------------------------------------------------------------------
+
+TEST(PoolTimeoutValues, AsyncResultGetAndWait) {
+    TempDir dir;  // outlives the pool
+    mp::Pool pool(2);
+    mp::test::for_each_forever([&](auto forever) {
+        EXPECT_EQ(pool.apply_async(sleep_ms, 50).get(forever), 50);
+        EXPECT_TRUE(pool.apply_async(sleep_ms, 50).wait(forever));
+        EXPECT_EQ(pool.map_async(sleep_ms, std::vector{50, 60}).get(forever), (std::vector{50, 60}));
+    });
+    Gate gate(dir);
+    auto pending = pool.apply_async(wait_file, gate.path());
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_THROW(pending.get(t), mp::TimeoutError);
+        EXPECT_FALSE(pending.wait(t));
+    });
+    gate.open();
+    ASSERT_EQ(pending.get(kLong), 1);
+    mp::test::for_each_no_wait([&](auto t) { EXPECT_EQ(pending.get(t), 1); });
+}
+
+TEST(PoolTimeoutValues, ImapNext) {
+    TempDir dir;
+    mp::Pool pool(2);
+    mp::test::for_each_forever([&](auto forever) {
+        auto it = pool.imap(sleep_ms, std::vector{50, 60});
+        EXPECT_EQ(it.next(forever), std::optional<int>(50));
+        EXPECT_EQ(it.next(forever), std::optional<int>(60));
+        EXPECT_EQ(it.next(forever), std::nullopt);
+        auto un = pool.imap_unordered(sleep_ms, std::vector{50});
+        EXPECT_EQ(un.next(forever), std::optional<int>(50));
+        EXPECT_EQ(un.next(forever), std::nullopt);
+    });
+    Gate gate(dir);
+    auto it = pool.imap(wait_file, std::vector{gate.path()});
+    auto un = pool.imap_unordered(wait_file, std::vector{gate.path()});
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_THROW(it.next(t), mp::TimeoutError);
+        EXPECT_THROW(un.next(t), mp::TimeoutError);
+    });
+    gate.open();
+    EXPECT_EQ(it.next(kLong), std::optional<int>(1));
+    EXPECT_EQ(un.next(kLong), std::optional<int>(1));
+}
+
+TEST(PoolTimeoutValues, TaskTimeouts) {
+    mp::test::for_each_forever([&](auto forever) {
+        mp::Pool pool(mp::PoolOptions{.processes = 1, .task_timeout = forever});
+        EXPECT_EQ(pool.apply(sleep_ms, 50), 50);
+        EXPECT_EQ(pool.map(sleep_ms, std::vector{50, 60}, mp::MapOptions{.task_timeout = forever}),
+                  (std::vector{50, 60}));
+        pool.close();
+        pool.join();
+    });
+    mp::Pool pool(mp::PoolOptions{.processes = 1, .task_timeout = -1s});
+    EXPECT_THROW(pool.apply(sleep_ms, 5000), mp::TimeoutError);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "helpers/leak_check.hpp"
+#include "helpers/timeouts.hpp"
 #include "mp/process.hpp"
 
 extern char** environ;
@@ -833,6 +834,45 @@ TEST(Process, JoinWithTheLargestTimeoutWaits) {
     EXPECT_TRUE(ended) << "join(seconds::max()) returned before the child ended";
     EXPECT_TRUE(p.join(kLong));
     EXPECT_EQ(p.exitcode(), 0);
+}
+
+TEST(Process, JoinTimeoutValues) {
+    // issue 12 item 5: "for ever" durations of every type wait, zero and negative ones only look;
+    // Process::join and ChildProcess::join alike.
+    mp::test::for_each_forever([&](auto forever) {
+        for (bool child_view : {false, true}) {
+            Gate gate;
+            mp::Process p([r = gate.reader()] { wait_gate(r); });
+            p.start();
+            std::thread opener([&] {
+                std::this_thread::sleep_for(30ms);
+                gate.open();
+            });
+            bool ended;
+            if (child_view) {
+                auto children = mp::active_children();
+                ASSERT_EQ(children.size(), 1u);
+                ended = children[0].join(forever);
+            } else {
+                ended = p.join(forever);
+            }
+            opener.join();
+            EXPECT_TRUE(ended) << "returned before the child ended";
+            EXPECT_TRUE(p.join(kLong));
+        }
+    });
+    Gate gate;
+    mp::Process p([r = gate.reader()] { wait_gate(r); });
+    p.start();
+    auto children = mp::active_children();
+    ASSERT_EQ(children.size(), 1u);
+    mp::test::for_each_no_wait([&](auto t) {
+        EXPECT_FALSE(p.join(t));
+        EXPECT_FALSE(children[0].join(t));
+    });
+    gate.open();
+    ASSERT_TRUE(p.join(kLong));
+    mp::test::for_each_no_wait([&](auto t) { EXPECT_TRUE(p.join(t)); });
 }
 
 TEST(Process, NonDaemonChildOutlivesTheThreadThatStartedIt) {

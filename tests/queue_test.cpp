@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "helpers/proc_state.hpp"
+#include "helpers/timeouts.hpp"
 #include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
 #include "mp/queue.hpp"
@@ -166,6 +167,53 @@ TEST(Queue, TimeoutRaisesEmptyAfterAboutTheTimeout) {
     const auto t0 = Clock::now();
     EXPECT_THROW((void)q.get(200ms), mp::Empty);
     EXPECT_GE(seconds_since(t0), 0.1);  // Python's own bound
+}
+
+TEST(Queue, TimeoutValues) {
+    // issue 12 item 5: "for ever" durations of every type wait, zero and negative ones only look.
+    mp::test::for_each_forever([&](auto forever) {
+        mp::Queue<int> q;
+        std::thread producer([&] {
+            std::this_thread::sleep_for(30ms);
+            q.put(7);
+        });
+        EXPECT_EQ(q.get(forever), 7);
+        producer.join();
+
+        mp::Queue<int> full(1);
+        full.put(1);
+        std::thread consumer([&] {
+            std::this_thread::sleep_for(30ms);
+            EXPECT_EQ(full.get(LONG), 1);
+        });
+        full.put(2, forever);
+        consumer.join();
+        EXPECT_EQ(full.get(LONG), 2);
+
+        mp::JoinableQueue<int> jq;
+        jq.put(1);
+        std::thread worker([&] {
+            EXPECT_EQ(jq.get(LONG), 1);
+            std::this_thread::sleep_for(30ms);
+            jq.task_done();
+        });
+        EXPECT_TRUE(jq.join(forever));
+        worker.join();
+    });
+    mp::test::for_each_no_wait([&](auto t) {
+        mp::Queue<int> q(1);
+        EXPECT_THROW((void)q.get(t), mp::Empty);
+        q.put(5, t);  // room now: no wait needed
+        EXPECT_THROW(q.put(6, t), mp::Full);
+        EXPECT_EQ(q.get(t), 5);
+
+        mp::JoinableQueue<int> jq;
+        jq.put(1);
+        EXPECT_FALSE(jq.join(t));
+        EXPECT_EQ(jq.get(t), 1);
+        jq.task_done();
+        EXPECT_TRUE(jq.join(t));
+    });
 }
 
 TEST(Queue, PutAndGetAfterCloseRaise) {
@@ -891,6 +939,43 @@ TEST(Queue, RandomKillsOfProducersAndConsumersUnderLoad) {
     std::printf("kills: %d producers, %d consumers; %llu messages received, %llu missing of %llu\n",
                 producer_kills, consumer_kills, static_cast<unsigned long long>(received),
                 static_cast<unsigned long long>(missing), static_cast<unsigned long long>(expected));
+}
+
+// ---- Misuse (issue 12 item 6): a queue moved from throws mp::EmptyHandle, never crashes ----
+
+template <class Q>
+void expect_moved_from_queue_throws() {
+    Q q;
+    Q other = std::move(q);
+    other.put(1);
+    EXPECT_THROW(q.put(2), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW((void)q.get(), mp::EmptyHandle);
+    EXPECT_THROW((void)q.empty(), mp::EmptyHandle);
+    EXPECT_NO_THROW(q.close());  // nothing to close
+    EXPECT_THROW((void)mp::encode(q), mp::EmptyHandle);
+    if constexpr (!std::is_same_v<Q, mp::SimpleQueue<int>>) {
+        EXPECT_THROW(q.put(2, 1s), mp::EmptyHandle);
+        EXPECT_THROW((void)q.get(1s), mp::EmptyHandle);
+        EXPECT_THROW((void)q.get_nowait(), mp::EmptyHandle);
+        EXPECT_THROW(q.put_nowait(2), mp::EmptyHandle);
+        EXPECT_THROW((void)q.qsize(), mp::EmptyHandle);
+        EXPECT_THROW((void)q.full(), mp::EmptyHandle);
+        EXPECT_THROW((void)q.maxsize(), mp::EmptyHandle);
+    }
+    if constexpr (std::is_same_v<Q, mp::JoinableQueue<int>>) {
+        EXPECT_THROW(q.task_done(), mp::EmptyHandle);
+        EXPECT_THROW(q.join(), mp::EmptyHandle);
+        EXPECT_THROW((void)q.join(1s), mp::EmptyHandle);
+    }
+    EXPECT_EQ(other.get(), 1);
+}
+
+TEST(QueueMisuse, MovedFromQueueThrowsEmptyHandle) { expect_moved_from_queue_throws<mp::Queue<int>>(); }
+TEST(QueueMisuse, MovedFromJoinableQueueThrowsEmptyHandle) {
+    expect_moved_from_queue_throws<mp::JoinableQueue<int>>();
+}
+TEST(QueueMisuse, MovedFromSimpleQueueThrowsEmptyHandle) {
+    expect_moved_from_queue_throws<mp::SimpleQueue<int>>();
 }
 
 }  // namespace

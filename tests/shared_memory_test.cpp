@@ -1145,4 +1145,60 @@ TEST(ArrayTest, CodecSharesMemoryAndLock) {
     EXPECT_TRUE(b.get_lock().held());
 }
 
+// ---- Misuse (issue 12 item 6): an object moved from throws mp::EmptyHandle, never crashes ----
+
+TEST(SharedMisuse, MovedFromValuesAndArraysThrowEmptyHandle) {
+    mp::RawValue<int> rv(5);
+    auto rv2 = std::move(rv);
+    EXPECT_THROW((void)rv.get(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW(rv.set(1), mp::EmptyHandle);
+    EXPECT_THROW((void)rv.get_obj(), mp::EmptyHandle);
+    EXPECT_THROW((void)mp::encode(rv), mp::EmptyHandle);
+    EXPECT_EQ(rv2.get(), 5);
+
+    mp::RawArray<int> ra{1, 2};
+    auto ra2 = std::move(ra);
+    EXPECT_THROW((void)ra[0], mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW((void)ra.data(), mp::EmptyHandle);
+    EXPECT_THROW((void)ra.span(), mp::EmptyHandle);
+    EXPECT_THROW((void)ra.begin(), mp::EmptyHandle);
+    EXPECT_THROW((void)ra.to_vector(), mp::EmptyHandle);
+    EXPECT_THROW((void)mp::encode(ra), mp::EmptyHandle);
+    EXPECT_EQ(ra2.to_vector(), (std::vector{1, 2}));
+
+    mp::Value<int> v(7);
+    auto v2 = std::move(v);
+    EXPECT_THROW((void)v.get(), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW(v.set(1), mp::EmptyHandle);
+    EXPECT_THROW((void)v.get_obj(), mp::EmptyHandle);
+    EXPECT_THROW(v.get_lock().acquire(), mp::EmptyHandle);
+    EXPECT_THROW((void)mp::encode(v), mp::EmptyHandle);
+    EXPECT_EQ(v2.get(), 7);
+
+    mp::Array<int> a{3, 4};
+    auto a2 = std::move(a);
+    EXPECT_THROW((void)a.get(0), mp::EmptyHandle);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW(a.set(0, 1), mp::EmptyHandle);
+    EXPECT_THROW((void)a[0], mp::EmptyHandle);
+    EXPECT_THROW((void)a.to_vector(), mp::EmptyHandle);
+    EXPECT_THROW((void)mp::encode(a), mp::EmptyHandle);
+    EXPECT_EQ(a2.to_vector(), (std::vector{3, 4}));
+}
+
+TEST_F(SharedMemoryTest, MovedFromSharedMemoryThrowsEmptyHandle) {
+    // issue 12 item 6
+    mp::SharedMemory shm(std::nullopt, true, 64);
+    auto shm2 = std::move(shm);
+    EXPECT_TRUE(shm.closed());  // NOLINT(bugprone-use-after-move)
+    EXPECT_NO_THROW(shm.close());
+    EXPECT_THROW((void)shm.name(), mp::EmptyHandle);
+    EXPECT_THROW((void)shm.size(), mp::EmptyHandle);
+    EXPECT_THROW((void)shm.buf(), mp::EmptyHandle);
+    EXPECT_THROW(shm.unlink(), mp::EmptyHandle);
+    EXPECT_THROW((void)mp::to_string(shm), mp::EmptyHandle);
+    EXPECT_EQ(shm2.size(), 64u);
+    shm2.close();
+    shm2.unlink();
+}
+
 }  // namespace

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "helpers/proc_state.hpp"
+#include "helpers/timeouts.hpp"
 #include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
 #include "mp/shared_memory.hpp"
@@ -149,8 +150,9 @@ TEST(SyncFutex, WakeCountsSleepersAcrossProcessesAndBitsets) {
 
 TEST(SyncFutex, DeadlineHelpersSaturate) {
     using namespace std::chrono;
-    EXPECT_EQ(*mp::detail::deadline_after(nanoseconds::max()), steady_clock::time_point::max());
-    EXPECT_EQ(*mp::detail::deadline_after(hours::max()), steady_clock::time_point::max());
+    // "For ever" is no deadline at all (detail::Timeout's rule), never an overflow.
+    EXPECT_EQ(mp::detail::deadline_after(nanoseconds::max()), std::nullopt);
+    EXPECT_EQ(mp::detail::deadline_after(hours::max()), std::nullopt);
     const auto past = *mp::detail::deadline_after(-5s);
     EXPECT_LE(past, steady_clock::now());
     const auto before = steady_clock::now();
@@ -1725,4 +1727,154 @@ TEST(SyncForkserver, HolderKilledIsRecovered) {
     ASSERT_TRUE(lock.try_lock_for(LONG));
     EXPECT_TRUE(lock.owner_died());
     lock.unlock();
+}
+
+TEST(SyncTimeoutValues, EveryPrimitive) {
+    // issue 12 item 5: "for ever" durations of every type wait (what they wait for comes later),
+    // zero and negative ones only look.
+    mp::test::for_each_forever([&](auto forever) {
+        mp::Lock lock;
+        std::atomic<bool> held{false};
+        std::thread holder([&] {
+            lock.acquire();
+            held = true;
+            std::this_thread::sleep_for(30ms);
+            lock.release();
+        });
+        while (!held) std::this_thread::sleep_for(1ms);
+        EXPECT_TRUE(lock.acquire(forever));
+        lock.release();
+        holder.join();
+
+        mp::Event event;
+        mp::Semaphore sem(0);
+        mp::Condition cond;
+        bool flag = false;
+        mp::Barrier barrier(2, forever);  // the barrier's own default timeout
+        std::thread helper([&] {
+            std::this_thread::sleep_for(30ms);
+            event.set();
+            sem.release();
+            {
+                std::lock_guard g(cond);
+                flag = true;
+                cond.notify_all();
+            }
+            EXPECT_NO_THROW(barrier.wait(LONG));
+        });
+        EXPECT_TRUE(event.wait(forever));
+        EXPECT_TRUE(sem.acquire(forever));
+        {
+            std::unique_lock g(cond);
+            EXPECT_TRUE(cond.wait_for([&] { return flag; }, forever));
+        }
+        EXPECT_NO_THROW(barrier.wait());
+        helper.join();
+    });
+    mp::test::for_each_no_wait([&](auto t) {
+        mp::Lock lock;
+        std::atomic<int> stage{0};
+        std::thread holder([&] {
+            lock.acquire();
+            stage = 1;
+            while (stage != 2) std::this_thread::sleep_for(1ms);
+            lock.release();
+        });
+        while (stage != 1) std::this_thread::sleep_for(1ms);
+        EXPECT_FALSE(lock.acquire(t));
+        stage = 2;
+        holder.join();
+
+        mp::Event event;
+        EXPECT_FALSE(event.wait(t));
+        event.set();
+        EXPECT_TRUE(event.wait(t));
+        mp::Semaphore sem(0);
+        EXPECT_FALSE(sem.acquire(t));
+        mp::Condition cond;
+        {
+            std::unique_lock g(cond);
+            EXPECT_FALSE(cond.wait(t));
+        }
+        mp::Barrier barrier(2);
+        EXPECT_THROW(barrier.wait(t), mp::BrokenBarrierError);
+        mp::Barrier short_default(2, t);
+        EXPECT_THROW(short_default.wait(), mp::BrokenBarrierError);
+    });
+}
+
+// ---- Misuse (issue 12 item 6): a primitive moved from throws mp::EmptyHandle, never crashes --
+
+template <class P>
+void expect_common_use_throws(P& p) {
+    EXPECT_THROW((void)mp::encode(p), mp::EmptyHandle);
+    if constexpr (requires { p.acquire(); }) {
+        EXPECT_THROW((void)p.acquire(), mp::EmptyHandle);
+        EXPECT_THROW((void)p.acquire(false), mp::EmptyHandle);
+        EXPECT_THROW((void)p.acquire(1s), mp::EmptyHandle);
+        EXPECT_THROW(p.release(), mp::EmptyHandle);
+        EXPECT_THROW(p.lock(), mp::EmptyHandle);
+        EXPECT_THROW((void)p.try_lock_for(1s), mp::EmptyHandle);
+    }
+}
+
+TEST(SyncMisuse, MovedFromPrimitivesThrowEmptyHandle) {
+    {
+        mp::Lock a, b = std::move(a);
+        expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
+        EXPECT_THROW((void)a.owner_died(), mp::EmptyHandle);
+        EXPECT_TRUE(b.acquire(false));
+        b.release();
+    }
+    {
+        mp::RLock a, b = std::move(a);
+        expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
+        EXPECT_THROW((void)a.recursion_count(), mp::EmptyHandle);
+        EXPECT_TRUE(b.acquire(false));
+        b.release();
+    }
+    {
+        mp::Semaphore a(1), b = std::move(a);
+        expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
+        EXPECT_THROW((void)a.get_value(), mp::EmptyHandle);
+        EXPECT_EQ(b.get_value(), 1);
+    }
+    {
+        mp::BoundedSemaphore a(1), b = std::move(a);
+        expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
+        EXPECT_EQ(b.get_value(), 1);
+    }
+    {
+        mp::Condition a, b = std::move(a);
+        expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
+        EXPECT_THROW((void)a.wait(1s), mp::EmptyHandle);
+        EXPECT_THROW(a.notify(), mp::EmptyHandle);
+        EXPECT_THROW(a.notify_all(), mp::EmptyHandle);
+        EXPECT_THROW((void)a.owner_died(), mp::EmptyHandle);
+        std::lock_guard g(b);
+        b.notify_all();
+    }
+    {
+        mp::Event a, b = std::move(a);
+        expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
+        EXPECT_THROW(a.set(), mp::EmptyHandle);
+        EXPECT_THROW(a.clear(), mp::EmptyHandle);
+        EXPECT_THROW((void)a.is_set(), mp::EmptyHandle);
+        EXPECT_THROW((void)a.wait(1s), mp::EmptyHandle);
+        EXPECT_THROW(a.wait(), mp::EmptyHandle);
+        b.set();
+        EXPECT_TRUE(b.is_set());
+    }
+    {
+        mp::Barrier a(1), b = std::move(a);
+        expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
+        EXPECT_THROW((void)a.wait(), mp::EmptyHandle);
+        EXPECT_THROW((void)a.wait(1s), mp::EmptyHandle);
+        EXPECT_THROW(a.reset(), mp::EmptyHandle);
+        EXPECT_THROW(a.abort(), mp::EmptyHandle);
+        EXPECT_THROW((void)a.parties(), mp::EmptyHandle);
+        EXPECT_THROW((void)a.n_waiting(), mp::EmptyHandle);
+        EXPECT_THROW((void)a.broken(), mp::EmptyHandle);
+        EXPECT_EQ(b.wait(), 0);
+    }
 }

@@ -93,6 +93,7 @@
 #include <variant>
 #include <vector>
 
+#include "mp/detail/deadline.hpp"
 #include "mp/errors.hpp"
 #include "mp/serialize.hpp"
 
@@ -206,7 +207,7 @@ public:
     bool poll();
     /// Waits at most `timeout` (zero or negative: not at all) for a message or end of file;
     /// std::nullopt waits without limit (Python's poll(None)).
-    bool poll(std::optional<std::chrono::nanoseconds> timeout);
+    bool poll(detail::Timeout timeout);
 
     /// Closes the descriptor for every copy of this handle in this process, dropping what its
     /// receive buffer held. Idempotent. Copies in other processes are theirs to close.
@@ -453,22 +454,22 @@ using Waitable = std::variant<Connection*, int>;
 /// is not open. An empty list with no timeout, which could never return, throws
 /// std::invalid_argument (Python would sleep forever); with a timeout it just sleeps.
 std::vector<Connection*> wait(std::span<Connection* const> objects,
-                              std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+                              detail::Timeout timeout = std::nullopt);
 /// wait({&a, &b}, 1s)
 std::vector<Connection*> wait(std::initializer_list<Connection*> objects,
-                              std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+                              detail::Timeout timeout = std::nullopt);
 /// Raw descriptors: sockets, pipes, Process sentinels.
 std::vector<int> wait(std::span<const int> fds,
-                      std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+                      detail::Timeout timeout = std::nullopt);
 /// wait({sock, p.sentinel()}, 1s)
 std::vector<int> wait(std::initializer_list<int> fds,
-                      std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+                      detail::Timeout timeout = std::nullopt);
 /// A mix of connections and descriptors.
 std::vector<Waitable> wait(std::span<const Waitable> objects,
-                           std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+                           detail::Timeout timeout = std::nullopt);
 /// wait({&a, p.sentinel(), &b}, 1s)
 std::vector<Waitable> wait(std::initializer_list<Waitable> objects,
-                           std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+                           detail::Timeout timeout = std::nullopt);
 
 }  // namespace connection
 }  // namespace mp

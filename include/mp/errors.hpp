@@ -28,6 +28,28 @@ public:
     TimeoutError() : Error("timed out") {}
 };
 
+/// A handle that holds nothing was used: one moved from, or a default-constructed mp::Future or
+/// manager proxy (std::future calls this no_state; Python has no such objects). A Connection or
+/// Listener moved from is a closed one (std::system_error EBADF, as Python's OSError); a
+/// Process cannot be moved, and its misuse is ProcessError.
+class EmptyHandle : public Error {
+public:
+    using Error::Error;
+};
+
+namespace detail {
+/// Throws EmptyHandle naming `type` ("mp::Queue", ...).
+[[noreturn]] inline void throw_empty_handle(const char* type) {
+    throw EmptyHandle(std::string(type) + ": the handle is empty (moved from, or default-constructed)");
+}
+/// `*p`, or EmptyHandle when `p` is null.
+template <class P>
+decltype(auto) deref_handle(const P& p, const char* type) {
+    if (!p) throw_empty_handle(type);
+    return *p;
+}
+}  // namespace detail
+
 /// get on an empty queue without blocking (or after the timeout).
 class Empty : public Error {
 public:

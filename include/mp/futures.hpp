@@ -54,6 +54,7 @@
 #include <utility>
 #include <vector>
 
+#include "mp/detail/deadline.hpp"
 #include "mp/detail/future_core.hpp"
 #include "mp/detail/pool_engine.hpp"
 #include "mp/detail/task.hpp"
@@ -77,39 +78,33 @@ T decode_value(const std::string& bytes) {
 }
 template <class T>
 std::shared_ptr<FutureCore> core_of(const Future<T>& f);
-using Timeout = std::optional<std::chrono::nanoseconds>;
 }  // namespace detail
 
 /// The eventual result of work handed to a pool: a cheap copyable handle; copies share the state.
 template <class T>
 class Future {
 public:
-    /// An empty handle (valid() is false); every other member needs a valid one.
+    /// An empty handle (valid() is false): every other member throws mp::EmptyHandle, as they
+    /// do on a handle moved from.
     Future() = default;
     explicit Future(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
 
     bool valid() const noexcept { return core_ != nullptr; }
     /// Cancels the work unless a worker has taken it: false once running or done.
-    bool cancel() const { return core_->cancel(); }
-    bool cancelled() const noexcept {
-        return core_->state() == detail::FutureCore::State::cancelled;
-    }
+    bool cancel() const { return core().cancel(); }
+    bool cancelled() const { return core().state() == detail::FutureCore::State::cancelled; }
     /// True while a worker has the task.
-    bool running() const noexcept { return core_->state() == detail::FutureCore::State::running; }
+    bool running() const { return core().state() == detail::FutureCore::State::running; }
     /// Finished (with a value or an exception) or cancelled.
-    bool done() const noexcept { return core_->done(); }
+    bool done() const { return core().done(); }
 
     /// Waits for the value. Throws what the task threw (see the header), CancelledError when
     /// cancelled, TimeoutError when `timeout` passes first (the work goes on).
     T result(detail::Timeout timeout = std::nullopt) const {
         wait_done(timeout);
         if (cancelled()) throw CancelledError();
-        if (auto e = core_->error()) std::rethrow_exception(e);
-        return detail::decode_value<T>(core_->bytes());
-    }
-    template <class Rep, class Period>
-    T result(std::chrono::duration<Rep, Period> timeout) const {
-        return result(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
+        if (auto e = core().error()) std::rethrow_exception(e);
+        return detail::decode_value<T>(core().bytes());
     }
 
     /// The exception the work ended with; nullptr when it produced a value. Throws CancelledError
@@ -117,20 +112,16 @@ public:
     std::exception_ptr exception(detail::Timeout timeout = std::nullopt) const {
         wait_done(timeout);
         if (cancelled()) throw CancelledError();
-        return core_->error();
-    }
-    template <class Rep, class Period>
-    std::exception_ptr exception(std::chrono::duration<Rep, Period> timeout) const {
-        return exception(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
+        return core().error();
     }
 
     /// Waits until done; false when `timeout` passed first.
-    bool wait(detail::Timeout timeout = std::nullopt) const { return core_->wait(timeout); }
+    bool wait(detail::Timeout timeout = std::nullopt) const { return core().wait(timeout); }
 
     /// Calls fn(future) once done: at once (in this thread) when already done, else in the pool's
     /// result thread, or in the thread that cancels it. Callbacks run in the order added.
     void add_done_callback(std::function<void(const Future&)> fn) const {
-        core_->add_done_callback([fn = std::move(fn)](detail::FutureCore& c) {
+        core().add_done_callback([fn = std::move(fn)](detail::FutureCore& c) {
             fn(Future(c.shared_from_this()));
         });
     }
@@ -140,8 +131,9 @@ public:
 private:
     friend std::shared_ptr<detail::FutureCore> detail::core_of<T>(const Future<T>&);
     void wait_done(detail::Timeout timeout) const {
-        if (!core_->wait(timeout)) throw TimeoutError("the future did not finish in time");
+        if (!core().wait(timeout)) throw TimeoutError("the future did not finish in time");
     }
+    detail::FutureCore& core() const { return detail::deref_handle(core_, "mp::Future"); }
     std::shared_ptr<detail::FutureCore> core_;
 };
 
@@ -154,7 +146,7 @@ template <class T>
 std::vector<FutureCore*> raw_cores(const std::vector<Future<T>>& fs) {
     std::vector<FutureCore*> out;
     out.reserve(fs.size());
-    for (const auto& f : fs) out.push_back(core_of(f).get());
+    for (const auto& f : fs) out.push_back(&deref_handle(core_of(f), "mp::Future"));
     return out;
 }
 }  // namespace detail
@@ -190,12 +182,6 @@ template <class T>
 WaitResult<T> wait(const std::vector<Future<T>>& futures, ReturnWhen when) {
     return wait(futures, std::nullopt, when);
 }
-template <class T, class Rep, class Period>
-WaitResult<T> wait(const std::vector<Future<T>>& futures, std::chrono::duration<Rep, Period> timeout,
-                   ReturnWhen when = ALL_COMPLETED) {
-    return wait(futures, detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)),
-                when);
-}
 
 /// Options of mp::as_completed.
 struct AsCompletedOptions {
@@ -214,8 +200,7 @@ public:
     AsCompleted(std::vector<Future<T>> futures, AsCompletedOptions options)
         : futures_(dedupe(std::move(futures))),
           queue_(std::make_unique<detail::CompletionQueue>(detail::raw_cores(futures_))) {
-        if (options.timeout)
-            deadline_ = std::chrono::steady_clock::now() + *options.timeout;
+        deadline_ = detail::deadline_after(options.timeout);
         if (options.progress)
             bar_ = std::make_unique<detail::ProgressBar>("as_completed", futures_.size());
     }
@@ -264,7 +249,7 @@ private:
     }
     std::vector<Future<T>> futures_;
     std::unique_ptr<detail::CompletionQueue> queue_;
-    std::optional<std::chrono::steady_clock::time_point> deadline_;
+    detail::Deadline deadline_;
     std::unique_ptr<detail::ProgressBar> bar_;
 };
 
@@ -275,7 +260,7 @@ AsCompleted<T> as_completed(std::vector<Future<T>> futures, AsCompletedOptions o
 template <class T, class Rep, class Period>
 AsCompleted<T> as_completed(std::vector<Future<T>> futures, std::chrono::duration<Rep, Period> timeout) {
     return AsCompleted<T>(std::move(futures),
-                          {std::chrono::duration_cast<std::chrono::nanoseconds>(timeout), false});
+                          {detail::Timeout(timeout), false});
 }
 
 /// Options of a ProcessPoolExecutor; every member has a sensible default.
@@ -417,12 +402,12 @@ public:
 
     MapResults(detail::ChunkSet set, detail::Timeout timeout, bool progress, const char* label)
         : set_(std::make_shared<detail::ChunkSet>(std::move(set))) {
-        if (timeout) deadline_ = std::chrono::steady_clock::now() + *timeout;
+        deadline_ = detail::deadline_after(timeout);
         if (progress) detail::show_progress(*set_, label);
     }
 
     /// How many results there will be.
-    std::size_t size() const noexcept { return set_->items; }
+    std::size_t size() const { return set().items; }
 
     class iterator {
     public:
@@ -431,7 +416,7 @@ public:
         using difference_type = std::ptrdiff_t;
         iterator() = default;
         explicit iterator(MapResults* owner) : owner_(owner) {
-            if (owner_->set_->items == 0) owner_ = nullptr;
+            if (owner_->set().items == 0) owner_ = nullptr;
         }
         /// Waits for this item and decodes it (each dereference decodes anew).
         R operator*() const { return owner_->item(chunk_, pos_); }
@@ -466,18 +451,13 @@ public:
 
     /// Cancels every chunk not yet started.
     void cancel() const {
-        for (auto& c : set_->cores) c->cancel();
+        for (auto& c : set().cores) c->cancel();
     }
 
 private:
     R item(std::size_t chunk, std::size_t pos) {
-        auto& core = *set_->cores[chunk];
-        std::optional<std::chrono::nanoseconds> left;
-        if (deadline_) {
-            auto now = std::chrono::steady_clock::now();
-            left = now < *deadline_ ? *deadline_ - now : std::chrono::nanoseconds::zero();
-        }
-        if (!core.wait(left)) {
+        auto& core = *set().cores[chunk];
+        if (!core.wait(detail::remaining(deadline_))) {
             cancel();
             throw TimeoutError("map: the results did not arrive in time");
         }
@@ -492,8 +472,10 @@ private:
         return detail::decode_item<R>(it.bytes);
     }
 
+    detail::ChunkSet& set() const { return detail::deref_handle(set_, "mp::MapResults"); }
+
     std::shared_ptr<detail::ChunkSet> set_;
-    std::optional<std::chrono::steady_clock::time_point> deadline_;
+    detail::Deadline deadline_;
     std::size_t parsed_chunk_ = static_cast<std::size_t>(-1);
     std::vector<detail::ChunkItem> items_;
 };

@@ -244,8 +244,7 @@ public:
 
 private:
     const detail::managers::ProxyState& state() const {
-        if (!state_) throw ProcessError("mp: an empty proxy (default-constructed or moved from)");
-        return *state_;
+        return detail::deref_handle(state_, "mp proxy");
     }
     std::shared_ptr<detail::managers::ProxyState> state_;
 };
@@ -274,7 +273,8 @@ struct Codec<P> {
 
 // ---- the built-in proxies ----------------------------------------------------------------------
 
-/// Timeouts travel as nanoseconds; std::nullopt waits without limit.
+/// Timeouts travel as nanoseconds (saturated by detail::Timeout before they leave); std::nullopt
+/// waits without limit.
 using OptTimeout = std::optional<std::chrono::nanoseconds>;
 
 namespace detail::managers {
@@ -370,12 +370,12 @@ class QueueProxy : public BaseProxy {
 public:
     using BaseProxy::BaseProxy;
     /// Blocks while a bounded queue is full (mp::Full after `timeout`).
-    void put(const T& v, OptTimeout timeout = std::nullopt) const {
-        call("put", encode(v), true, timeout);
+    void put(const T& v, detail::Timeout timeout = std::nullopt) const {
+        call("put", encode(v), true, OptTimeout(timeout));
     }
     void put_nowait(const T& v) const { call("put", encode(v), false, OptTimeout{}); }
     /// Blocks until an item arrives (mp::Empty after `timeout`).
-    T get(OptTimeout timeout = std::nullopt) const { return decode(call<std::string>("get", true, timeout)); }
+    T get(detail::Timeout timeout = std::nullopt) const { return decode(call<std::string>("get", true, OptTimeout(timeout))); }
     T get_nowait() const { return decode(call<std::string>("get", false, OptTimeout{})); }
     std::size_t qsize() const { return call<std::uint64_t>("qsize"); }
     bool empty() const { return qsize() == 0; }
@@ -412,8 +412,8 @@ class LockProxy : public BaseProxy {
 public:
     using BaseProxy::BaseProxy;
     /// Returns false when `timeout` passed first; blocking=false just tries.
-    bool acquire(bool blocking = true, OptTimeout timeout = std::nullopt) const {
-        return call<bool>("acquire", blocking, timeout);
+    bool acquire(bool blocking = true, detail::Timeout timeout = std::nullopt) const {
+        return call<bool>("acquire", blocking, OptTimeout(timeout));
     }
     /// mp::ProcessError-like std::runtime_error (remote) when not held by the caller.
     void release() const { call("release"); }
@@ -427,8 +427,8 @@ using RLockProxy = LockProxy;
 class SemaphoreProxy : public BaseProxy {
 public:
     using BaseProxy::BaseProxy;
-    bool acquire(bool blocking = true, OptTimeout timeout = std::nullopt) const {
-        return call<bool>("acquire", blocking, timeout);
+    bool acquire(bool blocking = true, detail::Timeout timeout = std::nullopt) const {
+        return call<bool>("acquire", blocking, OptTimeout(timeout));
     }
     void release() const { call("release"); }
     int get_value() const { return call<int>("get_value"); }
@@ -441,22 +441,22 @@ public:
     void clear() const { call("clear"); }
     bool is_set() const { return call<bool>("is_set"); }
     /// True when the event is set (at once or within `timeout`).
-    bool wait(OptTimeout timeout = std::nullopt) const { return call<bool>("wait", timeout); }
+    bool wait(detail::Timeout timeout = std::nullopt) const { return call<bool>("wait", OptTimeout(timeout)); }
 };
 
 /// Condition with its own (reentrant) lock, owned like an RLock.
 class ConditionProxy : public BaseProxy {
 public:
     using BaseProxy::BaseProxy;
-    bool acquire(bool blocking = true, OptTimeout timeout = std::nullopt) const {
-        return call<bool>("acquire", blocking, timeout);
+    bool acquire(bool blocking = true, detail::Timeout timeout = std::nullopt) const {
+        return call<bool>("acquire", blocking, OptTimeout(timeout));
     }
     void release() const { call("release"); }
     void lock() const { acquire(); }
     void unlock() const { release(); }
     /// Releases the lock, waits for a notify (or the timeout), takes the lock back; false on
     /// timeout. The caller must hold the lock.
-    bool wait(OptTimeout timeout = std::nullopt) const { return call<bool>("wait", timeout); }
+    bool wait(detail::Timeout timeout = std::nullopt) const { return call<bool>("wait", OptTimeout(timeout)); }
     void notify(int n = 1) const { call("notify", n); }
     void notify_all() const { call("notify_all"); }
 };
@@ -466,7 +466,7 @@ public:
 class BarrierProxy : public BaseProxy {
 public:
     using BaseProxy::BaseProxy;
-    int wait(OptTimeout timeout = std::nullopt) const { return call<int>("wait", timeout); }
+    int wait(detail::Timeout timeout = std::nullopt) const { return call<int>("wait", OptTimeout(timeout)); }
     void abort() const { call("abort"); }
     void reset() const { call("reset"); }
     int parties() const { return call<int>("parties"); }

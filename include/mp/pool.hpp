@@ -19,11 +19,13 @@
 /// BrokenProcessPool and the workers are killed. After close(), the destructor waits for the
 /// submitted work to finish and the workers to exit, as join() does.
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <ranges>
 #include <tuple>
@@ -48,7 +50,7 @@ struct PoolOptions {
     std::optional<StartMethod> start_method;
     /// Per-task (per-chunk) time limit once started; the worker is killed, the task fails with
     /// TimeoutError.
-    std::optional<std::chrono::nanoseconds> task_timeout;
+    detail::Timeout task_timeout;
 };
 
 /// The arguments of an apply_async with callbacks: pool.apply_async(f, mp::args(1, 2), on_ok).
@@ -83,56 +85,103 @@ public:
     /// Waits for and returns the value; throws what the work threw, or TimeoutError when
     /// `timeout` passes first (the work goes on).
     T get(detail::Timeout timeout = std::nullopt) const {
-        if (!done_->wait(timeout)) throw TimeoutError("the result did not arrive in time");
-        if (auto e = done_->error()) std::rethrow_exception(e);
-        if (done_->state() == detail::FutureCore::State::cancelled) throw CancelledError();
+        if (!core().wait(timeout)) throw TimeoutError("the result did not arrive in time");
+        if (auto e = core().error()) std::rethrow_exception(e);
+        if (core().state() == detail::FutureCore::State::cancelled) throw CancelledError();
         return value_();
     }
-    template <class Rep, class Period>
-    T get(std::chrono::duration<Rep, Period> timeout) const {
-        return get(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
-    }
     /// Waits until ready; false when `timeout` passed first.
-    bool wait(detail::Timeout timeout = std::nullopt) const { return done_->wait(timeout); }
-    template <class Rep, class Period>
-    bool wait(std::chrono::duration<Rep, Period> timeout) const {
-        return wait(detail::Timeout(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout)));
-    }
-    bool ready() const noexcept { return done_->done(); }
+    bool wait(detail::Timeout timeout = std::nullopt) const { return core().wait(timeout); }
+    bool ready() const { return core().done(); }
     /// Whether the call completed without raising. Throws mp::Error when not ready (Python:
     /// ValueError).
     bool successful() const {
         if (!ready()) throw Error("the result is not ready");
-        return done_->state() == detail::FutureCore::State::finished && !done_->error();
+        return core().state() == detail::FutureCore::State::finished && !core().error();
     }
 
 private:
+    // Every member but the constructor throws mp::EmptyHandle on a result moved from.
+    detail::FutureCore& core() const { return detail::deref_handle(done_, "mp::AsyncResult"); }
     std::shared_ptr<detail::FutureCore> done_;
     std::function<T()> value_;
 };
 
 namespace detail {
 
-/// imap / imap_unordered results.
+/// What a Pool keeps of an imap's input side, so that close() can read the rest of it.
+class IMapFeed {
+public:
+    virtual ~IMapFeed() = default;
+    /// Reads and submits the rest of the input (an input that throws ends there).
+    virtual void drain() = 0;
+};
+
+/// Where imaps submit their chunks: the Pool's engine while the Pool lives. An imap may outlive
+/// its Pool; it then reads no more input.
+struct IMapSink {
+    std::mutex mu;
+    PoolEngine* engine = nullptr;  // null once the Pool is gone
+    std::vector<std::weak_ptr<IMapFeed>> feeds;
+};
+
+/// Reads the next chunk of `range` (owned when given as an rvalue, else referenced) and submits
+/// it to `sink`: the chunk's core and size, or std::nullopt at the end of the input. What the
+/// input throws escapes, and the rows of the unfinished chunk are dropped, as Python's imap does.
+template <class F, class V, class Rg>
+auto chunk_reader(std::shared_ptr<IMapSink> sink, const F& fn, std::size_t chunksize,
+                  Timeout task_timeout, Rg&& range) {
+    using Stored = std::conditional_t<std::is_lvalue_reference_v<Rg>, Rg, std::remove_cvref_t<Rg>>;
+    using Iter = std::ranges::iterator_t<std::remove_reference_t<Stored>>;
+    struct State {
+        Stored range;
+        std::optional<Iter> it;  // begin() once the range has its final address
+        ChunkBuilder<std::decay_t<F>, std::decay_t<V>> builder;
+    };
+    auto st = std::make_shared<State>(
+        State{std::forward<Rg>(range), std::nullopt, ChunkBuilder<std::decay_t<F>, std::decay_t<V>>(fn)});
+    return [st, sink = std::move(sink), chunksize, task_timeout]()
+               -> std::optional<std::pair<std::shared_ptr<FutureCore>, std::size_t>> {
+        if (!st->it) st->it.emplace(std::ranges::begin(st->range));
+        Iter& it = *st->it;
+        while (st->builder.count() < chunksize && it != std::ranges::end(st->range)) {
+            st->builder.add(*it);
+            ++it;
+        }
+        const std::size_t n = st->builder.count();
+        if (n == 0) return std::nullopt;
+        std::lock_guard lk(sink->mu);
+        if (sink->engine == nullptr) throw BrokenProcessPool("imap: the pool is gone");
+        return std::pair(sink->engine->submit(st->builder.take(), JobOptions{task_timeout, n}), n);
+    };
+}
+
+/// imap / imap_unordered results. The input is read lazily, in the thread that calls next()
+/// (and in imap() itself): at most a few chunks per worker ahead of the results taken.
 template <class R>
 class IMapResults {
 public:
-    IMapResults(ChunkSet set, bool ordered, bool progress)
-        : set_(std::make_shared<ChunkSet>(std::move(set))), ordered_(ordered) {
-        if (!ordered_) {
-            std::vector<FutureCore*> raw;
-            for (auto& c : set_->cores) raw.push_back(c.get());
-            queue_ = std::make_shared<CompletionQueue>(std::move(raw));
-        }
-        if (progress) show_progress(*set_, ordered ? "imap" : "imap_unordered");
-    }
+    using Reader = std::function<std::optional<std::pair<std::shared_ptr<FutureCore>, std::size_t>>()>;
 
-    std::size_t size() const noexcept { return set_->items; }
+    /// `count`: the input's length when known without reading it (for the progress bar), else 0.
+    IMapResults(Reader read, bool ordered, std::size_t window, bool progress, std::size_t count)
+        : feed_(std::make_shared<Feed>()), ordered_(ordered), window_(std::max<std::size_t>(window, 1)) {
+        feed_->read = std::move(read);
+        if (!ordered_) feed_->queue = std::make_shared<CompletionQueue>(std::vector<FutureCore*>{});
+        if (progress) {
+            feed_->bar = std::make_shared<ProgressBar>(ordered ? "imap" : "imap_unordered", count);
+            feed_->count_known = count != 0;
+        }
+        std::lock_guard lk(feed_->mu);
+        top_up();
+    }
 
     /// The next result: in input order (imap) or as chunks finish (imap_unordered). Throws the
     /// item's exception, or TimeoutError when `timeout` passes first (Python's next(timeout)).
-    /// std::nullopt after the last.
+    /// An exception thrown by the input comes once, after the results of the items read before
+    /// it (the items of its unfinished chunk are dropped); then std::nullopt, as after the last.
     std::optional<R> next(Timeout timeout = std::nullopt) {
+        if (!feed_) throw_empty_handle("mp::IMapResults");
         if (remaining_failed_ != 0) {
             // A chunk that failed as a whole (its worker died, say): each of its items raises.
             --remaining_failed_;
@@ -143,31 +192,43 @@ public:
             if (!it.ok) throw_item_error(it);
             return decode_item<R>(it.bytes);
         }
-        if (taken_ == set_->cores.size()) return std::nullopt;
-        std::size_t chunk;
+        std::shared_ptr<FutureCore> core;
+        std::size_t size = 0;
+        {
+            std::lock_guard lk(feed_->mu);
+            top_up();
+            if (taken_ == feed_->cores.size()) {
+                if (auto e = std::exchange(feed_->input_error, nullptr)) std::rethrow_exception(e);
+                return std::nullopt;
+            }
+            if (ordered_) {
+                core = feed_->cores[taken_];
+                size = feed_->sizes[taken_];
+            }
+        }
         if (ordered_) {
-            chunk = taken_;
-            if (!set_->cores[chunk]->wait(timeout)) throw TimeoutError("imap: no result in time");
+            if (!core->wait(timeout)) throw TimeoutError("imap: no result in time");
         } else {
-            std::optional<std::chrono::steady_clock::time_point> deadline;
-            if (timeout) deadline = std::chrono::steady_clock::now() + *timeout;
-            auto n = queue_->next(deadline);
+            // Chunks enter the queue in the order they enter cores: its indices are theirs.
+            auto n = feed_->queue->next(deadline_after(timeout));
             if (!n) return std::nullopt;
-            chunk = *n;
+            std::lock_guard lk(feed_->mu);
+            core = feed_->cores[*n];
+            size = feed_->sizes[*n];
         }
         ++taken_;
-        FutureCore& core = *set_->cores[chunk];
         pos_ = 0;
         items_.clear();
-        std::exception_ptr e = core.error();
-        if (!e && core.state() == FutureCore::State::cancelled)
+        std::exception_ptr e = core->error();
+        if (!e && core->state() == FutureCore::State::cancelled)
             e = std::make_exception_ptr(CancelledError());
         if (e) {
             failed_ = e;
-            remaining_failed_ = set_->sizes[chunk] - 1;
+            remaining_failed_ = size - 1;
             std::rethrow_exception(e);
         }
-        items_ = split_chunk(core.bytes(), set_->sizes[chunk]);
+        core_ = core;  // items_ views its bytes
+        items_ = split_chunk(core->bytes(), size);
         return next(timeout);
     }
 
@@ -199,16 +260,83 @@ public:
     iterator begin() { return iterator(this); }
     std::default_sentinel_t end() const noexcept { return {}; }
 
+    /// For Pool::close(), which reads the rest of the input.
+    std::shared_ptr<IMapFeed> feed() const { return feed_; }
+
 private:
-    std::shared_ptr<ChunkSet> set_;
+    struct Feed final : IMapFeed {
+        std::mutex mu;  // one reader of the input at a time; guards what follows
+        Reader read;
+        std::vector<std::shared_ptr<FutureCore>> cores;  // the chunks submitted so far
+        std::vector<std::size_t> sizes;
+        bool ended = false;
+        std::exception_ptr input_error;
+        std::shared_ptr<CompletionQueue> queue;  // imap_unordered
+        std::shared_ptr<ProgressBar> bar;
+        bool count_known = false;
+
+        // Submits one more chunk; false once the input has ended (or thrown: input_error).
+        bool feed_one() {
+            if (ended) return false;
+            try {
+                auto chunk = read();
+                if (!chunk) {
+                    ended = true;
+                    return false;
+                }
+                auto& [core, n] = *chunk;
+                cores.push_back(core);
+                sizes.push_back(n);
+                if (queue) queue->add(core.get());
+                if (bar) {
+                    if (!count_known) bar->add_total(n);
+                    core->add_done_callback([bar = bar, n = n](FutureCore&) { bar->advance(n); });
+                }
+                return true;
+            } catch (...) {
+                ended = true;
+                input_error = std::current_exception();
+                read = nullptr;  // lets go of the input
+                return false;
+            }
+        }
+        void drain() override {
+            std::lock_guard lk(mu);
+            while (feed_one()) {
+            }
+        }
+    };
+
+    // With feed_->mu held: keeps window_ chunks submitted beyond those taken.
+    void top_up() {
+        while (feed_->cores.size() < taken_ + window_ && feed_->feed_one()) {
+        }
+    }
+
+    std::shared_ptr<Feed> feed_;
     bool ordered_;
-    std::shared_ptr<CompletionQueue> queue_;
+    std::size_t window_;
     std::size_t taken_ = 0;
     std::size_t pos_ = 0;
+    std::shared_ptr<FutureCore> core_;
     std::vector<ChunkItem> items_;
     std::exception_ptr failed_;
     std::size_t remaining_failed_ = 0;
 };
+
+/// Pool::close(): reads the rest of every live imap's input, so its work is submitted before
+/// the pool takes no more.
+inline void drain_imaps(IMapSink& sink) {
+    std::vector<std::shared_ptr<IMapFeed>> live;
+    {
+        std::lock_guard lk(sink.mu);
+        for (auto& w : sink.feeds)
+            if (auto f = w.lock()) live.push_back(std::move(f));
+        sink.feeds.clear();
+    }
+    // Not under sink.mu: reading submits, which takes it (the order is feed, then sink).
+    for (auto& f : live) f->drain();
+}
 
 /// How many elements `range` has, when that can be known without consuming it; else 0.
 template <class Rg>
@@ -279,8 +407,8 @@ public:
         check_running();
         auto task = std::apply([&](const A&... v) { return *detail::make_task(fn, v...); }, a.values);
         auto core = engine_.submit(std::move(task));
-        add_callbacks<R>(core, std::move(callback), std::move(error_callback));
-        return AsyncResult<R>(core, [core] { return detail::decode_value<R>(core->bytes()); });
+        auto ready = with_callbacks<R>(core, std::move(callback), std::move(error_callback));
+        return AsyncResult<R>(ready, [core] { return detail::decode_value<R>(core->bytes()); });
     }
 
     /// fn over `range`, results in order; blocks. chunksize 0: Python's default.
@@ -322,27 +450,25 @@ public:
                             std::make_index_sequence<std::tuple_size_v<Tup>>{});
     }
 
-    /// Lazy results in input order; chunksize 0 means 1, as Python's imap.
+    /// Lazy results in input order; chunksize 0 means 1, as Python's imap. The input is lazy
+    /// too: it is read in the thread that takes the results, a few chunks per worker ahead of
+    /// them, so an endless input works and what the input throws comes from next() after the
+    /// results before it. An rvalue range is kept by the results; an lvalue range must outlive
+    /// them. close() reads the rest of the input of every imap still alive.
     template <class F, class Rg, class V = std::ranges::range_value_t<Rg>,
               class R = detail::item_t<detail::call_result_t<F, V>>>
     detail::IMapResults<R> imap(const F& fn, Rg&& range, MapOptions options = {}) {
-        detail::check_work<F, V>();
-        if (options.chunksize == 0) options.chunksize = 1;
-        return detail::IMapResults<R>(submit<F, V>(fn, options, 0, detail::zip_rows(range)), true,
-                                      options.progress);
+        return lazy_imap<F, V, R>(fn, std::forward<Rg>(range), options, true);
     }
     template <class F, class Rg>
     auto imap(const F& fn, Rg&& range, std::size_t chunksize) {
         return imap(fn, std::forward<Rg>(range), MapOptions{.chunksize = chunksize});
     }
-    /// Lazy results as they finish (whole chunks keep their inner order).
+    /// Lazy results as they finish (whole chunks keep their inner order); the input as imap's.
     template <class F, class Rg, class V = std::ranges::range_value_t<Rg>,
               class R = detail::item_t<detail::call_result_t<F, V>>>
     detail::IMapResults<R> imap_unordered(const F& fn, Rg&& range, MapOptions options = {}) {
-        detail::check_work<F, V>();
-        if (options.chunksize == 0) options.chunksize = 1;
-        return detail::IMapResults<R>(submit<F, V>(fn, options, 0, detail::zip_rows(range)), false,
-                                      options.progress);
+        return lazy_imap<F, V, R>(fn, std::forward<Rg>(range), options, false);
     }
     template <class F, class Rg>
     auto imap_unordered(const F& fn, Rg&& range, std::size_t chunksize) {
@@ -366,13 +492,16 @@ private:
     static detail::PoolConfig make_config(const PoolOptions& o, std::optional<detail::Task> init);
     void check_running() const;
 
+    // The core an AsyncResult waits on: `core` itself, or with callbacks one that ends only after
+    // they ran (as Python's, whose result is ready only once the callback returned).
     template <class R>
-    void add_callbacks(const std::shared_ptr<detail::FutureCore>& core,
-                       std::function<void(const detail::item_t<R>&)> callback,
-                       std::function<void(std::exception_ptr)> error_callback) {
-        if (!callback && !error_callback) return;
-        core->add_done_callback([callback = std::move(callback),
-                                 error_callback = std::move(error_callback)](detail::FutureCore& c) {
+    std::shared_ptr<detail::FutureCore> with_callbacks(
+        const std::shared_ptr<detail::FutureCore>& core,
+        std::function<void(const detail::item_t<R>&)> callback,
+        std::function<void(std::exception_ptr)> error_callback) {
+        if (!callback && !error_callback) return core;
+        return core->after_callback([callback = std::move(callback),
+                                     error_callback = std::move(error_callback)](detail::FutureCore& c) {
             if (auto e = c.error()) {
                 if (error_callback) error_callback(e);
             } else if (c.state() == detail::FutureCore::State::cancelled) {
@@ -404,8 +533,8 @@ private:
         if (progress) detail::show_progress(*shared, label);
         auto all = detail::FutureCore::when_all(shared->cores);
         if (callback || error_callback) {
-            all->add_done_callback([shared, callback = std::move(callback),
-                                    error_callback = std::move(error_callback)](detail::FutureCore& c) {
+            all = all->after_callback([shared, callback = std::move(callback),
+                                       error_callback = std::move(error_callback)](detail::FutureCore& c) {
                 std::exception_ptr e = c.error();
                 if (!e) {
                     try {
@@ -434,9 +563,38 @@ private:
                                "starmap");
     }
 
+    // How many chunks an imap reads ahead of the results taken, per worker.
+    static constexpr std::size_t kIMapChunksPerWorker = 2;
+
+    template <class F, class V, class R, class Rg>
+    detail::IMapResults<R> lazy_imap(const F& fn, Rg&& range, MapOptions options, bool ordered) {
+        detail::check_work<F, V>();
+        check_running();
+        if (options.chunksize == 0) options.chunksize = 1;
+        // Only a sized range: counting a forward one would read it (and an endless one for ever).
+        std::size_t count = 0;
+        if constexpr (std::ranges::sized_range<Rg>) count = static_cast<std::size_t>(std::ranges::size(range));
+        detail::IMapResults<R> results(
+            detail::chunk_reader<F, V>(imaps_, fn, options.chunksize, options.task_timeout,
+                                       std::forward<Rg>(range)),
+            ordered, kIMapChunksPerWorker * static_cast<std::size_t>(engine_.size()),
+            options.progress, count);
+        std::lock_guard lk(imaps_->mu);
+        std::erase_if(imaps_->feeds, [](const auto& w) { return w.expired(); });
+        imaps_->feeds.push_back(results.feed());
+        return results;
+    }
+
     enum class Stage { running, closed, terminated };
     Stage stage_ = Stage::running;
     detail::PoolEngine engine_;
+    std::shared_ptr<detail::IMapSink> imaps_ = make_imap_sink(engine_);
+
+    static std::shared_ptr<detail::IMapSink> make_imap_sink(detail::PoolEngine& engine) {
+        auto sink = std::make_shared<detail::IMapSink>();
+        sink->engine = &engine;
+        return sink;
+    }
 };
 
 }  // namespace mp

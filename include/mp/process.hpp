@@ -44,6 +44,7 @@
 #include <utility>
 #include <vector>
 
+#include "mp/detail/deadline.hpp"
 #include "mp/detail/task.hpp"
 #include "mp/errors.hpp"
 
@@ -75,8 +76,8 @@ public:
     bool is_alive() const;
     std::optional<int> exitcode() const;
     void join() const;
-    /// Returns true when the child has ended within the timeout.
-    bool join(std::chrono::nanoseconds timeout) const;
+    /// Returns true when the child has ended within the timeout (see Process::join).
+    bool join(detail::Timeout timeout) const;
     void terminate() const;
     void kill() const;
     int sentinel() const;
@@ -123,18 +124,9 @@ public:
     void start();
     /// Waits for the child to end. Throws ProcessError before start, after close, or in the child.
     void join();
-    /// Waits at most `timeout`; returns true when the child has ended.
-    template <class Rep, class Period>
-    bool join(std::chrono::duration<Rep, Period> timeout) {
-        // A timeout too long for nanoseconds (seconds::max(), say) means "wait for ever"; convert
-        // through long double seconds so the comparison itself cannot overflow.
-        constexpr long double forever = 1e9L;  // ~31 years
-        if (std::chrono::duration<long double>(timeout).count() >= forever) {
-            join();
-            return true;
-        }
-        return join_for(std::chrono::duration_cast<std::chrono::nanoseconds>(timeout));
-    }
+    /// Waits at most `timeout` (any duration; seconds::max() waits for ever, zero or negative
+    /// just looks); returns true when the child has ended.
+    bool join(detail::Timeout timeout);
     /// True between start() and the child's end.
     bool is_alive();
     /// Sends SIGTERM. Throws ProcessError before start or after close.
@@ -167,7 +159,6 @@ protected:
 
 private:
     void set_target(std::optional<detail::Task> task, std::function<void()> fn);
-    bool join_for(std::chrono::nanoseconds timeout);
 
     std::shared_ptr<detail::ProcessState> state_;
     std::function<void()> target_;

@@ -295,22 +295,25 @@ public:
     T get_nowait() { return get_impl(false, std::nullopt); }
 
     /// Items put and not yet taken (a snapshot).
-    std::size_t qsize() const noexcept { return core_->qsize(); }
+    std::size_t qsize() const { return core().qsize(); }
     /// qsize() == 0 (a snapshot).
-    bool empty() const noexcept { return qsize() == 0; }
+    bool empty() const { return qsize() == 0; }
     /// maxsize() > 0 && qsize() >= maxsize() (a snapshot).
-    bool full() const noexcept {
-        return core_->maxsize() != 0 && core_->qsize() >= core_->maxsize();
-    }
+    bool full() const { return core().maxsize() != 0 && core().qsize() >= core().maxsize(); }
     /// The item limit given at construction; 0 for none.
-    std::size_t maxsize() const noexcept { return core_->maxsize(); }
+    std::size_t maxsize() const { return core().maxsize(); }
     /// The ring's size in bytes.
-    std::size_t buffer_size() const noexcept { return core_->buffer_size(); }
-    /// No more put or get through this process's handles (see the header comment).
-    void close() noexcept { core_->close(); }
+    std::size_t buffer_size() const { return core().buffer_size(); }
+    /// No more put or get through this process's handles (see the header comment). Nothing on
+    /// a handle moved from, which has nothing to close.
+    void close() noexcept {
+        if (core_) core_->close();
+    }
 
 protected:
     explicit Queue(std::shared_ptr<detail::QueueCore> core) : core_(std::move(core)) {}
+    // Every member but close() throws mp::EmptyHandle on a queue moved from.
+    detail::QueueCore& core() const { return detail::deref_handle(core_, "mp::Queue"); }
     std::shared_ptr<detail::QueueCore> core_;
 
 private:
@@ -320,7 +323,7 @@ private:
     // Both reuse a per-thread buffer, so a stream of small messages costs no allocation for
     // the bytes; a buffer that grew past the ring's size is given back after use.
     void put_impl(const T& v, bool block, const detail::Deadline& deadline) {
-        core_->check_open();
+        core().check_open();
         if constexpr (detail::QueueFlat<T>::value) {
             using E = typename detail::QueueFlat<T>::Element;
             const std::uint64_t count = detail::little_endian(v.size());
@@ -339,7 +342,7 @@ private:
         if (!core_->put(buf.bytes, block, deadline)) throw Full();
     }
     T get_impl(bool block, const detail::Deadline& deadline) {
-        core_->check_open();
+        core().check_open();
         if constexpr (detail::QueueFlat<T>::value) {
             detail::FlatSink<T> sink;
             if (!core_->get(sink, block, deadline)) throw Empty();
@@ -367,13 +370,13 @@ public:
     /// Reports one taken item processed. Throws mp::Error("task_done() called too many times")
     /// when there are more task_done calls than items put. An item lost with a consumer killed
     /// while taking it counts as done, so join() does not wait for it forever.
-    void task_done() { this->core_->task_done(); }
+    void task_done() { this->core().task_done(); }
     /// Waits until every item put was reported done.
-    void join() { this->core_->join(std::nullopt); }
+    void join() { this->core().join(std::nullopt); }
     /// Waits at most `timeout`; returns true when every item put was reported done.
     template <class Rep, class Period>
     bool join(std::chrono::duration<Rep, Period> timeout) {
-        return this->core_->join(detail::deadline_after(timeout));
+        return this->core().join(detail::deadline_after(timeout));
     }
 
 private:
@@ -398,7 +401,7 @@ public:
     /// Takes the next item, waiting for one. Throws QueueClosed after close().
     T get() { return q_.get(); }
     /// True when no item is waiting (a snapshot).
-    bool empty() const noexcept { return q_.empty(); }
+    bool empty() const { return q_.empty(); }
     /// No more put or get through this process's handles.
     void close() noexcept { q_.close(); }
 
@@ -421,7 +424,7 @@ inline std::shared_ptr<QueueCore> decode_queue(Decoder& d) {
 /// A Queue crosses to another process (a forkserver child, a pool worker) as its memfd.
 template <class T>
 struct Codec<Queue<T>> {
-    static void encode(Encoder& e, const Queue<T>& q) { detail::encode_queue(e, *q.core_); }
+    static void encode(Encoder& e, const Queue<T>& q) { detail::encode_queue(e, q.core()); }
     static Queue<T> decode(Decoder& d) { return Queue<T>(detail::decode_queue(d)); }
 };
 
@@ -429,7 +432,7 @@ struct Codec<Queue<T>> {
 template <class T>
 struct Codec<JoinableQueue<T>> {
     static void encode(Encoder& e, const JoinableQueue<T>& q) {
-        detail::encode_queue(e, *q.core_);
+        detail::encode_queue(e, q.core());
     }
     static JoinableQueue<T> decode(Decoder& d) {
         return JoinableQueue<T>(detail::decode_queue(d));

@@ -102,11 +102,13 @@ public:
                  bool track = true);
 
     /// The segment's name, without the leading '/', as Python reports it.
-    const std::string& name() const noexcept;
+    /// On a handle moved from, every member but closed() (true) and close() (nothing) throws
+    /// mp::EmptyHandle.
+    const std::string& name() const;
     /// The size in bytes (rounded up by nobody: what was asked for, or what an attacher found).
-    std::size_t size() const noexcept;
+    std::size_t size() const;
     /// The mapped bytes; empty after close().
-    std::span<std::byte> buf() const noexcept;
+    std::span<std::byte> buf() const;
     /// True once close() was called through any handle.
     bool closed() const noexcept;
     /// Unmaps the segment for every handle of this object in this process; the segment itself
@@ -224,12 +226,15 @@ public:
     }
 
     /// A copy of the value (an atomic load where T fits in one).
-    T get() const noexcept { return detail::shared_load(get_obj()); }
+    T get() const { return detail::shared_load(get_obj()); }
     /// Stores `v` (an atomic store where T fits in one). A read-modify-write such as
     /// set(get() + 1) is not atomic: use a Value and hold its lock.
-    void set(const T& v) const noexcept { detail::shared_store(get_obj(), v); }
+    void set(const T& v) const { detail::shared_store(get_obj(), v); }
     /// The shared object itself, for in-place access; every process sees the same object.
-    T& get_obj() const noexcept { return *static_cast<T*>(block_->data()); }
+    /// Every member throws mp::EmptyHandle on a value moved from.
+    T& get_obj() const {
+        return *static_cast<T*>(detail::deref_handle(block_, "mp::RawValue").data());
+    }
 
 private:
     template <class, class>
@@ -268,7 +273,7 @@ public:
     /// True for an array of no elements.
     bool empty() const noexcept { return size_ == 0; }
     /// Element i, unchecked.
-    T& operator[](std::size_t i) const noexcept { return data()[i]; }
+    T& operator[](std::size_t i) const { return data()[i]; }
     /// Element i; std::out_of_range past the end (Python's IndexError).
     T& at(std::size_t i) const {
         if (i >= size_)
@@ -281,17 +286,18 @@ public:
     /// Stores element i as RawValue::set stores (checked).
     void set(std::size_t i, const T& v) const { detail::shared_store(at(i), v); }
     /// The elements, for bulk access (Python's arr[:] and slices).
-    std::span<T> span() const noexcept { return {data(), size_}; }
+    std::span<T> span() const { return {data(), size_}; }
     /// The elements themselves (Python's get_obj()).
-    std::span<T> get_obj() const noexcept { return span(); }
+    std::span<T> get_obj() const { return span(); }
     /// A copy of the elements (Python's list(arr)).
     std::vector<T> to_vector() const { return std::vector<T>(begin(), end()); }
     /// The first element (shared memory, the same in every process that holds the array).
-    T* data() const noexcept { return static_cast<T*>(block_->data()); }
+    /// Every member but size() and empty() throws mp::EmptyHandle on an array moved from.
+    T* data() const { return static_cast<T*>(detail::deref_handle(block_, "mp::RawArray").data()); }
     /// Iteration over the elements themselves (range-for, standard algorithms).
-    iterator begin() const noexcept { return data(); }
+    iterator begin() const { return data(); }
     /// The end of the elements.
-    iterator end() const noexcept { return data() + size_; }
+    iterator end() const { return data() + size_; }
 
 private:
     template <class, class>
@@ -304,7 +310,9 @@ private:
 /// Sent with its memfd (forkserver, pool workers): the receiver maps the same memory.
 template <class T>
 struct Codec<RawValue<T>> {
-    static void encode(Encoder& e, const RawValue<T>& v) { detail::encode_block(e, *v.block_); }
+    static void encode(Encoder& e, const RawValue<T>& v) {
+        detail::encode_block(e, detail::deref_handle(v.block_, "mp::RawValue"));
+    }
     static RawValue<T> decode(Decoder& d) { return RawValue<T>(detail::decode_block(d, sizeof(T))); }
 };
 
@@ -313,7 +321,7 @@ template <class T>
 struct Codec<RawArray<T>> {
     static void encode(Encoder& e, const RawArray<T>& a) {
         e.write_size(a.size_);
-        detail::encode_block(e, *a.block_);
+        detail::encode_block(e, detail::deref_handle(a.block_, "mp::RawArray"));
     }
     static RawArray<T> decode(Decoder& d) {
         std::uint64_t n = d.read_size(0);
@@ -372,7 +380,7 @@ public:
     L& get_lock() const noexcept { return lock_; }
     /// The shared object itself, without locking (Python's get_obj()): hold get_lock() around
     /// anything another process may change at the same time.
-    T& get_obj() const noexcept { return obj_.get_obj(); }
+    T& get_obj() const { return obj_.get_obj(); }
     /// The unlocked view of the same memory (Python's get_obj() object).
     const RawValue<T>& raw() const noexcept { return obj_; }
 
@@ -441,21 +449,21 @@ public:
         return obj_.to_vector();
     }
     /// Element i, unchecked and unlocked.
-    T& operator[](std::size_t i) const noexcept { return obj_[i]; }
+    T& operator[](std::size_t i) const { return obj_[i]; }
     /// Element i, unlocked; std::out_of_range past the end.
     T& at(std::size_t i) const { return obj_.at(i); }
     /// The elements, unlocked, for bulk access.
-    std::span<T> span() const noexcept { return obj_.span(); }
+    std::span<T> span() const { return obj_.span(); }
     /// The elements themselves, unlocked (Python's get_obj()).
-    std::span<T> get_obj() const noexcept { return obj_.span(); }
+    std::span<T> get_obj() const { return obj_.span(); }
     /// The unlocked view of the same memory.
     const RawArray<T>& raw() const noexcept { return obj_; }
     /// The first element, unlocked.
-    T* data() const noexcept { return obj_.data(); }
+    T* data() const { return obj_.data(); }
     /// Iteration over the elements themselves, unlocked.
-    iterator begin() const noexcept { return obj_.begin(); }
+    iterator begin() const { return obj_.begin(); }
     /// The end of the elements.
-    iterator end() const noexcept { return obj_.end(); }
+    iterator end() const { return obj_.end(); }
     /// The lock guarding the elements (Python's get_lock()); copies of this Array share it.
     L& get_lock() const noexcept { return lock_; }
 

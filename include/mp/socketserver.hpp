@@ -75,7 +75,7 @@ class InputFile {
 public:
     InputFile() = default;
     /// Reads `fd`; each wait for data is bounded by `timeout` (mp::TimeoutError) when set.
-    InputFile(int fd, std::optional<std::chrono::nanoseconds> timeout) : fd_(fd), timeout_(timeout) {}
+    InputFile(int fd, detail::Timeout timeout) : fd_(fd), timeout_(timeout) {}
     /// Reads the bytes of `data` (a datagram).
     explicit InputFile(std::string data) : buf_(std::move(data)), eof_(true) {}
 
@@ -89,7 +89,7 @@ public:
 private:
     bool fill();
     int fd_ = -1;
-    std::optional<std::chrono::nanoseconds> timeout_;
+    detail::Timeout timeout_;
     std::string buf_;
     std::size_t pos_ = 0;
     bool eof_ = false;
@@ -142,7 +142,7 @@ public:
     InputFile rfile;
     OutputFile wfile;
     /// Bounds each wait for data in rfile (mp::TimeoutError); none by default, as Python.
-    std::optional<std::chrono::nanoseconds> timeout;
+    detail::Timeout timeout;
     /// Sets TCP_NODELAY on the connection (TCP only).
     bool disable_nagle_algorithm = false;
 };
@@ -181,7 +181,7 @@ struct ServerOptions {
     bool allow_reuse_port = false;     ///< SO_REUSEPORT
     int request_queue_size = 5;        ///< listen() backlog
     /// handle_request() waits this long for a request, then calls handle_timeout(); none: forever.
-    std::optional<std::chrono::nanoseconds> timeout{};
+    detail::Timeout timeout{};
     std::size_t max_packet_size = 8192;  ///< datagram servers
     /// Threading: server_close() does not wait for the handler threads (the destructor does).
     bool daemon_threads = false;

@@ -124,9 +124,9 @@ public:
 
     /// True while the calling thread holds the lock and got it from a holder that died holding
     /// it (the protected data may be inconsistent). Meaningful only while holding the lock.
-    bool owner_died() const noexcept;
+    bool owner_died() const;
     /// True when the calling thread holds the lock.
-    bool held() const noexcept;
+    bool held() const;
 
 protected:
     explicit BasicLock(std::shared_ptr<MutexImpl> impl) noexcept : impl_(std::move(impl)) {}
@@ -158,7 +158,7 @@ public:
     /// A new, unlocked recursive lock in fresh shared memory.
     RLock();
     /// How many times the calling thread holds the lock (0 when it does not hold it).
-    unsigned recursion_count() const noexcept;
+    unsigned recursion_count() const;
 
 private:
     friend struct detail::SyncAccess;
@@ -185,7 +185,7 @@ public:
     /// std::system_error(value_too_large) when that would exceed its initial value.
     void release();
     /// The number of permits available now (a snapshot: other processes may change it at once).
-    int get_value() const noexcept;
+    int get_value() const;
 
     /// std-style acquire (Lockable).
     void lock() { (void)acquire(true); }
@@ -242,32 +242,32 @@ public:
     explicit Condition(RLock lock);
 
     /// Acquires the underlying lock (see Lock::acquire).
-    bool acquire(bool block = true) { return lock_->acquire(block); }
+    bool acquire(bool block = true) { return base_lock().acquire(block); }
     /// Acquires the underlying lock, waiting at most `timeout`.
     template <class Rep, class Period>
     bool acquire(std::chrono::duration<Rep, Period> timeout) {
-        return lock_->acquire(timeout);
+        return base_lock().acquire(timeout);
     }
     /// Releases the underlying lock.
-    void release() { lock_->release(); }
+    void release() { base_lock().release(); }
     /// std-style acquire of the underlying lock.
-    void lock() { lock_->lock(); }
+    void lock() { base_lock().lock(); }
     /// std-style non-blocking acquire of the underlying lock.
-    bool try_lock() { return lock_->try_lock(); }
+    bool try_lock() { return base_lock().try_lock(); }
     /// std-style release of the underlying lock.
-    void unlock() { lock_->unlock(); }
+    void unlock() { base_lock().unlock(); }
     /// std-style timed acquire of the underlying lock.
     template <class Rep, class Period>
     bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
-        return lock_->try_lock_for(timeout);
+        return base_lock().try_lock_for(timeout);
     }
     /// std-style timed acquire of the underlying lock until a time point of any clock.
     template <class Clock, class Duration>
     bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
-        return lock_->try_lock_until(when);
+        return base_lock().try_lock_until(when);
     }
     /// See Lock::owner_died (about the underlying lock).
-    bool owner_died() const noexcept { return lock_->owner_died(); }
+    bool owner_died() const { return base_lock().owner_died(); }
 
     /// Releases the lock (all levels of an RLock), sleeps until notified, and reacquires the lock
     /// (restoring its level) before returning. Throws std::system_error(operation_not_permitted)
@@ -324,6 +324,8 @@ private:
     std::shared_ptr<detail::ConditionImpl> impl_;
     // The lock as a Lock or RLock object (both share the same MutexImpl as the user's copy).
     std::shared_ptr<detail::BasicLock> lock_;
+    // mp::EmptyHandle on a condition moved from.
+    detail::BasicLock& base_lock() const { return detail::deref_handle(lock_, "mp::Condition"); }
 };
 
 /// A process-shared flag that threads can wait for (Python's multiprocessing.Event).
@@ -333,7 +335,7 @@ public:
     Event();
 
     /// True when the flag is set.
-    bool is_set() const noexcept;
+    bool is_set() const;
     /// Sets the flag and wakes every waiter.
     void set();
     /// Clears the flag.
@@ -381,11 +383,11 @@ class Barrier {
 public:
     /// A barrier for `parties` parties (>= 1, else std::invalid_argument); `timeout` is the
     /// default for wait() (std::nullopt: wait forever).
-    explicit Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout = std::nullopt);
+    explicit Barrier(int parties, detail::Timeout timeout = std::nullopt);
     /// As above, with an action run by one party before the others are released.
     template <class F>
         requires std::invocable<std::decay_t<F>&>
-    Barrier(int parties, F&& action, std::optional<std::chrono::nanoseconds> timeout = std::nullopt)
+    Barrier(int parties, F&& action, detail::Timeout timeout = std::nullopt)
         : Barrier(parties, timeout, std::function<void()>(action), action_task(action)) {}
 
     /// Waits for all parties; returns this party's arrival index, 0 .. parties()-1 (exactly one
@@ -404,7 +406,7 @@ public:
     /// Breaks the barrier: parties waiting now and later get BrokenBarrierError until reset().
     void abort();
     /// The number of parties needed to pass.
-    int parties() const noexcept;
+    int parties() const;
     /// The number of parties waiting now.
     int n_waiting() const;
     /// True when the barrier is broken.
@@ -412,7 +414,7 @@ public:
 
 private:
     friend struct detail::SyncAccess;
-    Barrier(int parties, std::optional<std::chrono::nanoseconds> timeout,
+    Barrier(int parties, detail::Timeout timeout,
             std::function<void()> action, std::optional<std::string> task);
     explicit Barrier(std::shared_ptr<detail::BarrierImpl> impl) noexcept
         : impl_(std::move(impl)) {}

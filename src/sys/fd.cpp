@@ -1,6 +1,8 @@
 #include "sys/fd.hpp"
 
+#include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <fcntl.h>
 #include <poll.h>
@@ -77,9 +79,10 @@ bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeo
         if (timeout) {
             auto left = deadline - clock::now();
             if (left < clock::duration::zero()) left = clock::duration::zero();
-            // Round up so a short timeout still waits instead of spinning on poll(0).
-            ms = static_cast<int>(
-                std::chrono::ceil<std::chrono::milliseconds>(left).count());
+            // Round up so a short timeout still waits instead of spinning on poll(0); cap at
+            // INT_MAX ms (~24 days) so a long one does not wrap: the loop waits again.
+            ms = static_cast<int>(std::min<std::chrono::milliseconds::rep>(
+                std::chrono::ceil<std::chrono::milliseconds>(left).count(), INT_MAX));
         }
         pollfd p{fd, events, 0};
         int r = ::poll(&p, 1, ms);

@@ -25,40 +25,9 @@
 #include <optional>
 #include <type_traits>
 
+#include "mp/detail/deadline.hpp"
+
 namespace mp::detail {
-
-/// An absolute deadline on the steady clock; std::nullopt waits forever.
-using Deadline = std::optional<std::chrono::steady_clock::time_point>;
-
-/// The deadline `timeout` from now. Saturates instead of overflowing for huge timeouts (e.g.
-/// duration::max()); a negative timeout means "now" (poll once).
-template <class Rep, class Period>
-Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
-    using namespace std::chrono;
-    const auto now = steady_clock::now();
-    if (timeout <= duration<Rep, Period>::zero()) return now;
-    // Compare in long double seconds so that neither the conversion nor the sum can overflow.
-    const long double secs = duration<long double>(timeout).count();
-    const long double room = duration<long double>(steady_clock::time_point::max() - now).count();
-    if (secs >= room) return steady_clock::time_point::max();
-    return now + ceil<steady_clock::duration>(timeout);
-}
-
-/// The steady-clock deadline of a time point of any clock (another clock's time is measured as
-/// the distance from its now()).
-template <class Clock, class Duration>
-Deadline deadline_at(std::chrono::time_point<Clock, Duration> when) {
-    if constexpr (std::is_same_v<Clock, std::chrono::steady_clock>) {
-        return std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
-    } else {
-        return deadline_after(when - Clock::now());
-    }
-}
-
-/// True when `deadline` is set and has passed.
-inline bool expired(const Deadline& deadline) noexcept {
-    return deadline && std::chrono::steady_clock::now() >= *deadline;
-}
 
 /// Matches every waiter (FUTEX_BITSET_MATCH_ANY).
 inline constexpr std::uint32_t futex_bitset_any = 0xffffffffu;

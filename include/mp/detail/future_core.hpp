@@ -83,6 +83,12 @@ public:
     /// escaping `cb` is printed to stderr and ignored, as Python logs it.
     void add_done_callback(std::function<void(FutureCore&)> cb);
 
+    /// A core that ends as this one does (a value as empty bytes, the same exception, or
+    /// cancelled), but only once `cb` has run on this one: Python's AsyncResult is ready only
+    /// after its callback returned, so whoever waits for the result sees what the callback did.
+    /// What escapes `cb` is printed, as add_done_callback does, and the core still ends.
+    std::shared_ptr<FutureCore> after_callback(std::function<void(FutureCore&)> cb);
+
     /// Registers `w` unless already done; returns false (and does not register) when done.
     bool add_waiter(FutureWaiter* w);
     void remove_waiter(FutureWaiter* w);
@@ -121,6 +127,8 @@ public:
     /// The next finished index; std::nullopt when all were handed out. Throws TimeoutError
     /// "N (of M) futures unfinished" once `deadline` passes.
     std::optional<std::size_t> next(std::optional<std::chrono::steady_clock::time_point> deadline);
+    /// Adds one more core (its index: total() before the call); not from on_done.
+    void add(FutureCore* core);
     std::size_t total() const noexcept { return cores_.size(); }
     std::size_t handed_out() const noexcept { return handed_; }
     void on_done(FutureCore& core) noexcept override;

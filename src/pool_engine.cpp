@@ -26,8 +26,9 @@
 // How many tasks a worker holds: enough to cover about a millisecond of its measured task time
 // (at least 2, at most 1024), so tiny tasks travel in batches and long ones are not stuck
 // behind each other in one worker while another idles. A worker that does not start the task
-// at the head of its queue (stopped, starved of CPU) gives its queued tasks back after
-// kStallLimit, and gets no more until it shows a sign of life.
+// at the head of its queue (stopped, starved of CPU) within kStallLimit of it being due and of
+// the last bytes sent to it gives its queued tasks back, and gets no more until it shows a sign
+// of life.
 //
 // A task's time limit counts from when it is the next for a ready worker, so it bounds the time
 // to its result even when the worker never starts it: the worker is then killed, and a task that
@@ -187,6 +188,7 @@ struct Worker {
     // Since when the task at the head of `inflight` has been the next for this (ready) worker.
     std::optional<Clock::time_point> head_since;
     std::uint64_t head_ordinal = 0;
+    Clock::time_point last_sent{};  // when bytes last moved into its socket
     bool stalled = false;  // gave its queue back for not starting it; no more until it answers
     double avg_ns = 0;
     std::unique_ptr<ProcessIdentity> identity;  // fork: the child's, alive while it runs
@@ -372,7 +374,7 @@ struct PoolEngine::Impl {
                 if (w->deadline) wake_at(*w->deadline);
                 // Look again when the head of its queue would count as not started in time.
                 if (w->head_since && !w->stalled && !w->inflight.front()->started_in_worker())
-                    wake_at(*w->head_since + pool::kStallLimit);
+                    wake_at(waiting_since(*w) + pool::kStallLimit);
             }
             if (retry_at && !is_broken()) wake_at(*retry_at);
             // Wake when a worker with tasks queued behind its current one has been in it for
@@ -671,7 +673,7 @@ struct PoolEngine::Impl {
     // worker stopped for good while holding a task with a time limit is killed and replaced.
     void take_back_stalled(Clock::time_point now) {
         for (auto& w : workers) {
-            if (w->stalled || !w->head_since || now - *w->head_since < pool::kStallLimit) continue;
+            if (w->stalled || !w->head_since || now - waiting_since(*w) < pool::kStallLimit) continue;
             pool::Job& head = *w->inflight.front();
             if (head.started_in_worker()) {
                 (void)head.set_running();  // its started frame may still be on the way
@@ -762,12 +764,18 @@ struct PoolEngine::Impl {
 
     void send(pool::Worker& w) {
         if (!w.sock || w.out.empty()) return;
+        const std::size_t before = w.out.unsent();
         try {
             (void)w.out.flush(w.sock.get());
         } catch (const std::system_error&) {
             // The worker has gone; its end will be seen on its exit descriptor.
         }
+        if (w.out.unsent() < before) w.last_sent = Clock::now();
     }
+
+    // Since when the head of w's queue has waited for w to start it: a worker still reading a
+    // large task off its socket is not stalled.
+    static Clock::time_point waiting_since(const pool::Worker& w) { return std::max(*w.head_since, w.last_sent); }
 
     // ---- answers in -----------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ public:
     void add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
              std::string_view b = {}, std::vector<int> fds = {});
     bool empty() const noexcept { return off_ == buf_.size(); }
+    std::size_t unsent() const noexcept { return buf_.size() - off_; }
     /// Sends as much as the socket takes: all of it when blocking. True when all was sent.
     /// Throws std::system_error (EPIPE when the peer has gone).
     bool flush(int fd);

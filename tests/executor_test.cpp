@@ -625,6 +625,20 @@ TEST(ExecutorBalance, TasksQueuedInAStoppedWorkerMoveToAnotherOne) {
     EXPECT_EQ(ex.submit(square, 3).result(kLong), 9);
 }
 
+std::size_t length_of(std::string s) { return s.size(); }
+
+TEST(ExecutorBalance, ATaskTooLargeToSendAtOnceIsNotTakenBackAsStalled) {
+    // A worker still reading a large task off its socket has not started it, but is not stalled
+    // either: the task must not bounce between workers (each taking longer to receive it than
+    // the stall limit) but run, once.
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+    const std::string big(std::size_t{96} << 20, 'x');
+    std::vector<mp::Future<std::size_t>> fs;
+    for (int i = 0; i < 2; ++i) fs.push_back(ex.submit(length_of, big));
+    for (auto& f : fs) EXPECT_EQ(f.result(60s), big.size());
+}
+
 TEST(ExecutorFuture, CopiesShareTheState) {
     mp::ProcessPoolExecutor ex({.max_workers = 1});
     auto f = ex.submit(square, 5);

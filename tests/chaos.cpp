@@ -144,6 +144,9 @@ private:
                 }
             } else if (mp::sys::pidfd_send_signal(victim->get(), SIGKILL)) {
                 ++kills_;
+                // The server's end must be closed before the scenario may end (it then restarts
+                // a dead one, never keeps a connection to it).
+                (void)mp::sys::pidfd_wait_exit(victim->get(), std::chrono::nanoseconds(5s));
             }
         }
         finished_ = true;
@@ -175,6 +178,23 @@ struct Tally {
         }
     }
 };
+
+/// What a pool and its workers are doing, for the message of a hang.
+template <class P>
+std::string describe(const P& pool) {
+    const auto st = pool.stats();
+    std::string out = "pending " + std::to_string(st.pending) + ", running " + std::to_string(st.running) +
+                      ", workers started " + std::to_string(st.workers_started) + "; workers:";
+    for (const auto& w : st.workers) {
+        std::ifstream wchan("/proc/" + std::to_string(w.pid) + "/wchan");
+        std::string where;
+        std::getline(wchan, where);
+        out += " [" + w.name + " pid " + std::to_string(w.pid) + " state " + proc_field(w.pid, "State") +
+               " in " + where + ", assigned " + std::to_string(w.assigned) + ", running " +
+               std::to_string(w.running) + "]";
+    }
+    return out;
+}
 
 /// The pids of a pool's live workers.
 template <class P>
@@ -215,9 +235,9 @@ void run_executor(mp::StartMethod method, unsigned seed) {
                 auto& a = locked[static_cast<std::size_t>(i)];
                 auto& b = queued[static_cast<std::size_t>(i)];
                 const auto left = std::max<Clock::duration>(deadline - Clock::now(), Clock::duration::zero());
-                ASSERT_TRUE(a.wait(left)) << "a descriptor task (Lock) did not resolve: a hang";
+                ASSERT_TRUE(a.wait(left)) << "a descriptor task (Lock) did not resolve: a hang; " << describe(ex);
                 ASSERT_TRUE(b.wait(std::max<Clock::duration>(deadline - Clock::now(), Clock::duration::zero())))
-                    << "a descriptor task (Queue) did not resolve: a hang";
+                    << "a descriptor task (Queue) did not resolve: a hang; " << describe(ex);
                 t.check([&] { return static_cast<long long>(a.result(0s)); }, i * i, "locked_square");
                 t.check([&] { return static_cast<long long>(b.result(0s)); }, i * i, "put_square");
                 if (b.exception(0s) == nullptr) returned.insert(i * i);
@@ -225,6 +245,7 @@ void run_executor(mp::StartMethod method, unsigned seed) {
             ++round;
         }
         killer.stop();
+        if (method == mp::StartMethod::forkserver) mp::detail::forkserver::ensure_running();
         std::printf("executor/%s: %d rounds, %d kills, %d stops, %d forkserver hits, %zu values, %zu WorkerDied\n",
                     method == mp::StartMethod::fork ? "fork" : "forkserver", round, killer.kills(),
                     killer.stops(), killer.server_hits(), t.values, t.died);
@@ -264,7 +285,7 @@ void run_pool(mp::StartMethod method, unsigned seed) {
             auto mapped = pool.map_async(nap_square, in, 5);
             std::vector<mp::AsyncResult<int>> locked;
             for (int i = 0; i < 20; ++i) locked.push_back(pool.apply_async(locked_square, lock, i));
-            ASSERT_TRUE(mapped.wait(kResolveLimit)) << "a map_async did not resolve: a hang";
+            ASSERT_TRUE(mapped.wait(kResolveLimit)) << "a map_async did not resolve: a hang; " << describe(pool);
             try {
                 const auto v = mapped.get(0s);
                 ASSERT_EQ(v.size(), in.size());
@@ -278,12 +299,13 @@ void run_pool(mp::StartMethod method, unsigned seed) {
             }
             for (int i = 0; i < 20; ++i) {
                 auto& r = locked[static_cast<std::size_t>(i)];
-                ASSERT_TRUE(r.wait(kResolveLimit)) << "a descriptor task (Lock) did not resolve: a hang";
+                ASSERT_TRUE(r.wait(kResolveLimit)) << "a descriptor task (Lock) did not resolve: a hang; " << describe(pool);
                 t.check([&] { return static_cast<long long>(r.get(0s)); }, i * i, "locked_square");
             }
             ++round;
         }
         killer.stop();
+        if (method == mp::StartMethod::forkserver) mp::detail::forkserver::ensure_running();
         std::printf("pool/%s: %d rounds, %d kills, %d stops, %d forkserver hits, %zu values, %zu WorkerDied\n",
                     method == mp::StartMethod::fork ? "fork" : "forkserver", round, killer.kills(),
                     killer.stops(), killer.server_hits(), t.values, t.died);

@@ -35,6 +35,7 @@
 #include <string>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <thread>
 #include <typeinfo>
@@ -45,6 +46,8 @@
 #include "helpers/leak_check.hpp"
 #include "mp/futures.hpp"
 #include "process_impl.hpp"
+#include "sys/fd.hpp"
+#include "sys/pidfd.hpp"
 
 namespace {
 
@@ -1442,14 +1445,19 @@ void thousand_random_kills(bool only_answered) {
                 kills.load(), batches, total, died, st.workers_started);
 }
 
-/// Kills the forkserver (found by mp's own client, checked by name against pid reuse).
+/// Kills the forkserver (found by mp's own client, checked by name against pid reuse) and
+/// waits until it has ended.
 bool kill_forkserver() {
     const pid_t server = mp::detail::forkserver::server_pid();
     if (server <= 0) return false;
+    const int fd = static_cast<int>(::syscall(SYS_pidfd_open, server, 0));
+    if (fd < 0) return false;
+    mp::sys::Fd pidfd(fd);
     std::ifstream comm("/proc/" + std::to_string(server) + "/comm");
     std::string name;
     std::getline(comm, name);
-    return name == "mp-forkserver" && ::kill(server, SIGKILL) == 0;
+    if (name != "mp-forkserver" || !mp::sys::pidfd_send_signal(pidfd.get(), SIGKILL)) return false;
+    return mp::sys::pidfd_wait_exit(pidfd.get(), std::chrono::nanoseconds(5s));
 }
 
 TEST(ExecutorWorkerDeath, AKilledForkserverIsRestartedWhileWorkersAreReplaced) {
@@ -1462,10 +1470,19 @@ TEST(ExecutorWorkerDeath, AKilledForkserverIsRestartedWhileWorkersAreReplaced) {
     std::atomic<int> kills{0};
     std::thread killer([&] {
         std::mt19937 rng(12);
+        std::size_t started = 0;
         while (!stop.load()) {
+            // Once the pool has started a worker since the last kill (so it is not starved of
+            // workers for good, however slow a start is), soon enough to hit the server while it
+            // starts the others.
+            const std::size_t now_started = ex.stats().workers_started;
+            if (now_started == started) {
+                std::this_thread::sleep_for(1ms);
+                continue;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 30));
             if (kill_forkserver()) ++kills;
-            // Often enough to hit the server while it starts workers, seldom enough that it can.
-            std::this_thread::sleep_for(std::chrono::milliseconds(20 + rng() % 60));
+            started = now_started;
         }
     });
     std::size_t values = 0, died = 0;
@@ -1490,6 +1507,7 @@ TEST(ExecutorWorkerDeath, AKilledForkserverIsRestartedWhileWorkersAreReplaced) {
     }
     stop = true;
     killer.join();
+    mp::detail::forkserver::ensure_running();  // a killed server is replaced (not left connected)
     EXPECT_GT(kills.load(), 10);
     EXPECT_GT(values, 0u);
     EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);

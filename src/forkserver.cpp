@@ -306,9 +306,18 @@ void start_server_locked(Client& c) {
     c.server = hello;
 }
 
+// True when the server has gone (killed): its end of the control socket is closed.
+bool server_gone(int control) {
+    pollfd p{control, 0, 0};
+    return ::poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR)) != 0;
+}
+
 Client& ready_client() {
     Client& c = client();
     std::lock_guard lock(c.mu);
+    // A server that was killed is replaced now, not only when a request meets EPIPE: a pool
+    // then starts with a live one, and no connection to a dead server is kept.
+    if (c.control && server_gone(c.control.get())) c.control.reset();
     if (!c.control) start_server_locked(c);
     return c;
 }

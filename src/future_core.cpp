@@ -157,6 +157,11 @@ std::exception_ptr make_remote_exception(const ErrorInfo& info) {
 
 bool FutureCore::cancel() {
     std::unique_lock lk(mu_);
+    if (state() == State::pending && !withdraw()) {
+        // A worker has it already (the pool had not yet heard).
+        set_running();
+        return false;
+    }
     // A CAS, not a store: set_running takes pending -> running without the lock.
     State expected = State::pending;
     if (!state_.compare_exchange_strong(expected, State::cancelled, std::memory_order_acq_rel,

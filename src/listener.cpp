@@ -963,7 +963,7 @@ Connection Client(const Address& address, ClientOptions options) {
     }
     if (options.authkey)
         detail::handshake::client_handshake(fd.get(), *options.authkey,
-                                            Clock::now() + options.handshake_timeout);
+                                            deadline_after(options.handshake_timeout));
     return Connection(detail::KnownSocket{!address.is_tcp()}, fd.release());
 }
 

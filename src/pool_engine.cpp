@@ -4,29 +4,46 @@
 // One thread per pool owns every worker and runs one poll() loop over
 //   - an eventfd that submit(), shutdown() and terminate() ring (only when the loop sleeps),
 //   - each worker's socket (results in, tasks out when a write was short),
-//   - each worker's end: a pidfd (fork) or the forkserver's status socket,
+//   - each worker's pidfd: readable once the worker has really ended (under forkserver too: a
+//     helper's socket closing says nothing about the worker, which may still be writing to its
+//     slot, so its slot is reused only after its pidfd says so),
 // with a timeout at the nearest task deadline. Nothing but this thread touches a worker.
 //
 // Which task did a dead worker run? Each worker has a slot in a shared page where it stores the
-// ordinal (its own count, 1, 2, ...) of the task it starts and of the one it finishes. Tasks are
-// handed to a worker in order and run in order, so after its death, with its socket drained:
+// ordinal (its own count, 1, 2, ...) of the task it finishes, and a ticket per task it holds
+// that says whether it started it (see WorkerSlot). Tasks are handed to a worker in order and
+// run in order, so after its death, with its socket drained:
 //   ordinal <= finished             ran to the end, but the answer was lost with the worker;
-//   ordinal == started > finished   was running: it fails (WorkerDied, or TimeoutError if the
+//   ticket started, > finished      was running: it fails (WorkerDied, or TimeoutError if the
 //                                   pool killed it for overrunning);
-//   ordinal > started               never started: handed to another worker.
+//   ticket queued                   never started: handed to another worker.
+// A task is running (Future::running) only once its ticket says started; until then cancel()
+// withdraws it, from the pool's queue or from the worker that holds it.
 // A worker's answers wait in a stage in the same shared page until sent (when it runs out of
 // work, or, by a second thread of the worker, once one has waited a millisecond): the pool reads
 // what a dead worker had not sent, so the first case loses nothing.
 //
 // How many tasks a worker holds: enough to cover about a millisecond of its measured task time
 // (at least 2, at most 1024), so tiny tasks travel in batches and long ones are not stuck
-// behind each other in one worker while another idles.
+// behind each other in one worker while another idles. A worker that does not start the task
+// at the head of its queue (stopped, starved of CPU) within kStallLimit of it being due and of
+// the last bytes sent to it gives its queued tasks back, and gets no more until it shows a sign
+// of life.
+//
+// A task's time limit counts from when it is the next for a ready worker, so it bounds the time
+// to its result even when the worker never starts it: the worker is then killed, and a task that
+// had not started goes to another worker.
+//
+// Starting a worker can fail for a while (out of descriptors, processes or memory; a forkserver
+// that was killed and must be restarted): the pool retries with back-off, and breaks only when it
+// has no live worker and the failures go on for kStartGrace.
 
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -85,6 +102,10 @@ void forkserver_worker(PassedFd sock, PassedFd page, std::uint64_t page_bytes) {
     finish_child(code);
 }
 
+constexpr auto kStallLimit = std::chrono::milliseconds(10);
+constexpr auto kStartGrace = std::chrono::seconds(5);
+constexpr auto kMaxBackoff = std::chrono::milliseconds(500);
+
 // A task and its future in one allocation: the queues hold pointers, the user the future.
 struct Job : FutureCore {
     std::uint64_t ordinal = 0;  // in its current worker
@@ -92,6 +113,56 @@ struct Job : FutureCore {
     std::vector<sys::Fd> fds;
     std::size_t items = 0;
     std::optional<nanoseconds> timeout;
+
+    // Where a worker holds it, for cancel() in any thread. The pool's thread changes `ticket`
+    // under `where_mu` and never calls into the core while holding it.
+    std::mutex where_mu;
+    std::atomic<std::uint64_t>* ticket = nullptr;  // null: not in a worker
+    bool withdrawn = false;                        // cancel() took it back: never to be sent
+
+    // Takes the task back from its worker unless it has started there.
+    bool withdraw() noexcept override {
+        std::lock_guard lock(where_mu);
+        if (ticket != nullptr) {
+            std::uint64_t expected = pool::ticket(ordinal, pool::kQueued);
+            if (!ticket->compare_exchange_strong(expected, pool::ticket(ordinal, pool::kWithdrawn),
+                                                 std::memory_order_acq_rel))
+                return false;
+            ticket = nullptr;
+        }
+        withdrawn = true;
+        return true;
+    }
+    // The pool's thread: puts it in worker slot `slot` as `ord`; false when cancelled first.
+    bool place(pool::WorkerSlot& slot, std::uint64_t ord) {
+        std::lock_guard lock(where_mu);
+        if (withdrawn) return false;
+        ordinal = ord;
+        ticket = &slot.ticket_of(ord);
+        ticket->store(pool::ticket(ord, pool::kQueued), std::memory_order_release);
+        return true;
+    }
+    // The pool's thread: takes it back from its worker, unless it has started there or
+    // cancel() has withdrawn it already.
+    enum class Back { taken, started, cancelled };
+    Back take_back() {
+        std::lock_guard lock(where_mu);
+        if (withdrawn) return Back::cancelled;
+        if (ticket == nullptr) return Back::taken;  // not in a worker (cannot happen)
+        std::uint64_t expected = pool::ticket(ordinal, pool::kQueued);
+        if (!ticket->compare_exchange_strong(expected, pool::ticket(ordinal, pool::kWithdrawn),
+                                             std::memory_order_acq_rel))
+            return Back::started;
+        ticket = nullptr;
+        return Back::taken;
+    }
+    // The pool's thread: whether its worker has started it.
+    bool started_in_worker() {
+        std::lock_guard lock(where_mu);
+        return ticket != nullptr &&
+               ticket->load(std::memory_order_acquire) == pool::ticket(ordinal, pool::kStarted);
+    }
+    bool cancelled() const noexcept { return state() == State::cancelled; }
 };
 using JobPtr = std::shared_ptr<Job>;
 
@@ -101,7 +172,7 @@ struct Worker {
     std::string name;
     sys::Fd sock;
     sys::Fd pidfd;
-    sys::Fd status;  // forkserver: the exit status arrives here
+    sys::Fd status;  // forkserver: the exit status arrives here (kept open: closing it kills the worker)
     bool forked = false;
     std::deque<JobPtr> inflight;
     std::uint64_t next_ordinal = 1;
@@ -115,13 +186,17 @@ struct Worker {
     std::uint64_t timed_out = 0;  // the ordinal the pool killed it for
     std::optional<Clock::time_point> deadline;
     std::uint64_t deadline_ordinal = 0;
+    // Since when the task at the head of `inflight` has been the next for this (ready) worker.
+    std::optional<Clock::time_point> head_since;
+    std::uint64_t head_ordinal = 0;
+    Clock::time_point last_sent{};  // when bytes last moved into its socket
+    bool stalled = false;  // gave its queue back for not starting it; no more until it answers
     double avg_ns = 0;
     std::unique_ptr<ProcessIdentity> identity;  // fork: the child's, alive while it runs
     std::unique_ptr<ParentProcess> parent;
     // Counted for stats(); written by the pool's thread only, read under the pool's lock.
     std::atomic<std::size_t> assigned{0}, done{0}, failed{0};
 
-    int exit_fd() const { return forked ? pidfd.get() : status.get(); }
     std::size_t capacity(std::size_t max_tasks) const {
         std::size_t cap = 2;
         if (avg_ns > 0) cap = static_cast<std::size_t>(std::clamp(1e6 / avg_ns, 2.0, 1024.0));
@@ -179,6 +254,11 @@ struct PoolEngine::Impl {
     // start), or killed from outside (SIGKILL: the OOM killer, an operator) while starting.
     int start_crashes = 0;
     int start_kills = 0;
+    // Starting workers failed (see kStartGrace): when to try again, since when it fails.
+    std::optional<Clock::time_point> retry_at;
+    std::optional<Clock::time_point> failing_since;
+    Clock::duration backoff{};
+    bool first_start_done = false;  // every worker was started once (even if shut down at once)
 
     explicit Impl(PoolConfig c) : cfg(std::move(c)) {
         wake = sys::Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
@@ -263,12 +343,14 @@ struct PoolEngine::Impl {
 
             const bool draining = shutting_down_now();
             if (!is_broken()) {
+                // The first workers start even when the pool is shut down at once: as Python's
+                // Pool, each runs its initializer.
                 const std::size_t busy = in_flight();
-                if (!draining || !pending.empty() || busy != 0) start_workers();
+                if (!draining || !pending.empty() || busy != 0 || !first_start_done) start_workers();
             }
             dispatch();
             for (auto& w : workers) send(*w);
-            if (draining && pending.empty() && in_flight() == 0) {
+            if (draining && pending.empty() && in_flight() == 0 && (first_start_done || is_broken())) {
                 for (auto& w : workers) close_input(*w);
                 if (workers.empty()) return;
             }
@@ -280,17 +362,23 @@ struct PoolEngine::Impl {
                 short ev = w->sock ? POLLIN : 0;
                 if (w->sock && !w->out.empty()) ev |= POLLOUT;
                 fds.push_back({w->sock ? w->sock.get() : -1, ev, 0});
-                fds.push_back({w->exit_fd(), POLLIN, 0});
+                fds.push_back({w->pidfd.get(), POLLIN, 0});
             }
             int timeout_ms = -1;
             const auto now = Clock::now();
-            for (auto& w : workers)
-                if (w->deadline) {
-                    auto left = std::chrono::ceil<std::chrono::milliseconds>(*w->deadline - now).count();
-                    // Capped so a deadline weeks away does not wrap int: poll just wakes early.
-                    left = std::clamp<decltype(left)>(left, 0, INT_MAX);
-                    if (timeout_ms < 0 || left < timeout_ms) timeout_ms = static_cast<int>(left);
-                }
+            auto wake_at = [&](Clock::time_point t) {
+                auto left = std::chrono::ceil<std::chrono::milliseconds>(t - now).count();
+                // Capped so a deadline weeks away does not wrap int: poll just wakes early.
+                left = std::clamp<decltype(left)>(left, 0, INT_MAX);
+                if (timeout_ms < 0 || left < timeout_ms) timeout_ms = static_cast<int>(left);
+            };
+            for (auto& w : workers) {
+                if (w->deadline) wake_at(*w->deadline);
+                // Look again when the head of its queue would count as not started in time.
+                if (w->head_since && !w->stalled && !w->inflight.front()->started_in_worker())
+                    wake_at(waiting_since(*w) + pool::kStallLimit);
+            }
+            if (retry_at && !is_broken()) wake_at(*retry_at);
             // Wake when a worker with tasks queued behind its current one has been in it for
             // a millisecond while another idles: take_back may then move them.
             if (has_idle_worker())
@@ -308,6 +396,7 @@ struct PoolEngine::Impl {
                 loop_sleeping = true;
             }
             int n = ::poll(fds.data(), fds.size(), timeout_ms);
+            if (n < 0 && errno == EINVAL) n = poll_in_slices(fds, timeout_ms);
             {
                 std::lock_guard lock(mu);
                 loop_sleeping = false;
@@ -333,6 +422,31 @@ struct PoolEngine::Impl {
             }
             for (pool::Worker* w : dead) wait_exit(*w, false);
             check_deadlines();
+            take_back_stalled(Clock::now());
+        }
+    }
+
+    // poll() refuses more descriptors than RLIMIT_NOFILE allows open (EINVAL), as when the limit
+    // was lowered below what the process holds: look at them a slice at a time, every few
+    // milliseconds, rather than fail.
+    static int poll_in_slices(std::vector<pollfd>& fds, int timeout_ms) {
+        rlimit lim{};
+        std::size_t slice = 1;
+        if (::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur > 1 && lim.rlim_cur != RLIM_INFINITY)
+            slice = static_cast<std::size_t>(lim.rlim_cur);
+        const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 3'600'000 : timeout_ms);
+        while (true) {
+            int ready = 0;
+            for (std::size_t at = 0; at < fds.size(); at += slice) {
+                const std::size_t k = std::min(slice, fds.size() - at);
+                const int r = ::poll(fds.data() + at, k, 0);
+                if (r < 0 && errno != EINTR) sys::throw_system_error(errno, "poll (pool)");
+                if (r > 0) ready += r;
+            }
+            if (ready > 0) return ready;
+            const auto now = Clock::now();
+            if (now >= deadline) return 0;
+            std::this_thread::sleep_for(std::min<Clock::duration>(deadline - now, std::chrono::milliseconds(5)));
         }
     }
 
@@ -352,15 +466,40 @@ struct PoolEngine::Impl {
 
     // ---- workers -------------------------------------------------------------------------------
 
+    // A failure to start a worker that may pass: the system short of descriptors, processes or
+    // memory, or a forkserver that died while starting it (the next start restarts it).
+    static bool transient(const std::exception& e) {
+        if (dynamic_cast<const ProcessError*>(&e) != nullptr) return true;
+        if (const auto* se = dynamic_cast<const std::system_error*>(&e)) {
+            const int err = se->code().value();
+            return err == EMFILE || err == ENFILE || err == EAGAIN || err == ENOMEM || err == ENOBUFS ||
+                   err == EPIPE || err == ECONNRESET || err == ECONNREFUSED;
+        }
+        return false;
+    }
+
     void start_workers() {
+        const auto now = Clock::now();
+        if (retry_at && now < *retry_at) return;
         while (static_cast<int>(workers.size()) < cfg.workers) {
             try {
                 start_worker();
             } catch (const std::exception& e) {
-                break_pool(std::string("a worker could not start: ") + e.what());
+                first_start_done = true;
+                if (!failing_since) failing_since = now;
+                backoff = std::min<Clock::duration>(backoff == Clock::duration{} ? std::chrono::milliseconds(5) : 2 * backoff,
+                                                    pool::kMaxBackoff);
+                retry_at = now + backoff;
+                // With a live worker the pool goes on, short of one, and tries again later.
+                if (workers.empty() && (!transient(e) || now - *failing_since >= pool::kStartGrace))
+                    break_pool(std::string("a worker could not start: ") + e.what());
                 return;
             }
+            failing_since.reset();
+            retry_at.reset();
+            backoff = {};
         }
+        first_start_done = true;
     }
 
     void start_worker() {
@@ -478,48 +617,73 @@ struct PoolEngine::Impl {
     // How long the worker has been inside its current task (zero when between tasks).
     std::chrono::nanoseconds busy_for(const pool::Worker& w, Clock::time_point now) const {
         const auto& slot = slots[w.slot];
-        const std::uint64_t started = slot.started.load(std::memory_order_acquire) & ~pool::kRevoked;
+        const std::uint64_t started = slot.started.load(std::memory_order_acquire);
         if (started <= slot.finished.load(std::memory_order_acquire)) return std::chrono::nanoseconds::zero();
         const Clock::time_point at{Clock::duration(slot.started_at.load(std::memory_order_relaxed))};
         return now > at ? std::chrono::duration_cast<std::chrono::nanoseconds>(now - at) : std::chrono::nanoseconds::zero();
     }
 
-    // When a worker idles while another sits in a long task with more queued behind it, take
-    // those back (see WorkerSlot::started) so the idle one can have them.
     bool has_idle_worker() const {
         for (auto& w : workers)
-            if (w->inflight.empty() && !w->retiring && !w->closing && w->timed_out == 0 && w->ready) return true;
+            if (w->inflight.empty() && !w->retiring && !w->closing && w->timed_out == 0 && w->ready && !w->stalled)
+                return true;
         return false;
     }
 
+    // Takes back, from the end of its queue, every task `w` has not started; they go to the
+    // front of `pending` in their order. One that cancel() withdrew stays until `w` skips it.
+    bool take_back_queued(pool::Worker& w) {
+        std::deque<pool::JobPtr> back, keep;
+        while (!w.inflight.empty()) {
+            pool::JobPtr& job = w.inflight.back();
+            const auto r = job->take_back();
+            if (r == pool::Job::Back::taken) {
+                back.push_front(std::move(job));
+            } else if (r == pool::Job::Back::cancelled) {
+                keep.push_front(std::move(job));
+            } else {
+                break;  // started: every task before it has too
+            }
+            w.inflight.pop_back();
+        }
+        for (auto& job : keep) w.inflight.push_back(std::move(job));
+        if (back.empty()) return false;
+        w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
+        if (w.inflight.empty()) w.head_since.reset();
+        for (auto it = back.rbegin(); it != back.rend(); ++it) {
+            running_count.fetch_sub(1, std::memory_order_relaxed);
+            pending_count.fetch_add(1, std::memory_order_relaxed);
+            pending.push_front(std::move(*it));
+        }
+        return true;
+    }
+
+    // When a worker idles while another sits in a long task with more queued behind it, take
+    // those back so the idle one can have them.
     bool take_back(Clock::time_point now) {
         if (!has_idle_worker()) return false;
         bool took = false;
         for (auto& w : workers) {
             if (w->inflight.size() < 2 || busy_for(*w, now) <= std::chrono::milliseconds(1)) continue;
-            auto& slot = slots[w->slot];
-            std::uint64_t cur = slot.started.load(std::memory_order_acquire);
-            if (cur & pool::kRevoked) continue;  // the last taking back is not behind it yet
-            const std::uint64_t hi = w->inflight.back()->ordinal;
-            if (hi <= cur) continue;
-            slot.revoked_hi.store(hi, std::memory_order_release);
-            if (!slot.started.compare_exchange_strong(cur, cur | pool::kRevoked, std::memory_order_acq_rel))
-                continue;  // it has just started another task: look again next time
-            // Every task after `cur` is ours again, in order, ahead of the rest.
-            std::deque<pool::JobPtr> back;
-            while (!w->inflight.empty() && w->inflight.back()->ordinal > cur) {
-                back.push_front(std::move(w->inflight.back()));
-                w->inflight.pop_back();
-            }
-            w->assigned.store(w->inflight.size(), std::memory_order_relaxed);
-            for (auto it = back.rbegin(); it != back.rend(); ++it) {
-                running_count.fetch_sub(1, std::memory_order_relaxed);
-                pending_count.fetch_add(1, std::memory_order_relaxed);
-                pending.push_front(std::move(*it));
-            }
-            took = true;
+            took |= take_back_queued(*w);
         }
         return took;
+    }
+
+    // A ready worker that has not started the head of its queue within kStallLimit (stopped,
+    // or starved of CPU) gives its queue back: other workers run it. Its deadline stays, so a
+    // worker stopped for good while holding a task with a time limit is killed and replaced.
+    void take_back_stalled(Clock::time_point now) {
+        for (auto& w : workers) {
+            if (w->stalled || !w->head_since || now - waiting_since(*w) < pool::kStallLimit) continue;
+            pool::Job& head = *w->inflight.front();
+            if (head.started_in_worker()) {
+                (void)head.set_running();  // its started frame may still be on the way
+                continue;
+            }
+            w->stalled = true;
+            take_back_queued(*w);
+        }
     }
 
     void dispatch() {
@@ -533,11 +697,13 @@ struct PoolEngine::Impl {
             pool::Worker* best = nullptr;
             std::size_t best_room = 0;
             for (auto& w : workers) {
-                if (w->retiring || w->closing || w->timed_out != 0) continue;
+                if (w->retiring || w->closing || w->timed_out != 0 || w->stalled) continue;
                 // A worker inside a task for over a millisecond gets no more for now: what it
                 // holds already waits behind that task, and more would wait too while another
                 // worker may be free (its depth was sized by the tiny tasks before).
                 if (!w->inflight.empty() && busy_for(*w, now) > std::chrono::milliseconds(1)) continue;
+                // Its tickets must not wrap onto a task it still holds.
+                if (!w->inflight.empty() && w->next_ordinal - w->inflight.front()->ordinal >= pool::kTickets) continue;
                 const std::size_t cap = w->capacity(cfg.max_tasks_per_child);
                 const std::size_t held = w->inflight.size();
                 if (held >= cap) continue;
@@ -553,21 +719,22 @@ struct PoolEngine::Impl {
             pool::JobPtr job = std::move(pending.front());
             pending.pop_front();
             pending_count.fetch_sub(1, std::memory_order_relaxed);
-            if (!job->set_running() && job->state() == FutureCore::State::cancelled) {
-                cancelled_count.fetch_add(1, std::memory_order_relaxed);
-                continue;
-            }
-            assign(*best, std::move(job));
+            assign(*best, std::move(job), now);
         }
     }
 
-    void assign(pool::Worker& w, pool::JobPtr job) {
-        job->ordinal = w.next_ordinal++;
+    void assign(pool::Worker& w, pool::JobPtr job, Clock::time_point now) {
+        const std::uint64_t ordinal = w.next_ordinal;
+        if (!job->place(slots[w.slot], ordinal)) {
+            cancelled_count.fetch_add(1, std::memory_order_relaxed);  // cancelled while pending
+            return;
+        }
+        ++w.next_ordinal;
         ++w.sent;
         const auto timeout = job->timeout ? job->timeout : cfg.task_timeout;
         std::vector<int> fds;
         for (auto& fd : job->fds) fds.push_back(fd.get());
-        w.out.add(pool::FrameType::task, timeout ? pool::kTimed : 0, job->ordinal, job->bytes, {},
+        w.out.add(pool::FrameType::task, timeout ? pool::kTimed : 0, ordinal, job->bytes, {},
                   std::move(fds));
         job->timeout = timeout;
         // The job keeps its bytes and descriptors until it finishes: a worker that dies before
@@ -575,16 +742,42 @@ struct PoolEngine::Impl {
         w.inflight.push_back(std::move(job));
         w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
         running_count.fetch_add(1, std::memory_order_relaxed);
+        if (w.inflight.size() == 1) new_head(w, now);
+    }
+
+    // The head of w's queue has changed (or w became ready): it is due from now.
+    void new_head(pool::Worker& w, Clock::time_point now) {
+        if (w.inflight.empty() || !w.ready) {
+            w.head_since.reset();
+            if (w.inflight.empty() && !w.stalled) w.deadline.reset();
+            return;
+        }
+        const pool::Job& head = *w.inflight.front();
+        if (w.head_since && w.head_ordinal == head.ordinal) return;
+        w.head_since = now;
+        w.head_ordinal = head.ordinal;
+        if (head.timeout) {
+            w.deadline = now + *head.timeout;
+            w.deadline_ordinal = head.ordinal;
+        } else {
+            w.deadline.reset();
+        }
     }
 
     void send(pool::Worker& w) {
         if (!w.sock || w.out.empty()) return;
+        const std::size_t before = w.out.unsent();
         try {
             (void)w.out.flush(w.sock.get());
         } catch (const std::system_error&) {
             // The worker has gone; its end will be seen on its exit descriptor.
         }
+        if (w.out.unsent() < before) w.last_sent = Clock::now();
     }
+
+    // Since when the head of w's queue has waited for w to start it: a worker still reading a
+    // large task off its socket is not stalled.
+    static Clock::time_point waiting_since(const pool::Worker& w) { return std::max(*w.head_since, w.last_sent); }
 
     // ---- answers in -----------------------------------------------------------------------------
 
@@ -604,10 +797,16 @@ struct PoolEngine::Impl {
 
     void handle(pool::Worker& w, pool::Frame& f) {
         using pool::FrameType;
+        if (w.stalled) {
+            // A sign of life: it may have work again.
+            w.stalled = false;
+            if (w.inflight.empty()) w.deadline.reset();
+        }
         switch (f.type) {
             case FrameType::ready:
                 w.ready = true;
                 start_crashes = start_kills = 0;
+                new_head(w, Clock::now());
                 return;
             case FrameType::init_failed: {
                 Decoder d(f.payload);
@@ -617,10 +816,8 @@ struct PoolEngine::Impl {
                 return;
             }
             case FrameType::started:
-                if (!w.inflight.empty() && w.inflight.front()->ordinal == f.ordinal && w.inflight.front()->timeout) {
-                    w.deadline = Clock::now() + *w.inflight.front()->timeout;
-                    w.deadline_ordinal = f.ordinal;
-                }
+                if (!w.inflight.empty() && w.inflight.front()->ordinal == f.ordinal)
+                    (void)w.inflight.front()->set_running();
                 return;
             case FrameType::result: {
                 if (f.ordinal <= w.answered) return;  // seen already (resent from its stage)
@@ -631,6 +828,7 @@ struct PoolEngine::Impl {
                 w.inflight.pop_front();
                 w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
                 if (w.deadline_ordinal == f.ordinal) w.deadline.reset();
+                next_head(w);
                 std::uint64_t run_ns = 0;
                 if (f.payload.size() < sizeof run_ns) throw DecodeError("mp pool: truncated result");
                 std::memcpy(&run_ns, f.payload.data(), sizeof run_ns);
@@ -654,12 +852,27 @@ struct PoolEngine::Impl {
                 w.retiring = true;
                 return;
             case FrameType::skipped:
-                // Taken back already (see take_back): nothing to do but note the answer.
-                w.answered = std::max(w.answered, f.ordinal);
+                if (f.ordinal <= w.answered) return;
+                w.answered = f.ordinal;
+                // Cancelled while queued in it; one taken back for another worker is gone already.
+                if (!w.inflight.empty() && w.inflight.front()->ordinal == f.ordinal) {
+                    w.inflight.pop_front();
+                    w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
+                    running_count.fetch_sub(1, std::memory_order_relaxed);
+                    cancelled_count.fetch_add(1, std::memory_order_relaxed);
+                    if (w.deadline_ordinal == f.ordinal) w.deadline.reset();
+                    next_head(w);
+                }
                 return;
             default:
                 throw DecodeError("mp pool: unexpected frame from a worker");
         }
+    }
+
+    // After the head of w's queue answered: the next is due now, and may have started already.
+    void next_head(pool::Worker& w) {
+        new_head(w, Clock::now());
+        if (!w.inflight.empty() && w.inflight.front()->started_in_worker()) (void)w.inflight.front()->set_running();
     }
 
     // ---- ends -----------------------------------------------------------------------------------
@@ -674,8 +887,22 @@ struct PoolEngine::Impl {
         }
     }
 
-    // The worker has ended (or is being made to): read what it sent, reap it, settle its tasks.
+    // Waits for the end of a worker known to have ended (its pidfd polled readable) or to be
+    // ending (killed), and returns its status, if known.
+    static std::optional<int> exit_status(pool::Worker& w) {
+        if (w.forked) return sys::pidfd_wait(w.pidfd.get(), false);
+        // Until its pidfd says so it may still run (a helper's socket closing proves nothing).
+        (void)sys::pidfd_wait_exit(w.pidfd.get(), std::nullopt);
+        // The forkserver reaps it and sends the status at once, unless the server is stopped or
+        // gone: then the status is unknown, and the pool must not wait for it.
+        if (!sys::wait_fd(w.status.get(), POLLIN, std::chrono::milliseconds(200))) return std::nullopt;
+        return forkserver::read_status(w.status.get());
+    }
+
+    // The worker has ended (or is being made to): reap it, read what it sent, settle its tasks.
     void wait_exit(pool::Worker& w, bool terminating) {
+        // Dead first: only then are its slot and stage final.
+        const int status = exit_status(w).value_or(-SIGKILL);
         if (w.sock) receive(w);
         // Answers it had finished but not sent wait in its stage (some may have been sent too:
         // handle() ignores an answer twice). A frame cut short on the socket is in the stage whole.
@@ -692,16 +919,6 @@ struct PoolEngine::Impl {
                 // garbage anyway, the tasks below settle as if nothing was there.
             }
         }
-        int status = 0;
-        std::optional<int> st;
-        if (w.forked) {
-            st = sys::pidfd_wait(w.pidfd.get(), false);
-        } else {
-            st = forkserver::read_status(w.status.get());
-        }
-        status = st.value_or(-SIGKILL);
-
-        const std::uint64_t started = slots[w.slot].started.load(std::memory_order_acquire) & ~pool::kRevoked;
         const std::uint64_t finished_ord = slots[w.slot].finished.load(std::memory_order_acquire);
         const bool unasked = !w.retiring && !w.closing && w.timed_out == 0 && !terminating;
         if (unasked) death_count.fetch_add(1, std::memory_order_relaxed);
@@ -716,9 +933,16 @@ struct PoolEngine::Impl {
             std::exception_ptr e;
             if (terminating) {
                 e = std::make_exception_ptr(BrokenProcessPool("the pool was terminated"));
+            } else if (const auto r = job->take_back(); r == pool::Job::Back::taken) {
+                again.push_back(std::move(job));  // never started
+                continue;
+            } else if (r == pool::Job::Back::cancelled) {
+                running_count.fetch_sub(1, std::memory_order_relaxed);
+                cancelled_count.fetch_add(1, std::memory_order_relaxed);
+                continue;
             } else if (job->ordinal <= finished_ord) {
-                e = std::make_exception_ptr(WorkerDied(w.pid, status));
-            } else if (job->ordinal == started) {
+                e = std::make_exception_ptr(WorkerDied(w.pid, status));  // its answer was lost
+            } else {
                 if (w.timed_out == job->ordinal) {
                     e = std::make_exception_ptr(TimeoutError(
                         "the task ran longer than its time limit; its worker " + w.name + " (pid " +
@@ -726,9 +950,6 @@ struct PoolEngine::Impl {
                 } else {
                     e = std::make_exception_ptr(WorkerDied(w.pid, status));
                 }
-            } else {
-                again.push_back(std::move(job));
-                continue;
             }
             running_count.fetch_sub(1, std::memory_order_relaxed);
             failed_count.fetch_add(1, std::memory_order_relaxed);
@@ -813,15 +1034,21 @@ struct PoolEngine::Impl {
                 job->set_exception(e);
             }
             w->inflight.clear();
+            w->head_since.reset();
+            w->deadline.reset();
         }
     }
 
+    // shutdown(cancel_futures): every task no worker has started, queued in a worker too (the
+    // worker skips those and says so; they are counted then).
     void cancel_pending() {
         for (auto& job : pending) {
             if (job->cancel()) cancelled_count.fetch_add(1, std::memory_order_relaxed);
             pending_count.fetch_sub(1, std::memory_order_relaxed);
         }
         pending.clear();
+        for (auto& w : workers)
+            for (auto& job : w->inflight) (void)job->cancel();
     }
 };
 
@@ -937,8 +1164,7 @@ PoolStats PoolEngine::stats() const {
         // The worker's own slot says whether it is inside a task now.
         const auto& slot = i.slots[w->slot];
         const std::size_t running =
-            (slot.started.load(std::memory_order_acquire) & ~pool::kRevoked) >
-                    slot.finished.load(std::memory_order_acquire)
+            slot.started.load(std::memory_order_acquire) > slot.finished.load(std::memory_order_acquire)
                 ? 1
                 : 0;
         s.workers.push_back({w->pid, w->name, w->assigned.load(), running, w->done.load(), w->failed.load()});

@@ -28,13 +28,12 @@ enum class FrameType : std::uint8_t {
     // worker -> parent
     ready = 10,        // the initializer ran (or there was none)
     init_failed = 11,  // payload: ErrorInfo
-    started = 12,      // sent before a task with a time limit runs
+    started = 12,      // sent as a task with a time limit, or the first after a wait, starts
     result = 13,       // payload: [u64 run time ns][result bytes, or ErrorInfo when not ok]
     retire = 14,       // the worker leaves after this (task or memory limit reached)
-    skipped = 15,      // a task the pool had taken back was not run
+    skipped = 15,      // a task withdrawn before it started (taken back, or cancelled) was not run
 };
 
-inline constexpr std::uint64_t kRevoked = std::uint64_t{1} << 63;
 inline constexpr std::uint8_t kTimed = 1;   // task: tell the parent when it starts
 inline constexpr std::uint8_t kOk = 1;      // result: a value, not an exception
 
@@ -82,6 +81,7 @@ public:
     void add(FrameType type, std::uint8_t flags, std::uint64_t ordinal, std::string_view a,
              std::string_view b = {}, std::vector<int> fds = {});
     bool empty() const noexcept { return off_ == buf_.size(); }
+    std::size_t unsent() const noexcept { return buf_.size() - off_; }
     /// Sends as much as the socket takes: all of it when blocking. True when all was sent.
     /// Throws std::system_error (EPIPE when the peer has gone).
     bool flush(int fd);
@@ -96,21 +96,32 @@ private:
     std::deque<Rights> rights_;
 };
 
+/// Each task a worker holds has a ticket, one word in the worker's slot: (ordinal << 2) | state.
+/// The pool writes it queued before it sends the task; then exactly one compare-and-swap from
+/// queued wins: the worker's (started, it runs the task) or the pool's or a canceller's
+/// (withdrawn, the worker skips it). So a queued task is never both run and taken back or
+/// cancelled, and it counts as running only once a worker has really started it.
+enum TicketState : std::uint64_t { kQueued = 0, kStarted = 1, kWithdrawn = 2 };
+/// Tickets are indexed by ordinal modulo this; the pool never lets the tasks a worker holds
+/// span more ordinals (a worker holds at most 1024), so a live ticket is never overwritten.
+/// A ticket overwritten by a later task reads as withdrawn to whoever held the earlier one.
+inline constexpr std::size_t kTickets = 4096;
+constexpr std::uint64_t ticket(std::uint64_t ordinal, TicketState s) noexcept { return ordinal << 2 | s; }
+
 /// One worker's entry in the shared status page, written by the worker, read by the pool after
 /// the worker has died: which task it had started, which it had finished, and how much of its
 /// stage (the shared buffer its answers wait in until sent) is written and sent.
 struct alignas(64) WorkerSlot {
-    /// The ordinal of the last task the worker started (or skipped), plus kRevoked while the
-    /// pool has taken back the tasks up to revoked_hi. The worker starts task o only by moving
-    /// this word from o - 1 to o (compare-and-swap); the pool takes tasks back only by setting
-    /// kRevoked on the word it read. So each queued task is either started here or taken back,
-    /// never both.
+    /// The ordinal of the last task the worker started (or skipped), stored once its ticket is
+    /// settled.
     std::atomic<std::uint64_t> started{0};
     std::atomic<std::uint64_t> finished{0};
     std::atomic<std::int64_t> started_at{0};  // steady_clock nanoseconds at the last start
-    std::atomic<std::uint64_t> revoked_hi{0};
     std::atomic<std::uint64_t> committed{0};
     std::atomic<std::uint64_t> sent{0};
+    std::atomic<std::uint64_t> tickets[kTickets] = {};
+
+    std::atomic<std::uint64_t>& ticket_of(std::uint64_t ordinal) noexcept { return tickets[ordinal % kTickets]; }
 };
 
 /// Each worker's stage: answers are written here, in shared memory, and sent in batches, so

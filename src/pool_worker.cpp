@@ -369,10 +369,11 @@ private:
     // Returns false when the worker should retire.
     bool run_one(Frame& f) {
         // Back-to-back tasks share a clock reading: this one began when the last one ended.
+        const bool after_wait = !last_end_;
         const auto begin = last_end_ ? *last_end_ : Clock::now();
         slot_->started_at.store(begin.time_since_epoch().count(), std::memory_order_relaxed);
         if (!claim(f.ordinal)) {
-            // The pool took this task back (to give it to an idle worker): say so, run nothing.
+            // Withdrawn (taken back for another worker, or cancelled): say so, run nothing.
             slot_->finished.store(f.ordinal, std::memory_order_release);
             out_.add(FrameType::skipped, 0, f.ordinal, {});
             return true;
@@ -380,6 +381,10 @@ private:
         if (f.flags & kTimed) {
             out_.add(FrameType::started, 0, f.ordinal, {});
             flush();
+        } else if (after_wait) {
+            // The pool may be asleep: tell it (within the flusher's millisecond) that this task
+            // now runs. Later tasks of a batch start as the answer before them arrives.
+            out_.add(FrameType::started, 0, f.ordinal, {});
         }
         std::vector<int> fds = raw(f.fds);
         std::string result;
@@ -412,22 +417,13 @@ private:
         return true;
     }
 
-    // Moves the slot's started word to `ordinal`; false when the pool has taken it back.
+    // Settles the task's ticket (see WorkerSlot): true when this worker is to run it.
     bool claim(std::uint64_t ordinal) {
-        std::uint64_t cur = slot_->started.load(std::memory_order_acquire);
-        while (true) {
-            if (cur & kRevoked) {
-                if (ordinal <= slot_->revoked_hi.load(std::memory_order_acquire)) {
-                    // Only this worker changes a revoked word: step past the skipped task.
-                    slot_->started.store(ordinal | kRevoked, std::memory_order_release);
-                    return false;
-                }
-            }
-            // The revoked range (if any) is behind us: start it, clearing the mark.
-            if (slot_->started.compare_exchange_weak(cur, ordinal, std::memory_order_acq_rel,
-                                                     std::memory_order_acquire))
-                return true;
-        }
+        std::uint64_t expected = ticket(ordinal, kQueued);
+        const bool mine = slot_->ticket_of(ordinal).compare_exchange_strong(
+            expected, ticket(ordinal, kStarted), std::memory_order_acq_rel, std::memory_order_acquire);
+        slot_->started.store(ordinal, std::memory_order_release);
+        return mine;
     }
 
     static std::vector<int> raw(const std::vector<sys::Fd>& fds) {

@@ -35,6 +35,7 @@
 #include <string>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <thread>
 #include <typeinfo>
@@ -45,6 +46,9 @@
 #include "helpers/leak_check.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/futures.hpp"
+#include "process_impl.hpp"
+#include "sys/fd.hpp"
+#include "sys/pidfd.hpp"
 
 namespace {
 
@@ -287,6 +291,27 @@ std::set<pid_t> worker_pids(const mp::PoolStats& st) {
     for (const auto& w : st.workers) out.insert(w.pid);
     return out;
 }
+
+/// Sends SIGCONT to a stopped worker when it goes out of scope, unless the pool has replaced it.
+class StoppedWorker {
+public:
+    StoppedWorker(const mp::ProcessPoolExecutor& ex, pid_t pid) : ex_(ex), pid_(pid) {
+        EXPECT_EQ(::kill(pid, SIGSTOP), 0);
+    }
+    ~StoppedWorker() { resume(); }
+    StoppedWorker(const StoppedWorker&) = delete;
+    StoppedWorker& operator=(const StoppedWorker&) = delete;
+    void resume() {
+        if (pid_ != 0 && ex_.stats().workers.size() > 0)
+            for (const auto& w : ex_.stats().workers)
+                if (w.pid == pid_) ::kill(pid_, SIGCONT);
+        pid_ = 0;
+    }
+
+private:
+    const mp::ProcessPoolExecutor& ex_;
+    pid_t pid_;
+};
 
 /// Waits until the executor has answered everything it was given.
 bool settled(const mp::ProcessPoolExecutor& ex) {
@@ -582,6 +607,40 @@ TEST(ExecutorBalance, TasksQueuedBehindALongOneMoveToAnIdleWorker) {
     EXPECT_FALSE(blocked.done());
     gate.open();
     EXPECT_EQ(blocked.result(kLong), 1);
+}
+
+TEST(ExecutorBalance, TasksQueuedInAStoppedWorkerMoveToAnotherOne) {
+    // issue 12 item 4: a worker stopped (SIGSTOP) while idle is handed its share of a burst;
+    // it never starts them, so they must move to the other worker, not wait for it.
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    std::vector<int> warm(2000, 3);
+    for (int v : ex.map(square, warm)) ASSERT_EQ(v, 9);
+    ASSERT_TRUE(settled(ex));
+    const auto st = ex.stats();
+    ASSERT_EQ(st.workers.size(), 2u);
+    StoppedWorker stopped(ex, st.workers[0].pid);
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 10; ++i) fs.push_back(ex.submit(worker_pid, i));
+    for (auto& f : fs) {
+        ASSERT_TRUE(f.wait(5s)) << "a task stayed with the stopped worker";
+        EXPECT_NE(f.result(0s), st.workers[0].pid);
+    }
+    stopped.resume();
+    EXPECT_EQ(ex.submit(square, 3).result(kLong), 9);
+}
+
+std::size_t length_of(std::string s) { return s.size(); }
+
+TEST(ExecutorBalance, ATaskTooLargeToSendAtOnceIsNotTakenBackAsStalled) {
+    // A worker still reading a large task off its socket has not started it, but is not stalled
+    // either: the task must not bounce between workers (each taking longer to receive it than
+    // the stall limit) but run, once.
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+    const std::string big(std::size_t{96} << 20, 'x');
+    std::vector<mp::Future<std::size_t>> fs;
+    for (int i = 0; i < 2; ++i) fs.push_back(ex.submit(length_of, big));
+    for (auto& f : fs) EXPECT_EQ(f.result(60s), big.size());
 }
 
 TEST(ExecutorFuture, CopiesShareTheState) {
@@ -919,6 +978,31 @@ TEST(ExecutorAsCompleted, YieldsInCompletionOrder) {
 // Cancel and shutdown (test_future.py test_cancel, test_shutdown.py)
 // ---------------------------------------------------------------------------------------------
 
+TEST(ExecutorCancel, ATaskHandedToAWorkerThatHasNotStartedItCanBeCancelled) {
+    // issue 12 item 15: a task is running only once a worker has started it. The only worker
+    // is stopped, so it starts nothing: the tasks handed to it (or taken back from it) are not
+    // running, can be cancelled, and then never run.
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    std::vector<int> warm(2000, 3);
+    for (int v : ex.map(square, warm)) ASSERT_EQ(v, 9);  // tiny tasks: the worker takes many
+    ASSERT_TRUE(settled(ex));
+    StoppedWorker stopped(ex, ex.stats().workers.at(0).pid);
+    std::vector<mp::Future<int>> targets;
+    for (int i = 0; i < 5; ++i) targets.push_back(ex.submit(touch_file, dir.path("ran-" + std::to_string(i))));
+    std::this_thread::sleep_for(50ms);  // the pool hands them to the worker meanwhile
+    for (auto& t : targets) {
+        EXPECT_FALSE(t.running());
+        EXPECT_TRUE(t.cancel());
+        EXPECT_TRUE(t.cancelled());
+    }
+    stopped.resume();
+    EXPECT_EQ(ex.submit(square, 4).result(kLong), 16);
+    ex.shutdown(true);
+    for (int i = 0; i < 5; ++i) EXPECT_FALSE(dir.exists("ran-" + std::to_string(i))) << i;
+    EXPECT_EQ(ex.stats().cancelled, 5u);
+}
+
 TEST(ExecutorCancel, APendingTaskNeverRuns) {
     TempDir dir;
     Gate gate(dir);
@@ -968,6 +1052,54 @@ TEST(ExecutorShutdown, CancelFuturesCancelsEveryPendingOne) {
     }
     EXPECT_THROW(ex.submit(square, 2), mp::Error);
 }
+
+// CPython test_shutdown.py, ExecutorShutdownTest.test_cancel_futures (the process pool's):
+// 50 queued 0.1 s tasks on 5 workers; shutdown(cancel_futures) must cancel most of them.
+// CPython also asserts that at least one was not cancelled: its futures count as running once
+// in the call queue (max_workers + 1 of them). Here a task runs only once a worker has started
+// it, and all 50 may still be cancelled if none had started; the warm variant waits for the
+// workers to be busy (the case of issue 12 item 15) and checks that those tasks finish.
+void check_test_cancel_futures(bool warm) {
+    mp::ProcessPoolExecutor ex({.max_workers = 5});
+    if (warm) {
+        // Tiny tasks first: each worker learns to take many at a time (issue 12 item 15: then
+        // nothing was cancelled, every task was already "running" in a worker's queue).
+        std::vector<int> in(5000, 2);
+        for (int v : ex.map(square, in)) ASSERT_EQ(v, 4);
+    } else {
+        // ExecutorMixin._prime_executor
+        std::vector<mp::Future<int>> prime;
+        for (int i = 0; i < 5; ++i) prime.push_back(ex.submit(sleep_ms, 100));
+        for (auto& f : prime) ASSERT_EQ(f.result(kLong), 100);
+    }
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(sleep_ms, 100));
+    if (warm) {
+        ASSERT_TRUE(eventually([&] {
+            std::size_t busy = 0;
+            for (const auto& w : ex.stats().workers) busy += w.running;
+            return busy == 5;
+        }));
+    }
+    ex.shutdown(true, true);
+    std::size_t cancelled = 0, others = 0;
+    for (auto& f : fs) {
+        if (f.cancelled()) {
+            ++cancelled;
+            continue;
+        }
+        ++others;
+        EXPECT_TRUE(f.done());
+        EXPECT_EQ(f.exception(0s), nullptr);
+    }
+    EXPECT_GT(cancelled, 20u);
+    if (warm) {
+        EXPECT_GE(others, 5u);
+    }
+}
+
+TEST(ExecutorShutdown, test_cancel_futures) { check_test_cancel_futures(false); }
+TEST(ExecutorShutdown, test_cancel_futures_on_a_warm_executor) { check_test_cancel_futures(true); }
 
 TEST(ExecutorShutdown, CancelFuturesWithoutWait) {
     TempDir dir;
@@ -1067,6 +1199,26 @@ TEST(ExecutorInitializer, RunsInEveryWorkerWithItsArguments) {
     std::vector<mp::Future<int>> fs;
     for (int i = 0; i < 10; ++i) fs.push_back(ex.submit(read_global, i));
     for (auto& f : fs) EXPECT_EQ(f.result(kLong), 42);
+}
+
+int record_start(std::string dir) {
+    std::ofstream(dir + "/init-" + std::to_string(::getpid())) << "x\n";
+    return 0;
+}
+void init_record(std::string dir) { (void)record_start(std::move(dir)); }
+
+TEST(ExecutorInitializer, EveryWorkerStartsAndRunsItEvenWhenShutDownAtOnce) {
+    // As Pool (issue 12 item 18): the executor starts all max_workers when constructed, not on
+    // demand as CPython's does (outside fork); each runs the initializer.
+    TempDir dir;
+    {
+        mp::ProcessPoolExecutor ex({.max_workers = 3}, init_record, dir.path(""));
+        ex.shutdown(true);
+    }
+    std::size_t n = 0;
+    for (const auto& e : std::filesystem::directory_iterator(dir.path("")))
+        if (e.path().filename().string().rfind("init-", 0) == 0) ++n;
+    EXPECT_EQ(n, 3u);
 }
 
 TEST(ExecutorInitializer, ReplacementWorkersRunItToo) {
@@ -1294,6 +1446,132 @@ void thousand_random_kills(bool only_answered) {
                 kills.load(), batches, total, died, st.workers_started);
 }
 
+/// Kills the forkserver (found by mp's own client, checked by name against pid reuse) and
+/// waits until it has ended.
+bool kill_forkserver() {
+    const pid_t server = mp::detail::forkserver::server_pid();
+    if (server <= 0) return false;
+    const int fd = static_cast<int>(::syscall(SYS_pidfd_open, server, 0));
+    if (fd < 0) return false;
+    mp::sys::Fd pidfd(fd);
+    std::ifstream comm("/proc/" + std::to_string(server) + "/comm");
+    std::string name;
+    std::getline(comm, name);
+    if (name != "mp-forkserver" || !mp::sys::pidfd_send_signal(pidfd.get(), SIGKILL)) return false;
+    return mp::sys::pidfd_wait_exit(pidfd.get(), std::chrono::nanoseconds(5s));
+}
+
+TEST(ExecutorWorkerDeath, AKilledForkserverIsRestartedWhileWorkersAreReplaced) {
+    // issue 12 item 3: the forkserver killed again and again while the pool replaces the
+    // workers that died with it: the pool restarts it and goes on; only tasks that were running
+    // fail (WorkerDied), none with BrokenProcessPool or a wrong answer.
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+    std::atomic<bool> stop{false};
+    std::atomic<int> kills{0};
+    std::thread killer([&] {
+        std::mt19937 rng(12);
+        std::size_t started = 0;
+        while (!stop.load()) {
+            // Once the pool has started a worker since the last kill (so it is not starved of
+            // workers for good, however slow a start is), soon enough to hit the server while it
+            // starts the others.
+            const std::size_t now_started = ex.stats().workers_started;
+            if (now_started == started) {
+                std::this_thread::sleep_for(1ms);
+                continue;
+            }
+            std::this_thread::sleep_for(std::chrono::milliseconds(rng() % 30));
+            if (kill_forkserver()) ++kills;
+            started = now_started;
+        }
+    });
+    std::size_t values = 0, died = 0;
+    const auto until = Clock::now() + 4s;
+    try {
+        while (Clock::now() < until) {
+            std::vector<mp::Future<int>> fs;
+            for (int i = 0; i < 200; ++i) fs.push_back(ex.submit(nap_square, i));
+            for (int i = 0; i < 200; ++i) {
+                const auto& f = fs[static_cast<std::size_t>(i)];
+                ASSERT_TRUE(f.wait(60s)) << "a future did not finish";
+                try {
+                    EXPECT_EQ(f.result(0s), i * i);
+                    ++values;
+                } catch (const mp::WorkerDied&) {
+                    ++died;
+                }
+            }
+        }
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << "after " << kills.load() << " kills of the forkserver: " << e.what();
+    }
+    stop = true;
+    killer.join();
+    mp::detail::forkserver::ensure_running();  // a killed server is replaced (not left connected)
+    EXPECT_GT(kills.load(), 10);
+    EXPECT_GT(values, 0u);
+    EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
+    std::printf("forkserver kills: %d, %zu values, %zu WorkerDied\n", kills.load(), values, died);
+}
+
+/// Lowers RLIMIT_NOFILE so that this process can open no descriptor; restores it on leaving.
+class NoDescriptors {
+public:
+    NoDescriptors() {
+        EXPECT_EQ(::getrlimit(RLIMIT_NOFILE, &old_), 0);
+        rlimit low{3, old_.rlim_max};
+        EXPECT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    }
+    ~NoDescriptors() { restore(); }
+    NoDescriptors(const NoDescriptors&) = delete;
+    NoDescriptors& operator=(const NoDescriptors&) = delete;
+    void restore() {
+        if (!restored_) {
+            EXPECT_EQ(::setrlimit(RLIMIT_NOFILE, &old_), 0);
+        }
+        restored_ = true;
+    }
+
+private:
+    rlimit old_{};
+    bool restored_ = false;
+};
+
+void check_recovers_from_emfile(int workers, mp::StartMethod method) {
+    // issue 12 item 7: a worker dies while the process is out of descriptors, so its
+    // replacement cannot start; once descriptors are available again the pool must recover.
+    mp::ProcessPoolExecutor ex({.max_workers = workers, .start_method = method});
+    std::vector<mp::Future<int>> warm;
+    for (int i = 0; i < workers * 4; ++i) warm.push_back(ex.submit(square, i));
+    for (auto& f : warm) ASSERT_TRUE(f.wait(kLong));
+    ASSERT_TRUE(eventually([&] { return ex.stats().workers.size() == static_cast<std::size_t>(workers); }));
+    const pid_t victim = ex.stats().workers.at(0).pid;
+    const std::size_t started = ex.stats().workers_started;
+    {
+        NoDescriptors limit;
+        ASSERT_EQ(::kill(victim, SIGKILL), 0);
+        // Long enough for several attempts to start a replacement, all refused.
+        std::this_thread::sleep_for(500ms);
+        limit.restore();
+    }
+    EXPECT_EQ(ex.stats().workers_started, started) << "a replacement started without descriptors";
+    EXPECT_EQ(ex.submit(square, 6).result(kLong), 36);
+    EXPECT_TRUE(eventually([&] { return ex.stats().workers.size() == static_cast<std::size_t>(workers); }));
+    std::vector<int> in{1, 2, 3, 4, 5, 6, 7, 8};
+    std::vector<int> out;
+    for (int v : ex.map(square, in)) out.push_back(v);
+    EXPECT_EQ(out, (std::vector<int>{1, 4, 9, 16, 25, 36, 49, 64}));
+}
+
+TEST(ExecutorWorkerDeath, OutOfDescriptorsWhileTheOnlyWorkerIsReplaced) {
+    check_recovers_from_emfile(1, mp::StartMethod::forkserver);
+}
+TEST(ExecutorWorkerDeath, OutOfDescriptorsWhileAWorkerIsReplaced) {
+    check_recovers_from_emfile(2, mp::StartMethod::forkserver);
+}
+TEST(ExecutorFork, OutOfDescriptorsWhileAWorkerIsReplaced) { check_recovers_from_emfile(2, mp::StartMethod::fork); }
+
 TEST(ExecutorWorkerDeath, ThousandRandomKillsDuringALargeMap) { thousand_random_kills(false); }
 TEST(ExecutorWorkerDeath, ThousandKillsOfWorkersThatHaveAnswered) { thousand_random_kills(true); }
 
@@ -1324,6 +1602,18 @@ TEST(ExecutorTimeout, TheOverdueWorkerIsKilledAndReplaced) {
     EXPECT_TRUE(mp::test::wait_pid_stopped(first_pid, 5000ms));
     const int second_pid = ex.submit(worker_pid, 0).result(kLong);
     EXPECT_NE(second_pid, first_pid);
+}
+
+TEST(ExecutorTimeout, ATimeLimitBoundsTheTimeToTheResultEvenInAStoppedWorker) {
+    // issue 12 item 4: the only worker is stopped; a task with a time limit must still get a
+    // result: the worker that does not start it in time is killed, a replacement runs it.
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .task_timeout = 1s});
+    EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
+    const pid_t first = ex.stats().workers.at(0).pid;
+    StoppedWorker stopped(ex, first);
+    auto f = ex.submit(worker_pid, 0);
+    ASSERT_TRUE(f.wait(kLong)) << "the time limit did not bound the time to the result";
+    EXPECT_NE(f.result(0s), first);
 }
 
 TEST(ExecutorTimeout, TaskOptionsTimeoutOverridesTheDefault) {

@@ -306,6 +306,21 @@ TEST_P(ListenerKinds, WrongKeyFailsOnBothSides) {
 INSTANTIATE_TEST_SUITE_P(, ListenerKinds, ::testing::Values("ipv4", "ipv6", "unix", "abstract"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
+// A handshake_timeout of milliseconds::max() means no limit, on both sides; it overflowed the
+// Client's deadline (now + max) into the past, so the handshake timed out at once (issue 12, 5).
+TEST(Handshake, MaxHandshakeTimeoutWaitsForEverOnBothSides) {
+    mp::Listener l(mp::Address("127.0.0.1", 0),
+                   {.authkey = kKey, .handshake_timeout = std::chrono::milliseconds::max()});
+    Background client([&] {
+        mp::Connection c = mp::Client(
+            l.address(), {.authkey = kKey, .handshake_timeout = std::chrono::milliseconds::max()});
+        c.send_bytes("ping");
+    });
+    mp::Connection s = accept_within(l);
+    EXPECT_EQ(s.recv_bytes(), "ping");
+    client.get();
+}
+
 TEST(Listener, Ipv6LoopbackPresentWhenConfigured) {
     // Fails loudly when lo should have ::1 (IPv6 enabled) but the ListenerKinds/ipv6 tests would
     // skip: only a kernel with IPv6 disabled may skip them.

@@ -40,6 +40,7 @@
 #include "helpers/leak_check.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/pool.hpp"
+#include "mp/shared_memory.hpp"
 
 namespace {
 
@@ -1047,6 +1048,31 @@ TEST(PoolInitializer, RunsInEveryWorkerWithItsArguments) {
     for (const auto& s : r) EXPECT_EQ(s, "init:42");
     pool.close();
     pool.join();
+}
+
+// CPython _test_multiprocessing.py: initializer(ns) { ns.test += 1 }, with a shared Value for
+// the manager's Namespace.
+void count_initializer(mp::Value<int> ns) {
+    std::lock_guard lock(ns.get_lock());
+    ns.get_obj() += 1;
+}
+
+// CPython _test_multiprocessing.py: _TestInitializers.test_pool_initializer (issue 12 item 18:
+// a Pool closed and joined at once never ran its initializer, its workers not yet started).
+TEST(TestInitializers, test_pool_initializer) {
+    mp::Value<int> ns(0);
+    mp::Pool p(mp::PoolOptions{.processes = 1}, count_initializer, ns);
+    p.close();
+    p.join();
+    EXPECT_EQ(ns.get(), 1);
+}
+
+TEST(PoolInitializer, EveryWorkerRunsItWhenThePoolIsClosedAtOnce) {
+    mp::Value<int> ns(0);
+    mp::Pool p(mp::PoolOptions{.processes = 3}, count_initializer, ns);
+    p.close();
+    p.join();
+    EXPECT_EQ(ns.get(), 3);
 }
 
 TEST(PoolInitializer, AnInitializerThatThrowsBreaksThePool) {

@@ -90,7 +90,8 @@ public:
     explicit Future(std::shared_ptr<detail::FutureCore> core) : core_(std::move(core)) {}
 
     bool valid() const noexcept { return core_ != nullptr; }
-    /// Cancels the work unless a worker has taken it: false once running or done.
+    /// Cancels the work unless a worker has started it: false once running or done. A task
+    /// handed to a worker that has not started it yet is still cancellable (and never runs).
     bool cancel() const { return core().cancel(); }
     bool cancelled() const { return core().state() == detail::FutureCore::State::cancelled; }
     /// True while a worker has the task.
@@ -274,7 +275,10 @@ struct ExecutorOptions {
     std::size_t max_tasks_per_child = 0;
     /// A worker whose resident memory passes this many bytes after a task is replaced; 0: never.
     std::size_t max_memory_per_child = 0;
-    /// Default per-task time limit, counted from when a worker starts the task; empty: none.
+    /// Default per-task time limit, counted from when the task is the next for a worker; empty:
+    /// none. It bounds the time to the result: a worker that has not finished it by then, or
+    /// not even started it (stopped, say), is killed; a task that had started fails with
+    /// TimeoutError, one that had not goes to another worker.
     detail::Timeout task_timeout;
     /// Python's behaviour: a worker that dies breaks the whole pool (BrokenProcessPool).
     bool break_on_worker_death = false;
@@ -293,7 +297,7 @@ struct MapOptions {
     std::size_t chunksize = 0;
     /// The executor's map: iterating past this (counted from the call) throws TimeoutError.
     detail::Timeout timeout;
-    /// Time limit for each chunk once started (overrides the pool's task_timeout).
+    /// Time limit for each chunk (overrides the pool's task_timeout; counted as task_timeout is).
     detail::Timeout task_timeout;
     /// Draw a progress bar on stderr (done/total, rate, ETA) as chunks finish.
     bool progress = false;
@@ -481,6 +485,13 @@ private:
 };
 
 /// A pool of worker processes that runs transferable callables and hands back futures.
+///
+/// All max_workers workers start when the executor is constructed (each runs the initializer,
+/// even if shutdown() follows at once), and a dead or retired one is replaced at once. CPython's
+/// ProcessPoolExecutor starts workers on demand instead (except under fork) and reuses idle ones.
+/// A worker that cannot start for a while (out of descriptors, processes or memory; a forkserver
+/// that was killed) is retried with back-off; the pool breaks only when it has no live worker
+/// and none can start for seconds.
 ///
 /// Destructor policy: shuts down and waits, as `with ProcessPoolExecutor()` does: every
 /// submitted task still runs to its end, then the workers exit and are reaped.

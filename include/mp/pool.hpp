@@ -48,8 +48,9 @@ struct PoolOptions {
     std::size_t max_memory_per_child = 0;
     /// Empty: forkserver.
     std::optional<StartMethod> start_method;
-    /// Per-task (per-chunk) time limit once started; the worker is killed, the task fails with
-    /// TimeoutError.
+    /// Per-task (per-chunk) time limit, counted from when the task is the next for a worker;
+    /// the worker is killed, the task fails with TimeoutError (one it had not started goes to
+    /// another worker).
     detail::Timeout task_timeout;
 };
 

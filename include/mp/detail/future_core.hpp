@@ -62,9 +62,10 @@ public:
         return s == State::finished || s == State::cancelled;
     }
 
-    /// pending -> cancelled (runs the callbacks in this thread); false once running or done.
+    /// pending -> cancelled (runs the callbacks in this thread); false once running or done, or
+    /// when withdraw() finds that the work has started (the core is then running).
     bool cancel();
-    /// pending -> running, by the pool as it hands the work to a worker; false when cancelled.
+    /// pending -> running, by the pool once a worker has started the work; false when cancelled.
     bool set_running() noexcept;
     /// -> finished with a value (encoded). Only the first completion counts.
     void set_result(std::string bytes);
@@ -96,6 +97,13 @@ public:
     /// A core that finishes when every one of `parts` has (value: empty bytes), or fails as soon
     /// as one fails (with its exception) or is cancelled (CancelledError).
     static std::shared_ptr<FutureCore> when_all(std::span<const std::shared_ptr<FutureCore>> parts);
+
+    virtual ~FutureCore() = default;
+
+protected:
+    /// Asked by cancel() while pending: take the work back from wherever it waits; false when
+    /// it has already started. The default: nothing to take back.
+    virtual bool withdraw() noexcept { return true; }
 
 private:
     // With the final state already stored under `lk`: wakes waiters and sleepers, releases `lk`

@@ -1541,6 +1541,12 @@ private:
 void check_recovers_from_emfile(int workers, mp::StartMethod method) {
     // issue 12 item 7: a worker dies while the process is out of descriptors, so its
     // replacement cannot start; once descriptors are available again the pool must recover.
+#if defined(__SANITIZE_ADDRESS__)
+    // The asan preset has UBSan's vptr check, which needs a descriptor of its own: in a process
+    // out of them it reports the pool thread's std::system_error as an object of a wrong type.
+    // The plain and TSan builds run this test.
+    GTEST_SKIP() << "UBSan's vptr check cannot run in a process out of descriptors";
+#endif
     mp::ProcessPoolExecutor ex({.max_workers = workers, .start_method = method});
     std::vector<mp::Future<int>> warm;
     for (int i = 0; i < workers * 4; ++i) warm.push_back(ex.submit(square, i));

@@ -73,7 +73,11 @@ std::pair<Fd, Fd> make_socketpair(int type) {
 
 bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeout) {
     using clock = std::chrono::steady_clock;
-    const auto deadline = timeout ? clock::now() + *timeout : clock::time_point::max();
+    // Saturating: a caller's "what is left of a far deadline" can be close to nanoseconds::max().
+    const auto now = clock::now();
+    const auto deadline = timeout && *timeout < clock::time_point::max() - now
+                              ? now + *timeout
+                              : clock::time_point::max();
     for (;;) {
         int ms = -1;
         if (timeout) {

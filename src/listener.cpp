@@ -24,6 +24,7 @@
 
 #include "handshake.hpp"
 #include "mp/connection.hpp"
+#include "mp/detail/deadline.hpp"
 #include "sys/crypto.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
@@ -703,12 +704,10 @@ bool peer_gone_before_accept(int err) {
            err == ENETUNREACH;
 }
 
-Clock::time_point deadline_after(std::chrono::milliseconds timeout) {
-    const auto now = Clock::now();
-    if (timeout > std::chrono::duration_cast<std::chrono::milliseconds>(
-                      Clock::time_point::max() - now))
-        return Clock::time_point::max();
-    return now + std::max(timeout, std::chrono::milliseconds(0));
+// The handshake's deadline: mp's one saturating timeout conversion (detail/deadline.hpp), with
+// "no limit" (a timeout of milliseconds::max()) as the farthest time point.
+Clock::time_point handshake_deadline(std::chrono::milliseconds timeout) {
+    return detail::deadline_after(timeout).value_or(Clock::time_point::max());
 }
 
 }  // namespace
@@ -903,7 +902,7 @@ std::optional<Connection> Listener::accept_impl(int stop_fd) {
             const std::uint64_t pid = st.next_id++;
             epoll_control(ep, EPOLL_CTL_ADD, c.get(), EPOLLIN | EPOLLONESHOT, pid);
             st.peers.emplace(pid, State::Peer{std::move(c), std::move(from), std::move(hs),
-                                              deadline_after(options_.handshake_timeout)});
+                                              handshake_deadline(options_.handshake_timeout)});
             arm_timer(st);
             if (evicted) throw AuthenticationError("too many pending handshakes");
             continue;
@@ -963,7 +962,7 @@ Connection Client(const Address& address, ClientOptions options) {
     }
     if (options.authkey)
         detail::handshake::client_handshake(fd.get(), *options.authkey,
-                                            deadline_after(options.handshake_timeout));
+                                            handshake_deadline(options.handshake_timeout));
     return Connection(detail::KnownSocket{!address.is_tcp()}, fd.release());
 }
 

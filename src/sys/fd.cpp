@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 
+#include "mp/detail/deadline.hpp"
 #include "sys/error.hpp"
 
 namespace mp::sys {
@@ -73,11 +74,11 @@ std::pair<Fd, Fd> make_socketpair(int type) {
 
 bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeout) {
     using clock = std::chrono::steady_clock;
-    // Saturating: a caller's "what is left of a far deadline" can be close to nanoseconds::max().
-    const auto now = clock::now();
-    const auto deadline = timeout && *timeout < clock::time_point::max() - now
-                              ? now + *timeout
-                              : clock::time_point::max();
+    // Through mp's one saturating conversion: a caller's "what is left of a far deadline" can be
+    // close to nanoseconds::max(), which then means no limit rather than an overflow.
+    const auto deadline = mp::detail::deadline_after(mp::detail::Timeout(timeout))
+                              .value_or(clock::time_point::max());
+    if (deadline == clock::time_point::max()) timeout.reset();
     for (;;) {
         int ms = -1;
         if (timeout) {

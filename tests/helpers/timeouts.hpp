@@ -23,15 +23,21 @@ std::string describe(std::chrono::duration<Rep, Period> d) {
            "/" + std::to_string(Period::den) + " s (" + typeid(Rep).name() + ")";
 }
 
+/// check, called under a SCOPED_TRACE that names the duration it is given.
+template <class F>
+auto traced(F& check) {
+    return [&check](auto d) {
+        SCOPED_TRACE(describe(d));
+        check(d);
+    };
+}
+
 /// Calls check(d) for durations that mean "wait for ever": max() of several types, and one just
 /// past the saturation point.
 template <class F>
 void for_each_forever(F&& check) {
     using namespace std::chrono;
-    auto run = [&](auto d) {
-        SCOPED_TRACE(describe(d));
-        check(d);
-    };
+    auto run = traced(check);
     run(hours::max());
     run(seconds::max());
     run(milliseconds::max());
@@ -47,10 +53,7 @@ void for_each_forever(F&& check) {
 template <class F>
 void for_each_no_wait(F&& check) {
     using namespace std::chrono;
-    auto run = [&](auto d) {
-        SCOPED_TRACE(describe(d));
-        check(d);
-    };
+    auto run = traced(check);
     run(seconds::zero());
     run(nanoseconds(-1));
     run(seconds(-1));

@@ -83,7 +83,7 @@ run 12_task_timeout \
 run 13_listener_client \
   "an intruder with a wrong key is refused on both sides (AuthenticationError); three workers authenticate and share nine 'downloads', each URL reported once; all stop"
 run 14_threading_tcp_server \
-  "two clients at once: each receives hello, then hello2 about 0.2 s later (a thread per connection); shutdown, then server_close joins the handler threads"
+  "two clients at once: each receives hello, then hello2 about 0.2 s later (a thread per connection); shutdown, then server_close joins the handler threads. Then a service with an idle client gets SIGTERM: it exits with code 0 at its 300 ms deadline, the idle client disconnected"
 run 15_manager_dict \
   "four processes add 100, 200, 300 and 400 to one manager dict under a manager Lock: total = 1000, no update lost"
 run 16_remote_manager \

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <arpa/inet.h>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -14,6 +15,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <stdexcept>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -279,7 +281,10 @@ BaseServer::BaseServer(ServerAddress address, HandlerFactory factory, Kind kind,
 BaseServer::~BaseServer() {
     server_close();
     join_threads(true);
-    children_.clear();  // each Process joins its child
+    for (auto& c : children_) reap(c);
+    children_.clear();
+    stop_closer();
+    for (auto& [id, fd] : connections_) ::close(fd);
     ::close(wake_r_);
     ::close(wake_w_);
 }
@@ -310,20 +315,32 @@ void BaseServer::server_close() {
         ::close(sock_);
         sock_ = -1;
     }
+    const bool wait = options_.block_on_close &&
+                      !(kind_.concurrency == Concurrency::threading && options_.daemon_threads);
+    if (wait && kind_.concurrency != Concurrency::none) {
+        // After a stop with a deadline, handlers past it have their connections closed.
+        if (auto deadline = close_deadline()) {
+            finish_handlers(deadline);
+            return;
+        }
+    }
     if (kind_.concurrency == Concurrency::threading) {
-        if (options_.block_on_close && !options_.daemon_threads) join_threads(true);
+        if (wait) join_threads(true);
     } else if (kind_.concurrency == Concurrency::forking) {
-        collect_children(options_.block_on_close);
+        collect_children(wait);
     }
 }
 
 bool BaseServer::begin_serving() {
-    std::lock_guard lock(mu_);
-    if (shutdown_request_) {
-        shutdown_request_ = false;
-        return false;
+    {
+        std::lock_guard lock(mu_);
+        if (shutdown_request_) {
+            shutdown_request_ = false;
+            return false;
+        }
+        serving_ = true;
     }
-    serving_ = true;
+    stop_closer();  // a deadline from an earlier stop does not apply to this session
     return true;
 }
 
@@ -372,12 +389,166 @@ void BaseServer::serve_forever(std::chrono::nanoseconds poll_interval) {
     end_serving();
 }
 
+void BaseServer::serve_forever(std::stop_token stop, std::chrono::nanoseconds poll_interval) {
+    {
+        // Runs in the thread that requests the stop (a SignalStop's watcher, say): it only sets
+        // the flag and arms the closer, and never waits.
+        std::stop_callback on_stop(stop, [this] { request_shutdown(options_.shutdown_timeout); });
+        serve_forever(poll_interval);
+    }  // no callback runs past here
+    if (stop.stop_requested() && options_.shutdown_timeout) finish_handlers(close_deadline());
+}
+
 void BaseServer::shutdown() {
+    request_shutdown(options_.shutdown_timeout);
     std::unique_lock lock(mu_);
-    shutdown_request_ = true;
-    const char b = 1;
-    (void)!::write(wake_w_, &b, 1);  // a full pipe already wakes serve_forever
     cv_.wait(lock, [this] { return !serving_; });
+}
+
+void BaseServer::shutdown(std::chrono::nanoseconds timeout) {
+    request_shutdown(timeout);
+    {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [this] { return !serving_; });
+    }
+    finish_handlers(close_deadline());
+}
+
+void BaseServer::request_shutdown(std::optional<std::chrono::nanoseconds> timeout) noexcept {
+    {
+        std::lock_guard lock(mu_);
+        shutdown_request_ = true;
+        const char b = 1;
+        (void)!::write(wake_w_, &b, 1);  // a full pipe already wakes serve_forever
+    }
+    if (!timeout) return;
+    // A century is "never" and keeps now() + timeout from overflowing.
+    const auto limit = std::chrono::hours(24 * 365 * 100);
+    const auto at = Clock::now() + std::min<std::chrono::nanoseconds>(std::max(*timeout, {}), limit);
+    std::lock_guard lock(connections_mu_);
+    if (close_at_ && *close_at_ <= at) return;  // an earlier deadline stands
+    close_at_ = at;
+    if (closer_.joinable()) {
+        closer_cv_.notify_all();
+        return;
+    }
+    try {
+        closer_quit_ = false;
+        closer_ = std::thread([this] { closer_main(); });
+    } catch (...) {
+        close_at_.reset();  // no thread to keep the deadline: requests are waited for instead
+    }
+}
+
+std::optional<std::chrono::steady_clock::time_point> BaseServer::close_deadline() {
+    std::lock_guard lock(connections_mu_);
+    return close_at_;
+}
+
+void BaseServer::closer_main() {
+    std::unique_lock lock(connections_mu_);
+    while (!closer_quit_) {
+        if (close_at_ && Clock::now() >= *close_at_) {
+            closing_ = true;
+            for (auto& [id, fd] : connections_) (void)::shutdown(fd, SHUT_RDWR);
+            // From now on add_connection shuts new connections down itself.
+            closer_cv_.wait(lock, [this] { return closer_quit_; });
+            return;
+        }
+        if (close_at_)
+            closer_cv_.wait_until(lock, *close_at_);
+        else
+            closer_cv_.wait(lock);
+    }
+}
+
+void BaseServer::stop_closer() noexcept {
+    std::thread t;
+    {
+        std::lock_guard lock(connections_mu_);
+        closer_quit_ = true;
+        t = std::move(closer_);
+    }
+    closer_cv_.notify_all();
+    if (t.joinable()) t.join();
+    std::lock_guard lock(connections_mu_);
+    closer_quit_ = false;
+    closing_ = false;
+    close_at_.reset();
+}
+
+std::uint64_t BaseServer::add_connection(int fd) {
+    if (kind_.socket != SocketKind::stream || fd < 0) return 0;
+    const int copy = sys::check(::fcntl(fd, F_DUPFD_CLOEXEC, 0), "fcntl F_DUPFD_CLOEXEC");
+    std::lock_guard lock(connections_mu_);
+    if (closing_) (void)::shutdown(copy, SHUT_RDWR);  // accepted after the deadline
+    try {
+        connections_.emplace(next_connection_, copy);
+    } catch (...) {
+        ::close(copy);
+        throw;
+    }
+    return next_connection_++;
+}
+
+void BaseServer::remove_connection(std::uint64_t id) noexcept {
+    if (id == 0) return;
+    std::lock_guard lock(connections_mu_);
+    auto it = connections_.find(id);
+    if (it == connections_.end()) return;
+    ::close(it->second);
+    connections_.erase(it);
+}
+
+void BaseServer::close_connections_in_child() noexcept {
+    // The forked child's copies of the other requests' descriptors: closed, so that each
+    // connection ends with its own handler. No lock: the child has one thread, and only the
+    // parent's serving thread (this one, before fork) changes the map of a forking server.
+    for (auto& [id, fd] : connections_) {
+        ::close(fd);
+        fd = -1;
+    }
+}
+
+void BaseServer::reap(Child& c) {
+    c.process->join();
+    remove_connection(std::exchange(c.connection, 0));
+}
+
+void BaseServer::finish_handlers(std::optional<Clock::time_point> deadline) {
+    std::lock_guard guard(finish_mu_);
+    // Threads blocked on their connections see end of file once the closer has shut them down.
+    join_threads(true);
+    // A child that outlives its closed connection by this much is killed.
+    constexpr auto kill_grace = std::chrono::seconds(1);
+    const Clock::time_point kill_at = deadline ? *deadline + kill_grace : Clock::time_point::max();
+    for (;;) {
+        std::erase_if(children_, [this](Child& c) {
+            if (c.process->is_alive()) return false;
+            reap(c);
+            return true;
+        });
+        if (children_.empty()) break;
+        if (Clock::now() >= kill_at) {
+            for (auto& c : children_) {
+                try {
+                    c.process->kill();
+                } catch (const std::exception&) {
+                    // it ended meanwhile: join below reaps it
+                }
+                reap(c);
+            }
+            children_.clear();
+            break;
+        }
+        std::vector<pollfd> fds;
+        for (auto& c : children_) fds.push_back({c.process->sentinel(), POLLIN, 0});
+        std::optional<std::chrono::nanoseconds> left;
+        if (deadline) left = kill_at - Clock::now();
+        if (::poll(fds.data(), fds.size(), poll_ms(left)) < 0 && errno != EINTR)
+            sys::throw_system_error(errno, "poll");
+    }
+    stop_closer();
 }
 
 void BaseServer::handle_request() {
@@ -496,33 +667,48 @@ void BaseServer::close_request(Request& request) { request.close(); }
 
 void BaseServer::process_request(Request& request, const ServerAddress& client_address) {
     switch (kind_.concurrency) {
-    case Concurrency::none:
+    case Concurrency::none: {
+        struct Registered {
+            BaseServer& server;
+            std::uint64_t id;
+            ~Registered() { server.remove_connection(id); }
+        } registered{*this, add_connection(request.fd())};
         finish_request(request, client_address);
         shutdown_request(request);
         return;
+    }
     case Concurrency::threading: {
         join_threads(false);  // forget the threads that ended (Python's _Threads.reap)
         auto done = std::make_shared<bool>(false);
+        const std::uint64_t id = add_connection(request.fd());
         std::lock_guard lock(threads_mu_);
-        threads_.push_back(HandlerThread{
-            std::thread([this, done, req = std::move(request), client = client_address]() mutable {
-                try {
-                    finish_request(req, client);
-                } catch (...) {
-                    handle_error(req, client);
-                }
-                shutdown_request(req);
-                std::lock_guard l(threads_mu_);
-                *done = true;
-            }),
-            done});
+        try {
+            threads_.push_back(HandlerThread{
+                std::thread([this, done, id, req = std::move(request), client = client_address]() mutable {
+                    try {
+                        finish_request(req, client);
+                    } catch (...) {
+                        handle_error(req, client);
+                    }
+                    remove_connection(id);
+                    shutdown_request(req);
+                    std::lock_guard l(threads_mu_);
+                    *done = true;
+                }),
+                done});
+        } catch (...) {
+            remove_connection(id);
+            throw;
+        }
         return;
     }
     case Concurrency::forking: {
         collect_children(false);
+        const std::uint64_t id = add_connection(request.fd());
         auto child = std::make_unique<Process>(
             ProcessOptions{.start_method = StartMethod::fork}, [this, &request, &client_address] {
                 // The child is a copy: the request and address still live on its copied stack.
+                close_connections_in_child();
                 try {
                     finish_request(request, client_address);
                 } catch (...) {
@@ -530,9 +716,16 @@ void BaseServer::process_request(Request& request, const ServerAddress& client_a
                 }
                 shutdown_request(request);
             });
-        child->start();
-        children_.push_back(std::move(child));
-        close_request(request);  // the child has it; shutting it down here would end its connection
+        try {
+            child->start();
+            children_.push_back(Child{std::move(child), id});
+        } catch (...) {
+            remove_connection(id);
+            throw;
+        }
+        // The child has it; shutting it down here would end its connection. The connection's
+        // entry (a duplicate) stays until the child is reaped, for a shutdown deadline.
+        close_request(request);
         return;
     }
     }
@@ -556,24 +749,24 @@ std::size_t BaseServer::active_children() const { return children_.size(); }
 
 void BaseServer::collect_children(bool blocking) {
     if (blocking) {
-        for (auto& c : children_) c->join();
+        for (auto& c : children_) reap(c);
         children_.clear();
         return;
     }
     // At the limit, wait for any child to end before taking another request.
     while (children_.size() >= options_.max_children && !children_.empty()) {
         std::vector<pollfd> fds;
-        for (auto& c : children_) fds.push_back({c->sentinel(), POLLIN, 0});
+        for (auto& c : children_) fds.push_back({c.process->sentinel(), POLLIN, 0});
         if (::poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) sys::throw_system_error(errno, "poll");
-        std::erase_if(children_, [](const std::unique_ptr<Process>& c) {
-            if (c->is_alive()) return false;
-            c->join();
+        std::erase_if(children_, [this](Child& c) {
+            if (c.process->is_alive()) return false;
+            reap(c);
             return true;
         });
     }
-    std::erase_if(children_, [](const std::unique_ptr<Process>& c) {
-        if (c->is_alive()) return false;
-        c->join();
+    std::erase_if(children_, [this](Child& c) {
+        if (c.process->is_alive()) return false;
+        reap(c);
         return true;
     });
 }
@@ -614,7 +807,10 @@ void PreforkTCPServer::serve_forever(std::chrono::nanoseconds poll_interval) {
     // Every worker polls the one socket: the ones that lose the race to accept see EAGAIN.
     const int flags = ::fcntl(fileno(), F_GETFL);
     if (flags >= 0) (void)::fcntl(fileno(), F_SETFL, flags | O_NONBLOCK);
-    auto [stop_r, stop_w] = sys::make_pipe();
+    // Named references, not a structured binding: clang 14 cannot capture a binding in a lambda.
+    auto stop_pipe = sys::make_pipe();
+    sys::Fd& stop_r = stop_pipe.first;
+    sys::Fd& stop_w = stop_pipe.second;
     auto stop_workers = [&, this] {
         const char b = 1;
         (void)!::write(stop_w.get(), &b, 1);  // stays unread: every worker sees it
@@ -623,7 +819,21 @@ void PreforkTCPServer::serve_forever(std::chrono::nanoseconds poll_interval) {
             std::lock_guard lock(workers_mu_);
             ws.swap(workers_);
         }
-        for (auto& w : ws) w->join();
+        // Past a stop's deadline, a worker still busy with a request is terminated.
+        const auto deadline = close_deadline();
+        for (auto& w : ws) {
+            if (deadline) {
+                const auto left = *deadline - Clock::now();
+                if (!w->join(std::max(left, Clock::duration::zero()))) {
+                    try {
+                        w->terminate();
+                    } catch (const std::exception&) {
+                        // it ended meanwhile
+                    }
+                }
+            }
+            w->join();
+        }
     };
     try {
         {
@@ -668,6 +878,106 @@ std::vector<pid_t> PreforkTCPServer::worker_pids() const {
 std::size_t PreforkTCPServer::workers_started() const {
     std::lock_guard lock(workers_mu_);
     return started_;
+}
+
+// ---- SignalStop ----
+
+namespace {
+
+// What the signal handler may read: the self-pipe's write end and the process that owns it.
+std::atomic<int> signal_pipe{-1};
+std::atomic<pid_t> signal_owner{0};
+std::atomic<bool> signal_stop_live{false};
+
+extern "C" void on_stop_signal(int sig) {
+    const int saved = errno;
+    const int fd = signal_pipe.load(std::memory_order_relaxed);
+    if (fd < 0 || ::getpid() != signal_owner.load(std::memory_order_relaxed)) {
+        // A forked child (nobody reads the pipe there), or a signal that raced the destructor:
+        // act as if the handler had never been installed.
+        struct sigaction dfl {};
+        dfl.sa_handler = SIG_DFL;
+        sigemptyset(&dfl.sa_mask);
+        (void)::sigaction(sig, &dfl, nullptr);
+        (void)::raise(sig);  // delivered when this handler returns
+    } else {
+        const auto b = static_cast<unsigned char>(sig);
+        (void)!::write(fd, &b, 1);  // non-blocking: a full pipe has a stop pending already
+    }
+    errno = saved;
+}
+
+}  // namespace
+
+SignalStop::SignalStop(std::initializer_list<int> signals) : signals_(signals) {
+    for (int sig : signals_) {
+        if (sig <= 0 || sig >= NSIG || sig > 255)
+            throw std::invalid_argument("mp::SignalStop: not a signal number: " + std::to_string(sig));
+    }
+    if (signal_stop_live.exchange(true))
+        throw Error("mp::SignalStop: another SignalStop is live in this process");
+    try {
+        auto [r, w] = sys::make_pipe();
+        const int flags = sys::check(::fcntl(w.get(), F_GETFL), "fcntl F_GETFL");
+        sys::check(::fcntl(w.get(), F_SETFL, flags | O_NONBLOCK), "fcntl F_SETFL");
+        pipe_r_ = r.release();
+        pipe_w_ = w.release();
+        watcher_ = std::thread([this] { watch(); });
+        signal_owner.store(::getpid());
+        signal_pipe.store(pipe_w_);
+        for (int sig : signals_) {
+            struct sigaction sa {};
+            sa.sa_handler = on_stop_signal;
+            sigemptyset(&sa.sa_mask);
+            sa.sa_flags = SA_RESTART;
+            struct sigaction old {};
+            sys::check(::sigaction(sig, &sa, &old), "sigaction");
+            previous_.push_back(old);
+        }
+    } catch (...) {
+        restore();
+        signal_pipe.store(-1);
+        if (watcher_.joinable()) {
+            const unsigned char quit = 0;
+            (void)!::write(pipe_w_, &quit, 1);
+            watcher_.join();
+        }
+        if (pipe_r_ >= 0) ::close(pipe_r_);
+        if (pipe_w_ >= 0) ::close(pipe_w_);
+        signal_stop_live.store(false);
+        throw;
+    }
+}
+
+SignalStop::~SignalStop() {
+    restore();
+    signal_pipe.store(-1);
+    const unsigned char quit = 0;
+    (void)!::write(pipe_w_, &quit, 1);
+    watcher_.join();
+    ::close(pipe_r_);
+    ::close(pipe_w_);
+    signal_stop_live.store(false);
+}
+
+void SignalStop::watch() noexcept {
+    for (;;) {
+        unsigned char b = 0;
+        const ssize_t n = ::read(pipe_r_, &b, 1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0 || b == 0) return;
+        if (signal_.load() != 0) continue;
+        signal_.store(b);
+        restore();  // a second signal acts as it did before
+        source_.request_stop();
+    }
+}
+
+void SignalStop::restore() noexcept {
+    std::lock_guard lock(restore_mu_);
+    if (restored_) return;
+    restored_ = true;
+    for (std::size_t i = 0; i < previous_.size(); ++i) (void)::sigaction(signals_[i], &previous_[i], nullptr);
 }
 
 }  // namespace mp

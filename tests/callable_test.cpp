@@ -9,6 +9,8 @@
 #include <unistd.h>
 
 #include "mp/detail/task.hpp"
+#include "mp/queue.hpp"
+#include "mp/synchronize.hpp"
 
 namespace d = mp::detail;
 
@@ -21,6 +23,11 @@ std::string greet(std::string who, int times) {
     return s;
 }
 void nothing() {}
+void fill(std::vector<int>& v) { v.assign(3, 1); }
+int count(const std::vector<int>& v) { return static_cast<int>(v.size()); }
+int by_value(std::vector<int> v) { return static_cast<int>(v.size()); }
+void produce(mp::Queue<int>& q, int n) { q.put(n); }
+void set_event(mp::Event& e) { e.set(); }
 
 struct Multiply {
     long operator()(long a, long b) const { return a * b; }
@@ -80,6 +87,34 @@ TEST(Callable, NotTransferableGivesNoTask) {
     EXPECT_FALSE(d::make_task([](const NoCodec&) {}, NoCodec{}));
     static_assert(d::Transferable<decltype(&square)>);
     static_assert(d::Transferable<Multiply>);
+}
+
+// A non-const lvalue reference parameter would change the receiving process's copy, which the
+// caller never sees: such work is not sendable (a compile error where it is checked). mp handles
+// are exempt: their copy refers to the same queue, event, ...
+TEST(Callable, MutableReferenceToValueIsNotSendable) {
+    std::vector<int> v;
+    static_assert(!d::sendable<decltype(&fill), std::vector<int>>);
+    static_assert(!d::sendable<decltype([](auto& x) { x.clear(); }), std::vector<int>>);
+    EXPECT_FALSE(d::make_task(fill, v));
+    EXPECT_TRUE(v.empty());
+
+    static_assert(d::sendable<decltype(&count), std::vector<int>>);
+    static_assert(d::sendable<decltype(&by_value), std::vector<int>>);
+    auto t = d::make_task(count, std::vector<int>{1, 2});
+    ASSERT_TRUE(t);
+    EXPECT_EQ(run_and_decode<int>(*t), 2);
+
+    static_assert(d::shared_handle<mp::Queue<int>>);
+    static_assert(d::sendable<decltype(&produce), mp::Queue<int>, int>);
+    static_assert(d::sendable<decltype(&set_event), mp::Event>);
+    auto by_value_task = d::make_task(by_value, std::vector<int>{1, 2, 3});
+    ASSERT_TRUE(by_value_task);
+    EXPECT_EQ(run_and_decode<int>(*by_value_task), 3);
+    mp::Queue<int> q;
+    EXPECT_TRUE(d::make_task(produce, q, 1));
+    mp::Event e;
+    EXPECT_TRUE(d::make_task(set_event, e));
 }
 
 TEST(Callable, ForgedCodeIsRefused) {

@@ -6,7 +6,9 @@
 // handler threads joined and children reaped by server_close (the shared main fails a test that
 // leaves a child or an fd behind), handle_request's timeout calling handle_timeout, a
 // verify_request that drops the request; plus ForkingTCPServer's max_children and
-// PreforkTCPServer (a crashed worker replaced, graceful shutdown). Every client socket has a
+// PreforkTCPServer (a crashed worker replaced, graceful shutdown); beyond Python, a service
+// stopped by SIGTERM (mp::stop_on_signals) or by shutdown(timeout) while an idle client keeps a
+// connection open. Every client socket has a
 // receive timeout and every wait is bounded, so a broken server fails a test instead of hanging.
 
 #include <gtest/gtest.h>
@@ -15,9 +17,11 @@
 #include <cerrno>
 #include <chrono>
 #include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -34,6 +38,8 @@
 
 #include <arpa/inet.h>
 
+#include "mp/errors.hpp"
+#include "mp/process.hpp"
 #include "mp/socketserver.hpp"
 
 using namespace std::chrono_literals;
@@ -822,6 +828,204 @@ TEST(Socketserver, PreforkHandleErrorInWorker) {
         EXPECT_EQ(ok.recv_line(), "fine\n");
     }
     EXPECT_EQ(srv.workers_started(), 1u);  // errors do not end the worker
+}
+
+// ---- stopping a service: signals and a shutdown deadline ----
+
+/// Reads exactly n bytes from fd, waiting at most `timeout` in all; false on timeout or EOF.
+bool read_within(int fd, void* out, std::size_t n, std::chrono::milliseconds timeout) {
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    auto* p = static_cast<char*>(out);
+    while (n > 0) {
+        const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+            deadline - std::chrono::steady_clock::now());
+        if (left.count() <= 0) return false;
+        pollfd pfd{fd, POLLIN, 0};
+        const int r = ::poll(&pfd, 1, static_cast<int>(left.count()));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return false;
+        const ssize_t got = ::read(fd, p, n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) return false;
+        p += got;
+        n -= static_cast<std::size_t>(got);
+    }
+    return true;
+}
+
+/// Says that it runs (a byte on `started_fd`), then reads until its client is done: an idle
+/// client never is, so only the shutdown deadline ends it.
+struct WaitsForClient : mp::StreamRequestHandler {
+    static inline int started_fd = -1;
+    void handle() override {
+        const char b = 's';
+        (void)!::write(started_fd, &b, 1);
+        while (!rfile.readline().empty()) {
+        }
+    }
+};
+
+/// A pipe closed at the end of the scope.
+struct TestPipe {
+    int r = -1, w = -1;
+    TestPipe() {
+        int fds[2];
+        if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::system_category(), "pipe2");
+        r = fds[0];
+        w = fds[1];
+    }
+    ~TestPipe() {
+        ::close(r);
+        ::close(w);
+    }
+    TestPipe(const TestPipe&) = delete;
+    TestPipe& operator=(const TestPipe&) = delete;
+};
+
+/// A server in a child process stops on SIGTERM with one idle client connected: it exits with
+/// code 0 within its shutdown deadline (the idle connection closed), printing nothing to stderr.
+template <class Server>
+void stops_on_sigterm_with_an_idle_client() {
+    TestPipe port_pipe, started;
+    FILE* err = std::tmpfile();
+    ASSERT_NE(err, nullptr);
+    const int err_fd = ::fileno(err);
+    mp::Process server({.start_method = mp::StartMethod::fork}, [&] {
+        ::dup2(err_fd, STDERR_FILENO);
+        WaitsForClient::started_fd = started.w;
+        auto stop = mp::stop_on_signals({SIGINT, SIGTERM});
+        Server srv({"127.0.0.1", 0}, mp::handler<WaitsForClient>(), {.shutdown_timeout = 200ms});
+        const std::uint16_t port = srv.server_address().port;
+        (void)!::write(port_pipe.w, &port, sizeof port);
+        srv.serve_forever(stop.token(), 50ms);
+    });
+    server.start();
+    std::uint16_t port = 0;
+    bool joined = false;
+    if (read_within(port_pipe.r, &port, sizeof port, 10000ms)) {
+        Client idle({"127.0.0.1", port}, SOCK_STREAM);
+        char b = 0;
+        EXPECT_TRUE(read_within(started.r, &b, 1, 10000ms)) << "the handler did not start";
+        server.terminate();  // SIGTERM
+        // Bounded: without the deadline the idle connection would keep the server alive.
+        joined = server.join(10s);
+        EXPECT_TRUE(joined) << "the server did not exit after SIGTERM";
+        if (joined) {
+            EXPECT_EQ(idle.recv_some(), "");  // its connection was closed
+        }
+    } else {
+        ADD_FAILURE() << "the server did not report its port";
+    }
+    if (!joined) {
+        server.kill();
+        server.join();
+    }
+    if (joined) {
+        EXPECT_EQ(server.exitcode(), std::optional<int>(0));
+    }
+    std::string text(4096, '\0');
+    text.resize(static_cast<std::size_t>(std::max<ssize_t>(0, ::pread(err_fd, text.data(), text.size(), 0))));
+    std::fclose(err);
+    EXPECT_EQ(text, "") << "a normal shutdown prints nothing";
+}
+
+TEST(Socketserver, StopsOnSigtermWithAnIdleClient) { stops_on_sigterm_with_an_idle_client<mp::TCPServer>(); }
+TEST(Socketserver, ThreadingStopsOnSigtermWithAnIdleClient) {
+    stops_on_sigterm_with_an_idle_client<mp::ThreadingTCPServer>();
+}
+TEST(Socketserver, ForkingStopsOnSigtermWithAnIdleClient) {
+    stops_on_sigterm_with_an_idle_client<mp::ForkingTCPServer>();
+}
+
+// shutdown(timeout) from another thread: serve_forever returns and every handler has ended
+// (the idle client's connection closed at the deadline) when it returns. In a child process, so
+// that a shutdown that never returned fails the test after a bounded wait instead of hanging it.
+template <class Server>
+void shutdown_with_deadline_closes_idle_connections() {
+    TestPipe done;
+    mp::Process p({.start_method = mp::StartMethod::fork}, [&] {
+        TestPipe started;
+        WaitsForClient::started_fd = started.w;
+        Server srv({"127.0.0.1", 0}, mp::handler<WaitsForClient>());
+        std::thread serving([&] { srv.serve_forever(20ms); });
+        Client idle(srv.server_address(), SOCK_STREAM);
+        char b = 0;
+        if (!read_within(started.r, &b, 1, 10000ms)) throw std::runtime_error("the handler did not start");
+        srv.shutdown(100ms);
+        serving.join();
+        if (srv.active_children() != 0) throw std::runtime_error("a child is still running");
+        if (!idle.recv_some().empty()) throw std::runtime_error("the connection is still open");
+        srv.server_close();
+        (void)!::write(done.w, "k", 1);
+    });
+    p.start();
+    char b = 0;
+    EXPECT_TRUE(read_within(done.r, &b, 1, 10000ms)) << "shutdown(100ms) did not return";
+    if (!p.join(10s)) {
+        p.kill();
+        p.join();
+    }
+    EXPECT_EQ(p.exitcode(), std::optional<int>(0));
+}
+
+TEST(Socketserver, ShutdownWithDeadlineClosesIdleConnections) {
+    shutdown_with_deadline_closes_idle_connections<mp::TCPServer>();
+}
+TEST(Socketserver, ThreadingShutdownWithDeadlineClosesIdleConnections) {
+    shutdown_with_deadline_closes_idle_connections<mp::ThreadingTCPServer>();
+}
+TEST(Socketserver, ForkingShutdownWithDeadlineClosesIdleConnections) {
+    shutdown_with_deadline_closes_idle_connections<mp::ForkingTCPServer>();
+}
+
+// A prefork worker still busy with the idle client at the deadline is terminated.
+TEST(Socketserver, PreforkShutdownWithDeadlineEndsABusyWorker) {
+    shutdown_with_deadline_closes_idle_connections<mp::PreforkTCPServer>();
+}
+
+TEST(Socketserver, StopTokenStopsServeForever) {
+    mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+    std::stop_source source;
+    std::thread serving([&] { srv.serve_forever(source.get_token(), 20ms); });
+    expect_line_echoed(srv.server_address(), "before the stop\n");
+    source.request_stop();
+    serving.join();  // bounded by ctest's TIMEOUT
+    // A token stopped already: serve_forever returns at once.
+    srv.serve_forever(source.get_token(), 20ms);
+    srv.server_close();
+}
+
+TEST(Socketserver, SignalStopTurnsASignalIntoAStopRequest) {
+    struct sigaction before {};
+    ASSERT_EQ(::sigaction(SIGUSR1, nullptr, &before), 0);
+    {
+        auto stop = mp::stop_on_signals({SIGUSR1});
+        EXPECT_FALSE(stop.token().stop_requested());
+        EXPECT_THROW(mp::SignalStop second({SIGUSR2}), mp::Error);  // one at a time
+        ASSERT_EQ(::raise(SIGUSR1), 0);
+        for (int i = 0; i < 1000 && !stop.token().stop_requested(); ++i) std::this_thread::sleep_for(10ms);
+        EXPECT_TRUE(stop.token().stop_requested());
+        EXPECT_EQ(stop.signal(), SIGUSR1);
+        // The first signal put the previous disposition back.
+        struct sigaction now {};
+        ASSERT_EQ(::sigaction(SIGUSR1, nullptr, &now), 0);
+        EXPECT_EQ(now.sa_handler, before.sa_handler);
+    }
+    EXPECT_THROW(mp::SignalStop({SIGKILL}), std::system_error);
+    EXPECT_THROW(mp::SignalStop({0}), std::invalid_argument);
+    auto again = mp::stop_on_signals({SIGUSR1});  // the earlier one is gone
+    EXPECT_FALSE(again.token().stop_requested());
+}
+
+TEST(Socketserver, SignalStopLeavesForkedChildrenToTheDefaultAction) {
+    auto stop = mp::stop_on_signals({SIGTERM});
+    mp::Process child({.start_method = mp::StartMethod::fork}, [] { ::pause(); });
+    child.start();
+    std::this_thread::sleep_for(50ms);  // not needed for correctness: SIGTERM before pause also ends it
+    child.terminate();
+    ASSERT_TRUE(child.join(10s));
+    EXPECT_EQ(child.exitcode(), -SIGTERM);
+    EXPECT_FALSE(stop.token().stop_requested());  // the child's signal is not the parent's
 }
 
 }  // namespace

@@ -251,6 +251,7 @@ std::pair<Connection, Connection> Pipe(bool duplex = true);
 /// closed Connection arrives closed.
 template <>
 struct Codec<Connection> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     /// A flags byte and a 4-byte descriptor index.
     static constexpr std::size_t min_encoded_size = 1;
     static void encode(Encoder& e, const Connection& c);

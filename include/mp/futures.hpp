@@ -72,6 +72,9 @@ template <class T>
 T decode_value(const std::string& bytes) {
     if constexpr (std::is_void_v<T>) {
         return;
+    } else if constexpr (!Encodable<T>) {
+        // check_work has reported the missing codec; decoding would only report it again.
+        throw Error("mp: the result type has no codec");
     } else {
         return decode<T>(bytes);
     }
@@ -319,15 +322,10 @@ R decode_item(std::string_view bytes) {
     if constexpr (std::is_same_v<R, std::monostate>) {
         if (bytes.empty()) return {};
     }
-    return decode<R>(bytes);
-}
-
-template <class F, class... A>
-void check_work() {
-    check_transferable<F, A...>();
-    using R = call_result_t<F, A...>;
-    static_assert(std::is_void_v<R> || Encodable<R>,
-                  "mp: the result of work run in another process needs an mp::Codec");
+    if constexpr (!Encodable<R>)
+        throw Error("mp: the result type has no codec");  // reported by check_work already
+    else
+        return decode<R>(bytes);
 }
 
 /// Chunked calls of one callable: each chunk a task, its result the items' outcomes.

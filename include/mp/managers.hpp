@@ -254,6 +254,7 @@ private:
 template <class P>
     requires std::derived_from<P, BaseProxy>
 struct Codec<P> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const P& p) {
         const auto& s = p.shared_state();
         if (!s) throw Error("mp: cannot send an empty proxy");

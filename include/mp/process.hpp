@@ -95,7 +95,9 @@ public:
     Process();
     explicit Process(ProcessOptions options);
 
-    /// Target style: the child calls target(args...) with copies of the arguments.
+    /// Target style: the child calls target(args...) with copies of the arguments. A target
+    /// parameter that is a non-const lvalue reference is a compile error (the child would change
+    /// only its own copy), except to an mp handle (a queue, lock, connection, shared memory ...).
     template <class F, class... Args>
         requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
     explicit Process(F&& target, Args&&... args)
@@ -104,6 +106,7 @@ public:
     template <class F, class... Args>
         requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
     Process(ProcessOptions options, F&& target, Args&&... args) : Process(std::move(options)) {
+        detail::check_no_mutable_reference<std::decay_t<F>, std::decay_t<Args>...>();
         // Encode before the lambda below moves the arguments away (two arguments of one call
         // would be evaluated in an unspecified order).
         std::optional<detail::Task> task = detail::make_task(target, args...);

@@ -424,6 +424,7 @@ inline std::shared_ptr<QueueCore> decode_queue(Decoder& d) {
 /// A Queue crosses to another process (a forkserver child, a pool worker) as its memfd.
 template <class T>
 struct Codec<Queue<T>> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Queue<T>& q) { detail::encode_queue(e, q.core()); }
     static Queue<T> decode(Decoder& d) { return Queue<T>(detail::decode_queue(d)); }
 };
@@ -431,6 +432,7 @@ struct Codec<Queue<T>> {
 /// As Codec<Queue<T>>.
 template <class T>
 struct Codec<JoinableQueue<T>> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const JoinableQueue<T>& q) {
         detail::encode_queue(e, q.core());
     }
@@ -442,6 +444,7 @@ struct Codec<JoinableQueue<T>> {
 /// As Codec<Queue<T>>.
 template <class T>
 struct Codec<SimpleQueue<T>> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const SimpleQueue<T>& q) { Codec<Queue<T>>::encode(e, q.q_); }
     static SimpleQueue<T> decode(Decoder& d) {
         return SimpleQueue<T>(Codec<Queue<T>>::decode(d));

@@ -44,7 +44,14 @@
 ///     };
 ///
 /// A Codec reads lengths with Decoder::read_size, which refuses a count the remaining bytes cannot
-/// hold. A type with no codec is a compile error that says "this type has no codec".
+/// hold. A type with no codec is a compile error that says "this type has no codec" and names
+/// the type (for a container, the element type that has none).
+///
+/// A handle whose decoded copy refers to the same object as the original (as mp's queues, locks,
+/// connections, shared memory and proxies do) says so in its Codec with
+/// `static constexpr bool shares_state = true;`: work sent to another process may then take it
+/// by non-const reference, which for any other type is a compile error (the callee would change
+/// only its own copy).
 ///
 /// Wire format: fixed-size values in native byte order (both ends run the same architecture; MPI
 /// checks that), lengths and counts as 8 little-endian bytes, a variant's index as 4 bytes, an
@@ -110,6 +117,14 @@ constexpr std::uint64_t little_endian(std::uint64_t v) noexcept {
 }
 }  // namespace detail
 
+// The one text of every "no codec" error (a macro, since static_assert takes only a literal;
+// undefined at the end of this header).
+#define MP_NO_CODEC_MESSAGE                                                                       \
+    "mp::Codec: this type has no codec (the type is named in has_codec<...>; for a container, "   \
+    "pair, tuple, optional or variant, the element type that has none). Make it one of: a plain " \
+    "struct of numbers (trivially copyable, standard layout), a type with a cereal serialize() "  \
+    "function (member or free), or a type with an mp::Codec<T> specialisation"
+
 /// The customisation point. The primary template means "no codec": using it is a compile error
 /// that names the fix.
 template <class T, class Enable = void>
@@ -117,25 +132,61 @@ struct Codec {
     static constexpr bool mp_no_codec = true;
     template <class U = T>
     static void encode(Encoder&, const U&) {
-        static_assert(detail::dependent_false<U>,
-                      "mp::Codec: this type has no codec (for a container, pair, tuple, optional "
-                      "or variant: one of its element types has none). Give it a cereal "
-                      "serialize() function (member or free) or specialise mp::Codec<T> with "
-                      "static encode/decode.");
+        static_assert(detail::dependent_false<U>, MP_NO_CODEC_MESSAGE);
     }
     template <class U = T>
     static U decode(Decoder&) {
-        static_assert(detail::dependent_false<U>,
-                      "mp::Codec: this type has no codec (for a container, pair, tuple, optional "
-                      "or variant: one of its element types has none). Give it a cereal "
-                      "serialize() function (member or free) or specialise mp::Codec<T> with "
-                      "static encode/decode.");
+        static_assert(detail::dependent_false<U>, MP_NO_CODEC_MESSAGE);
     }
 };
 
 /// True when T (without cv/ref) can cross a process boundary.
 template <class T>
 concept Encodable = !requires { Codec<std::remove_cvref_t<T>>::mp_no_codec; };
+
+namespace detail {
+
+/// The first of Ts without a codec, or void.
+template <class... Ts>
+struct first_without_codec {
+    using type = void;
+};
+template <class T, class... Ts>
+struct first_without_codec<T, Ts...> {
+    using type = std::conditional_t<Encodable<T>, typename first_without_codec<Ts...>::type, T>;
+};
+
+/// The type to blame when T has no codec: T itself, or for a standard template that lacks one
+/// only because of an element type (std::vector<X>, std::optional<X>, std::map<K, X> ...), the
+/// innermost such element.
+template <class T>
+struct missing_codec {
+    using type = T;
+};
+template <class T>
+using missing_codec_t = typename missing_codec<std::remove_cvref_t<T>>::type;
+template <template <class...> class Tm, class... P>
+    requires(!Encodable<Tm<P...>>) && (!(Encodable<P> && ...))
+struct missing_codec<Tm<P...>> {
+    using type = missing_codec_t<typename first_without_codec<P...>::type>;
+};
+template <class T, std::size_t N>
+    requires(!Encodable<T>)
+struct missing_codec<std::array<T, N>> {
+    using type = missing_codec_t<T>;
+};
+
+/// Named in the no-codec errors, so that the compiler prints the type: false for every T used.
+template <class T>
+inline constexpr bool has_codec = Encodable<T>;
+
+/// A handle whose decoded copy refers to the same object as the original (a queue, a lock, a
+/// connection, shared memory, a proxy): its Codec says `static constexpr bool shares_state =
+/// true`. Work run in another process may take such an argument by non-const reference.
+template <class T>
+concept shared_handle = requires { requires Codec<std::remove_cvref_t<T>>::shares_state; };
+
+}  // namespace detail
 
 /// Appends a value's bytes to a buffer.
 class Encoder {
@@ -158,7 +209,10 @@ public:
     /// have been written: discard the buffer.
     template <class T>
     void put(const T& value) {
-        Codec<std::remove_cvref_t<T>>::encode(*this, value);
+        if constexpr (Encodable<T>)
+            Codec<std::remove_cvref_t<T>>::encode(*this, value);
+        else
+            static_assert(detail::has_codec<detail::missing_codec_t<T>>, MP_NO_CODEC_MESSAGE);
     }
 
     /// The bytes written so far.
@@ -235,8 +289,13 @@ public:
     /// Decodes the next value (through Codec<T>).
     template <class T>
     T get() {
-        Nesting level(*this);
-        return Codec<std::remove_cvref_t<T>>::decode(*this);
+        if constexpr (Encodable<T>) {
+            Nesting level(*this);
+            return Codec<std::remove_cvref_t<T>>::decode(*this);
+        } else {
+            static_assert(detail::has_codec<detail::missing_codec_t<T>>, MP_NO_CODEC_MESSAGE);
+            throw DecodeError("mp::Codec: no codec");  // not reached: the assertion fails
+        }
     }
 
     /// Bytes not yet read.
@@ -1163,3 +1222,5 @@ T decode(std::string_view bytes) {
 }
 
 }  // namespace mp
+
+#undef MP_NO_CODEC_MESSAGE

@@ -134,6 +134,7 @@ std::ostream& operator<<(std::ostream& out, const SharedMemory& shm);
 /// the segment, and throws std::system_error ENOENT when it was unlinked in the meantime.
 template <>
 struct Codec<SharedMemory> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const SharedMemory& shm) {
         e.write_size(shm.name().size());
         e.write(shm.name().data(), shm.name().size());
@@ -310,6 +311,7 @@ private:
 /// Sent with its memfd (forkserver, pool workers): the receiver maps the same memory.
 template <class T>
 struct Codec<RawValue<T>> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const RawValue<T>& v) {
         detail::encode_block(e, detail::deref_handle(v.block_, "mp::RawValue"));
     }
@@ -319,6 +321,7 @@ struct Codec<RawValue<T>> {
 /// Sent with its memfd and its length: the receiver maps the same memory.
 template <class T>
 struct Codec<RawArray<T>> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const RawArray<T>& a) {
         e.write_size(a.size_);
         detail::encode_block(e, detail::deref_handle(a.block_, "mp::RawArray"));
@@ -478,6 +481,7 @@ private:
 /// Sent as its memory and its lock, both with their descriptors: the receiver shares both.
 template <class T, class L>
 struct Codec<Value<T, L>> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Value<T, L>& v) {
         e.put(v.obj_);
         e.put(v.lock_);
@@ -491,6 +495,7 @@ struct Codec<Value<T, L>> {
 /// Sent as its memory, length and lock: the receiver shares the memory and the lock.
 template <class T, class L>
 struct Codec<Array<T, L>> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Array<T, L>& a) {
         e.put(a.obj_);
         e.put(a.lock_);

@@ -10,6 +10,14 @@
 ///     std::thread t([&] { srv.serve_forever(); });
 ///     ...; srv.shutdown(); t.join(); srv.server_close();
 ///
+/// A service that stops on SIGINT/SIGTERM, giving requests under way 5 s before their
+/// connections are closed (no signal code of its own; nothing printed on the way out):
+///
+///     mp::ThreadingTCPServer srv({"0.0.0.0", 9000}, mp::handler<Echo>(),
+///                                {.shutdown_timeout = std::chrono::seconds(5)});
+///     auto stop = mp::stop_on_signals({SIGINT, SIGTERM});
+///     srv.serve_forever(stop.token());  // returns once stopped and every handler has ended
+///
 /// Python's mixins are a policy here: SocketServer<kind, family, concurrency>, with the Python
 /// names as aliases (TCPServer, ThreadingTCPServer, ForkingUnixStreamServer, ...). Hooks that
 /// Python users override (verify_request, handle_error, handle_timeout, service_actions,
@@ -20,8 +28,12 @@
 /// every forked child still running (mp::Process's policy). A subclass whose overridden hooks
 /// run in handler threads should call server_close() in its own destructor.
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
+#include <initializer_list>
+#include <map>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -29,7 +41,9 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <stop_token>
 #include <string_view>
+#include <signal.h>
 #include <sys/types.h>
 #include <thread>
 #include <utility>
@@ -191,6 +205,13 @@ struct ServerOptions {
     std::size_t max_children = 40;
     /// Prefork: the number of worker processes.
     std::size_t workers = 4;
+    /// After a stop (shutdown(), or the stop token given to serve_forever): how long requests
+    /// under way may go on. Then their connections are shut down for reading and writing, so a
+    /// handler waiting for its client reads end of file and one writing to a stalled client
+    /// fails; a forked child (or prefork worker) still running a second later is killed
+    /// (SIGKILL). A handler thread that ignores its connection cannot be stopped and is waited
+    /// for. None: requests under way take as long as they take, as in Python.
+    std::optional<std::chrono::nanoseconds> shutdown_timeout{};
 };
 
 /// A socket server (Python's BaseServer and TCPServer/UDPServer in one).
@@ -203,10 +224,21 @@ public:
     /// Handles requests until shutdown(); checks for shutdown at least every poll_interval
     /// (shutdown() also wakes it at once). std::logic_error after server_close().
     virtual void serve_forever(std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(500));
+    /// serve_forever that also stops when `stop` is requested (from any thread, or by a signal
+    /// through mp::stop_on_signals). After a stop by the token with options().shutdown_timeout
+    /// set, it returns only when every request under way has ended (see shutdown(timeout)), so
+    /// a program may simply return from main afterwards.
+    void serve_forever(std::stop_token stop,
+                       std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(500));
     /// From another thread: makes serve_forever return and waits until it has. Called while
     /// serve_forever is not running, it returns at once and the next serve_forever returns at once.
     /// As in Python, calling it from serve_forever's own thread (a non-threading handler) deadlocks.
+    /// With options().shutdown_timeout set, the requests under way get that long (see there).
     void shutdown();
+    /// shutdown() with a deadline: requests under way get `timeout`, then their connections are
+    /// closed (as ServerOptions::shutdown_timeout says). Returns once serve_forever has returned
+    /// and every handler thread and forked child has ended.
+    void shutdown(std::chrono::nanoseconds timeout);
     /// Waits for one request (at most options().timeout) and handles it; handle_timeout() if none
     /// came. std::logic_error after server_close().
     void handle_request();
@@ -260,10 +292,30 @@ protected:
     int wakeup_fd() const noexcept { return wake_r_; }
     void drain_wakeup() noexcept;
     void check_open() const;
+    /// When the connections of requests under way get closed, if a stop with a deadline came.
+    std::optional<std::chrono::steady_clock::time_point> close_deadline();
 
 private:
+    struct Child {
+        std::unique_ptr<Process> process;
+        std::uint64_t connection = 0;  // its entry in connections_ (0: none)
+    };
+
     bool get_request(Request& request, ServerAddress& client);
     void join_threads(bool all);
+    /// Sets the shutdown flag, wakes serve_forever and, with a timeout, arms the closer.
+    void request_shutdown(std::optional<std::chrono::nanoseconds> timeout) noexcept;
+    /// Waits for handler threads and children; past the close deadline, kills the children.
+    void finish_handlers(std::optional<std::chrono::steady_clock::time_point> deadline);
+    void reap(Child& c);
+    // Connections of requests under way (stream servers), each as a duplicate descriptor of
+    // the server's own, so that the closer can shut the socket down without racing the close of
+    // the handler's descriptor (a reused number would be another socket).
+    std::uint64_t add_connection(int fd);
+    void remove_connection(std::uint64_t id) noexcept;
+    void close_connections_in_child() noexcept;
+    void closer_main();
+    void stop_closer() noexcept;
 
     ServerAddress address_;
     HandlerFactory factory_;
@@ -283,7 +335,17 @@ private:
     };
     std::mutex threads_mu_;
     std::vector<HandlerThread> threads_;
-    std::vector<std::unique_ptr<Process>> children_;
+    std::vector<Child> children_;
+
+    std::mutex finish_mu_;  // one finish_handlers at a time
+    std::mutex connections_mu_;
+    std::condition_variable closer_cv_;
+    std::map<std::uint64_t, int> connections_;  // id -> duplicate descriptor
+    std::uint64_t next_connection_ = 1;
+    std::optional<std::chrono::steady_clock::time_point> close_at_;  // armed closer's deadline
+    bool closing_ = false;       // the deadline passed: new connections are closed at once
+    bool closer_quit_ = false;
+    std::thread closer_;
 };
 
 /// Python's server classes as one template: a socket kind, an address family, a concurrency.
@@ -337,5 +399,53 @@ private:
     std::vector<std::unique_ptr<Process>> workers_;
     std::size_t started_ = 0;
 };
+
+/// Turns signals into a stop request: while it lives, the first of `signals` to arrive
+/// requests a stop on token() (from a thread of its own, so whatever the stop runs need not be
+/// async-signal-safe) and puts back the signals' previous dispositions, so that a second signal
+/// acts as it would have without it (SIGINT or SIGTERM then ends the process at once).
+///
+///     auto stop = mp::stop_on_signals({SIGINT, SIGTERM});
+///     server.serve_forever(stop.token());
+///
+/// How: a handler that writes the signal's number to a self-pipe and a thread that reads it.
+/// A child forked meanwhile inherits the handler, which there restores the default disposition
+/// and re-raises the signal, so a child is stopped by SIGTERM as usual. One at a time per
+/// process (a second live SignalStop is mp::Error); the destructor restores the dispositions.
+/// The signals stay unblocked, so any thread may receive them.
+class SignalStop {
+public:
+    /// Installs the handlers; std::system_error for a signal that cannot be caught.
+    explicit SignalStop(std::initializer_list<int> signals = {SIGINT, SIGTERM});
+    ~SignalStop();
+    SignalStop(const SignalStop&) = delete;
+    SignalStop& operator=(const SignalStop&) = delete;
+
+    /// Stopped when a signal arrives (or request_stop is called).
+    std::stop_token token() const noexcept { return source_.get_token(); }
+    /// The signal that requested the stop; 0 while none has.
+    int signal() const noexcept { return signal_.load(); }
+    /// Requests the stop without a signal.
+    void request_stop() noexcept { source_.request_stop(); }
+
+private:
+    void watch() noexcept;
+    void restore() noexcept;
+
+    std::stop_source source_;
+    std::atomic<int> signal_{0};
+    std::vector<int> signals_;
+    std::vector<struct sigaction> previous_;  // as before the constructor, one per signal
+    std::mutex restore_mu_;
+    bool restored_ = false;
+    int pipe_r_ = -1;
+    int pipe_w_ = -1;
+    std::thread watcher_;
+};
+
+/// A SignalStop for `signals`: `auto stop = mp::stop_on_signals({SIGINT, SIGTERM});`.
+inline SignalStop stop_on_signals(std::initializer_list<int> signals = {SIGINT, SIGTERM}) {
+    return SignalStop(signals);
+}
 
 }  // namespace mp

@@ -431,36 +431,43 @@ private:
 /// checks that it holds an object of the expected kind (else mp::DecodeError).
 template <>
 struct Codec<Lock> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Lock& v);
     static Lock decode(Decoder& d);
 };
 template <>
 struct Codec<RLock> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const RLock& v);
     static RLock decode(Decoder& d);
 };
 template <>
 struct Codec<Semaphore> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Semaphore& v);
     static Semaphore decode(Decoder& d);
 };
 template <>
 struct Codec<BoundedSemaphore> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const BoundedSemaphore& v);
     static BoundedSemaphore decode(Decoder& d);
 };
 template <>
 struct Codec<Condition> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Condition& v);
     static Condition decode(Decoder& d);
 };
 template <>
 struct Codec<Event> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Event& v);
     static Event decode(Decoder& d);
 };
 template <>
 struct Codec<Barrier> {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const Barrier& v);
     static Barrier decode(Decoder& d);
 };

@@ -1,9 +1,13 @@
-// Must not compile: a capturing lambda cannot be sent to another process. The build's test
-// checks that the compiler's message tells the user to pass the captured values as arguments.
-#include <mp/detail/task.hpp>
+// Must not compile: a capturing lambda cannot be sent to a pool worker. The build's test checks
+// that the one error tells the user to pass the captured values as arguments and names the lambda.
+#include <mp/pool.hpp>
+
+#include <vector>
 
 int main() {
-    int captured = 7;
-    auto task = mp::detail::make_transferable_task([captured](int x) { return x * captured; }, 3);
-    (void)task;
+    mp::Pool pool(2);
+    int factor = 7;
+    std::vector<int> xs{1, 2, 3};
+    auto ys = pool.map([factor](int x) { return x * factor; }, xs);
+    (void)ys;
 }

@@ -52,6 +52,150 @@ concept StatelessCallable =
 template <class F>
 concept Transferable = FunctionPointer<std::decay_t<F>> || StatelessCallable<std::decay_t<F>>;
 
+// ---- compile-time diagnosis ---------------------------------------------------------------
+//
+// One mistake gives one error: check_transferable tests the mistakes in a fixed order and asserts
+// only the first that applies, and what would fail after it (the chunk builder, the invokers,
+// result decoding) is guarded by the same traits, so it stays quiet. Each assertion's condition
+// is a variable template named after the rule, with the offending type as its argument, so both
+// compilers print that type: clang on the error line ("requirement 'captures_nothing<...>'"),
+// g++ in the note under it ("'mp::detail::has_codec<NoCodec>' evaluates to false").
+
+template <class F>
+inline constexpr bool not_std_function = true;
+template <class S>
+inline constexpr bool not_std_function<std::function<S>> = false;
+template <class F>
+inline constexpr bool not_member_pointer = !std::is_member_pointer_v<F>;
+template <class F>
+inline constexpr bool captures_nothing = !(std::is_class_v<F> && !std::is_empty_v<F>);
+template <class F>
+inline constexpr bool is_transferable = Transferable<F>;
+template <class F, class... A>
+inline constexpr bool callable_with = std::is_invocable_v<F&, A&...>;
+template <class T>
+inline constexpr bool not_changed_through_reference = false;
+
+/// True when the call binds decoded argument I to a non-const lvalue reference (it compiles with
+/// that argument as an lvalue but not as an rvalue): the callee would change the worker's copy,
+/// which the caller never sees. A shared handle (Codec<T>::shares_state: a queue, lock,
+/// connection, shared memory, proxy ...) is exempt: its copy refers to the same object.
+template <class Fn, std::size_t I, class... A>
+consteval bool binds_mutable_reference() {
+    using T = std::tuple_element_t<I, std::tuple<A...>>;
+    if constexpr (shared_handle<T>) {
+        return false;
+    } else {
+        return []<std::size_t... J>(std::index_sequence<J...>) {
+            return !std::is_invocable_v<
+                Fn&, std::conditional_t<J == I, std::tuple_element_t<J, std::tuple<A...>>&&,
+                                        std::tuple_element_t<J, std::tuple<A...>>&>...>;
+        }(std::index_sequence_for<A...>{});
+    }
+}
+
+/// The first argument type that binds a non-const lvalue reference (see above), or void.
+template <class Fn, std::size_t I, class... A>
+struct first_mutable_reference {
+    using type = void;
+};
+template <class Fn, std::size_t I, class... A>
+    requires(I < sizeof...(A))
+struct first_mutable_reference<Fn, I, A...> {
+    using type = std::conditional_t<binds_mutable_reference<Fn, I, A...>(),
+                                    std::tuple_element_t<I, std::tuple<A...>>,
+                                    typename first_mutable_reference<Fn, I + 1, A...>::type>;
+};
+
+/// The first mistake that makes fn(args...) unsendable, as a number; 0 when there is none.
+/// Argument types are decayed already.
+template <class Fn, class... A>
+consteval int first_mistake() {
+    if constexpr (!not_std_function<Fn>) return 1;
+    else if constexpr (!not_member_pointer<Fn>) return 2;
+    else if constexpr (!captures_nothing<Fn>) return 3;
+    else if constexpr (!is_transferable<Fn>) return 4;
+    else if constexpr (!(Encodable<A> && ...)) return 5;
+    else if constexpr (!callable_with<Fn, A...>) return 6;
+    else if constexpr (!std::is_void_v<typename first_mutable_reference<Fn, 0, A...>::type>) return 7;
+    else return 0;
+}
+
+/// A call that would change an argument through a non-const lvalue reference is an error: the
+/// callee runs in another process, on that process's copy. Also checked for every Process
+/// target, whatever the start method (a forked child has a copy too).
+template <class Fn, class... A>
+constexpr void check_no_mutable_reference() {
+    using T = typename first_mutable_reference<Fn, 0, A...>::type;
+    if constexpr (!std::is_void_v<T>)
+        static_assert(
+            not_changed_through_reference<T>,
+            "mp: a parameter of work run in another process is a non-const lvalue reference "
+            "(T&): the process running it would change its own copy of the argument and the "
+            "caller would never see the change. Take it by value or by const T& and return the "
+            "new value; mp's handles (queues, locks, connections, shared memory, Value/Array, "
+            "Event, Barrier, proxies) may be taken by reference");
+}
+
+/// True when fn(args...) can be sent to another process and called there.
+template <class F, class... Args>
+inline constexpr bool sendable = first_mistake<std::decay_t<F>, std::decay_t<Args>...>() == 0;
+
+/// Compile-time checks that f(args...) can be sent to another process: at most one error, which
+/// names the offending type and says what to do.
+template <class F, class... Args>
+constexpr void check_transferable() {
+    using Fn = std::decay_t<F>;
+    constexpr int mistake = first_mistake<Fn, std::decay_t<Args>...>();
+    if constexpr (mistake == 1) {
+        static_assert(not_std_function<Fn>,
+                      "mp: a std::function cannot be sent to another process, because it may hold "
+                      "state (captures) that cannot be copied there: pass a function, a function "
+                      "pointer or a captureless lambda, and the values it needs as arguments");
+    } else if constexpr (mistake == 2) {
+        static_assert(not_member_pointer<Fn>,
+                      "mp: a pointer to member cannot be sent to another process: wrap the call in "
+                      "a free function or a captureless lambda that takes the object as an "
+                      "argument, e.g. [](Obj o, int x) { return o.f(x); }");
+    } else if constexpr (mistake == 3) {
+        static_assert(captures_nothing<Fn>,
+                      "mp: work sent to another process cannot capture state: pass the captured "
+                      "values as arguments instead (a captureless lambda, a function or an empty "
+                      "function object is transferable)");
+    } else if constexpr (mistake == 4) {
+        static_assert(is_transferable<Fn>,
+                      "mp: work sent to another process must be a function, a function pointer, a "
+                      "captureless lambda or an empty, default-constructible function object");
+    } else if constexpr (mistake == 5) {
+        static_assert(has_codec<missing_codec_t<typename first_without_codec<std::decay_t<Args>...>::type>>,
+                      "mp: an argument sent to another process has no codec (the type is named "
+                      "in has_codec<...>). Make it one of: a plain struct of numbers (trivially "
+                      "copyable, standard layout), a type with a cereal serialize() function "
+                      "(member or free), or a type with an mp::Codec<T> specialisation");
+    } else if constexpr (mistake == 6) {
+        static_assert(callable_with<Fn, std::decay_t<Args>...>,
+                      "mp: the callable cannot be called with these arguments");
+    } else if constexpr (mistake == 7) {
+        check_no_mutable_reference<Fn, std::decay_t<Args>...>();
+    }
+}
+
+/// check_transferable, plus: the call's result must have a codec (or be void).
+template <class F, class... Args>
+constexpr void check_work() {
+    check_transferable<F, Args...>();
+    if constexpr (sendable<F, Args...>) {
+        using R = std::invoke_result_t<std::decay_t<F>&, std::decay_t<Args>&...>;
+        if constexpr (!std::is_void_v<R> && !Encodable<R>)
+            static_assert(has_codec<missing_codec_t<R>>,
+                          "mp: the result of work run in another process has no codec (the type "
+                          "is named in has_codec<...>). Make it one of: a plain struct of numbers "
+                          "(trivially copyable, standard layout), a type with a cereal serialize() "
+                          "function (member or free), or a type with an mp::Codec<T> "
+                          "specialisation");
+    }
+}
+
 template <class F, class... A>
 decltype(auto) call_with(F& f, std::tuple<A...>& args) {
     // Prefer moving the decoded arguments in; fall back to lvalues for `T&` parameters.
@@ -179,12 +323,12 @@ struct Task {
 };
 
 /// Encodes `f(args...)` when it can cross a process boundary; std::nullopt otherwise (the caller
-/// decides whether that is an error: a fork-started Process does not need it).
+/// decides whether that is an error: a fork-started Process does not need it). Not sendable
+/// includes a call that would change an argument through a non-const lvalue reference.
 template <class F, class... Args>
 std::optional<Task> make_task(const F& f, const Args&... args) {
     using Fn = std::decay_t<F>;
-    if constexpr (Transferable<Fn> && (Encodable<std::decay_t<Args>> && ...) &&
-                  std::is_invocable_v<Fn&, std::decay_t<Args>&...>) {
+    if constexpr (sendable<F, Args...>) {
         (void)invoker_registered<Fn, std::decay_t<Args>...>;
         Encoder e;
         Invoker inv = &invoke_from<Fn, std::decay_t<Args>...>;
@@ -206,31 +350,15 @@ std::optional<Task> make_task(const F& f, const Args&... args) {
     }
 }
 
-/// Compile-time checks that f(args...) can be sent to another process, each failing with a
-/// message that says what to do.
-template <class F, class... Args>
-constexpr void check_transferable() {
-    using Fn = std::decay_t<F>;
-    static_assert(!(std::is_class_v<Fn> && !std::is_empty_v<Fn>),
-                  "mp: work sent to another process cannot capture state: pass the captured "
-                  "values as arguments instead (a captureless lambda, a function or an empty "
-                  "function object is transferable)");
-    static_assert(Transferable<Fn>,
-                  "mp: work sent to another process must be a function, a function pointer, a "
-                  "captureless lambda or an empty, default-constructible function object");
-    static_assert((Encodable<std::decay_t<Args>> && ...),
-                  "mp: every argument sent to another process needs an mp::Codec (a cereal "
-                  "serialize() function or a Codec<T> specialisation)");
-    static_assert(std::is_invocable_v<Fn&, std::decay_t<Args>&...>,
-                  "mp: the callable cannot be called with these arguments");
-}
-
 /// Like make_task, but a callable or argument that cannot be sent is a compile error that says
 /// what to do.
 template <class F, class... Args>
 Task make_transferable_task(const F& f, const Args&... args) {
     check_transferable<F, Args...>();
-    return *make_task(f, args...);
+    if constexpr (sendable<F, Args...>)
+        return *make_task(f, args...);
+    else
+        return {};  // not reached: the check above failed to compile
 }
 
 /// Builds chunk tasks for calls of one callable: the callable is named once per chunk, then
@@ -239,6 +367,27 @@ template <class F, class... A>
 class ChunkBuilder {
 public:
     explicit ChunkBuilder(const F& f) {
+        // Unsendable work has failed check_work already; compiling on would only repeat it.
+        if constexpr (sendable<F, A...>) build_prefix(f);
+    }
+    /// Appends one call's arguments.
+    template <class... B>
+    void add(const B&... args) {
+        if constexpr (sendable<F, A...>) (e_.put(static_cast<const A&>(args)), ...);
+        ++count_;
+    }
+    std::size_t count() const noexcept { return count_; }
+    /// The chunk so far, as a task; starts a new one.
+    Task take() {
+        const std::uint64_t n = little_endian(std::uint64_t{count_});
+        std::memcpy(e_.bytes().data() + prefix_.size(), &n, sizeof n);
+        Task t{e_.take(), e_.take_fds()};
+        reset();
+        return t;
+    }
+
+private:
+    void build_prefix(const F& f) {
         (void)chunk_invoker_registered<F, A...>;
         Encoder e;
         Invoker inv = &invoke_chunk_from<F, A...>;
@@ -254,23 +403,6 @@ public:
         prefix_ = e.take();
         reset();
     }
-    /// Appends one call's arguments.
-    template <class... B>
-    void add(const B&... args) {
-        (e_.put(static_cast<const A&>(args)), ...);
-        ++count_;
-    }
-    std::size_t count() const noexcept { return count_; }
-    /// The chunk so far, as a task; starts a new one.
-    Task take() {
-        const std::uint64_t n = little_endian(std::uint64_t{count_});
-        std::memcpy(e_.bytes().data() + prefix_.size(), &n, sizeof n);
-        Task t{e_.take(), e_.take_fds()};
-        reset();
-        return t;
-    }
-
-private:
     void reset() {
         e_ = Encoder(prefix_);
         e_.write_size(0);

@@ -1,0 +1,489 @@
+// Tests of mp::py (include/mp/py.hpp): pickles read from and written for the real python3 on
+// this machine, protocols 2 to 5, every plain type both ways; the refusals (every opcode that
+// imports, calls or builds, the classic os.system payload, a memo bomb, a recursive list, deep
+// nesting, oversized lengths); every truncation of a pickle and random corruptions end in
+// UnpicklingError, never a crash.
+
+#include <gtest/gtest.h>
+
+#include <mp/py.hpp>
+
+#include <array>
+#include <cerrno>
+#include <fcntl.h>
+#include <optional>
+#include <system_error>
+#include <tuple>
+#include <variant>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <random>
+#include <set>
+#include <string>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <unordered_map>
+#include <vector>
+
+namespace py = mp::py;
+using namespace std::string_literals;
+
+namespace {
+
+std::string hex(std::string_view s) {
+    static constexpr char digits[] = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : s) {
+        out.push_back(digits[c >> 4]);
+        out.push_back(digits[c & 15]);
+    }
+    return out;
+}
+
+std::string unhex(std::string_view h) {
+    std::string out;
+    for (std::size_t i = 0; i + 1 < h.size(); i += 2) out.push_back(static_cast<char>(std::stoi(std::string(h.substr(i, 2)), nullptr, 16)));
+    return out;
+}
+
+// Runs python3 -c code with args; returns its standard output (the test fails if it exits non-zero).
+std::string python(const std::string& code, const std::vector<std::string>& args = {}) {
+    int fds[2];
+    if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::generic_category(), "pipe2");
+    std::vector<std::string> argv_s{"python3", "-c", code};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        ::dup2(fds[1], 1);
+        ::execvp("python3", argv.data());
+        ::_exit(127);
+    }
+    ::close(fds[1]);
+    std::string out;
+    char buf[65536];
+    for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) != 0;) {
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) break;
+        out.append(buf, static_cast<std::size_t>(n));
+    }
+    ::close(fds[0]);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "python3 failed; output:\n" << out;
+    return out;
+}
+
+std::vector<std::string> lines(const std::string& s) {
+    std::vector<std::string> out;
+    std::size_t start = 0;
+    for (std::size_t nl; (nl = s.find('\n', start)) != std::string::npos; start = nl + 1) out.push_back(s.substr(start, nl - start));
+    return out;
+}
+
+// Python expressions covering every plain type, nesting and sharing.
+const std::vector<std::string> kExpressions = {
+    "None", "True", "False", "0", "1", "255", "256", "65535", "65536", "-1", "-256", "2**31-1", "-2**31",
+    "2**31", "-2**31-1", "2**63-1", "-2**63", "2**63", "2**64-1", "1.5", "-0.0", "1e100", "0.1",
+    "float('inf')", "''", "'abc'", "'h\\u00e9 \\u4e16\\U0001f600'", "'x'*300", "'quote\\'s'", "b''", "b'ab\\x00\\xff'",
+    "b'y'*300", "bytearray()", "bytearray(b'xy\\x80')", "()", "(1,)", "(1, 2)", "(1, 2, 3)", "(1, 2, 3, 4, 5)",
+    "[]", "[1, [2, [3, []]]]", "list(range(2500))", "{}", "{'a': 1, 'b': [1, 2], 3: None, (1, 'k'): 2.5}",
+    "set()", "{1, 2, 3}", "frozenset()", "frozenset({'a', (1, 2)})", "{'s': {1}, 'f': frozenset({2})}",
+    "[[1, 2]] * 3", "(lambda s: [s, s, {'k': s}])([1, 'shared'])", "['same string'] * 4",
+    "{i: str(i) for i in range(1200)}",
+};
+
+}  // namespace
+
+// Every expression, pickled by Python at protocols 2 to 5, reads back as an Object whose repr is
+// Python's repr of the value.
+TEST(PyPickle, ReadsWhatPythonWritesAtEveryProtocol) {
+    std::string code =
+        "import pickle, sys\n"
+        "for e in sys.argv[1:]:\n"
+        "    v = eval(e)\n"
+        "    for p in (2, 3, 4, 5):\n"
+        "        print(p, pickle.dumps(v, protocol=p).hex(), repr(v))\n";
+    std::vector<std::string> out = lines(python(code, kExpressions));
+    ASSERT_EQ(out.size(), kExpressions.size() * 4);
+    for (const std::string& line : out) {
+        const std::size_t a = line.find(' '), b = line.find(' ', a + 1);
+        const std::string pickle = unhex(std::string_view(line).substr(a + 1, b - a - 1));
+        const std::string expected = line.substr(b + 1);
+        SCOPED_TRACE("protocol " + line.substr(0, a) + ": " + expected);
+        py::Object o;
+        ASSERT_NO_THROW(o = py::loads(pickle));
+        EXPECT_EQ(o.repr(), expected);
+    }
+}
+
+// What mp writes, Python's pickle.loads reads as the equal value (compared in Python).
+TEST(PyPickle, PythonReadsWhatMpWrites) {
+    struct Point {
+        int x;
+        double y;
+        std::string label;
+    };
+    std::vector<std::pair<std::string, std::string>> cases;  // (pickle, Python expression of the value)
+    auto add = [&](const auto& v, std::string expr) { cases.emplace_back(py::dumps(v), std::move(expr)); };
+    add(py::None{}, "None");
+    add(std::nullopt, "None");
+    add(std::monostate{}, "None");
+    add(true, "True");
+    add(false, "False");
+    add(0, "0");
+    add(255, "255");
+    add(256, "256");
+    add(65536, "65536");
+    add(-1, "-1");
+    add(std::numeric_limits<std::int32_t>::min(), "-2**31");
+    add(std::int64_t{1} << 31, "2**31");
+    add(std::numeric_limits<std::int64_t>::max(), "2**63-1");
+    add(std::numeric_limits<std::int64_t>::min(), "-2**63");
+    add(std::numeric_limits<std::uint64_t>::max(), "2**64-1");
+    add(std::uint64_t{1} << 63, "2**63");
+    add(std::int64_t{-129}, "-129");
+    add(std::int64_t{-(std::int64_t{1} << 40)}, "-2**40");
+    add(1.5, "1.5");
+    add(1.5f, "1.5");
+    add(-0.0, "-0.0");
+    add(std::numeric_limits<double>::infinity(), "float('inf')");
+    add("abc", "'abc'");
+    add(std::string("h\xc3\xa9 \xe4\xb8\x96"), "'h\\u00e9 \\u4e16'");
+    add(std::string(300, 'x'), "'x'*300");
+    add(std::string_view("sv"), "'sv'");
+    add(py::Bytes{"ab\0\xff"s}, "b'ab\\x00\\xff'");
+    add(py::Bytes{std::string(300, 'y')}, "b'y'*300");
+    add(py::ByteArray{"xy"}, "bytearray(b'xy')");
+    add(py::ByteArray{}, "bytearray()");
+    add(std::tuple<>{}, "()");
+    add(std::tuple<int>{1}, "(1,)");
+    add(std::pair<int, std::string>{1, "a"}, "(1, 'a')");
+    add(std::tuple<int, int, int, std::string, bool>{1, 2, 3, "four", true}, "(1, 2, 3, 'four', True)");
+    add(std::vector<int>{}, "[]");
+    add(std::vector<std::vector<int>>{{1, 2}, {}, {3}}, "[[1, 2], [], [3]]");
+    add(std::array<int, 3>{7, 8, 9}, "[7, 8, 9]");
+    add(std::map<std::string, int>{{"a", 1}, {"b", 2}}, "{'a': 1, 'b': 2}");
+    add(std::unordered_map<int, std::vector<std::string>>{{5, {"x"}}}, "{5: ['x']}");
+    add(std::set<int>{3, 1, 2}, "{1, 2, 3}");
+    add(std::optional<int>{4}, "4");
+    add(std::optional<int>{}, "None");
+    add(Point{1, 2.5, "p"}, "(1, 2.5, 'p')");
+    add(std::vector<Point>{{1, 0.5, "a"}, {2, 1.5, "b"}}, "[(1, 0.5, 'a'), (2, 1.5, 'b')]");
+    add(py::Object::frozenset({1, "a"}), "frozenset({1, 'a'})");
+    add(py::Object::dict({{"k", py::Object::list({1, py::None{}, 2.5})}, {py::Object::tuple({1, 2}), "t"}}),
+        "{'k': [1, None, 2.5], (1, 2): 't'}");
+    std::vector<int> big(5000);
+    for (int i = 0; i < 5000; ++i) big[static_cast<std::size_t>(i)] = i * 1000;
+    add(big, "[i * 1000 for i in range(5000)]");
+
+    std::string code =
+        "import pickle, sys\n"
+        "args = sys.argv[1:]\n"
+        "for i in range(0, len(args), 2):\n"
+        "    got = pickle.loads(bytes.fromhex(args[i])); want = eval(args[i + 1])\n"
+        "    ok = got == want and type(got) is type(want) and repr(got) == repr(want)\n"
+        "    print('ok' if ok else 'MISMATCH %r != %r' % (got, want))\n";
+    std::vector<std::string> args;
+    for (auto& [p, e] : cases) {
+        args.push_back(hex(p));
+        args.push_back(e);
+    }
+    std::vector<std::string> out = lines(python(code, args));
+    ASSERT_EQ(out.size(), cases.size());
+    for (std::size_t i = 0; i < cases.size(); ++i) EXPECT_EQ(out[i], "ok") << cases[i].second;
+}
+
+// Python's multiprocessing pickles with its default protocol; mp writes protocol 4, framed.
+TEST(PyPickle, WritesProtocolFourWithAFrame) {
+    const std::string p = py::dumps(std::map<std::string, int>{{"a", 1}});
+    ASSERT_GE(p.size(), 11u);
+    EXPECT_EQ(p.substr(0, 3), "\x80\x04\x95"s);
+    EXPECT_EQ(py::dumps(true), "\x80\x04\x88."s);  // bodies under 4 bytes are not framed (as Python)
+    std::string check = python(
+        "import pickle, pickletools, sys\n"
+        "p = bytes.fromhex(sys.argv[1])\n"
+        "ops = [op.name for op, arg, pos in pickletools.genops(p)]\n"
+        "print(ops[0], ops[1], pickle.loads(p))\n",
+        {hex(p)});
+    EXPECT_EQ(check, "PROTO FRAME {'a': 1}\n");
+}
+
+TEST(PyPickle, TypedReadsFromPython) {
+    std::string out = python(
+        "import pickle\n"
+        "vals = [{'a': 1, 'b': 2}, [1.5, 2, -3], (7, 'seven', None), {1, 2}, b'\\x00by', bytearray(b'ba'),\n"
+        "        [[1, 2], [3]], {'k': [1, 2]}, (1, 2.5, 'p'), 2**64-1, -2**63, 'h\\u00e9']\n"
+        "for v in vals: print(pickle.dumps(v).hex())\n");
+    std::vector<std::string> p = lines(out);
+    ASSERT_EQ(p.size(), 12u);
+    auto pk = [&](std::size_t i) { return unhex(p[i]); };
+    EXPECT_EQ((py::loads<std::map<std::string, int>>(pk(0))), (std::map<std::string, int>{{"a", 1}, {"b", 2}}));
+    EXPECT_EQ((py::loads<std::unordered_map<std::string, long>>(pk(0)).at("b")), 2);
+    EXPECT_EQ(py::loads<std::vector<double>>(pk(1)), (std::vector<double>{1.5, 2.0, -3.0}));
+    auto t = py::loads<std::tuple<int, std::string, std::optional<int>>>(pk(2));
+    EXPECT_EQ(std::get<0>(t), 7);
+    EXPECT_EQ(std::get<1>(t), "seven");
+    EXPECT_FALSE(std::get<2>(t).has_value());
+    EXPECT_EQ(py::loads<std::set<int>>(pk(3)), (std::set<int>{1, 2}));
+    EXPECT_EQ(py::loads<py::Bytes>(pk(4)).data, "\0by"s);
+    EXPECT_EQ(py::loads<py::ByteArray>(pk(5)).data, "ba");
+    EXPECT_EQ(py::loads<py::Bytes>(pk(5)).data, "ba");  // bytes takes a bytearray
+    EXPECT_EQ(py::loads<std::vector<std::vector<int>>>(pk(6)), (std::vector<std::vector<int>>{{1, 2}, {3}}));
+    EXPECT_EQ((py::loads<std::map<std::string, std::vector<int>>>(pk(7)).at("k")), (std::vector<int>{1, 2}));
+    struct Point {
+        int x;
+        double y;
+        std::string label;
+    };
+    Point pt = py::loads<Point>(pk(8));
+    EXPECT_EQ(pt.x, 1);
+    EXPECT_EQ(pt.y, 2.5);
+    EXPECT_EQ(pt.label, "p");
+    EXPECT_EQ(py::loads<std::uint64_t>(pk(9)), std::numeric_limits<std::uint64_t>::max());
+    EXPECT_EQ(py::loads<std::int64_t>(pk(10)), std::numeric_limits<std::int64_t>::min());
+    EXPECT_EQ(py::loads<std::string>(pk(11)), "h\xc3\xa9");
+
+    // Of another shape, or out of the C++ type's range: UnpicklingError naming both.
+    EXPECT_THROW(py::loads<std::vector<int>>(pk(0)), py::UnpicklingError);
+    EXPECT_THROW(py::loads<std::int64_t>(pk(9)), py::UnpicklingError);
+    EXPECT_THROW(py::loads<std::uint64_t>(pk(10)), py::UnpicklingError);
+    EXPECT_THROW((py::loads<std::tuple<int, int>>(pk(2))), py::UnpicklingError);
+    EXPECT_THROW(py::loads<std::vector<std::int8_t>>(py::dumps(std::vector<int>{1, 300})), py::UnpicklingError);
+    EXPECT_THROW(py::loads<bool>(py::dumps(1)), py::UnpicklingError);
+    try {
+        py::loads<std::string>(pk(1));
+        FAIL() << "no exception";
+    } catch (const py::UnpicklingError& e) {
+        EXPECT_NE(std::string(e.what()).find("expected a Python str, got list [1.5, 2, -3]"), std::string::npos) << e.what();
+    }
+}
+
+TEST(PyPickle, ObjectApi) {
+    py::Object o = py::loads(py::dumps(std::map<std::string, std::vector<int>>{{"a", {1, 2}}, {"b", {}}}));
+    EXPECT_EQ(o.kind(), py::Kind::dict);
+    EXPECT_STREQ(o.type_name(), "dict");
+    ASSERT_NE(o.dict().find("a"), nullptr);
+    EXPECT_EQ(o.dict().find("a")->items().size(), 2u);
+    EXPECT_EQ(o.dict().find("a")->items()[1].as<int>(), 2);
+    EXPECT_EQ(o.dict().find("zzz"), nullptr);
+    EXPECT_EQ(o.dict().find(py::Object("b")), o.dict().find("b"));
+    EXPECT_THROW(o.items(), py::UnpicklingError);
+    EXPECT_THROW(o.dict().find("a")->items()[2], std::out_of_range);
+    int lists = 0;
+    for (const auto& [k, v] : o.dict())
+        v.visit([&](const auto& x) {
+            if constexpr (std::is_same_v<std::decay_t<decltype(x)>, py::List>) ++lists;
+        });
+    EXPECT_EQ(lists, 2);
+    EXPECT_EQ(o, py::loads(py::dumps(o)));
+    EXPECT_NE(py::Object(1), py::Object(1.0));
+    EXPECT_NE(py::Object(true), py::Object(1));
+    EXPECT_EQ(py::Object(std::uint64_t{5}), py::Object(5));
+    EXPECT_EQ(py::Object::list({1, "a", py::Bytes{"b"}}).repr(), "[1, 'a', b'b']");
+    EXPECT_THROW(py::Object::set({py::Object::list({})}), py::PicklingError);
+    EXPECT_THROW(py::Object::dict({{py::Object::list({}), 1}}), py::PicklingError);
+    EXPECT_THROW(py::dumps(std::string("\xff\xfe")), py::PicklingError);  // not UTF-8: send py::Bytes
+}
+
+TEST(PyPickle, IntegerBoundaries) {
+    // LONG1 encodings, including non-minimal ones a pickle may carry.
+    auto long1 = [](std::initializer_list<int> bytes) {
+        std::string p = "\x80\x02\x8a"s;
+        p.push_back(static_cast<char>(bytes.size()));
+        for (int b : bytes) p.push_back(static_cast<char>(b));
+        return p + ".";
+    };
+    EXPECT_EQ(py::loads<int>(long1({})), 0);
+    EXPECT_EQ(py::loads<int>(long1({0xff})), -1);
+    EXPECT_EQ(py::loads<int>(long1({0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff})), -1);
+    EXPECT_EQ(py::loads<int>(long1({5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})), 5);
+    EXPECT_EQ(py::loads<std::uint64_t>(long1({0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0})),
+              std::numeric_limits<std::uint64_t>::max());
+    EXPECT_THROW(py::loads(long1({0, 0, 0, 0, 0, 0, 0, 0, 1})), py::UnpicklingError);           // 2**64
+    EXPECT_THROW(py::loads(long1({0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f, 0xff})), py::UnpicklingError);  // -2**63-1
+    const std::string big = unhex(lines(python("import pickle; print(pickle.dumps(2**100).hex())")).at(0));
+    try {
+        py::loads(big);
+        FAIL() << "no exception";
+    } catch (const py::UnpicklingError& e) {
+        EXPECT_NE(std::string(e.what()).find("does not fit in 64 bits"), std::string::npos) << e.what();
+    }
+}
+
+// =============================================================================================
+// What the reader refuses
+// =============================================================================================
+
+namespace {
+std::string refusal(const std::string& pickle) {
+    try {
+        py::loads(pickle);
+    } catch (const py::UnpicklingError& e) {
+        return e.what();
+    }
+    return "(no exception)";
+}
+}  // namespace
+
+TEST(PyPickleSafety, TheClassicOsSystemPayloadIsRefusedBeforeAnythingRuns) {
+    // The textbook payload (protocol 0), as found in every pickle-security write-up.
+    EXPECT_NE(refusal("cos\nsystem\n(S'echo pwned'\ntR."s).find("global os.system refused"), std::string::npos)
+        << refusal("cos\nsystem\n(S'echo pwned'\ntR."s);
+    // The same from Python's own pickler at every protocol (os.system lives in posix on Linux).
+    std::vector<std::string> p = lines(python(
+        "import os, pickle\n"
+        "class Evil:\n"
+        "    def __reduce__(self): return (os.system, ('echo pwned',))\n"
+        "for proto in range(6): print(pickle.dumps(Evil(), protocol=proto).hex())\n"));
+    ASSERT_EQ(p.size(), 6u);
+    for (const std::string& h : p) {
+        std::string why = refusal(unhex(h));
+        EXPECT_NE(why.find("global posix.system refused"), std::string::npos) << why;
+    }
+}
+
+TEST(PyPickleSafety, EveryOpcodeThatImportsCallsOrBuildsIsRefusedByName) {
+    // Each refused opcode after a valid prefix (and with enough operand bytes after it), so the
+    // refusal names it rather than a truncation.
+    const std::vector<std::pair<std::string, std::string>> cases = {
+        {"\x80\x02N)R."s, "opcode REDUCE refused"},     {"\x80\x02N}b."s, "opcode BUILD refused"},
+        {"\x80\x02\x82\x01."s, "opcode EXT1 refused"},   {"\x80\x02\x83\x01\x00."s, "opcode EXT2 refused"},
+        {"\x80\x02\x84\x01\x00\x00\x00."s, "opcode EXT4 refused"}, {"\x80\x02N)\x81."s, "opcode NEWOBJ refused"},
+        {"\x80\x04N)}\x92."s, "opcode NEWOBJ_EX refused"}, {"\x80\x02Pid\n."s, "opcode PERSID refused"},
+        {"\x80\x02NQ."s, "opcode BINPERSID refused"},    {"(imod\nname\n."s, "opcode INST refused"},
+        {"(N)o."s, "opcode OBJ refused"},                {"\x80\x05\x97."s, "opcode NEXT_BUFFER refused"},
+        {"\x80\x05\x98."s, "opcode READONLY_BUFFER refused"},
+        {"\x80\x04\x8c\x02os\x8c\x06system\x93."s, "global os.system refused"},
+        {"\x80\x02" "c__builtin__\neval\n."s, "global __builtin__.eval refused"},
+        {"\x80\x02" "cbuiltins\ngetattr\n."s, "global builtins.getattr refused"},
+        {"I1\n."s, "opcode INT (protocol 0 or 1"},
+        {"\x80\x09N."s, "unsupported pickle protocol 9"},
+        {"\x80\x02\xff."s, "unknown opcode 0xff"},
+        // A recognised global called with anything but plain data.
+        {"\x80\x02" "c__builtin__\nset\nN\x85R."s, "set() or frozenset() of a NoneType"},
+        {"\x80\x02" "c_codecs\nencode\nX\x01\x00\x00\x00" "aX\x05\x00\x00\x00rot13\x86R."s, "REDUCE of _codecs.encode"},
+    };
+    for (const auto& [pickle, expected] : cases) {
+        std::string why = refusal(pickle);
+        EXPECT_NE(why.find(expected), std::string::npos) << hex(pickle) << " -> " << why;
+    }
+}
+
+TEST(PyPickleSafety, AMemoBombIsRefusedNotExpanded) {
+    // Billion laughs: each level a list of ten references to the level below. Python reads it as
+    // shared lists; copied into C++ values it would be 10**30 items.
+    std::vector<std::string> p = lines(python(
+        "import pickle\n"
+        "a = ['lol']\n"
+        "for i in range(30): a = [a] * 10\n"
+        "print(pickle.dumps(a).hex())\n"
+        "s = 'x' * 1000000\n"
+        "print(pickle.dumps([s] * 1100).hex())\n"
+        "b = [1, 2]\n"
+        "print(pickle.dumps([b, b, (b, b)]).hex())\n"));
+    ASSERT_EQ(p.size(), 3u);
+    EXPECT_NE(refusal(unhex(p[0])).find("expand to more than"), std::string::npos) << refusal(unhex(p[0]));
+    EXPECT_NE(refusal(unhex(p[1])).find("expand to more than"), std::string::npos) << refusal(unhex(p[1]));
+    // Sharing within the limits is read, each reference a copy of the same value.
+    py::Object shared = py::loads(unhex(p[2]));
+    EXPECT_EQ(shared.repr(), "[[1, 2], [1, 2], ([1, 2], [1, 2])]");
+    EXPECT_EQ((py::loads<std::tuple<std::vector<int>, std::vector<int>, std::pair<std::vector<int>, std::vector<int>>>>(unhex(p[2]))),
+              (std::tuple<std::vector<int>, std::vector<int>, std::pair<std::vector<int>, std::vector<int>>>{{1, 2}, {1, 2}, {{1, 2}, {1, 2}}}));
+    py::Limits small;
+    small.max_size = 4;
+    EXPECT_THROW(py::loads(unhex(p[2]), small), py::UnpicklingError);
+}
+
+TEST(PyPickleSafety, RecursiveValuesAreRefusedAndFreed) {
+    std::vector<std::string> p = lines(python(
+        "import pickle\n"
+        "a = []; a.append(a); print(pickle.dumps(a).hex())\n"
+        "d = {}; d['self'] = [d]; print(pickle.dumps(d).hex())\n"
+        "t = []; t.append((t,)); print(pickle.dumps(t, protocol=2).hex())\n"
+        // garbage: a recursive list left in the memo while the result is another value
+        "print((b'\\x80\\x04]\\x94h\\x00a0N.').hex())\n"));
+    ASSERT_EQ(p.size(), 4u);
+    for (std::size_t i = 0; i < 3; ++i)
+        EXPECT_NE(refusal(unhex(p[i])).find("contains itself"), std::string::npos) << refusal(unhex(p[i]));
+    // The leak checker (LeakSanitizer in the sanitizer builds) sees whether the cycles were broken.
+    EXPECT_TRUE(py::loads(unhex(p[3])).is_none());
+}
+
+TEST(PyPickleSafety, NestingIsBounded) {
+    auto nested = [](std::size_t n) { return "\x80\x04"s + std::string(n, ']') + std::string(n - 1, 'a') + "."; };
+    EXPECT_NO_THROW(py::loads(nested(1000)));
+    EXPECT_NE(refusal(nested(1001)).find("nested deeper than 1000"), std::string::npos);
+    EXPECT_NE(refusal(nested(200000)).find("nested deeper than 1000"), std::string::npos);
+    py::Limits deep;
+    deep.max_depth = 5000;
+    EXPECT_NO_THROW(py::loads(nested(5000), deep));
+    // Tuples nest the same way (TUPLE1 of TUPLE1 ...).
+    EXPECT_NE(refusal("\x80\x04)"s + std::string(1500, '\x85') + ".").find("nested deeper"), std::string::npos);
+    // And through shared references (checked after reading).
+    std::string shared = "\x80\x04]\x94"s;  // list 0
+    for (int i = 0; i < 1100; ++i) shared += "]\x94h\x00" "a0"s;  // nothing deep, only sharing
+    shared += ".";
+    EXPECT_NO_THROW(py::loads(shared));
+}
+
+TEST(PyPickleSafety, LengthsBeyondTheInputAreRefusedBeforeAllocating) {
+    const std::vector<std::string> cases = {
+        "\x80\x04\x8d\xff\xff\xff\xff\xff\xff\xff\x7f."s,  // BINUNICODE8 of 2**63 bytes
+        "\x80\x04\x8e\xff\xff\xff\xff\xff\xff\xff\xff."s,  // BINBYTES8
+        "\x80\x05\x96\x00\x00\x00\x00\x00\x00\x00\x01."s,  // BYTEARRAY8
+        "\x80\x04X\xff\xff\xff\xff."s,                     // BINUNICODE
+        "\x80\x04\x8b\xff\xff\xff\x7f."s,                  // LONG4
+        "\x80\x04\x95\xff\xff\xff\xff\xff\xff\xff\xffN."s,  // FRAME
+    };
+    for (const std::string& c : cases) EXPECT_NE(refusal(c).find("runs past the end"), std::string::npos) << refusal(c);
+    py::Limits tiny;
+    tiny.max_size = 8;
+    EXPECT_THROW(py::loads(py::dumps(std::string(100, 'x')), tiny), py::UnpicklingError);
+}
+
+TEST(PyPickleSafety, MalformedStacksAreErrors) {
+    const std::vector<std::string> cases = {
+        ""s, "\x80\x04"s, "."s, "\x80\x04NN."s, "\x80\x04(N."s, "\x80\x04a."s, "\x80\x04Na."s, "\x80\x04N(a."s,
+        "\x80\x04e."s, "\x80\x04}(N.u."s, "\x80\x04h\x05."s,
+        "\x80\x04N\x85\x85N\x85\x85s."s, "\x80\x04)(Na."s, "\x80\x04X\x01\x00\x00\x00\xff."s, "\x80\x04N.extra"s,
+        "\x80\x04}(]\x94N" "u."s,  // a list as a dict key: unhashable
+        "\x80\x04\x8f(]" "\x90."s,  // a list in a set
+        "\x80\x04" "1."s, "\x80\x04" "0."s, "\x80\x04" "2."s,
+        "\x80\x02" "c__builtin__\nset\n."s,  // a global as the result
+    };
+    for (const std::string& c : cases) {
+        std::string why = refusal(c);
+        EXPECT_NE(why.find("bad pickle"), std::string::npos) << hex(c) << " -> " << why;
+    }
+}
+
+TEST(PyPickleSafety, EveryTruncationAndRandomCorruptionIsAnErrorNeverACrash) {
+    const std::string whole = lines(python(
+        "import pickle\n"
+        "v = {'a': [1, 2.5, 'x' * 20, b'b', (None, True)], 'b': {1, 2}, 3: frozenset({'f'}), 'c': bytearray(b'z'),\n"
+        "     'big': 2**70 // 2**10, 'neg': -5, 's': [[1]] * 2}\n"
+        "print(pickle.dumps(v, protocol=2).hex()); print(pickle.dumps(v, protocol=5).hex())\n"))[1];
+    const std::string p = unhex(whole);
+    ASSERT_NO_THROW(py::loads(p));
+    for (std::size_t n = 0; n < p.size(); ++n) EXPECT_THROW(py::loads(p.substr(0, n)), py::UnpicklingError) << n;
+    std::mt19937 rng(12345);
+    int read = 0, refused = 0;
+    for (int i = 0; i < 20000; ++i) {
+        std::string q = p;
+        const int flips = 1 + static_cast<int>(rng() % 4);
+        for (int f = 0; f < flips; ++f) q[rng() % q.size()] = static_cast<char>(rng() & 0xff);
+        try {
+            py::Object o = py::loads(q);
+            (void)o.repr();
+            ++read;
+        } catch (const py::UnpicklingError&) {
+            ++refused;
+        }
+    }
+    EXPECT_EQ(read + refused, 20000);
+    EXPECT_GT(refused, 0);
+}

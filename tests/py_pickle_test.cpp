@@ -23,6 +23,7 @@
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <csignal>
 #include <unordered_map>
 #include <vector>
 
@@ -486,4 +487,109 @@ TEST(PyPickleSafety, EveryTruncationAndRandomCorruptionIsAnErrorNeverACrash) {
     }
     EXPECT_EQ(read + refused, 20000);
     EXPECT_GT(refused, 0);
+}
+
+// =============================================================================================
+// Over a Connection: Python's multiprocessing.connection send()/recv() on the other end
+// =============================================================================================
+
+#include <mp/connection.hpp>
+
+namespace {
+
+constexpr const char* kPythonPickleEcho = R"PY(
+import sys
+from fractions import Fraction
+from multiprocessing.connection import Connection
+c = Connection(int(sys.argv[1]))
+got = c.recv()
+want = {'job': 3, 'args': [1.5, 'x', None], 'tags': {'a', 'b'}, 'key': (1, 'k'), 'blob': b'\x00\xff'}
+c.send('same' if got == want else 'DIFFERENT: %r' % (got,))
+c.send({'reply': (1, 2), 'data': b'\x00\xff', 'n': 2**63, 'f': frozenset({7}), 'ba': bytearray(b'q')})
+c.send(Fraction(1, 3))   # not plain data: the C++ side refuses it and goes on
+c.send([s * 2 for s in ('a', 'b')])
+while True:              # echo until 'stop'
+    m = c.recv()
+    if m == 'stop':
+        break
+    c.send(m)
+)PY";
+
+struct PythonPeer {
+    pid_t pid = -1;
+    PythonPeer(const char* code, int fd) {
+        const std::string fd_arg = std::to_string(fd);
+        pid = ::fork();
+        if (pid == 0) {
+            const int flags = ::fcntl(fd, F_GETFD);
+            ::fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC);
+            ::execlp("python3", "python3", "-c", code, fd_arg.c_str(), static_cast<char*>(nullptr));
+            ::_exit(127);
+        }
+    }
+    int wait() {
+        int status = -1;
+        if (pid > 0 && ::waitpid(std::exchange(pid, -1), &status, 0) < 0) status = -1;
+        return status;
+    }
+    ~PythonPeer() {
+        if (pid > 0) {
+            ::kill(pid, SIGKILL);
+            wait();
+        }
+    }
+};
+
+}  // namespace
+
+TEST(PyConnection, PythonsSendAndRecvTalkToSendPyAndRecvPy) {
+    auto [ours, theirs] = mp::Pipe();
+    PythonPeer peer(kPythonPickleEcho, theirs.fileno());
+    ASSERT_GT(peer.pid, 0);
+    theirs.close();
+
+    ours.send_py(py::Object::dict({{"job", 3},
+                                   {"args", py::Object::list({1.5, "x", py::None{}})},
+                                   {"tags", py::Object::set({"a", "b"})},
+                                   {"key", py::Object::tuple({1, "k"})},
+                                   {"blob", py::Bytes{"\0\xff"s}}}));
+    EXPECT_EQ(ours.recv_py<std::string>(), "same");
+
+    py::Object reply = ours.recv_py();
+    ASSERT_EQ(reply.kind(), py::Kind::dict);
+    EXPECT_EQ((reply.dict().find("reply")->as<std::pair<int, int>>()), (std::pair<int, int>{1, 2}));
+    EXPECT_EQ(reply.dict().find("data")->as<py::Bytes>().data, "\0\xff"s);
+    EXPECT_EQ(reply.dict().find("n")->as<std::uint64_t>(), std::uint64_t{1} << 63);
+    EXPECT_EQ(reply.dict().find("f")->as<std::set<int>>(), std::set<int>{7});
+    EXPECT_EQ(reply.dict().find("ba")->as<py::ByteArray>().data, "q");
+
+    try {
+        (void)ours.recv_py();
+        ADD_FAILURE() << "a Fraction was read";
+    } catch (const py::UnpicklingError& e) {
+        EXPECT_NE(std::string(e.what()).find("global fractions.Fraction refused"), std::string::npos) << e.what();
+    }
+    // The refused message was consumed; the next one reads.
+    EXPECT_EQ(ours.recv_py<std::vector<std::string>>(), (std::vector<std::string>{"aa", "bb"}));
+
+    // Round trips through Python's pickle.loads/dumps.
+    const std::map<std::string, std::vector<double>> m{{"a", {1.0, 2.5}}, {"b", {}}};
+    ours.send_py(m);
+    EXPECT_EQ((ours.recv_py<std::map<std::string, std::vector<double>>>()), m);
+    const std::string big(100000, 'z');
+    ours.send_py(big);
+    EXPECT_EQ(ours.recv_py<std::string>(), big);
+    ours.send_py(std::tuple<int, std::optional<std::string>, bool>{-7, std::nullopt, true});
+    EXPECT_EQ((ours.recv_py<std::tuple<int, std::optional<std::string>, bool>>()),
+              (std::tuple<int, std::optional<std::string>, bool>{-7, std::nullopt, true}));
+    // A frame over the limit is refused before its body is read.
+    ours.send_py(std::string(1000, 'y'));
+    py::Limits small;
+    small.max_size = 100;
+    EXPECT_THROW((void)ours.recv_py(small), mp::DecodeError);
+
+    EXPECT_THROW(ours.send_py(std::string("\xff")), py::PicklingError);
+    ours.send_py("stop");
+    const int status = peer.wait();
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }

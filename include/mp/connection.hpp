@@ -95,6 +95,7 @@
 
 #include "mp/detail/deadline.hpp"
 #include "mp/errors.hpp"
+#include "mp/py.hpp"
 #include "mp/serialize.hpp"
 
 namespace mp {
@@ -164,6 +165,29 @@ public:
         T value = d.get<T>();
         d.finish();
         return value;
+    }
+
+    /// Sends `value` pickled (protocol 4, mp/py.hpp's types: numbers, str, bytes, tuples,
+    /// lists, dicts, sets, py::Object ...) as one message, which a Python peer's conn.recv()
+    /// returns as the equal Python object. mp::py::PicklingError (nothing sent) for a
+    /// std::string that is not UTF-8.
+    ///
+    ///     c.send_py(std::map<std::string, int>{{"job", 3}});   // Python: c.recv() == {'job': 3}
+    template <class T>
+    void send_py(const T& value) {
+        send_bytes(py::dumps(value));
+    }
+
+    /// Receives one message that a Python peer sent with conn.send(obj) and reads it as a T
+    /// (py::Object, the default, for a value of any plain shape). The pickle is read safely (no
+    /// import, no call: mp/py.hpp); a frame longer than limits.max_size is refused before its
+    /// body is read. mp::py::UnpicklingError when the pickle is refused, malformed, or not a T
+    /// (the message is consumed either way).
+    ///
+    ///     auto job = c.recv_py<std::map<std::string, int>>();   // Python: c.send({'job': 3})
+    template <class T = py::Object>
+    T recv_py(const py::Limits& limits = {}) {
+        return py::loads<T>(recv_bytes(limits.max_size), limits);
     }
 
     /// Sends `buffer[offset, offset + size)` as one message; `size` defaults to the rest of the

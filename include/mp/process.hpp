@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::Process: run a function in a child process, as Python's multiprocessing.Process.
 ///
 ///     void work(std::string who) { std::printf("%s\n", who.c_str()); }
@@ -136,7 +137,8 @@ public:
     Process& operator=(const Process&) = delete;
     /// Takes over `other`'s child (or its target, before start); `other` is left moved-from.
     Process(Process&& other) noexcept;
-    /// Throws ProcessError while this Process's child still runs (see "Moving" above).
+    /// Throws ProcessError while this Process's child still runs (see "Moving" in the overview
+    /// of process.hpp).
     Process& operator=(Process&& other);
     /// See the destructor policy above.
     virtual ~Process();

@@ -4,7 +4,7 @@ PRESET ?= $(if $(CI),ci,relwithdebinfo)
 BUILD  := build/$(PRESET)
 JOBS   ?= $(shell nproc)
 
-.PHONY: all setup configure build demo test bench bench-quick clean
+.PHONY: all setup configure build demo test bench bench-quick docs clean
 
 all: build
 
@@ -30,6 +30,12 @@ bench: setup
 bench-quick: setup
 	@cmake --preset release >/dev/null && cmake --build build/release -j $(JOBS)
 	@python3 bench/run.py --build build/release --quick
+
+# The API reference from the public headers' comments (docs/Doxyfile), in build/docs/html.
+# Fails on any Doxygen warning, which is how CI checks the headers' comments.
+docs: setup
+	@doxygen docs/Doxyfile
+	@echo "docs: build/docs/html/index.html"
 
 clean:
 	rm -rf build

@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libcereal-dev libssl-dev
   python3 gnuplot-nox
+  doxygen                      # `make docs`: the API reference (docs/Doxyfile)
   clang-14 libclang-rt-14-dev  # libFuzzer for tests/fuzz (the `fuzz` preset)
   openmpi-bin libopenmpi-dev   # mp::mpi, the executor over MPI ranks (include/mp/mpi.hpp)
   python3-mpi4py               # the Python side of the MPI benchmarks (W10: mpi4py.futures)

@@ -344,7 +344,49 @@ Process::Process(ProcessOptions options) : state_(std::make_shared<ProcessState>
     state_->authkey = me.authkey;
 }
 
+Process::Process(Process&& other) noexcept
+    : state_(std::move(other.state_)),
+      target_(std::move(other.target_)),
+      task_(std::exchange(other.task_, std::nullopt)),
+      moved_from_type_(other.moved_from_type_ != nullptr ? other.moved_from_type_ : &typeid(other)) {}
+
+Process& Process::operator=(Process&& other) {
+    if (this == &other) return *this;
+    if (state_) {
+        // The rule of close(): this Process's child may not be let go while it runs. wait()
+        // reaps a child that has ended, so nothing is left for the registry to hold.
+        auto& s = *state_;
+        if (s.stage == ProcessState::Stage::started && s.owner == ::getpid() &&
+            !s.wait(std::chrono::nanoseconds::zero()))
+            throw ProcessError("cannot assign over a process whose child is still running; join "
+                               "or terminate it first");
+    }
+    state_ = std::move(other.state_);
+    target_ = std::move(other.target_);
+    task_ = std::exchange(other.task_, std::nullopt);
+    moved_from_type_ = other.moved_from_type_ != nullptr ? other.moved_from_type_ : &typeid(other);
+    return *this;
+}
+
+detail::ProcessState& Process::state(const char* what) const {
+    if (!state_)
+        throw ProcessError(std::string(what) +
+                           "() called on a moved-from mp::Process (the Process it was moved to "
+                           "owns the child, if any)");
+    return *state_;
+}
+
+void Process::check_startable() const {
+    auto& s = state("start");
+    if (s.stage == ProcessState::Stage::created && moved_from_type_ != nullptr &&
+        *moved_from_type_ != typeid(*this))
+        throw ProcessError("cannot start a " + demangle(typeid(*this).name()) +
+                           " that was moved from a " + demangle(moved_from_type_->name()) +
+                           ": the move sliced off its run()");
+}
+
 Process::~Process() {
+    if (!state_) return;  // moved from: the child, if any, belongs to another Process
     try {
         auto& s = *state_;
         if (s.stage != ProcessState::Stage::started || s.owner != ::getpid()) return;
@@ -366,6 +408,7 @@ void Process::run() {
 }
 
 void Process::start() {
+    check_startable();
     auto& s = *state_;
     if (s.stage == ProcessState::Stage::closed) throw ProcessError("process object is closed");
     if (s.stage == ProcessState::Stage::started) throw ProcessError("cannot start a process twice");
@@ -467,36 +510,41 @@ void check_started(const ProcessState& s, const char* what) {
 }  // namespace
 
 void Process::join() {
-    check_started(*state_, "join");
-    state_->check_owner("join");
-    state_->wait(std::nullopt);
+    auto& s = state("join");
+    check_started(s, "join");
+    s.check_owner("join");
+    s.wait(std::nullopt);
 }
 
 bool Process::join(detail::Timeout timeout) {
-    check_started(*state_, "join");
-    state_->check_owner("join");
-    return state_->wait(timeout);
+    auto& s = state("join");
+    check_started(s, "join");
+    s.check_owner("join");
+    return s.wait(timeout);
 }
 
 bool Process::is_alive() {
-    check_open(*state_);
-    if (state_->stage != ProcessState::Stage::started) return false;
-    state_->check_owner("test");
-    return !state_->wait(std::chrono::nanoseconds::zero());
+    auto& s = state("is_alive");
+    check_open(s);
+    if (s.stage != ProcessState::Stage::started) return false;
+    s.check_owner("test");
+    return !s.wait(std::chrono::nanoseconds::zero());
 }
 
 void Process::terminate() {
-    check_started(*state_, "terminate");
-    state_->signal(SIGTERM);
+    auto& s = state("terminate");
+    check_started(s, "terminate");
+    s.signal(SIGTERM);
 }
 
 void Process::kill() {
-    check_started(*state_, "kill");
-    state_->signal(SIGKILL);
+    auto& s = state("kill");
+    check_started(s, "kill");
+    s.signal(SIGKILL);
 }
 
 void Process::close() {
-    auto& s = *state_;
+    auto& s = state("close");
     if (s.stage == ProcessState::Stage::closed) return;
     if (s.stage == ProcessState::Stage::started) {
         if (s.owner == ::getpid() && !s.wait(std::chrono::nanoseconds::zero()))
@@ -511,52 +559,60 @@ void Process::close() {
 }
 
 pid_t Process::pid() const {
-    check_open(*state_);
-    return state_->pid;
+    auto& s = state("pid");
+    check_open(s);
+    return s.pid;
 }
 
-const std::string& Process::name() const { return state_->name; }
+const std::string& Process::name() const { return state("name").name; }
 
-void Process::name(std::string n) { state_->name = std::move(n); }
+void Process::name(std::string n) { state("name").name = std::move(n); }
 
 std::optional<int> Process::exitcode() {
-    check_open(*state_);
-    if (state_->stage != ProcessState::Stage::started) return std::nullopt;
-    if (state_->owner == ::getpid()) state_->wait(std::chrono::nanoseconds::zero());
-    std::lock_guard lock(state_->mu);
-    return state_->exitcode;
+    auto& s = state("exitcode");
+    check_open(s);
+    if (s.stage != ProcessState::Stage::started) return std::nullopt;
+    if (s.owner == ::getpid()) s.wait(std::chrono::nanoseconds::zero());
+    std::lock_guard lock(s.mu);
+    return s.exitcode;
 }
 
 bool Process::daemon() const {
-    check_open(*state_);
-    return state_->daemon;
+    auto& s = state("daemon");
+    check_open(s);
+    return s.daemon;
 }
 
 void Process::daemon(bool d) {
-    check_open(*state_);
-    if (state_->stage != ProcessState::Stage::created)
+    auto& s = state("daemon");
+    check_open(s);
+    if (s.stage != ProcessState::Stage::created)
         throw ProcessError("process has already started: daemon can only be set before start()");
-    state_->daemon = d;
+    s.daemon = d;
 }
 
 int Process::sentinel() const {
-    check_started(*state_, "give the sentinel of");
-    return state_->pidfd.get();
+    auto& s = state("sentinel");
+    check_started(s, "give the sentinel of");
+    return s.pidfd.get();
 }
 
 const std::string& Process::authkey() const {
-    check_open(*state_);
-    return state_->authkey;
+    auto& s = state("authkey");
+    check_open(s);
+    return s.authkey;
 }
 
 void Process::authkey(std::string key) {
-    check_open(*state_);
-    state_->authkey = std::move(key);
+    auto& s = state("authkey");
+    check_open(s);
+    s.authkey = std::move(key);
 }
 
 StartMethod Process::start_method() const {
-    check_open(*state_);
-    return state_->method;
+    auto& s = state("start_method");
+    check_open(s);
+    return s.method;
 }
 
 // ---------------------------------------------------------------- ChildProcess

@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::Connection and mp::Pipe: message channels between processes, as Python's
 /// multiprocessing.connection; mp::Listener and mp::Client to connect over TCP or Unix sockets
 /// with an authkey; and mp::connection::wait over several of them.
@@ -194,8 +195,9 @@ public:
     /// buffer. Throws std::invalid_argument when that range is not inside the buffer.
     void send_bytes(std::string_view buffer, std::size_t offset = 0,
                     std::optional<std::size_t> size = std::nullopt);
-    /// The same for any contiguous buffer of plain values (std::vector<int>, std::span<const
-    /// std::byte>, std::array<double, N>, ...); `offset` and `size` count bytes, as in Python.
+    /// The same for any contiguous buffer of plain values (`std::vector<int>`,
+    /// `std::span<const std::byte>`, `std::array<double, N>` ...); `offset` and `size` count
+    /// bytes, as in Python.
     template <detail::byte_buffer R>
         requires(!std::is_convertible_v<const R&, std::string_view>)
     void send_bytes(const R& buffer, std::size_t offset = 0,

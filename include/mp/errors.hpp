@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp's exception hierarchy. Every domain failure is an mp::Error; a failing
 /// system call is a std::system_error whose what() names the call.
 

@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::Future<T>, mp::ProcessPoolExecutor, mp::wait, mp::as_completed: Python's
 /// concurrent.futures with worker processes that may crash, hang or leak without taking the
 /// pool down.

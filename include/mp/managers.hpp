@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// Managers: state kept in a server process and used from other processes through proxies, as
 /// Python's multiprocessing.managers.
 ///
@@ -80,6 +81,9 @@
 
 namespace mp {
 
+// Hidden from the reference: Doxygen mistakes callable_traits, which derives from one of its
+// own specialisations, for a recursive class.
+/// \cond
 namespace detail::managers {
 
 /// A method as the server runs it: decodes its arguments from `in`, writes its result to `out`.
@@ -200,6 +204,7 @@ struct Builtin {
 };
 
 }  // namespace detail::managers
+/// \endcond
 
 /// A method a registered type exposes: a name and a member function pointer (const or not), or a
 /// callable taking the object first. Arguments and results need mp::Codecs.

@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp: Python's multiprocessing process model for C++20. This umbrella header includes every
 /// public header.
 

@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::mpi: the executor interface of mp::ProcessPoolExecutor over MPI ranks, for work that
 /// outgrows one machine. Modelled on mpi4py.futures (MPICommExecutor, `python -m mpi4py.futures`):
 /// every rank runs the same program, started by `mpirun -n N`; rank 0 (the root) runs the

@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::Pool and mp::AsyncResult<T>: Python's multiprocessing.Pool, on the same workers as
 /// mp::ProcessPoolExecutor (see futures.hpp for what work may be sent and how failures arrive).
 ///

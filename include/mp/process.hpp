@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::Process: run a function in a child process, as Python's multiprocessing.Process.
 ///
 ///     void work(std::string who) { std::printf("%s\n", who.c_str()); }
@@ -33,6 +34,20 @@
 /// - Destructor policy: destroying a started Process whose child still runs joins a non-daemon
 ///   child (like std::jthread) and terminates (SIGTERM, then waits) a daemon child. Destroying a
 ///   Process always reaps its child: it never leaves a zombie.
+///
+/// Moving
+/// - A Process is movable, so std::vector<mp::Process> works (emplace_back, start, reallocate,
+///   join). The child does not notice: the new object owns it, with its pid, sentinel, exit code
+///   and place in active_children(). A move may happen at any time, also while the child runs.
+/// - A moved-from Process owns nothing. Every member function of it, name() included, throws
+///   ProcessError; it may only be destroyed (which does nothing) or assigned a new Process.
+/// - Move assignment onto a Process whose child still runs throws ProcessError and changes
+///   neither object, as close() does. std::jthread joins instead, but a join hidden in an
+///   assignment can block for ever (a child waiting for input), and the destructor's other case,
+///   terminating a daemon, would kill work without a word; join() or terminate() the child
+///   first. A child that has already ended is reaped by the assignment.
+/// - Moving a subclass object into a plain Process (or into another base) slices away its run();
+///   start() on the sliced object throws ProcessError rather than run the wrong function.
 
 #include <chrono>
 #include <cstddef>
@@ -41,6 +56,7 @@
 #include <optional>
 #include <string>
 #include <sys/types.h>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -119,6 +135,11 @@ public:
 
     Process(const Process&) = delete;
     Process& operator=(const Process&) = delete;
+    /// Takes over `other`'s child (or its target, before start); `other` is left moved-from.
+    Process(Process&& other) noexcept;
+    /// Throws ProcessError while this Process's child still runs (see "Moving" in the overview
+    /// of process.hpp).
+    Process& operator=(Process&& other);
     /// See the destructor policy above.
     virtual ~Process();
 
@@ -162,10 +183,17 @@ protected:
 
 private:
     void set_target(std::optional<detail::Task> task, std::function<void()> fn);
+    /// The state, or ProcessError naming `what` when this Process was moved from.
+    detail::ProcessState& state(const char* what) const;
+    /// Throws ProcessError when this object was moved from, or is a slice of a subclass object.
+    void check_startable() const;
 
-    std::shared_ptr<detail::ProcessState> state_;
+    std::shared_ptr<detail::ProcessState> state_;  // null once moved from
     std::function<void()> target_;
     std::optional<detail::Task> task_;
+    // The dynamic type of the object this one was moved from (null when it was constructed):
+    // a move into a base type drops the subclass's run().
+    const std::type_info* moved_from_type_ = nullptr;
 };
 
 /// What the current process knows about itself (Python's current_process()).

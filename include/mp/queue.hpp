@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::Queue<T>, mp::SimpleQueue<T>, mp::JoinableQueue<T>: Python's multiprocessing queues, as a
 /// byte ring in shared memory that producers and consumers in any number of processes use
 /// directly (no feeder thread, no pipe).

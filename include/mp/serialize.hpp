@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// mp::Codec<T>: how a value crosses a process boundary as bytes.
 ///
 /// Built-in kinds (each container, pair, tuple, optional and variant only when all its element

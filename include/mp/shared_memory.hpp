@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// Shared memory between processes, as Python's multiprocessing.shared_memory and
 /// multiprocessing.sharedctypes.
 ///

@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// Python's socketserver for C++: TCP, UDP and Unix socket servers that hand each request to a
 /// handler object, synchronously, in a thread, in a forked child, or (beyond Python) in one of N
 /// pre-forked worker processes.

@@ -1,4 +1,5 @@
 #pragma once
+/// \file
 /// Process-shared synchronisation, as Python's multiprocessing.synchronize: Lock, RLock,
 /// Semaphore, BoundedSemaphore, Condition, Event and Barrier.
 ///

@@ -393,7 +393,10 @@ public:
         return (c->kind == Kind::tuple || c->kind == Kind::frozenset) && c->node->hashable;
     }
 
-    Reader(std::string_view in, const Limits& limits) : in_(in), limits_(limits) {}
+    Reader(std::string_view in, const Limits& limits) : in_(in), limits_(limits) {
+        stack_.reserve(32);
+        memo_.reserve(32);
+    }
     Object run();
 
 private:
@@ -499,7 +502,7 @@ private:
 
     void memo_put(std::uint64_t index) {
         Slot& s = top();
-        copied(s.value);
+        copied(s.value, false);
         if (index < memo_.size())
             memo_[index] = s;
         else if (index == memo_.size())
@@ -516,14 +519,15 @@ private:
         } else {
             fail("memo key " + std::to_string(index) + " not found");
         }
-        copied(s->value);
+        copied(s->value, true);
         stack_.push_back(*s);
     }
     // A str or bytes is copied where a container is shared: count the copies, so a pickle cannot
-    // turn a few bytes of GET or PUT into gigabytes of one string.
-    void copied(const Object& o) {
+    // turn a few bytes of GET or PUT into gigabytes of one string. A container fetched (GET,
+    // DUP; not PUT, which only files it) is shared from then on.
+    void copied(const Object& o, bool fetched) {
         if (std::holds_alternative<Object::Container>(o.v_)) {
-            shared_ = true;
+            if (fetched) shared_ = true;
             return;
         }
         std::size_t n = 0;
@@ -770,7 +774,7 @@ Object Reader::run() {
                 case POP_MARK: stack_.resize(pop_mark()); break;
                 case DUP: {
                     Slot s = top();
-                    copied(s.value);
+                    copied(s.value, true);
                     stack_.push_back(std::move(s));
                     break;
                 }

@@ -9,6 +9,7 @@
 #include "mp/managers.hpp"
 #include "mp/pool.hpp"
 #include "mp/process.hpp"
+#include "mp/py.hpp"
 #include "mp/queue.hpp"
 #include "mp/serialize.hpp"
 #include "mp/shared_memory.hpp"

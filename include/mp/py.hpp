@@ -1,44 +1,45 @@
 #pragma once
-// mp::py — Python's pickle format for plain data, so a C++ process can exchange values with Python
-// code (multiprocessing.connection's send/recv, managers) without embedding Python.
-//
-//     std::string p = mp::py::dumps(std::map<std::string, int>{{"a", 1}});  // pickle.loads(p) == {'a': 1}
-//     auto v = mp::py::loads<std::vector<double>>(bytes_from_python);        // pickle.dumps([1.5, 2])
-//     mp::py::Object o = mp::py::loads(bytes_from_python);                   // any plain value
-//
-// A pickle is a program for a small stack machine, and a pickle from an untrusted peer can ask that
-// machine to import and call anything (os.system). mp's reader runs only the data opcodes: every
-// opcode that would import, call or build an object (GLOBAL, STACK_GLOBAL, REDUCE, BUILD, INST,
-// OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4, PERSID, BINPERSID) is refused with mp::py::UnpicklingError
-// naming the opcode and, for globals, the module and name. The one exception is the handful of
-// names Python's own pickler writes for plain data at protocols 2 and 3 (builtins.set, frozenset,
-// bytearray and bytes, and _codecs.encode for bytes): they are recognised by name and rebuilt as
-// data; nothing is imported or called. Lengths are checked against the input before anything is
-// allocated, and nesting, input size and the size that shared references expand to are bounded
-// (py::Limits). A truncated or malformed pickle is an UnpicklingError, never a crash.
-//
-// Reading: protocols 2 to 5 as CPython 3.8 to 3.14 write them (protocol 0 and 1 pickles that
-// use only the binary opcodes are read too). Writing: protocol 4, the protocol Python's
-// multiprocessing uses by default (pickle.DEFAULT_PROTOCOL in 3.8 to 3.13; 3.14's default, 5,
-// reads it too), framed as Python frames it.
-//
-// Types, both ways (C++ -> Python when writing; Python -> C++ when reading):
-//   None       py::None, std::nullopt (an empty std::optional), std::monostate, nullptr
-//   bool       bool
-//   int        the integer types; Python ints from -2**63 to 2**64-1 (larger: UnpicklingError;
-//              reading checks that the value fits the C++ type)
-//   float      float and double (reading a double also takes an int, as Python code often sends 1)
-//   str        std::string (UTF-8), std::string_view and const char* (writing only)
-//   bytes      py::Bytes (reading also takes a bytearray)
-//   bytearray  py::ByteArray
-//   tuple      std::tuple, std::pair, aggregates (a plain struct is the
-//              tuple of its fields, up to 16); reading also takes a list of the right length
-//   list       std::vector, std::list, std::deque, std::array (writing) (reading also takes a tuple)
-//   dict       std::map, std::unordered_map
-//   set        std::set, std::unordered_set (reading also takes a frozenset)
-//   frozenset  py::Object::frozenset(...)
-//   anything   py::Object, a dynamic value of any of the above
-// Other types: specialise mp::py::Convert<T> (see below).
+/// \file
+/// mp::py — Python's pickle format for plain data, so a C++ process can exchange values with Python
+/// code (multiprocessing.connection's send/recv, managers) without embedding Python.
+///
+///     std::string p = mp::py::dumps(std::map<std::string, int>{{"a", 1}});  // pickle.loads(p) == {'a': 1}
+///     auto v = mp::py::loads<std::vector<double>>(bytes_from_python);        // pickle.dumps([1.5, 2])
+///     mp::py::Object o = mp::py::loads(bytes_from_python);                   // any plain value
+///
+/// A pickle is a program for a small stack machine, and a pickle from an untrusted peer can ask that
+/// machine to import and call anything (os.system). mp's reader runs only the data opcodes: every
+/// opcode that would import, call or build an object (GLOBAL, STACK_GLOBAL, REDUCE, BUILD, INST,
+/// OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4, PERSID, BINPERSID) is refused with mp::py::UnpicklingError
+/// naming the opcode and, for globals, the module and name. The one exception is the handful of
+/// names Python's own pickler writes for plain data at protocols 2 and 3 (builtins.set, frozenset,
+/// bytearray and bytes, and _codecs.encode for bytes): they are recognised by name and rebuilt as
+/// data; nothing is imported or called. Lengths are checked against the input before anything is
+/// allocated, and nesting, input size and the size that shared references expand to are bounded
+/// (py::Limits). A truncated or malformed pickle is an UnpicklingError, never a crash.
+///
+/// Reading: protocols 2 to 5 as CPython 3.8 to 3.14 write them (protocol 0 and 1 pickles that
+/// use only the binary opcodes are read too). Writing: protocol 4, the protocol Python's
+/// multiprocessing uses by default (pickle.DEFAULT_PROTOCOL in 3.8 to 3.13; 3.14's default, 5,
+/// reads it too), framed as Python frames it.
+///
+/// Types, both ways (C++ -> Python when writing; Python -> C++ when reading):
+///   None       py::None, std::nullopt (an empty std::optional), std::monostate, nullptr
+///   bool       bool
+///   int        the integer types; Python ints from -2**63 to 2**64-1 (larger: UnpicklingError;
+///              reading checks that the value fits the C++ type)
+///   float      float and double (reading a double also takes an int, as Python code often sends 1)
+///   str        std::string (UTF-8), std::string_view and const char* (writing only)
+///   bytes      py::Bytes (reading also takes a bytearray)
+///   bytearray  py::ByteArray
+///   tuple      std::tuple, std::pair, aggregates (a plain struct is the
+///              tuple of its fields, up to 16); reading also takes a list of the right length
+///   list       std::vector, std::list, std::deque, std::array (writing) (reading also takes a tuple)
+///   dict       std::map, std::unordered_map
+///   set        std::set, std::unordered_set (reading also takes a frozenset)
+///   frozenset  py::Object::frozenset(...)
+///   anything   py::Object, a dynamic value of any of the above
+/// Other types: specialise mp::py::Convert<T> (see below).
 
 #include <mp/errors.hpp>
 

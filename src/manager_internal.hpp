@@ -1,0 +1,45 @@
+#pragma once
+// What the pieces of a manager share: the servants (src/manager_servants.cpp), the server
+// (src/manager_server.cpp), the client's connections (src/manager_client.cpp) and the manager
+// classes (src/managers.cpp).
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "mp/managers.hpp"
+#include "mp/process.hpp"
+
+namespace mp::detail::managers {
+
+inline constexpr std::size_t kMaxMessage = BaseManager::max_message;
+
+/// The connection a server thread serves: lock ownership is per connection.
+extern thread_local std::uint64_t t_caller;
+
+/// The client connection a server thread serves (-1 outside one).
+extern thread_local int t_client_fd;
+
+/// Thrown out of a blocking wait when the client went away: the thread then ends, and what the
+/// client held is released.
+struct ClientGone : std::runtime_error {
+    ClientGone() : std::runtime_error("the client disconnected") {}
+};
+
+/// True when the peer of the connection this thread serves has hung up.
+bool client_gone();
+
+/// The built-in type registered under `name`, or nullptr. The entry lives as long as the program.
+const TypeEntry* find_builtin(const std::string& name);
+
+/// Drops this thread's connection to a server that went away (so no descriptor lingers).
+void drop_connection(const Address& address, const std::string& authkey);
+
+/// A server process this manager started.
+struct ServerHandle {
+    std::unique_ptr<Process> process;
+};
+
+}  // namespace mp::detail::managers

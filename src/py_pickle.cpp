@@ -406,7 +406,7 @@ private:
     };
     enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode };
 
-    [[noreturn]] void fail(const std::string& what) const {
+    [[noreturn, gnu::cold, gnu::noinline]] void fail(const std::string& what) const {
         throw UnpicklingError("mp::py: bad pickle at offset " + std::to_string(op_at_) + ": " + what);
     }
     [[noreturn]] void refuse(unsigned char op) const {
@@ -419,8 +419,14 @@ private:
         fail("opcode " + name + " refused: it would import, call or build an object, and mp reads plain data only");
     }
 
+    [[noreturn, gnu::cold, gnu::noinline]] void truncated(std::size_t n) const {
+        fail("truncated: " + std::to_string(n) + " bytes wanted, " + std::to_string(in_.size() - pos_) + " left");
+    }
+    [[noreturn, gnu::cold, gnu::noinline]] void past_end(std::uint64_t n) const {
+        fail("a length of " + std::to_string(n) + " runs past the end of the pickle");
+    }
     const unsigned char* take(std::size_t n) {
-        if (in_.size() - pos_ < n) fail("truncated: " + std::to_string(n) + " bytes wanted, " + std::to_string(in_.size() - pos_) + " left");
+        if (in_.size() - pos_ < n) [[unlikely]] truncated(n);
         const auto* p = reinterpret_cast<const unsigned char*>(in_.data()) + pos_;
         pos_ += n;
         return p;
@@ -433,7 +439,7 @@ private:
     }
     std::size_t length(std::size_t width) {
         std::uint64_t n = le(width);
-        if (n > in_.size() - pos_) fail("a length of " + std::to_string(n) + " runs past the end of the pickle");
+        if (n > in_.size() - pos_) [[unlikely]] past_end(n);
         return static_cast<std::size_t>(n);
     }
     std::string_view bytes_of(std::size_t n) { return {reinterpret_cast<const char*>(take(n)), n}; }
@@ -471,6 +477,19 @@ private:
         }
         stack_.resize(k);
         return items;
+    }
+
+    // Pops the MARK and returns where its items start; they stay on the stack (moved from in
+    // place into their container) until the caller truncates it to that index.
+    std::size_t marked() {
+        std::size_t k = pop_mark();
+        for (std::size_t i = k; i < stack_.size(); ++i)
+            if (stack_[i].global != no_global) fail("a global used as a value");
+        return k;
+    }
+    Slot& below(std::size_t k) {
+        if (k <= base()) fail("stack underflow");
+        return stack_[k - 1];
     }
 
     std::shared_ptr<detail::Node> make() {
@@ -839,27 +858,35 @@ Object Reader::run() {
                     break;
                 }
                 case APPENDS: {
-                    std::vector<Object> items = take_marked();
-                    detail::Node& list = target(top(), Kind::list, "APPENDS");
-                    for (const Object& e : items) grow(list, e);
-                    list.items.insert(list.items.end(), std::make_move_iterator(items.begin()),
-                                      std::make_move_iterator(items.end()));
+                    const std::size_t k = marked();
+                    detail::Node& list = target(below(k), Kind::list, "APPENDS");
+                    list.items.reserve(list.items.size() + (stack_.size() - k));
+                    for (std::size_t i = k; i < stack_.size(); ++i) {
+                        grow(list, stack_[i].value);
+                        list.items.push_back(std::move(stack_[i].value));
+                    }
+                    stack_.resize(k);
                     break;
                 }
                 case EMPTY_DICT: push(container(Kind::dict, {})); break;
                 case DICT:
                 case SETITEMS: {
-                    std::vector<Object> items = take_marked();
-                    if (items.size() % 2 != 0) fail(std::string(op == DICT ? "DICT" : "SETITEMS") + " with an odd number of items");
-                    if (op == DICT) push(container(Kind::dict, {}));
-                    detail::Node& dict = target(top(), Kind::dict, "SETITEMS");
-                    dict.pairs.reserve(dict.pairs.size() + items.size() / 2);
-                    for (std::size_t i = 0; i < items.size(); i += 2) {
-                        require_hashable(items[i]);
-                        grow(dict, items[i]);
-                        grow(dict, items[i + 1]);
-                        dict.pairs.emplace_back(std::move(items[i]), std::move(items[i + 1]));
+                    const std::size_t k = marked();
+                    if ((stack_.size() - k) % 2 != 0) fail(std::string(op == DICT ? "DICT" : "SETITEMS") + " with an odd number of items");
+                    Object made;
+                    if (op == DICT) made = container(Kind::dict, {});
+                    detail::Node& dict = op == DICT ? *node_of(made) : target(below(k), Kind::dict, "SETITEMS");
+                    dict.pairs.reserve(dict.pairs.size() + (stack_.size() - k) / 2);
+                    for (std::size_t i = k; i < stack_.size(); i += 2) {
+                        Object& key = stack_[i].value;
+                        Object& value = stack_[i + 1].value;
+                        require_hashable(key);
+                        grow(dict, key);
+                        grow(dict, value);
+                        dict.pairs.emplace_back(std::move(key), std::move(value));
                     }
+                    stack_.resize(k);
+                    if (op == DICT) push(std::move(made));
                     break;
                 }
                 case SETITEM: {
@@ -874,14 +901,15 @@ Object Reader::run() {
                 }
                 case EMPTY_SET: push(container(Kind::set, {})); break;
                 case ADDITEMS: {
-                    std::vector<Object> items = take_marked();
-                    detail::Node& set = target(top(), Kind::set, "ADDITEMS");
-                    for (const Object& e : items) {
-                        require_hashable(e);
-                        grow(set, e);
+                    const std::size_t k = marked();
+                    detail::Node& set = target(below(k), Kind::set, "ADDITEMS");
+                    set.items.reserve(set.items.size() + (stack_.size() - k));
+                    for (std::size_t i = k; i < stack_.size(); ++i) {
+                        require_hashable(stack_[i].value);
+                        grow(set, stack_[i].value);
+                        set.items.push_back(std::move(stack_[i].value));
                     }
-                    set.items.insert(set.items.end(), std::make_move_iterator(items.begin()),
-                                     std::make_move_iterator(items.end()));
+                    stack_.resize(k);
                     break;
                 }
                 case FROZENSET: push(container(Kind::frozenset, take_marked())); break;

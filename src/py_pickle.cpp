@@ -393,10 +393,10 @@ public:
         return (c->kind == Kind::tuple || c->kind == Kind::frozenset) && c->node->hashable;
     }
 
-    Reader(std::string_view in, const Limits& limits) : in_(in), limits_(limits) {
-        stack_.reserve(32);
-        memo_.reserve(32);
-    }
+    Reader(std::string_view in, const Limits& limits);
+    ~Reader();
+    Reader(const Reader&) = delete;
+    Reader& operator=(const Reader&) = delete;
     Object run();
 
 private:
@@ -405,6 +405,26 @@ private:
         std::uint8_t global = 0;  // one of the Global values below when this is a recognised global
     };
     enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode };
+
+    // The machine's vectors. A thread keeps one set whose capacity (not contents) the next
+    // loads() on that thread reuses: allocating them afresh was a third of a small message's cost.
+    struct Buffers {
+        std::vector<Slot> stack;
+        std::vector<std::size_t> marks;
+        std::vector<Slot> memo;
+        std::vector<std::shared_ptr<detail::Node>> nodes;  // every container made here
+        bool busy = false;
+    };
+    static Buffers& thread_buffers() {
+        thread_local Buffers b;
+        return b;
+    }
+    Buffers& pick_buffers() {
+        Buffers& b = thread_buffers();
+        if (b.busy) return own_;  // cannot happen today (nothing runs user code inside run()), but cheap
+        b.busy = true;
+        return b;
+    }
 
     [[noreturn, gnu::cold, gnu::noinline]] void fail(const std::string& what) const {
         throw UnpicklingError("mp::py: bad pickle at offset " + std::to_string(op_at_) + ": " + what);
@@ -601,14 +621,35 @@ private:
     Limits limits_;
     std::size_t pos_ = 0;
     std::size_t op_at_ = 0;
-    std::vector<Slot> stack_;
-    std::vector<std::size_t> marks_;
-    std::vector<Slot> memo_;
+    Buffers own_;
+    Buffers& buffers_;
+    std::vector<Slot>& stack_;
+    std::vector<std::size_t>& marks_;
+    std::vector<Slot>& memo_;
+    std::vector<std::shared_ptr<detail::Node>>& nodes_;
     std::unordered_map<std::uint64_t, Slot> sparse_;  // memo keys past the end (Python's pickler never writes them)
-    std::vector<std::shared_ptr<detail::Node>> nodes_;  // every container made here
     std::size_t copied_ = 0;  // bytes of str and bytes copied by PUT, GET and DUP
     bool shared_ = false;      // a container was fetched twice: check_shared() at the end
 };
+
+Reader::Reader(std::string_view in, const Limits& limits)
+    : in_(in), limits_(limits), buffers_(pick_buffers()), stack_(buffers_.stack), marks_(buffers_.marks),
+      memo_(buffers_.memo), nodes_(buffers_.nodes) {}
+
+Reader::~Reader() {
+    // Contents go now (after release_all() on an error, so no cycle survives); capacity stays
+    // for the next message unless a big pickle left it large.
+    constexpr std::size_t keep = 4096;
+    auto reset = [](auto& v) {
+        v.clear();
+        if (v.capacity() > keep) std::decay_t<decltype(v)>().swap(v);
+    };
+    reset(stack_);
+    reset(marks_);
+    reset(memo_);
+    reset(nodes_);
+    buffers_.busy = false;
+}
 
 namespace {
 Object make_container(Kind kind, std::vector<Object> items, std::vector<std::pair<Object, Object>> pairs) {

@@ -1061,35 +1061,28 @@ void put_length(std::string& out, std::uint64_t n, int width) {
 }
 }  // namespace
 
+// A str or bytes opcode: the one-byte-length form below 256 bytes, then the 4-byte, then the 8-byte.
+void Writer::counted(unsigned char op1, unsigned char op4, unsigned char op8, std::string_view data) {
+    if (data.size() < 256) {
+        op(static_cast<char>(op1));
+        put_length(out_, data.size(), 1);
+    } else if (data.size() <= 0xffffffffu) {
+        op(static_cast<char>(op4));
+        put_length(out_, data.size(), 4);
+    } else {
+        op(static_cast<char>(op8));
+        put_length(out_, data.size(), 8);
+    }
+    out_.append(data);
+}
+
 void Writer::str(std::string_view s) {
     if (!valid_utf8(s))
         throw PicklingError("mp::py: a std::string that is not UTF-8 has no Python str form; send it as mp::py::Bytes");
-    if (s.size() < 256) {
-        op(static_cast<char>(SHORT_BINUNICODE));
-        put_length(out_, s.size(), 1);
-    } else if (s.size() <= 0xffffffffu) {
-        op(static_cast<char>(BINUNICODE));
-        put_length(out_, s.size(), 4);
-    } else {
-        op(static_cast<char>(BINUNICODE8));
-        put_length(out_, s.size(), 8);
-    }
-    out_.append(s);
+    counted(SHORT_BINUNICODE, BINUNICODE, BINUNICODE8, s);
 }
 
-void Writer::bytes(std::string_view b) {
-    if (b.size() < 256) {
-        op(static_cast<char>(SHORT_BINBYTES));
-        put_length(out_, b.size(), 1);
-    } else if (b.size() <= 0xffffffffu) {
-        op(static_cast<char>(BINBYTES));
-        put_length(out_, b.size(), 4);
-    } else {
-        op(static_cast<char>(BINBYTES8));
-        put_length(out_, b.size(), 8);
-    }
-    out_.append(b);
-}
+void Writer::bytes(std::string_view b) { counted(SHORT_BINBYTES, BINBYTES, BINBYTES8, b); }
 
 void Writer::bytearray(std::string_view b) {
     // Protocol 4 has no bytearray opcode: Python writes builtins.bytearray(bytes), which mp's

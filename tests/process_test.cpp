@@ -21,6 +21,8 @@
 #include <fcntl.h>
 #include <fstream>
 #include <gtest/gtest.h>
+
+#include "helpers/temp_dir.hpp"
 #include <initializer_list>
 #include <memory>
 #include <mutex>
@@ -207,26 +209,7 @@ std::string process_error_message(F&& f) {
         }                                                                                 \
     } while (0)
 
-/// A directory of its own for the files of one test, removed with its content.
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char tmpl[] = "/tmp/mp_process_test.XXXXXX";
-        if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
-        path = tmpl;
-    }
-    ~TempDir() {
-        if (DIR* d = ::opendir(path.c_str())) {
-            while (dirent* e = ::readdir(d)) {
-                std::string n = e->d_name;
-                if (n != "." && n != "..") ::unlink((path + "/" + n).c_str());
-            }
-            ::closedir(d);
-        }
-        ::rmdir(path.c_str());
-    }
-    std::string file(const std::string& name) const { return path + "/" + name; }
-};
+using mp::test::TempDir;
 
 std::optional<std::string> slurp(const std::string& path) {
     std::ifstream in(path, std::ios::binary);

@@ -315,7 +315,7 @@ public:
 
 private:
     void op(char c) { out_.push_back(c); }
-    void raw(const void* p, std::size_t n) { out_.append(static_cast<const char*>(p), n); }
+    void counted(unsigned char op1, unsigned char op4, unsigned char op8, std::string_view data);
     std::string out_;
 };
 

@@ -552,7 +552,7 @@ T load(const Object& o) {
         T out;
         for (const auto& e : o.items()) out.insert(load<typename T::key_type>(e));
         return out;
-    } else if constexpr (sequence_like<T> && requires(T t, typename T::value_type e) { t.push_back(e); }) {
+    } else if constexpr (sequence_like<T> && requires(T t) { t.push_back(std::declval<typename T::value_type>()); }) {
         if (o.kind() != Kind::list && o.kind() != Kind::tuple) wrong_kind(o, "list");
         T out;
         Items items = o.items();

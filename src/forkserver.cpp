@@ -23,13 +23,13 @@
 
 #include <array>
 #include <atomic>
-#include <iostream>
 #include <csignal>
 #include <cstring>
 #include <mutex>
 #include <new>
 #include <vector>
 
+#include "launch.hpp"
 #include "mp/serialize.hpp"
 #include "process_impl.hpp"
 #include "sys/error.hpp"
@@ -208,7 +208,7 @@ bool accept_request(pid_t server_pid) noexcept {
 
 [[noreturn]] void server_main(int control) noexcept {
     ::prctl(PR_SET_NAME, "mp-forkserver");
-    // Output another thread buffered after the client flushed must not be printed again by
+    // Output another thread buffered after launch_helper flushed must not be printed again by
     // every child: drop it.
     ::__fpurge(stdout);
     ::__fpurge(stderr);
@@ -290,11 +290,9 @@ Client& client() {
 
 void start_server_locked(Client& c) {
     auto [ours, theirs] = sys::make_socketpair(SOCK_SEQPACKET);
-    // Flush first, or every child of the server would print what the client had buffered.
-    std::cout.flush();
-    std::cerr.flush();
-    std::fflush(nullptr);
-    sys::start_detached("fork (forkserver)", [&] { server_main(theirs.get()); });
+    const int server_end = theirs.get();
+    auto server = [server_end]() noexcept -> int { server_main(server_end); };
+    launch_helper("fork (forkserver)", ChildMain(server));
     theirs.reset();
     std::int32_t hello = 0;
     ssize_t n;

@@ -61,6 +61,7 @@
 #include "mp/detail/pool_engine.hpp"
 #include "mp/futures.hpp"
 #include "mp/pool.hpp"
+#include "launch.hpp"
 #include "pool_frames.hpp"
 #include "process_impl.hpp"
 #include "sys/error.hpp"
@@ -192,8 +193,7 @@ struct Worker {
     Clock::time_point last_sent{};  // when bytes last moved into its socket
     bool stalled = false;  // gave its queue back for not starting it; no more until it answers
     double avg_ns = 0;
-    std::unique_ptr<ProcessIdentity> identity;  // fork: the child's, alive while it runs
-    std::unique_ptr<ParentProcess> parent;
+    std::unique_ptr<ChildRecord> record;  // fork: the child's identity, alive while it runs
     // Counted for stats(); written by the pool's thread only, read under the pool's lock.
     std::atomic<std::size_t> assigned{0}, done{0}, failed{0};
 
@@ -521,59 +521,39 @@ struct PoolEngine::Impl {
         std::vector<int> identity = current_process().identity;
         identity.push_back(static_cast<int>(number));
 
-        if (cfg.method == StartMethod::forkserver) {
-            forkserver::Request req;
-            req.name = w->name;
-            req.daemon = true;
-            req.authkey = current_process().authkey;
-            req.identity = identity;
-            req.parent_name = current_process().name;
-            req.parent_pid = ::getpid();
-            Task t = make_transferable_task(&pool::forkserver_worker, pool::PassedFd{theirs.get()},
-                                            pool::PassedFd{page.get()}, std::uint64_t{page_bytes});
-            req.task = std::move(t.bytes);
-            req.task_fds = std::move(t.fds);
-            auto started = forkserver::start_child(req);
-            w->pid = started.pid;
-            w->pidfd = std::move(started.pidfd);
-            w->status = std::move(started.status);
-        } else {
-            w->identity = std::make_unique<ProcessIdentity>(
-                ProcessIdentity{w->name, 0, true, current_process().authkey, identity});
-            w->parent = std::make_unique<ParentProcess>(ParentProcess{current_process().name, ::getpid()});
-            ChildSetup setup{w->identity.get(), w->parent.get(), true, ::getpid()};
-            // The other workers' sockets must not stay open in this one: a dead worker's end of
-            // file would never show.
-            std::vector<int> close_in_child;
+        // Under fork the other workers' sockets must not stay open in this one: a dead worker's
+        // end of file would never show.
+        std::vector<int> close_in_child;
+        std::optional<Task> task;
+        const int worker_end = theirs.get();
+        pool::WorkerSlot* const all_slots = slots;
+        auto forked_main = [worker_end, all_slots]() noexcept {
+            pool::g_forked_from_thread = 1;
+            return pool::worker_loop(worker_end, all_slots);
+        };
+        ChildSpec spec;
+        spec.name = w->name;
+        spec.identity = identity;
+        spec.authkey = current_process().authkey;
+        spec.daemon = true;
+        spec.method = cfg.method;
+        if (cfg.method == StartMethod::fork) {
             for (auto& o : workers) close_in_child.push_back(o->sock.get());
             close_in_child.push_back(ours.get());
             close_in_child.push_back(wake.get());
-            std::fflush(stdout);
-            std::fflush(stderr);
-            sigset_t all, old_mask;
-            sigfillset(&all);
-            ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
-            pid_t pid = ::fork();
-            if (pid == 0) {
-                become_child(setup);
-                pool::g_forked_from_thread = 1;
-                for (int fd : close_in_child)
-                    if (fd >= 0) ::close(fd);
-                finish_child(pool::worker_loop(theirs.get(), slots));
-            }
-            ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
-            if (pid < 0) sys::throw_system_error(errno, "fork (pool worker)");
-            w->forked = true;
-            w->pid = pid;
-            try {
-                w->pidfd = sys::pidfd_open(pid);
-            } catch (...) {
-                ::kill(pid, SIGKILL);
-                siginfo_t info;
-                ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
-                throw;
-            }
+            spec.main = ChildMain(forked_main);
+            spec.close_in_child = close_in_child;
+        } else {
+            task = make_transferable_task(&pool::forkserver_worker, pool::PassedFd{worker_end},
+                                          pool::PassedFd{page.get()}, std::uint64_t{page_bytes});
+            spec.task = &*task;
         }
+        Launched started = launch(spec);
+        w->forked = cfg.method == StartMethod::fork;
+        w->pid = started.pid;
+        w->pidfd = std::move(started.pidfd);
+        w->status = std::move(started.status);
+        w->record = std::move(started.record);
         theirs.reset();
         ::fcntl(ours.get(), F_SETFL, ::fcntl(ours.get(), F_GETFL) | O_NONBLOCK);
         w->sock = std::move(ours);

@@ -18,14 +18,10 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
-#include <iostream>
 #include <new>
 #include <typeinfo>
 
-#if defined(__GLIBCXX__)
-#include <ext/stdio_sync_filebuf.h>
-#endif
-
+#include "launch.hpp"
 #include "process_impl.hpp"
 #include "sys/crypto.hpp"
 #include "sys/error.hpp"
@@ -53,10 +49,6 @@ struct Globals {
     pid_t registry_owner = 0;
     bool atexit_registered = false;
 
-    // Whether a C++ standard stream keeps a buffer of its own (not synced with stdio, or given
-    // another streambuf), decided in the parent at start() so the child need not look.
-    std::atomic<bool> cxx_streams_buffer{true};
-
     std::mutex method_mu;
     StartMethod method = StartMethod::fork;
     bool method_fixed = false;
@@ -75,18 +67,6 @@ Globals& globals() {
 }
 
 void exit_handler() noexcept;
-
-// True unless cout, cerr and clog all just forward to stdio (libstdc++'s default), in which case
-// flushing stdout and stderr flushes them too.
-bool cxx_streams_buffer() {
-#if defined(__GLIBCXX__)
-    for (std::ostream* os : {&std::cout, &std::cerr, &std::clog})
-        if (dynamic_cast<__gnu_cxx::stdio_sync_filebuf<char>*>(os->rdbuf()) == nullptr) return true;
-    return false;
-#else
-    return true;
-#endif
-}
 
 void register_child(const std::shared_ptr<ProcessState>& s) {
     s->listed = true;
@@ -254,21 +234,7 @@ void finish_child(int code) noexcept {
     // A child is a parent too: its daemons go, its other children are waited for (Python's
     // _bootstrap runs util._exit_function the same way).
     exit_handler();
-    // As Python's child flushes sys.stdout and sys.stderr: the standard streams only, and only
-    // when they hold something (a flush takes the stream's lock, i.e. writes a page shared
-    // with the parent). Close other files you write in a child.
-    if (globals().cxx_streams_buffer.load(std::memory_order_relaxed)) {
-        try {
-            std::cout.flush();
-            std::cerr.flush();
-            std::clog.flush();
-        } catch (...) {
-        }
-    }
-    // glibc's FILE: pending output lies between write_base and write_ptr (what __fpending
-    // computes, without binding another libc symbol in the child).
-    if (stdout->_IO_write_ptr > stdout->_IO_write_base) std::fflush(stdout);
-    if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
+    flush_standard_streams_at_exit();
     ::_exit(code);
 }
 
@@ -418,84 +384,44 @@ void Process::start() {
     // Reap children that have ended, as Python's start() does, so zombies do not pile up.
     for (auto& c : registry_snapshot()) c->wait(std::chrono::nanoseconds::zero());
 
-    if (s.method == StartMethod::forkserver) {
-        if (!task_)
-            throw ProcessError(
-                "the forkserver start method needs a transferable target (a function, a function "
-                "pointer, a captureless lambda or an empty function object) whose arguments have "
-                "an mp::Codec; a Process subclass or a capturing lambda runs only under fork");
-        detail::forkserver::Request req;
-        req.name = s.name;
-        req.daemon = s.daemon;
-        req.authkey = s.authkey;
-        req.identity = s.identity;
-        req.parent_name = current_process().name;
-        req.parent_pid = ::getpid();
-        req.task = task_->bytes;
-        req.task_fds = task_->fds;
-        auto started = detail::forkserver::start_child(req);
+    if (s.method == StartMethod::forkserver && !task_)
+        throw ProcessError(
+            "the forkserver start method needs a transferable target (a function, a function "
+            "pointer, a captureless lambda or an empty function object) whose arguments have "
+            "an mp::Codec; a Process subclass or a capturing lambda runs only under fork");
+
+    auto child = [this]() noexcept { return detail::run_guarded([this] { run(); }); };
+    detail::ChildSpec spec;
+    spec.name = s.name;
+    spec.identity = s.identity;
+    spec.authkey = s.authkey;
+    spec.daemon = s.daemon;
+    spec.method = s.method;
+    spec.main = detail::ChildMain(child);
+    if (task_) spec.task = &*task_;
+
+    // A fork child is listed before fork, so the registry is not written while the child shares
+    // its pages (see launch_fork); until it has a pidfd it counts as running.
+    const bool list_first = s.method == StartMethod::fork;
+    s.stage = ProcessState::Stage::started;
+    if (list_first) register_child(state_);
+    detail::Launched started;
+    try {
+        started = detail::launch(spec);
+    } catch (...) {
+        if (list_first) unregister_child(&s);
+        s.stage = ProcessState::Stage::created;
+        throw;
+    }
+    {
+        std::lock_guard lock(s.mu);
         s.pid = started.pid;
+        s.owner = started.parent;
         s.pidfd = std::move(started.pidfd);
         s.status = std::move(started.status);
-    } else {
-        // Everything the child needs is made here, in the parent, and everything the parent
-        // records is written before fork too: each page either side writes while both live is
-        // a copy-on-write fault, the bulk of what a start costs beyond the bare fork.
-        s.child_identity = ProcessIdentity{s.name, 0, s.daemon, s.authkey, s.identity};
-        s.child_parent = ParentProcess{current_process().name, ::getpid()};
-        detail::ChildSetup setup{&s.child_identity, &s.child_parent, s.daemon, ::getpid()};
-        // Flush what the child flushes when it ends, or it would write the parent's buffered
-        // output a second time.
-        const bool cxx_buffers = cxx_streams_buffer();
-        globals().cxx_streams_buffer.store(cxx_buffers, std::memory_order_relaxed);
-        if (cxx_buffers) {
-            std::cout.flush();
-            std::cerr.flush();
-            std::clog.flush();
-        }
-        if (stdout->_IO_write_ptr > stdout->_IO_write_base) std::fflush(stdout);
-        if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
-        s.owner = ::getpid();
-        s.stage = ProcessState::Stage::started;
-        register_child(state_);
-
-        // Block every signal in this thread across fork: a SIGTERM sent before the child has
-        // restored SIGTERM's default action then stays pending (Linux never discards a blocked
-        // signal, even an ignored one) instead of being lost; become_child unblocks.
-        sigset_t all, old_mask;
-        sigfillset(&all);
-        ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
-        pid_t pid = ::fork();
-        if (pid == 0) {
-            detail::become_child(setup);
-            detail::finish_child(detail::run_guarded([this] { run(); }));
-        }
-        ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
-        if (pid < 0) {
-            int err = errno;
-            unregister_child(&s);
-            s.stage = ProcessState::Stage::created;
-            sys::throw_system_error(err, "fork");
-        }
-        try {
-            sys::Fd fd = sys::pidfd_open(pid);
-            std::lock_guard lock(s.mu);
-            s.pid = pid;
-            s.pidfd = std::move(fd);
-        } catch (...) {
-            // Without a pidfd the child cannot be waited for safely: end it now.
-            ::kill(pid, SIGKILL);
-            siginfo_t info;
-            ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
-            unregister_child(&s);
-            s.stage = ProcessState::Stage::created;
-            throw;
-        }
-        return;
+        s.child_record = std::move(started.record);
     }
-    s.owner = ::getpid();
-    s.stage = ProcessState::Stage::started;
-    register_child(state_);
+    if (!list_first) register_child(state_);
 }
 
 namespace {

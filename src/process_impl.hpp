@@ -10,6 +10,7 @@
 #include <sys/types.h>
 #include <vector>
 
+#include "launch.hpp"
 #include "mp/process.hpp"
 #include "sys/fd.hpp"
 
@@ -32,10 +33,7 @@ struct ProcessState {
     bool status_gone = false;  // the server closed `status` without writing a status
     std::optional<int> exitcode;
     bool listed = false;  // in the registry of running children (guarded by mu once started)
-    // A fork child's setup, kept until the state goes: freeing it right after fork would write
-    // heap pages the child still shares.
-    ProcessIdentity child_identity;
-    ParentProcess child_parent;
+    std::unique_ptr<ChildRecord> child_record;  // fork: kept until the state goes
     std::mutex mu;  // serialises reaping between threads that join the same child
 
     /// Waits (at most `timeout`; std::nullopt forever) for the child to end and reaps it.
@@ -64,7 +62,8 @@ void become_child(const ChildSetup& setup) noexcept;
 /// code (0, or 1 after an exception).
 template <class F>
 int run_guarded(F&& body) noexcept;
-/// Flushes stdio and C++ streams, then _exit(code). A child never returns through main.
+/// Ends this process's children as Python's do, flushes the standard streams (see
+/// flush_standard_streams_at_exit), then _exit(code). A child never returns through main.
 [[noreturn]] void finish_child(int code) noexcept;
 /// Prints the current exception as Python prints an exception escaping Process.run.
 void report_child_exception() noexcept;

@@ -52,6 +52,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "launch.hpp"
 #include "sys/error.hpp"
 #include "sys/helper_process.hpp"
 #include "sys/fd.hpp"
@@ -311,7 +312,8 @@ void start_tracker_locked(TrackerClient& c) {
     sys::Fd& ours = pair.first;
     const int theirs = pair.second.get();
     const int ours_fd = ours.get();
-    sys::start_detached("fork (resource tracker)", [&] { tracker_main(theirs, ours_fd); });
+    auto tracker = [theirs, ours_fd]() noexcept -> int { tracker_main(theirs, ours_fd); };
+    detail::launch_helper("fork (resource tracker)", detail::ChildMain(tracker));
     c.fd = ours.release();
     c.owner = ::getpid();
 }

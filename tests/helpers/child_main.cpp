@@ -35,6 +35,10 @@
 ///                               without a newline and returns; prints "child-pid P"
 ///   parent-buffer               printf("parent-buffered") without a newline, then a fork child
 ///                               runs and is joined; prints "child-done"
+///   cxx-unflushed METHOD KIND   std::ios::sync_with_stdio(false), "parent-line" written to
+///                               std::cout without a flush, then under METHOD (fork, forkserver)
+///                               a KIND (process, pool, executor) runs one task; prints
+///                               "result R"
 
 #include <atomic>
 #include <cerrno>
@@ -44,6 +48,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fcntl.h>
+#include <iostream>
 #include <mutex>
 #include <poll.h>
 #include <string>
@@ -53,6 +58,8 @@
 #include <utility>
 #include <vector>
 
+#include "mp/futures.hpp"
+#include "mp/pool.hpp"
 #include "mp/process.hpp"
 
 namespace {
@@ -378,6 +385,38 @@ int mode_forkserver_stdio() {
     return 0;
 }
 
+int usage();
+int triple(int x) { return 3 * x; }
+void do_nothing() {}
+
+int mode_cxx_unflushed(const std::string& method_name, const std::string& kind) {
+    const mp::StartMethod method =
+        method_name == "forkserver" ? mp::StartMethod::forkserver : mp::StartMethod::fork;
+    // cout now keeps a buffer of its own, which a child must not write a second time.
+    std::ios::sync_with_stdio(false);
+    std::cout << "parent-line\n";
+    int result = -1;
+    if (kind == "process") {
+        mp::Process p(mp::ProcessOptions{.start_method = method}, do_nothing);
+        p.start();
+        p.join();
+        result = p.exitcode().value_or(-1);
+    } else if (kind == "pool") {
+        mp::Pool pool(mp::PoolOptions{.processes = 1, .start_method = method});
+        result = pool.apply(triple, 7);
+        // Workers that leave on their own flush their streams (terminate() would kill them).
+        pool.close();
+        pool.join();
+    } else if (kind == "executor") {
+        mp::ProcessPoolExecutor ex(mp::ExecutorOptions{.max_workers = 1, .start_method = method});
+        result = ex.submit(triple, 7).result();
+    } else {
+        return usage();
+    }
+    std::cout << "result " << result << '\n';
+    return 0;
+}
+
 int usage() {
     std::fprintf(stderr, "mp_test_child: unknown or incomplete mode\n");
     return 64;
@@ -421,6 +460,7 @@ int main(int argc, char** argv) {
         if (mode == "threaded-forkserver-late") return mode_threaded_forkserver_late();
         if (mode == "atexit-not-run" && argc > 2) return mode_atexit_not_run(arg);
         if (mode == "parent-buffer") return mode_parent_buffer();
+        if (mode == "cxx-unflushed" && argc > 3) return mode_cxx_unflushed(arg, argv[3]);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());
         return 70;

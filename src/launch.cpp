@@ -1,0 +1,168 @@
+#include "launch.hpp"
+
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <iostream>
+
+#if defined(__GLIBCXX__)
+#include <ext/stdio_sync_filebuf.h>
+#endif
+
+#include "process_impl.hpp"
+#include "sys/error.hpp"
+#include "sys/pidfd.hpp"
+
+namespace mp::detail {
+namespace {
+
+// Whether a C++ standard stream keeps a buffer of its own, decided in the parent before each
+// fork so that the child need not look.
+std::atomic<bool> g_cxx_streams_buffer{true};
+
+// True unless cout, cerr and clog all just forward to stdio (libstdc++'s default), in which case
+// flushing stdout and stderr flushes them too. Not so after std::ios::sync_with_stdio(false) or
+// rdbuf() given another buffer.
+bool cxx_streams_buffer() {
+#if defined(__GLIBCXX__)
+    for (std::ostream* os : {&std::cout, &std::cerr, &std::clog})
+        if (dynamic_cast<__gnu_cxx::stdio_sync_filebuf<char>*>(os->rdbuf()) == nullptr) return true;
+    return false;
+#else
+    return true;
+#endif
+}
+
+// As Python flushes sys.stdout and sys.stderr: the standard streams only, and C stdio only when
+// it holds something (in a child a flush takes the stream's lock, i.e. writes a page shared
+// with the parent). Other files a program writes in a child are its own to close.
+void flush_standard_streams(bool cxx) noexcept {
+    if (cxx) {
+        try {
+            std::cout.flush();
+            std::cerr.flush();
+            std::clog.flush();
+        } catch (...) {
+            // A stream with exceptions() set that failed to write: as much as could be is out.
+        }
+    }
+    // glibc's FILE: pending output lies between write_base and write_ptr (what __fpending
+    // computes, without binding another libc symbol in a child).
+    if (stdout->_IO_write_ptr > stdout->_IO_write_base) std::fflush(stdout);
+    if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
+}
+
+// Whatever the child would flush at its end is flushed now, or it would be written twice.
+void flush_before_fork() noexcept {
+    const bool cxx = cxx_streams_buffer();
+    g_cxx_streams_buffer.store(cxx, std::memory_order_relaxed);
+    flush_standard_streams(cxx);
+}
+
+// The one fork of a parent: `child` runs in the child with every signal blocked and never
+// returns. Returns the child's pid; throws std::system_error naming `what`.
+pid_t fork_blocked(const char* what, ChildMain child) {
+    flush_before_fork();
+    // A SIGTERM sent before the child has restored SIGTERM's default action then stays pending
+    // (Linux never discards a blocked signal, even an ignored one) instead of being lost.
+    sigset_t all, old_mask;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
+    const pid_t pid = ::fork();
+    if (pid == 0) ::_exit(child());
+    const int err = errno;
+    ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+    if (pid < 0) sys::throw_system_error(err, what);
+    return pid;
+}
+
+Launched launch_fork(const ChildSpec& spec) {
+    if (!spec.main) throw ProcessError("mp: a fork child needs a function to run");
+    // Everything the child needs is made here, in the parent, and everything the parent
+    // records is written before fork too: each page either side writes while both live is a
+    // copy-on-write fault, the bulk of what a start costs beyond the bare fork.
+    const pid_t self = ::getpid();
+    Launched out;
+    out.parent = self;
+    out.record = std::make_unique<ChildRecord>(
+        ChildRecord{ProcessIdentity{std::string(spec.name), 0, spec.daemon, std::string(spec.authkey),
+                                    std::vector<int>(spec.identity.begin(), spec.identity.end())},
+                    ParentProcess{current_process().name, self}});
+    const ChildSetup setup{&out.record->identity, &out.record->parent, spec.daemon, self};
+    auto child = [&]() noexcept -> int {
+        become_child(setup);
+        // Raw syscall(): see become_child.
+        for (int fd : spec.close_in_child)
+            if (fd >= 0) ::syscall(SYS_close, fd);
+        finish_child(spec.main());
+    };
+    out.pid = fork_blocked("fork", ChildMain(child));
+    try {
+        out.pidfd = sys::pidfd_open(out.pid);
+    } catch (...) {
+        // Without a pidfd the child cannot be waited for or signalled safely: end it now.
+        ::kill(out.pid, SIGKILL);
+        siginfo_t info;
+        while (::waitid(P_PID, static_cast<id_t>(out.pid), &info, WEXITED) < 0 && errno == EINTR) {
+        }
+        throw;
+    }
+    return out;
+}
+
+Launched launch_forkserver(const ChildSpec& spec) {
+    if (spec.task == nullptr) throw ProcessError("mp: a forkserver child needs a transferable task");
+    forkserver::Request req;
+    req.name = spec.name;
+    req.daemon = spec.daemon;
+    req.authkey = spec.authkey;
+    req.identity.assign(spec.identity.begin(), spec.identity.end());
+    req.parent_name = current_process().name;
+    req.parent_pid = ::getpid();
+    req.task = spec.task->bytes;
+    req.task_fds = spec.task->fds;
+    auto started = forkserver::start_child(req);
+    Launched out;
+    out.pid = started.pid;
+    out.parent = req.parent_pid;
+    out.pidfd = std::move(started.pidfd);
+    out.status = std::move(started.status);
+    return out;
+}
+
+}  // namespace
+
+Launched launch(const ChildSpec& spec) {
+    switch (spec.method) {
+        case StartMethod::fork: return launch_fork(spec);
+        case StartMethod::forkserver: return launch_forkserver(spec);
+    }
+    throw ProcessError("mp: unknown start method");
+}
+
+void launch_helper(const char* what, ChildMain body) {
+    auto middle = [&]() noexcept -> int {
+        const pid_t helper = ::fork();
+        if (helper == 0) ::_exit(body());
+        return helper < 0 ? 1 : 0;
+    };
+    const pid_t mid = fork_blocked(what, ChildMain(middle));
+    int status = 0;
+    pid_t r;
+    while ((r = ::waitpid(mid, &status, 0)) < 0 && errno == EINTR) {
+    }
+    if (r == mid && (!WIFEXITED(status) || WEXITSTATUS(status) != 0))
+        sys::throw_system_error(EAGAIN, what);
+}
+
+void flush_standard_streams_at_exit() noexcept {
+    flush_standard_streams(g_cxx_streams_buffer.load(std::memory_order_relaxed));
+}
+
+}  // namespace mp::detail

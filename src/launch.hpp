@@ -1,0 +1,104 @@
+#pragma once
+// The one way mp starts a process. Process::start, the pool's workers and the long-lived helpers
+// (forkserver, shared-memory tracker) all come here, so the rules of a start are written once:
+//   - flush before fork what the child would flush again at its end (C stdio, and the C++
+//     standard streams when they keep buffers of their own);
+//   - every signal blocked in the forking thread across fork (become_child unblocks), so a
+//     signal sent to the new child before it has reset its dispositions stays pending;
+//   - the start method: fork here, or ask the forkserver (one request, built here);
+//   - a pidfd for every child, and a child that cannot get one killed and reaped at once, so
+//     a failed start never leaves a process behind.
+// A new start method (spawn: a fresh exec of the program that runs `task`) is one more case of
+// launch(): a ChildSpec already says everything such a child needs to learn.
+
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <sys/types.h>
+#include <type_traits>
+#include <vector>
+
+#include "mp/detail/task.hpp"
+#include "mp/process.hpp"
+#include "sys/fd.hpp"
+
+namespace mp::detail {
+
+/// A function for a new child to call, held as a plain pointer and a context: after fork there
+/// is nothing to copy or allocate. Returns the child's exit code. The callable must outlive the
+/// launch() call (the child runs on a copy of the parent's memory, so a local will do).
+class ChildMain {
+public:
+    ChildMain() noexcept = default;
+    template <class F>
+        requires(std::is_invocable_r_v<int, F&> && !std::is_same_v<std::remove_cv_t<F>, ChildMain>)
+    explicit ChildMain(F& f) noexcept
+        : context_(static_cast<void*>(&f)),
+          call_([](void* c) noexcept -> int { return (*static_cast<F*>(c))(); }) {}
+
+    explicit operator bool() const noexcept { return call_ != nullptr; }
+    int operator()() const noexcept { return call_(context_); }
+
+private:
+    void* context_ = nullptr;
+    int (*call_)(void*) noexcept = nullptr;
+};
+
+/// A fork child's identity and parent, made in the parent before fork (the child must not
+/// allocate) and kept there until the child has ended: freeing them right after fork would
+/// write heap pages the child still shares.
+struct ChildRecord {
+    ProcessIdentity identity;
+    ParentProcess parent;
+};
+
+/// What to start, whatever the start method. It refers to the caller's data, which must stay
+/// put during launch() only.
+struct ChildSpec {
+    std::string_view name;
+    /// Its place in the process tree ({1, 2} is Process-1:2).
+    std::span<const int> identity;
+    std::string_view authkey;
+    bool daemon = false;
+    StartMethod method = StartMethod::fork;
+    /// fork: what the child runs once it knows who it is; its result is the exit code. It may
+    /// use the parent's objects: the child has a copy of them. An exception must not escape it.
+    ChildMain main;
+    /// forkserver: the transferable call the child runs (its descriptors go with SCM_RIGHTS).
+    const Task* task = nullptr;
+    /// fork: descriptors of the parent the child closes first (another worker's socket kept
+    /// open in this one would hide that worker's end of file).
+    std::span<const int> close_in_child;
+};
+
+/// A started child.
+struct Launched {
+    pid_t pid = 0;
+    /// This process (getpid() once, for the caller too): only it may wait for the child.
+    pid_t parent = 0;
+    sys::Fd pidfd;
+    /// forkserver: the server sends the exit status here, then closes it.
+    sys::Fd status;
+    /// fork: keep until the child has ended (see ChildRecord).
+    std::unique_ptr<ChildRecord> record;
+};
+
+/// Starts the child `spec` describes. Throws std::system_error naming the call that failed
+/// ("fork", "pidfd_open", ...) or ProcessError (the forkserver could not start it); when it
+/// throws, no child of this start is left running.
+Launched launch(const ChildSpec& spec);
+
+/// Starts a long-lived helper: `body` (which must not return) runs in a grandchild of this
+/// process, and the child in between exits at once, so the helper is reparented and never
+/// becomes our zombie. `body` runs in a fork of a possibly threaded process with every signal
+/// blocked: async-signal-safe calls only (sys::reset_signals unblocks). Throws std::system_error
+/// naming `what` when either fork fails. When SIGCHLD is ignored the middle child is reaped for
+/// us; the caller's handshake with the helper then tells whether it runs.
+void launch_helper(const char* what, ChildMain body);
+
+/// In a child on its way out: flushes the standard streams that hold output, by the rule the
+/// parent applied before the fork (so the child writes only what it wrote itself).
+void flush_standard_streams_at_exit() noexcept;
+
+}  // namespace mp::detail

@@ -1,0 +1,110 @@
+// Tests of the one launcher (src/launch.hpp) through the public API: what every way of starting
+// a child (Process, Pool, ProcessPoolExecutor; fork and forkserver) must do alike.
+//
+// The scenarios run in mp_test_child (a program of their own: they change the program's
+// standard streams), whose stdout the test reads through a pipe. Every wait is bounded.
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+
+constexpr auto kProgramLimit = 60s;
+
+struct ProgramRun {
+    bool finished = false;  // false: killed at the time limit
+    int status = 0;
+    std::string out;
+};
+
+/// Runs mp_test_child with `args`, its stdout a pipe read here until the program has ended,
+/// stderr inherited. The program's own children may outlive it holding the pipe (the forkserver
+/// does, briefly), so the end of the program, not end of file, ends the read.
+ProgramRun run_program(std::vector<std::string> args) {
+    args.insert(args.begin(), MP_TEST_CHILD);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&fa, p[1], 1);
+    pid_t pid = -1;
+    const int rc = ::posix_spawn(&pid, MP_TEST_CHILD, &fa, nullptr, argv.data(), environ);
+    posix_spawn_file_actions_destroy(&fa);
+    ::close(p[1]);
+    if (rc != 0) {
+        ::close(p[0]);
+        throw std::runtime_error("posix_spawn " MP_TEST_CHILD " failed");
+    }
+    ::fcntl(p[0], F_SETFL, O_NONBLOCK);
+    ProgramRun run;
+    auto drain = [&] {
+        char buf[4096];
+        ssize_t n;
+        while ((n = ::read(p[0], buf, sizeof buf)) > 0) run.out.append(buf, static_cast<std::size_t>(n));
+    };
+    const auto deadline = Clock::now() + kProgramLimit;
+    for (;;) {
+        pollfd pfd{p[0], POLLIN, 0};
+        (void)::poll(&pfd, 1, 20);
+        drain();
+        if (::waitpid(pid, &run.status, WNOHANG) == pid) {
+            run.finished = true;
+            break;
+        }
+        if (Clock::now() >= deadline) {
+            ::kill(pid, SIGKILL);
+            ::waitpid(pid, &run.status, 0);
+            break;
+        }
+    }
+    drain();  // what the program wrote just before it ended
+    ::close(p[0]);
+    return run;
+}
+
+std::size_t count_of(const std::string& text, const std::string& what) {
+    std::size_t n = 0;
+    for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+}
+
+class UnflushedCout : public testing::TestWithParam<std::tuple<const char*, const char*>> {};
+
+// A C++ stream not synced with stdio keeps its own buffer; a child that flushes it on the way
+// out must not find the parent's unflushed line there (the pool used to flush C stdio only).
+TEST_P(UnflushedCout, ParentLineAppearsOnce) {
+    const auto [method, kind] = GetParam();
+    const ProgramRun run = run_program({"cxx-unflushed", method, kind});
+    ASSERT_TRUE(run.finished) << "the program did not end within the limit; output:\n" << run.out;
+    EXPECT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.out;
+    const std::string expected_result = std::string(kind) == "process" ? "result 0" : "result 21";
+    EXPECT_EQ(count_of(run.out, expected_result), 1u) << run.out;
+    EXPECT_EQ(count_of(run.out, "parent-line"), 1u) << run.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Launch, UnflushedCout,
+                         testing::Combine(testing::Values("fork", "forkserver"),
+                                          testing::Values("process", "pool", "executor")),
+                         [](const auto& p) {
+                             return std::string(std::get<0>(p.param)) + "_" + std::get<1>(p.param);
+                         });
+
+}  // namespace

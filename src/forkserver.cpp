@@ -294,7 +294,9 @@ void start_server_locked(Client& c) {
     std::cout.flush();
     std::cerr.flush();
     std::fflush(nullptr);
-    sys::start_detached("fork (forkserver)", [&] { server_main(theirs.get()); });
+    // A plain variable, not the structured binding: clang 14 cannot capture those (C++20 can).
+    const int server_end = theirs.get();
+    sys::start_detached("fork (forkserver)", [server_end] { server_main(server_end); });
     theirs.reset();
     std::int32_t hello = 0;
     ssize_t n;

@@ -18,6 +18,7 @@
 #include <span>
 #include <string>
 #include <vector>
+#include <tuple>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -25,6 +26,8 @@
 #include "mp/connection.hpp"
 #include "mp/process.hpp"
 
+// A lambda that captures a pipe's ends gets them from `mp::Connection a, b; std::tie(a, b) =
+// mp::Pipe();`, not from a structured binding: clang 14 cannot capture a binding (C++20 can).
 namespace {
 
 // Echoes every message until the empty one (Python's W6 pipe_echo).
@@ -163,7 +166,8 @@ void BM_PipeVsBareRoundTrip8B(benchmark::State& state) {
     }
     ::close(sv[1]);
     try {
-        auto [a, b] = mp::Pipe();
+        mp::Connection a, b;
+        std::tie(a, b) = mp::Pipe();
         mp::Process p(echo, b);
         p.start();
         b.close();

@@ -17,6 +17,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "counting.hpp"
 #include "mp/futures.hpp"
 
 namespace {
@@ -24,7 +25,7 @@ namespace {
 long long square(long long x) { return x * x; }
 
 void warm(mp::ProcessPoolExecutor& ex) {
-    for (long long r : ex.map(square, std::views::iota(0LL, 16LL))) benchmark::DoNotOptimize(r);
+    for (long long r : ex.map(square, mp_bench::counting(0LL, 16LL))) benchmark::DoNotOptimize(r);
 }
 
 // One task at a time: submit, then wait for its result.
@@ -82,7 +83,8 @@ void BM_PoolMapChunk1000(benchmark::State& state) {
         warm(ex);
         for (auto _ : state) {
             long long x = 0;
-            for (long long r : ex.map({.chunksize = 1000}, square, std::views::iota(0LL, kItems))) {
+            for (long long r :
+                 ex.map({.chunksize = 1000}, square, mp_bench::counting(0LL, kItems))) {
                 if (r != x * x) {
                     state.SkipWithError("wrong result");
                     return;

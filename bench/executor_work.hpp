@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "counting.hpp"
 #include "mp/futures.hpp"
 
 namespace mp_bench {
@@ -27,7 +28,7 @@ inline void check_squares(const std::vector<long long>& out, long long n, const 
 /// Outside the timing, as the Python side: every worker started and has run something.
 template <class Executor>
 void warm(Executor& ex) {
-    check_squares(ex.map(square, std::views::iota(0LL, 16LL)).to_vector(), 16,
+    check_squares(ex.map(square, mp_bench::counting(0LL, 16LL)).to_vector(), 16,
                   "warm-up: wrong results");
 }
 
@@ -52,7 +53,7 @@ template <class Executor>
 double chunked_map(Executor& ex, long long n, const char* what) {
     warm(ex);
     const auto t0 = std::chrono::steady_clock::now();
-    auto out = ex.map({.chunksize = 1000}, square, std::views::iota(0LL, n)).to_vector();
+    auto out = ex.map({.chunksize = 1000}, square, mp_bench::counting(0LL, n)).to_vector();
     const double dt = seconds_since(t0);
     check_squares(out, n, what);
     return double(n) / dt;

@@ -105,7 +105,7 @@ double w3(long long n) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
     warm(ex);
     t0 = Clock::now();
-    auto out = ex.map(burn, std::views::iota(0u, tasks)).to_vector();  // chunksize 1
+    auto out = ex.map(burn, mp_bench::counting(0u, tasks)).to_vector();  // chunksize 1
     const double parallel = seconds_since(t0);
     check(out.size() == tasks, "W3: wrong task count");
     return serial / (2 * parallel);

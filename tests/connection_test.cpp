@@ -48,13 +48,15 @@
 
 using namespace std::chrono_literals;
 
+// A lambda that captures a pipe's ends gets them from `mp::Connection a, b; std::tie(a, b) =
+// mp::Pipe();`, not from a structured binding: clang 14 cannot capture a binding (C++20 can).
 namespace {
 
 using Clock = std::chrono::steady_clock;
 
 /// The bound on a wait that is expected to succeed.
 constexpr auto kLong = 20s;
-constexpr mp::ProcessOptions kForkserver{.start_method = mp::StartMethod::forkserver};
+const mp::ProcessOptions kForkserver{.start_method = mp::StartMethod::forkserver};
 
 /// Python's SENTINEL in _TestConnection: an empty message asks the echo child to stop.
 const std::string kSentinel;
@@ -212,7 +214,8 @@ void sleep_for_ms(int ms) { std::this_thread::sleep_for(std::chrono::millisecond
 // =============================================================================================
 
 TEST(Connection, EchoThroughChild) {
-    auto [conn, child_conn] = mp::Pipe();
+    mp::Connection conn, child_conn;
+    std::tie(conn, child_conn) = mp::Pipe();
     mp::Process p(echo, child_conn);
     p.start();
 
@@ -287,7 +290,8 @@ TEST(Connection, EchoThroughChild) {
 }
 
 TEST(Connection, DuplexFalse) {
-    auto [reader, writer] = mp::Pipe(false);
+    mp::Connection reader, writer;
+    std::tie(reader, writer) = mp::Pipe(false);
     writer.send(1);
     EXPECT_EQ(reader.recv<int>(), 1);
     EXPECT_TRUE(reader.readable());
@@ -361,7 +365,8 @@ TEST(Connection, RecvBytesIntoOffsets) {
 }
 
 TEST(Connection, ContextAndClose) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     a.send(1729);
     EXPECT_EQ(b.recv<int>(), 1729);
     EXPECT_FALSE(a.closed());
@@ -439,7 +444,8 @@ TEST(Connection, ConstructorChecksItsArguments) {
 }
 
 TEST(Connection, ManySizesBothDirections) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     // A fork child inherits the parent's end too: it closes that copy, or it would never see
     // end of file.
     mp::Process p([a, b]() mutable {
@@ -525,7 +531,8 @@ TEST(Connection, TruncatedFrameIsEof) {
 }
 
 TEST(Connection, MaxlengthRefusedBeforeTheBody) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     a.send_bytes("0123456789");
     expect_bad_length([&] { (void)b.recv_bytes(9); });
     // (The body may sit in the receive buffer, which a socket fills ahead; nothing was
@@ -544,7 +551,8 @@ TEST(Connection, MaxlengthRefusedBeforeTheBody) {
 
 TEST(Connection, MaxlengthLeavesAPipeBodyUnread) {
     // A pipe never reads ahead: after a refused header the body is still in the pipe.
-    auto [r, w] = mp::Pipe(false);
+    mp::Connection r, w;
+    std::tie(r, w) = mp::Pipe(false);
     const int raw = ::fcntl(r.fileno(), F_DUPFD_CLOEXEC, 0);
     ASSERT_GE(raw, 0);
     w.send_bytes("0123456789");
@@ -556,14 +564,16 @@ TEST(Connection, MaxlengthLeavesAPipeBodyUnread) {
 }
 
 TEST(Connection, MaxlengthOnReadOnlyEndCloses) {
-    auto [r, w] = mp::Pipe(false);
+    mp::Connection r, w;
+    std::tie(r, w) = mp::Pipe(false);
     w.send_bytes(std::string(100, 'x'));
     expect_bad_length([&] { (void)r.recv_bytes(99); });
     EXPECT_TRUE(r.closed()) << "Python closes a connection that cannot write either";
 }
 
 TEST(Connection, HugeAnnouncedLengthWithMaxlengthAllocatesNothing) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     raw_write(a.fileno(), header64(std::uint64_t{1} << 40));  // 1 TiB announced
     expect_bad_length([&] { (void)b.recv_bytes(1 << 20); });
 }
@@ -593,18 +603,21 @@ TEST(Connection, AnnouncedLengthAloneReservesLittleMemory) {
 
 TEST(Connection, MalformedLengths) {
     {
-        auto [a, b] = mp::Pipe();
+        mp::Connection a, b;
+        std::tie(a, b) = mp::Pipe();
         raw_write(a.fileno(), header32(-2) + "xx");
         expect_bad_length([&] { (void)b.recv_bytes(); });
     }
     {
-        auto [a, b] = mp::Pipe();
+        mp::Connection a, b;
+        std::tie(a, b) = mp::Pipe();
         raw_write(a.fileno(), header32(std::numeric_limits<std::int32_t>::min()));
         std::array<char, 8> buf{};
         expect_bad_length([&] { (void)b.recv_bytes_into(buf); });
     }
     {
-        auto [a, b] = mp::Pipe();
+        mp::Connection a, b;
+        std::tie(a, b) = mp::Pipe();
         raw_write(a.fileno(), header64(~std::uint64_t{0}));
         expect_bad_length([&] { (void)b.recv_bytes(); });
     }
@@ -760,7 +773,8 @@ TEST(Connection, SignalsDoNotBreakBlockingCalls) {
     sa.sa_handler = on_usr1;  // no SA_RESTART: every blocking call sees EINTR
     struct sigaction old {};
     ::sigaction(SIGUSR1, &sa, &old);
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     const pthread_t main_thread = ::pthread_self();
     std::atomic<bool> stop{false};
     std::thread pest([&] {
@@ -858,7 +872,8 @@ TEST(Connection, ReadAheadRecvBytesIntoAndBufferTooShortFromTheBuffer) {
 }
 
 TEST(Connection, ReadAheadMaxlengthRefusesABufferedFrame) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     a.send_bytes("ok");
     raw_write(a.fileno(), header64(std::uint64_t{1} << 40));  // 1 TiB announced, queued behind
     EXPECT_EQ(b.recv_bytes(1 << 20), "ok");
@@ -1136,7 +1151,8 @@ TEST(Wait, Sockets) { check_wait_socket(false); }
 TEST(Wait, SocketsSlow) { check_wait_socket(true); }
 
 TEST(Wait, Timeout) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     std::vector<mp::Connection*> res;
     auto waited = elapsed([&] { res = mp::connection::wait({&a, &b}, 500ms); });
     EXPECT_TRUE(res.empty());
@@ -1173,7 +1189,8 @@ TEST(Wait, RawDescriptors) {
 }
 
 TEST(Wait, NegativeTimeout) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     std::vector<mp::Connection*> res;
     auto waited = elapsed([&] { res = mp::connection::wait({&a}, -1s); });
     EXPECT_TRUE(res.empty());
@@ -1202,7 +1219,8 @@ TEST(Wait, HangupCountsAsReady) {
 }
 
 TEST(Wait, ClosedConnectionOrBadDescriptorThrows) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     a.close();
     expect_bad_fd([&] { (void)mp::connection::wait({&a, &b}, 0s); }, "handle is closed");
     int dead;
@@ -1255,7 +1273,8 @@ TEST(Connection, ObjectsFromForkserverChild) {
 }
 
 TEST(Connection, ForkChildWithCapturingLambda) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     mp::Process p([b]() mutable { b.send_bytes("captured " + b.recv_bytes()); });
     p.start();
     b.close();

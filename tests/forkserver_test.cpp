@@ -35,7 +35,7 @@ struct mp::Codec<WriteEnd> {
 
 namespace {
 
-constexpr mp::ProcessOptions kForkserver{.start_method = mp::StartMethod::forkserver};
+const mp::ProcessOptions kForkserver{.start_method = mp::StartMethod::forkserver};
 
 void write_message(WriteEnd w, std::string text) {
     mp::sys::write_full(w.fd, text.data(), text.size());

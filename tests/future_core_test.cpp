@@ -1164,7 +1164,7 @@ TEST(Timeout, ZeroNegativeAndNaNMeanZero) {
         ASSERT_TRUE(t.has_value());
         EXPECT_EQ(*t, 0ns);
     });
-    const Timeout nan(std::chrono::duration<double>(std::numeric_limits<double>::quiet_NaN()));
+    const Timeout nan{std::chrono::duration<double>(std::numeric_limits<double>::quiet_NaN())};
     ASSERT_TRUE(nan.has_value());
     EXPECT_EQ(*nan, 0ns);
     const auto before = Clock::now();

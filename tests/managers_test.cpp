@@ -20,6 +20,7 @@
 #include <system_error>
 #include <thread>
 #include <vector>
+#include <tuple>
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -37,6 +38,8 @@
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
+// A lambda that captures a pipe's ends gets them from `mp::Connection a, b; std::tie(a, b) =
+// mp::Pipe();`, not from a structured binding: clang 14 cannot capture a binding (C++20 can).
 namespace {
 
 constexpr auto LONG = 20s;  // a bound reached only when something is broken
@@ -383,7 +386,8 @@ TEST(ManagerTest, BarrierAcrossProcesses) {
 TEST(ManagerTest, ProxyTravelsThroughACodec) {
     mp::Manager m;
     auto d = m.dict<int, int>();
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     mp::Process child([b] {
         auto got = mp::Connection(b).recv<mp::DictProxy<int, int>>();
         got.set(1, 42);
@@ -452,7 +456,7 @@ TEST(ManagerTest, RemoteManagerOverTcpWithAuthkey) {
     auto c = server.create("Counter", 0);
     auto id = c.id();
     // Another process connects with the key and works on the same object.
-    EXPECT_EQ(run_child([addr, id] {
+    EXPECT_EQ(run_child([addr] {
                   mp::BaseManager client(addr, "secret key");
                   register_counter(client);
                   client.connect();
@@ -483,7 +487,8 @@ TEST(ManagerTest, RemoteManagerOverTcpWithAuthkey) {
 }
 
 TEST(ManagerTest, ServeForeverAndRemoteShutdown) {
-    auto [r, w] = mp::Pipe(false);
+    mp::Connection r, w;
+    std::tie(r, w) = mp::Pipe(false);
     mp::Process srv([w] {
         mp::BaseManager m(mp::Address("127.0.0.1", 0), "k");
         register_counter(m);
@@ -523,7 +528,8 @@ TEST(ManagerTest, BaseManagerOnAUnixPath) {
 
 TEST(ManagerTest, ObjectLivesWhileAnyProcessHoldsAReference) {
     mp::Manager m;
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
     auto gate = m.Event();
     mp::Process holder([b, gate] {
         auto d = mp::Connection(b).recv<mp::DictProxy<int, int>>();  // takes its own reference
@@ -957,7 +963,8 @@ class ServerChild {
 public:
     template <class Setup>
     explicit ServerChild(Setup setup) {
-        auto [r, w] = mp::Pipe(false);
+        mp::Connection r, w;
+        std::tie(r, w) = mp::Pipe(false);
         process_ = std::make_unique<mp::Process>(
             mp::ProcessOptions{.start_method = mp::StartMethod::fork}, [w, setup] {
                 setup();

@@ -23,6 +23,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <iterator>
 #include <ranges>
 #include <set>
 #include <sstream>
@@ -32,6 +33,7 @@
 #include <sys/resource.h>
 #include <thread>
 #include <tuple>
+#include <type_traits>
 #include <typeinfo>
 #include <unistd.h>
 #include <utility>
@@ -415,11 +417,49 @@ TEST(PoolTest, ImapNextTimeout) {
 struct SayWhenError : std::runtime_error {
     SayWhenError() : std::runtime_error("Somebody said when") {}
 };
+/// A lazy input range: f(0), f(1), ... f(last - 1) (for ever without `last`), each computed when
+/// the reader dereferences it: std::views::iota(0, last) | std::views::transform(f), which clang
+/// 14 cannot compile against libstdc++ 12 (it fails on every view_interface).
+template <class F>
+class Generated {
+public:
+    explicit Generated(F f, std::optional<int> last = std::nullopt) : f_(std::move(f)), last_(last) {}
+
+    class iterator {
+    public:
+        using value_type = std::invoke_result_t<const F&, int>;
+        using difference_type = std::ptrdiff_t;
+        iterator() = default;
+        explicit iterator(const Generated* g) : g_(g) {}
+        value_type operator*() const { return g_->f_(i_); }
+        iterator& operator++() {
+            ++i_;
+            return *this;
+        }
+        void operator++(int) { ++i_; }
+        friend bool operator==(const iterator& it, std::default_sentinel_t) { return it.at_end(); }
+
+    private:
+        bool at_end() const { return g_->last_ && i_ >= *g_->last_; }
+        const Generated* g_ = nullptr;
+        int i_ = 0;
+    };
+
+    iterator begin() const { return iterator(this); }
+    std::default_sentinel_t end() const { return {}; }
+
+private:
+    F f_;
+    std::optional<int> last_;
+};
+
 auto exception_throwing_generator(int total, int when) {
-    return std::views::iota(0, total) | std::views::transform([when](int i) {
-               if (when == -1 || i == when) throw SayWhenError();
-               return i;
-           });
+    return Generated(
+        [when](int i) {
+            if (when == -1 || i == when) throw SayWhenError();
+            return i;
+        },
+        total);
 }
 
 TEST(PoolTest, PythonTestImapHandleIterableException) {
@@ -477,10 +517,10 @@ TEST(PoolTest, PythonTestImapUnorderedHandleIterableException) {
 TEST(PoolTest, ImapReadsAnEndlessInputLazily) {
     mp::Pool pool(2);
     std::atomic<int> read{0};
-    auto counted = std::views::iota(0) | std::views::transform([&read](int i) {
-                       ++read;
-                       return i;
-                   });
+    auto counted = Generated([&read](int i) {
+        ++read;
+        return i;
+    });
     constexpr int kTaken = 50;
     {
         auto it = pool.imap(sqr, counted, 3);
@@ -505,10 +545,12 @@ TEST(PoolTest, ImapReadsAnEndlessInputLazily) {
 TEST(PoolTest, CloseReadsTheRestOfAnImapsInput) {
     mp::Pool pool(2);
     std::atomic<int> read{0};
-    auto counted = std::views::iota(0, 30) | std::views::transform([&read](int i) {
-                       ++read;
-                       return i;
-                   });
+    auto counted = Generated(
+        [&read](int i) {
+            ++read;
+            return i;
+        },
+        30);
     auto it = pool.imap(sqr, counted, 2);
     EXPECT_LT(read.load(), 30);
     pool.close();

@@ -121,7 +121,7 @@ struct ReceivedFds {
 /// Tag: the descriptor is known to be a connected stream socket (Listener/Client); a Unix one
 /// may carry descriptors, a TCP one cannot.
 struct KnownSocket {
-    bool unix_family;
+    bool unix_family = false;
 };
 
 /// A contiguous range whose elements are plain bytes of memory (numbers, PODs, std::byte).
@@ -337,7 +337,7 @@ struct ListenerOptions {
     /// When set, every accepted connection must pass the mutual HMAC challenge with this key
     /// (see "Authentication" at Listener) before accept() returns it. std::nullopt: no
     /// authentication, as Python's authkey=None. An empty key is a key (HMAC takes it).
-    std::optional<std::string> authkey;
+    std::optional<std::string> authkey{};
     /// listen()'s backlog. Python's default is 1, which makes a burst of TCP clients wait for
     /// SYN retries (a second each); mp takes 64.
     int backlog = 64;
@@ -356,7 +356,7 @@ struct ListenerOptions {
 /// Options of Client().
 struct ClientOptions {
     /// The key for the mutual HMAC challenge; must match the Listener's (std::nullopt: none).
-    std::optional<std::string> authkey;
+    std::optional<std::string> authkey{};
     /// The longest the handshake may take once connected (mp::AuthenticationError after it).
     std::chrono::milliseconds handshake_timeout{5000};
 };

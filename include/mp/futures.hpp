@@ -165,8 +165,8 @@ inline constexpr ReturnWhen ALL_COMPLETED = ReturnWhen::all_completed;
 /// What mp::wait returns: the futures that are done and those that are not, each in input order.
 template <class T>
 struct WaitResult {
-    std::vector<Future<T>> done;
-    std::vector<Future<T>> not_done;
+    std::vector<Future<T>> done{};
+    std::vector<Future<T>> not_done{};
 };
 
 /// Waits until `when` holds for `futures` (FIRST_EXCEPTION: one finished with an exception, or
@@ -191,7 +191,7 @@ WaitResult<T> wait(const std::vector<Future<T>>& futures, ReturnWhen when) {
 /// Options of mp::as_completed.
 struct AsCompletedOptions {
     /// From the call; std::nullopt: no limit.
-    detail::Timeout timeout;
+    detail::Timeout timeout{};
     /// Draw a progress bar on stderr as futures finish.
     bool progress = false;
 };
@@ -271,10 +271,10 @@ AsCompleted<T> as_completed(std::vector<Future<T>> futures, std::chrono::duratio
 /// Options of a ProcessPoolExecutor; every member has a sensible default.
 struct ExecutorOptions {
     /// Empty: cpu_count(). Zero or less is std::invalid_argument, as Python's ValueError.
-    std::optional<int> max_workers;
+    std::optional<int> max_workers{};
     /// Empty: forkserver (safe in a parent with threads). fork starts workers faster but copies
     /// the parent, threads' locks included.
-    std::optional<StartMethod> start_method;
+    std::optional<StartMethod> start_method{};
     /// A worker is replaced after this many tasks (chunks count as one); 0: never.
     std::size_t max_tasks_per_child = 0;
     /// A worker whose resident memory passes this many bytes after a task is replaced; 0: never.
@@ -283,7 +283,7 @@ struct ExecutorOptions {
     /// none. It bounds the time to the result: a worker that has not finished it by then, or
     /// not even started it (stopped, say), is killed; a task that had started fails with
     /// TimeoutError, one that had not goes to another worker.
-    detail::Timeout task_timeout;
+    detail::Timeout task_timeout{};
     /// Python's behaviour: a worker that dies breaks the whole pool (BrokenProcessPool).
     bool break_on_worker_death = false;
 };
@@ -291,7 +291,7 @@ struct ExecutorOptions {
 /// Options of one submit.
 struct TaskOptions {
     /// Overrides ExecutorOptions::task_timeout for this task.
-    detail::Timeout timeout;
+    detail::Timeout timeout{};
 };
 
 /// Options of map (ProcessPoolExecutor and Pool).
@@ -300,9 +300,9 @@ struct MapOptions {
     /// ceil(n / (4 * workers)) for Pool). A worker that dies fails its whole chunk.
     std::size_t chunksize = 0;
     /// The executor's map: iterating past this (counted from the call) throws TimeoutError.
-    detail::Timeout timeout;
+    detail::Timeout timeout{};
     /// Time limit for each chunk (overrides the pool's task_timeout; counted as task_timeout is).
-    detail::Timeout task_timeout;
+    detail::Timeout task_timeout{};
     /// Draw a progress bar on stderr (done/total, rate, ETA) as chunks finish.
     bool progress = false;
 };
@@ -331,8 +331,8 @@ R decode_item(std::string_view bytes) {
 
 /// Chunked calls of one callable: each chunk a task, its result the items' outcomes.
 struct ChunkSet {
-    std::vector<std::shared_ptr<FutureCore>> cores;
-    std::vector<std::size_t> sizes;
+    std::vector<std::shared_ptr<FutureCore>> cores{};
+    std::vector<std::size_t> sizes{};
     std::size_t items = 0;
 };
 

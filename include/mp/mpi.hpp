@@ -106,7 +106,7 @@ struct ExecutorOptions {
     bool isolate_tasks = false;
     /// Only with isolate_tasks: a task running longer than this (counted from its start) has
     /// its local worker killed and fails with mp::TimeoutError. Empty: no limit.
-    detail::Timeout task_timeout;
+    detail::Timeout task_timeout{};
 };
 
 namespace detail {

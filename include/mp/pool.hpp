@@ -42,23 +42,23 @@ namespace mp {
 struct PoolOptions {
     /// Empty: cpu_count(). Zero or less is std::invalid_argument ("Number of processes must be
     /// at least 1", as Python).
-    std::optional<int> processes;
+    std::optional<int> processes{};
     /// A worker is replaced after this many tasks (Python's maxtasksperchild); 0: never.
     std::size_t maxtasksperchild = 0;
     /// A worker whose resident memory passes this many bytes after a task is replaced; 0: never.
     std::size_t max_memory_per_child = 0;
     /// Empty: forkserver.
-    std::optional<StartMethod> start_method;
+    std::optional<StartMethod> start_method{};
     /// Per-task (per-chunk) time limit, counted from when the task is the next for a worker;
     /// the worker is killed, the task fails with TimeoutError (one it had not started goes to
     /// another worker).
-    detail::Timeout task_timeout;
+    detail::Timeout task_timeout{};
 };
 
 /// The arguments of an apply_async with callbacks: pool.apply_async(f, mp::args(1, 2), on_ok).
 template <class... A>
 struct Args {
-    std::tuple<A...> values;
+    std::tuple<A...> values{};
 };
 template <class... A>
 Args<std::decay_t<A>...> args(A&&... a) {
@@ -124,7 +124,7 @@ public:
 struct IMapSink {
     std::mutex mu;
     PoolEngine* engine = nullptr;  // null once the Pool is gone
-    std::vector<std::weak_ptr<IMapFeed>> feeds;
+    std::vector<std::weak_ptr<IMapFeed>> feeds{};
 };
 
 /// Reads the next chunk of `range` (owned when given as an rvalue, else referenced) and submits

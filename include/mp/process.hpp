@@ -202,14 +202,14 @@ struct ProcessIdentity {
     pid_t pid = 0;
     bool daemon = false;
     /// Inherited by children; 32 random bytes in the main process.
-    std::string authkey;
+    std::string authkey{};
     /// Position in the process tree: {} for the main process, {1} for Process-1, {1, 2} ...
-    std::vector<int> identity;
+    std::vector<int> identity{};
 };
 
 /// The parent of the current process, if it was started by mp.
 struct ParentProcess {
-    std::string name;
+    std::string name{};
     pid_t pid = 0;
     /// True while the parent runs.
     bool is_alive() const;

@@ -277,9 +277,9 @@ public:
 
 protected:
     struct Kind {
-        SocketKind socket;
-        AddressFamily family;
-        Concurrency concurrency;
+        SocketKind socket{};
+        AddressFamily family{};
+        Concurrency concurrency{};
     };
     BaseServer(ServerAddress address, HandlerFactory factory, Kind kind, ServerOptions options);
 
@@ -298,7 +298,7 @@ protected:
 
 private:
     struct Child {
-        std::unique_ptr<Process> process;
+        std::unique_ptr<Process> process{};
         std::uint64_t connection = 0;  // its entry in connections_ (0: none)
     };
 
@@ -331,8 +331,8 @@ private:
     bool shutdown_request_ = false;
 
     struct HandlerThread {
-        std::thread thread;
-        std::shared_ptr<bool> done;  // guarded by threads_mu_
+        std::thread thread{};
+        std::shared_ptr<bool> done{};  // guarded by threads_mu_
     };
     std::mutex threads_mu_;
     std::vector<HandlerThread> threads_;

@@ -26,9 +26,9 @@ namespace mp::detail {
 
 /// An exception as it crosses a process boundary.
 struct ErrorInfo {
-    std::string type_name;  // demangled, e.g. "std::out_of_range"
-    std::string message;    // what()
-    std::string origin;     // e.g. "ForkServerPoolWorker-2 (pid 1234)"
+    std::string type_name{};  // demangled, e.g. "std::out_of_range"
+    std::string message{};    // what()
+    std::string origin{};     // e.g. "ForkServerPoolWorker-2 (pid 1234)"
 };
 
 /// Inside a catch block: appends the exception being handled (type name, what(), this process).

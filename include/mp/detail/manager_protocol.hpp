@@ -29,7 +29,7 @@ using Method = std::function<void(void* object, Decoder& in, Encoder& out)>;
 /// What the server knows about a type it can create.
 struct TypeEntry {
     std::function<std::shared_ptr<void>(Decoder& args)> make;
-    std::unordered_map<std::string, Method> methods;
+    std::unordered_map<std::string, Method> methods{};
     /// true: each call holds the object's mutex (atomic calls). false: the type synchronises
     /// itself (blocking primitives).
     bool serialised = true;

@@ -20,7 +20,7 @@ namespace mp {
 /// One worker, as PoolStats shows it.
 struct WorkerStats {
     pid_t pid = 0;
-    std::string name;
+    std::string name{};
     /// Tasks (or chunks) handed to this worker and not yet answered: running or queued in it.
     std::size_t assigned = 0;
     /// 1 while it runs a task, else 0.
@@ -39,7 +39,7 @@ struct PoolStats {
     std::size_t cancelled = 0;
     std::size_t workers_started = 0;  // over the pool's life, replacements included
     std::size_t worker_deaths = 0;    // workers that died unasked (crash, kill, exit in a task)
-    std::vector<WorkerStats> workers;  // the live workers
+    std::vector<WorkerStats> workers{};  // the live workers
 };
 
 namespace detail {
@@ -49,15 +49,15 @@ struct PoolConfig {
     StartMethod method = StartMethod::forkserver;
     std::size_t max_tasks_per_child = 0;   // 0: no limit
     std::size_t max_memory_per_child = 0;  // bytes of resident memory; 0: no limit
-    std::optional<std::chrono::nanoseconds> task_timeout;
+    std::optional<std::chrono::nanoseconds> task_timeout{};
     bool break_on_worker_death = false;
-    std::optional<Task> initializer;
-    std::string worker_name;  // "ForkServerPoolWorker" -> "ForkServerPoolWorker-3"
+    std::optional<Task> initializer{};
+    std::string worker_name{};  // "ForkServerPoolWorker" -> "ForkServerPoolWorker-3"
 };
 
 struct JobOptions {
-    std::optional<std::chrono::nanoseconds> timeout;  // overrides PoolConfig::task_timeout
-    std::size_t items = 0;                            // 0: a single call; N: a chunk of N calls
+    std::optional<std::chrono::nanoseconds> timeout{};  // overrides PoolConfig::task_timeout
+    std::size_t items = 0;                              // 0: a single call; N: a chunk of N calls
 };
 
 class PoolEngine {
@@ -93,8 +93,8 @@ private:
 
 /// Splits a chunk's result bytes into its items: each a value (bytes for the codec) or an error.
 struct ChunkItem {
-    bool ok;
-    std::string_view bytes;  // the encoded value, or an ErrorInfo
+    bool ok = false;
+    std::string_view bytes{};  // the encoded value, or an ErrorInfo
 };
 std::vector<ChunkItem> split_chunk(const std::string& bytes, std::size_t expected);
 /// Throws the exception an item carries.

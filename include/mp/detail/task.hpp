@@ -318,8 +318,8 @@ inline const bool invoker_registered = register_invoker(&invoke_from<F, A...>);
 /// An encoded call: [invoker][function, for a pointer][arguments...], plus the descriptors its
 /// arguments attached (borrowed from the arguments, which must outlive the sending).
 struct Task {
-    std::string bytes;
-    std::vector<int> fds;
+    std::string bytes{};
+    std::vector<int> fds{};
 };
 
 /// Encodes `f(args...)` when it can cross a process boundary; std::nullopt otherwise (the caller

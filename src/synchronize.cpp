@@ -36,94 +36,47 @@ using namespace sync;
 
 namespace {
 
-// Handles of objects received through a Codec, by memfd inode (see attach_shared below).
-struct AttachRegistry {
-    std::mutex mu;
-    std::map<std::pair<dev_t, ino_t>, std::pair<std::weak_ptr<void>, std::uint32_t>> live;
-};
-AttachRegistry& registry() {
-    static auto* r = new AttachRegistry;  // never destroyed: handles may outlive static teardown
-    return *r;
-}
-
-void on_fork_child() noexcept {
-    // Another thread of the parent may have held the registry's mutex at the moment of fork.
-    new (&registry().mu) std::mutex;
-}
-
-[[maybe_unused]] const int atfork_registered = [] {
-    (void)registry();
-    return ::pthread_atfork(nullptr, nullptr, &on_fork_child);
-}();
-
 // ---------------------------------------------------------------------------------------------
-// Attaching a received descriptor. The same memfd received twice in one process is mapped once:
-// a robust mutex locked through one mapping and unlocked through another would corrupt glibc's
-// per-thread robust list, which links mutexes by address.
+// Attaching a received descriptor, once per process (see detail::attached): the tag recorded
+// with an Impl is its block's Kind.
 
 template <class Impl, class Core>
-std::shared_ptr<Impl> attach_shared(int raw_fd, std::initializer_list<Kind> kinds,
-                                    const char* what) {
-    sys::Fd fd(raw_fd);
-    struct stat st {};
-    sys::check(::fstat(fd.get(), &st), "fstat");
-    const auto key = std::make_pair(st.st_dev, st.st_ino);
-    auto check = [&](const SharedBlock& b) {
-        if (b.size() < sizeof(Block<Core>))
-            throw DecodeError(std::string(what) + ": the received memory is too small");
-        const auto* h = static_cast<const Header*>(b.data());
-        if (h->magic != block_magic ||
-            std::find(kinds.begin(), kinds.end(), h->kind) == kinds.end())
-            throw DecodeError(std::string(what) + ": the received memory holds " +
-                              (h->magic == block_magic ? kind_name(h->kind)
-                                                       : "no mp synchronisation object"));
+std::shared_ptr<Impl> attach_shared(int fd, std::initializer_list<Kind> kinds, const char* what) {
+    auto refuse = [&](Kind kind) {
+        throw DecodeError(std::string(what) + ": the received memory holds " +
+                          (kind == Kind{} ? "no mp synchronisation object" : kind_name(kind)));
     };
-    auto& reg = registry();
-    // Declared before the guard, so destroyed after it: dropping the last reference runs the
-    // Impl's destructor, which takes the registry's mutex.
-    std::shared_ptr<void> existing;
-    std::lock_guard g(reg.mu);
-    if (auto it = reg.live.find(key); it != reg.live.end()) {
-        if ((existing = it->second.first.lock())) {
-            const auto kind = static_cast<Kind>(it->second.second);
-            if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end())
-                throw DecodeError(std::string(what) + ": the received memory holds " +
-                                  kind_name(kind));
-            return std::static_pointer_cast<Impl>(existing);  // `fd` closes: the mapping has its own
-        }
-    }
-    if (!S_ISREG(st.st_mode) || st.st_size < static_cast<off_t>(sizeof(Block<Core>)))
-        throw DecodeError(std::string(what) + ": the received descriptor is not its shared memory");
-    SharedBlock b = SharedBlock::attach(fd.release());
-    check(b);
-    const auto kind = static_cast<const Header*>(b.data())->kind;
-    auto impl = std::make_shared<Impl>(std::move(b));
-    reg.live[key] = {impl, static_cast<std::uint32_t>(kind)};
-    return impl;
+    auto accepts = [&](Kind kind) {
+        return std::find(kinds.begin(), kinds.end(), kind) != kinds.end();
+    };
+    return std::static_pointer_cast<Impl>(attached::find_or_attach(
+        fd, sizeof(Block<Core>), what,
+        [&](std::uint32_t tag) {
+            if (!accepts(static_cast<Kind>(tag)))
+                refuse(tag >= 1 && tag <= static_cast<std::uint32_t>(Kind::barrier)
+                           ? static_cast<Kind>(tag)
+                           : Kind{});
+        },
+        [&](SharedBlock b) -> std::pair<std::shared_ptr<void>, std::uint32_t> {
+            if (b.size() < sizeof(Block<Core>))
+                throw DecodeError(std::string(what) + ": the received memory is too small");
+            const auto* h = static_cast<const Header*>(b.data());
+            if (h->magic != block_magic || !accepts(h->kind))
+                refuse(h->magic == block_magic ? h->kind : Kind{});
+            const auto kind = h->kind;
+            return {std::make_shared<Impl>(std::move(b)), static_cast<std::uint32_t>(kind)};
+        }));
 }
 
 // Records an object created by this process, so that receiving it back maps nothing new.
 template <class Impl>
 std::shared_ptr<Impl> register_created(std::shared_ptr<Impl> impl) {
-    struct stat st {};
-    sys::check(::fstat(impl->block.fd(), &st), "fstat");
     const auto kind = static_cast<const Header*>(impl->block.data())->kind;
-    auto& reg = registry();
-    std::lock_guard g(reg.mu);
-    reg.live[{st.st_dev, st.st_ino}] = {impl, static_cast<std::uint32_t>(kind)};
+    attached::record(impl->block, static_cast<std::uint32_t>(kind), [&] { return impl; });
     return impl;
 }
 
-void forget_attached(const SharedBlock& b) noexcept {
-    // Called from an Impl's destructor; erase only if the entry is ours and dead.
-    if (!b) return;
-    struct stat st {};
-    if (::fstat(b.fd(), &st) != 0) return;
-    auto& reg = registry();
-    std::lock_guard g(reg.mu);
-    auto it = reg.live.find({st.st_dev, st.st_ino});
-    if (it != reg.live.end() && it->second.first.expired()) reg.live.erase(it);
-}
+void forget_attached(const SharedBlock& b) noexcept { attached::forget(b); }
 
 }  // namespace
 
@@ -269,18 +222,16 @@ struct SyncAccess {
 bool MutexImpl::pin_held(SharedBlock& block) noexcept {
     static auto* pinned = new std::vector<std::shared_ptr<MutexImpl>>;  // never destroyed
     try {
-        struct stat st {};
-        sys::check(::fstat(block.fd(), &st), "fstat");
         const auto kind = static_cast<const Header*>(block.data())->kind;
-        auto& reg = registry();
-        std::lock_guard g(reg.mu);
-        // Everything that may throw comes before the block moves: a MutexImpl destroyed here
-        // would come back to this function with the registry's mutex held.
-        auto& entry = reg.live[{st.st_dev, st.st_ino}];
-        pinned->reserve(pinned->size() + 1);
-        auto keep = std::make_shared<MutexImpl>(std::move(block));
-        entry = {keep, static_cast<std::uint32_t>(kind)};
-        pinned->push_back(std::move(keep));
+        // Everything that may throw comes before the block moves (record promises as much, and
+        // make_shared allocates before it moves): a MutexImpl destroyed here would come back to
+        // this function with the registry's mutex held.
+        attached::record(block, static_cast<std::uint32_t>(kind), [&] {
+            pinned->reserve(pinned->size() + 1);
+            auto keep = std::make_shared<MutexImpl>(std::move(block));
+            pinned->push_back(keep);
+            return std::shared_ptr<void>(std::move(keep));
+        });
         return true;
     } catch (...) {
         return false;

@@ -30,6 +30,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/codec.hpp"
 #include "helpers/proc_state.hpp"
 #include "helpers/timeouts.hpp"
 #include "helpers/shared_object.hpp"
@@ -401,22 +402,6 @@ TEST(Queue, MalformedFlatMessageRaisesDecodeErrorAndIsConsumed) {
     EXPECT_TRUE(reader.empty());
 }
 
-// Sends `q` as a Codec would to another process (its descriptor duplicated as SCM_RIGHTS does)
-// and decodes it in this one.
-template <class Q>
-Q receive_here(const Q& q) {
-    mp::Encoder e;
-    e.put(q);
-    std::vector<int> fds;
-    for (int fd : e.fds()) fds.push_back(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
-    mp::Decoder d(e.bytes(), fds);
-    Q out = d.get<Q>();
-    d.finish();
-    for (int fd : fds)
-        if (fd >= 0) ::close(fd);
-    return out;
-}
-
 // A queue received more than once in one process (its creator included) is mapped once: its
 // block holds robust mutexes, and glibc links a held robust mutex into the thread's robust list
 // by address, so a lock taken through one mapping and released through another corrupts it.
@@ -426,16 +411,16 @@ TEST(Queue, ReceivedTwiceInOneProcessIsMappedOnce) {
     e.put(*q);
     const int fd = ::fcntl(e.fds()[0], F_DUPFD_CLOEXEC, 0);  // names the memory after q goes
     ASSERT_GE(fd, 0);
-    auto a = receive_here(*q);
-    auto b = receive_here(*q);
+    auto a = mp::test::receive_here(*q);
+    auto b = mp::test::receive_here(*q);
     EXPECT_EQ(mp::test::memfd_mappings(fd), 1);
     a.put(1);
     EXPECT_EQ(b.get(LONG), 1);
 
     // Received by a process that did not create it: the same, once the creator's handle is gone.
-    mp::Queue<int> kept = receive_here(a);
+    mp::Queue<int> kept = mp::test::receive_here(a);
     q.reset();
-    mp::Queue<int> c = receive_here(kept);
+    mp::Queue<int> c = mp::test::receive_here(kept);
     EXPECT_EQ(mp::test::memfd_mappings(fd), 1);
     c.put(2);
     EXPECT_EQ(kept.get(LONG), 2);

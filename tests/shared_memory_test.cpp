@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "helpers/leak_check.hpp"
+#include "helpers/codec.hpp"
 #include "helpers/proc_state.hpp"
 #include "mp/process.hpp"
 #include "sys/fd.hpp"
@@ -833,22 +834,6 @@ TEST(RawArrayTest, CodecRefusesABlockTooSmallForTheLength) {
     EXPECT_THROW((void)d.get<mp::RawArray<int>>(), mp::DecodeError);
 }
 
-// Sends `v` as a Codec would to another process (its descriptors duplicated as SCM_RIGHTS does)
-// and decodes it in this one.
-template <class V>
-V receive_here(const V& v) {
-    mp::Encoder e;
-    e.put(v);
-    std::vector<int> fds;
-    for (int fd : e.fds()) fds.push_back(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
-    mp::Decoder d(e.bytes(), fds);
-    V out = d.get<V>();
-    d.finish();
-    for (int fd : fds)
-        if (fd >= 0) ::close(fd);
-    return out;
-}
-
 // The memfd of `v`'s memory (the first descriptor its codec sends), duplicated.
 template <class V>
 int memory_fd(const V& v) {
@@ -866,10 +851,10 @@ TEST(RawArrayTest, ReceivedTwiceInOneProcessIsMappedOnce) {
     const int afd = memory_fd(*arr);
     ASSERT_GE(vfd, 0);
     ASSERT_GE(afd, 0);
-    auto v1 = receive_here(*v);
-    auto v2 = receive_here(*v);
-    auto a1 = receive_here(*arr);
-    auto a2 = receive_here(*arr);
+    auto v1 = mp::test::receive_here(*v);
+    auto v2 = mp::test::receive_here(*v);
+    auto a1 = mp::test::receive_here(*arr);
+    auto a2 = mp::test::receive_here(*arr);
     EXPECT_EQ(mp::test::memfd_mappings(vfd), 1);
     EXPECT_EQ(mp::test::memfd_mappings(afd), 1);
     v1.set(7);
@@ -878,8 +863,8 @@ TEST(RawArrayTest, ReceivedTwiceInOneProcessIsMappedOnce) {
     // Received by a process that did not create them: the same, once the creator's are gone.
     v.reset();
     arr.reset();
-    auto v3 = receive_here(v1);
-    auto a3 = receive_here(a2);
+    auto v3 = mp::test::receive_here(v1);
+    auto a3 = mp::test::receive_here(a2);
     EXPECT_EQ(mp::test::memfd_mappings(vfd), 1);
     EXPECT_EQ(mp::test::memfd_mappings(afd), 1);
     EXPECT_EQ(v3.get(), 7);

@@ -245,7 +245,27 @@ QueueCore::QueueCore(SharedBlock block) : block_(std::move(block)) {
     ring_ = static_cast<char*>(block_.data()) + kHeaderBytes;
 }
 
-QueueCore::~QueueCore() = default;
+QueueCore::~QueueCore() { attached::forget(block_); }
+
+std::shared_ptr<QueueCore> make_queue(std::size_t maxsize, std::size_t buffer_bytes) {
+    auto core = std::make_shared<QueueCore>(maxsize, buffer_bytes);
+    attached::record(core->block_, attached::queue_tag, [&] { return core; });
+    return core;
+}
+
+// Two mappings of one queue in one process would put its robust mutexes at two addresses (see
+// detail::attached).
+std::shared_ptr<QueueCore> attach_queue(int fd) {
+    return std::static_pointer_cast<QueueCore>(attached::find_or_attach(
+        fd, 1, "mp::Queue",
+        [](std::uint32_t tag) {
+            if (tag != attached::queue_tag)
+                throw DecodeError("mp::Queue: the received memory holds another kind of object");
+        },
+        [](SharedBlock b) -> std::pair<std::shared_ptr<void>, std::uint32_t> {
+            return {std::make_shared<QueueCore>(std::move(b)), attached::queue_tag};
+        }));
+}
 
 void* QueueCore::producer_lock_for_testing() const noexcept { return &h_->plock; }
 

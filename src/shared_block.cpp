@@ -1,8 +1,17 @@
+// SharedBlock (a memfd and its mapping) and the registry that maps each memfd once per process.
+
 #include "mp/detail/shared_block.hpp"
 
+#include <map>
+#include <mutex>
+#include <new>
+#include <pthread.h>
+#include <string>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "mp/errors.hpp"
 
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
@@ -41,5 +50,96 @@ void SharedBlock::release() noexcept {
     size_ = 0;
     fd_ = -1;
 }
+
+namespace attached {
+namespace {
+
+struct Entry {
+    std::weak_ptr<void> owner;
+    std::uint32_t tag = 0;
+};
+
+struct Registry {
+    std::mutex mu;
+    std::map<std::pair<dev_t, ino_t>, Entry> live;
+};
+
+Registry& registry() {
+    static auto* r = new Registry;  // never destroyed: handles may outlive static teardown
+    return *r;
+}
+
+void on_fork_child() noexcept {
+    // Another thread of the parent may have held the registry's mutex at the moment of fork.
+    new (&registry().mu) std::mutex;
+}
+
+[[maybe_unused]] const int atfork_registered = [] {
+    (void)registry();
+    return ::pthread_atfork(nullptr, nullptr, &on_fork_child);
+}();
+
+std::pair<dev_t, ino_t> key_of(int fd, struct stat& st) {
+    sys::check(::fstat(fd, &st), "fstat");
+    return {st.st_dev, st.st_ino};
+}
+
+}  // namespace
+
+std::shared_ptr<void> find_or_attach(int raw_fd, std::size_t min_size, const char* what,
+                                     const std::function<void(std::uint32_t)>& check_tag,
+                                     const Make& make) {
+    sys::Fd fd(raw_fd);
+    struct stat st {};
+    const auto key = key_of(fd.get(), st);
+    auto& reg = registry();
+    // Declared before the guard, so destroyed after it: dropping the last reference runs the
+    // owner's destructor, which takes the registry's mutex.
+    std::shared_ptr<void> owner;
+    std::lock_guard g(reg.mu);
+    auto [it, fresh] = reg.live.try_emplace(key);
+    if (!fresh && (owner = it->second.owner.lock())) {
+        check_tag(it->second.tag);
+        return owner;  // `fd` closes: the mapping has its own
+    }
+    try {
+        if (!S_ISREG(st.st_mode) || st.st_size <= 0 ||
+            static_cast<std::size_t>(st.st_size) < min_size)
+            throw DecodeError(std::string(what) +
+                              ": the received descriptor is not its shared memory");
+        auto [made, tag] = make(SharedBlock::attach(fd.release()));
+        owner = std::move(made);
+        it->second = {owner, tag};
+    } catch (...) {
+        if (it->second.owner.expired()) reg.live.erase(it);
+        throw;
+    }
+    return owner;
+}
+
+void record(const SharedBlock& block, std::uint32_t tag,
+            const std::function<std::shared_ptr<void>()>& make) {
+    struct stat st {};
+    const auto key = key_of(block.fd(), st);
+    auto& reg = registry();
+    std::shared_ptr<void> owner;  // destroyed after the guard, as in find_or_attach
+    std::lock_guard g(reg.mu);
+    auto& entry = reg.live[key];
+    owner = make();
+    entry = {owner, tag};
+}
+
+void forget(const SharedBlock& block) noexcept {
+    if (!block) return;
+    struct stat st {};
+    if (::fstat(block.fd(), &st) != 0) return;
+    auto& reg = registry();
+    std::lock_guard g(reg.mu);
+    // Erase only a dead record: another thread may have attached the memory again meanwhile.
+    auto it = reg.live.find({st.st_dev, st.st_ino});
+    if (it != reg.live.end() && it->second.owner.expired()) reg.live.erase(it);
+}
+
+}  // namespace attached
 
 }  // namespace mp::detail

@@ -568,4 +568,45 @@ std::ostream& operator<<(std::ostream& out, const SharedMemory& shm) {
     return out << to_string(shm);
 }
 
+namespace detail {
+
+namespace {
+
+// The block's owner: forgets its record when the last handle of this process goes.
+BlockPtr share_block(SharedBlock b) {
+    return BlockPtr(new SharedBlock(std::move(b)), [](SharedBlock* p) {
+        attached::forget(*p);
+        delete p;
+    });
+}
+
+}  // namespace
+
+BlockPtr make_block(std::size_t bytes, const char* name) {
+    BlockPtr b = share_block(SharedBlock::create(bytes, name));
+    attached::record(*b, attached::raw_tag, [&] { return b; });
+    return b;
+}
+
+BlockPtr decode_block(Decoder& d, std::size_t min_bytes) {
+    auto index = d.get<std::uint32_t>();
+    auto b = std::static_pointer_cast<SharedBlock>(attached::find_or_attach(
+        d.take_fd(index), 1, "mp::Codec",
+        [](std::uint32_t tag) {
+            if (tag != attached::raw_tag)
+                throw DecodeError("mp::Codec: the received shared block holds another kind of "
+                                  "object (malformed input)");
+        },
+        [](SharedBlock block) -> std::pair<std::shared_ptr<void>, std::uint32_t> {
+            return {share_block(std::move(block)), attached::raw_tag};
+        }));
+    if (b->size() < min_bytes)
+        throw DecodeError("mp::Codec: a shared block of " + std::to_string(b->size()) +
+                          " bytes arrived where " + std::to_string(min_bytes) +
+                          " were needed (malformed input)");
+    return b;
+}
+
+}  // namespace detail
+
 }  // namespace mp

@@ -1,3 +1,7 @@
+// The public synchronisation objects (Lock, RLock, Semaphore, BoundedSemaphore, Condition, Event,
+// Barrier), their per-process Impl types and their codecs, built on the shared state in
+// sync_state.hpp.
+
 #include "mp/synchronize.hpp"
 
 #include <algorithm>
@@ -20,6 +24,7 @@
 #include <vector>
 
 #include "mp/detail/shared_block.hpp"
+#include "sync_state.hpp"
 #include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
 #include "sys/robust_mutex.hpp"
@@ -27,477 +32,51 @@
 
 namespace mp::detail {
 
+using namespace sync;
+
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// The calling thread's id, cached. The cache is cleared in a forked child (pthread_atfork), where
-// the surviving thread has a new id; mp forks only through fork(), which runs the handlers.
-
-thread_local pid_t cached_tid = 0;
-
-// Handles of objects received through a Codec, by memfd inode (see attach_shared below).
-struct AttachRegistry {
-    std::mutex mu;
-    std::map<std::pair<dev_t, ino_t>, std::pair<std::weak_ptr<void>, std::uint32_t>> live;
-};
-AttachRegistry& registry() {
-    static auto* r = new AttachRegistry;  // never destroyed: handles may outlive static teardown
-    return *r;
-}
-
-void on_fork_child() noexcept {
-    cached_tid = 0;
-    // Another thread of the parent may have held the registry's mutex at the moment of fork.
-    new (&registry().mu) std::mutex;
-}
-
-[[maybe_unused]] const int atfork_registered = [] {
-    (void)registry();
-    return ::pthread_atfork(nullptr, nullptr, &on_fork_child);
-}();
-
-pid_t current_tid() noexcept {
-    if (cached_tid == 0) cached_tid = static_cast<pid_t>(::syscall(SYS_gettid));
-    return cached_tid;
-}
-
-[[noreturn]] void throw_errc(std::errc e, const char* what) {
-    throw std::system_error(std::make_error_code(e), what);
-}
-
-timespec to_timespec(std::chrono::steady_clock::time_point t) noexcept {
-    auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
-    if (ns < 0) ns = 0;
-    timespec ts{};
-    ts.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
-    ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-    return ts;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Shared block layout: a header naming the kind of object, then the object's state.
-
-constexpr std::uint32_t block_magic = 0x6d705359;  // "mpSY"
-
-enum class Kind : std::uint32_t {
-    lock = 1,
-    rlock,
-    semaphore,
-    bounded_semaphore,
-    condition,
-    event,
-    barrier,
-};
-
-struct Header {
-    std::uint32_t magic;
-    Kind kind;
-};
-
-// A robust, process-shared, error-checking pthread mutex plus mp's own record of the holder.
-// The mutex's futex word is the truth about ownership (the kernel marks it when the holder dies);
-// `owner` lets a thread ask "do I hold it?" without a system call, and `count` is the RLock depth.
-// `owner` and `count` are written only by the holder.
-struct MutexCore {
-    pthread_mutex_t mutex;
-    std::atomic<std::int32_t> owner;         // holder's thread id, 0 when free
-    std::uint32_t count;                     // recursion depth (RLock), 1 for a held Lock
-    std::atomic<std::uint32_t> owner_died;   // 1: the current holding was recovered from the dead
-};
-
-// A semaphore: the futex word is the count itself. `waiters` counts threads that may sleep, so
-// release skips the wake-up system call when there are none. A waiter killed while registered
-// leaves `waiters` too high forever: that only costs releasers a (harmless) system call.
-struct SemaphoreCore {
-    std::atomic<std::uint32_t> value;
-    std::atomic<std::uint32_t> waiters;
-    std::uint32_t max;  // the bound of a BoundedSemaphore, else 0
-};
-
-// A condition variable that wakes exactly n waiters (see cond_wait and cond_notify).
-//   seq:    the futex word; bumped by every notify that grants anything, so a waiter can tell
-//           whether a notify happened since it registered ("eligible") and sleeps on it.
-//   counts: low 32 bits: waiters registered and not granted a wake-up ("waiting");
-//           high 32 bits: wake-ups granted and not yet taken ("signals").
-// Invariant: waiting + signals == threads inside wait() (plus waiters that died there). Each
-// waiter leaves by taking one unit: a signal (wait returns true) or, on timeout, a waiting unit
-// (false). Registration and notify happen under the lock, so a waiter registered after a notify
-// is never eligible for it.
-struct CondCore {
-    std::atomic<std::uint32_t> seq;
-    std::atomic<std::uint64_t> counts;
-};
-
-// An event: bit 0 is the flag, the upper bits count set() calls, so a waiter notices a set()
-// even when clear() follows before it runs.
-struct EventCore {
-    std::atomic<std::uint32_t> word;
-    std::atomic<std::uint32_t> waiters;
-};
-
-// A barrier: Python's threading.Barrier state machine under a robust mutex and a condition,
-// plus one PartySlot per party, which the block holds after the core. Every field is written
-// with the mutex held.
-struct BarrierCore {
-    MutexCore mutex;
-    CondCore cond;
-    std::int32_t parties;
-    std::int32_t state;  // 0 filling, 1 draining, 2 running the action, -1 resetting, -2 broken
-    std::int32_t count;  // parties inside wait() that hold a slot: the occupied slots
-    std::int32_t has_timeout;
-    std::int64_t timeout_ns;
-    std::int32_t slots_ready;   // slots [0, slots_ready) have been initialised
-    std::int32_t reserved;
-    std::int64_t next_scan_ns;  // steady clock: when a waiter next looks for dead parties
-};
-
-// A counted party's proof of life: it holds its slot's robust mutex from arrival until it leaves
-// wait(). When its process dies, the kernel marks the mutex's owner dead, and a trylock by anyone
-// else returns EOWNERDEAD instead of EBUSY: a dead party is known without its help and without
-// pids (which may be reused).
-struct PartySlot {
-    pthread_mutex_t mutex;
-    std::int32_t occupied;  // 1 while a party counted in `count` holds it
-    std::int32_t reserved;
-};
-
-template <class Core>
-struct Block {
-    Header header;
-    Core core;
-};
-
-const char* kind_name(Kind k) {
-    switch (k) {
-        case Kind::lock: return "mp::Lock";
-        case Kind::rlock: return "mp::RLock";
-        case Kind::semaphore: return "mp::Semaphore";
-        case Kind::bounded_semaphore: return "mp::BoundedSemaphore";
-        case Kind::condition: return "mp::Condition";
-        case Kind::event: return "mp::Event";
-        case Kind::barrier: return "mp::Barrier";
-    }
-    return "mp synchronisation object";
-}
-
-template <class Core>
-SharedBlock create_block(Kind kind, std::size_t extra = 0) {
-    SharedBlock b = SharedBlock::create(sizeof(Block<Core>) + extra, kind_name(kind));
-    // The memfd is zero-filled: zero is the initial state of every atomic here.
-    auto* blk = new (b.data()) Block<Core>{};
-    blk->header.magic = block_magic;
-    blk->header.kind = kind;
-    return b;
-}
-
-template <class Core>
-Core* core_of(const SharedBlock& b) noexcept {
-    return &static_cast<Block<Core>*>(b.data())->core;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Mutex operations.
-
-void init_robust_mutex(pthread_mutex_t& m) {
-    pthread_mutexattr_t attr;
-    sys::check_ret(::pthread_mutexattr_init(&attr), "pthread_mutexattr_init");
-    struct AttrGuard {
-        pthread_mutexattr_t* a;
-        ~AttrGuard() { ::pthread_mutexattr_destroy(a); }
-    } guard{&attr};
-    sys::check_ret(::pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED),
-                   "pthread_mutexattr_setpshared");
-    sys::check_ret(::pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST),
-                   "pthread_mutexattr_setrobust");
-    // Error-checking: an unlock by a thread that does not hold it fails instead of corrupting.
-    sys::check_ret(::pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK),
-                   "pthread_mutexattr_settype");
-    sys::check_ret(::pthread_mutex_init(&m, &attr), "pthread_mutex_init");
-}
-
-void init_mutex(MutexCore& c) { init_robust_mutex(c.mutex); }
-
-enum class LockMode { block, try_once, timed };
-
-// Locks the pthread mutex itself; false when busy or timed out. A holder that died is recovered
-// here: the mutex is made consistent at once (so a later holder never finds it unrecoverable)
-// and owner_died is set for the new holder to see. A wait goes in slices (sys::lock_robust): a
-// robust mutex can lose its wake-up when a waiter is killed.
-bool lock_mutex(MutexCore& c, LockMode mode, const Deadline& deadline) {
-    const int rc = sys::lock_robust(&c.mutex, mode != LockMode::try_once,
-                                    mode == LockMode::block ? Deadline{} : deadline);
-    switch (rc) {
-        case 0:
-            c.owner_died.store(0, std::memory_order_relaxed);
-            return true;
-        case EOWNERDEAD:
-            sys::check_ret(::pthread_mutex_consistent(&c.mutex), "pthread_mutex_consistent");
-            c.owner_died.store(1, std::memory_order_relaxed);
-            return true;
-        case EBUSY:
-        case ETIMEDOUT:
-            return false;
-        default:
-            sys::throw_system_error(rc, "pthread_mutex_lock (robust)");
-    }
-}
-
-void unlock_mutex(MutexCore& c) {
-    sys::check_ret(::pthread_mutex_unlock(&c.mutex), "pthread_mutex_unlock");
-}
-
-// The futex word of a robust mutex holds its owner's thread id; the kernel clears it when the
-// owner dies. Checking it too means a thread that happens to get a dead holder's (reused) id
-// never mistakes the stale `owner` record for its own holding.
-bool futex_owner_is(const MutexCore& c, pid_t tid) noexcept {
-#if defined(__GLIBC__)
-    const int word = __atomic_load_n(&c.mutex.__data.__lock, __ATOMIC_RELAXED);
-    return (static_cast<unsigned>(word) & FUTEX_TID_MASK) == static_cast<unsigned>(tid);
-#else
-    (void)c;
-    (void)tid;
-    return true;
-#endif
-}
-
-bool held_by_me(const MutexCore& c) noexcept {
-    const pid_t me = current_tid();
-    return c.owner.load(std::memory_order_relaxed) == me && futex_owner_is(c, me);
-}
-
-// Whether a thread of this process holds `m`: its futex word names the holder's thread id, and
-// tgkill(getpid(), tid, 0) succeeds only for a thread of this process (a dead holder's id is
-// cleared from the word by the kernel, so a reused id is never mistaken for it).
-bool held_in_this_process(const pthread_mutex_t& m) noexcept {
-#if defined(__GLIBC__)
-    const auto tid = static_cast<pid_t>(
-        static_cast<unsigned>(__atomic_load_n(&m.__data.__lock, __ATOMIC_RELAXED)) &
-        FUTEX_TID_MASK);
-    return tid != 0 && ::syscall(SYS_tgkill, ::getpid(), tid, 0) == 0;
-#else
-    (void)m;
-    return true;  // unknown: keep the mapping (the cost is a small leak, never a lost death)
-#endif
-}
-
-// Acquire with Lock/RLock semantics; `what` names the operation in errors.
-bool mutex_acquire(MutexCore& c, bool recursive, LockMode mode, const Deadline& deadline,
-                   const char* what) {
-    const pid_t me = current_tid();
-    if (held_by_me(c)) {
-        if (recursive) {
-            ++c.count;
-            return true;
-        }
-        switch (mode) {
-            case LockMode::try_once: return false;
-            case LockMode::block: throw_errc(std::errc::resource_deadlock_would_occur, what);
-            case LockMode::timed: {
-                // Python's Lock would wait out the timeout and fail: only this thread can release.
-                timespec ts = to_timespec(*deadline);
-                while (::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
-                }
-                return false;
-            }
-        }
-    }
-    if (mode == LockMode::timed && !deadline) mode = LockMode::block;
-    if (!lock_mutex(c, mode, deadline)) return false;
-    c.owner.store(me, std::memory_order_relaxed);
-    c.count = 1;
-    return true;
-}
-
-void mutex_release(MutexCore& c, bool recursive, const char* what) {
-    if (!held_by_me(c)) {
-        if (c.owner.load(std::memory_order_relaxed) == 0)
-            throw std::system_error(std::make_error_code(std::errc::operation_not_permitted),
-                                    std::string(what) + ": the lock is not held (released too many times)");
-        throw std::system_error(std::make_error_code(std::errc::operation_not_permitted),
-                                std::string(what) + ": the lock is held by another thread");
-    }
-    if (recursive && c.count > 1) {
-        --c.count;
-        return;
-    }
-    // Clear the record before unlocking: afterwards another thread may own it and write it.
-    c.count = 0;
-    c.owner.store(0, std::memory_order_relaxed);
-    unlock_mutex(c);
-}
-
-// Releases every level (Condition::wait); returns the depth to restore.
-std::uint32_t mutex_release_all(MutexCore& c) {
-    const std::uint32_t depth = c.count;
-    c.count = 0;
-    c.owner.store(0, std::memory_order_relaxed);
-    unlock_mutex(c);
-    return depth;
-}
-
-void mutex_reacquire(MutexCore& c, std::uint32_t depth) {
-    (void)lock_mutex(c, LockMode::block, std::nullopt);
-    c.owner.store(current_tid(), std::memory_order_relaxed);
-    c.count = depth;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Condition operations (see CondCore).
-
-constexpr std::uint64_t one_signal = std::uint64_t{1} << 32;
-
-std::uint32_t waiting_of(std::uint64_t v) noexcept { return static_cast<std::uint32_t>(v); }
-std::uint32_t signals_of(std::uint64_t v) noexcept { return static_cast<std::uint32_t>(v >> 32); }
-
-// Takes a granted wake-up if one is pending.
-bool take_signal(CondCore& c) noexcept {
-    std::uint64_t v = c.counts.load();
-    while (signals_of(v) > 0) {
-        if (c.counts.compare_exchange_weak(v, v - one_signal)) return true;
-    }
-    return false;
-}
-
-// A waiter leaving without having taken a signal (timeout, error): it takes a signal when it is
-// eligible for one (a notify since it registered, which may have granted it the wake-up), else
-// gives back its waiting unit. Returns whether it counts as woken.
-bool leave_wait(CondCore& c, std::uint32_t my_seq) noexcept {
-    std::uint64_t v = c.counts.load();
-    for (;;) {
-        const bool eligible = c.seq.load() != my_seq;
-        std::uint64_t next;
-        bool woken;
-        if (eligible && signals_of(v) > 0) {
-            next = v - one_signal;
-            woken = true;
-        } else if (waiting_of(v) > 0) {
-            next = v - 1;
-            woken = false;
-        } else if (signals_of(v) > 0) {
-            // A notify granted this waiter's unit but has not bumped seq yet.
-            next = v - one_signal;
-            woken = true;
-        } else {
-            return false;  // unreachable while the invariant holds
-        }
-        if (c.counts.compare_exchange_weak(v, next)) return woken;
-    }
-}
-
-// Condition::wait on `m` (held by the caller, checked by the caller).
-bool cond_wait(CondCore& c, MutexCore& m, const Deadline& deadline) {
-    // Registered under the lock: a notify that runs after we release the lock sees us.
-    const std::uint32_t my_seq = c.seq.load();
-    c.counts.fetch_add(1);
-    const std::uint32_t depth = mutex_release_all(m);
-    bool woken = false;
-    try {
-        for (;;) {
-            // Read seq before checking for a signal: a notify between the check and the sleep
-            // changes seq, so the sleep returns at once.
-            const std::uint32_t s = c.seq.load();
-            if (s != my_seq && take_signal(c)) {
-                woken = true;
-                break;
-            }
-            if (futex_wait(c.seq, s, deadline) == FutexResult::timed_out) {
-                woken = leave_wait(c, my_seq);
-                break;
-            }
-        }
-    } catch (...) {
-        (void)leave_wait(c, my_seq);
-        mutex_reacquire(m, depth);
-        throw;
-    }
-    mutex_reacquire(m, depth);
-    return woken;
-}
-
-void cond_notify(CondCore& c, std::uint32_t n) {
-    if (n == 0) return;
-    std::uint64_t v = c.counts.load();
-    std::uint32_t granted;
-    std::uint64_t next;
-    do {
-        granted = std::min(n, waiting_of(v));
-        if (granted == 0) return;
-        next = v - granted + granted * one_signal;
-    } while (!c.counts.compare_exchange_weak(v, next));
-    c.seq.fetch_add(1);
-    // Wake as many sleepers as there are pending signals: a woken thread that finds none (an
-    // awake waiter took it first) simply sleeps again, so the count of true returns stays exact.
-    futex_wake(c.seq, static_cast<int>(std::min<std::uint32_t>(signals_of(next), INT_MAX)));
-}
-
-// ---------------------------------------------------------------------------------------------
-// Attaching a received descriptor. The same memfd received twice in one process is mapped once:
-// a robust mutex locked through one mapping and unlocked through another would corrupt glibc's
-// per-thread robust list, which links mutexes by address.
+// Attaching a received descriptor, once per process (see detail::attached): the tag recorded
+// with an Impl is its block's Kind.
 
 template <class Impl, class Core>
-std::shared_ptr<Impl> attach_shared(int raw_fd, std::initializer_list<Kind> kinds,
-                                    const char* what) {
-    sys::Fd fd(raw_fd);
-    struct stat st {};
-    sys::check(::fstat(fd.get(), &st), "fstat");
-    const auto key = std::make_pair(st.st_dev, st.st_ino);
-    auto check = [&](const SharedBlock& b) {
-        if (b.size() < sizeof(Block<Core>))
-            throw DecodeError(std::string(what) + ": the received memory is too small");
-        const auto* h = static_cast<const Header*>(b.data());
-        if (h->magic != block_magic ||
-            std::find(kinds.begin(), kinds.end(), h->kind) == kinds.end())
-            throw DecodeError(std::string(what) + ": the received memory holds " +
-                              (h->magic == block_magic ? kind_name(h->kind)
-                                                       : "no mp synchronisation object"));
+std::shared_ptr<Impl> attach_shared(int fd, std::initializer_list<Kind> kinds, const char* what) {
+    auto refuse = [&](Kind kind) {
+        throw DecodeError(std::string(what) + ": the received memory holds " +
+                          (kind == Kind{} ? "no mp synchronisation object" : kind_name(kind)));
     };
-    auto& reg = registry();
-    // Declared before the guard, so destroyed after it: dropping the last reference runs the
-    // Impl's destructor, which takes the registry's mutex.
-    std::shared_ptr<void> existing;
-    std::lock_guard g(reg.mu);
-    if (auto it = reg.live.find(key); it != reg.live.end()) {
-        if ((existing = it->second.first.lock())) {
-            const auto kind = static_cast<Kind>(it->second.second);
-            if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end())
-                throw DecodeError(std::string(what) + ": the received memory holds " +
-                                  kind_name(kind));
-            return std::static_pointer_cast<Impl>(existing);  // `fd` closes: the mapping has its own
-        }
-    }
-    if (!S_ISREG(st.st_mode) || st.st_size < static_cast<off_t>(sizeof(Block<Core>)))
-        throw DecodeError(std::string(what) + ": the received descriptor is not its shared memory");
-    SharedBlock b = SharedBlock::attach(fd.release());
-    check(b);
-    const auto kind = static_cast<const Header*>(b.data())->kind;
-    auto impl = std::make_shared<Impl>(std::move(b));
-    reg.live[key] = {impl, static_cast<std::uint32_t>(kind)};
-    return impl;
+    auto accepts = [&](Kind kind) {
+        return std::find(kinds.begin(), kinds.end(), kind) != kinds.end();
+    };
+    return std::static_pointer_cast<Impl>(attached::find_or_attach(
+        fd, sizeof(Block<Core>), what,
+        [&](std::uint32_t tag) {
+            if (!accepts(static_cast<Kind>(tag)))
+                refuse(tag >= 1 && tag <= static_cast<std::uint32_t>(Kind::barrier)
+                           ? static_cast<Kind>(tag)
+                           : Kind{});
+        },
+        [&](SharedBlock b) -> std::pair<std::shared_ptr<void>, std::uint32_t> {
+            if (b.size() < sizeof(Block<Core>))
+                throw DecodeError(std::string(what) + ": the received memory is too small");
+            const auto* h = static_cast<const Header*>(b.data());
+            if (h->magic != block_magic || !accepts(h->kind))
+                refuse(h->magic == block_magic ? h->kind : Kind{});
+            const auto kind = h->kind;
+            return {std::make_shared<Impl>(std::move(b)), static_cast<std::uint32_t>(kind)};
+        }));
 }
 
 // Records an object created by this process, so that receiving it back maps nothing new.
 template <class Impl>
 std::shared_ptr<Impl> register_created(std::shared_ptr<Impl> impl) {
-    struct stat st {};
-    sys::check(::fstat(impl->block.fd(), &st), "fstat");
     const auto kind = static_cast<const Header*>(impl->block.data())->kind;
-    auto& reg = registry();
-    std::lock_guard g(reg.mu);
-    reg.live[{st.st_dev, st.st_ino}] = {impl, static_cast<std::uint32_t>(kind)};
+    attached::record(impl->block, static_cast<std::uint32_t>(kind), [&] { return impl; });
     return impl;
 }
 
-void forget_attached(const SharedBlock& b) noexcept {
-    // Called from an Impl's destructor; erase only if the entry is ours and dead.
-    if (!b) return;
-    struct stat st {};
-    if (::fstat(b.fd(), &st) != 0) return;
-    auto& reg = registry();
-    std::lock_guard g(reg.mu);
-    auto it = reg.live.find({st.st_dev, st.st_ino});
-    if (it != reg.live.end() && it->second.first.expired()) reg.live.erase(it);
-}
+void forget_attached(const SharedBlock& b) noexcept { attached::forget(b); }
 
 }  // namespace
 
@@ -643,18 +222,16 @@ struct SyncAccess {
 bool MutexImpl::pin_held(SharedBlock& block) noexcept {
     static auto* pinned = new std::vector<std::shared_ptr<MutexImpl>>;  // never destroyed
     try {
-        struct stat st {};
-        sys::check(::fstat(block.fd(), &st), "fstat");
         const auto kind = static_cast<const Header*>(block.data())->kind;
-        auto& reg = registry();
-        std::lock_guard g(reg.mu);
-        // Everything that may throw comes before the block moves: a MutexImpl destroyed here
-        // would come back to this function with the registry's mutex held.
-        auto& entry = reg.live[{st.st_dev, st.st_ino}];
-        pinned->reserve(pinned->size() + 1);
-        auto keep = std::make_shared<MutexImpl>(std::move(block));
-        entry = {keep, static_cast<std::uint32_t>(kind)};
-        pinned->push_back(std::move(keep));
+        // Everything that may throw comes before the block moves (record promises as much, and
+        // make_shared allocates before it moves): a MutexImpl destroyed here would come back to
+        // this function with the registry's mutex held.
+        attached::record(block, static_cast<std::uint32_t>(kind), [&] {
+            pinned->reserve(pinned->size() + 1);
+            auto keep = std::make_shared<MutexImpl>(std::move(block));
+            pinned->push_back(keep);
+            return std::shared_ptr<void>(std::move(keep));
+        });
         return true;
     } catch (...) {
         return false;

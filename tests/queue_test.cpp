@@ -30,6 +30,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/codec.hpp"
 #include "helpers/proc_state.hpp"
 #include "helpers/timeouts.hpp"
 #include "helpers/shared_object.hpp"
@@ -399,6 +400,31 @@ TEST(Queue, MalformedFlatMessageRaisesDecodeErrorAndIsConsumed) {
     writer.put({0x6968});  // count 1, then 8 bytes: too many for a 1-char string
     EXPECT_THROW((void)reader.get(LONG), mp::DecodeError);
     EXPECT_TRUE(reader.empty());
+}
+
+// A queue received more than once in one process (its creator included) is mapped once: its
+// block holds robust mutexes, and glibc links a held robust mutex into the thread's robust list
+// by address, so a lock taken through one mapping and released through another corrupts it.
+TEST(Queue, ReceivedTwiceInOneProcessIsMappedOnce) {
+    auto q = std::make_unique<mp::Queue<int>>();
+    mp::Encoder e;
+    e.put(*q);
+    const int fd = ::fcntl(e.fds()[0], F_DUPFD_CLOEXEC, 0);  // names the memory after q goes
+    ASSERT_GE(fd, 0);
+    auto a = mp::test::receive_here(*q);
+    auto b = mp::test::receive_here(*q);
+    EXPECT_EQ(mp::test::memfd_mappings(fd), 1);
+    a.put(1);
+    EXPECT_EQ(b.get(LONG), 1);
+
+    // Received by a process that did not create it: the same, once the creator's handle is gone.
+    mp::Queue<int> kept = mp::test::receive_here(a);
+    q.reset();
+    mp::Queue<int> c = mp::test::receive_here(kept);
+    EXPECT_EQ(mp::test::memfd_mappings(fd), 1);
+    c.put(2);
+    EXPECT_EQ(kept.get(LONG), 2);
+    ::close(fd);
 }
 
 TEST(Queue, PutNowaitOfAMessageLargerThanTheFreeRoomRaisesFull) {

@@ -30,6 +30,8 @@
 #include <vector>
 
 #include "helpers/leak_check.hpp"
+#include "helpers/codec.hpp"
+#include "helpers/proc_state.hpp"
 #include "mp/process.hpp"
 #include "sys/fd.hpp"
 
@@ -830,6 +832,45 @@ TEST(RawArrayTest, CodecRefusesABlockTooSmallForTheLength) {
     std::vector<int> fds{::fcntl(e.fds()[0], F_DUPFD_CLOEXEC, 0)};
     mp::Decoder d(bytes, fds);
     EXPECT_THROW((void)d.get<mp::RawArray<int>>(), mp::DecodeError);
+}
+
+// The memfd of `v`'s memory (the first descriptor its codec sends), duplicated.
+template <class V>
+int memory_fd(const V& v) {
+    mp::Encoder e;
+    e.put(v);
+    return ::fcntl(e.fds()[0], F_DUPFD_CLOEXEC, 0);
+}
+
+// A Value or Array received more than once in one process (its creator included) maps its
+// memory once, as its lock does: handles of one object in one process share one mapping.
+TEST(RawArrayTest, ReceivedTwiceInOneProcessIsMappedOnce) {
+    auto v = std::make_unique<mp::Value<int>>(5);
+    auto arr = std::make_unique<mp::Array<double>>(std::vector<double>{1, 2, 3});
+    const int vfd = memory_fd(*v);
+    const int afd = memory_fd(*arr);
+    ASSERT_GE(vfd, 0);
+    ASSERT_GE(afd, 0);
+    auto v1 = mp::test::receive_here(*v);
+    auto v2 = mp::test::receive_here(*v);
+    auto a1 = mp::test::receive_here(*arr);
+    auto a2 = mp::test::receive_here(*arr);
+    EXPECT_EQ(mp::test::memfd_mappings(vfd), 1);
+    EXPECT_EQ(mp::test::memfd_mappings(afd), 1);
+    v1.set(7);
+    EXPECT_EQ(v2.get(), 7);
+
+    // Received by a process that did not create them: the same, once the creator's are gone.
+    v.reset();
+    arr.reset();
+    auto v3 = mp::test::receive_here(v1);
+    auto a3 = mp::test::receive_here(a2);
+    EXPECT_EQ(mp::test::memfd_mappings(vfd), 1);
+    EXPECT_EQ(mp::test::memfd_mappings(afd), 1);
+    EXPECT_EQ(v3.get(), 7);
+    EXPECT_EQ(a3[2], 3.0);
+    ::close(vfd);
+    ::close(afd);
 }
 
 }  // namespace

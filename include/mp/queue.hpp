@@ -158,11 +158,17 @@ public:
     }
 
 private:
+    friend std::shared_ptr<QueueCore> make_queue(std::size_t maxsize, std::size_t buffer_bytes);
     SharedBlock block_;
     Header* h_ = nullptr;
     char* ring_ = nullptr;
     std::atomic<bool> closed_{false};
 };
+
+/// A new queue, recorded so that receiving it back in this process maps nothing new.
+std::shared_ptr<QueueCore> make_queue(std::size_t maxsize, std::size_t buffer_bytes);
+/// The queue in the memfd `fd` (taking the descriptor), mapped once per process.
+std::shared_ptr<QueueCore> attach_queue(int fd);
 
 /// Lends this thread's message buffer (empty) for one put or get, and takes it back after.
 class QueueBuffer {
@@ -271,7 +277,7 @@ public:
     /// ring of `buffer_bytes` (rounded up to a power of two of at least 4 KiB). Messages larger
     /// than the ring still pass (they stream through it).
     explicit Queue(std::size_t maxsize = 0, std::size_t buffer_bytes = default_queue_buffer)
-        : core_(std::make_shared<detail::QueueCore>(maxsize, buffer_bytes)) {}
+        : core_(detail::make_queue(maxsize, buffer_bytes)) {}
 
     /// Puts `v`, waiting as long as the queue is full. Throws QueueClosed after close().
     void put(const T& v) { put_impl(v, true, std::nullopt); }
@@ -418,7 +424,7 @@ namespace detail {
 inline void encode_queue(Encoder& e, const QueueCore& core) { e.put(e.attach_fd(core.fd())); }
 inline std::shared_ptr<QueueCore> decode_queue(Decoder& d) {
     const auto index = d.get<std::uint32_t>();
-    return std::make_shared<QueueCore>(SharedBlock::attach(d.take_fd(index)));
+    return attach_queue(d.take_fd(index));
 }
 }  // namespace detail
 

@@ -185,23 +185,15 @@ void shared_store(T& obj, const T& v) noexcept {
 /// A memfd block shared by the handles of one Value/Array in this process.
 using BlockPtr = std::shared_ptr<SharedBlock>;
 
-inline BlockPtr make_block(std::size_t bytes, const char* name) {
-    return std::make_shared<SharedBlock>(SharedBlock::create(bytes, name));
-}
+/// A new block, recorded so that receiving it back in this process maps nothing new.
+BlockPtr make_block(std::size_t bytes, const char* name);
 
 /// Encodes a block as its descriptor (sent alongside the bytes).
 inline void encode_block(Encoder& e, const SharedBlock& b) { e.put(e.attach_fd(b.fd())); }
 
 /// Maps the descriptor sent by encode_block; DecodeError when it is smaller than `min_bytes`.
-inline BlockPtr decode_block(Decoder& d, std::size_t min_bytes) {
-    auto index = d.get<std::uint32_t>();
-    auto b = std::make_shared<SharedBlock>(SharedBlock::attach(d.take_fd(index)));
-    if (b->size() < min_bytes)
-        throw DecodeError("mp::Codec: a shared block of " + std::to_string(b->size()) +
-                          " bytes arrived where " + std::to_string(min_bytes) +
-                          " were needed (malformed input)");
-    return b;
-}
+/// The block is mapped once per process, however often it arrives.
+BlockPtr decode_block(Decoder& d, std::size_t min_bytes);
 
 /// n elements of T in bytes; std::invalid_argument when that overflows.
 template <class T>

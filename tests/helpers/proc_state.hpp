@@ -4,7 +4,9 @@
 
 #include <cstdint>
 #include <fstream>
+#include <sstream>
 #include <string>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 
@@ -27,6 +29,24 @@ inline bool in_futex_on(pid_t pid, const void* word = nullptr) {
     std::string arg0;
     if (!(f >> nr >> arg0) || nr != SYS_futex) return false;
     return word == nullptr || std::stoull(arg0, nullptr, 16) == reinterpret_cast<std::uintptr_t>(word);
+}
+
+/// How many mappings of this process (/proc/self/maps) map the memfd `fd`; -1 when `fd` cannot
+/// be examined.
+inline int memfd_mappings(int fd) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return -1;
+    std::ifstream f("/proc/self/maps");
+    int n = 0;
+    for (std::string line; std::getline(f, line);) {
+        std::istringstream in(line);
+        std::string range, perms, offset, dev, path;
+        unsigned long long inode = 0;
+        if (!(in >> range >> perms >> offset >> dev >> inode)) continue;
+        std::getline(in >> std::ws, path);
+        if (inode == st.st_ino && path.rfind("/memfd:", 0) == 0) ++n;
+    }
+    return n;
 }
 
 }  // namespace mp::test

@@ -1,0 +1,188 @@
+#pragma once
+// The state that mp's locks, conditions, semaphores, events and barriers keep in shared memory:
+// the block layout (a header naming the kind of object, then its core) and the operations on a
+// robust process-shared mutex and on the condition built beside it. synchronize.cpp builds the
+// public objects on top; nothing here knows about handles, codecs or the attach registry.
+
+#include <atomic>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <linux/futex.h>
+#include <new>
+#include <pthread.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <system_error>
+#include <unistd.h>
+
+#include "mp/detail/shared_block.hpp"
+#include "mp/synchronize.hpp"
+
+namespace mp::detail::sync {
+
+// The calling thread's id, cached. The cache is cleared in a forked child (pthread_atfork, in
+// sync_state.cpp), where the surviving thread has a new id; mp forks only through fork(), which
+// runs the handlers.
+inline thread_local pid_t cached_tid = 0;
+
+inline pid_t current_tid() noexcept {
+    if (cached_tid == 0) cached_tid = static_cast<pid_t>(::syscall(SYS_gettid));
+    return cached_tid;
+}
+
+[[noreturn]] void throw_errc(std::errc e, const char* what);
+
+// ---------------------------------------------------------------------------------------------
+// Shared block layout: a header naming the kind of object, then the object's state.
+
+constexpr std::uint32_t block_magic = 0x6d705359;  // "mpSY"
+
+enum class Kind : std::uint32_t {
+    lock = 1,
+    rlock,
+    semaphore,
+    bounded_semaphore,
+    condition,
+    event,
+    barrier,
+};
+
+struct Header {
+    std::uint32_t magic;
+    Kind kind;
+};
+
+// A robust, process-shared, error-checking pthread mutex plus mp's own record of the holder.
+// The mutex's futex word is the truth about ownership (the kernel marks it when the holder dies);
+// `owner` lets a thread ask "do I hold it?" without a system call, and `count` is the RLock depth.
+// `owner` and `count` are written only by the holder.
+struct MutexCore {
+    pthread_mutex_t mutex;
+    std::atomic<std::int32_t> owner;         // holder's thread id, 0 when free
+    std::uint32_t count;                     // recursion depth (RLock), 1 for a held Lock
+    std::atomic<std::uint32_t> owner_died;   // 1: the current holding was recovered from the dead
+};
+
+// A semaphore: the futex word is the count itself. `waiters` counts threads that may sleep, so
+// release skips the wake-up system call when there are none. A waiter killed while registered
+// leaves `waiters` too high forever: that only costs releasers a (harmless) system call.
+struct SemaphoreCore {
+    std::atomic<std::uint32_t> value;
+    std::atomic<std::uint32_t> waiters;
+    std::uint32_t max;  // the bound of a BoundedSemaphore, else 0
+};
+
+// A condition variable that wakes exactly n waiters (see cond_wait and cond_notify).
+//   seq:    the futex word; bumped by every notify that grants anything, so a waiter can tell
+//           whether a notify happened since it registered ("eligible") and sleeps on it.
+//   counts: low 32 bits: waiters registered and not granted a wake-up ("waiting");
+//           high 32 bits: wake-ups granted and not yet taken ("signals").
+// Invariant: waiting + signals == threads inside wait() (plus waiters that died there). Each
+// waiter leaves by taking one unit: a signal (wait returns true) or, on timeout, a waiting unit
+// (false). Registration and notify happen under the lock, so a waiter registered after a notify
+// is never eligible for it.
+struct CondCore {
+    std::atomic<std::uint32_t> seq;
+    std::atomic<std::uint64_t> counts;
+};
+
+// An event: bit 0 is the flag, the upper bits count set() calls, so a waiter notices a set()
+// even when clear() follows before it runs.
+struct EventCore {
+    std::atomic<std::uint32_t> word;
+    std::atomic<std::uint32_t> waiters;
+};
+
+// A barrier: Python's threading.Barrier state machine under a robust mutex and a condition,
+// plus one PartySlot per party, which the block holds after the core. Every field is written
+// with the mutex held.
+struct BarrierCore {
+    MutexCore mutex;
+    CondCore cond;
+    std::int32_t parties;
+    std::int32_t state;  // 0 filling, 1 draining, 2 running the action, -1 resetting, -2 broken
+    std::int32_t count;  // parties inside wait() that hold a slot: the occupied slots
+    std::int32_t has_timeout;
+    std::int64_t timeout_ns;
+    std::int32_t slots_ready;   // slots [0, slots_ready) have been initialised
+    std::int32_t reserved;
+    std::int64_t next_scan_ns;  // steady clock: when a waiter next looks for dead parties
+};
+
+// A counted party's proof of life: it holds its slot's robust mutex from arrival until it leaves
+// wait(). When its process dies, the kernel marks the mutex's owner dead, and a trylock by anyone
+// else returns EOWNERDEAD instead of EBUSY: a dead party is known without its help and without
+// pids (which may be reused).
+struct PartySlot {
+    pthread_mutex_t mutex;
+    std::int32_t occupied;  // 1 while a party counted in `count` holds it
+    std::int32_t reserved;
+};
+
+template <class Core>
+struct Block {
+    Header header;
+    Core core;
+};
+
+const char* kind_name(Kind k);
+
+template <class Core>
+SharedBlock create_block(Kind kind, std::size_t extra = 0) {
+    SharedBlock b = SharedBlock::create(sizeof(Block<Core>) + extra, kind_name(kind));
+    // The memfd is zero-filled: zero is the initial state of every atomic here.
+    auto* blk = new (b.data()) Block<Core>{};
+    blk->header.magic = block_magic;
+    blk->header.kind = kind;
+    return b;
+}
+
+template <class Core>
+Core* core_of(const SharedBlock& b) noexcept {
+    return &static_cast<Block<Core>*>(b.data())->core;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mutex operations.
+
+void init_robust_mutex(pthread_mutex_t& m);
+void init_mutex(MutexCore& c);
+
+enum class LockMode { block, try_once, timed };
+
+// The futex word of a robust mutex holds its owner's thread id; the kernel clears it when the
+// owner dies. Checking it too means a thread that happens to get a dead holder's (reused) id
+// never mistakes the stale `owner` record for its own holding.
+inline bool futex_owner_is(const MutexCore& c, pid_t tid) noexcept {
+#if defined(__GLIBC__)
+    const int word = __atomic_load_n(&c.mutex.__data.__lock, __ATOMIC_RELAXED);
+    return (static_cast<unsigned>(word) & FUTEX_TID_MASK) == static_cast<unsigned>(tid);
+#else
+    (void)c;
+    (void)tid;
+    return true;
+#endif
+}
+
+inline bool held_by_me(const MutexCore& c) noexcept {
+    const pid_t me = current_tid();
+    return c.owner.load(std::memory_order_relaxed) == me && futex_owner_is(c, me);
+}
+
+// Whether a thread of this process holds `m` (see sync_state.cpp).
+bool held_in_this_process(const pthread_mutex_t& m) noexcept;
+
+// Acquire with Lock/RLock semantics; `what` names the operation in errors.
+bool mutex_acquire(MutexCore& c, bool recursive, LockMode mode, const Deadline& deadline,
+                   const char* what);
+void mutex_release(MutexCore& c, bool recursive, const char* what);
+
+// ---------------------------------------------------------------------------------------------
+// Condition operations (see CondCore).
+
+// Condition::wait on `m` (held by the caller, checked by the caller).
+bool cond_wait(CondCore& c, MutexCore& m, const Deadline& deadline);
+void cond_notify(CondCore& c, std::uint32_t n);
+
+}  // namespace mp::detail::sync

@@ -10,7 +10,6 @@
 #include <string>
 
 #include "sys/error.hpp"
-#include "sys/robust_mutex.hpp"
 
 namespace mp::detail::sync {
 
@@ -68,86 +67,66 @@ void init_robust_mutex(pthread_mutex_t& m) {
     sys::check_ret(::pthread_mutex_init(&m, &attr), "pthread_mutex_init");
 }
 
-void init_mutex(MutexCore& c) { init_robust_mutex(c.mutex); }
-
 namespace {
 
 
-// Locks the pthread mutex itself; false when busy or timed out. A holder that died is recovered
-// here: the mutex is made consistent at once (so a later holder never finds it unrecoverable)
-// and owner_died is set for the new holder to see. A wait goes in slices (sys::lock_robust): a
-// robust mutex can lose its wake-up when a waiter is killed.
-bool lock_mutex(MutexCore& c, LockMode mode, const Deadline& deadline) {
-    const int rc = sys::lock_robust(&c.mutex, mode != LockMode::try_once,
-                                    mode == LockMode::block ? Deadline{} : deadline);
-    switch (rc) {
-        case 0:
-            c.owner_died.store(0, std::memory_order_relaxed);
-            return true;
-        case EOWNERDEAD:
-            sys::check_ret(::pthread_mutex_consistent(&c.mutex), "pthread_mutex_consistent");
-            c.owner_died.store(1, std::memory_order_relaxed);
-            return true;
-        case EBUSY:
-        case ETIMEDOUT:
-            return false;
-        default:
-            sys::throw_system_error(rc, "pthread_mutex_lock (robust)");
-    }
-}
-
-void unlock_mutex(MutexCore& c) {
-    sys::check_ret(::pthread_mutex_unlock(&c.mutex), "pthread_mutex_unlock");
+// Records a holding just taken: a holder that died is recovered here, owner_died is set for the
+// new holder to see (the lock itself needs no repair).
+void took(MutexCore& c, sys::FutexMutex::Result r, std::uint32_t depth) noexcept {
+    c.owner_died.store(r == sys::FutexMutex::Result::owner_died ? 1 : 0,
+                       std::memory_order_relaxed);
+    c.count = depth;
 }
 
 }  // namespace
 
-// Whether a thread of this process holds `m`: its futex word names the holder's thread id, and
+// Whether a thread of this process holds `m`: its word names the holder's thread id, and
 // tgkill(getpid(), tid, 0) succeeds only for a thread of this process (a dead holder's id is
 // cleared from the word by the kernel, so a reused id is never mistaken for it).
-bool held_in_this_process(const pthread_mutex_t& m) noexcept {
-#if defined(__GLIBC__)
-    const auto tid = static_cast<pid_t>(
-        static_cast<unsigned>(__atomic_load_n(&m.__data.__lock, __ATOMIC_RELAXED)) &
-        FUTEX_TID_MASK);
+bool held_in_this_process(const MutexCore& m) noexcept {
+    const pid_t tid = m.mutex.owner();
     return tid != 0 && ::syscall(SYS_tgkill, ::getpid(), tid, 0) == 0;
-#else
-    (void)m;
-    return true;  // unknown: keep the mapping (the cost is a small leak, never a lost death)
-#endif
+}
+
+void mutex_force_release(MutexCore& c) noexcept {
+    c.count = 0;
+    c.mutex.unlock();
 }
 
 // Acquire with Lock/RLock semantics; `what` names the operation in errors.
 bool mutex_acquire(MutexCore& c, bool recursive, LockMode mode, const Deadline& deadline,
                    const char* what) {
-    const pid_t me = current_tid();
-    if (held_by_me(c)) {
-        if (recursive) {
-            ++c.count;
-            return true;
-        }
-        switch (mode) {
-            case LockMode::try_once: return false;
-            case LockMode::block: throw_errc(std::errc::resource_deadlock_would_occur, what);
-            case LockMode::timed: {
-                // Python's Lock would wait out the timeout and fail: only this thread can release.
-                timespec ts = to_timespec(*deadline);
-                while (::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
-                }
-                return false;
-            }
-        }
-    }
     if (mode == LockMode::timed && !deadline) mode = LockMode::block;
-    if (!lock_mutex(c, mode, deadline)) return false;
-    c.owner.store(me, std::memory_order_relaxed);
-    c.count = 1;
-    return true;
+    // One call: a free lock costs one CAS, with no read of the (contended) word before it; only
+    // a busy lock learns whether this thread is the holder.
+    static const Deadline forever{};
+    const auto r = c.mutex.lock(current_tid(), mode != LockMode::try_once,
+                                mode == LockMode::block ? forever : deadline);
+    switch (r) {
+        case sys::FutexMutex::Result::acquired:
+        case sys::FutexMutex::Result::owner_died: took(c, r, 1); return true;
+        case sys::FutexMutex::Result::busy: return false;
+        case sys::FutexMutex::Result::held_by_caller: break;
+    }
+    if (recursive) {
+        ++c.count;
+        return true;
+    }
+    switch (mode) {
+        case LockMode::try_once: return false;
+        case LockMode::block: throw_errc(std::errc::resource_deadlock_would_occur, what);
+        case LockMode::timed: break;
+    }
+    // Python's Lock would wait out the timeout and fail: only this thread can release.
+    timespec ts = to_timespec(*deadline);
+    while (::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
+    }
+    return false;
 }
 
 void mutex_release(MutexCore& c, bool recursive, const char* what) {
     if (!held_by_me(c)) {
-        if (c.owner.load(std::memory_order_relaxed) == 0)
+        if (c.mutex.owner() == 0)
             throw std::system_error(std::make_error_code(std::errc::operation_not_permitted),
                                     std::string(what) + ": the lock is not held (released too many times)");
         throw std::system_error(std::make_error_code(std::errc::operation_not_permitted),
@@ -157,25 +136,21 @@ void mutex_release(MutexCore& c, bool recursive, const char* what) {
         --c.count;
         return;
     }
-    // Clear the record before unlocking: afterwards another thread may own it and write it.
+    // Clear the depth before unlocking: afterwards another thread may own it and write it.
     c.count = 0;
-    c.owner.store(0, std::memory_order_relaxed);
-    unlock_mutex(c);
+    c.mutex.unlock();
 }
 
 // Releases every level (Condition::wait); returns the depth to restore.
 std::uint32_t mutex_release_all(MutexCore& c) {
     const std::uint32_t depth = c.count;
     c.count = 0;
-    c.owner.store(0, std::memory_order_relaxed);
-    unlock_mutex(c);
+    c.mutex.unlock();
     return depth;
 }
 
 void mutex_reacquire(MutexCore& c, std::uint32_t depth) {
-    (void)lock_mutex(c, LockMode::block, std::nullopt);
-    c.owner.store(current_tid(), std::memory_order_relaxed);
-    c.count = depth;
+    took(c, c.mutex.lock(current_tid(), true, std::nullopt), depth);
 }
 
 // ---------------------------------------------------------------------------------------------

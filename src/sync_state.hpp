@@ -18,6 +18,7 @@
 
 #include "mp/detail/shared_block.hpp"
 #include "mp/synchronize.hpp"
+#include "sys/futex_mutex.hpp"
 
 namespace mp::detail::sync {
 
@@ -53,13 +54,11 @@ struct Header {
     Kind kind;
 };
 
-// A robust, process-shared, error-checking pthread mutex plus mp's own record of the holder.
-// The mutex's futex word is the truth about ownership (the kernel marks it when the holder dies);
-// `owner` lets a thread ask "do I hold it?" without a system call, and `count` is the RLock depth.
-// `owner` and `count` are written only by the holder.
+// A robust, process-shared mutex (sys::FutexMutex: its word holds the holder's thread id, and
+// the kernel marks it when the holder dies) plus what only the holder writes: `count`, the RLock
+// depth, and `owner_died`, set while the current holding was recovered from a dead holder.
 struct MutexCore {
-    pthread_mutex_t mutex;
-    std::atomic<std::int32_t> owner;         // holder's thread id, 0 when free
+    sys::FutexMutex mutex;
     std::uint32_t count;                     // recursion depth (RLock), 1 for a held Lock
     std::atomic<std::uint32_t> owner_died;   // 1: the current holding was recovered from the dead
 };
@@ -147,31 +146,18 @@ Core* core_of(const SharedBlock& b) noexcept {
 // Mutex operations.
 
 void init_robust_mutex(pthread_mutex_t& m);
-void init_mutex(MutexCore& c);
 
 enum class LockMode { block, try_once, timed };
 
-// The futex word of a robust mutex holds its owner's thread id; the kernel clears it when the
-// owner dies. Checking it too means a thread that happens to get a dead holder's (reused) id
-// never mistakes the stale `owner` record for its own holding.
-inline bool futex_owner_is(const MutexCore& c, pid_t tid) noexcept {
-#if defined(__GLIBC__)
-    const int word = __atomic_load_n(&c.mutex.__data.__lock, __ATOMIC_RELAXED);
-    return (static_cast<unsigned>(word) & FUTEX_TID_MASK) == static_cast<unsigned>(tid);
-#else
-    (void)c;
-    (void)tid;
-    return true;
-#endif
-}
-
-inline bool held_by_me(const MutexCore& c) noexcept {
-    const pid_t me = current_tid();
-    return c.owner.load(std::memory_order_relaxed) == me && futex_owner_is(c, me);
-}
+// The word names the holder; the kernel clears a dead holder's id, so a thread that happens to
+// get a dead holder's (reused) id never mistakes that holding for its own.
+inline bool held_by_me(const MutexCore& c) noexcept { return c.mutex.owner() == current_tid(); }
 
 // Whether a thread of this process holds `m` (see sync_state.cpp).
-bool held_in_this_process(const pthread_mutex_t& m) noexcept;
+bool held_in_this_process(const MutexCore& m) noexcept;
+
+// Releases a lock the calling thread holds, whatever its depth (a handle going away).
+void mutex_force_release(MutexCore& c) noexcept;
 
 // Acquire with Lock/RLock semantics; `what` names the operation in errors.
 bool mutex_acquire(MutexCore& c, bool recursive, LockMode mode, const Deadline& deadline,

@@ -93,19 +93,15 @@ struct MutexImpl {
         // The last handle in this process going is no release: a lock still held here stays
         // held, so that a process (or thread) that ends holding it is a dead owner, whatever
         // its start method ran after the target (a forkserver child destroys the target's
-        // arguments; a fork child does not). Its memory stays mapped too: glibc links held
-        // robust mutexes into a per-thread list through the mutex memory, and the kernel walks
+        // arguments; a fork child does not). Its memory stays mapped too: a held lock is linked
+        // into its thread's robust-futex list through the lock's memory, and the kernel walks
         // that list when the thread dies to mark the lock's owner dead; unmapped, the walk
         // stops there and the lock would stay held by nobody for ever.
-        if (block && held_in_this_process(core->mutex)) {
+        if (block && held_in_this_process(*core)) {
             if (pin_held(block)) return;
             // Not pinned: unmapping a lock this thread holds must at least unlink it from the
             // robust list first.
-            if (held_by_me(*core)) {
-                core->count = 0;
-                core->owner.store(0, std::memory_order_relaxed);
-                ::pthread_mutex_unlock(&core->mutex);
-            }
+            if (held_by_me(*core)) mutex_force_release(*core);
         }
         forget_attached(block);
     }
@@ -159,10 +155,7 @@ struct BarrierImpl {
     BarrierImpl(const BarrierImpl&) = delete;
     BarrierImpl& operator=(const BarrierImpl&) = delete;
     ~BarrierImpl() {
-        if (held_by_me(core->mutex)) {
-            core->mutex.owner.store(0, std::memory_order_relaxed);
-            ::pthread_mutex_unlock(&core->mutex.mutex);
-        }
+        if (held_by_me(core->mutex)) mutex_force_release(core->mutex);
         forget_attached(block);
     }
     SharedBlock block;
@@ -241,8 +234,7 @@ bool MutexImpl::pin_held(SharedBlock& block) noexcept {
 namespace {
 
 std::shared_ptr<MutexImpl> new_mutex(Kind kind) {
-    SharedBlock b = create_block<MutexCore>(kind);
-    init_mutex(*core_of<MutexCore>(b));
+    SharedBlock b = create_block<MutexCore>(kind);  // zero bytes: an unlocked mutex
     return register_created(std::make_shared<MutexImpl>(std::move(b)));
 }
 
@@ -627,7 +619,6 @@ Barrier::Barrier(int parties, detail::Timeout timeout,
     SharedBlock b = create_block<BarrierCore>(
         Kind::barrier, static_cast<std::size_t>(parties) * sizeof(PartySlot));
     auto* c = core_of<BarrierCore>(b);
-    init_mutex(c->mutex);
     c->parties = parties;
     c->state = filling;
     c->count = 0;

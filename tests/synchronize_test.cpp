@@ -11,6 +11,7 @@
 #include <csignal>
 #include <fcntl.h>
 #include <optional>
+#include <pthread.h>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
@@ -398,6 +399,94 @@ TEST(SyncLock, HolderThreadExitIsReported) {
     ASSERT_TRUE(lock.try_lock());
     EXPECT_TRUE(lock.owner_died());
     lock.unlock();
+}
+
+// mp's locks link themselves into the same per-thread robust-futex list as glibc's robust
+// pthread mutexes (a thread has one list). A holder that takes mp locks and pthread robust
+// mutexes interleaved, releases some out of order, and dies holding the rest must leave every
+// one it still held marked dead, and none of those it released.
+TEST(SyncLock, HolderKilledHoldingLocksAndPthreadMutexesInterleavedRecoversEach) {
+    struct PMutexes {
+        pthread_mutex_t m[2];
+    };
+    Shared<PMutexes> pm;
+    for (auto& m : pm->m) {
+        pthread_mutexattr_t a;
+        ASSERT_EQ(pthread_mutexattr_init(&a), 0);
+        ASSERT_EQ(pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED), 0);
+        ASSERT_EQ(pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST), 0);
+        ASSERT_EQ(pthread_mutex_init(&m, &a), 0);
+        pthread_mutexattr_destroy(&a);
+    }
+    mp::Lock a, b, c, d;
+    mp::RLock r;
+    mp::Semaphore holding(0);
+    auto p = spawn([&] {
+        a.lock();
+        require(pthread_mutex_lock(&pm->m[0]) == 0, 2);
+        b.lock();
+        r.lock();
+        r.lock();
+        require(pthread_mutex_lock(&pm->m[1]) == 0, 3);
+        c.lock();
+        d.lock();
+        // Out of order: from the middle, the newest, and glibc's own between mp's.
+        b.unlock();
+        d.unlock();
+        require(pthread_mutex_unlock(&pm->m[0]) == 0, 4);
+        r.unlock();  // still held once
+        holding.release();
+        std::this_thread::sleep_for(60s);
+    });
+    ASSERT_TRUE(holding.acquire(LONG));
+    kill_and_join(*p);
+    for (mp::Lock* l : {&a, &c}) {
+        ASSERT_TRUE(l->acquire(LONG));
+        EXPECT_TRUE(l->owner_died());
+        l->release();
+    }
+    for (mp::Lock* l : {&b, &d}) {
+        ASSERT_TRUE(l->acquire(LONG));
+        EXPECT_FALSE(l->owner_died());
+        l->release();
+    }
+    ASSERT_TRUE(r.acquire(LONG));
+    EXPECT_TRUE(r.owner_died());
+    EXPECT_EQ(r.recursion_count(), 1u);
+    r.release();
+    EXPECT_EQ(pthread_mutex_lock(&pm->m[0]), 0);
+    EXPECT_EQ(pthread_mutex_unlock(&pm->m[0]), 0);
+    ASSERT_EQ(pthread_mutex_lock(&pm->m[1]), EOWNERDEAD);
+    EXPECT_EQ(pthread_mutex_consistent(&pm->m[1]), 0);
+    EXPECT_EQ(pthread_mutex_unlock(&pm->m[1]), 0);
+    for (auto& m : pm->m) pthread_mutex_destroy(&m);
+}
+
+// The same within one process: threads that end holding locks, while this thread's own list
+// (shared with glibc) stays intact for the locks it takes around them.
+TEST(SyncLock, ThreadsEndingHoldingLocksLeaveTheOtherListsIntact) {
+    mp::Lock mine, theirs1, theirs2;
+    mp::RLock r;
+    mine.lock();
+    std::thread([&] {
+        theirs1.lock();
+        r.lock();
+        theirs2.lock();
+        r.unlock();
+    }).join();
+    for (mp::Lock* l : {&theirs1, &theirs2}) {
+        ASSERT_TRUE(l->try_lock());
+        EXPECT_TRUE(l->owner_died());
+        l->unlock();
+    }
+    ASSERT_TRUE(r.acquire(false));
+    EXPECT_FALSE(r.owner_died());
+    r.release();
+    EXPECT_TRUE(mine.held());
+    mine.unlock();
+    ASSERT_TRUE(mine.try_lock());
+    EXPECT_FALSE(mine.owner_died());
+    mine.unlock();
 }
 
 // ============================================================================ RLock

@@ -1,0 +1,155 @@
+#include "sys/futex_mutex.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstddef>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <system_error>
+#include <unistd.h>
+
+#include "mp/detail/futex.hpp"
+#include "sys/cpu_relax.hpp"
+#include "sys/error.hpp"
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#endif
+
+namespace mp::sys {
+namespace {
+
+static_assert(sizeof(void*) == 8, "the robust-list layout below is glibc's 64-bit one");
+static_assert(sizeof(std::atomic<std::uint32_t>) == 4);
+// glibc's pthread_mutex_t: the lock word at 0, the list pair at 24 (prev) and 32 (next).
+static_assert(offsetof(FutexMutex, word) == 0 && offsetof(FutexMutex, prev) == 24 &&
+              offsetof(FutexMutex, next) == 32);
+constexpr long kFutexOffset =
+    static_cast<long>(offsetof(FutexMutex, word)) - static_cast<long>(offsetof(FutexMutex, next));
+static_assert(offsetof(FutexMutex, next) - offsetof(FutexMutex, prev) == sizeof(void*));
+
+constexpr std::uint32_t kTid = FUTEX_TID_MASK;
+constexpr std::uint32_t kWaiters = FUTEX_WAITERS;
+constexpr std::uint32_t kOwnerDied = FUTEX_OWNER_DIED;
+
+// A waiter sleeps at most this long before re-reading the word. The unlock clears the word (and
+// with it kWaiters) and wakes one waiter; if that one is killed before it runs while another
+// thread takes the free lock with the one-CAS fast path (which sets no kWaiters), nobody is left
+// to wake the other sleepers: the dead waiter's robust-list cleanup finds a word naming a live
+// owner, and that owner's unlock sees no kWaiters. The slices bound that loss to 50 ms.
+constexpr auto kRecheck = std::chrono::milliseconds(50);
+
+// Reads of a held word before sleeping: about as long as a futex system call.
+constexpr int kSpins = 100;
+
+robust_list_head* this_thread_head() {
+    if (detail::robust_head != nullptr) return detail::robust_head;
+    robust_list_head* head = nullptr;
+    std::size_t len = 0;
+    if (::syscall(SYS_get_robust_list, 0, &head, &len) != 0)
+        throw_system_error(errno, "get_robust_list");
+    if (head == nullptr || len != sizeof(robust_list_head) || head->futex_offset != kFutexOffset)
+        throw std::system_error(std::make_error_code(std::errc::not_supported),
+                                "get_robust_list: the thread's robust-futex list is not glibc's "
+                                "(mp's locks link themselves into it)");
+    detail::robust_head = head;
+    return head;
+}
+
+// ThreadSanitizer does not see this mutex's happens-before (the CAS is relaxed on failure): tell
+// it, as it is told about pthread mutexes.
+#if defined(__SANITIZE_THREAD__)
+void tsan_pre_lock(void* m, bool try_only) {
+    __tsan_mutex_pre_lock(m, try_only ? __tsan_mutex_try_lock : 0);
+}
+void tsan_post_lock(void* m, bool try_only, bool ok) {
+    __tsan_mutex_post_lock(
+        m, (try_only ? __tsan_mutex_try_lock : 0) | (ok ? 0 : __tsan_mutex_try_lock_failed), 0);
+}
+void tsan_pre_unlock(void* m) { __tsan_mutex_pre_unlock(m, 0); }
+void tsan_post_unlock(void* m) { __tsan_mutex_post_unlock(m, 0); }
+#else
+void tsan_pre_lock(void*, bool) {}
+void tsan_post_lock(void*, bool, bool) {}
+void tsan_pre_unlock(void*) {}
+void tsan_post_unlock(void*) {}
+#endif
+
+}  // namespace
+
+FutexMutex::Result FutexMutex::lock_slow(
+    pid_t me, bool block, const std::optional<std::chrono::steady_clock::time_point>& deadline,
+    std::uint32_t seen) {
+    robust_list_head* head = this_thread_head();
+    const auto self = static_cast<std::uint32_t>(me);
+    std::uint32_t v = seen;
+    if ((v & kTid) == self) return Result::held_by_caller;
+    tsan_pre_lock(this, !block);
+    detail::set_pending(head, &next);
+    // Having slept, this thread cannot know whether others still sleep: it takes the lock with
+    // kWaiters set, so its unlock wakes the next (Drepper's state 2).
+    std::uint32_t waiters = 0;
+    int spins = 0;
+    try {
+        for (;;) {
+            if ((v & kTid) == 0) {
+                // Free, or its holder died (the kernel cleared the id and set kOwnerDied).
+                const std::uint32_t nv = self | (v & kWaiters) | waiters;
+                if (word.compare_exchange_weak(v, nv, std::memory_order_acquire,
+                                               std::memory_order_relaxed)) {
+                    link(head);
+                    detail::set_pending(head, nullptr);
+                    tsan_post_lock(this, !block, true);
+                    return (v & kOwnerDied) != 0 ? Result::owner_died : Result::acquired;
+                }
+                continue;
+            }
+            if (!block) break;
+            if (spins < kSpins) {
+                // The holder is likely running on another CPU and about to release: a short
+                // spin saves both sides a system call (the sleep here, the wake there).
+                ++spins;
+                cpu_relax();
+                v = word.load(std::memory_order_relaxed);
+                continue;
+            }
+            if ((v & kWaiters) == 0) {
+                if (!word.compare_exchange_weak(v, v | kWaiters, std::memory_order_relaxed))
+                    continue;
+                v |= kWaiters;
+            }
+            const auto now = std::chrono::steady_clock::now();
+            if (deadline && now >= *deadline) break;
+            const auto recheck = now + kRecheck;
+            (void)mp::detail::futex_wait(word, v,
+                                         deadline ? std::min(recheck, *deadline) : recheck);
+            waiters = kWaiters;
+            v = word.load(std::memory_order_relaxed);
+        }
+    } catch (...) {
+        detail::set_pending(head, nullptr);
+        tsan_post_lock(this, !block, false);
+        throw;
+    }
+    detail::set_pending(head, nullptr);
+    tsan_post_lock(this, !block, false);
+    return Result::busy;
+}
+
+void FutexMutex::unlock_slow() noexcept {
+    robust_list_head* head = detail::robust_head;
+    tsan_pre_unlock(this);
+    detail::set_pending(head, &next);
+    unlink();
+    if ((word.exchange(0, std::memory_order_release) & kWaiters) != 0) wake();
+    detail::set_pending(head, nullptr);
+    tsan_post_unlock(this);
+}
+
+void FutexMutex::wake() noexcept {
+    // Only EFAULT/EINVAL could fail here, for a word that is not ours to wake: ignore.
+    (void)::syscall(SYS_futex, reinterpret_cast<std::uint32_t*>(&word), FUTEX_WAKE, 1, nullptr,
+                    nullptr, 0);
+}
+
+}  // namespace mp::sys

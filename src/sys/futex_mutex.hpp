@@ -1,0 +1,127 @@
+#pragma once
+// A robust, process-shared mutex on one futex word, without pthread: the word holds the owner's
+// thread id plus the kernel's FUTEX_WAITERS and FUTEX_OWNER_DIED bits, so locking is one CAS,
+// unlocking one exchange, and FUTEX_WAKE is called only when a waiter announced itself.
+//
+// Robustness comes from the kernel's robust-futex list (set_robust_list(2),
+// Documentation/locking/robust-futex-ABI.rst): a thread registers one list head; at its death the
+// kernel walks the list of locks it holds and, for each whose word still names it, sets
+// FUTEX_OWNER_DIED, clears the id and wakes a waiter. A thread has exactly one head, and glibc has
+// registered its own for every thread (pthread robust mutexes live on it), so this mutex links
+// itself into glibc's list, laid out the way glibc lays out its entries: the word at the list's
+// futex_offset from the entry, a {prev, next} pair, the head's own prev word just before it. The
+// offset is checked against the kernel's record of the head at the first use on each thread.
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <linux/futex.h>
+#include <optional>
+#include <sys/types.h>
+
+namespace mp::sys {
+
+/// Lives in memory shared between processes; all-zero bytes are an unlocked mutex.
+struct FutexMutex {
+    enum class Result { busy, acquired, owner_died, held_by_caller };
+
+    /// Takes the mutex for thread `me` (the caller's kernel thread id). With `block` false, fails
+    /// (busy) at once when held; else waits until `deadline` (absolute, steady clock;
+    /// std::nullopt: for ever). owner_died: acquired, and the previous holder died holding it
+    /// (its protected state may be half-updated). held_by_caller: `me` holds it already (never
+    /// waits: the caller decides between recursion and an error).
+    Result lock(pid_t me, bool block, const std::optional<std::chrono::steady_clock::time_point>& deadline);
+
+    /// Releases the mutex, which the calling thread holds.
+    void unlock() noexcept;
+
+    /// The holder's thread id, 0 when free (or held by a thread that died: the kernel cleared it).
+    pid_t owner() const noexcept {
+        return static_cast<pid_t>(word.load(std::memory_order_relaxed) & FUTEX_TID_MASK);
+    }
+
+    // Layout fixed by the robust list (see above); public only so that it stays standard-layout.
+    std::atomic<std::uint32_t> word;
+    std::uint32_t reserved[5];
+    void* prev;  // the robust list's previous entry (its `next` field), while held
+    void* next;  // the robust list's next entry; the list links these fields
+
+private:
+    Result lock_slow(pid_t me, bool block,
+                     const std::optional<std::chrono::steady_clock::time_point>& deadline,
+                     std::uint32_t seen);
+    void unlock_slow() noexcept;
+    void wake() noexcept;
+    void link(robust_list_head* head) noexcept;
+    void unlink() noexcept;
+};
+
+namespace detail {
+// This thread's robust-list head (glibc's), once the thread has taken a FutexMutex: looked up
+// with get_robust_list at its first lock. A forked child's thread keeps its thread block, hence
+// the same head (glibc empties the child's list in fork).
+inline thread_local robust_list_head* robust_head = nullptr;
+
+// The kernel may read the list at any instruction (the thread's death), like a signal handler:
+// only the compiler's order matters, the thread's own stores are seen in program order.
+inline void set_pending(robust_list_head* head, void* entry) noexcept {
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    head->list_op_pending = static_cast<robust_list*>(entry);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+}
+}  // namespace detail
+
+// The fast paths, inline: taking a free mutex is one CAS plus a few stores to this thread's list,
+// releasing one exchange (a FUTEX_WAKE only when a waiter set FUTEX_WAITERS). ThreadSanitizer
+// builds take the out-of-line paths, which tell it about the lock.
+inline FutexMutex::Result FutexMutex::lock(
+    pid_t me, bool block, const std::optional<std::chrono::steady_clock::time_point>& deadline) {
+#if !defined(__SANITIZE_THREAD__)
+    if (robust_list_head* head = detail::robust_head; head != nullptr) {
+        // Announced before the CAS: a death between the CAS and the link still gets the word
+        // marked (the kernel checks the pending entry too).
+        detail::set_pending(head, &next);
+        std::uint32_t v = 0;
+        if (word.compare_exchange_strong(v, static_cast<std::uint32_t>(me),
+                                         std::memory_order_acquire, std::memory_order_relaxed)) {
+            link(head);
+            detail::set_pending(head, nullptr);
+            return Result::acquired;
+        }
+        detail::set_pending(head, nullptr);
+        // The slow path goes on from the value seen: no second read of a contended line.
+        return lock_slow(me, block, deadline, v);
+    }
+#endif
+    return lock_slow(me, block, deadline, word.load(std::memory_order_relaxed));
+}
+
+inline void FutexMutex::unlock() noexcept {
+#if !defined(__SANITIZE_THREAD__)
+    robust_list_head* head = detail::robust_head;  // set by the lock this thread holds
+    detail::set_pending(head, &next);
+    unlink();
+    if ((word.exchange(0, std::memory_order_release) & FUTEX_WAITERS) != 0) wake();
+    detail::set_pending(head, nullptr);
+#else
+    unlock_slow();
+#endif
+}
+
+inline void FutexMutex::link(robust_list_head* head) noexcept {
+    // Entries are the `next` fields; an entry's `prev` sits just before it (for the head,
+    // glibc's robust_prev word): glibc's own doubly-linked discipline, which it relies on too.
+    void* first = head->list.next;
+    *reinterpret_cast<void**>(static_cast<char*>(first) - sizeof(void*)) = &next;
+    next = first;
+    prev = &head->list;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
+    head->list.next = reinterpret_cast<robust_list*>(&next);
+}
+
+inline void FutexMutex::unlink() noexcept {
+    *reinterpret_cast<void**>(static_cast<char*>(next) - sizeof(void*)) = prev;
+    *static_cast<void**>(prev) = next;
+}
+
+}  // namespace mp::sys

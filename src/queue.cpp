@@ -68,14 +68,14 @@
 #include <cstring>
 #include <ctime>
 #include <new>
-#include <pthread.h>
+#include <utility>
 #include <sched.h>
 #include <stdexcept>
 #include <system_error>
 
 #include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
-#include "sys/robust_mutex.hpp"
+#include "sys/futex_mutex.hpp"
 
 
 namespace mp::detail {
@@ -83,7 +83,7 @@ namespace mp::detail {
 namespace {
 
 constexpr std::uint64_t kMagic = 0x6d702d7175657565ULL;  // "mp-queue"
-constexpr std::uint32_t kVersion = 2;
+constexpr std::uint32_t kVersion = 3;  // 3: the locks are sys::FutexMutex
 constexpr std::size_t kHeaderBytes = 4096;
 constexpr std::size_t kMinRing = 4096;
 // How a waiter waits before it sleeps on the futex: first it spins briefly (the peer on another
@@ -121,11 +121,12 @@ constexpr auto rel = std::memory_order_release;
 // to a wait for either lock (see RobustGuard).
 constexpr auto kRecheck = std::chrono::milliseconds(50);
 
-// Holds a robust mutex; on EOWNERDEAD runs the repair, then marks the mutex consistent (if the
-// repairer dies first, the next locker gets EOWNERDEAD again and repairs again: see I5, I8).
+// Holds a queue lock (sys::FutexMutex); when its previous holder died, runs the repair first. A
+// repair that throws leaves the lock as a dead holder's, so the next locker repairs again (as a
+// repairer killed half-way does: see I5, I8).
 //
-// A blocking lock waits in slices (sys::lock_robust): a robust mutex can lose its wake-up when a
-// waiter is killed.
+// A blocking lock waits in slices (inside FutexMutex): a wake-up can be lost with a killed
+// waiter.
 class RobustGuard {
 public:
     RobustGuard() = default;
@@ -135,38 +136,35 @@ public:
 
     // block false: trylock; true: until `deadline` (or forever).
     template <class Repair>
-    bool lock(pthread_mutex_t* m, bool block, const Deadline& deadline, Repair repair) {
-        const int rc = sys::lock_robust(m, block, deadline);
-        if (rc == EBUSY || rc == ETIMEDOUT) return false;
-        if (rc != 0 && rc != EOWNERDEAD)
-            sys::throw_system_error(rc, "pthread_mutex_lock (robust)");
-        m_ = m;
-        if (rc == EOWNERDEAD) {
-            repair();
-            ::pthread_mutex_consistent(m);
+    bool lock(sys::FutexMutex* m, bool block, const Deadline& deadline, Repair repair) {
+        switch (m->lock(sys::this_thread_id(), block, deadline)) {
+            case sys::FutexMutex::Result::busy: return false;
+            case sys::FutexMutex::Result::held_by_caller:
+                // Only a signal handler re-entering put or get could get here.
+                throw std::system_error(
+                    std::make_error_code(std::errc::resource_deadlock_would_occur),
+                    "mp::Queue: the calling thread already holds the queue's lock");
+            case sys::FutexMutex::Result::acquired: break;
+            case sys::FutexMutex::Result::owner_died:
+                try {
+                    repair();
+                } catch (...) {
+                    m->abandon();
+                    throw;
+                }
+                break;
         }
+        m_ = m;
         return true;
     }
     void unlock() noexcept {
-        if (m_ != nullptr) ::pthread_mutex_unlock(std::exchange(m_, nullptr));
+        if (m_ != nullptr) std::exchange(m_, nullptr)->unlock();
     }
     bool owns() const noexcept { return m_ != nullptr; }
 
 private:
-    pthread_mutex_t* m_ = nullptr;
+    sys::FutexMutex* m_ = nullptr;
 };
-
-void init_robust_mutex(pthread_mutex_t* m) {
-    pthread_mutexattr_t a;
-    sys::check_ret(::pthread_mutexattr_init(&a), "pthread_mutexattr_init");
-    sys::check_ret(::pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED),
-                   "pthread_mutexattr_setpshared");
-    sys::check_ret(::pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST),
-                   "pthread_mutexattr_setrobust");
-    const int rc = ::pthread_mutex_init(m, &a);
-    ::pthread_mutexattr_destroy(&a);
-    sys::check_ret(rc, "pthread_mutex_init");
-}
 
 std::size_t ring_size_for(std::size_t requested) {
     std::size_t n = kMinRing;
@@ -187,7 +185,7 @@ struct QueueCore::Header {
     std::uint64_t capacity;  // ring bytes, a power of two
     std::uint64_t maxsize;   // 0: no item limit
 
-    alignas(64) pthread_mutex_t plock;
+    alignas(64) sys::FutexMutex plock;
     // Producer side (I1: written by the plock holder).
     alignas(64) U64 head;
     U64 committed;  // messages made visible (or about to be: I5)
@@ -201,7 +199,7 @@ struct QueueCore::Header {
     U64 space_target;  // the tail the waiting producer needs (0: any progress)
     U64 p_tail_seen;   // a tail the producers last read: a lower bound, so room it shows is there
 
-    alignas(64) pthread_mutex_t clock;
+    alignas(64) sys::FutexMutex clock;
     // Consumer side (I1: written by the clock holder).
     alignas(64) U64 tail;
     U64 taken;
@@ -224,13 +222,11 @@ static_assert(sizeof(QueueCore::Header) <= kHeaderBytes);
 QueueCore::QueueCore(std::size_t maxsize, std::size_t buffer_bytes) {
     const std::size_t cap = ring_size_for(buffer_bytes);
     block_ = SharedBlock::create(kHeaderBytes + cap, "mp-queue");
-    h_ = new (block_.data()) Header{};
+    h_ = new (block_.data()) Header{};  // zero bytes: unlocked locks
     h_->magic = kMagic;
     h_->version = kVersion;
     h_->capacity = cap;
     h_->maxsize = maxsize;
-    init_robust_mutex(&h_->plock);
-    init_robust_mutex(&h_->clock);
     ring_ = static_cast<char*>(block_.data()) + kHeaderBytes;
 }
 

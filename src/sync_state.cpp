@@ -15,10 +15,6 @@ namespace mp::detail::sync {
 
 namespace {
 
-void on_fork_child() noexcept { cached_tid = 0; }
-
-[[maybe_unused]] const int atfork_registered = ::pthread_atfork(nullptr, nullptr, &on_fork_child);
-
 timespec to_timespec(std::chrono::steady_clock::time_point t) noexcept {
     auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
     if (ns < 0) ns = 0;

@@ -22,15 +22,8 @@
 
 namespace mp::detail::sync {
 
-// The calling thread's id, cached. The cache is cleared in a forked child (pthread_atfork, in
-// sync_state.cpp), where the surviving thread has a new id; mp forks only through fork(), which
-// runs the handlers.
-inline thread_local pid_t cached_tid = 0;
-
-inline pid_t current_tid() noexcept {
-    if (cached_tid == 0) cached_tid = static_cast<pid_t>(::syscall(SYS_gettid));
-    return cached_tid;
-}
+// The calling thread's id (cached: see sys::this_thread_id).
+inline pid_t current_tid() noexcept { return sys::this_thread_id(); }
 
 [[noreturn]] void throw_errc(std::errc e, const char* what);
 

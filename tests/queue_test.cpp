@@ -36,6 +36,7 @@
 #include "helpers/shared_object.hpp"
 #include "mp/process.hpp"
 #include "mp/queue.hpp"
+#include "sys/futex_mutex.hpp"
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
@@ -685,8 +686,8 @@ TEST(Queue, ProducerKilledMidMessageLosesOnlyThatMessage) {
 // Reaches QueueCore's test hook through Queue's protected handle.
 struct QueueProbe : mp::Queue<int> {
     explicit QueueProbe(const mp::Queue<int>& q) : mp::Queue<int>(q) {}
-    pthread_mutex_t* producer_lock() const {
-        return static_cast<pthread_mutex_t*>(core_->producer_lock_for_testing());
+    mp::sys::FutexMutex* producer_lock() const {
+        return static_cast<mp::sys::FutexMutex*>(core_->producer_lock_for_testing());
     }
 };
 
@@ -722,7 +723,8 @@ TEST(Queue, ProducerWaitingForTheLockSurvivesAWakeUpLostWithAKilledWaiter) {
     int staged = 0, attempts = 0;
     for (; attempts < 10 && staged < 3; ++attempts) {
         mp::Queue<int> q;
-        pthread_mutex_t* const plock = QueueProbe(q).producer_lock();
+        mp::sys::FutexMutex* const plock = QueueProbe(q).producer_lock();
+        const pid_t me = mp::sys::this_thread_id();
         const int cpu = sched_getcpu();
         ASSERT_GE(cpu, 0);
         cpu_set_t one;
@@ -737,7 +739,7 @@ TEST(Queue, ProducerWaitingForTheLockSurvivesAWakeUpLostWithAKilledWaiter) {
                 q.put(v);
             };
         };
-        ASSERT_EQ(pthread_mutex_lock(plock), 0);
+        ASSERT_EQ(plock->lock(me, true, std::nullopt), mp::sys::FutexMutex::Result::acquired);
         mp::Process w1(waiter(1)), w2(waiter(2));
         w1.start();
         ASSERT_TRUE(sleeping_on(w1, plock));
@@ -747,8 +749,9 @@ TEST(Queue, ProducerWaitingForTheLockSurvivesAWakeUpLostWithAKilledWaiter) {
         // From here to the kill, this thread runs on the waiters' CPU, which the woken one cannot
         // take from it.
         ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
-        ASSERT_EQ(pthread_mutex_unlock(plock), 0);  // wakes one waiter
-        const int rc = pthread_mutex_trylock(plock);
+        plock->unlock();  // wakes one waiter
+        const int rc =
+            plock->lock(me, false, std::nullopt) == mp::sys::FutexMutex::Result::acquired ? 0 : 1;
         const char s1 = proc_state(w1.pid()), s2 = proc_state(w2.pid());
         mp::Process* woken = nullptr;
         mp::Process* other = nullptr;
@@ -759,12 +762,10 @@ TEST(Queue, ProducerWaitingForTheLockSurvivesAWakeUpLostWithAKilledWaiter) {
             ASSERT_TRUE(woken->join(LONG));
         }
         ASSERT_EQ(sched_setaffinity(0, sizeof saved, &saved), 0);
-        // Staged when this thread holds the lock with FUTEX_WAITERS clear (glibc's lock word:
-        // the owner's tid, | 0x80000000 when someone sleeps): its unlock wakes nobody.
-        const bool lost = woken != nullptr && plock->__data.__lock == gettid();
-        if (rc == 0) {
-            ASSERT_EQ(pthread_mutex_unlock(plock), 0);
-        }
+        // Staged when this thread holds the lock with FUTEX_WAITERS clear (the lock word: the
+        // owner's tid, | 0x80000000 when someone sleeps): its unlock wakes nobody.
+        const bool lost = woken != nullptr && plock->word.load() == static_cast<std::uint32_t>(me);
+        if (rc == 0) plock->unlock();
         if (!lost) {
             // Not staged (the woken waiter ran first): both finish, or one was killed.
             for (mp::Process* p : {&w1, &w2}) {

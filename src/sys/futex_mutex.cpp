@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sys/syscall.h>
 #include <system_error>
 #include <unistd.h>
@@ -41,6 +42,9 @@ constexpr auto kRecheck = std::chrono::milliseconds(50);
 
 // Reads of a held word before sleeping: about as long as a futex system call.
 constexpr int kSpins = 100;
+
+[[maybe_unused]] const int atfork_registered =
+    ::pthread_atfork(nullptr, nullptr, [] { detail::cached_tid = 0; });
 
 robust_list_head* this_thread_head() {
     if (detail::robust_head != nullptr) return detail::robust_head;
@@ -136,12 +140,14 @@ FutexMutex::Result FutexMutex::lock_slow(
     return Result::busy;
 }
 
-void FutexMutex::unlock_slow() noexcept {
+void FutexMutex::unlock_slow(std::uint32_t leave) noexcept {
+    // Set by the lock this thread holds; the lookup cannot fail where that lock succeeded.
     robust_list_head* head = detail::robust_head;
+    if (head == nullptr) head = this_thread_head();
     tsan_pre_unlock(this);
     detail::set_pending(head, &next);
     unlink();
-    if ((word.exchange(0, std::memory_order_release) & kWaiters) != 0) wake();
+    if ((word.exchange(leave, std::memory_order_release) & kWaiters) != 0) wake();
     detail::set_pending(head, nullptr);
     tsan_post_unlock(this);
 }

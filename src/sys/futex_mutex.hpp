@@ -17,9 +17,23 @@
 #include <cstdint>
 #include <linux/futex.h>
 #include <optional>
+#include <sys/syscall.h>
 #include <sys/types.h>
+#include <unistd.h>
 
 namespace mp::sys {
+
+namespace detail {
+// Cleared in a forked child (pthread_atfork, in futex_mutex.cpp), where the surviving thread has
+// a new id; mp forks only through fork(), which runs the handlers.
+inline thread_local pid_t cached_tid = 0;
+}  // namespace detail
+
+/// The calling thread's kernel id (what a FutexMutex's word holds), cached per thread.
+inline pid_t this_thread_id() noexcept {
+    if (detail::cached_tid == 0) detail::cached_tid = static_cast<pid_t>(::syscall(SYS_gettid));
+    return detail::cached_tid;
+}
 
 /// Lives in memory shared between processes; all-zero bytes are an unlocked mutex.
 struct FutexMutex {
@@ -34,6 +48,10 @@ struct FutexMutex {
 
     /// Releases the mutex, which the calling thread holds.
     void unlock() noexcept;
+
+    /// Releases the mutex, which the calling thread holds, as if the holder had died: the next
+    /// locker gets owner_died (for a holder whose repair of the protected state failed).
+    void abandon() noexcept;
 
     /// The holder's thread id, 0 when free (or held by a thread that died: the kernel cleared it).
     pid_t owner() const noexcept {
@@ -50,7 +68,7 @@ private:
     Result lock_slow(pid_t me, bool block,
                      const std::optional<std::chrono::steady_clock::time_point>& deadline,
                      std::uint32_t seen);
-    void unlock_slow() noexcept;
+    void unlock_slow(std::uint32_t leave) noexcept;
     void wake() noexcept;
     void link(robust_list_head* head) noexcept;
     void unlink() noexcept;
@@ -99,14 +117,17 @@ inline FutexMutex::Result FutexMutex::lock(
 inline void FutexMutex::unlock() noexcept {
 #if !defined(__SANITIZE_THREAD__)
     robust_list_head* head = detail::robust_head;  // set by the lock this thread holds
+    if (head == nullptr) return unlock_slow(0);    // (unless taken by another copy of this code)
     detail::set_pending(head, &next);
     unlink();
     if ((word.exchange(0, std::memory_order_release) & FUTEX_WAITERS) != 0) wake();
     detail::set_pending(head, nullptr);
 #else
-    unlock_slow();
+    unlock_slow(0);
 #endif
 }
+
+inline void FutexMutex::abandon() noexcept { unlock_slow(FUTEX_OWNER_DIED); }
 
 inline void FutexMutex::link(robust_list_head* head) noexcept {
     // Entries are the `next` fields; an entry's `prev` sits just before it (for the head,

@@ -49,6 +49,14 @@ WORKLOADS = [
          unit="us", per="per start+join", better=LOWER,
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
+    # W1 again, against the smallest C program that does it (libc only, built apart from
+    # mp_limits, which links libcrypto: what a program loads makes each of its forks dearer).
+    # Every side runs W1 (`same_as`); the limit is `limit_exe`; there is no Python side.
+    dict(id="W1-c", title="W1 against a minimal C program (fork + _exit + waitpid, libc only)",
+         unit="us", per="per start+join", better=LOWER, same_as="W1",
+         limit_exe="mp_limit_fork", no_python=True,
+         cpp=200, py=200, quick=20, size_unit="starts",
+         limit_target=1 / 1.2),
     dict(id="W2a", title="x*x on 2 workers: submit + result per task, in order",
          unit="tasks/s", per="", better=HIGHER,
          cpp=100_000, py=20_000, quick=2_000, size_unit="tasks"),
@@ -193,6 +201,7 @@ class Sides:
         self.mp = bench / "mp_workloads"
         self.limits = bench / "mp_limits"
         self.micro = bench / "mp_bench"
+        self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork"}
         self.python = [sys.executable, str(HERE / "python" / "workloads.py")]
         self.notes = []
         if not self.mp.exists():
@@ -241,7 +250,9 @@ class Sides:
     def expected(self, side, w):
         """The workload id the side's JSON line names (a Limit column borrowed from another
         workload's mp side names that workload)."""
-        return w["limit_as"] if side == "limit" and w.get("limit_as") else w["id"]
+        if side == "limit" and w.get("limit_as"):
+            return w["limit_as"]
+        return w.get("same_as", w["id"])
 
     def mpi_argv(self, side, wid, size):
         under = ["timeout", "-k", "5", f"{max(self.timeout - 5, 1):g}"]
@@ -269,6 +280,13 @@ class Sides:
         return exe
 
     def argv(self, side, wid, size, w=None):
+        if w is not None:
+            wid = w.get("same_as", wid)
+            if side == "python" and w.get("no_python"):
+                return None
+            if side == "limit" and w.get("limit_exe"):
+                exe = self.extra_limits.get(w["limit_exe"])
+                return [str(exe), wid, "--size", str(size)] if exe and exe.exists() else None
         if w is not None and w.get("mpi"):
             if side == "limit":
                 return None if self.mp is None else [str(self.mp), w["limit_as"], "--size",
@@ -721,7 +739,7 @@ def main():
                 for side in SIDES:
                     argv = sides.argv(side, w["id"], size_of(w, side), w)
                     if argv is None:
-                        o = Outcome("n/a", detail="mp_workloads not built")
+                        o = Outcome("n/a", detail="no such side, or its program is not built")
                     else:
                         o = run_side(argv, timeout, sides.expected(side, w))
                     raw[w["id"]][side].append(o)

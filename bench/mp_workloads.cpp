@@ -68,6 +68,15 @@ double w2a(long long n) {
     return mp_bench::submit_then_results(ex, n, "W2a: wrong results");
 }
 
+// W2a-steady: the same on a pool that has already run three such batches (W2a measures the
+// first batch on a freshly started pool: what a short program sees).
+double w2a_steady(long long n) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    for (int batch = 0; batch < 3; ++batch)
+        (void)mp_bench::submit_then_results(ex, n, "W2a-steady: wrong results");
+    return mp_bench::submit_then_results(ex, n, "W2a-steady: wrong results");
+}
+
 // W2b: the same with map in chunks of 1,000.
 double w2b(long long n) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
@@ -321,6 +330,8 @@ const Workload kWorkloads[] = {
     {"W1", "us", 200, 20, w1, "mp::Process (fork), start + join"},
     {"W2a", "tasks/s", 100000, 2000, w2a,
      "ProcessPoolExecutor(2): submit every task, then result() of each in order"},
+    {"W2a-steady", "tasks/s", 100000, 2000, w2a_steady,
+     "ProcessPoolExecutor(2): W2a's fourth batch on the same executor"},
     {"W2b", "tasks/s", 100000, 10000, w2b, "ProcessPoolExecutor(2).map, chunksize 1000"},
     {"W3", "efficiency", 64, 8, w3,
      "ProcessPoolExecutor(2).map, 20 ms CPU-time tasks, chunksize 1"},

@@ -892,6 +892,8 @@ struct Mode {
 const Mode kModes[] = {
     {"W1", 200, 20, w1},
     {"W2a", 100000, 2000, [](long long n) { w2("W2a", n, 1); }},
+    // The bare pipes keep no state between batches: W2a-steady's limit is W2a's.
+    {"W2a-steady", 100000, 2000, [](long long n) { w2("W2a-steady", n, 1); }},
     {"W2b", 100000, 10000, [](long long n) { w2("W2b", n, 1000); }},
     {"W3", 64, 8, [](long long n) { w3(n, 20.0); }},
     {"W4", 1000000, 20000, [](long long n) { ring_transfer("W4", n, 64, 4096, false); }},

@@ -32,6 +32,7 @@ CTX = mp.get_context("fork")
 PYTHON_SIZES = {
     "W1": (200, 20),
     "W2a": (20_000, 2_000),      # full C++ size 100,000: ProcessPoolExecutor.submit is ~30 us/task
+    "W2a-steady": (20_000, 2_000),
     "W2b": (100_000, 10_000),
     "W3": (64, 8),
     "W4": (200_000, 20_000),     # full C++ size 1,000,000
@@ -114,6 +115,16 @@ def w2a(n):
         rate = submit_then_results(ex, n, "W2a")
     result("W2a", rate, "tasks/s", n,
            "ProcessPoolExecutor(2): submit every task, then result() of each in order")
+
+
+def w2a_steady(n):
+    with ProcessPoolExecutor(max_workers=2, mp_context=CTX) as ex:
+        warm_pool(ex)
+        for _ in range(3):
+            submit_then_results(ex, n, "W2a-steady")
+        rate = submit_then_results(ex, n, "W2a-steady")
+    result("W2a-steady", rate, "tasks/s", n,
+           "ProcessPoolExecutor(2): W2a's fourth batch on the same executor")
 
 
 def w2b(n):
@@ -398,7 +409,7 @@ def w10b(n):
 
 WORKLOADS = {
     "W10a": w10a, "W10b": w10b,
-    "W1": w1, "W2a": w2a, "W2b": w2b, "W3": w3, "W4": w4, "W5": w5,
+    "W1": w1, "W2a": w2a, "W2a-steady": w2a_steady, "W2b": w2b, "W3": w3, "W4": w4, "W5": w5,
     "W6-pipe": w6_pipe, "W6-queue": w6_queue, "W7": w7, "W8a": w8a, "W8b": w8b, "W9": w9,
 }
 

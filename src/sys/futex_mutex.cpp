@@ -88,7 +88,9 @@ FutexMutex::Result FutexMutex::lock_slow(
     const auto self = static_cast<std::uint32_t>(me);
     std::uint32_t v = seen;
     if ((v & kTid) == self) return Result::held_by_caller;
-    tsan_pre_lock(this, !block);
+    // ThreadSanitizer wants a lock that may fail (a try, or a deadline) announced as a try.
+    const bool may_fail = !block || deadline.has_value();
+    tsan_pre_lock(this, may_fail);
     detail::set_pending(head, &next);
     // Having slept, this thread cannot know whether others still sleep: it takes the lock with
     // kWaiters set, so its unlock wakes the next (Drepper's state 2).
@@ -103,7 +105,7 @@ FutexMutex::Result FutexMutex::lock_slow(
                                                std::memory_order_relaxed)) {
                     link(head);
                     detail::set_pending(head, nullptr);
-                    tsan_post_lock(this, !block, true);
+                    tsan_post_lock(this, may_fail, true);
                     return (v & kOwnerDied) != 0 ? Result::owner_died : Result::acquired;
                 }
                 continue;
@@ -132,11 +134,11 @@ FutexMutex::Result FutexMutex::lock_slow(
         }
     } catch (...) {
         detail::set_pending(head, nullptr);
-        tsan_post_lock(this, !block, false);
+        tsan_post_lock(this, may_fail, false);
         throw;
     }
     detail::set_pending(head, nullptr);
-    tsan_post_lock(this, !block, false);
+    tsan_post_lock(this, may_fail, false);
     return Result::busy;
 }
 

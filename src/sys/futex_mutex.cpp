@@ -61,17 +61,17 @@ robust_list_head* this_thread_head() {
 }
 
 // ThreadSanitizer does not see this mutex's happens-before (the CAS is relaxed on failure): tell
-// it, as it is told about pthread mutexes.
+// it with acquire/release on the word, not with its mutex annotations, whose ownership record
+// a forked child inherits (the child's first lock of a lock the parent held at the fork would
+// be reported as a lock held by another thread). Only happens-before is modelled, and a
+// self-deadlock never reaches here (lock returns held_by_caller first).
 #if defined(__SANITIZE_THREAD__)
-void tsan_pre_lock(void* m, bool try_only) {
-    __tsan_mutex_pre_lock(m, try_only ? __tsan_mutex_try_lock : 0);
+void tsan_pre_lock(void*, bool) {}
+void tsan_post_lock(void* m, bool, bool ok) {
+    if (ok) __tsan_acquire(m);
 }
-void tsan_post_lock(void* m, bool try_only, bool ok) {
-    __tsan_mutex_post_lock(
-        m, (try_only ? __tsan_mutex_try_lock : 0) | (ok ? 0 : __tsan_mutex_try_lock_failed), 0);
-}
-void tsan_pre_unlock(void* m) { __tsan_mutex_pre_unlock(m, 0); }
-void tsan_post_unlock(void* m) { __tsan_mutex_post_unlock(m, 0); }
+void tsan_pre_unlock(void* m) { __tsan_release(m); }
+void tsan_post_unlock(void*) {}
 #else
 void tsan_pre_lock(void*, bool) {}
 void tsan_post_lock(void*, bool, bool) {}

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "mp/process.hpp"
+#include "mp/util.hpp"
 
 namespace mp::detail {
 namespace {
@@ -38,17 +39,19 @@ void write_stderr(std::string_view s) noexcept {
     }
 }
 
+// As concurrent.futures logs it (LOGGER.exception): through mp's logger, which prints errors to
+// stderr until a program redirects it.
 void run_callback(const std::function<void(FutureCore&)>& cb, FutureCore& core) noexcept {
     try {
         cb(core);
     } catch (const std::exception& e) {
         try {
-            write_stderr(std::string("mp: exception calling callback for future: ") + e.what() +
-                         "\n");
+            get_logger().error(std::string("mp: exception calling callback for future: ") +
+                               e.what());
         } catch (...) {
         }
     } catch (...) {
-        write_stderr("mp: exception calling callback for future: unknown exception\n");
+        get_logger().error("mp: exception calling callback for future: unknown exception");
     }
 }
 

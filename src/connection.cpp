@@ -5,6 +5,7 @@
 #include <csignal>
 #include <cstring>
 #include <ctime>
+#include <fcntl.h>
 #include <limits>
 #include <memory>
 #include <poll.h>
@@ -516,6 +517,64 @@ std::string Connection::recv_message(std::vector<int>& fds) {
         throw DecodeError("mp::Connection::recv: descriptors were dropped (more than " +
                           std::to_string(sys::kMaxFds) + " in one message)");
     return out;
+}
+
+namespace {
+
+// True when `fd` is a Unix-domain socket: the only kind that carries descriptors. A Connection
+// made from a bare descriptor may be any socket, so the family is asked, not assumed.
+bool is_unix_socket(int fd) {
+    int domain = 0;
+    socklen_t len = sizeof domain;
+    return ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX;
+}
+
+[[noreturn]] void throw_not_unix(const char* op) {
+    throw Error(std::string("mp::") + op +
+                ": descriptors travel only over a Unix socket connection (a duplex Pipe(), or a "
+                "Listener/Client on a Unix path), not TCP or a pipe");
+}
+
+}  // namespace
+
+void send_handle(Connection& conn, int fd, pid_t /*destination_pid*/) {
+    conn.check_writable("send_handle");
+    detail::ConnectionState& s = *conn.impl_;
+    if (!s.is_socket || !is_unix_socket(s.fd.get())) throw_not_unix("send_handle");
+    // sendmsg would say EBADF too, but about the socket or the descriptor: say which.
+    if (::fcntl(fd, F_GETFD) == -1) sys::throw_system_error(errno, "mp::send_handle: fcntl(fd)");
+    // Python's sendfds: the count modulo 256 as the one byte the descriptor rides on.
+    const unsigned char one = 1;
+    const int fds[1] = {fd};
+    sys::send_fds(s.fd.get(), &one, 1, fds);
+}
+
+int recv_handle(Connection& conn) {
+    detail::ConnectionState& s = check_readable_impl(conn.impl_, "recv_handle");
+    if (!s.may_carry_fds || !is_unix_socket(s.fd.get())) throw_not_unix("recv_handle");
+    // Through the receive buffer, not straight from the socket: a frame received before may have
+    // read this byte (and its descriptor, kept in fd_batches) ahead.
+    const Frame f{s.consumed, 1};
+    fill(s, 1, false);
+    const auto byte = static_cast<unsigned char>(s.rbuf[s.rpos]);
+    ++s.rpos;
+    ++s.consumed;
+    if (s.rpos == s.rend) s.rpos = s.rend = 0;
+    std::vector<int> fds;
+    reserve_frame_fds(s, fds);
+    const bool truncated = finish_frame(s, f, &fds);
+    if (byte == 1 && fds.size() == 1 && !truncated) return fds[0];
+    for (int fd : fds) ::close(fd);
+    // One byte of something else is gone: later frames cannot be found any more.
+    if (s.writable) {
+        s.readable = false;
+    } else {
+        s.drop_buffered();
+        s.fd.reset();
+    }
+    throw DecodeError("mp::recv_handle: expected one descriptor sent by send_handle, got " +
+                      std::to_string(fds.size()) + (truncated ? " (truncated)" : "") +
+                      " with byte " + std::to_string(byte));
 }
 
 detail::ReceivedFds::~ReceivedFds() {

@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "mp/process.hpp"
+#include "mp/util.hpp"
 
 namespace mp::detail {
 namespace {
@@ -38,17 +39,19 @@ void write_stderr(std::string_view s) noexcept {
     }
 }
 
+// As concurrent.futures logs it (LOGGER.exception): through mp's logger, which prints errors to
+// stderr until a program redirects it.
 void run_callback(const std::function<void(FutureCore&)>& cb, FutureCore& core) noexcept {
     try {
         cb(core);
     } catch (const std::exception& e) {
         try {
-            write_stderr(std::string("mp: exception calling callback for future: ") + e.what() +
-                         "\n");
+            get_logger().error(std::string("mp: exception calling callback for future: ") +
+                               e.what());
         } catch (...) {
         }
     } catch (...) {
-        write_stderr("mp: exception calling callback for future: unknown exception\n");
+        get_logger().error("mp: exception calling callback for future: unknown exception");
     }
 }
 
@@ -103,6 +106,8 @@ constexpr KnownType kKnownTypes[] = {
     {"mp::Full", make_with_message<Full>},
     {"mp::BrokenBarrierError", make_with_message<BrokenBarrierError>},
     {"mp::EmptyHandle", make_with_message<EmptyHandle>},
+    {"mp::InvalidStateError", make_with_message<InvalidStateError>},
+    {"mp::BrokenPromise", make_with_message<BrokenPromise>},
 };
 
 }  // namespace
@@ -177,22 +182,34 @@ bool FutureCore::set_running() noexcept {
                                           std::memory_order_acquire);
 }
 
-void FutureCore::set_result(std::string bytes) {
+bool FutureCore::set_result(std::string bytes) {
     std::unique_lock lk(mu_);
-    if (done()) return;
+    if (done()) return false;
     bytes_ = std::move(bytes);
     // A store is enough: under mu_ nobody else finishes or cancels, and a concurrent set_running
     // (pending -> running) is simply superseded.
     state_.store(State::finished, std::memory_order_release);
     complete(lk);
+    return true;
 }
 
-void FutureCore::set_exception(std::exception_ptr error) {
+bool FutureCore::set_exception(std::exception_ptr error) {
     std::unique_lock lk(mu_);
-    if (done()) return;
+    if (done()) return false;
     error_ = std::move(error);
     state_.store(State::finished, std::memory_order_release);
     complete(lk);
+    return true;
+}
+
+bool FutureCore::set_value(std::shared_ptr<const void> value) {
+    std::unique_lock lk(mu_);
+    if (done()) return false;
+    // Stored before the release below: whoever sees `finished` sees the value.
+    value_ = std::move(value);
+    state_.store(State::finished, std::memory_order_release);
+    complete(lk);
+    return true;
 }
 
 void FutureCore::complete(std::unique_lock<std::mutex>& lk) {

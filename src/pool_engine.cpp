@@ -61,6 +61,7 @@
 #include "mp/detail/pool_engine.hpp"
 #include "mp/futures.hpp"
 #include "mp/pool.hpp"
+#include "mp/util.hpp"
 #include "launch.hpp"
 #include "pool_frames.hpp"
 #include "process_impl.hpp"
@@ -297,7 +298,11 @@ struct PoolEngine::Impl {
         try {
             loop();
         } catch (const std::exception& e) {
-            std::fprintf(stderr, "mp pool: internal error, the pool is broken: %s\n", e.what());
+            try {
+                get_logger().error(std::string("mp pool: internal error, the pool is broken: ") +
+                                   e.what());
+            } catch (...) {
+            }
             try {
                 break_pool(std::string("internal error: ") + e.what());
                 kill_all();

@@ -16,6 +16,7 @@
 #include "mp/detail/future_core.hpp"
 #include "mp/detail/task.hpp"
 #include "mp/errors.hpp"
+#include "mp/util.hpp"
 #include "pool_frames.hpp"
 #include "sys/error.hpp"
 
@@ -474,7 +475,10 @@ int worker_loop(int sock, WorkerSlot* slots) {
     try {
         return Worker(sock, slots).run();
     } catch (const std::exception& e) {
-        std::fprintf(stderr, "mp pool worker %d: %s\n", static_cast<int>(::getpid()), e.what());
+        try {
+            get_logger().error("mp pool worker " + std::to_string(::getpid()) + ": " + e.what());
+        } catch (...) {
+        }
         return 3;
     }
 }

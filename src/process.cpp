@@ -469,6 +469,12 @@ void Process::kill() {
     s.signal(SIGKILL);
 }
 
+void Process::interrupt() {
+    auto& s = state("interrupt");
+    check_started(s, "interrupt");
+    s.signal(SIGINT);
+}
+
 void Process::close() {
     auto& s = state("close");
     if (s.stage == ProcessState::Stage::closed) return;
@@ -557,6 +563,7 @@ bool ChildProcess::join(detail::Timeout timeout) const {
     return state_->wait(timeout);
 }
 void ChildProcess::terminate() const { state_->signal(SIGTERM); }
+void ChildProcess::interrupt() const { state_->signal(SIGINT); }
 void ChildProcess::kill() const { state_->signal(SIGKILL); }
 int ChildProcess::sentinel() const { return state_->pidfd.get(); }
 

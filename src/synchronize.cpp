@@ -281,6 +281,38 @@ bool detail::BasicLock::held() const {
     return held_by_me(*impl_->core);
 }
 
+namespace {
+
+// The holder's thread id; 0 when free. The robust mutex's futex word is the truth (the kernel
+// clears its owner when the holder dies); mp's `owner` record may be stale after such a death.
+pid_t holder_tid(const MutexCore& c) noexcept {
+#if defined(__GLIBC__)
+    return static_cast<pid_t>(
+        static_cast<unsigned>(__atomic_load_n(&c.mutex.__data.__lock, __ATOMIC_RELAXED)) &
+        FUTEX_TID_MASK);
+#else
+    return c.owner.load(std::memory_order_relaxed);
+#endif
+}
+
+}  // namespace
+
+bool detail::BasicLock::locked() const {
+    check_handle(impl_, "mp::Lock");
+    return holder_tid(*impl_->core) != 0;
+}
+
+LockHolder detail::BasicLock::holder() const {
+    check_handle(impl_, "mp::Lock");
+    const pid_t tid = holder_tid(*impl_->core);
+    if (tid == 0) return LockHolder::none;
+    if (held_by_me(*impl_->core)) return LockHolder::this_thread;
+    // Thread ids are unique system-wide: signal 0 to it within our own thread group tells
+    // whether it is one of ours.
+    return ::syscall(SYS_tgkill, ::getpid(), tid, 0) == 0 ? LockHolder::other_thread
+                                                           : LockHolder::other_process;
+}
+
 Lock::Lock() : BasicLock(new_mutex(Kind::lock)) {}
 
 RLock::RLock() : BasicLock(new_mutex(Kind::rlock)) {}

@@ -1545,3 +1545,203 @@ TEST(Misuse, EmptyConnectionAndListenerThrowBadFileDescriptor) {
     EXPECT_NO_THROW(l.close());
     EXPECT_FALSE(l2.closed());
 }
+
+// ---- send_handle / recv_handle (Python's multiprocessing.reduction) ---------------------------
+
+namespace {
+
+/// _TestConnection._writefd: receive a descriptor and write `data` into it. With
+/// `create_dummy_fds`, every descriptor below 256 is taken first, so the one received is large.
+void writefd(mp::Connection conn, std::string data, bool create_dummy_fds) {
+    if (create_dummy_fds)
+        for (int i = 0; i < 256; ++i)
+            if (::fcntl(i, F_GETFD) == -1) ::dup2(conn.fileno(), i);
+    const int fd = mp::recv_handle(conn);
+    mp::sys::write_full(fd, data.data(), data.size());
+    ::close(fd);
+}
+
+/// A file with no name (a memfd), and what was written into it.
+struct MemFile {
+    mp::sys::Fd fd{::memfd_create("mp-send-handle-test", MFD_CLOEXEC)};
+    std::string contents() const {
+        char buf[64];
+        const ssize_t n = ::pread(fd.get(), buf, sizeof buf, 0);
+        return n < 0 ? std::string("<pread failed>") : std::string(buf, static_cast<std::size_t>(n));
+    }
+};
+
+void fd_transfer(const mp::ProcessOptions& options, bool large) {
+    auto [conn, child_conn] = mp::Pipe(true);
+    mp::Process p(options, writefd, child_conn, std::string(large ? "bar" : "foo"), large);
+    p.start();
+    child_conn.close();
+    MemFile f;
+    ASSERT_TRUE(f.fd) << "memfd_create";
+    if (large) {
+        // test_large_fd_transfer: a descriptor above 256 (issue #11657 in CPython).
+        int newfd = 256;
+        while (::fcntl(newfd, F_GETFD) != -1) ++newfd;
+        ASSERT_EQ(::dup2(f.fd.get(), newfd), newfd);
+        mp::send_handle(conn, newfd, p.pid());
+        ::close(newfd);
+    } else {
+        mp::send_handle(conn, f.fd.get(), p.pid());
+    }
+    join_ok(p);
+    EXPECT_EQ(f.contents(), large ? "bar" : "foo");
+}
+
+/// _TestConnection._send_data_without_fd: one byte, and no descriptor with it.
+void send_data_without_fd(mp::Connection conn) {
+    raw_write(conn.fileno(), std::string(1, '\0'));
+}
+
+}  // namespace
+
+TEST(ReductionHandles, FdTransferFork) { fd_transfer({}, false); }
+TEST(ReductionHandles, FdTransferForkserver) { fd_transfer(kForkserver, false); }
+TEST(ReductionHandles, LargeFdTransferFork) { fd_transfer({}, true); }
+TEST(ReductionHandles, LargeFdTransferForkserver) { fd_transfer(kForkserver, true); }
+
+// test_missing_fd_transfer: data without a descriptor is an error (Python: RuntimeError), and
+// the stream, now out of step, is not read any further.
+TEST(ReductionHandles, MissingFdTransfer) {
+    auto [conn, child_conn] = mp::Pipe(true);
+    mp::Process p(kForkserver, send_data_without_fd, child_conn);
+    p.start();
+    child_conn.close();
+    join_ok(p);
+    EXPECT_THROW(mp::recv_handle(conn), mp::DecodeError);
+    EXPECT_FALSE(conn.readable());
+}
+
+// The handle may follow and precede frames, and the frame before it may have read it (and its
+// descriptor) ahead into the connection's buffer.
+TEST(ReductionHandles, BetweenFramesReadAhead) {
+    auto [a, b] = mp::Pipe(true);
+    int p[2];
+    ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+    mp::sys::Fd r(p[0]), w(p[1]);
+    a.send_bytes("before");
+    mp::send_handle(a, w.get());
+    w.reset();
+    a.send_bytes("after");
+    EXPECT_EQ(b.recv_bytes(), "before");
+    mp::sys::Fd got(mp::recv_handle(b));
+    ASSERT_TRUE(got);
+    EXPECT_EQ(::fcntl(got.get(), F_GETFD) & FD_CLOEXEC, FD_CLOEXEC);
+    EXPECT_EQ(b.recv_bytes(), "after");
+    mp::sys::write_full(got.get(), "x", 1);
+    got.reset();
+    char c = 0;
+    EXPECT_EQ(::read(r.get(), &c, 1), 1);
+    EXPECT_EQ(c, 'x');
+}
+
+TEST(ReductionHandles, OverUnixListenerClient) {
+    mp::Listener l(mp::Address("/tmp/mp-send-handle-" + std::to_string(::getpid())));
+    mp::Connection c = mp::Client(l.address());
+    mp::Connection s = l.accept();
+    MemFile f;
+    mp::send_handle(c, f.fd.get());
+    mp::sys::Fd got(mp::recv_handle(s));
+    mp::sys::write_full(got.get(), "unix", 4);
+    EXPECT_EQ(f.contents(), "unix");
+}
+
+// Descriptors cannot cross TCP or a pipe: a clear mp::Error, nothing sent, the connection fine.
+TEST(ReductionHandles, NotUnixSocketIsError) {
+    mp::Listener l(mp::Address("127.0.0.1", 0));
+    mp::Connection c = mp::Client(l.address());
+    mp::Connection s = l.accept();
+    MemFile f;
+    try {
+        mp::send_handle(c, f.fd.get());
+        ADD_FAILURE() << "send_handle over TCP did not throw";
+    } catch (const mp::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("Unix socket"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(mp::recv_handle(s), mp::Error);
+    c.send_bytes("still fine");
+    EXPECT_EQ(s.recv_bytes(), "still fine");
+
+    auto [r, w] = mp::Pipe(false);
+    EXPECT_THROW(mp::send_handle(w, f.fd.get()), mp::Error);
+    expect_bad_fd([&] { mp::send_handle(r, f.fd.get()); }, "read-only");
+}
+
+TEST(ReductionHandles, BadDescriptorAndEof) {
+    auto [a, b] = mp::Pipe(true);
+    int closed[2];
+    ASSERT_EQ(::pipe2(closed, O_CLOEXEC), 0);
+    ::close(closed[0]);
+    ::close(closed[1]);
+    try {
+        mp::send_handle(a, closed[0]);
+        ADD_FAILURE() << "no error for a closed descriptor";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), std::errc::bad_file_descriptor) << e.what();
+    }
+    EXPECT_FALSE(b.poll()) << "nothing was sent";
+    a.close();
+    EXPECT_THROW(mp::recv_handle(b), mp::EOFError);
+}
+
+namespace {
+
+// Python's own multiprocessing.reduction on the other end: receives a descriptor, writes into
+// it, then sends it back after a frame (so that mp reads the handle ahead with that frame).
+constexpr const char* kPythonHandles = R"PY(
+import os, sys
+from multiprocessing import reduction
+from multiprocessing.connection import Connection
+c = Connection(int(sys.argv[1]))
+fd = reduction.recv_handle(c)
+os.write(fd, b"from python")
+c.send_bytes(b"frame")
+reduction.send_handle(c, fd, os.getppid())
+os.close(fd)
+c.send_bytes(b"done")
+)PY";
+
+}  // namespace
+
+TEST(ReductionHandles, WireCompatibleWithPython) {
+    auto [ours, theirs] = mp::Pipe();
+    const std::string fd_arg = std::to_string(theirs.fileno());
+    const int keep = theirs.fileno();
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        // Only async-signal-safe calls between fork and exec.
+        int flags = ::fcntl(keep, F_GETFD);
+        ::fcntl(keep, F_SETFD, flags & ~FD_CLOEXEC);
+        ::execlp("python3", "python3", "-c", kPythonHandles, fd_arg.c_str(), static_cast<char*>(nullptr));
+        ::_exit(127);
+    }
+    theirs.close();
+    struct Reap {  // reaps python3 on every path, so a failure does not leak the child
+        pid_t pid;
+        ~Reap() {
+            if (pid > 0) {
+                ::kill(pid, SIGKILL);
+                ::waitpid(pid, nullptr, 0);
+            }
+        }
+    } child{pid};
+
+    MemFile f;
+    mp::send_handle(ours, f.fd.get(), pid);
+    ASSERT_TRUE(ours.poll(kLong)) << "python3 sent nothing";
+    EXPECT_EQ(ours.recv_bytes(), "frame");
+    mp::sys::Fd back(mp::recv_handle(ours));
+    mp::sys::write_full(back.get(), "+cpp", 4);  // the same open file: its offset is shared
+    EXPECT_EQ(ours.recv_bytes(), "done");
+    EXPECT_EQ(f.contents(), "from python+cpp");
+
+    int status = -1;
+    ASSERT_EQ(::waitpid(std::exchange(child.pid, 0), &status, 0), pid);
+    ASSERT_TRUE(WIFEXITED(status));
+    EXPECT_EQ(WEXITSTATUS(status), 0) << "python3 failed (127: not found)";
+}

@@ -1007,6 +1007,51 @@ TEST(ProcessExit, KillGivesMinusSigkill) {
     EXPECT_EQ(p.exitcode(), -SIGKILL);
 }
 
+// ---- interrupt() (Python 3.14): SIGINT, and what a target makes of it ---------------------------
+
+volatile std::sig_atomic_t g_interrupted = 0;
+
+/// _sleep_some_event with Python's default behaviour spelled out: SIGINT sets a flag, which the
+/// target turns into an exception that escapes it (Python: an uncaught KeyboardInterrupt).
+void interrupted_throws(std::string ready) {
+    struct sigaction sa {};
+    sa.sa_handler = +[](int) { g_interrupted = 1; };
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, nullptr);
+    write_file_atomically(ready, "ready");
+    const auto deadline = Clock::now() + 60s;
+    while (!g_interrupted && Clock::now() < deadline) std::this_thread::sleep_for(10ms);
+    if (g_interrupted) throw std::runtime_error("KeyboardInterrupt");
+}
+
+/// _sleep_no_int_handler: SIGINT keeps its default action.
+void interrupted_no_handler(std::string ready) {
+    write_file_atomically(ready, "ready");
+    block_for(60s);
+}
+
+void interrupt_case(const mp::ProcessOptions& options, void (*target)(std::string), int expected) {
+    TempDir dir;
+    mp::Process p(options, target, dir.file("ready"));
+    p.start();
+    ASSERT_TRUE(wait_for_file(dir.file("ready"))) << "the child never got ready";
+    p.interrupt();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), expected);
+    EXPECT_NO_THROW(p.interrupt()) << "signalling an ended child changes nothing";
+}
+
+TEST(ProcessExit, Interrupt) { interrupt_case({}, interrupted_throws, 1); }
+TEST(ProcessExit, InterruptNoHandler) { interrupt_case({}, interrupted_no_handler, -SIGINT); }
+TEST(ProcessForkserver, Interrupt) { interrupt_case(forkserver_options(), interrupted_throws, 1); }
+TEST(ProcessForkserver, InterruptNoHandler) {
+    interrupt_case(forkserver_options(), interrupted_no_handler, -SIGINT);
+}
+TEST(ProcessExit, InterruptBeforeStartIsProcessError) {
+    mp::Process p([] {});
+    EXPECT_THROW(p.interrupt(), mp::ProcessError);
+}
+
 /// Terminates `p`; kills it when SIGTERM did not end it within 5 s. True when SIGTERM did.
 bool terminate_or_kill(mp::Process& p) {
     p.terminate();

@@ -491,6 +491,64 @@ TEST(SyncLock, ThreadsEndingHoldingLocksLeaveTheOtherListsIntact) {
 
 // ============================================================================ RLock
 
+// Python 3.14's Lock.locked(), and who holds it as RLock's repr names the holder: this thread,
+// 'SomeOtherThread', 'SomeOtherProcess' or 'None', also after the holder was killed.
+TEST(SyncLock, LockedAndHolder) {
+    mp::Lock lock;
+    EXPECT_FALSE(lock.locked());
+    EXPECT_EQ(lock.holder(), mp::LockHolder::none);
+    ASSERT_TRUE(lock.acquire());
+    EXPECT_TRUE(lock.locked());
+    EXPECT_EQ(lock.holder(), mp::LockHolder::this_thread);
+    std::thread t([&] {
+        EXPECT_TRUE(lock.locked());
+        EXPECT_EQ(lock.holder(), mp::LockHolder::other_thread);
+    });
+    t.join();
+    lock.release();
+    EXPECT_FALSE(lock.locked());
+    EXPECT_EQ(lock.holder(), mp::LockHolder::none);
+
+    mp::Semaphore holding(0);
+    auto p = spawn([&] {
+        lock.lock();
+        holding.release();
+        std::this_thread::sleep_for(60s);
+    });
+    ASSERT_TRUE(holding.acquire(LONG));
+    EXPECT_TRUE(lock.locked());
+    EXPECT_EQ(lock.holder(), mp::LockHolder::other_process);
+    kill_and_join(*p);
+    EXPECT_FALSE(lock.locked()) << "a dead holder's lock is free for the next acquirer";
+    EXPECT_EQ(lock.holder(), mp::LockHolder::none);
+}
+
+// RLock's repr in Python: (holder, count) = (own name, depth), ('SomeOtherThread', nonzero),
+// ('None', 0).
+TEST(SyncRLock, LockedHolderAndCount) {
+    mp::RLock lock;
+    EXPECT_FALSE(lock.locked());
+    EXPECT_EQ(lock.holder(), mp::LockHolder::none);
+    EXPECT_EQ(lock.recursion_count(), 0u);
+    ASSERT_TRUE(lock.acquire());
+    ASSERT_TRUE(lock.acquire());
+    EXPECT_TRUE(lock.locked());
+    EXPECT_EQ(lock.holder(), mp::LockHolder::this_thread);
+    EXPECT_EQ(lock.recursion_count(), 2u);
+    std::thread t([&] {
+        EXPECT_TRUE(lock.locked());
+        EXPECT_EQ(lock.holder(), mp::LockHolder::other_thread);
+        EXPECT_EQ(lock.recursion_count(), 0u);
+    });
+    t.join();
+    lock.release();
+    EXPECT_TRUE(lock.locked());
+    EXPECT_EQ(lock.recursion_count(), 1u);
+    lock.release();
+    EXPECT_FALSE(lock.locked());
+    EXPECT_EQ(lock.holder(), mp::LockHolder::none);
+}
+
 TEST(SyncRLock, PythonTestRLock) {
     mp::RLock lock;
     EXPECT_TRUE(lock.acquire());

@@ -92,6 +92,7 @@
 #include <type_traits>
 #include <utility>
 #include <variant>
+#include <sys/types.h>
 #include <vector>
 
 #include "mp/detail/deadline.hpp"
@@ -256,6 +257,8 @@ public:
 private:
     friend std::size_t detail::buffered_bytes(const Connection& c) noexcept;
     friend struct Codec<Connection>;
+    friend void send_handle(Connection& conn, int fd, pid_t destination_pid);
+    friend int recv_handle(Connection& conn);
     void check_writable(const char* op) const;
     void write_message(std::string_view body, std::span<const int> fds = {});
     std::string recv_message(std::vector<int>& fds);
@@ -266,6 +269,22 @@ private:
 /// A connected pair of Connections. duplex (the default): a Unix stream socketpair whose ends
 /// both send and receive. Not duplex: a pipe, returned as {reader, writer} as in Python.
 std::pair<Connection, Connection> Pipe(bool duplex = true);
+
+/// Python's multiprocessing.reduction.send_handle: sends a duplicate of descriptor `fd` (which
+/// stays the caller's) to the process at the other end of `conn`, which takes it with
+/// recv_handle. `conn` must be a Unix stream socket: a duplex Pipe(), or a Listener/Client
+/// connection on a Unix path or abstract name; a TCP connection or a pipe is mp::Error and
+/// nothing is sent. `fd` not open: std::system_error(EBADF). `destination_pid` is unused, as in
+/// Python on Unix (Windows needs it). The wire form is Python's (one byte, 1, carrying the
+/// descriptor as SCM_RIGHTS), so a Python peer's recv_handle/send_handle is the other end just
+/// as well; it is not a Connection frame, so both sides must agree on when a handle comes.
+void send_handle(Connection& conn, int fd, pid_t destination_pid = 0);
+/// Python's multiprocessing.reduction.recv_handle: receives a descriptor sent by send_handle and
+/// returns it, close-on-exec, owned by the caller (close it). mp::EOFError when the peer
+/// closed; mp::DecodeError when what arrives is not a handle (a Connection frame, say): the
+/// stream is then out of step and, as with a bad frame, `conn` stops being readable. Not a Unix
+/// socket: mp::Error.
+int recv_handle(Connection& conn);
 
 /// A Connection crosses to a forkserver child (or any process mp sends encoded arguments to,
 /// or through Connection::send over a duplex connection) with its descriptor attached

@@ -137,6 +137,23 @@ public:
     CancelledError() : Error("the future was cancelled") {}
 };
 
+/// A standalone future (mp::Promise) was asked to change state where Python raises
+/// concurrent.futures.InvalidStateError: a result or exception set on a future that is already
+/// finished or cancelled, or set_running_or_notify_cancel on one that is running or finished.
+class InvalidStateError : public Error {
+public:
+    using Error::Error;
+};
+
+/// The last mp::Promise of a future went away without setting a result or an exception: the
+/// future fails with this rather than leaving its waiters blocked for ever
+/// (std::future_errc::broken_promise).
+class BrokenPromise : public Error {
+public:
+    using Error::Error;
+    BrokenPromise() : Error("the promise was destroyed before it set a result") {}
+};
+
 /// A Barrier was aborted or reset while a party waited.
 class BrokenBarrierError : public Error {
 public:

@@ -49,6 +49,7 @@
 #include <memory>
 #include <optional>
 #include <ranges>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -84,7 +85,8 @@ template <class T>
 std::shared_ptr<FutureCore> core_of(const Future<T>& f);
 }  // namespace detail
 
-/// The eventual result of work handed to a pool: a cheap copyable handle; copies share the state.
+/// The eventual result of work handed to a pool, or of an mp::Promise: a cheap copyable handle;
+/// copies share the state.
 template <class T>
 class Future {
 public:
@@ -109,6 +111,10 @@ public:
         wait_done(timeout);
         if (cancelled()) throw CancelledError();
         if (auto e = core().error()) std::rethrow_exception(e);
+        if constexpr (!std::is_void_v<T> && std::is_copy_constructible_v<T>) {
+            // A Promise's value is kept as it is; work done elsewhere arrives encoded.
+            if (const void* v = core().value()) return *static_cast<const T*>(v);
+        }
         return detail::decode_value<T>(core().bytes());
     }
 
@@ -124,7 +130,9 @@ public:
     bool wait(detail::Timeout timeout = std::nullopt) const { return core().wait(timeout); }
 
     /// Calls fn(future) once done: at once (in this thread) when already done, else in the pool's
-    /// result thread, or in the thread that cancels it. Callbacks run in the order added.
+    /// result thread (for a Promise's future: the thread that sets it), or in the thread that
+    /// cancels it. Callbacks run in the order added. An exception escaping fn is printed to
+    /// stderr ("exception calling callback for future") and the next callback still runs.
     void add_done_callback(std::function<void(const Future&)> fn) const {
         core().add_done_callback([fn = std::move(fn)](detail::FutureCore& c) {
             fn(Future(c.shared_from_this()));
@@ -155,6 +163,108 @@ std::vector<FutureCore*> raw_cores(const std::vector<Future<T>>& fs) {
     return out;
 }
 }  // namespace detail
+
+/// The producing side of a standalone mp::Future, for writing executors of one's own or adapting
+/// another asynchronous source: Python's `Future()` with its set_* methods, the reading methods
+/// (result, exception, cancel, done, running, add_done_callback) being those of future().
+///
+///     mp::Promise<int> p;
+///     mp::Future<int> f = p.future();          // hand this out; mp::wait/as_completed accept it
+///     if (p.set_running_or_notify_cancel()) {  // false: somebody cancelled f first
+///         try { p.set_result(compute()); } catch (...) { p.set_exception(std::current_exception()); }
+///     }
+///
+/// The value is kept as it is (a copy is returned by each result()), so T needs no codec, only
+/// a copy constructor. A cheap copyable handle: copies share the future. Destructor policy: when
+/// the last copy goes while the future is not yet done, the future fails with mp::BrokenPromise,
+/// so nobody waits for ever on a result that cannot come. Callbacks run in the thread that sets
+/// the result or cancels.
+template <class T>
+class Promise {
+    static_assert(std::is_void_v<T> || std::is_copy_constructible_v<T>,
+                  "mp::Promise<T>: T must be copy constructible (each result() returns a copy)");
+
+public:
+    /// A new pending future.
+    Promise() : owner_(std::make_shared<Owner>()) {}
+
+    /// The future this promise completes (always the same one).
+    Future<T> future() const { return Future<T>(core_ptr()); }
+
+    /// Python's set_running_or_notify_cancel: pending -> running and true (from then on cancel()
+    /// fails); false when the future was cancelled. InvalidStateError when it is already running
+    /// or finished.
+    bool set_running_or_notify_cancel() const {
+        auto& c = core();
+        if (c.set_running()) return true;
+        if (c.state() == detail::FutureCore::State::cancelled) return false;
+        throw InvalidStateError(std::string("set_running_or_notify_cancel: the future is already ") +
+                                state_name(c));
+    }
+
+    /// Finishes the future with `value` (from pending or running). InvalidStateError when it is
+    /// already finished or cancelled; the first result stays.
+    template <class U = T>
+        requires(!std::is_void_v<U>)
+    void set_result(U value) const {
+        if (!core().set_value(std::make_shared<const T>(std::move(value)))) throw_done("set_result");
+    }
+    /// Finishes a Promise<void>'s future.
+    template <class U = T>
+        requires std::is_void_v<U>
+    void set_result() const {
+        if (!core().set_result({})) throw_done("set_result");
+    }
+
+    /// Finishes the future with `error` (result() rethrows it, exception() returns it).
+    /// InvalidStateError when already finished or cancelled; a null `error` is
+    /// std::invalid_argument.
+    void set_exception(std::exception_ptr error) const {
+        if (!error) throw std::invalid_argument("mp::Promise::set_exception: null exception_ptr");
+        if (!core().set_exception(std::move(error))) throw_done("set_exception");
+    }
+    /// set_exception(std::make_exception_ptr(e)).
+    template <class E>
+        requires(!std::is_same_v<std::decay_t<E>, std::exception_ptr>)
+    void set_exception(E&& e) const {
+        set_exception(std::make_exception_ptr(std::forward<E>(e)));
+    }
+
+private:
+    struct Owner {
+        std::shared_ptr<detail::FutureCore> core = std::make_shared<detail::FutureCore>();
+        Owner() = default;
+        Owner(const Owner&) = delete;
+        Owner& operator=(const Owner&) = delete;
+        ~Owner() {
+            if (core->done()) return;
+            // make_exception_ptr may itself fail (out of memory): then the waiters would wait for
+            // ever, which is what there is no way around without memory.
+            try {
+                core->set_exception(std::make_exception_ptr(BrokenPromise()));
+            } catch (...) {
+            }
+        }
+    };
+    static const char* state_name(const detail::FutureCore& c) noexcept {
+        switch (c.state()) {
+            case detail::FutureCore::State::pending: return "pending";
+            case detail::FutureCore::State::running: return "running";
+            case detail::FutureCore::State::finished: return "finished";
+            case detail::FutureCore::State::cancelled: return "cancelled";
+        }
+        return "?";
+    }
+    [[noreturn]] void throw_done(const char* what) const {
+        throw InvalidStateError(std::string(what) + ": the future is already " +
+                                state_name(core()));
+    }
+    const std::shared_ptr<detail::FutureCore>& core_ptr() const {
+        return detail::deref_handle(owner_, "mp::Promise").core;
+    }
+    detail::FutureCore& core() const { return *core_ptr(); }
+    std::shared_ptr<Owner> owner_;
+};
 
 /// When mp::wait returns (Python's FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED).
 using ReturnWhen = detail::ReturnWhen;

@@ -15,3 +15,4 @@
 #include "mp/shared_memory.hpp"
 #include "mp/socketserver.hpp"
 #include "mp/synchronize.hpp"
+#include "mp/util.hpp"

@@ -96,6 +96,8 @@ public:
     bool join(detail::Timeout timeout) const;
     void terminate() const;
     void kill() const;
+    /// Sends SIGINT (see Process::interrupt).
+    void interrupt() const;
     int sentinel() const;
 
 private:
@@ -157,6 +159,16 @@ public:
     void terminate();
     /// Sends SIGKILL. Throws ProcessError before start or after close.
     void kill();
+    /// Sends SIGINT, as Python 3.14's interrupt(). Throws ProcessError before start or after
+    /// close. Python raises KeyboardInterrupt in the child's target, so an uncaught one ends it
+    /// with exit code 1; C++ cannot raise an exception into running code, so the child's SIGINT
+    /// disposition decides: by default (fork children get the parent's, forkserver children the
+    /// default action) the child ends by the signal and exitcode() is -SIGINT, as a Python child
+    /// whose SIGINT handler is SIG_DFL. A target that wants Python's behaviour installs a SIGINT
+    /// handler that sets a flag, and at its next check throws (exit code 1, "Process <name>:"
+    /// printed, as an uncaught KeyboardInterrupt) or returns (exit code 0). A child that
+    /// inherited SIGINT ignored (the parent ignores it) ignores interrupt() too.
+    void interrupt();
     /// Releases the sentinel and other resources; throws ProcessError while the child runs.
     /// Afterwards every method but name() throws ProcessError.
     void close();

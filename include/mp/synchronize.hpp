@@ -89,6 +89,10 @@ struct BarrierImpl;
 struct SyncAccess;
 }  // namespace detail
 
+/// Who holds a Lock or RLock at this moment (what Python's RLock repr tells: its own name,
+/// 'SomeOtherThread', 'SomeOtherProcess' or 'None').
+enum class LockHolder { none, this_thread, other_thread, other_process };
+
 namespace detail {
 
 /// What Lock and RLock share; see those classes.
@@ -128,6 +132,12 @@ public:
     bool owner_died() const;
     /// True when the calling thread holds the lock.
     bool held() const;
+    /// True while any thread of any process holds the lock (Python 3.14's locked()). A snapshot:
+    /// another thread or process may take or release it at once. A lock whose holder died is
+    /// not locked: the next acquirer gets it (and owner_died()).
+    bool locked() const;
+    /// Who holds the lock now (a snapshot, as locked()).
+    LockHolder holder() const;
 
 protected:
     explicit BasicLock(std::shared_ptr<MutexImpl> impl) noexcept : impl_(std::move(impl)) {}

@@ -67,10 +67,14 @@ public:
     bool cancel();
     /// pending -> running, by the pool once a worker has started the work; false when cancelled.
     bool set_running() noexcept;
-    /// -> finished with a value (encoded). Only the first completion counts.
-    void set_result(std::string bytes);
-    /// -> finished with an exception.
-    void set_exception(std::exception_ptr error);
+    /// -> finished with a value (encoded). Only the first completion counts: false (and nothing
+    /// stored) when the core was already done.
+    bool set_result(std::string bytes);
+    /// -> finished with an exception; false when already done.
+    bool set_exception(std::exception_ptr error);
+    /// -> finished with a value that is not encoded (mp::Promise<T>'s, a T the typed handle
+    /// reads through value()); false when already done.
+    bool set_value(std::shared_ptr<const void> value);
 
     /// Waits until done or `timeout` (std::nullopt: no limit) passes; true when done.
     bool wait(std::optional<std::chrono::nanoseconds> timeout) const;
@@ -78,6 +82,8 @@ public:
     const std::string& bytes() const noexcept { return bytes_; }
     /// The exception, once finished with one; nullptr otherwise.
     std::exception_ptr error() const noexcept { return error_; }
+    /// The value given to set_value, once finished with one; nullptr otherwise (then bytes()).
+    const void* value() const noexcept { return value_.get(); }
 
     /// Runs `cb` once done: at once in this thread when already done, else in the thread that
     /// completes the core (the pool's result thread) or the one that cancels it. An exception
@@ -116,6 +122,7 @@ private:
     mutable int sleepers_ = 0;  // threads in wait(): notify only when someone listens
     std::string bytes_;
     std::exception_ptr error_;
+    std::shared_ptr<const void> value_;
     std::vector<std::function<void(FutureCore&)>> callbacks_;
     std::vector<FutureWaiter*> waiters_;
 };

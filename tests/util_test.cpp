@@ -1,0 +1,229 @@
+// Tests of mp/util.hpp: mp::util::Finalize (ported from CPython's _test_multiprocessing
+// _TestFinalize) and the logging hook (after _TestLogging), including that the library's own
+// diagnostics reach the hook. Children report through pipes; every wait is bounded.
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "mp/connection.hpp"
+#include "mp/futures.hpp"
+#include "mp/process.hpp"
+#include "mp/util.hpp"
+
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr auto kLong = 20s;
+
+/// Restores the logger's default (no sink, level notset) when a test ends.
+struct LoggerReset {
+    ~LoggerReset() {
+        mp::get_logger().set_sink({});
+        mp::get_logger().set_level(mp::LogLevel::notset);
+    }
+};
+
+/// Every message sent before the peer closed, until "STOP" (Python's iter(conn.recv, 'STOP')).
+std::vector<std::string> until_stop(mp::Connection& c) {
+    std::vector<std::string> out;
+    while (c.poll(kLong)) {
+        std::string m = c.recv_bytes();
+        if (m == "STOP") break;
+        out.push_back(std::move(m));
+    }
+    return out;
+}
+
+}  // namespace
+
+// _TestFinalize.test_finalize: run on destruction ('a'), when called, once ('b'), not at exit
+// without an exit priority ('c'), and at exit by priority, equal ones newest first.
+TEST(TestFinalize, Finalize) {
+    auto [conn, child_conn] = mp::Pipe();
+    mp::Process p([c = child_conn]() {
+        auto send = [c](const char* m) { return [c, m]() mutable { c.send_bytes(m); }; };
+        { mp::util::Finalize a(send("a")); }
+        mp::util::Finalize close_b(send("b"));
+        close_b();
+        close_b();
+        mp::util::Finalize c1(send("c"));
+        mp::util::Finalize d10(send("d10"), 1);
+        mp::util::Finalize d01(send("d01"), 0);
+        mp::util::Finalize d02(send("d02"), 0);
+        mp::util::Finalize d03(send("d03"), 0);
+        mp::util::Finalize e(send("e"), -10);
+        mp::util::Finalize stop(send("STOP"), -100);
+        // As the Python test: run the exit-time finalizers, then leave without destroying locals.
+        mp::util::run_finalizers();
+        ::_exit(0);
+    });
+    p.start();
+    child_conn.close();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_EQ(until_stop(conn),
+              (std::vector<std::string>{"a", "b", "d10", "d03", "d02", "d01", "e"}));
+}
+
+// At a real exit() the handler runs this process's finalizers, and a forked child that exits
+// does not run its parent's (Python checks the pid; the child clears the registry).
+TEST(TestFinalize, AtExitOnlyInTheRegisteringProcess) {
+    auto [conn, child_conn] = mp::Pipe();
+    mp::util::Finalize parents([c = child_conn]() mutable { c.send_bytes("parent's"); }, 5);
+    mp::Process p([c = child_conn]() {
+        static std::optional<mp::util::Finalize> own;
+        own.emplace([c]() mutable { c.send_bytes("child's"); }, 1);
+        std::exit(0);  // atexit handlers run here, the parent's finalizer among the registered
+    });
+    p.start();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 0);
+    // What the child sent, then nothing more: the parent's finalizer did not run there.
+    child_conn.send_bytes("STOP");
+    EXPECT_EQ(until_stop(conn), std::vector<std::string>{"child's"});
+    EXPECT_TRUE(parents.still_active());
+    parents.cancel();
+    EXPECT_FALSE(parents.still_active());
+}
+
+// A copy of a Finalize in a forked child, destroyed or called there, is not the child's.
+TEST(TestFinalize, ForkedChildDoesNotRunParents) {
+    auto [conn, child_conn] = mp::Pipe();
+    std::optional<mp::util::Finalize> f;
+    f.emplace([c = child_conn]() mutable { c.send_bytes("ran"); });
+    mp::Process p([&f] {
+        if (f->still_active()) std::_Exit(3);  // not active here: it is the parent's
+        (*f)();
+        f.reset();
+    });
+    p.start();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_FALSE(conn.poll(0s));
+    ASSERT_TRUE(f->still_active());
+    f.reset();  // the parent's own: runs now
+    ASSERT_TRUE(conn.poll(kLong));
+    EXPECT_EQ(conn.recv_bytes(), "ran");
+}
+
+TEST(TestFinalize, CancelMoveAndThrowingCallback) {
+    LoggerReset reset;
+    std::vector<std::string> logged;
+    mp::get_logger().set_sink([&](const mp::LogRecord& r) { logged.emplace_back(r.message); });
+    int runs = 0;
+    {
+        mp::util::Finalize f([&] { ++runs; }, 3);
+        f.cancel();
+        EXPECT_FALSE(f.still_active());
+    }
+    EXPECT_EQ(runs, 0);
+    {
+        mp::util::Finalize f([&] { ++runs; });
+        mp::util::Finalize g = std::move(f);
+        EXPECT_FALSE(f.still_active());  // NOLINT(bugprone-use-after-move)
+        EXPECT_TRUE(g.still_active());
+    }
+    EXPECT_EQ(runs, 1);
+    {
+        mp::util::Finalize f([] { throw std::runtime_error("boom"); }, 0);
+        mp::util::run_finalizers(1);  // below min_priority: not run
+        EXPECT_TRUE(f.still_active());
+        mp::util::run_finalizers(0);
+        EXPECT_FALSE(f.still_active());
+    }
+    ASSERT_EQ(logged.size(), 1u);
+    EXPECT_NE(logged[0].find("boom"), std::string::npos) << logged[0];
+}
+
+// _TestLogging.test_enable_logging: off by default below warning; log_to_stderr shows records
+// as "[LEVEL/process name] message" from its level up.
+TEST(TestLogging, EnableLogging) {
+    LoggerReset reset;
+    mp::Logger& logger = mp::get_logger();
+    EXPECT_EQ(logger.level(), mp::LogLevel::notset);
+    testing::internal::CaptureStderr();
+    logger.debug("this will not be printed");
+    logger.info("nor will this");
+    logger.warning("a warning, as Python's last resort shows it");
+    std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_EQ(err, "a warning, as Python's last resort shows it\n");
+
+    EXPECT_EQ(&mp::log_to_stderr(mp::LogLevel::subwarning), &logger);
+    EXPECT_EQ(logger.level(), mp::LogLevel::subwarning);
+    testing::internal::CaptureStderr();
+    logger.info("nor will this");
+    logger.subwarning("shown");
+    logger.error("and this");
+    err = testing::internal::GetCapturedStderr();
+    EXPECT_EQ(err, "[SUBWARNING/MainProcess] shown\n[ERROR/MainProcess] and this\n");
+}
+
+// _TestLogging.test_level: the level set here holds in a child (fork: the child is a copy).
+TEST(TestLogging, Level) {
+    LoggerReset reset;
+    constexpr auto kLevel1 = static_cast<mp::LogLevel>(32);
+    mp::get_logger().set_level(kLevel1);
+    EXPECT_EQ(mp::get_logger().level(), kLevel1);
+    auto [r, w] = mp::Pipe(false);
+    mp::Process p([w = w]() mutable { w.send(static_cast<int>(mp::get_logger().level())); });
+    p.start();
+    ASSERT_TRUE(r.poll(kLong));
+    EXPECT_EQ(r.recv<int>(), 32);
+    ASSERT_TRUE(p.join(kLong));
+}
+
+// The sink receives every record that passes the level, with the process name; one that throws
+// loses its record and nothing else; an empty sink restores the default.
+TEST(TestLogging, SinkReceivesRecords) {
+    LoggerReset reset;
+    std::vector<std::pair<mp::LogLevel, std::string>> got;
+    mp::Logger& logger = mp::get_logger();
+    logger.set_level(mp::LogLevel::debug);
+    logger.set_sink([&](const mp::LogRecord& r) {
+        EXPECT_EQ(r.process_name, "MainProcess");
+        EXPECT_EQ(r.pid, ::getpid());
+        got.emplace_back(r.level, std::string(r.message));
+    });
+    logger.subdebug("dropped");
+    logger.debug("one");
+    logger.critical("two");
+    ASSERT_EQ(got.size(), 2u);
+    EXPECT_EQ(got[0], std::pair(mp::LogLevel::debug, std::string("one")));
+    EXPECT_EQ(got[1], std::pair(mp::LogLevel::critical, std::string("two")));
+
+    logger.set_sink([](const mp::LogRecord&) { throw std::runtime_error("sink failed"); });
+    EXPECT_NO_THROW(logger.error("lost"));
+    logger.set_sink({});
+    testing::internal::CaptureStderr();
+    logger.debug("dropped: no sink");
+    logger.error("back on stderr");
+    EXPECT_EQ(testing::internal::GetCapturedStderr(), "back on stderr\n");
+}
+
+// The library's own diagnostics go through the hook: here a future's done callback that throws
+// (concurrent.futures logs it with LOGGER.exception).
+TEST(TestLogging, LibraryDiagnosticsReachTheSink) {
+    LoggerReset reset;
+    std::vector<std::pair<mp::LogLevel, std::string>> got;
+    mp::get_logger().set_sink(
+        [&](const mp::LogRecord& r) { got.emplace_back(r.level, std::string(r.message)); });
+    testing::internal::CaptureStderr();
+    mp::Promise<int> p;
+    p.future().add_done_callback([](const mp::Future<int>&) { throw std::runtime_error("doh!"); });
+    p.set_result(1);
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_EQ(err, "") << "nothing bypasses the sink";
+    ASSERT_EQ(got.size(), 1u);
+    EXPECT_EQ(got[0].first, mp::LogLevel::error);
+    EXPECT_NE(got[0].second.find("exception calling callback for future: doh!"), std::string::npos)
+        << got[0].second;
+}

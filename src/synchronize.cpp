@@ -283,17 +283,9 @@ bool detail::BasicLock::held() const {
 
 namespace {
 
-// The holder's thread id; 0 when free. The robust mutex's futex word is the truth (the kernel
-// clears its owner when the holder dies); mp's `owner` record may be stale after such a death.
-pid_t holder_tid(const MutexCore& c) noexcept {
-#if defined(__GLIBC__)
-    return static_cast<pid_t>(
-        static_cast<unsigned>(__atomic_load_n(&c.mutex.__data.__lock, __ATOMIC_RELAXED)) &
-        FUTEX_TID_MASK);
-#else
-    return c.owner.load(std::memory_order_relaxed);
-#endif
-}
+// The holder's thread id; 0 when free. The futex word is the truth (the kernel clears its owner
+// when the holder dies).
+pid_t holder_tid(const MutexCore& c) noexcept { return c.mutex.owner(); }
 
 }  // namespace
 

@@ -28,11 +28,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "manager_internal.hpp"
 #include "mp/detail/future_core.hpp"
 #include "py_internal.hpp"
+#include "sys/pidfd.hpp"
 
 namespace mp {
 
@@ -840,10 +842,13 @@ struct PythonSide::Impl {
     // register_shared: type_id -> the one object every create(type_id) returns, made on first use.
     std::map<std::string, std::string> shared_types;
     std::map<std::string, std::pair<std::string, std::shared_ptr<Servant>>> shared_objects;  // ident, servant
+    // The references each client process holds (peers on a Unix socket, whose pid the kernel
+    // tells): a process that dies without its decrefs (killed) has them dropped for it.
+    std::map<pid_t, std::map<std::string, std::int64_t>> held;
 
     /// Python's Server.create: the object, its ident (a str, as Python's '%x' % id(obj)) and the
     /// methods its proxy may call; the caller holds the first reference.
-    Object create(const std::string& type_id, const Args& a) {
+    Object create(const std::string& type_id, const Args& a, pid_t peer) {
         std::shared_ptr<Servant> s;
         std::string ident;
         std::lock_guard lk(mu);
@@ -867,6 +872,7 @@ struct PythonSide::Impl {
         e.servant = s;
         e.type_id = type_id;
         ++e.refs;
+        if (peer > 0) ++held[peer][ident];
         std::vector<Object> exposed(s->exposed().begin(), s->exposed().end());
         return Object::tuple({Object(ident), Object::tuple(std::move(exposed))});
     }
@@ -881,21 +887,56 @@ struct PythonSide::Impl {
         if (it == objects.end()) raise("KeyError", ident);
         return it->second.servant;
     }
-    void incref(const Object& ident) {
+    void incref(const Object& ident, pid_t peer) {
         std::lock_guard lk(mu);
         auto it = ident.kind() == Kind::str ? objects.find(ident.as<std::string>()) : objects.end();
         if (it == objects.end()) raise("KeyError", ident);
         ++it->second.refs;
+        if (peer > 0) ++held[peer][it->first];
     }
-    void decref(const Object& ident) {
+    void decref(const Object& ident, pid_t peer) {
         std::shared_ptr<Servant> dead;  // destroyed outside the lock
         std::lock_guard lk(mu);
         auto it = ident.kind() == Kind::str ? objects.find(ident.as<std::string>()) : objects.end();
         if (it == objects.end()) raise("KeyError", ident);
+        if (peer > 0) forget(peer, it->first, 1);
         if (--it->second.refs <= 0) {
             dead = std::move(it->second.servant);
             objects.erase(it);
         }
+    }
+    void forget(pid_t peer, const std::string& ident, std::int64_t n) {
+        auto p = held.find(peer);
+        if (p == held.end()) return;
+        auto i = p->second.find(ident);
+        if (i != p->second.end() && (i->second -= n) <= 0) p->second.erase(i);
+        if (p->second.empty()) held.erase(p);
+    }
+    /// A connection from `peer` ended: if the process is gone (it may still be on its way out,
+    /// so it is given 2 s), the references it never dropped are dropped for it.
+    void peer_left(pid_t peer) {
+        {
+            std::lock_guard lk(mu);
+            if (peer <= 0 || !held.contains(peer)) return;
+        }
+        try {
+            sys::Fd fd = sys::pidfd_open(peer);
+            if (!sys::pidfd_wait_exit(fd.get(), std::chrono::seconds(2))) return;
+        } catch (const std::system_error&) {
+            // ESRCH: gone already.
+        }
+        std::vector<std::shared_ptr<Servant>> dead;
+        std::lock_guard lk(mu);
+        auto p = held.find(peer);
+        if (p == held.end()) return;
+        for (auto& [ident, n] : p->second) {
+            auto it = objects.find(ident);
+            if (it != objects.end() && (it->second.refs -= n) <= 0) {
+                dead.push_back(std::move(it->second.servant));
+                objects.erase(it);
+            }
+        }
+        held.erase(p);
     }
 };
 
@@ -922,6 +963,10 @@ void PythonSide::release_owned(std::uint64_t caller) {
 
 bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool()>& stopping) {
     Impl& im = *impl_;
+    pid_t peer = 0;
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(c.fileno(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) peer = cred.pid;  // Unix only
     // Reads one request tuple; a request mp cannot read is answered with '#TRACEBACK'.
     auto read = [](const std::string& m, Object& ident, std::string& method, Args& a) {
         Object req = py::loads(m);
@@ -952,10 +997,10 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
                 std::vector<Object> rest(a.args.begin() + 1, a.args.end());
                 Object rest_args = Object::tuple(std::move(rest));
                 Args ca{rest_args.items(), a.kwds, &type_id};
-                result = im.create(type_id, ca);
+                result = im.create(type_id, ca, peer);
             } else if (fn == "incref" || fn == "decref") {
                 Object id = a.need(0, "ident");
-                fn == "incref" ? im.incref(id) : im.decref(id);
+                fn == "incref" ? im.incref(id, peer) : im.decref(id, peer);
             } else if (fn == "dummy") {
             } else if (fn == "accept_connection") {
                 serving = true;
@@ -988,6 +1033,17 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
     }
 
     // accept_connection: method calls on objects until the client hangs up.
+    struct Leaving {
+        Impl& im;
+        pid_t peer;
+        ~Leaving() {
+            try {
+                im.peer_left(peer);
+            } catch (...) {
+                // Out of memory or descriptors: its references stay, as in Python's server.
+            }
+        }
+    } leaving{im, peer};
     for (;;) {
         if (stopping()) return false;
         msg = c.recv_bytes(kMaxMessage);

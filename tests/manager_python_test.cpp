@@ -7,6 +7,8 @@
 
 #include <mp/managers.hpp>
 
+#include "helpers/temp_dir.hpp"
+
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -362,6 +364,30 @@ print('ACQUIRED', lk.acquire(True, 5))
     std::string out = checker.finish(ok);
     EXPECT_TRUE(ok) << out;
     EXPECT_NE(out.find("ACQUIRED True"), std::string::npos) << out;
+}
+
+TEST(ManagerForPythonUnix, AKilledPythonClientsReferencesAreDropped) {
+    mp::test::TempDir dir;
+    mp::SyncManager manager(mp::Address(dir.path + "/m.sock"), "pykey");
+    manager.start();
+    constexpr const char* code = R"PY(
+import sys
+from multiprocessing.managers import SyncManager
+m = SyncManager(address=sys.argv[1], authkey=b'pykey'); m.connect()
+d, l, q = m.dict({'a': 1}), m.list([1]), m.Queue()
+print('OBJECTS', m._number_of_objects(), flush=True)
+q.get()    # blocks until killed
+)PY";
+    PythonProcess p(code, {manager.address().path});
+    ASSERT_EQ(p.read_line("OBJECTS "), "OBJECTS 3");
+    std::this_thread::sleep_for(200ms);
+    p.kill();
+    // Its references go once the server has seen the process end (bounded wait).
+    mp::PyManagerClient c(manager.address(), "pykey");
+    auto until = std::chrono::steady_clock::now() + 10s;
+    while (c.number_of_objects() != 0 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(20ms);
+    EXPECT_EQ(c.number_of_objects(), 0);
 }
 
 // ---- mp's client, Python's server ----------------------------------------------------------------

@@ -62,7 +62,9 @@
 /// Python's would (KeyError, IndexError, queue.Empty ...) reaches the Python caller as that
 /// exception; any other failure (a C++ exception, a refused pickle) as a RemoteError whose text
 /// names it. Differences from Python's server: a lock held by a client that disconnects is
-/// released; no iterator proxies (`iter(d)`; use `list(d.keys())`), no slices, and
+/// released; over a Unix socket (where the kernel tells the peer's pid), the references a
+/// client process took and never dropped (it was killed) are dropped when it is seen to end
+/// (over TCP they stay, as in Python); no iterator proxies (`iter(d)`; use `list(d.keys())`), no slices, and
 /// `list.sort(key=...)` is refused. Types registered with register_type() are for mp clients only.
 /// PyManagerClient (below) is the other direction: C++ calling a Python manager server.
 ///

@@ -111,12 +111,12 @@ bool less(const Object& a, const Object& b) {
         return a.as<py::Bytes>().data < b.as<py::Bytes>().data;
     } else if ((a.kind() == Kind::tuple && b.kind() == Kind::tuple) ||
                (a.kind() == Kind::list && b.kind() == Kind::list)) {
-        py::Items x = a.items(), y = b.items();
-        for (std::size_t i = 0; i < x.size() && i < y.size(); ++i) {
-            if (less(x[i], y[i])) return true;
-            if (less(y[i], x[i])) return false;
+        py::Items p = a.items(), q = b.items();
+        for (std::size_t i = 0; i < p.size() && i < q.size(); ++i) {
+            if (less(p[i], q[i])) return true;
+            if (less(q[i], p[i])) return false;
         }
-        return x.size() < y.size();
+        return p.size() < q.size();
     }
     raise("TypeError", std::string("'<' not supported between instances of '") + a.type_name() + "' and '" +
                            b.type_name() + "'");
@@ -179,33 +179,36 @@ std::int64_t to_index(const Object& o) {
     }
 }
 
+/// No deadline (a timeout of None).
+constexpr Clock::time_point kNever = Clock::time_point::max();
+
 /// A timeout argument (None: none) as a deadline.
-std::optional<Clock::time_point> deadline_of(const Object& timeout) {
-    if (timeout.is_none()) return std::nullopt;
+Clock::time_point deadline_of(const Object& timeout) {
+    if (timeout.is_none()) return kNever;
     double s = timeout.kind() == Kind::integer || timeout.kind() == Kind::floating
                    ? timeout.as<double>()
                    : (raise("TypeError", std::string("timeout must be a number, not ") + timeout.type_name()), 0.0);
     if (std::isnan(s)) raise("ValueError", "timeout must be a number, not NaN");
     if (s < 0) s = 0;
-    if (s > 1e9) return std::nullopt;  // "forever", as far as anyone can tell
+    if (s > 1e9) return kNever;  // "forever", as far as anyone can tell
     return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
 }
 
 /// Waits on cv until ready() or the deadline; false on timeout. Wakes every 100 ms to see
 /// whether the client is still there (a client killed in a blocking call ends its thread).
 template <class Pred>
-bool wait_until(std::condition_variable& cv, std::unique_lock<std::mutex>& lk,
-                const std::optional<Clock::time_point>& deadline, Pred ready) {
+bool wait_until(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, Clock::time_point deadline,
+                Pred ready) {
     if (ready()) return true;
     for (;;) {
         auto slice = Clock::now() + std::chrono::milliseconds(100);
-        if (deadline && *deadline < slice) slice = *deadline;
+        if (deadline < slice) slice = deadline;
         const bool woke = cv.wait_until(lk, slice, ready);
         // Checked before taking what it waited for too: a client killed in q.get() must not
         // swallow the next item put.
         if (client_gone()) throw ClientGone();
         if (woke) return true;
-        if (deadline && Clock::now() >= *deadline) return false;
+        if (deadline != kNever && Clock::now() >= deadline) return false;
     }
 }
 
@@ -574,7 +577,7 @@ public:
         if (m == "put" || m == "put_nowait") {
             Object item = a.need(0, "item");
             const bool block = m == "put" && truthy(a.get(1, "block", Object(true)));
-            auto deadline = m == "put" ? deadline_of(a.get(2, "timeout", Object())) : std::nullopt;
+            auto deadline = m == "put" ? deadline_of(a.get(2, "timeout", Object())) : kNever;
             auto room = [&] { return maxsize_ <= 0 || static_cast<std::int64_t>(items_.size()) < maxsize_; };
             if (!(block ? wait_until(cv_, lk, deadline, room) : room())) raise("queue.Full", Object());
             items_.push_back(std::move(item));
@@ -584,7 +587,7 @@ public:
         }
         if (m == "get" || m == "get_nowait") {
             const bool block = m == "get" && truthy(a.get(0, "block", Object(true)));
-            auto deadline = m == "get" ? deadline_of(a.get(1, "timeout", Object())) : std::nullopt;
+            auto deadline = m == "get" ? deadline_of(a.get(1, "timeout", Object())) : kNever;
             auto any = [&] { return !items_.empty(); };
             if (!(block ? wait_until(cv_, lk, deadline, any) : any())) raise("queue.Empty", Object());
             Object r = std::move(items_.front());
@@ -601,7 +604,7 @@ public:
             return {};
         }
         if (m == "join") {
-            wait_until(cv_, lk, std::nullopt, [&] { return unfinished_ == 0; });
+            wait_until(cv_, lk, kNever, [&] { return unfinished_ == 0; });
             return {};
         }
         raise("AttributeError", "'Queue' object has no attribute '" + m + "'");

@@ -297,9 +297,9 @@ public:
     void object(const Object& o);
     /// An exception of one of Python's built-in classes (`type` as "KeyError"; also "queue.Empty"
     /// and "queue.Full") raised with the one argument `arg` (None: no arguments), as Python
-    /// pickles KeyError('k'): what a manager's '#ERROR' reply carries. PicklingError for any other
+    /// pickles KeyError('k'): what a manager's '\#ERROR' reply carries. PicklingError for any other
     /// class. (mp's reader refuses these in a value; only the manager client reads them, from an
-    /// '#ERROR' reply.)
+    /// '\#ERROR' reply.)
     void exception(std::string_view type, const Object& arg);
 
     /// A tuple of n items: begin_tuple(n), the n items, end_tuple(n).

@@ -30,6 +30,8 @@
 #include "executor_work.hpp"
 #include "mp/mp.hpp"
 
+#include <unistd.h>
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -315,6 +317,33 @@ double w9(long long n) {
     return 2.0 * double(n) / dt;
 }
 
+// ---- W12b: a Python client's dict proxy against an mp manager (ops/s) ----------------------------
+// The client is Python's (bench/python/workloads.py W12b-client, the same code its W12b side times
+// against Python's own SyncManager); only the server is mp's. Both over a Unix socket path.
+
+double w12b(long long n) {
+    char dir[] = "/tmp/mp_w12b.XXXXXX";
+    check(::mkdtemp(dir) != nullptr, "W12b: mkdtemp failed");
+    const std::string path = std::string(dir) + "/manager.sock";
+    double rate = 0;
+    {
+        mp::SyncManager manager(mp::Address(path), "w12b-key");
+        manager.start();
+        const std::string cmd = "python3 " MP_BENCH_DIR "/python/workloads.py W12b-client --size " +
+                                std::to_string(n) + " --address " + path + " --authkey w12b-key";
+        FILE* f = ::popen(cmd.c_str(), "r");
+        check(f != nullptr, "W12b: cannot run python3");
+        char line[256];
+        while (std::fgets(line, sizeof line, f))
+            if (std::string_view(line).starts_with("RATE ")) rate = std::strtod(line + 5, nullptr);
+        const int status = ::pclose(f);
+        check(status == 0 && rate > 0, "W12b: the Python client failed");
+    }
+    ::unlink(path.c_str());
+    ::rmdir(dir);
+    return rate;
+}
+
 // ---- the table ---------------------------------------------------------------------------------
 
 struct Workload {
@@ -345,6 +374,8 @@ const Workload kWorkloads[] = {
     {"W8b", "us", 20000, 1000, w8b, "one Client(authkey) connection, 8-byte round trips"},
     {"W9", "ops/s", 20000, 1000, w9,
      "Manager().dict<long long, long long>() proxy from a child process (fork)"},
+    {"W12b", "ops/s", 20000, 1000, w12b,
+     "the same Python client's dict proxy against an mp SyncManager (Python's protocol, Unix socket)"},
 };
 
 void print_json(const Workload& w, const double* value, long long size) {

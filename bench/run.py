@@ -96,6 +96,9 @@ WORKLOADS = [
     dict(id="W9", title="manager dict: set + get from a child process (1 op = 1 set or 1 get)",
          unit="ops/s", per="", better=HIGHER,
          cpp=20_000, py=20_000, quick=1_000, size_unit="set+get pairs"),
+    dict(id="W12b", title="a Python client's dict proxy: set + get (1 op = 1 set or 1 get), "
+         "mp manager vs Python's SyncManager", unit="ops/s", per="", better=HIGHER,
+         cpp=20_000, py=20_000, quick=1_000, size_unit="set+get pairs"),
     # Over MPI: mp and Python (mpi4py.futures) run under `mpirun -n 3` (2 worker ranks). Their
     # Limit column is no machine limit but the local pool doing the same work (`limit_as`: the mp
     # side of W2a / W2b), so "mp vs limit" is the share of the local pool's rate kept over MPI.

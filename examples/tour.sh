@@ -88,6 +88,8 @@ run 15_manager_dict \
   "four processes add 100, 200, 300 and 400 to one manager dict under a manager Lock: total = 1000, no update lost"
 run 16_remote_manager \
   "a manager served on 127.0.0.1 with an authkey: the client process adds to the server's Tally; reset() is not exposed (RemoteError); a wrong key is refused (AuthenticationError)"
+run 18_python_workers \
+  "python3 puts eight dict jobs on an mp manager's queue; three C++ worker processes square them; python prints each result with the C++ worker's pid, then everything stops"
 # mp::mpi's example exists only when CMake found MPI; it runs as 3 ranks under mpirun (Open MPI
 # wants --oversubscribe past the core count, and its two variables to run as root).
 if [ -x "$dir/17_mpi_map" ] && command -v mpirun >/dev/null; then

@@ -7,7 +7,10 @@
 #include <cstdint>
 #include <memory>
 #include <stdexcept>
+#include <functional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "mp/managers.hpp"
 #include "mp/process.hpp"
@@ -36,6 +39,27 @@ const TypeEntry* find_builtin(const std::string& name);
 
 /// Drops this thread's connection to a server that went away (so no descriptor lingers).
 void drop_connection(const Address& address, const std::string& authkey);
+
+/// The objects a manager server keeps for clients that speak Python's protocol (a Python
+/// BaseManager's proxies), in src/manager_python.cpp. The server tells the protocols apart by a
+/// connection's first message: a pickle starts with PROTO (0x80), mp's requests with an Op.
+class PythonSide {
+public:
+    /// `shared`: (type_id, Python type) pairs of BaseManager::register_shared.
+    explicit PythonSide(std::vector<std::pair<std::string, std::string>> shared);
+    ~PythonSide();
+    /// Serves a connection whose first request is `first`; returns true when the client asked
+    /// the server to shut down. Throws (EOFError, ClientGone ...) when the client goes away.
+    bool serve(Connection& c, std::string first, const std::function<bool()>& stopping);
+    /// Releases the locks that connection `caller` held.
+    void release_owned(std::uint64_t caller);
+    /// How many objects it holds (Python's number_of_objects()).
+    std::size_t objects() const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
 
 /// A server process this manager started.
 struct ServerHandle {

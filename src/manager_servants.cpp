@@ -61,9 +61,12 @@ bool wait_for(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, boo
     for (;;) {
         auto slice = Clock::now() + std::chrono::milliseconds(100);
         if (deadline && *deadline < slice) slice = *deadline;
-        if (cv.wait_until(lk, slice, ready)) return true;
-        if (deadline && Clock::now() >= *deadline) return false;
+        const bool woke = cv.wait_until(lk, slice, ready);
+        // Checked before taking what it waited for too: a client killed in q.get() must not
+        // swallow the next item put.
         if (client_gone()) throw ClientGone();
+        if (woke) return true;
+        if (deadline && Clock::now() >= *deadline) return false;
     }
 }
 

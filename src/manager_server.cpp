@@ -39,6 +39,7 @@ struct NoSuchObject : std::runtime_error {
 };
 
 constexpr auto kHandshakeTimeout = std::chrono::seconds(5);
+constexpr unsigned char kPickleProto = 0x80;
 
 struct Object {
     std::shared_ptr<void> value;
@@ -53,10 +54,12 @@ public:
     // The Listener runs the handshakes, all of them in the accept loop and at once (none holds
     // up another, and an unauthenticated peer costs no thread); a client gets its thread only
     // once it has authenticated.
-    Server(const Address& address, std::string authkey, TypeTable types)
+    Server(const Address& address, std::string authkey, TypeTable types,
+           std::vector<std::pair<std::string, std::string>> python_shared)
         : listener_(address,
                     {.authkey = std::move(authkey), .handshake_timeout = kHandshakeTimeout}),
-          types_(std::move(types)) {
+          types_(std::move(types)),
+          python_(std::make_unique<PythonSide>(std::move(python_shared))) {
         auto [r, w] = Pipe(false);
         wake_r_ = r;
         wake_w_ = w;
@@ -180,6 +183,7 @@ private:
         try {
             Channel channel;
             std::string msg;
+            bool first = true;
             for (;;) {
                 if (channel) {
                     channel.receive(c, msg, kMaxMessage, [this] {
@@ -191,7 +195,17 @@ private:
                         channel = offer_channel(c);
                         continue;
                     }
+                    if (first && !msg.empty() && static_cast<unsigned char>(msg[0]) == kPickleProto) {
+                        // A Python client (a pickle starts with PROTO; mp's requests with an Op).
+                        if (python_->serve(c, std::move(msg), [this] { return stopping_.load(); })) {
+                            stopping_.store(true);
+                            char b = 1;
+                            (void)!::write(wake_w_.fileno(), &b, 1);
+                        }
+                        break;
+                    }
                 }
+                first = false;
                 Encoder out;
                 out.put(std::uint8_t{0});
                 bool stop = false;
@@ -255,10 +269,12 @@ private:
                 if (obj->type->on_disconnect) held.push_back(obj);
         }
         for (auto& obj : held) obj->type->on_disconnect(obj->value.get(), caller);
+        python_->release_owned(caller);
     }
 
     Listener listener_;
     TypeTable types_;
+    std::unique_ptr<PythonSide> python_;
     Connection wake_r_, wake_w_;
     std::atomic<bool> stopping_{false};
     std::mutex mu_;
@@ -279,10 +295,10 @@ void BaseManager::start() {
     auto handle = std::make_unique<dm::ServerHandle>();
     handle->process = std::make_unique<Process>(
         ProcessOptions{.name = "ManagerServer", .daemon = true, .start_method = StartMethod::fork},
-        [address = address_, key = authkey_, types = types_](Connection ready) {
+        [address = address_, key = authkey_, types = types_, shared = python_shared_](Connection ready) {
             std::shared_ptr<dm::Server> s;
             try {
-                s = std::make_shared<dm::Server>(address, key, types);
+                s = std::make_shared<dm::Server>(address, key, types, shared);
             } catch (const std::exception& e) {
                 ready.send_bytes(std::string("E") + e.what());
                 return;
@@ -322,7 +338,7 @@ void BaseManager::start() {
 }
 
 void BaseManager::serve_forever(std::function<void(const Address&)> on_ready) {
-    auto s = std::make_shared<dm::Server>(address_, authkey_, types_);
+    auto s = std::make_shared<dm::Server>(address_, authkey_, types_, python_shared_);
     address_ = s->address();
     if (on_ready) on_ready(address_);
     s->serve();

@@ -16,6 +16,8 @@
 
 #include <mp/py.hpp>
 
+#include "py_internal.hpp"
+
 #include <algorithm>
 #include <bit>
 #include <charconv>
@@ -393,7 +395,10 @@ public:
         return (c->kind == Kind::tuple || c->kind == Kind::frozenset) && c->node->hashable;
     }
 
-    Reader(std::string_view in, const Limits& limits);
+    // exceptions: also read the built-in exception classes (exception_classes) called with their
+    // arguments, as Python pickles KeyError('x'); each reads as the tuple (class name, args).
+    // Only a manager client's reader of '#ERROR' replies asks for this.
+    Reader(std::string_view in, const Limits& limits, bool exceptions = false);
     ~Reader();
     Reader(const Reader&) = delete;
     Reader& operator=(const Reader&) = delete;
@@ -404,7 +409,7 @@ private:
         Object value;
         std::uint8_t global = 0;  // one of the Global values below when this is a recognised global
     };
-    enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode };
+    enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode, g_exception };
 
     // The machine's vectors. A thread keeps one set whose capacity (not contents) the next
     // loads() on that thread reuses: allocating them afresh was a third of a small message's cost.
@@ -608,6 +613,10 @@ private:
         } else if (module == "_codecs" && name == "encode") {
             g = g_encode;
         }
+        if (g == no_global && exceptions_ && detail::is_exception_class(module, name)) {
+            stack_.push_back(Slot{Object(std::string(module) + "." + std::string(name)), g_exception});
+            return;
+        }
         if (g == no_global)
             fail("global " + std::string(module) + "." + std::string(name) +
                  " refused: mp reads plain data only and never imports or calls anything");
@@ -630,11 +639,12 @@ private:
     std::unordered_map<std::uint64_t, Slot> sparse_;  // memo keys past the end (Python's pickler never writes them)
     std::size_t copied_ = 0;  // bytes of str and bytes copied by PUT, GET and DUP
     bool shared_ = false;      // a container was fetched twice: check_shared() at the end
+    bool exceptions_ = false;
 };
 
-Reader::Reader(std::string_view in, const Limits& limits)
+Reader::Reader(std::string_view in, const Limits& limits, bool exceptions)
     : in_(in), limits_(limits), buffers_(pick_buffers()), stack_(buffers_.stack), marks_(buffers_.marks),
-      memo_(buffers_.memo), nodes_(buffers_.nodes) {}
+      memo_(buffers_.memo), nodes_(buffers_.nodes), exceptions_(exceptions) {}
 
 Reader::~Reader() {
     // Contents go now (after release_all() on an error, so no cycle survives); capacity stays
@@ -702,6 +712,11 @@ void Reader::reduce() {
             if (a.size() == 1 && (a[0].kind() == Kind::bytes || a[0].kind() == Kind::bytearray))
                 return push(Object(ByteArray{a[0].as<Bytes>().data}));
             break;
+        case g_exception: {
+            std::string type = callee.value.as<std::string>();
+            if (type.starts_with("builtins.")) type.erase(0, 9);
+            return push(container(Kind::tuple, {Object(std::move(type)), args}));
+        }
         case g_encode:
             if (a.size() == 2 && a[0].kind() == Kind::str && a[1].kind() == Kind::str) {
                 auto encoding = a[1].as<std::string>();
@@ -713,7 +728,7 @@ void Reader::reduce() {
         default: break;
     }
     static constexpr const char* names[] = {"", "builtins.set", "builtins.frozenset", "builtins.bytearray",
-                                            "builtins.bytes", "_codecs.encode"};
+                                            "builtins.bytes", "_codecs.encode", ""};
     fail(std::string("REDUCE of ") + names[callee.global] + " with arguments " + short_repr(args) +
          " is not one of the plain-data forms Python's pickler writes");
 }
@@ -1001,6 +1016,32 @@ Object loads(std::string_view pickle, const Limits& limits) {
     return r.run();
 }
 
+namespace detail {
+
+// Python's built-in exception classes that carry only their args (no state a pickle would BUILD),
+// and the queue module's Empty and Full: what a manager's '#ERROR' reply holds for plain calls.
+bool is_exception_class(std::string_view module, std::string_view name) {
+    static constexpr std::string_view builtin[] = {
+        "ArithmeticError", "AssertionError", "AttributeError", "BaseException", "BlockingIOError",
+        "BrokenPipeError", "BufferError", "ChildProcessError", "ConnectionAbortedError", "ConnectionError",
+        "ConnectionRefusedError", "ConnectionResetError", "EOFError", "Exception", "FileExistsError",
+        "FileNotFoundError", "FloatingPointError", "IndexError", "InterruptedError", "IsADirectoryError",
+        "KeyError", "LookupError", "MemoryError", "NotADirectoryError", "NotImplementedError", "OSError",
+        "OverflowError", "PermissionError", "ProcessLookupError", "RecursionError", "ReferenceError",
+        "RuntimeError", "StopIteration", "SystemError", "TimeoutError", "TypeError", "UnicodeError",
+        "ValueError", "ZeroDivisionError"};
+    if (module == "builtins")
+        return std::find(std::begin(builtin), std::end(builtin), name) != std::end(builtin);
+    return (module == "_queue" && name == "Empty") || (module == "queue" && (name == "Empty" || name == "Full"));
+}
+
+Object loads_with_exceptions(std::string_view pickle, const Limits& limits) {
+    Reader r(pickle, limits, true);
+    return r.run();
+}
+
+}  // namespace detail
+
 // ---------------------------------------------------------------------------------------------
 // Writer
 // ---------------------------------------------------------------------------------------------
@@ -1091,6 +1132,29 @@ void Writer::bytearray(std::string_view b) {
     out_.append(call, sizeof call - 1);
     bytes(b);
     op(static_cast<char>(TUPLE1));
+    op(static_cast<char>(REDUCE));
+}
+
+void Writer::exception(std::string_view type, const Object& arg) {
+    std::string_view module = "builtins";
+    if (type == "queue.Empty" || type == "Empty") {
+        module = "_queue";
+        type = "Empty";
+    } else if (type == "queue.Full" || type == "Full") {
+        module = "queue";
+        type = "Full";
+    }
+    if (!detail::is_exception_class(module, type))
+        throw PicklingError("mp::py: " + std::string(type) + " is not one of Python's built-in exception classes");
+    str(module);
+    str(type);
+    op(static_cast<char>(STACK_GLOBAL));
+    if (arg.is_none()) {
+        op(static_cast<char>(EMPTY_TUPLE));
+    } else {
+        object(arg);
+        op(static_cast<char>(TUPLE1));
+    }
     op(static_cast<char>(REDUCE));
 }
 

@@ -573,10 +573,26 @@ TEST(ManagerTest, ClientKilledMidCallServerServesOthers) {
     EXPECT_TRUE(l.acquire(true, LONG));
     l.release();
     q.put(5);
-    q.put(6);
-    // The dead client's pending get may take one item once it comes (it never returns it).
-    auto got = q.get(LONG);
-    EXPECT_TRUE(got == 5 || got == 6);
+    EXPECT_EQ(q.get(LONG), 5);
+}
+
+TEST(ManagerTest, ClientKilledInGetDoesNotSwallowTheNextItem) {
+    mp::Manager m;
+    auto q = m.Queue<int>();
+    auto started = m.Event();
+    mp::Process blocked([q, started] {
+        started.set();
+        q.get();  // blocks in the server until killed
+    });
+    blocked.start();
+    ASSERT_TRUE(started.wait(LONG));
+    std::this_thread::sleep_for(50ms);
+    blocked.kill();
+    blocked.join();
+    // At once: the dead client's server thread may still be waiting in get (it looks for its
+    // client every 100 ms); woken by this put, it must see the client gone and leave the item.
+    q.put(5);
+    EXPECT_EQ(q.get(LONG), 5);
 }
 
 TEST(ManagerTest, ServerKilledClientErrorsPromptly) {

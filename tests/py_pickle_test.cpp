@@ -347,6 +347,25 @@ TEST(PyPickleSafety, TheClassicOsSystemPayloadIsRefusedBeforeAnythingRuns) {
     }
 }
 
+TEST(PyPickleSafety, ExceptionsAreWrittenForManagersButNeverReadAsValues) {
+    // Writer::exception (a manager's '#ERROR' reply) writes what Python's pickler would ...
+    py::Writer w;
+    w.exception("KeyError", py::Object("k"));
+    const std::string p = w.finish();
+    EXPECT_EQ(python("import pickle, sys\n"
+                     "e = pickle.loads(bytes.fromhex(sys.argv[1]))\n"
+                     "print(type(e).__name__, e.args)\n",
+                     {hex(p)}),
+              "KeyError ('k',)\n");
+    // ... but py::loads refuses it like any other global: only the manager client's '#ERROR'
+    // reader takes exceptions.
+    EXPECT_NE(refusal(p).find("global builtins.KeyError refused"), std::string::npos) << refusal(p);
+    // Only Python's built-in exception classes (and queue.Empty/Full) can be written.
+    py::Writer other;
+    EXPECT_THROW(other.exception("SystemExit", py::Object()), py::PicklingError);
+    EXPECT_THROW(other.exception("os.system", py::Object()), py::PicklingError);
+}
+
 TEST(PyPickleSafety, EveryOpcodeThatImportsCallsOrBuildsIsRefusedByName) {
     // Each refused opcode after a valid prefix (and with enough operand bytes after it), so the
     // refusal names it rather than a truncation.

@@ -905,6 +905,15 @@ const Mode kModes[] = {
     {"W8a", 3000, 200, w8a},  // size in milliseconds
     {"W8b", 20000, 1000, w8b},
     {"W9", 20000, 1000, w9},
+    // W12b times Python's client code against two servers: there is no raw-syscall version of
+    // it (W9's limit is the floor for a manager round trip).
+    {"W12b", 20000, 1000,
+     [](long long n) {
+         std::printf("{\"workload\":\"W12b\",\"value\":null,\"unit\":\"ops/s\",\"size\":%lld,"
+                     "\"method\":\"none: the subject is Python's client (see W9's limit)\"}\n",
+                     n);
+         std::fflush(stdout);
+     }},
     {"memcpy", 1024, 16, [](long long mib) { memcpy_bandwidth(mib << 20); }},
 };
 

@@ -45,6 +45,7 @@ PYTHON_SIZES = {
     "W9": (5_000, 500),          # full C++ size 20,000
     "W10a": (20_000, 2_000),     # full C++ size 100,000
     "W10b": (100_000, 10_000),
+    "W12b": (20_000, 1_000),
 }
 
 TASK_MS = 20.0  # W3 task length (quick mode too: only the count shrinks)
@@ -368,6 +369,39 @@ def w9(n):
     result("W9", 2 * n / dt, "ops/s", n, "SyncManager().dict() proxy used from a child process")
 
 
+# ---- W12b: a Python client's dict proxy, against Python's SyncManager (here) or an mp manager ----
+# The mp side (bench/mp_workloads.cpp) starts an mp manager and runs this script as
+#     workloads.py W12b-client --size N --address PATH --authkey KEY
+# so both sides time the same client code; only the server differs.
+
+def dict_client(address, authkey, n):
+    from multiprocessing.managers import SyncManager
+    m = SyncManager(address=address, authkey=authkey)
+    m.connect()
+    d = m.dict()
+    d[-1] = -1           # the proxy's connection is made outside the timing
+    t0 = time.perf_counter()
+    for i in range(n):
+        d[i] = i
+        if d[i] != i:
+            raise RuntimeError("W12b: wrong value")
+    dt = time.perf_counter() - t0
+    if len(d) != n + 1:
+        raise RuntimeError("W12b: wrong size")
+    return 2 * n / dt
+
+
+def w12b(n):
+    with CTX.Manager() as manager:
+        rate = dict_client(manager.address, bytes(mp.current_process().authkey), n)
+    result("W12b", rate, "ops/s", n,
+           "a Python client's SyncManager().dict() proxy: d[i] = i, then d[i] (Unix socket)")
+
+
+def w12b_client(n, address, authkey):
+    print("RATE", dict_client(address, authkey.encode(), n), flush=True)
+
+
 # ---- W10: the executor over MPI (mpi4py.futures), run by run.py as -------------------------------
 #     mpirun -n 3 python3 -m mpi4py.futures bench/python/workloads.py W10a --size N
 # Rank 0 runs this script; ranks 1 and 2 are mpi4py's workers (2 workers, like W2's pool).
@@ -411,15 +445,21 @@ WORKLOADS = {
     "W10a": w10a, "W10b": w10b,
     "W1": w1, "W2a": w2a, "W2a-steady": w2a_steady, "W2b": w2b, "W3": w3, "W4": w4, "W5": w5,
     "W6-pipe": w6_pipe, "W6-queue": w6_queue, "W7": w7, "W8a": w8a, "W8b": w8b, "W9": w9,
+    "W12b": w12b,
 }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("workload", choices=sorted(WORKLOADS))
+    ap.add_argument("workload", choices=sorted(WORKLOADS) + ["W12b-client"])
     ap.add_argument("--size", type=int, help="override the default size")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds in total)")
+    ap.add_argument("--address", help="W12b-client: the manager's Unix socket path")
+    ap.add_argument("--authkey", help="W12b-client: its authkey")
     args = ap.parse_args()
+    if args.workload == "W12b-client":
+        w12b_client(args.size or PYTHON_SIZES["W12b"][0], args.address, args.authkey)
+        return
     full, quick = PYTHON_SIZES[args.workload]
     WORKLOADS[args.workload](args.size or (quick if args.quick else full))
 

@@ -49,6 +49,25 @@
 ///     A call never hangs on a dead server.
 /// A client killed in the middle of a call costs the server only that connection's thread.
 ///
+/// Python clients. Every mp manager server also speaks Python's manager protocol
+/// (multiprocessing.managers, CPython 3.8 to 3.13): it tells the two apart by a connection's
+/// first request (a pickle begins with the byte 0x80, an mp request never does), so there is no
+/// option to set. A Python `BaseManager(address=..., authkey=...)` subclass with
+/// `register('dict')`, or a `SyncManager`, can connect() and use `dict`, `list`, `Namespace`,
+/// `Queue`, `JoinableQueue`, `Lock`, `RLock`, `Event` and `Value` with plain-data arguments (the
+/// mp/py.hpp types; anything else in a request is refused with a RemoteError naming what was
+/// refused), and the names given to register_shared(). These objects hold Python values
+/// (py::Object) and live in the server as Python's: create() gives the first reference,
+/// incref/decref move it, the object goes at zero. A Python exception a method raises as
+/// Python's would (KeyError, IndexError, queue.Empty ...) reaches the Python caller as that
+/// exception; any other failure (a C++ exception, a refused pickle) as a RemoteError whose text
+/// names it. Differences from Python's server: a lock held by a client that disconnects is
+/// released; over a Unix socket (where the kernel tells the peer's pid), the references a
+/// client process took and never dropped (it was killed) are dropped when it is seen to end
+/// (over TCP they stay, as in Python); no iterator proxies (`iter(d)`; use `list(d.keys())`), no slices, and
+/// `list.sort(key=...)` is refused. Types registered with register_type() are for mp clients only.
+/// PyManagerClient (below) is the other direction: C++ calling a Python manager server.
+///
 /// Lifetime. An object lives in the server while a proxy to it exists in the process that
 /// created it or in a process that decoded one (a proxy passed through mp::Codec takes a
 /// reference of its own); proxies copied into a fork child use the parent's reference, so keep
@@ -79,6 +98,7 @@
 #include "mp/detail/manager_protocol.hpp"
 #include "mp/detail/manager_servants.hpp"
 #include "mp/errors.hpp"
+#include "mp/py.hpp"
 #include "mp/serialize.hpp"
 
 namespace mp {
@@ -418,6 +438,16 @@ public:
         types_[type_id] = std::move(entry);
     }
 
+    /// Makes `type_id` name one object of the Python type `python_type` ("dict", "list",
+    /// "Namespace", "Queue", "JoinableQueue", "Lock", "RLock", "Event"), made on first use and
+    /// returned by every create(type_id) from a Python client: Python's
+    /// `register(type_id, callable=lambda: obj)`. Python clients then
+    /// `register(type_id)` and call `manager.type_id()`; PyManagerClient::create(type_id) gets the
+    /// same object from C++. Before start() or serve_forever().
+    void register_shared(const std::string& type_id, const std::string& python_type) {
+        python_shared_.emplace_back(type_id, python_type);
+    }
+
     /// Forks a server process listening at address() (bound before the fork, so it is ready
     /// when start returns). ProcessError when already started or connected.
     void start();
@@ -461,6 +491,7 @@ private:
     Address address_;
     std::string authkey_;
     detail::managers::TypeTable types_;
+    std::vector<std::pair<std::string, std::string>> python_shared_;
     std::unique_ptr<detail::managers::ServerHandle> server_;
     bool connected_ = false;
 };
@@ -518,5 +549,78 @@ public:
 
 /// multiprocessing.Manager(): a started SyncManager.
 using Manager = SyncManager;
+
+// ---- Python's manager protocol, from C++ -------------------------------------------------------
+
+namespace detail::managers {
+struct PyProxyState;
+}
+
+/// Keyword arguments of a call to a Python manager: {{"timeout", 1.5}}.
+using PyKwargs = std::vector<std::pair<std::string, py::Object>>;
+
+/// A proxy for an object in a manager that speaks Python's protocol (see PyManagerClient): the
+/// methods are Python's (`__getitem__`, `append`, `get` ...), called by name with plain-data
+/// arguments, as a Python proxy's _callmethod.
+///
+///     auto d = m.create("dict");
+///     d.call("__setitem__", {"a", 1});
+///     int a = d.call("__getitem__", {"a"}).as<int>();
+///     q.call("get", {true}, {{"timeout", 1.0}});
+///
+/// Errors: an exception the method raised in the server is mp::RemoteError whose type_name() is
+/// Python's class ("KeyError", "queue.Empty", ...) and message() its str(); a server that
+/// answered with a traceback (no such method, an unreadable request) is RemoteError of type
+/// "Traceback" with that text; a reply mp refuses to read (not plain data) is
+/// py::UnpicklingError; a server that died is mp::EOFError. Each thread opens its own
+/// connection to the server on its first call (as Python's proxies); a fork child opens a new one.
+/// Copies share one server reference, dropped (decref) when the last copy in the process that
+/// created the proxy goes.
+class PyProxy {
+public:
+    PyProxy() = default;
+    py::Object call(std::string_view method, std::vector<py::Object> args = {}, PyKwargs kwargs = {}) const;
+    /// The object's ident in the server (a str in Python's protocol).
+    const std::string& id() const;
+    const std::string& type_id() const;
+    /// The methods the server says the object exposes.
+    const std::vector<std::string>& exposed() const;
+    explicit operator bool() const noexcept { return state_ != nullptr; }
+
+    /// Internal: made by PyManagerClient::create.
+    explicit PyProxy(std::shared_ptr<detail::managers::PyProxyState> s) : state_(std::move(s)) {}
+
+private:
+    std::shared_ptr<detail::managers::PyProxyState> state_;
+};
+
+/// A client of a manager server that speaks Python's protocol: a Python
+/// `multiprocessing.managers.BaseManager`/`SyncManager` server (`serve_forever()`, or started
+/// with `start()` at an address C++ knows), or an mp manager (which speaks both). The typeids are
+/// the server's: `create("dict")`, `create("Queue", {10})`, or a name the server registered.
+///
+///     mp::PyManagerClient m({"127.0.0.1", 50000}, "secret");   // Python: m.connect()
+///     mp::PyProxy q = m.create("get_queue");                   // register('get_queue', ...)
+///     q.call("put", {mp::py::Object::dict({{"job", 3}})});
+///
+/// The constructor connects and checks the key: mp::AuthenticationError for a wrong one,
+/// std::system_error when nothing listens. A Python exception raised by a server function (a
+/// typeid that is not registered) is mp::RemoteError with its type and message.
+class PyManagerClient {
+public:
+    PyManagerClient(Address address, std::string authkey);
+    /// Python's manager._create(typeid, *args, **kwds): a new object (or, for a typeid
+    /// registered with a callable, what the callable returns) and a proxy holding a reference.
+    PyProxy create(const std::string& type_id, std::vector<py::Object> args = {}, PyKwargs kwargs = {});
+    /// How many objects the server holds (Python's Server.number_of_objects).
+    std::int64_t number_of_objects();
+    /// Asks the server to stop.
+    void shutdown();
+    const Address& address() const noexcept { return address_; }
+
+private:
+    Address address_;
+    std::string authkey_;
+};
 
 }  // namespace mp

@@ -295,6 +295,12 @@ public:
     void bytes(std::string_view b);
     void bytearray(std::string_view b);
     void object(const Object& o);
+    /// An exception of one of Python's built-in classes (`type` as "KeyError"; also "queue.Empty"
+    /// and "queue.Full") raised with the one argument `arg` (None: no arguments), as Python
+    /// pickles KeyError('k'): what a manager's '\#ERROR' reply carries. PicklingError for any other
+    /// class. (mp's reader refuses these in a value; only the manager client reads them, from an
+    /// '\#ERROR' reply.)
+    void exception(std::string_view type, const Object& arg);
 
     /// A tuple of n items: begin_tuple(n), the n items, end_tuple(n).
     void begin_tuple(std::size_t n);

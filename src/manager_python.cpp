@@ -1,0 +1,1286 @@
+// Python's manager protocol (multiprocessing/managers.py) on both sides: the objects an mp
+// manager server keeps for Python clients (PythonSide), and mp::PyManagerClient / mp::PyProxy,
+// which call a Python manager server (or an mp one) the way Python's proxies do.
+//
+// The protocol, as CPython's Server and BaseProxy implement it: after the authkey handshake the
+// client sends one pickled request, the tuple (ident, methodname, args, kwds); a connection's
+// first request (ident None) names one of the server's public functions (create, incref,
+// decref, dummy, accept_connection, shutdown, number_of_objects ...), answered with
+// ('#RETURN', result) and the connection closes, except after accept_connection: then each
+// request calls a method of the object `ident`, until the client hangs up. Failures come back as
+// ('#ERROR', exception) (the exception the method raised, pickled), ('#TRACEBACK', text) or
+// ('#UNSERIALIZABLE', text). Objects are counted: create gives the first reference, incref and
+// decref move it, and the object goes at zero.
+
+#include "mp/managers.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "manager_internal.hpp"
+#include "mp/detail/future_core.hpp"
+#include "py_internal.hpp"
+#include "sys/pidfd.hpp"
+
+namespace mp {
+
+namespace detail::managers {
+
+namespace {
+
+using py::Kind;
+using py::Object;
+using Clock = std::chrono::steady_clock;
+
+/// A Python exception for the client: sent as ('#ERROR', type(arg)), which Python raises as is.
+struct PyRaise {
+    std::string type;
+    Object arg;
+};
+[[noreturn]] void raise(std::string type, Object arg) { throw PyRaise{std::move(type), std::move(arg)}; }
+
+// ---- hashing and ordering py::Objects (dict keys, list.sort) ----------------------------------
+
+std::size_t hash_of(const Object& o);
+
+struct ObjectHash {
+    std::size_t operator()(const Object& o) const { return hash_of(o); }
+};
+
+std::size_t mix(std::size_t h, std::size_t v) { return h ^ (v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2)); }
+
+std::size_t hash_of(const Object& o) {
+    return o.visit([&](const auto& v) -> std::size_t {
+        using V = std::decay_t<decltype(v)>;
+        if constexpr (std::is_same_v<V, py::None>) {
+            return 0x5bd1e995;
+        } else if constexpr (std::is_same_v<V, bool> || std::is_same_v<V, std::int64_t> ||
+                             std::is_same_v<V, std::uint64_t> || std::is_same_v<V, double>) {
+            return std::hash<V>{}(v);
+        } else if constexpr (std::is_same_v<V, std::string>) {
+            return std::hash<std::string>{}(v);
+        } else if constexpr (std::is_same_v<V, py::Bytes>) {
+            return mix(1, std::hash<std::string>{}(v.data));
+        } else if constexpr (std::is_same_v<V, py::Tuple>) {
+            std::size_t h = 2;
+            for (const Object& e : v) h = mix(h, hash_of(e));
+            return h;
+        } else if constexpr (std::is_same_v<V, py::FrozenSet>) {
+            std::size_t h = 3;  // order-independent
+            for (const Object& e : v) h += hash_of(e) * 0x100000001b3ULL;
+            return h;
+        } else {
+            raise("TypeError", std::string("unhashable type: '") + o.type_name() + "'");
+        }
+    });
+}
+
+/// Python's < for the kinds list.sort() meets in plain data: numbers, str, bytes, tuples of them.
+bool less(const Object& a, const Object& b) {
+    auto number = [](const Object& o) -> std::optional<double> {
+        if (o.kind() == Kind::integer || o.kind() == Kind::floating || o.kind() == Kind::boolean)
+            return o.kind() == Kind::boolean ? (o.as<bool>() ? 1.0 : 0.0) : o.as<double>();
+        return std::nullopt;
+    };
+    if (a.kind() == Kind::integer && b.kind() == Kind::integer) {
+        // Exact for the whole 64-bit range (a double would round).
+        bool ua = a.visit([](const auto& v) { return std::is_same_v<std::decay_t<decltype(v)>, std::uint64_t>; });
+        bool ub = b.visit([](const auto& v) { return std::is_same_v<std::decay_t<decltype(v)>, std::uint64_t>; });
+        if (ua || ub) return !ua ? true : (!ub ? false : a.as<std::uint64_t>() < b.as<std::uint64_t>());
+        return a.as<std::int64_t>() < b.as<std::int64_t>();
+    }
+    if (auto x = number(a)) {
+        if (auto y = number(b)) return *x < *y;
+    } else if (a.kind() == Kind::str && b.kind() == Kind::str) {
+        return a.as<std::string>() < b.as<std::string>();
+    } else if (a.kind() == Kind::bytes && b.kind() == Kind::bytes) {
+        return a.as<py::Bytes>().data < b.as<py::Bytes>().data;
+    } else if ((a.kind() == Kind::tuple && b.kind() == Kind::tuple) ||
+               (a.kind() == Kind::list && b.kind() == Kind::list)) {
+        py::Items p = a.items(), q = b.items();
+        for (std::size_t i = 0; i < p.size() && i < q.size(); ++i) {
+            if (less(p[i], q[i])) return true;
+            if (less(q[i], p[i])) return false;
+        }
+        return p.size() < q.size();
+    }
+    raise("TypeError", std::string("'<' not supported between instances of '") + a.type_name() + "' and '" +
+                           b.type_name() + "'");
+}
+
+// ---- arguments ---------------------------------------------------------------------------------
+
+/// A call's positional and keyword arguments, read as Python binds them to a signature.
+struct Args {
+    py::Items args;
+    py::DictItems kwds;
+    const std::string* method = nullptr;
+
+    /// Argument `i` (or keyword `name`), or `fallback` when neither was given.
+    std::optional<Object> get(std::size_t i, const char* name) const {
+        if (i < args.size()) return args[i];
+        if (name)
+            if (const Object* o = kwds.find(name)) return *o;
+        return std::nullopt;
+    }
+    Object get(std::size_t i, const char* name, Object fallback) const {
+        auto o = get(i, name);
+        return o ? *o : fallback;
+    }
+    Object need(std::size_t i, const char* name) const {
+        auto o = get(i, name);
+        if (!o) raise("TypeError", *method + "() missing required argument '" + name + "'");
+        return *o;
+    }
+    void at_most(std::size_t n) const {
+        if (args.size() + kwds.size() > n)
+            raise("TypeError", *method + "() takes at most " + std::to_string(n) + " arguments (" +
+                                   std::to_string(args.size() + kwds.size()) + " given)");
+    }
+};
+
+bool truthy(const Object& o) {
+    switch (o.kind()) {
+        case Kind::none: return false;
+        case Kind::boolean: return o.as<bool>();
+        case Kind::integer: return o.as<std::int64_t>() != 0 || o.visit([](const auto& v) {
+                                       return std::is_same_v<std::decay_t<decltype(v)>, std::uint64_t>;
+                                   });
+        case Kind::floating: return o.as<double>() != 0.0;
+        case Kind::str: return !o.as<std::string>().empty();
+        case Kind::bytes: case Kind::bytearray: return !o.as<py::Bytes>().data.empty();
+        case Kind::dict: return !o.dict().empty();
+        default: return !o.items().empty();
+    }
+}
+
+std::int64_t to_index(const Object& o) {
+    if (o.kind() == Kind::boolean) return o.as<bool>() ? 1 : 0;
+    if (o.kind() != Kind::integer)
+        raise("TypeError", std::string("indices must be integers, not ") + o.type_name());
+    try {
+        return o.as<std::int64_t>();
+    } catch (const py::UnpicklingError&) {
+        raise("IndexError", "cannot fit 'int' into an index-sized integer");
+    }
+}
+
+/// No deadline (a timeout of None).
+constexpr Clock::time_point kNever = Clock::time_point::max();
+
+/// A timeout argument (None: none) as a deadline.
+Clock::time_point deadline_of(const Object& timeout) {
+    if (timeout.is_none()) return kNever;
+    double s = timeout.kind() == Kind::integer || timeout.kind() == Kind::floating
+                   ? timeout.as<double>()
+                   : (raise("TypeError", std::string("timeout must be a number, not ") + timeout.type_name()), 0.0);
+    if (std::isnan(s)) raise("ValueError", "timeout must be a number, not NaN");
+    if (s < 0) s = 0;
+    if (s > 1e9) return kNever;  // "forever", as far as anyone can tell
+    return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+}
+
+/// Waits on cv until ready() or the deadline; false on timeout. Wakes every 100 ms to see
+/// whether the client is still there (a client killed in a blocking call ends its thread).
+template <class Pred>
+bool wait_until(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, Clock::time_point deadline,
+                Pred ready) {
+    if (ready()) return true;
+    for (;;) {
+        auto slice = Clock::now() + std::chrono::milliseconds(100);
+        if (deadline < slice) slice = deadline;
+        const bool woke = cv.wait_until(lk, slice, ready);
+        // Checked before taking what it waited for too: a client killed in q.get() must not
+        // swallow the next item put.
+        if (client_gone()) throw ClientGone();
+        if (woke) return true;
+        if (deadline != kNever && Clock::now() >= deadline) return false;
+    }
+}
+
+// ---- the servants ------------------------------------------------------------------------------
+
+/// An object a Python client uses: calls arrive by method name with Python's arguments.
+class Servant {
+public:
+    virtual ~Servant() = default;
+    /// Python's name of the class, for messages and repr.
+    virtual const char* type_name() const = 0;
+    /// The methods Python's proxy for it calls (the create reply carries them: AutoProxy uses them).
+    virtual const std::vector<std::string>& exposed() const = 0;
+    virtual Object call(const std::string& method, const Args& a) = 0;
+    /// A copy of the value (proxy._getvalue()), and its repr (str(proxy)).
+    virtual Object value() = 0;
+    virtual std::string repr() { return value().repr(); }
+    /// The connection `caller` ended: what it held is released.
+    virtual void disconnected(std::uint64_t /*caller*/) {}
+};
+
+/// dict: insertion order kept, as Python's. Deleted slots are left empty and compacted later.
+class DictServant final : public Servant {
+public:
+    const char* type_name() const override { return "dict"; }
+    const std::vector<std::string>& exposed() const override {
+        static const std::vector<std::string> e{"__contains__", "__delitem__", "__getitem__", "__iter__",
+                                                "__len__", "__setitem__", "clear", "copy", "get", "items",
+                                                "keys", "pop", "popitem", "setdefault", "update", "values"};
+        return e;
+    }
+    Object value() override {
+        std::lock_guard lk(mu_);
+        return snapshot();
+    }
+    void update_from(const Args& a) {
+        if (auto arg = a.get(0, nullptr)) {
+            if (arg->kind() == Kind::dict) {
+                for (const auto& [k, v] : arg->dict()) set(k, v);
+            } else if (arg->kind() == Kind::list || arg->kind() == Kind::tuple) {
+                for (const Object& kv : arg->items()) {
+                    if ((kv.kind() != Kind::tuple && kv.kind() != Kind::list) || kv.items().size() != 2)
+                        raise("ValueError", "dictionary update sequence element has the wrong length");
+                    set(kv.items()[0], kv.items()[1]);
+                }
+            } else {
+                raise("TypeError", std::string("'") + arg->type_name() + "' object is not iterable");
+            }
+        }
+        for (const auto& [k, v] : a.kwds) set(k, v);
+    }
+    Object call(const std::string& m, const Args& a) override {
+        std::lock_guard lk(mu_);
+        if (m == "__getitem__") {
+            Object k = a.need(0, "key");
+            if (const Object* v = find(k)) return *v;
+            raise("KeyError", k);
+        }
+        if (m == "__setitem__") {
+            set(a.need(0, "key"), a.need(1, "value"));
+            return {};
+        }
+        if (m == "__delitem__") {
+            Object k = a.need(0, "key");
+            if (!erase(k)) raise("KeyError", k);
+            return {};
+        }
+        if (m == "__contains__") return find(a.need(0, "key")) != nullptr;
+        if (m == "__len__") return static_cast<std::int64_t>(index_.size());
+        if (m == "get") {
+            const Object* v = find(a.need(0, "key"));
+            return v ? *v : a.get(1, "default", Object());
+        }
+        if (m == "setdefault") {
+            Object k = a.need(0, "key");
+            if (const Object* v = find(k)) return *v;
+            Object d = a.get(1, "default", Object());
+            set(k, d);
+            return d;
+        }
+        if (m == "pop") {
+            Object k = a.need(0, "key");
+            if (const Object* v = find(k)) {
+                Object r = *v;
+                erase(k);
+                return r;
+            }
+            if (auto d = a.get(1, "default")) return *d;
+            raise("KeyError", k);
+        }
+        if (m == "popitem") {
+            for (auto it = slots_.rbegin(); it != slots_.rend(); ++it) {
+                if (!*it) continue;
+                Object r = Object::tuple({(*it)->first, (*it)->second});
+                erase((*it)->first);
+                return r;
+            }
+            raise("KeyError", "popitem(): dictionary is empty");
+        }
+        if (m == "keys" || m == "values" || m == "items") {
+            // Python's own server cannot pickle a dict view; a list is what a caller can use.
+            std::vector<Object> out;
+            out.reserve(index_.size());
+            for (const auto& s : slots_) {
+                if (!s) continue;
+                if (m == "keys") out.push_back(s->first);
+                else if (m == "values") out.push_back(s->second);
+                else out.push_back(Object::tuple({s->first, s->second}));
+            }
+            return Object::list(std::move(out));
+        }
+        if (m == "copy") return snapshot();
+        if (m == "clear") {
+            slots_.clear();
+            index_.clear();
+            return {};
+        }
+        if (m == "update") {
+            update_from(a);
+            return {};
+        }
+        if (m == "__iter__")
+            raise("NotImplementedError",
+                  "mp's manager does not hand out iterator proxies: use list(d.keys()) or d.copy()");
+        raise("AttributeError", "'dict' object has no attribute '" + m + "'");
+    }
+
+private:
+    const Object* find(const Object& k) const {
+        auto it = index_.find(k);
+        return it == index_.end() ? nullptr : &slots_[it->second]->second;
+    }
+    void set(const Object& k, const Object& v) {
+        auto [it, fresh] = index_.try_emplace(k, slots_.size());
+        if (fresh)
+            slots_.emplace_back(std::in_place, k, v);
+        else
+            slots_[it->second]->second = v;
+    }
+    bool erase(const Object& k) {
+        auto it = index_.find(k);
+        if (it == index_.end()) return false;
+        slots_[it->second].reset();
+        index_.erase(it);
+        if (slots_.size() > 32 && index_.size() < slots_.size() / 2) compact();
+        return true;
+    }
+    void compact() {
+        std::vector<std::optional<std::pair<Object, Object>>> kept;
+        kept.reserve(index_.size());
+        for (auto& s : slots_)
+            if (s) {
+                index_[s->first] = kept.size();
+                kept.push_back(std::move(s));
+            }
+        slots_ = std::move(kept);
+    }
+    Object snapshot() const {
+        std::vector<std::pair<Object, Object>> out;
+        out.reserve(index_.size());
+        for (const auto& s : slots_)
+            if (s) out.push_back(*s);
+        return Object::dict(std::move(out));
+    }
+
+    std::mutex mu_;
+    std::vector<std::optional<std::pair<Object, Object>>> slots_;
+    std::unordered_map<Object, std::size_t, ObjectHash> index_;
+};
+
+class ListServant final : public Servant {
+public:
+    const char* type_name() const override { return "list"; }
+    const std::vector<std::string>& exposed() const override {
+        static const std::vector<std::string> e{"__add__", "__contains__", "__delitem__", "__getitem__", "__len__",
+                                                "__mul__", "__reversed__", "__rmul__", "__setitem__", "append",
+                                                "count", "extend", "index", "insert", "pop", "remove", "reverse",
+                                                "sort", "__imul__"};
+        return e;
+    }
+    Object value() override {
+        std::lock_guard lk(mu_);
+        return Object::list(items_);
+    }
+    void extend(const Object& o) {
+        if (o.kind() == Kind::dict) {
+            for (const auto& kv : o.dict()) items_.push_back(kv.first);
+            return;
+        }
+        if (o.kind() != Kind::list && o.kind() != Kind::tuple && o.kind() != Kind::set &&
+            o.kind() != Kind::frozenset)
+            raise("TypeError", std::string("'") + o.type_name() + "' object is not iterable");
+        for (const Object& e : o.items()) items_.push_back(e);
+    }
+    Object call(const std::string& m, const Args& a) override {
+        std::lock_guard lk(mu_);
+        if (m == "__getitem__") return items_[position(a.need(0, "index"), "list index out of range")];
+        if (m == "__setitem__") {
+            items_[position(a.need(0, "index"), "list assignment index out of range")] = a.need(1, "value");
+            return {};
+        }
+        if (m == "__delitem__") {
+            std::size_t i = position(a.need(0, "index"), "list assignment index out of range");
+            items_.erase(items_.begin() + static_cast<std::ptrdiff_t>(i));
+            return {};
+        }
+        if (m == "__len__") return static_cast<std::int64_t>(items_.size());
+        if (m == "__contains__") return std::find(items_.begin(), items_.end(), a.need(0, "value")) != items_.end();
+        if (m == "append") {
+            items_.push_back(a.need(0, "object"));
+            return {};
+        }
+        if (m == "extend") {
+            extend(a.need(0, "iterable"));
+            return {};
+        }
+        if (m == "insert") {
+            std::int64_t i = to_index(a.need(0, "index"));
+            const auto n = static_cast<std::int64_t>(items_.size());
+            if (i < 0) i = std::max<std::int64_t>(0, i + n);
+            i = std::min(i, n);
+            items_.insert(items_.begin() + i, a.need(1, "object"));
+            return {};
+        }
+        if (m == "pop") {
+            if (items_.empty()) raise("IndexError", "pop from empty list");
+            std::size_t i = position(a.get(0, "index", Object(-1)), "pop index out of range");
+            Object r = items_[i];
+            items_.erase(items_.begin() + static_cast<std::ptrdiff_t>(i));
+            return r;
+        }
+        if (m == "remove" || m == "index") {
+            Object v = a.need(0, "value");
+            auto it = std::find(items_.begin(), items_.end(), v);
+            if (it == items_.end())
+                raise("ValueError", m == "remove" ? "list.remove(x): x not in list" : v.repr() + " is not in list");
+            if (m == "index") return static_cast<std::int64_t>(it - items_.begin());
+            items_.erase(it);
+            return {};
+        }
+        if (m == "count")
+            return static_cast<std::int64_t>(std::count(items_.begin(), items_.end(), a.need(0, "value")));
+        if (m == "reverse") {
+            std::reverse(items_.begin(), items_.end());
+            return {};
+        }
+        if (m == "__reversed__") return Object::list(std::vector<Object>(items_.rbegin(), items_.rend()));
+        if (m == "sort") {
+            if (a.get(0, "key", Object()).kind() != Kind::none)
+                raise("TypeError", "mp's manager sorts plain values only: key= needs a Python function");
+            const bool reverse = truthy(a.get(1, "reverse", Object(false)));
+            std::vector<Object> sorted = items_;  // a failed comparison leaves the list as it was
+            std::stable_sort(sorted.begin(), sorted.end(),
+                             [&](const Object& x, const Object& y) { return reverse ? less(y, x) : less(x, y); });
+            items_ = std::move(sorted);
+            return {};
+        }
+        if (m == "__add__") {
+            Object o = a.need(0, "value");
+            if (o.kind() != Kind::list)
+                raise("TypeError", std::string("can only concatenate list (not \"") + o.type_name() + "\") to list");
+            std::vector<Object> r = items_;
+            r.insert(r.end(), o.items().begin(), o.items().end());
+            return Object::list(std::move(r));
+        }
+        if (m == "__mul__" || m == "__rmul__" || m == "__imul__") {
+            const std::int64_t n = std::max<std::int64_t>(0, to_index(a.need(0, "value")));
+            if (n > 0 && items_.size() > (std::size_t{1} << 26) / static_cast<std::uint64_t>(n))
+                raise("MemoryError", "the list would be too long");
+            std::vector<Object> r;
+            r.reserve(items_.size() * static_cast<std::size_t>(n));
+            for (std::int64_t i = 0; i < n; ++i) r.insert(r.end(), items_.begin(), items_.end());
+            if (m != "__imul__") return Object::list(std::move(r));
+            items_ = std::move(r);
+            return {};
+        }
+        raise("AttributeError", "'list' object has no attribute '" + m + "'");
+    }
+
+private:
+    std::size_t position(const Object& index, const char* error) const {
+        if (index.kind() != Kind::integer && index.kind() != Kind::boolean)
+            raise("TypeError", std::string("list indices must be integers, not ") + index.type_name() +
+                                   " (mp's manager takes no slices)");
+        std::int64_t i = to_index(index);
+        const auto n = static_cast<std::int64_t>(items_.size());
+        if (i < 0) i += n;
+        if (i < 0 || i >= n) raise("IndexError", error);
+        return static_cast<std::size_t>(i);
+    }
+    std::mutex mu_;
+    std::vector<Object> items_;
+};
+
+class NamespaceServant final : public Servant {
+public:
+    const char* type_name() const override { return "Namespace"; }
+    const std::vector<std::string>& exposed() const override {
+        static const std::vector<std::string> e{"__getattribute__", "__setattr__", "__delattr__"};
+        return e;
+    }
+    explicit NamespaceServant(const py::DictItems& kwds) {
+        for (const auto& [k, v] : kwds) attrs_.insert_or_assign(k.as<std::string>(), v);
+    }
+    Object value() override {
+        std::lock_guard lk(mu_);
+        std::vector<std::pair<Object, Object>> out;
+        for (const auto& [k, v] : attrs_) out.emplace_back(Object(k), v);
+        return Object::dict(std::move(out));
+    }
+    std::string repr() override {
+        std::lock_guard lk(mu_);
+        std::string r = "Namespace(";
+        bool first = true;
+        for (const auto& [k, v] : attrs_) {
+            r += (first ? "" : ", ") + k + "=" + v.repr();
+            first = false;
+        }
+        return r + ")";
+    }
+    Object call(const std::string& m, const Args& a) override {
+        Object name = a.need(0, "name");
+        if (name.kind() != Kind::str)
+            raise("TypeError", std::string("attribute name must be string, not '") + name.type_name() + "'");
+        const std::string n = name.as<std::string>();
+        std::lock_guard lk(mu_);
+        if (m == "__getattribute__") {
+            auto it = attrs_.find(n);
+            if (it == attrs_.end()) raise("AttributeError", "'Namespace' object has no attribute '" + n + "'");
+            return it->second;
+        }
+        if (m == "__setattr__") {
+            attrs_.insert_or_assign(n, a.need(1, "value"));
+            return {};
+        }
+        if (m == "__delattr__") {
+            if (attrs_.erase(n) == 0) raise("AttributeError", n);
+            return {};
+        }
+        raise("AttributeError", "'Namespace' object has no attribute '" + m + "'");
+    }
+
+private:
+    std::mutex mu_;
+    std::map<std::string, Object> attrs_;
+};
+
+/// queue.Queue (and JoinableQueue: the same class has task_done and join in Python).
+class QueueServant final : public Servant {
+public:
+    explicit QueueServant(std::int64_t maxsize) : maxsize_(maxsize) {}
+    const char* type_name() const override { return "Queue"; }
+    const std::vector<std::string>& exposed() const override {
+        // public_methods(queue.Queue()) in CPython 3.11, which AutoProxy turns into the proxy.
+        static const std::vector<std::string> e{"empty", "full", "get", "get_nowait", "join",
+                                                "put", "put_nowait", "qsize", "task_done"};
+        return e;
+    }
+    Object value() override {
+        std::lock_guard lk(mu_);
+        return Object::list(std::vector<Object>(items_.begin(), items_.end()));
+    }
+    std::string repr() override { return "<queue.Queue object (mp)>"; }
+    Object call(const std::string& m, const Args& a) override {
+        std::unique_lock lk(mu_);
+        if (m == "put" || m == "put_nowait") {
+            Object item = a.need(0, "item");
+            const bool block = m == "put" && truthy(a.get(1, "block", Object(true)));
+            auto deadline = m == "put" ? deadline_of(a.get(2, "timeout", Object())) : kNever;
+            auto room = [&] { return maxsize_ <= 0 || static_cast<std::int64_t>(items_.size()) < maxsize_; };
+            if (!(block ? wait_until(cv_, lk, deadline, room) : room())) raise("queue.Full", Object());
+            items_.push_back(std::move(item));
+            ++unfinished_;
+            cv_.notify_all();
+            return {};
+        }
+        if (m == "get" || m == "get_nowait") {
+            const bool block = m == "get" && truthy(a.get(0, "block", Object(true)));
+            auto deadline = m == "get" ? deadline_of(a.get(1, "timeout", Object())) : kNever;
+            auto any = [&] { return !items_.empty(); };
+            if (!(block ? wait_until(cv_, lk, deadline, any) : any())) raise("queue.Empty", Object());
+            Object r = std::move(items_.front());
+            items_.pop_front();
+            cv_.notify_all();
+            return r;
+        }
+        if (m == "qsize") return static_cast<std::int64_t>(items_.size());
+        if (m == "empty") return items_.empty();
+        if (m == "full") return maxsize_ > 0 && static_cast<std::int64_t>(items_.size()) >= maxsize_;
+        if (m == "task_done") {
+            if (unfinished_ <= 0) raise("ValueError", "task_done() called too many times");
+            if (--unfinished_ == 0) cv_.notify_all();
+            return {};
+        }
+        if (m == "join") {
+            wait_until(cv_, lk, kNever, [&] { return unfinished_ == 0; });
+            return {};
+        }
+        raise("AttributeError", "'Queue' object has no attribute '" + m + "'");
+    }
+
+private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<Object> items_;
+    std::int64_t maxsize_;
+    std::int64_t unfinished_ = 0;
+};
+
+/// threading.Lock and RLock. A connection's thread owns what it acquired (as in Python's
+/// server, whose thread per connection calls acquire); when the connection ends (a killed
+/// client), what it held is released, which Python's server does not do.
+class LockServant final : public Servant {
+public:
+    explicit LockServant(bool reentrant) : reentrant_(reentrant) {}
+    const char* type_name() const override { return reentrant_ ? "RLock" : "Lock"; }
+    const std::vector<std::string>& exposed() const override {
+        static const std::vector<std::string> e{"acquire", "release"};
+        return e;
+    }
+    Object value() override { raise("TypeError", std::string("cannot pickle '_thread.") + (reentrant_ ? "RLock" : "lock") + "' object"); }
+    std::string repr() override {
+        std::lock_guard lk(mu_);
+        return std::string("<") + (count_ ? "locked" : "unlocked") + " _thread." + (reentrant_ ? "RLock" : "lock") +
+               " object (mp)>";
+    }
+    Object call(const std::string& m, const Args& a) override {
+        std::unique_lock lk(mu_);
+        if (m == "acquire") {
+            const bool block = truthy(a.get(0, "blocking", Object(true)));
+            Object t = a.get(1, "timeout", Object(-1));
+            if (!t.is_none() && (t.kind() == Kind::integer || t.kind() == Kind::floating) && t.as<double>() < 0)
+                t = Object();
+            if (!block && !t.is_none()) raise("ValueError", "can't specify a timeout for a non-blocking call");
+            if (reentrant_ && count_ > 0 && owner_ == t_caller) {
+                ++count_;
+                return true;
+            }
+            auto free = [&] { return count_ == 0; };
+            if (!(block ? wait_until(cv_, lk, deadline_of(t), free) : free())) return false;
+            owner_ = t_caller;
+            count_ = 1;
+            return true;
+        }
+        if (m == "release") {
+            if (count_ == 0 || (reentrant_ && owner_ != t_caller))
+                raise("RuntimeError", reentrant_ ? "cannot release un-acquired lock" : "release unlocked lock");
+            if (--count_ == 0) cv_.notify_all();
+            return {};
+        }
+        raise("AttributeError", "'lock' object has no attribute '" + m + "'");
+    }
+    void disconnected(std::uint64_t caller) override {
+        std::lock_guard lk(mu_);
+        if (count_ > 0 && owner_ == caller) {
+            count_ = 0;
+            cv_.notify_all();
+        }
+    }
+
+private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool reentrant_;
+    std::uint64_t owner_ = 0;
+    std::int64_t count_ = 0;
+};
+
+class EventServant final : public Servant {
+public:
+    const char* type_name() const override { return "Event"; }
+    const std::vector<std::string>& exposed() const override {
+        static const std::vector<std::string> e{"is_set", "set", "clear", "wait"};
+        return e;
+    }
+    Object value() override { raise("TypeError", "cannot pickle 'Event' object"); }
+    std::string repr() override {
+        std::lock_guard lk(mu_);
+        return std::string("<threading.Event (mp) ") + (set_ ? "set" : "unset") + ">";
+    }
+    Object call(const std::string& m, const Args& a) override {
+        std::unique_lock lk(mu_);
+        if (m == "is_set") return set_;
+        if (m == "set") {
+            set_ = true;
+            cv_.notify_all();
+            return {};
+        }
+        if (m == "clear") {
+            set_ = false;
+            return {};
+        }
+        if (m == "wait") return wait_until(cv_, lk, deadline_of(a.get(0, "timeout", Object())), [&] { return set_; });
+        raise("AttributeError", "'Event' object has no attribute '" + m + "'");
+    }
+
+private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool set_ = false;
+};
+
+/// managers.Value(typecode, value): get() and set(), as Python's (the typecode is kept for repr
+/// only, as there).
+class ValueServant final : public Servant {
+public:
+    ValueServant(Object typecode, Object value) : typecode_(std::move(typecode)), value_(std::move(value)) {}
+    const char* type_name() const override { return "Value"; }
+    const std::vector<std::string>& exposed() const override {
+        static const std::vector<std::string> e{"get", "set"};
+        return e;
+    }
+    Object value() override {
+        std::lock_guard lk(mu_);
+        return value_;
+    }
+    std::string repr() override {
+        std::lock_guard lk(mu_);
+        return "Value(" + typecode_.repr() + ", " + value_.repr() + ")";
+    }
+    Object call(const std::string& m, const Args& a) override {
+        std::lock_guard lk(mu_);
+        if (m == "get") return value_;
+        if (m == "set") {
+            value_ = a.need(0, "value");
+            return {};
+        }
+        raise("AttributeError", "'Value' object has no attribute '" + m + "'");
+    }
+
+private:
+    std::mutex mu_;
+    Object typecode_;
+    Object value_;
+};
+
+/// A new object of one of the Python types the server offers, from create's arguments.
+std::shared_ptr<Servant> make_servant(const std::string& type, const Args& a) {
+    if (type == "dict") {
+        auto d = std::make_shared<DictServant>();
+        a.at_most(1 + a.kwds.size());
+        d->update_from(a);
+        return d;
+    }
+    if (type == "list") {
+        a.at_most(1);
+        auto l = std::make_shared<ListServant>();
+        if (auto init = a.get(0, nullptr)) l->extend(*init);
+        return l;
+    }
+    if (type == "Namespace") {
+        if (!a.args.empty()) raise("TypeError", "Namespace() takes keyword arguments only");
+        return std::make_shared<NamespaceServant>(a.kwds);
+    }
+    if (type == "Queue" || type == "JoinableQueue") {
+        a.at_most(1);
+        return std::make_shared<QueueServant>(to_index(a.get(0, "maxsize", Object(0))));
+    }
+    if (type == "Lock" || type == "RLock") {
+        a.at_most(0);
+        return std::make_shared<LockServant>(type == "RLock");
+    }
+    if (type == "Event") {
+        a.at_most(0);
+        return std::make_shared<EventServant>();
+    }
+    if (type == "Value") {
+        a.at_most(3);
+        return std::make_shared<ValueServant>(a.need(0, "typecode"), a.need(1, "value"));
+    }
+    return nullptr;
+}
+
+// ---- replies -----------------------------------------------------------------------------------
+
+std::string reply_return(const Object& result) {
+    py::Writer w;
+    w.begin_tuple(2);
+    w.str("#RETURN");
+    w.object(result);
+    w.end_tuple(2);
+    return w.finish();
+}
+
+std::string reply_text(std::string_view kind, std::string_view text) {
+    py::Writer w;
+    w.begin_tuple(2);
+    w.str(kind);
+    w.str(text);
+    w.end_tuple(2);
+    return w.finish();
+}
+
+std::string reply_error(const PyRaise& e) {
+    py::Writer w;
+    w.begin_tuple(2);
+    w.str("#ERROR");
+    w.exception(e.type, e.arg);
+    w.end_tuple(2);
+    return w.finish();
+}
+
+/// What Python's RemoteError shows for a failure that is not a Python exception: a C++
+/// exception thrown by the server (its type and what()), or a request mp could not read.
+std::string traceback_text(std::exception_ptr ep) {
+    ErrorInfo info;
+    try {
+        std::rethrow_exception(ep);
+    } catch (const py::UnpicklingError& e) {
+        return std::string("mp manager (C++) refused the request: ") + e.what();
+    } catch (...) {
+        Encoder enc;
+        encode_current_exception(enc);
+        Decoder d(enc.bytes());
+        info = decode_error_info(d);
+    }
+    return "Traceback (the mp manager, C++, pid " + std::to_string(::getpid()) + "):\n" + info.type_name + ": " +
+           info.message;
+}
+
+}  // namespace
+
+// ---- the server's side -------------------------------------------------------------------------
+
+struct PythonSide::Impl {
+    struct Entry {
+        std::shared_ptr<Servant> servant;
+        std::string type_id;
+        std::int64_t refs = 0;
+    };
+    std::mutex mu;
+    std::unordered_map<std::string, Entry> objects;
+    std::uint64_t next = 0;
+    // register_shared: type_id -> the one object every create(type_id) returns, made on first use.
+    std::map<std::string, std::string> shared_types;
+    std::map<std::string, std::pair<std::string, std::shared_ptr<Servant>>> shared_objects;  // ident, servant
+    // The references each client process holds (peers on a Unix socket, whose pid the kernel
+    // tells): a process that dies without its decrefs (killed) has them dropped for it.
+    std::map<pid_t, std::map<std::string, std::int64_t>> held;
+
+    /// Python's Server.create: the object, its ident (a str, as Python's '%x' % id(obj)) and the
+    /// methods its proxy may call; the caller holds the first reference.
+    Object create(const std::string& type_id, const Args& a, pid_t peer) {
+        std::shared_ptr<Servant> s;
+        std::string ident;
+        std::lock_guard lk(mu);
+        if (auto sh = shared_types.find(type_id); sh != shared_types.end()) {
+            auto& slot = shared_objects[type_id];
+            if (!slot.second) {
+                slot.second = make_servant(sh->second, Args{{}, {}, &type_id});
+                slot.first = ident_of(++next);
+            }
+            ident = slot.first;
+            s = slot.second;
+        } else {
+            s = make_servant(type_id, a);
+            if (!s)
+                raise("KeyError", "mp's manager has no type '" + type_id +
+                                      "' for Python clients (it serves dict, list, Namespace, Queue, "
+                                      "JoinableQueue, Lock, RLock, Event, Value and the register_shared() names)");
+            ident = ident_of(++next);
+        }
+        auto& e = objects[ident];
+        e.servant = s;
+        e.type_id = type_id;
+        ++e.refs;
+        if (peer > 0) ++held[peer][ident];
+        std::vector<Object> exposed(s->exposed().begin(), s->exposed().end());
+        return Object::tuple({Object(ident), Object::tuple(std::move(exposed))});
+    }
+    static std::string ident_of(std::uint64_t n) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%llx", static_cast<unsigned long long>(n));
+        return std::string("mp") + buf;
+    }
+    std::shared_ptr<Servant> find(const Object& ident) {
+        std::lock_guard lk(mu);
+        auto it = ident.kind() == Kind::str ? objects.find(ident.as<std::string>()) : objects.end();
+        if (it == objects.end()) raise("KeyError", ident);
+        return it->second.servant;
+    }
+    void incref(const Object& ident, pid_t peer) {
+        std::lock_guard lk(mu);
+        auto it = ident.kind() == Kind::str ? objects.find(ident.as<std::string>()) : objects.end();
+        if (it == objects.end()) raise("KeyError", ident);
+        ++it->second.refs;
+        if (peer > 0) ++held[peer][it->first];
+    }
+    void decref(const Object& ident, pid_t peer) {
+        std::shared_ptr<Servant> dead;  // destroyed outside the lock
+        std::lock_guard lk(mu);
+        auto it = ident.kind() == Kind::str ? objects.find(ident.as<std::string>()) : objects.end();
+        if (it == objects.end()) raise("KeyError", ident);
+        if (peer > 0) forget(peer, it->first, 1);
+        if (--it->second.refs <= 0) {
+            dead = std::move(it->second.servant);
+            objects.erase(it);
+        }
+    }
+    void forget(pid_t peer, const std::string& ident, std::int64_t n) {
+        auto p = held.find(peer);
+        if (p == held.end()) return;
+        auto i = p->second.find(ident);
+        if (i != p->second.end() && (i->second -= n) <= 0) p->second.erase(i);
+        if (p->second.empty()) held.erase(p);
+    }
+    /// A connection from `peer` ended: if the process is gone (it may still be on its way out,
+    /// so it is given 2 s), the references it never dropped are dropped for it.
+    void peer_left(pid_t peer) {
+        {
+            std::lock_guard lk(mu);
+            if (peer <= 0 || !held.contains(peer)) return;
+        }
+        try {
+            sys::Fd fd = sys::pidfd_open(peer);
+            if (!sys::pidfd_wait_exit(fd.get(), std::chrono::seconds(2))) return;
+        } catch (const std::system_error&) {
+            // ESRCH: gone already.
+        }
+        std::vector<std::shared_ptr<Servant>> dead;
+        std::lock_guard lk(mu);
+        auto p = held.find(peer);
+        if (p == held.end()) return;
+        for (auto& [ident, n] : p->second) {
+            auto it = objects.find(ident);
+            if (it != objects.end() && (it->second.refs -= n) <= 0) {
+                dead.push_back(std::move(it->second.servant));
+                objects.erase(it);
+            }
+        }
+        held.erase(p);
+    }
+};
+
+PythonSide::PythonSide(std::vector<std::pair<std::string, std::string>> shared) : impl_(std::make_unique<Impl>()) {
+    for (auto& [type_id, type] : shared) impl_->shared_types[type_id] = type;
+}
+PythonSide::~PythonSide() = default;
+
+std::size_t PythonSide::objects() const {
+    std::lock_guard lk(impl_->mu);
+    return impl_->objects.size();
+}
+
+void PythonSide::release_owned(std::uint64_t caller) {
+    std::vector<std::shared_ptr<Servant>> all;
+    {
+        std::lock_guard lk(impl_->mu);
+        for (auto& [id, e] : impl_->objects) all.push_back(e.servant);
+        for (auto& [id, s] : impl_->shared_objects)
+            if (s.second) all.push_back(s.second);
+    }
+    for (auto& s : all) s->disconnected(caller);
+}
+
+bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool()>& stopping) {
+    Impl& im = *impl_;
+    pid_t peer = 0;
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(c.fileno(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) peer = cred.pid;  // Unix only
+    // Reads one request tuple; a request mp cannot read is answered with '#TRACEBACK'.
+    auto read = [](const std::string& m, Object& ident, std::string& method, Args& a) {
+        Object req = py::loads(m);
+        if (req.kind() != Kind::tuple || req.items().size() != 4 || req.items()[1].kind() != Kind::str ||
+            req.items()[2].kind() != Kind::tuple || req.items()[3].kind() != Kind::dict)
+            throw py::UnpicklingError("mp: a manager request is the tuple (ident, methodname, args, kwds), not " +
+                                      req.repr().substr(0, 200));
+        ident = req.items()[0];
+        method = req.items()[1].as<std::string>();
+        a.args = req.items()[2].items();
+        a.kwds = req.items()[3].dict();
+    };
+
+    // The connection's first request: one of the server's public functions.
+    bool serving = false, stop = false;
+    std::string reply;
+    {
+        Object ident;
+        std::string fn;
+        Args a;
+        a.method = &fn;
+        try {
+            read(msg, ident, fn, a);
+            Object result;
+            if (fn == "create") {
+                if (a.args.empty() || a.args[0].kind() != Kind::str) raise("TypeError", "create() needs a typeid");
+                const std::string type_id = a.args[0].as<std::string>();
+                std::vector<Object> rest(a.args.begin() + 1, a.args.end());
+                Object rest_args = Object::tuple(std::move(rest));
+                Args ca{rest_args.items(), a.kwds, &type_id};
+                result = im.create(type_id, ca, peer);
+            } else if (fn == "incref" || fn == "decref") {
+                Object id = a.need(0, "ident");
+                fn == "incref" ? im.incref(id, peer) : im.decref(id, peer);
+            } else if (fn == "dummy") {
+            } else if (fn == "accept_connection") {
+                serving = true;
+            } else if (fn == "shutdown") {
+                stop = true;
+            } else if (fn == "number_of_objects") {
+                result = static_cast<std::int64_t>(objects());
+            } else if (fn == "debug_info") {
+                std::lock_guard lk(im.mu);
+                std::string r;
+                for (auto& [id, e] : im.objects)
+                    r += "  " + id + ":       refcount=" + std::to_string(e.refs) + "\n    " + e.type_id + "\n";
+                result = r;
+            } else {
+                raise("AssertionError", Object(Object(fn).repr() + " unrecognized (mp's manager serves create, "
+                                                                  "incref, decref, dummy, accept_connection, "
+                                                                  "shutdown, number_of_objects, debug_info)"));
+            }
+            reply = reply_return(result);
+        } catch (const PyRaise& e) {
+            // The server's own functions answer with a traceback, as Python's handle_request.
+            reply = reply_text("#TRACEBACK", e.type + ": " + (e.arg.kind() == Kind::str ? e.arg.as<std::string>() : e.arg.repr()));
+        } catch (const ClientGone&) {
+            throw;
+        } catch (...) {
+            reply = reply_text("#TRACEBACK", traceback_text(std::current_exception()));
+        }
+        c.send_bytes(reply);
+        if (!serving) return stop;
+    }
+
+    // accept_connection: method calls on objects until the client hangs up.
+    struct Leaving {
+        Impl& im;
+        pid_t peer;
+        ~Leaving() {
+            try {
+                im.peer_left(peer);
+            } catch (...) {
+                // Out of memory or descriptors: its references stay, as in Python's server.
+            }
+        }
+    } leaving{im, peer};
+    for (;;) {
+        if (stopping()) return false;
+        msg = c.recv_bytes(kMaxMessage);
+        Object ident;
+        std::string method;
+        Args a;
+        a.method = &method;
+        try {
+            read(msg, ident, method, a);
+            std::shared_ptr<Servant> s = im.find(ident);
+            const auto& ex = s->exposed();
+            if (std::find(ex.begin(), ex.end(), method) != ex.end()) {
+                reply = reply_return(s->call(method, a));
+            } else if (method == "__repr__" || method == "__str__") {
+                reply = reply_return(Object(s->repr()));
+            } else if (method == "#GETVALUE") {
+                reply = reply_return(s->value());
+            } else {
+                raise("AttributeError", "method '" + method + "' of '" + s->type_name() + "' object is not in exposed");
+            }
+        } catch (const PyRaise& e) {
+            try {
+                reply = reply_error(e);
+            } catch (...) {
+                reply = reply_text("#TRACEBACK", e.type + ": " + e.arg.repr());
+            }
+        } catch (const ClientGone&) {
+            throw;
+        } catch (...) {
+            reply = reply_text("#TRACEBACK", traceback_text(std::current_exception()));
+        }
+        if (reply.size() > kMaxMessage)
+            reply = reply_text("#TRACEBACK", "mp manager: a reply of " + std::to_string(reply.size()) +
+                                                 " bytes is over the limit of " + std::to_string(kMaxMessage));
+        c.send_bytes(reply);
+    }
+}
+
+
+// ---- the client's side -------------------------------------------------------------------------
+
+struct PyProxyState {
+    Address address;
+    std::string authkey;
+    std::string ident;
+    std::string type_id;
+    std::vector<std::string> exposed;
+    pid_t owner = 0;
+    PyProxyState() = default;
+    PyProxyState(const PyProxyState&) = delete;
+    PyProxyState& operator=(const PyProxyState&) = delete;
+    ~PyProxyState();
+};
+
+namespace {
+
+std::string origin_of(const Address& a) { return "Python manager at " + a.to_string(); }
+
+std::string request_pickle(const Object& ident, std::string_view method, std::vector<Object> args,
+                           const PyKwargs& kwargs) {
+    py::Writer w;
+    w.begin_tuple(4);
+    w.object(ident);
+    w.str(method);
+    w.object(Object::tuple(std::move(args)));
+    w.begin_dict();
+    for (const auto& [k, v] : kwargs) {
+        w.str(k);
+        w.object(v);
+    }
+    w.end_dict();
+    w.end_tuple(4);
+    return w.finish();
+}
+
+/// Python's convert_to_error, for a reply other than '#RETURN'.
+[[noreturn]] void throw_reply(const std::string& kind, const Object& result, const Address& address) {
+    if (kind == "#ERROR" && result.kind() == Kind::tuple && result.items().size() == 2 &&
+        result.items()[0].kind() == Kind::str && result.items()[1].kind() == Kind::tuple) {
+        // An exception, as loads_with_exceptions reads one: (class name, args).
+        std::string type = result.items()[0].as<std::string>();
+        if (type == "_queue.Empty") type = "queue.Empty";
+        py::Items args = result.items()[1].items();
+        std::string message;
+        if (args.size() == 1 && args[0].kind() == Kind::str && type != "KeyError")
+            message = args[0].as<std::string>();
+        else if (args.size() == 1)
+            message = args[0].repr();
+        else if (args.size() > 1)
+            message = result.items()[1].repr();
+        throw RemoteError(std::move(type), std::move(message), origin_of(address));
+    }
+    if (kind == "#TRACEBACK" || kind == "#UNSERIALIZABLE" || kind == "#ERROR") {
+        std::string text = result.kind() == Kind::str ? result.as<std::string>() : result.repr();
+        throw RemoteError(kind == "#UNSERIALIZABLE" ? "Unserializable" : "Traceback", std::move(text),
+                          origin_of(address));
+    }
+    if (kind == "#PROXY")
+        throw Error("mp: the manager answered with a proxy (#PROXY: a method registered to return one), "
+                    "which mp's Python-protocol client does not take");
+    throw DecodeError("mp: a manager reply of unknown kind '" + kind + "'");
+}
+
+/// Sends one request and reads its reply (the result of a '#RETURN').
+Object exchange(Connection& c, const std::string& request, const Address& address) {
+    c.send_bytes(request);
+    Object reply = py::detail::loads_with_exceptions(c.recv_bytes(kMaxMessage));
+    if (reply.kind() != Kind::tuple || reply.items().size() != 2 || reply.items()[0].kind() != Kind::str)
+        throw DecodeError("mp: a manager reply is the tuple (kind, result), not " + reply.repr().substr(0, 200));
+    std::string kind = reply.items()[0].as<std::string>();
+    if (kind == "#RETURN") return reply.items()[1];
+    throw_reply(kind, reply.items()[1], address);
+}
+
+/// One of the server's functions over a connection of its own (as Python's dispatch()).
+Object dispatch(const Address& address, const std::string& authkey, std::string_view fn,
+                std::vector<Object> args = {}, const PyKwargs& kwargs = {}) {
+    Connection c = Client(address, {.authkey = authkey});
+    return exchange(c, request_pickle(Object(), fn, std::move(args), kwargs), address);
+}
+
+/// This thread's connections that serve method calls (accept_connection), per server and key.
+struct PyConnections {
+    pid_t pid = 0;
+    std::map<std::string, Connection> by_server;
+};
+thread_local PyConnections t_py_connections;
+
+Connection& py_connection(const Address& address, const std::string& authkey, std::string& key) {
+    PyConnections& pc = t_py_connections;
+    if (pc.pid != ::getpid()) {
+        // A fork child's copies of its parent's connections: dropped, never used.
+        pc.by_server.clear();
+        pc.pid = ::getpid();
+    }
+    key = address.to_string() + '\n' + authkey;
+    auto it = pc.by_server.find(key);
+    if (it != pc.by_server.end()) return it->second;
+    Connection c = Client(address, {.authkey = authkey});
+    exchange(c, request_pickle(Object(), "accept_connection", {Object("mp-" + std::to_string(::getpid()))}, {}),
+             address);
+    return pc.by_server.emplace(key, std::move(c)).first->second;
+}
+
+}  // namespace
+
+namespace {
+
+/// Proxies alive in this process per server and key: when the last one goes, the calling
+/// thread's connection to that server closes with it (other threads' close when they exit).
+std::mutex g_live_mu;
+std::map<std::string, std::size_t> g_live;
+
+void proxy_made(const std::string& key) {
+    std::lock_guard lk(g_live_mu);
+    ++g_live[key];
+}
+
+void proxy_gone(const std::string& key) {
+    {
+        std::lock_guard lk(g_live_mu);
+        auto it = g_live.find(key);
+        if (it == g_live.end() || --it->second > 0) return;
+        g_live.erase(it);
+    }
+    if (t_py_connections.pid == ::getpid()) t_py_connections.by_server.erase(key);
+}
+
+}  // namespace
+
+PyProxyState::~PyProxyState() {
+    if (owner != ::getpid()) return;
+    proxy_gone(address.to_string() + '\n' + authkey);
+    try {
+        dispatch(address, authkey, "decref", {Object(ident)});
+    } catch (...) {
+        // The server is gone: nothing left to release.
+    }
+}
+
+}  // namespace detail::managers
+
+namespace dm = detail::managers;
+
+py::Object PyProxy::call(std::string_view method, std::vector<py::Object> args, PyKwargs kwargs) const {
+    const dm::PyProxyState& s = detail::deref_handle(state_, "mp::PyProxy");
+    std::string request = dm::request_pickle(py::Object(s.ident), method, std::move(args), kwargs);
+    std::string key;
+    Connection& c = dm::py_connection(s.address, s.authkey, key);
+    try {
+        return dm::exchange(c, request, s.address);
+    } catch (const RemoteError&) {
+        throw;
+    } catch (const py::UnpicklingError&) {
+        throw;  // the reply was read whole: the connection is still in step
+    } catch (...) {
+        dm::t_py_connections.by_server.erase(key);  // the next call reconnects
+        throw;
+    }
+}
+
+const std::string& PyProxy::id() const { return detail::deref_handle(state_, "mp::PyProxy").ident; }
+const std::string& PyProxy::type_id() const { return detail::deref_handle(state_, "mp::PyProxy").type_id; }
+const std::vector<std::string>& PyProxy::exposed() const {
+    return detail::deref_handle(state_, "mp::PyProxy").exposed;
+}
+
+PyManagerClient::PyManagerClient(Address address, std::string authkey)
+    : address_(std::move(address)), authkey_(std::move(authkey)) {
+    dm::dispatch(address_, authkey_, "dummy");
+}
+
+PyProxy PyManagerClient::create(const std::string& type_id, std::vector<py::Object> args, PyKwargs kwargs) {
+    args.insert(args.begin(), py::Object(type_id));
+    py::Object r = dm::dispatch(address_, authkey_, "create", std::move(args), kwargs);
+    if (r.kind() != py::Kind::tuple || r.items().size() != 2 || r.items()[0].kind() != py::Kind::str)
+        throw DecodeError("mp: a create reply is (ident, exposed), not " + r.repr().substr(0, 200));
+    auto s = std::make_shared<dm::PyProxyState>();
+    s->address = address_;
+    s->authkey = authkey_;
+    s->ident = r.items()[0].as<std::string>();
+    s->type_id = type_id;
+    if (r.items()[1].kind() == py::Kind::tuple || r.items()[1].kind() == py::Kind::list)
+        for (const py::Object& m : r.items()[1].items())
+            if (m.kind() == py::Kind::str) s->exposed.push_back(m.as<std::string>());
+    s->owner = ::getpid();
+    dm::proxy_made(address_.to_string() + '\n' + authkey_);
+    return PyProxy(std::move(s));
+}
+
+std::int64_t PyManagerClient::number_of_objects() {
+    return dm::dispatch(address_, authkey_, "number_of_objects").as<std::int64_t>();
+}
+
+void PyManagerClient::shutdown() { dm::dispatch(address_, authkey_, "shutdown"); }
+
+}  // namespace mp

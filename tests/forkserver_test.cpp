@@ -84,14 +84,18 @@ TEST_P(ForkserverAndSpawn, DescriptorsTravelWithTheArguments) {
 TEST_P(ForkserverAndSpawn, ChildHoldsNoDescriptorOfTheParent) {
     // A pipe the parent keeps open must not be held by the server or its children, or its
     // reader would never see EOF. Not close-on-exec here: spawn must close it itself.
-    auto [r, w] = mp::sys::make_pipe();
-    ASSERT_EQ(::fcntl(w.get(), F_SETFD, 0), 0);
-    mp::Process p(options(), +[] { ::sleep(1); });
+    auto [r, low] = mp::sys::make_pipe();
+    // Above the descriptors a spawn child's start reuses (3 and 4), and inheritable.
+    mp::sys::Fd w(::fcntl(low.get(), F_DUPFD, 100));
+    ASSERT_TRUE(w);
+    low.reset();
+    mp::Process p(options(), sleep_forever);
     p.start();
     w.reset();
-    ASSERT_TRUE(mp::sys::wait_fd(r.get(), POLLIN, 5s));
+    EXPECT_TRUE(mp::sys::wait_fd(r.get(), POLLIN, 5s));
+    EXPECT_TRUE(p.is_alive()) << "end of file must come while the child still runs";
     char c;
-    EXPECT_EQ(mp::sys::read_full(r.get(), &c, 1), 0u);  // EOF while the child still runs
+    EXPECT_EQ(mp::sys::read_full(r.get(), &c, 1), 0u);
     p.terminate();
     p.join();
 }

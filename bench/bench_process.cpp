@@ -66,6 +66,14 @@ void BM_ProcessStartJoinForkserver(benchmark::State& state) {
 }
 BENCHMARK(BM_ProcessStartJoinForkserver)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// The same under spawn: a fresh exec of this program, which runs its static initialisers.
+void BM_ProcessStartJoinSpawn(benchmark::State& state) {
+    mp::ProcessOptions options;
+    options.start_method = mp::StartMethod::spawn;
+    start_join(state, options);
+}
+BENCHMARK(BM_ProcessStartJoinSpawn)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -1,5 +1,5 @@
-// The forkserver: a single-threaded process, started once (double-forked, so it is nobody's
-// child and leaves no zombie), that forks every forkserver child. A parent that runs threads
+// The forkserver: a single-threaded process, started once by spawn (a fresh exec of the program,
+// double-forked, so it is nobody's child and leaves no zombie), that forks every forkserver child. A parent that runs threads
 // asks it for a child instead of forking itself, so the child never inherits a lock that some
 // other thread held at that moment.
 //
@@ -13,7 +13,6 @@
 // The server allocates nothing and takes no lock after fork: fixed tables, raw system calls.
 
 #include <fcntl.h>
-#include <stdio_ext.h>
 #include <poll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
@@ -41,40 +40,18 @@
 #endif
 
 namespace mp {
+namespace detail::forkserver {
+/// The server's end of the control socket, handed to the spawned server as its task's argument.
+struct ControlFd {
+    int fd = -1;
+};
+}  // namespace detail::forkserver
 
-// The request, written with the encoder's primitives only (strings as length + bytes).
 template <>
-struct Codec<detail::forkserver::Request> {
-    static void put_string(Encoder& e, const std::string& s) {
-        e.write_size(s.size());
-        e.write(s.data(), s.size());
-    }
-    static std::string get_string(Decoder& d) {
-        auto n = d.read_size();
-        return std::string(d.read_view(n));
-    }
-    static void encode(Encoder& e, const detail::forkserver::Request& r) {
-        put_string(e, r.name);
-        e.put(r.daemon);
-        put_string(e, r.authkey);
-        e.write_size(r.identity.size());
-        for (int i : r.identity) e.put(i);
-        put_string(e, r.parent_name);
-        e.put(static_cast<std::int32_t>(r.parent_pid));
-        put_string(e, r.task);
-    }
-    static detail::forkserver::Request decode(Decoder& d) {
-        detail::forkserver::Request r;
-        r.name = get_string(d);
-        r.daemon = d.get<bool>();
-        r.authkey = get_string(d);
-        auto n = d.read_size(sizeof(int));
-        for (std::uint64_t i = 0; i < n; ++i) r.identity.push_back(d.get<int>());
-        r.parent_name = get_string(d);
-        r.parent_pid = d.get<std::int32_t>();
-        r.task = get_string(d);
-        return r;
-    }
+struct Codec<detail::forkserver::ControlFd> {
+    static constexpr std::size_t min_encoded_size = 4;
+    static void encode(Encoder& e, const detail::forkserver::ControlFd& c) { e.put(e.attach_fd(c.fd)); }
+    static detail::forkserver::ControlFd decode(Decoder& d) { return {d.take_fd(d.get<std::uint32_t>())}; }
 };
 
 namespace detail::forkserver {
@@ -103,7 +80,8 @@ struct Slot {
     bool daemon;
 };
 
-// Fixed tables: the server must not allocate (it may have been forked from a threaded parent).
+// Fixed tables: the server allocates nothing between its children's forks, so a child never
+// starts inside the allocator.
 Slot g_slots[kMaxChildren];
 int g_nslots = 0;
 pollfd g_poll[1 + 2 * kMaxChildren];
@@ -208,10 +186,6 @@ bool accept_request(pid_t server_pid) noexcept {
 
 [[noreturn]] void server_main(int control) noexcept {
     ::prctl(PR_SET_NAME, "mp-forkserver");
-    // Output another thread buffered after launch_helper flushed must not be printed again by
-    // every child: drop it.
-    ::__fpurge(stdout);
-    ::__fpurge(stderr);
     // Ctrl-C is meant for the program and its children, not for the server (as Python's).
     sys::reset_signals({SIGINT});
     sys::keep_only(control, kControlFd);
@@ -288,11 +262,21 @@ Client& client() {
     return *c;
 }
 
+// The spawned server's task.
+void serve_control(ControlFd control) { serve(control.fd); }
+
 void start_server_locked(Client& c) {
     auto [ours, theirs] = sys::make_socketpair(SOCK_SEQPACKET);
-    const int server_end = theirs.get();
-    auto server = [server_end]() noexcept -> int { server_main(server_end); };
-    launch_helper("fork (forkserver)", ChildMain(server));
+    // A fresh exec of the program, not a fork of this one: whatever threads this process runs
+    // and whatever locks they hold, the server (and so every child it forks) starts clean.
+    const Task task = make_transferable_task(&serve_control, ControlFd{theirs.get()});
+    ChildSpec spec;
+    spec.name = "ForkServer";
+    spec.identity = current_process().identity;
+    spec.authkey = current_process().authkey;
+    spec.method = StartMethod::spawn;
+    spec.task = &task;
+    launch_detached("fork (forkserver)", spec);
     theirs.reset();
     std::int32_t hello = 0;
     ssize_t n;
@@ -358,15 +342,8 @@ Started start_child(const Request& req) {
     status_theirs.reset();
     request_theirs.reset();
 
-    std::string payload = encode(req);
-    if (req.task_fds.size() > sys::kMaxFds)
-        throw ProcessError("mp: a forkserver child can receive at most " +
-                           std::to_string(sys::kMaxFds) + " descriptors");
-    // The header carries the task's descriptors; the payload follows on the same stream.
-    const std::uint64_t header[2] = {payload.size(), req.task_fds.size()};
     try {
-        sys::send_fds(request_ours.get(), header, sizeof header, req.task_fds);
-        sys::write_full(request_ours.get(), payload.data(), payload.size());
+        send_request(request_ours.get(), req);
     } catch (const std::system_error&) {
         // The child died before reading its request; the reply and status below tell how.
     }
@@ -399,43 +376,10 @@ void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept {
         ::prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (::getppid() != server_pid) ::_exit(1);
     }
-    // From here the process is single-threaded with a consistent heap: ordinary code is safe.
-    int code = run_guarded([&] {
-        std::uint64_t header[2] = {0, 0};
-        std::vector<sys::Fd> received(sys::kMaxFds);
-        std::size_t got = sys::recv_fds(kControlFd, header, sizeof header, received);
-        if (got < sizeof header)
-            got += sys::read_full(kControlFd, reinterpret_cast<char*>(header) + got, sizeof header - got);
-        if (got != sizeof header) throw ProcessError("forkserver child: the parent sent no request");
-        const std::uint64_t len = header[0];
-        if (len > (std::uint64_t{1} << 40)) throw ProcessError("forkserver child: oversized request");
-        if (header[1] > sys::kMaxFds) throw ProcessError("forkserver child: too many descriptors");
-        for (std::size_t i = 0; i < header[1]; ++i)
-            if (!received[i]) throw ProcessError("forkserver child: descriptors missing from the request");
-        std::string payload(len, '\0');
-        if (sys::read_full(kControlFd, payload.data(), len) != len)
-            throw ProcessError("forkserver child: truncated request");
-        ::close(kControlFd);
-        Request req = decode<Request>(payload);
-
-        auto* identity = new ProcessIdentity{req.name, 0, req.daemon, req.authkey, req.identity};
-        auto* parent = new ParentProcess{req.parent_name, req.parent_pid};
-        // The control descriptor number this process inherited was closed above: forget it
-        // (without closing a stranger), so this child starts its own server if it needs one.
-        (void)client().control.release();
-        // The forkserver is the OS parent; the logical parent is the requester.
-        ChildSetup setup{identity, parent, false, req.parent_pid};
-        become_child(setup);
-        identity->daemon = req.daemon;
-        // The arguments take the descriptors they own; the rest close with `received`.
-        std::vector<int> fds;
-        for (std::size_t i = 0; i < header[1]; ++i) fds.push_back(received[i].get());
-        run_task(req.task, fds);
-        for (std::size_t i = 0; i < fds.size(); ++i)
-            if (fds[i] < 0) (void)received[i].release();
-    });
-    finish_child(code);
+    run_request(kControlFd, false);
 }
+
+void serve(int control) noexcept { server_main(control); }
 
 }  // namespace detail::forkserver
 }  // namespace mp

@@ -1,6 +1,7 @@
 #include "launch.hpp"
 
 #include <pthread.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -82,6 +83,30 @@ pid_t fork_blocked(const char* what, ChildMain child) {
     return pid;
 }
 
+void kill_and_reap(pid_t pid) noexcept {
+    ::kill(pid, SIGKILL);
+    siginfo_t info;
+    while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED) < 0 && errno == EINTR) {
+    }
+}
+
+// Without a pidfd the child cannot be waited for or signalled safely: it is ended at once.
+sys::Fd pidfd_or_kill(pid_t pid) {
+    try {
+        return sys::pidfd_open(pid);
+    } catch (...) {
+        kill_and_reap(pid);
+        throw;
+    }
+}
+
+// Waits until the spawn child has executed the program (end of file on the close-on-exec pipe)
+// and throws std::system_error "execve" with the child's errno when it could not.
+void check_exec(int error_fd) {
+    int err = 0;
+    if (sys::read_full(error_fd, &err, sizeof err) == sizeof err) sys::throw_system_error(err, "execve (spawn)");
+}
+
 Launched launch_fork(const ChildSpec& spec) {
     if (!spec.main) throw ProcessError("mp: a fork child needs a function to run");
     // Everything the child needs is made here, in the parent, and everything the parent
@@ -103,36 +128,53 @@ Launched launch_fork(const ChildSpec& spec) {
         finish_child(spec.main());
     };
     out.pid = fork_blocked("fork", ChildMain(child));
-    try {
-        out.pidfd = sys::pidfd_open(out.pid);
-    } catch (...) {
-        // Without a pidfd the child cannot be waited for or signalled safely: end it now.
-        ::kill(out.pid, SIGKILL);
-        siginfo_t info;
-        while (::waitid(P_PID, static_cast<id_t>(out.pid), &info, WEXITED) < 0 && errno == EINTR) {
-        }
-        throw;
-    }
+    out.pidfd = pidfd_or_kill(out.pid);
     return out;
 }
 
 Launched launch_forkserver(const ChildSpec& spec) {
     if (spec.task == nullptr) throw ProcessError("mp: a forkserver child needs a transferable task");
-    forkserver::Request req;
-    req.name = spec.name;
-    req.daemon = spec.daemon;
-    req.authkey = spec.authkey;
-    req.identity.assign(spec.identity.begin(), spec.identity.end());
-    req.parent_name = current_process().name;
-    req.parent_pid = ::getpid();
-    req.task = spec.task->bytes;
-    req.task_fds = spec.task->fds;
-    auto started = forkserver::start_child(req);
+    auto started = forkserver::start_child(make_request(spec));
     Launched out;
     out.pid = started.pid;
-    out.parent = req.parent_pid;
+    out.parent = ::getpid();
     out.pidfd = std::move(started.pidfd);
     out.status = std::move(started.status);
+    return out;
+}
+
+// A spawn start around the fork that `start` makes (ChildMain -> pid): a child of ours, or a
+// detached helper (pid 0: it is nobody's child to wait for).
+template <class Start>
+Launched spawn_with(const ChildSpec& spec, Start start) {
+    if (spec.task == nullptr) throw ProcessError("mp: a spawn child needs a transferable task");
+    check_main_hooked();
+    const ChildRequest req = make_request(spec);
+    const ExecPlan plan;
+    auto [request, request_child] = sys::make_socketpair(SOCK_STREAM);
+    auto [exec_error, exec_error_child] = sys::make_pipe();
+    const int request_fd = request_child.get();
+    const int error_fd = exec_error_child.get();
+    auto child = [&]() noexcept -> int { plan.exec(request_fd, error_fd); };
+    Launched out;
+    out.parent = ::getpid();
+    out.pid = start(ChildMain(child));
+    request_child.reset();
+    exec_error_child.reset();
+    if (out.pid > 0) out.pidfd = pidfd_or_kill(out.pid);
+    try {
+        check_exec(exec_error.get());
+    } catch (...) {
+        if (out.pid > 0) kill_and_reap(out.pid);
+        throw;
+    }
+    try {
+        send_request(request.get(), req);
+    } catch (const std::system_error&) {
+        // Our child died before reading its request (killed, perhaps): its pidfd says how.
+        // A helper's caller has no pidfd: it must learn now.
+        if (out.pid == 0) throw;
+    }
     return out;
 }
 
@@ -142,6 +184,7 @@ Launched launch(const ChildSpec& spec) {
     switch (spec.method) {
         case StartMethod::fork: return launch_fork(spec);
         case StartMethod::forkserver: return launch_forkserver(spec);
+        case StartMethod::spawn: return spawn_with(spec, [](ChildMain child) { return fork_blocked("fork", child); });
     }
     throw ProcessError("mp: unknown start method");
 }
@@ -159,6 +202,13 @@ void launch_helper(const char* what, ChildMain body) {
     }
     if (r == mid && (!WIFEXITED(status) || WEXITSTATUS(status) != 0))
         sys::throw_system_error(EAGAIN, what);
+}
+
+void launch_detached(const char* what, const ChildSpec& spec) {
+    (void)spawn_with(spec, [what](ChildMain body) -> pid_t {
+        launch_helper(what, body);
+        return 0;
+    });
 }
 
 void flush_standard_streams_at_exit() noexcept {

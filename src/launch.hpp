@@ -5,12 +5,12 @@
 //     standard streams when they keep buffers of their own);
 //   - every signal blocked in the forking thread across fork (become_child unblocks), so a
 //     signal sent to the new child before it has reset its dispositions stays pending;
-//   - the start method: fork here, or ask the forkserver (one request, built here);
+//   - the start method: fork here, fork and exec the program (spawn), or ask the forkserver
+//     (spawn and forkserver children read one request, src/spawn.cpp);
 //   - a pidfd for every child, and a child that cannot get one killed and reaped at once, so
 //     a failed start never leaves a process behind.
-// A new start method (spawn: a fresh exec of the program that runs `task`) is one more case of
-// launch(): a ChildSpec already says everything such a child needs to learn.
 
+#include <array>
 #include <memory>
 #include <span>
 #include <string>
@@ -65,7 +65,7 @@ struct ChildSpec {
     /// fork: what the child runs once it knows who it is; its result is the exit code. It may
     /// use the parent's objects: the child has a copy of them. An exception must not escape it.
     ChildMain main;
-    /// forkserver: the transferable call the child runs (its descriptors go with SCM_RIGHTS).
+    /// forkserver, spawn: the transferable call the child runs (its descriptors go with SCM_RIGHTS).
     const Task* task = nullptr;
     /// fork: descriptors of the parent the child closes first (another worker's socket kept
     /// open in this one would hide that worker's end of file).
@@ -78,7 +78,8 @@ struct Launched {
     /// This process (getpid() once, for the caller too): only it may wait for the child.
     pid_t parent = 0;
     sys::Fd pidfd;
-    /// forkserver: the server sends the exit status here, then closes it.
+    /// forkserver: the server sends the exit status here, then closes it. Empty when the child is
+    /// this process's own (fork, spawn): its pidfd gives the status.
     sys::Fd status;
     /// fork: keep until the child has ended (see ChildRecord).
     std::unique_ptr<ChildRecord> record;
@@ -96,6 +97,35 @@ Launched launch(const ChildSpec& spec);
 /// naming `what` when either fork fails. When SIGCHLD is ignored the middle child is reaped for
 /// us; the caller's handshake with the helper then tells whether it runs.
 void launch_helper(const char* what, ChildMain body);
+
+/// Starts a spawn child of `spec` as launch_helper starts a helper (reparented, never our
+/// zombie). The forkserver starts this way: a fresh program, whatever threads this one runs.
+/// Throws as launch() does; a child that cannot exec is reported as std::system_error "execve".
+void launch_detached(const char* what, const ChildSpec& spec);
+
+/// spawn: the program's command line for a spawn child, made before fork (the child between
+/// fork and exec must not allocate).
+class ExecPlan {
+public:
+    ExecPlan();
+    ExecPlan(const ExecPlan&) = delete;
+    ExecPlan& operator=(const ExecPlan&) = delete;
+    /// In the fork child: `request_fd` becomes descriptor 3, every descriptor above stdio but
+    /// the exec-error pipe closes, signals go back to their defaults and are unblocked, and the
+    /// program is executed afresh. When exec fails, errno is written to `error_fd` (close-on-exec:
+    /// the parent reads end of file on success) and the child exits with 127.
+    [[noreturn]] void exec(int request_fd, int error_fd) const noexcept;
+
+private:
+    std::string argv0_;
+    std::array<char*, 4> argv_{};
+    char** envp_ = nullptr;
+};
+
+/// True once __wrap_main has run in this program (it was linked with -Wl,--wrap=main).
+bool main_hooked() noexcept;
+/// Throws ProcessError naming the missing link option unless main_hooked().
+void check_main_hooked();
 
 /// In a child on its way out: flushes the standard streams that hold output, by the rule the
 /// parent applied before the fork (so the child writes only what it wrote itself).

@@ -554,7 +554,7 @@ struct PoolEngine::Impl {
             spec.task = &*task;
         }
         Launched started = launch(spec);
-        w->forked = cfg.method == StartMethod::fork;
+        w->forked = !started.status;  // our own child (fork, spawn): its pidfd gives the status
         w->pid = started.pid;
         w->pidfd = std::move(started.pidfd);
         w->status = std::move(started.status);
@@ -1042,7 +1042,9 @@ struct PoolEngine::Impl {
 PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
     if (config.workers < 1) throw std::invalid_argument("mp pool: the number of workers must be at least 1");
     if (config.worker_name.empty())
-        config.worker_name = config.method == StartMethod::forkserver ? "ForkServerPoolWorker" : "ForkPoolWorker";
+        config.worker_name = config.method == StartMethod::forkserver ? "ForkServerPoolWorker"
+                             : config.method == StartMethod::spawn    ? "SpawnPoolWorker"
+                                                                      : "ForkPoolWorker";
     if (config.method == StartMethod::forkserver) forkserver::ensure_running();
     // The initializer's descriptors are borrowed from its arguments, which are gone when the
     // constructor returns; every worker, replacements too, needs them: keep copies.

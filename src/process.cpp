@@ -384,9 +384,10 @@ void Process::start() {
     // Reap children that have ended, as Python's start() does, so zombies do not pile up.
     for (auto& c : registry_snapshot()) c->wait(std::chrono::nanoseconds::zero());
 
-    if (s.method == StartMethod::forkserver && !task_)
+    if (s.method != StartMethod::fork && !task_)
         throw ProcessError(
-            "the forkserver start method needs a transferable target (a function, a function "
+            "the " + to_string(s.method) +
+            " start method needs a transferable target (a function, a function "
             "pointer, a captureless lambda or an empty function object) whose arguments have "
             "an mp::Codec; a Process subclass or a capturing lambda runs only under fork");
 
@@ -683,6 +684,8 @@ int cpu_count() {
 }
 
 void set_start_method(StartMethod method, bool force) {
+    // A program without the hook learns it here, before anything changes, not at its first start.
+    if (method != StartMethod::fork) detail::check_main_hooked();
     Globals& g = globals();
     {
         std::lock_guard lock(g.method_mu);
@@ -701,6 +704,7 @@ std::string to_string(StartMethod m) {
     switch (m) {
         case StartMethod::fork: return "fork";
         case StartMethod::forkserver: return "forkserver";
+        case StartMethod::spawn: return "spawn";
     }
     return "unknown";
 }

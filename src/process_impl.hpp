@@ -2,6 +2,7 @@
 // Internals shared by process.cpp and forkserver.cpp.
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -79,19 +80,36 @@ int run_guarded(F&& body) noexcept {
     }
 }
 
-namespace forkserver {
-
-/// Everything a forkserver child needs, sent to it over its own socket.
-struct Request {
+/// Everything a forkserver or spawn child needs to learn, sent to it over its own socket.
+struct ChildRequest {
     std::string name;
     bool daemon = false;
     std::string authkey;
     std::vector<int> identity;
     std::string parent_name;
     pid_t parent_pid = 0;
+    /// The requester's program_build_id(): a child running other code refuses the request.
+    std::uint64_t build_id = 0;
     std::string task;
     std::vector<int> task_fds;  // borrowed; sent with SCM_RIGHTS, not encoded
 };
+
+/// The request for a forkserver or spawn child of `spec` (which must carry a task). Throws
+/// ProcessError when the task carries more descriptors than one message can.
+ChildRequest make_request(const ChildSpec& spec);
+/// Sends `req` on a new child's request socket: a header with the task's descriptors, then the
+/// payload. Throws std::system_error when the child has gone (the caller learns how from its pidfd).
+void send_request(int fd, const ChildRequest& req);
+/// In a new forkserver or spawn child: reads its request from `fd` (then closed), becomes the
+/// child it describes (arming the daemon's parent-death signal when `direct`, i.e. the requester
+/// is the OS parent), runs the task and leaves with its exit code.
+[[noreturn]] void run_request(int fd, bool direct) noexcept;
+/// The key of the running program's build id (as CodeRef::module names it); 0 when unknown.
+std::uint64_t program_build_id() noexcept;
+
+namespace forkserver {
+
+using Request = ChildRequest;
 
 struct Started {
     pid_t pid;
@@ -109,8 +127,11 @@ Started start_child(const Request& req);
 std::optional<int> read_status(int status_fd);
 /// In a new fork child: forget the parent's client lock (another thread may have held it).
 void after_fork_in_child() noexcept;
-/// Runs a forkserver child's request: identity, then the task. Never returns.
+/// In a child the server has just forked: its request socket, then run_request. Never returns.
 [[noreturn]] void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept;
+/// The server's entry in the spawned server process: serves on `control` until every client has
+/// gone. Never returns.
+[[noreturn]] void serve(int control) noexcept;
 
 }  // namespace forkserver
 }  // namespace mp::detail

@@ -1235,9 +1235,19 @@ TEST(Wait, ClosedConnectionOrBadDescriptorThrows) {
 // Passing connections to a Process: fork and forkserver
 // =============================================================================================
 
-TEST(Connection, PassedUnderForkserver) {
+// Under forkserver and spawn alike: the ends travel as descriptors with the task.
+class ConnectionPassed : public ::testing::TestWithParam<mp::StartMethod> {
+protected:
+    mp::ProcessOptions options() const { return {.start_method = GetParam()}; }
+};
+
+INSTANTIATE_TEST_SUITE_P(StartMethods, ConnectionPassed,
+                         ::testing::Values(mp::StartMethod::forkserver, mp::StartMethod::spawn),
+                         [](const auto& p) { return mp::to_string(p.param); });
+
+TEST_P(ConnectionPassed, EchoesBytesAndObjects) {
     auto [conn, child_conn] = mp::Pipe();
-    mp::Process p(kForkserver, echo, child_conn);
+    mp::Process p(options(), echo, child_conn);
     p.start();
     child_conn.close();
     conn.send_bytes("through the forkserver");
@@ -1248,10 +1258,10 @@ TEST(Connection, PassedUnderForkserver) {
     join_ok(p);
 }
 
-TEST(Connection, OneWayEndsUnderForkserverKeepTheirSides) {
+TEST_P(ConnectionPassed, OneWayEndsKeepTheirSides) {
     auto [in_r, in_w] = mp::Pipe(false);
     auto [out_r, out_w] = mp::Pipe(false);
-    mp::Process p(kForkserver, answer, in_r, out_w);
+    mp::Process p(options(), answer, in_r, out_w);
     p.start();
     in_r.close();
     out_w.close();
@@ -1261,9 +1271,9 @@ TEST(Connection, OneWayEndsUnderForkserverKeepTheirSides) {
     EXPECT_THROW(out_r.recv_bytes(), mp::EOFError) << "the child's copy is gone with it";
 }
 
-TEST(Connection, ObjectsFromForkserverChild) {
+TEST_P(ConnectionPassed, ObjectsFromTheChild) {
     auto [r, w] = mp::Pipe(false);
-    mp::Process p(kForkserver, send_map, w, 1000);
+    mp::Process p(options(), send_map, w, 1000);
     p.start();
     w.close();
     auto m = r.recv<std::map<std::string, int>>();

@@ -1577,6 +1577,7 @@ TEST(ExecutorWorkerDeath, OutOfDescriptorsWhileAWorkerIsReplaced) {
     check_recovers_from_emfile(2, mp::StartMethod::forkserver);
 }
 TEST(ExecutorFork, OutOfDescriptorsWhileAWorkerIsReplaced) { check_recovers_from_emfile(2, mp::StartMethod::fork); }
+TEST(ExecutorSpawn, OutOfDescriptorsWhileAWorkerIsReplaced) { check_recovers_from_emfile(2, mp::StartMethod::spawn); }
 
 TEST(ExecutorWorkerDeath, ThousandRandomKillsDuringALargeMap) { thousand_random_kills(false); }
 TEST(ExecutorWorkerDeath, ThousandKillsOfWorkersThatHaveAnswered) { thousand_random_kills(true); }
@@ -1771,6 +1772,7 @@ void run_parent_death(std::optional<mp::StartMethod> method) {
 
 TEST(ExecutorParentDeath, WorkersDieWhenTheParentIsKilled) { run_parent_death(std::nullopt); }
 TEST(ExecutorParentDeath, ForkWorkersDieWhenTheParentIsKilled) { run_parent_death(mp::StartMethod::fork); }
+TEST(ExecutorParentDeath, SpawnWorkersDieWhenTheParentIsKilled) { run_parent_death(mp::StartMethod::spawn); }
 
 void run_with_busy_threads(std::optional<mp::StartMethod> method) {
 #if defined(__SANITIZE_ADDRESS__)
@@ -1942,11 +1944,17 @@ TEST(ExecutorStats, RunningAndPendingWhileBlocked) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The fork start method: the core behaviour again
+// The fork and spawn start methods: the core behaviour again
 // ---------------------------------------------------------------------------------------------
 
-TEST(ExecutorFork, SubmitMapAndExceptions) {
-    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork});
+class ExecutorStartMethod : public ::testing::TestWithParam<mp::StartMethod> {};
+
+INSTANTIATE_TEST_SUITE_P(StartMethods, ExecutorStartMethod,
+                         ::testing::Values(mp::StartMethod::fork, mp::StartMethod::spawn),
+                         [](const auto& p) { return mp::to_string(p.param); });
+
+TEST_P(ExecutorStartMethod, SubmitMapAndExceptions) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = GetParam()});
     EXPECT_EQ(ex.submit(power, 2, 8).result(kLong), 256);
     std::vector<int> in{1, 2, 3, 4, 5};
     EXPECT_EQ(ex.map({.chunksize = 2}, square, in).to_vector(), (std::vector<int>{1, 4, 9, 16, 25}));
@@ -1956,14 +1964,15 @@ TEST(ExecutorFork, SubmitMapAndExceptions) {
     EXPECT_THROW(ex.submit(throw_custom, std::string("x")).result(kLong), mp::RemoteError);
     const auto st = ex.stats();
     ASSERT_FALSE(st.workers.empty());
-    for (const auto& w : st.workers) EXPECT_EQ(w.name.rfind("ForkPoolWorker-", 0), 0u) << w.name;
+    const std::string prefix = GetParam() == mp::StartMethod::fork ? "ForkPoolWorker-" : "SpawnPoolWorker-";
+    for (const auto& w : st.workers) EXPECT_EQ(w.name.rfind(prefix, 0), 0u) << w.name;
 }
 
-TEST(ExecutorFork, SegfaultFailsOnlyItsTask) { check_death_fails_only_its_task(kSegv, mp::StartMethod::fork); }
-TEST(ExecutorFork, ExitFailsOnlyItsTask) { check_death_fails_only_its_task(kExit7, mp::StartMethod::fork); }
+TEST_P(ExecutorStartMethod, SegfaultFailsOnlyItsTask) { check_death_fails_only_its_task(kSegv, GetParam()); }
+TEST_P(ExecutorStartMethod, ExitFailsOnlyItsTask) { check_death_fails_only_its_task(kExit7, GetParam()); }
 
-TEST(ExecutorFork, TimeoutAndMaxTasksPerChild) {
-    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = mp::StartMethod::fork, .max_tasks_per_child = 2});
+TEST_P(ExecutorStartMethod, TimeoutAndMaxTasksPerChild) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam(), .max_tasks_per_child = 2});
     std::set<int> pids;
     for (int i = 0; i < 6; ++i) pids.insert(ex.submit(worker_pid, 0).result(kLong));
     EXPECT_GE(pids.size(), 3u);
@@ -1971,8 +1980,8 @@ TEST(ExecutorFork, TimeoutAndMaxTasksPerChild) {
     EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
 }
 
-TEST(ExecutorFork, InitializerRuns) {
-    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork}, init_global, 5);
+TEST_P(ExecutorStartMethod, InitializerRuns) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = GetParam()}, init_global, 5);
     for (int i = 0; i < 4; ++i) EXPECT_EQ(ex.submit(read_global, 0).result(kLong), 5);
 }
 

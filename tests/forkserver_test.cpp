@@ -60,9 +60,20 @@ void sleep_forever() {
 
 }  // namespace
 
-TEST(Forkserver, DescriptorsTravelWithTheArguments) {
+// What forkserver and spawn children share (both are given a transferable task and its
+// descriptors, and nothing else of the parent) runs under both.
+class ForkserverAndSpawn : public ::testing::TestWithParam<mp::StartMethod> {
+protected:
+    mp::ProcessOptions options() const { return {.start_method = GetParam()}; }
+};
+
+INSTANTIATE_TEST_SUITE_P(StartMethods, ForkserverAndSpawn,
+                         ::testing::Values(mp::StartMethod::forkserver, mp::StartMethod::spawn),
+                         [](const auto& p) { return mp::to_string(p.param); });
+
+TEST_P(ForkserverAndSpawn, DescriptorsTravelWithTheArguments) {
     auto [r, w] = mp::sys::make_pipe();
-    mp::Process p(kForkserver, write_message, WriteEnd{w.get()}, std::string("through the server"));
+    mp::Process p(options(), write_message, WriteEnd{w.get()}, std::string("through the server"));
     p.start();
     w.reset();  // the child has its own copy now; EOF comes when it closes it
     ASSERT_TRUE(p.join(10s));
@@ -70,16 +81,21 @@ TEST(Forkserver, DescriptorsTravelWithTheArguments) {
     EXPECT_EQ(read_all(r.get()), "through the server");
 }
 
-TEST(Forkserver, ChildHoldsNoDescriptorOfTheParent) {
+TEST_P(ForkserverAndSpawn, ChildHoldsNoDescriptorOfTheParent) {
     // A pipe the parent keeps open must not be held by the server or its children, or its
-    // reader would never see EOF.
-    auto [r, w] = mp::sys::make_pipe();
-    mp::Process p(kForkserver, +[] { ::sleep(1); });
+    // reader would never see EOF. Not close-on-exec here: spawn must close it itself.
+    auto [r, low] = mp::sys::make_pipe();
+    // Above the descriptors a spawn child's start reuses (3 and 4), and inheritable.
+    mp::sys::Fd w(::fcntl(low.get(), F_DUPFD, 100));
+    ASSERT_TRUE(w);
+    low.reset();
+    mp::Process p(options(), sleep_forever);
     p.start();
     w.reset();
-    ASSERT_TRUE(mp::sys::wait_fd(r.get(), POLLIN, 5s));
+    EXPECT_TRUE(mp::sys::wait_fd(r.get(), POLLIN, 5s));
+    EXPECT_TRUE(p.is_alive()) << "end of file must come while the child still runs";
     char c;
-    EXPECT_EQ(mp::sys::read_full(r.get(), &c, 1), 0u);  // EOF while the child still runs
+    EXPECT_EQ(mp::sys::read_full(r.get(), &c, 1), 0u);
     p.terminate();
     p.join();
 }
@@ -97,14 +113,14 @@ TEST(Forkserver, KilledServerIsReplaced) {
     EXPECT_NE(mp::detail::forkserver::server_pid(), server);
 }
 
-TEST(Forkserver, ManyThreadsStartAtOnce) {
+TEST_P(ForkserverAndSpawn, ManyThreadsStartAtOnce) {
     std::vector<std::thread> threads;
     std::mutex mu;
     std::vector<int> codes;
     for (int t = 0; t < 4; ++t) {
         threads.emplace_back([&, t] {
             for (int i = 0; i < 10; ++i) {
-                mp::Process p(kForkserver, exit_with, t * 10 + i);
+                mp::Process p(options(), exit_with, t * 10 + i);
                 p.start();
                 p.join();
                 std::lock_guard lock(mu);
@@ -118,16 +134,16 @@ TEST(Forkserver, ManyThreadsStartAtOnce) {
     for (int i = 0; i < 40; ++i) EXPECT_EQ(codes[i], i);
 }
 
-TEST(Forkserver, ChildOfAForkserverChildUsesForkserver) {
-    auto nested = +[](WriteEnd w) {
-        mp::Process inner(kForkserver, write_message, w, std::string("grandchild ran"));
+TEST_P(ForkserverAndSpawn, ChildOfAChildUsesTheSameMethod) {
+    auto nested = +[](WriteEnd w, mp::StartMethod method) {
+        mp::Process inner({.start_method = method}, write_message, w, std::string("grandchild ran"));
         inner.start();
         ::close(w.fd);
         inner.join();
         ::_exit(inner.exitcode() == 0 ? 0 : 1);
     };
     auto [r, w] = mp::sys::make_pipe();
-    mp::Process p(kForkserver, nested, WriteEnd{w.get()});
+    mp::Process p(options(), nested, WriteEnd{w.get()}, GetParam());
     p.start();
     w.reset();
     ASSERT_TRUE(p.join(10s));
@@ -135,14 +151,16 @@ TEST(Forkserver, ChildOfAForkserverChildUsesForkserver) {
     EXPECT_EQ(read_all(r.get()), "grandchild ran");
 }
 
-TEST(Forkserver, DaemonGoesWhenItsRequesterIsKilled) {
-    // A fork child asks the forkserver for a daemon, reports the daemon's pid, and is SIGKILLed;
-    // the server sees the requester's status socket close and kills the daemon.
-    mp::detail::forkserver::ensure_running();
+TEST_P(ForkserverAndSpawn, DaemonGoesWhenItsRequesterIsKilled) {
+    // A fork child asks for a daemon, reports the daemon's pid, and is SIGKILLed. forkserver: the
+    // server sees the requester's status socket close and kills the daemon; spawn: the daemon's
+    // parent-death signal fires.
+    if (GetParam() == mp::StartMethod::forkserver) mp::detail::forkserver::ensure_running();
+    const mp::StartMethod method = GetParam();
     auto [r, w] = mp::sys::make_pipe();
     pid_t requester = ::fork();
     if (requester == 0) {
-        mp::Process d({.daemon = true, .start_method = mp::StartMethod::forkserver}, sleep_forever);
+        mp::Process d({.daemon = true, .start_method = method}, sleep_forever);
         d.start();
         pid_t pid = d.pid();
         mp::sys::write_full(w.get(), &pid, sizeof pid);
@@ -158,9 +176,9 @@ TEST(Forkserver, DaemonGoesWhenItsRequesterIsKilled) {
     EXPECT_TRUE(mp::test::wait_pid_stopped(daemon_pid, 5000ms));
 }
 
-TEST(Forkserver, NonTransferableTargetIsRefusedAtStart) {
+TEST_P(ForkserverAndSpawn, NonTransferableTargetIsRefusedAtStart) {
     int captured = 3;
-    mp::Process p(kForkserver, [captured] { ::_exit(captured); });
+    mp::Process p(options(), [captured] { ::_exit(captured); });
     try {
         p.start();
         FAIL() << "start() should throw";

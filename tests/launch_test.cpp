@@ -1,5 +1,5 @@
 // Tests of the one launcher (src/launch.hpp) through the public API: what every way of starting
-// a child (Process, Pool, ProcessPoolExecutor; fork and forkserver) must do alike.
+// a child (Process, Pool, ProcessPoolExecutor; fork, forkserver and spawn) must do alike.
 //
 // The scenarios run in mp_test_child (a program of their own: they change the program's
 // standard streams), whose stdout the test reads through a pipe. Every wait is bounded.
@@ -34,8 +34,8 @@ struct ProgramRun {
 /// Runs mp_test_child with `args`, its stdout a pipe read here until the program has ended,
 /// stderr inherited. The program's own children may outlive it holding the pipe (the forkserver
 /// does, briefly), so the end of the program, not end of file, ends the read.
-ProgramRun run_program(std::vector<std::string> args) {
-    args.insert(args.begin(), MP_TEST_CHILD);
+ProgramRun run_program(std::vector<std::string> args, const char* program = MP_TEST_CHILD) {
+    args.insert(args.begin(), program);
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -46,12 +46,12 @@ ProgramRun run_program(std::vector<std::string> args) {
     posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_adddup2(&fa, p[1], 1);
     pid_t pid = -1;
-    const int rc = ::posix_spawn(&pid, MP_TEST_CHILD, &fa, nullptr, argv.data(), environ);
+    const int rc = ::posix_spawn(&pid, program, &fa, nullptr, argv.data(), environ);
     posix_spawn_file_actions_destroy(&fa);
     ::close(p[1]);
     if (rc != 0) {
         ::close(p[0]);
-        throw std::runtime_error("posix_spawn " MP_TEST_CHILD " failed");
+        throw std::runtime_error(std::string("posix_spawn ") + program + " failed");
     }
     ::fcntl(p[0], F_SETFL, O_NONBLOCK);
     ProgramRun run;
@@ -101,10 +101,46 @@ TEST_P(UnflushedCout, ParentLineAppearsOnce) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Launch, UnflushedCout,
-                         testing::Combine(testing::Values("fork", "forkserver"),
+                         testing::Combine(testing::Values("fork", "forkserver", "spawn"),
                                           testing::Values("process", "pool", "executor")),
                          [](const auto& p) {
                              return std::string(std::get<0>(p.param)) + "_" + std::get<1>(p.param);
                          });
+
+class ThreadedParent : public testing::TestWithParam<const char*> {};
+
+// A parent whose threads hold a std::mutex, the allocator and stdout's lock starts a pool, an
+// executor and processes whose work takes all three. A child forked from a copy of that parent
+// would wait for ever; the forkserver (first used here, after the threads started) and spawn
+// children are fresh programs. fork is left out on purpose: it deadlocks (see process.hpp).
+TEST_P(ThreadedParent, ChildrenTakeTheLocksItsThreadsHold) {
+    const ProgramRun run = run_program({"threaded-parent", GetParam()});
+    ASSERT_TRUE(run.finished) << "the program hung (killed at the limit); output:\n" << run.out;
+    EXPECT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.out;
+    EXPECT_EQ(count_of(run.out, "threaded-parent ok"), 1u) << run.out;
+    for (int task : {1, 2, 3, 4, 5, 10, 11})
+        EXPECT_EQ(count_of(run.out, "task " + std::to_string(task) + "\n"), 1u) << run.out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Launch, ThreadedParent, testing::Values("forkserver", "spawn"),
+                         [](const auto& p) { return std::string(p.param); });
+
+// A program linked without -Wl,--wrap=main would have a spawn child run its main: a second copy
+// of the program. Starting one (or the forkserver, which spawn starts) is refused instead, with
+// the option named.
+TEST(Launch, SpawnNeedsTheLinkHook) {
+    const ProgramRun run = run_program({"spawn-without-hook"}, MP_TEST_NOHOOK);
+    ASSERT_TRUE(run.finished) << run.out;
+    EXPECT_TRUE(WIFEXITED(run.status) && WEXITSTATUS(run.status) == 0) << run.out;
+    for (const char* method : {"spawn", "forkserver"}) {
+        EXPECT_EQ(count_of(run.out, std::string("refused ") + method + ": mp: the spawn start method"), 1u)
+            << run.out;
+        EXPECT_EQ(count_of(run.out, std::string("refused set ") + method + ": mp: the spawn start method"), 1u)
+            << run.out;
+    }
+    EXPECT_EQ(count_of(run.out, "-Wl,--wrap=main"), 4u) << run.out;
+    EXPECT_EQ(count_of(run.out, "started spawn\n") + count_of(run.out, "started forkserver\n"), 0u)
+        << run.out;
+}
 
 }  // namespace

@@ -168,7 +168,8 @@ TEST_P(PoolDescriptors, WorkerKeepsNoDescriptorOfAFinishedTask) {
 
 INSTANTIATE_TEST_SUITE_P(StartMethods, PoolDescriptors,
                          ::testing::Values(MethodCase{"fork", mp::StartMethod::fork},
-                                           MethodCase{"forkserver", mp::StartMethod::forkserver}),
+                                           MethodCase{"forkserver", mp::StartMethod::forkserver},
+                                           MethodCase{"spawn", mp::StartMethod::spawn}),
                          [](const auto& p) { return std::string(p.param.name); });
 
 }  // namespace

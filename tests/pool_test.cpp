@@ -684,13 +684,29 @@ TEST(PoolTest, JoinBeforeCloseThrows) {
     pool.join();
 }
 
-TEST(PoolTest, ForkStartMethod) {
-    mp::Pool pool(mp::PoolOptions{.processes = 2, .start_method = mp::StartMethod::fork});
+// The rest of the suite runs under forkserver (the default); the core behaviour again under the
+// other two start methods.
+class PoolStartMethod : public ::testing::TestWithParam<mp::StartMethod> {};
+
+INSTANTIATE_TEST_SUITE_P(StartMethods, PoolStartMethod,
+                         ::testing::Values(mp::StartMethod::fork, mp::StartMethod::spawn),
+                         [](const auto& p) { return mp::to_string(p.param); });
+
+TEST_P(PoolStartMethod, CoreBehaviour) {
+    mp::Pool pool(mp::PoolOptions{.processes = 2, .start_method = GetParam()}, init_globals, 3,
+                  std::string("init"));
     EXPECT_EQ(pool.map(sqr, range(20), 3), squares(20));
     EXPECT_EQ(pool.apply(mul, 6, 7), 42);
+    EXPECT_EQ(pool.apply(read_globals, 0), "init:3");
+    std::vector<int> unordered;
+    for (int v : pool.imap_unordered(sqr, range(10))) unordered.push_back(v);
+    std::sort(unordered.begin(), unordered.end());
+    EXPECT_EQ(unordered, squares(10));
+    EXPECT_THROW(pool.apply(raise_runtime, 1), std::runtime_error);
     EXPECT_THROW(pool.apply(sqr_or_segv, 7), mp::WorkerDied);
     EXPECT_EQ(pool.apply(sqr, 8), 64);
-    for (const auto& w : pool.stats().workers) EXPECT_EQ(w.name.rfind("ForkPoolWorker-", 0), 0u) << w.name;
+    const std::string prefix = GetParam() == mp::StartMethod::fork ? "ForkPoolWorker-" : "SpawnPoolWorker-";
+    for (const auto& w : pool.stats().workers) EXPECT_EQ(w.name.rfind(prefix, 0), 0u) << w.name;
     pool.close();
     pool.join();
 }

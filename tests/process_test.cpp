@@ -2297,16 +2297,10 @@ TEST(ProcessProgram, ForkserverChildrenFromAThreadedParentDoNotDeadlock) {
     EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
 }
 
+// The forkserver is a fresh exec of the program (spawn), so threads that allocate while it
+// starts hand it nothing (it used to be forked from here, and under ASan its children hung in
+// ASan's allocator, whose locks are not made safe across fork, in 30-45% of runs).
 TEST(ProcessProgram, ForkserverFirstUsedAfterThreadsStarted) {
-#if defined(__SANITIZE_ADDRESS__)
-    // Under ASan (GCC 12's runtime) the forkserver's children hang in malloc in 30-45% of runs,
-    // on this session's starting commit too: the ASan allocator's locks are apparently not made
-    // safe across fork(), so a forkserver forked while the program's other threads allocate can
-    // inherit one held. The plain and clang builds (glibc's malloc, which is fork-safe) and TSan
-    // (whose runtime locks around fork) run this test. The cure for what it stands for is
-    // issue 14's forkserver started by exec.
-    GTEST_SKIP() << "ASan's allocator is not fork-safe in a threaded parent (GCC 12 runtime)";
-#endif
     Subreaper reaper;
     TempDir dir;
     Program prog(dir, {"threaded-forkserver-late"});

@@ -554,26 +554,33 @@ void fs_echo(mp::JoinableQueue<int> in, mp::SimpleQueue<int> out) {
     }
 }
 
+// Also under spawn: the queue's memory and descriptors travel the same way.
 TEST(Queue, PassedToAForkserverChild) {
-    mp::Queue<std::string> q;
-    mp::Process p({.start_method = mp::StartMethod::forkserver}, fs_producer, q, 100);
-    p.start();
-    for (int i = 0; i < 100; ++i) ASSERT_EQ(q.get(LONG), std::to_string(i));
-    ASSERT_TRUE(p.join(LONG));
-    EXPECT_EQ(p.exitcode(), 0);
+    for (auto method : {mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
+        SCOPED_TRACE(mp::to_string(method));
+        mp::Queue<std::string> q;
+        mp::Process p({.start_method = method}, fs_producer, q, 100);
+        p.start();
+        for (int i = 0; i < 100; ++i) ASSERT_EQ(q.get(LONG), std::to_string(i));
+        ASSERT_TRUE(p.join(LONG));
+        EXPECT_EQ(p.exitcode(), 0);
+    }
 }
 
 TEST(JoinableQueue, PassedToAForkserverChildWithASimpleQueue) {
-    mp::JoinableQueue<int> in;
-    mp::SimpleQueue<int> out;
-    mp::Process p({.start_method = mp::StartMethod::forkserver}, fs_echo, in, out);
-    p.start();
-    for (int i = 0; i < 50; ++i) in.put(i);
-    in.put(-1);
-    EXPECT_TRUE(in.join(LONG));
-    for (int i = 0; i < 50; ++i) ASSERT_EQ(out.get(), i * 2);
-    ASSERT_TRUE(p.join(LONG));
-    EXPECT_EQ(p.exitcode(), 0);
+    for (auto method : {mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
+        SCOPED_TRACE(mp::to_string(method));
+        mp::JoinableQueue<int> in;
+        mp::SimpleQueue<int> out;
+        mp::Process p({.start_method = method}, fs_echo, in, out);
+        p.start();
+        for (int i = 0; i < 50; ++i) in.put(i);
+        in.put(-1);
+        EXPECT_TRUE(in.join(LONG));
+        for (int i = 0; i < 50; ++i) ASSERT_EQ(out.get(), i * 2);
+        ASSERT_TRUE(p.join(LONG));
+        EXPECT_EQ(p.exitcode(), 0);
+    }
 }
 
 // ---- many producers and consumers -----------------------------------------------------------------

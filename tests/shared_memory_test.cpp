@@ -999,7 +999,7 @@ void increment_array(mp::Array<long, mp::Lock> a) {
 
 // Concurrent read-modify-writes under get_lock() from several processes lose nothing.
 TEST(ValueTest, ConcurrentIncrementsUnderTheLockAreExact) {
-    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver}) {
+    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
         mp::Value<long> v(0);
         mp::Process a({.start_method = method}, increment_value, v);
         mp::Process b({.start_method = method}, increment_value, v);
@@ -1015,7 +1015,7 @@ TEST(ValueTest, ConcurrentIncrementsUnderTheLockAreExact) {
 }
 
 TEST(ArrayTest, ConcurrentIncrementsUnderTheLockAreExact) {
-    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver}) {
+    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
         mp::Array<long, mp::Lock> arr(2);
         mp::Process a({.start_method = method}, increment_array, arr);
         mp::Process b({.start_method = method}, increment_array, arr);
@@ -1080,7 +1080,7 @@ void double_all_locked(mp::Value<int> x, mp::Value<double> y, mp::Value<long lon
 
 // CPython: _TestSharedCTypes.test_synchronize, under fork and forkserver.
 TEST(ValueTest, SharedCTypesSynchronized) {
-    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver}) {
+    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
         mp::Value<int> x(7);
         mp::Value<double> y(1.0 / 3.0);
         mp::Value<long long> z(1LL << 33);

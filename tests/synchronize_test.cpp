@@ -1717,15 +1717,16 @@ int action_runs = 0;
 void barrier_action() { ++action_runs; }
 }  // namespace
 
-TEST(SyncForkserver, PrimitivesAsArguments) {
+// Under forkserver and spawn alike: the primitives travel as descriptors with the task.
+static void primitives_as_arguments(const mp::ProcessOptions& how) {
     mp::Semaphore sem(0);
-    mp::Process p1(forkserver, fs_release, sem);
+    mp::Process p1(how, fs_release, sem);
     p1.start();
     EXPECT_TRUE(sem.acquire(LONG));
     join_ok(p1);
 
     mp::Event ev;
-    mp::Process p2(forkserver, fs_set, ev);
+    mp::Process p2(how, fs_set, ev);
     p2.start();
     EXPECT_TRUE(ev.wait(LONG));
     join_ok(p2);
@@ -1733,7 +1734,7 @@ TEST(SyncForkserver, PrimitivesAsArguments) {
     mp::Lock lock;
     mp::RLock rlock;
     mp::BoundedSemaphore bsem(1);
-    mp::Process p3(forkserver, fs_count, lock, rlock, bsem);
+    mp::Process p3(how, fs_count, lock, rlock, bsem);
     p3.start();
     join_ok(p3);
     EXPECT_EQ(bsem.get_value(), 0);
@@ -1744,7 +1745,7 @@ TEST(SyncForkserver, PrimitivesAsArguments) {
     mp::Semaphore ready(0);
     {
         std::unique_lock u(cond);
-        mp::Process p4(forkserver, fs_notify, cond, ready);
+        mp::Process p4(how, fs_notify, cond, ready);
         p4.start();
         ASSERT_TRUE(ready.acquire(LONG));
         EXPECT_TRUE(cond.wait(LONG));
@@ -1752,6 +1753,9 @@ TEST(SyncForkserver, PrimitivesAsArguments) {
         join_ok(p4);
     }
 }
+
+TEST(SyncForkserver, PrimitivesAsArguments) { primitives_as_arguments(forkserver); }
+TEST(SyncSpawn, PrimitivesAsArguments) { primitives_as_arguments({.start_method = mp::StartMethod::spawn}); }
 
 TEST(SyncForkserver, BarrierWithTransferableAction) {
     action_runs = 0;
@@ -1839,6 +1843,14 @@ TEST(SyncLock, TestLock_test_lock_locked_2processes_Fork) { test_lock_locked_2pr
 
 TEST(SyncLock, TestLock_test_lock_locked_2processes_Forkserver) {
     test_lock_locked_2processes(forkserver);
+}
+
+TEST(SyncLock, TestLock_test_lock_locked_2processes_Spawn) {
+    test_lock_locked_2processes({.start_method = mp::StartMethod::spawn});
+}
+
+TEST(SyncLock, TargetThrowingHoldingTheLockIsADeadOwnerSpawn) {
+    target_throws_holding_locks({.start_method = mp::StartMethod::spawn});
 }
 
 TEST(SyncLock, TargetThrowingHoldingTheLockIsADeadOwnerFork) {

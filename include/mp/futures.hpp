@@ -34,11 +34,9 @@
 /// for long: it holds up every other result of the pool.
 ///
 /// Workers start with the forkserver method by default: they are forked from a single-threaded
-/// server, not from this process, so a parent that already runs threads is safe. The server
-/// itself is forked from this process once, at the first pool (or at
-/// mp::set_start_method(mp::StartMethod::forkserver)); glibc's allocator is fork-safe, so that
-/// is sound while other threads run, but a lock of another kind that a thread holds at that
-/// moment is inherited by every worker: call set_start_method at the top of main to be sure.
+/// server, not from this process, so a parent that already runs threads is safe. The server is
+/// started by spawn (a fresh exec of the program, see process.hpp) at the first pool or at
+/// mp::set_start_method(mp::StartMethod::forkserver), so it inherits no lock whenever it starts.
 /// When the parent dies, even by SIGKILL, its workers are killed at once.
 
 #include <algorithm>
@@ -383,7 +381,7 @@ struct ExecutorOptions {
     /// Empty: cpu_count(). Zero or less is std::invalid_argument, as Python's ValueError.
     std::optional<int> max_workers{};
     /// Empty: forkserver (safe in a parent with threads). fork starts workers faster but copies
-    /// the parent, threads' locks included.
+    /// the parent, threads' locks included; spawn execs the program afresh for every worker.
     std::optional<StartMethod> start_method{};
     /// A worker is replaced after this many tasks (chunks count as one); 0: never.
     std::size_t max_tasks_per_child = 0;

@@ -47,7 +47,7 @@ struct PoolOptions {
     std::size_t maxtasksperchild = 0;
     /// A worker whose resident memory passes this many bytes after a task is replaced; 0: never.
     std::size_t max_memory_per_child = 0;
-    /// Empty: forkserver.
+    /// Empty: forkserver. Also fork or spawn (see process.hpp, "Start methods").
     std::optional<StartMethod> start_method{};
     /// Per-task (per-chunk) time limit, counted from when the task is the next for a worker;
     /// the worker is killed, the task fails with TimeoutError (one it had not started goes to

@@ -9,14 +9,32 @@
 ///
 /// Start methods
 /// - fork (the default for Process): the child is a copy of the parent, so the target may be any
-///   callable, captures included. Fork in a parent that runs threads copies only the calling
-///   thread: a lock another thread holds stays locked in the child.
-/// - forkserver: the child is forked from a single-threaded server process, started once, at the
-///   first forkserver use or at set_start_method(StartMethod::forkserver); call that at the top of
-///   main, before any thread exists, and later children never inherit a held lock. The target must
-///   be transferable (a function, a function pointer, a captureless lambda or an empty function
-///   object) and its arguments must have an mp::Codec; a Process subclass runs only under fork.
-///
+///   callable, captures included. Fork copies only the calling thread: a lock another thread held
+///   at that moment (a std::mutex, the allocator's lock while it was inside malloc, a stdio lock
+///   taken by flockfile or printf) stays locked in the child for ever, and the child hangs at its
+///   first use of it. mp's own child code takes no such lock before the target runs, but the
+///   target itself may; in a parent that runs threads, prefer forkserver or spawn.
+/// - spawn: the child is a fresh exec of this program (/proc/self/exe) that runs the target
+///   instead of main: nothing of the parent's threads, locks or heap comes with it. Before the
+///   target, the new process runs what every start of the program runs before main: the dynamic
+///   loader and the static initialisers of the program and of its libraries (globals with
+///   constructors, function-registering statics); main itself does not run. The hook that takes
+///   the place of main needs the program linked with `-Wl,--wrap=main`: linking with mp::mp in
+///   CMake (target_link_libraries) or with `pkg-config --libs mp` adds it; without it, starting a
+///   spawn (or forkserver) child throws ProcessError. The child checks that its program file is
+///   the parent's (build id). The slowest start of the three (an exec and the program's
+///   initialisation per child); it suits few, long-lived children.
+/// - forkserver (the default for pools): the child is forked from a single-threaded server
+///   process, started once by spawn at the first forkserver use or at
+///   set_start_method(StartMethod::forkserver), so a parent that already runs threads is safe
+///   whenever it starts it. Starts are nearly as fast as fork.
+/// - Under spawn and forkserver the target must be transferable (a function, a function pointer,
+///   a captureless lambda or an empty function object) and its arguments must have an mp::Codec;
+///   a Process subclass or a capturing lambda runs only under fork (a compile error where the
+///   call must be sent, a ProcessError at start() otherwise). Descriptors its arguments carry
+///   (queues, locks, connections, shared memory) go with SCM_RIGHTS; every other descriptor of
+///   the parent stays behind.
+
 /// Lifetime
 /// - exitcode() is std::nullopt while the child runs, N after it exited with N, -N after signal N.
 /// - An exception escaping the target prints "Process <name>:" and the exception to stderr; the
@@ -66,8 +84,8 @@
 
 namespace mp {
 
-/// How a child process is created.
-enum class StartMethod { fork, forkserver };
+/// How a child process is created (see "Start methods" above).
+enum class StartMethod { fork, forkserver, spawn };
 
 /// Options for a Process; every member has a sensible default.
 struct ProcessOptions {
@@ -235,8 +253,9 @@ std::optional<ParentProcess> parent_process();
 std::vector<ChildProcess> active_children();
 /// CPUs this process may use: its affinity mask, capped by a cgroup v2/v1 CPU quota (at least 1).
 int cpu_count();
-/// Sets the default start method. Throws ProcessError when one was already set, unless `force`.
-/// Choosing forkserver starts the server now, so call it before starting any thread.
+/// Sets the default start method. Throws ProcessError when one was already set, unless `force`,
+/// and for spawn or forkserver in a program not linked with -Wl,--wrap=main. Choosing forkserver
+/// starts the server now.
 void set_start_method(StartMethod method, bool force = false);
 StartMethod get_start_method();
 

@@ -39,6 +39,15 @@
 ///                               std::cout without a flush, then under METHOD (fork, forkserver)
 ///                               a KIND (process, pool, executor) runs one task; prints
 ///                               "result R"
+///   threaded-parent METHOD      ten threads: one holds a std::mutex, one allocates and frees in a
+///                               loop, one holds stdout's lock (flockfile), the others spin; then,
+///                               the forkserver not yet started, under METHOD (forkserver, spawn)
+///                               a Pool, an executor and two Processes run tasks that take that
+///                               mutex, allocate and print; prints "threaded-parent ok" after
+///                               the threads let go
+///   spawn-without-hook          (mp_test_nohook: linked without -Wl,--wrap=main) prints "refused
+///                               METHOD: WHAT" for each of spawn and forkserver, as Process::start
+///                               and set_start_method refuse them
 
 #include <atomic>
 #include <cerrno>
@@ -52,6 +61,7 @@
 #include <mutex>
 #include <poll.h>
 #include <string>
+#include <stdexcept>
 #include <sys/resource.h>
 #include <thread>
 #include <unistd.h>
@@ -386,12 +396,12 @@ int mode_forkserver_stdio() {
 }
 
 int usage();
+mp::StartMethod method_named(const std::string& name);
 int triple(int x) { return 3 * x; }
 void do_nothing() {}
 
 int mode_cxx_unflushed(const std::string& method_name, const std::string& kind) {
-    const mp::StartMethod method =
-        method_name == "forkserver" ? mp::StartMethod::forkserver : mp::StartMethod::fork;
+    const mp::StartMethod method = method_named(method_name);
     // cout now keeps a buffer of its own, which a child must not write a second time.
     std::ios::sync_with_stdio(false);
     std::cout << "parent-line\n";
@@ -414,6 +424,109 @@ int mode_cxx_unflushed(const std::string& method_name, const std::string& kind) 
         return usage();
     }
     std::cout << "result " << result << '\n';
+    return 0;
+}
+
+// The lock the parent's thread holds across the children's starts: a child forked from a copy of
+// this process would wait for it for ever.
+std::mutex g_held;
+
+int locked_work(int x) {
+    std::lock_guard lock(g_held);
+    std::vector<std::string> v(16, std::string(200, 'y'));
+    std::printf("task %d\n", x);
+    std::fflush(stdout);
+    return x * 2 + static_cast<int>(v.size() - 16);
+}
+
+void locked_process(int x) { (void)locked_work(x); }
+
+mp::StartMethod method_named(const std::string& name) {
+    if (name == "fork") return mp::StartMethod::fork;
+    if (name == "forkserver") return mp::StartMethod::forkserver;
+    if (name == "spawn") return mp::StartMethod::spawn;
+    throw std::invalid_argument("no start method named " + name);
+}
+
+int mode_threaded_parent(const std::string& method_name) {
+    const mp::StartMethod method = method_named(method_name);
+    std::fflush(stdout);  // nothing pending: the parent's own flush before fork must not block
+    std::atomic<bool> stop{false};
+    std::atomic<int> ready{0};
+    std::vector<std::thread> threads;
+    threads.emplace_back([&] {
+        std::lock_guard lock(g_held);
+        ++ready;
+        while (!stop) std::this_thread::sleep_for(1ms);
+    });
+    threads.emplace_back([&] {
+        ++ready;
+        while (!stop) {
+            void* p = std::malloc(1000);
+            std::free(p);
+        }
+    });
+    threads.emplace_back([&] {
+        ::flockfile(stdout);
+        ++ready;
+        while (!stop) std::this_thread::sleep_for(1ms);
+        ::funlockfile(stdout);
+    });
+    for (int t = 3; t < 10; ++t) {
+        threads.emplace_back([&] {
+            ++ready;
+            while (!stop) std::this_thread::yield();
+        });
+    }
+    while (ready < 10) std::this_thread::sleep_for(1ms);
+
+    std::string report;
+    int failures = 0;
+    {
+        mp::Pool pool(mp::PoolOptions{.processes = 2, .start_method = method});
+        const std::vector<int> got = pool.map(locked_work, std::vector<int>{1, 2, 3, 4});
+        if (got != std::vector<int>{2, 4, 6, 8}) ++failures;
+        pool.close();
+        pool.join();
+    }
+    {
+        mp::ProcessPoolExecutor ex(mp::ExecutorOptions{.max_workers = 1, .start_method = method});
+        if (ex.submit(locked_work, 5).result() != 10) ++failures;
+    }
+    std::vector<mp::Process> procs;
+    for (int i = 0; i < 2; ++i) procs.emplace_back(mp::ProcessOptions{.start_method = method}, locked_process, 10 + i);
+    for (auto& p : procs) p.start();
+    for (auto& p : procs) {
+        p.join();
+        if (p.exitcode() != 0) ++failures;
+    }
+    report = "pool, executor and processes done, failures " + std::to_string(failures);
+
+    stop = true;
+    for (auto& t : threads) t.join();
+    std::printf("%s\n", report.c_str());
+    if (failures != 0) return 1;
+    std::printf("threaded-parent ok\n");
+    return 0;
+}
+
+int mode_spawn_without_hook() {
+    for (const auto method : {mp::StartMethod::spawn, mp::StartMethod::forkserver}) {
+        try {
+            mp::Process p(mp::ProcessOptions{.start_method = method}, do_nothing);
+            p.start();
+            p.join();
+            std::printf("started %s\n", mp::to_string(method).c_str());
+        } catch (const mp::ProcessError& e) {
+            std::printf("refused %s: %s\n", mp::to_string(method).c_str(), e.what());
+        }
+        try {
+            mp::set_start_method(method, true);
+            std::printf("set %s\n", mp::to_string(method).c_str());
+        } catch (const mp::ProcessError& e) {
+            std::printf("refused set %s: %s\n", mp::to_string(method).c_str(), e.what());
+        }
+    }
     return 0;
 }
 
@@ -461,6 +574,8 @@ int main(int argc, char** argv) {
         if (mode == "atexit-not-run" && argc > 2) return mode_atexit_not_run(arg);
         if (mode == "parent-buffer") return mode_parent_buffer();
         if (mode == "cxx-unflushed" && argc > 3) return mode_cxx_unflushed(arg, argv[3]);
+        if (mode == "threaded-parent" && argc > 2) return mode_threaded_parent(arg);
+        if (mode == "spawn-without-hook") return mode_spawn_without_hook();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());
         return 70;

@@ -4,7 +4,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <cxxabi.h>
 #include <new>
 #include <stdexcept>
 #include <string_view>
@@ -12,6 +11,7 @@
 #include <unistd.h>
 
 #include "mp/process.hpp"
+#include "describe.hpp"
 
 namespace mp::detail {
 namespace {
@@ -50,21 +50,6 @@ void run_callback(const std::function<void(FutureCore&)>& cb, FutureCore& core) 
     } catch (...) {
         write_stderr("mp: exception calling callback for future: unknown exception\n");
     }
-}
-
-std::string demangle(const char* name) {
-    if (name == nullptr) return "unknown";
-    int status = 0;
-    char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
-    if (status != 0 || out == nullptr) return name;
-    std::string s(out);
-    std::free(out);
-    return s;
-}
-
-std::string current_exception_type_name() {
-    const std::type_info* t = abi::__cxa_current_exception_type();
-    return t == nullptr ? std::string("unknown") : demangle(t->name());
 }
 
 template <class E>
@@ -177,20 +162,17 @@ bool FutureCore::set_running() noexcept {
                                           std::memory_order_acquire);
 }
 
-void FutureCore::set_result(std::string bytes) {
+void FutureCore::set_result(std::string bytes) { finish(std::move(bytes), nullptr); }
+
+void FutureCore::set_exception(std::exception_ptr error) { finish({}, std::move(error)); }
+
+void FutureCore::finish(std::string bytes, std::exception_ptr error) {
     std::unique_lock lk(mu_);
     if (done()) return;
     bytes_ = std::move(bytes);
+    error_ = std::move(error);
     // A store is enough: under mu_ nobody else finishes or cancels, and a concurrent set_running
     // (pending -> running) is simply superseded.
-    state_.store(State::finished, std::memory_order_release);
-    complete(lk);
-}
-
-void FutureCore::set_exception(std::exception_ptr error) {
-    std::unique_lock lk(mu_);
-    if (done()) return;
-    error_ = std::move(error);
     state_.store(State::finished, std::memory_order_release);
     complete(lk);
 }

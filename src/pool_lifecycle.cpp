@@ -14,6 +14,7 @@
 #include <system_error>
 
 #include "mp/futures.hpp"
+#include "describe.hpp"
 #include "pool_engine_impl.hpp"
 #include "process_impl.hpp"
 #include "sys/error.hpp"
@@ -50,15 +51,6 @@ void forkserver_worker(PassedFd sock, PassedFd page, std::uint64_t page_bytes) {
     if (p == MAP_FAILED) sys::throw_system_error(errno, "mmap (pool worker)");
     int code = worker_loop(sock.fd, static_cast<WorkerSlot*>(p));
     finish_child(code);
-}
-
-std::string describe_status(int status) {
-    if (status < 0) {
-        const char* name = ::sigabbrev_np(-status);
-        return "was killed by signal " + std::to_string(-status) +
-               (name != nullptr ? std::string(" (SIG") + name + ")" : std::string());
-    }
-    return "exited with code " + std::to_string(status);
 }
 
 }  // namespace
@@ -248,7 +240,7 @@ void PoolEngine::Impl::wait_exit(pool::Worker& w, bool terminating) {
         // Python's behaviour: every unfinished future, the dead worker's own too, fails
         // with BrokenProcessPool.
         break_pool("a worker, " + w.name + " (pid " + std::to_string(w.pid) + "), " +
-                   pool::describe_status(status) + "; the pool is not usable any more");
+                   describe_status(status) + "; the pool is not usable any more");
     }
     std::deque<pool::JobPtr> again;
     for (auto& job : w.inflight) {
@@ -302,7 +294,7 @@ void PoolEngine::Impl::wait_exit(pool::Worker& w, bool terminating) {
         (status == -SIGKILL ? cfg.initializer && ++start_kills >= 100 : ++start_crashes >= 3);
     if (start_failed) {
         break_pool("workers die as they start (the last, " + name + " (pid " + std::to_string(pid) +
-                   "), " + pool::describe_status(status) + ")");
+                   "), " + describe_status(status) + ")");
     }
 }
 

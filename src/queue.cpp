@@ -1,4 +1,6 @@
 // The shared-memory transport behind mp::Queue (see include/mp/queue.hpp for the overview).
+// One file because the ring's invariants (positions, reservations, the owner-died repair) hold
+// across put, get and recovery together; split, no one file would show them whole.
 //
 // Layout of the memfd block: a Header (one page) followed by the ring (a power of two of bytes).
 //
@@ -118,55 +120,10 @@ constexpr auto rel = std::memory_order_release;
 // A sleep never lasts longer than this before the condition is looked at again: a peer killed
 // between making progress and waking us, or another waiter clearing the shared flag as it
 // leaves, would otherwise leave us asleep although the condition holds. The same bound applies
-// to a wait for either lock (see RobustGuard).
+// to a wait for either lock (see sys::RobustGuard).
 constexpr auto kRecheck = std::chrono::milliseconds(50);
 
-// Holds a robust mutex; on EOWNERDEAD runs the repair, then marks the mutex consistent (if the
-// repairer dies first, the next locker gets EOWNERDEAD again and repairs again: see I5, I8).
-//
-// A blocking lock waits in slices (sys::lock_robust): a robust mutex can lose its wake-up when a
-// waiter is killed.
-class RobustGuard {
-public:
-    RobustGuard() = default;
-    RobustGuard(const RobustGuard&) = delete;
-    RobustGuard& operator=(const RobustGuard&) = delete;
-    ~RobustGuard() { unlock(); }
-
-    // block false: trylock; true: until `deadline` (or forever).
-    template <class Repair>
-    bool lock(pthread_mutex_t* m, bool block, const Deadline& deadline, Repair repair) {
-        const int rc = sys::lock_robust(m, block, deadline);
-        if (rc == EBUSY || rc == ETIMEDOUT) return false;
-        if (rc != 0 && rc != EOWNERDEAD)
-            sys::throw_system_error(rc, "pthread_mutex_lock (robust)");
-        m_ = m;
-        if (rc == EOWNERDEAD) {
-            repair();
-            ::pthread_mutex_consistent(m);
-        }
-        return true;
-    }
-    void unlock() noexcept {
-        if (m_ != nullptr) ::pthread_mutex_unlock(std::exchange(m_, nullptr));
-    }
-    bool owns() const noexcept { return m_ != nullptr; }
-
-private:
-    pthread_mutex_t* m_ = nullptr;
-};
-
-void init_robust_mutex(pthread_mutex_t* m) {
-    pthread_mutexattr_t a;
-    sys::check_ret(::pthread_mutexattr_init(&a), "pthread_mutexattr_init");
-    sys::check_ret(::pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED),
-                   "pthread_mutexattr_setpshared");
-    sys::check_ret(::pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST),
-                   "pthread_mutexattr_setrobust");
-    const int rc = ::pthread_mutex_init(m, &a);
-    ::pthread_mutexattr_destroy(&a);
-    sys::check_ret(rc, "pthread_mutex_init");
-}
+using sys::RobustGuard;
 
 std::size_t ring_size_for(std::size_t requested) {
     std::size_t n = kMinRing;
@@ -229,8 +186,8 @@ QueueCore::QueueCore(std::size_t maxsize, std::size_t buffer_bytes) {
     h_->version = kVersion;
     h_->capacity = cap;
     h_->maxsize = maxsize;
-    init_robust_mutex(&h_->plock);
-    init_robust_mutex(&h_->clock);
+    sys::init_robust_mutex(h_->plock);
+    sys::init_robust_mutex(h_->clock);
     ring_ = static_cast<char*>(block_.data()) + kHeaderBytes;
 }
 
@@ -664,7 +621,9 @@ bool QueueCore::get(QueueSink& out, bool block, const Deadline& deadline) {
         // alive (holding plock); the caller's deadline does not cut a message in half.
         if (wait_for(h->data_seq, h->data_waiting, deadline_after(kPeerCheck), data)) continue;
         Producer p{h, c.ring};
-        producer_guard.lock(&h->plock, false, std::nullopt, [&] { p.settle_inflight(); });
+        // Busy: the producer lives and streams on. Taken: it had died and the repair settled its
+        // message (or it had just finished); either way the loop looks again.
+        (void)producer_guard.lock(&h->plock, false, std::nullopt, [&] { p.settle_inflight(); });
     }
 }
 

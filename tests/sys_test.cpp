@@ -1,4 +1,4 @@
-// The OS layer: the fd owner, EINTR-safe I/O, the error helpers, pidfds.
+// The OS layer: the fd owner, EINTR-safe I/O, the error helpers, pidfds, the robust mutex.
 #include <gtest/gtest.h>
 
 #include <csignal>
@@ -14,6 +14,7 @@
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
 #include "sys/pidfd.hpp"
+#include "sys/robust_mutex.hpp"
 
 using namespace std::chrono_literals;
 namespace sys = mp::sys;
@@ -187,4 +188,44 @@ TEST(SysPidfd, WaitReportsExitCodeAndSignal) {
 TEST(SysPidfd, OpenOfMissingProcessNamesTheCall) {
     std::string w = what_of([] { sys::pidfd_open(0x3fffffff); });
     EXPECT_NE(w.find("pidfd_open"), std::string::npos) << w;
+}
+
+namespace {
+
+// A robust mutex whose owner, a thread, ended holding it: the next locker gets EOWNERDEAD.
+struct AbandonedMutex {
+    pthread_mutex_t m;
+    AbandonedMutex() {
+        sys::init_robust_mutex(m);
+        std::thread([this] { ::pthread_mutex_lock(&m); }).join();
+    }
+    ~AbandonedMutex() { ::pthread_mutex_destroy(&m); }
+};
+
+}  // namespace
+
+TEST(SysRobustMutex, OwnerDeathRunsTheRepairOnceAndTheLockGoesOn) {
+    AbandonedMutex a;
+    int repairs = 0;
+    {
+        sys::RobustGuard g;
+        ASSERT_TRUE(g.lock(&a.m, true, std::nullopt, [&] { ++repairs; }));
+    }
+    sys::RobustGuard g;
+    ASSERT_TRUE(g.lock(&a.m, false, std::nullopt, [&] { ++repairs; }));
+    EXPECT_EQ(repairs, 1);
+}
+
+TEST(SysRobustMutex, AFailedMarkConsistentIsAnErrorNotIgnored) {
+    AbandonedMutex a;
+    // The repair marks it consistent itself, so the guard's own pthread_mutex_consistent fails
+    // (EINVAL): that must be an exception naming the call, not a lock that seems repaired.
+    const std::string what = what_of([&] {
+        sys::RobustGuard g;
+        (void)g.lock(&a.m, true, std::nullopt, [&] { ::pthread_mutex_consistent(&a.m); });
+    });
+    EXPECT_NE(what.find("pthread_mutex_consistent"), std::string::npos) << what;
+    // The guard released it on the way out.
+    sys::RobustGuard g;
+    EXPECT_TRUE(g.lock(&a.m, false, std::nullopt, [] {}));
 }

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <ctime>
 
+#include "sys/error.hpp"
+
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
 #endif
@@ -60,5 +62,23 @@ int lock_robust(pthread_mutex_t* m, bool block,
         if (rc != ETIMEDOUT || !capped) return rc;
     }
 }
+
+void init_robust_mutex(pthread_mutex_t& m, bool error_check) {
+    pthread_mutexattr_t attr;
+    check_ret(::pthread_mutexattr_init(&attr), "pthread_mutexattr_init");
+    struct AttrGuard {
+        pthread_mutexattr_t* a;
+        ~AttrGuard() { ::pthread_mutexattr_destroy(a); }
+    } guard{&attr};
+    check_ret(::pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED), "pthread_mutexattr_setpshared");
+    check_ret(::pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST), "pthread_mutexattr_setrobust");
+    if (error_check)
+        check_ret(::pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK), "pthread_mutexattr_settype");
+    check_ret(::pthread_mutex_init(&m, &attr), "pthread_mutex_init");
+}
+
+void make_consistent(pthread_mutex_t& m) { check_ret(::pthread_mutex_consistent(&m), "pthread_mutex_consistent"); }
+
+void RobustGuard::throw_lock_error(int rc) { throw_system_error(rc, "pthread_mutex_lock (robust)"); }
 
 }  // namespace mp::sys

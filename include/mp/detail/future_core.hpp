@@ -108,6 +108,8 @@ protected:
 private:
     // With the final state already stored under `lk`: wakes waiters and sleepers, releases `lk`
     // and runs the callbacks outside it.
+    // set_result and set_exception: the outcome, unless the future is done already.
+    void finish(std::string bytes, std::exception_ptr error);
     void complete(std::unique_lock<std::mutex>& lk);
 
     std::atomic<State> state_{State::pending};

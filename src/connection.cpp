@@ -1,3 +1,8 @@
+// mp::Connection and Pipe(): framing (Python's 4-byte and -1 + 8-byte headers), buffered
+// reads with descriptors that arrived in the same messages, send/recv of objects, wait().
+// One file because the read buffer, the descriptor batches and the frame parser are one state
+// (detail::ConnectionState) that every receive path shares.
+
 #include "mp/connection.hpp"
 
 #include <algorithm>
@@ -211,38 +216,22 @@ std::size_t recv_some(detail::ConnectionState& s) {
             }
         }
     }
-    sys::FdControl control;
-    iovec iov{s.rbuf.get() + s.rend, kReadAhead - s.rend};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof control.buf;
-    ssize_t r;
-    for (;;) {
-        r = ::recvmsg(s.fd.get(), &msg, MSG_CMSG_CLOEXEC);
-        if (r >= 0) break;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) {  // a descriptor the user made non-blocking
-            sys::wait_fd(s.fd.get(), POLLIN, std::nullopt);
-        } else if (errno != EINTR) {
-            sys::throw_system_error(errno, "recvmsg");
-        }
-    }
-    const auto got = static_cast<std::size_t>(r);
+    sys::RecvMsg m(s.rbuf.get() + s.rend, kReadAhead - s.rend);
+    const std::size_t got = *sys::recv_msg(s.fd.get(), m, true, "recvmsg");
     s.rend += got;
     std::vector<int> fds;
-    if (msg.msg_controllen != 0) {
+    if (m.msg.msg_controllen != 0) {
         // Reserve first so that no push_back can fail half-way; if even that fails, close what
         // arrived rather than leak it.
         try {
             fds.reserve(sys::kMaxFds);
         } catch (...) {
-            sys::for_each_right(msg, [](int received) { ::close(received); });
+            sys::for_each_right(m.msg, [](int received) { ::close(received); });
             throw;
         }
-        sys::for_each_right(msg, [&](int received) { fds.push_back(received); });
+        sys::for_each_right(m.msg, [&](int received) { fds.push_back(received); });
     }
-    const bool truncated = (msg.msg_flags & MSG_CTRUNC) != 0;
+    const bool truncated = m.truncated();
     if (!fds.empty() || truncated) {
         // push_back may throw: the descriptors are closed rather than leaked.
         try {

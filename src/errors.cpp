@@ -1,24 +1,47 @@
 #include "mp/errors.hpp"
 
+#include <cxxabi.h>
+
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
+#include <typeinfo>
+
+#include "describe.hpp"
 
 namespace mp {
 namespace {
 
 std::string describe_death(pid_t pid, int status) {
-    std::string s = "worker process " + std::to_string(pid);
-    if (status >= 0) {
-        s += " exited with code " + std::to_string(status);
-    } else {
-        const char* name = sigabbrev_np(-status);
-        s += " was killed by signal " + std::to_string(-status);
-        if (name != nullptr) s += std::string(" (SIG") + name + ")";
-    }
-    return s;
+    return "worker process " + std::to_string(pid) + " " + detail::describe_status(status);
 }
 
 }  // namespace
+
+namespace detail {
+
+std::string demangle(const char* name) {
+    if (name == nullptr) return "unknown";
+    int status = 0;
+    char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+    std::string s = (status == 0 && out != nullptr) ? out : name;
+    std::free(out);
+    return s;
+}
+
+std::string current_exception_type_name() {
+    const std::type_info* t = abi::__cxa_current_exception_type();
+    return demangle(t != nullptr ? t->name() : nullptr);
+}
+
+std::string describe_status(int status) {
+    if (status >= 0) return "exited with code " + std::to_string(status);
+    const char* name = ::sigabbrev_np(-status);
+    return "was killed by signal " + std::to_string(-status) +
+           (name != nullptr ? std::string(" (SIG") + name + ")" : std::string());
+}
+
+}  // namespace detail
 
 WorkerDied::WorkerDied(pid_t pid, int status)
     : Error(describe_death(pid, status)), pid_(pid), status_(status) {}

@@ -4,7 +4,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <cxxabi.h>
 #include <new>
 #include <stdexcept>
 #include <string_view>
@@ -12,6 +11,7 @@
 #include <unistd.h>
 
 #include "mp/process.hpp"
+#include "describe.hpp"
 #include "mp/util.hpp"
 
 namespace mp::detail {
@@ -53,21 +53,6 @@ void run_callback(const std::function<void(FutureCore&)>& cb, FutureCore& core) 
     } catch (...) {
         get_logger().error("mp: exception calling callback for future: unknown exception");
     }
-}
-
-std::string demangle(const char* name) {
-    if (name == nullptr) return "unknown";
-    int status = 0;
-    char* out = abi::__cxa_demangle(name, nullptr, nullptr, &status);
-    if (status != 0 || out == nullptr) return name;
-    std::string s(out);
-    std::free(out);
-    return s;
-}
-
-std::string current_exception_type_name() {
-    const std::type_info* t = abi::__cxa_current_exception_type();
-    return t == nullptr ? std::string("unknown") : demangle(t->name());
 }
 
 template <class E>
@@ -182,31 +167,21 @@ bool FutureCore::set_running() noexcept {
                                           std::memory_order_acquire);
 }
 
-bool FutureCore::set_result(std::string bytes) {
+bool FutureCore::set_result(std::string bytes) { return finish(std::move(bytes), nullptr, nullptr); }
+
+bool FutureCore::set_exception(std::exception_ptr error) { return finish({}, std::move(error), nullptr); }
+
+bool FutureCore::set_value(std::shared_ptr<const void> value) { return finish({}, nullptr, std::move(value)); }
+
+bool FutureCore::finish(std::string bytes, std::exception_ptr error, std::shared_ptr<const void> value) {
     std::unique_lock lk(mu_);
     if (done()) return false;
+    // Stored before the release below: whoever sees `finished` sees the outcome.
     bytes_ = std::move(bytes);
+    error_ = std::move(error);
+    value_ = std::move(value);
     // A store is enough: under mu_ nobody else finishes or cancels, and a concurrent set_running
     // (pending -> running) is simply superseded.
-    state_.store(State::finished, std::memory_order_release);
-    complete(lk);
-    return true;
-}
-
-bool FutureCore::set_exception(std::exception_ptr error) {
-    std::unique_lock lk(mu_);
-    if (done()) return false;
-    error_ = std::move(error);
-    state_.store(State::finished, std::memory_order_release);
-    complete(lk);
-    return true;
-}
-
-bool FutureCore::set_value(std::shared_ptr<const void> value) {
-    std::unique_lock lk(mu_);
-    if (done()) return false;
-    // Stored before the release below: whoever sees `finished` sees the value.
-    value_ = std::move(value);
     state_.store(State::finished, std::memory_order_release);
     complete(lk);
     return true;

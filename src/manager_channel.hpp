@@ -221,13 +221,7 @@ public:
     std::string call(Connection& sock, std::string_view request) {
         channel::Header* h = header();
         const std::uint32_t n = seq_ + 1;
-        const bool big = request.size() > cap_;
-        if (big) {
-            h->req_len.store(channel::kOnSocket, std::memory_order_relaxed);
-        } else {
-            std::memcpy(request_buffer(), request.data(), request.size());
-            h->req_len.store(static_cast<std::uint32_t>(request.size()), std::memory_order_relaxed);
-        }
+        const bool big = !stage(h->req_len, request_buffer(), request);
         h->client_cpu.store(::sched_getcpu(), std::memory_order_relaxed);
         channel::publish(h->req_seq, h->server_waiting, n);
         seq_ = n;
@@ -270,13 +264,7 @@ public:
     /// Answers the request receive() returned.
     void reply(Connection& sock, std::string_view out) {
         channel::Header* h = header();
-        const bool big = out.size() > cap_;
-        if (big) {
-            h->rep_len.store(channel::kOnSocket, std::memory_order_relaxed);
-        } else {
-            std::memcpy(reply_buffer(), out.data(), out.size());
-            h->rep_len.store(static_cast<std::uint32_t>(out.size()), std::memory_order_relaxed);
-        }
+        const bool big = !stage(h->rep_len, reply_buffer(), out);
         h->server_cpu.store(::sched_getcpu(), std::memory_order_relaxed);
         channel::publish(h->rep_seq, h->client_waiting, seq_);
         if (big) sock.send_bytes(out);
@@ -299,6 +287,17 @@ private:
         return std::launder(reinterpret_cast<channel::Header*>(base_));
     }
     char* request_buffer() const noexcept { return base_ + channel::kHeaderBytes; }
+    // Puts a message in its buffer with its length, when it fits; else marks it as sent over
+    // the socket. Returns whether it fitted.
+    bool stage(channel::U32& len, char* buffer, std::string_view message) const noexcept {
+        if (message.size() > cap_) {
+            len.store(channel::kOnSocket, std::memory_order_relaxed);
+            return false;
+        }
+        std::memcpy(buffer, message.data(), message.size());
+        len.store(static_cast<std::uint32_t>(message.size()), std::memory_order_relaxed);
+        return true;
+    }
     char* reply_buffer() const noexcept { return base_ + channel::kHeaderBytes + cap_; }
 
     char* base_ = nullptr;

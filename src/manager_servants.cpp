@@ -48,6 +48,16 @@ TypeTable& builtins() {
     return t;
 }
 
+// The entry of a servant made with no arguments that synchronises itself (its calls block).
+template <class S>
+TypeEntry blocking_entry(decltype(TypeEntry::methods) methods) {
+    TypeEntry t;
+    t.serialised = false;
+    t.make = make_servant<S>;
+    t.methods = std::move(methods);
+    return t;
+}
+
 /// Waits until ready() or the timeout (none: forever); false on timeout. Wakes every 100 ms to
 /// see whether the client is still there, so a client killed in a blocking call does not leave
 /// its thread (and the locks it holds) behind forever.
@@ -106,16 +116,21 @@ TypeEntry namespace_entry() {
     return t;
 }
 
-struct LockServant {
-    explicit LockServant(bool re) : reentrant(re) {}
+// A servant whose calls block: they wait on cv under m.
+struct Monitor {
     std::mutex m;
     std::condition_variable cv;
+};
+
+// Who holds a lock servant (Lock, RLock, Condition's lock) and how many times; guarded by the
+// servant's mutex.
+struct Ownership {
     std::uint64_t owner = 0;
     int count = 0;
-    bool reentrant;
 
-    bool acquire(bool blocking, OptTimeout timeout) {
-        std::unique_lock lk(m);
+    // Takes it for the caller (once more, when reentrant and the caller holds it).
+    bool acquire(std::condition_variable& cv, std::unique_lock<std::mutex>& lk, bool reentrant, bool blocking,
+                 const OptTimeout& timeout) {
         if (reentrant && count > 0 && owner == t_caller) {
             ++count;
             return true;
@@ -125,23 +140,40 @@ struct LockServant {
         count = 1;
         return true;
     }
+    // Once less; true when that frees it.
+    bool release() {
+        if (--count != 0) return false;
+        owner = 0;
+        return true;
+    }
+    // A client gone while holding it gives it up; true when it held it.
+    bool drop(std::uint64_t caller) {
+        if (count == 0 || owner != caller) return false;
+        count = 0;
+        owner = 0;
+        return true;
+    }
+};
+
+struct LockServant : Monitor {
+    explicit LockServant(bool re) : reentrant(re) {}
+    Ownership held;
+    bool reentrant;
+
+    bool acquire(bool blocking, OptTimeout timeout) {
+        std::unique_lock lk(m);
+        return held.acquire(cv, lk, reentrant, blocking, timeout);
+    }
     void release() {
         std::lock_guard lk(m);
-        if (count == 0) throw std::runtime_error("release unlocked lock");
+        if (held.count == 0) throw std::runtime_error("release unlocked lock");
         // A plain Lock may be released by anyone, as Python's; an RLock only by its owner.
-        if (reentrant && owner != t_caller) throw std::runtime_error("cannot release un-acquired lock");
-        if (--count == 0) {
-            owner = 0;
-            cv.notify_one();
-        }
+        if (reentrant && held.owner != t_caller) throw std::runtime_error("cannot release un-acquired lock");
+        if (held.release()) cv.notify_one();
     }
     void disconnect(std::uint64_t caller) {
         std::lock_guard lk(m);
-        if (count > 0 && owner == caller) {
-            count = 0;
-            owner = 0;
-            cv.notify_one();
-        }
+        if (held.drop(caller)) cv.notify_one();
     }
 };
 
@@ -158,10 +190,8 @@ TypeEntry lock_entry(bool reentrant) {
     return t;
 }
 
-struct SemaphoreServant {
+struct SemaphoreServant : Monitor {
     SemaphoreServant(int v, bool b) : value(v), initial(v), bounded(b) {}
-    std::mutex m;
-    std::condition_variable cv;
     int value, initial;
     bool bounded;
     bool acquire(bool blocking, OptTimeout timeout) {
@@ -199,9 +229,7 @@ TypeEntry semaphore_entry(bool bounded) {
     return t;
 }
 
-struct EventServant {
-    std::mutex m;
-    std::condition_variable cv;
+struct EventServant : Monitor {
     bool flag = false;
     void set() {
         std::lock_guard lk(m);
@@ -224,53 +252,38 @@ struct EventServant {
 
 TypeEntry event_entry() {
     using S = EventServant;
-    TypeEntry t;
-    t.serialised = false;
-    t.make = make_servant<S>;
-    t.methods = {{"set", make_method(&S::set)},
+    TypeEntry t = blocking_entry<S>({{"set", make_method(&S::set)},
                  {"clear", make_method(&S::clear)},
                  {"is_set", make_method(&S::is_set)},
-                 {"wait", make_method(&S::wait)}};
+                 {"wait", make_method(&S::wait)}});
     return t;
 }
 
-/// A condition variable with its own reentrant lock, owned per connection.
-struct ConditionServant {
-    std::mutex m;
-    std::condition_variable cv;  // every change notifies all: few waiters, simple
-    std::uint64_t owner = 0;
-    int count = 0;
+/// A condition variable with its own reentrant lock, owned per connection. Every change
+/// notifies all on cv: few waiters, simple.
+struct ConditionServant : Monitor {
+    Ownership held;  // reentrant
     std::deque<std::shared_ptr<bool>> waiters;  // tickets, oldest first
 
     bool acquire(bool blocking, OptTimeout timeout) {
         std::unique_lock lk(m);
-        if (count > 0 && owner == t_caller) {
-            ++count;
-            return true;
-        }
-        if (!wait_for(cv, lk, blocking, timeout, [&] { return count == 0; })) return false;
-        owner = t_caller;
-        count = 1;
-        return true;
+        return held.acquire(cv, lk, true, blocking, timeout);
     }
     void check_owned() const {
-        if (count == 0 || owner != t_caller) throw std::runtime_error("cannot use un-acquired lock");
+        if (held.count == 0 || held.owner != t_caller) throw std::runtime_error("cannot use un-acquired lock");
     }
     void release() {
         std::lock_guard lk(m);
         check_owned();
-        if (--count == 0) {
-            owner = 0;
-            cv.notify_all();
-        }
+        if (held.release()) cv.notify_all();
     }
     bool wait(OptTimeout timeout) {
         std::unique_lock lk(m);
         check_owned();
         auto ticket = std::make_shared<bool>(false);
         waiters.push_back(ticket);
-        int saved = std::exchange(count, 0);
-        owner = 0;
+        int saved = std::exchange(held.count, 0);
+        held.owner = 0;
         cv.notify_all();
         bool notified;
         try {
@@ -280,9 +293,9 @@ struct ConditionServant {
             throw;
         }
         if (!notified) std::erase(waiters, ticket);
-        wait_for(cv, lk, true, std::nullopt, [&] { return count == 0; });
-        owner = t_caller;
-        count = saved;
+        wait_for(cv, lk, true, std::nullopt, [&] { return held.count == 0; });
+        held.owner = t_caller;
+        held.count = saved;
         return notified;
     }
     void notify(int n) {
@@ -297,32 +310,23 @@ struct ConditionServant {
     void notify_all() { notify(static_cast<int>(waiters.size())); }
     void disconnect(std::uint64_t caller) {
         std::lock_guard lk(m);
-        if (count > 0 && owner == caller) {
-            count = 0;
-            owner = 0;
-            cv.notify_all();
-        }
+        if (held.drop(caller)) cv.notify_all();
     }
 };
 
 TypeEntry condition_entry() {
     using S = ConditionServant;
-    TypeEntry t;
-    t.serialised = false;
-    t.make = make_servant<S>;
-    t.methods = {{"acquire", make_method(&S::acquire)},
+    TypeEntry t = blocking_entry<S>({{"acquire", make_method(&S::acquire)},
                  {"release", make_method(&S::release)},
                  {"wait", make_method(&S::wait)},
                  {"notify", make_method(&S::notify)},
-                 {"notify_all", make_method(&S::notify_all)}};
+                 {"notify_all", make_method(&S::notify_all)}});
     t.on_disconnect = [](void* o, std::uint64_t caller) { static_cast<S*>(o)->disconnect(caller); };
     return t;
 }
 
-struct BarrierServant {
+struct BarrierServant : Monitor {
     explicit BarrierServant(int n) : n_parties(n) {}
-    std::mutex m;
-    std::condition_variable cv;
     int n_parties;
     int count = 0;
     std::uint64_t generation = 0;

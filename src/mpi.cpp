@@ -1,4 +1,6 @@
 // mp::mpi: worker ranks that serve tasks, and the root's thread that feeds them in batches.
+// One file because both ends speak the wire below and the library builds it only with MPI
+// (mp::mpi), so it stays one unit beside the rest.
 //
 // Wire: every exchange is a "message" on one tag between the root and one worker: an 8-byte
 // little-endian length, then a kind byte and its body. A message larger than
@@ -163,19 +165,24 @@ private:
     long idle_ = 0;
 };
 
-// A whole message from `source` (blocking, with the backoff above between probes).
-std::string recv_blocking(int source) {
+// Waits for the next piece from `source` (MPI_ANY_SOURCE: any rank), probing with the backoff
+// above; returns its status.
+MPI_Status probe_blocking(int source) {
     Backoff backoff;
-    std::string m;
     while (true) {
         int flag = 0;
         MPI_Status st;
         check(MPI_Iprobe(source, kTag, MPI_COMM_WORLD, &flag, &st), "MPI_Iprobe");
-        if (!flag) {
-            backoff.pause();
-            continue;
-        }
-        backoff.reset();
+        if (flag) return st;
+        backoff.pause();
+    }
+}
+
+// A whole message from `source` (blocking).
+std::string recv_blocking(int source) {
+    std::string m;
+    while (true) {
+        MPI_Status st = probe_blocking(source);
         recv_piece(m, st);
         if (missing(m) == 0) return m;
     }
@@ -395,16 +402,8 @@ void init_mpi(int* argc, char*** argv) {
 void drain_until_stopped(int expected) {
     auto& g = globals();
     std::vector<std::string> partial(static_cast<std::size_t>(g.size));
-    Backoff backoff;
     while (expected > 0) {
-        int flag = 0;
-        MPI_Status st;
-        check(MPI_Iprobe(MPI_ANY_SOURCE, kTag, MPI_COMM_WORLD, &flag, &st), "MPI_Iprobe");
-        if (!flag) {
-            backoff.pause();
-            continue;
-        }
-        backoff.reset();
+        MPI_Status st = probe_blocking(MPI_ANY_SOURCE);
         if (st.MPI_SOURCE < 1 || st.MPI_SOURCE >= g.size)
             throw DecodeError("mp::mpi: a message from an unknown rank");
         std::string& m = partial[static_cast<std::size_t>(st.MPI_SOURCE)];

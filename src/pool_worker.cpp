@@ -36,29 +36,23 @@ FrameReader::Status FrameReader::read_some(int fd) {
         }
         if (buf_.size() - end_ < kChunk / 4) buf_.resize(end_ + kChunk);
     }
-    iovec iov{buf_.data() + end_, buf_.size() - end_};
-    sys::FdControl control;
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.buf;
-    msg.msg_controllen = sizeof control.buf;
-    ssize_t n;
-    do {
-        n = ::recvmsg(fd, &msg, MSG_CMSG_CLOEXEC);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK) return Status::again;
-        if (errno == ECONNRESET) return Status::eof;
-        sys::throw_system_error(errno, "recvmsg (pool)");
+    sys::RecvMsg m(buf_.data() + end_, buf_.size() - end_);
+    std::optional<std::size_t> got;
+    try {
+        got = sys::recv_msg(fd, m, false, "recvmsg (pool)");
+    } catch (const std::system_error& e) {
+        if (e.code().value() == ECONNRESET) return Status::eof;
+        throw;
     }
-    sys::for_each_right(msg, [&](int got) { fds_.emplace_back(got); });
-    if ((msg.msg_flags & MSG_CTRUNC) != 0) {
+    if (!got) return Status::again;
+    const std::size_t n = *got;
+    sys::for_each_right(m.msg, [&](int received) { fds_.emplace_back(received); });
+    if (m.truncated()) {
         // The kernel dropped descriptors that did not fit: the frames they belong to are lost.
         throw DecodeError("mp pool: descriptors were cut off in transit (MSG_CTRUNC)");
     }
     if (n == 0) return Status::eof;
-    end_ += static_cast<std::size_t>(n);
+    end_ += n;
     return Status::data;
 }
 

@@ -1,3 +1,8 @@
+// mp::Process and the process-wide state of include/mp/process.hpp (current_process, the start
+// method, active children); starting a child is launch.cpp's.
+// One file because Process's lifetime (start, join, the destructor policy, close) and the
+// registry of this process's children change together.
+
 #include "mp/process.hpp"
 
 #include <cxxabi.h>
@@ -21,6 +26,7 @@
 #include <new>
 #include <typeinfo>
 
+#include "describe.hpp"
 #include "launch.hpp"
 #include "process_impl.hpp"
 #include "sys/crypto.hpp"
@@ -121,13 +127,7 @@ StartMethod fix_start_method() {
     return g.method;
 }
 
-std::string demangle(const char* name) {
-    int status = 0;
-    char* d = abi::__cxa_demangle(name, nullptr, nullptr, &status);
-    std::string s = (status == 0 && d != nullptr) ? d : name;
-    std::free(d);
-    return s;
-}
+using detail::demangle;
 
 }  // namespace
 

@@ -1,4 +1,6 @@
 // mp::py: the pickle reader and writer (include/mp/py.hpp).
+// One file because the Object model, the reader and the writer share the opcode names and the
+// helpers below, and the reader's limits only make sense next to the Object they protect.
 //
 // The reader is the data subset of Python's unpickling machine (Lib/pickle.py's _Unpickler, whose
 // opcodes pickletools.py documents): a stack, a stack of MARK positions, and a memo. It never

@@ -1,4 +1,6 @@
 // The shared-memory transport behind mp::Queue (see include/mp/queue.hpp for the overview).
+// One file because the ring's invariants (positions, reservations, the owner-died repair) hold
+// across put, get and recovery together; split, no one file would show them whole.
 //
 // Layout of the memfd block: a Header (one page) followed by the ring (a power of two of bytes).
 //
@@ -660,7 +662,9 @@ bool QueueCore::get(QueueSink& out, bool block, const Deadline& deadline) {
         // alive (holding plock); the caller's deadline does not cut a message in half.
         if (wait_for(h->data_seq, h->data_waiting, deadline_after(kPeerCheck), data)) continue;
         Producer p{h, c.ring};
-        producer_guard.lock(&h->plock, false, std::nullopt, [&] { p.settle_inflight(); });
+        // Busy: the producer lives and streams on. Taken: it had died and the repair settled its
+        // message (or it had just finished); either way the loop looks again.
+        (void)producer_guard.lock(&h->plock, false, std::nullopt, [&] { p.settle_inflight(); });
     }
 }
 

@@ -1,4 +1,6 @@
 // Named shared memory (SharedMemory) and its resource tracker.
+// One file because the tracker exists only for SharedMemory's create and unlink, and its
+// protocol is read most easily beside them.
 //
 // The tracker. The first named segment a process creates starts a helper process, double-forked
 // so that it is nobody's child and never a zombie, holding one end of a SOCK_SEQPACKET socketpair.

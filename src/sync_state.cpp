@@ -46,23 +46,6 @@ const char* kind_name(Kind k) {
 // ---------------------------------------------------------------------------------------------
 // Mutex operations.
 
-void init_robust_mutex(pthread_mutex_t& m) {
-    pthread_mutexattr_t attr;
-    sys::check_ret(::pthread_mutexattr_init(&attr), "pthread_mutexattr_init");
-    struct AttrGuard {
-        pthread_mutexattr_t* a;
-        ~AttrGuard() { ::pthread_mutexattr_destroy(a); }
-    } guard{&attr};
-    sys::check_ret(::pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED),
-                   "pthread_mutexattr_setpshared");
-    sys::check_ret(::pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST),
-                   "pthread_mutexattr_setrobust");
-    // Error-checking: an unlock by a thread that does not hold it fails instead of corrupting.
-    sys::check_ret(::pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK),
-                   "pthread_mutexattr_settype");
-    sys::check_ret(::pthread_mutex_init(&m, &attr), "pthread_mutex_init");
-}
-
 namespace {
 
 

@@ -138,8 +138,6 @@ Core* core_of(const SharedBlock& b) noexcept {
 // ---------------------------------------------------------------------------------------------
 // Mutex operations.
 
-void init_robust_mutex(pthread_mutex_t& m);
-
 enum class LockMode { block, try_once, timed };
 
 // The word names the holder; the kernel clears a dead holder's id, so a thread that happens to

@@ -1,6 +1,8 @@
 // The public synchronisation objects (Lock, RLock, Semaphore, BoundedSemaphore, Condition, Event,
 // Barrier), their per-process Impl types and their codecs, built on the shared state in
 // sync_state.hpp.
+// One file because the Impl types, the find-or-attach of received objects and the codecs are
+// one mechanism: each object is shared by a handle, an Impl and its block, the same way.
 
 #include "mp/synchronize.hpp"
 
@@ -20,6 +22,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <system_error>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 
@@ -83,6 +86,18 @@ void forget_attached(const SharedBlock& b) noexcept { attached::forget(b); }
 // ---------------------------------------------------------------------------------------------
 // Impl types: one per object, shared by the handles of this process.
 
+// The shared block of an Impl and the object in it; the last handle in this process going
+// forgets the mapping (MutexImpl, which may keep it, does without).
+template <class Core>
+struct Attached {
+    explicit Attached(SharedBlock b) : block(std::move(b)), core(core_of<Core>(block)) {}
+    Attached(const Attached&) = delete;
+    Attached& operator=(const Attached&) = delete;
+    ~Attached() { forget_attached(block); }
+    SharedBlock block;
+    Core* core;
+};
+
 struct MutexImpl {
     explicit MutexImpl(SharedBlock b) : block(std::move(b)), core(core_of<MutexCore>(block)) {
         recursive = static_cast<const Header*>(block.data())->kind == Kind::rlock;
@@ -113,37 +128,21 @@ private:
     static bool pin_held(SharedBlock& block) noexcept;
 };
 
-struct SemaphoreImpl {
-    explicit SemaphoreImpl(SharedBlock b) : block(std::move(b)), core(core_of<SemaphoreCore>(block)) {}
-    SemaphoreImpl(const SemaphoreImpl&) = delete;
-    SemaphoreImpl& operator=(const SemaphoreImpl&) = delete;
-    ~SemaphoreImpl() { forget_attached(block); }
-    SharedBlock block;
-    SemaphoreCore* core;
+struct SemaphoreImpl : Attached<SemaphoreCore> {
+    using Attached::Attached;
 };
 
-struct ConditionImpl {
-    explicit ConditionImpl(SharedBlock b) : block(std::move(b)), core(core_of<CondCore>(block)) {}
-    ConditionImpl(const ConditionImpl&) = delete;
-    ConditionImpl& operator=(const ConditionImpl&) = delete;
-    ~ConditionImpl() { forget_attached(block); }
-    SharedBlock block;
-    CondCore* core;
+struct ConditionImpl : Attached<CondCore> {
+    using Attached::Attached;
 };
 
-struct EventImpl {
-    explicit EventImpl(SharedBlock b) : block(std::move(b)), core(core_of<EventCore>(block)) {}
-    EventImpl(const EventImpl&) = delete;
-    EventImpl& operator=(const EventImpl&) = delete;
-    ~EventImpl() { forget_attached(block); }
-    SharedBlock block;
-    EventCore* core;
+struct EventImpl : Attached<EventCore> {
+    using Attached::Attached;
 };
 
-struct BarrierImpl {
+struct BarrierImpl : Attached<BarrierCore> {
     explicit BarrierImpl(SharedBlock b)
-        : block(std::move(b)),
-          core(core_of<BarrierCore>(block)),
+        : Attached(std::move(b)),
           slots(reinterpret_cast<PartySlot*>(static_cast<char*>(block.data()) +
                                              sizeof(Block<BarrierCore>))) {
         // Received memory must hold the slots its party count promises.
@@ -156,10 +155,7 @@ struct BarrierImpl {
     BarrierImpl& operator=(const BarrierImpl&) = delete;
     ~BarrierImpl() {
         if (held_by_me(core->mutex)) mutex_force_release(core->mutex);
-        forget_attached(block);
     }
-    SharedBlock block;
-    BarrierCore* core;
     PartySlot* slots;
     std::function<void()> action;      // this process's copy of the action
     std::optional<std::string> task;   // the action as a transferable task, when it is one
@@ -500,7 +496,9 @@ std::int64_t steady_ns() noexcept {
 int claim_slot(BarrierCore& c, PartySlot* slots) {
     for (int i = 0; i < c.parties; ++i) {
         if (i == c.slots_ready) {
-            init_robust_mutex(slots[i].mutex);
+            // Error-checking: reap_dead_parties tells the caller's own slot (EDEADLK) from a live
+            // party's (EBUSY).
+            sys::init_robust_mutex(slots[i].mutex, true);
             slots[i].occupied = 0;
             c.slots_ready = i + 1;
         }
@@ -795,51 +793,43 @@ std::uint32_t send_block(Encoder& e, const detail::SharedBlock& b) {
 
 int receive_fd(Decoder& d) { return d.take_fd(d.get<std::uint32_t>()); }
 
-}  // namespace
-
-void Codec<Lock>::encode(Encoder& e, const Lock& v) {
+// Most send their block alone; Condition and Barrier (below) add to it.
+template <class T>
+void encode_sync(Encoder& e, const T& v) {
     e.put(send_block(e, SyncAccess::impl(v)->block));
 }
-Lock Codec<Lock>::decode(Decoder& d) {
+
+Lock decode_sync(Decoder& d, std::type_identity<Lock>) {
     return SyncAccess::make_lock(detail::attach_shared<detail::MutexImpl, detail::MutexCore>(
         receive_fd(d), {Kind::lock}, "mp::Lock"));
 }
 
-void Codec<RLock>::encode(Encoder& e, const RLock& v) {
-    e.put(send_block(e, SyncAccess::impl(v)->block));
-}
-RLock Codec<RLock>::decode(Decoder& d) {
+RLock decode_sync(Decoder& d, std::type_identity<RLock>) {
     return SyncAccess::make_rlock(detail::attach_shared<detail::MutexImpl, detail::MutexCore>(
         receive_fd(d), {Kind::rlock}, "mp::RLock"));
 }
 
-void Codec<Semaphore>::encode(Encoder& e, const Semaphore& v) {
-    e.put(send_block(e, SyncAccess::impl(v)->block));
-}
-Semaphore Codec<Semaphore>::decode(Decoder& d) {
+Semaphore decode_sync(Decoder& d, std::type_identity<Semaphore>) {
     // A BoundedSemaphore sent as a Semaphore stays bounded: the bound is in the shared state.
     return SyncAccess::make_semaphore(
         detail::attach_shared<detail::SemaphoreImpl, detail::SemaphoreCore>(
             receive_fd(d), {Kind::semaphore, Kind::bounded_semaphore}, "mp::Semaphore"));
 }
 
-void Codec<BoundedSemaphore>::encode(Encoder& e, const BoundedSemaphore& v) {
-    e.put(send_block(e, SyncAccess::impl(v)->block));
-}
-BoundedSemaphore Codec<BoundedSemaphore>::decode(Decoder& d) {
+BoundedSemaphore decode_sync(Decoder& d, std::type_identity<BoundedSemaphore>) {
     return SyncAccess::make_bounded(
         detail::attach_shared<detail::SemaphoreImpl, detail::SemaphoreCore>(
             receive_fd(d), {Kind::bounded_semaphore}, "mp::BoundedSemaphore"));
 }
 
-void Codec<Condition>::encode(Encoder& e, const Condition& v) {
+void encode_sync(Encoder& e, const Condition& v) {
     const auto& lock = SyncAccess::lock(v);
     const auto& li = SyncAccess::impl(*lock);
     e.put(static_cast<std::uint8_t>(li->recursive ? 1 : 0));
     e.put(send_block(e, li->block));
     e.put(send_block(e, SyncAccess::impl(v)->block));
 }
-Condition Codec<Condition>::decode(Decoder& d) {
+Condition decode_sync(Decoder& d, std::type_identity<Condition>) {
     const auto recursive = d.get<std::uint8_t>();
     if (recursive > 1) throw DecodeError("mp::Condition: malformed lock kind");
     const int lock_fd = receive_fd(d);
@@ -857,15 +847,12 @@ Condition Codec<Condition>::decode(Decoder& d) {
     return SyncAccess::make_condition(std::move(impl), std::move(lock));
 }
 
-void Codec<Event>::encode(Encoder& e, const Event& v) {
-    e.put(send_block(e, SyncAccess::impl(v)->block));
-}
-Event Codec<Event>::decode(Decoder& d) {
+Event decode_sync(Decoder& d, std::type_identity<Event>) {
     return SyncAccess::make_event(detail::attach_shared<detail::EventImpl, detail::EventCore>(
         receive_fd(d), {Kind::event}, "mp::Event"));
 }
 
-void Codec<Barrier>::encode(Encoder& e, const Barrier& v) {
+void encode_sync(Encoder& e, const Barrier& v) {
     const auto& impl = SyncAccess::impl(v);
     if (impl->action && !impl->task)
         throw Error("mp::Barrier: its action cannot be sent to another process (it captures "
@@ -873,7 +860,7 @@ void Codec<Barrier>::encode(Encoder& e, const Barrier& v) {
     e.put(send_block(e, impl->block));
     e.put(impl->task);
 }
-Barrier Codec<Barrier>::decode(Decoder& d) {
+Barrier decode_sync(Decoder& d, std::type_identity<Barrier>) {
     auto impl = detail::attach_shared<detail::BarrierImpl, detail::BarrierCore>(
         receive_fd(d), {Kind::barrier}, "mp::Barrier");
     auto task = d.get<std::optional<std::string>>();
@@ -883,5 +870,26 @@ Barrier Codec<Barrier>::decode(Decoder& d) {
     }
     return SyncAccess::make_barrier(std::move(impl));
 }
+
+
+}  // namespace
+
+namespace detail {
+template <class T>
+void SyncCodec<T>::encode(Encoder& e, const T& v) {
+    encode_sync(e, v);
+}
+template <class T>
+T SyncCodec<T>::decode(Decoder& d) {
+    return decode_sync(d, std::type_identity<T>{});
+}
+template struct SyncCodec<Lock>;
+template struct SyncCodec<RLock>;
+template struct SyncCodec<Semaphore>;
+template struct SyncCodec<BoundedSemaphore>;
+template struct SyncCodec<Condition>;
+template struct SyncCodec<Event>;
+template struct SyncCodec<Barrier>;
+}  // namespace detail
 
 }  // namespace mp

@@ -43,7 +43,10 @@
 #include <utility>
 #include <vector>
 
+#include "helpers/gate_file.hpp"
 #include "helpers/leak_check.hpp"
+#include "helpers/lines.hpp"
+#include "helpers/temp_dir.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/futures.hpp"
 #include "process_impl.hpp"
@@ -54,11 +57,13 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using mp::test::read_line;
+using mp::test::TempDir;
+using mp::test::wait_file;
+using Gate = mp::test::FileGate;
 
 /// The bound on a wait that is expected to succeed.
 constexpr auto kLong = 10s;
-/// The longest a gated task waits for its gate.
-constexpr auto kGateLimit = 20s;
 
 // ---------------------------------------------------------------------------------------------
 // Work run in the workers
@@ -101,16 +106,6 @@ int sleep_pid(int ms) {
 int nap_square(int x) {
     ::usleep(100);
     return x * x;
-}
-
-/// Waits (at most kGateLimit) for `path` to exist; 1 when it did, 0 when the wait ran out.
-int wait_file(std::string path) {
-    const auto deadline = Clock::now() + kGateLimit;
-    while (Clock::now() < deadline) {
-        if (::access(path.c_str(), F_OK) == 0) return 1;
-        std::this_thread::sleep_for(2ms);
-    }
-    return 0;
 }
 
 /// Creates `started`, then waits for `gate` as wait_file does.
@@ -197,44 +192,6 @@ int read_global(int) { return g_init_value; }
 // ---------------------------------------------------------------------------------------------
 // Test helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A temporary directory, removed with its contents.
-class TempDir {
-public:
-    TempDir() {
-        char tmpl[] = "/tmp/mp_executor_test.XXXXXX";
-        if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
-        path_ = tmpl;
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    std::string path(const std::string& name) const { return path_ + "/" + name; }
-    bool exists(const std::string& name) const { return ::access(path(name).c_str(), F_OK) == 0; }
-    void touch(const std::string& name) const { std::ofstream(path(name)) << "x\n"; }
-
-private:
-    std::string path_;
-};
-
-/// Files that gated tasks wait for; opens itself on destruction so no worker outlives the test
-/// for long whatever happened.
-class Gate {
-public:
-    explicit Gate(const TempDir& dir, std::string name = "gate") : dir_(dir), name_(std::move(name)) {}
-    ~Gate() { open(); }
-    Gate(const Gate&) = delete;
-    Gate& operator=(const Gate&) = delete;
-    std::string path() const { return dir_.path(name_); }
-    void open() { dir_.touch(name_); }
-
-private:
-    const TempDir& dir_;
-    std::string name_;
-};
 
 /// Polls `pred` every 5 ms until it holds or `limit` passes.
 template <class P>
@@ -958,8 +915,8 @@ TEST(ExecutorAsCompleted, YieldsInCompletionOrder) {
     mp::ProcessPoolExecutor ex({.max_workers = 3});
     Gate first(dir, "first"), second(dir, "second");
     // Each runs in a worker of its own before the gates open.
-    auto a = ex.submit(start_then_wait, dir.path("a-started"), second.path());
-    auto b = ex.submit(start_then_wait, dir.path("b-started"), first.path());
+    auto a = ex.submit(start_then_wait, dir.file("a-started"), second.path());
+    auto b = ex.submit(start_then_wait, dir.file("b-started"), first.path());
     ASSERT_TRUE(eventually([&] { return dir.exists("a-started") && dir.exists("b-started"); }));
     std::vector<mp::Future<int>> order;
     auto ac = mp::as_completed(std::vector{a, b}, 30s);
@@ -989,7 +946,7 @@ TEST(ExecutorCancel, ATaskHandedToAWorkerThatHasNotStartedItCanBeCancelled) {
     ASSERT_TRUE(settled(ex));
     StoppedWorker stopped(ex, ex.stats().workers.at(0).pid);
     std::vector<mp::Future<int>> targets;
-    for (int i = 0; i < 5; ++i) targets.push_back(ex.submit(touch_file, dir.path("ran-" + std::to_string(i))));
+    for (int i = 0; i < 5; ++i) targets.push_back(ex.submit(touch_file, dir.file("ran-" + std::to_string(i))));
     std::this_thread::sleep_for(50ms);  // the pool hands them to the worker meanwhile
     for (auto& t : targets) {
         EXPECT_FALSE(t.running());
@@ -1009,7 +966,7 @@ TEST(ExecutorCancel, APendingTaskNeverRuns) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
     auto blockers = saturate(ex, gate);
     std::vector<mp::Future<int>> targets;
-    for (int i = 0; i < 5; ++i) targets.push_back(ex.submit(touch_file, dir.path("ran-" + std::to_string(i))));
+    for (int i = 0; i < 5; ++i) targets.push_back(ex.submit(touch_file, dir.file("ran-" + std::to_string(i))));
     for (auto& t : targets) {
         EXPECT_TRUE(t.cancel());
         EXPECT_TRUE(t.cancelled());
@@ -1018,7 +975,7 @@ TEST(ExecutorCancel, APendingTaskNeverRuns) {
         EXPECT_TRUE(t.cancel());  // cancelling again keeps it cancelled
         EXPECT_THROW(t.result(kLong), mp::CancelledError);
     }
-    auto after = ex.submit(touch_file, dir.path("after"));
+    auto after = ex.submit(touch_file, dir.file("after"));
     gate.open();
     for (auto& b : blockers) EXPECT_EQ(b.result(kLong), 1);
     EXPECT_EQ(after.result(kLong), 1);
@@ -1034,7 +991,7 @@ TEST(ExecutorShutdown, CancelFuturesCancelsEveryPendingOne) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
     auto blockers = saturate(ex, gate);
     std::vector<mp::Future<int>> targets;
-    for (int i = 0; i < 50; ++i) targets.push_back(ex.submit(touch_file, dir.path("ran-" + std::to_string(i))));
+    for (int i = 0; i < 50; ++i) targets.push_back(ex.submit(touch_file, dir.file("ran-" + std::to_string(i))));
     std::thread opener([&] {
         std::this_thread::sleep_for(200ms);
         gate.open();
@@ -1212,11 +1169,11 @@ TEST(ExecutorInitializer, EveryWorkerStartsAndRunsItEvenWhenShutDownAtOnce) {
     // demand as CPython's does (outside fork); each runs the initializer.
     TempDir dir;
     {
-        mp::ProcessPoolExecutor ex({.max_workers = 3}, init_record, dir.path(""));
+        mp::ProcessPoolExecutor ex({.max_workers = 3}, init_record, dir.file(""));
         ex.shutdown(true);
     }
     std::size_t n = 0;
-    for (const auto& e : std::filesystem::directory_iterator(dir.path("")))
+    for (const auto& e : std::filesystem::directory_iterator(dir.file("")))
         if (e.path().filename().string().rfind("init-", 0) == 0) ++n;
     EXPECT_EQ(n, 3u);
 }
@@ -1304,7 +1261,7 @@ TEST(ExecutorWorkerDeath, WorkerKilledFromOutside) {
     TempDir dir;
     Gate gate(dir);
     mp::ProcessPoolExecutor ex({.max_workers = 1});
-    auto f = ex.submit(start_then_wait, dir.path("started"), gate.path());
+    auto f = ex.submit(start_then_wait, dir.file("started"), gate.path());
     ASSERT_TRUE(eventually([&] { return dir.exists("started") && !ex.stats().workers.empty(); }));
     const pid_t pid = ex.stats().workers.at(0).pid;
     ASSERT_GT(pid, 0);
@@ -1695,25 +1652,6 @@ TEST(ExecutorLifetime, MaxMemoryPerChildRetiresTheWorker) {
 // The parent's side: killed by SIGKILL, already running threads
 // ---------------------------------------------------------------------------------------------
 
-std::optional<std::string> read_line(int fd, std::chrono::milliseconds timeout) {
-    const auto deadline = Clock::now() + timeout;
-    std::string line;
-    for (;;) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-        if (left.count() < 0) return std::nullopt;
-        pollfd pfd{fd, POLLIN, 0};
-        int r = ::poll(&pfd, 1, static_cast<int>(left.count()));
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return std::nullopt;
-        char c = 0;
-        ssize_t n = ::read(fd, &c, 1);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return std::nullopt;
-        if (c == '\n') return line;
-        line += c;
-    }
-}
-
 void run_parent_death(std::optional<mp::StartMethod> method) {
     int fds[2];
     ASSERT_EQ(::pipe2(fds, O_CLOEXEC), 0);
@@ -1838,7 +1776,7 @@ TEST(ExecutorThreadedParent, ForkPoolWorksWhileThreadsHoldLocks) {
 template <class F>
 std::string capture_stderr(F&& f) {
     TempDir dir;
-    const std::string path = dir.path("stderr");
+    const std::string path = dir.file("stderr");
     std::fflush(stderr);
     const int saved = ::fcntl(2, F_DUPFD_CLOEXEC, 0);
     const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);

@@ -8,7 +8,6 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,7 +15,8 @@
 #include <string>
 #include <vector>
 
-extern char** environ;
+#include "helpers/lines.hpp"
+#include "helpers/program.hpp"
 
 namespace {
 
@@ -35,24 +35,20 @@ struct ProgramRun {
 /// stderr inherited. The program's own children may outlive it holding the pipe (the forkserver
 /// does, briefly), so the end of the program, not end of file, ends the read.
 ProgramRun run_program(std::vector<std::string> args, const char* program = MP_TEST_CHILD) {
-    args.insert(args.begin(), program);
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
     int p[2];
     if (::pipe2(p, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&fa, p[1], 1);
     pid_t pid = -1;
-    const int rc = ::posix_spawn(&pid, program, &fa, nullptr, argv.data(), environ);
-    posix_spawn_file_actions_destroy(&fa);
-    ::close(p[1]);
-    if (rc != 0) {
+    try {
+        pid = mp::test::spawn_test_child(std::move(args), [&](posix_spawn_file_actions_t& fa) {
+            posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+            posix_spawn_file_actions_adddup2(&fa, p[1], 1);
+        }, program);
+    } catch (...) {
         ::close(p[0]);
-        throw std::runtime_error(std::string("posix_spawn ") + program + " failed");
+        ::close(p[1]);
+        throw;
     }
+    ::close(p[1]);
     ::fcntl(p[0], F_SETFL, O_NONBLOCK);
     ProgramRun run;
     auto drain = [&] {
@@ -80,11 +76,7 @@ ProgramRun run_program(std::vector<std::string> args, const char* program = MP_T
     return run;
 }
 
-std::size_t count_of(const std::string& text, const std::string& what) {
-    std::size_t n = 0;
-    for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
-    return n;
-}
+using mp::test::count_of;
 
 class UnflushedCout : public testing::TestWithParam<std::tuple<const char*, const char*>> {};
 

@@ -39,7 +39,9 @@
 #include <utility>
 #include <vector>
 
+#include "helpers/gate_file.hpp"
 #include "helpers/leak_check.hpp"
+#include "helpers/temp_dir.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/pool.hpp"
 #include "mp/shared_memory.hpp"
@@ -48,9 +50,11 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+using mp::test::TempDir;
+using mp::test::wait_file;
+using Gate = mp::test::FileGate;
 
 constexpr auto kLong = 10s;
-constexpr auto kGateLimit = 20s;
 
 // ---------------------------------------------------------------------------------------------
 // Work run in the workers
@@ -67,14 +71,6 @@ int worker_pid(int) { return static_cast<int>(::getpid()); }
 int sleep_ms(int ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
     return ms;
-}
-int wait_file(std::string path) {
-    const auto deadline = Clock::now() + kGateLimit;
-    while (Clock::now() < deadline) {
-        if (::access(path.c_str(), F_OK) == 0) return 1;
-        std::this_thread::sleep_for(2ms);
-    }
-    return 0;
 }
 void noop(int) {}
 
@@ -127,40 +123,6 @@ std::string read_globals(int) { return g_name + ":" + std::to_string(g_value); }
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-class TempDir {
-public:
-    TempDir() {
-        char tmpl[] = "/tmp/mp_pool_test.XXXXXX";
-        if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
-        path_ = tmpl;
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    TempDir(const TempDir&) = delete;
-    TempDir& operator=(const TempDir&) = delete;
-    std::string path(const std::string& name) const { return path_ + "/" + name; }
-    void touch(const std::string& name) const { std::ofstream(path(name)) << "x\n"; }
-
-private:
-    std::string path_;
-};
-
-/// A file gated tasks wait for; opens on destruction.
-class Gate {
-public:
-    explicit Gate(const TempDir& dir) : dir_(dir) {}
-    ~Gate() { open(); }
-    Gate(const Gate&) = delete;
-    Gate& operator=(const Gate&) = delete;
-    std::string path() const { return dir_.path("gate"); }
-    void open() { dir_.touch("gate"); }
-
-private:
-    const TempDir& dir_;
-};
-
 template <class P>
 bool eventually(P pred, std::chrono::milliseconds limit = kLong) {
     const auto deadline = Clock::now() + limit;
@@ -202,7 +164,7 @@ std::vector<int> squares(int n) {
 template <class F>
 std::string capture_stderr(F&& f) {
     TempDir dir;
-    const std::string path = dir.path("stderr");
+    const std::string path = dir.file("stderr");
     std::fflush(stderr);
     const int saved = ::fcntl(2, F_DUPFD_CLOEXEC, 0);
     const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);

@@ -1,4 +1,4 @@
-// The OS layer: the fd owner, EINTR-safe I/O, the error helpers, pidfds.
+// The OS layer: the fd owner, EINTR-safe I/O, the error helpers, pidfds, the robust mutex.
 #include <gtest/gtest.h>
 
 #include <csignal>
@@ -14,6 +14,7 @@
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
 #include "sys/pidfd.hpp"
+#include "sys/robust_mutex.hpp"
 
 using namespace std::chrono_literals;
 namespace sys = mp::sys;
@@ -187,4 +188,27 @@ TEST(SysPidfd, WaitReportsExitCodeAndSignal) {
 TEST(SysPidfd, OpenOfMissingProcessNamesTheCall) {
     std::string w = what_of([] { sys::pidfd_open(0x3fffffff); });
     EXPECT_NE(w.find("pidfd_open"), std::string::npos) << w;
+}
+
+namespace {
+
+// A robust mutex whose owner, a thread, ended holding it: the next locker gets EOWNERDEAD.
+struct AbandonedMutex {
+    pthread_mutex_t m;
+    AbandonedMutex() {
+        sys::init_robust_mutex(m);
+        std::thread([this] { ::pthread_mutex_lock(&m); }).join();
+    }
+    ~AbandonedMutex() { ::pthread_mutex_destroy(&m); }
+};
+
+}  // namespace
+
+TEST(SysRobustMutex, AThreadEndingHoldingItMakesTheNextLockerTheRepairer) {
+    AbandonedMutex a;
+    ASSERT_EQ(::pthread_mutex_lock(&a.m), EOWNERDEAD);
+    ASSERT_EQ(::pthread_mutex_consistent(&a.m), 0);
+    ASSERT_EQ(::pthread_mutex_unlock(&a.m), 0);
+    EXPECT_EQ(::pthread_mutex_trylock(&a.m), 0);
+    EXPECT_EQ(::pthread_mutex_unlock(&a.m), 0);
 }

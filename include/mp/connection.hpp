@@ -231,10 +231,10 @@ public:
 
     /// True when a message (or end of file) is ready to be received, or received bytes wait in
     /// the receive buffer; never waits (Python's poll() / poll(0)).
-    bool poll();
+    [[nodiscard]] bool poll();
     /// Waits at most `timeout` (zero or negative: not at all) for a message or end of file;
     /// std::nullopt waits without limit (Python's poll(None)).
-    bool poll(detail::Timeout timeout);
+    [[nodiscard]] bool poll(detail::Timeout timeout);
 
     /// Closes the descriptor for every copy of this handle in this process, dropping what its
     /// receive buffer held. Idempotent. Copies in other processes are theirs to close.

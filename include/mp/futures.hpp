@@ -160,6 +160,32 @@ std::vector<FutureCore*> raw_cores(const std::vector<Future<T>>& fs) {
     for (const auto& f : fs) out.push_back(&deref_handle(core_of(f), "mp::Future"));
     return out;
 }
+
+/// The input iterator of a sequence an Owner hands out one at a time (as_completed, imap): each
+/// step asks owner->pull() for the next element, a pointer that stays valid until the next
+/// pull; null ends the sequence (the iterator then equals std::default_sentinel).
+template <class Owner, class V>
+class PullIterator {
+public:
+    using iterator_category = std::input_iterator_tag;
+    using value_type = std::remove_const_t<V>;
+    using difference_type = std::ptrdiff_t;
+    PullIterator() = default;
+    explicit PullIterator(Owner* owner) : owner_(owner) { ++*this; }
+    V& operator*() const { return *value_; }
+    V* operator->() const { return value_; }
+    PullIterator& operator++() {
+        value_ = owner_->pull();
+        if (value_ == nullptr) owner_ = nullptr;
+        return *this;
+    }
+    void operator++(int) { ++*this; }
+    friend bool operator==(const PullIterator& a, std::default_sentinel_t) noexcept { return a.owner_ == nullptr; }
+
+private:
+    Owner* owner_ = nullptr;
+    V* value_ = nullptr;
+};
 }  // namespace detail
 
 /// The producing side of a standalone mp::Future, for writing executors of one's own or adapting
@@ -318,42 +344,19 @@ public:
             bar_ = std::make_unique<detail::ProgressBar>("as_completed", futures_.size());
     }
 
-    class iterator {
-    public:
-        using iterator_category = std::input_iterator_tag;
-        using value_type = Future<T>;
-        using difference_type = std::ptrdiff_t;
-        iterator() = default;
-        explicit iterator(AsCompleted* owner) : owner_(owner) { advance(); }
-        const Future<T>& operator*() const { return owner_->futures_[index_]; }
-        const Future<T>* operator->() const { return &owner_->futures_[index_]; }
-        iterator& operator++() {
-            advance();
-            return *this;
-        }
-        void operator++(int) { advance(); }
-        friend bool operator==(const iterator& a, std::default_sentinel_t) noexcept {
-            return a.owner_ == nullptr;
-        }
-
-    private:
-        void advance() {
-            auto next = owner_->queue_->next(owner_->deadline_);
-            if (!next) {
-                owner_ = nullptr;
-                return;
-            }
-            index_ = *next;
-            if (owner_->bar_) owner_->bar_->advance();
-        }
-        AsCompleted* owner_ = nullptr;
-        std::size_t index_ = 0;
-    };
+    using iterator = detail::PullIterator<AsCompleted, const Future<T>>;
 
     iterator begin() { return iterator(this); }
     std::default_sentinel_t end() const noexcept { return {}; }
 
 private:
+    friend iterator;
+    const Future<T>* pull() {
+        auto next = queue_->next(deadline_);
+        if (!next) return nullptr;
+        if (bar_) bar_->advance();
+        return &futures_[*next];
+    }
     static std::vector<Future<T>> dedupe(std::vector<Future<T>> in) {
         std::vector<Future<T>> out;
         for (auto& f : in)
@@ -591,6 +594,19 @@ private:
     std::vector<detail::ChunkItem> items_;
 };
 
+namespace detail {
+/// map() of the executors (ProcessPoolExecutor, mpi::Executor) over their engine: fn over the
+/// zipped ranges (up to the shortest) in chunks, every task submitted before it returns.
+template <class F, class Engine, class... Rs>
+auto map_over(Engine& engine, const MapOptions& options, const F& fn, Rs&&... ranges) {
+    using R = call_result_t<F, std::ranges::range_value_t<Rs>...>;
+    check_work<F, std::ranges::range_value_t<Rs>...>();
+    auto set = submit_chunks<F, std::ranges::range_value_t<Rs>...>(
+        engine, fn, options.chunksize == 0 ? 1 : options.chunksize, options.task_timeout, zip_rows(ranges...));
+    return MapResults<item_t<R>>(std::move(set), options.timeout, options.progress, "map");
+}
+}  // namespace detail
+
 /// A pool of worker processes that runs transferable callables and hands back futures.
 ///
 /// All max_workers workers start when the executor is constructed (each runs the initializer,
@@ -639,12 +655,7 @@ public:
     template <class F, class... Rs>
         requires(sizeof...(Rs) > 0)
     auto map(MapOptions options, const F& fn, Rs&&... ranges) {
-        using R = detail::call_result_t<F, std::ranges::range_value_t<Rs>...>;
-        detail::check_work<F, std::ranges::range_value_t<Rs>...>();
-        auto set = detail::submit_chunks<F, std::ranges::range_value_t<Rs>...>(
-            engine_, fn, options.chunksize == 0 ? 1 : options.chunksize, options.task_timeout,
-            detail::zip_rows(ranges...));
-        return MapResults<detail::item_t<R>>(std::move(set), options.timeout, options.progress, "map");
+        return detail::map_over(engine_, options, fn, std::forward<Rs>(ranges)...);
     }
 
     /// No new work after this. wait: block until every running and pending task has finished

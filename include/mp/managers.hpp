@@ -294,31 +294,36 @@ public:
     void join() const { this->call("join"); }
 };
 
-/// Lock / RLock: owned by the calling thread's connection (as Python's, whose server thread per
-/// connection owns it). A lock whose owner disconnects (a killed process) is released.
-class LockProxy : public BaseProxy {
+/// What the proxies of lock-like objects share (Lock, RLock, Semaphore, Condition's lock):
+/// acquire and release, and the standard names, so std::lock_guard and std::unique_lock work.
+class AcquirableProxy : public BaseProxy {
 public:
     using BaseProxy::BaseProxy;
     /// Returns false when `timeout` passed first; blocking=false just tries.
     bool acquire(bool blocking = true, detail::Timeout timeout = std::nullopt) const {
         return call<bool>("acquire", blocking, OptTimeout(timeout));
     }
-    /// mp::ProcessError-like std::runtime_error (remote) when not held by the caller.
+    /// Throws what the server's object raised: a std::runtime_error (remote) when a lock is not
+    /// held by the caller, std::invalid_argument past a bounded semaphore's value.
     void release() const { call("release"); }
-    void lock() const { acquire(); }
-    bool try_lock() const { return acquire(false); }
+    void lock() const { (void)acquire(); }
+    /// True when it acquired.
+    [[nodiscard]] bool try_lock() const { return acquire(false); }
     void unlock() const { release(); }
+};
+
+/// Lock / RLock: owned by the calling thread's connection (as Python's, whose server thread per
+/// connection owns it). A lock whose owner disconnects (a killed process) is released.
+class LockProxy : public AcquirableProxy {
+public:
+    using AcquirableProxy::AcquirableProxy;
 };
 using RLockProxy = LockProxy;
 
 /// Semaphore / BoundedSemaphore (releasing a bounded one past its value: std::invalid_argument).
-class SemaphoreProxy : public BaseProxy {
+class SemaphoreProxy : public AcquirableProxy {
 public:
-    using BaseProxy::BaseProxy;
-    bool acquire(bool blocking = true, detail::Timeout timeout = std::nullopt) const {
-        return call<bool>("acquire", blocking, OptTimeout(timeout));
-    }
-    void release() const { call("release"); }
+    using AcquirableProxy::AcquirableProxy;
     int get_value() const { return call<int>("get_value"); }
 };
 
@@ -333,15 +338,9 @@ public:
 };
 
 /// Condition with its own (reentrant) lock, owned like an RLock.
-class ConditionProxy : public BaseProxy {
+class ConditionProxy : public AcquirableProxy {
 public:
-    using BaseProxy::BaseProxy;
-    bool acquire(bool blocking = true, detail::Timeout timeout = std::nullopt) const {
-        return call<bool>("acquire", blocking, OptTimeout(timeout));
-    }
-    void release() const { call("release"); }
-    void lock() const { acquire(); }
-    void unlock() const { release(); }
+    using AcquirableProxy::AcquirableProxy;
     /// Releases the lock, waits for a notify (or the timeout), takes the lock back; false on
     /// timeout. The caller must hold the lock.
     bool wait(detail::Timeout timeout = std::nullopt) const { return call<bool>("wait", OptTimeout(timeout)); }

@@ -171,14 +171,8 @@ public:
     template <class F, class... Rs>
         requires(sizeof...(Rs) > 0)
     auto map(MapOptions options, const F& fn, Rs&&... ranges) {
-        using R = mp::detail::call_result_t<F, std::ranges::range_value_t<Rs>...>;
-        mp::detail::check_work<F, std::ranges::range_value_t<Rs>...>();
         if (options.task_timeout) throw Error("mp::mpi: map's task_timeout is not supported over MPI");
-        auto set = mp::detail::submit_chunks<F, std::ranges::range_value_t<Rs>...>(
-            engine_, fn, options.chunksize == 0 ? 1 : options.chunksize, std::nullopt,
-            mp::detail::zip_rows(ranges...));
-        return MapResults<mp::detail::item_t<R>>(std::move(set), options.timeout, options.progress,
-                                                 "map");
+        return mp::detail::map_over(engine_, options, fn, std::forward<Rs>(ranges)...);
     }
     /// No new work after this. wait: block until every submitted task has finished.
     /// cancel_futures: cancel the tasks not yet sent to a rank. Safe to call more than once and

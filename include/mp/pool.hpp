@@ -234,31 +234,7 @@ public:
         return next(timeout);
     }
 
-    class iterator {
-    public:
-        using iterator_category = std::input_iterator_tag;
-        using value_type = R;
-        using difference_type = std::ptrdiff_t;
-        iterator() = default;
-        explicit iterator(IMapResults* owner) : owner_(owner) { advance(); }
-        R& operator*() { return *value_; }
-        iterator& operator++() {
-            advance();
-            return *this;
-        }
-        void operator++(int) { advance(); }
-        friend bool operator==(const iterator& a, std::default_sentinel_t) noexcept {
-            return a.owner_ == nullptr;
-        }
-
-    private:
-        void advance() {
-            value_ = owner_->next();
-            if (!value_) owner_ = nullptr;
-        }
-        IMapResults* owner_ = nullptr;
-        std::optional<R> value_;
-    };
+    using iterator = PullIterator<IMapResults, R>;
     iterator begin() { return iterator(this); }
     std::default_sentinel_t end() const noexcept { return {}; }
 
@@ -266,6 +242,11 @@ public:
     std::shared_ptr<IMapFeed> feed() const { return feed_; }
 
 private:
+    friend iterator;
+    R* pull() {
+        current_ = next();
+        return current_ ? &*current_ : nullptr;
+    }
     struct Feed final : IMapFeed {
         std::mutex mu;  // one reader of the input at a time; guards what follows
         Reader read;
@@ -316,6 +297,7 @@ private:
     }
 
     std::shared_ptr<Feed> feed_;
+    std::optional<R> current_;  // what the iterator points at
     bool ordered_;
     std::size_t window_;
     std::size_t taken_ = 0;

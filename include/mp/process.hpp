@@ -111,7 +111,7 @@ public:
     std::optional<int> exitcode() const;
     void join() const;
     /// Returns true when the child has ended within the timeout (see Process::join).
-    bool join(detail::Timeout timeout) const;
+    [[nodiscard]] bool join(detail::Timeout timeout) const;
     void terminate() const;
     void kill() const;
     /// Sends SIGINT (see Process::interrupt).
@@ -170,7 +170,7 @@ public:
     void join();
     /// Waits at most `timeout` (any duration; seconds::max() waits for ever, zero or negative
     /// just looks); returns true when the child has ended.
-    bool join(detail::Timeout timeout);
+    [[nodiscard]] bool join(detail::Timeout timeout);
     /// True between start() and the child's end.
     bool is_alive();
     /// Sends SIGTERM. Throws ProcessError before start or after close.

@@ -382,7 +382,7 @@ public:
     void join() { this->core().join(std::nullopt); }
     /// Waits at most `timeout`; returns true when every item put was reported done.
     template <class Rep, class Period>
-    bool join(std::chrono::duration<Rep, Period> timeout) {
+    [[nodiscard]] bool join(std::chrono::duration<Rep, Period> timeout) {
         return this->core().join(detail::deadline_after(timeout));
     }
 

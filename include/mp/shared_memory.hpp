@@ -337,6 +337,22 @@ concept ValueLock = std::copy_constructible<L> && requires(L& l) {
     l.unlock();
 };
 
+namespace detail {
+// The codec of a shared object W made of its memory (Raw) and its lock (L): Value, Array.
+template <class W, class Raw, class L>
+struct LockedCodec {
+    static constexpr bool shares_state = true;  // a copy refers to the same object
+    static void encode(Encoder& e, const W& w) {
+        e.put(w.obj_);
+        e.put(w.lock_);
+    }
+    static W decode(Decoder& d) {
+        auto obj = d.get<Raw>();
+        return W(std::move(obj), d.get<L>());
+    }
+};
+}  // namespace detail
+
 /// A T in anonymous shared memory with a lock (Python's multiprocessing.Value).
 ///
 ///     mp::Value<int> hits(0);                   // with a new RLock, as Python
@@ -381,8 +397,8 @@ public:
     const RawValue<T>& raw() const noexcept { return obj_; }
 
 private:
-    template <class, class>
-    friend struct Codec;
+    template <class, class, class>
+    friend struct detail::LockedCodec;
     Value(RawValue<T> obj, L lock) noexcept : obj_(std::move(obj)), lock_(std::move(lock)) {}
     RawValue<T> obj_;
     mutable L lock_;
@@ -464,39 +480,18 @@ public:
     L& get_lock() const noexcept { return lock_; }
 
 private:
-    template <class, class>
-    friend struct Codec;
+    template <class, class, class>
+    friend struct detail::LockedCodec;
     Array(RawArray<T> obj, L lock) noexcept : obj_(std::move(obj)), lock_(std::move(lock)) {}
     RawArray<T> obj_;
     mutable L lock_;
 };
 
-/// Sent as its memory and its lock, both with their descriptors: the receiver shares both.
+/// Value and Array are sent as their memory (an Array's with its length) and their lock, with
+/// their descriptors: the receiver shares both.
 template <class T, class L>
-struct Codec<Value<T, L>> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const Value<T, L>& v) {
-        e.put(v.obj_);
-        e.put(v.lock_);
-    }
-    static Value<T, L> decode(Decoder& d) {
-        auto obj = d.get<RawValue<T>>();
-        return Value<T, L>(std::move(obj), d.get<L>());
-    }
-};
-
-/// Sent as its memory, length and lock: the receiver shares the memory and the lock.
+struct Codec<Value<T, L>> : detail::LockedCodec<Value<T, L>, RawValue<T>, L> {};
 template <class T, class L>
-struct Codec<Array<T, L>> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const Array<T, L>& a) {
-        e.put(a.obj_);
-        e.put(a.lock_);
-    }
-    static Array<T, L> decode(Decoder& d) {
-        auto obj = d.get<RawArray<T>>();
-        return Array<T, L>(std::move(obj), d.get<L>());
-    }
-};
+struct Codec<Array<T, L>> : detail::LockedCodec<Array<T, L>, RawArray<T>, L> {};
 
 }  // namespace mp

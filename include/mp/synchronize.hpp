@@ -95,37 +95,48 @@ enum class LockHolder { none, this_thread, other_thread, other_process };
 
 namespace detail {
 
+/// The standard names (Lockable, TimedLockable), so std::lock_guard, std::unique_lock and
+/// std::scoped_lock work, for a D with acquire(bool), release() and acquire_until(Deadline).
+template <class D>
+class StdLockable {
+public:
+    /// Waits at most `timeout`; returns false when it ran out.
+    template <class Rep, class Period>
+    [[nodiscard]] bool acquire(std::chrono::duration<Rep, Period> timeout) {
+        return self().acquire_until(deadline_after(timeout));
+    }
+    /// std-style acquire (Lockable).
+    void lock() { (void)self().acquire(true); }
+    /// std-style non-blocking acquire (Lockable); true when it acquired.
+    [[nodiscard]] bool try_lock() { return self().acquire(false); }
+    /// std-style release (Lockable).
+    void unlock() { self().release(); }
+    /// std-style timed acquire (TimedLockable); true when it acquired.
+    template <class Rep, class Period>
+    [[nodiscard]] bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+        return self().acquire_until(deadline_after(timeout));
+    }
+    /// std-style timed acquire until a time point of any clock (TimedLockable).
+    template <class Clock, class Duration>
+    [[nodiscard]] bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
+        return self().acquire_until(deadline_at(when));
+    }
+
+private:
+    D& self() noexcept { return static_cast<D&>(*this); }
+};
+
 /// What Lock and RLock share; see those classes.
-class BasicLock {
+class BasicLock : public StdLockable<BasicLock> {
 public:
     /// Waits for the lock (block = true) or tries once (block = false); returns whether the lock
     /// was acquired. Never returns false when blocking.
     bool acquire(bool block = true);
-    /// Waits at most `timeout`; returns false when it ran out.
-    template <class Rep, class Period>
-    bool acquire(std::chrono::duration<Rep, Period> timeout) {
-        return acquire_until(detail::deadline_after(timeout));
-    }
+    /// acquire(timeout): see StdLockable.
+    using StdLockable<BasicLock>::acquire;
     /// Releases the lock; throws std::system_error(operation_not_permitted) when the calling
     /// thread does not hold it.
     void release();
-
-    /// std-style acquire (Lockable).
-    void lock() { (void)acquire(true); }
-    /// std-style non-blocking acquire (Lockable).
-    bool try_lock() { return acquire(false); }
-    /// std-style release (Lockable).
-    void unlock() { release(); }
-    /// std-style timed acquire (TimedLockable).
-    template <class Rep, class Period>
-    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
-        return acquire_until(detail::deadline_after(timeout));
-    }
-    /// std-style timed acquire until a time point of any clock (TimedLockable).
-    template <class Clock, class Duration>
-    bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
-        return acquire_until(detail::deadline_at(when));
-    }
 
     /// True while the calling thread holds the lock and got it from a holder that died holding
     /// it (the protected data may be inconsistent). Meaningful only while holding the lock.
@@ -145,6 +156,7 @@ protected:
 
 private:
     friend struct detail::SyncAccess;
+    friend class StdLockable<BasicLock>;
     std::shared_ptr<MutexImpl> impl_;
 };
 
@@ -179,7 +191,7 @@ private:
 
 /// A process-shared counting semaphore (Python's multiprocessing.Semaphore). Not owned: any
 /// thread of any process may release. Also Lockable (lock = acquire, unlock = release).
-class Semaphore {
+class Semaphore : public detail::StdLockable<Semaphore> {
 public:
     /// A semaphore holding `value` permits; throws std::invalid_argument when negative.
     explicit Semaphore(int value = 1);
@@ -187,33 +199,13 @@ public:
     /// Takes a permit, waiting for one (block = true) or not (block = false); returns whether a
     /// permit was taken.
     bool acquire(bool block = true);
-    /// Waits at most `timeout` for a permit; returns false when it ran out.
-    template <class Rep, class Period>
-    bool acquire(std::chrono::duration<Rep, Period> timeout) {
-        return acquire_until(detail::deadline_after(timeout));
-    }
+    /// acquire(timeout): waits at most `timeout` for a permit (see StdLockable).
+    using detail::StdLockable<Semaphore>::acquire;
     /// Returns a permit and wakes one waiter. A BoundedSemaphore throws
     /// std::system_error(value_too_large) when that would exceed its initial value.
     void release();
     /// The number of permits available now (a snapshot: other processes may change it at once).
     int get_value() const;
-
-    /// std-style acquire (Lockable).
-    void lock() { (void)acquire(true); }
-    /// std-style non-blocking acquire (Lockable).
-    bool try_lock() { return acquire(false); }
-    /// std-style release (Lockable).
-    void unlock() { release(); }
-    /// std-style timed acquire (TimedLockable).
-    template <class Rep, class Period>
-    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
-        return acquire_until(detail::deadline_after(timeout));
-    }
-    /// std-style timed acquire until a time point of any clock (TimedLockable).
-    template <class Clock, class Duration>
-    bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
-        return acquire_until(detail::deadline_at(when));
-    }
 
 protected:
     Semaphore(int value, bool bounded);
@@ -222,6 +214,7 @@ protected:
 
 private:
     friend struct detail::SyncAccess;
+    friend class detail::StdLockable<Semaphore>;
     bool acquire_until(const detail::Deadline& deadline);
     std::shared_ptr<detail::SemaphoreImpl> impl_;
 };
@@ -256,7 +249,7 @@ public:
     bool acquire(bool block = true) { return base_lock().acquire(block); }
     /// Acquires the underlying lock, waiting at most `timeout`.
     template <class Rep, class Period>
-    bool acquire(std::chrono::duration<Rep, Period> timeout) {
+    [[nodiscard]] bool acquire(std::chrono::duration<Rep, Period> timeout) {
         return base_lock().acquire(timeout);
     }
     /// Releases the underlying lock.
@@ -264,17 +257,17 @@ public:
     /// std-style acquire of the underlying lock.
     void lock() { base_lock().lock(); }
     /// std-style non-blocking acquire of the underlying lock.
-    bool try_lock() { return base_lock().try_lock(); }
+    [[nodiscard]] bool try_lock() { return base_lock().try_lock(); }
     /// std-style release of the underlying lock.
     void unlock() { base_lock().unlock(); }
     /// std-style timed acquire of the underlying lock.
     template <class Rep, class Period>
-    bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
+    [[nodiscard]] bool try_lock_for(std::chrono::duration<Rep, Period> timeout) {
         return base_lock().try_lock_for(timeout);
     }
     /// std-style timed acquire of the underlying lock until a time point of any clock.
     template <class Clock, class Duration>
-    bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
+    [[nodiscard]] bool try_lock_until(std::chrono::time_point<Clock, Duration> when) {
         return base_lock().try_lock_until(when);
     }
     /// See Lock::owner_died (about the underlying lock).
@@ -287,12 +280,12 @@ public:
     /// As wait(), for at most `timeout`; returns false when it ran out (the lock is held again
     /// either way).
     template <class Rep, class Period>
-    bool wait(std::chrono::duration<Rep, Period> timeout) {
+    [[nodiscard]] bool wait(std::chrono::duration<Rep, Period> timeout) {
         return wait_until_deadline(detail::deadline_after(timeout));
     }
     /// As wait(), until a time point of any clock; returns false when it passed.
     template <class Clock, class Duration>
-    bool wait_until(std::chrono::time_point<Clock, Duration> when) {
+    [[nodiscard]] bool wait_until(std::chrono::time_point<Clock, Duration> when) {
         return wait_until_deadline(detail::deadline_at(when));
     }
     /// Waits until pred() is true (checked first, and after each wake-up, with the lock held);
@@ -306,7 +299,7 @@ public:
     /// the time ran out with the predicate still false).
     template <class Predicate, class Rep, class Period>
         requires std::predicate<Predicate&>
-    bool wait_for(Predicate pred, std::chrono::duration<Rep, Period> timeout) {
+    [[nodiscard]] bool wait_for(Predicate pred, std::chrono::duration<Rep, Period> timeout) {
         return wait_for_deadline(pred, detail::deadline_after(timeout));
     }
 
@@ -356,7 +349,7 @@ public:
     /// Waits at most `timeout`; returns true when the flag was set (also when it was set and
     /// cleared again while this thread waited), false when the time ran out.
     template <class Rep, class Period>
-    bool wait(std::chrono::duration<Rep, Period> timeout) {
+    [[nodiscard]] bool wait(std::chrono::duration<Rep, Period> timeout) {
         return wait_until_deadline(detail::deadline_after(timeout));
     }
 
@@ -438,49 +431,31 @@ private:
     std::shared_ptr<detail::BarrierImpl> impl_;
 };
 
-/// Codecs: each sends its shared memory's descriptor (Encoder::attach_fd); decoding maps it and
-/// checks that it holds an object of the expected kind (else mp::DecodeError).
-template <>
-struct Codec<Lock> {
+namespace detail {
+/// The codec of a synchronisation type: it sends its shared memory's descriptor
+/// (Encoder::attach_fd); decoding maps it and checks that it holds an object of the expected kind
+/// (else mp::DecodeError). Defined, for the types below only, in synchronize.cpp.
+template <class T>
+struct SyncCodec {
     static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const Lock& v);
-    static Lock decode(Decoder& d);
+    static void encode(Encoder& e, const T& v);
+    static T decode(Decoder& d);
 };
-template <>
-struct Codec<RLock> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const RLock& v);
-    static RLock decode(Decoder& d);
-};
-template <>
-struct Codec<Semaphore> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const Semaphore& v);
-    static Semaphore decode(Decoder& d);
-};
-template <>
-struct Codec<BoundedSemaphore> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const BoundedSemaphore& v);
-    static BoundedSemaphore decode(Decoder& d);
-};
-template <>
-struct Codec<Condition> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const Condition& v);
-    static Condition decode(Decoder& d);
-};
-template <>
-struct Codec<Event> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const Event& v);
-    static Event decode(Decoder& d);
-};
-template <>
-struct Codec<Barrier> {
-    static constexpr bool shares_state = true;  // a copy refers to the same object
-    static void encode(Encoder& e, const Barrier& v);
-    static Barrier decode(Decoder& d);
-};
+extern template struct SyncCodec<Lock>;
+extern template struct SyncCodec<RLock>;
+extern template struct SyncCodec<Semaphore>;
+extern template struct SyncCodec<BoundedSemaphore>;
+extern template struct SyncCodec<Condition>;
+extern template struct SyncCodec<Event>;
+extern template struct SyncCodec<Barrier>;
+}  // namespace detail
+
+template <> struct Codec<Lock> : detail::SyncCodec<Lock> {};
+template <> struct Codec<RLock> : detail::SyncCodec<RLock> {};
+template <> struct Codec<Semaphore> : detail::SyncCodec<Semaphore> {};
+template <> struct Codec<BoundedSemaphore> : detail::SyncCodec<BoundedSemaphore> {};
+template <> struct Codec<Condition> : detail::SyncCodec<Condition> {};
+template <> struct Codec<Event> : detail::SyncCodec<Event> {};
+template <> struct Codec<Barrier> : detail::SyncCodec<Barrier> {};
 
 }  // namespace mp

@@ -72,6 +72,13 @@ std::pair<Fd, Fd> make_socketpair(int type) {
     return {Fd(fds[0]), Fd(fds[1])};
 }
 
+int poll_timeout_ms(std::optional<std::chrono::nanoseconds> timeout) noexcept {
+    if (!timeout) return -1;
+    if (*timeout <= std::chrono::nanoseconds::zero()) return 0;
+    return static_cast<int>(std::min<std::chrono::milliseconds::rep>(
+        std::chrono::ceil<std::chrono::milliseconds>(*timeout).count(), INT_MAX));
+}
+
 bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeout) {
     using clock = std::chrono::steady_clock;
     // Through mp's one saturating conversion: a caller's "what is left of a far deadline" can be
@@ -80,17 +87,10 @@ bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeo
                               .value_or(clock::time_point::max());
     if (deadline == clock::time_point::max()) timeout.reset();
     for (;;) {
-        int ms = -1;
-        if (timeout) {
-            auto left = deadline - clock::now();
-            if (left < clock::duration::zero()) left = clock::duration::zero();
-            // Round up so a short timeout still waits instead of spinning on poll(0); cap at
-            // INT_MAX ms (~24 days) so a long one does not wrap: the loop waits again.
-            ms = static_cast<int>(std::min<std::chrono::milliseconds::rep>(
-                std::chrono::ceil<std::chrono::milliseconds>(left).count(), INT_MAX));
-        }
+        std::optional<std::chrono::nanoseconds> left;
+        if (timeout) left = deadline - clock::now();
         pollfd p{fd, events, 0};
-        int r = ::poll(&p, 1, ms);
+        int r = ::poll(&p, 1, poll_timeout_ms(left));
         if (r > 0) return true;
         if (r == 0) {
             if (clock::now() >= deadline) return false;
@@ -134,32 +134,37 @@ void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fd
     }
 }
 
-std::size_t recv_fds(int sock, void* data, std::size_t n, std::span<Fd> fds) {
-    iovec iov{data, n};
-    msghdr msg{};
+RecvMsg::RecvMsg(void* data, std::size_t n) noexcept : iov{data, n} {
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
-    FdControl control;
     msg.msg_control = control.buf;
     msg.msg_controllen = sizeof control.buf;
-    ssize_t r;
+}
+
+std::optional<std::size_t> recv_msg(int sock, RecvMsg& m, bool block, const char* what) {
     for (;;) {
-        r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
-        if (r >= 0) break;
-        if (errno == EAGAIN) {
+        const ssize_t r = ::recvmsg(sock, &m.msg, MSG_CMSG_CLOEXEC);
+        if (r >= 0) return static_cast<std::size_t>(r);
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            if (!block) return std::nullopt;
             wait_fd(sock, POLLIN, std::nullopt);
         } else if (errno != EINTR) {
-            throw_system_error(errno, "recvmsg");
+            throw_system_error(errno, what);
         }
     }
+}
+
+std::size_t recv_fds(int sock, void* data, std::size_t n, std::span<Fd> fds) {
+    RecvMsg m(data, n);
+    const std::size_t r = *recv_msg(sock, m, true, "recvmsg");
     std::size_t stored = 0;
     // Take ownership of every descriptor received, even surplus ones, so none leaks.
-    for_each_right(msg, [&](int fd) {
+    for_each_right(m.msg, [&](int fd) {
         Fd owned(fd);
         if (stored < fds.size()) fds[stored++] = std::move(owned);
     });
-    if (msg.msg_flags & MSG_CTRUNC) throw_system_error(EMSGSIZE, "recvmsg (descriptors truncated)");
-    return static_cast<std::size_t>(r);
+    if (m.truncated()) throw_system_error(EMSGSIZE, "recvmsg (descriptors truncated)");
+    return r;
 }
 
 }  // namespace mp::sys

@@ -56,6 +56,11 @@ std::pair<Fd, Fd> make_socketpair(int type);
 /// Returns false on timeout. Retries on EINTR with the remaining time.
 bool wait_fd(int fd, short events, std::optional<std::chrono::nanoseconds> timeout);
 
+/// poll()'s timeout for an optional wait (none: -1): rounded up to whole milliseconds, so a
+/// short wait does not spin on poll(0), and capped at INT_MAX, so a long one does not wrap (the
+/// caller polls again).
+int poll_timeout_ms(std::optional<std::chrono::nanoseconds> timeout) noexcept;
+
 /// The most descriptors one message carries (the kernel's SCM_MAX_FD).
 inline constexpr std::size_t kMaxFds = 253;
 
@@ -82,6 +87,25 @@ void for_each_right(msghdr& msg, Take&& take) {
         }
     }
 }
+/// One message to receive, with room for kMaxFds descriptors. `msg` points into the object
+/// itself, so it does not move.
+struct RecvMsg {
+    RecvMsg(void* data, std::size_t n) noexcept;
+    RecvMsg(const RecvMsg&) = delete;
+    RecvMsg& operator=(const RecvMsg&) = delete;
+    /// The kernel dropped descriptors that did not fit (MSG_CTRUNC).
+    bool truncated() const noexcept { return (msg.msg_flags & MSG_CTRUNC) != 0; }
+
+    iovec iov{};
+    FdControl control;
+    msghdr msg{};
+};
+/// The one receive loop for messages that may carry descriptors: recvmsg into `m` (descriptors
+/// close-on-exec, to be taken with for_each_right), retried on EINTR. On EAGAIN (a non-blocking
+/// socket with nothing to read): waits for data when `block`, else returns std::nullopt. Other
+/// errors throw std::system_error named `what`. Returns the byte count, 0 at end of file.
+std::optional<std::size_t> recv_msg(int sock, RecvMsg& m, bool block, const char* what);
+
 /// Sends bytes and descriptors over a Unix socket in one message (SCM_RIGHTS).
 void send_fds(int sock, const void* data, std::size_t n, std::span<const int> fds);
 /// Receives one message of at most `n` bytes and up to `fds.size()` descriptors (close-on-exec).

@@ -1,11 +1,13 @@
 #pragma once
 // A directory of its own for the files of one test, removed with its content.
 
-#include <dirent.h>
+#include <unistd.h>
+
+#include <filesystem>
 #include <fstream>
 #include <stdexcept>
 #include <string>
-#include <unistd.h>
+#include <system_error>
 
 namespace mp::test {
 
@@ -19,17 +21,12 @@ struct TempDir {
     TempDir(const TempDir&) = delete;
     TempDir& operator=(const TempDir&) = delete;
     ~TempDir() {
-        if (DIR* d = ::opendir(path.c_str())) {
-            while (dirent* e = ::readdir(d)) {
-                std::string n = e->d_name;
-                if (n != "." && n != "..") ::unlink((path + "/" + n).c_str());
-            }
-            ::closedir(d);
-        }
-        ::rmdir(path.c_str());
+        std::error_code ec;
+        std::filesystem::remove_all(path, ec);
     }
     std::string file(const std::string& name) const { return path + "/" + name; }
-    void touch(const std::string& name) const { std::ofstream(file(name)) << "x"; }
+    bool exists(const std::string& name) const { return ::access(file(name).c_str(), F_OK) == 0; }
+    void touch(const std::string& name) const { std::ofstream(file(name)) << "x\n"; }
 };
 
 }  // namespace mp::test

@@ -10,14 +10,7 @@
 #         MP_CXX (the compiler this build used).
 file(REMOVE_RECURSE "${MP_WORK_DIR}")
 
-function(run_step what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "${what} failed (${rc}):\n${out}\n${err}")
-  endif()
-  message(STATUS "${what}: ok")
-  set(last_output "${out}" PARENT_SCOPE)
-endfunction()
+include(${CMAKE_CURRENT_LIST_DIR}/common.cmake)
 
 set(prefix "${MP_WORK_DIR}/prefix")
 run_step("install" ${CMAKE_COMMAND} --install "${MP_BINARY_DIR}" --prefix "${prefix}")

@@ -8,13 +8,7 @@
 # ever cached).
 file(REMOVE_RECURSE "${MP_WORK_DIR}")
 
-function(run_step what)
-  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-  if(NOT rc EQUAL 0)
-    message(FATAL_ERROR "${what} failed (${rc}):\n${out}\n${err}")
-  endif()
-  message(STATUS "${what}: ok")
-endfunction()
+include(${CMAKE_CURRENT_LIST_DIR}/common.cmake)
 
 set(prefix "${MP_WORK_DIR}/prefix")
 set(build "${MP_WORK_DIR}/build")

@@ -114,6 +114,9 @@ protected:
 private:
     // With the final state already stored under `lk`: wakes waiters and sleepers, releases `lk`
     // and runs the callbacks outside it.
+    // set_result, set_exception and set_value: the outcome, unless the future is done already
+    // (then false).
+    bool finish(std::string bytes, std::exception_ptr error, std::shared_ptr<const void> value);
     void complete(std::unique_lock<std::mutex>& lk);
 
     std::atomic<State> state_{State::pending};

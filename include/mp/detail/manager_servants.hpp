@@ -41,6 +41,15 @@ std::shared_ptr<void> make_servant_holding(Decoder& in) {
     return s;
 }
 
+/// The entry of a servant type S holding one value: made with it, answering `methods`.
+template <class S>
+TypeEntry holding_entry(decltype(TypeEntry::methods) methods) {
+    TypeEntry t;
+    t.make = make_servant_holding<S>;
+    t.methods = std::move(methods);
+    return t;
+}
+
 template <class K, class V>
 struct DictServant {
     explicit DictServant(std::map<K, V> m = {}) : d(m.begin(), m.end()) {}
@@ -101,23 +110,30 @@ struct DictServant {
     }
 };
 
+/// The methods of a sequence of fixed length held in S::v (an Array's, and part of a list's).
+template <class S, class T>
+decltype(TypeEntry::methods) sequence_methods() {
+    return {
+        {"get", make_method<S>([](S& s, std::int64_t i) -> T {
+             return s.v[normalise_index(i, s.v.size())];
+         })},
+        {"set", make_method<S>([](S& s, std::int64_t i, const T& x) {
+             s.v[normalise_index(i, s.v.size())] = x;
+         })},
+        {"size", make_method<S>([](S& s) { return std::uint64_t(s.v.size()); })},
+        {"copy", make_method<S>([](S& s) { return s.v; })},
+    };
+}
+
 template <class T>
 struct ListServant {
     std::vector<T> v;
     static TypeEntry entry() {
         using S = ListServant;
-        TypeEntry t;
-        t.make = make_servant_holding<S>;
-        t.methods = {
+        TypeEntry t = holding_entry<S>({
             {"append", make_method<S>([](S& s, const T& x) { s.v.push_back(x); })},
             {"extend", make_method<S>([](S& s, const std::vector<T>& x) {
                  s.v.insert(s.v.end(), x.begin(), x.end());
-             })},
-            {"get", make_method<S>([](S& s, std::int64_t i) -> T {
-                 return s.v[normalise_index(i, s.v.size())];
-             })},
-            {"set", make_method<S>([](S& s, std::int64_t i, const T& x) {
-                 s.v[normalise_index(i, s.v.size())] = x;
              })},
             {"insert", make_method<S>([](S& s, std::int64_t i, const T& x) {
                  // Python clamps insert positions instead of raising.
@@ -151,7 +167,6 @@ struct ListServant {
                  for (auto& y : s.v) n += (y == x);
                  return n;
              })},
-            {"size", make_method<S>([](S& s) { return std::uint64_t(s.v.size()); })},
             {"clear", make_method<S>([](S& s) { s.v.clear(); })},
             {"reverse", make_method<S>([](S& s) { std::reverse(s.v.begin(), s.v.end()); })},
             {"sort", make_method<S>([](S& s) {
@@ -161,8 +176,8 @@ struct ListServant {
                      throw std::invalid_argument("TypeError: the element type has no operator<");
                  }
              })},
-            {"copy", make_method<S>([](S& s) { return s.v; })},
-        };
+        });
+        t.methods.merge(sequence_methods<S, T>());  // a list is an array that can change its length
         return t;
     }
 };
@@ -172,12 +187,10 @@ struct ValueServant {
     T v{};
     static TypeEntry entry() {
         using S = ValueServant;
-        TypeEntry t;
-        t.make = make_servant_holding<S>;
-        t.methods = {
+        TypeEntry t = holding_entry<S>({
             {"get", make_method<S>([](S& s) -> T { return s.v; })},
             {"set", make_method<S>([](S& s, const T& x) { s.v = x; })},
-        };
+        });
         if constexpr (std::is_arithmetic_v<T>)
             t.methods["fetch_add"] = make_method<S>([](S& s, const T& x) -> T {
                 T old = s.v;
@@ -191,22 +204,7 @@ struct ValueServant {
 template <class T>
 struct ArrayServant {
     std::vector<T> v;
-    static TypeEntry entry() {
-        using S = ArrayServant;
-        TypeEntry t;
-        t.make = make_servant_holding<S>;
-        t.methods = {
-            {"get", make_method<S>([](S& s, std::int64_t i) -> T {
-                 return s.v[normalise_index(i, s.v.size())];
-             })},
-            {"set", make_method<S>([](S& s, std::int64_t i, const T& x) {
-                 s.v[normalise_index(i, s.v.size())] = x;
-             })},
-            {"size", make_method<S>([](S& s) { return std::uint64_t(s.v.size()); })},
-            {"copy", make_method<S>([](S& s) { return s.v; })},
-        };
-        return t;
-    }
+    static TypeEntry entry() { return holding_entry<ArrayServant>(sequence_methods<ArrayServant, T>()); }
 };
 
 /// The untyped core of the server's queue (items as encoded bytes).

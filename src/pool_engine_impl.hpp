@@ -1,0 +1,257 @@
+#pragma once
+// The pool's state, shared by the files that run it: pool_engine.cpp (the thread's loop, failing,
+// the public PoolEngine), pool_lifecycle.cpp (starting workers, their ends, the status page) and
+// pool_schedule.cpp (handing out tasks, answers, take-back, deadlines). See pool_engine.cpp for how
+// the pool works.
+
+#include <poll.h>
+#include <sys/types.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "mp/detail/pool_engine.hpp"
+#include "launch.hpp"
+#include "pool_frames.hpp"
+#include "sys/fd.hpp"
+
+namespace mp::detail {
+namespace pool {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::nanoseconds;
+
+constexpr auto kStallLimit = std::chrono::milliseconds(10);
+constexpr auto kStartGrace = std::chrono::seconds(5);
+constexpr auto kMaxBackoff = std::chrono::milliseconds(500);
+
+// A task and its future in one allocation: the queues hold pointers, the user the future.
+struct Job : FutureCore {
+    std::uint64_t ordinal = 0;  // in its current worker
+    std::string bytes;
+    std::vector<sys::Fd> fds;
+    std::size_t items = 0;
+    std::optional<nanoseconds> timeout;
+
+    // Where a worker holds it, for cancel() in any thread. The pool's thread changes `ticket`
+    // under `where_mu` and never calls into the core while holding it.
+    std::mutex where_mu;
+    std::atomic<std::uint64_t>* ticket = nullptr;  // null: not in a worker
+    bool withdrawn = false;                        // cancel() took it back: never to be sent
+
+    // Takes the task back from its worker unless it has started there.
+    bool withdraw() noexcept override {
+        std::lock_guard lock(where_mu);
+        if (ticket != nullptr) {
+            std::uint64_t expected = pool::ticket(ordinal, pool::kQueued);
+            if (!ticket->compare_exchange_strong(expected, pool::ticket(ordinal, pool::kWithdrawn),
+                                                 std::memory_order_acq_rel))
+                return false;
+            ticket = nullptr;
+        }
+        withdrawn = true;
+        return true;
+    }
+    // The pool's thread: puts it in worker slot `slot` as `ord`; false when cancelled first.
+    bool place(pool::WorkerSlot& slot, std::uint64_t ord) {
+        std::lock_guard lock(where_mu);
+        if (withdrawn) return false;
+        ordinal = ord;
+        ticket = &slot.ticket_of(ord);
+        ticket->store(pool::ticket(ord, pool::kQueued), std::memory_order_release);
+        return true;
+    }
+    // The pool's thread: takes it back from its worker, unless it has started there or
+    // cancel() has withdrawn it already.
+    enum class Back { taken, started, cancelled };
+    Back take_back() {
+        std::lock_guard lock(where_mu);
+        if (withdrawn) return Back::cancelled;
+        if (ticket == nullptr) return Back::taken;  // not in a worker (cannot happen)
+        std::uint64_t expected = pool::ticket(ordinal, pool::kQueued);
+        if (!ticket->compare_exchange_strong(expected, pool::ticket(ordinal, pool::kWithdrawn),
+                                             std::memory_order_acq_rel))
+            return Back::started;
+        ticket = nullptr;
+        return Back::taken;
+    }
+    // The pool's thread: whether its worker has started it.
+    bool started_in_worker() {
+        std::lock_guard lock(where_mu);
+        return ticket != nullptr &&
+               ticket->load(std::memory_order_acquire) == pool::ticket(ordinal, pool::kStarted);
+    }
+    bool cancelled() const noexcept { return state() == State::cancelled; }
+};
+using JobPtr = std::shared_ptr<Job>;
+
+struct Worker {
+    std::size_t slot = 0;
+    pid_t pid = 0;
+    std::string name;
+    sys::Fd sock;
+    sys::Fd pidfd;
+    sys::Fd status;  // forkserver: the exit status arrives here (kept open: closing it kills the worker)
+    bool forked = false;
+    std::deque<JobPtr> inflight;
+    std::uint64_t next_ordinal = 1;
+    std::uint64_t answered = 0;  // the last ordinal whose answer arrived
+    std::uint64_t sent = 0;
+    FrameReader in;
+    FrameWriter out;
+    bool ready = false;
+    bool retiring = false;
+    bool closing = false;  // socket shut for writing: the worker exits when idle
+    std::uint64_t timed_out = 0;  // the ordinal the pool killed it for
+    std::optional<Clock::time_point> deadline;
+    std::uint64_t deadline_ordinal = 0;
+    // Since when the task at the head of `inflight` has been the next for this (ready) worker.
+    std::optional<Clock::time_point> head_since;
+    std::uint64_t head_ordinal = 0;
+    Clock::time_point last_sent{};  // when bytes last moved into its socket
+    bool stalled = false;  // gave its queue back for not starting it; no more until it answers
+    double avg_ns = 0;
+    std::unique_ptr<ChildRecord> record;  // fork: the child's identity, alive while it runs
+    // Counted for stats(); written by the pool's thread only, read under the pool's lock.
+    std::atomic<std::size_t> assigned{0}, done{0}, failed{0};
+
+    std::size_t capacity(std::size_t max_tasks) const {
+        std::size_t cap = 2;
+        if (avg_ns > 0) cap = static_cast<std::size_t>(std::clamp(1e6 / avg_ns, 2.0, 1024.0));
+        if (max_tasks != 0) cap = std::min<std::size_t>(cap, max_tasks - std::min<std::size_t>(sent, max_tasks));
+        return cap;
+    }
+};
+
+}  // namespace pool
+
+struct PoolEngine::Impl {
+    using Clock = std::chrono::steady_clock;
+    PoolConfig cfg;
+
+    // Shared with submitters: under mu.
+    mutable std::mutex mu;
+    std::deque<pool::JobPtr> incoming;
+    bool shutting_down = false;
+    bool cancel_requested = false;
+    bool terminate_requested = false;
+    bool broken = false;
+    bool finished = false;
+    bool loop_sleeping = false;
+    std::uint64_t cancels_done = 0;  // cancel_pending passes the loop made
+    std::condition_variable cancel_cv;
+    std::string broken_reason;
+    std::vector<std::unique_ptr<pool::Worker>> workers;  // structure changes under mu
+    std::atomic<std::size_t> submitted{0}, pending_count{0}, running_count{0}, done_count{0},
+        failed_count{0}, cancelled_count{0}, started_count{0}, death_count{0};
+
+    sys::Fd wake;
+    pool::WorkerSlot* slots = nullptr;
+    std::size_t page_bytes = 0;
+    std::size_t stage_offset = 0;  // the workers' stages follow their slots in the page
+    sys::Fd page;
+    std::vector<bool> slot_used;
+    std::vector<sys::Fd> init_fds;  // owned copies of the initializer's descriptors
+    std::thread thread;
+    std::mutex join_mu;
+
+    // The pool's thread only.
+    std::deque<pool::JobPtr> pending;
+    std::size_t worker_counter = 0;
+    // Consecutive workers that died before they were ready: crashed in the initializer (or at
+    // start), or killed from outside (SIGKILL: the OOM killer, an operator) while starting.
+    int start_crashes = 0;
+    int start_kills = 0;
+    // Starting workers failed (see kStartGrace): when to try again, since when it fails.
+    std::optional<Clock::time_point> retry_at;
+    std::optional<Clock::time_point> failing_since;
+    Clock::duration backoff{};
+    bool first_start_done = false;  // every worker was started once (even if shut down at once)
+
+    void ring() {
+        const std::uint64_t one = 1;
+        ssize_t n = ::write(wake.get(), &one, sizeof one);
+        (void)n;  // EAGAIN: the counter is already non-zero, the loop will wake
+    }
+
+    // Under mu.
+    void ring_if_sleeping() {
+        if (loop_sleeping) {
+            loop_sleeping = false;
+            ring();
+        }
+    }
+
+
+    // ---- the loop and failing (pool_engine.cpp) ------------------------------------------------
+    void run() noexcept;
+    void loop();
+    static int poll_in_slices(std::vector<pollfd>& fds, int timeout_ms);
+    void break_pool(const std::string& reason);
+    void fail_pending();
+    void fail_all(const std::exception_ptr& e);
+    bool is_broken() const {
+        std::lock_guard lock(mu);
+        return broken;
+    }
+    bool shutting_down_now() const {
+        std::lock_guard lock(mu);
+        return shutting_down;
+    }
+    std::size_t in_flight() const {
+        std::size_t n = 0;
+        for (auto& w : workers) n += w->inflight.size();
+        return n;
+    }
+    std::string broken_reason_copy() const {
+        std::lock_guard lock(mu);
+        return broken_reason;
+    }
+
+
+    // ---- workers: start, end, the status page (pool_lifecycle.cpp) -----------------------------
+    explicit Impl(PoolConfig c);
+    ~Impl();
+    static bool transient(const std::exception& e);
+    void start_workers();
+    void start_worker();
+    void close_input(pool::Worker& w);
+    void kill_all();
+    static std::optional<int> exit_status(pool::Worker& w);
+    void wait_exit(pool::Worker& w, bool terminating);
+
+
+    // ---- scheduling: tasks out, answers in, take-back, deadlines (pool_schedule.cpp) ----------
+    std::chrono::nanoseconds busy_for(const pool::Worker& w, Clock::time_point now) const;
+    bool has_idle_worker() const;
+    bool take_back_queued(pool::Worker& w);
+    bool take_back(Clock::time_point now);
+    void take_back_stalled(Clock::time_point now);
+    void dispatch();
+    void assign_pending(Clock::time_point now);
+    void assign(pool::Worker& w, pool::JobPtr job, Clock::time_point now);
+    void new_head(pool::Worker& w, Clock::time_point now);
+    void send(pool::Worker& w);
+    void receive(pool::Worker& w);
+    void handle(pool::Worker& w, pool::Frame& f);
+    void next_head(pool::Worker& w);
+    void check_deadlines();
+    void cancel_pending();
+    // Since when the head of w's queue has waited for w to start it: a worker still reading a
+    // large task off its socket is not stalled.
+    static Clock::time_point waiting_since(const pool::Worker& w) { return std::max(*w.head_since, w.last_sent); }
+};
+
+}  // namespace mp::detail

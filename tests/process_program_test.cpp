@@ -1,0 +1,269 @@
+// Tests of mp::Process as a whole program meets it (run in the helper program mp_test_child):
+// exit, a killed parent, threads, atexit, stdio buffers; and the leak check itself. Helpers and
+// the rules every Process test follows: helpers/process_helpers.hpp and process_test.cpp.
+
+#include "helpers/process_helpers.hpp"
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Whole programs (mp_test_child)
+// ---------------------------------------------------------------------------------------------
+
+TEST(ProcessProgram, HelperModes) {
+    TempDir dir;
+    {
+        Program p(dir, {"exit", "3"});
+        ASSERT_TRUE(p.wait());
+        EXPECT_TRUE(p.exited_with(3)) << p.describe();
+    }
+    {
+        Program p(dir, {"crash"});
+        ASSERT_TRUE(p.wait());
+        EXPECT_TRUE(WIFSIGNALED(p.status()) && WTERMSIG(p.status()) == SIGSEGV) << p.describe();
+    }
+    {
+        Program p(dir, {"abort"});
+        ASSERT_TRUE(p.wait());
+        EXPECT_TRUE(WIFSIGNALED(p.status()) && WTERMSIG(p.status()) == SIGABRT) << p.describe();
+    }
+    {
+        Program p(dir, {"sleep", "0.01"});
+        ASSERT_TRUE(p.wait());
+        EXPECT_TRUE(p.exited_with(0)) << p.describe();
+    }
+    {
+        write_file_atomically(dir.file("in"), "hello\nworld\n");
+        Program p(dir, {"echo"}, dir.file("in"));
+        ASSERT_TRUE(p.wait());
+        EXPECT_TRUE(p.exited_with(0)) << p.describe();
+        EXPECT_EQ(p.out(), "hello\nworld\n");
+    }
+}
+
+TEST(ProcessProgram, MainProcessAuthkeyIsRandom) {
+    TempDir dir;
+    Program a(dir, {"authkey"});
+    Program b(dir, {"authkey"});
+    ASSERT_TRUE(a.wait());
+    ASSERT_TRUE(b.wait());
+    ASSERT_TRUE(a.exited_with(0)) << a.describe();
+    ASSERT_TRUE(b.exited_with(0)) << b.describe();
+    EXPECT_EQ(a.out().size(), 65u) << a.out();  // 32 bytes in hex and a newline
+    EXPECT_NE(a.out(), b.out());
+}
+
+TEST(ProcessProgram, DaemonDiesWhenItsParentIsKilled) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"daemon-orphan", dir.file("pid")});
+    auto text = wait_for_file(dir.file("pid"));
+    ASSERT_TRUE(text) << "no pid file; " << prog.err();
+    const pid_t daemon = static_cast<pid_t>(std::stol(*text));
+    EXPECT_TRUE(mp::test::pid_running(daemon));
+    prog.signal(SIGKILL);
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(mp::test::wait_pid_stopped(daemon, 5s)) << "the daemon outlived its killed parent";
+    EXPECT_TRUE(reaper.reap(5s).empty());
+}
+
+TEST(ProcessProgram, ForkserverDaemonDiesWhenItsParentIsKilled) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"daemon-orphan", dir.file("pid"), "forkserver"});
+    auto text = wait_for_file(dir.file("pid"));
+    ASSERT_TRUE(text) << "no pid file; " << prog.err();
+    const pid_t daemon = static_cast<pid_t>(std::stol(*text));
+    EXPECT_TRUE(mp::test::pid_running(daemon));
+    prog.signal(SIGKILL);
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(mp::test::wait_pid_stopped(daemon, 5s)) << "the daemon outlived its killed parent";
+    auto left = reaper.reap(5s);
+    EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
+}
+
+TEST(ProcessProgram, ForkserverChildFlushesStdioAndReportsItsException) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"forkserver-stdio"});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    const std::string out = prog.out();
+    const std::string err = prog.err();
+    EXPECT_EQ(field(out, "exitcodes"), "0 1") << prog.describe();
+    EXPECT_EQ(count_of(out, "parent-buffered"), 1u) << prog.describe();
+    EXPECT_EQ(count_of(out, "fs-buffered"), 1u) << prog.describe();
+    auto thrower = field(out, "thrower");
+    ASSERT_TRUE(thrower) << prog.describe();
+    EXPECT_NE(err.find("Process " + *thrower + ":"), std::string::npos) << prog.describe();
+    EXPECT_NE(err.find("thrown in a forkserver child"), std::string::npos) << prog.describe();
+    auto left = reaper.reap(5s);
+    EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
+}
+
+TEST(ProcessProgram, NonDaemonChildrenAreJoinedWhenMainReturns) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"exit-joins", dir.file("marker")});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    EXPECT_EQ(slurp(dir.file("marker")), "child-finished\n")
+        << "the program exited before its non-daemon child finished";
+    auto pid = field(prog.out(), "child-pid");
+    ASSERT_TRUE(pid) << prog.describe();
+    EXPECT_FALSE(mp::test::pid_running(static_cast<pid_t>(std::stol(*pid))));
+    EXPECT_TRUE(reaper.reap(5s).empty()) << "the program left a process behind";
+}
+
+TEST(ProcessProgram, NonDaemonChildrenAreJoinedAtStdExit) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"exit-joins", dir.file("marker"), "std-exit"});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    EXPECT_EQ(slurp(dir.file("marker")), "child-finished\n")
+        << "the program exited before its non-daemon child finished";
+    EXPECT_TRUE(reaper.reap(5s).empty()) << "the program left a process behind";
+}
+
+TEST(ProcessProgram, DaemonChildrenAreTerminatedAtNormalExit) {
+    Subreaper reaper;
+    TempDir dir;
+    const std::string marker = dir.file("marker");
+    Program prog(dir, {"exit-terminates-daemon", marker});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    auto pid = field(prog.out(), "daemon-pid");
+    ASSERT_TRUE(pid) << prog.describe();
+    EXPECT_TRUE(mp::test::wait_pid_stopped(static_cast<pid_t>(std::stol(*pid)), 5s));
+    auto text = wait_for_file(marker, 5s);
+    EXPECT_TRUE(text && text->find("sigterm") != std::string::npos)
+        << "the daemon was not sent SIGTERM at its parent's normal exit";
+    EXPECT_TRUE(reaper.reap(5s).empty()) << "the program left a process behind";
+}
+
+TEST(ProcessProgram, NoChildIsLeftAfterTheProgramExits) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"exit-leaves-nothing"});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    const auto lines = lines_of(prog.out());
+    EXPECT_EQ(lines.size(), 3u) << prog.describe();
+    for (const auto& line : lines) {
+        const pid_t pid = static_cast<pid_t>(std::stol(line.substr(4)));
+        EXPECT_TRUE(mp::test::wait_pid_stopped(pid, 5s)) << line << " still runs";
+    }
+    auto left = reaper.reap(5s);
+    EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
+}
+
+TEST(ProcessProgram, ForkserverChildrenFromAThreadedParentDoNotDeadlock) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"threaded-forkserver"});
+    ASSERT_TRUE(prog.wait(40s)) << "the program hung: " << prog.describe();
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    const std::string out = prog.out();
+    EXPECT_NE(out.find("all ok"), std::string::npos) << prog.describe();
+    for (int i = 0; i < 3; ++i) {
+        EXPECT_NE(out.find("fs-child " + std::to_string(i) + " locked"), std::string::npos)
+            << prog.describe();
+    }
+    auto left = reaper.reap(5s);
+    EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
+}
+
+// The forkserver is a fresh exec of the program (spawn), so threads that allocate while it
+// starts hand it nothing (it used to be forked from here, and under ASan its children hung in
+// ASan's allocator, whose locks are not made safe across fork, in 30-45% of runs).
+TEST(ProcessProgram, ForkserverFirstUsedAfterThreadsStarted) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"threaded-forkserver-late"});
+    ASSERT_TRUE(prog.wait(40s)) << "the program hung: " << prog.describe();
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    const std::string out = prog.out();
+    EXPECT_NE(out.find("all ok"), std::string::npos) << prog.describe();
+    for (int i = 0; i < 3; ++i) {
+        EXPECT_NE(out.find("fs-child " + std::to_string(i) + " allocated"), std::string::npos)
+            << prog.describe();
+    }
+    auto left = reaper.reap(5s);
+    EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
+}
+
+TEST(ProcessProgram, ChildSkipsAtexitAndStaticDestructorsButFlushesStdio) {
+    TempDir dir;
+    const std::string marker = dir.file("marker");
+    Program prog(dir, {"atexit-not-run", marker});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    const std::string out = prog.out();
+    EXPECT_EQ(field(out, "child-exitcode"), "0") << prog.describe();
+    EXPECT_EQ(count_of(out, "child-buffered"), 1u)
+        << "the child's unflushed stdout buffer was lost (or doubled): " << prog.describe();
+    auto child = field(out, "child-pid");
+    ASSERT_TRUE(child) << prog.describe();
+    const std::string parent = std::to_string(prog.pid());
+    auto lines = lines_of(slurp(marker).value_or(""));
+    std::sort(lines.begin(), lines.end());
+    EXPECT_EQ(lines, (std::vector<std::string>{"atexit " + parent, "static-dtor " + parent}))
+        << "child pid " << *child << ", parent pid " << parent;
+}
+
+TEST(ProcessProgram, ParentStdioBufferIsNotDuplicatedByTheChild) {
+    TempDir dir;
+    Program prog(dir, {"parent-buffer"});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    const std::string out = prog.out();
+    EXPECT_EQ(count_of(out, "parent-buffered"), 1u) << out;
+    EXPECT_EQ(count_of(out, "child-ran"), 1u) << out;
+    EXPECT_NE(out.find("child-done 0"), std::string::npos) << out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The leak check itself
+// ---------------------------------------------------------------------------------------------
+
+TEST(ProcessLeakCheck, ReportsLeakedFdsChildrenAndShmEntries) {
+    const auto base = mp::test::snapshot();
+    EXPECT_EQ(mp::test::describe_leaks(base), "");
+
+    const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    const pid_t child = ::fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+        for (;;) ::pause();
+    }
+    const std::string shm_name = "mp_leak_check_selftest_" + std::to_string(::getpid());
+    const int shm = ::shm_open(shm_name.c_str(), O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+    EXPECT_GE(shm, 0);
+
+    const std::string report = mp::test::describe_leaks(base);
+    EXPECT_NE(report.find("fd " + std::to_string(fd) + " -> /dev/null"), std::string::npos)
+        << report;
+    EXPECT_NE(report.find("pid " + std::to_string(child)), std::string::npos) << report;
+    EXPECT_NE(report.find("/dev/shm/" + shm_name), std::string::npos) << report;
+
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+    ::close(fd);
+    ::shm_unlink(shm_name.c_str());
+    if (shm >= 0) ::close(shm);
+    EXPECT_EQ(mp::test::describe_leaks(base), "");
+}
+
+TEST(ProcessLeakCheck, ForkserverAndItsConnectionAreExempt) {
+    mp::Process p(forkserver_options(), fs_noop);
+    p.start();
+    ASSERT_TRUE(p.join(kLong));
+    p.close();
+    EXPECT_EQ(mp::test::forkservers().size(), 1u);
+    EXPECT_EQ(mp::test::describe_leaks(mp::test::current_baseline()), "")
+        << "the check would blame the forkserver's own fds on the test";
+}
+
+}  // namespace

@@ -269,14 +269,25 @@ void start_server_locked(Client& c) {
     auto [ours, theirs] = sys::make_socketpair(SOCK_SEQPACKET);
     // A fresh exec of the program, not a fork of this one: whatever threads this process runs
     // and whatever locks they hold, the server (and so every child it forks) starts clean.
-    const Task task = make_transferable_task(&serve_control, ControlFd{theirs.get()});
-    ChildSpec spec;
-    spec.name = "ForkServer";
-    spec.identity = current_process().identity;
-    spec.authkey = current_process().authkey;
-    spec.method = StartMethod::spawn;
-    spec.task = &task;
-    launch_detached("fork (forkserver)", spec);
+    if (main_hooked()) {
+        const Task task = make_transferable_task(&serve_control, ControlFd{theirs.get()});
+        ChildSpec spec;
+        spec.name = "ForkServer";
+        spec.identity = current_process().identity;
+        spec.authkey = current_process().authkey;
+        spec.method = StartMethod::spawn;
+        spec.task = &task;
+        launch_detached("fork (forkserver)", spec);
+    } else {
+        // A program without the main hook (mp used from a plugin, or linked by hand without mp's
+        // link options) cannot exec a fresh copy of itself: the server is forked from here, as
+        // before spawn existed. It allocates and locks nothing, but its children run the target
+        // on a copy of this process made now: safe when no other thread holds a lock at this
+        // moment (start it early: set_start_method(StartMethod::forkserver) at the top of main).
+        const int fd = theirs.get();
+        auto body = [fd]() noexcept -> int { server_main(fd); };
+        launch_helper("fork (forkserver)", ChildMain(body));
+    }
     theirs.reset();
     std::int32_t hello = 0;
     ssize_t n;

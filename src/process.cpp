@@ -685,7 +685,7 @@ int cpu_count() {
 
 void set_start_method(StartMethod method, bool force) {
     // A program without the hook learns it here, before anything changes, not at its first start.
-    if (method != StartMethod::fork) detail::check_main_hooked();
+    if (method == StartMethod::spawn) detail::check_main_hooked();
     Globals& g = globals();
     {
         std::lock_guard lock(g.method_mu);

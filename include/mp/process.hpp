@@ -21,13 +21,17 @@
 ///   constructors, function-registering statics); main itself does not run. The hook that takes
 ///   the place of main needs the program linked with `-Wl,--wrap=main`: linking with mp::mp in
 ///   CMake (target_link_libraries) or with `pkg-config --libs mp` adds it; without it, starting a
-///   spawn (or forkserver) child throws ProcessError. The child checks that its program file is
+///   spawn child throws ProcessError (and the forkserver is forked from the parent instead, see
+///   below). The child checks that its program file is
 ///   the parent's (build id). The slowest start of the three (an exec and the program's
 ///   initialisation per child); it suits few, long-lived children.
 /// - forkserver (the default for pools): the child is forked from a single-threaded server
 ///   process, started once by spawn at the first forkserver use or at
 ///   set_start_method(StartMethod::forkserver), so a parent that already runs threads is safe
-///   whenever it starts it. Starts are nearly as fast as fork.
+///   whenever it starts it. Starts are nearly as fast as fork. In a program without the spawn
+///   hook (mp used from a plugin, or linked without mp's link options) the server is forked from
+///   the parent instead: then start it before other threads run (set_start_method at the top of
+///   main), as its children are copies of the parent made at that moment.
 /// - Under spawn and forkserver the target must be transferable (a function, a function pointer,
 ///   a captureless lambda or an empty function object) and its arguments must have an mp::Codec;
 ///   a Process subclass or a capturing lambda runs only under fork (a compile error where the
@@ -254,7 +258,7 @@ std::vector<ChildProcess> active_children();
 /// CPUs this process may use: its affinity mask, capped by a cgroup v2/v1 CPU quota (at least 1).
 int cpu_count();
 /// Sets the default start method. Throws ProcessError when one was already set, unless `force`,
-/// and for spawn or forkserver in a program not linked with -Wl,--wrap=main. Choosing forkserver
+/// and for spawn in a program not linked with -Wl,--wrap=main. Choosing forkserver
 /// starts the server now.
 void set_start_method(StartMethod method, bool force = false);
 StartMethod get_start_method();

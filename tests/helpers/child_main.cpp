@@ -45,9 +45,9 @@
 ///                               a Pool, an executor and two Processes run tasks that take that
 ///                               mutex, allocate and print; prints "threaded-parent ok" after
 ///                               the threads let go
-///   spawn-without-hook          (mp_test_nohook: linked without -Wl,--wrap=main) prints "refused
-///                               METHOD: WHAT" for each of spawn and forkserver, as Process::start
-///                               and set_start_method refuse them
+///   spawn-without-hook          (mp_test_nohook: linked without -Wl,--wrap=main) tries spawn and
+///                               forkserver with Process::start and set_start_method; prints
+///                               "started/set METHOD" or "refused [set] METHOD: WHAT" for each
 
 #include <atomic>
 #include <cerrno>
@@ -516,7 +516,7 @@ int mode_spawn_without_hook() {
             mp::Process p(mp::ProcessOptions{.start_method = method}, do_nothing);
             p.start();
             p.join();
-            std::printf("started %s\n", mp::to_string(method).c_str());
+            std::printf("started %s, exit code %d\n", mp::to_string(method).c_str(), p.exitcode().value_or(-1000));
         } catch (const mp::ProcessError& e) {
             std::printf("refused %s: %s\n", mp::to_string(method).c_str(), e.what());
         }

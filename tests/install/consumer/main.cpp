@@ -1,5 +1,6 @@
-// A program built against an installed mp: starts a child and reports its exit code, and whether
-// libcrypto is mapped (it must not be: only Listener/Client/managers load it, at first use).
+// A program built against an installed mp: starts a child under fork and one under spawn (which
+// needs the link options the package hands on: -Wl,--wrap=main) and reports their exit codes, and
+// whether libcrypto is mapped (it must not be: only Listener/Client/managers load it, at first use).
 #include <mp/mp.hpp>
 
 #include <cstdio>
@@ -24,6 +25,10 @@ int main() {
     p.start();
     p.join();
     std::printf("child exit code %d\n", p.exitcode().value_or(-1000));
+    mp::Process s({.start_method = mp::StartMethod::spawn}, work, 43);
+    s.start();
+    s.join();
+    std::printf("spawn child exit code %d\n", s.exitcode().value_or(-1000));
     std::printf("libcrypto %s\n", libcrypto_mapped() ? "mapped" : "not mapped");
-    return p.exitcode() == 42 ? 0 : 1;
+    return p.exitcode() == 42 && s.exitcode() == 43 ? 0 : 1;
 }

@@ -43,7 +43,12 @@ void worker(mp::Address address) {
 
 // Runs python3 with the script beside this example's source; returns its exit status.
 int run_python(const mp::Address& address) {
+#ifdef MP_EXAMPLES_DIR  // the project's build says where the sources are
     std::string script = std::string(MP_EXAMPLES_DIR) + "/18_python_workers.py";
+#else  // built on its own: beside this file
+    std::string script = __FILE__;
+    script = script.substr(0, script.find_last_of('/') + 1) + "18_python_workers.py";
+#endif
     std::string port = std::to_string(address.port);
     std::vector<char*> argv{const_cast<char*>("python3"), script.data(), const_cast<char*>(address.host.c_str()),
                             port.data(), const_cast<char*>(kAuthkey.c_str()), nullptr};

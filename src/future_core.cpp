@@ -13,6 +13,7 @@
 #include "mp/process.hpp"
 #include "describe.hpp"
 #include "mp/util.hpp"
+#include "sys/fd.hpp"
 
 namespace mp::detail {
 namespace {
@@ -26,18 +27,7 @@ std::optional<Clock::time_point> deadline_after(std::chrono::nanoseconds timeout
     return now + std::chrono::duration_cast<Clock::duration>(timeout);
 }
 
-// Best effort, never throws: a progress line or a callback's failure must not become an error of
-// its own.
-void write_stderr(std::string_view s) noexcept {
-    while (!s.empty()) {
-        const ssize_t n = ::write(STDERR_FILENO, s.data(), s.size());
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return;
-        }
-        s.remove_prefix(static_cast<std::size_t>(n));
-    }
-}
+using sys::write_stderr;
 
 // As concurrent.futures logs it (LOGGER.exception): through mp's logger, which prints errors to
 // stderr until a program redirects it.

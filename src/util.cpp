@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mp/process.hpp"
+#include "sys/fd.hpp"
 
 namespace mp {
 
@@ -34,16 +35,7 @@ Retired& retired() {
     return *r;
 }
 
-void write_stderr(std::string_view s) noexcept {
-    while (!s.empty()) {
-        const ssize_t n = ::write(STDERR_FILENO, s.data(), s.size());
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            return;
-        }
-        s.remove_prefix(static_cast<std::size_t>(n));
-    }
-}
+using sys::write_stderr;
 
 // Python's effective level of a NOTSET multiprocessing logger: the root's WARNING.
 int threshold() noexcept {

@@ -158,39 +158,33 @@ TEST(ProcessProgram, NoChildIsLeftAfterTheProgramExits) {
     EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
 }
 
-TEST(ProcessProgram, ForkserverChildrenFromAThreadedParentDoNotDeadlock) {
+// Runs mp_test_child in `mode`, which starts three forkserver children from a parent whose
+// threads hold locks; each child prints "fs-child N <did>".
+void expect_forkserver_children_from_threaded_parent(const char* mode, const char* did) {
     Subreaper reaper;
     TempDir dir;
-    Program prog(dir, {"threaded-forkserver"});
+    Program prog(dir, {mode});
     ASSERT_TRUE(prog.wait(40s)) << "the program hung: " << prog.describe();
     EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
     const std::string out = prog.out();
     EXPECT_NE(out.find("all ok"), std::string::npos) << prog.describe();
     for (int i = 0; i < 3; ++i) {
-        EXPECT_NE(out.find("fs-child " + std::to_string(i) + " locked"), std::string::npos)
+        EXPECT_NE(out.find("fs-child " + std::to_string(i) + " " + did), std::string::npos)
             << prog.describe();
     }
     auto left = reaper.reap(5s);
     EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
 }
 
+TEST(ProcessProgram, ForkserverChildrenFromAThreadedParentDoNotDeadlock) {
+    expect_forkserver_children_from_threaded_parent("threaded-forkserver", "locked");
+}
+
 // The forkserver is a fresh exec of the program (spawn), so threads that allocate while it
 // starts hand it nothing (it used to be forked from here, and under ASan its children hung in
 // ASan's allocator, whose locks are not made safe across fork, in 30-45% of runs).
 TEST(ProcessProgram, ForkserverFirstUsedAfterThreadsStarted) {
-    Subreaper reaper;
-    TempDir dir;
-    Program prog(dir, {"threaded-forkserver-late"});
-    ASSERT_TRUE(prog.wait(40s)) << "the program hung: " << prog.describe();
-    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
-    const std::string out = prog.out();
-    EXPECT_NE(out.find("all ok"), std::string::npos) << prog.describe();
-    for (int i = 0; i < 3; ++i) {
-        EXPECT_NE(out.find("fs-child " + std::to_string(i) + " allocated"), std::string::npos)
-            << prog.describe();
-    }
-    auto left = reaper.reap(5s);
-    EXPECT_TRUE(left.empty()) << "left behind:" << joined(left);
+    expect_forkserver_children_from_threaded_parent("threaded-forkserver-late", "allocated");
 }
 
 TEST(ProcessProgram, ChildSkipsAtexitAndStaticDestructorsButFlushesStdio) {

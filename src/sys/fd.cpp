@@ -40,6 +40,17 @@ std::size_t read_full(int fd, void* buf, std::size_t n) {
     return got;
 }
 
+void write_stderr(std::string_view s) noexcept {
+    while (!s.empty()) {
+        const ssize_t n = ::write(STDERR_FILENO, s.data(), s.size());
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return;
+        }
+        s.remove_prefix(static_cast<std::size_t>(n));
+    }
+}
+
 void write_full(int fd, const void* buf, std::size_t n) {
     const auto* p = static_cast<const char*>(buf);
     bool is_socket = true;

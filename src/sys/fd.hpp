@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <optional>
 #include <span>
+#include <string_view>
 #include <sys/socket.h>
 #include <cstring>
 #include <sys/types.h>
@@ -46,6 +47,9 @@ private:
 /// Writes all of `buf`; retries on EINTR and short writes. Never raises SIGPIPE on a socket
 /// (EPIPE is thrown as std::system_error instead).
 void write_full(int fd, const void* buf, std::size_t n);
+/// Writes `s` to standard error, best effort: retries EINTR and short writes, gives up quietly on
+/// any other error. For diagnostics, which must not become errors of their own.
+void write_stderr(std::string_view s) noexcept;
 
 /// pipe2 with O_CLOEXEC (plus `flags`): {read end, write end}.
 std::pair<Fd, Fd> make_pipe(int flags = 0);

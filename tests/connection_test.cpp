@@ -1676,8 +1676,10 @@ TEST(ReductionHandles, NotUnixSocketIsError) {
     c.send_bytes("still fine");
     EXPECT_EQ(s.recv_bytes(), "still fine");
 
-    auto [r, w] = mp::Pipe(false);
-    EXPECT_THROW(mp::send_handle(w, f.fd.get()), mp::Error);
+    // Not a structured binding: clang 14 cannot capture one in a lambda.
+    auto pipe = mp::Pipe(false);
+    mp::Connection& r = pipe.first;
+    EXPECT_THROW(mp::send_handle(pipe.second, f.fd.get()), mp::Error);
     expect_bad_fd([&] { mp::send_handle(r, f.fd.get()); }, "read-only");
 }
 

@@ -1,13 +1,16 @@
 // Microbenchmarks for mp::py (issue 15, W12a's decode half): reading the pickle Python's
 // multiprocessing sends for a dict of 10 str -> int entries (protocol 4, as conn.send writes it),
-// as a dynamic py::Object and as a std::map; and writing the list the C++ side answers with.
+// as a dynamic py::Object, as a std::map and as a vector of pairs; and writing the list the C++
+// side answers with.
 // Python's own figure for the same bytes: python3 -m timeit -s "import pickle;
 // p = pickle.dumps({'key%d' % i: i for i in range(10)})" "pickle.loads(p)".
 
 #include <benchmark/benchmark.h>
 
 #include <map>
+#include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mp/py.hpp"
@@ -42,6 +45,13 @@ void BM_PyLoadsDict10Map(benchmark::State& state) {
     for (auto _ : state) benchmark::DoNotOptimize(mp::py::loads<std::map<std::string, int>>(p));
 }
 BENCHMARK(BM_PyLoadsDict10Map);
+
+void BM_PyLoadsDict10Pairs(benchmark::State& state) {
+    const std::string p = python_dict_pickle();
+    for (auto _ : state)
+        benchmark::DoNotOptimize(mp::py::loads<std::vector<std::pair<std::string, std::int64_t>>>(p));
+}
+BENCHMARK(BM_PyLoadsDict10Pairs);
 
 void BM_PyDumpsList10(benchmark::State& state) {
     const std::vector<int> v{0, 1, 2, 3, 4, 5, 6, 7, 8, 9};

@@ -19,7 +19,9 @@
 #include <cstdlib>
 #include <ctime>
 #include <exception>
+#include <map>
 #include <mutex>
+#include <optional>
 #include <ranges>
 #include <stdexcept>
 #include <string>
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "workload_args.hpp"
+#include "big_heap.hpp"
 #include "executor_work.hpp"
 #include "mp/mp.hpp"
 
@@ -57,6 +60,30 @@ double w1(long long n) {
         check(p.exitcode() == 0, "W1: the child did not exit with 0");
     }
     return seconds_since(t0) * 1e6 / double(n);
+}
+
+// ---- W1b: start + join of an empty child from a parent with a 2 GiB touched heap (us each) ------
+// After one start outside the timing (it starts the forkserver; spawn's first exec loads the
+// program's pages into the page cache). W1b-small: the forkserver from this small process.
+
+bool g_quick = false;
+
+double start_join_each(long long n, mp::StartMethod method, const char* what) {
+    auto once = [&] {
+        mp::Process p(mp::ProcessOptions{.start_method = method}, empty);
+        p.start();
+        p.join();
+        check(p.exitcode() == 0, what);
+    };
+    once();
+    auto t0 = Clock::now();
+    for (long long i = 0; i < n; ++i) once();
+    return seconds_since(t0) * 1e6 / double(n);
+}
+
+double w1b(long long n, mp::StartMethod method) {
+    mp_bench::touch_big_heap(mp_bench::big_heap_bytes(g_quick));
+    return start_join_each(n, method, "W1b: the child did not exit with 0");
 }
 
 // ---- W2: x*x on 2 workers, results in order (tasks/s) --------------------------------------------
@@ -317,6 +344,84 @@ double w9(long long n) {
     return 2.0 * double(n) / dt;
 }
 
+// ---- W12a: Python sends dicts with conn.send, a C++ process answers with conn.send of a list ------
+// The client is Python's (bench/python/workloads.py W12a-client, the same code its W12a side times
+// against a Python peer); only the peer is mp's: recv_py straight into a std::map, send_py of a
+// std::vector. Unix socket, authkey.
+
+// W12a and W12b run a Python client (workloads.py W12?-client) while this process serves it; it
+// prints "RATE <value>" when done.
+FILE* start_python_client(const std::string& workload, long long n, const std::string& path, const char* key) {
+    const std::string cmd = "python3 " MP_BENCH_DIR "/python/workloads.py " + workload + "-client --size " +
+                            std::to_string(n) + " --address " + path + " --authkey " + key;
+    FILE* f = ::popen(cmd.c_str(), "r");
+    check(f != nullptr, "cannot run python3");
+    return f;
+}
+
+double python_client_rate(FILE* f) {
+    double rate = 0;
+    char line[256];
+    while (std::fgets(line, sizeof line, f))
+        if (std::string_view(line).starts_with("RATE ")) rate = std::strtod(line + 5, nullptr);
+    const int status = ::pclose(f);
+    check(status == 0 && rate > 0, "the Python client failed");
+    return rate;
+}
+
+double w12a(long long n) {
+    char dir[] = "/tmp/mp_w12a.XXXXXX";
+    check(::mkdtemp(dir) != nullptr, "W12a: mkdtemp failed");
+    const std::string path = std::string(dir) + "/peer.sock";
+    double rate = 0;
+    {
+        mp::Listener listener(mp::Address(path), {.authkey = "w12a-key"});
+        FILE* f = start_python_client("W12a", n, path, "w12a-key");
+        {
+            mp::Connection c = listener.accept();
+            std::vector<std::int64_t> reply;
+            // None ends the run.
+            while (auto d = c.recv_py<std::optional<std::map<std::string, std::int64_t>>>()) {
+                reply.clear();
+                for (const auto& kv : *d) reply.push_back(kv.second);
+                c.send_py(reply);
+            }
+        }
+        rate = python_client_rate(f);
+    }
+    ::unlink(path.c_str());
+    ::rmdir(dir);
+    return rate;
+}
+
+// ---- W12a-decode(-flat): py::loads of the W12a message (ns per decode) --------------------------
+// The bytes are Python's own (pickle.dumps, as conn.send writes them), fetched from python3.
+// W12a-decode reads them into a std::map, W12a-decode-flat into a vector of (key, value) pairs.
+
+template <class Dict>
+double w12a_decode(long long n) {
+    FILE* f = ::popen("python3 -c \"import pickle; print(pickle.dumps({'key%d' % i: i for i in range(10)}).hex())\"",
+                      "r");
+    check(f != nullptr, "W12a-decode: cannot run python3");
+    char line[1024] = {};
+    const bool got = std::fgets(line, sizeof line, f) != nullptr;
+    check(::pclose(f) == 0 && got, "W12a-decode: python3 failed");
+    std::string pickle;
+    for (const char* h = line; h[0] && h[1] && h[0] != '\n'; h += 2)
+        pickle.push_back(static_cast<char>(std::stoi(std::string(h, 2), nullptr, 16)));
+    std::int64_t sum = 0;
+    auto decode = [&] {
+        auto d = mp::py::loads<Dict>(pickle);
+        sum += d.rbegin()->second;
+    };
+    decode();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (long long i = 0; i < n; ++i) decode();
+    const double dt = seconds_since(t0);
+    check(sum == 9 * (n + 1), "W12a-decode: wrong value");
+    return dt * 1e9 / double(n);
+}
+
 // ---- W12b: a Python client's dict proxy against an mp manager (ops/s) ----------------------------
 // The client is Python's (bench/python/workloads.py W12b-client, the same code its W12b side times
 // against Python's own SyncManager); only the server is mp's. Both over a Unix socket path.
@@ -329,15 +434,7 @@ double w12b(long long n) {
     {
         mp::SyncManager manager(mp::Address(path), "w12b-key");
         manager.start();
-        const std::string cmd = "python3 " MP_BENCH_DIR "/python/workloads.py W12b-client --size " +
-                                std::to_string(n) + " --address " + path + " --authkey w12b-key";
-        FILE* f = ::popen(cmd.c_str(), "r");
-        check(f != nullptr, "W12b: cannot run python3");
-        char line[256];
-        while (std::fgets(line, sizeof line, f))
-            if (std::string_view(line).starts_with("RATE ")) rate = std::strtod(line + 5, nullptr);
-        const int status = ::pclose(f);
-        check(status == 0 && rate > 0, "W12b: the Python client failed");
+        rate = python_client_rate(start_python_client("W12b", n, path, "w12b-key"));
     }
     ::unlink(path.c_str());
     ::rmdir(dir);
@@ -357,6 +454,13 @@ struct Workload {
 
 const Workload kWorkloads[] = {
     {"W1", "us", 200, 20, w1, "mp::Process (fork), start + join"},
+    {"W1b", "us", 5, 2, [](long long n) { return w1b(n, mp::StartMethod::forkserver); },
+     "mp::Process (forkserver), start + join, from a parent with 2 GiB of touched heap"},
+    {"W1b-spawn", "us", 5, 2, [](long long n) { return w1b(n, mp::StartMethod::spawn); },
+     "mp::Process (spawn), start + join, from a parent with 2 GiB of touched heap"},
+    {"W1b-small", "us", 200, 20,
+     [](long long n) { return start_join_each(n, mp::StartMethod::forkserver, "W1b-small: bad exit"); },
+     "mp::Process (forkserver), start + join, from a small parent"},
     {"W2a", "tasks/s", 100000, 2000, w2a,
      "ProcessPoolExecutor(2): submit every task, then result() of each in order"},
     {"W2a-steady", "tasks/s", 100000, 2000, w2a_steady,
@@ -374,6 +478,13 @@ const Workload kWorkloads[] = {
     {"W8b", "us", 20000, 1000, w8b, "one Client(authkey) connection, 8-byte round trips"},
     {"W9", "ops/s", 20000, 1000, w9,
      "Manager().dict<long long, long long>() proxy from a child process (fork)"},
+    {"W12a", "round trips/s", 20000, 1000, w12a,
+     "the same Python client's conn.send(dict) to a C++ peer: recv_py<std::map<std::string, int64_t>>, "
+     "send_py(std::vector<int64_t>) (Unix socket, authkey)"},
+    {"W12a-decode", "ns", 200000, 10000, w12a_decode<std::map<std::string, std::int64_t>>,
+     "py::loads<std::map<std::string, int64_t>> of Python's pickle of the W12a message"},
+    {"W12a-decode-flat", "ns", 200000, 10000, w12a_decode<std::vector<std::pair<std::string, std::int64_t>>>,
+     "py::loads<std::vector<std::pair<std::string, int64_t>>> of Python's pickle of the W12a message"},
     {"W12b", "ops/s", 20000, 1000, w12b,
      "the same Python client's dict proxy against an mp SyncManager (Python's protocol, Unix socket)"},
 };
@@ -413,6 +524,7 @@ int main(int argc, char** argv) {
     mp_bench::WorkloadArgs args;
     if (!mp_bench::parse_workload_args(argc, argv, args)) return usage();
     const bool quick = args.quick;
+    g_quick = quick;
     long long size = args.size;
     for (const auto& w : kWorkloads) {
         if (id != w.id) continue;

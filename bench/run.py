@@ -57,6 +57,24 @@ WORKLOADS = [
          limit_exe="mp_limit_fork", no_python=True,
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
+    # W1b: start + join from a parent with 2 GiB of touched heap, whose bare fork copies the
+    # page tables of all of it; mp's forkserver and spawn need not. Target: <= 0.05x the bare
+    # fork's time (a share of 20). W1b-small: the forkserver from a small parent, against a bare
+    # fork of a small parent (<= 1.2x). No Python side (its forkserver preloads differently, and
+    # a 2 GiB Python parent would make the run long). `pass_quick`: --quick goes to the sides
+    # too, and shrinks the parent's heap to 64 MiB (CI runners may not have 2 GiB to spare).
+    dict(id="W1b", title="W1 from a parent with 2 GiB of touched heap: forkserver vs bare fork",
+         unit="us", per="per start+join", better=LOWER, no_python=True,
+         cpp=5, py=5, quick=2, size_unit="starts", pass_quick=True,
+         limit_target=20),
+    dict(id="W1b-spawn", title="W1 from a parent with 2 GiB of touched heap: spawn vs bare fork",
+         unit="us", per="per start+join", better=LOWER, no_python=True,
+         cpp=5, py=5, quick=2, size_unit="starts", pass_quick=True,
+         limit_target=20),
+    dict(id="W1b-small", title="W1 with the forkserver from a small parent vs its bare fork",
+         unit="us", per="per start+join", better=LOWER, no_python=True,
+         cpp=200, py=200, quick=20, size_unit="starts",
+         limit_target=1 / 1.2),
     dict(id="W2a", title="x*x on 2 workers: submit + result per task, in order",
          unit="tasks/s", per="", better=HIGHER,
          cpp=100_000, py=20_000, quick=2_000, size_unit="tasks"),
@@ -96,6 +114,19 @@ WORKLOADS = [
     dict(id="W9", title="manager dict: set + get from a child process (1 op = 1 set or 1 get)",
          unit="ops/s", per="", better=HIGHER,
          cpp=20_000, py=20_000, quick=1_000, size_unit="set+get pairs"),
+    # W12a: the same Python client (workloads.py W12a-client) against a C++ peer (mp side) and a
+    # Python peer (Python side); W12a-decode: py::loads<std::map> against pickle.loads of the
+    # same bytes, each in its own process, in the same run; W12a-decode-flat: the same into a
+    # vector of pairs.
+    dict(id="W12a", title="Python's conn.send of a dict of 10 str -> int, the peer answers conn.send "
+         "of a list: C++ peer vs Python peer", unit="round trips/s", per="", better=HIGHER,
+         cpp=20_000, py=20_000, quick=1_000, size_unit="round trips"),
+    dict(id="W12a-decode", title="decode one W12a message: py::loads<std::map<std::string, int64_t>> "
+         "vs pickle.loads", unit="ns", per="per decode", better=LOWER,
+         cpp=200_000, py=200_000, quick=10_000, size_unit="decodes"),
+    dict(id="W12a-decode-flat", title="decode one W12a message: py::loads<std::vector<std::pair<"
+         "std::string, int64_t>>> vs pickle.loads", unit="ns", per="per decode", better=LOWER,
+         cpp=200_000, py=200_000, quick=10_000, size_unit="decodes"),
     dict(id="W12b", title="a Python client's dict proxy: set + get (1 op = 1 set or 1 get), "
          "mp manager vs Python's SyncManager", unit="ops/s", per="", better=HIGHER,
          cpp=20_000, py=20_000, quick=1_000, size_unit="set+get pairs"),
@@ -203,7 +234,9 @@ class Sides:
     """Where each side's program is, and how to call it for a workload."""
 
     def __init__(self, build, workdir):
-        bench = build / "bench"
+        # A build of the whole tree keeps the programs in bench/; bench/ built as a project of
+        # its own against an installed mp (make bench-installed) keeps them at its top.
+        bench = build / "bench" if (build / "bench" / "mp_workloads").exists() else build
         self.mp = bench / "mp_workloads"
         self.limits = bench / "mp_limits"
         self.micro = bench / "mp_bench"
@@ -633,7 +666,9 @@ def write_chart(out_png, results, workdir):
         [gnuplot, "-e", "set terminal"], capture_output=True, text=True).stderr
     term = "pngcairo size 1100,600 font 'Sans,11'" if "pngcairo" in terms \
         else "png size 1100,600"
-    values = [v for r in rows for v in (r["vs_python"], r["vs_limit"]) if v]
+    # The target marks too: W1b's (a share of 20) may lie above every bar.
+    values = [v for r in rows for v in (r["vs_python"], r["vs_limit"]) if v] + \
+        [r["workload"]["limit_target"] for r in rows if r["workload"].get("limit_target")]
     lo = min(values + [0.5]) / 2
     hi = max(values + [2]) * 3
     script = workdir / "ratios.gp"
@@ -744,6 +779,8 @@ def main():
                 line = []
                 for side in SIDES:
                     argv = sides.argv(side, w["id"], size_of(w, side), w)
+                    if argv and args.quick and w.get("pass_quick"):
+                        argv = argv + ["--quick"]
                     if argv is None:
                         o = Outcome("n/a", detail="no such side, or its program is not built")
                     else:

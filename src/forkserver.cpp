@@ -1,15 +1,16 @@
 // The forkserver: a single-threaded process, started once by spawn (a fresh exec of the program,
-// double-forked, so it is nobody's child and leaves no zombie), that forks every forkserver child. A parent that runs threads
-// asks it for a child instead of forking itself, so the child never inherits a lock that some
-// other thread held at that moment.
+// made by a middle child that exits at once, so it is nobody's child and leaves no zombie), that
+// forks every forkserver child. A parent that runs threads asks it for a child instead of forking
+// itself, so the child never inherits a lock that some other thread held at that moment.
 //
 // Protocol. The client holds one end of a SOCK_SEQPACKET control socket; sends on it are atomic
 // messages, so any thread (or forked copy of the client) may send without a lock. A request is
-// one message: a small header plus two descriptors of fresh socketpairs:
-//   - the status socket: the server answers with the child's pid and a pidfd (SCM_RIGHTS), and
-//     later with the exit status. The client never writes to it, so when it polls readable at the
-//     server the client has gone: a daemon child is then killed, as its parent is dead.
-//   - the request socket: handed to the child, which reads its identity and task from it.
+// one message: a small header plus one end of a fresh stream socketpair, the child's socket:
+//   - the client writes the child's identity and task into it; the child, which inherits the
+//     server's descriptor of it, reads them. The server never reads it.
+//   - the server answers through it with the child's pid and a pidfd (SCM_RIGHTS), and later with
+//     the exit status. It polls it for hang-up only (data in it is the child's): a hang-up means
+//     the client has gone, and a daemon child is then killed, as its parent is dead.
 // The server allocates nothing and takes no lock after fork: fixed tables, raw system calls.
 
 #include <fcntl.h>
@@ -41,20 +42,6 @@
 
 namespace mp {
 namespace detail::forkserver {
-/// The server's end of the control socket, handed to the spawned server as its task's argument.
-struct ControlFd {
-    int fd = -1;
-};
-}  // namespace detail::forkserver
-
-template <>
-struct Codec<detail::forkserver::ControlFd> {
-    static constexpr std::size_t min_encoded_size = 4;
-    static void encode(Encoder& e, const detail::forkserver::ControlFd& c) { e.put(e.attach_fd(c.fd)); }
-    static detail::forkserver::ControlFd decode(Decoder& d) { return {d.take_fd(d.get<std::uint32_t>())}; }
-};
-
-namespace detail::forkserver {
 namespace {
 
 constexpr std::uint32_t kMagic = 0x6d70'6673;  // "mpfs"
@@ -76,7 +63,7 @@ struct Reply {
 struct Slot {
     pid_t pid;
     int pidfd;
-    int status;      // -1 once the client has gone
+    int status;      // the child's socket; -1 once the client has gone
     bool daemon;
 };
 
@@ -147,12 +134,11 @@ bool accept_request(pid_t server_pid) noexcept {
     auto close_all = [&] {
         for (int i = 0; i < nfds; ++i) ::close(fds[i]);
     };
-    if (r != sizeof h || h.magic != kMagic || nfds != 2) {
+    if (r != sizeof h || h.magic != kMagic || nfds != 1) {
         close_all();
         return true;
     }
     const int status_fd = fds[0];
-    const int request_fd = fds[1];
     const bool daemon = (h.flags & kDaemon) != 0;
     if (g_nslots == kMaxChildren) {
         send_reply(status_fd, -EAGAIN, -1);
@@ -161,8 +147,7 @@ bool accept_request(pid_t server_pid) noexcept {
     }
 
     pid_t pid = ::fork();
-    if (pid == 0) child_main(request_fd, server_pid, daemon);
-    ::close(request_fd);
+    if (pid == 0) child_main(status_fd, server_pid, daemon);
     if (pid < 0) {
         send_reply(status_fd, -errno, -1);
         ::close(status_fd);
@@ -184,15 +169,39 @@ bool accept_request(pid_t server_pid) noexcept {
     return true;
 }
 
-[[noreturn]] void server_main(int control) noexcept {
+// set_forkserver_preload's functions, before the first child: what they set up is in every
+// child's copy of the server. One that throws ends the server before its hello, so the start
+// that needed it fails (with the exception on stderr, as a child's).
+void run_preload(const std::vector<std::string>& preload) noexcept {
+    try {
+        for (const std::string& task : preload) (void)run_task(task);
+    } catch (...) {
+        report_child_exception();
+        ::_exit(1);
+    }
+}
+
+[[noreturn]] void server_main(int control, const std::vector<std::string>& preload) noexcept {
     ::prctl(PR_SET_NAME, "mp-forkserver");
     // Ctrl-C is meant for the program and its children, not for the server (as Python's).
     sys::reset_signals({SIGINT});
     sys::keep_only(control, kControlFd);
+    // Call once here what only the children call otherwise (child_main, and the flush on their
+    // way out, with nothing pending): each binds its PLT entry now, in the server, and not again
+    // in every child, where a lazy binding runs ld.so after fork and faults in about ten pages.
+    (void)::signal(SIGINT, SIG_IGN);
+    (void)::getppid();
+    flush_standard_streams_at_exit();
+    run_preload(preload);
+    // What every child would do first (become_child), done once here for all of them, after the
+    // preload functions, which may have changed it (a spawned server has done it already for
+    // itself; one forked from a program without the main hook has not).
+    reset_child_signals();
+    stdin_from_null();
     const pid_t self = ::getpid();
     // Tell the client who we are: it learns that the server is up, and which process it is.
     const std::int32_t hello = self;
-    if (::send(kControlFd, &hello, sizeof hello, MSG_NOSIGNAL) != sizeof hello) ::_exit(1);
+    if (::send(kControlFd, &hello, sizeof hello, MSG_NOSIGNAL) != sizeof hello) sys::exit_child(1);
 
     bool clients = true;
     while (clients || g_nslots > 0) {
@@ -201,7 +210,8 @@ bool accept_request(pid_t server_pid) noexcept {
         const int first = n;
         for (int i = 0; i < g_nslots; ++i) {
             g_poll[n++] = pollfd{g_slots[i].pidfd, POLLIN, 0};
-            g_poll[n++] = pollfd{g_slots[i].status, POLLIN, 0};  // fd -1 is ignored by poll
+            // Hang-up only (POLLHUP is reported unasked); fd -1 is ignored by poll.
+            g_poll[n++] = pollfd{g_slots[i].status, 0, 0};
         }
         if (::poll(g_poll, static_cast<nfds_t>(n), -1) < 0) continue;
 
@@ -211,7 +221,7 @@ bool accept_request(pid_t server_pid) noexcept {
             const pollfd& pp = g_poll[first + 2 * i];
             const pollfd& ps = g_poll[first + 2 * i + 1];
             if (s.status >= 0 && ps.revents != 0) {
-                // The client has gone (it never writes): its daemon child goes with it.
+                // The client has gone: its daemon child goes with it.
                 if (s.daemon) ::syscall(SYS_pidfd_send_signal, s.pidfd, SIGKILL, nullptr, 0);
                 ::close(s.status);
                 s.status = -1;
@@ -241,7 +251,7 @@ bool accept_request(pid_t server_pid) noexcept {
                     ::syscall(SYS_pidfd_send_signal, g_slots[i].pidfd, SIGKILL, nullptr, 0);
         }
     }
-    ::_exit(0);
+    sys::exit_child(0);
 }
 
 // ------------------------------------------------------------------ client side
@@ -250,6 +260,8 @@ struct Client {
     std::mutex mu;
     sys::Fd control;
     pid_t server = 0;
+    /// set_forkserver_preload's functions, as encoded tasks: every start of the server runs them.
+    std::vector<std::string> preload;
 };
 
 // Set once the client exists, so a fork child that never used the forkserver need not create
@@ -262,15 +274,16 @@ Client& client() {
     return *c;
 }
 
-// The spawned server's task.
-void serve_control(ControlFd control) { serve(control.fd); }
+// The spawned server's task: its arguments are the server's end of the control socket and the
+// functions to preload.
+void serve_control(PassedFd control, std::vector<std::string> preload) { serve(control.fd, preload); }
 
 void start_server_locked(Client& c) {
     auto [ours, theirs] = sys::make_socketpair(SOCK_SEQPACKET);
     // A fresh exec of the program, not a fork of this one: whatever threads this process runs
     // and whatever locks they hold, the server (and so every child it forks) starts clean.
     if (main_hooked()) {
-        const Task task = make_transferable_task(&serve_control, ControlFd{theirs.get()});
+        const Task task = make_transferable_task(&serve_control, PassedFd{theirs.get()}, c.preload);
         ChildSpec spec;
         spec.name = "ForkServer";
         spec.identity = current_process().identity;
@@ -285,7 +298,8 @@ void start_server_locked(Client& c) {
         // on a copy of this process made now: safe when no other thread holds a lock at this
         // moment (start it early: set_start_method(StartMethod::forkserver) at the top of main).
         const int fd = theirs.get();
-        auto body = [fd]() noexcept -> int { server_main(fd); };
+        const std::vector<std::string>& preload = c.preload;
+        auto body = [fd, &preload]() noexcept -> int { server_main(fd, preload); };
         launch_helper("fork (forkserver)", ChildMain(body));
     }
     theirs.reset();
@@ -294,7 +308,10 @@ void start_server_locked(Client& c) {
     do {
         n = ::recv(ours.get(), &hello, sizeof hello, 0);
     } while (n < 0 && errno == EINTR);
-    if (n != sizeof hello || hello <= 0) throw ProcessError("mp: the forkserver did not start");
+    if (n != sizeof hello || hello <= 0)
+        throw ProcessError(c.preload.empty() ? "mp: the forkserver did not start"
+                                             : "mp: the forkserver did not start (did a "
+                                               "set_forkserver_preload function throw? see stderr)");
     c.control = std::move(ours);
     c.server = hello;
 }
@@ -305,19 +322,30 @@ bool server_gone(int control) {
     return ::poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR)) != 0;
 }
 
-Client& ready_client() {
+// `check`: a server that was killed is replaced now, not only when a request meets EPIPE: a pool
+// then starts with a live one, and no connection to a dead server is kept. A start need not
+// look (a poll each time): its request meets EPIPE, and start_child replaces the server then.
+Client& ready_client(bool check) {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    // A server that was killed is replaced now, not only when a request meets EPIPE: a pool
-    // then starts with a live one, and no connection to a dead server is kept.
-    if (c.control && server_gone(c.control.get())) c.control.reset();
+    if (check && c.control && server_gone(c.control.get())) c.control.reset();
     if (!c.control) start_server_locked(c);
     return c;
 }
 
 }  // namespace
 
-void ensure_running() { ready_client(); }
+void ensure_running() { ready_client(true); }
+
+void set_preload(std::vector<std::string> tasks) {
+    Client& c = client();
+    std::lock_guard lock(c.mu);
+    if (c.control && !server_gone(c.control.get()))
+        throw ProcessError(
+            "mp::set_forkserver_preload: the forkserver already runs, so the functions would not "
+            "run until it is restarted; set them before the first forkserver start");
+    c.preload = std::move(tasks);
+}
 
 pid_t server_pid() {
     Client& c = client();
@@ -331,11 +359,11 @@ void after_fork_in_child() noexcept {
 }
 
 Started start_child(const Request& req) {
-    Client& c = ready_client();
-    auto [status_ours, status_theirs] = sys::make_socketpair(SOCK_STREAM);
-    auto [request_ours, request_theirs] = sys::make_socketpair(SOCK_STREAM);
+    Client& c = ready_client(false);
+    // One socketpair serves the request (to the child) and the replies (from the server).
+    auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
     Header h{kMagic, req.daemon ? kDaemon : 0};
-    const int fds[2] = {status_theirs.get(), request_theirs.get()};
+    const int fds[1] = {theirs.get()};
     try {
         sys::send_fds(c.control.get(), &h, sizeof h, fds);
     } catch (const std::system_error& e) {
@@ -350,47 +378,85 @@ Started start_child(const Request& req) {
         }
         sys::send_fds(c.control.get(), &h, sizeof h, fds);
     }
-    status_theirs.reset();
-    request_theirs.reset();
+    theirs.reset();
 
     try {
-        send_request(request_ours.get(), req);
+        send_request(ours.get(), req);
     } catch (const std::system_error&) {
         // The child died before reading its request; the reply and status below tell how.
     }
-    request_ours.reset();
 
     Reply reply{};
     std::array<sys::Fd, 1> got;
-    std::size_t n = sys::recv_fds(status_ours.get(), &reply, sizeof reply, got);
+    std::size_t n = 0;
+    try {
+        n = sys::recv_fds(ours.get(), &reply, sizeof reply, got);
+    } catch (const std::system_error& e) {
+        // ECONNRESET: the server went away with our request unread (see read_from_server).
+        if (e.code().value() != ECONNRESET) throw;
+    }
     if (n != sizeof reply) throw ProcessError("mp: the forkserver went away while starting a child");
     if (reply.pid <= 0)
         sys::throw_system_error(-reply.pid, "fork (in the forkserver)");
     if (!got[0]) throw ProcessError("mp: the forkserver sent no pidfd");
-    return Started{reply.pid, std::move(got[0]), std::move(status_ours)};
+    return Started{reply.pid, std::move(got[0]), std::move(ours)};
 }
+
+namespace {
+
+// Reads what the server sent into [p, p + n): the bytes read, fewer once it has gone; without
+// `wait`, std::nullopt when nothing has come yet. Its going may show as ECONNRESET instead of end
+// of file: the child's socket is the server's too, and a request that no child read (it was
+// killed, or never forked) is still in it as it closes.
+std::optional<std::size_t> read_from_server(int fd, char* p, std::size_t n, bool wait) {
+    std::size_t got = 0;
+    while (got < n) {
+        const ssize_t r = ::recv(fd, p + got, n - got, got == 0 && !wait ? MSG_DONTWAIT : 0);
+        if (r > 0) {
+            got += static_cast<std::size_t>(r);
+        } else if (r == 0 || errno == ECONNRESET) {
+            break;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return std::nullopt;
+        } else if (errno != EINTR) {
+            sys::throw_system_error(errno, "recv (forkserver status)");
+        }
+    }
+    return got;
+}
+
+}  // namespace
 
 std::optional<int> read_status(int status_fd) {
     std::int32_t code = 0;
-    std::size_t n = sys::read_full(status_fd, &code, sizeof code);
-    if (n != sizeof code) return std::nullopt;
+    if (read_from_server(status_fd, reinterpret_cast<char*>(&code), sizeof code, true) != sizeof code)
+        return std::nullopt;
     return code;
+}
+
+bool try_read_status(int status_fd, std::optional<int>& code) {
+    // One call where a poll and then a read would be two: a join asks at least twice. The server
+    // sends the four bytes at once; the rest of a split one is waited for.
+    std::int32_t value = 0;
+    const auto n = read_from_server(status_fd, reinterpret_cast<char*>(&value), sizeof value, false);
+    if (!n) return false;
+    code = *n == sizeof value ? std::optional<int>(value) : std::nullopt;
+    return true;
 }
 
 void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept {
     // Keep only stdio and our request socket: the control socket and the other children's
     // sockets and pidfds belong to the server.
-    sys::keep_only(request_fd, kControlFd);  // replaces the control socket's descriptor
-    ::fcntl(kControlFd, F_SETFD, FD_CLOEXEC);
+    sys::keep_only(request_fd, kControlFd, true);  // replaces the control socket's descriptor
     ::signal(SIGINT, SIG_DFL);
     if (daemon) {
         ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (::getppid() != server_pid) ::_exit(1);
+        if (::getppid() != server_pid) sys::exit_child(1);
     }
     run_request(kControlFd, false);
 }
 
-void serve(int control) noexcept { server_main(control); }
+void serve(int control, const std::vector<std::string>& preload) noexcept { server_main(control, preload); }
 
 }  // namespace detail::forkserver
 }  // namespace mp

@@ -14,6 +14,7 @@
 #include "describe.hpp"
 #include "mp/util.hpp"
 #include "sys/fd.hpp"
+#include "sys/futex.hpp"
 
 namespace mp::detail {
 namespace {
@@ -28,6 +29,10 @@ std::optional<Clock::time_point> deadline_after(std::chrono::nanoseconds timeout
 }
 
 using sys::write_stderr;
+
+// Every futex word here (WordMutex's, FutureCore's state) is touched by the threads of this
+// process only.
+constexpr auto kPrivate = sys::FutexScope::process_private;
 
 // As concurrent.futures logs it (LOGGER.exception): through mp's logger, which prints errors to
 // stderr until a program redirects it.
@@ -133,6 +138,21 @@ std::exception_ptr make_remote_exception(const ErrorInfo& info) {
     return std::make_exception_ptr(RemoteError(info.type_name, info.message, info.origin));
 }
 
+// ---- WordMutex ----
+
+void WordMutex::lock_contended(std::uint32_t c) noexcept {
+    // Marks the word contended before sleeping, so that the holder's unlock wakes a sleeper.
+    if (c != 2) c = word_.exchange(2, std::memory_order_acquire);
+    while (c != 0) {
+        (void)sys::futex_wait(word_, 2, std::nullopt, sys::futex_bitset_any, kPrivate);
+        c = word_.exchange(2, std::memory_order_acquire);
+    }
+}
+
+void WordMutex::wake_one() noexcept {
+    (void)sys::futex_wake(word_, 1, sys::futex_bitset_any, kPrivate);
+}
+
 // ---- FutureCore ----
 
 bool FutureCore::cancel() {
@@ -142,19 +162,28 @@ bool FutureCore::cancel() {
         set_running();
         return false;
     }
-    // A CAS, not a store: set_running takes pending -> running without the lock.
-    State expected = State::pending;
-    if (!state_.compare_exchange_strong(expected, State::cancelled, std::memory_order_acq_rel,
-                                        std::memory_order_acquire))
-        return expected == State::cancelled;  // as Python: cancelling twice succeeds
-    complete(lk);
-    return true;
+    // A CAS, not a store: set_running takes pending -> running without the lock, and wait()
+    // sets kSleeping without it.
+    std::uint32_t w = word_.load(std::memory_order_acquire);
+    while (state_of(w) == State::pending) {
+        if (word_.compare_exchange_weak(w, static_cast<std::uint32_t>(State::cancelled),
+                                        std::memory_order_acq_rel, std::memory_order_acquire)) {
+            complete(lk, w);
+            return true;
+        }
+    }
+    return state_of(w) == State::cancelled;  // as Python: cancelling twice succeeds
 }
 
 bool FutureCore::set_running() noexcept {
-    State expected = State::pending;
-    return state_.compare_exchange_strong(expected, State::running, std::memory_order_acq_rel,
-                                          std::memory_order_acquire);
+    std::uint32_t w = word_.load(std::memory_order_acquire);
+    while (state_of(w) == State::pending) {
+        // Keeps kSleeping: the sleepers wait for the end, which wakes them.
+        const std::uint32_t running = (w & ~kStateMask) | static_cast<std::uint32_t>(State::running);
+        if (word_.compare_exchange_weak(w, running, std::memory_order_acq_rel, std::memory_order_acquire))
+            return true;
+    }
+    return false;
 }
 
 bool FutureCore::set_result(std::string bytes) { return finish(std::move(bytes), nullptr, nullptr); }
@@ -169,20 +198,25 @@ bool FutureCore::finish(std::string bytes, std::exception_ptr error, std::shared
     // Stored before the release below: whoever sees `finished` sees the outcome.
     bytes_ = std::move(bytes);
     error_ = std::move(error);
-    value_ = std::move(value);
-    // A store is enough: under mu_ nobody else finishes or cancels, and a concurrent set_running
-    // (pending -> running) is simply superseded.
-    state_.store(State::finished, std::memory_order_release);
-    complete(lk);
+    if (value) rare().value = std::move(value);
+    // An exchange is enough: under mu_ nobody else finishes or cancels, and a concurrent
+    // set_running (pending -> running) is simply superseded.
+    const std::uint32_t before =
+        word_.exchange(static_cast<std::uint32_t>(State::finished), std::memory_order_acq_rel);
+    complete(lk, before);
     return true;
 }
 
-void FutureCore::complete(std::unique_lock<std::mutex>& lk) {
-    for (FutureWaiter* w : waiters_) w->on_done(*this);
-    waiters_.clear();
-    if (sleepers_ > 0) cv_.notify_all();
-    std::vector<std::function<void(FutureCore&)>> callbacks = std::move(callbacks_);
-    callbacks_.clear();
+void FutureCore::complete(std::unique_lock<WordMutex>& lk, std::uint32_t before) {
+    // Taken out: nothing registers once done, and the callbacks run outside the lock.
+    std::vector<std::function<void(FutureCore&)>> callbacks;
+    if (rare_) {
+        const std::vector<FutureWaiter*> waiters = std::move(rare_->waiters);
+        for (FutureWaiter* w : waiters) w->on_done(*this);
+        callbacks = std::move(rare_->callbacks);
+    }
+    if (before & kSleeping) sys::futex_wake_all(word_, sys::futex_bitset_any, kPrivate);
+    if (callbacks.empty()) return;  // `lk` unlocks
     // A callback may drop the last owner of this core (e.g. the pool's table entry): keep it
     // alive until every callback has run. Not every core is owned by a shared_ptr (tests).
     std::shared_ptr<FutureCore> self = weak_from_this().lock();
@@ -195,21 +229,29 @@ bool FutureCore::wait(std::optional<std::chrono::nanoseconds> timeout) const {
     if (timeout && *timeout <= std::chrono::nanoseconds::zero()) return false;
     const std::optional<Clock::time_point> deadline =
         timeout ? deadline_after(*timeout) : std::nullopt;
-    std::unique_lock lk(mu_);
-    ++sleepers_;
-    if (deadline)
-        cv_.wait_until(lk, *deadline, [this] { return done(); });
-    else
-        cv_.wait(lk, [this] { return done(); });
-    --sleepers_;
-    return done();
+    std::uint32_t w = word_.load(std::memory_order_acquire);
+    while (!is_done(w)) {
+        // The completing thread wakes the word's sleepers only when it sees kSleeping, and the
+        // kernel sleeps only while the word still holds `w`: no wake-up is lost.
+        if (!(w & kSleeping)) {
+            if (!word_.compare_exchange_weak(w, w | kSleeping, std::memory_order_acq_rel,
+                                             std::memory_order_acquire))
+                continue;
+            w |= kSleeping;
+        }
+        if (sys::futex_wait(word_, w, deadline, sys::futex_bitset_any, kPrivate) ==
+            sys::FutexResult::timed_out)
+            return done();
+        w = word_.load(std::memory_order_acquire);
+    }
+    return true;
 }
 
 void FutureCore::add_done_callback(std::function<void(FutureCore&)> cb) {
     {
         std::lock_guard lk(mu_);
         if (!done()) {
-            callbacks_.push_back(std::move(cb));
+            rare().callbacks.push_back(std::move(cb));
             return;
         }
     }
@@ -233,7 +275,7 @@ std::shared_ptr<FutureCore> FutureCore::after_callback(std::function<void(Future
 bool FutureCore::add_waiter(FutureWaiter* w) {
     std::lock_guard lk(mu_);
     if (done()) return false;
-    waiters_.push_back(w);
+    rare().waiters.push_back(w);
     return true;
 }
 
@@ -241,7 +283,7 @@ void FutureCore::remove_waiter(FutureWaiter* w) {
     // Every registration goes: after this returns, `w` is never called again, so it may be
     // destroyed (on_done runs under mu_, which this waits for).
     std::lock_guard lk(mu_);
-    std::erase(waiters_, w);
+    if (rare_) std::erase(rare_->waiters, w);
 }
 
 std::shared_ptr<FutureCore> FutureCore::when_all(

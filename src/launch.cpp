@@ -18,6 +18,7 @@
 
 #include "process_impl.hpp"
 #include "sys/error.hpp"
+#include "sys/helper_process.hpp"
 #include "sys/pidfd.hpp"
 
 namespace mp::detail {
@@ -76,7 +77,7 @@ pid_t fork_blocked(const char* what, ChildMain child) {
     sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
     const pid_t pid = ::fork();
-    if (pid == 0) ::_exit(child());
+    if (pid == 0) sys::exit_child(child());
     const int err = errno;
     ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
     if (pid < 0) sys::throw_system_error(err, what);
@@ -100,19 +101,14 @@ sys::Fd pidfd_or_kill(pid_t pid) {
     }
 }
 
-// Waits until the spawn child has executed the program (end of file on the close-on-exec pipe)
-// and throws std::system_error "execve" with the child's errno when it could not.
-void check_exec(int error_fd) {
-    int err = 0;
-    if (sys::read_full(error_fd, &err, sizeof err) == sizeof err) sys::throw_system_error(err, "execve (spawn)");
-}
-
 Launched launch_fork(const ChildSpec& spec) {
     if (!spec.main) throw ProcessError("mp: a fork child needs a function to run");
     // Everything the child needs is made here, in the parent, and everything the parent
     // records is written before fork too: each page either side writes while both live is a
     // copy-on-write fault, the bulk of what a start costs beyond the bare fork.
-    const pid_t self = ::getpid();
+    // Through syscall(), which binds it here if this is the program's first use: become_child
+    // makes only raw syscall() calls, which must not be bound lazily in the child.
+    const auto self = static_cast<pid_t>(::syscall(SYS_getpid));
     Launched out;
     out.parent = self;
     out.record = std::make_unique<ChildRecord>(
@@ -137,43 +133,33 @@ Launched launch_forkserver(const ChildSpec& spec) {
     auto started = forkserver::start_child(make_request(spec));
     Launched out;
     out.pid = started.pid;
-    out.parent = ::getpid();
+    out.parent = sys::self_pid();
     out.pidfd = std::move(started.pidfd);
     out.status = std::move(started.status);
     return out;
 }
 
-// A spawn start around the fork that `start` makes (ChildMain -> pid): a child of ours, or a
-// detached helper (pid 0: it is nobody's child to wait for).
-template <class Start>
-Launched spawn_with(const ChildSpec& spec, Start start) {
+// A spawn start: a child of ours, or a detached helper (pid 0: it is nobody's child to wait for).
+Launched launch_spawn(const ChildSpec& spec, bool detached, const char* what) {
     if (spec.task == nullptr) throw ProcessError("mp: a spawn child needs a transferable task");
     check_main_hooked();
     const ChildRequest req = make_request(spec);
-    const ExecPlan plan;
     auto [request, request_child] = sys::make_socketpair(SOCK_STREAM);
-    auto [exec_error, exec_error_child] = sys::make_pipe();
-    const int request_fd = request_child.get();
-    const int error_fd = exec_error_child.get();
-    auto child = [&]() noexcept -> int { plan.exec(request_fd, error_fd); };
+    // Nothing of ours is flushed by a fresh program, but what we printed before the start comes
+    // before what it prints, as with fork (and Python, which flushes before any start).
+    flush_before_fork();
     Launched out;
-    out.parent = ::getpid();
-    out.pid = start(ChildMain(child));
+    out.parent = sys::self_pid();
+    SpawnedProgram child = spawn_program(request_child.get(), detached, what);
     request_child.reset();
-    exec_error_child.reset();
-    if (out.pid > 0) out.pidfd = pidfd_or_kill(out.pid);
-    try {
-        check_exec(exec_error.get());
-    } catch (...) {
-        if (out.pid > 0) kill_and_reap(out.pid);
-        throw;
-    }
+    out.pid = child.pid;
+    out.pidfd = std::move(child.pidfd);
     try {
         send_request(request.get(), req);
     } catch (const std::system_error&) {
         // Our child died before reading its request (killed, perhaps): its pidfd says how.
         // A helper's caller has no pidfd: it must learn now.
-        if (out.pid == 0) throw;
+        if (detached) throw;
     }
     return out;
 }
@@ -184,7 +170,7 @@ Launched launch(const ChildSpec& spec) {
     switch (spec.method) {
         case StartMethod::fork: return launch_fork(spec);
         case StartMethod::forkserver: return launch_forkserver(spec);
-        case StartMethod::spawn: return spawn_with(spec, [](ChildMain child) { return fork_blocked("fork", child); });
+        case StartMethod::spawn: return launch_spawn(spec, false, "clone (spawn)");
     }
     throw ProcessError("mp: unknown start method");
 }
@@ -192,7 +178,7 @@ Launched launch(const ChildSpec& spec) {
 void launch_helper(const char* what, ChildMain body) {
     auto middle = [&]() noexcept -> int {
         const pid_t helper = ::fork();
-        if (helper == 0) ::_exit(body());
+        if (helper == 0) sys::exit_child(body());
         return helper < 0 ? 1 : 0;
     };
     const pid_t mid = fork_blocked(what, ChildMain(middle));
@@ -204,12 +190,7 @@ void launch_helper(const char* what, ChildMain body) {
         sys::throw_system_error(EAGAIN, what);
 }
 
-void launch_detached(const char* what, const ChildSpec& spec) {
-    (void)spawn_with(spec, [what](ChildMain body) -> pid_t {
-        launch_helper(what, body);
-        return 0;
-    });
-}
+void launch_detached(const char* what, const ChildSpec& spec) { (void)launch_spawn(spec, true, what); }
 
 void flush_standard_streams_at_exit() noexcept {
     flush_standard_streams(g_cxx_streams_buffer.load(std::memory_order_relaxed));

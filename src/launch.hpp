@@ -5,12 +5,11 @@
 //     standard streams when they keep buffers of their own);
 //   - every signal blocked in the forking thread across fork (become_child unblocks), so a
 //     signal sent to the new child before it has reset its dispositions stays pending;
-//   - the start method: fork here, fork and exec the program (spawn), or ask the forkserver
+//   - the start method: fork here, exec the program afresh (spawn), or ask the forkserver
 //     (spawn and forkserver children read one request, src/spawn.cpp);
 //   - a pidfd for every child, and a child that cannot get one killed and reaped at once, so
 //     a failed start never leaves a process behind.
 
-#include <array>
 #include <memory>
 #include <span>
 #include <string>
@@ -72,6 +71,12 @@ struct ChildSpec {
     std::span<const int> close_in_child;
 };
 
+/// A descriptor as an argument of a ChildSpec task (the pool's worker socket and page, the
+/// forkserver's control socket): it travels with SCM_RIGHTS, and the child owns what it gets.
+struct PassedFd {
+    int fd = -1;
+};
+
 /// A started child.
 struct Launched {
     pid_t pid = 0;
@@ -100,27 +105,24 @@ void launch_helper(const char* what, ChildMain body);
 
 /// Starts a spawn child of `spec` as launch_helper starts a helper (reparented, never our
 /// zombie). The forkserver starts this way: a fresh program, whatever threads this one runs.
-/// Throws as launch() does; a child that cannot exec is reported as std::system_error "execve".
+/// Throws as launch() does; a child that cannot exec is reported as std::system_error "execve
+/// (spawn)". Neither child copies this process's page tables (spawn_program).
 void launch_detached(const char* what, const ChildSpec& spec);
 
-/// spawn: the program's command line for a spawn child, made before fork (the child between
-/// fork and exec must not allocate).
-class ExecPlan {
-public:
-    ExecPlan();
-    ExecPlan(const ExecPlan&) = delete;
-    ExecPlan& operator=(const ExecPlan&) = delete;
-    /// In the fork child: `request_fd` becomes descriptor 3, every descriptor above stdio but
-    /// the exec-error pipe closes, signals go back to their defaults and are unblocked, and the
-    /// program is executed afresh. When exec fails, errno is written to `error_fd` (close-on-exec:
-    /// the parent reads end of file on success) and the child exits with 127.
-    [[noreturn]] void exec(int request_fd, int error_fd) const noexcept;
-
-private:
-    std::string argv0_;
-    std::array<char*, 4> argv_{};
-    char** envp_ = nullptr;
+/// A fresh copy of this program started by spawn_program.
+struct SpawnedProgram {
+    /// 0 when detached: it is nobody's child to wait for.
+    pid_t pid = 0;
+    sys::Fd pidfd;
 };
+
+/// spawn: starts /proc/self/exe afresh as a spawn child (`--mp-spawn-child 3`) whose descriptor 3
+/// is `request_fd`, with no other descriptor above stdio, signal handlers back to their defaults
+/// (and SIGTERM too when ignored) and none blocked. Without copying this process's page tables:
+/// see src/spawn.cpp. `detached`: started as launch_helper starts a helper (reparented, never our
+/// zombie). Throws std::system_error naming `what` when no child could be made, or "execve
+/// (spawn)" with the child's errno when it could not execute the program.
+SpawnedProgram spawn_program(int request_fd, bool detached, const char* what);
 
 /// True once __wrap_main has run in this program (it was linked with -Wl,--wrap=main).
 bool main_hooked() noexcept;
@@ -132,3 +134,10 @@ void check_main_hooked();
 void flush_standard_streams_at_exit() noexcept;
 
 }  // namespace mp::detail
+
+template <>
+struct mp::Codec<mp::detail::PassedFd> {
+    static constexpr std::size_t min_encoded_size = 4;
+    static void encode(Encoder& e, const detail::PassedFd& p) { e.put(e.attach_fd(p.fd)); }
+    static detail::PassedFd decode(Decoder& d) { return {d.take_fd(d.get<std::uint32_t>())}; }
+};

@@ -371,11 +371,11 @@ Listener::Listener(const Address& address, ListenerOptions options)
         unlink_path();
         throw;
     }
-    fd_ = fd.release();
+    fd_ = std::move(fd);
 }
 
 Listener::Listener(Listener&& o) noexcept
-    : fd_(std::exchange(o.fd_, -1)),
+    : fd_(std::move(o.fd_)),
       address_(std::move(o.address_)),
       options_(std::move(o.options_)),
       creator_pid_(o.creator_pid_),
@@ -384,7 +384,7 @@ Listener::Listener(Listener&& o) noexcept
 Listener& Listener::operator=(Listener&& o) noexcept {
     if (this != &o) {
         close();
-        fd_ = std::exchange(o.fd_, -1);
+        fd_ = std::move(o.fd_);
         address_ = std::move(o.address_);
         options_ = std::move(o.options_);
         creator_pid_ = o.creator_pid_;
@@ -396,7 +396,7 @@ Listener& Listener::operator=(Listener&& o) noexcept {
 Listener::~Listener() { close(); }
 
 void Listener::close() noexcept {
-    if (fd_ < 0) return;
+    if (!fd_) return;
     if (state_) {
         std::lock_guard lk(state_->mu);
         state_->peers.clear();
@@ -404,12 +404,12 @@ void Listener::close() noexcept {
         state_->timer.reset();
         state_->pid = 0;
     }
-    ::close(std::exchange(fd_, -1));
+    fd_.reset();
     if (address_.family == Address::Family::unix_path && ::getpid() == creator_pid_)
         ::unlink(address_.path.c_str());
 }
 
-bool Listener::closed() const noexcept { return fd_ < 0; }
+bool Listener::closed() const noexcept { return !fd_; }
 
 std::optional<Address> Listener::last_accepted() const {
     if (!state_) return std::nullopt;
@@ -418,11 +418,11 @@ std::optional<Address> Listener::last_accepted() const {
 }
 
 int Listener::fileno() const {
-    if (fd_ < 0)
+    if (!fd_)
         throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
                                 "mp::Listener::fileno: listener is closed");
     std::lock_guard lk(state_->mu);
-    own(*state_, fd_);
+    own(*state_, fd_.get());
     return state_->epoll.get();
 }
 
@@ -433,7 +433,7 @@ std::optional<Connection> detail::accept_or_stop(Listener& listener, int stop_fd
 }
 
 std::optional<Connection> Listener::accept_impl(int stop_fd) {
-    if (fd_ < 0)
+    if (!fd_)
         throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
                                 "mp::Listener::accept: listener is closed");
     State& st = *state_;
@@ -442,7 +442,7 @@ std::optional<Connection> Listener::accept_impl(int stop_fd) {
         int ep;
         {
             std::lock_guard lk(st.mu);
-            own(st, fd_);
+            own(st, fd_.get());
             ep = st.epoll.get();
         }
         if (stop_fd >= 0) {
@@ -466,20 +466,20 @@ std::optional<Connection> Listener::accept_impl(int stop_fd) {
         std::lock_guard lk(st.mu);
         const std::uint64_t id = ev.data.u64;
         if (id == State::kTimerId) {
-            if (on_timer(st, fd_) > 0) throw AuthenticationError("handshake timed out");
+            if (on_timer(st, fd_.get()) > 0) throw AuthenticationError("handshake timed out");
             continue;
         }
         if (id == State::kListenId) {
             SockAddr peer;
             peer.len = sizeof peer.ss;
-            const int r = ::accept4(fd_, peer.get(), &peer.len, SOCK_CLOEXEC);
+            const int r = ::accept4(fd_.get(), peer.get(), &peer.len, SOCK_CLOEXEC);
             if (r < 0) {
                 const int err = errno;
                 // EAGAIN: another thread (or process) took it.
                 if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR ||
                     peer_gone_before_accept(err))
                     continue;
-                if (out_of_resources(err)) back_off(st, fd_);
+                if (out_of_resources(err)) back_off(st, fd_.get());
                 sys::throw_system_error(err, "accept4");
             }
             st.backoff = std::chrono::milliseconds(0);

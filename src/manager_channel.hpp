@@ -54,7 +54,7 @@
 #include <unistd.h>
 
 #include "mp/connection.hpp"
-#include "mp/detail/futex.hpp"
+#include "sys/futex.hpp"
 #include "mp/errors.hpp"
 #include "mp/serialize.hpp"
 #include "sys/cpu_relax.hpp"
@@ -125,7 +125,7 @@ std::uint32_t wait(const U32& word, U32& flag, int peer_cpu, Ready ready, Check 
         flag.store(1, sc);
         v = word.load(sc);
         if (ready(v)) break;
-        futex_wait(word, v, Clock::now() + kPeerCheck);
+        sys::futex_wait(word, v, Clock::now() + kPeerCheck);
         if (ready(v = word.load(sc))) break;
         check();  // a throw leaves the flag raised: it costs the peer a futex_wake, nothing more
     }
@@ -136,7 +136,7 @@ std::uint32_t wait(const U32& word, U32& flag, int peer_cpu, Ready ready, Check 
 /// Stores `value` into `word` and wakes the peer when it sleeps there.
 inline void publish(U32& word, const U32& flag, std::uint32_t value) {
     word.store(value, std::memory_order_seq_cst);
-    if (flag.load(std::memory_order_seq_cst) != 0) futex_wake(word, 1);
+    if (flag.load(std::memory_order_seq_cst) != 0) sys::futex_wake(word, 1);
 }
 
 /// True when the peer of socket `fd` has hung up (or the socket failed or was shut down).

@@ -15,26 +15,11 @@
 #include "manager_channel.hpp"
 #include "manager_internal.hpp"
 #include "mp/detail/future_core.hpp"
+#include "sys/pidfd.hpp"
 
 namespace mp::detail::managers {
 
 namespace {
-
-/// This process's id, cached: getpid() is a system call, and a proxy call looks it up each time
-/// (to notice a fork child). Cleared in a fork child (pthread_atfork); mp forks only through
-/// fork(), which runs the handlers.
-std::atomic<pid_t> g_pid{0};
-[[maybe_unused]] const int g_pid_atfork =
-    ::pthread_atfork(nullptr, nullptr, [] { g_pid.store(0, std::memory_order_relaxed); });
-
-pid_t current_pid() noexcept {
-    pid_t p = g_pid.load(std::memory_order_relaxed);
-    if (p == 0) {
-        p = ::getpid();
-        g_pid.store(p, std::memory_order_relaxed);
-    }
-    return p;
-}
 
 /// A connection to a server and, on a Unix socket, its shared-memory channel.
 struct Link {
@@ -72,7 +57,7 @@ Link open_link(const Address& address, const std::string& authkey) {
 
 Link& connection_to(const Address& address, const std::string& authkey) {
     ClientConnections& cc = t_connections;
-    pid_t pid = current_pid();
+    pid_t pid = sys::self_pid();
     if (cc.pid != pid) {
         // A fork child's copies of its parent's connections (and channels): never used, just
         // dropped (closing a socket copy and unmapping a channel touch nothing the parent uses).
@@ -96,7 +81,7 @@ Link& connection_to(const Address& address, const std::string& authkey) {
 /// Drops this thread's connection to a server that went away (so no descriptor lingers).
 void drop_connection(const Address& address, const std::string& authkey) {
     ClientConnections& cc = t_connections;
-    if (cc.pid != current_pid()) return;
+    if (cc.pid != sys::self_pid()) return;
     cc.by_address.erase(connection_key(address, authkey));
     cc.last = nullptr;
 }

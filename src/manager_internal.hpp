@@ -37,6 +37,11 @@ bool client_gone();
 /// The built-in type registered under `name`, or nullptr. The entry lives as long as the program.
 const TypeEntry* find_builtin(const std::string& name);
 
+/// SyncManager::Pool's servant (src/manager_pool.cpp).
+TypeEntry pool_entry();
+/// SharedMemoryManager's tracker of segment names (src/manager_shm.cpp).
+TypeEntry segment_tracker_entry();
+
 /// Drops this thread's connection to a server that went away (so no descriptor lingers).
 void drop_connection(const Address& address, const std::string& authkey);
 

@@ -1,6 +1,8 @@
-// Python's manager protocol (multiprocessing/managers.py) on both sides: the objects an mp
-// manager server keeps for Python clients (PythonSide), and mp::PyManagerClient / mp::PyProxy,
-// which call a Python manager server (or an mp one) the way Python's proxies do.
+// Python's manager protocol (multiprocessing/managers.py), the server's side: the objects an mp
+// manager server keeps for Python clients (PythonSide). The client's side (mp::PyManagerClient,
+// mp::PyProxy) is manager_python_client.cpp. One file because the servants, the replies and the
+// serve loop are one server: each servant's methods raise what the reply code pickles, as
+// Python's Server and its shared objects do.
 //
 // The protocol, as CPython's Server and BaseProxy implement it: after the authkey handshake the
 // client sends one pickled request, the tuple (ident, methodname, args, kwds); a connection's
@@ -970,29 +972,54 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
     ucred cred{};
     socklen_t len = sizeof cred;
     if (::getsockopt(c.fileno(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) peer = cred.pid;  // Unix only
-    // Reads one request tuple; a request mp cannot read is answered with '#TRACEBACK'.
-    auto read = [](const std::string& m, Object& ident, std::string& method, Args& a) {
-        Object req = py::loads(m);
-        if (req.kind() != Kind::tuple || req.items().size() != 4 || req.items()[1].kind() != Kind::str ||
-            req.items()[2].kind() != Kind::tuple || req.items()[3].kind() != Kind::dict)
-            throw py::UnpicklingError("mp: a manager request is the tuple (ident, methodname, args, kwds), not " +
-                                      req.repr().substr(0, 200));
-        ident = req.items()[0];
-        method = req.items()[1].as<std::string>();
-        a.args = req.items()[2].items();
-        a.kwds = req.items()[3].dict();
+    // One request tuple, read; a request mp cannot read is answered with '#TRACEBACK'. Its Args
+    // point at its method name, so it stays where it was made.
+    struct Request {
+        Object ident;
+        std::string method;
+        Args a;
+        explicit Request(const std::string& m) {
+            Object req = py::loads(m);
+            if (req.kind() != Kind::tuple || req.items().size() != 4 || req.items()[1].kind() != Kind::str ||
+                req.items()[2].kind() != Kind::tuple || req.items()[3].kind() != Kind::dict)
+                throw py::UnpicklingError("mp: a manager request is the tuple (ident, methodname, args, kwds), not " +
+                                          req.repr().substr(0, 200));
+            ident = req.items()[0];
+            method = req.items()[1].as<std::string>();
+            a.args = req.items()[2].items();
+            a.kwds = req.items()[3].dict();
+            a.method = &method;
+        }
+        Request(const Request&) = delete;
+        Request& operator=(const Request&) = delete;
+    };
+    // The reply to one request: handle(request) for one mp can read; a Python exception raised
+    // (PyRaise) goes to on_raise; any other error is a '#TRACEBACK'; a client gone is thrown on.
+    auto answer = [&msg](auto&& handle, auto&& on_raise) -> std::string {
+        try {
+            Request r(msg);
+            return handle(r);
+        } catch (const PyRaise& e) {
+            return on_raise(e);
+        } catch (const ClientGone&) {
+            throw;
+        } catch (...) {
+            return reply_text("#TRACEBACK", traceback_text(std::current_exception()));
+        }
     };
 
     // The connection's first request: one of the server's public functions.
     bool serving = false, stop = false;
     std::string reply;
     {
-        Object ident;
-        std::string fn;
-        Args a;
-        a.method = &fn;
-        try {
-            read(msg, ident, fn, a);
+        // The server's own functions answer a Python exception with a traceback, as Python's
+        // handle_request.
+        auto traceback = [](const PyRaise& e) {
+            return reply_text("#TRACEBACK", e.type + ": " + (e.arg.kind() == Kind::str ? e.arg.as<std::string>() : e.arg.repr()));
+        };
+        reply = answer([&](Request& req) {
+            const std::string& fn = req.method;
+            Args& a = req.a;
             Object result;
             if (fn == "create") {
                 if (a.args.empty() || a.args[0].kind() != Kind::str) raise("TypeError", "create() needs a typeid");
@@ -1022,15 +1049,8 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
                                                                   "incref, decref, dummy, accept_connection, "
                                                                   "shutdown, number_of_objects, debug_info)"));
             }
-            reply = reply_return(result);
-        } catch (const PyRaise& e) {
-            // The server's own functions answer with a traceback, as Python's handle_request.
-            reply = reply_text("#TRACEBACK", e.type + ": " + (e.arg.kind() == Kind::str ? e.arg.as<std::string>() : e.arg.repr()));
-        } catch (const ClientGone&) {
-            throw;
-        } catch (...) {
-            reply = reply_text("#TRACEBACK", traceback_text(std::current_exception()));
-        }
+            return reply_return(result);
+        }, traceback);
         c.send_bytes(reply);
         if (!serving) return stop;
     }
@@ -1050,34 +1070,21 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
     for (;;) {
         if (stopping()) return false;
         msg = c.recv_bytes(kMaxMessage);
-        Object ident;
-        std::string method;
-        Args a;
-        a.method = &method;
-        try {
-            read(msg, ident, method, a);
-            std::shared_ptr<Servant> s = im.find(ident);
+        reply = answer([&](Request& req) {
+            const std::string& method = req.method;
+            std::shared_ptr<Servant> s = im.find(req.ident);
             const auto& ex = s->exposed();
-            if (std::find(ex.begin(), ex.end(), method) != ex.end()) {
-                reply = reply_return(s->call(method, a));
-            } else if (method == "__repr__" || method == "__str__") {
-                reply = reply_return(Object(s->repr()));
-            } else if (method == "#GETVALUE") {
-                reply = reply_return(s->value());
-            } else {
-                raise("AttributeError", "method '" + method + "' of '" + s->type_name() + "' object is not in exposed");
-            }
-        } catch (const PyRaise& e) {
+            if (std::find(ex.begin(), ex.end(), method) != ex.end()) return reply_return(s->call(method, req.a));
+            if (method == "__repr__" || method == "__str__") return reply_return(Object(s->repr()));
+            if (method == "#GETVALUE") return reply_return(s->value());
+            raise("AttributeError", "method '" + method + "' of '" + s->type_name() + "' object is not in exposed");
+        }, [](const PyRaise& e) {
             try {
-                reply = reply_error(e);
+                return reply_error(e);
             } catch (...) {
-                reply = reply_text("#TRACEBACK", e.type + ": " + e.arg.repr());
+                return reply_text("#TRACEBACK", e.type + ": " + e.arg.repr());
             }
-        } catch (const ClientGone&) {
-            throw;
-        } catch (...) {
-            reply = reply_text("#TRACEBACK", traceback_text(std::current_exception()));
-        }
+        });
         if (reply.size() > kMaxMessage)
             reply = reply_text("#TRACEBACK", "mp manager: a reply of " + std::to_string(reply.size()) +
                                                  " bytes is over the limit of " + std::to_string(kMaxMessage));
@@ -1085,202 +1092,5 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
     }
 }
 
-
-// ---- the client's side -------------------------------------------------------------------------
-
-struct PyProxyState {
-    Address address;
-    std::string authkey;
-    std::string ident;
-    std::string type_id;
-    std::vector<std::string> exposed;
-    pid_t owner = 0;
-    PyProxyState() = default;
-    PyProxyState(const PyProxyState&) = delete;
-    PyProxyState& operator=(const PyProxyState&) = delete;
-    ~PyProxyState();
-};
-
-namespace {
-
-std::string origin_of(const Address& a) { return "Python manager at " + a.to_string(); }
-
-std::string request_pickle(const Object& ident, std::string_view method, std::vector<Object> args,
-                           const PyKwargs& kwargs) {
-    py::Writer w;
-    w.begin_tuple(4);
-    w.object(ident);
-    w.str(method);
-    w.object(Object::tuple(std::move(args)));
-    w.begin_dict();
-    for (const auto& [k, v] : kwargs) {
-        w.str(k);
-        w.object(v);
-    }
-    w.end_dict();
-    w.end_tuple(4);
-    return w.finish();
-}
-
-/// Python's convert_to_error, for a reply other than '#RETURN'.
-[[noreturn]] void throw_reply(const std::string& kind, const Object& result, const Address& address) {
-    if (kind == "#ERROR" && result.kind() == Kind::tuple && result.items().size() == 2 &&
-        result.items()[0].kind() == Kind::str && result.items()[1].kind() == Kind::tuple) {
-        // An exception, as loads_with_exceptions reads one: (class name, args).
-        std::string type = result.items()[0].as<std::string>();
-        if (type == "_queue.Empty") type = "queue.Empty";
-        py::Items args = result.items()[1].items();
-        std::string message;
-        if (args.size() == 1 && args[0].kind() == Kind::str && type != "KeyError")
-            message = args[0].as<std::string>();
-        else if (args.size() == 1)
-            message = args[0].repr();
-        else if (args.size() > 1)
-            message = result.items()[1].repr();
-        throw RemoteError(std::move(type), std::move(message), origin_of(address));
-    }
-    if (kind == "#TRACEBACK" || kind == "#UNSERIALIZABLE" || kind == "#ERROR") {
-        std::string text = result.kind() == Kind::str ? result.as<std::string>() : result.repr();
-        throw RemoteError(kind == "#UNSERIALIZABLE" ? "Unserializable" : "Traceback", std::move(text),
-                          origin_of(address));
-    }
-    if (kind == "#PROXY")
-        throw Error("mp: the manager answered with a proxy (#PROXY: a method registered to return one), "
-                    "which mp's Python-protocol client does not take");
-    throw DecodeError("mp: a manager reply of unknown kind '" + kind + "'");
-}
-
-/// Sends one request and reads its reply (the result of a '#RETURN').
-Object exchange(Connection& c, const std::string& request, const Address& address) {
-    c.send_bytes(request);
-    Object reply = py::detail::loads_with_exceptions(c.recv_bytes(kMaxMessage));
-    if (reply.kind() != Kind::tuple || reply.items().size() != 2 || reply.items()[0].kind() != Kind::str)
-        throw DecodeError("mp: a manager reply is the tuple (kind, result), not " + reply.repr().substr(0, 200));
-    std::string kind = reply.items()[0].as<std::string>();
-    if (kind == "#RETURN") return reply.items()[1];
-    throw_reply(kind, reply.items()[1], address);
-}
-
-/// One of the server's functions over a connection of its own (as Python's dispatch()).
-Object dispatch(const Address& address, const std::string& authkey, std::string_view fn,
-                std::vector<Object> args = {}, const PyKwargs& kwargs = {}) {
-    Connection c = Client(address, {.authkey = authkey});
-    return exchange(c, request_pickle(Object(), fn, std::move(args), kwargs), address);
-}
-
-/// This thread's connections that serve method calls (accept_connection), per server and key.
-struct PyConnections {
-    pid_t pid = 0;
-    std::map<std::string, Connection> by_server;
-};
-thread_local PyConnections t_py_connections;
-
-Connection& py_connection(const Address& address, const std::string& authkey, std::string& key) {
-    PyConnections& pc = t_py_connections;
-    if (pc.pid != ::getpid()) {
-        // A fork child's copies of its parent's connections: dropped, never used.
-        pc.by_server.clear();
-        pc.pid = ::getpid();
-    }
-    key = address.to_string() + '\n' + authkey;
-    auto it = pc.by_server.find(key);
-    if (it != pc.by_server.end()) return it->second;
-    Connection c = Client(address, {.authkey = authkey});
-    exchange(c, request_pickle(Object(), "accept_connection", {Object("mp-" + std::to_string(::getpid()))}, {}),
-             address);
-    return pc.by_server.emplace(key, std::move(c)).first->second;
-}
-
-}  // namespace
-
-namespace {
-
-/// Proxies alive in this process per server and key: when the last one goes, the calling
-/// thread's connection to that server closes with it (other threads' close when they exit).
-std::mutex g_live_mu;
-std::map<std::string, std::size_t> g_live;
-
-void proxy_made(const std::string& key) {
-    std::lock_guard lk(g_live_mu);
-    ++g_live[key];
-}
-
-void proxy_gone(const std::string& key) {
-    {
-        std::lock_guard lk(g_live_mu);
-        auto it = g_live.find(key);
-        if (it == g_live.end() || --it->second > 0) return;
-        g_live.erase(it);
-    }
-    if (t_py_connections.pid == ::getpid()) t_py_connections.by_server.erase(key);
-}
-
-}  // namespace
-
-PyProxyState::~PyProxyState() {
-    if (owner != ::getpid()) return;
-    proxy_gone(address.to_string() + '\n' + authkey);
-    try {
-        dispatch(address, authkey, "decref", {Object(ident)});
-    } catch (...) {
-        // The server is gone: nothing left to release.
-    }
-}
-
 }  // namespace detail::managers
-
-namespace dm = detail::managers;
-
-py::Object PyProxy::call(std::string_view method, std::vector<py::Object> args, PyKwargs kwargs) const {
-    const dm::PyProxyState& s = detail::deref_handle(state_, "mp::PyProxy");
-    std::string request = dm::request_pickle(py::Object(s.ident), method, std::move(args), kwargs);
-    std::string key;
-    Connection& c = dm::py_connection(s.address, s.authkey, key);
-    try {
-        return dm::exchange(c, request, s.address);
-    } catch (const RemoteError&) {
-        throw;
-    } catch (const py::UnpicklingError&) {
-        throw;  // the reply was read whole: the connection is still in step
-    } catch (...) {
-        dm::t_py_connections.by_server.erase(key);  // the next call reconnects
-        throw;
-    }
-}
-
-const std::string& PyProxy::id() const { return detail::deref_handle(state_, "mp::PyProxy").ident; }
-const std::string& PyProxy::type_id() const { return detail::deref_handle(state_, "mp::PyProxy").type_id; }
-const std::vector<std::string>& PyProxy::exposed() const {
-    return detail::deref_handle(state_, "mp::PyProxy").exposed;
-}
-
-PyManagerClient::PyManagerClient(Address address, std::string authkey)
-    : address_(std::move(address)), authkey_(std::move(authkey)) {
-    dm::dispatch(address_, authkey_, "dummy");
-}
-
-PyProxy PyManagerClient::create(const std::string& type_id, std::vector<py::Object> args, PyKwargs kwargs) {
-    args.insert(args.begin(), py::Object(type_id));
-    py::Object r = dm::dispatch(address_, authkey_, "create", std::move(args), kwargs);
-    if (r.kind() != py::Kind::tuple || r.items().size() != 2 || r.items()[0].kind() != py::Kind::str)
-        throw DecodeError("mp: a create reply is (ident, exposed), not " + r.repr().substr(0, 200));
-    auto s = std::make_shared<dm::PyProxyState>();
-    s->address = address_;
-    s->authkey = authkey_;
-    s->ident = r.items()[0].as<std::string>();
-    s->type_id = type_id;
-    if (r.items()[1].kind() == py::Kind::tuple || r.items()[1].kind() == py::Kind::list)
-        for (const py::Object& m : r.items()[1].items())
-            if (m.kind() == py::Kind::str) s->exposed.push_back(m.as<std::string>());
-    s->owner = ::getpid();
-    dm::proxy_made(address_.to_string() + '\n' + authkey_);
-    return PyProxy(std::move(s));
-}
-
-std::int64_t PyManagerClient::number_of_objects() {
-    return dm::dispatch(address_, authkey_, "number_of_objects").as<std::int64_t>();
-}
-
-void PyManagerClient::shutdown() { dm::dispatch(address_, authkey_, "shutdown"); }
-
 }  // namespace mp

@@ -409,6 +409,8 @@ const bool kRegistered = [] {
     register_builtin("Event", event_entry);
     register_builtin("Condition", condition_entry);
     register_builtin("Barrier", barrier_entry);
+    register_builtin("Pool", pool_entry);
+    register_builtin("SegmentTracker", segment_tracker_entry);
     return true;
 }();
 

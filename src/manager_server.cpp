@@ -289,15 +289,27 @@ private:
 
 namespace dm = detail::managers;
 
-void BaseManager::start() {
+void BaseManager::start_with(std::optional<detail::Task> initializer) {
     if (server_ || connected_) throw ProcessError("mp::BaseManager: already started or connected");
     auto [reader, writer] = Pipe(false);
     auto handle = std::make_unique<dm::ServerHandle>();
     handle->process = std::make_unique<Process>(
         ProcessOptions{.name = "ManagerServer", .daemon = true, .start_method = StartMethod::fork},
-        [address = address_, key = authkey_, types = types_, shared = python_shared_](Connection ready) {
+        [address = address_, key = authkey_, types = types_, shared = python_shared_,
+         init = std::move(initializer)](Connection ready) mutable {
             std::shared_ptr<dm::Server> s;
             try {
+                if (init) {
+                    // Its descriptors are this process's copies of the parent's; the arguments
+                    // take those they decode.
+                    try {
+                        (void)detail::run_task(init->bytes, init->fds);
+                    } catch (const std::exception& e) {
+                        throw Error(std::string("the initializer raised: ") + e.what());
+                    } catch (...) {
+                        throw Error("the initializer raised a non-standard exception");
+                    }
+                }
                 s = std::make_shared<dm::Server>(address, key, types, shared);
             } catch (const std::exception& e) {
                 ready.send_bytes(std::string("E") + e.what());

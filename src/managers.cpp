@@ -103,6 +103,25 @@ SemaphoreProxy SyncManager::BoundedSemaphore(int value) {
 }
 EventProxy SyncManager::Event() { return EventProxy(create_state("Event", {})); }
 ConditionProxy SyncManager::Condition() { return ConditionProxy(create_state("Condition", {})); }
+PoolProxy SyncManager::pool_with(const PoolOptions& o, std::optional<std::string> initializer) {
+    return PoolProxy(create_state(
+        "Pool", encode_args(o.processes, std::uint64_t{o.maxtasksperchild}, std::uint64_t{o.max_memory_per_child},
+                            o.start_method, OptTimeout(o.task_timeout), initializer)));
+}
+
+dm::PoolTicket::PoolTicket(BaseProxy p, std::uint64_t i, std::vector<std::size_t> s)
+    : pool(std::move(p)), id(i), sizes(std::move(s)), owner(::getpid()) {}
+
+dm::PoolTicket::~PoolTicket() {
+    // A fork child's copy is the parent's: only the process that made the call lets it go.
+    if (owner != ::getpid()) return;
+    try {
+        pool.call("forget", id);
+    } catch (...) {
+        // The manager is gone: so are the results.
+    }
+}
+
 BarrierProxy SyncManager::Barrier(int parties) {
     return BarrierProxy(create_state("Barrier", encode_args(parties)));
 }

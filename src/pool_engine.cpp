@@ -80,6 +80,7 @@ void PoolEngine::Impl::loop() {
     std::vector<pollfd> fds;
     while (true) {
         bool terminate = false, cancel = false;
+        int stop = 0;
         {
             std::lock_guard lock(mu);
             if (pending.empty()) {
@@ -92,6 +93,7 @@ void PoolEngine::Impl::loop() {
             }
             terminate = terminate_requested;
             cancel = std::exchange(cancel_requested, false);
+            stop = std::exchange(stop_signal, 0);
         }
         if (terminate) {
             fail_all(std::make_exception_ptr(BrokenProcessPool("the pool was terminated")));
@@ -101,6 +103,7 @@ void PoolEngine::Impl::loop() {
         }
         if (cancel) {
             cancel_pending();
+            if (stop != 0) force_stop(stop);  // before stop_workers() returns, as the cancel
             std::lock_guard lock(mu);
             ++cancels_done;
             cancel_cv.notify_all();
@@ -229,11 +232,14 @@ void PoolEngine::Impl::break_pool(const std::string& reason) {
 }
 
 void PoolEngine::Impl::fail_pending() {
-    if (pending.empty()) return;
-    auto e = std::make_exception_ptr(BrokenProcessPool(broken_reason_copy()));
+    if (!pending.empty()) fail_pending(std::make_exception_ptr(BrokenProcessPool(broken_reason_copy())));
+}
+
+void PoolEngine::Impl::fail_pending(const std::exception_ptr& e) {
     while (!pending.empty()) {
         pending_count.fetch_sub(1, std::memory_order_relaxed);
         failed_count.fetch_add(1, std::memory_order_relaxed);
+        pending.front()->release_descriptors();
         pending.front()->set_exception(e);
         pending.pop_front();
     }
@@ -247,19 +253,21 @@ void PoolEngine::Impl::fail_all(const std::exception_ptr& e) {
             incoming.pop_front();
         }
     }
-    while (!pending.empty()) {
-        pending_count.fetch_sub(1, std::memory_order_relaxed);
-        failed_count.fetch_add(1, std::memory_order_relaxed);
-        pending.front()->set_exception(e);
-        pending.pop_front();
-    }
+    fail_pending(e);
     for (auto& w : workers) {
         for (auto& job : w->inflight) {
             running_count.fetch_sub(1, std::memory_order_relaxed);
-            failed_count.fetch_add(1, std::memory_order_relaxed);
-            job->set_exception(e);
+            // One that cancel_pending() just cancelled in its worker stays cancelled.
+            if (job->set_exception(e))
+                failed_count.fetch_add(1, std::memory_order_relaxed);
+            else if (job->cancelled())
+                cancelled_count.fetch_add(1, std::memory_order_relaxed);
         }
         w->inflight.clear();
+        // Every task it was given is settled now: an answer still on its way (a worker that
+        // outlives SIGTERM, or one that finished as the pool broke) reads as one seen already,
+        // not as an answer to a task it was never given.
+        w->answered = w->next_ordinal - 1;
         w->head_since.reset();
         w->deadline.reset();
     }
@@ -300,14 +308,15 @@ PoolEngine::~PoolEngine() {
 
 std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
     auto job = std::make_shared<pool::Job>();
-    job->bytes = std::move(task.bytes);
+    job->bytes.assign(std::move(task.bytes));
     for (int fd : task.fds) {
         int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
         if (d < 0) sys::throw_system_error(errno, "fcntl(F_DUPFD_CLOEXEC)");
-        job->fds.emplace_back(d);
+        sys::Fd owned(d);
+        job->extra().fds.push_back(std::move(owned));
     }
-    job->items = options.items;
-    job->timeout = options.timeout;
+    job->items = static_cast<std::uint32_t>(std::min<std::size_t>(options.items, UINT32_MAX));
+    if (options.timeout) job->extra().timeout = options.timeout;
     std::shared_ptr<FutureCore> core = job;
     std::lock_guard lock(impl_->mu);
     if (impl_->broken) throw BrokenProcessPool(impl_->broken_reason);
@@ -334,6 +343,20 @@ void PoolEngine::shutdown(bool wait, bool cancel_pending) {
         }
     }
     if (wait) join();
+}
+
+void PoolEngine::stop_workers(int sig) {
+    std::unique_lock lock(impl_->mu);
+    impl_->shutting_down = true;
+    impl_->cancel_requested = true;
+    impl_->stop_signal = sig;
+    impl_->ring();
+    // As shutdown(cancel_futures): the loop has sent the signals by the time this returns
+    // (unless called from a done callback, on the loop's own thread).
+    if (impl_->thread.get_id() != std::this_thread::get_id()) {
+        const std::uint64_t before = impl_->cancels_done;
+        impl_->cancel_cv.wait(lock, [&] { return impl_->cancels_done != before || impl_->finished; });
+    }
 }
 
 void PoolEngine::terminate() {

@@ -13,12 +13,15 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -37,23 +40,75 @@ constexpr auto kStallLimit = std::chrono::milliseconds(10);
 constexpr auto kStartGrace = std::chrono::seconds(5);
 constexpr auto kMaxBackoff = std::chrono::milliseconds(500);
 
-// A task and its future in one allocation: the queues hold pointers, the user the future.
+// A task's encoding. A call with a few scalar arguments takes about 40 bytes: kept in the job
+// itself, a batch of small tasks costs one allocation each (the job) instead of two, and the
+// batch's first run touches that much less fresh memory (a page fault per 4 KiB). Larger ones
+// keep the std::string they came in, built in place in the same bytes. Not a std::variant, whose
+// tag would take a word of its own: the length byte says which it holds.
+class TaskBytes {
+public:
+    TaskBytes() = default;
+    TaskBytes(const TaskBytes&) = delete;
+    TaskBytes& operator=(const TaskBytes&) = delete;
+    ~TaskBytes() { clear(); }
+
+    void assign(std::string&& bytes) {
+        clear();
+        if (bytes.size() <= kInline) {
+            std::memcpy(raw_, bytes.data(), bytes.size());
+            size_ = static_cast<std::uint8_t>(bytes.size());
+        } else {
+            ::new (static_cast<void*>(raw_)) std::string(std::move(bytes));
+            size_ = kOnHeap;
+        }
+    }
+    std::string_view view() const noexcept {
+        if (size_ == kOnHeap) return *std::launder(reinterpret_cast<const std::string*>(raw_));
+        return {raw_, size_};
+    }
+
+private:
+    void clear() noexcept {
+        if (size_ == kOnHeap) std::launder(reinterpret_cast<std::string*>(raw_))->~basic_string();
+        size_ = 0;
+    }
+    static constexpr std::size_t kInline = 55;  // with the length byte: 56
+    static constexpr std::uint8_t kOnHeap = 0xff;
+    static_assert(kInline >= sizeof(std::string) && kInline < kOnHeap);
+    alignas(std::string) char raw_[kInline];
+    std::uint8_t size_ = 0;  // <= kInline: held in raw_; kOnHeap: raw_ holds a std::string
+};
+
+// What few tasks carry, apart from the job so that a plain task's job stays small.
+struct JobExtras {
+    std::vector<sys::Fd> fds;
+    std::optional<nanoseconds> timeout;  // the task's own, over PoolConfig::task_timeout
+};
+
+// A task and its future in one allocation: the queues hold pointers, the user the future. A
+// batch of small tasks costs this per task, in fresh memory on a freshly started pool: kept to
+// 168 bytes (184 with the shared_ptr's counts, a 192-byte block).
 struct Job : FutureCore {
     std::uint64_t ordinal = 0;  // in its current worker
-    std::string bytes;
-    std::vector<sys::Fd> fds;
-    std::size_t items = 0;
-    std::optional<nanoseconds> timeout;
-
-    // Where a worker holds it, for cancel() in any thread. The pool's thread changes `ticket`
-    // under `where_mu` and never calls into the core while holding it.
-    std::mutex where_mu;
+    // Where a worker holds it, for cancel() in any thread: the pool's thread changes `ticket`
+    // under the core's state_mutex(), which cancel() holds around withdraw().
     std::atomic<std::uint64_t>* ticket = nullptr;  // null: not in a worker
-    bool withdrawn = false;                        // cancel() took it back: never to be sent
+    std::unique_ptr<JobExtras> extras;             // null: no descriptors, the pool's timeout
+    TaskBytes bytes;
+    std::uint32_t items = 0;  // a chunk's calls (saturated: it only weighs the timing), 0: one call
+    bool withdrawn = false;   // cancel() took it back: never to be sent
 
-    // Takes the task back from its worker unless it has started there.
+    JobExtras& extra() {
+        if (!extras) extras = std::make_unique<JobExtras>();
+        return *extras;
+    }
+    // Its time limit in a worker: its own, else the pool's.
+    std::optional<nanoseconds> timeout(const PoolConfig& cfg) const {
+        return extras && extras->timeout ? extras->timeout : cfg.task_timeout;
+    }
+
+    // Takes the task back from its worker unless it has started there (state_mutex() held).
     bool withdraw() noexcept override {
-        std::lock_guard lock(where_mu);
         if (ticket != nullptr) {
             std::uint64_t expected = pool::ticket(ordinal, pool::kQueued);
             if (!ticket->compare_exchange_strong(expected, pool::ticket(ordinal, pool::kWithdrawn),
@@ -66,7 +121,7 @@ struct Job : FutureCore {
     }
     // The pool's thread: puts it in worker slot `slot` as `ord`; false when cancelled first.
     bool place(pool::WorkerSlot& slot, std::uint64_t ord) {
-        std::lock_guard lock(where_mu);
+        std::lock_guard lock(state_mutex());
         if (withdrawn) return false;
         ordinal = ord;
         ticket = &slot.ticket_of(ord);
@@ -77,7 +132,7 @@ struct Job : FutureCore {
     // cancel() has withdrawn it already.
     enum class Back { taken, started, cancelled };
     Back take_back() {
-        std::lock_guard lock(where_mu);
+        std::lock_guard lock(state_mutex());
         if (withdrawn) return Back::cancelled;
         if (ticket == nullptr) return Back::taken;  // not in a worker (cannot happen)
         std::uint64_t expected = pool::ticket(ordinal, pool::kQueued);
@@ -89,11 +144,19 @@ struct Job : FutureCore {
     }
     // The pool's thread: whether its worker has started it.
     bool started_in_worker() {
-        std::lock_guard lock(where_mu);
+        std::lock_guard lock(state_mutex());
         return ticket != nullptr &&
                ticket->load(std::memory_order_acquire) == pool::ticket(ordinal, pool::kStarted);
     }
     bool cancelled() const noexcept { return state() == State::cancelled; }
+    // The pool's thread, once it is done with the task (answered, or failed or cancelled before
+    // it was handed to a worker): it is never sent again, so its descriptors close now rather
+    // than when the user drops the last Future (a batch of futures kept to the end would hold
+    // them all). The bytes stay: freed here, in another thread than the one that allocated
+    // them, they cost more (the allocator's arena lock, shared with submit) than they save.
+    void release_descriptors() noexcept {
+        if (extras) extras->fds.clear();
+    }
 };
 using JobPtr = std::shared_ptr<Job>;
 
@@ -108,7 +171,7 @@ struct Worker {
     std::deque<JobPtr> inflight;
     std::uint64_t next_ordinal = 1;
     std::uint64_t answered = 0;  // the last ordinal whose answer arrived
-    std::uint64_t sent = 0;
+    std::uint64_t sent = 0;  // tasks handed to it, less those it skipped (its max_tasks count)
     FrameReader in;
     FrameWriter out;
     bool ready = false;
@@ -147,6 +210,7 @@ struct PoolEngine::Impl {
     bool shutting_down = false;
     bool cancel_requested = false;
     bool terminate_requested = false;
+    int stop_signal = 0;  // terminate_workers / kill_workers: the signal, for the loop to send
     bool broken = false;
     bool finished = false;
     bool loop_sleeping = false;
@@ -200,8 +264,10 @@ struct PoolEngine::Impl {
     void loop();
     static int poll_in_slices(std::vector<pollfd>& fds, int timeout_ms);
     void break_pool(const std::string& reason);
-    void fail_pending();
+    void fail_pending();  // with BrokenProcessPool, the pool's reason
+    void fail_pending(const std::exception_ptr& e);
     void fail_all(const std::exception_ptr& e);
+    void force_stop(int sig);
     bool is_broken() const {
         std::lock_guard lock(mu);
         return broken;

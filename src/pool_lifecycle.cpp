@@ -21,20 +21,6 @@
 #include "sys/pidfd.hpp"
 
 namespace mp {
-namespace detail::pool {
-/// A descriptor handed to a forkserver worker as an argument of its entry function.
-struct PassedFd {
-    int fd = -1;
-};
-}  // namespace detail::pool
-
-template <>
-struct Codec<detail::pool::PassedFd> {
-    static constexpr std::size_t min_encoded_size = 4;
-    static void encode(Encoder& e, const detail::pool::PassedFd& p) { e.put(e.attach_fd(p.fd)); }
-    static detail::pool::PassedFd decode(Decoder& d) { return {d.take_fd(d.get<std::uint32_t>())}; }
-};
-
 namespace detail {
 namespace pool {
 
@@ -153,8 +139,8 @@ void PoolEngine::Impl::start_worker() {
         spec.main = ChildMain(forked_main);
         spec.close_in_child = close_in_child;
     } else {
-        task = make_transferable_task(&pool::forkserver_worker, pool::PassedFd{worker_end},
-                                      pool::PassedFd{page.get()}, std::uint64_t{page_bytes});
+        task = make_transferable_task(&pool::forkserver_worker, PassedFd{worker_end},
+                                      PassedFd{page.get()}, std::uint64_t{page_bytes});
         spec.task = &*task;
     }
     Launched started = launch(spec);
@@ -194,6 +180,25 @@ void PoolEngine::Impl::close_input(pool::Worker& w) {
     if (!w.out.empty()) return;  // the rest of its work is still on the way
     w.closing = true;
     ::shutdown(w.sock.get(), SHUT_WR);
+}
+
+// terminate_workers() / kill_workers(), after cancel_pending(): as Python 3.14's
+// _force_shutdown, the pool is broken (no replacement starts, submit raises) and what the
+// workers were running fails with BrokenProcessPool. Then each worker gets `sig`, and the loop
+// reaps them as they end: SIGTERM lets a task's handler run, so nothing here escalates to
+// SIGKILL behind the caller's back.
+void PoolEngine::Impl::force_stop(int sig) {
+    {
+        std::lock_guard lock(mu);
+        if (!broken) {
+            broken = true;
+            broken_reason = std::string("mp pool is broken: its workers were ") +
+                            (sig == SIGKILL ? "killed (kill_workers())" : "terminated (terminate_workers())");
+        }
+    }
+    fail_all(std::make_exception_ptr(BrokenProcessPool(broken_reason_copy())));
+    for (auto& w : workers)
+        if (w->pidfd) (void)sys::pidfd_send_signal(w->pidfd.get(), sig);
 }
 
 void PoolEngine::Impl::kill_all() {

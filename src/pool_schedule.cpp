@@ -123,17 +123,17 @@ void PoolEngine::Impl::assign_pending(Clock::time_point now) {
 void PoolEngine::Impl::assign(pool::Worker& w, pool::JobPtr job, Clock::time_point now) {
     const std::uint64_t ordinal = w.next_ordinal;
     if (!job->place(slots[w.slot], ordinal)) {
+        job->release_descriptors();
         cancelled_count.fetch_add(1, std::memory_order_relaxed);  // cancelled while pending
         return;
     }
     ++w.next_ordinal;
     ++w.sent;
-    const auto timeout = job->timeout ? job->timeout : cfg.task_timeout;
     std::vector<int> fds;
-    for (auto& fd : job->fds) fds.push_back(fd.get());
-    w.out.add(pool::FrameType::task, timeout ? pool::kTimed : 0, ordinal, job->bytes, {},
-              std::move(fds));
-    job->timeout = timeout;
+    if (job->extras)
+        for (auto& fd : job->extras->fds) fds.push_back(fd.get());
+    w.out.add(pool::FrameType::task, job->timeout(cfg) ? pool::kTimed : 0, ordinal,
+              job->bytes.view(), {}, std::move(fds));
     // The job keeps its bytes and descriptors until it finishes: a worker that dies before
     // starting it hands it back to be sent again.
     w.inflight.push_back(std::move(job));
@@ -153,8 +153,8 @@ void PoolEngine::Impl::new_head(pool::Worker& w, Clock::time_point now) {
     if (w.head_since && w.head_ordinal == head.ordinal) return;
     w.head_since = now;
     w.head_ordinal = head.ordinal;
-    if (head.timeout) {
-        w.deadline = now + *head.timeout;
+    if (const auto timeout = head.timeout(cfg)) {
+        w.deadline = now + *timeout;
         w.deadline_ordinal = head.ordinal;
     } else {
         w.deadline.reset();
@@ -217,6 +217,7 @@ void PoolEngine::Impl::handle(pool::Worker& w, pool::Frame& f) {
             w.answered = f.ordinal;
             pool::JobPtr job = std::move(w.inflight.front());
             w.inflight.pop_front();
+            job->release_descriptors();
             w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
             if (w.deadline_ordinal == f.ordinal) w.deadline.reset();
             next_head(w);
@@ -245,8 +246,12 @@ void PoolEngine::Impl::handle(pool::Worker& w, pool::Frame& f) {
         case FrameType::skipped:
             if (f.ordinal <= w.answered) return;
             w.answered = f.ordinal;
+            // The worker counts towards max_tasks_per_child only what it ran: counted here, the
+            // worker would wait for a task the pool thinks it has no room for, never retiring.
+            --w.sent;
             // Cancelled while queued in it; one taken back for another worker is gone already.
             if (!w.inflight.empty() && w.inflight.front()->ordinal == f.ordinal) {
+                w.inflight.front()->release_descriptors();
                 w.inflight.pop_front();
                 w.assigned.store(w.inflight.size(), std::memory_order_relaxed);
                 running_count.fetch_sub(1, std::memory_order_relaxed);
@@ -280,6 +285,7 @@ void PoolEngine::Impl::check_deadlines() {
 // worker skips those and says so; they are counted then).
 void PoolEngine::Impl::cancel_pending() {
     for (auto& job : pending) {
+        job->release_descriptors();
         if (job->cancel()) cancelled_count.fetch_add(1, std::memory_order_relaxed);
         pending_count.fetch_sub(1, std::memory_order_relaxed);
     }

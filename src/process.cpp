@@ -31,7 +31,9 @@
 #include "process_impl.hpp"
 #include "sys/crypto.hpp"
 #include "sys/error.hpp"
+#include "sys/helper_process.hpp"
 #include "sys/pidfd.hpp"
+#include "sys/raw_syscall.hpp"
 
 namespace mp {
 namespace {
@@ -60,10 +62,10 @@ struct Globals {
     bool method_fixed = false;
 
     Globals() {
-        main_identity.pid = ::getpid();
+        main_identity.pid = sys::self_pid();
         main_identity.authkey = random_authkey();
         current = &main_identity;
-        registry_owner = ::getpid();
+        registry_owner = sys::self_pid();
     }
 };
 
@@ -88,14 +90,14 @@ void register_child(const std::shared_ptr<ProcessState>& s) {
 void unregister_child(const ProcessState* s) {
     Globals& g = globals();
     std::lock_guard lock(g.registry_mu);
-    if (g.registry_owner != ::getpid()) return;
+    if (g.registry_owner != sys::self_pid()) return;
     std::erase_if(g.registry, [&](const auto& p) { return p.get() == s; });
 }
 
 std::vector<std::shared_ptr<ProcessState>> registry_snapshot() {
     Globals& g = globals();
     std::lock_guard lock(g.registry_mu);
-    if (g.registry_owner != ::getpid()) return {};
+    if (g.registry_owner != sys::self_pid()) return {};
     return g.registry;
 }
 
@@ -136,7 +138,7 @@ using detail::demangle;
 namespace detail {
 
 void ProcessState::check_owner(const char* what) const {
-    if (owner != ::getpid())
+    if (owner != sys::self_pid())
         throw ProcessError(std::string("can only ") + what + " a child process");
 }
 
@@ -148,8 +150,9 @@ bool ProcessState::reap_locked() {
     // Descriptors are never closed here: another thread may be blocked in poll() on them, and
     // closing an fd does not wake its poller. They close with close() or the state itself.
     if (method == StartMethod::forkserver && !status_gone) {
-        if (!sys::wait_fd(status.get(), POLLIN, std::chrono::nanoseconds::zero())) return false;
-        if (auto code = forkserver::read_status(status.get())) {
+        std::optional<int> code;
+        if (!forkserver::try_read_status(status.get(), code)) return false;
+        if (code) {
             exitcode = *code;
             return true;
         }
@@ -235,27 +238,37 @@ void finish_child(int code) noexcept {
     // _bootstrap runs util._exit_function the same way).
     exit_handler();
     flush_standard_streams_at_exit();
-    ::_exit(code);
+    sys::exit_child(code);
 }
 
-// Only raw syscall() from here: the parent has already bound syscall's PLT entry, while any
-// libc function the parent never called would be bound lazily by ld.so in every child, at the
-// price of a symbol lookup and several page faults each time.
-namespace {
-long sys_call(long n, auto... args) noexcept { return ::syscall(n, args...); }
+// Only raw syscall() from here (see sys/raw_syscall.hpp).
+using sys::KernelSigaction;
+using sys::sys_call;
 
-// The kernel's struct sigaction (rt_sigaction takes this layout, not libc's).
-struct KernelSigaction {
-    void (*handler)(int);
-    unsigned long flags;
-    void (*restorer)();
-    unsigned long mask;
-};
-}  // namespace
+void reset_child_signals() noexcept {
+    // SIGTERM first, then unblock: a SIGTERM already pending is delivered now.
+    KernelSigaction term{};
+    if (sys_call(SYS_rt_sigaction, SIGTERM, nullptr, &term, sizeof(unsigned long)) == 0 &&
+        term.handler == SIG_IGN) {
+        term.handler = SIG_DFL;
+        sys_call(SYS_rt_sigaction, SIGTERM, &term, nullptr, sizeof(unsigned long));
+    }
+    const unsigned long none = 0;
+    sys_call(SYS_rt_sigprocmask, SIG_SETMASK, &none, nullptr, sizeof none);
+}
+
+void stdin_from_null() noexcept {
+    const int null = static_cast<int>(sys_call(SYS_openat, AT_FDCWD, "/dev/null", O_RDONLY | O_CLOEXEC));
+    if (null > 0) {
+        sys_call(SYS_dup3, null, 0, 0);
+        sys_call(SYS_close, null);
+    }
+}
 
 void become_child(const ChildSetup& setup) noexcept {
     Globals& g = globals();
     const auto self = static_cast<pid_t>(sys_call(SYS_getpid));
+    sys::set_self_pid(self);
     g.current = setup.identity;
     g.current->pid = self;
     g.parent = setup.parent;
@@ -269,23 +282,9 @@ void become_child(const ChildSetup& setup) noexcept {
     new (&g.method_mu) std::mutex;
     forkserver::after_fork_in_child();
 
-    // The thread that called start() may block signals (a sigwait/signalfd design) or the
-    // parent may ignore SIGTERM; either would make terminate() a no-op on this child.
-    // Restore SIGTERM first, then unblock: a SIGTERM already pending is delivered now.
-    KernelSigaction term{};
-    if (sys_call(SYS_rt_sigaction, SIGTERM, nullptr, &term, sizeof(unsigned long)) == 0 &&
-        term.handler == SIG_IGN) {
-        term.handler = SIG_DFL;
-        sys_call(SYS_rt_sigaction, SIGTERM, &term, nullptr, sizeof(unsigned long));
-    }
-    const unsigned long none = 0;
-    sys_call(SYS_rt_sigprocmask, SIG_SETMASK, &none, nullptr, sizeof none);
-
-    // As Python does: a child does not read the parent's stdin.
-    const int null = static_cast<int>(sys_call(SYS_openat, AT_FDCWD, "/dev/null", O_RDONLY | O_CLOEXEC));
-    if (null > 0) {
-        sys_call(SYS_dup3, null, 0, 0);
-        sys_call(SYS_close, null);
+    if (!setup.from_server) {
+        reset_child_signals();
+        stdin_from_null();
     }
     if (setup.daemon) {
         sys_call(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -322,7 +321,7 @@ Process& Process::operator=(Process&& other) {
         // The rule of close(): this Process's child may not be let go while it runs. wait()
         // reaps a child that has ended, so nothing is left for the registry to hold.
         auto& s = *state_;
-        if (s.stage == ProcessState::Stage::started && s.owner == ::getpid() &&
+        if (s.stage == ProcessState::Stage::started && s.owner == sys::self_pid() &&
             !s.wait(std::chrono::nanoseconds::zero()))
             throw ProcessError("cannot assign over a process whose child is still running; join "
                                "or terminate it first");
@@ -355,7 +354,7 @@ Process::~Process() {
     if (!state_) return;  // moved from: the child, if any, belongs to another Process
     try {
         auto& s = *state_;
-        if (s.stage != ProcessState::Stage::started || s.owner != ::getpid()) return;
+        if (s.stage != ProcessState::Stage::started || s.owner != sys::self_pid()) return;
         if (s.daemon && !s.wait(std::chrono::nanoseconds::zero())) s.signal(SIGTERM);
         s.wait(std::nullopt);
     } catch (...) {
@@ -363,6 +362,10 @@ Process::~Process() {
         // OS allowed.
     }
 }
+
+namespace {
+void run_nothing() {}
+}  // namespace
 
 void Process::set_target(std::optional<detail::Task> task, std::function<void()> fn) {
     task_ = std::move(task);
@@ -384,7 +387,13 @@ void Process::start() {
     // Reap children that have ended, as Python's start() does, so zombies do not pile up.
     for (auto& c : registry_snapshot()) c->wait(std::chrono::nanoseconds::zero());
 
-    if (s.method != StartMethod::fork && !task_)
+    // A plain Process given no target runs nothing, as Python's does, under every method: a
+    // task that does nothing stands in for the target. Only a subclass's run() cannot travel.
+    std::optional<detail::Task> nothing;
+    if (s.method != StartMethod::fork && !task_ && !target_ && typeid(*this) == typeid(Process))
+        nothing = detail::make_task(run_nothing);
+    const detail::Task* task = task_ ? &*task_ : nothing ? &*nothing : nullptr;
+    if (s.method != StartMethod::fork && task == nullptr)
         throw ProcessError(
             "the " + to_string(s.method) +
             " start method needs a transferable target (a function, a function "
@@ -399,7 +408,7 @@ void Process::start() {
     spec.daemon = s.daemon;
     spec.method = s.method;
     spec.main = detail::ChildMain(child);
-    if (task_) spec.task = &*task_;
+    spec.task = task;
 
     // A fork child is listed before fork, so the registry is not written while the child shares
     // its pages (see launch_fork); until it has a pidfd it counts as running.
@@ -480,7 +489,7 @@ void Process::close() {
     auto& s = state("close");
     if (s.stage == ProcessState::Stage::closed) return;
     if (s.stage == ProcessState::Stage::started) {
-        if (s.owner == ::getpid() && !s.wait(std::chrono::nanoseconds::zero()))
+        if (s.owner == sys::self_pid() && !s.wait(std::chrono::nanoseconds::zero()))
             throw ProcessError("cannot close a process while it is still running; join or "
                                "terminate it first");
         std::lock_guard lock(s.mu);
@@ -505,7 +514,7 @@ std::optional<int> Process::exitcode() {
     auto& s = state("exitcode");
     check_open(s);
     if (s.stage != ProcessState::Stage::started) return std::nullopt;
-    if (s.owner == ::getpid()) s.wait(std::chrono::nanoseconds::zero());
+    if (s.owner == sys::self_pid()) s.wait(std::chrono::nanoseconds::zero());
     std::lock_guard lock(s.mu);
     return s.exitcode;
 }
@@ -699,6 +708,16 @@ void set_start_method(StartMethod method, bool force) {
 }
 
 StartMethod get_start_method() { return fix_start_method(); }
+
+std::optional<StartMethod> get_start_method(bool allow_none) {
+    if (allow_none) {
+        Globals& g = globals();
+        std::lock_guard lock(g.method_mu);
+        if (!g.method_fixed) return std::nullopt;
+        return g.method;
+    }
+    return fix_start_method();
+}
 
 std::string to_string(StartMethod m) {
     switch (m) {

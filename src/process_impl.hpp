@@ -14,6 +14,7 @@
 #include "launch.hpp"
 #include "mp/process.hpp"
 #include "sys/fd.hpp"
+#include "util_internal.hpp"
 
 namespace mp::detail {
 
@@ -54,11 +55,20 @@ struct ChildSetup {
     ParentProcess* parent = nullptr;
     bool daemon = false;
     pid_t parent_pid = 0;  // for the daemon's "parent already gone" check
+    /// A forkserver child: the server gave it SIGTERM's default action, no blocked signal and
+    /// /dev/null as stdin already (reset_child_signals and stdin_from_null ran there once).
+    bool from_server = false;
 };
 
 /// In a new child, before any user code: installs the identity, forgets the parent's children and
 /// locks, points stdin at /dev/null, arms the daemon's parent-death signal. Async-signal-safe.
 void become_child(const ChildSetup& setup) noexcept;
+/// SIGTERM back to its default action if ignored, then every signal unblocked: the thread that
+/// called start() may block signals (a sigwait/signalfd design) or the parent may ignore SIGTERM,
+/// and either would make terminate() a no-op on the child. Async-signal-safe.
+void reset_child_signals() noexcept;
+/// As Python does: a child does not read its parent's stdin. Async-signal-safe.
+void stdin_from_null() noexcept;
 /// Runs `body`, printing an escaping exception as "Process <name>:" and the error; returns the exit
 /// code (0, or 1 after an exception).
 template <class F>
@@ -90,6 +100,8 @@ struct ChildRequest {
     pid_t parent_pid = 0;
     /// The requester's program_build_id(): a child running other code refuses the request.
     std::uint64_t build_id = 0;
+    /// The requester's logger, which the child's follows.
+    LogSettings log{};
     std::string task;
     std::vector<int> task_fds;  // borrowed; sent with SCM_RIGHTS, not encoded
 };
@@ -125,13 +137,19 @@ pid_t server_pid();
 Started start_child(const Request& req);
 /// Reads the exit status the server sent. std::nullopt: the server went away without sending one.
 std::optional<int> read_status(int status_fd);
+/// read_status without waiting: false while the child runs (nothing sent yet), true once the
+/// status has come (`code` set) or the server has gone without it (`code` empty).
+bool try_read_status(int status_fd, std::optional<int>& code);
 /// In a new fork child: forget the parent's client lock (another thread may have held it).
 void after_fork_in_child() noexcept;
 /// In a child the server has just forked: its request socket, then run_request. Never returns.
 [[noreturn]] void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept;
-/// The server's entry in the spawned server process: serves on `control` until every client has
-/// gone. Never returns.
-[[noreturn]] void serve(int control) noexcept;
+/// The server's entry in the spawned server process: runs the `preload` tasks, then serves on
+/// `control` until every client has gone. Never returns.
+[[noreturn]] void serve(int control, const std::vector<std::string>& preload) noexcept;
+/// The tasks every later start of the server runs first (set_forkserver_preload). Throws
+/// ProcessError while this process's server runs.
+void set_preload(std::vector<std::string> tasks);
 
 }  // namespace forkserver
 }  // namespace mp::detail

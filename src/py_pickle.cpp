@@ -23,9 +23,11 @@
 #include <algorithm>
 #include <bit>
 #include <charconv>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <sys/random.h>
 
 namespace mp::py {
 
@@ -75,9 +77,11 @@ const char* op_name(unsigned char c) {
     }
 }
 
+}  // namespace
+
 // UTF-8 as CPython writes str: surrogates (U+D800..DFFF) are allowed, since Python encodes and
 // decodes pickled str with "surrogatepass"; overlong forms and values past U+10FFFF are not.
-bool valid_utf8(std::string_view s) noexcept {
+bool detail::valid_utf8(std::string_view s) noexcept {
     const auto* p = reinterpret_cast<const unsigned char*>(s.data());
     const auto* end = p + s.size();
     while (p < end) {
@@ -108,6 +112,9 @@ bool valid_utf8(std::string_view s) noexcept {
     }
     return true;
 }
+
+namespace {
+using detail::valid_utf8;
 
 // The latin-1 bytes of a str whose code points are all below 256 (Python's protocol 2 writes bytes
 // as _codecs.encode(str, 'latin1')).
@@ -1035,6 +1042,19 @@ bool is_exception_class(std::string_view module, std::string_view name) {
     if (module == "builtins")
         return std::find(std::begin(builtin), std::end(builtin), name) != std::end(builtin);
     return (module == "_queue" && name == "Empty") || (module == "queue" && (name == "Empty" || name == "Full"));
+}
+
+std::uint64_t key_hash_seed() noexcept {
+    static const std::uint64_t seed = [] {
+        std::uint64_t s = 0;
+        if (::getrandom(&s, sizeof s, GRND_NONBLOCK) != static_cast<ssize_t>(sizeof s)) {
+            // No entropy yet (early boot): the clock and where this process was loaded.
+            s = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                reinterpret_cast<std::uintptr_t>(&s);
+        }
+        return hash_fmix(s);
+    }();
+    return seed;
 }
 
 Object loads_with_exceptions(std::string_view pickle, const Limits& limits) {

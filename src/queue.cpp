@@ -48,6 +48,15 @@
 //      grow. So the room (chunks) a stale copy shows is really there, and the bytes it covers
 //      are ordered by that acquire and the lock hand-off since; a side reads the other's index
 //      only when its copy shows too little, not once per message (a cache miss each time).
+//  I10 shutdown() raises the shutdown word, then wakes every waiter. A put looks at the word
+//      under plock, and every put or get wait counts it as a reason to stop waiting, so once a
+//      holder of plock has seen the word no message can start or complete after it: a put
+//      blocked for a slot or room leaves (a partly streamed message is withdrawn, I5). A
+//      consumer that finds the ring empty under a raised word takes plock (waiting out or
+//      repairing the put under way) before it says ShutDown, so "shut down and empty" is
+//      final. kImmediate: a clock holder that sees it takes plock too and drains the ring,
+//      counting each message it ends as taken and done (the shutdown caller does; so does any
+//      getter, in case that caller died half-way).
 //  The record stores (I5, I8) need only their program order, which release stores keep (a
 //  killed process's stores still land in that order); seq_cst is kept for the stores a waiter
 //  on the other side must see before the flag is read (head, tail, and taken when there is a
@@ -77,6 +86,7 @@
 
 #include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
+#include "sys/futex.hpp"
 #include "sys/futex_mutex.hpp"
 
 
@@ -85,7 +95,7 @@ namespace mp::detail {
 namespace {
 
 constexpr std::uint64_t kMagic = 0x6d702d7175657565ULL;  // "mp-queue"
-constexpr std::uint32_t kVersion = 3;  // 3: the locks are sys::FutexMutex
+constexpr std::uint32_t kVersion = 4;  // 3: the locks are sys::FutexMutex; 4: the shutdown word
 constexpr std::size_t kHeaderBytes = 4096;
 constexpr std::size_t kMinRing = 4096;
 // How a waiter waits before it sleeps on the futex: first it spins briefly (the peer on another
@@ -100,6 +110,8 @@ constexpr auto kYieldTime = std::chrono::microseconds(20);
 constexpr auto kPeerCheck = std::chrono::milliseconds(20);
 
 enum : std::uint32_t { kFirst = 1, kLast = 2, kAbort = 4 };
+// Header::shutdown; it only ever rises (kOpen -> kShut -> kImmediate).
+enum : std::uint32_t { kOpen = 0, kShut = 1, kImmediate = 2 };
 
 struct ChunkHeader {
     std::uint64_t id;
@@ -138,7 +150,7 @@ public:
 
     // block false: trylock; true: until `deadline` (or forever).
     template <class Repair>
-    bool lock(sys::FutexMutex* m, bool block, const Deadline& deadline, Repair repair) {
+    [[nodiscard]] bool lock(sys::FutexMutex* m, bool block, const Deadline& deadline, Repair repair) {
         switch (m->lock(sys::this_thread_id(), block, deadline)) {
             case sys::FutexMutex::Result::busy: return false;
             case sys::FutexMutex::Result::held_by_caller:
@@ -217,6 +229,10 @@ struct QueueCore::Header {
     alignas(64) U64 tasks_done;  // JoinableQueue: task_done calls (and messages lost, I8)
     U32 join_seq;
     U32 joiners;
+
+    // shutdown(): kOpen, kShut or kImmediate. On a line of its own that is written once, so
+    // the load every put makes stays a cache hit.
+    alignas(64) U32 shutdown;
 };
 
 static_assert(sizeof(QueueCore::Header) <= kHeaderBytes);
@@ -372,7 +388,7 @@ bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {
         if (ready()) break;
         const auto recheck = std::chrono::steady_clock::now() + kRecheck;
         const bool capped = !deadline || recheck < *deadline;
-        if (futex_wait(seq, seen, capped ? Deadline(recheck) : deadline) == FutexResult::timed_out &&
+        if (sys::futex_wait(seq, seen, capped ? Deadline(recheck) : deadline) == sys::FutexResult::timed_out &&
             !capped)
             break;
     }
@@ -383,7 +399,7 @@ bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {
 void wake_if_waiting(U32& seq, U32& flag) {
     if (flag.load(sc) != 0) {
         seq.fetch_add(1, sc);
-        futex_wake_all(seq);
+        sys::futex_wake_all(seq);
     }
 }
 
@@ -407,7 +423,7 @@ struct Producer {
     }
     void wake_joiners() {
         h->join_seq.fetch_add(1, sc);
-        if (h->joiners.load(sc) != 0) futex_wake_all(h->join_seq);
+        if (h->joiners.load(sc) != 0) sys::futex_wake_all(h->join_seq);
     }
 
     // I5: finishes (keeps) or withdraws the message recorded in p_inflight. Used for the repair
@@ -438,8 +454,12 @@ bool QueueCore::put(std::span<const std::string_view> parts, bool block,
                     const Deadline& deadline) {
     Header* const h = h_;
     Producer p{h, Ring{ring_, h->capacity}};
+    auto shut = [&] { return h->shutdown.load(sc) != kOpen; };
+    // Before the lock too, so that put_nowait says ShutDown rather than Full while a put holds it.
+    if (shut()) throw ShutDown();
     RobustGuard guard;
     if (!guard.lock(&h->plock, block, deadline, [&] { p.settle_inflight(); })) return false;
+    if (shut()) throw ShutDown();  // I10: under plock
 
     const std::uint64_t cap = h->capacity;
     if (h->maxsize != 0) {
@@ -450,7 +470,10 @@ bool QueueCore::put(std::span<const std::string_view> parts, bool block,
         if (!has_slot()) {
             if (!block) return false;
             h->space_target.store(0, sc);
-            if (!wait_for(h->space_seq, h->space_waiting, deadline, has_slot)) return false;
+            const bool got = wait_for(h->space_seq, h->space_waiting, deadline,
+                                      [&] { return has_slot() || shut(); });
+            if (shut()) throw ShutDown();
+            if (!got) return false;
         }
     }
 
@@ -524,8 +547,10 @@ bool QueueCore::put(std::span<const std::string_view> parts, bool block,
         const std::uint64_t need = std::min(kHdr + rem, 2 * kHdr + min_piece);
         auto room = [&] { return cap - (hd - h->tail.load(sc)) >= need; };
         h->space_target.store(hd + need - cap, sc);  // no wrap: hd - tail > cap - need here
-        if (!wait_for(h->space_seq, h->space_waiting, deadline, room))
-            return false;  // timed out: Settle withdraws the part written
+        const bool got = wait_for(h->space_seq, h->space_waiting, deadline,
+                                  [&] { return room() || shut(); });
+        if (shut()) throw ShutDown();  // Settle withdraws the part written (I10)
+        if (!got) return false;        // timed out: likewise
     }
 }
 
@@ -540,7 +565,7 @@ struct Consumer {
     void wake_producer() {
         if (h->space_waiting.load(sc) != 0 && h->tail.load(rlx) >= h->space_target.load(sc)) {
             h->space_seq.fetch_add(1, sc);
-            futex_wake_all(h->space_seq);
+            sys::futex_wake_all(h->space_seq);
         }
     }
     void advance(std::uint64_t new_tail) {
@@ -565,7 +590,29 @@ struct Consumer {
     void count_lost() {
         h->tasks_done.fetch_add(1, sc);
         h->join_seq.fetch_add(1, sc);
-        if (h->joiners.load(sc) != 0) futex_wake_all(h->join_seq);
+        if (h->joiners.load(sc) != 0) sys::futex_wake_all(h->join_seq);
+    }
+    // I10, kImmediate (caller holds clock): with plock too, no put is under way, so the ring
+    // holds all there will ever be; every message ended here counts as taken and done.
+    void drain() {
+        Producer p{h, ring};
+        RobustGuard producer_guard;
+        (void)producer_guard.lock(&h->plock, true, std::nullopt, [&] { p.settle_inflight(); });
+        for (;;) {
+            const std::uint64_t t = h->tail.load(rlx);
+            const std::uint64_t hd = h->head.load(acq);
+            if (hd - t < kHdr) return;
+            ChunkHeader ch;
+            ring.read(t, &ch, kHdr);
+            if (ch.len > hd - t - kHdr) throw Error("mp::Queue: the shared ring is corrupt");
+            const std::uint64_t nt = t + kHdr + ch.len;
+            if ((ch.flags & (kLast | kAbort)) == kLast) {
+                take(nt);
+                count_lost();
+            } else {
+                advance(nt);
+            }
+        }
     }
     // I8 repair after a consumer died holding clock.
     void repair() {
@@ -590,8 +637,17 @@ bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
 bool QueueCore::get(QueueSink& out, bool block, const Deadline& deadline) {
     Header* const h = h_;
     Consumer c{h, Ring{ring_, h->capacity}};
+    auto shut = [&] { return h->shutdown.load(sc); };
     RobustGuard guard;
-    if (!guard.lock(&h->clock, block, deadline, [&] { c.repair(); })) return false;
+    if (!guard.lock(&h->clock, block, deadline, [&] { c.repair(); })) {
+        if (shut() == kImmediate) throw ShutDown();  // the ring is being drained
+        return false;
+    }
+    auto drain_and_stop = [&] {
+        c.drain();
+        throw ShutDown();
+    };
+    if (shut() == kImmediate) drain_and_stop();
 
     RobustGuard producer_guard;  // taken only to prove a partial message dead (I6)
     bool have = false;           // assembling message `id`
@@ -654,19 +710,60 @@ bool QueueCore::get(QueueSink& out, bool block, const Deadline& deadline) {
         }
         auto data = [&] { return h->head.load(sc) - h->tail.load(rlx) >= kHdr; };
         if (!have) {
+            if (const std::uint32_t mode = shut(); mode != kOpen) {
+                if (mode == kImmediate) drain_and_stop();
+                // I10: empty for good once the put under way (if any) is over.
+                RobustGuard quiet;
+                Producer p{h, c.ring};
+                (void)quiet.lock(&h->plock, true, std::nullopt, [&] { p.settle_inflight(); });
+                if (!data()) throw ShutDown();
+                continue;
+            }
             if (!block) return false;
-            if (!wait_for(h->data_seq, h->data_waiting, deadline, data)) return false;
+            if (!wait_for(h->data_seq, h->data_waiting, deadline,
+                          [&] { return data() || shut() != kOpen; }))
+                return false;
             continue;
         }
         // Mid-message: the producer is streaming the rest. Wait a little, then make sure it is
         // alive (holding plock); the caller's deadline does not cut a message in half.
-        if (wait_for(h->data_seq, h->data_waiting, deadline_after(kPeerCheck), data)) continue;
+        if (wait_for(h->data_seq, h->data_waiting, deadline_after(kPeerCheck),
+                     [&] { return data() || shut() == kImmediate; })) {
+            if (shut() == kImmediate) drain_and_stop();
+            continue;
+        }
         Producer p{h, c.ring};
         // Busy: the producer lives and streams on. Taken: it had died and the repair settled its
         // message (or it had just finished); either way the loop looks again.
         (void)producer_guard.lock(&h->plock, false, std::nullopt, [&] { p.settle_inflight(); });
     }
 }
+
+// ---- shutdown (I10) ------------------------------------------------------------------------------
+
+void QueueCore::shutdown(bool immediate) {
+    Header* const h = h_;
+    if (immediate) {
+        h->shutdown.store(kImmediate, sc);
+    } else {
+        std::uint32_t open = kOpen;
+        (void)h->shutdown.compare_exchange_strong(open, kShut, sc);  // never lowers kImmediate
+    }
+    // Unconditionally, whatever the waiting flags say: a waiter raises its flag, reads the
+    // sequence and then the word, so it either sees the word or sleeps on a stale sequence.
+    for (U32* seq : {&h->data_seq, &h->space_seq}) {
+        seq->fetch_add(1, sc);
+        sys::futex_wake_all(*seq);
+    }
+    if (h->shutdown.load(sc) != kImmediate) return;
+    Consumer c{h, Ring{ring_, h->capacity}};
+    RobustGuard guard;
+    // A getter holding clock leaves promptly (its waits stop on the word) or drains itself.
+    (void)guard.lock(&h->clock, true, std::nullopt, [&] { c.repair(); });
+    c.drain();
+}
+
+bool QueueCore::is_shutdown() const noexcept { return h_->shutdown.load(acq) != kOpen; }
 
 // ---- JoinableQueue ----------------------------------------------------------------------------
 
@@ -678,7 +775,7 @@ void QueueCore::task_done() {
         if (h->tasks_done.compare_exchange_weak(done, done + 1, sc)) break;
     }
     h->join_seq.fetch_add(1, sc);
-    if (h->joiners.load(sc) != 0) futex_wake_all(h->join_seq);
+    if (h->joiners.load(sc) != 0) sys::futex_wake_all(h->join_seq);
 }
 
 bool QueueCore::join(const Deadline& deadline) {
@@ -693,7 +790,7 @@ bool QueueCore::join(const Deadline& deadline) {
             ok = true;
             break;
         }
-        if (futex_wait(h->join_seq, seen, deadline) == FutexResult::timed_out) {
+        if (sys::futex_wait(h->join_seq, seen, deadline) == sys::FutexResult::timed_out) {
             ok = finished();
             break;
         }

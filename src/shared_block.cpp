@@ -24,7 +24,7 @@ SharedBlock SharedBlock::map(sys::Fd fd, std::size_t size) {
     SharedBlock b;
     b.data_ = p;
     b.size_ = size;
-    b.fd_ = fd.release();
+    b.fd_ = std::move(fd);
     return b;
 }
 
@@ -45,10 +45,9 @@ SharedBlock SharedBlock::attach(int raw) {
 
 void SharedBlock::release() noexcept {
     if (data_ != nullptr) ::munmap(data_, size_);
-    if (fd_ >= 0) ::close(fd_);
+    fd_.reset();
     data_ = nullptr;
     size_ = 0;
-    fd_ = -1;
 }
 
 namespace attached {

@@ -270,7 +270,7 @@ void clean_up() noexcept {
         if (static_cast<std::size_t>(r) >= offsetof(Message, name) + 1) handle(m);
     }
     clean_up();
-    ::_exit(0);
+    sys::exit_child(0);
 }
 
 // ------------------------------------------------------------------------------ tracker client

@@ -113,16 +113,15 @@ Request& Request::operator=(Request&& o) noexcept {
     if (this != &o) {
         close();
         data = std::move(o.data);
-        fd_ = std::exchange(o.fd_, -1);
-        owned_ = std::exchange(o.owned_, false);
+        conn_ = std::move(o.conn_);
+        server_sock_ = std::exchange(o.server_sock_, -1);
     }
     return *this;
 }
 
 void Request::close() noexcept {
-    if (owned_ && fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-    owned_ = false;
+    conn_.reset();
+    server_sock_ = -1;
 }
 
 // ---- rfile / wfile ----
@@ -571,15 +570,13 @@ bool BaseServer::get_request(Request& request, ServerAddress& client) {
     if (kind_.socket == SocketKind::stream) {
         int fd = ::accept4(sock_, peer.get(), &peer.len, SOCK_CLOEXEC);
         if (fd < 0) return false;  // the client left, or another worker took it (EAGAIN)
-        request.fd_ = fd;
-        request.owned_ = true;
+        request.conn_.reset(fd);
     } else {
         request.data.resize(options_.max_packet_size);
         ssize_t n = ::recvfrom(sock_, request.data.data(), request.data.size(), MSG_DONTWAIT, peer.get(), &peer.len);
         if (n < 0) return false;
         request.data.resize(static_cast<std::size_t>(n));
-        request.fd_ = sock_;
-        request.owned_ = false;
+        request.server_sock_ = sock_;
     }
     client = from_sockaddr(peer.storage, peer.len);
     return true;
@@ -647,9 +644,9 @@ void BaseServer::finish_request(Request& request, const ServerAddress& client_ad
 }
 
 void BaseServer::shutdown_request(Request& request) {
-    if (kind_.socket == SocketKind::stream && request.fd_ >= 0 && request.owned_) {
+    if (kind_.socket == SocketKind::stream && request.conn_) {
         // Explicitly shut down: close alone may not send FIN while a forked copy holds the fd.
-        (void)::shutdown(request.fd_, SHUT_WR);
+        (void)::shutdown(request.conn_.get(), SHUT_WR);
     }
     close_request(request);
 }

@@ -9,10 +9,14 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <csignal>
@@ -26,11 +30,17 @@
 #include "mp/serialize.hpp"
 #include "process_impl.hpp"
 #include "sys/error.hpp"
+#include "sys/pidfd.hpp"
+#include "sys/raw_syscall.hpp"
 
 // With -Wl,--wrap=main the linker points this at the program's main. Weak, so a program linked
 // without the option (or against libmp.so, whose references the option does not rewrite) still
 // links: it is then null and real_main() looks further.
 extern "C" int __real_main(int, char**, char**) __attribute__((weak));  // NOLINT(bugprone-reserved-identifier)
+
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
 
 namespace mp {
 
@@ -54,6 +64,8 @@ struct Codec<detail::ChildRequest> {
         for (int i : r.identity) e.put(i);
         put_string(e, r.parent_name);
         e.put(static_cast<std::int32_t>(r.parent_pid));
+        e.put(r.log.level);
+        e.put(r.log.to_stderr);
         put_string(e, r.task);
     }
     static detail::ChildRequest decode(Decoder& d) {
@@ -66,6 +78,8 @@ struct Codec<detail::ChildRequest> {
         for (std::uint64_t i = 0; i < n; ++i) r.identity.push_back(d.get<int>());
         r.parent_name = get_string(d);
         r.parent_pid = d.get<std::int32_t>();
+        r.log.level = d.get<std::int32_t>();
+        r.log.to_stderr = d.get<bool>();
         r.task = get_string(d);
         return r;
     }
@@ -79,9 +93,8 @@ namespace {
 std::atomic<bool> g_main_hooked{false};
 
 constexpr char kSpawnFlag[] = "--mp-spawn-child";
-// The descriptor numbers a spawn child finds its request socket and exec-error pipe at.
+// The descriptor a spawn child finds its request socket at.
 constexpr int kRequestFd = 3;
-constexpr int kExecErrorFd = 4;
 
 using MainFn = int (*)(int, char**, char**);
 
@@ -91,63 +104,141 @@ MainFn real_main() noexcept {
     return reinterpret_cast<MainFn>(::dlsym(RTLD_DEFAULT, "main"));
 }
 
-// Raw syscall() between fork and exec, as in become_child: nothing a threaded parent's child
-// must not do, and no lazy binding of a libc function the parent never called.
-long sys_call(long n, auto... args) noexcept { return ::syscall(n, args...); }
-
-struct KernelSigaction {
-    void (*handler)(int);
-    unsigned long flags;
-    void (*restorer)();
-    unsigned long mask;
+// The spawn child is made with clone(CLONE_VM | CLONE_VFORK), as glibc's posix_spawn and musl's
+// make theirs: it runs on this process's memory, on a stack of its own, while the thread that
+// made it waits until it has executed the program or exited. So no page table is copied (a
+// fork's cost grows with the parent: tens of milliseconds from one with 2 GiB touched), and the
+// exec error is left in our memory instead of going through a pipe. Until exec the child may only
+// make raw system calls (sys::raw_call: no errno, which is the waiting thread's) on what the
+// parent prepared here, and writes nothing of ours but `error`.
+struct ExecChild {
+    std::array<char*, 4> argv;
+    char** envp;
+    int request_fd;
+    // The child's: minus the errno of the call that failed. Read once the parent thread resumes.
+    long error;
+    // Detached: the stack of the program's child, below the middle child's.
+    char* inner_stack;
 };
 
-[[noreturn]] void exec_failed(int error_fd) noexcept {
-    const int err = errno;
-    sys_call(SYS_write, error_fd, &err, sizeof err);
-    sys_call(SYS_exit_group, 127);
-    __builtin_unreachable();
+// Each child's stack, in the waiting thread's frame. Its code needs a few hundred bytes; the rest
+// is margin (there is no guard page below it), cheap on any thread's stack.
+constexpr std::size_t kChildStack = 32 * 1024;
+
+using sys::KernelSigaction;
+using sys::raw_call;
+
+MP_SHARED_MEMORY_CHILD int exec_program(void* arg) noexcept {
+    auto* c = static_cast<ExecChild*>(arg);
+    // Inheritable at the number the program expects (dup3 refuses to copy a descriptor onto itself).
+    long r = c->request_fd == kRequestFd ? raw_call(SYS_fcntl, kRequestFd, F_SETFD, 0)
+                                         : raw_call(SYS_dup3, c->request_fd, kRequestFd, 0);
+    if (r >= 0) {
+        // Every other descriptor of the parent stays behind: the child gets what its task carries.
+        if (raw_call(SYS_close_range, kRequestFd + 1, ~0U, 0) < 0)
+            for (int fd = kRequestFd + 1; fd < 65536; ++fd) raw_call(SYS_close, fd);
+        // Signals are all blocked (spawn_program). A handler of the parent must not run here, on
+        // the parent's memory, and exec keeps an ignored SIGTERM ignored (terminate() would do
+        // nothing): default both, then unblock.
+        for (int sig = 1; sig < 65; ++sig) {
+            if (sig == SIGKILL || sig == SIGSTOP) continue;
+            KernelSigaction act{};
+            if (raw_call(SYS_rt_sigaction, sig, nullptr, &act, sizeof(unsigned long)) != 0) continue;
+            const bool caught = act.handler != SIG_DFL && act.handler != SIG_IGN;
+            if (caught || (sig == SIGTERM && act.handler == SIG_IGN)) {
+                KernelSigaction dfl{};
+                dfl.handler = SIG_DFL;
+                raw_call(SYS_rt_sigaction, sig, &dfl, nullptr, sizeof(unsigned long));
+            }
+        }
+        const unsigned long none = 0;
+        raw_call(SYS_rt_sigprocmask, SIG_SETMASK, &none, nullptr, sizeof none);
+        r = raw_call(SYS_execve, "/proc/self/exe", c->argv.data(), c->envp);
+    }
+    c->error = r;
+    return 127;
+}
+
+// glibc's clone. TSan's interceptor of `clone` takes the child for a fork and rebuilds its own
+// records there, which under CLONE_VM are the parent's: its other name is not intercepted.
+#if defined(__SANITIZE_THREAD__)
+#define MP_TSAN_CLONE 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define MP_TSAN_CLONE 1
+#endif
+#endif
+#if defined(MP_TSAN_CLONE)
+extern "C" int __clone(int (*)(void*), void*, int, void*, ...);  // NOLINT(bugprone-reserved-identifier)
+MP_SHARED_MEMORY_CHILD int clone_vm(int (*fn)(void*), char* stack, int flags, void* arg, int* pidfd) noexcept {
+    return __clone(fn, stack, flags, arg, pidfd);
+}
+#else
+MP_SHARED_MEMORY_CHILD int clone_vm(int (*fn)(void*), char* stack, int flags, void* arg, int* pidfd) noexcept {
+    return ::clone(fn, stack, flags, arg, pidfd);
+}
+#endif
+
+// Detached: the middle child makes the program's child and exits once that has executed (or
+// failed to), so the program is reparented and never becomes the caller's zombie. It makes no
+// system call of its own but clone, whose errno it must not read (the parent thread's): a
+// failure is reported as the exit status.
+MP_SHARED_MEMORY_CHILD int detach_program(void* arg) noexcept {
+    auto* c = static_cast<ExecChild*>(arg);
+    return clone_vm(exec_program, c->inner_stack, CLONE_VM | CLONE_VFORK | SIGCHLD, c, nullptr) > 0 ? 0 : 1;
+}
+
+void reap(pid_t pid) noexcept {
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
 }
 
 }  // namespace
 
-ExecPlan::ExecPlan() : argv0_(program_invocation_name != nullptr ? program_invocation_name : "mp") {
-    argv_[0] = argv0_.data();
-    argv_[1] = const_cast<char*>(kSpawnFlag);
-    argv_[2] = const_cast<char*>("3");
-    argv_[3] = nullptr;
-    envp_ = environ;
-}
+SpawnedProgram spawn_program(int request_fd, bool detached, const char* what) {
+    // The command line and environment, made here: the child must not allocate.
+    std::string argv0(program_invocation_name != nullptr ? program_invocation_name : "mp");
+    ExecChild c{{argv0.data(), const_cast<char*>(kSpawnFlag), const_cast<char*>("3"), nullptr},
+                environ, request_fd, 0, nullptr};
+    // The children's stacks: this thread waits while they run, so its frame is theirs to use.
+    alignas(16) char stacks[2][kChildStack];
+    c.inner_stack = stacks[1] + kChildStack;
+    // A signal handler of ours must not run in the child, on our memory: it runs with every
+    // signal blocked until it has set the handlers back to their defaults. A signal sent to it
+    // meanwhile stays pending (Linux never discards a blocked signal).
+    sigset_t all, old_mask;
+    sigfillset(&all);
+    ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
+    int pidfd = -1;
+    const int pid = detached
+                        ? clone_vm(detach_program, stacks[0] + kChildStack, CLONE_VM | CLONE_VFORK | SIGCHLD, &c, nullptr)
+                        : clone_vm(exec_program, stacks[0] + kChildStack,
+                                   CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &c, &pidfd);
+    const int err = errno;
+    ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+    if (pid < 0) sys::throw_system_error(err, what);
 
-void ExecPlan::exec(int request_fd, int error_fd) const noexcept {
-    // Above the two numbers the child expects first, so that neither move overwrites the other.
-    const int req = static_cast<int>(sys_call(SYS_fcntl, request_fd, F_DUPFD_CLOEXEC, 5));
-    if (req < 0) exec_failed(error_fd);
-    const int err = static_cast<int>(sys_call(SYS_fcntl, error_fd, F_DUPFD_CLOEXEC, 5));
-    if (err < 0) exec_failed(error_fd);
-    if (sys_call(SYS_dup3, req, kRequestFd, 0) < 0) exec_failed(err);
-    if (sys_call(SYS_dup3, err, kExecErrorFd, O_CLOEXEC) < 0) exec_failed(err);
-    // Every other descriptor of the parent stays behind: the child gets what its task carries.
-    if (sys_call(SYS_close_range, kExecErrorFd + 1, ~0U, 0) < 0) {
-        for (int fd = kExecErrorFd + 1; fd < 65536; ++fd) sys_call(SYS_close, fd);
-    }
-    // Signals are all blocked (fork_blocked). A handler of the parent must not run here, and exec
-    // keeps an ignored SIGTERM ignored (terminate() would do nothing): default both, then unblock.
-    for (int sig = 1; sig < 65; ++sig) {
-        if (sig == SIGKILL || sig == SIGSTOP) continue;
-        KernelSigaction act{};
-        if (sys_call(SYS_rt_sigaction, sig, nullptr, &act, sizeof(unsigned long)) != 0) continue;
-        const bool caught = act.handler != SIG_DFL && act.handler != SIG_IGN;
-        if (caught || (sig == SIGTERM && act.handler == SIG_IGN)) {
-            KernelSigaction dfl{};
-            dfl.handler = SIG_DFL;
-            sys_call(SYS_rt_sigaction, sig, &dfl, nullptr, sizeof(unsigned long));
+    SpawnedProgram out;
+    if (detached) {
+        // The middle child has exited (CLONE_VFORK); reaped here unless SIGCHLD is ignored, when
+        // the kernel has done it and `error` alone tells.
+        int status = 0;
+        pid_t r;
+        while ((r = ::waitpid(pid, &status, 0)) < 0 && errno == EINTR) {
         }
+        if (r == pid && (!WIFEXITED(status) || WEXITSTATUS(status) != 0) && c.error == 0)
+            sys::throw_system_error(EAGAIN, what);
+    } else {
+        out.pid = pid;
+        out.pidfd = sys::Fd(pidfd);
     }
-    const unsigned long none = 0;
-    sys_call(SYS_rt_sigprocmask, SIG_SETMASK, &none, nullptr, sizeof none);
-    sys_call(SYS_execve, "/proc/self/exe", argv_.data(), envp_);
-    exec_failed(kExecErrorFd);
+    if (c.error < 0) {
+        // The child has exited already: CLONE_VFORK let us go on only then.
+        if (!detached) reap(pid);
+        sys::throw_system_error(static_cast<int>(-c.error), "execve (spawn)");
+    }
+    return out;
 }
 
 bool main_hooked() noexcept { return g_main_hooked.load(std::memory_order_relaxed); }
@@ -181,8 +272,9 @@ ChildRequest make_request(const ChildSpec& spec) {
     req.authkey = spec.authkey;
     req.identity.assign(spec.identity.begin(), spec.identity.end());
     req.parent_name = current_process().name;
-    req.parent_pid = ::getpid();
+    req.parent_pid = sys::self_pid();
     req.build_id = program_build_id();
+    req.log = log_settings();
     req.task = spec.task->bytes;
     req.task_fds = spec.task->fds;
     return req;
@@ -224,9 +316,10 @@ void run_request(int fd, bool direct) noexcept {
         auto* parent = new ParentProcess{req.parent_name, req.parent_pid};
         // A spawn child's OS parent is the requester: it arms the daemon's parent-death signal.
         // A forkserver child's is the server, which has done that already (child_main).
-        ChildSetup setup{identity, parent, direct && req.daemon, req.parent_pid};
+        ChildSetup setup{identity, parent, direct && req.daemon, req.parent_pid, !direct};
         become_child(setup);
         identity->daemon = req.daemon;
+        apply_log_settings(req.log);
         // The arguments take the descriptors they own; the rest close with `received`.
         std::vector<int> fds;
         for (std::size_t i = 0; i < header[1]; ++i) fds.push_back(received[i].get());

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "sys/error.hpp"
+#include "sys/futex.hpp"
 
 namespace mp::detail::sync {
 
@@ -195,7 +196,7 @@ bool cond_wait(CondCore& c, MutexCore& m, const Deadline& deadline) {
                 woken = true;
                 break;
             }
-            if (futex_wait(c.seq, s, deadline) == FutexResult::timed_out) {
+            if (sys::futex_wait(c.seq, s, deadline) == sys::FutexResult::timed_out) {
                 woken = leave_wait(c, my_seq);
                 break;
             }
@@ -222,7 +223,7 @@ void cond_notify(CondCore& c, std::uint32_t n) {
     c.seq.fetch_add(1);
     // Wake as many sleepers as there are pending signals: a woken thread that finds none (an
     // awake waiter took it first) simply sleeps again, so the count of true returns stays exact.
-    futex_wake(c.seq, static_cast<int>(std::min<std::uint32_t>(signals_of(next), INT_MAX)));
+    sys::futex_wake(c.seq, static_cast<int>(std::min<std::uint32_t>(signals_of(next), INT_MAX)));
 }
 
 }  // namespace mp::detail::sync

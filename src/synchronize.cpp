@@ -30,6 +30,7 @@
 #include "sync_state.hpp"
 #include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
+#include "sys/futex.hpp"
 #include "sys/robust_mutex.hpp"
 #include "sys/fd.hpp"
 
@@ -365,7 +366,7 @@ bool Semaphore::acquire_until(const Deadline& deadline) {
     } unregister{c};
     for (;;) {
         if (try_take(c)) return true;
-        if (futex_wait(c.value, 0, deadline) == FutexResult::timed_out) return try_take(c);
+        if (sys::futex_wait(c.value, 0, deadline) == sys::FutexResult::timed_out) return try_take(c);
     }
 }
 
@@ -382,7 +383,7 @@ void Semaphore::release() {
                                                  "overflow");
         if (c.value.compare_exchange_weak(v, v + 1)) break;
     }
-    if (c.waiters.load() != 0) futex_wake(c.value, 1);
+    if (c.waiters.load() != 0) sys::futex_wake(c.value, 1);
 }
 
 int Semaphore::get_value() const {
@@ -443,7 +444,7 @@ void Event::set() {
     do {
         if (w & 1u) return;  // already set: nothing changes, nobody to wake
     } while (!c.word.compare_exchange_weak(w, (w + 2u) | 1u));
-    if (c.waiters.load() != 0) futex_wake_all(c.word);
+    if (c.waiters.load() != 0) sys::futex_wake_all(c.word);
 }
 
 void Event::clear() {
@@ -466,7 +467,7 @@ bool Event::wait_until_deadline(const Deadline& deadline) {
         // Any change of the word since we started means a set() happened (clear() alone only
         // turns bit 0 off, and it was already off).
         if (w != start) return true;
-        if (futex_wait(c.word, w, deadline) == FutexResult::timed_out)
+        if (sys::futex_wait(c.word, w, deadline) == sys::FutexResult::timed_out)
             return c.word.load() != start;
         w = c.word.load();
     }

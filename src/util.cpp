@@ -13,6 +13,7 @@
 
 #include "mp/process.hpp"
 #include "sys/fd.hpp"
+#include "util_internal.hpp"
 
 namespace mp {
 
@@ -25,6 +26,8 @@ std::atomic<int> g_level{static_cast<int>(LogLevel::notset)};
 // inside it when another replaces it (the replaced ones are kept in g_retired, reachable, so
 // leak checkers stay quiet).
 std::atomic<const LogSink*> g_sink{nullptr};
+// Whether g_sink is log_to_stderr's, which a forkserver or spawn child can make again.
+std::atomic<bool> g_sink_is_stderr{false};
 
 struct Retired {
     std::mutex mu;
@@ -76,6 +79,7 @@ bool Logger::enabled_for(LogLevel level) const noexcept {
 }
 
 void Logger::set_sink(LogSink sink) {
+    g_sink_is_stderr.store(false, std::memory_order_relaxed);
     std::unique_ptr<const LogSink> fresh;
     if (sink) fresh = std::make_unique<const LogSink>(std::move(sink));
     Retired& r = retired();
@@ -120,9 +124,29 @@ Logger& log_to_stderr(std::optional<LogLevel> level) {
         line += '\n';
         write_stderr(line);
     });
+    g_sink_is_stderr.store(true, std::memory_order_relaxed);
     if (level) l.set_level(*level);
     return l;
 }
+
+namespace detail {
+
+LogSettings log_settings() noexcept {
+    return LogSettings{g_level.load(std::memory_order_relaxed),
+                       g_sink_is_stderr.load(std::memory_order_relaxed)};
+}
+
+void apply_log_settings(const LogSettings& s) {
+    // A forkserver child starts with the server's logger, made for an earlier request: the
+    // sink is set either way.
+    if (s.to_stderr)
+        log_to_stderr();
+    else
+        get_logger().set_sink({});
+    get_logger().set_level(static_cast<LogLevel>(s.level));
+}
+
+}  // namespace detail
 
 // ---------------------------------------------------------------- Finalize
 

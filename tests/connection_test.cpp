@@ -41,6 +41,8 @@
 #include <utility>
 #include <vector>
 
+#include "helpers/python.hpp"
+#include "helpers/start_methods.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/connection.hpp"
 #include "mp/process.hpp"
@@ -56,7 +58,6 @@ using Clock = std::chrono::steady_clock;
 
 /// The bound on a wait that is expected to succeed.
 constexpr auto kLong = 20s;
-const mp::ProcessOptions kForkserver{.start_method = mp::StartMethod::forkserver};
 
 /// Python's SENTINEL in _TestConnection: an empty message asks the echo child to stop.
 const std::string kSentinel;
@@ -213,82 +214,6 @@ void sleep_for_ms(int ms) { std::this_thread::sleep_for(std::chrono::millisecond
 // _TestConnection
 // =============================================================================================
 
-TEST(Connection, EchoThroughChild) {
-    mp::Connection conn, child_conn;
-    std::tie(conn, child_conn) = mp::Pipe();
-    mp::Process p(echo, child_conn);
-    p.start();
-
-    EXPECT_GE(conn.fileno(), 0);
-
-    // send / recv of objects
-    const std::vector<double> seq{1, 2.25, -0.5};
-    conn.send(seq);
-    EXPECT_EQ(conn.recv<std::vector<double>>(), seq);
-    conn.send(std::tuple<int, std::string, std::optional<int>>(1, "two", std::nullopt));
-    EXPECT_EQ((conn.recv<std::tuple<int, std::string, std::optional<int>>>()),
-              (std::tuple<int, std::string, std::optional<int>>(1, "two", std::nullopt)));
-
-    const std::string msg = "hello world";
-    const std::string longmsg = [&] {
-        std::string s;
-        for (int i = 0; i < 10; ++i) s += msg;
-        return s;
-    }();
-    conn.send_bytes(msg);
-    EXPECT_EQ(conn.recv_bytes(), msg);
-
-    // recv_bytes_into an array of ints, at offset 0 and at a byte offset
-    const std::array<int, 4> arr{0, 1, 2, 3};
-    {
-        std::array<int, 10> buffer{};
-        conn.send_bytes(arr);
-        EXPECT_EQ(conn.recv_bytes_into(buffer), arr.size() * sizeof(int));
-        EXPECT_EQ(buffer, (std::array<int, 10>{0, 1, 2, 3, 0, 0, 0, 0, 0, 0}));
-    }
-    {
-        std::vector<int> buffer(10, 0);
-        conn.send_bytes(arr);
-        EXPECT_EQ(conn.recv_bytes_into(buffer, 3 * sizeof(int)), arr.size() * sizeof(int));
-        EXPECT_EQ(buffer, (std::vector<int>{0, 0, 0, 0, 1, 2, 3, 0, 0, 0}));
-    }
-    {
-        std::string buffer(40, ' ');
-        conn.send_bytes(longmsg);
-        try {
-            (void)conn.recv_bytes_into(buffer);
-            ADD_FAILURE() << "expected BufferTooShort";
-        } catch (const mp::BufferTooShort& e) {
-            EXPECT_EQ(e.message(), longmsg);
-        }
-        EXPECT_EQ(buffer, std::string(40, ' ')) << "nothing is written when it does not fit";
-    }
-
-    // poll: nothing there yet
-    EXPECT_FALSE(conn.poll());
-    EXPECT_FALSE(conn.poll(-1s));
-    auto waited = elapsed([&] { EXPECT_FALSE(conn.poll(200ms)); });
-    EXPECT_GE(waited, 200ms);
-
-    conn.send(0);
-    std::this_thread::sleep_for(100ms);
-    EXPECT_TRUE(conn.poll(200ms));
-    EXPECT_EQ(conn.recv<int>(), 0);
-
-    const std::string really_big_msg(16 << 20, 'X');  // 16 MiB
-    conn.send_bytes(really_big_msg);
-    EXPECT_EQ(conn.recv_bytes(), really_big_msg);
-
-    conn.send_bytes(kSentinel);  // tell the child to quit
-    child_conn.close();
-
-    EXPECT_TRUE(conn.readable());
-    EXPECT_TRUE(conn.writable());
-    EXPECT_THROW(conn.recv<int>(), mp::EOFError);
-    EXPECT_THROW(conn.recv_bytes(), mp::EOFError);
-    join_ok(p);
-}
-
 TEST(Connection, DuplexFalse) {
     mp::Connection reader, writer;
     std::tie(reader, writer) = mp::Pipe(false);
@@ -305,19 +230,6 @@ TEST(Connection, DuplexFalse) {
     std::array<char, 4> buf{};
     expect_bad_fd([&] { (void)writer.recv_bytes_into(buf); }, "connection is write-only");
     expect_bad_fd([&] { (void)writer.poll(); }, "connection is write-only");
-}
-
-TEST(Connection, SpawnClose) {
-    // The parent may close its copy at once after start: the child has its own.
-    auto [conn, child_conn] = mp::Pipe();
-    mp::Process p(echo, child_conn);
-    p.start();
-    child_conn.close();
-    conn.send_bytes("hello");
-    EXPECT_EQ(conn.recv_bytes(), "hello");
-    conn.send_bytes(kSentinel);
-    conn.close();
-    join_ok(p);
 }
 
 TEST(Connection, SendBytesOffsetAndSize) {
@@ -441,28 +353,6 @@ TEST(Connection, ConstructorChecksItsArguments) {
     mp::Connection writer(w.release(), false, true);
     writer.send_bytes("pipe");
     EXPECT_EQ(reader.recv_bytes(), "pipe");
-}
-
-TEST(Connection, ManySizesBothDirections) {
-    mp::Connection a, b;
-    std::tie(a, b) = mp::Pipe();
-    // A fork child inherits the parent's end too: it closes that copy, or it would never see
-    // end of file.
-    mp::Process p([a, b]() mutable {
-        a.close();
-        echo_until_eof(b);
-    });
-    p.start();
-    b.close();
-    for (std::size_t n : {0ul, 1ul, 3ul, 16383ul, 16384ul, 16385ul, 65536ul, 200000ul,
-                          (1ul << 20) + 7}) {
-        std::string m(n, '\0');
-        for (std::size_t i = 0; i < n; ++i) m[i] = static_cast<char>(i * 31 + n);
-        a.send_bytes(m);
-        EXPECT_EQ(a.recv_bytes(), m) << "size " << n;
-    }
-    a.close();
-    join_ok(p);
 }
 
 TEST(Connection, RecvOfTheWrongTypeIsDecodeError) {
@@ -672,28 +562,6 @@ TEST(Connection, MessageAbove2GiBUsesTheLongHeader) {
     EXPECT_EQ(header, header64(n));
     EXPECT_EQ(body, n);
     EXPECT_TRUE(all_zero);
-}
-
-TEST(Connection, OneGiBRoundTripThroughChild) {
-    const std::size_t n = std::size_t{1} << 30;
-    std::string big(n, '\0');
-    for (std::size_t i = 0; i < n / 8; ++i) {
-        const std::uint64_t v = i * 0x9e3779b97f4a7c15ull;
-        std::memcpy(big.data() + i * 8, &v, 8);
-    }
-    auto [a, b] = mp::Pipe();
-    mp::Process p(echo, b);
-    p.start();
-    b.close();
-    std::string back;
-    // The child echoes while we are still sending, so send from a thread.
-    std::thread sender = guarded_thread([&, conn = a]() mutable { conn.send_bytes(big); });
-    back = a.recv_bytes();
-    sender.join();
-    a.send_bytes(kSentinel);
-    join_ok(p);
-    ASSERT_EQ(back.size(), n);
-    EXPECT_TRUE(back == big);
 }
 
 // =============================================================================================
@@ -927,23 +795,6 @@ TEST(Connection, ReadAheadDescriptorsStayWithTheirFrames) {
     EXPECT_THROW((void)x3.recv_bytes(), mp::EOFError) << "nobody holds y3 any more";
 }
 
-TEST(Connection, ReadAheadForkChildTakesOverTheBufferedFrames) {
-    auto [a, b] = mp::Pipe();
-    a.send_bytes("first");
-    a.send_bytes("second");
-    a.send_bytes("third");
-    EXPECT_EQ(b.recv_bytes(), "first");  // the rest is read ahead into b's buffer
-    mp::Process p(+[](mp::Connection c) {
-        if (c.recv_bytes() != "second" || c.recv_bytes() != "third")
-            throw std::runtime_error("lost");
-        c.send_bytes("done");
-    }, b);
-    p.start();
-    b.close();
-    EXPECT_EQ(a.recv_bytes(), "done");
-    join_ok(p);
-}
-
 TEST(Connection, ReadAheadBufferedBytesTravelWithTheConnection) {
     auto [a, b] = mp::Pipe();
     auto [c, d] = mp::Pipe();
@@ -960,18 +811,7 @@ TEST(Connection, ReadAheadBufferedBytesTravelWithTheConnection) {
     EXPECT_EQ(b2.recv_bytes(), "3");
     EXPECT_EQ(b2.recv_bytes(), "4");
 
-    // And to a forkserver child.
-    a.send_bytes("5");
-    a.send_bytes("6");
-    EXPECT_EQ(b2.recv_bytes(), "5");
-    mp::Process p(kForkserver, +[](mp::Connection conn) {
-        if (conn.recv_bytes() != "6") throw std::runtime_error("lost");
-        conn.send_bytes("done");
-    }, b2);
-    p.start();
-    b2.close();
-    EXPECT_EQ(a.recv_bytes(), "done");
-    join_ok(p);
+    // To a child of each start method: ConnectionPassed.ReadAheadChildTakesOverTheBufferedFrames.
 
     // Descriptors waiting for frames read ahead cannot follow: an error, not a silent loss.
     auto [s1, r1] = mp::Pipe();
@@ -992,6 +832,12 @@ TEST(Connection, ReadAheadBufferedBytesTravelWithTheConnection) {
     EXPECT_EQ(x.recv_bytes(), "via y");
 }
 
+// The tests of PollAcross and WaitAcross read what children of each start method write.
+class PollAcross : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(PollAcross);
+class WaitAcross : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(WaitAcross);
+
 TEST(Poll, EmptyString) {
     auto [a, b] = mp::Pipe();
     EXPECT_FALSE(a.poll());
@@ -1002,10 +848,10 @@ TEST(Poll, EmptyString) {
     EXPECT_FALSE(a.poll());
 }
 
-TEST(Poll, Strings) {
+TEST_P(PollAcross, Strings) {
     const std::vector<std::string> strings{"hello", "", "a", "b", "", "bye", "", "lop"};
     auto [a, b] = mp::Pipe();
-    mp::Process p(child_strings, b, strings);
+    mp::Process p(options(), child_strings, b, strings);
     p.start();
     b.close();
     for (const auto& s : strings) {
@@ -1016,10 +862,10 @@ TEST(Poll, Strings) {
     join_ok(p);
 }
 
-TEST(Poll, Boundaries) {
+TEST_P(PollAcross, Boundaries) {
     // A poll in another process must not pull in part of a message.
     auto [r, w] = mp::Pipe(false);
-    mp::Process p(child_boundaries, r);
+    mp::Process p(options(), child_boundaries, r);
     p.start();
     std::this_thread::sleep_for(500ms);
     const std::set<std::string> sent{"first", "second"};
@@ -1029,11 +875,11 @@ TEST(Poll, Boundaries) {
     EXPECT_TRUE(sent.count(r.recv_bytes()));
 }
 
-TEST(Poll, DontMerge) {
+TEST_P(PollAcross, DontMerge) {
     auto [a, b] = mp::Pipe();
     EXPECT_FALSE(a.poll(0s));
     EXPECT_FALSE(a.poll(100ms));
-    mp::Process p(child_dont_merge, b);
+    mp::Process p(options(), child_dont_merge, b);
     p.start();
     EXPECT_EQ(a.recv_bytes(), "a");
     EXPECT_TRUE(a.poll(kLong));
@@ -1063,13 +909,13 @@ TEST(Poll, ForeverWaitsForTheMessage) {
 
 namespace {
 
-void check_wait(bool slow) {
+void check_wait(mp::StartMethod method, bool slow) {
     std::vector<mp::Connection> readers;
     std::vector<std::unique_ptr<mp::Process>> procs;
     for (int i = 0; i < 4; ++i) {
         auto [r, w] = mp::Pipe(false);
         procs.push_back(std::make_unique<mp::Process>(
-            mp::ProcessOptions{.daemon = true}, child_test_wait, w, slow));
+            mp::ProcessOptions{.daemon = true, .start_method = method}, child_test_wait, w, slow));
         procs.back()->start();
         w.close();
         readers.push_back(r);
@@ -1096,7 +942,7 @@ void check_wait(bool slow) {
     for (auto& p : procs) join_ok(*p);
 }
 
-void check_wait_socket(bool slow) {
+void check_wait_socket(mp::StartMethod method, bool slow) {
     int l = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     ASSERT_GE(l, 0);
     mp::sys::Fd listener(l);
@@ -1111,8 +957,9 @@ void check_wait_socket(bool slow) {
 
     std::vector<std::unique_ptr<mp::Process>> procs;
     for (int i = 0; i < 4; ++i) {
-        procs.push_back(std::make_unique<mp::Process>(mp::ProcessOptions{.daemon = true},
-                                                      child_test_wait_socket, port, slow));
+        procs.push_back(std::make_unique<mp::Process>(
+            mp::ProcessOptions{.daemon = true, .start_method = method}, child_test_wait_socket,
+            port, slow));
         procs.back()->start();
     }
     std::vector<mp::sys::Fd> socks;
@@ -1145,10 +992,10 @@ void check_wait_socket(bool slow) {
 
 }  // namespace
 
-TEST(Wait, Connections) { check_wait(false); }
-TEST(Wait, ConnectionsSlow) { check_wait(true); }
-TEST(Wait, Sockets) { check_wait_socket(false); }
-TEST(Wait, SocketsSlow) { check_wait_socket(true); }
+TEST_P(WaitAcross, Connections) { check_wait(method(), false); }
+TEST_P(WaitAcross, ConnectionsSlow) { check_wait(method(), true); }
+TEST_P(WaitAcross, Sockets) { check_wait_socket(method(), false); }
+TEST_P(WaitAcross, SocketsSlow) { check_wait_socket(method(), true); }
 
 TEST(Wait, Timeout) {
     mp::Connection a, b;
@@ -1163,9 +1010,9 @@ TEST(Wait, Timeout) {
     EXPECT_EQ(res[0], &a);
 }
 
-TEST(Wait, ProcessSentinelAmongConnections) {
+TEST_P(WaitAcross, ProcessSentinelAmongConnections) {
     auto [a, b] = mp::Pipe();
-    mp::Process p(sleep_for_ms, 300);
+    mp::Process p(options(), sleep_for_ms, 300);
     p.start();
     using W = mp::connection::Waitable;
     auto res = mp::connection::wait({&a, p.sentinel(), &b}, kLong);
@@ -1232,20 +1079,192 @@ TEST(Wait, ClosedConnectionOrBadDescriptorThrows) {
 }
 
 // =============================================================================================
-// Passing connections to a Process: fork and forkserver
+// Passing connections to a Process, under every start method
 // =============================================================================================
 
-// Under forkserver and spawn alike: the ends travel as descriptors with the task.
-class ConnectionPassed : public ::testing::TestWithParam<mp::StartMethod> {
-protected:
-    mp::ProcessOptions options() const { return {.start_method = GetParam()}; }
-};
+// A fork child inherits the ends; forkserver and spawn children get them as descriptors with
+// the task.
+class ConnectionPassed : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(ConnectionPassed);
 
-INSTANTIATE_TEST_SUITE_P(StartMethods, ConnectionPassed,
-                         ::testing::Values(mp::StartMethod::forkserver, mp::StartMethod::spawn),
-                         [](const auto& p) { return mp::to_string(p.param); });
+TEST_P(ConnectionPassed, OneGiBRoundTripThroughChild) {
+    const std::size_t n = std::size_t{1} << 30;
+    std::string big(n, '\0');
+    for (std::size_t i = 0; i < n / 8; ++i) {
+        const std::uint64_t v = i * 0x9e3779b97f4a7c15ull;
+        std::memcpy(big.data() + i * 8, &v, 8);
+    }
+    auto [a, b] = mp::Pipe();
+    mp::Process p(options(), echo, b);
+    p.start();
+    b.close();
+    std::string back;
+    // The child echoes while we are still sending, so send from a thread.
+    std::thread sender = guarded_thread([&, conn = a]() mutable { conn.send_bytes(big); });
+    back = a.recv_bytes();
+    sender.join();
+    a.send_bytes(kSentinel);
+    join_ok(p);
+    ASSERT_EQ(back.size(), n);
+    EXPECT_TRUE(back == big);
+}
+
+TEST_P(ConnectionPassed, EchoThroughChild) {
+    mp::Connection conn, child_conn;
+    std::tie(conn, child_conn) = mp::Pipe();
+    mp::Process p(options(), echo, child_conn);
+    p.start();
+
+    EXPECT_GE(conn.fileno(), 0);
+
+    // send / recv of objects
+    const std::vector<double> seq{1, 2.25, -0.5};
+    conn.send(seq);
+    EXPECT_EQ(conn.recv<std::vector<double>>(), seq);
+    conn.send(std::tuple<int, std::string, std::optional<int>>(1, "two", std::nullopt));
+    EXPECT_EQ((conn.recv<std::tuple<int, std::string, std::optional<int>>>()),
+              (std::tuple<int, std::string, std::optional<int>>(1, "two", std::nullopt)));
+
+    const std::string msg = "hello world";
+    const std::string longmsg = [&] {
+        std::string s;
+        for (int i = 0; i < 10; ++i) s += msg;
+        return s;
+    }();
+    conn.send_bytes(msg);
+    EXPECT_EQ(conn.recv_bytes(), msg);
+
+    // recv_bytes_into an array of ints, at offset 0 and at a byte offset
+    const std::array<int, 4> arr{0, 1, 2, 3};
+    {
+        std::array<int, 10> buffer{};
+        conn.send_bytes(arr);
+        EXPECT_EQ(conn.recv_bytes_into(buffer), arr.size() * sizeof(int));
+        EXPECT_EQ(buffer, (std::array<int, 10>{0, 1, 2, 3, 0, 0, 0, 0, 0, 0}));
+    }
+    {
+        std::vector<int> buffer(10, 0);
+        conn.send_bytes(arr);
+        EXPECT_EQ(conn.recv_bytes_into(buffer, 3 * sizeof(int)), arr.size() * sizeof(int));
+        EXPECT_EQ(buffer, (std::vector<int>{0, 0, 0, 0, 1, 2, 3, 0, 0, 0}));
+    }
+    {
+        std::string buffer(40, ' ');
+        conn.send_bytes(longmsg);
+        try {
+            (void)conn.recv_bytes_into(buffer);
+            ADD_FAILURE() << "expected BufferTooShort";
+        } catch (const mp::BufferTooShort& e) {
+            EXPECT_EQ(e.message(), longmsg);
+        }
+        EXPECT_EQ(buffer, std::string(40, ' ')) << "nothing is written when it does not fit";
+    }
+
+    // poll: nothing there yet
+    EXPECT_FALSE(conn.poll());
+    EXPECT_FALSE(conn.poll(-1s));
+    auto waited = elapsed([&] { EXPECT_FALSE(conn.poll(200ms)); });
+    EXPECT_GE(waited, 200ms);
+
+    conn.send(0);
+    std::this_thread::sleep_for(100ms);
+    EXPECT_TRUE(conn.poll(200ms));
+    EXPECT_EQ(conn.recv<int>(), 0);
+
+    const std::string really_big_msg(16 << 20, 'X');  // 16 MiB
+    conn.send_bytes(really_big_msg);
+    EXPECT_EQ(conn.recv_bytes(), really_big_msg);
+
+    conn.send_bytes(kSentinel);  // tell the child to quit
+    child_conn.close();
+
+    EXPECT_TRUE(conn.readable());
+    EXPECT_TRUE(conn.writable());
+    EXPECT_THROW(conn.recv<int>(), mp::EOFError);
+    EXPECT_THROW(conn.recv_bytes(), mp::EOFError);
+    join_ok(p);
+}
+
+
+
+TEST_P(ConnectionPassed, ManySizesBothDirections) {
+    mp::Connection a, b;
+    std::tie(a, b) = mp::Pipe();
+    // A fork child inherits the parent's end too (and the others are given it here): it closes
+    // that copy, or it would never see end of file.
+    mp::Process p(
+        options(),
+        [](mp::Connection parents_end, mp::Connection end) {
+            parents_end.close();
+            echo_until_eof(end);
+        },
+        a, b);
+    p.start();
+    b.close();
+    for (std::size_t n : {0ul, 1ul, 3ul, 16383ul, 16384ul, 16385ul, 65536ul, 200000ul,
+                          (1ul << 20) + 7}) {
+        std::string m(n, '\0');
+        for (std::size_t i = 0; i < n; ++i) m[i] = static_cast<char>(i * 31 + n);
+        a.send_bytes(m);
+        EXPECT_EQ(a.recv_bytes(), m) << "size " << n;
+    }
+    a.close();
+    join_ok(p);
+}
+
+TEST_P(ConnectionPassed, ReadAheadChildTakesOverTheBufferedFrames) {
+    auto [a, b] = mp::Pipe();
+    a.send_bytes("first");
+    a.send_bytes("second");
+    a.send_bytes("third");
+    EXPECT_EQ(b.recv_bytes(), "first");  // the rest is read ahead into b's buffer
+    mp::Process p(options(), +[](mp::Connection c) {
+        if (c.recv_bytes() != "second" || c.recv_bytes() != "third")
+            throw std::runtime_error("lost");
+        c.send_bytes("done");
+    }, b);
+    p.start();
+    b.close();
+    EXPECT_EQ(a.recv_bytes(), "done");
+    join_ok(p);
+}
+
+TEST_P(ConnectionPassed, ConnectionsTravelOverADuplexConnection) {
+    // A child that already runs receives a Connection made after it started, as Python's
+    // _TestPicklingConnections does with its reduction machinery.
+    auto [ctl, ctl_child] = mp::Pipe();
+    mp::Process p(options(), +[](mp::Connection c) {
+        auto [reply, count] = c.recv<std::pair<mp::Connection, int>>();
+        for (int i = 0; i < count; ++i) reply.send(i);
+        reply.close();  // the parent reads until end of file
+        auto many = c.recv<std::vector<mp::Connection>>();
+        for (auto& m : many) m.send_bytes("to each");
+    }, ctl_child);
+    p.start();
+    ctl_child.close();
+
+    {
+        auto [r, w] = mp::Pipe(false);  // a pipe end may travel; it is the carrier that must be a socket
+        ctl.send(std::pair<mp::Connection, int>(w, 3));
+        w.close();
+        for (int i = 0; i < 3; ++i) EXPECT_EQ(r.recv<int>(), i);
+        EXPECT_THROW(r.recv<int>(), mp::EOFError) << "the child's copy closed when it was done";
+    }
+    std::vector<mp::Connection> ours, theirs;
+    for (int i = 0; i < 5; ++i) {
+        auto [a, b] = mp::Pipe();
+        ours.push_back(a);
+        theirs.push_back(b);
+    }
+    ctl.send(theirs);
+    for (auto& t : theirs) t.close();
+    for (auto& o : ours) EXPECT_EQ(o.recv_bytes(), "to each");
+    join_ok(p);
+}
 
 TEST_P(ConnectionPassed, EchoesBytesAndObjects) {
+    // The parent may close its copy at once after start: the child has its own (Python's
+    // test_spawn_close).
     auto [conn, child_conn] = mp::Pipe();
     mp::Process p(options(), echo, child_conn);
     p.start();
@@ -1282,6 +1301,7 @@ TEST_P(ConnectionPassed, ObjectsFromTheChild) {
     join_ok(p);
 }
 
+// Fork only by nature: a capturing lambda runs only in a copy of the parent.
 TEST(Connection, ForkChildWithCapturingLambda) {
     mp::Connection a, b;
     std::tie(a, b) = mp::Pipe();
@@ -1323,39 +1343,6 @@ TEST(Connection, CodecCarriesTheDescriptor) {
     EXPECT_THROW((void)mp::decode<mp::Connection>(e3.take()), mp::DecodeError);
     // A forged flags byte.
     EXPECT_THROW((void)mp::decode<mp::Connection>(std::string("\x07\0\0\0\0", 5)), mp::DecodeError);
-}
-
-TEST(Connection, ConnectionsTravelOverADuplexConnection) {
-    // A child that already runs receives a Connection made after it started, as Python's
-    // _TestPicklingConnections does with its reduction machinery.
-    auto [ctl, ctl_child] = mp::Pipe();
-    mp::Process p(kForkserver, +[](mp::Connection c) {
-        auto [reply, count] = c.recv<std::pair<mp::Connection, int>>();
-        for (int i = 0; i < count; ++i) reply.send(i);
-        reply.close();  // the parent reads until end of file
-        auto many = c.recv<std::vector<mp::Connection>>();
-        for (auto& m : many) m.send_bytes("to each");
-    }, ctl_child);
-    p.start();
-    ctl_child.close();
-
-    {
-        auto [r, w] = mp::Pipe(false);  // a pipe end may travel; it is the carrier that must be a socket
-        ctl.send(std::pair<mp::Connection, int>(w, 3));
-        w.close();
-        for (int i = 0; i < 3; ++i) EXPECT_EQ(r.recv<int>(), i);
-        EXPECT_THROW(r.recv<int>(), mp::EOFError) << "the child's copy closed when it was done";
-    }
-    std::vector<mp::Connection> ours, theirs;
-    for (int i = 0; i < 5; ++i) {
-        auto [a, b] = mp::Pipe();
-        ours.push_back(a);
-        theirs.push_back(b);
-    }
-    ctl.send(theirs);
-    for (auto& t : theirs) t.close();
-    for (auto& o : ours) EXPECT_EQ(o.recv_bytes(), "to each");
-    join_ok(p);
 }
 
 TEST(Connection, DescriptorsNeedASocketCarrier) {
@@ -1420,32 +1407,10 @@ sys.stderr.write("echoed %d\n" % n)
 
 TEST(Connection, WireCompatibleWithPython) {
     auto [ours, theirs] = mp::Pipe();
-    const std::string fd_arg = std::to_string(theirs.fileno());
-    const int keep = theirs.fileno();
-    pid_t pid = ::fork();
+    const pid_t pid = mp::test::start_python(kPythonPeer, {std::to_string(theirs.fileno())}, -1, false, theirs.fileno());
     ASSERT_GE(pid, 0);
-    if (pid == 0) {
-        // Only async-signal-safe calls between fork and exec.
-        int flags = ::fcntl(keep, F_GETFD);
-        ::fcntl(keep, F_SETFD, flags & ~FD_CLOEXEC);
-        ::execlp("python3", "python3", "-c", kPythonPeer, fd_arg.c_str(), static_cast<char*>(nullptr));
-        ::_exit(127);
-    }
     theirs.close();
-    struct Reap {  // reaps python3 on every path, so a failure does not leak the child
-        pid_t pid;
-        int status = -1;
-        int wait() {
-            if (pid > 0 && ::waitpid(std::exchange(pid, 0), &status, 0) < 0) status = -1;
-            return status;
-        }
-        ~Reap() {
-            if (pid > 0) {
-                ::kill(pid, SIGKILL);
-                wait();
-            }
-        }
-    } child{pid};
+    mp::test::KilledOnExit child(pid);
 
     EXPECT_EQ(ours.recv_bytes(), "from python");
     std::string expected;
@@ -1609,16 +1574,17 @@ void send_data_without_fd(mp::Connection conn) {
 
 }  // namespace
 
-TEST(ReductionHandles, FdTransferFork) { fd_transfer({}, false); }
-TEST(ReductionHandles, FdTransferForkserver) { fd_transfer(kForkserver, false); }
-TEST(ReductionHandles, LargeFdTransferFork) { fd_transfer({}, true); }
-TEST(ReductionHandles, LargeFdTransferForkserver) { fd_transfer(kForkserver, true); }
+class ReductionHandlesAcross : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(ReductionHandlesAcross);
+
+TEST_P(ReductionHandlesAcross, FdTransfer) { fd_transfer(options(), false); }
+TEST_P(ReductionHandlesAcross, LargeFdTransfer) { fd_transfer(options(), true); }
 
 // test_missing_fd_transfer: data without a descriptor is an error (Python: RuntimeError), and
 // the stream, now out of step, is not read any further.
-TEST(ReductionHandles, MissingFdTransfer) {
+TEST_P(ReductionHandlesAcross, MissingFdTransfer) {
     auto [conn, child_conn] = mp::Pipe(true);
-    mp::Process p(kForkserver, send_data_without_fd, child_conn);
+    mp::Process p(options(), send_data_without_fd, child_conn);
     p.start();
     child_conn.close();
     join_ok(p);
@@ -1721,27 +1687,10 @@ c.send_bytes(b"done")
 
 TEST(ReductionHandles, WireCompatibleWithPython) {
     auto [ours, theirs] = mp::Pipe();
-    const std::string fd_arg = std::to_string(theirs.fileno());
-    const int keep = theirs.fileno();
-    pid_t pid = ::fork();
+    const pid_t pid = mp::test::start_python(kPythonHandles, {std::to_string(theirs.fileno())}, -1, false, theirs.fileno());
     ASSERT_GE(pid, 0);
-    if (pid == 0) {
-        // Only async-signal-safe calls between fork and exec.
-        int flags = ::fcntl(keep, F_GETFD);
-        ::fcntl(keep, F_SETFD, flags & ~FD_CLOEXEC);
-        ::execlp("python3", "python3", "-c", kPythonHandles, fd_arg.c_str(), static_cast<char*>(nullptr));
-        ::_exit(127);
-    }
     theirs.close();
-    struct Reap {  // reaps python3 on every path, so a failure does not leak the child
-        pid_t pid;
-        ~Reap() {
-            if (pid > 0) {
-                ::kill(pid, SIGKILL);
-                ::waitpid(pid, nullptr, 0);
-            }
-        }
-    } child{pid};
+    mp::test::KilledOnExit child(pid);
 
     MemFile f;
     mp::send_handle(ours, f.fd.get(), pid);
@@ -1752,8 +1701,7 @@ TEST(ReductionHandles, WireCompatibleWithPython) {
     EXPECT_EQ(ours.recv_bytes(), "done");
     EXPECT_EQ(f.contents(), "from python+cpp");
 
-    int status = -1;
-    ASSERT_EQ(::waitpid(std::exchange(child.pid, 0), &status, 0), pid);
+    const int status = child.wait();
     ASSERT_TRUE(WIFEXITED(status));
     EXPECT_EQ(WEXITSTATUS(status), 0) << "python3 failed (127: not found)";
 }

@@ -49,6 +49,8 @@
 #include "helpers/temp_dir.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/futures.hpp"
+#include "mp/queue.hpp"
+#include "mp/util.hpp"
 #include "process_impl.hpp"
 #include "sys/fd.hpp"
 #include "sys/pidfd.hpp"
@@ -1626,6 +1628,43 @@ TEST(ExecutorLifetime, MaxTasksPerChildOneWorker) {
     EXPECT_LE(ex.stats().workers.size(), 1u);
 }
 
+// A task that a worker was handed but skipped (taken back because the worker did not start it
+// in time, or cancelled while queued in it) is not one of its max_tasks_per_child: the worker
+// counts only what it ran. The pool counted the skipped one too, so it thought the worker full
+// while the worker waited for more, and with one worker nothing ran again (session 6's hang of
+// TimeoutAndMaxTasksPerChild under load, where a starved worker had a task taken back).
+void expect_skipped_task_not_counted(bool cancel) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .max_tasks_per_child = 2});
+    const int pid = ex.submit(worker_pid, 0).result(kLong);
+    ASSERT_TRUE(settled(ex));
+    std::optional<mp::Future<int>> skipped;
+    {
+        StoppedWorker stopped(ex, pid);
+        skipped = ex.submit(worker_pid, 1);
+        // Stopped for 30 times the stall limit: the pool hands the task over and takes it back.
+        std::this_thread::sleep_for(300ms);
+        if (cancel) {
+            EXPECT_TRUE(skipped->cancel());
+        }
+    }
+    auto next = ex.submit(worker_pid, 2);
+    if (!next.wait(5s)) {
+        ADD_FAILURE() << "no task ran after the worker skipped one";
+        ::kill(pid, SIGKILL);  // the pool replaces it, so the executor can end
+    }
+    if (cancel) {
+        EXPECT_EQ(next.result(kLong), pid);
+    } else {
+        EXPECT_EQ(skipped->result(kLong), pid);
+        EXPECT_NE(next.result(kLong), pid);  // the worker retired after its second task
+    }
+    EXPECT_EQ(ex.stats().worker_deaths, 0u);
+}
+
+TEST(ExecutorLifetime, ATaskTakenBackFromAWorkerIsNotOneOfItsMaxTasks) { expect_skipped_task_not_counted(false); }
+
+TEST(ExecutorLifetime, ATaskCancelledInAWorkerIsNotOneOfItsMaxTasks) { expect_skipped_task_not_counted(true); }
+
 TEST(ExecutorLifetime, MaxTasksPerChildRecyclesWorkers) {
     mp::ProcessPoolExecutor ex({.max_workers = 2, .max_tasks_per_child = 3});
     std::vector<mp::Future<int>> fs;
@@ -1918,6 +1957,20 @@ TEST_P(ExecutorStartMethod, TimeoutAndMaxTasksPerChild) {
     EXPECT_EQ(ex.submit(square, 7).result(kLong), 49);
 }
 
+// See PoolWorkerLifetime.MaxMemoryPerChildCountsWhatTheWorkerGainsNotTheParentsPages: under fork
+// the 256 MiB the parent holds were counted as the worker's, and retired it after every task.
+TEST_P(ExecutorStartMethod, MaxMemoryPerChildIgnoresWhatTheParentHolds) {
+    const std::vector<char> parent(256u << 20, 1);
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam(), .max_memory_per_child = 100u << 20});
+    std::set<int> pids;
+    for (int i = 0; i < 6; ++i) pids.insert(ex.submit(worker_pid, i).result(kLong));
+    EXPECT_EQ(pids.size(), 1u);
+    EXPECT_EQ(ex.submit(hog_memory, 200).result(kLong), *pids.begin());
+    EXPECT_EQ(pids.count(ex.submit(worker_pid, 0).result(kLong)), 0u);
+    EXPECT_EQ(ex.stats().worker_deaths, 0u);
+    EXPECT_EQ(parent.back(), 1);
+}
+
 TEST_P(ExecutorStartMethod, InitializerRuns) {
     mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = GetParam()}, init_global, 5);
     for (int i = 0; i < 4; ++i) EXPECT_EQ(ex.submit(read_global, 0).result(kLong), 5);
@@ -2050,6 +2103,136 @@ TEST(ExecutorTimeoutValues, MapTimeoutAndTaskTimeouts) {
     EXPECT_THROW(ex.submit({.timeout = -1s}, sleep_ms, 5000).result(kLong), mp::TimeoutError);
     EXPECT_THROW(ex.submit({.timeout = std::chrono::hours::min()}, sleep_ms, 5000).result(kLong),
                  mp::TimeoutError);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// terminate_workers() / kill_workers() (Python 3.14; CPython's test_terminate_workers,
+// test_kill_workers and test_force_shutdown_workers*), under every start method
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// "Forever", as far as a test goes: the worker is signalled long before.
+int put_wait_put(mp::Queue<int> q) {
+    q.put(1);
+    std::this_thread::sleep_for(30s);
+    q.put(2);
+    return 0;
+}
+
+class ExecutorForceShutdown : public ::testing::TestWithParam<mp::StartMethod> {
+public:
+    // The operation under test: terminate_workers or kill_workers.
+    using Stop = void (mp::ProcessPoolExecutor::*)();
+
+    // test_force_shutdown_workers: the running task is stopped before its second put, the
+    // one queued behind it is cancelled, and the pool takes no more work.
+    void check_stops_the_running_task(Stop stop) {
+        mp::Queue<int> q;
+        mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam()});
+        auto running = ex.submit(put_wait_put, q);
+        auto queued = ex.submit(put_wait_put, q);
+        ASSERT_EQ(q.get(kLong), 1);
+        (ex.*stop)();
+        EXPECT_THROW((void)running.result(kLong), mp::BrokenProcessPool);
+        EXPECT_TRUE(queued.cancelled());
+        EXPECT_THROW((void)ex.submit(square, 2), mp::Error);  // Python: RuntimeError or broken
+        ex.shutdown(true);  // the worker is gone: this does not wait for the task's 30 s
+        EXPECT_THROW((void)q.get(100ms), mp::Empty);  // the second put never happened
+    }
+
+    // test_force_shutdown_workers_stops_pool: the worker process has ended once the pool is
+    // shut down (waited for), although its task would have run on for 30 s.
+    void check_stops_pool(Stop stop) {
+        mp::Queue<int> q;
+        mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam()});
+        const int pid = ex.submit(worker_pid, 0).result(kLong);
+        auto running = ex.submit(put_wait_put, q);
+        ASSERT_EQ(q.get(kLong), 1);
+        (ex.*stop)();
+        EXPECT_THROW((void)ex.submit(square, 2), mp::Error);
+        ex.shutdown(true);
+        EXPECT_EQ(::kill(pid, 0), -1);  // reaped (by us, or by the forkserver)
+        EXPECT_TRUE(running.done());
+        EXPECT_THROW((void)q.get(100ms), mp::Empty);
+    }
+};
+
+INSTANTIATE_TEST_SUITE_P(StartMethods, ExecutorForceShutdown,
+                         ::testing::Values(mp::StartMethod::fork, mp::StartMethod::forkserver,
+                                           mp::StartMethod::spawn),
+                         [](const auto& p) { return mp::to_string(p.param); });
+
+TEST_P(ExecutorForceShutdown, TerminateWorkers) {
+    check_stops_the_running_task(&mp::ProcessPoolExecutor::terminate_workers);
+}
+TEST_P(ExecutorForceShutdown, KillWorkers) {
+    check_stops_the_running_task(&mp::ProcessPoolExecutor::kill_workers);
+}
+TEST_P(ExecutorForceShutdown, ForceShutdownWorkersStopsPool) {
+    check_stops_pool(&mp::ProcessPoolExecutor::terminate_workers);
+    check_stops_pool(&mp::ProcessPoolExecutor::kill_workers);
+}
+
+// terminate_workers() sends SIGTERM, which a task may ignore: its worker then finishes the task
+// and answers after the pool has failed its future. That answer is dropped quietly; before, the
+// pool took it for an answer to a task it never gave, logged an internal error and stopped
+// waiting for its workers (a zombie). kill_workers() gives the task no such chance.
+int ignore_sigterm_then_answer(mp::Queue<int> q) {
+    std::signal(SIGTERM, SIG_IGN);
+    q.put(1);
+    std::this_thread::sleep_for(300ms);
+    q.put(2);
+    return 7;
+}
+
+TEST_P(ExecutorForceShutdown, TerminateWorkersWhileATaskIgnoresSigterm) {
+    std::vector<std::string> errors;
+    std::mutex errors_mu;
+    mp::get_logger().set_sink([&](const mp::LogRecord& r) {
+        std::lock_guard lock(errors_mu);
+        errors.emplace_back(r.message);
+    });
+    for (Stop stop : {&mp::ProcessPoolExecutor::terminate_workers, &mp::ProcessPoolExecutor::kill_workers}) {
+        const bool sigterm = stop == &mp::ProcessPoolExecutor::terminate_workers;
+        SCOPED_TRACE(sigterm ? "terminate_workers" : "kill_workers");
+        mp::Queue<int> q;
+        mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam()});
+        auto running = ex.submit(ignore_sigterm_then_answer, q);
+        ASSERT_EQ(q.get(kLong), 1);
+        (ex.*stop)();
+        EXPECT_THROW((void)running.result(kLong), mp::BrokenProcessPool);
+        if (sigterm) {
+            EXPECT_EQ(q.get(kLong), 2);  // it ran on, and its answer reaches the pool
+        } else {
+            EXPECT_THROW((void)q.get(500ms), mp::Empty);
+        }
+        ex.shutdown(true);  // bounded: the task ends 300 ms after it started
+    }
+    mp::get_logger().set_sink({});
+    std::lock_guard lock(errors_mu);
+    EXPECT_TRUE(errors.empty()) << errors.front();
+}
+
+// test_force_shutdown_workers_dead_workers: after a worker died, it raises nothing.
+TEST_P(ExecutorForceShutdown, ForceShutdownWorkersDeadWorkers) {
+    for (Stop stop : {&mp::ProcessPoolExecutor::terminate_workers, &mp::ProcessPoolExecutor::kill_workers}) {
+        mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam()});
+        EXPECT_THROW((void)ex.submit(die, static_cast<int>(kExit7)).result(kLong), mp::WorkerDied);
+        EXPECT_NO_THROW((ex.*stop)());
+        EXPECT_NO_THROW((ex.*stop)());  // and again
+    }
+}
+
+// test_force_shutdown_workers_not_started_yet: right after construction, nothing to stop but
+// the workers themselves; no error, and the destructor does not hang.
+TEST_P(ExecutorForceShutdown, ForceShutdownWorkersNotStartedYet) {
+    for (Stop stop : {&mp::ProcessPoolExecutor::terminate_workers, &mp::ProcessPoolExecutor::kill_workers}) {
+        mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = GetParam()});
+        EXPECT_NO_THROW((ex.*stop)());
+    }
 }
 
 }  // namespace

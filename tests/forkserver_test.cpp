@@ -100,6 +100,38 @@ TEST_P(ForkserverAndSpawn, ChildHoldsNoDescriptorOfTheParent) {
     p.join();
 }
 
+// As Python's children: stdin is /dev/null, not the parent's (the forkserver sets that up once
+// for all its children, a spawn child for itself). The server is started while the parent's
+// stdin is a pipe holding data.
+void report_stdin(WriteEnd w) {
+    char buf[64];
+    const ssize_t n = ::read(0, buf, sizeof buf);
+    const std::string text = n < 0 ? "error" : std::to_string(n) + " bytes";
+    mp::sys::write_full(w.fd, text.data(), text.size());
+    ::close(w.fd);
+}
+
+TEST_P(ForkserverAndSpawn, ChildReadsEndOfFileFromStdin) {
+    const pid_t old_server = mp::detail::forkserver::server_pid();
+    if (GetParam() == mp::StartMethod::forkserver && old_server > 0) {
+        ASSERT_EQ(::kill(old_server, SIGKILL), 0);
+        ASSERT_TRUE(mp::test::wait_pid_stopped(old_server, 5000ms));
+    }
+    auto [in_r, in_w] = mp::sys::make_pipe();
+    mp::sys::write_full(in_w.get(), "parent's input", 14);
+    mp::sys::Fd saved(::fcntl(0, F_DUPFD_CLOEXEC, 10));
+    ASSERT_TRUE(saved);
+    ASSERT_EQ(::dup2(in_r.get(), 0), 0);
+    auto [r, w] = mp::sys::make_pipe();
+    mp::Process p(options(), report_stdin, WriteEnd{w.get()});
+    p.start();
+    ::dup2(saved.get(), 0);
+    w.reset();
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_EQ(read_all(r.get()), "0 bytes");
+}
+
 TEST(Forkserver, KilledServerIsReplaced) {
     mp::detail::forkserver::ensure_running();
     pid_t server = mp::detail::forkserver::server_pid();

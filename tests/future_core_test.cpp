@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -18,9 +19,12 @@
 #include <limits>
 #include <thread>
 #include <typeinfo>
+#include <linux/futex.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/proc_state.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/detail/deadline.hpp"
 #include "mp/detail/future_core.hpp"
@@ -409,6 +413,174 @@ TEST(FutureCore, ManyThreadsWaitOnOneCore) {
         c->set_result("");
     }
     EXPECT_EQ(woke.load(), 8);
+}
+
+// wait() sleeps on a futex and the completing thread wakes it only when the word says someone
+// sleeps: a wake-up lost on the way (the mark dropped by set_running, or not seen by the end)
+// would still let wait(LONG) return true, but only at its limit. So each sleeper checks that it
+// was woken well before it.
+void expect_sleepers_woken(const std::function<void(FutureCore&)>& end) {
+    auto c = make_core();
+    std::atomic<int> woken{0};
+    {
+        std::vector<Joined> sleepers;
+        for (int i = 0; i < 4; ++i)
+            sleepers.emplace_back([c, &woken] {
+                const auto t0 = Clock::now();
+                if (c->wait(LONG) && Clock::now() - t0 < LONG / 2) woken.fetch_add(1);
+            });
+        std::this_thread::sleep_for(SHORT);
+        end(*c);
+    }
+    EXPECT_EQ(woken.load(), 4);
+}
+
+TEST(FutureCore, SleepersAreWokenWhenItFinishesAfterStarting) {
+    expect_sleepers_woken([](FutureCore& c) {
+        ASSERT_TRUE(c.set_running());
+        std::this_thread::sleep_for(SHORT);
+        c.set_result("v");
+    });
+}
+
+TEST(FutureCore, SleepersAreWokenByEveryEnd) {
+    expect_sleepers_woken([](FutureCore& c) { c.set_result("v"); });
+    expect_sleepers_woken([](FutureCore& c) { c.set_exception(boom()); });
+    expect_sleepers_woken([](FutureCore& c) { EXPECT_TRUE(c.cancel()); });
+}
+
+TEST(FutureCore, ASleeperThatTimedOutDoesNotHideTheNextOne) {
+    auto c = make_core();
+    EXPECT_FALSE(c->wait(SHORT));  // leaves the sleeping mark behind
+    expect_sleepers_woken([](FutureCore& core) { core.set_result(""); });
+}
+
+// The lock inside every core (one word, not a std::mutex): mutual exclusion under contention,
+// including the hand-over to a sleeping thread.
+TEST(WordMutex, ExcludesUnderContention) {
+    mp::detail::WordMutex mu;
+    long counter = 0;  // not atomic: the lock alone guards it (TSan checks that too)
+    std::atomic<int> inside{0};
+    std::atomic<long> overlaps{0};
+    constexpr int kThreads = 4, kRounds = 20000;
+    {
+        std::vector<Joined> threads;
+        for (int t = 0; t < kThreads; ++t)
+            threads.emplace_back([&] {
+                for (int i = 0; i < kRounds; ++i) {
+                    std::lock_guard lock(mu);
+                    if (inside.fetch_add(1) != 0) overlaps.fetch_add(1);
+                    // A read, a preemption now and then, a write: a second thread let in while
+                    // this one holds the lock (in the fast path or after sleeping) is seen in
+                    // `inside` and loses an increment.
+                    const long seen = counter;
+                    if (i % 100 == 0) std::this_thread::yield();
+                    counter = seen + 1;
+                    inside.fetch_sub(1);
+                }
+            });
+    }
+    EXPECT_EQ(overlaps.load(), 0);
+    EXPECT_EQ(counter, long{kThreads} * kRounds);
+    ASSERT_TRUE(mu.try_lock());
+    std::thread other([&] { EXPECT_FALSE(mu.try_lock()); });
+    other.join();
+    mu.unlock();
+}
+
+// What thread `tid` sleeps on once it sleeps in a futex call inside [object, object + size);
+// nullopt when it does not within LONG.
+std::optional<mp::test::FutexCall> futex_sleep_in(const std::atomic<pid_t>& tid, const void* object,
+                                                  std::size_t size) {
+    const auto begin = reinterpret_cast<std::uintptr_t>(object);
+    for (const auto end = Clock::now() + LONG; Clock::now() < end;
+         std::this_thread::sleep_for(1ms)) {
+        if (tid.load() == 0) continue;
+        const auto call = mp::test::futex_call_of(tid.load());
+        if (call && call->word >= begin && call->word < begin + size &&
+            mp::test::proc_state(tid.load()) == 'S')
+            return call;
+    }
+    return std::nullopt;
+}
+
+pid_t this_tid() { return static_cast<pid_t>(::syscall(SYS_gettid)); }
+
+// The fast path: threads released at the same instant all find the word free, and only one may
+// take it (a load and a store in place of the compare-and-swap would let both in now and then).
+TEST(WordMutex, ExcludesThreadsThatArriveTogether) {
+    mp::detail::WordMutex mu;
+    std::atomic<int> inside{0};
+    std::atomic<long> overlaps{0};
+    std::atomic<long> arrived{0};
+    constexpr int kThreads = 2;  // one per core of a small machine: both run at once
+    constexpr long kRounds = 100000;
+    // Rounds stop at this time on a slow or busy machine (fewer chances to catch a bad lock,
+    // never a failure of their own).
+    const auto budget = Clock::now() + 3s;
+    {
+        std::vector<Joined> threads;
+        for (int t = 0; t < kThreads; ++t)
+            threads.emplace_back([&, t] {
+                for (long round = 1; round <= kRounds; ++round) {
+                    arrived.fetch_add(1);
+                    for (int spins = 0; arrived.load() < round * kThreads; ++spins)
+                        if (spins % 1024 == 1023) {
+                            if (Clock::now() > budget) return;
+                            std::this_thread::yield();
+                        }
+                    // The last to arrive leaves first: a varying delay lines the two attempts
+                    // up exactly in some rounds.
+                    for (long d = (round * 37 + t * 11) % 97; d > 0; --d) (void)arrived.load();
+                    std::lock_guard lock(mu);
+                    // Held a while, so that a second holder is seen.
+                    bool alone = inside.fetch_add(1) == 0;
+                    for (int k = 0; k < 64 && alone; ++k) alone = inside.load() == 1;
+                    if (!alone) overlaps.fetch_add(1);
+                    inside.fetch_sub(1);
+                }
+            });
+    }
+    EXPECT_EQ(overlaps.load(), 0);
+    RecordProperty("rounds", std::to_string(arrived.load() / kThreads));
+}
+
+// Only threads of one process use a core's words: their futexes are private (FUTEX_PRIVATE_FLAG),
+// which spares the kernel the shared-memory lookup on every sleep and wake. A waker and a sleeper
+// must agree on it (the kernel keys the two kinds apart), so both ends use it.
+TEST(WordMutex, SleepsOnAPrivateFutex) {
+    mp::detail::WordMutex mu;
+    mu.lock();
+    std::atomic<pid_t> tid{0};
+    std::optional<mp::test::FutexCall> call;
+    {
+        Joined contender([&] {
+            tid = this_tid();
+            std::lock_guard lock(mu);
+        });
+        call = futex_sleep_in(tid, &mu, sizeof mu);
+        mu.unlock();  // wakes it (through a private wake: a shared one would leave it asleep)
+    }
+    ASSERT_TRUE(call.has_value()) << "the contender never slept on the mutex's word";
+    EXPECT_NE(call->op & FUTEX_PRIVATE_FLAG, 0u) << "futex op " << call->op;
+}
+
+TEST(FutureCore, WaitSleepsOnAPrivateFutex) {
+    auto c = make_core();
+    std::atomic<pid_t> tid{0};
+    std::atomic<bool> done{false};
+    std::optional<mp::test::FutexCall> call;
+    {
+        Joined waiter([&] {
+            tid = this_tid();
+            done = c->wait(LONG);
+        });
+        call = futex_sleep_in(tid, c.get(), sizeof(FutureCore));
+        c->set_result("");
+    }
+    ASSERT_TRUE(call.has_value()) << "wait() never slept on the core";
+    EXPECT_NE(call->op & FUTEX_PRIVATE_FLAG, 0u) << "futex op " << call->op;
+    EXPECT_TRUE(done.load());
 }
 
 TEST(FutureCore, WaitersAreNotifiedOnceAndCanBeRemoved) {

@@ -8,15 +8,22 @@
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <string>
+#include <system_error>
 #include <vector>
 
+#include "helpers/leak_check.hpp"
 #include "helpers/lines.hpp"
 #include "helpers/program.hpp"
+#include "mp/process.hpp"
+#include "process_impl.hpp"
 
 namespace {
 
@@ -117,6 +124,95 @@ TEST_P(ThreadedParent, ChildrenTakeTheLocksItsThreadsHold) {
 INSTANTIATE_TEST_SUITE_P(Launch, ThreadedParent, testing::Values("forkserver", "spawn"),
                          [](const auto& p) { return std::string(p.param); });
 
+// ---- spawn makes its child without copying this process's memory map (clone with CLONE_VM,
+// then exec). A fork would have write-protected every private page of ours for copy-on-write,
+// so that our next write to each one faults, and copied the page tables that map them (the
+// cost that grows with the parent). Counted as this thread's minor faults, not timed.
+
+constexpr std::size_t kPages = 4096;
+
+void exit_zero() { ::_exit(0); }
+
+// Our page faults while writing once more to `pages` written before, after `start` ran.
+template <class Start>
+long faults_rewriting_after(Start start) {
+    const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    void* map = ::mmap(nullptr, kPages * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return -1;
+    // One fault per page, not per huge page.
+    (void)::madvise(map, kPages * page, MADV_NOHUGEPAGE);
+    auto* bytes = static_cast<volatile char*>(map);
+    for (std::size_t i = 0; i < kPages; ++i) bytes[i * page] = 1;
+    start();
+    rusage before{}, after{};
+    ::getrusage(RUSAGE_THREAD, &before);
+    for (std::size_t i = 0; i < kPages; ++i) bytes[i * page] = 2;
+    ::getrusage(RUSAGE_THREAD, &after);
+    ::munmap(map, kPages * page);
+    return after.ru_minflt - before.ru_minflt;
+}
+
+long faults_after_a_start(mp::StartMethod method) {
+    return faults_rewriting_after([method] {
+        mp::Process child({.start_method = method}, exit_zero);
+        child.start();
+        ASSERT_TRUE(child.join(30s));
+        EXPECT_EQ(child.exitcode(), 0);
+    });
+}
+
+// The witness: a fork start leaves every page written before it to fault again.
+TEST(LaunchMemory, AForkStartWriteProtectsTheParentsPages) {
+    EXPECT_GE(faults_after_a_start(mp::StartMethod::fork), static_cast<long>(kPages));
+}
+
+TEST(LaunchMemory, ASpawnStartLeavesTheParentsPagesAlone) {
+    EXPECT_LT(faults_after_a_start(mp::StartMethod::spawn), static_cast<long>(kPages / 8));
+}
+
+// The forkserver is started by spawn, detached (a middle child that exits at once).
+TEST(LaunchMemory, StartingTheForkserverLeavesTheParentsPagesAlone) {
+    const pid_t old = mp::detail::forkserver::server_pid();
+    if (old > 0) {
+        ASSERT_EQ(::kill(old, SIGKILL), 0);
+        ASSERT_TRUE(mp::test::wait_pid_stopped(old, 5000ms));
+    }
+    const long faults = faults_rewriting_after([] { mp::detail::forkserver::ensure_running(); });
+    const pid_t server = mp::detail::forkserver::server_pid();
+    EXPECT_GT(server, 0);
+    EXPECT_NE(server, old);
+    EXPECT_LT(faults, static_cast<long>(kPages / 8));
+}
+
+// A spawn child that cannot execute the program leaves the kernel's errno in our memory (the
+// clone child shares it): start() throws std::system_error "execve (spawn)" with that errno and
+// leaves no child behind. execve refuses one environment string over 32 pages with E2BIG.
+TEST(Launch, SpawnThatCannotExecThrowsItsErrno) {
+    const std::string big(200 * 1024, 'x');
+    {
+        ASSERT_EQ(::setenv("MP_TEST_TOO_LONG", big.c_str(), 1), 0);
+        // Gone again however this block ends (another exception would otherwise leave every
+        // later spawn in this binary unable to exec).
+        struct Unset {
+            ~Unset() { ::unsetenv("MP_TEST_TOO_LONG"); }
+        } unset;
+        mp::Process child({.start_method = mp::StartMethod::spawn}, exit_zero);
+        try {
+            child.start();
+            ADD_FAILURE() << "a spawn start with an environment execve refuses did not throw";
+        } catch (const std::system_error& e) {
+            EXPECT_EQ(e.code().value(), E2BIG) << e.what();
+            EXPECT_NE(std::string(e.what()).find("execve (spawn)"), std::string::npos) << e.what();
+        }
+    }
+    ASSERT_EQ(::getenv("MP_TEST_TOO_LONG"), nullptr);
+    // The same Process could not start; a new one does, now that execve can run.
+    mp::Process next({.start_method = mp::StartMethod::spawn}, exit_zero);
+    next.start();
+    ASSERT_TRUE(next.join(30s));
+    EXPECT_EQ(next.exitcode(), 0);
+}
+
 // A program linked without -Wl,--wrap=main would have a spawn child run its main: a second copy
 // of the program. Starting one is refused instead, with the option named; the forkserver, which
 // spawn would start, is forked from the program instead.
@@ -132,6 +228,10 @@ TEST(Launch, SpawnNeedsTheLinkHook) {
     // The forkserver cannot be exec'd there, so it is forked from the program instead: it works.
     EXPECT_EQ(count_of(run.out, "started forkserver, exit code 0\n"), 1u) << run.out;
     EXPECT_EQ(count_of(run.out, "set forkserver\n"), 1u) << run.out;
+    // The forked server runs set_forkserver_preload's functions too; contexts offer no spawn.
+    EXPECT_EQ(count_of(run.out, "preloaded forkserver child, exit code 0\n"), 1u) << run.out;
+    EXPECT_EQ(count_of(run.out, "2 start methods\n"), 1u) << run.out;
+    EXPECT_EQ(count_of(run.out, "refused context spawn\n"), 1u) << run.out;
 }
 
 }  // namespace

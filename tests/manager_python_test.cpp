@@ -7,6 +7,7 @@
 
 #include <mp/managers.hpp>
 
+#include "helpers/python.hpp"
 #include "helpers/temp_dir.hpp"
 
 #include <cerrno>
@@ -35,18 +36,7 @@ public:
     PythonProcess(const std::string& code, std::vector<std::string> args = {}) {
         int fds[2];
         if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::generic_category(), "pipe2");
-        std::vector<std::string> argv_s{"python3", "-c", code};
-        argv_s.insert(argv_s.end(), args.begin(), args.end());
-        std::vector<char*> argv;
-        for (auto& a : argv_s) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        pid_ = ::fork();
-        if (pid_ == 0) {
-            ::dup2(fds[1], 1);
-            ::dup2(fds[1], 2);
-            ::execvp("python3", argv.data());
-            ::_exit(127);
-        }
+        pid_ = mp::test::start_python(code, args, fds[1], true);
         ::close(fds[1]);
         out_ = fds[0];
     }

@@ -30,6 +30,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "helpers/run_child.hpp"
 #include "mp/connection.hpp"
 #include "mp/managers.hpp"
 #include "mp/process.hpp"
@@ -47,14 +48,7 @@ constexpr auto LONG = 20s;  // a bound reached only when something is broken
 /// Runs `f` in a fork child; the child's exit code says whether it passed (0) or threw (1).
 template <class F>
 int run_child(F f) {
-    mp::Process p({.start_method = mp::StartMethod::fork}, std::move(f));
-    p.start();
-    if (!p.join(LONG)) {
-        p.kill();
-        p.join();
-        return -1000;
-    }
-    return *p.exitcode();
+    return mp::test::run_child(mp::StartMethod::fork, LONG, std::move(f));
 }
 
 void check(bool ok, const char* what) {

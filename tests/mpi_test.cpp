@@ -116,6 +116,8 @@ TEST(MpiExecutor, MapKeepsInputOrderWithAnyChunksize) {
     }
     std::vector<int> none;
     EXPECT_TRUE(ex.map(square, none).to_vector().empty());
+    // A per-task time limit cannot be kept over MPI: refused before anything is submitted.
+    EXPECT_THROW(ex.map({.task_timeout = 1s}, square, xs), mp::Error);
     // Zipped ranges, up to the shortest.
     std::vector<int> a{1, 2, 3}, b{10, 20};
     auto sums = ex.map({.timeout = 60s}, [](int x, int y) { return x + y; }, a, b).to_vector();

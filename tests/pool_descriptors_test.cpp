@@ -166,6 +166,20 @@ TEST_P(PoolDescriptors, WorkerKeepsNoDescriptorOfAFinishedTask) {
     EXPECT_EQ(ex.stats().worker_deaths, 0u);
 }
 
+// The parent's copies of a task's descriptors close once the task has finished, though the
+// user keeps its future: before, each finished task held a duplicate of every descriptor it
+// carried until its last Future went (a batch of futures kept to the end held them all).
+TEST_P(PoolDescriptors, ParentKeepsNoDescriptorOfAFinishedTaskWhoseFutureLives) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam().method});
+    mp::Event ev;
+    (void)ex.submit(set_event, ev, 0).result(kWait);  // the worker and its sockets are up
+    const int before = open_fds();
+    std::vector<mp::Future<int>> kept;
+    for (int i = 0; i < 20; ++i) kept.push_back(ex.submit(set_event, ev, i));
+    for (int i = 0; i < 20; ++i) ASSERT_EQ(kept[i].result(kWait), i);
+    EXPECT_EQ(open_fds(), before) << "finished tasks still hold their descriptors";
+}
+
 INSTANTIATE_TEST_SUITE_P(StartMethods, PoolDescriptors,
                          ::testing::Values(MethodCase{"fork", mp::StartMethod::fork},
                                            MethodCase{"forkserver", mp::StartMethod::forkserver},

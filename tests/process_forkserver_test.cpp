@@ -26,34 +26,6 @@ TEST(ProcessForkserver, SetStartMethodStartsTheServer) {
     mp::set_start_method(mp::StartMethod::fork, true);
 }
 
-TEST(ProcessForkserver, PlainFunctionWithArgumentsRunsAndItsExitCodeIsSeen) {
-    mp::Process a(forkserver_options(), fs_exit_sum, std::string("hello"), 2);
-    mp::Process b(forkserver_options(), fs_noop);
-    EXPECT_EQ(a.start_method(), mp::StartMethod::forkserver);
-    a.start();
-    b.start();
-    ASSERT_TRUE(a.join(kLong));
-    ASSERT_TRUE(b.join(kLong));
-    EXPECT_EQ(a.exitcode(), 7);
-    EXPECT_EQ(b.exitcode(), 0);
-}
-
-TEST(ProcessForkserver, CaptureLessLambdaFunctionPointerAndEmptyFunctionObject) {
-    void (*fp)(std::string, int) = fs_exit_sum;
-    mp::Process a(forkserver_options(), [](int code) { ::_exit(code); }, 9);
-    mp::Process b(forkserver_options(), fp, std::string("x"), 10);
-    mp::Process c(forkserver_options(), EmptyFunctionObject{}, 12);
-    a.start();
-    b.start();
-    c.start();
-    ASSERT_TRUE(a.join(kLong));
-    ASSERT_TRUE(b.join(kLong));
-    ASSERT_TRUE(c.join(kLong));
-    EXPECT_EQ(a.exitcode(), 9);
-    EXPECT_EQ(b.exitcode(), 11);
-    EXPECT_EQ(c.exitcode(), 12);
-}
-
 TEST(ProcessForkserver, NonTransferableTargetThrowsAtStart) {
     int captured = 5;
     mp::Process a(forkserver_options(), [captured] { ::_exit(captured); });
@@ -96,19 +68,6 @@ TEST(ProcessForkserver, ChildrenComeFromOneServerAndKnowWhoTheyAre) {
     EXPECT_EQ(field(*ta, "getppid"), field(*tb, "getppid")) << "one server forks every child";
 }
 
-TEST(ProcessForkserver, DaemonChildKnowsItIsADaemon) {
-    TempDir dir;
-    mp::ProcessOptions o = forkserver_options();
-    o.daemon = true;
-    mp::Process p(o, fs_report_identity, dir.file("d"));
-    p.start();
-    ASSERT_TRUE(p.join(kLong));
-    EXPECT_EQ(p.exitcode(), 0);
-    auto text = slurp(dir.file("d"));
-    ASSERT_TRUE(text);
-    EXPECT_EQ(field(*text, "daemon"), "1");
-}
-
 TEST(ProcessForkserver, ChildCanStartChildrenOfItsOwn) {
     TempDir dir;
     mp::Process p(forkserver_options(), fs_start_grandchildren, dir.file("g"));
@@ -120,46 +79,6 @@ TEST(ProcessForkserver, ChildCanStartChildrenOfItsOwn) {
     EXPECT_EQ(field(*text, "names"), p.name() + ":1 " + p.name() + ":2") << *text;
     EXPECT_EQ(field(*text, "exitcodes"), "5 0") << *text;
     EXPECT_EQ(field(*text, "active"), "0") << *text;
-}
-
-TEST(ProcessForkserver, LargeArgumentArrives) {
-    const std::size_t n = 8u << 20;
-    mp::Process p(forkserver_options(), fs_check_size, std::string(n, 'x'), n);
-    p.start();
-    ASSERT_TRUE(p.join(kLong));
-    EXPECT_EQ(p.exitcode(), 0) << "the child did not receive the 8 MiB argument intact";
-}
-
-TEST(ProcessForkserver, ManyChildrenAtOnceKeepTheirOwnExitCodes) {
-    TempDir dir;
-    const std::string go = dir.file("go");
-    std::vector<std::unique_ptr<mp::Process>> ps;
-    for (int i = 0; i < 40; ++i) {
-        ps.push_back(std::make_unique<mp::Process>(forkserver_options(), fs_exit_sum, go + "\n",
-                                                   i));
-    }
-    // fs_exit_sum exits at once with size + i; the statuses come back in any order.
-    for (auto& p : ps) p->start();
-    for (int i = static_cast<int>(ps.size()) - 1; i >= 0; --i) {
-        ASSERT_TRUE(ps[i]->join(kLong)) << i;
-        EXPECT_EQ(ps[i]->exitcode(), static_cast<int>(go.size() + 1) + i);
-    }
-}
-
-TEST(ProcessForkserver, StartAndJoinFromManyThreads) {
-    std::atomic<int> failures{0};
-    std::vector<std::thread> threads;
-    for (int t = 0; t < 4; ++t) {
-        threads.emplace_back([&, t] {
-            for (int i = 0; i < 10; ++i) {
-                mp::Process p(forkserver_options(), fs_exit_sum, std::string(), t * 10 + i);
-                p.start();
-                if (!p.join(kLong) || p.exitcode() != t * 10 + i) ++failures;
-            }
-        });
-    }
-    for (auto& th : threads) th.join();
-    EXPECT_EQ(failures.load(), 0);
 }
 
 TEST(ProcessForkserver, ForkChildCanUseTheForkserver) {
@@ -187,42 +106,6 @@ TEST(ProcessForkserver, ForkChildCanUseTheForkserver) {
     EXPECT_EQ(p.exitcode(), 0);
 }
 
-TEST(ProcessForkserver, JoinTimeoutIsAliveSentinelAndActiveChildren) {
-    TempDir dir;
-    const std::string go = dir.file("go");
-    mp::Process p(forkserver_options(), fs_wait_for_file, go);
-    p.start();
-    EXPECT_GT(p.pid(), 0);
-    EXPECT_TRUE(p.is_alive());
-    EXPECT_FALSE(p.join(20ms));
-    EXPECT_FALSE(p.exitcode().has_value());
-    EXPECT_TRUE(contains_pid(mp::active_children(), p.pid()));
-    const int s = p.sentinel();
-    EXPECT_FALSE(poll_readable(s, 0ms));
-    write_file_atomically(go, "go");
-    EXPECT_TRUE(poll_readable(s, kLong));
-    ASSERT_TRUE(p.join(kLong));
-    EXPECT_EQ(p.exitcode(), 0);
-    EXPECT_FALSE(p.is_alive());
-    EXPECT_FALSE(contains_pid(mp::active_children(), p.pid()));
-}
-
-TEST(ProcessForkserver, TerminateAndKill) {
-    mp::Process a(forkserver_options(), fs_block);
-    mp::Process b(forkserver_options(), fs_block);
-    a.start();
-    b.start();
-    a.terminate();
-    b.kill();
-    ASSERT_TRUE(a.join(kLong));
-    ASSERT_TRUE(b.join(kLong));
-    EXPECT_EQ(a.exitcode(), -SIGTERM);
-    EXPECT_EQ(b.exitcode(), -SIGKILL);
-    EXPECT_NO_THROW(a.terminate()) << "signalling an ended child changes nothing";
-    EXPECT_NO_THROW(b.kill());
-    EXPECT_EQ(a.exitcode(), -SIGTERM);
-}
-
 TEST(ProcessForkserver, IsRestartedAfterItWasKilled) {
     mp::Process first(forkserver_options(), fs_exit_sum, std::string("a"), 1);
     first.start();
@@ -242,51 +125,6 @@ TEST(ProcessForkserver, IsRestartedAfterItWasKilled) {
     auto now = mp::test::forkservers();
     ASSERT_EQ(now.size(), 1u);
     EXPECT_NE(now[0].pid, servers[0].pid);
-}
-
-TEST(ProcessForkserver, ExceptionGivesExitCodeOne) {
-    mp::Process p(forkserver_options(), fs_throw, std::string("thrown in a forkserver child"));
-    p.start();
-    ASSERT_TRUE(p.join(kLong));
-    EXPECT_EQ(p.exitcode(), 1);
-}
-
-TEST(ProcessForkserver, DestructorJoinsALiveChild) {
-    Watchdog watchdog(30s, "ProcessForkserver.DestructorJoinsALiveChild");
-    TempDir dir;
-    const std::string go = dir.file("go");
-    std::optional<mp::ChildProcess> view;
-    std::thread opener([go] {
-        std::this_thread::sleep_for(100ms);
-        write_file_atomically(go, "go");
-    });
-    {
-        mp::Process p(forkserver_options(), fs_wait_for_file, go);
-        p.start();
-        view = find_child(mp::active_children(), p.pid());
-    }
-    opener.join();
-    ASSERT_TRUE(view);
-    EXPECT_FALSE(view->is_alive());
-    EXPECT_EQ(view->exitcode(), 0);
-}
-
-TEST(ProcessForkserver, NoFdLeakOver50Cycles) {
-    {
-        mp::Process warm(forkserver_options(), fs_noop);  // starts the server
-        warm.start();
-        ASSERT_TRUE(warm.join(kLong));
-    }
-    const auto before = mp::test::list_fds();
-    for (int i = 0; i < 50; ++i) {
-        mp::Process p(forkserver_options(), fs_noop);
-        p.start();
-        ASSERT_TRUE(p.join(kLong)) << "cycle " << i;
-        ASSERT_EQ(p.exitcode(), 0) << "cycle " << i;
-    }
-    const auto after = mp::test::list_fds();
-    EXPECT_EQ(after.size(), before.size()) << "before:" << describe_fds(before)
-                                           << "\nafter:" << describe_fds(after);
 }
 
 }  // namespace

@@ -30,60 +30,14 @@
 #include <utility>
 #include <vector>
 
-#include "helpers/leak_check.hpp"
+#include "helpers/process_helpers.hpp"
 #include "mp/process.hpp"
 
 namespace {
 
-using namespace std::chrono_literals;
-using Clock = std::chrono::steady_clock;
-
-/// The bound on a wait that is expected to succeed.
-constexpr auto kLong = 10s;
-
 // ---------------------------------------------------------------------------------------------
-// Helpers
+// Helpers (the rest are in helpers/process_helpers.hpp)
 // ---------------------------------------------------------------------------------------------
-
-struct TestPipe {
-    int r = -1, w = -1;
-    TestPipe() {
-        int fds[2];
-        if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
-        r = fds[0];
-        w = fds[1];
-    }
-    TestPipe(const TestPipe&) = delete;
-    TestPipe& operator=(const TestPipe&) = delete;
-    ~TestPipe() {
-        ::close(r);
-        ::close(w);
-    }
-};
-
-void write_str(int fd, const std::string& s) {
-    std::size_t done = 0;
-    while (done < s.size()) {
-        ssize_t n = ::write(fd, s.data() + done, s.size() - done);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return;
-        done += static_cast<std::size_t>(n);
-    }
-}
-
-bool poll_readable(int fd, std::chrono::milliseconds timeout) {
-    pollfd pfd{fd, POLLIN, 0};
-    return ::poll(&pfd, 1, static_cast<int>(timeout.count())) == 1 && (pfd.revents & POLLIN) != 0;
-}
-
-/// A gate fork children wait on: open(n) lets n waiting children through.
-struct Gate {
-    TestPipe pipe;
-    int reader() const { return pipe.r; }
-    void open(int children = 1) {
-        for (int i = 0; i < children; ++i) write_str(pipe.w, "x");
-    }
-};
 
 /// Child side of a Gate: waits (at most 10 s) for one byte; exits with `code` once through, 99
 /// when the gate never opened.
@@ -95,52 +49,10 @@ struct Gate {
     ::_exit(99);
 }
 
-/// Runs `f`, which must throw mp::ProcessError; returns its what() (empty, and a failure, when it
-/// threw something else or nothing).
-template <class F>
-std::string process_error_message(F&& f) {
-    try {
-        f();
-    } catch (const mp::ProcessError& e) {
-        return e.what();
-    } catch (const std::exception& e) {
-        ADD_FAILURE() << "expected mp::ProcessError, got another exception: " << e.what();
-        return {};
-    }
-    ADD_FAILURE() << "expected mp::ProcessError, nothing was thrown";
-    return {};
-}
-
-#define EXPECT_PROCESS_ERROR(statement, word)                                                  \
-    do {                                                                                       \
-        const std::string mp_msg_ = process_error_message([&] { (void)(statement); });         \
-        if (!mp_msg_.empty()) {                                                                \
-            EXPECT_NE(mp_msg_.find(word), std::string::npos)                                   \
-                << #statement << ": the ProcessError message does not say \"" << (word)        \
-                << "\": " << mp_msg_;                                                          \
-        }                                                                                      \
-    } while (0)
-
 std::set<pid_t> active_pids() {
     std::set<pid_t> pids;
     for (const auto& c : mp::active_children()) pids.insert(c.pid());
     return pids;
-}
-
-using mp::test::TempDir;
-
-std::optional<std::string> slurp(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return std::nullopt;
-    std::ostringstream s;
-    s << in.rdbuf();
-    return s.str();
-}
-
-mp::ProcessOptions forkserver_options() {
-    mp::ProcessOptions o;
-    o.start_method = mp::StartMethod::forkserver;
-    return o;
 }
 
 // Forkserver target: waits (at most 10 s) for the file `path`, then exits with `code` (99 when
@@ -156,9 +68,9 @@ void fs_wait_for_file_then_exit(std::string path, int code) {
 
 void fs_exit_with(int code) { ::_exit(code); }
 
-class Reporter : public mp::Process {
+class MessageProcess : public mp::Process {
 public:
-    Reporter(int w, std::string msg) : w_(w), msg_(std::move(msg)) {}
+    MessageProcess(int w, std::string msg) : w_(w), msg_(std::move(msg)) {}
 
 protected:
     void run() override { write_str(w_, msg_ + "\n"); }
@@ -206,7 +118,7 @@ TEST(ProcessMove, VectorOfUnstartedProcessesStartsAfterReallocation) {
     TestPipe out;
     std::vector<mp::Process> procs;
     for (int i = 0; i < 9; ++i)
-        procs.emplace_back([w = out.w, i] { write_str(w, std::to_string(i) + "\n"); });
+        procs.emplace_back([w = out.w.get(), i] { write_str(w, std::to_string(i) + "\n"); });
     for (auto& p : procs) p.start();
     for (auto& p : procs) {
         ASSERT_TRUE(p.join(kLong));
@@ -214,8 +126,8 @@ TEST(ProcessMove, VectorOfUnstartedProcessesStartsAfterReallocation) {
     }
     std::string text;
     char buf[256];
-    while (poll_readable(out.r, 0ms)) {
-        ssize_t n = ::read(out.r, buf, sizeof buf);
+    while (poll_readable(out.r.get(), 0ms)) {
+        ssize_t n = ::read(out.r.get(), buf, sizeof buf);
         if (n <= 0) break;
         text.append(buf, static_cast<std::size_t>(n));
     }
@@ -228,8 +140,8 @@ TEST(ProcessMove, VectorOfUnstartedProcessesStartsAfterReallocation) {
 
 TEST(ProcessMove, VectorOfSubclassObjectsRunsTheirOwnRun) {
     TestPipe out;
-    std::vector<Reporter> procs;
-    for (int i = 0; i < 5; ++i) procs.emplace_back(out.w, "reporter " + std::to_string(i));
+    std::vector<MessageProcess> procs;
+    for (int i = 0; i < 5; ++i) procs.emplace_back(out.w.get(), "reporter " + std::to_string(i));
     for (auto& p : procs) p.start();
     std::multiset<std::string> lines;
     for (auto& p : procs) {
@@ -238,8 +150,8 @@ TEST(ProcessMove, VectorOfSubclassObjectsRunsTheirOwnRun) {
     }
     std::string text;
     char buf[256];
-    while (poll_readable(out.r, 0ms)) {
-        ssize_t n = ::read(out.r, buf, sizeof buf);
+    while (poll_readable(out.r.get(), 0ms)) {
+        ssize_t n = ::read(out.r.get(), buf, sizeof buf);
         if (n <= 0) break;
         text.append(buf, static_cast<std::size_t>(n));
     }
@@ -376,7 +288,7 @@ TEST(ProcessMove, AssignOverARunningChildThrowsAndChangesNothing) {
     mp::ProcessOptions o;
     o.name = "replacement";
     mp::Process running([r = gate.reader()] { pass_gate_and_exit(r, 5); });
-    mp::Process next(o, [w = out.w] { write_str(w, "next\n"); });
+    mp::Process next(o, [w = out.w.get()] { write_str(w, "next\n"); });
     running.start();
     const pid_t pid = running.pid();
     EXPECT_PROCESS_ERROR(running = std::move(next), "running");
@@ -393,9 +305,9 @@ TEST(ProcessMove, AssignOverARunningChildThrowsAndChangesNothing) {
     running.start();
     ASSERT_TRUE(running.join(kLong));
     EXPECT_EQ(running.exitcode(), 0);
-    ASSERT_TRUE(poll_readable(out.r, kLong));
+    ASSERT_TRUE(poll_readable(out.r.get(), kLong));
     char buf[16] = {};
-    EXPECT_EQ(::read(out.r, buf, sizeof buf - 1), 5);
+    EXPECT_EQ(::read(out.r.get(), buf, sizeof buf - 1), 5);
     EXPECT_STREQ(buf, "next\n");
 }
 
@@ -519,28 +431,28 @@ TEST(ProcessMove, MovedFromProcessTakesANewOne) {
 
 TEST(ProcessMove, MovedSubclassRunsItsOwnRun) {
     TestPipe out;
-    Reporter a(out.w, "from a subclass");
-    Reporter b(std::move(a));
+    MessageProcess a(out.w.get(), "from a subclass");
+    MessageProcess b(std::move(a));
     b.start();
     ASSERT_TRUE(b.join(kLong));
     EXPECT_EQ(b.exitcode(), 0);
-    ASSERT_TRUE(poll_readable(out.r, kLong));
+    ASSERT_TRUE(poll_readable(out.r.get(), kLong));
     char buf[64] = {};
-    EXPECT_GT(::read(out.r, buf, sizeof buf - 1), 0);
+    EXPECT_GT(::read(out.r.get(), buf, sizeof buf - 1), 0);
     EXPECT_STREQ(buf, "from a subclass\n");
 }
 
 TEST(ProcessMove, SlicedSubclassRefusesToStart) {
     TestPipe out;
-    Reporter r(out.w, "sliced");
+    MessageProcess r(out.w.get(), "sliced");
     mp::Process sliced(std::move(r));
     EXPECT_PROCESS_ERROR(sliced.start(), "sliced");
     mp::Process assigned([] {});
-    Reporter r2(out.w, "sliced too");
+    MessageProcess r2(out.w.get(), "sliced too");
     assigned = std::move(r2);
     EXPECT_PROCESS_ERROR(assigned.start(), "sliced");
     EXPECT_TRUE(mp::active_children().empty());
-    EXPECT_FALSE(poll_readable(out.r, 0ms));
+    EXPECT_FALSE(poll_readable(out.r.get(), 0ms));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -8,9 +8,15 @@
 
 #include <mp/py.hpp>
 
+#include "helpers/python.hpp"
+
 #include <array>
 #include <cerrno>
+#include <cstdlib>
+#include <new>
 #include <fcntl.h>
+#include <functional>
+#include <algorithm>
 #include <optional>
 #include <system_error>
 #include <tuple>
@@ -29,6 +35,22 @@
 
 namespace py = mp::py;
 using namespace std::string_literals;
+
+// Counts this thread's allocations, for the check that a typed read builds no intermediate Object.
+namespace {
+thread_local std::size_t g_allocations = 0;
+}
+// GCC takes the free() below for a mismatch with the operator new it cannot see is also malloc's.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void* operator new(std::size_t n) {
+    ++g_allocations;
+    if (void* p = std::malloc(n ? n : 1)) return p;
+    throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -52,17 +74,7 @@ std::string unhex(std::string_view h) {
 std::string python(const std::string& code, const std::vector<std::string>& args = {}) {
     int fds[2];
     if (::pipe2(fds, O_CLOEXEC) != 0) throw std::system_error(errno, std::generic_category(), "pipe2");
-    std::vector<std::string> argv_s{"python3", "-c", code};
-    argv_s.insert(argv_s.end(), args.begin(), args.end());
-    std::vector<char*> argv;
-    for (auto& a : argv_s) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-        ::dup2(fds[1], 1);
-        ::execvp("python3", argv.data());
-        ::_exit(127);
-    }
+    const pid_t pid = mp::test::start_python(code, args, fds[1]);
     ::close(fds[1]);
     std::string out;
     char buf[65536];
@@ -329,6 +341,426 @@ std::string refusal(const std::string& pickle) {
     return "(no exception)";
 }
 }  // namespace
+
+// ---- the typed fast path (py::loads<T> straight from the pickle, issue 15's W12a) ----------------
+
+namespace {
+
+// What py::loads<T> gave before the fast path: the full reader's Object, converted.
+template <class T>
+std::optional<T> full_reader(const std::string& p, const py::Limits& limits = {}) {
+    try {
+        return py::detail::load<T>(py::loads(p, limits));
+    } catch (const py::UnpicklingError&) {
+        return std::nullopt;
+    }
+}
+
+// loads<T> reads p as the full reader does: the same value, or an UnpicklingError from both.
+template <class T>
+void expect_as_full_reader(const std::string& p, const py::Limits& limits = {}) {
+    const std::optional<T> full = full_reader<T>(p, limits);
+    std::optional<T> fast;
+    try {
+        fast = py::loads<T>(p, limits);
+    } catch (const py::UnpicklingError&) {
+    }
+    EXPECT_EQ(fast.has_value(), full.has_value()) << hex(p);
+    if (fast && full) {
+        EXPECT_TRUE(*fast == *full) << hex(p);
+    }
+}
+
+// The fast reader alone reads p (no fallback) into the full reader's value.
+template <class T>
+void expect_fast(const std::string& p) {
+    T out{};
+    EXPECT_TRUE(py::detail::FastReader(p, {}).top(out)) << hex(p);
+    const std::optional<T> full = full_reader<T>(p);
+    ASSERT_TRUE(full.has_value()) << hex(p);
+    EXPECT_TRUE(out == *full) << hex(p);
+}
+
+}  // namespace
+
+// The shapes Python's pickler writes at protocols 4 and 5 (batches of 1000 and a last batch of
+// one, memo references to repeated strings, empty containers, tuples of every length) are read
+// by the fast reader itself, to the value the full reader gives.
+TEST(PyPickleFast, ReadsPythonsOwnShapesDirectly) {
+    const std::vector<std::string> values = {
+        "{'key%d' % i: i for i in range(10)}",
+        "{i: str(i) for i in range(2001)}",
+        "list(range(2001))",
+        "['same string', 'other'] * 3",
+        "(1, 'a', None)",
+        "(1, 2, 3, 4, 5)",
+        "[{}, {'a': 1}, {}, {'b': 2, 'c': 3}]",
+        "{3, 1, 2}",
+        "frozenset({'a', 'b'})",
+        "{(1, 'k'): [1.5, 2], (2, 'k'): []}",
+        "[b'ab', b'ab', b'c']",
+        "{'x': None, 'y': [1, -2**40, 2**63-1]}",
+        "[(1, 2), (3, 4)]",
+        "[True, False, True]",
+    };
+    std::string code =
+        "import pickle, sys\n"
+        "for e in sys.argv[1:]:\n"
+        "    for p in (4, 5): print(pickle.dumps(eval(e), protocol=p).hex())\n";
+    const std::vector<std::string> out = lines(python(code, values));
+    ASSERT_EQ(out.size(), values.size() * 2);
+    for (std::size_t i = 0; i < out.size(); ++i) {
+        SCOPED_TRACE(values[i / 2]);
+        const std::string p = unhex(out[i]);
+        switch (i / 2) {
+            case 0:
+                expect_fast<std::map<std::string, std::int64_t>>(p);
+                expect_fast<std::unordered_map<std::string, int>>(p);
+                expect_fast<std::map<std::string, double>>(p);
+                break;
+            case 1: expect_fast<std::map<int, std::string>>(p); break;
+            case 2: expect_fast<std::vector<long>>(p); break;
+            case 3: expect_fast<std::vector<std::string>>(p); break;
+            case 4: expect_fast<std::tuple<int, std::string, std::optional<int>>>(p); break;
+            case 5:
+                expect_fast<std::vector<int>>(p);
+                expect_fast<std::tuple<int, int, int, int, long>>(p);
+                break;
+            case 6: expect_fast<std::vector<std::map<std::string, int>>>(p); break;
+            case 7: expect_fast<std::set<int>>(p); break;
+            case 8: expect_fast<std::set<std::string>>(p); break;
+            case 9: expect_fast<std::map<std::pair<int, std::string>, std::vector<double>>>(p); break;
+            case 10: expect_fast<std::vector<py::Bytes>>(p); break;
+            case 11: expect_fast<std::map<std::string, std::optional<std::vector<std::int64_t>>>>(p); break;
+            case 12: expect_fast<std::vector<std::pair<int, int>>>(p); break;
+            case 13: expect_fast<std::vector<bool>>(p); break;
+        }
+    }
+}
+
+// Where the fast reader stops (another shape, a value out of range, a shared container, an
+// unhashable key, a limit) loads<T> still answers as the full reader does.
+TEST(PyPickleFast, AgreesWithTheFullReaderOutsideItsSubset) {
+    const std::vector<std::string> out = lines(python(
+        "import pickle\n"
+        "l = [1, 2]\n"
+        "vals = [({}, ('a', 1, 'b', 2)), [{}, (1, 2, 3, 4)], [l, l], ['x' * 1000] * 20, [[[1]]],\n"
+        "        {'a': 300}, {'a': 'b'}, {1, 2}, b'b', {'k': 2**64-1}, [1, 2]]\n"
+        "for v in vals: print(pickle.dumps(v, protocol=4).hex())\n"
+        "print(pickle.dumps({1, 2}, protocol=2).hex())\n"));
+    ASSERT_EQ(out.size(), 12u);
+    auto pk = [&](std::size_t i) { return unhex(out[i]); };
+    expect_as_full_reader<std::tuple<std::map<std::string, int>, std::tuple<std::string, int, std::string, int>>>(pk(0));
+    expect_as_full_reader<std::tuple<std::map<std::string, int>, std::vector<int>>>(pk(0));
+    expect_as_full_reader<std::tuple<std::map<int, int>, std::tuple<int, int, int, int>>>(pk(1));
+    expect_as_full_reader<std::vector<std::map<int, int>>>(pk(1));
+    expect_as_full_reader<std::vector<std::vector<int>>>(pk(2));  // a shared list
+    py::Limits small;
+    small.max_size = 10000;  // 20 copies of 1000 bytes through the memo: over it
+    expect_as_full_reader<std::vector<std::string>>(pk(3), small);
+    EXPECT_THROW(py::loads<std::vector<std::string>>(pk(3), small), py::UnpicklingError);
+    EXPECT_EQ(py::loads<std::vector<std::string>>(pk(3)).size(), 20u);
+    py::Limits shallow;
+    shallow.max_depth = 2;
+    EXPECT_THROW(py::loads<std::vector<std::vector<std::vector<int>>>>(pk(4), shallow), py::UnpicklingError);
+    expect_as_full_reader<std::vector<std::vector<std::vector<int>>>>(pk(4));
+    EXPECT_THROW((py::loads<std::map<std::string, std::int8_t>>(pk(5))), py::UnpicklingError);
+    EXPECT_THROW((py::loads<std::map<std::string, int>>(pk(6))), py::UnpicklingError);
+    expect_as_full_reader<std::set<int>>(pk(7));
+    expect_as_full_reader<py::ByteArray>(pk(8));
+    EXPECT_EQ((py::loads<std::map<std::string, std::uint64_t>>(pk(9)).at("k")), std::numeric_limits<std::uint64_t>::max());
+    expect_as_full_reader<std::pair<int, int>>(pk(10));
+    expect_as_full_reader<std::set<int>>(pk(11));  // protocol 2: builtins.set REDUCE
+    // Unhashable keys, which Python never writes, are refused as the full reader refuses them.
+    EXPECT_THROW((py::loads<std::map<std::vector<int>, int>>("\x80\x04}(]K\x01""aK\x02u."s)), py::UnpicklingError);
+    EXPECT_EQ((py::loads<std::map<std::vector<int>, int>>("\x80\x04}(K\x01\x85K\x02u."s).size()), 1u);
+    // A memo index other than the next one, and a FRAME longer than the input.
+    expect_as_full_reader<std::vector<std::string>>("\x80\x04](\x8c\x01xq\x05h\x05""e."s);
+    expect_as_full_reader<int>("\x80\x04\x95\x10\0\0\0\0\0\0\0K\x01."s);
+}
+
+// Every truncation and random corruption of a message reads, through loads<T>, as the full reader
+// reads it: the fast reader accepts nothing the full reader refuses.
+TEST(PyPickleFast, AgreesWithTheFullReaderOnEveryTruncationAndCorruption) {
+    const std::vector<std::string> out = lines(python(
+        "import pickle\n"
+        "print(pickle.dumps({'key%d' % i: i for i in range(10)}).hex())\n"
+        "print(pickle.dumps([(1, 'a', 2.5), (2, 'a', -1.0), (3, 'bb', 0.0)]).hex())\n"
+        "print(pickle.dumps({'s': {1, 2}, 't': {3}}).hex())\n"));
+    ASSERT_EQ(out.size(), 3u);
+    std::mt19937 rng(4242);
+    for (std::size_t k = 0; k < out.size(); ++k) {
+        const std::string p = unhex(out[k]);
+        auto check = [&](const std::string& q) {
+            if (k == 0) {
+                expect_as_full_reader<std::map<std::string, std::int64_t>>(q);
+                expect_as_full_reader<std::map<std::string, std::uint8_t>>(q);
+                expect_as_full_reader<std::vector<std::pair<std::string, std::int64_t>>>(q);
+                expect_as_full_reader<std::vector<std::pair<std::optional<std::string>, std::uint8_t>>>(q);
+            } else if (k == 1) {
+                expect_as_full_reader<std::vector<std::tuple<int, std::string, double>>>(q);
+                expect_as_full_reader<std::vector<std::vector<double>>>(q);
+            } else {
+                expect_as_full_reader<std::map<std::string, std::set<int>>>(q);
+                expect_as_full_reader<std::vector<std::pair<std::string, std::set<int>>>>(q);
+            }
+        };
+        for (std::size_t n = 0; n <= p.size(); ++n) check(p.substr(0, n));
+        for (int i = 0; i < 3000; ++i) {
+            std::string q = p;
+            const int flips = 1 + static_cast<int>(rng() % 3);
+            for (int f = 0; f < flips; ++f) q[rng() % q.size()] = static_cast<char>(rng() & 0xff);
+            check(q);
+            if (::testing::Test::HasFailure()) return;
+        }
+    }
+}
+
+// The W12a message read as a std::map makes the map's ten nodes and nothing else: no Object,
+// no container node, no vector of pairs on the way (before the fast reader: twelve allocations).
+TEST(PyPickleFast, ATypedDictOfTenAllocatesOnlyItsTenNodes) {
+    const std::string p = unhex(lines(python("import pickle; print(pickle.dumps({'key%d' % i: i for i in range(10)}).hex())"))[0]);
+    (void)py::loads<std::map<std::string, std::int64_t>>(p);  // warm any per-thread buffer
+    const std::size_t before = g_allocations;
+    const auto m = py::loads<std::map<std::string, std::int64_t>>(p);
+    const std::size_t made = g_allocations - before;
+    ASSERT_EQ(m.size(), 10u);
+    EXPECT_EQ(made, 10u);
+}
+
+// ---- a dict read as its pairs (std::vector<std::pair<K, V>>, the flat type for speed) -----------
+
+namespace {
+using Pairs = std::vector<std::pair<std::string, std::int64_t>>;
+
+// For each pickle of a dict, python3's pickle of list(pickle.loads(it).items()): what its dict kept.
+std::vector<std::string> python_items(const std::vector<std::string>& pickles) {
+    std::vector<std::string> args;
+    for (const auto& p : pickles) args.push_back(hex(p));
+    std::vector<std::string> out = lines(python(
+        "import pickle, sys\n"
+        "for h in sys.argv[1:]: print(pickle.dumps(list(pickle.loads(bytes.fromhex(h)).items())).hex())\n",
+        args));
+    for (std::string& h : out) h = unhex(h);
+    return out;
+}
+}  // namespace
+
+// A dict read into a vector of pairs gives Python's list(d.items()): the same pairs in insertion
+// order, at every protocol; Python's own shapes (protocols 4, 5) by the fast reader alone. What mp
+// writes for the vector (a list of 2-tuples) Python turns back into the same dict with dict().
+TEST(PyPickleFlat, ADictReadsAsItsPairsInInsertionOrder) {
+    const std::vector<std::string> values = {
+        "{'key%d' % i: i for i in range(10)}",
+        "{'b': 1, 'a': -2, 'c': 2**62}",
+        "(lambda d: (d.pop('a'), d.__setitem__('a', 7), d)[2])({'a': 1, 'b': 2})",
+        "{}",
+        "{'only': 1}",
+        "{'k%04d' % (2500 - i): i for i in range(2500)}",
+        "{'h\u00e9': 1, 'x' * 40: 2, '': 3}",
+    };
+    std::string code =
+        "import pickle, sys\n"
+        "for e in sys.argv[1:]:\n"
+        "    d = eval(e)\n"
+        "    for p in (2, 3, 4, 5): print(p, pickle.dumps(d, protocol=p).hex(), pickle.dumps(list(d.items()), protocol=p).hex())\n";
+    const std::vector<std::string> out = lines(python(code, values));
+    ASSERT_EQ(out.size(), values.size() * 4);
+    std::vector<std::string> written;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+        SCOPED_TRACE(values[i / 4] + " at protocol " + out[i].substr(0, 1));
+        const std::size_t a = out[i].find(' '), b = out[i].find(' ', a + 1);
+        const std::string dict = unhex(out[i].substr(a + 1, b - a - 1));
+        const std::string items = unhex(out[i].substr(b + 1));
+        const Pairs pairs = py::loads<Pairs>(dict);
+        EXPECT_EQ(pairs, py::loads<Pairs>(items));  // a list of 2-tuples: the long-standing reading
+        EXPECT_EQ(pairs, full_reader<Pairs>(dict));
+        if (out[i][0] >= '4') expect_fast<Pairs>(dict);
+        if (out[i][0] == '4') written.push_back(hex(py::dumps(pairs)));
+    }
+    written.insert(written.begin(), values.begin(), values.end());
+    const std::string back = python(
+        "import pickle, sys\n"
+        "n = (len(sys.argv) - 1) // 2\n"
+        "for e, h in zip(sys.argv[1:1 + n], sys.argv[1 + n:]):\n"
+        "    d = eval(e); got = dict(pickle.loads(bytes.fromhex(h)))\n"
+        "    print('ok' if got == d and list(got) == list(d) else 'MISMATCH %r' % got)\n",
+        written);
+    std::string all_ok;
+    for (std::size_t i = 0; i < values.size(); ++i) all_ok += "ok\n";
+    EXPECT_EQ(back, all_ok);
+
+    // Other key and value types, and dicts inside: the same rule all the way down.
+    const std::vector<std::string> other = lines(python(
+        "import pickle\n"
+        "print(pickle.dumps({3: 'c', 1: 'a', 2: None}).hex())\n"
+        "print(pickle.dumps({(1, 'x'): [1.5], (0, 'y'): []}).hex())\n"
+        "print(pickle.dumps({'outer': {'z': 1, 'a': 2}, 'e': {}}).hex())\n"));
+    ASSERT_EQ(other.size(), 3u);
+    using IntKeys = std::vector<std::pair<int, std::optional<std::string>>>;
+    EXPECT_EQ(py::loads<IntKeys>(unhex(other[0])), (IntKeys{{3, "c"}, {1, "a"}, {2, std::nullopt}}));
+    using TupleKeys = std::vector<std::pair<std::pair<int, std::string>, std::vector<double>>>;
+    EXPECT_EQ(py::loads<TupleKeys>(unhex(other[1])), (TupleKeys{{{1, "x"}, {1.5}}, {{0, "y"}, {}}}));
+    using Nested = std::vector<std::pair<std::string, Pairs>>;
+    EXPECT_EQ(py::loads<Nested>(unhex(other[2])), (Nested{{"outer", {{"z", 1}, {"a", 2}}}, {"e", {}}}));
+    for (const std::string& h : other) {
+        expect_as_full_reader<IntKeys>(unhex(h));
+        expect_as_full_reader<TupleKeys>(unhex(h));
+        expect_as_full_reader<Nested>(unhex(h));
+    }
+    expect_fast<Nested>(unhex(other[2]));
+    // Values of another type are refused as for a std::map.
+    EXPECT_THROW(py::loads<Pairs>(unhex(other[0])), py::UnpicklingError);
+    EXPECT_THROW((py::loads<std::vector<std::pair<std::string, std::int8_t>>>(py::dumps(std::map<std::string, int>{{"a", 300}}))),
+                 py::UnpicklingError);
+}
+
+// Python's pickler never sets a key twice, but a pickle can (hand-written or crafted), and
+// Python's dict then keeps one entry: where the key first appeared, with its last value. The
+// vector keeps exactly what pickle.loads's dict keeps, whichever reader reads it.
+TEST(PyPickleFlat, ARepeatedKeyKeepsItsFirstPlaceAndItsLastValue) {
+    auto int1 = [](int i) { return "K"s + static_cast<char>(i); };
+    auto str1 = [](const std::string& k) { return "\x8c"s + static_cast<char>(k.size()) + k; };
+    std::vector<std::string> pickles;
+    // One batch: 1, 3, 1 again, 4, 3 again.
+    pickles.push_back("\x80\x04}(" + int1(1) + int1(10) + int1(3) + int1(30) + int1(1) + int1(11) + int1(4) + int1(40) +
+                      int1(3) + int1(31) + "u.");
+    // Single SETITEMs, and a repeat across two batches.
+    pickles.push_back("\x80\x04}" + int1(2) + int1(20) + "s" + int1(2) + int1(21) + "s(" + int1(5) + int1(50) + "u(" +
+                      int1(2) + int1(22) + int1(5) + int1(51) + "u.");
+    // Past the small table: 200 keys, every one set twice, the second round in reverse.
+    std::string big = "\x80\x04}(";
+    for (int i = 0; i < 200; ++i) big += "M" + std::string{static_cast<char>(i & 0xff), static_cast<char>(i >> 8)} + int1(1);
+    for (int i = 199; i >= 0; --i) big += "M" + std::string{static_cast<char>(i & 0xff), static_cast<char>(i >> 8)} + int1(i & 0x7f);
+    pickles.push_back(big + "u.");
+    std::vector<std::string> strs;
+    strs.push_back("\x80\x04}(" + str1("b") + int1(1) + str1("a") + int1(2) + str1("b") + int1(3) + "u.");
+    // The same key through the memo: the str filed under 0 and fetched again.
+    strs.push_back("\x80\x04}(" + str1("k") + "\x94" + int1(1) + str1("j") + int1(2) + "h\x00"s + int1(3) + "u.");
+    std::vector<std::string> all = pickles;
+    all.insert(all.end(), strs.begin(), strs.end());
+    const std::vector<std::string> out = python_items(all);
+    ASSERT_EQ(out.size(), all.size());
+    using IntPairs = std::vector<std::pair<int, int>>;
+    for (std::size_t i = 0; i < pickles.size(); ++i) {
+        SCOPED_TRACE(i);
+        const IntPairs kept = py::loads<IntPairs>(out[i]);
+        EXPECT_EQ(py::loads<IntPairs>(pickles[i]), kept);
+        EXPECT_EQ(full_reader<IntPairs>(pickles[i]), kept);
+        EXPECT_EQ((py::loads<std::map<int, int>>(pickles[i]).size()), kept.size());
+    }
+    EXPECT_EQ(py::loads<IntPairs>(pickles[0]), (IntPairs{{1, 11}, {3, 31}, {4, 40}}));
+    EXPECT_EQ(py::loads<IntPairs>(pickles[2]).size(), 200u);
+    for (std::size_t i = 0; i < strs.size(); ++i) {
+        SCOPED_TRACE(hex(strs[i]));
+        const Pairs kept = py::loads<Pairs>(out[pickles.size() + i]);
+        EXPECT_EQ(py::loads<Pairs>(strs[i]), kept);
+        EXPECT_EQ(full_reader<Pairs>(strs[i]), kept);
+    }
+    EXPECT_EQ(py::loads<Pairs>(strs[0]), (Pairs{{"b", 3}, {"a", 2}}));
+    // Equal keys are equal as the C++ key type compares them: 0.0 and -0.0 are one key, as in Python.
+    using Floats = std::vector<std::pair<double, int>>;
+    const Floats f = py::loads<Floats>(py::dumps(py::Object::dict({{0.0, 1}, {2.5, 2}, {-0.0, 3}})));
+    ASSERT_EQ(f.size(), 2u);
+    EXPECT_EQ(f[0].second, 3);
+    EXPECT_EQ(f[1], (std::pair<double, int>{2.5, 2}));
+}
+
+// The merge of repeated keys takes a short route for up to 16 pairs (fingerprints compared all at
+// once, keys only where those match) and a hash table above. Around that size, with keys that a
+// fingerprint tells apart only by their last byte, keys that share all the bytes a fingerprint
+// sees (the first and last 8) and differ in the middle, and repeats at the first and last places,
+// the vector keeps what Python's dict keeps, through the fast reader and the full one.
+TEST(PyPickleFlat, RepeatedKeysAroundTheSmallMergeAreMergedAsPythonsDictDoes) {
+    auto str1 = [](const std::string& k) { return "\x8c"s + static_cast<char>(k.size()) + k + "\x94"; };
+    const std::vector<std::function<std::string(int)>> key_kinds = {
+        [](int i) { return "k"s + static_cast<char>('A' + i); },                           // 2 bytes, the last differs
+        [](int i) { return "key_long_name_"s + static_cast<char>('A' + i); },              // 15 bytes, the last differs
+        [](int i) { return "AAAAAAAA"s + static_cast<char>('A' + i) + "ZZZZZZZZ"; },       // differ in the middle only
+    };
+    // Which earlier place the key at each place repeats: none, the first at the last place, the
+    // last two the same, the first at the second place, every key twice (second half).
+    const std::vector<std::function<int(int, int)>> repeats = {
+        [](int, int) { return -1; },
+        [](int i, int n) { return i == n - 1 ? 0 : -1; },
+        [](int i, int n) { return i == n - 1 ? n - 2 : -1; },
+        [](int i, int) { return i == 1 ? 0 : -1; },
+        [](int i, int n) { return i >= n / 2 ? i - n / 2 : -1; },
+    };
+    std::vector<std::string> pickles;
+    std::vector<std::size_t> sizes;  // pairs in each pickle
+    for (const int n : {2, 3, 15, 16, 17, 32, 33})
+        for (const auto& key : key_kinds)
+            for (const auto& repeat : repeats) {
+                std::string p = "\x80\x04}\x94(";
+                for (int i = 0; i < n; ++i) {
+                    const int r = repeat(i, n);
+                    p += str1(key(r < 0 ? i : r)) + "K" + static_cast<char>(i);
+                }
+                pickles.push_back(p + "u.");
+                sizes.push_back(static_cast<std::size_t>(n));
+            }
+    const std::vector<std::string> out = python_items(pickles);
+    ASSERT_EQ(out.size(), pickles.size());
+    std::size_t merged = 0;
+    for (std::size_t i = 0; i < pickles.size(); ++i) {
+        SCOPED_TRACE(hex(pickles[i]));
+        const Pairs kept = py::loads<Pairs>(out[i]);
+        const Pairs fast = py::loads<Pairs>(pickles[i]);
+        EXPECT_EQ(fast, kept);
+        EXPECT_EQ(full_reader<Pairs>(pickles[i]), kept);
+        expect_fast<Pairs>(pickles[i]);
+        merged += fast.size() != sizes[i];
+    }
+    EXPECT_EQ(merged, pickles.size() * 4 / 5);  // every case but the no-repeat one merged something
+}
+
+// Each int width Python writes for a str key's value (BININT1, BININT2, BININT, negative too), in
+// the middle of a dict and as its last pair (where the input ends within a word of the value),
+// read into pairs as Python reads it; a value out of the pair's range is refused.
+TEST(PyPickleFlat, StrIntPairsOfEveryWidthReadAsPythonReadsThem) {
+    const std::vector<std::string> values = {"0", "255", "256", "65535", "65536", "-1", "-2**31", "2**31-1", "2**31", "-2**63"};
+    std::vector<std::string> exprs;
+    for (const std::string& v : values) {
+        exprs.push_back("{'a': " + v + ", 'bb': 1}");
+        exprs.push_back("{'bb': 1, 'a': " + v + "}");
+        exprs.push_back("{'a': " + v + "}");
+    }
+    const std::vector<std::string> out = lines(python(
+        "import pickle, sys\n"
+        "for e in sys.argv[1:]:\n"
+        "    d = eval(e)\n"
+        "    for p in (4, 5): print(pickle.dumps(d, protocol=p).hex(), ' '.join('%s=%d' % kv for kv in d.items()))\n",
+        exprs));
+    ASSERT_EQ(out.size(), exprs.size() * 2);
+    for (const std::string& line : out) {
+        SCOPED_TRACE(line);
+        const std::string p = unhex(line.substr(0, line.find(' ')));
+        std::string got;
+        for (const auto& [k, v] : py::loads<Pairs>(p)) got += (got.empty() ? "" : " ") + k + "=" + std::to_string(v);
+        EXPECT_EQ(got, line.substr(line.find(' ') + 1));
+        expect_fast<Pairs>(p);
+        expect_as_full_reader<std::vector<std::pair<std::string, std::int16_t>>>(p);
+        expect_as_full_reader<std::vector<std::pair<std::string, std::uint32_t>>>(p);
+    }
+    const auto wide = std::find_if(out.begin(), out.end(), [](const std::string& l) { return l.ends_with(" a=65535 bb=1"); });
+    ASSERT_NE(wide, out.end());
+    EXPECT_THROW((py::loads<std::vector<std::pair<std::string, std::int16_t>>>(unhex(wide->substr(0, wide->find(' '))))),
+                 py::UnpicklingError);
+}
+
+// The W12a message read as pairs makes one allocation, the vector's: the keys fit std::string's
+// own buffer, and the reader makes no pair, Object or table on the heap on the way.
+TEST(PyPickleFlat, TheW12aMessageAsPairsIsOneAllocation) {
+    const std::string p = unhex(lines(python("import pickle; print(pickle.dumps({'key%d' % i: i for i in range(10)}).hex())"))[0]);
+    (void)py::loads<Pairs>(p);
+    const std::size_t before = g_allocations;
+    const Pairs pairs = py::loads<Pairs>(p);
+    const std::size_t made = g_allocations - before;
+    ASSERT_EQ(pairs.size(), 10u);
+    EXPECT_EQ(pairs[9], (std::pair<std::string, std::int64_t>{"key9", 9}));
+    EXPECT_EQ(made, 1u);
+}
 
 TEST(PyPickleSafety, TheClassicOsSystemPayloadIsRefusedBeforeAnythingRuns) {
     // The textbook payload (protocol 0), as found in every pickle-security write-up.

@@ -32,7 +32,9 @@
 #include "helpers/leak_check.hpp"
 #include "helpers/codec.hpp"
 #include "helpers/proc_state.hpp"
+#include "helpers/start_methods.hpp"
 #include "mp/process.hpp"
+#include "mp/synchronize.hpp"
 #include "sys/fd.hpp"
 
 using namespace std::chrono_literals;
@@ -380,18 +382,26 @@ void write_through(mp::SharedMemory shm, std::string data) {
     shm.close();
 }
 
-// CPython: test_shared_memory_across_processes, under fork.
-TEST_F(SharedMemoryTest, AcrossProcessesFork) {
+/// The suites named ...Across run under every start method.
+class SharedMemoryAcross : public SharedMemoryTest,
+                           public ::testing::WithParamInterface<mp::StartMethod> {
+protected:
+    mp::ProcessOptions options() const { return {.daemon = true, .start_method = GetParam()}; }
+};
+MP_INSTANTIATE_START_METHODS(SharedMemoryAcross);
+
+// CPython: test_shared_memory_across_processes: the object travels by name and as an argument.
+TEST_P(SharedMemoryAcross, AcrossProcesses) {
     mp::SharedMemory sms(std::nullopt, true, 512);
     {
-        mp::Process p({.daemon = true}, attach_then_write, sms.name(), std::string("howdy"));
+        mp::Process p(options(), attach_then_write, sms.name(), std::string("howdy"));
         p.start();
         ASSERT_TRUE(p.join(30s));
         EXPECT_EQ(p.exitcode(), 0);
     }
     EXPECT_EQ(std::memcmp(sms.buf().data(), "howdy", 5), 0);
     {
-        mp::Process p({.daemon = true}, write_through, sms, std::string("HELLO"));
+        mp::Process p(options(), write_through, sms, std::string("HELLO"));
         p.start();
         ASSERT_TRUE(p.join(30s));
         EXPECT_EQ(p.exitcode(), 0);
@@ -402,33 +412,43 @@ TEST_F(SharedMemoryTest, AcrossProcessesFork) {
     sms.unlink();
 }
 
-// CPython: test_shared_memory_across_processes, under forkserver: the object travels by name.
-TEST_F(SharedMemoryTest, AcrossProcessesForkserver) {
-    mp::SharedMemory sms(std::nullopt, true, 512);
-    const mp::ProcessOptions opts{.daemon = true, .start_method = mp::StartMethod::forkserver};
-    {
-        mp::Process p(opts, attach_then_write, sms.name(), std::string("howdy"));
+void hold_segment(mp::SharedMemory shm) { (void)shm.buf(); }
+
+void hold_segment_until_killed(mp::SharedMemory shm, mp::Event ready) {
+    (void)shm.buf();
+    ready.set();
+    std::this_thread::sleep_for(100s);
+}
+
+// Children that end, by returning or killed, with or without the segment among their
+// arguments, leave the parent's segment alone.
+TEST_P(SharedMemoryAcross, ChildrenDoNotEndTheParentsSegments) {
+    mp::SharedMemory sms(std::nullopt, true, 16);
+    for (int i = 0; i < 2; ++i) {
+        mp::Process p(options(), [] {});
         p.start();
         ASSERT_TRUE(p.join(30s));
-        EXPECT_EQ(p.exitcode(), 0);
+        mp::Process q(options(), hold_segment, sms);
+        q.start();
+        ASSERT_TRUE(q.join(30s));
+        EXPECT_EQ(q.exitcode(), 0);
     }
-    EXPECT_EQ(std::memcmp(sms.buf().data(), "howdy", 5), 0);
-    {
-        mp::Process p(opts, write_through, sms, std::string("HELLO"));
-        p.start();
-        ASSERT_TRUE(p.join(30s));
-        EXPECT_EQ(p.exitcode(), 0);
-    }
-    EXPECT_EQ(std::memcmp(sms.buf().data(), "HELLO", 5), 0);
-    sms.close();
+    mp::Event ready;
+    mp::Process k(options(), hold_segment_until_killed, sms, ready);
+    k.start();
+    EXPECT_TRUE(ready.wait(30s));  // killed with the segment mapped, not before it began
+    k.kill();
+    ASSERT_TRUE(k.join(30s));
+    std::this_thread::sleep_for(100ms);
+    EXPECT_TRUE(shm_exists(sms.name()));
     sms.unlink();
 }
 
-// A fork child may unlink its parent's segment; the parent's later unlink is then ENOENT, and the
+// A child may unlink its parent's segment; the parent's later unlink is then ENOENT, and the
 // parent's tracker does not complain at exit (the name no longer refers to its segment).
-TEST_F(SharedMemoryTest, ChildUnlinksParentsSegment) {
+TEST_P(SharedMemoryAcross, ChildUnlinksParentsSegment) {
     mp::SharedMemory sms(std::nullopt, true, 16);
-    mp::Process p([](mp::SharedMemory s) { s.unlink(); }, sms);
+    mp::Process p(options(), [](mp::SharedMemory s) { s.unlink(); }, sms);
     p.start();
     ASSERT_TRUE(p.join(30s));
     EXPECT_EQ(p.exitcode(), 0);
@@ -628,22 +648,6 @@ TEST_F(SharedMemoryTest, UntrackedSegmentOutlivesItsCreator) {
 }
 
 // A segment created by the parent survives its children: only the creator's end counts.
-TEST_F(SharedMemoryTest, ChildrenDoNotEndTheParentsSegments) {
-    mp::SharedMemory sms(std::nullopt, true, 16);
-    for (int i = 0; i < 2; ++i) {
-        mp::Process p([] {});
-        p.start();
-        ASSERT_TRUE(p.join(30s));
-    }
-    mp::Process k([] { std::this_thread::sleep_for(100s); });
-    k.start();
-    k.kill();
-    ASSERT_TRUE(k.join(30s));
-    std::this_thread::sleep_for(100ms);
-    EXPECT_TRUE(shm_exists(sms.name()));
-    sms.unlink();
-}
-
 // ------------------------------------------------------------------------------ RawValue
 
 struct Foo {
@@ -651,8 +655,17 @@ struct Foo {
     double y;
 };
 
+class RawValueAcross : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(RawValueAcross);
+class RawArrayAcross : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(RawArrayAcross);
+class ValueAcross : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(ValueAcross);
+class ArrayAcross : public mp::test::StartMethodTest {};
+MP_INSTANTIATE_START_METHODS(ArrayAcross);
+
 // CPython: _TestValue.test_rawvalue.
-TEST(RawValueTest, ChildChangesAreSeenByTheParent) {
+TEST_P(RawValueAcross, ChildChangesAreSeenByTheParent) {
     mp::RawValue<int> i(4343);
     mp::RawValue<double> d(3.625);
     mp::RawValue<short> h(-232);
@@ -665,7 +678,7 @@ TEST(RawValueTest, ChildChangesAreSeenByTheParent) {
     EXPECT_EQ(c.get(), 'x');
 
     mp::Process p(
-        {.daemon = true},
+        options("", true),
         [](mp::RawValue<int> i2, mp::RawValue<double> d2, mp::RawValue<short> h2,
            mp::RawValue<long long> q2, mp::RawValue<char> c2) {
             i2.set(24234);
@@ -705,11 +718,10 @@ void raw_value_target(mp::RawValue<int> v, mp::RawValue<Foo> f) {
     f.get_obj().y *= 2;
 }
 
-TEST(RawValueTest, Forkserver) {
+TEST_P(RawValueAcross, PlainStructValue) {
     mp::RawValue<int> v(21);
     mp::RawValue<Foo> f(Foo{3, 1.5});
-    mp::Process p({.daemon = true, .start_method = mp::StartMethod::forkserver}, raw_value_target,
-                  v, f);
+    mp::Process p(options("", true), raw_value_target, v, f);
     p.start();
     ASSERT_TRUE(p.join(30s));
     EXPECT_EQ(p.exitcode(), 0);
@@ -744,7 +756,7 @@ void prefix_sums(std::span<int> seq) {
 }
 
 // CPython: _TestArray.test_rawarray.
-TEST(RawArrayTest, ChildChangesAreSeenByTheParent) {
+TEST_P(RawArrayAcross, ChildChangesAreSeenByTheParent) {
     std::vector<int> seq = {680, 626, 934, 821, 150, 233, 548, 982, 714, 831};
     mp::RawArray<int> arr(seq);
     EXPECT_EQ(arr.size(), seq.size());
@@ -757,7 +769,7 @@ TEST(RawArrayTest, ChildChangesAreSeenByTheParent) {
     EXPECT_EQ(arr.to_vector(), seq);
 
     prefix_sums(seq);
-    mp::Process p({.daemon = true}, [](mp::RawArray<int> a) { prefix_sums(a.span()); }, arr);
+    mp::Process p(options("", true), [](mp::RawArray<int> a) { prefix_sums(a.span()); }, arr);
     p.start();
     ASSERT_TRUE(p.join(30s));
     EXPECT_EQ(p.exitcode(), 0);
@@ -812,9 +824,9 @@ void double_all(mp::RawArray<double> a) {
     for (double& x : a) x *= 2;
 }
 
-TEST(RawArrayTest, Forkserver) {
+TEST_P(RawArrayAcross, DoubledInTheChild) {
     mp::RawArray<double> a{0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
-    mp::Process p({.daemon = true, .start_method = mp::StartMethod::forkserver}, double_all, a);
+    mp::Process p(options("", true), double_all, a);
     p.start();
     ASSERT_TRUE(p.join(30s));
     EXPECT_EQ(p.exitcode(), 0);
@@ -880,7 +892,7 @@ TEST(RawArrayTest, ReceivedTwiceInOneProcessIsMappedOnce) {
 namespace {
 
 // CPython: _TestValue.test_value (with the default lock).
-TEST(ValueTest, ChildChangesAreSeenByTheParent) {
+TEST_P(ValueAcross, ChildChangesAreSeenByTheParent) {
     mp::Value<int> i(4343);
     mp::Value<double> d(3.625);
     mp::Value<short> h(-232);
@@ -892,7 +904,7 @@ TEST(ValueTest, ChildChangesAreSeenByTheParent) {
     EXPECT_EQ(q.get(), 1LL << 33);
     EXPECT_EQ(c.get(), 'x');
     mp::Process p(
-        {.daemon = true},
+        options("", true),
         [](mp::Value<int> i2, mp::Value<double> d2, mp::Value<short> h2, mp::Value<long long> q2,
            mp::Value<char> c2) {
             i2.set(24234);
@@ -998,58 +1010,54 @@ void increment_array(mp::Array<long, mp::Lock> a) {
 }
 
 // Concurrent read-modify-writes under get_lock() from several processes lose nothing.
-TEST(ValueTest, ConcurrentIncrementsUnderTheLockAreExact) {
-    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
-        mp::Value<long> v(0);
-        mp::Process a({.start_method = method}, increment_value, v);
-        mp::Process b({.start_method = method}, increment_value, v);
-        a.start();
-        b.start();
-        increment_value(v);
-        ASSERT_TRUE(a.join(60s));
-        ASSERT_TRUE(b.join(60s));
-        EXPECT_EQ(a.exitcode(), 0);
-        EXPECT_EQ(b.exitcode(), 0);
-        EXPECT_EQ(v.get(), 3L * kIncrements) << mp::to_string(method);
-    }
+TEST_P(ValueAcross, ConcurrentIncrementsUnderTheLockAreExact) {
+    mp::Value<long> v(0);
+    mp::Process a(options(), increment_value, v);
+    mp::Process b(options(), increment_value, v);
+    a.start();
+    b.start();
+    increment_value(v);
+    ASSERT_TRUE(a.join(60s));
+    ASSERT_TRUE(b.join(60s));
+    EXPECT_EQ(a.exitcode(), 0);
+    EXPECT_EQ(b.exitcode(), 0);
+    EXPECT_EQ(v.get(), 3L * kIncrements);
 }
 
-TEST(ArrayTest, ConcurrentIncrementsUnderTheLockAreExact) {
-    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
-        mp::Array<long, mp::Lock> arr(2);
-        mp::Process a({.start_method = method}, increment_array, arr);
-        mp::Process b({.start_method = method}, increment_array, arr);
-        a.start();
-        b.start();
-        ASSERT_TRUE(a.join(60s));
-        ASSERT_TRUE(b.join(60s));
-        EXPECT_EQ(a.exitcode(), 0);
-        EXPECT_EQ(b.exitcode(), 0);
-        EXPECT_EQ(arr.to_vector(), (std::vector<long>{2L * kIncrements, 4L * kIncrements}))
-            << mp::to_string(method);
-    }
+TEST_P(ArrayAcross, ConcurrentIncrementsUnderTheLockAreExact) {
+    mp::Array<long, mp::Lock> arr(2);
+    mp::Process a(options(), increment_array, arr);
+    mp::Process b(options(), increment_array, arr);
+    a.start();
+    b.start();
+    ASSERT_TRUE(a.join(60s));
+    ASSERT_TRUE(b.join(60s));
+    EXPECT_EQ(a.exitcode(), 0);
+    EXPECT_EQ(b.exitcode(), 0);
+    EXPECT_EQ(arr.to_vector(), (std::vector<long>{2L * kIncrements, 4L * kIncrements}));
 }
 
 // A process killed while holding a Value's lock does not wedge it: the next acquirer gets the
 // lock and is told that its owner died.
-TEST(ValueTest, LockOfAKilledHolderIsRecovered) {
+/// Takes the Value's lock, is half-way through an update when it says so, and waits to be killed.
+void hold_the_value_lock(mp::Value<int> val, mp::Event locked) {
+    val.get_lock().acquire();
+    val.get_obj() = 2;
+    locked.set();
+    std::this_thread::sleep_for(100s);
+}
+
+TEST_P(ValueAcross, LockOfAKilledHolderIsRecovered) {
 #if defined(__SANITIZE_THREAD__)
     // ThreadSanitizer never saw the dead process lock the mutex, so it reports the recovering
     // unlock as "unlock of an unlocked mutex". The other builds run this test.
     GTEST_SKIP() << "a robust mutex recovered from a dead process confuses ThreadSanitizer";
 #endif
     mp::Value<int> v(1);
-    auto [r, w] = mp::sys::make_pipe();
-    const int wfd = w.get();
-    mp::Process p([wfd](mp::Value<int> val) {
-        val.get_lock().acquire();
-        val.get_obj() = 2;  // half-way through an update
-        write_line(wfd, "locked");
-        std::this_thread::sleep_for(100s);
-    }, v);
+    mp::Event locked;
+    mp::Process p(options(), hold_the_value_lock, v, locked);
     p.start();
-    w.reset();
-    ASSERT_EQ(read_line(r.get()), "locked");
+    ASSERT_TRUE(locked.wait(30s));
     p.kill();
     ASSERT_TRUE(p.join(30s));
     ASSERT_TRUE(v.get_lock().try_lock_for(10s));
@@ -1078,37 +1086,34 @@ void double_all_locked(mp::Value<int> x, mp::Value<double> y, mp::Value<long lon
     std::memcpy(str.data() + n, str.data(), n);  // "hello" * 2
 }
 
-// CPython: _TestSharedCTypes.test_synchronize, under fork and forkserver.
-TEST(ValueTest, SharedCTypesSynchronized) {
-    for (auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver, mp::StartMethod::spawn}) {
-        mp::Value<int> x(7);
-        mp::Value<double> y(1.0 / 3.0);
-        mp::Value<long long> z(1LL << 33);
-        mp::Value<Foo> foo(Foo{3, 2});
-        std::vector<double> ten(10);
-        std::iota(ten.begin(), ten.end(), 0.0);
-        mp::Array<double> arr(ten);
-        mp::Array<char> str(20);
-        std::memcpy(str.data(), "hello", 5);
-        mp::Process p({.daemon = true, .start_method = method}, double_all_locked, x, y, z, foo,
-                      arr, str);
-        p.start();
-        ASSERT_TRUE(p.join(30s));
-        EXPECT_EQ(p.exitcode(), 0);
-        EXPECT_EQ(x.get(), 14);
-        EXPECT_DOUBLE_EQ(y.get(), 2.0 / 3.0);
-        EXPECT_EQ(z.get(), 1LL << 34);
-        EXPECT_EQ(foo.get().x, 6);
-        EXPECT_DOUBLE_EQ(foo.get().y, 4.0);
-        for (std::size_t i = 0; i < 10; ++i) EXPECT_DOUBLE_EQ(arr.get(i), 2.0 * static_cast<double>(i));
-        EXPECT_EQ(std::string(str.data()), "hellohello");
-    }
+// CPython: _TestSharedCTypes.test_synchronize.
+TEST_P(ValueAcross, SharedCTypesSynchronized) {
+    mp::Value<int> x(7);
+    mp::Value<double> y(1.0 / 3.0);
+    mp::Value<long long> z(1LL << 33);
+    mp::Value<Foo> foo(Foo{3, 2});
+    std::vector<double> ten(10);
+    std::iota(ten.begin(), ten.end(), 0.0);
+    mp::Array<double> arr(ten);
+    mp::Array<char> str(20);
+    std::memcpy(str.data(), "hello", 5);
+    mp::Process p(options("", true), double_all_locked, x, y, z, foo, arr, str);
+    p.start();
+    ASSERT_TRUE(p.join(30s));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_EQ(x.get(), 14);
+    EXPECT_DOUBLE_EQ(y.get(), 2.0 / 3.0);
+    EXPECT_EQ(z.get(), 1LL << 34);
+    EXPECT_EQ(foo.get().x, 6);
+    EXPECT_DOUBLE_EQ(foo.get().y, 4.0);
+    for (std::size_t i = 0; i < 10; ++i) EXPECT_DOUBLE_EQ(arr.get(i), 2.0 * static_cast<double>(i));
+    EXPECT_EQ(std::string(str.data()), "hellohello");
 }
 
 // ------------------------------------------------------------------------------ Array
 
 // CPython: _TestArray.test_array (with the default lock).
-TEST(ArrayTest, ChildChangesAreSeenByTheParent) {
+TEST_P(ArrayAcross, ChildChangesAreSeenByTheParent) {
     std::vector<int> seq = {680, 626, 934, 821, 150, 233, 548, 982, 714, 831};
     mp::Array<int> arr(seq);
     EXPECT_EQ(arr.size(), seq.size());
@@ -1121,7 +1126,7 @@ TEST(ArrayTest, ChildChangesAreSeenByTheParent) {
     }
     EXPECT_EQ(arr.to_vector(), seq);
     prefix_sums(seq);
-    mp::Process p({.daemon = true}, [](mp::Array<int> a) {
+    mp::Process p(options("", true), [](mp::Array<int> a) {
         std::lock_guard g(a.get_lock());
         prefix_sums(a.span());
     }, arr);

@@ -46,6 +46,7 @@
 #include <openssl/hmac.h>
 #include <openssl/rand.h>
 
+#include "../big_heap.hpp"
 #include "../workload_args.hpp"
 
 namespace {
@@ -267,6 +268,24 @@ void w1(long long n) {
         wait_ok(pid);
     }
     print_result("W1", seconds_since(t0) * 1e6 / double(n), "us", n, "fork + _exit + waitpid");
+}
+
+// ---- W1b: the same from a parent with a 2 GiB touched heap (W1b, W1b-spawn) or from this small
+// process (W1b-small): the bare fork that mp's forkserver and spawn starts are compared with ------
+
+bool g_quick = false;
+
+void w1b(const char* id, long long n, bool big) {
+    if (big) mp_bench::touch_big_heap(mp_bench::big_heap_bytes(g_quick));
+    auto t0 = Clock::now();
+    for (long long i = 0; i < n; ++i) {
+        pid_t pid = fork_or_die();
+        if (pid == 0) ::_exit(0);
+        wait_ok(pid);
+    }
+    print_result(id, seconds_since(t0) * 1e6 / double(n), "us", n,
+                 big ? "fork + _exit + waitpid from a parent with 2 GiB of touched heap"
+                     : "fork + _exit + waitpid from a small parent");
 }
 
 // ---- W2: x*x on 2 workers, results in order ---------------------------------------------------
@@ -882,6 +901,14 @@ void w9(long long n) {
 
 // ---- main -------------------------------------------------------------------------------------
 
+// A workload with no limit side: the table shows n/a.
+void no_limit(const char* id, const char* unit, long long n) {
+    std::printf("{\"workload\":\"%s\",\"value\":null,\"unit\":\"%s\",\"size\":%lld,"
+                "\"method\":\"none: no raw-syscall version (see bench/README.md)\"}\n",
+                id, unit, n);
+    std::fflush(stdout);
+}
+
 struct Mode {
     const char* id;
     long long full;
@@ -891,6 +918,9 @@ struct Mode {
 
 const Mode kModes[] = {
     {"W1", 200, 20, w1},
+    {"W1b", 5, 2, [](long long n) { w1b("W1b", n, true); }},
+    {"W1b-spawn", 5, 2, [](long long n) { w1b("W1b-spawn", n, true); }},
+    {"W1b-small", 200, 20, [](long long n) { w1b("W1b-small", n, false); }},
     {"W2a", 100000, 2000, [](long long n) { w2("W2a", n, 1); }},
     // The bare pipes keep no state between batches: W2a-steady's limit is W2a's.
     {"W2a-steady", 100000, 2000, [](long long n) { w2("W2a-steady", n, 1); }},
@@ -905,15 +935,13 @@ const Mode kModes[] = {
     {"W8a", 3000, 200, w8a},  // size in milliseconds
     {"W8b", 20000, 1000, w8b},
     {"W9", 20000, 1000, w9},
-    // W12b times Python's client code against two servers: there is no raw-syscall version of
-    // it (W9's limit is the floor for a manager round trip).
-    {"W12b", 20000, 1000,
-     [](long long n) {
-         std::printf("{\"workload\":\"W12b\",\"value\":null,\"unit\":\"ops/s\",\"size\":%lld,"
-                     "\"method\":\"none: the subject is Python's client (see W9's limit)\"}\n",
-                     n);
-         std::fflush(stdout);
-     }},
+    // W12a and W12b time Python's client code against two peers or servers, and W12a-decode(-flat)
+    // compare two decoders: none has a raw-syscall version (W9's limit is the floor for a
+    // manager round trip, W6-pipe's for a round trip).
+    {"W12a", 20000, 1000, [](long long n) { no_limit("W12a", "round trips/s", n); }},
+    {"W12a-decode", 200000, 10000, [](long long n) { no_limit("W12a-decode", "ns", n); }},
+    {"W12a-decode-flat", 200000, 10000, [](long long n) { no_limit("W12a-decode-flat", "ns", n); }},
+    {"W12b", 20000, 1000, [](long long n) { no_limit("W12b", "ops/s", n); }},
     {"memcpy", 1024, 16, [](long long mib) { memcpy_bandwidth(mib << 20); }},
 };
 
@@ -942,6 +970,7 @@ int main(int argc, char** argv) {
     mp_bench::WorkloadArgs args;
     if (!mp_bench::parse_workload_args(argc, argv, args)) return usage();
     const bool quick = args.quick;
+    g_quick = quick;
     long long size = args.size;
     for (const auto& m : kModes) {
         if (id == m.id) {

@@ -45,6 +45,9 @@ PYTHON_SIZES = {
     "W9": (5_000, 500),          # full C++ size 20,000
     "W10a": (20_000, 2_000),     # full C++ size 100,000
     "W10b": (100_000, 10_000),
+    "W12a": (20_000, 1_000),
+    "W12a-decode": (200_000, 10_000),
+    "W12a-decode-flat": (200_000, 10_000),
     "W12b": (20_000, 1_000),
 }
 
@@ -369,6 +372,76 @@ def w9(n):
     result("W9", 2 * n / dt, "ops/s", n, "SyncManager().dict() proxy used from a child process")
 
 
+# ---- W12a: Python sends dicts of 10 str -> int with conn.send, the peer answers a list ---------
+# The mp side (bench/mp_workloads.cpp) listens with an mp Listener and runs this script as
+#     workloads.py W12a-client --size N --address PATH --authkey KEY
+# so both sides time the same client; here the peer is a Python process doing the same work.
+
+W12A_AUTHKEY = "w12a-key"
+
+
+def w12a_message():
+    return {"key%d" % i: i for i in range(10)}
+
+
+def w12a_round_trips(address, authkey, n):
+    with mpc.Client(address, authkey=authkey) as c:
+        d = w12a_message()
+        c.send(d)  # the first exchange is outside the timing
+        c.recv()
+        t0 = time.perf_counter()
+        for k in range(n):
+            d["key0"] = k
+            c.send(d)
+            reply = c.recv()
+            if len(reply) != 10 or reply[0] != k or reply[9] != 9:
+                raise RuntimeError("W12a: wrong reply %r" % (reply,))
+        dt = time.perf_counter() - t0
+        c.send(None)  # stop
+    return n / dt
+
+
+def w12a_server(listener):
+    with listener.accept() as c:
+        while True:
+            d = c.recv()
+            if d is None:
+                return
+            c.send(list(d.values()))
+
+
+def w12a(n):
+    import os
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="w12a.") as tmp:
+        address = os.path.join(tmp, "peer.sock")
+        # Open until the peer is done: closing a Unix-socket Listener removes its path.
+        with mpc.Listener(address, authkey=W12A_AUTHKEY.encode()) as listener:
+            p = CTX.Process(target=w12a_server, args=(listener,), daemon=True)
+            p.start()
+            rate = w12a_round_trips(address, W12A_AUTHKEY.encode(), n)
+            p.join()
+    result("W12a", rate, "round trips/s", n,
+           "Python to Python: conn.send(dict of 10 str -> int), the peer's conn.recv() and "
+           "conn.send(list of the 10 values) (Unix socket, authkey)")
+
+
+def w12a_client(n, address, authkey):
+    print("RATE", w12a_round_trips(address, authkey.encode(), n), flush=True)
+
+
+def w12a_decode(n, wid="W12a-decode"):
+    import pickle
+    p = pickle.dumps(w12a_message())  # the bytes conn.send writes (protocol 4)
+    loads = pickle.loads
+    loads(p)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        loads(p)
+    dt = time.perf_counter() - t0
+    result(wid, dt * 1e9 / n, "ns", n, "pickle.loads of the W12a message (C pickle module)")
+
+
 # ---- W12b: a Python client's dict proxy, against Python's SyncManager (here) or an mp manager ----
 # The mp side (bench/mp_workloads.cpp) starts an mp manager and runs this script as
 #     workloads.py W12b-client --size N --address PATH --authkey KEY
@@ -445,18 +518,24 @@ WORKLOADS = {
     "W10a": w10a, "W10b": w10b,
     "W1": w1, "W2a": w2a, "W2a-steady": w2a_steady, "W2b": w2b, "W3": w3, "W4": w4, "W5": w5,
     "W6-pipe": w6_pipe, "W6-queue": w6_queue, "W7": w7, "W8a": w8a, "W8b": w8b, "W9": w9,
+    "W12a": w12a, "W12a-decode": w12a_decode,
+    # The same pickle.loads: the mp side reads the message into another type.
+    "W12a-decode-flat": lambda n: w12a_decode(n, "W12a-decode-flat"),
     "W12b": w12b,
 }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("workload", choices=sorted(WORKLOADS) + ["W12b-client"])
+    ap.add_argument("workload", choices=sorted(WORKLOADS) + ["W12a-client", "W12b-client"])
     ap.add_argument("--size", type=int, help="override the default size")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (seconds in total)")
-    ap.add_argument("--address", help="W12b-client: the manager's Unix socket path")
-    ap.add_argument("--authkey", help="W12b-client: its authkey")
+    ap.add_argument("--address", help="W12a/W12b-client: the peer's or manager's Unix socket path")
+    ap.add_argument("--authkey", help="W12a/W12b-client: its authkey")
     args = ap.parse_args()
+    if args.workload == "W12a-client":
+        w12a_client(args.size or PYTHON_SIZES["W12a"][0], args.address, args.authkey)
+        return
     if args.workload == "W12b-client":
         w12b_client(args.size or PYTHON_SIZES["W12b"][0], args.address, args.authkey)
         return

@@ -96,6 +96,7 @@
 #include <vector>
 
 #include "mp/detail/deadline.hpp"
+#include "mp/detail/fd.hpp"
 #include "mp/errors.hpp"
 #include "mp/py.hpp"
 #include "mp/serialize.hpp"
@@ -472,7 +473,7 @@ private:
     friend std::optional<Connection> detail::accept_or_stop(Listener&, int);
     std::optional<Connection> accept_impl(int stop_fd);
 
-    int fd_ = -1;  // the listening socket
+    detail::Fd fd_;  // the listening socket
     Address address_;
     ListenerOptions options_;
     int creator_pid_ = 0;  // the process that unlinks a Unix path

@@ -73,6 +73,14 @@ public:
     QueueClosed() : Error("Queue is closed") {}
 };
 
+/// put on a queue that was shut down, or get on one that was shut down and is empty (or shut
+/// down with immediate = true): Python 3.13's queue.ShutDown.
+class ShutDown : public Error {
+public:
+    using Error::Error;
+    ShutDown() : Error("queue is shut down") {}
+};
+
 /// The other end is closed: nothing more will arrive.
 class EOFError : public Error {
 public:

@@ -41,6 +41,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <cstddef>
 #include <functional>
 #include <iterator>
@@ -388,7 +389,10 @@ struct ExecutorOptions {
     std::optional<StartMethod> start_method{};
     /// A worker is replaced after this many tasks (chunks count as one); 0: never.
     std::size_t max_tasks_per_child = 0;
-    /// A worker whose resident memory passes this many bytes after a task is replaced; 0: never.
+    /// A worker whose resident memory has grown by more than this many bytes since it became
+    /// ready (after its initializer) is replaced once its task ends; 0: never. The growth, not
+    /// the size, is what counts, so the pages a fork worker shares with a large parent, and the
+    /// initializer's own state, do not make every worker retire after each task.
     std::size_t max_memory_per_child = 0;
     /// Default per-task time limit, counted from when the task is the next for a worker; empty:
     /// none. It bounds the time to the result: a worker that has not finished it by then, or
@@ -605,6 +609,33 @@ auto map_over(Engine& engine, const MapOptions& options, const F& fn, Rs&&... ra
         engine, fn, options.chunksize == 0 ? 1 : options.chunksize, options.task_timeout, zip_rows(ranges...));
     return MapResults<item_t<R>>(std::move(set), options.timeout, options.progress, "map");
 }
+
+/// The map() of both executors (ProcessPoolExecutor, mpi::Executor), over the engine it holds
+/// for them. An engine that cannot honour an option refuses it in check_map(), before anything
+/// is submitted.
+template <class Engine>
+class MapFront {
+public:
+    /// fn over the zipped ranges (up to the shortest), results in input order. The ranges are
+    /// consumed and every task submitted before this returns.
+    template <class F, class... Rs>
+        requires(sizeof...(Rs) > 0 && !std::is_same_v<std::decay_t<F>, MapOptions>)
+    auto map(const F& fn, Rs&&... ranges) {
+        return map(MapOptions{}, fn, std::forward<Rs>(ranges)...);
+    }
+    template <class F, class... Rs>
+        requires(sizeof...(Rs) > 0)
+    auto map(MapOptions options, const F& fn, Rs&&... ranges) {
+        if constexpr (requires { engine_.check_map(options); }) engine_.check_map(options);
+        return map_over(engine_, options, fn, std::forward<Rs>(ranges)...);
+    }
+
+protected:
+    template <class... A>
+    explicit MapFront(A&&... args) : engine_(std::forward<A>(args)...) {}
+    ~MapFront() = default;
+    Engine engine_;
+};
 }  // namespace detail
 
 /// A pool of worker processes that runs transferable callables and hands back futures.
@@ -618,14 +649,14 @@ auto map_over(Engine& engine, const MapOptions& options, const F& fn, Rs&&... ra
 ///
 /// Destructor policy: shuts down and waits, as `with ProcessPoolExecutor()` does: every
 /// submitted task still runs to its end, then the workers exit and are reaped.
-class ProcessPoolExecutor {
+class ProcessPoolExecutor : public detail::MapFront<detail::PoolEngine> {
 public:
-    explicit ProcessPoolExecutor(ExecutorOptions options = {}) : engine_(make_config(options, {})) {}
+    explicit ProcessPoolExecutor(ExecutorOptions options = {}) : MapFront(make_config(options, {})) {}
     /// Each worker calls initializer(args...) before its first task. An initializer that throws
     /// or kills its worker breaks the pool: every future fails with BrokenProcessPool.
     template <class F, class... A>
     ProcessPoolExecutor(ExecutorOptions options, const F& initializer, const A&... args)
-        : engine_(make_config(options, detail::make_transferable_task(initializer, args...))) {}
+        : MapFront(make_config(options, detail::make_transferable_task(initializer, args...))) {}
     ~ProcessPoolExecutor() = default;
     ProcessPoolExecutor(const ProcessPoolExecutor&) = delete;
     ProcessPoolExecutor& operator=(const ProcessPoolExecutor&) = delete;
@@ -645,23 +676,19 @@ public:
             engine_.submit(*detail::make_task(fn, args...), detail::JobOptions{options.timeout, 0}));
     }
 
-    /// fn over the zipped ranges (up to the shortest), results in input order. The ranges are
-    /// consumed and every task submitted before this returns.
-    template <class F, class... Rs>
-        requires(sizeof...(Rs) > 0 && !std::is_same_v<std::decay_t<F>, MapOptions>)
-    auto map(const F& fn, Rs&&... ranges) {
-        return map(MapOptions{}, fn, std::forward<Rs>(ranges)...);
-    }
-    template <class F, class... Rs>
-        requires(sizeof...(Rs) > 0)
-    auto map(MapOptions options, const F& fn, Rs&&... ranges) {
-        return detail::map_over(engine_, options, fn, std::forward<Rs>(ranges)...);
-    }
+    // map(fn, ranges...) and map(options, fn, ranges...): inherited from detail::MapFront.
 
     /// No new work after this. wait: block until every running and pending task has finished
     /// and the workers have exited. cancel_futures: cancel the tasks no worker has started.
     /// Safe to call more than once.
     void shutdown(bool wait = true, bool cancel_futures = false) { engine_.shutdown(wait, cancel_futures); }
+    /// Python 3.14: shutdown(false, true), then SIGTERM to every worker. The tasks they were
+    /// running fail with BrokenProcessPool, the executor is broken (submit raises), and this
+    /// returns once the signals are sent, without waiting. The destructor (or shutdown(true))
+    /// still reaps the workers: one whose task catches or blocks SIGTERM is waited for.
+    void terminate_workers() { engine_.stop_workers(SIGTERM); }
+    /// As terminate_workers(), with SIGKILL.
+    void kill_workers() { engine_.stop_workers(SIGKILL); }
 
     /// The number of worker processes.
     int max_workers() const noexcept { return engine_.size(); }
@@ -670,7 +697,6 @@ public:
 
 private:
     static detail::PoolConfig make_config(const ExecutorOptions& o, std::optional<detail::Task> init);
-    detail::PoolEngine engine_;
 };
 
 }  // namespace mp

@@ -68,6 +68,11 @@
 /// `list.sort(key=...)` is refused. Types registered with register_type() are for mp clients only.
 /// PyManagerClient (below) is the other direction: C++ calling a Python manager server.
 ///
+/// Nesting. A proxy is a value like any other: a dict or list may hold proxies to other managed
+/// objects (`m.dict<std::string, mp::ListProxy<int>>()`, Python 3.6+'s nested proxies). The
+/// server decodes a stored proxy as any process does, taking a reference of its own, so the
+/// referent lives while it is stored; a proxy read back works in whichever process reads it.
+///
 /// Lifetime. An object lives in the server while a proxy to it exists in the process that
 /// created it or in a process that decoded one (a proxy passed through mp::Codec takes a
 /// reference of its own); proxies copied into a fork child use the parent's reference, so keep
@@ -76,6 +81,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -83,6 +89,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <ranges>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -97,9 +104,12 @@
 #include "mp/connection.hpp"
 #include "mp/detail/manager_protocol.hpp"
 #include "mp/detail/manager_servants.hpp"
+#include "mp/detail/task.hpp"
 #include "mp/errors.hpp"
+#include "mp/pool.hpp"
 #include "mp/py.hpp"
 #include "mp/serialize.hpp"
+#include "mp/shareable_list.hpp"
 
 namespace mp {
 
@@ -180,7 +190,9 @@ struct Codec<P> {
 /// waits without limit.
 using OptTimeout = std::optional<std::chrono::nanoseconds>;
 
-/// dict<K, V>: Python's DictProxy. get() of a missing key throws std::out_of_range.
+/// dict<K, V>: Python's DictProxy. Keeps insertion order, as Python's dict: keys(), values(),
+/// items() and popitem() follow it. A missing key (get, pop, popitem on an empty dict) throws
+/// std::out_of_range (Python's KeyError).
 template <class K, class V>
 class DictProxy : public BaseProxy {
 public:
@@ -196,10 +208,28 @@ public:
     std::vector<std::pair<K, V>> items() const { return call<std::vector<std::pair<K, V>>>("items"); }
     /// Removes the key; returns its value (std::out_of_range when missing).
     V pop(const K& k) const { return call<V>("pop", k); }
+    /// Removes the key and returns its value, or returns `fallback` when it is missing.
+    V pop(const K& k, const V& fallback) const { return call<V>("pop_or", k, fallback); }
+    /// Removes and returns the pair inserted last (std::out_of_range when the dict is empty).
+    std::pair<K, V> popitem() const { return call<std::pair<K, V>>("popitem"); }
     /// Removes the key if present; returns whether it was.
     bool erase(const K& k) const { return call<bool>("erase", k); }
-    V setdefault(const K& k, const V& v) const { return call<V>("setdefault", k, v); }
-    void update(const std::map<K, V>& m) const { call("update", m); }
+    /// The key's value; when it is missing, first sets it to `v` (Python's default is None: here V{}).
+    V setdefault(const K& k, const V& v = V{}) const { return call<V>("setdefault", k, v); }
+    /// Sets each pair of `pairs` (a map, another dict's items(), a vector of pairs ...) in its
+    /// order; a key given twice ends with its last value. One call: atomic for other clients.
+    template <std::ranges::input_range Rg>
+        requires std::convertible_to<std::ranges::range_reference_t<Rg>, std::pair<K, V>>
+    void update(const Rg& pairs) const {
+        std::vector<std::pair<K, V>> v;
+        for (auto&& kv : pairs) v.emplace_back(kv);
+        call("update", v);
+    }
+    void update(std::initializer_list<std::pair<K, V>> pairs) const {
+        call("update", std::vector<std::pair<K, V>>(pairs));
+    }
+    /// Copies another managed dict's items in (its items() then one update: two calls).
+    void update(const DictProxy& other) const { call("update", other.items()); }
     void clear() const { call("clear"); }
     /// A copy of the whole dict.
     std::map<K, V> copy() const { return call<std::map<K, V>>("copy"); }
@@ -386,6 +416,377 @@ public:
     std::vector<T> to_vector() const { return call<std::vector<T>>("copy"); }
 };
 
+// ---- a Pool in the manager ---------------------------------------------------------------------
+
+namespace detail::managers {
+/// A call (or chunk of calls) for a managed Pool: the encoded task and its item count (0: one call).
+using PoolJob = std::pair<std::string, std::uint64_t>;
+
+/// Collects what submit_chunks builds, to send in one request.
+struct PoolJobCollector {
+    std::vector<PoolJob> jobs;
+    std::shared_ptr<FutureCore> submit(Task task, JobOptions options) {
+        if (!task.fds.empty()) throw Error("mp: work for a managed Pool cannot carry descriptors");
+        jobs.emplace_back(std::move(task.bytes), options.items);
+        return nullptr;
+    }
+};
+
+/// A managed Pool's results of one call: they wait in the server under `id` until the last
+/// handle in the process that made the call goes.
+struct PoolTicket {
+    BaseProxy pool;
+    std::uint64_t id = 0;
+    std::vector<std::size_t> sizes{};  // a map's chunk sizes; empty for a single call
+    pid_t owner = 0;
+    PoolTicket(BaseProxy p, std::uint64_t i, std::vector<std::size_t> s);
+    PoolTicket(const PoolTicket&) = delete;
+    PoolTicket& operator=(const PoolTicket&) = delete;
+    ~PoolTicket();
+};
+
+template <class T>
+T decode_single(const std::vector<std::string>& parts, const std::vector<std::size_t>&) {
+    if (parts.size() != 1) throw DecodeError("mp: a managed Pool's reply has the wrong shape");
+    return decode_value<T>(parts[0]);
+}
+template <class R>
+std::vector<R> decode_chunks(const std::vector<std::string>& parts, const std::vector<std::size_t>& sizes) {
+    if (parts.size() != sizes.size()) throw DecodeError("mp: a managed Pool's reply has the wrong shape");
+    std::vector<R> out;
+    for (std::size_t c = 0; c < parts.size(); ++c)
+        for (const ChunkItem& it : split_chunk(parts[c], sizes[c])) {
+            if (!it.ok) throw_item_error(it);
+            out.push_back(decode_item<R>(it.bytes));
+        }
+    return out;
+}
+
+/// A callback run by the manager's process (as Python's, which pickles it to the server): the
+/// server appends the call's outcome to the prefix the client built, as the last argument of a
+/// call, and runs it. On success that is the results of every job and their item counts, decoded
+/// here into the T the callback takes (a map's: the std::vector of its items); on failure the
+/// exception's ErrorInfo, rebuilt as the local Pool's would be.
+template <class Fn, class T, bool Chunked, bool Failed>
+void invoke_pool_callback(Decoder& in, Encoder&) {
+    Fn f = read_callable<Fn>(in);
+    if constexpr (Failed) {
+        ErrorInfo info = decode_error_info(in);
+        in.finish();
+        f(make_remote_exception(info));
+    } else {
+        auto parts = in.get<std::vector<std::string>>();
+        auto counts = in.get<std::vector<std::uint64_t>>();
+        in.finish();
+        if constexpr (Chunked) {
+            const T v = decode_chunks<typename T::value_type>(parts, {counts.begin(), counts.end()});
+            f(v);
+        } else {
+            if (parts.size() != 1) throw DecodeError("mp: a managed Pool's reply has the wrong shape");
+            const T v = decode_item<T>(parts[0]);
+            f(v);
+        }
+    }
+}
+template <class Fn, class T, bool Chunked, bool Failed>
+inline const bool pool_callback_registered = register_invoker(&invoke_pool_callback<Fn, T, Chunked, Failed>);
+
+/// The encoded callable a managed Pool runs with a call's outcome (`T` on success, an
+/// std::exception_ptr on failure); empty for no callback (nullptr).
+template <class T, bool Chunked, bool Failed, class CB>
+std::string pool_callback(const CB& cb) {
+    using Fn = std::decay_t<CB>;
+    using Arg = std::conditional_t<Failed, std::exception_ptr, T>;
+    if constexpr (std::is_null_pointer_v<Fn>) {
+        return {};
+    } else if constexpr (!Transferable<Fn>) {
+        static_assert(Transferable<Fn>,
+                      "mp: a managed Pool runs its callbacks in the manager's process (as Python's, "
+                      "which pickles them): pass a plain function or a captureless lambda");
+        return {};
+    } else if constexpr (!std::is_invocable_v<Fn&, const Arg&>) {
+        static_assert(std::is_invocable_v<Fn&, const Arg&>,
+                      "mp: a managed Pool's callback takes the result (const T&; std::monostate "
+                      "for void; a std::vector of them for a map), its error_callback an "
+                      "std::exception_ptr");
+        return {};
+    } else {
+        (void)pool_callback_registered<Fn, T, Chunked, Failed>;
+        Encoder e;
+        CodeRef r = code_ref(reinterpret_cast<std::uintptr_t>(&invoke_pool_callback<Fn, T, Chunked, Failed>));
+        e.put(r.module);
+        e.put(r.offset);
+        if constexpr (FunctionPointer<Fn>) {
+            Fn fp = cb;
+            if (fp == nullptr) return {};
+            CodeRef fr = code_ref(reinterpret_cast<std::uintptr_t>(fp));
+            e.put(fr.module);
+            e.put(fr.offset);
+        }
+        return e.take();
+    }
+}
+
+/// One finished chunk of a managed imap: its index, whether it ran (else `bytes` is the
+/// ErrorInfo of what failed it as a whole), and its items' outcomes; when its worker died, that
+/// worker's pid and status (ErrorInfo alone would bring mp::WorkerDied back as a RemoteError).
+using Died = std::optional<std::pair<std::int32_t, std::int32_t>>;
+using IMapChunk = std::tuple<std::uint64_t, bool, std::string, Died>;
+/// What get() returns: each job's results, or the death of the worker that failed the call.
+using PoolResults = std::pair<std::vector<std::string>, Died>;
+}  // namespace detail::managers
+
+/// The result of a managed Pool's apply_async, map_async or starmap_async (Python's
+/// AsyncResult proxy): get, wait, ready and successful as mp::AsyncResult's, each a call to the
+/// manager.
+template <class T>
+class AsyncResultProxy {
+public:
+    /// How the results' bytes (one part per job) become a T.
+    using Decode = T (*)(const std::vector<std::string>& parts, const std::vector<std::size_t>& sizes);
+    AsyncResultProxy(std::shared_ptr<detail::managers::PoolTicket> t, Decode decode)
+        : t_(std::move(t)), decode_(decode) {}
+    /// Waits for and returns the value; throws what the work threw (as a local Pool would:
+    /// mp::WorkerDied, a standard or mp exception type, else mp::RemoteError), or TimeoutError
+    /// when `timeout` passes first (the work goes on).
+    T get(detail::Timeout timeout = std::nullopt) const {
+        const auto& t = ticket();
+        auto [parts, died] = t.pool.template call<detail::managers::PoolResults>("get", t.id, OptTimeout(timeout));
+        if (died) throw WorkerDied(died->first, died->second);
+        return decode_(parts, t.sizes);
+    }
+    /// Waits until ready (with callbacks: until they returned, as Python's); false when
+    /// `timeout` passed first.
+    bool wait(detail::Timeout timeout = std::nullopt) const {
+        return ticket().pool.template call<bool>("wait", ticket().id, OptTimeout(timeout));
+    }
+    bool ready() const { return ticket().pool.template call<bool>("ready", ticket().id); }
+    /// Whether the call completed without raising; mp::Error (remote) when not ready.
+    bool successful() const { return ticket().pool.template call<bool>("successful", ticket().id); }
+
+private:
+    const detail::managers::PoolTicket& ticket() const {
+        return detail::deref_handle(t_, "mp::AsyncResultProxy");
+    }
+    std::shared_ptr<detail::managers::PoolTicket> t_;
+    Decode decode_;
+};
+
+/// The results of a managed Pool's imap or imap_unordered (Python's IteratorProxy over the
+/// server's IMapIterator), read as mp::Pool's imap results are: next(timeout), or a range-for.
+/// Each chunk is one call to the manager. It keeps the pool alive in the server, so it may
+/// outlive every PoolProxy to it (it then reads on; the pool goes with the last of them). A
+/// manager that dies while it is read makes next() throw mp::EOFError (or std::system_error
+/// "connect" when this thread had no connection to it yet), never hang. Not to be moved while a
+/// range-for runs over it.
+template <class R>
+class IMapResultsProxy {
+public:
+    IMapResultsProxy(std::shared_ptr<detail::managers::PoolTicket> t, std::exception_ptr input_error)
+        : t_(std::move(t)), input_error_(std::move(input_error)) {}
+
+    /// The next result: in input order (imap) or as chunks finish (imap_unordered). Throws the
+    /// item's exception (a chunk that failed as a whole, its worker killed say, raises for each
+    /// of its items), or TimeoutError when `timeout` passes first (the result stays next). What
+    /// the input threw comes once, after the results of the items read before it; then
+    /// std::nullopt, as after the last.
+    std::optional<R> next(detail::Timeout timeout = std::nullopt) {
+        const auto& t = detail::deref_handle(t_, "mp::IMapResultsProxy");
+        for (;;) {
+            if (remaining_failed_ != 0) {
+                --remaining_failed_;
+                std::rethrow_exception(failed_);
+            }
+            if (pos_ < items_.size()) {
+                const detail::ChunkItem& it = items_[pos_++];
+                if (!it.ok) detail::throw_item_error(it);
+                return detail::decode_item<R>(it.bytes);
+            }
+            if (taken_ == t.sizes.size()) {
+                if (auto e = std::exchange(input_error_, nullptr)) std::rethrow_exception(e);
+                return std::nullopt;
+            }
+            auto chunk = t.pool.template call<std::optional<detail::managers::IMapChunk>>(
+                "imap_next", t.id, OptTimeout(timeout));
+            if (!chunk) throw TimeoutError("imap: no result in time");
+            auto& [index, ran, bytes, died] = *chunk;
+            if (index >= t.sizes.size()) throw DecodeError("mp: a managed imap's reply has the wrong shape");
+            ++taken_;
+            pos_ = 0;
+            items_.clear();
+            chunk_ = std::make_shared<const std::string>(std::move(bytes));
+            if (!ran) {
+                Decoder d(*chunk_);
+                failed_ = died ? std::make_exception_ptr(WorkerDied(died->first, died->second))
+                               : detail::make_remote_exception(detail::decode_error_info(d));
+                remaining_failed_ = t.sizes[index];
+                continue;
+            }
+            items_ = detail::split_chunk(*chunk_, t.sizes[index]);  // views into chunk_
+        }
+    }
+
+    using iterator = detail::PullIterator<IMapResultsProxy, R>;
+    iterator begin() { return iterator(this); }
+    std::default_sentinel_t end() const noexcept { return {}; }
+
+private:
+    friend iterator;
+    R* pull() {
+        current_ = next();
+        return current_ ? &*current_ : nullptr;
+    }
+    std::shared_ptr<detail::managers::PoolTicket> t_;
+    std::exception_ptr input_error_;
+    std::optional<R> current_;  // what the iterator points at
+    std::size_t taken_ = 0;     // chunks fetched
+    std::shared_ptr<const std::string> chunk_;
+    std::vector<detail::ChunkItem> items_;
+    std::size_t pos_ = 0;
+    std::exception_ptr failed_;
+    std::size_t remaining_failed_ = 0;
+};
+
+/// A Pool that lives in the manager's process (Python's SyncManager.Pool): its workers are the
+/// server's children, so the Pool outlives the process that made it while a proxy to it lives
+/// anywhere. Work is as for mp::Pool: transferable callables, arguments and results with codecs
+/// (no descriptors). Each call is a request to the manager; the results stay in the server until
+/// fetched. Dropping the last proxy (and the last result or imap of it) terminates the pool (as
+/// destroying an mp::Pool that runs).
+///
+/// Callbacks run where Python's do: in the manager's process (Python pickles them to the
+/// server, so a lambda is refused there), in the pool's result thread. So they must be
+/// transferable (a plain function or captureless lambda); what they change is the server's, and
+/// a result is ready only once its callback returned.
+///
+/// imap and imap_unordered read their whole input when called (Python's proxy pickles it
+/// whole), so it must be finite; the results are lazy, a chunk per call to the manager.
+class PoolProxy : public BaseProxy {
+public:
+    using BaseProxy::BaseProxy;
+
+    /// fn(args...) in a worker of the managed pool; waits for the result.
+    template <class F, class... A>
+    detail::call_result_t<F, A...> apply(const F& fn, const A&... args) const {
+        return apply_async(fn, args...).get();
+    }
+    /// fn(args...) in a worker, without waiting.
+    template <class F, class... A, class R = detail::call_result_t<F, A...>>
+        requires(!(sizeof...(A) == 1 && (detail::is_args<A> && ...)))
+    AsyncResultProxy<R> apply_async(const F& fn, const A&... args) const {
+        return apply_async(fn, mp::Args<A...>{std::tuple<A...>(args...)}, nullptr, nullptr);
+    }
+    /// With callbacks, as mp::Pool's: apply_async(f, mp::args(1, 2), on_ok, on_err), where
+    /// on_ok(const R&) (std::monostate for void) or on_err(std::exception_ptr) runs in the
+    /// manager's process; either may be nullptr.
+    template <class F, class... A, class CB, class ECB = std::nullptr_t, class R = detail::call_result_t<F, A...>>
+    AsyncResultProxy<R> apply_async(const F& fn, const mp::Args<A...>& a, const CB& callback,
+                                    const ECB& error_callback = nullptr) const {
+        detail::check_work<F, A...>();
+        detail::managers::PoolJobCollector c;
+        c.submit(std::apply([&](const A&... v) { return *detail::make_task(fn, v...); }, a.values), {});
+        return AsyncResultProxy<R>(send(c, {}, detail::managers::pool_callback<detail::item_t<R>, false, false>(callback),
+                                        detail::managers::pool_callback<detail::item_t<R>, false, true>(error_callback)),
+                                   &detail::managers::decode_single<R>);
+    }
+    /// fn over `range`, results in order; blocks. chunksize 0: Python's default.
+    template <class F, class Rg>
+    auto map(const F& fn, Rg&& range, std::size_t chunksize = 0) const {
+        return map_async(fn, std::forward<Rg>(range), chunksize).get();
+    }
+    /// callback(const std::vector<R>&) or error_callback(std::exception_ptr) runs in the
+    /// manager's process (see the class comment).
+    template <class F, class Rg, class CB = std::nullptr_t, class ECB = std::nullptr_t,
+              class V = std::ranges::range_value_t<Rg>, class R = detail::item_t<detail::call_result_t<F, V>>>
+    AsyncResultProxy<std::vector<R>> map_async(const F& fn, Rg&& range, std::size_t chunksize = 0,
+                                               const CB& callback = nullptr,
+                                               const ECB& error_callback = nullptr) const {
+        detail::check_work<F, V>();
+        if (chunksize == 0) chunksize = detail::default_chunksize(detail::range_count(range), processes());
+        detail::managers::PoolJobCollector c;
+        auto set = detail::submit_chunks<F, V>(c, fn, chunksize, std::nullopt, detail::zip_rows(range));
+        return chunks<R>(c, std::move(set.sizes), callback, error_callback);
+    }
+    /// fn(a, b, ...) for each tuple (or pair) of `range`, results in order; blocks.
+    template <class F, class Rg>
+    auto starmap(const F& fn, Rg&& range, std::size_t chunksize = 0) const {
+        return starmap_async(fn, std::forward<Rg>(range), chunksize).get();
+    }
+    template <class F, class Rg, class CB = std::nullptr_t, class ECB = std::nullptr_t,
+              class Tup = std::ranges::range_value_t<Rg>>
+    auto starmap_async(const F& fn, Rg&& range, std::size_t chunksize = 0, const CB& callback = nullptr,
+                       const ECB& error_callback = nullptr) const {
+        return star<F, Tup>(fn, range, chunksize, callback, error_callback,
+                            std::make_index_sequence<std::tuple_size_v<Tup>>{});
+    }
+    /// Lazy results in input order; chunksize 0 means 1, as Python's imap. The input is read
+    /// whole now (see the class comment); what it throws comes from next() after the results of
+    /// the items before it (the items of its unfinished chunk are dropped), as mp::Pool's.
+    template <class F, class Rg, class V = std::ranges::range_value_t<Rg>,
+              class R = detail::item_t<detail::call_result_t<F, V>>>
+    IMapResultsProxy<R> imap(const F& fn, Rg&& range, std::size_t chunksize = 0) const {
+        return lazy<F, V, R>(fn, range, chunksize, true);
+    }
+    /// Lazy results as they finish (whole chunks keep their inner order); the input as imap's.
+    template <class F, class Rg, class V = std::ranges::range_value_t<Rg>,
+              class R = detail::item_t<detail::call_result_t<F, V>>>
+    IMapResultsProxy<R> imap_unordered(const F& fn, Rg&& range, std::size_t chunksize = 0) const {
+        return lazy<F, V, R>(fn, range, chunksize, false);
+    }
+    /// No more work; the workers exit once the submitted work is done.
+    void close() const { call("close"); }
+    /// Kills the workers now; unfinished work fails with BrokenProcessPool.
+    void terminate() const { call("terminate"); }
+    /// Waits for the workers to exit (mp::Error unless close() or terminate() came first).
+    void join() const { call("join"); }
+    int processes() const { return call<int>("processes"); }
+
+private:
+    std::shared_ptr<detail::managers::PoolTicket> send(const detail::managers::PoolJobCollector& c,
+                                                       std::vector<std::size_t> sizes, std::string callback = {},
+                                                       std::string error_callback = {}) const {
+        auto id = call<std::uint64_t>("submit", c.jobs, OptTimeout{}, callback, error_callback);
+        return std::make_shared<detail::managers::PoolTicket>(*this, id, std::move(sizes));
+    }
+    template <class R, class CB, class ECB>
+    AsyncResultProxy<std::vector<R>> chunks(const detail::managers::PoolJobCollector& c, std::vector<std::size_t> sizes,
+                                            const CB& callback, const ECB& error_callback) const {
+        return AsyncResultProxy<std::vector<R>>(
+            send(c, std::move(sizes), detail::managers::pool_callback<std::vector<R>, true, false>(callback),
+                 detail::managers::pool_callback<std::vector<R>, true, true>(error_callback)),
+            &detail::managers::decode_chunks<R>);
+    }
+    template <class F, class Tup, class Rg, class CB, class ECB, std::size_t... I>
+    auto star(const F& fn, Rg& range, std::size_t chunksize, const CB& callback, const ECB& error_callback,
+              std::index_sequence<I...>) const {
+        using R = detail::item_t<detail::star_result_t<F, Tup>>;
+        detail::check_work<F, std::tuple_element_t<I, Tup>...>();
+        if (chunksize == 0) chunksize = detail::default_chunksize(detail::range_count(range), processes());
+        detail::managers::PoolJobCollector c;
+        auto set = detail::submit_chunks<F, std::tuple_element_t<I, Tup>...>(c, fn, chunksize, std::nullopt,
+                                                                            detail::star_rows(range));
+        return chunks<R>(c, std::move(set.sizes), callback, error_callback);
+    }
+    template <class F, class V, class R, class Rg>
+    IMapResultsProxy<R> lazy(const F& fn, Rg& range, std::size_t chunksize, bool ordered) const {
+        detail::check_work<F, V>();
+        detail::managers::PoolJobCollector c;
+        std::exception_ptr input_error;
+        try {
+            (void)detail::submit_chunks<F, V>(c, fn, chunksize == 0 ? 1 : chunksize, std::nullopt,
+                                              detail::zip_rows(range));
+        } catch (...) {
+            // The chunks read before it still run: the error comes after their results.
+            input_error = std::current_exception();
+        }
+        std::vector<std::size_t> sizes;
+        for (const auto& job : c.jobs) sizes.push_back(job.second);
+        auto id = call<std::uint64_t>("imap", c.jobs, ordered);
+        return IMapResultsProxy<R>(std::make_shared<detail::managers::PoolTicket>(*this, id, std::move(sizes)),
+                                   std::move(input_error));
+    }
+};
+
 // ---- BaseManager -------------------------------------------------------------------------------
 
 namespace detail::managers {
@@ -449,7 +850,15 @@ public:
 
     /// Forks a server process listening at address() (bound before the fork, so it is ready
     /// when start returns). ProcessError when already started or connected.
-    void start();
+    void start() { start_with(std::nullopt); }
+    /// Python's start(initializer, initargs): the server process calls initializer(args...)
+    /// before it serves, so start() returns after it. The initializer must be transferable
+    /// (a plain function or captureless lambda, arguments with codecs, proxies included), as a
+    /// Pool's. One that throws is ProcessError naming its error; no server is left running.
+    template <class F, class... A>
+    void start(const F& initializer, const A&... args) {
+        start_with(detail::make_transferable_task(initializer, args...));
+    }
     /// Serves in this process until a client asks for shutdown(); then returns. `on_ready` is
     /// called with the bound address (the real port when 0 was asked for) once it listens.
     void serve_forever(std::function<void(const Address&)> on_ready = {});
@@ -481,6 +890,7 @@ protected:
     }
     std::shared_ptr<detail::managers::ProxyState> create_state(const std::string& type_id,
                                                                std::string args);
+    void start_with(std::optional<detail::Task> initializer);
     template <class S, class P, class... A>
     P make_builtin(const A&... args) {
         return P(create_state(detail::managers::Builtin<S>::name(), encode_args(args...)));
@@ -500,6 +910,13 @@ class SyncManager : public BaseManager {
 public:
     /// Starts the server at once (a Unix socket, a random authkey).
     SyncManager();
+    /// Starts the server at once, which first calls initializer(args...) (see
+    /// BaseManager::start(initializer, args...)).
+    template <class F, class... A>
+        requires(!std::same_as<std::decay_t<F>, Address>)
+    explicit SyncManager(const F& initializer, const A&... args) : BaseManager() {
+        start(initializer, args...);
+    }
     /// A manager at `address` with `authkey`; call start() or connect().
     SyncManager(Address address, std::string authkey)
         : BaseManager(std::move(address), std::move(authkey)) {}
@@ -508,9 +925,18 @@ public:
     DictProxy<K, V> dict() {
         return make_builtin<detail::managers::DictServant<K, V>, DictProxy<K, V>>();
     }
+    /// A dict holding `initial`'s pairs, in its order.
     template <class K, class V>
     DictProxy<K, V> dict(const std::map<K, V>& initial) {
+        return dict(std::vector<std::pair<K, V>>(initial.begin(), initial.end()));
+    }
+    template <class K, class V>
+    DictProxy<K, V> dict(const std::vector<std::pair<K, V>>& initial) {
         return make_builtin<detail::managers::DictServant<K, V>, DictProxy<K, V>>(initial);
+    }
+    template <class K, class V>
+    DictProxy<K, V> dict(std::initializer_list<std::pair<K, V>> initial) {
+        return dict(std::vector<std::pair<K, V>>(initial));
     }
     template <class T>
     ListProxy<T> list(const std::vector<T>& initial = {}) {
@@ -524,6 +950,16 @@ public:
     template <class T>
     JoinableQueueProxy<T> JoinableQueue(std::int64_t maxsize = 0) {
         return make_builtin<detail::managers::QueueServant<T>, JoinableQueueProxy<T>>(maxsize);
+    }
+    /// A Pool in the manager's process (see PoolProxy); `options` as mp::Pool's.
+    PoolProxy Pool(const PoolOptions& options = {}) { return pool_with(options, std::nullopt); }
+    PoolProxy Pool(int processes) { return Pool(PoolOptions{.processes = processes}); }
+    /// Each of its workers calls initializer(args...) first (transferable, as mp::Pool's).
+    template <class F, class... A>
+    PoolProxy Pool(const PoolOptions& options, const F& initializer, const A&... args) {
+        detail::Task t = detail::make_transferable_task(initializer, args...);
+        if (!t.fds.empty()) throw Error("mp: a managed Pool's initializer cannot carry descriptors");
+        return pool_with(options, std::move(t.bytes));
     }
     LockProxy Lock();
     RLockProxy RLock();
@@ -544,10 +980,44 @@ public:
     ArrayProxy<T> Array(std::size_t size) {
         return Array<T>(std::vector<T>(size));
     }
+
+private:
+    PoolProxy pool_with(const PoolOptions& options, std::optional<std::string> initializer);
 };
 
 /// multiprocessing.Manager(): a started SyncManager.
 using Manager = SyncManager;
+
+/// Python's managers.SharedMemoryManager: makes SharedMemory segments and ShareableLists in
+/// this process and has its server track their names, so that shutdown() (and the destructor)
+/// unlinks every one still there, whoever else attached to them. The segments are tracked by
+/// the manager alone (not by this process's resource tracker): one killed with its server
+/// (SIGKILL) leaves them, as Python's does. Segments made through this manager object are
+/// tracked; another process that connect()s makes untracked ones.
+class SharedMemoryManager : public BaseManager {
+public:
+    /// Starts the server at once (a Unix socket, a random authkey).
+    SharedMemoryManager();
+    /// A manager at `address` with `authkey`; call start() (or connect()) before making segments.
+    SharedMemoryManager(Address address, std::string authkey)
+        : BaseManager(std::move(address), std::move(authkey)) {}
+    /// Unlinks the tracked segments, then as BaseManager's.
+    ~SharedMemoryManager() override;
+
+    /// A new segment of `size` bytes with a fresh name, unlinked at shutdown.
+    mp::SharedMemory SharedMemory(std::size_t size);
+    /// A new ShareableList holding `items`, its segment unlinked at shutdown.
+    mp::ShareableList ShareableList(const std::vector<mp::ShareableList::Item>& items);
+    /// The names of the segments it tracks, in the order they were made.
+    std::vector<std::string> segments();
+    /// Unlinks every tracked segment (those already unlinked are skipped), then stops the
+    /// server as BaseManager::shutdown() does. Idempotent.
+    void shutdown();
+
+private:
+    BaseProxy tracker();
+    BaseProxy tracker_;
+};
 
 // ---- Python's manager protocol, from C++ -------------------------------------------------------
 

@@ -4,6 +4,7 @@
 /// public header.
 
 #include "mp/connection.hpp"
+#include "mp/context.hpp"
 #include "mp/errors.hpp"
 #include "mp/futures.hpp"
 #include "mp/managers.hpp"
@@ -12,6 +13,7 @@
 #include "mp/py.hpp"
 #include "mp/queue.hpp"
 #include "mp/serialize.hpp"
+#include "mp/shareable_list.hpp"
 #include "mp/shared_memory.hpp"
 #include "mp/socketserver.hpp"
 #include "mp/synchronize.hpp"

@@ -123,6 +123,10 @@ public:
                                                    mp::detail::JobOptions options = {});
     void shutdown(bool wait, bool cancel_pending);
     int size() const noexcept { return workers_; }
+    /// Refuses what map() cannot do over MPI (a per-task time limit), before it submits.
+    void check_map(const MapOptions& options) const {
+        if (options.task_timeout) throw Error("mp::mpi: map's task_timeout is not supported over MPI");
+    }
     struct Impl;
 
 private:
@@ -140,14 +144,16 @@ std::size_t max_message_bytes() noexcept;
 
 /// mpi4py's MPIPoolExecutor / MPICommExecutor on the root: submit, map, shutdown, with futures
 /// that work with mp::wait and mp::as_completed. Its workers are every rank but the root.
+/// map (mp::detail::MapFront): chunksize calls travel (and fail) together; options.task_timeout
+/// is not supported (mp::Error).
 ///
 /// Destructor policy: shuts down and waits, as ProcessPoolExecutor does. The worker ranks keep
 /// serving: a later Executor uses them again.
-class Executor {
+class Executor : public mp::detail::MapFront<detail::Engine> {
 public:
     /// Needs a live Environment on rank 0 and at least 2 ranks (mp::Error otherwise). Checks
     /// that every worker rank runs this very binary: mp::Error naming the first that does not.
-    explicit Executor(ExecutorOptions options = {}) : engine_(options) {}
+    explicit Executor(ExecutorOptions options = {}) : MapFront(options) {}
     ~Executor() = default;
     Executor(const Executor&) = delete;
     Executor& operator=(const Executor&) = delete;
@@ -161,19 +167,8 @@ public:
             engine_.submit(*mp::detail::make_task(fn, args...), {}));
     }
 
-    /// fn over the zipped ranges (up to the shortest), results in input order; chunksize calls
-    /// travel (and fail) together. options.task_timeout is not supported (mp::Error).
-    template <class F, class... Rs>
-        requires(sizeof...(Rs) > 0 && !std::is_same_v<std::decay_t<F>, MapOptions>)
-    auto map(const F& fn, Rs&&... ranges) {
-        return map(MapOptions{}, fn, std::forward<Rs>(ranges)...);
-    }
-    template <class F, class... Rs>
-        requires(sizeof...(Rs) > 0)
-    auto map(MapOptions options, const F& fn, Rs&&... ranges) {
-        if (options.task_timeout) throw Error("mp::mpi: map's task_timeout is not supported over MPI");
-        return mp::detail::map_over(engine_, options, fn, std::forward<Rs>(ranges)...);
-    }
+    // map(fn, ranges...) and map(options, fn, ranges...): inherited from MapFront.
+
     /// No new work after this. wait: block until every submitted task has finished.
     /// cancel_futures: cancel the tasks not yet sent to a rank. Safe to call more than once and
     /// from several threads at once; shutdown with wait from a done callback (the executor's own
@@ -182,9 +177,6 @@ public:
 
     /// The number of worker ranks.
     int max_workers() const noexcept { return engine_.size(); }
-
-private:
-    detail::Engine engine_;
 };
 
 }  // namespace mp::mpi

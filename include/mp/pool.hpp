@@ -45,7 +45,10 @@ struct PoolOptions {
     std::optional<int> processes{};
     /// A worker is replaced after this many tasks (Python's maxtasksperchild); 0: never.
     std::size_t maxtasksperchild = 0;
-    /// A worker whose resident memory passes this many bytes after a task is replaced; 0: never.
+    /// A worker whose resident memory has grown by more than this many bytes since it became
+    /// ready (after its initializer) is replaced once its task ends; 0: never. The growth, not
+    /// the size, is what counts, so the pages a fork worker shares with a large parent, and the
+    /// initializer's own state, do not make every worker retire after each task.
     std::size_t max_memory_per_child = 0;
     /// Empty: forkserver. Also fork or spawn (see process.hpp, "Start methods").
     std::optional<StartMethod> start_method{};
@@ -469,6 +472,17 @@ public:
 
     /// The number of worker processes.
     int processes() const noexcept { return engine_.size(); }
+
+    /// Internal, for SyncManager::Pool's server: a pool whose initializer, and work whose
+    /// calls, arrive already encoded (by apply_async's and map's builders in another process).
+    struct Encoded {};
+    Pool(Encoded, PoolOptions options, std::optional<detail::Task> initializer)
+        : engine_(make_config(options, std::move(initializer))) {}
+    std::shared_ptr<detail::FutureCore> submit_encoded(detail::Task task, detail::JobOptions options) {
+        check_running();
+        return engine_.submit(std::move(task), options);
+    }
+
     /// Counts of submitted / pending / running / done / failed tasks, per worker too.
     PoolStats stats() const { return engine_.stats(); }
 

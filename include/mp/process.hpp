@@ -32,12 +32,15 @@
 ///   hook (mp used from a plugin, or linked without mp's link options) the server is forked from
 ///   the parent instead: then start it before other threads run (set_start_method at the top of
 ///   main), as its children are copies of the parent made at that moment.
+///   mp::set_forkserver_preload (context.hpp) names functions the server runs once before its
+///   first child, so their children inherit what they set up.
 /// - Under spawn and forkserver the target must be transferable (a function, a function pointer,
 ///   a captureless lambda or an empty function object) and its arguments must have an mp::Codec;
 ///   a Process subclass or a capturing lambda runs only under fork (a compile error where the
 ///   call must be sent, a ProcessError at start() otherwise). Descriptors its arguments carry
 ///   (queues, locks, connections, shared memory) go with SCM_RIGHTS; every other descriptor of
-///   the parent stays behind.
+///   the parent stays behind. A plain Process with no target runs nothing and exits with 0 under
+///   every method, as in Python.
 
 /// Lifetime
 /// - exitcode() is std::nullopt while the child runs, N after it exited with N, -N after signal N.
@@ -261,7 +264,13 @@ int cpu_count();
 /// and for spawn in a program not linked with -Wl,--wrap=main. Choosing forkserver
 /// starts the server now.
 void set_start_method(StartMethod method, bool force = false);
+/// The default start method (Python's get_start_method()); fixes it: a later set_start_method
+/// needs `force`.
 StartMethod get_start_method();
+/// Python's get_start_method(allow_none): with `allow_none`, std::nullopt while the default is
+/// not yet fixed (neither set with set_start_method nor taken by a Process) and nothing is fixed;
+/// otherwise get_start_method().
+std::optional<StartMethod> get_start_method(bool allow_none);
 
 std::string to_string(StartMethod m);
 

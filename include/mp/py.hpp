@@ -35,7 +35,11 @@
 ///   tuple      std::tuple, std::pair, aggregates (a plain struct is the
 ///              tuple of its fields, up to 16); reading also takes a list of the right length
 ///   list       std::vector, std::list, std::deque, std::array (writing) (reading also takes a tuple)
-///   dict       std::map, std::unordered_map
+///   dict       std::map, std::unordered_map; reading also std::vector<std::pair<K, V>> (or a
+///              std::deque of pairs): list(d.items()), in insertion order, the cheapest to read (one
+///              allocation for a small dict). A key that a pickle sets twice (Python's pickler never
+///              does) stays where it first appeared, with the last value, as in Python's dict; keys
+///              are compared with K's ==. Written, the vector is a list of 2-tuples (dict() takes it).
 ///   set        std::set, std::unordered_set (reading also takes a frozenset)
 ///   frozenset  py::Object::frozenset(...)
 ///   anything   py::Object, a dynamic value of any of the above
@@ -43,10 +47,13 @@
 
 #include <mp/errors.hpp>
 
+#include <algorithm>
 #include <array>
+#include <bit>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <list>
@@ -418,6 +425,245 @@ decltype(auto) with_fields(T& t, F&& f) {
 template <class T>
 inline constexpr bool dependent_false = false;
 
+// ---- a dict read into a sequence of pairs (the flat form: one allocation, insertion order) ----
+
+template <class T>
+struct is_pair : std::false_type {};
+template <class A, class B>
+struct is_pair<std::pair<A, B>> : std::true_type {};
+
+// A key type whose equal values hash alike (key_hash below), so a dict read as pairs can merge
+// repeated keys in linear time whatever the input.
+template <class K>
+struct hashable_key
+    : std::bool_constant<std::is_same_v<K, None> || std::is_same_v<K, std::monostate> ||
+                         std::is_same_v<K, std::nullptr_t> || (std::is_arithmetic_v<K> && !std::is_same_v<K, char>) ||
+                         std::is_same_v<K, std::string> || std::is_same_v<K, Bytes> || std::is_same_v<K, ByteArray>> {};
+template <class K>
+struct hashable_key<std::optional<K>> : hashable_key<K> {};
+template <class... A>
+struct hashable_key<std::tuple<A...>> : std::bool_constant<(hashable_key<A>::value && ...)> {};
+template <class A, class B>
+struct hashable_key<std::pair<A, B>> : std::bool_constant<hashable_key<A>::value && hashable_key<B>::value> {};
+template <class K>
+    requires(set_like<K> || (sequence_like<K> && !tuple_like<K>))
+struct hashable_key<K> : hashable_key<typename K::value_type> {};
+
+// std::vector<std::pair<K, V>> and the like: what a dict reads into as its items, in order.
+template <class T>
+concept pair_sequence = sequence_like<T> && is_pair<typename T::value_type>::value &&
+                        hashable_key<typename T::value_type::first_type>::value &&
+                        std::is_move_assignable_v<typename T::value_type> && requires(T t, std::size_t i) {
+                            t[i];
+                            t.emplace_back();
+                            t.pop_back();
+                            t.resize(i);
+                        };
+
+// The seed of key_hash, drawn from the kernel once per process: which keys share a slot of
+// merge_repeated_keys's table cannot be chosen by whoever wrote the pickle (no hash flooding).
+std::uint64_t key_hash_seed() noexcept;
+
+inline std::uint64_t hash_fmix(std::uint64_t x) noexcept {  // MurmurHash3's finaliser: a bijection
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdu;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53u;
+    return x ^ (x >> 33);
+}
+// N bytes at p as a number in the machine's byte order (one load).
+template <std::size_t N>
+std::uint64_t load_word(const unsigned char* p) noexcept {
+    std::conditional_t<N == 8, std::uint64_t, std::uint32_t> w;
+    std::memcpy(&w, p, N);
+    return w;
+}
+// The last 1 to 8 bytes at p as one word (overlapping loads, which see each of them): for a
+// given n, distinct bytes give distinct words.
+inline std::uint64_t tail_word(const unsigned char* p, std::size_t n) noexcept {
+    if (n >= 4) return load_word<4>(p) | (load_word<4>(p + n - 4) << 32);
+    if (n > 0) return p[0] | (std::uint64_t{p[n / 2]} << 8) | (std::uint64_t{p[n - 1]} << 16);
+    return 0;
+}
+inline std::uint64_t hash_bytes(std::uint64_t h, std::string_view s) noexcept {
+    const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+    std::size_t n = s.size();
+    h += n;
+    for (; n > 8; p += 8, n -= 8) h = hash_fmix(h ^ load_word<8>(p));
+    return hash_fmix(h ^ tail_word(p, n));
+}
+
+// A key's hash under the seed, its bits well mixed; equal keys (by K's ==) hash alike: -0.0 as
+// 0.0, a set whatever its iteration order.
+template <class K>
+std::uint64_t key_hash(std::uint64_t seed, const K& k) noexcept {
+    if constexpr (std::is_same_v<K, std::string>) {
+        return hash_bytes(seed, k);
+    } else if constexpr (std::is_same_v<K, Bytes> || std::is_same_v<K, ByteArray>) {
+        return hash_bytes(seed, k.data);
+    } else if constexpr (std::is_floating_point_v<K>) {
+        return hash_fmix(seed ^ (k == 0 ? 0 : std::bit_cast<std::uint64_t>(static_cast<double>(k))));
+    } else if constexpr (std::is_arithmetic_v<K>) {
+        return hash_fmix(seed ^ static_cast<std::uint64_t>(k));
+    } else if constexpr (is_specialisation_of_optional<K>::value) {
+        return k ? hash_fmix(key_hash(seed, *k) + 1) : seed;
+    } else if constexpr (tuple_like<K>) {
+        return std::apply([&](const auto&... e) {
+            std::uint64_t h = seed;
+            ((h = hash_fmix(h ^ key_hash(seed, e))), ...);
+            return h;
+        }, k);
+    } else if constexpr (set_like<K>) {
+        std::uint64_t h = seed;
+        for (const auto& e : k) h += key_hash(seed, e);
+        return hash_fmix(h);
+    } else if constexpr (sequence_like<K>) {
+        std::uint64_t h = seed;
+        for (const auto& e : k) h = hash_fmix(h ^ key_hash(seed, e));
+        return h;
+    } else {
+        return seed;  // None: every key of the type is equal
+    }
+}
+
+// What merge_repeated_keys_small compares before the keys themselves: equal keys give equal
+// fingerprints. A str or bytes key of up to 8 bytes is told from another of its length by its
+// fingerprint alone; longer ones by their first and last 8 bytes. No seed: the small merge
+// bounds its comparisons by the number of pairs, not by how the fingerprints spread.
+template <class K>
+std::uint64_t key_fingerprint(const K& k) noexcept {
+    if constexpr (std::is_same_v<K, std::string> || std::is_same_v<K, Bytes> || std::is_same_v<K, ByteArray>) {
+        std::string_view s;
+        if constexpr (std::is_same_v<K, std::string>)
+            s = k;
+        else
+            s = k.data;
+        const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+        const std::size_t n = s.size();
+        const std::uint64_t w = n <= 8 ? tail_word(p, n) : load_word<8>(p) ^ (load_word<8>(p + n - 8) * 0x9e3779b97f4a7c15u);
+        return w ^ (n * 0xc2b2ae3d27d4eb4fu);
+    } else {
+        return key_hash(0, k);
+    }
+}
+
+// The pairs a Python dict keeps when a pickle sets a key twice (Python's pickler never writes
+// that; a crafted or hand-written pickle can): the key stays where it first appeared and takes
+// the last value. Linear in the number of pairs: an open-addressing table of indices; a small
+// dict (the common message) takes merge_repeated_keys_small instead, which costs less than
+// hashing every key and filling a table.
+inline constexpr std::size_t kSmallMerge = 16;
+
+// merge_repeated_keys for up to kSmallMerge pairs. First, whether any two keys may be equal:
+// every 16-bit fingerprint against all of them at once, 8 to a vector (GCC's and Clang's vector
+// extension; SSE2 on x86-64), a fixed amount of work with no branch on the data. A plain double
+// loop over the pairs costs more than all the reading of the message: 45 compares and a
+// mispredicted exit per key for 10 keys. Only when two fingerprints are equal are keys compared.
+template <class Seq>
+void merge_repeated_keys_small(Seq& pairs) {
+    using Lanes = std::int16_t __attribute__((vector_size(16)));
+    static_assert(kSmallMerge == 2 * sizeof(Lanes) / sizeof(std::int16_t));
+    const std::size_t n = pairs.size();
+    alignas(Lanes) std::array<std::int16_t, kSmallMerge> fp{};
+    for (std::size_t i = 0; i < n; ++i)
+        fp[i] = static_cast<std::int16_t>((key_fingerprint(pairs[i].first) * 0x9e3779b97f4a7c15u) >> 48);
+    Lanes low, high;
+    std::memcpy(&low, fp.data(), sizeof low);
+    std::memcpy(&high, fp.data() + kSmallMerge / 2, sizeof high);
+    const Lanes lane = {0, 1, 2, 3, 4, 5, 6, 7}, count = Lanes{} + static_cast<std::int16_t>(n);
+    const Lanes in_low = lane < count, in_high = lane + 8 < count;
+    Lanes matches = {};  // -1 per equal pair of fingerprints (a true compare is all ones)
+    for (std::size_t i = 0; i < n; ++i) {
+        const Lanes key = Lanes{} + fp[i];
+        matches += (low == key) & in_low;
+        matches += (high == key) & in_high;
+    }
+    int total = 0;
+    for (int l = 0; l < 8; ++l) total += matches[l];
+    if (total == -static_cast<int>(n)) return;  // each key matched only itself
+    auto kept_equal = [&](std::size_t kept, std::size_t i) {  // the first of [0, kept) whose key is i's, or kept
+        for (std::size_t j = 0; j < kept; ++j)
+            if (fp[j] == fp[i] && pairs[j].first == pairs[i].first) return j;
+        return kept;
+    };
+    std::size_t first_repeat = 1;
+    while (first_repeat < n && kept_equal(first_repeat, first_repeat) == first_repeat) ++first_repeat;
+    if (first_repeat == n) return;
+    // From the first repeat on, [0, out) holds the pairs kept so far, each key once.
+    std::size_t out = first_repeat;
+    for (std::size_t i = first_repeat; i < n; ++i) {
+        const std::size_t j = kept_equal(out, i);
+        if (j != out) {
+            pairs[j].second = std::move(pairs[i].second);
+            continue;
+        }
+        if (out != i) {
+            pairs[out] = std::move(pairs[i]);
+            fp[out] = fp[i];
+        }
+        ++out;
+    }
+    pairs.resize(out);
+}
+
+template <class Seq>
+void merge_repeated_keys(Seq& pairs) {
+    const std::size_t n = pairs.size();
+    if (n < 2) return;
+    if (n <= kSmallMerge) {
+        merge_repeated_keys_small(pairs);
+        return;
+    }
+    const int bits = static_cast<int>(std::bit_width(2 * n - 1));  // 2n slots or more: short probes
+    const std::size_t mask = (std::size_t{1} << bits) - 1;
+    // slot: 1 + the index of a pair kept so far, or 0. The keys' hashes are all computed first
+    // (independent of one another, so they overlap in the CPU) and compared before the keys
+    // are. A small dict keeps both on the stack.
+    std::array<std::uint32_t, 64> small_slots;
+    std::array<std::uint64_t, 32> small_hashes;
+    std::vector<std::uint32_t> big_slots;
+    std::vector<std::uint64_t> big_hashes;
+    std::uint32_t* slots = small_slots.data();
+    std::uint64_t* hashes = small_hashes.data();
+    if (mask < small_slots.size()) {
+        std::fill_n(slots, mask + 1, 0u);
+    } else {
+        big_slots.assign(mask + 1, 0);
+        big_hashes.resize(n);
+        slots = big_slots.data();
+        hashes = big_hashes.data();
+    }
+    const std::uint64_t seed = key_hash_seed();
+    for (std::size_t i = 0; i < n; ++i) hashes[i] = key_hash(seed, pairs[i].first);
+    bool merged = false;
+    std::vector<bool> dropped;
+    for (std::size_t i = 0; i < n; ++i) {
+        const std::uint64_t h = hashes[i];
+        for (std::size_t s = static_cast<std::size_t>(h >> (64 - bits));; s = (s + 1) & mask) {
+            if (slots[s] == 0) {
+                slots[s] = static_cast<std::uint32_t>(i + 1);
+                break;
+            }
+            const std::size_t k = slots[s] - 1;
+            if (hashes[k] == h && pairs[k].first == pairs[i].first) {
+                pairs[k].second = std::move(pairs[i].second);
+                if (!merged) dropped.assign(n, false);
+                merged = true;
+                dropped[i] = true;
+                break;
+            }
+        }
+    }
+    if (!merged) return;
+    std::size_t out = 0;
+    for (std::size_t i = 0; i < n; ++i)
+        if (!dropped[i]) {
+            if (out != i) pairs[out] = std::move(pairs[i]);
+            ++out;
+        }
+    pairs.resize(out);
+}
+
 [[noreturn]] void wrong_kind(const Object& o, const char* wanted);
 [[noreturn]] void wrong_length(const Object& o, std::size_t wanted);
 [[noreturn]] void out_of_range(const Object& o, const char* type);
@@ -559,6 +805,18 @@ T load(const Object& o) {
         for (const auto& e : o.items()) out.insert(load<typename T::key_type>(e));
         return out;
     } else if constexpr (sequence_like<T> && requires(T t) { t.push_back(std::declval<typename T::value_type>()); }) {
+        if constexpr (pair_sequence<T>) {
+            if (o.kind() == Kind::dict) {
+                T out;
+                const DictItems pairs = o.dict();
+                if constexpr (requires(T t) { t.reserve(std::size_t{}); }) out.reserve(pairs.size());
+                for (const auto& [key, value] : pairs)
+                    out.emplace_back(load<typename T::value_type::first_type>(key),
+                                     load<typename T::value_type::second_type>(value));
+                merge_repeated_keys(out);
+                return out;
+            }
+        }
         if (o.kind() != Kind::list && o.kind() != Kind::tuple) wrong_kind(o, "list");
         T out;
         Items items = o.items();
@@ -592,6 +850,634 @@ T Object::as() const {
     return detail::load<T>(*this);
 }
 
+namespace detail {
+
+bool valid_utf8(std::string_view s) noexcept;
+
+template <class T>
+concept none_like = std::is_same_v<T, None> || std::is_same_v<T, std::monostate> || std::is_same_v<T, std::nullptr_t>;
+
+// The types loads<T> reads straight from the pickle, without building an Object first.
+template <class T>
+struct fast_readable : std::false_type {};
+template <class T>
+inline constexpr bool fast_readable_v = !has_convert<T> && fast_readable<T>::value;
+template <class T>
+    requires(none_like<T> || std::is_arithmetic_v<T> || std::is_same_v<T, std::string> || std::is_same_v<T, Bytes> ||
+             std::is_same_v<T, ByteArray>)
+struct fast_readable<T> : std::bool_constant<!std::is_same_v<T, char>> {};
+template <class T>
+struct fast_readable<std::optional<T>> : std::bool_constant<fast_readable_v<T>> {};
+template <class T>
+    requires(map_like<T>)
+struct fast_readable<T>
+    : std::bool_constant<fast_readable_v<typename T::key_type> && fast_readable_v<typename T::mapped_type> &&
+                         requires(T t, typename T::key_type k, typename T::mapped_type v) {
+                             t.insert_or_assign(std::move(k), std::move(v));
+                         }> {};
+template <class T>
+    requires(set_like<T>)
+struct fast_readable<T> : std::bool_constant<fast_readable_v<typename T::key_type>> {};
+template <class T>
+    requires(sequence_like<T> && !tuple_like<T>)
+struct fast_readable<T>
+    : std::bool_constant<fast_readable_v<typename T::value_type> &&
+                         requires(T t) { t.push_back(std::declval<typename T::value_type>()); }> {};
+template <class... A>
+struct fast_readable<std::tuple<A...>> : std::bool_constant<(fast_readable_v<A> && ...)> {};
+template <class A, class B>
+struct fast_readable<std::pair<A, B>> : std::bool_constant<fast_readable_v<A> && fast_readable_v<B>> {};
+
+// loads<T>'s fast path: a recursive-descent reader of the opcode sequences Python's pickler
+// writes for data of T's shape, straight into T. It reads a subset of what the stack machine in
+// py_pickle.cpp reads and answers false for anything outside it (a shared container, a protocol 2
+// set, a value of another kind, ...): loads<T> then runs the full reader, which gives the value or
+// the precise error. So this reader never has to explain a refusal; it only must never accept what
+// the full reader refuses, or read a different value. Its bounds are the full reader's: input
+// size, nesting depth, and str/bytes copies through the memo, counted as that reader counts them.
+class FastReader {
+public:
+    FastReader(std::string_view in, const Limits& limits) noexcept
+        : begin_(reinterpret_cast<const unsigned char*>(in.data())), p_(begin_), end_(begin_ + in.size()),
+          limits_(limits) {}
+
+    // The whole pickle as one T, through STOP and the end of the input.
+    template <class T>
+    bool top(T& out) {
+        if (static_cast<std::size_t>(end_ - begin_) > limits_.max_size) return false;
+        if (peek() == PROTO) {
+            if (end_ - p_ < 2 || p_[1] > 5) return false;
+            p_ += 2;
+        }
+        if (!value(out, 0, false)) return false;
+        return next() == STOP && p_ == end_;
+    }
+
+private:
+    enum : unsigned char {
+        MARK = '(', STOP = '.', BININT = 'J', BININT1 = 'K', BININT2 = 'M', NONE = 'N', BINBYTES = 'B',
+        SHORT_BINBYTES = 'C', BINUNICODE = 'X', APPEND = 'a', EMPTY_DICT = '}', APPENDS = 'e', BINGET = 'h',
+        LONG_BINGET = 'j', EMPTY_LIST = ']', BINPUT = 'q', LONG_BINPUT = 'r', SETITEM = 's', TUPLE = 't',
+        EMPTY_TUPLE = ')', SETITEMS = 'u', BINFLOAT = 'G', PROTO = 0x80, TUPLE1 = 0x85, NEWTRUE = 0x88,
+        NEWFALSE = 0x89, LONG1 = 0x8a, SHORT_BINUNICODE = 0x8c, BINUNICODE8 = 0x8d, BINBYTES8 = 0x8e,
+        EMPTY_SET = 0x8f, ADDITEMS = 0x90, FROZENSET = 0x91, MEMOIZE = 0x94, FRAME = 0x95, BYTEARRAY8 = 0x96,
+    };
+    static constexpr std::size_t kContainer = ~std::size_t{0};
+
+    // Memo entries: where the scalar filed under each index starts (GET reads it again from
+    // there), or kContainer (GET of a container means sharing, which only the full reader handles).
+    // Small messages keep their memo on the stack.
+    struct Memo {
+        static constexpr std::size_t kInline = 48;
+        std::size_t n = 0;
+        std::array<std::size_t, kInline> small;
+        std::vector<std::size_t> big;
+        void push(std::size_t at) {
+            if (n < kInline) [[likely]]
+                small[n] = at;
+            else
+                push_big(at);
+            ++n;
+        }
+        [[gnu::noinline]] void push_big(std::size_t at) { big.push_back(at); }
+        std::size_t get(std::size_t i) const { return i < kInline ? small[i] : big[i - kInline]; }
+        void truncate(std::size_t m) {
+            if (m < n && n > kInline) big.resize(m > kInline ? m - kInline : 0);
+            n = m;
+        }
+    };
+
+    // A FRAME only groups opcodes and the input is all here; its length must still fit.
+    bool skip_frames() {
+        while (p_ < end_ && *p_ == FRAME) {
+            if (end_ - p_ < 9) return false;
+            std::uint64_t n = 0;
+            for (int i = 8; i >= 1; --i) n = (n << 8) | p_[i];
+            p_ += 9;
+            if (n > static_cast<std::uint64_t>(end_ - p_)) return false;
+        }
+        return true;
+    }
+    int peek() {
+        if (p_ != end_ && *p_ != FRAME) [[likely]]
+            return *p_;
+        if (!skip_frames() || p_ == end_) return -1;
+        return *p_;
+    }
+    int next() {
+        int op = peek();
+        if (op >= 0) ++p_;
+        return op;
+    }
+    static std::uint64_t le(const unsigned char* q, int n) {
+        std::uint64_t v = 0;
+        for (int i = n; i-- > 0;) v = (v << 8) | q[i];
+        return v;
+    }
+    // Whether s is all ASCII (then valid UTF-8): a word at a time, overlapping at the end.
+    static bool ascii(std::string_view s) {
+        const auto* q = reinterpret_cast<const unsigned char*>(s.data());
+        const std::size_t n = s.size();
+        std::uint64_t any = 0;
+        if (n >= 8) {
+            for (std::size_t i = 0; i + 8 <= n; i += 8) any |= load_word<8>(q + i);
+            any |= load_word<8>(q + n - 8);
+        } else if (n >= 4) {
+            any = load_word<4>(q) | load_word<4>(q + n - 4);
+        } else {
+            for (std::size_t i = 0; i < n; ++i) any |= q[i];
+        }
+        return (any & 0x8080808080808080u) == 0;
+    }
+    // A counted str or bytes at q (its opcode already read): its bytes, or false.
+    [[gnu::always_inline]] bool counted(const unsigned char*& q, int width, std::string_view& out) const {
+        if (end_ - q < width) return false;
+        const std::uint64_t n = le(q, width);
+        q += width;
+        if (n > static_cast<std::uint64_t>(end_ - q)) return false;
+        out = std::string_view(reinterpret_cast<const char*>(q), static_cast<std::size_t>(n));
+        q += n;
+        return true;
+    }
+    bool count_copy(std::size_t n) {
+        copied_ += n;
+        return copied_ <= limits_.max_size;
+    }
+
+    // An int opcode at q (already read): its value, within int64.
+    [[gnu::always_inline]] bool integer(int op, const unsigned char*& q, std::int64_t& v) const {
+        if (op == BININT1 && q != end_) [[likely]] {  // what Python writes for 0 to 255
+            v = *q++;
+            return true;
+        }
+        int n;
+        switch (op) {
+            case BININT1: n = 1; break;
+            case BININT2: n = 2; break;
+            case BININT: n = 4; break;
+            case LONG1:
+                if (q == end_) return false;
+                n = *q++;
+                if (n > 8) return false;  // past 64 bits, or an unsigned 64-bit value: the full reader
+                break;
+            default: return false;
+        }
+        if (end_ - q < n) return false;
+        std::uint64_t u = le(q, n);
+        q += n;
+        if (op == BININT) {
+            v = static_cast<std::int32_t>(static_cast<std::uint32_t>(u));
+        } else if (op == LONG1 && n > 0 && n < 8 && (u >> (8 * n - 1)) != 0) {
+            v = static_cast<std::int64_t>(u | (~std::uint64_t{0} << (8 * n)));  // sign-extend
+        } else {
+            v = static_cast<std::int64_t>(u);
+        }
+        return true;
+    }
+
+    // A scalar whose opcode starts at q; len gets the bytes a memo copy of it counts.
+    template <class T>
+    [[gnu::always_inline]] bool scalar(const unsigned char*& q, T& out, std::size_t& len, bool key) const {
+        if (q == end_) return false;
+        const int op = *q++;
+        if constexpr (none_like<T>) {
+            return op == NONE;
+        } else if constexpr (is_specialisation_of_optional<T>::value) {
+            if (op == NONE) {
+                out.reset();
+                return true;
+            }
+            --q;
+            typename T::value_type v{};
+            if (!scalar(q, v, len, key)) return false;
+            out = std::move(v);
+            return true;
+        } else if constexpr (std::is_same_v<T, bool>) {
+            if (op != NEWTRUE && op != NEWFALSE) return false;
+            out = op == NEWTRUE;
+            return true;
+        } else if constexpr (std::is_integral_v<T>) {
+            std::int64_t v;
+            if (!integer(op, q, v) || !std::in_range<T>(v)) return false;
+            out = static_cast<T>(v);
+            return true;
+        } else if constexpr (std::is_floating_point_v<T>) {
+            if (op == BINFLOAT) {
+                if (end_ - q < 8) return false;
+                std::uint64_t bits = 0;
+                for (int i = 0; i < 8; ++i) bits = (bits << 8) | q[i];
+                q += 8;
+                out = static_cast<T>(std::bit_cast<double>(bits));
+                return true;
+            }
+            std::int64_t v;
+            if (!integer(op, q, v)) return false;
+            out = static_cast<T>(v);
+            return true;
+        } else if constexpr (std::is_same_v<T, std::string>) {
+            std::string_view s;
+            const int width = op == SHORT_BINUNICODE ? 1 : op == BINUNICODE ? 4 : op == BINUNICODE8 ? 8 : 0;
+            if (width == 0 || !counted(q, width, s)) return false;
+            if (!ascii(s) && !valid_utf8(s)) return false;
+            out.clear();
+            out.append(s);  // the string is new or cleared: append is assign's work without its case analysis
+            len = s.size();
+            return true;
+        } else {
+            static_assert(std::is_same_v<T, Bytes> || std::is_same_v<T, ByteArray>);
+            std::string_view s;
+            // A bytearray is no dict key or set item (unhashable): the full reader refuses it there.
+            const int width = op == SHORT_BINBYTES ? 1 : op == BINBYTES ? 4 : op == BINBYTES8 ? 8
+                              : (op == BYTEARRAY8 && !key) ? 8 : 0;
+            if (width == 0 || !counted(q, width, s)) return false;
+            out.data.assign(s);
+            len = s.size();
+            return true;
+        }
+    }
+
+    // MEMOIZE / BINPUT / LONG_BINPUT after a value starting at `at` (kContainer for a container).
+    bool memo_after(std::size_t at, std::size_t len) {
+        for (;;) {
+            const int op = peek();
+            std::uint64_t index;
+            if (op != MEMOIZE && op != BINPUT && op != LONG_BINPUT) [[likely]]
+                return true;
+            if (op == MEMOIZE) {
+                index = memo_.n;
+                p_ += 1;
+            } else if (op == BINPUT || op == LONG_BINPUT) {
+                const int width = op == BINPUT ? 1 : 4;
+                if (end_ - p_ < 1 + width) return false;
+                index = le(p_ + 1, width);
+                p_ += 1 + width;
+            } else {
+                return true;
+            }
+            // Python's pickler files each value once, under the next index; anything else is
+            // the full reader's to handle.
+            if (index != memo_.n) return false;
+            memo_.push(at);
+            if (at != kContainer && !count_copy(len)) return false;
+        }
+    }
+
+    template <class T>
+    bool value(T& out, std::size_t depth, bool key) {
+        if constexpr (is_specialisation_of_optional<T>::value && !fast_scalar<T>) {
+            if (peek() == NONE) {
+                ++p_;
+                out.reset();
+                return true;
+            }
+            typename T::value_type v{};
+            if (!value(v, depth, key)) return false;
+            out = std::move(v);
+            return true;
+        } else if constexpr (fast_scalar<T>) {
+            return scalar_value(out, key);
+        } else {
+            if (depth + 1 > limits_.max_depth) return false;
+            return container(out, depth + 1, key);
+        }
+    }
+
+    // A scalar as Python writes it: its opcode and (Python files every str so) one MEMOIZE, read
+    // with the position in a register and everything inlined into the container's loop. A memo
+    // fetch, a frame or more memo opcodes take scalar_value_rest.
+    template <class T>
+    [[gnu::always_inline]] bool scalar_value(T& out, bool key) {
+        const unsigned char* q = p_;
+        if (q == end_ || *q == FRAME || *q == BINGET || *q == LONG_BINGET) [[unlikely]]
+            return scalar_value_rest(out, key);
+        const std::size_t at = static_cast<std::size_t>(q - begin_);
+        std::size_t len = 0;
+        if (!scalar(q, out, len, key)) return false;
+        if (q != end_ && *q == MEMOIZE) {
+            ++q;
+            memo_.push(at);
+            if (!count_copy(len)) return false;
+        }
+        p_ = q;
+        if (q == end_ || (*q != MEMOIZE && *q != BINPUT && *q != LONG_BINPUT && *q != FRAME)) [[likely]]
+            return true;
+        return memo_after(at, len);
+    }
+    template <class T>
+    [[gnu::noinline]] bool scalar_value_rest(T& out, bool key) {
+        const int op = peek();
+        std::size_t len = 0;
+        if (op == BINGET || op == LONG_BINGET) {
+            const int width = op == BINGET ? 1 : 4;
+            if (end_ - p_ < 1 + width) return false;
+            const std::uint64_t index = le(p_ + 1, width);
+            p_ += 1 + width;
+            if (index >= memo_.n) return false;
+            const std::size_t at = memo_.get(static_cast<std::size_t>(index));
+            if (at == kContainer) return false;
+            const unsigned char* q = begin_ + at;
+            return scalar(q, out, len, key) && count_copy(len) && memo_after(at, len);
+        }
+        if (op < 0) return false;
+        const std::size_t at = static_cast<std::size_t>(p_ - begin_);
+        return scalar(p_, out, len, key) && memo_after(at, len);
+    }
+
+    template <class T>
+    struct is_scalar : std::bool_constant<none_like<T> || std::is_arithmetic_v<T> || std::is_same_v<T, std::string> ||
+                                          std::is_same_v<T, Bytes> || std::is_same_v<T, ByteArray>> {};
+    template <class T>
+    struct is_scalar<std::optional<T>> : is_scalar<T> {};
+    template <class T>
+    static constexpr bool fast_scalar = is_scalar<T>::value;
+
+    // The state a speculative parse returns to when what followed was not this container's.
+    struct Saved {
+        const unsigned char* p;
+        std::size_t memo;
+        std::size_t copied;
+    };
+    Saved save() const { return {p_, memo_.n, copied_}; }
+    void restore(const Saved& s) {
+        p_ = s.p;
+        memo_.truncate(s.memo);
+        copied_ = s.copied;
+    }
+
+    // The items of a list, dict or set after its EMPTY_ opcode: batches of MARK items CLOSE, or
+    // (Python writes a batch of one so) one item and SINGLE. After an empty container or a
+    // single item, what comes next may be the enclosing container's: a MARK batch that does not
+    // close as this one would is left to the full reader; a single item that is not followed by
+    // SINGLE was the enclosing container's, and reading resumes before it. read(many) reads one
+    // item into its place, or inside a MARK batch (many) perhaps several; keep(true) keeps what it
+    // read, keep(false) takes it back (only ever after read(false)).
+    template <class Read, class Keep>
+    bool batches(int close, int single, Read&& read, Keep&& keep) {
+        for (;;) {
+            const int op = peek();
+            if (op == MARK) {
+                ++p_;
+                while (peek() != close) {
+                    if (!read(true)) return false;
+                    keep(true);
+                }
+                ++p_;
+                continue;
+            }
+            if (single < 0 || op < 0 || op == STOP) return true;
+            const Saved s = save();
+            if (!read(false) || next() != single) {
+                keep(false);
+                restore(s);
+                return true;
+            }
+            keep(true);
+        }
+    }
+    // The same, each item read into a fresh Item and handed to add.
+    template <class Item, class Add>
+    bool batches(int close, int single, std::size_t depth, bool key_items, Add&& add) {
+        Item item{};
+        return batches(
+            close, single,
+            [&](bool) {
+                item = Item{};
+                return read_item(item, depth, key_items);
+            },
+            [&](bool keep) {
+                if (keep) add(std::move(item));
+            });
+    }
+    template <class K, class V>
+    struct KeyValue {
+        K key;
+        V value;
+    };
+    template <class K, class V>
+    bool read_item(KeyValue<K, V>& kv, std::size_t depth, bool) {
+        return value(kv.key, depth, true) && value(kv.value, depth, false);
+    }
+    template <class T>
+    bool read_item(T& item, std::size_t depth, bool key) {
+        return value(item, depth, key);
+    }
+
+    template <class T>
+    bool container(T& out, std::size_t depth, bool key) {
+        const std::size_t at = kContainer;
+        if constexpr (map_like<T>) {
+            if (key || next() != EMPTY_DICT || !memo_after(at, 0)) return false;
+            out.clear();
+            using Pair = KeyValue<typename T::key_type, typename T::mapped_type>;
+            // Python's dicts are often in key order already: hinting the end makes each insertion
+            // into a std::map one comparison instead of a walk down the tree.
+            return batches<Pair>(SETITEMS, SETITEM, depth, true, [&](Pair&& kv) {
+                if constexpr (requires { out.insert_or_assign(out.end(), std::move(kv.key), std::move(kv.value)); })
+                    out.insert_or_assign(out.end(), std::move(kv.key), std::move(kv.value));
+                else
+                    out.insert_or_assign(std::move(kv.key), std::move(kv.value));
+            });
+        } else if constexpr (set_like<T>) {
+            out.clear();
+            auto add = [&](typename T::key_type&& e) { out.insert(std::move(e)); };
+            const int op = next();
+            if (op == EMPTY_SET && !key) {
+                return memo_after(at, 0) && batches<typename T::key_type>(ADDITEMS, -1, depth, true, add);
+            }
+            if (op != MARK) return false;
+            while (peek() != FROZENSET) {
+                typename T::key_type e{};
+                if (!value(e, depth, true)) return false;
+                add(std::move(e));
+            }
+            ++p_;
+            return memo_after(at, 0);
+        } else if constexpr (sequence_like<T>) {
+            if constexpr (pair_sequence<T>) {
+                if (peek() == EMPTY_DICT) return dict_items(out, depth, key);
+            }
+            out.clear();
+            auto add = [&](typename T::value_type&& e) { out.push_back(std::move(e)); };
+            if (peek() == EMPTY_LIST) {
+                ++p_;
+                return !key && memo_after(at, 0) && batches<typename T::value_type>(APPENDS, APPEND, depth, false, add);
+            }
+            return tuple_items(depth, key, [&](auto&& read) {
+                typename T::value_type e{};
+                if (!read(e)) return false;
+                add(std::move(e));
+                return true;
+            });
+        } else {
+            static_assert(tuple_like<T>);
+            // A tuple read into a std::tuple or pair: exactly its N items (the full reader also takes a list).
+            std::size_t i = 0;
+            bool ok = true;
+            auto one = [&](auto& field) { ok = ok && value(field, depth, key); };
+            const bool read = tuple_items(depth, key, [&](auto&&) {
+                if (i == std::tuple_size_v<T>) return false;
+                std::size_t j = 0;
+                std::apply([&](auto&... f) { ((j++ == i ? one(f) : void()), ...); }, out);
+                ++i;
+                return ok;
+            });
+            return read && i == std::tuple_size_v<T>;
+        }
+    }
+
+    // A dict read as its pairs, each read in place (no pair on the way, no per-item dispatch).
+    template <class T>
+    bool dict_items(T& out, std::size_t depth, bool key) {
+        ++p_;
+        if (key || !memo_after(kContainer, 0)) return false;
+        out.clear();
+        if constexpr (requires { out.reserve(std::size_t{}); }) {
+            // Room for the pairs the rest of the input could hold, up to a small dict's worth
+            // (one allocation for the messages this type is for; a big dict grows as usual).
+            constexpr std::size_t kFirstRoom = 16, kLeastPairBytes = 2;
+            out.reserve(std::min(static_cast<std::size_t>(end_ - p_) / kLeastPairBytes, kFirstRoom));
+        }
+        const bool read = batches(
+            SETITEMS, SETITEM,
+            [&](bool many) {
+                if constexpr (std::is_same_v<typename T::value_type::first_type, std::string> &&
+                              std::is_integral_v<typename T::value_type::second_type> &&
+                              !std::is_same_v<typename T::value_type::second_type, bool>) {
+                    if (str_int_run(out, many)) [[likely]]
+                        return true;
+                }
+                return pair_item(out, depth);
+            },
+            [&](bool keep) {
+                if (!keep) out.pop_back();
+            });
+        if (read) merge_repeated_keys(out);
+        return read;
+    }
+
+    // One str_int_pair, or (many) as many as follow one another, with the position in a register:
+    // p_ lives in memory, and storing and loading it again between pairs lengthens the chain of
+    // dependent loads that reading one pair already is. Flattened: at -O3 GCC otherwise calls
+    // emplace_back out of line, and the call costs as much as the rest of reading the pair.
+    template <class T>
+    [[gnu::flatten]] bool str_int_run(T& out, bool many) {
+        const unsigned char* q = p_;
+        if (!str_int_pair(q, out)) return false;
+        while (many && str_int_pair(q, out)) {
+        }
+        p_ = q;
+        return true;
+    }
+
+    // Out of line, so that the loop over the pairs keeps str_int_pair's few instructions inline.
+    template <class T>
+    [[gnu::noinline]] bool pair_item(T& out, std::size_t depth) {
+        auto& pair = out.emplace_back();
+        return value(pair.first, depth, true) && value(pair.second, depth, false);
+    }
+
+    // The pair Python writes for a str key and a small int value, read in one go: SHORT_BINUNICODE
+    // of ASCII, perhaps MEMOIZE, then BININT1, BININT2 or BININT not followed by a memo opcode or a
+    // frame. Anything else (and a value out of V's range) leaves everything as it was and answers
+    // false: the general route then reads the pair, or refuses it, exactly as it would have.
+    // q moves past the pair when it is read.
+    template <class T>
+    [[gnu::always_inline]] bool str_int_pair(const unsigned char*& at_pair, T& out) {
+        using V = typename T::value_type::second_type;
+        const unsigned char* q = at_pair;
+        if (end_ - q < 2 || q[0] != SHORT_BINUNICODE) return false;
+        const std::size_t n = q[1];
+        // The key, an optional MEMOIZE, and the value's shortest form must be in the input.
+        if (static_cast<std::size_t>(end_ - q) < 2 + n + 2) return false;
+        const std::string_view key(reinterpret_cast<const char*>(q + 2), n);
+        if (!ascii(key)) return false;
+        const std::size_t at = static_cast<std::size_t>(q - begin_);
+        q += 2 + n;
+        auto memo_next = [](unsigned op) { return op == MEMOIZE || op == BINPUT || op == LONG_BINPUT || op == FRAME; };
+        bool memoize;
+        std::int64_t v;
+        if (std::endian::native == std::endian::little && end_ - q >= 8) [[likely]] {
+            // What follows the key (MEMOIZE?, the int, the next opcode: 7 bytes at most) in one
+            // load, taken apart in registers: one load where bytes one by one make a chain of
+            // dependent loads, each waiting for the last to say where the next byte is.
+            std::uint64_t w = load_word<8>(q);
+            memoize = (w & 0xff) == MEMOIZE;
+            w >>= 8 * memoize;
+            int len;
+            switch (w & 0xff) {
+                case BININT1: v = static_cast<std::int64_t>((w >> 8) & 0xff), len = 2; break;
+                case BININT2: v = static_cast<std::int64_t>((w >> 8) & 0xffff), len = 3; break;
+                case BININT: v = static_cast<std::int32_t>(static_cast<std::uint32_t>(w >> 8)), len = 5; break;
+                default: return false;
+            }
+            if (memo_next((w >> (8 * len)) & 0xff)) return false;
+            q += memoize + len;
+        } else {
+            memoize = *q == MEMOIZE;
+            q += memoize;
+            const std::ptrdiff_t left = end_ - q;
+            if (left >= 2 && q[0] == BININT1) {
+                v = q[1];
+                q += 2;
+            } else if (left >= 3 && q[0] == BININT2) {
+                v = q[1] | (q[2] << 8);
+                q += 3;
+            } else if (left >= 5 && q[0] == BININT) {
+                v = static_cast<std::int32_t>(static_cast<std::uint32_t>(le(q + 1, 4)));
+                q += 5;
+            } else {
+                return false;
+            }
+            if (q != end_ && memo_next(*q)) return false;
+        }
+        if (!std::in_range<V>(v)) return false;
+        if (memoize) {
+            if (copied_ + n > limits_.max_size) return false;
+            memo_.push(at);
+            copied_ += n;
+        }
+        out.emplace_back(std::piecewise_construct, std::forward_as_tuple(key), std::forward_as_tuple(static_cast<V>(v)));
+        at_pair = q;
+        return true;
+    }
+
+    // A tuple's items: EMPTY_TUPLE; MARK items TUPLE; or one to three items and TUPLE1..3.
+    // each(read) reads one item with read(item).
+    template <class Each>
+    bool tuple_items(std::size_t depth, bool key, Each&& each) {
+        auto read = [&](auto& item) { return value(item, depth, key); };
+        const int op = peek();
+        if (op == EMPTY_TUPLE) {
+            ++p_;
+            return memo_after(kContainer, 0);
+        }
+        if (op == MARK) {
+            ++p_;
+            while (peek() != TUPLE)
+                if (!each(read)) return false;
+            ++p_;
+            return memo_after(kContainer, 0);
+        }
+        for (int n = 1; n <= 3; ++n) {
+            if (!each(read)) return false;
+            if (peek() == TUPLE1 + n - 1) {
+                ++p_;
+                return memo_after(kContainer, 0);
+            }
+        }
+        return false;
+    }
+
+    const unsigned char* begin_;
+    const unsigned char* p_;
+    const unsigned char* end_;
+    const Limits& limits_;
+    Memo memo_;
+    std::size_t copied_ = 0;  // bytes of str and bytes filed in or fetched from the memo
+};
+
+}  // namespace detail
+
 /// The pickle of a value (protocol 4), as Python's pickle.dumps(value, protocol=4) would read it back.
 template <class T>
 std::string dumps(const T& value) {
@@ -606,10 +1492,16 @@ Object loads(std::string_view pickle, const Limits& limits = {});
 /// Reads a pickle into a T: UnpicklingError if it is malformed, refused, or of another shape.
 template <class T>
 T loads(std::string_view pickle, const Limits& limits = {}) {
-    if constexpr (std::is_same_v<T, Object>)
+    if constexpr (std::is_same_v<T, Object>) {
         return loads(pickle, limits);
-    else
+    } else {
+        if constexpr (detail::fast_readable_v<T> && std::is_default_constructible_v<T>) {
+            T out{};
+            if (detail::FastReader(pickle, limits).top(out)) return out;
+        }
+        // Outside the fast reader's subset, or an error: the full reader says which.
         return detail::load<T>(loads(pickle, limits));
+    }
 }
 
 }  // namespace mp::py

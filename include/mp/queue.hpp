@@ -21,6 +21,13 @@
 /// - close() marks this process's handle closed (every copy of the handle in this process shares
 ///   the mark): a later put or get raises mp::QueueClosed (Python: ValueError "Queue is closed").
 ///   It does not affect other processes' handles, nor wake a put or get under way.
+/// - shutdown(immediate) (Python 3.13's queue.Queue.shutdown, here across processes): every
+///   later put raises mp::ShutDown, and so does a put blocked in any process (a message larger
+///   than the ring that was streaming is withdrawn). get returns what was put before and raises
+///   ShutDown once the queue is empty, a blocked get in any process too. With immediate = true
+///   the items still queued are dropped at once and count as task_done (JoinableQueue: join()
+///   then waits only for the items taken before), and every get raises ShutDown. A waiter
+///   learns it within the queue's 50 ms wait slice at worst (at once, normally).
 /// - Difference from Python: there is no feeder thread. A put either completes into shared
 ///   memory before it returns or blocks (or raises Full), so a process that put items nobody has
 ///   consumed can exit, and be joined, at once: its items stay in the queue for the consumers.
@@ -84,7 +91,7 @@
 #include <string_view>
 #include <utility>
 
-#include "mp/detail/futex.hpp"
+#include "mp/detail/deadline.hpp"
 #include "mp/detail/shared_block.hpp"
 #include "mp/errors.hpp"
 #include "mp/serialize.hpp"
@@ -150,6 +157,9 @@ public:
     /// For tests only: the producer lock, a robust process-shared pthread_mutex_t, so that a
     /// test can hold it and stage what a killed waiter leaves behind.
     void* producer_lock_for_testing() const noexcept;
+    /// Puts the queue (in every process) in its shut-down state; see Queue::shutdown.
+    void shutdown(bool immediate);
+    bool is_shutdown() const noexcept;
     /// Marks this process's handles closed.
     void close() noexcept { closed_.store(true, std::memory_order_relaxed); }
     /// Throws QueueClosed after close().
@@ -279,7 +289,8 @@ public:
     explicit Queue(std::size_t maxsize = 0, std::size_t buffer_bytes = default_queue_buffer)
         : core_(detail::make_queue(maxsize, buffer_bytes)) {}
 
-    /// Puts `v`, waiting as long as the queue is full. Throws QueueClosed after close().
+    /// Puts `v`, waiting as long as the queue is full. Throws QueueClosed after close(),
+    /// ShutDown after shutdown() (also when that comes while it waits).
     void put(const T& v) { put_impl(v, true, std::nullopt); }
     /// Puts `v`, waiting at most `timeout`; throws mp::Full after that.
     template <class Rep, class Period>
@@ -291,7 +302,8 @@ public:
     void put_nowait(const T& v) { put_impl(v, false, std::nullopt); }
 
     /// Takes the next item, waiting as long as the queue is empty. Throws QueueClosed after
-    /// close().
+    /// close(); ShutDown when the queue is shut down and empty (or shut down immediately), also
+    /// when that comes while it waits.
     T get() { return get_impl(true, std::nullopt); }
     /// Takes the next item, waiting at most `timeout`; throws mp::Empty after that.
     template <class Rep, class Period>
@@ -311,6 +323,14 @@ public:
     std::size_t maxsize() const { return core().maxsize(); }
     /// The ring's size in bytes.
     std::size_t buffer_size() const { return core().buffer_size(); }
+    /// Shuts the queue down for every process (Python 3.13): put raises ShutDown from now on,
+    /// and get once the queue is empty; puts and gets blocked anywhere wake with ShutDown.
+    /// immediate: drop the queued items now (each counts as task_done, so a JoinableQueue's
+    /// join() returns once the items taken before are done) and make every get raise ShutDown.
+    /// Calling it again is harmless; shutdown(true) after shutdown() still drops the items.
+    void shutdown(bool immediate = false) { core().shutdown(immediate); }
+    /// True once any process called shutdown() (Python's is_shutdown attribute).
+    bool is_shutdown() const { return core().is_shutdown(); }
     /// No more put or get through this process's handles (see the header comment). Nothing on
     /// a handle moved from, which has nothing to close.
     void close() noexcept {
@@ -378,7 +398,8 @@ public:
     /// when there are more task_done calls than items put. An item lost with a consumer killed
     /// while taking it counts as done, so join() does not wait for it forever.
     void task_done() { this->core().task_done(); }
-    /// Waits until every item put was reported done.
+    /// Waits until every item put was reported done (items dropped by shutdown(true) count as
+    /// done).
     void join() { this->core().join(std::nullopt); }
     /// Waits at most `timeout`; returns true when every item put was reported done.
     template <class Rep, class Period>
@@ -403,10 +424,16 @@ public:
     /// A new queue with a ring of `buffer_bytes`.
     explicit SimpleQueue(std::size_t buffer_bytes = default_queue_buffer)
         : q_(0, buffer_bytes) {}
-    /// Puts `v`, waiting for room in the ring. Throws QueueClosed after close().
+    /// Puts `v`, waiting for room in the ring. Throws QueueClosed after close(), ShutDown after
+    /// shutdown().
     void put(const T& v) { q_.put(v); }
-    /// Takes the next item, waiting for one. Throws QueueClosed after close().
+    /// Takes the next item, waiting for one. Throws QueueClosed after close(), ShutDown when
+    /// shut down and empty.
     T get() { return q_.get(); }
+    /// As Queue::shutdown (Python's SimpleQueue has none; queue.Queue's semantics).
+    void shutdown(bool immediate = false) { q_.shutdown(immediate); }
+    /// As Queue::is_shutdown.
+    bool is_shutdown() const { return q_.is_shutdown(); }
     /// True when no item is waiting (a snapshot).
     bool empty() const { return q_.empty(); }
     /// No more put or get through this process's handles.

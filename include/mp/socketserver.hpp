@@ -51,6 +51,7 @@
 #include <vector>
 
 #include "mp/connection.hpp"
+#include "mp/detail/fd.hpp"
 #include "mp/errors.hpp"
 
 namespace mp {
@@ -68,20 +69,20 @@ class Request {
 public:
     Request() = default;
     Request(Request&& o) noexcept
-        : data(std::move(o.data)), fd_(std::exchange(o.fd_, -1)), owned_(std::exchange(o.owned_, false)) {}
+        : data(std::move(o.data)), conn_(std::move(o.conn_)), server_sock_(std::exchange(o.server_sock_, -1)) {}
     Request& operator=(Request&& o) noexcept;
     Request(const Request&) = delete;
     Request& operator=(const Request&) = delete;
-    ~Request() { close(); }
+    ~Request() = default;
 
-    int fd() const noexcept { return fd_; }
+    int fd() const noexcept { return conn_ ? conn_.get() : server_sock_; }
     std::string data;
 
 private:
     friend class BaseServer;
     void close() noexcept;
-    int fd_ = -1;
-    bool owned_ = false;  // stream connections are owned; a datagram server's socket is not
+    detail::Fd conn_;       // a stream server's accepted connection: the request's own
+    int server_sock_ = -1;  // a datagram server's socket: the server's, only lent
 };
 
 /// Python's rfile: buffered reads from a socket (StreamRequestHandler) or from a packet
@@ -103,7 +104,7 @@ public:
 
 private:
     bool fill();
-    int fd_ = -1;
+    int fd_ = -1;  // lent by the Request, which closes it
     detail::Timeout timeout_;
     std::string buf_;
     std::size_t pos_ = 0;
@@ -121,7 +122,7 @@ public:
     const std::string& getvalue() const noexcept { return buf_; }
 
 private:
-    int fd_ = -1;
+    int fd_ = -1;  // lent by the Request, which closes it
     std::string buf_;
 };
 

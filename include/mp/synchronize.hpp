@@ -73,7 +73,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "mp/detail/futex.hpp"
+#include "mp/detail/deadline.hpp"
 #include "mp/detail/task.hpp"
 #include "mp/errors.hpp"
 #include "mp/serialize.hpp"

@@ -19,8 +19,13 @@
 /// Where the hook runs: in the thread that logs. It is skipped, and the message written with
 /// write(2) to stderr, where a user's sink cannot safely run: in the shared-memory tracker (a
 /// process forked from a parent that may run threads). Nothing mp logs between fork and the
-/// start of a child's work. Workers of a pool run the sink of their process image (under
-/// forkserver: the sink set before the forkserver started, usually none).
+/// start of a child's work.
+///
+/// Children. A fork child is a copy: it has the parent's level and sink. A forkserver or spawn
+/// child (a Process or a pool's worker) takes, when it starts, the parent's level and whether
+/// log_to_stderr is on, as Python's spawn passes them; a sink set with set_sink is a closure of
+/// the parent's and does not follow (the child has the default sink). Later changes in the parent
+/// reach only children started after them.
 
 #include <cstdint>
 #include <functional>

@@ -13,14 +13,18 @@
 #include "mp/detail/deadline.hpp"
 #include "sys/error.hpp"
 
-namespace mp::sys {
+namespace mp::detail {
 
 void Fd::reset(int fd) noexcept {
     if (fd_ >= 0) ::close(fd_);
     fd_ = fd;
 }
 
-Fd Fd::dup() const { return Fd(check(::fcntl(fd_, F_DUPFD_CLOEXEC, 0), "fcntl(F_DUPFD_CLOEXEC)")); }
+Fd Fd::dup() const { return Fd(sys::check(::fcntl(fd_, F_DUPFD_CLOEXEC, 0), "fcntl(F_DUPFD_CLOEXEC)")); }
+
+}  // namespace mp::detail
+
+namespace mp::sys {
 
 std::size_t read_full(int fd, void* buf, std::size_t n) {
     auto* p = static_cast<char*>(buf);

@@ -11,35 +11,12 @@
 #include <sys/types.h>
 #include <utility>
 
+#include "mp/detail/fd.hpp"
+
 namespace mp::sys {
 
-/// Owns one file descriptor; closes it on destruction. Never retries close on EINTR (Linux
-/// releases the descriptor even when close reports EINTR, so a retry could close a stranger's).
-class Fd {
-public:
-    Fd() noexcept = default;
-    explicit Fd(int fd) noexcept : fd_(fd) {}
-    Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
-    Fd& operator=(Fd&& o) noexcept {
-        if (this != &o) reset(std::exchange(o.fd_, -1));
-        return *this;
-    }
-    Fd(const Fd&) = delete;
-    Fd& operator=(const Fd&) = delete;
-    ~Fd() { reset(); }
-
-    int get() const noexcept { return fd_; }
-    explicit operator bool() const noexcept { return fd_ >= 0; }
-    /// Gives up ownership without closing.
-    [[nodiscard]] int release() noexcept { return std::exchange(fd_, -1); }
-    /// Closes the current descriptor (if any) and takes `fd`.
-    void reset(int fd = -1) noexcept;
-    /// A new descriptor for the same file, close-on-exec.
-    Fd dup() const;
-
-private:
-    int fd_ = -1;
-};
+/// The owner of a descriptor (defined in the public detail header: public classes hold one too).
+using mp::detail::Fd;
 
 /// Reads until `buf` is full or end of file; returns the bytes read (short only at EOF).
 /// Retries on EINTR; waits for readiness on a non-blocking descriptor.

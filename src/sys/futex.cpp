@@ -1,4 +1,4 @@
-#include "mp/detail/futex.hpp"
+#include "sys/futex.hpp"
 
 #include <cerrno>
 #include <climits>
@@ -9,7 +9,7 @@
 
 #include "sys/error.hpp"
 
-namespace mp::detail {
+namespace mp::sys {
 
 namespace {
 
@@ -22,15 +22,17 @@ std::uint32_t* address(const std::atomic<std::uint32_t>& word) noexcept {
     return reinterpret_cast<std::uint32_t*>(const_cast<std::atomic<std::uint32_t>*>(&word));
 }
 
-long futex(std::uint32_t* addr, int op, std::uint32_t val, const timespec* ts,
+long futex(std::uint32_t* addr, int op, FutexScope scope, std::uint32_t val, const timespec* ts,
            std::uint32_t val3) noexcept {
+    if (scope == FutexScope::process_private) op |= FUTEX_PRIVATE_FLAG;
     return ::syscall(SYS_futex, addr, op, val, ts, nullptr, val3);
 }
 
 }  // namespace
 
 FutexResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
-                       const Deadline& deadline, std::uint32_t bitset) {
+                       const mp::detail::Deadline& deadline, std::uint32_t bitset,
+                       FutexScope scope) {
     timespec ts{};
     const timespec* tsp = nullptr;
     if (deadline) {
@@ -44,7 +46,7 @@ FutexResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t exp
         ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
         tsp = &ts;
     }
-    if (futex(address(word), FUTEX_WAIT_BITSET, expected, tsp, bitset) == 0)
+    if (futex(address(word), FUTEX_WAIT_BITSET, scope, expected, tsp, bitset) == 0)
         return FutexResult::woken;
     switch (errno) {
         case EAGAIN:  // the word no longer held `expected`
@@ -53,20 +55,22 @@ FutexResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t exp
         case ETIMEDOUT:
             return FutexResult::timed_out;
         default:
-            sys::throw_system_error(errno, "futex(FUTEX_WAIT_BITSET)");
+            throw_system_error(errno, "futex(FUTEX_WAIT_BITSET)");
     }
 }
 
-int futex_wake(const std::atomic<std::uint32_t>& word, int count, std::uint32_t bitset) {
+int futex_wake(const std::atomic<std::uint32_t>& word, int count, std::uint32_t bitset,
+               FutexScope scope) {
     if (count <= 0) return 0;
-    const long woken = futex(address(word), FUTEX_WAKE_BITSET, static_cast<std::uint32_t>(count),
-                             nullptr, bitset);
-    if (woken < 0) sys::throw_system_error(errno, "futex(FUTEX_WAKE_BITSET)");
+    const long woken = futex(address(word), FUTEX_WAKE_BITSET, scope,
+                             static_cast<std::uint32_t>(count), nullptr, bitset);
+    if (woken < 0) throw_system_error(errno, "futex(FUTEX_WAKE_BITSET)");
     return static_cast<int>(woken);
 }
 
-int futex_wake_all(const std::atomic<std::uint32_t>& word, std::uint32_t bitset) {
-    return futex_wake(word, INT_MAX, bitset);
+int futex_wake_all(const std::atomic<std::uint32_t>& word, std::uint32_t bitset,
+                   FutexScope scope) {
+    return futex_wake(word, INT_MAX, bitset, scope);
 }
 
-}  // namespace mp::detail
+}  // namespace mp::sys

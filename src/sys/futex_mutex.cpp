@@ -9,7 +9,7 @@
 #include <system_error>
 #include <unistd.h>
 
-#include "mp/detail/futex.hpp"
+#include "sys/futex.hpp"
 #include "sys/cpu_relax.hpp"
 #include "sys/error.hpp"
 
@@ -127,7 +127,7 @@ FutexMutex::Result FutexMutex::lock_slow(
             const auto now = std::chrono::steady_clock::now();
             if (deadline && now >= *deadline) break;
             const auto recheck = now + kRecheck;
-            (void)mp::detail::futex_wait(word, v,
+            (void)futex_wait(word, v,
                                          deadline ? std::min(recheck, *deadline) : recheck);
             waiters = kWaiters;
             v = word.load(std::memory_order_relaxed);

@@ -1,5 +1,8 @@
 #include "sys/helper_process.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <csignal>
 #include <sys/syscall.h>
 
@@ -17,12 +20,25 @@ void reset_signals(std::initializer_list<int> ignored) noexcept {
     for (int sig : ignored) ::sigaction(sig, &action, nullptr);
 }
 
-void keep_only(int fd, int target) noexcept {
-    if (fd != target) {
-        ::dup2(fd, target);
-        if (fd > target) ::close(fd);  // a lower one is stdio: the caller decides about those
-    }
+void keep_only(int fd, int target, bool close_on_exec) noexcept {
+    if (fd != target)
+        ::syscall(SYS_dup3, fd, target, close_on_exec ? O_CLOEXEC : 0);
+    else if (close_on_exec)
+        ::syscall(SYS_fcntl, fd, F_SETFD, FD_CLOEXEC);
+    // `fd` itself, when above `target`, closes with the rest; a lower one is stdio: the caller
+    // decides about those.
     ::syscall(SYS_close_range, target + 1, ~0U, 0);
+}
+
+namespace {
+// The address of _exit, taken when the program is loaded (a data relocation is never lazy). The
+// volatile read keeps the compiler from turning the call back into one through the PLT.
+void (*volatile const g_exit)(int) = ::_exit;
+}  // namespace
+
+void exit_child(int code) noexcept {
+    g_exit(code);
+    __builtin_unreachable();
 }
 
 }  // namespace mp::sys

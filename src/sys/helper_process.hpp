@@ -10,9 +10,16 @@ namespace mp::sys {
 /// In a new helper: no signal blocked, every disposition the default, then `ignored` ignored.
 void reset_signals(std::initializer_list<int> ignored) noexcept;
 
-/// In a new helper: `fd` moved to descriptor `target` (> 2), every descriptor above `target`
-/// closed, stdio kept. A descriptor kept open by a helper would hide end of file from its reader
-/// for as long as the helper lives.
-void keep_only(int fd, int target) noexcept;
+/// In a new helper: `fd` moved to descriptor `target` (> 2), close-on-exec if asked, every
+/// descriptor above `target` closed, stdio kept. A descriptor kept open by a helper would hide
+/// end of file from its reader for as long as the helper lives. Raw syscall() only (bound in the
+/// parent already: no lazy binding in a forkserver child).
+void keep_only(int fd, int target, bool close_on_exec = false) noexcept;
+
+/// Ends a forked child (or a helper) at once, as _exit does, without a call that the dynamic
+/// linker binds on first use: _exit is called only in children, so through its PLT entry every
+/// child would run ld.so's lazy binding (a symbol lookup, about ten page faults on pages the
+/// parent owns, and ld.so's own code after fork).
+[[noreturn]] void exit_child(int code) noexcept;
 
 }  // namespace mp::sys

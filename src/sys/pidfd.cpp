@@ -1,5 +1,9 @@
 #include "sys/pidfd.hpp"
 
+#include <pthread.h>
+
+#include <atomic>
+
 #include <csignal>
 #include <poll.h>
 #include <sys/syscall.h>
@@ -13,6 +17,23 @@
 #endif
 
 namespace mp::sys {
+
+namespace {
+std::atomic<pid_t> g_self_pid{0};
+[[maybe_unused]] const int g_self_pid_atfork =
+    ::pthread_atfork(nullptr, nullptr, [] { g_self_pid.store(0, std::memory_order_relaxed); });
+}  // namespace
+
+pid_t self_pid() noexcept {
+    pid_t p = g_self_pid.load(std::memory_order_relaxed);
+    if (p == 0) {
+        p = ::getpid();
+        g_self_pid.store(p, std::memory_order_relaxed);
+    }
+    return p;
+}
+
+void set_self_pid(pid_t pid) noexcept { g_self_pid.store(pid, std::memory_order_relaxed); }
 
 Fd pidfd_open(pid_t pid) {
     return Fd(static_cast<int>(check(::syscall(SYS_pidfd_open, pid, 0), "pidfd_open")));

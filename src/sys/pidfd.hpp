@@ -19,6 +19,12 @@ bool pidfd_send_signal(int pidfd, int sig);
 std::optional<int> pidfd_wait(int pidfd, bool nohang);
 /// Waits until the process ends (the pidfd polls readable); false on timeout.
 bool pidfd_wait_exit(int pidfd, std::optional<std::chrono::nanoseconds> timeout);
+/// getpid(), cached: a system call, which starting and waiting for a child asked several times
+/// each. The cache is cleared in a fork child (pthread_atfork), so a child made by fork(), mp's
+/// own or the program's, finds its own id; a child made by a raw clone system call would not.
+pid_t self_pid() noexcept;
+/// In a new child that knows its id already (mp's fork children): the cache without a call.
+void set_self_pid(pid_t pid) noexcept;
 /// Turns a waitpid/waitid status into the exitcode convention.
 int decode_wait_status(int code, int status);
 

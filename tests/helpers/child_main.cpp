@@ -30,6 +30,8 @@
 ///                               global std::mutex) while forkserver children lock that mutex
 ///   threaded-forkserver-late    threads that allocate run before the first forkserver use;
 ///                               forkserver children allocate and print "fs-child I allocated N"
+///   children-run-no-linker      two fork and two forkserver children run an empty function;
+///                               prints "fork-pid P" and "forkserver-pid P" for each
 ///   atexit-not-run FILE         an atexit handler and a static destructor append "atexit PID" and
 ///                               "static-dtor PID" to FILE; a fork child prints "child-buffered"
 ///                               without a newline and returns; prints "child-pid P"
@@ -47,7 +49,10 @@
 ///                               the threads let go
 ///   spawn-without-hook          (mp_test_nohook: linked without -Wl,--wrap=main) tries spawn and
 ///                               forkserver with Process::start and set_start_method; prints
-///                               "started/set METHOD" or "refused [set] METHOD: WHAT" for each
+///                               "started/set METHOD" or "refused [set] METHOD: WHAT" for each;
+///                               then whether the forkserver (forked from it) ran the
+///                               set_forkserver_preload function, the number of
+///                               get_all_start_methods(), and whether get_context(spawn) is refused
 
 #include <atomic>
 #include <cerrno>
@@ -68,6 +73,7 @@
 #include <utility>
 #include <vector>
 
+#include "mp/context.hpp"
 #include "mp/futures.hpp"
 #include "mp/pool.hpp"
 #include "mp/process.hpp"
@@ -510,7 +516,14 @@ int mode_threaded_parent(const std::string& method_name) {
     return 0;
 }
 
+int g_preloaded = 0;
+void preload() { g_preloaded = 1; }
+void check_preloaded() {
+    if (g_preloaded != 1) throw std::runtime_error("the forkserver did not run the preload");
+}
+
 int mode_spawn_without_hook() {
+    mp::set_forkserver_preload({&preload});
     for (const auto method : {mp::StartMethod::spawn, mp::StartMethod::forkserver}) {
         try {
             mp::Process p(mp::ProcessOptions{.start_method = method}, do_nothing);
@@ -525,6 +538,31 @@ int mode_spawn_without_hook() {
             std::printf("set %s\n", mp::to_string(method).c_str());
         } catch (const mp::ProcessError& e) {
             std::printf("refused set %s: %s\n", mp::to_string(method).c_str(), e.what());
+        }
+    }
+    mp::Process p(mp::ProcessOptions{.start_method = mp::StartMethod::forkserver}, check_preloaded);
+    p.start();
+    p.join();
+    std::printf("preloaded forkserver child, exit code %d\n", p.exitcode().value_or(-1000));
+    std::printf("%zu start methods\n", mp::get_all_start_methods().size());
+    try {
+        (void)mp::get_context(mp::StartMethod::spawn);
+        std::printf("context spawn\n");
+    } catch (const mp::ProcessError&) {
+        std::printf("refused context spawn\n");
+    }
+    return 0;
+}
+
+// Two fork and two forkserver children running an empty function; prints "<method>-pid P" each.
+int mode_children_run_no_linker() {
+    for (const auto method : {mp::StartMethod::fork, mp::StartMethod::forkserver}) {
+        for (int i = 0; i < 2; ++i) {
+            mp::Process p(mp::ProcessOptions{.start_method = method}, do_nothing);
+            p.start();
+            p.join();
+            if (p.exitcode() != 0) return 1;
+            std::printf("%s-pid %d\n", mp::to_string(method).c_str(), static_cast<int>(p.pid()));
         }
     }
     return 0;
@@ -576,6 +614,7 @@ int main(int argc, char** argv) {
         if (mode == "cxx-unflushed" && argc > 3) return mode_cxx_unflushed(arg, argv[3]);
         if (mode == "threaded-parent" && argc > 2) return mode_threaded_parent(arg);
         if (mode == "spawn-without-hook") return mode_spawn_without_hook();
+        if (mode == "children-run-no-linker") return mode_children_run_no_linker();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());
         return 70;

@@ -42,6 +42,34 @@ std::exception_ptr make_remote_exception(const ErrorInfo& info);
 
 class FutureCore;
 
+/// A mutex in one 32-bit word, for the threads of one process (Drepper's three-state futex
+/// mutex: 0 free, 1 locked, 2 locked with sleepers; its futex is process-private). A pool holds a
+/// FutureCore per queued task, and std::mutex alone is 40 bytes. Not sys::FutexMutex, the
+/// other futex mutex: that one lives in memory shared between processes and is robust (the
+/// owner's thread id in its word, linked into the kernel's robust list so a dead holder's lock
+/// is recovered), which costs a list update per lock and needs the owner's id; a future's lock
+/// is never shared with another process, and its holder cannot die without its waiters.
+class WordMutex {
+public:
+    void lock() noexcept {
+        std::uint32_t c = 0;
+        if (!word_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed))
+            lock_contended(c);
+    }
+    bool try_lock() noexcept {
+        std::uint32_t c = 0;
+        return word_.compare_exchange_strong(c, 1, std::memory_order_acquire, std::memory_order_relaxed);
+    }
+    void unlock() noexcept {
+        if (word_.exchange(0, std::memory_order_release) == 2) wake_one();
+    }
+
+private:
+    void lock_contended(std::uint32_t c) noexcept;
+    void wake_one() noexcept;
+    std::atomic<std::uint32_t> word_{0};
+};
+
 /// Something waiting for any of several futures (mp::wait, mp::as_completed).
 class FutureWaiter {
 public:
@@ -56,7 +84,7 @@ class FutureCore : public std::enable_shared_from_this<FutureCore> {
 public:
     enum class State : std::uint8_t { pending, running, finished, cancelled };
 
-    State state() const noexcept { return state_.load(std::memory_order_acquire); }
+    State state() const noexcept { return state_of(word_.load(std::memory_order_acquire)); }
     bool done() const noexcept {
         State s = state();
         return s == State::finished || s == State::cancelled;
@@ -83,7 +111,7 @@ public:
     /// The exception, once finished with one; nullptr otherwise.
     std::exception_ptr error() const noexcept { return error_; }
     /// The value given to set_value, once finished with one; nullptr otherwise (then bytes()).
-    const void* value() const noexcept { return value_.get(); }
+    const void* value() const noexcept { return rare_ ? rare_->value.get() : nullptr; }
 
     /// Runs `cb` once done: at once in this thread when already done, else in the thread that
     /// completes the core (the pool's result thread) or the one that cancels it. An exception
@@ -107,27 +135,52 @@ public:
     virtual ~FutureCore() = default;
 
 protected:
-    /// Asked by cancel() while pending: take the work back from wherever it waits; false when
-    /// it has already started. The default: nothing to take back.
+    /// Asked by cancel() while pending, with state_mutex() held: take the work back from
+    /// wherever it waits; false when it has already started. The default: nothing to take back.
     virtual bool withdraw() noexcept { return true; }
+    /// The lock cancel() holds around withdraw(): a subclass guards where its work waits with
+    /// it (a pool holds a core per queued task, so a second mutex per task would cost memory).
+    /// Never call into the core while holding it.
+    WordMutex& state_mutex() const noexcept { return mu_; }
 
 private:
-    // With the final state already stored under `lk`: wakes waiters and sleepers, releases `lk`
-    // and runs the callbacks outside it.
+    // The word: the State in the low byte, plus kSleeping once a thread in wait() sleeps on the
+    // word (a futex), so that the completing thread makes the wake-up call only then.
+    static constexpr std::uint32_t kStateMask = 0xff;
+    static constexpr std::uint32_t kSleeping = 0x100;
+    static State state_of(std::uint32_t word) noexcept { return static_cast<State>(word & kStateMask); }
+    static bool is_done(std::uint32_t word) noexcept {
+        return state_of(word) == State::finished || state_of(word) == State::cancelled;
+    }
+
     // set_result, set_exception and set_value: the outcome, unless the future is done already
     // (then false).
     bool finish(std::string bytes, std::exception_ptr error, std::shared_ptr<const void> value);
-    void complete(std::unique_lock<std::mutex>& lk);
+    // With the final state stored under `lk` (`before`: the word it replaced): tells waiters,
+    // wakes sleepers, releases `lk` and runs the callbacks outside it.
+    void complete(std::unique_lock<WordMutex>& lk, std::uint32_t before);
 
-    std::atomic<State> state_{State::pending};
-    mutable std::mutex mu_;
-    mutable std::condition_variable cv_;
-    mutable int sleepers_ = 0;  // threads in wait(): notify only when someone listens
+    // What most futures never get, made on first use: done callbacks and waiters (mp::wait,
+    // as_completed), and a value that is not encoded (a Promise's). A pool's batch holds a core
+    // per task, so every word the core itself saves is saved per task.
+    struct Rare {
+        std::vector<std::function<void(FutureCore&)>> callbacks;
+        std::vector<FutureWaiter*> waiters;
+        std::shared_ptr<const void> value;  // written before the core is finished, then fixed
+    };
+
+    // Under mu_.
+    Rare& rare() {
+        if (!rare_) rare_ = std::make_unique<Rare>();
+        return *rare_;
+    }
+
+    // mutable: wait() marks it kSleeping.
+    mutable std::atomic<std::uint32_t> word_{static_cast<std::uint32_t>(State::pending)};
+    mutable WordMutex mu_;
     std::string bytes_;
     std::exception_ptr error_;
-    std::shared_ptr<const void> value_;
-    std::vector<std::function<void(FutureCore&)>> callbacks_;
-    std::vector<FutureWaiter*> waiters_;
+    std::unique_ptr<Rare> rare_;  // once made, kept: value() reads it without the lock
 };
 
 /// mp::wait's core: indices of the cores that are done (in input order) once `mode` is met.

@@ -5,8 +5,11 @@
 // src/manager_servants.cpp.
 
 #include <algorithm>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
+#include <list>
 #include <map>
 #include <memory>
 #include <stdexcept>
@@ -50,61 +53,101 @@ TypeEntry holding_entry(decltype(TypeEntry::methods) methods) {
     return t;
 }
 
+/// A dict keeps insertion order, as Python's (3.7+): keys(), items() and popitem() (LIFO) follow
+/// it; setting an existing key keeps its place.
 template <class K, class V>
 struct DictServant {
-    explicit DictServant(std::map<K, V> m = {}) : d(m.begin(), m.end()) {}
-    std::unordered_map<K, V> d;
+    using Items = std::list<std::pair<K, V>>;
+    Items items;
+    std::unordered_map<K, typename Items::iterator> index;
+
+    void set(const K& k, const V& v) {
+        if (auto it = index.find(k); it != index.end()) {
+            it->second->second = v;
+            return;
+        }
+        items.emplace_back(k, v);
+        index.emplace(k, std::prev(items.end()));
+    }
+    V* find(const K& k) {
+        auto it = index.find(k);
+        return it == index.end() ? nullptr : &it->second->second;
+    }
+    V& at(const K& k) {
+        if (V* v = find(k)) return *v;
+        throw std::out_of_range("KeyError: no such key in the dict");
+    }
+    V take(typename Items::iterator it) {
+        V v = std::move(it->second);
+        index.erase(it->first);
+        items.erase(it);
+        return v;
+    }
+
     static TypeEntry entry() {
         using S = DictServant;
+        using Pairs = std::vector<std::pair<K, V>>;
         TypeEntry t;
         t.make = [](Decoder& in) -> std::shared_ptr<void> {
-            if (in.remaining() == 0) return std::make_shared<S>();
-            auto m = in.get<std::map<K, V>>();
+            auto s = std::make_shared<S>();
+            if (in.remaining() == 0) return s;
+            for (auto& [k, v] : in.get<Pairs>()) s->set(k, v);
             in.finish();
-            return std::make_shared<S>(std::move(m));
+            return s;
         };
         t.methods = {
-            {"set", make_method<S>([](S& s, const K& k, const V& v) { s.d.insert_or_assign(k, v); })},
-            {"get", make_method<S>([](S& s, const K& k) -> V {
-                 auto it = s.d.find(k);
-                 if (it == s.d.end()) throw std::out_of_range("KeyError: no such key in the dict");
-                 return it->second;
-             })},
+            {"set", make_method<S>([](S& s, const K& k, const V& v) { s.set(k, v); })},
+            {"get", make_method<S>([](S& s, const K& k) -> V { return s.at(k); })},
             {"get_or", make_method<S>([](S& s, const K& k, const V& f) -> V {
-                 auto it = s.d.find(k);
-                 return it == s.d.end() ? f : it->second;
+                 const V* v = s.find(k);
+                 return v ? *v : f;
              })},
-            {"contains", make_method<S>([](S& s, const K& k) { return s.d.contains(k); })},
-            {"size", make_method<S>([](S& s) { return std::uint64_t(s.d.size()); })},
+            {"contains", make_method<S>([](S& s, const K& k) { return s.index.contains(k); })},
+            {"size", make_method<S>([](S& s) { return std::uint64_t(s.items.size()); })},
             {"keys", make_method<S>([](S& s) {
                  std::vector<K> r;
-                 for (auto& kv : s.d) r.push_back(kv.first);
+                 for (auto& kv : s.items) r.push_back(kv.first);
                  return r;
              })},
             {"values", make_method<S>([](S& s) {
                  std::vector<V> r;
-                 for (auto& kv : s.d) r.push_back(kv.second);
+                 for (auto& kv : s.items) r.push_back(kv.second);
                  return r;
              })},
-            {"items", make_method<S>([](S& s) {
-                 return std::vector<std::pair<K, V>>(s.d.begin(), s.d.end());
-             })},
+            {"items", make_method<S>([](S& s) { return Pairs(s.items.begin(), s.items.end()); })},
             {"pop", make_method<S>([](S& s, const K& k) -> V {
-                 auto it = s.d.find(k);
-                 if (it == s.d.end()) throw std::out_of_range("KeyError: no such key in the dict");
-                 V v = std::move(it->second);
-                 s.d.erase(it);
+                 auto it = s.index.find(k);
+                 if (it == s.index.end()) throw std::out_of_range("KeyError: no such key in the dict");
+                 return s.take(it->second);
+             })},
+            {"pop_or", make_method<S>([](S& s, const K& k, const V& f) -> V {
+                 auto it = s.index.find(k);
+                 return it == s.index.end() ? f : s.take(it->second);
+             })},
+            {"popitem", make_method<S>([](S& s) -> std::pair<K, V> {
+                 if (s.items.empty()) throw std::out_of_range("KeyError: popitem(): dictionary is empty");
+                 K k = s.items.back().first;
+                 return {std::move(k), s.take(std::prev(s.items.end()))};
+             })},
+            {"erase", make_method<S>([](S& s, const K& k) {
+                 auto it = s.index.find(k);
+                 if (it == s.index.end()) return false;
+                 s.take(it->second);
+                 return true;
+             })},
+            {"setdefault", make_method<S>([](S& s, const K& k, const V& v) -> V {
+                 if (const V* old = s.find(k)) return *old;
+                 s.set(k, v);
                  return v;
              })},
-            {"erase", make_method<S>([](S& s, const K& k) { return s.d.erase(k) != 0; })},
-            {"setdefault", make_method<S>([](S& s, const K& k, const V& v) -> V {
-                 return s.d.try_emplace(k, v).first->second;
+            {"update", make_method<S>([](S& s, const Pairs& kvs) {
+                 for (auto& [k, v] : kvs) s.set(k, v);
              })},
-            {"update", make_method<S>([](S& s, const std::map<K, V>& m) {
-                 for (auto& kv : m) s.d.insert_or_assign(kv.first, kv.second);
+            {"clear", make_method<S>([](S& s) {
+                 s.index.clear();
+                 s.items.clear();
              })},
-            {"clear", make_method<S>([](S& s) { s.d.clear(); })},
-            {"copy", make_method<S>([](S& s) { return std::map<K, V>(s.d.begin(), s.d.end()); })},
+            {"copy", make_method<S>([](S& s) { return std::map<K, V>(s.items.begin(), s.items.end()); })},
         };
         return t;
     }
@@ -128,6 +171,14 @@ decltype(TypeEntry::methods) sequence_methods() {
 template <class T>
 struct ListServant {
     std::vector<T> v;
+    // A list may hold what has no operator== (proxies to other managed objects, as Python's
+    // lists of proxies): then only remove, index and count refuse, as sort does without <.
+    static bool equal(const T& a, const T& b) {
+        if constexpr (std::equality_comparable<T>)
+            return a == b;
+        else
+            throw std::invalid_argument("TypeError: the element type has no operator==");
+    }
     static TypeEntry entry() {
         using S = ListServant;
         TypeEntry t = holding_entry<S>({
@@ -150,21 +201,18 @@ struct ListServant {
                  return x;
              })},
             {"remove", make_method<S>([](S& s, const T& x) {
-                 for (auto it = s.v.begin(); it != s.v.end(); ++it)
-                     if (*it == x) {
-                         s.v.erase(it);
-                         return;
-                     }
-                 throw std::invalid_argument("ValueError: list.remove(x): x not in list");
+                 auto it = std::find_if(s.v.begin(), s.v.end(), [&](const T& y) { return equal(y, x); });
+                 if (it == s.v.end()) throw std::invalid_argument("ValueError: list.remove(x): x not in list");
+                 s.v.erase(it);
              })},
             {"index", make_method<S>([](S& s, const T& x) -> std::uint64_t {
                  for (std::size_t i = 0; i < s.v.size(); ++i)
-                     if (s.v[i] == x) return i;
+                     if (equal(s.v[i], x)) return i;
                  throw std::invalid_argument("ValueError: x is not in list");
              })},
             {"count", make_method<S>([](S& s, const T& x) {
                  std::uint64_t n = 0;
-                 for (auto& y : s.v) n += (y == x);
+                 for (auto& y : s.v) n += equal(y, x);
                  return n;
              })},
             {"clear", make_method<S>([](S& s) { s.v.clear(); })},

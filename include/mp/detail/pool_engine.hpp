@@ -48,7 +48,7 @@ struct PoolConfig {
     int workers = 1;
     StartMethod method = StartMethod::forkserver;
     std::size_t max_tasks_per_child = 0;   // 0: no limit
-    std::size_t max_memory_per_child = 0;  // bytes of resident memory; 0: no limit
+    std::size_t max_memory_per_child = 0;  // bytes of resident growth after ready; 0: no limit
     std::optional<std::chrono::nanoseconds> task_timeout{};
     bool break_on_worker_death = false;
     std::optional<Task> initializer{};
@@ -77,6 +77,10 @@ public:
     void shutdown(bool wait, bool cancel_pending);
     /// Kills the workers at once; unfinished work fails with BrokenProcessPool("terminated").
     void terminate();
+    /// Python 3.14's _force_shutdown: shutdown(false, true), then `sig` to every worker; what
+    /// they were running fails with BrokenProcessPool and the pool is broken. Returns once the
+    /// signals are sent, without waiting for the workers to end.
+    void stop_workers(int sig);
     /// Blocks until the pool's thread has finished (after shutdown or terminate).
     void join();
     bool shut_down() const;

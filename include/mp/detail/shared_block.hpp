@@ -10,9 +10,7 @@
 #include <memory>
 #include <utility>
 
-namespace mp::sys {
-class Fd;
-}
+#include "mp/detail/fd.hpp"
 
 namespace mp::detail {
 
@@ -27,13 +25,13 @@ public:
     SharedBlock(SharedBlock&& o) noexcept
         : data_(std::exchange(o.data_, nullptr)),
           size_(std::exchange(o.size_, 0)),
-          fd_(std::exchange(o.fd_, -1)) {}
+          fd_(std::move(o.fd_)) {}
     SharedBlock& operator=(SharedBlock&& o) noexcept {
         if (this != &o) {
             release();
             data_ = std::exchange(o.data_, nullptr);
             size_ = std::exchange(o.size_, 0);
-            fd_ = std::exchange(o.fd_, -1);
+            fd_ = std::move(o.fd_);
         }
         return *this;
     }
@@ -44,15 +42,15 @@ public:
     void* data() const noexcept { return data_; }
     std::size_t size() const noexcept { return size_; }
     /// The memfd (close-on-exec), to send to another process.
-    int fd() const noexcept { return fd_; }
+    int fd() const noexcept { return fd_.get(); }
     explicit operator bool() const noexcept { return data_ != nullptr; }
 
 private:
-    static SharedBlock map(sys::Fd fd, std::size_t size);
+    static SharedBlock map(Fd fd, std::size_t size);
     void release() noexcept;
     void* data_ = nullptr;
     std::size_t size_ = 0;
-    int fd_ = -1;
+    Fd fd_;
 };
 
 /// One mapping per memfd per process. The handles of one shared object received more than once

@@ -331,6 +331,9 @@ std::optional<Task> make_task(const F& f, const Args&... args) {
     if constexpr (sendable<F, Args...>) {
         (void)invoker_registered<Fn, std::decay_t<Args>...>;
         Encoder e;
+        // One allocation for a call with a few scalar arguments (about 40 bytes), which would
+        // otherwise grow the string twice: a pool pays this per submit.
+        e.bytes().reserve(64);
         Invoker inv = &invoke_from<Fn, std::decay_t<Args>...>;
         CodeRef r = code_ref(reinterpret_cast<std::uintptr_t>(inv));
         e.put(r.module);

@@ -1,6 +1,7 @@
 #pragma once
-// A thin, process-shared futex wrapper: sleep until a 32-bit word in (shared) memory changes, and
-// wake sleepers on it. Used by the synchronisation primitives and the queues.
+// A thin futex wrapper: sleep until a 32-bit word in (shared) memory changes, and wake sleepers
+// on it. Used by the synchronisation primitives and the queues (process-shared words), and by the
+// futures (words only the threads of one process touch: FutexScope::process_private).
 //
 // The pattern every caller follows (no lost wake-up, because the kernel compares the word with
 // `expected` atomically with going to sleep):
@@ -27,10 +28,20 @@
 
 #include "mp/detail/deadline.hpp"
 
-namespace mp::detail {
+namespace mp::sys {
 
 /// Matches every waiter (FUTEX_BITSET_MATCH_ANY).
 inline constexpr std::uint32_t futex_bitset_any = 0xffffffffu;
+
+/// Who may sleep on and wake a word. A waiter and its waker must name the same scope: the kernel
+/// keys the two kinds apart, so a shared wake never wakes a private sleeper, nor the reverse.
+enum class FutexScope {
+    /// The word may live in memory shared between processes (a shared futex).
+    shared,
+    /// Only threads of this process use the word (FUTEX_PRIVATE_FLAG): the kernel keys it by
+    /// address alone, skipping the page lookup and reference a shared futex costs.
+    process_private,
+};
 
 /// Why futex_wait returned.
 enum class FutexResult {
@@ -41,22 +52,25 @@ enum class FutexResult {
 };
 
 /// Sleeps while `word` holds `expected`, until woken or `deadline` (absolute, steady clock).
-/// The word may live in memory shared between processes (a shared futex: never
-/// FUTEX_PRIVATE_FLAG). `bitset` (non-zero) chooses which futex_wake calls wake this sleeper: a
-/// wake whose bitset shares a bit with it. Throws std::system_error("futex") only for misuse the
-/// kernel refuses (a bad address, a zero bitset).
+/// By default the word may live in memory shared between processes (`scope`). `bitset`
+/// (non-zero) chooses which futex_wake calls wake this sleeper: a wake whose bitset shares a bit
+/// with it. Throws std::system_error("futex") only for misuse the kernel refuses (a bad address,
+/// a zero bitset).
 FutexResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
-                       const Deadline& deadline = std::nullopt,
-                       std::uint32_t bitset = futex_bitset_any);
+                       const mp::detail::Deadline& deadline = std::nullopt,
+                       std::uint32_t bitset = futex_bitset_any,
+                       FutexScope scope = FutexScope::shared);
 
-/// Wakes at most `count` sleepers on `word` (in any process) whose bitset shares a bit with
-/// `bitset`; returns how many were woken. Cheap when nobody sleeps (one system call, no wait),
-/// but callers that can tell nobody waits should skip it.
+/// Wakes at most `count` sleepers on `word` (in any process, for a shared word) whose bitset
+/// shares a bit with `bitset` and that sleep with the same `scope`; returns how many were woken.
+/// Cheap when nobody sleeps (one system call, no wait), but callers that can tell nobody waits
+/// should skip it.
 int futex_wake(const std::atomic<std::uint32_t>& word, int count = 1,
-               std::uint32_t bitset = futex_bitset_any);
+               std::uint32_t bitset = futex_bitset_any, FutexScope scope = FutexScope::shared);
 
 /// Wakes every sleeper on `word`; returns how many were woken.
 int futex_wake_all(const std::atomic<std::uint32_t>& word,
-                   std::uint32_t bitset = futex_bitset_any);
+                   std::uint32_t bitset = futex_bitset_any,
+                   FutexScope scope = FutexScope::shared);
 
-}  // namespace mp::detail
+}  // namespace mp::sys

@@ -247,20 +247,21 @@ bool FutureCore::wait(std::optional<std::chrono::nanoseconds> timeout) const {
     return true;
 }
 
-void FutureCore::add_done_callback(std::function<void(FutureCore&)> cb) {
-    {
-        std::lock_guard lk(mu_);
-        if (!done()) {
-            rare().callbacks.push_back(std::move(cb));
-            return;
-        }
-    }
-    run_callback(cb, *this);
+bool FutureCore::store_callback(std::function<void(FutureCore&)>& cb) {
+    std::lock_guard lk(mu_);
+    if (done()) return false;
+    rare().callbacks.push_back(std::move(cb));
+    return true;
 }
 
-std::shared_ptr<FutureCore> FutureCore::after_callback(std::function<void(FutureCore&)> cb) {
+void FutureCore::add_done_callback(std::function<void(FutureCore&)> cb) {
+    if (!store_callback(cb)) run_callback(cb, *this);
+}
+
+std::shared_ptr<FutureCore> FutureCore::after_callback(std::function<void(FutureCore&)> cb,
+                                                       const Runner& elsewhere) {
     auto ready = std::make_shared<FutureCore>();
-    add_done_callback([ready, cb = std::move(cb)](FutureCore& c) {
+    std::function<void(FutureCore&)> then = [ready, cb = std::move(cb)](FutureCore& c) {
         run_callback(cb, c);
         if (c.state() == State::cancelled)
             ready->cancel();
@@ -268,7 +269,12 @@ std::shared_ptr<FutureCore> FutureCore::after_callback(std::function<void(Future
             ready->set_exception(e);
         else
             ready->set_result({});
-    });
+    };
+    if (store_callback(then)) return ready;
+    if (elsewhere)
+        elsewhere([self = shared_from_this(), then = std::move(then)] { then(*self); });
+    else
+        then(*this);
     return ready;
 }
 

@@ -55,6 +55,18 @@
 
 namespace mp::detail {
 
+namespace {
+
+// post()'s functions report their own errors (after_callback logs what a callback throws).
+void run_dropping_errors(const std::function<void()>& fn) noexcept {
+    try {
+        fn();
+    } catch (...) {
+    }
+}
+
+}  // namespace
+
 void PoolEngine::Impl::run() noexcept {
     try {
         loop();
@@ -71,9 +83,25 @@ void PoolEngine::Impl::run() noexcept {
         } catch (...) {
         }
     }
-    std::lock_guard lock(mu);
-    finished = true;
-    cancel_cv.notify_all();
+    // What was posted runs before the thread is known to be gone; after, post() runs it itself.
+    while (true) {
+        if (run_posted()) continue;
+        std::lock_guard lock(mu);
+        if (!posted.empty()) continue;
+        finished = true;
+        cancel_cv.notify_all();
+        return;
+    }
+}
+
+bool PoolEngine::Impl::run_posted() {
+    std::vector<std::function<void()>> now;
+    {
+        std::lock_guard lock(mu);
+        now.swap(posted);
+    }
+    for (auto& fn : now) run_dropping_errors(fn);
+    return !now.empty();
 }
 
 void PoolEngine::Impl::loop() {
@@ -95,6 +123,7 @@ void PoolEngine::Impl::loop() {
             cancel = std::exchange(cancel_requested, false);
             stop = std::exchange(stop_signal, 0);
         }
+        run_posted();
         if (terminate) {
             fail_all(std::make_exception_ptr(BrokenProcessPool("the pool was terminated")));
             kill_all();
@@ -161,7 +190,8 @@ void PoolEngine::Impl::loop() {
             }
         {
             std::lock_guard lock(mu);
-            if (!incoming.empty() || terminate_requested || cancel_requested) continue;
+            if (!incoming.empty() || !posted.empty() || terminate_requested || cancel_requested)
+                continue;
             loop_sleeping = true;
         }
         int n = ::poll(fds.data(), fds.size(), timeout_ms);
@@ -327,6 +357,18 @@ std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
     impl_->pending_count.fetch_add(1, std::memory_order_relaxed);
     impl_->ring_if_sleeping();
     return core;
+}
+
+void PoolEngine::post(std::function<void()> fn) {
+    {
+        std::lock_guard lock(impl_->mu);
+        if (!impl_->finished) {
+            impl_->posted.push_back(std::move(fn));
+            impl_->ring_if_sleeping();
+            return;
+        }
+    }
+    run_dropping_errors(fn);
 }
 
 void PoolEngine::shutdown(bool wait, bool cancel_pending) {

@@ -207,6 +207,7 @@ struct PoolEngine::Impl {
     // Shared with submitters: under mu.
     mutable std::mutex mu;
     std::deque<pool::JobPtr> incoming;
+    std::vector<std::function<void()>> posted;  // post(): for the loop to run
     bool shutting_down = false;
     bool cancel_requested = false;
     bool terminate_requested = false;
@@ -262,6 +263,8 @@ struct PoolEngine::Impl {
     // ---- the loop and failing (pool_engine.cpp) ------------------------------------------------
     void run() noexcept;
     void loop();
+    // Runs what post() left; false when there was nothing.
+    bool run_posted();
     static int poll_in_slices(std::vector<pollfd>& fds, int timeout_ms);
     void break_pool(const std::string& reason);
     void fail_pending();  // with BrokenProcessPool, the pool's reason

@@ -761,6 +761,24 @@ TEST_P(PoolAsyncResult, CallbackRunsInTheParentOnAnotherThread) {
     for (auto t : threads) EXPECT_NE(t, std::this_thread::get_id());
 }
 
+// A result that is in before its callback is attached (here: a map over nothing, done at once;
+// with fast tasks, often an apply_async's too) still has its callback run on the pool's thread,
+// as every other, never in the caller's, which may hold what the callback takes.
+TEST_P(PoolAsyncResult, CallbackOfAResultAlreadyInRunsOnThePoolsThread) {
+    mp::Pool pool(with_method(mp::PoolOptions{.processes = 1}));
+    std::atomic<int> calls{0};
+    std::thread::id ran_on;
+    auto r = pool.map_async(sqr, std::vector<int>{}, {}, [&](const std::vector<int>& v) {
+        ran_on = std::this_thread::get_id();
+        if (v.empty()) ++calls;
+    });
+    ASSERT_TRUE(r.wait(kLong));  // ready only once the callback returned
+    EXPECT_EQ(calls.load(), 1);
+    EXPECT_NE(ran_on, std::this_thread::get_id());
+    pool.close();
+    pool.join();
+}
+
 TEST_P(PoolAsyncResult, ErrorCallback) {
     // _TestPoolWorkerErrors.test_async_error_callback
     mp::Pool pool(with_method(mp::PoolOptions{.processes = 2}));

@@ -510,7 +510,13 @@ private:
                 else
                     callback(detail::decode_value<R>(c.bytes()));
             }
-        });
+        }, on_pool_thread());
+    }
+
+    // Where a callback goes when its result is in before it was attached: the pool's thread,
+    // like every other (never the caller's, which may hold what the callback takes).
+    detail::FutureCore::Runner on_pool_thread() {
+        return [this](std::function<void()> fn) { engine_.post(std::move(fn)); };
     }
 
     template <class F, class... V, class Rows>
@@ -544,7 +550,7 @@ private:
                     }
                 }
                 if (error_callback) error_callback(e);
-            });
+            }, on_pool_thread());
         }
         return AsyncResult<std::vector<R>>(all, [shared] { return detail::collect_chunks<R>(*shared); });
     }

@@ -122,7 +122,11 @@ public:
     /// cancelled), but only once `cb` has run on this one: Python's AsyncResult is ready only
     /// after its callback returned, so whoever waits for the result sees what the callback did.
     /// What escapes `cb` is printed, as add_done_callback does, and the core still ends.
-    std::shared_ptr<FutureCore> after_callback(std::function<void(FutureCore&)> cb);
+    /// With `elsewhere`, a core already done hands `cb` to it instead of running it in this
+    /// thread: a pool passes its own thread, where its callbacks always run (as Python's).
+    using Runner = std::function<void(std::function<void()>)>;
+    std::shared_ptr<FutureCore> after_callback(std::function<void(FutureCore&)> cb,
+                                               const Runner& elsewhere = nullptr);
 
     /// Registers `w` unless already done; returns false (and does not register) when done.
     bool add_waiter(FutureWaiter* w);
@@ -159,6 +163,8 @@ private:
     // With the final state stored under `lk` (`before`: the word it replaced): tells waiters,
     // wakes sleepers, releases `lk` and runs the callbacks outside it.
     void complete(std::unique_lock<WordMutex>& lk, std::uint32_t before);
+    // Keeps `cb` (moved from) for when the core ends; false, with `cb` untouched, once done.
+    bool store_callback(std::function<void(FutureCore&)>& cb);
 
     // What most futures never get, made on first use: done callbacks and waiters (mp::wait,
     // as_completed), and a value that is not encoded (a Promise's). A pool's batch holds a core

@@ -81,6 +81,10 @@ public:
     /// they were running fails with BrokenProcessPool and the pool is broken. Returns once the
     /// signals are sent, without waiting for the workers to end.
     void stop_workers(int sig);
+    /// Runs `fn` on the pool's thread, where results and their callbacks are handled; in the
+    /// calling thread once that thread has ended. `fn` reports its own errors: what
+    /// escapes it is dropped.
+    void post(std::function<void()> fn);
     /// Blocks until the pool's thread has finished (after shutdown or terminate).
     void join();
     bool shut_down() const;

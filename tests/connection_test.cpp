@@ -651,11 +651,14 @@ TEST(Connection, SignalsDoNotBreakBlockingCalls) {
             std::this_thread::sleep_for(2ms);
         }
     });
-    std::thread sender = guarded_thread([conn = a]() mutable {
-        std::this_thread::sleep_for(150ms);
+    std::atomic<bool> polled{false};
+    std::thread sender = guarded_thread([conn = a, &polled]() mutable {
+        while (!polled) std::this_thread::sleep_for(1ms);  // nothing to read while b polls
+        std::this_thread::sleep_for(50ms);                  // recv_bytes blocks meanwhile
         conn.send_bytes(std::string(4 << 20, 'q'));
     });
     auto waited = elapsed([&] { EXPECT_FALSE(b.poll(100ms)); });
+    polled = true;
     EXPECT_GE(waited, 100ms);
     EXPECT_EQ(b.recv_bytes(), std::string(4 << 20, 'q'));
     stop = true;
@@ -1167,8 +1170,7 @@ TEST_P(ConnectionPassed, EchoThroughChild) {
     EXPECT_GE(waited, 200ms);
 
     conn.send(0);
-    std::this_thread::sleep_for(100ms);
-    EXPECT_TRUE(conn.poll(200ms));
+    EXPECT_TRUE(conn.poll(kLong));  // the child's echo
     EXPECT_EQ(conn.recv<int>(), 0);
 
     const std::string really_big_msg(16 << 20, 'X');  // 16 MiB

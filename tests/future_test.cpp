@@ -356,14 +356,15 @@ TEST(WaitTests, AllCompletedWithTimeout) {
 TEST(AsCompletedTests, HandMadeFutures) {
     States s;
     mp::Promise<int> later;
+    // Made before `later` can finish: the done ones come first, in input order, then `later`.
+    auto completed =
+        mp::as_completed(std::vector{s.successful.future(), later.future(), s.exception.future()}, LONG);
     std::thread t([later] {
         std::this_thread::sleep_for(50ms);
         later.set_result(5);
     });
     std::vector<mp::Future<int>> order;
-    for (const auto& f : mp::as_completed(
-             std::vector{s.successful.future(), later.future(), s.exception.future()}, LONG))
-        order.push_back(f);
+    for (const auto& f : completed) order.push_back(f);
     t.join();
     ASSERT_EQ(order.size(), 3u);
     EXPECT_EQ(order[2], later.future());

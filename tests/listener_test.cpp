@@ -631,7 +631,9 @@ std::string answer_to(std::string_view challenge) {
 TEST(Handshake, StalledPeersDoNotHoldUpAnHonestClient) {
     // Issue 12 item 10 (slowloris): handshakes used to run one at a time inside accept(), so
     // each stalled peer ahead of an honest client delayed it by a whole handshake_timeout.
-    constexpr auto kTimeout = 2000ms;
+    // Long enough for an honest handshake (a thread, a connect, two HMACs) on a loaded machine
+    // under ThreadSanitizer; a stalled peer served first would still take all of it.
+    constexpr auto kTimeout = 5000ms;
     mp::Listener l(mp::Address("127.0.0.1", 0), {.authkey = kKey, .handshake_timeout = kTimeout});
     RawFds stallers;
     for (int i = 0; i < 20; ++i) stallers.fds.push_back(raw_connect(l.address()));

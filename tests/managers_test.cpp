@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <filesystem>
@@ -30,6 +31,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "helpers/proc_state.hpp"
 #include "helpers/run_child.hpp"
 #include "mp/connection.hpp"
 #include "mp/managers.hpp"
@@ -286,15 +288,17 @@ TEST(ManagerTest, LockAcrossProcesses) {
     mp::Manager m;
     auto l = m.Lock();
     auto e = m.Event();
-    mp::Process holder([l, e] {
+    auto checked = m.Event();
+    mp::Process holder([l, e, checked] {
         l.acquire();
         e.set();
-        std::this_thread::sleep_for(300ms);
+        (void)checked.wait(LONG);  // until the parent found the lock taken
         l.release();
     });
     holder.start();
     ASSERT_TRUE(e.wait(LONG));
     EXPECT_FALSE(l.acquire(false));
+    checked.set();
     EXPECT_TRUE(l.acquire(true, LONG));  // once the holder releases it
     l.release();
     ASSERT_TRUE(holder.join(LONG));
@@ -869,8 +873,12 @@ TEST(ManagerChannelTest, ServerKilledWhileAClientWaitsOnTheChannel) {
     auto q = m.Queue<int>();
     auto d = m.dict<int, int>();
     d.set(1, 1);
-    auto waiter = std::async(std::launch::async, [q] {
+    const pid_t server = m.server_pid();
+    const std::size_t channels = channel_mappings(server).size();
+    std::atomic<pid_t> waiter_tid{0};
+    auto waiter = std::async(std::launch::async, [q, &waiter_tid] {
         try {
+            waiter_tid = static_cast<pid_t>(::syscall(SYS_gettid));
             q.get();  // blocks in the server: this thread sleeps on the channel
             return std::string("returned");
         } catch (const mp::EOFError&) {
@@ -879,8 +887,11 @@ TEST(ManagerChannelTest, ServerKilledWhileAClientWaitsOnTheChannel) {
             return std::string("other: ") + e.what();
         }
     });
-    std::this_thread::sleep_for(100ms);  // let it go to sleep on the futex
-    ::kill(m.server_pid(), SIGKILL);
+    // The waiter has its own channel (the server maps a second one) and sleeps on it.
+    ASSERT_TRUE(eventually([&] { return channel_mappings(server).size() > channels; }));
+    ASSERT_TRUE(eventually([&] { return waiter_tid.load() != 0; }));
+    ASSERT_TRUE(mp::test::wait_asleep_in_futex(waiter_tid.load(), LONG));
+    ::kill(server, SIGKILL);
     ASSERT_EQ(waiter.wait_for(LONG), std::future_status::ready);
     EXPECT_EQ(waiter.get(), "EOFError");
     // This thread's channel (idle when the server died) fails too, and keeps failing.

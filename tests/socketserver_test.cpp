@@ -549,17 +549,23 @@ TEST(Socketserver, ForkingHandlerErrorGoesToTheChildsStderr) {
 
 // ---- threads joined, children reaped ----
 
+// Each handler holds on until the test releases it (at most 20 s), then takes 100 ms more: a
+// close that does not wait for it returns before it finished.
 struct SlowDone : mp::StreamRequestHandler {
     static inline std::atomic<int> finished{0};
+    static inline std::atomic<bool> release{false};
     void handle() override {
         wfile.write("started\n");
-        std::this_thread::sleep_for(200ms);
+        const auto until = std::chrono::steady_clock::now() + 20s;
+        while (!release && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(1ms);
+        std::this_thread::sleep_for(100ms);
         finished++;
     }
 };
 
 TEST(Socketserver, ThreadingServerCloseJoinsThreads) {
     SlowDone::finished = 0;
+    SlowDone::release = false;
     mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<SlowDone>());
     {
         Serving serving(srv);
@@ -569,13 +575,15 @@ TEST(Socketserver, ThreadingServerCloseJoinsThreads) {
         }
         for (auto& c : clients) EXPECT_EQ(c->recv_line(), "started\n");
     }
-    EXPECT_LT(SlowDone::finished.load(), 3);  // still sleeping
-    srv.server_close();                       // block_on_close: waits for every handler
+    EXPECT_EQ(SlowDone::finished.load(), 0);  // still held
+    SlowDone::release = true;
+    srv.server_close();  // block_on_close: waits for every handler
     EXPECT_EQ(SlowDone::finished.load(), 3);
 }
 
 TEST(Socketserver, DaemonThreadsAreNotWaitedForByServerClose) {
     SlowDone::finished = 0;
+    SlowDone::release = false;
     {
         mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<SlowDone>(), {.daemon_threads = true});
         {
@@ -583,8 +591,9 @@ TEST(Socketserver, DaemonThreadsAreNotWaitedForByServerClose) {
             Client c(srv.server_address(), SOCK_STREAM);
             EXPECT_EQ(c.recv_line(), "started\n");
         }
-        srv.server_close();
+        srv.server_close();  // returns with the handler still held
         EXPECT_EQ(SlowDone::finished.load(), 0);
+        SlowDone::release = true;
     }  // the destructor joins it: no thread outlives the server
     EXPECT_EQ(SlowDone::finished.load(), 1);
 }

@@ -14,6 +14,7 @@
 //                      drained before MPI_Finalize); exits 0 then.
 #include <gtest/gtest.h>
 #include <mpi.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -22,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -58,6 +60,40 @@ int sleep_then(int ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
     return ms;
 }
+
+/// Waits (at most 20 s, so a broken test cannot hang a rank) for the file `path`, which the
+/// test creates (every rank runs on this machine); 1 when it came, 0 when the wait ran out.
+int wait_for_file(std::string path) {
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    while (std::chrono::steady_clock::now() < deadline) {
+        if (::access(path.c_str(), F_OK) == 0) return 1;
+        std::this_thread::sleep_for(2ms);
+    }
+    return 0;
+}
+
+/// A gate for wait_for_file: a file in a temporary directory of its own, created by open();
+/// removed with its directory on destruction (declare it before the executor, so the tasks
+/// are over by then).
+class GateFile {
+public:
+    GateFile() {
+        char tmpl[] = "/tmp/mp-mpi-test-XXXXXX";
+        if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
+        dir_ = tmpl;
+    }
+    ~GateFile() {
+        ::unlink(path().c_str());
+        ::rmdir(dir_.c_str());
+    }
+    GateFile(const GateFile&) = delete;
+    GateFile& operator=(const GateFile&) = delete;
+    std::string path() const { return dir_ + "/gate"; }
+    void open() const { std::ofstream(path()) << "open\n"; }
+
+private:
+    std::string dir_;
+};
 
 int checked_inverse(int x) {
     if (x == 0) throw std::invalid_argument("zero has no inverse");
@@ -183,22 +219,34 @@ TEST(MpiExecutor, HundredMegabyteArgumentAndResult) {
 }
 
 TEST(MpiExecutor, ShutdownRefusesNewWorkAndCancelsPending) {
+    // The tasks wait for a gate that opens only once shutdown has cancelled the pending ones
+    // (every future is then cancelled or handed to a rank; or after 60 s, and the checks fail),
+    // so none can finish and make room for the rest before shutdown, however late it comes.
+    GateFile gate;
     mp::mpi::Executor ex;
     std::vector<mp::Future<int>> fs;
-    for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(sleep_then, 20));
+    for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(wait_for_file, gate.path()));
+    std::thread opener([&] {
+        const auto deadline = std::chrono::steady_clock::now() + 60s;
+        while (std::chrono::steady_clock::now() < deadline &&
+               !std::all_of(fs.begin(), fs.end(), [](const auto& f) { return f.cancelled() || f.running(); }))
+            std::this_thread::sleep_for(5ms);
+        gate.open();
+    });
     ex.shutdown(true, true);
+    opener.join();
     int cancelled = 0, ran = 0;
     for (auto& f : fs) {
         ASSERT_TRUE(f.done());
         if (f.cancelled()) {
             ++cancelled;
         } else {
-            EXPECT_EQ(f.result(), 20);
+            EXPECT_EQ(f.result(), 1);
             ++ran;
         }
     }
     EXPECT_EQ(cancelled + ran, 50);
-    EXPECT_GT(cancelled, 0);  // 50 x 20 ms over 2 ranks cannot all have started
+    EXPECT_GT(cancelled, 0);  // 2 ranks cannot have started 50 tasks that wait for the gate
     EXPECT_THROW(ex.submit(square, 1), mp::Error);
     ex.shutdown();  // again: nothing happens
 }
@@ -226,9 +274,12 @@ TEST(MpiExecutor, TwoThreadsShutDownAtOnce) {
 }
 
 TEST(MpiExecutor, ShutdownWithWaitFromADoneCallbackIsAnError) {
+    GateFile gate;
     mp::mpi::Executor ex;
     std::atomic<int> outcome{0};  // 1: mp::Error, 2: another exception, 3: returned
-    auto f = ex.submit(sleep_then, 200);  // still running when the callback is added
+    // Still running when the callback is added: it waits for the gate, opened after that (a
+    // callback added to a done future runs at once in the caller, where shutdown may wait).
+    auto f = ex.submit(wait_for_file, gate.path());
     f.add_done_callback([&](const mp::Future<int>&) {
         try {
             ex.shutdown(true, false);  // in the executor's own thread: it cannot wait for itself
@@ -239,7 +290,8 @@ TEST(MpiExecutor, ShutdownWithWaitFromADoneCallbackIsAnError) {
             outcome = 2;
         }
     });
-    EXPECT_EQ(f.result(60s), 200);
+    gate.open();
+    EXPECT_EQ(f.result(60s), 1);
     ex.shutdown();
     EXPECT_EQ(outcome.load(), 1);
 }
@@ -290,7 +342,9 @@ TEST(MpiIsolated, ACrashingTaskFailsAloneWithWorkerDied) {
 
 TEST(MpiIsolated, TaskTimeoutKillsTheLocalWorker) {
     EXPECT_THROW(mp::mpi::Executor({.task_timeout = 1s}), mp::Error);  // needs isolate_tasks
-    mp::mpi::Executor ex({.isolate_tasks = true, .task_timeout = 300ms});
+    // The limit is far above the quick task's 1 ms, so a loaded machine cannot make that one
+    // overrun it; the slow one sleeps for far longer still.
+    mp::mpi::Executor ex({.isolate_tasks = true, .task_timeout = 2s});
     auto slow = ex.submit(sleep_then, 30000);
     auto quick = ex.submit(sleep_then, 1);
     EXPECT_THROW(slow.result(60s), mp::TimeoutError);

@@ -640,10 +640,13 @@ TEST(SyncEvent, SetThenClearStillWakesWaiter) {
     mp::Event event;
     mp::Semaphore waiting(0);
     std::atomic<pid_t> tid{0};
+    std::atomic<bool> woken{false};
     std::thread t([&] {
         tid = static_cast<pid_t>(::syscall(SYS_gettid));
         waiting.release();
-        EXPECT_TRUE(event.wait(LONG));
+        // Longer than the check below: its timeout would also return true (the word changed).
+        EXPECT_TRUE(event.wait(2 * LONG));
+        woken = true;
     });
     ASSERT_TRUE(waiting.acquire(LONG));
     // set() then clear() must wake a waiter already asleep in event.wait(), so wait until it is:
@@ -651,6 +654,7 @@ TEST(SyncEvent, SetThenClearStillWakesWaiter) {
     ASSERT_TRUE(asleep_in_shared_futex_wait(tid.load(), LONG)) << "the waiter never slept in event.wait()";
     event.set();
     event.clear();
+    EXPECT_TRUE(reaches([&] { return woken.load(); }, true)) << "set() then clear() did not wake the waiter";
     t.join();
     EXPECT_FALSE(event.is_set());
 }

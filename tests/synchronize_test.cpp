@@ -859,7 +859,8 @@ MP_INSTANTIATE_START_METHODS(SyncLockAcross);
 // A waiter pinned to `cpu` at SCHED_IDLE that takes `lock` and gives it back.
 void acquire_pinned_at_idle(mp::Lock lock, int cpu) {
     if (!mp::test::pin_at_idle(cpu)) std::_Exit(3);
-    if (!lock.acquire(LONG)) std::_Exit(4);
+    // Its own deadline (which would also end a lost wake-up) well past the test's join(LONG).
+    if (!lock.acquire(3 * LONG)) std::_Exit(4);
     lock.release();
 }
 }  // namespace

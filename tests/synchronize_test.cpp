@@ -10,6 +10,7 @@
 #include <atomic>
 #include <csignal>
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <optional>
 #include <pthread.h>
 #include <chrono>
@@ -91,6 +92,33 @@ auto reaches(F f, decltype(f()) value) {
         v = f();
     }
     return v;
+}
+
+// True once thread (or process) `tid` sleeps in a process-shared FUTEX_WAIT_BITSET, the wait
+// every mp primitive makes (threads of this process, glibc's and the sanitizers' own locks,
+// use private futexes); false after `limit`.
+bool asleep_in_shared_futex_wait(pid_t tid, std::chrono::milliseconds limit) {
+    const auto end = Clock::now() + limit;
+    for (;;) {
+        const auto call = mp::test::futex_call_of(tid);
+        if (call && (call->op & FUTEX_PRIVATE_FLAG) == 0 &&
+            (call->op & FUTEX_CMD_MASK) == FUTEX_WAIT_BITSET && mp::test::proc_state(tid) == 'S')
+            return true;
+        if (Clock::now() > end) return false;
+        std::this_thread::sleep_for(1ms);
+    }
+}
+
+// Gives `pid`, a waiter staged pinned to one CPU at SCHED_IDLE, every CPU this process may use
+// and, where allowed, SCHED_OTHER again (leaving SCHED_IDLE needs CAP_SYS_NICE or a high enough
+// RLIMIT_NICE: failing is fine). Neither wakes it nor touches what it waits for: whether it wakes
+// is still up to the code under test, but once it does it no longer needs a CPU another job may
+// keep busy.
+void unpin(pid_t pid) {
+    cpu_set_t all;
+    if (sched_getaffinity(0, sizeof all, &all) == 0) (void)sched_setaffinity(pid, sizeof all, &all);
+    sched_param none{};
+    (void)sched_setscheduler(pid, SCHED_OTHER, &none);
 }
 
 template <class F>
@@ -611,14 +639,22 @@ TEST(SyncCondition, TimeoutsRacingNotifiesKeepCountsExact) {
 TEST(SyncEvent, SetThenClearStillWakesWaiter) {
     mp::Event event;
     mp::Semaphore waiting(0);
+    std::atomic<pid_t> tid{0};
+    std::atomic<bool> woken{false};
     std::thread t([&] {
+        tid = static_cast<pid_t>(::syscall(SYS_gettid));
         waiting.release();
-        EXPECT_TRUE(event.wait(LONG));
+        // Longer than the check below: its timeout would also return true (the word changed).
+        EXPECT_TRUE(event.wait(2 * LONG));
+        woken = true;
     });
     ASSERT_TRUE(waiting.acquire(LONG));
-    std::this_thread::sleep_for(DELTA);
+    // set() then clear() must wake a waiter already asleep in event.wait(), so wait until it is:
+    // its only process-shared futex wait after the release above.
+    ASSERT_TRUE(asleep_in_shared_futex_wait(tid.load(), LONG)) << "the waiter never slept in event.wait()";
     event.set();
     event.clear();
+    EXPECT_TRUE(reaches([&] { return woken.load(); }, true)) << "set() then clear() did not wake the waiter";
     t.join();
     EXPECT_FALSE(event.is_set());
 }
@@ -633,7 +669,8 @@ constexpr int N = 5;
 TEST(SyncBarrier, ThrowingActionBreaksTheBarrier) {
     mp::Barrier barrier(2, [] { throw std::runtime_error("action failed"); });
     std::thread t([&] { EXPECT_THROW((void)barrier.wait(LONG), mp::BrokenBarrierError); });
-    std::this_thread::sleep_for(DELTA);
+    // This thread must arrive last, so that it runs the action.
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
     EXPECT_THROW((void)barrier.wait(LONG), std::runtime_error);
     t.join();
     EXPECT_TRUE(barrier.broken());
@@ -822,7 +859,8 @@ MP_INSTANTIATE_START_METHODS(SyncLockAcross);
 // A waiter pinned to `cpu` at SCHED_IDLE that takes `lock` and gives it back.
 void acquire_pinned_at_idle(mp::Lock lock, int cpu) {
     if (!mp::test::pin_at_idle(cpu)) std::_Exit(3);
-    if (!lock.acquire(LONG)) std::_Exit(4);
+    // Its own deadline (which would also end a lost wake-up) well past the test's join(LONG).
+    if (!lock.acquire(3 * LONG)) std::_Exit(4);
     lock.release();
 }
 }  // namespace
@@ -873,8 +911,9 @@ TEST_P(SyncLockAcross, WaiterSurvivesAWakeUpLostWithAKilledWaiter) {
             continue;
         }
         ++staged;
+        unpin(other->pid());
         // Without a bounded wait for the mutex, `other` sleeps on a free lock for ever.
-        const bool finished = other->join(5s);
+        const bool finished = other->join(LONG);
         EXPECT_TRUE(finished) << "the surviving waiter is still waiting for a free lock";
         if (!finished) {
             other->kill();
@@ -1300,9 +1339,10 @@ void set_flag_and_notify_all(mp::Condition cond, mp::RawValue<int> flag) {
     cond.notify_all();
 }
 
-void notify_and_hang(mp::Condition cond) {
+void notify_and_hang(mp::Condition cond, mp::Semaphore notified) {
     cond.acquire();
     cond.notify();
+    notified.release();
     std::this_thread::sleep_for(60s);  // killed while holding the lock
 }
 
@@ -1509,8 +1549,10 @@ TEST_P(SyncConditionAcross, LockHolderKilledIsReportedToWaiter) {
         died = cond.owner_died() ? 1 : 2;
     });
     ASSERT_TRUE(sleeping.acquire(LONG));
-    auto killer = start(options(), notify_and_hang, cond);
-    std::this_thread::sleep_for(DELTA);
+    mp::Semaphore notified(0);
+    auto killer = start(options(), notify_and_hang, cond, notified);
+    // Killed once it holds the lock and has notified (the waiter then needs that lock back).
+    ASSERT_TRUE(notified.acquire(LONG));
     kill_and_join(*killer);
     waiter.join();
     EXPECT_EQ(died.load(), 1);
@@ -1627,7 +1669,13 @@ void abort_and_reset_party(mp::Barrier barrier, mp::Barrier barrier2, Tally r) {
 void late_party(mp::Barrier barrier, Tally broken,
                 std::optional<std::chrono::milliseconds> timeout) {
     int i = barrier.wait(30s);
-    if (i == N / 2) std::this_thread::sleep_for(1s);  // one party is late
+    if (i == N / 2) {
+        // One party is late: it arrives once the others' timeout broke the barrier (a fixed
+        // pause raced parties slow to reach their wait). Should none break it, it arrives after
+        // LONG, completes the round and nobody counts as broken.
+        const auto end = Clock::now() + LONG;
+        while (!barrier.broken() && Clock::now() < end) std::this_thread::sleep_for(1ms);
+    }
     try {
         (void)(timeout ? barrier.wait(*timeout) : barrier.wait());
     } catch (const mp::BrokenBarrierError&) {
@@ -1970,9 +2018,11 @@ void wait_running_sleepy_action(mp::Barrier barrier, mp::Semaphore in_action) {
 }
 
 void wait_running_long_action(mp::Barrier barrier, mp::Semaphore in_action,
-                              mp::Semaphore finish) {
+                              mp::Semaphore finish, mp::Semaphore started, mp::Event go) {
     action_handles.in_action = in_action;
     action_handles.finish = finish;
+    started.release();
+    require(go.wait(LONG), 4);
     wait_expect_broken(barrier, no_timeout);
 }
 }  // namespace
@@ -1991,12 +2041,15 @@ TEST_P(SyncBarrierAcross, PartyKilledInsideTheActionBreaksTheBarrier) {
     ClearActionHandles clear;
     mp::Semaphore in_action(0);
     mp::Barrier barrier(2, signal_then_sleep);
-    std::thread first([&] { EXPECT_THROW((void)barrier.wait(1s), mp::BrokenBarrierError); });
+    // Its timeout outlasts the checks below: only the death can break the barrier in time (a
+    // short one raced a slow start of `last`, and would break the barrier itself).
+    std::thread first([&] { EXPECT_THROW((void)barrier.wait(2 * LONG), mp::BrokenBarrierError); });
     ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
     // Arrives last: runs the action.
     auto last = start(options(), wait_running_sleepy_action, barrier, in_action);
     ASSERT_TRUE(in_action.acquire(LONG));
     kill_and_join(*last);
+    EXPECT_TRUE(reaches([&] { return barrier.broken(); }, true)) << "the death did not break the barrier";
     first.join();
     EXPECT_TRUE(barrier.broken());
     EXPECT_THROW((void)barrier.wait(LONG), mp::BrokenBarrierError);
@@ -2007,13 +2060,17 @@ TEST_P(SyncBarrierAcross, PartyKilledInsideTheActionBreaksTheBarrier) {
 
 TEST_P(SyncBarrierAcross, TimedWaitDoesNotDependOnTheActionsDuration) {
     ClearActionHandles clear;
-    mp::Semaphore in_action(0), finish(0);
+    mp::Semaphore in_action(0), finish(0), started(0);
+    mp::Event go;
     mp::Barrier barrier(2, signal_then_wait_for_finish);
+    // Arrives last and runs the action, which lasts until `finish` (or LONG). Started first and
+    // held on `go`, so that no process start falls inside `first`'s timeout.
+    auto last = start(options(), wait_running_long_action, barrier, in_action, finish, started, go);
+    ASSERT_TRUE(started.acquire(LONG));
     auto first = start(options(), wait_expect_broken, barrier,
-                       std::optional<std::chrono::milliseconds>(500ms));
+                       std::optional<std::chrono::milliseconds>(2s));
     ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
-    // Arrives last and runs the action, which lasts until `finish` (or LONG).
-    auto last = start(options(), wait_running_long_action, barrier, in_action, finish);
+    go.set();  // `last` needs only to wake and arrive within `first`'s 2 s
     ASSERT_TRUE(in_action.acquire(LONG));
     join_ok(*first);  // its deadline passed while the action ran: the barrier broke
     finish.release();

@@ -52,10 +52,14 @@ namespace {
 
 // Records a holding just taken: a holder that died is recovered here, owner_died is set for the
 // new holder to see (the lock itself needs no repair).
+// Each field is written only when it changes: the word's cache line is contended, and a store
+// after a waiter's read costs another transfer of the line; in the common case (a depth of 1, no
+// death) the previous holder left both as they should be.
 void took(MutexCore& c, sys::FutexMutex::Result r, std::uint32_t depth) noexcept {
-    c.owner_died.store(r == sys::FutexMutex::Result::owner_died ? 1 : 0,
-                       std::memory_order_relaxed);
-    c.count = depth;
+    const std::uint32_t died = r == sys::FutexMutex::Result::owner_died ? 1 : 0;
+    if (c.owner_died.load(std::memory_order_relaxed) != died)
+        c.owner_died.store(died, std::memory_order_relaxed);
+    if (c.count != depth) c.count = depth;
 }
 
 }  // namespace
@@ -116,8 +120,7 @@ void mutex_release(MutexCore& c, bool recursive, const char* what) {
         --c.count;
         return;
     }
-    // Clear the depth before unlocking: afterwards another thread may own it and write it.
-    c.count = 0;
+    // The depth (1) stays for the next holder, who finds it as it needs it (see took).
     c.mutex.unlock();
 }
 

@@ -49,7 +49,9 @@ struct Header {
 
 // A robust, process-shared mutex (sys::FutexMutex: its word holds the holder's thread id, and
 // the kernel marks it when the holder dies) plus what only the holder writes: `count`, the RLock
-// depth, and `owner_died`, set while the current holding was recovered from a dead holder.
+// depth, and `owner_died`, set while the current holding was recovered from a dead holder. Both
+// share the word's cache line and mean something only while the mutex is held: each holder
+// writes them only when they differ from what the last one left (see took in sync_state.cpp).
 struct MutexCore {
     sys::FutexMutex mutex;
     std::uint32_t count;                     // recursion depth (RLock), 1 for a held Lock

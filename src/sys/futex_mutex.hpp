@@ -134,8 +134,10 @@ inline void FutexMutex::link(robust_list_head* head) noexcept {
     // glibc's robust_prev word): glibc's own doubly-linked discipline, which it relies on too.
     void* first = head->list.next;
     *reinterpret_cast<void**>(static_cast<char*>(first) - sizeof(void*)) = &next;
-    next = first;
-    prev = &head->list;
+    // Stored only when they change: a thread that takes it again (or a process forked from the
+    // same thread, whose list head is at the same address) finds them as they must be.
+    if (next != first) next = first;
+    if (prev != &head->list) prev = &head->list;
     std::atomic_signal_fence(std::memory_order_seq_cst);
     head->list.next = reinterpret_cast<robust_list*>(&next);
 }

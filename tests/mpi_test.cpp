@@ -30,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include "helpers/gate_file.hpp"
 #include "mp/mpi.hpp"
 
 #ifndef MP_MPI_TEST_VARIANT
@@ -61,39 +62,9 @@ int sleep_then(int ms) {
     return ms;
 }
 
-/// Waits (at most 20 s, so a broken test cannot hang a rank) for the file `path`, which the
-/// test creates (every rank runs on this machine); 1 when it came, 0 when the wait ran out.
-int wait_for_file(std::string path) {
-    const auto deadline = std::chrono::steady_clock::now() + 20s;
-    while (std::chrono::steady_clock::now() < deadline) {
-        if (::access(path.c_str(), F_OK) == 0) return 1;
-        std::this_thread::sleep_for(2ms);
-    }
-    return 0;
-}
-
-/// A gate for wait_for_file: a file in a temporary directory of its own, created by open();
-/// removed with its directory on destruction (declare it before the executor, so the tasks
-/// are over by then).
-class GateFile {
-public:
-    GateFile() {
-        char tmpl[] = "/tmp/mp-mpi-test-XXXXXX";
-        if (::mkdtemp(tmpl) == nullptr) throw std::runtime_error("mkdtemp failed");
-        dir_ = tmpl;
-    }
-    ~GateFile() {
-        ::unlink(path().c_str());
-        ::rmdir(dir_.c_str());
-    }
-    GateFile(const GateFile&) = delete;
-    GateFile& operator=(const GateFile&) = delete;
-    std::string path() const { return dir_ + "/gate"; }
-    void open() const { std::ofstream(path()) << "open\n"; }
-
-private:
-    std::string dir_;
-};
+using mp::test::FileGate;
+using mp::test::TempDir;
+using mp::test::wait_file;
 
 int checked_inverse(int x) {
     if (x == 0) throw std::invalid_argument("zero has no inverse");
@@ -222,10 +193,11 @@ TEST(MpiExecutor, ShutdownRefusesNewWorkAndCancelsPending) {
     // The tasks wait for a gate that opens only once shutdown has cancelled the pending ones
     // (every future is then cancelled or handed to a rank; or after 60 s, and the checks fail),
     // so none can finish and make room for the rest before shutdown, however late it comes.
-    GateFile gate;
+    TempDir gate_dir;  // every rank runs on this machine
+    FileGate gate(gate_dir);
     mp::mpi::Executor ex;
     std::vector<mp::Future<int>> fs;
-    for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(wait_for_file, gate.path()));
+    for (int i = 0; i < 50; ++i) fs.push_back(ex.submit(wait_file, gate.path()));
     std::thread opener([&] {
         const auto deadline = std::chrono::steady_clock::now() + 60s;
         while (std::chrono::steady_clock::now() < deadline &&
@@ -274,12 +246,13 @@ TEST(MpiExecutor, TwoThreadsShutDownAtOnce) {
 }
 
 TEST(MpiExecutor, ShutdownWithWaitFromADoneCallbackIsAnError) {
-    GateFile gate;
+    TempDir gate_dir;  // every rank runs on this machine
+    FileGate gate(gate_dir);
     mp::mpi::Executor ex;
     std::atomic<int> outcome{0};  // 1: mp::Error, 2: another exception, 3: returned
     // Still running when the callback is added: it waits for the gate, opened after that (a
     // callback added to a done future runs at once in the caller, where shutdown may wait).
-    auto f = ex.submit(wait_for_file, gate.path());
+    auto f = ex.submit(wait_file, gate.path());
     f.add_done_callback([&](const mp::Future<int>&) {
         try {
             ex.shutdown(true, false);  // in the executor's own thread: it cannot wait for itself

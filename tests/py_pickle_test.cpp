@@ -477,6 +477,14 @@ TEST(PyPickleFast, AgreesWithTheFullReaderOutsideItsSubset) {
     // A memo index other than the next one, and a FRAME longer than the input.
     expect_as_full_reader<std::vector<std::string>>("\x80\x04](\x8c\x01xq\x05h\x05""e."s);
     expect_as_full_reader<int>("\x80\x04\x95\x10\0\0\0\0\0\0\0K\x01."s);
+    // The fuzzer's find: a dict read as pairs first looks for EMPTY_DICT, then for EMPTY_LIST. The
+    // first look refused the too-long frame but had already stepped past its header, so the second
+    // look read the list behind it and accepted what the full reader (and Python) refuse.
+    const std::string long_frame = "\x80\x04\x95\x06\0\x02\0\0\0\0\0]\x94."s;
+    EXPECT_THROW((py::loads<std::vector<std::pair<std::string, std::int64_t>>>(long_frame)), py::UnpicklingError);
+    expect_as_full_reader<std::vector<std::pair<std::string, std::int64_t>>>(long_frame);
+    expect_as_full_reader<std::vector<std::pair<int, int>>>(long_frame);
+    expect_as_full_reader<std::vector<int>>(long_frame);
 }
 
 // Every truncation and random corruption of a message reads, through loads<T>, as the full reader

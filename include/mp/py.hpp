@@ -947,14 +947,15 @@ private:
         }
     };
 
-    // A FRAME only groups opcodes and the input is all here; its length must still fit.
+    // A FRAME only groups opcodes and the input is all here; its length must still fit. A frame
+    // that does not fit is not stepped over: every later look at the input refuses it again.
     bool skip_frames() {
         while (p_ < end_ && *p_ == FRAME) {
             if (end_ - p_ < 9) return false;
             std::uint64_t n = 0;
             for (int i = 8; i >= 1; --i) n = (n << 8) | p_[i];
+            if (n > static_cast<std::uint64_t>(end_ - p_ - 9)) return false;
             p_ += 9;
-            if (n > static_cast<std::uint64_t>(end_ - p_)) return false;
         }
         return true;
     }

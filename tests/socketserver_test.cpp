@@ -42,6 +42,9 @@
 #include "mp/process.hpp"
 #include "mp/socketserver.hpp"
 
+#include "helpers/gate_file.hpp"
+#include "helpers/temp_dir.hpp"
+
 using namespace std::chrono_literals;
 
 namespace {
@@ -652,15 +655,42 @@ public:
     std::size_t most = 0;
 };
 
+// A forked handler that reports its pid, then waits until the test opens a gate (a file: the
+// handler is another process), kGateLimit at most.
+struct GatedPid : mp::StreamRequestHandler {
+    static inline std::string gate;
+    void handle() override {
+        wfile.write(std::to_string(::getpid()) + "\n");
+        (void)mp::test::wait_file(gate);
+    }
+};
+
 TEST(Socketserver, ForkingMaxChildren) {
-    MaxChildrenProbe<mp::ForkingTCPServer> srv({"127.0.0.1", 0}, mp::handler<SlowPid>(),
+    mp::test::TempDir dir;
+    mp::test::FileGate gate(dir);
+    GatedPid::gate = gate.path();
+    MaxChildrenProbe<mp::ForkingTCPServer> srv({"127.0.0.1", 0}, mp::handler<GatedPid>(),
                                                {.request_queue_size = 8, .max_children = 2});
     std::vector<std::unique_ptr<Client>> clients;
     for (int i = 0; i < 5; ++i) clients.push_back(std::make_unique<Client>(srv.server_address(), SOCK_STREAM));
-    // Each handle_request forks one child; at the limit it first waits for a child to end.
-    for (int i = 0; i < 5; ++i) srv.handle_request();
-    EXPECT_EQ(srv.most, 2u);  // never a third child while two run
-    for (auto& c : clients) EXPECT_FALSE(c->recv_line().empty());
+    // Each handle_request forks one child; at the limit it first waits for a child to end. The
+    // first two children are held until both have answered: two run at once, whatever the load.
+    std::thread serving([&] {
+        for (int i = 0; i < 5; ++i) srv.handle_request();
+    });
+    auto line = [](Client& c) {  // "" when none came (the client's receive timeout)
+        try {
+            return c.recv_line();
+        } catch (const std::system_error&) {
+            return std::string();
+        }
+    };
+    EXPECT_FALSE(line(*clients[0]).empty());
+    EXPECT_FALSE(line(*clients[1]).empty());
+    gate.open();
+    serving.join();
+    EXPECT_EQ(srv.most, 2u);  // two ran at once, and never a third while two ran
+    for (std::size_t i = 2; i < clients.size(); ++i) EXPECT_FALSE(line(*clients[i]).empty());
     srv.server_close();
     EXPECT_EQ(srv.active_children(), 0u);
 }

@@ -30,6 +30,7 @@
 
 #include "workload_args.hpp"
 #include "big_heap.hpp"
+#include "pin_cpu.hpp"
 #include "executor_work.hpp"
 #include "mp/mp.hpp"
 
@@ -223,7 +224,8 @@ double w6_pipe(long long n) {
 
 // ---- W7: 2 processes each doing n lock / increment / unlock on a shared counter (ns each) -------
 
-void incrementer(mp::Value<long long> counter, mp::Event start, long long n) {
+void incrementer(mp::Value<long long> counter, mp::Event start, long long n, int cpu) {
+    mp_bench::pin_to_cpu(cpu);
     start.wait();
     for (long long i = 0; i < n; ++i) {
         std::lock_guard guard(counter.get_lock());
@@ -234,8 +236,8 @@ void incrementer(mp::Value<long long> counter, mp::Event start, long long n) {
 double w7(long long n) {
     mp::Value<long long> counter(0);  // with its lock (an RLock by default, as Python's Value)
     mp::Event start;
-    mp::Process a(incrementer, counter, start, n);
-    mp::Process b(incrementer, counter, start, n);
+    mp::Process a(incrementer, counter, start, n, 0);  // one per CPU (pin_cpu.hpp)
+    mp::Process b(incrementer, counter, start, n, 1);
     a.start();
     b.start();
     auto t0 = Clock::now();
@@ -472,7 +474,7 @@ const Workload kWorkloads[] = {
     {"W5", "MB/s", 1024, 16, w5, "Queue, 1 MiB messages"},
     {"W6-pipe", "us", 100000, 2000, w6_pipe, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
     {"W6-queue", "us", 100000, 2000, w6_queue, "two Queues, 8-byte round trips"},
-    {"W7", "ns", 1000000, 20000, w7, "mp::Value<long long> and its lock (an RLock), 2 processes"},
+    {"W7", "ns", 1000000, 20000, w7, "mp::Value<long long> and its lock (an RLock), 2 processes, one per CPU"},
     {"W8a", "requests/s", 3000, 200, w8a,
      "Client(authkey) per request: handshake, 8-byte send_bytes/recv_bytes, close"},
     {"W8b", "us", 20000, 1000, w8b, "one Client(authkey) connection, 8-byte round trips"},

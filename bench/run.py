@@ -50,11 +50,14 @@ WORKLOADS = [
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
     # W1 again, against the smallest C program that does it (libc only, built apart from
-    # mp_limits, which links libcrypto: what a program loads makes each of its forks dearer).
-    # Every side runs W1 (`same_as`); the limit is `limit_exe`; there is no Python side.
-    dict(id="W1-c", title="W1 against a minimal C program (fork + _exit + waitpid, libc only)",
+    # mp_limits, which links libcrypto: what a program loads makes each of its forks dearer), and
+    # from the smallest mp program (mp_start_min: mp::Process only; mp_workloads links every
+    # workload). Every side runs W1 (`same_as`); the mp side is `mp_exe`, the limit `limit_exe`;
+    # there is no Python side.
+    dict(id="W1-c", title="W1 in the smallest mp program vs a minimal C program (fork + _exit + "
+         "waitpid, libc only)",
          unit="us", per="per start+join", better=LOWER, same_as="W1",
-         limit_exe="mp_limit_fork", no_python=True,
+         mp_exe="mp_start_min", limit_exe="mp_limit_fork", no_python=True,
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
     # W1b: start + join from a parent with 2 GiB of touched heap, whose bare fork copies the
@@ -71,8 +74,9 @@ WORKLOADS = [
          unit="us", per="per start+join", better=LOWER, no_python=True,
          cpp=5, py=5, quick=2, size_unit="starts", pass_quick=True,
          limit_target=20),
-    dict(id="W1b-small", title="W1 with the forkserver from a small parent vs its bare fork",
-         unit="us", per="per start+join", better=LOWER, no_python=True,
+    dict(id="W1b-small", title="W1 with the forkserver from a small parent (the smallest mp "
+         "program) vs a bare fork",
+         unit="us", per="per start+join", better=LOWER, no_python=True, mp_exe="mp_start_min",
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
     dict(id="W2a", title="x*x on 2 workers: submit + result per task, in order",
@@ -101,7 +105,7 @@ WORKLOADS = [
     dict(id="W6-queue", title="8-byte round trip between two processes over Queues",
          unit="us", per="per round trip", better=LOWER,
          cpp=100_000, py=20_000, quick=2_000, size_unit="round trips"),
-    dict(id="W7", title="2 processes x lock / increment / unlock a shared counter",
+    dict(id="W7", title="2 processes (one per CPU) x lock / increment / unlock a shared counter",
          unit="ns", per="per increment", better=LOWER,
          cpp=1_000_000, py=200_000, quick=20_000, size_unit="increments per process",
          limit_target=1 / 1.5),
@@ -241,6 +245,7 @@ class Sides:
         self.limits = bench / "mp_limits"
         self.micro = bench / "mp_bench"
         self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork"}
+        self.extra_mp = {"mp_start_min": bench / "mp_start_min"}
         self.python = [sys.executable, str(HERE / "python" / "workloads.py")]
         self.notes = []
         if not self.mp.exists():
@@ -325,6 +330,9 @@ class Sides:
                 return None
             if side == "limit" and w.get("limit_exe"):
                 exe = self.extra_limits.get(w["limit_exe"])
+                return [str(exe), wid, "--size", str(size)] if exe and exe.exists() else None
+            if side == "mp" and w.get("mp_exe"):
+                exe = self.extra_mp.get(w["mp_exe"])
                 return [str(exe), wid, "--size", str(size)] if exe and exe.exists() else None
         if w is not None and w.get("mpi"):
             if side == "limit":

@@ -47,6 +47,7 @@
 #include <openssl/rand.h>
 
 #include "../big_heap.hpp"
+#include "../pin_cpu.hpp"
 #include "../workload_args.hpp"
 
 namespace {
@@ -634,8 +635,9 @@ struct W7Shared {
 void w7(long long n) {
     auto* sh = shared_new<W7Shared>();
     pid_t pids[2];
-    for (auto& pid : pids) {
-        pid = fork_child([&] {
+    for (int k = 0; k < 2; ++k) {
+        pids[k] = fork_child([&] {
+            mp_bench::pin_to_cpu(k);  // one per CPU, as on every side (pin_cpu.hpp)
             sh->gate.wait();
             for (long long i = 0; i < n; ++i) {
                 sh->mutex.lock();
@@ -651,7 +653,7 @@ void w7(long long n) {
     double dt = seconds_since(t0);
     if (sh->counter != 2 * n) fail("W7: wrong final count");
     print_result("W7", dt * 1e9 / double(2 * n), "ns", n,
-                 "Drepper three-state futex mutex in MAP_SHARED memory, 2 processes");
+                 "Drepper three-state futex mutex in MAP_SHARED memory, 2 processes, one per CPU");
 }
 
 // ---- W8: TCP on 127.0.0.1 ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ reports as a broken benchmark.
 
 import argparse
 import json
+import os
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import sys
@@ -257,7 +258,15 @@ def w6_queue(n):
 
 # ---- W7 ------------------------------------------------------------------------------------------
 
-def incrementer(counter, start, n):
+def pin_to_cpu(k):
+    """The k-th CPU this process may run on, alone (as bench/pin_cpu.hpp: W7 runs one per CPU)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) >= 2:
+        os.sched_setaffinity(0, {allowed[k % len(allowed)]})
+
+
+def incrementer(counter, start, n, cpu):
+    pin_to_cpu(cpu)
     lock = counter.get_lock()
     start.wait()
     for _ in range(n):
@@ -268,7 +277,7 @@ def incrementer(counter, start, n):
 def w7(n):
     counter = CTX.Value("q", 0)
     start = CTX.Event()
-    ps = [CTX.Process(target=incrementer, args=(counter, start, n)) for _ in range(2)]
+    ps = [CTX.Process(target=incrementer, args=(counter, start, n, k)) for k in range(2)]
     for p in ps:
         p.start()
     t0 = time.perf_counter()
@@ -279,7 +288,7 @@ def w7(n):
     if counter.value != 2 * n:
         raise RuntimeError("W7: wrong final count %d" % counter.value)
     result("W7", dt * 1e9 / (2 * n), "ns", n,
-           "multiprocessing.Value('q') and its lock (an RLock), 2 processes")
+           "multiprocessing.Value('q') and its lock (an RLock), 2 processes, one per CPU")
 
 
 # ---- W8 ------------------------------------------------------------------------------------------

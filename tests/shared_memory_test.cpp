@@ -19,8 +19,6 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
-#include <filesystem>
-#include <fstream>
 #include <numeric>
 #include <random>
 #include <sstream>
@@ -521,21 +519,6 @@ bool looks_like_random_name(const std::string& n) {
            n.find_first_not_of("0123456789abcdef", 3) == std::string::npos;
 }
 
-// Whether a live process maps /dev/shm/<name>: a randomly named segment that another test running
-// beside this one (ctest -j) is using, not one that a killed creator here left behind.
-bool mapped_by_a_live_process(const std::string& name) {
-    const std::string needle = "/dev/shm/" + name;
-    std::error_code ec;
-    for (const auto& entry : std::filesystem::directory_iterator("/proc", ec)) {
-        const std::string pid = entry.path().filename().string();
-        if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
-        std::ifstream maps(entry.path() / "maps");
-        for (std::string line; std::getline(maps, line);)
-            if (line.find(needle) != std::string::npos) return true;
-    }
-    return false;
-}
-
 // SIGKILL at random instants of a creator busy creating (and sometimes unlinking) named and
 // randomly named segments, its tracker included (the first kills land while it starts): nothing
 // stays in /dev/shm.
@@ -568,7 +551,7 @@ TEST_F(SharedMemoryTest, CreatorKilledAtRandomInstantsLeaksNothing) {
             for (const auto& n : mp::test::list_shm()) {
                 if (baseline.count(n) != 0) continue;
                 if (n.rfind(prefix, 0) == 0) left.push_back(n);
-                else if (looks_like_random_name(n) && !mapped_by_a_live_process(n)) left.push_back(n);
+                else if (looks_like_random_name(n) && !mp::test::shm_held_elsewhere(n)) left.push_back(n);  // not another test's
             }
             return left.empty();
         },

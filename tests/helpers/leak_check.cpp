@@ -187,8 +187,17 @@ bool belongs_to_forkserver(const FdInfo& f, const std::vector<ProcInfo>& servers
     return false;
 }
 
-/// Processes (other than this one and its children) that hold /dev/shm/NAME open or mapped: an
-/// entry such a process holds belongs to another program running at the same time.
+
+std::string describe(const ProcInfo& p) {
+    std::string s = "pid " + std::to_string(p.pid) + " (state " + p.state + ", comm '" + p.comm +
+                    "', cmdline '" + p.cmdline + "')";
+    return s;
+}
+
+Snapshot g_baseline;
+
+}  // namespace
+
 bool shm_held_elsewhere(const std::string& name) {
     const std::string path = "/dev/shm/" + name;
     const pid_t self = ::getpid();
@@ -208,16 +217,6 @@ bool shm_held_elsewhere(const std::string& name) {
     }
     return false;
 }
-
-std::string describe(const ProcInfo& p) {
-    std::string s = "pid " + std::to_string(p.pid) + " (state " + p.state + ", comm '" + p.comm +
-                    "', cmdline '" + p.cmdline + "')";
-    return s;
-}
-
-Snapshot g_baseline;
-
-}  // namespace
 
 std::vector<FdInfo> list_fds() {
     std::vector<FdInfo> out;

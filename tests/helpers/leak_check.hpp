@@ -61,6 +61,9 @@ bool pid_exists(pid_t pid);
 bool wait_pid_stopped(pid_t pid, std::chrono::milliseconds timeout);
 /// The names of the entries of /dev/shm.
 std::set<std::string> list_shm();
+/// Whether a process other than this one and its children holds /dev/shm/NAME open or mapped:
+/// the entry belongs to another program running at the same time (ctest -j).
+bool shm_held_elsewhere(const std::string& name);
 
 /// True for mp's forkserver process (comm or cmdline "mp-forkserver").
 bool is_forkserver(const ProcInfo& p);

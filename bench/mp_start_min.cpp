@@ -4,60 +4,33 @@
 // maps makes each of its forks and exits dearer; W1-c's limit is the smallest C program
 // (limits/fork_min.c), so its mp side is the smallest mp program.
 //
-//     mp_start_min W1 [--size N]          mp::Process (fork), start + join, us each
-//     mp_start_min W1b-small [--size N]   the same with the forkserver (after one start that
-//                                         starts the server), us each
+//     mp_start_min W1 [--size N] [--quick]          mp::Process (fork), start + join, us each
+//     mp_start_min W1b-small [--size N] [--quick]   the same with the forkserver (after one
+//                                                   start that starts the server), us each
 // Each prints one JSON line like mp_workloads.
 
-#include <mp/process.hpp>
-
-#include <chrono>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <exception>
+#include <string_view>
 
-namespace {
-
-void empty() {}
-
-double start_join_each(long long n, mp::StartMethod method, bool warm_up) {
-    auto once = [method] {
-        mp::Process p(mp::ProcessOptions{.start_method = method}, empty);
-        p.start();
-        p.join();
-        if (p.exitcode() != 0) {
-            std::fprintf(stderr, "mp_start_min: a child did not exit with 0\n");
-            std::exit(1);
-        }
-    };
-    if (warm_up) once();
-    const auto t0 = std::chrono::steady_clock::now();
-    for (long long i = 0; i < n; ++i) once();
-    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() /
-           static_cast<double>(n);
-}
-
-}  // namespace
+#include "start_join.hpp"
+#include "workload_args.hpp"
 
 int main(int argc, char** argv) {
-    long long n = 200;
-    for (int i = 2; i < argc; ++i) {
-        if (std::strcmp(argv[i], "--size") == 0 && i + 1 < argc)
-            n = std::atoll(argv[++i]);
-        else if (std::strcmp(argv[i], "--quick") == 0)
-            n = 20;
-    }
-    const bool w1 = argc >= 2 && std::strcmp(argv[1], "W1") == 0;
-    const bool small = argc >= 2 && std::strcmp(argv[1], "W1b-small") == 0;
-    if ((!w1 && !small) || n <= 0) {
+    const std::string_view id = argc >= 2 ? argv[1] : "";
+    mp_bench::WorkloadArgs args;
+    if ((id != "W1" && id != "W1b-small") || !mp_bench::parse_workload_args(argc, argv, args) ||
+        (args.size != -1 && args.size <= 0)) {
         std::fprintf(stderr, "usage: mp_start_min W1|W1b-small [--size N] [--quick]\n");
         return 2;
     }
+    const long long n = args.size > 0 ? args.size : args.quick ? 20 : 200;
+    const bool w1 = id == "W1";
     try {
         // W1 as mp_workloads measures it (no warm-up); W1b-small after the server's own start.
-        const double us = w1 ? start_join_each(n, mp::StartMethod::fork, false)
-                             : start_join_each(n, mp::StartMethod::forkserver, true);
+        const double us = w1 ? mp_bench::start_join_each(n, {.start_method = mp::StartMethod::fork}, false, "W1: bad exit")
+                             : mp_bench::start_join_each(n, {.start_method = mp::StartMethod::forkserver}, true,
+                                                         "W1b-small: bad exit");
         std::printf("{\"workload\":\"%s\",\"value\":%.6g,\"unit\":\"us\",\"size\":%lld,"
                     "\"method\":\"the smallest mp program: mp::Process (%s), start + join\"}\n",
                     argv[1], us, n, w1 ? "fork" : "forkserver");

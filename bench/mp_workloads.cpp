@@ -31,6 +31,7 @@
 #include "workload_args.hpp"
 #include "big_heap.hpp"
 #include "pin_cpu.hpp"
+#include "start_join.hpp"
 #include "executor_work.hpp"
 #include "mp/mp.hpp"
 
@@ -50,41 +51,19 @@ void check(bool ok, const char* what) {
 
 // ---- W1: start and join a child running an empty function, in sequence (us each) -------------
 
-void empty() {}
-
 double w1(long long n) {
-    auto t0 = Clock::now();
-    for (long long i = 0; i < n; ++i) {
-        mp::Process p(empty);
-        p.start();
-        p.join();
-        check(p.exitcode() == 0, "W1: the child did not exit with 0");
-    }
-    return seconds_since(t0) * 1e6 / double(n);
+    return mp_bench::start_join_each(n, {}, false, "W1: the child did not exit with 0");
 }
 
 // ---- W1b: start + join of an empty child from a parent with a 2 GiB touched heap (us each) ------
-// After one start outside the timing (it starts the forkserver; spawn's first exec loads the
-// program's pages into the page cache). W1b-small: the forkserver from this small process.
+// After one start outside the timing. W1b-small: the forkserver from this process (run.py takes
+// that row from mp_start_min, the smallest mp program; this mode stays for runs by hand).
 
 bool g_quick = false;
 
-double start_join_each(long long n, mp::StartMethod method, const char* what) {
-    auto once = [&] {
-        mp::Process p(mp::ProcessOptions{.start_method = method}, empty);
-        p.start();
-        p.join();
-        check(p.exitcode() == 0, what);
-    };
-    once();
-    auto t0 = Clock::now();
-    for (long long i = 0; i < n; ++i) once();
-    return seconds_since(t0) * 1e6 / double(n);
-}
-
 double w1b(long long n, mp::StartMethod method) {
     mp_bench::touch_big_heap(mp_bench::big_heap_bytes(g_quick));
-    return start_join_each(n, method, "W1b: the child did not exit with 0");
+    return mp_bench::start_join_each(n, {.start_method = method}, true, "W1b: the child did not exit with 0");
 }
 
 // ---- W2: x*x on 2 workers, results in order (tasks/s) --------------------------------------------
@@ -461,7 +440,7 @@ const Workload kWorkloads[] = {
     {"W1b-spawn", "us", 5, 2, [](long long n) { return w1b(n, mp::StartMethod::spawn); },
      "mp::Process (spawn), start + join, from a parent with 2 GiB of touched heap"},
     {"W1b-small", "us", 200, 20,
-     [](long long n) { return start_join_each(n, mp::StartMethod::forkserver, "W1b-small: bad exit"); },
+     [](long long n) { return mp_bench::start_join_each(n, {.start_method = mp::StartMethod::forkserver}, true, "W1b-small: bad exit"); },
      "mp::Process (forkserver), start + join, from a small parent"},
     {"W2a", "tasks/s", 100000, 2000, w2a,
      "ProcessPoolExecutor(2): submit every task, then result() of each in order"},

@@ -174,7 +174,7 @@ void PoolEngine::Impl::loop() {
             if (w->deadline) wake_at(*w->deadline);
             // Look again when the head of its queue would count as not started in time.
             if (w->head_since && !w->stalled && !w->inflight.front()->started_in_worker())
-                wake_at(waiting_since(*w) + pool::kStallLimit);
+                wake_at(stall_due(*w));
         }
         if (retry_at && !is_broken()) wake_at(*retry_at);
         // Wake when a worker with tasks queued behind its current one has been in it for
@@ -324,8 +324,21 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
         }
     impl_ = std::make_shared<Impl>(std::move(config));
     impl_->init_fds = std::move(init_fds);
+    // Under fork the first workers start here, in the caller's thread, before the pool's own
+    // thread exists (as Python's Pool, and its executor at the first submit): they are copies
+    // of the program as the caller left it, and no thread of the pool's runs beside the fork.
+    // Forked from the pool's thread while the caller goes on, a worker could inherit a lock
+    // the caller held at that instant in an allocator that is not fork-safe (ASan's is not;
+    // glibc's is), and wait on it for ever. Replacements still start in the pool's thread.
+    if (impl_->cfg.method == StartMethod::fork) impl_->start_workers();
     Impl* impl = impl_.get();
-    impl_->thread = std::thread([impl] { impl->run(); });
+    try {
+        impl_->thread = std::thread([impl] { impl->run(); });
+    } catch (...) {
+        impl->kill_all();
+        while (!impl->workers.empty()) impl->wait_exit(*impl->workers.front(), true);
+        throw;
+    }
 }
 
 PoolEngine::~PoolEngine() {

@@ -318,9 +318,16 @@ struct PoolEngine::Impl {
     void next_head(pool::Worker& w);
     void check_deadlines();
     void cancel_pending();
-    // Since when the head of w's queue has waited for w to start it: a worker still reading a
-    // large task off its socket is not stalled.
-    static Clock::time_point waiting_since(const pool::Worker& w) { return std::max(*w.head_since, w.last_sent); }
+    // When the head of w's queue counts as not started in time: kStallLimit after the last
+    // bytes went into w's socket (a worker still reading a large task off it is not stalled),
+    // or, when sending took longer, that long after: taking a task back costs sending it again,
+    // so a task that took a second to send is not moved for a worker that has not started it
+    // within 10 ms (on a loaded machine, that bounced a 96 MiB task between two workers for
+    // over a minute).
+    static Clock::time_point stall_due(const pool::Worker& w) {
+        const Clock::duration sending = std::max(w.last_sent - *w.head_since, Clock::duration::zero());
+        return std::max(*w.head_since, w.last_sent) + std::max<Clock::duration>(pool::kStallLimit, sending);
+    }
 };
 
 }  // namespace mp::detail

@@ -72,7 +72,7 @@ bool PoolEngine::Impl::take_back(Clock::time_point now) {
 // worker stopped for good while holding a task with a time limit is killed and replaced.
 void PoolEngine::Impl::take_back_stalled(Clock::time_point now) {
     for (auto& w : workers) {
-        if (w->stalled || !w->head_since || now - waiting_since(*w) < pool::kStallLimit) continue;
+        if (w->stalled || !w->head_since || now < stall_due(*w)) continue;
         pool::Job& head = *w->inflight.front();
         if (head.started_in_worker()) {
             (void)head.set_running();  // its started frame may still be on the way

@@ -49,6 +49,7 @@
 #include "helpers/temp_dir.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/futures.hpp"
+#include "mp/pool.hpp"
 #include "mp/queue.hpp"
 #include "mp/util.hpp"
 #include "process_impl.hpp"
@@ -355,6 +356,34 @@ TEST(ExecutorTest, MaxWorkersZeroOrNegativeIsInvalidArgument) {
 TEST(ExecutorTest, MaxWorkersIsReported) {
     mp::ProcessPoolExecutor ex({.max_workers = 3});
     EXPECT_EQ(ex.max_workers(), 3);
+}
+
+// Under fork the first workers are forked by the constructor, in the caller's thread, as
+// Python's Pool does: they are copies of the program as it was then, whatever the caller does
+// next, and no pool thread forks beside the caller (an allocator that is not fork-safe, such as
+// ASan's, could hand a worker a lock the caller held at that instant).
+int g_value_at_construction = 0;
+int read_value_at_construction(int) { return g_value_at_construction; }
+
+TEST(ExecutorTest, ForkWorkersAreCopiesOfTheProgramAtConstruction) {
+    g_value_at_construction = 1;
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork});
+    g_value_at_construction = 2;
+    std::vector<mp::Future<int>> fs;
+    for (int i = 0; i < 8; ++i) fs.push_back(ex.submit(read_value_at_construction, i));
+    for (auto& f : fs) EXPECT_EQ(f.result(kLong), 1);
+    ex.shutdown();
+    g_value_at_construction = 0;
+}
+
+TEST(ExecutorTest, ForkPoolWorkersAreCopiesOfTheProgramAtConstruction) {
+    g_value_at_construction = 1;
+    mp::Pool pool({.processes = 2, .start_method = mp::StartMethod::fork});
+    g_value_at_construction = 2;
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(pool.apply(read_value_at_construction, i), 1);
+    pool.close();
+    pool.join();
+    g_value_at_construction = 0;
 }
 
 TEST(ExecutorTest, MapZipsRangesInOrder) {

@@ -78,8 +78,7 @@ void PoolEngine::Impl::run() noexcept {
         }
         try {
             break_pool(std::string("internal error: ") + e.what());
-            kill_all();
-            while (!workers.empty()) wait_exit(*workers.front(), true);
+            kill_and_reap_all();
         } catch (...) {
         }
     }
@@ -126,8 +125,7 @@ void PoolEngine::Impl::loop() {
         run_posted();
         if (terminate) {
             fail_all(std::make_exception_ptr(BrokenProcessPool("the pool was terminated")));
-            kill_all();
-            while (!workers.empty()) wait_exit(*workers.front(), true);
+            kill_and_reap_all();
             return;
         }
         if (cancel) {
@@ -335,8 +333,7 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
     try {
         impl_->thread = std::thread([impl] { impl->run(); });
     } catch (...) {
-        impl->kill_all();
-        while (!impl->workers.empty()) impl->wait_exit(*impl->workers.front(), true);
+        impl->kill_and_reap_all();
         throw;
     }
 }

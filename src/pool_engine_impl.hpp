@@ -298,6 +298,7 @@ struct PoolEngine::Impl {
     void start_worker();
     void close_input(pool::Worker& w);
     void kill_all();
+    void kill_and_reap_all();
     static std::optional<int> exit_status(pool::Worker& w);
     void wait_exit(pool::Worker& w, bool terminating);
 

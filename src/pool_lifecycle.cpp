@@ -206,6 +206,12 @@ void PoolEngine::Impl::kill_all() {
         if (w->pidfd) sys::pidfd_send_signal(w->pidfd.get(), SIGKILL);
 }
 
+// Kills every worker and waits for each to end (the pool is going, or could not start).
+void PoolEngine::Impl::kill_and_reap_all() {
+    kill_all();
+    while (!workers.empty()) wait_exit(*workers.front(), true);
+}
+
 // Waits for the end of a worker known to have ended (its pidfd polled readable) or to be
 // ending (killed), and returns its status, if known.
 std::optional<int> PoolEngine::Impl::exit_status(pool::Worker& w) {

@@ -1,6 +1,12 @@
 // Names code across processes running the same binary: (build id of the module, offset in it).
 #include <link.h>
 #include <pthread.h>
+#if __has_include(<sys/single_threaded.h>)
+#include <sys/single_threaded.h>  // glibc 2.32+
+#define MP_HAVE_SINGLE_THREADED 1
+#else
+#define MP_HAVE_SINGLE_THREADED 0
+#endif
 
 #include <cstring>
 #include <array>
@@ -122,23 +128,38 @@ InvokerRegistry& invokers() {
 
 // A fork from one thread while another holds one of these locks (looking up a callable) would
 // leave the child a lock nobody releases, and the child's first task would wait for ever: hold
-// both across every fork, as glibc does with its allocator's.
+// both across every fork, as glibc does with its allocator's, and as glibc only while the
+// program has ever had a second thread. A single-threaded program's fork then writes nothing
+// here: the parent's unlock after fork would write a page the child shares, a copy-on-write
+// fault (with a TLB shootdown) on every start (issue 16, W1).
+bool g_locked_for_fork = false;  // written before fork only; both sides read their copy
+
+bool may_have_other_threads() noexcept {
+#if MP_HAVE_SINGLE_THREADED
+    return __libc_single_threaded == 0;
+#else
+    return true;
+#endif
+}
+
+void unlock_after_fork() noexcept {
+    if (!g_locked_for_fork) return;
+    invokers().mu.unlock();
+    modules().mu_.unlock();
+}
+
 const bool fork_guard = [] {
     modules();
     invokers();
     ::pthread_atfork(
         [] {
+            const bool lock = may_have_other_threads();
+            if (g_locked_for_fork != lock) g_locked_for_fork = lock;
+            if (!lock) return;
             modules().mu_.lock();
             invokers().mu.lock();
         },
-        [] {
-            invokers().mu.unlock();
-            modules().mu_.unlock();
-        },
-        [] {
-            invokers().mu.unlock();
-            modules().mu_.unlock();
-        });
+        unlock_after_fork, unlock_after_fork);
     return true;
 }();
 

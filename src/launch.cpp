@@ -63,7 +63,9 @@ void flush_standard_streams(bool cxx) noexcept {
 // Whatever the child would flush at its end is flushed now, or it would be written twice.
 void flush_before_fork() noexcept {
     const bool cxx = cxx_streams_buffer();
-    g_cxx_streams_buffer.store(cxx, std::memory_order_relaxed);
+    // Stored only when it changes: after the last fork this page is the child's too.
+    if (g_cxx_streams_buffer.load(std::memory_order_relaxed) != cxx)
+        g_cxx_streams_buffer.store(cxx, std::memory_order_relaxed);
     flush_standard_streams(cxx);
 }
 

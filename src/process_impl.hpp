@@ -21,6 +21,17 @@ namespace mp::detail {
 struct ProcessState {
     enum class Stage { created, started, closed };
 
+    // What start() writes after fork, while a fork child shares the parent's pages: together in
+    // the first 64 bytes, so that they seldom straddle two pages (each page is a copy-on-write
+    // fault). Not over-aligned: glibc serves aligned allocations outside its per-thread cache,
+    // which writes more of the allocator's pages per start than a straddle costs.
+    std::mutex mu;  // serialises reaping between threads that join the same child
+    pid_t pid = 0;
+    pid_t owner = 0;  // the process that started the child: only it may wait for or signal it
+    sys::Fd pidfd;
+    sys::Fd status;  // forkserver: the server writes the exit status here, then closes it
+    std::unique_ptr<ChildRecord> child_record;  // fork: kept until the state goes
+
     std::string name;
     bool daemon = false;
     StartMethod method = StartMethod::fork;
@@ -28,15 +39,9 @@ struct ProcessState {
     std::vector<int> identity;
 
     Stage stage = Stage::created;
-    pid_t pid = 0;
-    pid_t owner = 0;  // the process that started the child: only it may wait for or signal it
-    sys::Fd pidfd;
-    sys::Fd status;  // forkserver: the server writes the exit status here, then closes it
     bool status_gone = false;  // the server closed `status` without writing a status
     std::optional<int> exitcode;
     bool listed = false;  // in the registry of running children (guarded by mu once started)
-    std::unique_ptr<ChildRecord> child_record;  // fork: kept until the state goes
-    std::mutex mu;  // serialises reaping between threads that join the same child
 
     /// Waits (at most `timeout`; std::nullopt forever) for the child to end and reaps it.
     bool wait(detail::Timeout timeout);
@@ -47,6 +52,10 @@ struct ProcessState {
 private:
     bool reap_locked();
 };
+static_assert(sizeof(std::mutex) + 2 * sizeof(pid_t) + 2 * sizeof(sys::Fd) +
+                      sizeof(std::unique_ptr<ChildRecord>) <=
+                  64,
+              "ProcessState: what start() writes after fork should fit in 64 bytes");
 
 /// What a new child needs to know about itself, prepared in the parent before fork so the child
 /// has nothing to allocate before it is known safe.

@@ -174,31 +174,43 @@ double w6_queue(long long n) {
     return dt * 1e6 / double(n);
 }
 
-// ---- W6-pipe: 8-byte round trips over a duplex Pipe (us each) ----------------------------------
-double w6_pipe(long long n) {
-    auto [here, there] = mp::Pipe();
-    mp::Process echo([there = there, here = here]() mutable {
-        here.close();  // our copy of the parent's end
+// ---- W6-pipe: 8-byte round trips over a duplex Pipe; W6-pipe-oneway: over two one-way Pipes ----
+// (us each). The echo child gets the ends it uses and closes its copies of the parent's.
+double ping_pong(mp::Connection ping_w, mp::Connection ping_r, mp::Connection pong_w,
+                 mp::Connection pong_r, long long n) {
+    mp::Process echo([ping_r, pong_w, ping_w, pong_r]() mutable {
+        ping_w.close();
+        pong_r.close();
         for (;;) {
-            std::string m = there.recv_bytes();
+            std::string m = ping_r.recv_bytes();
             if (m.empty()) return;
-            there.send_bytes(m);
+            pong_w.send_bytes(m);
         }
     });
     echo.start();
-    there.close();
+    ping_r.close();
+    pong_w.close();
     const std::string msg(8, '\x01');
-    here.send_bytes(msg);
-    check(here.recv_bytes() == msg, "W6-pipe: wrong echo");
+    ping_w.send_bytes(msg);
+    check(pong_r.recv_bytes() == msg, "W6-pipe: wrong echo");
     auto t0 = Clock::now();
     for (long long i = 0; i < n; ++i) {
-        here.send_bytes(msg);
-        check(here.recv_bytes() == msg, "W6-pipe: wrong echo");
+        ping_w.send_bytes(msg);
+        check(pong_r.recv_bytes() == msg, "W6-pipe: wrong echo");
     }
     const double dt = seconds_since(t0);
-    here.send_bytes(std::string());
+    ping_w.send_bytes(std::string());
     echo.join();
     return dt * 1e6 / double(n);
+}
+double w6_pipe(long long n) {
+    auto [here, there] = mp::Pipe();
+    return ping_pong(here, there, there, here, n);
+}
+double w6_pipe_oneway(long long n) {
+    auto [ping_r, ping_w] = mp::Pipe(false);
+    auto [pong_r, pong_w] = mp::Pipe(false);
+    return ping_pong(ping_w, ping_r, pong_w, pong_r, n);
 }
 
 // ---- W7: 2 processes each doing n lock / increment / unlock on a shared counter (ns each) -------
@@ -452,6 +464,8 @@ const Workload kWorkloads[] = {
     {"W4", "msgs/s", 1000000, 20000, w4, "Queue, 64-byte messages"},
     {"W5", "MB/s", 1024, 16, w5, "Queue, 1 MiB messages"},
     {"W6-pipe", "us", 100000, 2000, w6_pipe, "Pipe, 8-byte send_bytes/recv_bytes round trips"},
+    {"W6-pipe-oneway", "us", 100000, 2000, w6_pipe_oneway,
+     "two Pipe(false), 8-byte send_bytes/recv_bytes round trips"},
     {"W6-queue", "us", 100000, 2000, w6_queue, "two Queues, 8-byte round trips"},
     {"W7", "ns", 1000000, 20000, w7, "mp::Value<long long> and its lock (an RLock), 2 processes, one per CPU"},
     {"W8a", "requests/s", 3000, 200, w8a,

@@ -545,29 +545,46 @@ void memcpy_bandwidth(long long bytes) {
 
 // ---- W6: 8-byte round trips ------------------------------------------------------------------
 
-void w6_pipe(long long n) {
-    int ping[2], pong[2];
-    if (::pipe2(ping, O_CLOEXEC) < 0 || ::pipe2(pong, O_CLOEXEC) < 0) die("pipe2");
+// W6-pipe: a duplex Pipe is a stream socketpair on every side (mp's and Python's alike), so its
+// limit is the same kernel object driven by bare write/read. W6-pipe-oneway: two one-way Pipes are
+// two pipe(2)s, and so is its limit.
+void ping_pong(const char* name, int ping_w, int ping_r, int pong_w, int pong_r, long long n,
+               const char* method) {
     pid_t child = fork_child([&] {
-        ::close(ping[1]);
-        ::close(pong[0]);
+        ::close(ping_w);
+        if (pong_r != ping_w) ::close(pong_r);
         uint64_t v;
-        while (read_full(ping[0], &v, sizeof v)) write_full(pong[1], &v, sizeof v);
+        while (read_full(ping_r, &v, sizeof v)) write_full(pong_w, &v, sizeof v);
         return true;
     });
-    ::close(ping[0]);
-    ::close(pong[1]);
+    if (ping_r != pong_w) ::close(ping_r);
+    ::close(pong_w);
     auto t0 = Clock::now();
     for (long long i = 0; i < n; ++i) {
         uint64_t v = uint64_t(i), r = 0;
-        write_full(ping[1], &v, sizeof v);
-        if (!read_full(pong[0], &r, sizeof r) || r != v) fail("W6-pipe: wrong echo");
+        write_full(ping_w, &v, sizeof v);
+        if (!read_full(pong_r, &r, sizeof r) || r != v) fail(std::string(name) + ": wrong echo");
     }
     double dt = seconds_since(t0);
-    ::close(ping[1]);
+    if (ping_w != pong_r) ::close(ping_w);
+    else ::shutdown(ping_w, SHUT_WR);
     wait_ok(child);
-    ::close(pong[0]);
-    print_result("W6-pipe", dt * 1e6 / double(n), "us", n, "pipe ping-pong, 8-byte read/write");
+    ::close(pong_r);
+    print_result(name, dt * 1e6 / double(n), "us", n, method);
+}
+
+void w6_pipe(long long n) {
+    int s[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, s) < 0) die("socketpair");
+    ping_pong("W6-pipe", s[0], s[1], s[1], s[0], n,
+              "AF_UNIX stream socketpair ping-pong, 8-byte write/read");
+}
+
+void w6_pipe_oneway(long long n) {
+    int ping[2], pong[2];
+    if (::pipe2(ping, O_CLOEXEC) < 0 || ::pipe2(pong, O_CLOEXEC) < 0) die("pipe2");
+    ping_pong("W6-pipe-oneway", ping[1], ping[0], pong[1], pong[0], n,
+              "two pipes, ping-pong, 8-byte write/read");
 }
 
 struct PingPong {
@@ -932,6 +949,7 @@ const Mode kModes[] = {
     {"W5", 1024, 16,
      [](long long n) { ring_transfer("W5", n, size_t(1) << 20, 4, true); }},  // size in MiB
     {"W6-pipe", 100000, 2000, w6_pipe},
+    {"W6-pipe-oneway", 100000, 2000, w6_pipe_oneway},
     {"W6-queue", 100000, 2000, w6_futex},
     {"W7", 1000000, 20000, w7},
     {"W8a", 3000, 200, w8a},  // size in milliseconds

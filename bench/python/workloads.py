@@ -39,6 +39,7 @@ PYTHON_SIZES = {
     "W4": (200_000, 20_000),     # full C++ size 1,000,000
     "W5": (1024, 16),
     "W6-pipe": (100_000, 2_000),
+    "W6-pipe-oneway": (100_000, 2_000),
     "W6-queue": (20_000, 2_000),  # full C++ size 100,000
     "W7": (200_000, 20_000),     # full C++ size 1,000,000 per process
     "W8a": (3000, 200),
@@ -206,28 +207,39 @@ def w5(n):
 
 # ---- W6 ------------------------------------------------------------------------------------------
 
-def pipe_echo(conn):
+def pipe_echo(ping, pong):
     while True:
-        m = conn.recv_bytes()
+        m = ping.recv_bytes()
         if not m:
             return
-        conn.send_bytes(m)
+        pong.send_bytes(m)
 
 
-def w6_pipe(n):
-    a, b = CTX.Pipe()
-    p = CTX.Process(target=pipe_echo, args=(b,))
+def ping_pong(name, ping_w, ping_r, pong_w, pong_r, n, method):
+    p = CTX.Process(target=pipe_echo, args=(ping_r, pong_w))
     p.start()
     msg = b"\x01" * 8
     t0 = time.perf_counter()
     for _ in range(n):
-        a.send_bytes(msg)
-        if a.recv_bytes() != msg:
-            raise RuntimeError("W6-pipe: wrong echo")
+        ping_w.send_bytes(msg)
+        if pong_r.recv_bytes() != msg:
+            raise RuntimeError(name + ": wrong echo")
     dt = time.perf_counter() - t0
-    a.send_bytes(b"")
+    ping_w.send_bytes(b"")
     p.join()
-    result("W6-pipe", dt * 1e6 / n, "us", n, "multiprocessing.Pipe(), send_bytes/recv_bytes")
+    result(name, dt * 1e6 / n, "us", n, method)
+
+
+def w6_pipe(n):
+    a, b = CTX.Pipe()
+    ping_pong("W6-pipe", a, b, b, a, n, "multiprocessing.Pipe(), send_bytes/recv_bytes")
+
+
+def w6_pipe_oneway(n):
+    ping_r, ping_w = CTX.Pipe(duplex=False)
+    pong_r, pong_w = CTX.Pipe(duplex=False)
+    ping_pong("W6-pipe-oneway", ping_w, ping_r, pong_w, pong_r, n,
+              "two multiprocessing.Pipe(duplex=False), send_bytes/recv_bytes")
 
 
 def queue_echo(inq, outq):
@@ -526,7 +538,8 @@ def w10b(n):
 WORKLOADS = {
     "W10a": w10a, "W10b": w10b,
     "W1": w1, "W2a": w2a, "W2a-steady": w2a_steady, "W2b": w2b, "W3": w3, "W4": w4, "W5": w5,
-    "W6-pipe": w6_pipe, "W6-queue": w6_queue, "W7": w7, "W8a": w8a, "W8b": w8b, "W9": w9,
+    "W6-pipe": w6_pipe, "W6-pipe-oneway": w6_pipe_oneway,
+    "W6-queue": w6_queue, "W7": w7, "W8a": w8a, "W8b": w8b, "W9": w9,
     "W12a": w12a, "W12a-decode": w12a_decode,
     # The same pickle.loads: the mp side reads the message into another type.
     "W12a-decode-flat": lambda n: w12a_decode(n, "W12a-decode-flat"),

@@ -347,7 +347,7 @@ PoolEngine::~PoolEngine() {
 }
 
 std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
-    auto job = std::make_shared<pool::Job>();
+    auto job = std::allocate_shared<pool::Job>(sys::ArenaAllocator<pool::Job>(impl_->job_arena));
     job->bytes.assign(std::move(task.bytes));
     for (int fd : task.fds) {
         int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);

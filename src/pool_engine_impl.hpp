@@ -28,6 +28,7 @@
 #include "mp/detail/pool_engine.hpp"
 #include "launch.hpp"
 #include "pool_frames.hpp"
+#include "sys/block_arena.hpp"
 #include "sys/fd.hpp"
 
 namespace mp::detail {
@@ -85,9 +86,9 @@ struct JobExtras {
     std::optional<nanoseconds> timeout;  // the task's own, over PoolConfig::task_timeout
 };
 
-// A task and its future in one allocation: the queues hold pointers, the user the future. A
-// batch of small tasks costs this per task, in fresh memory on a freshly started pool: kept to
-// 168 bytes (184 with the shared_ptr's counts, a 192-byte block).
+// A task and its future in one block of the pool's arena (job_arena): the queues hold pointers,
+// the user the future. A batch of small tasks costs this per task, in fresh memory on a freshly
+// started pool: kept to 168 bytes (192 with the shared_ptr's counts and the allocator's pointer).
 struct Job : FutureCore {
     std::uint64_t ordinal = 0;  // in its current worker
     // Where a worker holds it, for cancel() in any thread: the pool's thread changes `ticket`
@@ -158,6 +159,8 @@ struct Job : FutureCore {
         if (extras) extras->fds.clear();
     }
 };
+// With the shared_ptr's counts and its allocator's pointer, one 192-byte block of the arena.
+static_assert(sizeof(Job) <= 168, "a job grew: every task of a batch pays for it in fresh memory");
 using JobPtr = std::shared_ptr<Job>;
 
 struct Worker {
@@ -229,6 +232,9 @@ struct PoolEngine::Impl {
     sys::Fd page;
     std::vector<bool> slot_used;
     std::vector<sys::Fd> init_fds;  // owned copies of the initializer's descriptors
+    // The jobs' memory (see sys/block_arena.hpp: a first batch's jobs would otherwise fault in
+    // page by page). Released by ~Impl; freed with the last job.
+    sys::BlockArena* job_arena = sys::BlockArena::create();
     std::thread thread;
     std::mutex join_mu;
 

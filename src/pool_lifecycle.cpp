@@ -59,6 +59,7 @@ PoolEngine::Impl::Impl(PoolConfig c) : cfg(std::move(c)) {
 
 PoolEngine::Impl::~Impl() {
     if (slots != nullptr) ::munmap(slots, page_bytes);
+    job_arena->release();
 }
 
 // A failure to start a worker that may pass: the system short of descriptors, processes or

@@ -15,6 +15,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -68,10 +69,22 @@ struct Slot {
 };
 
 // Fixed tables: the server allocates nothing between its children's forks, so a child never
-// starts inside the allocator.
-Slot g_slots[kMaxChildren];
-int g_nslots = 0;
-pollfd g_poll[1 + 2 * kMaxChildren];
+// starts inside the allocator. Mapped once with MADV_WIPEONFORK: a child gets zeros there, not
+// the server's pages, so the server's writes after each fork (the new slot, the poll set) copy
+// no page (a copy-on-write fault, with a TLB flush, per start otherwise).
+struct Tables {
+    Slot slots[kMaxChildren];
+    int nslots;
+    pollfd poll[1 + 2 * kMaxChildren];
+};
+Tables* g_tables = nullptr;  // set before the first fork, then only read
+
+void map_tables() noexcept {
+    void* m = ::mmap(nullptr, sizeof(Tables), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) sys::exit_child(1);
+    (void)::madvise(m, sizeof(Tables), MADV_WIPEONFORK);  // EINVAL before Linux 4.14: shared then
+    g_tables = static_cast<Tables*>(m);
+}
 
 void send_all_nosignal(int fd, const void* p, std::size_t n) noexcept {
     const char* c = static_cast<const char*>(p);
@@ -110,6 +123,7 @@ void send_reply(int status_fd, std::int32_t pid, int pidfd) noexcept {
 
 // Accepts one request from the control socket. Returns false when every client has gone.
 bool accept_request(pid_t server_pid) noexcept {
+    Tables& t = *g_tables;
     Header h{};
     iovec iov{&h, sizeof h};
     msghdr msg{};
@@ -140,7 +154,7 @@ bool accept_request(pid_t server_pid) noexcept {
     }
     const int status_fd = fds[0];
     const bool daemon = (h.flags & kDaemon) != 0;
-    if (g_nslots == kMaxChildren) {
+    if (t.nslots == kMaxChildren) {
         send_reply(status_fd, -EAGAIN, -1);
         close_all();
         return true;
@@ -165,7 +179,7 @@ bool accept_request(pid_t server_pid) noexcept {
         return true;
     }
     send_reply(status_fd, pid, pidfd);
-    g_slots[g_nslots++] = Slot{pid, pidfd, status_fd, daemon};
+    t.slots[t.nslots++] = Slot{pid, pidfd, status_fd, daemon};
     return true;
 }
 
@@ -193,6 +207,11 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
     (void)::getppid();
     flush_standard_streams_at_exit();
     run_preload(preload);
+    // The rule the children flush by at their end, as a forking parent sets it (the preload
+    // functions may have changed the streams): the C++ streams only if they buffer on their own.
+    // Left at its default, every child flushed cout, cerr and clog, locking stdout and stderr:
+    // five pages written, each a copy of the server's, per child.
+    flush_before_fork();
     // What every child would do first (become_child), done once here for all of them, after the
     // preload functions, which may have changed it (a spawned server has done it already for
     // itself; one forked from a program without the main hook has not).
@@ -203,23 +222,25 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
     const std::int32_t hello = self;
     if (::send(kControlFd, &hello, sizeof hello, MSG_NOSIGNAL) != sizeof hello) sys::exit_child(1);
 
+    map_tables();
+    Tables& t = *g_tables;
     bool clients = true;
-    while (clients || g_nslots > 0) {
+    while (clients || t.nslots > 0) {
         int n = 0;
-        if (clients) g_poll[n++] = pollfd{kControlFd, POLLIN, 0};
+        if (clients) t.poll[n++] = pollfd{kControlFd, POLLIN, 0};
         const int first = n;
-        for (int i = 0; i < g_nslots; ++i) {
-            g_poll[n++] = pollfd{g_slots[i].pidfd, POLLIN, 0};
+        for (int i = 0; i < t.nslots; ++i) {
+            t.poll[n++] = pollfd{t.slots[i].pidfd, POLLIN, 0};
             // Hang-up only (POLLHUP is reported unasked); fd -1 is ignored by poll.
-            g_poll[n++] = pollfd{g_slots[i].status, 0, 0};
+            t.poll[n++] = pollfd{t.slots[i].status, 0, 0};
         }
-        if (::poll(g_poll, static_cast<nfds_t>(n), -1) < 0) continue;
+        if (::poll(t.poll, static_cast<nfds_t>(n), -1) < 0) continue;
 
         // Children first: compacting the table below invalidates the poll indices.
-        for (int i = g_nslots - 1; i >= 0; --i) {
-            Slot& s = g_slots[i];
-            const pollfd& pp = g_poll[first + 2 * i];
-            const pollfd& ps = g_poll[first + 2 * i + 1];
+        for (int i = t.nslots - 1; i >= 0; --i) {
+            Slot& s = t.slots[i];
+            const pollfd& pp = t.poll[first + 2 * i];
+            const pollfd& ps = t.poll[first + 2 * i + 1];
             if (s.status >= 0 && ps.revents != 0) {
                 // The client has gone: its daemon child goes with it.
                 if (s.daemon) ::syscall(SYS_pidfd_send_signal, s.pidfd, SIGKILL, nullptr, 0);
@@ -237,18 +258,18 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
                         ::close(s.status);
                     }
                     ::close(s.pidfd);
-                    g_slots[i] = g_slots[--g_nslots];
+                    t.slots[i] = t.slots[--t.nslots];
                 }
             }
         }
-        if (clients && (g_poll[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0)
+        if (clients && (t.poll[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0)
             clients = accept_request(self);
         // Without clients, non-daemon children finish on their own; daemons were killed above
         // as their status sockets closed. Stay only to reap what remains.
         if (!clients) {
-            for (int i = 0; i < g_nslots; ++i)
-                if (g_slots[i].daemon)
-                    ::syscall(SYS_pidfd_send_signal, g_slots[i].pidfd, SIGKILL, nullptr, 0);
+            for (int i = 0; i < t.nslots; ++i)
+                if (t.slots[i].daemon)
+                    ::syscall(SYS_pidfd_send_signal, t.slots[i].pidfd, SIGKILL, nullptr, 0);
         }
     }
     sys::exit_child(0);

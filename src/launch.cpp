@@ -60,14 +60,6 @@ void flush_standard_streams(bool cxx) noexcept {
     if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
 }
 
-// Whatever the child would flush at its end is flushed now, or it would be written twice.
-void flush_before_fork() noexcept {
-    const bool cxx = cxx_streams_buffer();
-    // Stored only when it changes: after the last fork this page is the child's too.
-    if (g_cxx_streams_buffer.load(std::memory_order_relaxed) != cxx)
-        g_cxx_streams_buffer.store(cxx, std::memory_order_relaxed);
-    flush_standard_streams(cxx);
-}
 
 // The one fork of a parent: `child` runs in the child with every signal blocked and never
 // returns. Returns the child's pid; throws std::system_error naming `what`.
@@ -193,6 +185,14 @@ void launch_helper(const char* what, ChildMain body) {
 }
 
 void launch_detached(const char* what, const ChildSpec& spec) { (void)launch_spawn(spec, true, what); }
+
+void flush_before_fork() noexcept {
+    const bool cxx = cxx_streams_buffer();
+    // Stored only when it changes: after the last fork this page is the child's too.
+    if (g_cxx_streams_buffer.load(std::memory_order_relaxed) != cxx)
+        g_cxx_streams_buffer.store(cxx, std::memory_order_relaxed);
+    flush_standard_streams(cxx);
+}
 
 void flush_standard_streams_at_exit() noexcept {
     flush_standard_streams(g_cxx_streams_buffer.load(std::memory_order_relaxed));

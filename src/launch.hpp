@@ -129,6 +129,12 @@ bool main_hooked() noexcept;
 /// Throws ProcessError naming the missing link option unless main_hooked().
 void check_main_hooked();
 
+/// In a parent about to fork: flushes what the child would flush at its end (or it would be
+/// written twice), and notes for the children whether the C++ standard streams keep buffers of
+/// their own (by default they forward to C stdio, and a child then flushes only a stdio stream
+/// that holds output: a flush takes the stream's lock, a write to a page shared with the parent).
+void flush_before_fork() noexcept;
+
 /// In a child on its way out: flushes the standard streams that hold output, by the rule the
 /// parent applied before the fork (so the child writes only what it wrote itself).
 void flush_standard_streams_at_exit() noexcept;

@@ -79,6 +79,14 @@ WORKLOADS = [
          unit="us", per="per start+join", better=LOWER, no_python=True, mp_exe="mp_start_min",
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
+    # W1b-small's mp side again, against the smallest forkserver in C (limits/forkserver_min.c):
+    # what any forkserver costs beyond a bare fork (a request to another process, the pid and
+    # the status back) is in both sides, so this row shows what mp's own adds. No target.
+    dict(id="W1b-small-fs", title="W1b-small vs a minimal C forkserver (request, fork, pid back, "
+         "status back; libc only)",
+         unit="us", per="per start+join", better=LOWER, same_as="W1b-small", no_python=True,
+         mp_exe="mp_start_min", limit_exe="mp_limit_forkserver",
+         cpp=200, py=200, quick=20, size_unit="starts"),
     dict(id="W2a", title="x*x on 2 workers: submit + result per task, in order",
          unit="tasks/s", per="", better=HIGHER,
          cpp=100_000, py=20_000, quick=2_000, size_unit="tasks"),
@@ -247,7 +255,8 @@ class Sides:
         self.mp = bench / "mp_workloads"
         self.limits = bench / "mp_limits"
         self.micro = bench / "mp_bench"
-        self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork"}
+        self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork",
+                             "mp_limit_forkserver": bench / "mp_limit_forkserver"}
         self.extra_mp = {"mp_start_min": bench / "mp_start_min"}
         self.python = [sys.executable, str(HERE / "python" / "workloads.py")]
         self.notes = []

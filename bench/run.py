@@ -691,6 +691,26 @@ def write_chart(out_png, results, workdir):
         [r["workload"]["limit_target"] for r in rows if r["workload"].get("limit_target")]
     lo = min(values + [0.5]) / 2
     hi = max(values + [2]) * 3
+    # gnuplot fails on a column with no value at all (rows without a Python side, or without
+    # a limit, or without a target): such a column is left out.
+    has = {c: any(r[k] is not None for r in rows) for c, k in ((2, "vs_python"), (3, "vs_limit"))}
+    has[4] = any(r["workload"].get("limit_target") for r in rows)
+    clauses = []
+    if has[2]:
+        clauses.append("'{d}' using 2:xtic(1) title \"mp vs Python (speed-up)\" lc rgb \"#1f77b4\"")
+    if has[3]:
+        clauses.append("'{d}' using 3" + ("" if has[2] else ":xtic(1)") +
+                       " title \"mp vs limit (share)\" lc rgb \"#ff7f0e\"")
+    if has[2]:
+        clauses.append("'{d}' using ($0 - 1.0/6):2:(sprintf(\"%.3g\", $2)) with labels offset 0,0.7 "
+                       "font \",9\" notitle")
+    if has[3]:
+        clauses.append("'{d}' using ($0 + 1.0/6):3:(sprintf(\"%.3g\", $3)) with labels offset 0,0.7 "
+                       "font \",9\" notitle")
+    if has[4]:
+        clauses.append("'{d}' using ($0 + 1.0/6):4 with points pt 9 ps 2.2 lc rgb \"#d62728\" "
+                       "title \"target for mp vs limit (below it: missed)\"")
+    plot = "plot " + ", \\\n     ".join(c.format(d=data) for c in clauses)
     script = workdir / "ratios.gp"
     title = "mp vs Python multiprocessing and vs the machine limit (higher is better)"
     if not rows:
@@ -721,12 +741,7 @@ set xtics nomirror
 set xrange [-0.6:{len(rows) - 0.4}]
 set arrow from graph 0, first 1 to graph 1, first 1 nohead lc rgb "#444444" dt 2 lw 1.5
 set xlabel "{XLABEL}" font ",10"
-plot '{data}' using 2:xtic(1) title "mp vs Python (speed-up)" lc rgb "#1f77b4", \\
-     '' using 3 title "mp vs limit (share)" lc rgb "#ff7f0e", \\
-     '' using ($0 - 1.0/6):2:(sprintf("%.3g", $2)) with labels offset 0,0.7 font ",9" notitle, \\
-     '' using ($0 + 1.0/6):3:(sprintf("%.3g", $3)) with labels offset 0,0.7 font ",9" notitle, \\
-     '' using ($0 + 1.0/6):4 with points pt 9 ps 2.2 lc rgb "#d62728" \\
-        title "target for mp vs limit (below it: missed)"
+{plot}
 """)
     p = subprocess.run([gnuplot, str(script)], capture_output=True, text=True)
     if p.returncode != 0:

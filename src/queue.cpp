@@ -75,9 +75,8 @@
 // get (a message's last chunk) is a release store: the lock's release that follows it (an
 // atomic exchange) and a seq_cst fence after that order it before the flag's read, and the
 // wake-up comes after the unlock. On x86-64 the fence then finds nothing left to drain, so a put
-// and a get each cost two atomic read-modify-writes (the lock, its release) instead of three,
-// which nearly doubles W4 (64-byte messages: 4.8M -> 8.6M msgs/s, medians of 8, bench/). A
-// waker killed between the unlock and the wake-up is a wake-up lost, as one killed between its
+// and a get each cost two atomic read-modify-writes (the lock, its release) instead of three
+// (bench row W4). A waker killed between the unlock and the wake-up is a wake-up lost, as one killed between its
 // index and the wake-up always was: the waiter's sleep is cut into kRecheck slices.
 
 #include "mp/queue.hpp"
@@ -438,6 +437,16 @@ struct Producer {
         h->head.store(new_head, sc);
         wake_if_waiting(h->data_seq, h->data_waiting);
     }
+    // publish() of a message's last chunk, which ends the put: `guard` (plock) is released
+    // before the consumer is woken, and its exchange with the fence orders the head before the
+    // flag's read (Waiting). The caller has disarmed its Settle: the message is complete.
+    void publish_last_and_unlock(std::uint64_t new_head, RobustGuard& guard) {
+        h->head.store(new_head, rel);
+        h->p_inflight.store(0, rel);
+        guard.unlock();
+        fence_after_unlock();
+        wake_if_waiting(h->data_seq, h->data_waiting);
+    }
     void write_chunk(std::uint64_t pos, const ChunkHeader& c, Gather& payload) {
         ring.write(pos, &c, kHdr);
         payload.copy_to(ring, pos + kHdr, c.len);
@@ -544,12 +553,8 @@ bool QueueCore::put(std::span<const std::string_view> parts, bool block,
             p.write_chunk(hd,
                           ChunkHeader{id, n, static_cast<std::uint32_t>(rem), first | kLast},
                           bytes);
-            h->head.store(nh, rel);  // ordered before the flag's read below (see Waiting)
-            h->p_inflight.store(0, rel);
             settle.armed = false;
-            guard.unlock();
-            fence_after_unlock();
-            wake_if_waiting(h->data_seq, h->data_waiting);
+            p.publish_last_and_unlock(nh, guard);
             return true;
         }
         const std::uint64_t min_piece = std::min<std::uint64_t>(rem, cap / 4);
@@ -597,18 +602,16 @@ struct Consumer {
         wake_producer();
     }
     // I8: the tail past a message's last chunk, and the count, as a unit a repairer can finish.
-    // `tail_order`: seq_cst when wake_producer follows at once, else release (see take_and_unlock).
-    void record_take(std::uint64_t new_tail, std::memory_order tail_order) {
+    // `order`: seq_cst when wake_producer follows at once, release when an unlock and a fence
+    // come first (take_and_unlock); either way ordered before the producer's flag is read.
+    void record_take(std::uint64_t new_tail, std::memory_order order) {
         const std::uint64_t t = h->taken.load(rlx) + 1;
         h->c_pending_taken.store(t, rel);
         h->c_pending_end.store(new_tail, rel);  // ordered before tail: I8 needs only the order
-        h->tail.store(new_tail, tail_order);
+        h->tail.store(new_tail, order);
         // Only a producer waiting for an item slot (maxsize) must see `taken` before we look at
         // its flag; without a maxsize, release keeps I8's order at less cost.
-        if (h->maxsize != 0)
-            h->taken.store(t, sc);
-        else
-            h->taken.store(t, rel);
+        h->taken.store(t, h->maxsize != 0 ? order : rel);
         h->c_pending_end.store(0, rel);
     }
     void take(std::uint64_t new_tail) {

@@ -79,13 +79,13 @@ WORKLOADS = [
          unit="us", per="per start+join", better=LOWER, no_python=True, mp_exe="mp_start_min",
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
-    # W1b-small's mp side again, against the smallest forkserver in C (limits/forkserver_min.c):
+    # W1b-small's mp side again, against the smallest forkserver in C (limits/fork_min.c):
     # what any forkserver costs beyond a bare fork (a request to another process, the pid and
     # the status back) is in both sides, so this row shows what mp's own adds. No target.
     dict(id="W1b-small-fs", title="W1b-small vs a minimal C forkserver (request, fork, pid back, "
          "status back; libc only)",
          unit="us", per="per start+join", better=LOWER, same_as="W1b-small", no_python=True,
-         mp_exe="mp_start_min", limit_exe="mp_limit_forkserver",
+         mp_exe="mp_start_min", limit_exe="mp_limit_fork",
          cpp=200, py=200, quick=20, size_unit="starts"),
     dict(id="W2a", title="x*x on 2 workers: submit + result per task, in order",
          unit="tasks/s", per="", better=HIGHER,
@@ -255,8 +255,7 @@ class Sides:
         self.mp = bench / "mp_workloads"
         self.limits = bench / "mp_limits"
         self.micro = bench / "mp_bench"
-        self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork",
-                             "mp_limit_forkserver": bench / "mp_limit_forkserver"}
+        self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork"}
         self.extra_mp = {"mp_start_min": bench / "mp_start_min"}
         self.python = [sys.executable, str(HERE / "python" / "workloads.py")]
         self.notes = []
@@ -693,24 +692,24 @@ def write_chart(out_png, results, workdir):
     hi = max(values + [2]) * 3
     # gnuplot fails on a column with no value at all (rows without a Python side, or without
     # a limit, or without a target): such a column is left out.
-    has = {c: any(r[k] is not None for r in rows) for c, k in ((2, "vs_python"), (3, "vs_limit"))}
-    has[4] = any(r["workload"].get("limit_target") for r in rows)
+    with_python = any(r["vs_python"] is not None for r in rows)
+    with_limit = any(r["vs_limit"] is not None for r in rows)
+    with_target = any(r["workload"].get("limit_target") for r in rows)
+    labels = "with labels offset 0,0.7 font \",9\" notitle"
     clauses = []
-    if has[2]:
-        clauses.append("'{d}' using 2:xtic(1) title \"mp vs Python (speed-up)\" lc rgb \"#1f77b4\"")
-    if has[3]:
-        clauses.append("'{d}' using 3" + ("" if has[2] else ":xtic(1)") +
-                       " title \"mp vs limit (share)\" lc rgb \"#ff7f0e\"")
-    if has[2]:
-        clauses.append("'{d}' using ($0 - 1.0/6):2:(sprintf(\"%.3g\", $2)) with labels offset 0,0.7 "
-                       "font \",9\" notitle")
-    if has[3]:
-        clauses.append("'{d}' using ($0 + 1.0/6):3:(sprintf(\"%.3g\", $3)) with labels offset 0,0.7 "
-                       "font \",9\" notitle")
-    if has[4]:
-        clauses.append("'{d}' using ($0 + 1.0/6):4 with points pt 9 ps 2.2 lc rgb \"#d62728\" "
-                       "title \"target for mp vs limit (below it: missed)\"")
-    plot = "plot " + ", \\\n     ".join(c.format(d=data) for c in clauses)
+    if with_python:
+        clauses += ["using 2:xtic(1) title \"mp vs Python (speed-up)\" lc rgb \"#1f77b4\""]
+    if with_limit:
+        clauses += [f"using 3{'' if with_python else ':xtic(1)'} title \"mp vs limit (share)\" "
+                    "lc rgb \"#ff7f0e\""]
+    if with_python:
+        clauses += [f"using ($0 - 1.0/6):2:(sprintf(\"%.3g\", $2)) {labels}"]
+    if with_limit:
+        clauses += [f"using ($0 + 1.0/6):3:(sprintf(\"%.3g\", $3)) {labels}"]
+    if with_target:
+        clauses += ["using ($0 + 1.0/6):4 with points pt 9 ps 2.2 lc rgb \"#d62728\" "
+                    "title \"target for mp vs limit (below it: missed)\""]
+    plot = "plot " + ", \\\n     ".join(f"'{data}' {c}" for c in clauses)
     script = workdir / "ratios.gp"
     title = "mp vs Python multiprocessing and vs the machine limit (higher is better)"
     if not rows:

@@ -132,7 +132,10 @@ InvokerRegistry& invokers() {
 // program has ever had a second thread. A single-threaded program's fork then writes nothing
 // here: the parent's unlock after fork would write a page the child shares, a copy-on-write
 // fault (with a TLB shootdown) on every start (issue 16, W1).
-bool g_locked_for_fork = false;  // written before fork only; both sides read their copy
+// Written before fork only (both sides read their copy), and only when it changes. Atomic, as
+// threads that fork at once run the prepare handler at once (relaxed: it changes only from false
+// to true, when a second thread exists, and each fork's handlers read it in its own thread).
+std::atomic<bool> g_locked_for_fork{false};
 
 bool may_have_other_threads() noexcept {
 #if MP_HAVE_SINGLE_THREADED
@@ -143,7 +146,7 @@ bool may_have_other_threads() noexcept {
 }
 
 void unlock_after_fork() noexcept {
-    if (!g_locked_for_fork) return;
+    if (!g_locked_for_fork.load(std::memory_order_relaxed)) return;
     invokers().mu.unlock();
     modules().mu_.unlock();
 }
@@ -154,7 +157,8 @@ const bool fork_guard = [] {
     ::pthread_atfork(
         [] {
             const bool lock = may_have_other_threads();
-            if (g_locked_for_fork != lock) g_locked_for_fork = lock;
+            if (g_locked_for_fork.load(std::memory_order_relaxed) != lock)
+                g_locked_for_fork.store(lock, std::memory_order_relaxed);
             if (!lock) return;
             modules().mu_.lock();
             invokers().mu.lock();

@@ -757,6 +757,45 @@ TEST(PyPickleFlat, StrIntPairsOfEveryWidthReadAsPythonReadsThem) {
                  py::UnpicklingError);
 }
 
+// Keys of every length from 0 to 20 bytes (a short string's buffer holds 15; the fast reader
+// takes up to 8 in one word), ASCII or not, first, in the middle and last in the message (where
+// fewer than 8 or 15 bytes of input follow the key), read as Python reads them.
+TEST(PyPickleFlat, StrKeysOfEveryLengthAndPlaceReadAsPythonReadsThem) {
+    const std::vector<std::string> out = lines(python(
+        "import pickle\n"
+        "for n in range(21):\n"
+        "    for key in ('k' * n, '\u00e9' + 'k' * max(n - 2, 0), 'k' * max(n - 1, 0) + '\\x7f'):\n"
+        "        for d in ({key: 1, 'b': 2, 'c': 3}, {'a': 1, key: 2, 'c': 3}, {'a': 1, 'b': 2, key: 3}, {key: 300}):\n"
+        "            print(pickle.dumps(d).hex(), ' '.join('%s=%d' % (k.encode().hex(), v) for k, v in d.items()))\n"));
+    ASSERT_EQ(out.size(), 21u * 3 * 4);
+    for (const std::string& line : out) {
+        SCOPED_TRACE(line);
+        const std::string p = unhex(line.substr(0, line.find(' ')));
+        std::string got;
+        for (const auto& [k, v] : py::loads<Pairs>(p)) got += (got.empty() ? "" : " ") + hex(k) + "=" + std::to_string(v);
+        EXPECT_EQ(got, line.substr(line.find(' ') + 1));
+        expect_fast<Pairs>(p);
+        EXPECT_EQ(py::loads<Pairs>(p), full_reader<Pairs>(p));
+    }
+}
+
+// Past the memo's entries kept inline (48): a dict of 60 str keys, then one of its keys again,
+// which Python writes as a memo fetch of that key's entry.
+TEST(PyPickleFlat, MemoEntriesPastTheInlineOnesAreFetchedAsPythonFiledThem) {
+    const std::string p = unhex(lines(python(
+        "import pickle\n"
+        "d = {'k%d' % i: i for i in range(60)}\n"
+        "print(pickle.dumps((d, list(d)[55], list(d)[3])).hex())\n"))[0]);
+    using Message = std::tuple<Pairs, std::string, std::string>;
+    const auto [pairs, late, early] = py::loads<Message>(p);
+    ASSERT_EQ(pairs.size(), 60u);
+    EXPECT_EQ(pairs[55], (std::pair<std::string, std::int64_t>{"k55", 55}));
+    EXPECT_EQ(late, "k55");
+    EXPECT_EQ(early, "k3");
+    expect_fast<Message>(p);
+    expect_as_full_reader<Message>(p);
+}
+
 // The W12a message read as pairs makes one allocation, the vector's: the keys fit std::string's
 // own buffer, and the reader makes no pair, Object or table on the heap on the way.
 TEST(PyPickleFlat, TheW12aMessageAsPairsIsOneAllocation) {

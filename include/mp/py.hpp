@@ -485,6 +485,26 @@ inline std::uint64_t tail_word(const unsigned char* p, std::size_t n) noexcept {
     if (n > 0) return p[0] | (std::uint64_t{p[n / 2]} << 8) | (std::uint64_t{p[n - 1]} << 16);
     return 0;
 }
+// A std::string of the `size` bytes at `at`, for a pair's piecewise constructor or an emplace:
+// as std::string(at, size), but when a short string's worth of bytes from `at` can be read
+// (`readable`; the reader's input goes on past a key), the string is made from 15 of them and cut
+// to size. A copy of constant length is inlined by the compiler; one of a length known only at
+// run time is a call to memcpy, which costs more than copying a short key. Made in place,
+// through the conversion (guaranteed copy elision).
+struct ShortString {
+    static constexpr std::size_t kShort = 15;  // fits the small-string buffer of libstdc++, libc++ and MSVC
+    const char* at;
+    std::size_t size;
+    std::size_t readable;
+    operator std::string() const { return size <= kShort && readable >= kShort ? cut() : whole(); }
+    std::string cut() const {
+        std::string s(at, kShort);
+        s.resize(size);
+        return s;
+    }
+    // Out of line: kept out of every emplace_back that inlines the short case.
+    [[gnu::noinline]] std::string whole() const { return std::string(at, size); }
+};
 inline std::uint64_t hash_bytes(std::uint64_t h, std::string_view s) noexcept {
     const auto* p = reinterpret_cast<const unsigned char*>(s.data());
     std::size_t n = s.size();
@@ -528,23 +548,26 @@ std::uint64_t key_hash(std::uint64_t seed, const K& k) noexcept {
 
 // What merge_repeated_keys_small compares before the keys themselves: equal keys give equal
 // fingerprints. A str or bytes key of up to 8 bytes is told from another of its length by its
-// fingerprint alone; longer ones by their first and last 8 bytes. No seed: the small merge
-// bounds its comparisons by the number of pairs, not by how the fingerprints spread.
+// word alone; longer ones by their first and last 8 bytes. No seed: the small merge bounds its
+// comparisons by the number of pairs, not by how the fingerprints spread. Taken to 16 bits (the
+// top of a multiplicative hash): what the small merge compares.
+inline std::uint64_t key_word(const unsigned char* p, std::size_t n) noexcept {  // up to 8 bytes: all of them
+    return n <= 8 ? tail_word(p, n) : load_word<8>(p) ^ (load_word<8>(p + n - 8) * 0x9e3779b97f4a7c15u);
+}
+inline std::int16_t word_fingerprint(std::uint64_t key_word, std::size_t n) noexcept {
+    return static_cast<std::int16_t>(((key_word ^ (n * 0xc2b2ae3d27d4eb4fu)) * 0x9e3779b97f4a7c15u) >> 48);
+}
+inline std::int16_t bytes_fingerprint(std::string_view s) noexcept {
+    return word_fingerprint(key_word(reinterpret_cast<const unsigned char*>(s.data()), s.size()), s.size());
+}
 template <class K>
-std::uint64_t key_fingerprint(const K& k) noexcept {
-    if constexpr (std::is_same_v<K, std::string> || std::is_same_v<K, Bytes> || std::is_same_v<K, ByteArray>) {
-        std::string_view s;
-        if constexpr (std::is_same_v<K, std::string>)
-            s = k;
-        else
-            s = k.data;
-        const auto* p = reinterpret_cast<const unsigned char*>(s.data());
-        const std::size_t n = s.size();
-        const std::uint64_t w = n <= 8 ? tail_word(p, n) : load_word<8>(p) ^ (load_word<8>(p + n - 8) * 0x9e3779b97f4a7c15u);
-        return w ^ (n * 0xc2b2ae3d27d4eb4fu);
-    } else {
-        return key_hash(0, k);
-    }
+std::int16_t key_fingerprint(const K& k) noexcept {
+    if constexpr (std::is_same_v<K, std::string>)
+        return bytes_fingerprint(k);
+    else if constexpr (std::is_same_v<K, Bytes> || std::is_same_v<K, ByteArray>)
+        return bytes_fingerprint(k.data);
+    else
+        return static_cast<std::int16_t>((key_hash(0, k) * 0x9e3779b97f4a7c15u) >> 48);
 }
 
 // The pairs a Python dict keeps when a pickle sets a key twice (Python's pickler never writes
@@ -553,34 +576,37 @@ std::uint64_t key_fingerprint(const K& k) noexcept {
 // dict (the common message) takes merge_repeated_keys_small instead, which costs less than
 // hashing every key and filling a table.
 inline constexpr std::size_t kSmallMerge = 16;
+using SmallFingerprints = std::array<std::int16_t, kSmallMerge>;
 
-// merge_repeated_keys for up to kSmallMerge pairs. First, whether any two keys may be equal:
-// every 16-bit fingerprint against all of them at once, 8 to a vector (GCC's and Clang's vector
-// extension; SSE2 on x86-64), a fixed amount of work with no branch on the data. A plain double
-// loop over the pairs costs more than all the reading of the message: 45 compares and a
+// merge_repeated_keys for up to kSmallMerge pairs, given fp[i] == key_fingerprint(pairs[i].first)
+// (a reader computes them from the input as it goes). First, whether any two keys may be equal:
+// every fingerprint against all of them at once, 8 to a vector (GCC's and Clang's vector
+// extension; SSE2 on x86-64), a fixed amount of work per key with no branch on the data. A plain
+// double loop over the pairs costs more than all the reading of the message: 45 compares and a
 // mispredicted exit per key for 10 keys. Only when two fingerprints are equal are keys compared.
 template <class Seq>
-void merge_repeated_keys_small(Seq& pairs) {
+void merge_repeated_keys_small(Seq& pairs, SmallFingerprints& fp) {
     using Lanes = std::int16_t __attribute__((vector_size(16)));
     static_assert(kSmallMerge == 2 * sizeof(Lanes) / sizeof(std::int16_t));
     const std::size_t n = pairs.size();
-    alignas(Lanes) std::array<std::int16_t, kSmallMerge> fp{};
-    for (std::size_t i = 0; i < n; ++i)
-        fp[i] = static_cast<std::int16_t>((key_fingerprint(pairs[i].first) * 0x9e3779b97f4a7c15u) >> 48);
     Lanes low, high;
     std::memcpy(&low, fp.data(), sizeof low);
     std::memcpy(&high, fp.data() + kSmallMerge / 2, sizeof high);
+    // The lanes past n hold the first key's fingerprint: then when the n fingerprints are
+    // distinct, the first key matches itself and the kSmallMerge - n copies, every other key
+    // only itself, kSmallMerge matches in all; any two equal fingerprints make more.
     const Lanes lane = {0, 1, 2, 3, 4, 5, 6, 7}, count = Lanes{} + static_cast<std::int16_t>(n);
-    const Lanes in_low = lane < count, in_high = lane + 8 < count;
+    const Lanes first = Lanes{} + fp[0];
+    low = lane < count ? low : first;
+    high = lane + 8 < count ? high : first;
     Lanes matches = {};  // -1 per equal pair of fingerprints (a true compare is all ones)
     for (std::size_t i = 0; i < n; ++i) {
         const Lanes key = Lanes{} + fp[i];
-        matches += (low == key) & in_low;
-        matches += (high == key) & in_high;
+        matches += (low == key) + (high == key);
     }
     int total = 0;
     for (int l = 0; l < 8; ++l) total += matches[l];
-    if (total == -static_cast<int>(n)) return;  // each key matched only itself
+    if (total == -static_cast<int>(kSmallMerge)) return;  // each key matched only itself
     auto kept_equal = [&](std::size_t kept, std::size_t i) {  // the first of [0, kept) whose key is i's, or kept
         for (std::size_t j = 0; j < kept; ++j)
             if (fp[j] == fp[i] && pairs[j].first == pairs[i].first) return j;
@@ -611,7 +637,9 @@ void merge_repeated_keys(Seq& pairs) {
     const std::size_t n = pairs.size();
     if (n < 2) return;
     if (n <= kSmallMerge) {
-        merge_repeated_keys_small(pairs);
+        SmallFingerprints fp{};  // the lanes past the pairs are read (and not used)
+        for (std::size_t i = 0; i < n; ++i) fp[i] = key_fingerprint(pairs[i].first);
+        merge_repeated_keys_small(pairs, fp);
         return;
     }
     const int bits = static_cast<int>(std::bit_width(2 * n - 1));  // 2n slots or more: short probes
@@ -1327,6 +1355,8 @@ private:
     }
 
     // A dict read as its pairs, each read in place (no pair on the way, no per-item dispatch).
+    // The first kSmallMerge keys' fingerprints are taken as they are read, for the check that
+    // no key repeats.
     template <class T>
     bool dict_items(T& out, std::size_t depth, bool key) {
         ++p_;
@@ -1338,81 +1368,199 @@ private:
             constexpr std::size_t kFirstRoom = 16, kLeastPairBytes = 2;
             out.reserve(std::min(static_cast<std::size_t>(end_ - p_) / kLeastPairBytes, kFirstRoom));
         }
+        SmallFingerprints fp{};  // the lanes past the pairs are read (and not used)
         const bool read = batches(
             SETITEMS, SETITEM,
             [&](bool many) {
                 if constexpr (std::is_same_v<typename T::value_type::first_type, std::string> &&
                               std::is_integral_v<typename T::value_type::second_type> &&
                               !std::is_same_v<typename T::value_type::second_type, bool>) {
-                    if (str_int_run(out, many)) [[likely]]
+                    if (str_int_run(out, fp, many)) [[likely]]
                         return true;
                 }
-                return pair_item(out, depth);
+                return pair_item(out, fp, depth);
             },
             [&](bool keep) {
                 if (!keep) out.pop_back();
             });
-        if (read) merge_repeated_keys(out);
-        return read;
+        if (!read) return false;
+        if (out.size() <= kSmallMerge) {
+            if (out.size() >= 2) merge_repeated_keys_small(out, fp);
+        } else {
+            merge_repeated_keys(out);
+        }
+        return true;
     }
 
-    // One str_int_pair, or (many) as many as follow one another, with the position in a register:
-    // p_ lives in memory, and storing and loading it again between pairs lengthens the chain of
-    // dependent loads that reading one pair already is. Flattened: at -O3 GCC otherwise calls
-    // emplace_back out of line, and the call costs as much as the rest of reading the pair.
+    // One str_int_pair, or (many) as many as follow one another: read first, up to kSmallMerge
+    // of them at a time, and appended after. The reading loop then makes no call and keeps the
+    // position, memo_.n and copied_ in registers (in memory, each pair would wait for the last
+    // one's store of them). Reading and appending in one loop, GCC calls emplace_back out of line
+    // (too big to inline into the reader), and the call costs as much as reading the pair;
+    // append_run's loop inlines it.
     template <class T>
-    [[gnu::flatten]] bool str_int_run(T& out, bool many) {
-        const unsigned char* q = p_;
-        if (!str_int_pair(q, out)) return false;
-        while (many && str_int_pair(q, out)) {
+    bool str_int_run(T& out, SmallFingerprints& fp, bool many) {
+        using V = typename T::value_type::second_type;
+        RunState run{p_, memo_.n, copied_, limits_.max_size};
+        std::array<StrInt, kSmallMerge> got;
+        std::size_t k = 0;
+        if (!many) {
+            k = str_int_pair<V>(run, got[0]);
+        } else {
+            while (str_int_pair<V>(run, got[k])) {
+                if (++k == got.size()) {
+                    append_run(out, fp, got.data(), k, end_);
+                    k = 0;
+                }
+            }
         }
-        p_ = q;
+        memo_.n = run.memo;
+        copied_ = run.copied;
+        append_run(out, fp, got.data(), k, end_);
+        if (run.q == p_) return false;
+        p_ = run.q;
         return true;
+    }
+    struct RunState {
+        const unsigned char* q;
+        std::size_t memo;
+        std::size_t copied;
+        std::size_t max_copied;
+    };
+    // A pair str_int_pair read: its key (in the input), its value and its key's fingerprint.
+    // Trivial, so that a run's array of them is not initialised.
+    struct StrInt {
+        const unsigned char* key;
+        std::size_t size;
+        std::int64_t value;
+        std::int16_t fingerprint;
+    };
+    template <class T>
+    [[gnu::noinline]] static void append_run(T& out, SmallFingerprints& fp, const StrInt* got, std::size_t k,
+                                             const unsigned char* end) {
+        using V = typename T::value_type::second_type;
+        for (std::size_t i = 0, at = out.size(); i < k; ++i, ++at) {
+            const StrInt& e = got[i];
+            if (at < kSmallMerge) fp[at] = e.fingerprint;
+            const ShortString key{reinterpret_cast<const char*>(e.key), e.size, static_cast<std::size_t>(end - e.key)};
+            out.emplace_back(std::piecewise_construct, std::forward_as_tuple(key),
+                             std::forward_as_tuple(static_cast<V>(e.value)));
+        }
     }
 
     // Out of line, so that the loop over the pairs keeps str_int_pair's few instructions inline.
     template <class T>
-    [[gnu::noinline]] bool pair_item(T& out, std::size_t depth) {
+    [[gnu::noinline]] bool pair_item(T& out, SmallFingerprints& fp, std::size_t depth) {
         auto& pair = out.emplace_back();
-        return value(pair.first, depth, true) && value(pair.second, depth, false);
+        if (!value(pair.first, depth, true) || !value(pair.second, depth, false)) return false;
+        if (out.size() <= kSmallMerge) fp[out.size() - 1] = key_fingerprint(pair.first);
+        return true;
+    }
+
+    static bool memo_next(unsigned op) { return op == MEMOIZE || op == BINPUT || op == LONG_BINPUT || op == FRAME; }
+    // BININT1, BININT2 or BININT in the low bytes of w (the bytes from q on; zeros past the end
+    // of the input, which is `room` bytes away), not followed by a memo opcode or a frame: v gets
+    // it and q moves past it.
+    [[gnu::always_inline]] static bool word_int(std::uint64_t w, const unsigned char*& q, std::ptrdiff_t room,
+                                                std::int64_t& v) {
+        switch (w & 0xff) {
+            case BININT1:
+                v = static_cast<std::int64_t>((w >> 8) & 0xff);
+                q += 2;
+                return room >= 2 && !memo_next((w >> 16) & 0xff);
+            case BININT2:
+                v = static_cast<std::int64_t>((w >> 8) & 0xffff);
+                q += 3;
+                return room >= 3 && !memo_next((w >> 24) & 0xff);
+            case BININT:
+                v = static_cast<std::int32_t>(static_cast<std::uint32_t>(w >> 8));
+                q += 5;
+                return room >= 5 && !memo_next((w >> 40) & 0xff);
+            default: return false;
+        }
     }
 
     // The pair Python writes for a str key and a small int value, read in one go: SHORT_BINUNICODE
     // of ASCII, perhaps MEMOIZE, then BININT1, BININT2 or BININT not followed by a memo opcode or a
     // frame. Anything else (and a value out of V's range) leaves everything as it was and answers
     // false: the general route then reads the pair, or refuses it, exactly as it would have.
-    // q moves past the pair when it is read.
-    template <class T>
-    [[gnu::always_inline]] bool str_int_pair(const unsigned char*& at_pair, T& out) {
-        using V = typename T::value_type::second_type;
-        const unsigned char* q = at_pair;
+    // The run moves past the pair when it is read, and `read` has it (its value within V's range).
+    template <class V>
+    [[gnu::always_inline]] bool str_int_pair(RunState& run, StrInt& read) {
+        // A key of up to 8 bytes with 8 more bytes of input after it: its bytes in one word, and
+        // what follows it (MEMOIZE?, the int, the next opcode: 7 bytes at most) in another, taken
+        // apart in registers: words where bytes one by one make a chain of dependent loads, each
+        // waiting for the last to say where the next byte is. With or without MEMOIZE, each int
+        // opcode: a branch of its own, with its own constant length, so that where the next pair
+        // starts depends on the key's length alone (the CPU predicts the branches and reads
+        // ahead; a length computed from the bytes would make each pair wait for the last). A
+        // longer key, and the last pair of a message, take str_int_pair_any.
+        const unsigned char* q = run.q;
+        if (std::endian::native == std::endian::little && end_ - q >= 2 && q[0] == SHORT_BINUNICODE && q[1] <= 8 &&
+            end_ - q >= 2 + q[1] + 8) [[likely]] {
+            const std::size_t n = q[1];
+            const unsigned char* key_at = q + 2;
+            const std::uint64_t word = tail_word(key_at, n);  // all of the key
+            if ((word & 0x8080808080808080u) != 0) return false;
+            q = key_at + n;
+            const std::uint64_t w = load_word<8>(q);
+            std::int64_t v;
+            const bool memoize = (w & 0xff) == MEMOIZE;
+            if (memoize) {
+                ++q;
+                if (!word_int(w >> 8, q, 8, v)) return false;
+            } else if (!word_int(w, q, 8, v)) {
+                return false;
+            }
+            if (!std::in_range<V>(v) || (memoize && !memoize_key(run, n))) return false;
+            read = {key_at, n, v, word_fingerprint(word, n)};
+            run.q = q;
+            return true;
+        }
+        return str_int_pair_any<V>(run, read);
+    }
+    // The pair's key filed in the memo (Python's pickler files every str) under the next index:
+    // where the pair starts, as scalar_value files a scalar.
+    [[gnu::always_inline]] bool memoize_key(RunState& run, std::size_t n) {
+        if (run.copied + n > run.max_copied) return false;
+        const auto at = static_cast<std::size_t>(run.q - begin_);
+        if (run.memo < Memo::kInline) [[likely]]
+            memo_.small[run.memo] = at;
+        else
+            memo_.push_big(at);
+        ++run.memo;
+        run.copied += n;
+        return true;
+    }
+    // str_int_pair for any key length and near the end of the input (the last pair of a message).
+    template <class V>
+    [[gnu::noinline]] bool str_int_pair_any(RunState& run, StrInt& read) {
+        const unsigned char* q = run.q;
         if (end_ - q < 2 || q[0] != SHORT_BINUNICODE) return false;
         const std::size_t n = q[1];
         // The key, an optional MEMOIZE, and the value's shortest form must be in the input.
         if (static_cast<std::size_t>(end_ - q) < 2 + n + 2) return false;
-        const std::string_view key(reinterpret_cast<const char*>(q + 2), n);
-        if (!ascii(key)) return false;
-        const std::size_t at = static_cast<std::size_t>(q - begin_);
+        const unsigned char* key_at = q + 2;
+        // A key of up to 8 bytes is all in its word, which tells whether it is ASCII too.
+        const std::uint64_t word = key_word(key_at, n);
+        if (n <= 8 ? (word & 0x8080808080808080u) != 0
+                   : !ascii(std::string_view(reinterpret_cast<const char*>(key_at), n)))
+            return false;
         q += 2 + n;
-        auto memo_next = [](unsigned op) { return op == MEMOIZE || op == BINPUT || op == LONG_BINPUT || op == FRAME; };
         bool memoize;
         std::int64_t v;
-        if (std::endian::native == std::endian::little && end_ - q >= 8) [[likely]] {
-            // What follows the key (MEMOIZE?, the int, the next opcode: 7 bytes at most) in one
-            // load, taken apart in registers: one load where bytes one by one make a chain of
-            // dependent loads, each waiting for the last to say where the next byte is.
-            std::uint64_t w = load_word<8>(q);
+        if (std::endian::native == std::endian::little && end_ - begin_ >= 8) [[likely]] {
+            // What follows the key in a word as str_int_pair reads it; near the end of the input,
+            // the input's last 8 bytes, shifted.
+            const unsigned char* from = std::min(q, end_ - 8);
+            const std::uint64_t w = load_word<8>(from) >> (8 * (q - from));
             memoize = (w & 0xff) == MEMOIZE;
-            w >>= 8 * memoize;
-            int len;
-            switch (w & 0xff) {
-                case BININT1: v = static_cast<std::int64_t>((w >> 8) & 0xff), len = 2; break;
-                case BININT2: v = static_cast<std::int64_t>((w >> 8) & 0xffff), len = 3; break;
-                case BININT: v = static_cast<std::int32_t>(static_cast<std::uint32_t>(w >> 8)), len = 5; break;
-                default: return false;
+            if (memoize) {
+                ++q;
+                if (!word_int(w >> 8, q, end_ - q, v)) return false;
+            } else if (!word_int(w, q, end_ - q, v)) {
+                return false;
             }
-            if (memo_next((w >> (8 * len)) & 0xff)) return false;
-            q += memoize + len;
         } else {
             memoize = *q == MEMOIZE;
             q += memoize;
@@ -1431,14 +1579,9 @@ private:
             }
             if (q != end_ && memo_next(*q)) return false;
         }
-        if (!std::in_range<V>(v)) return false;
-        if (memoize) {
-            if (copied_ + n > limits_.max_size) return false;
-            memo_.push(at);
-            copied_ += n;
-        }
-        out.emplace_back(std::piecewise_construct, std::forward_as_tuple(key), std::forward_as_tuple(static_cast<V>(v)));
-        at_pair = q;
+        if (!std::in_range<V>(v) || (memoize && !memoize_key(run, n))) return false;
+        read = {key_at, n, v, word_fingerprint(word, n)};
+        run.q = q;
         return true;
     }
 

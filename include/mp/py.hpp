@@ -1463,19 +1463,23 @@ private:
     // it and q moves past it.
     [[gnu::always_inline]] static bool word_int(std::uint64_t w, const unsigned char*& q, std::ptrdiff_t room,
                                                 std::int64_t& v) {
+        // q moves only when the int is in the input (past its end, even unread, q would be UB).
         switch (w & 0xff) {
             case BININT1:
+                if (room < 2 || memo_next((w >> 16) & 0xff)) return false;
                 v = static_cast<std::int64_t>((w >> 8) & 0xff);
                 q += 2;
-                return room >= 2 && !memo_next((w >> 16) & 0xff);
+                return true;
             case BININT2:
+                if (room < 3 || memo_next((w >> 24) & 0xff)) return false;
                 v = static_cast<std::int64_t>((w >> 8) & 0xffff);
                 q += 3;
-                return room >= 3 && !memo_next((w >> 24) & 0xff);
+                return true;
             case BININT:
+                if (room < 5 || memo_next((w >> 40) & 0xff)) return false;
                 v = static_cast<std::int32_t>(static_cast<std::uint32_t>(w >> 8));
                 q += 5;
-                return room >= 5 && !memo_next((w >> 40) & 0xff);
+                return true;
             default: return false;
         }
     }

@@ -76,8 +76,9 @@
 // atomic exchange) and a seq_cst fence after that order it before the flag's read, and the
 // wake-up comes after the unlock. On x86-64 the fence then finds nothing left to drain, so a put
 // and a get each cost two atomic read-modify-writes (the lock, its release) instead of three
-// (bench row W4). A waker killed between the unlock and the wake-up is a wake-up lost, as one killed between its
-// index and the wake-up always was: the waiter's sleep is cut into kRecheck slices.
+// (bench row W4). A waker killed between the unlock and the wake-up is a wake-up lost, as one
+// killed between its index and the wake-up always was: the waiter's sleep is cut into kRecheck
+// slices.
 
 #include "mp/queue.hpp"
 

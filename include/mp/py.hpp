@@ -1484,6 +1484,17 @@ private:
         }
     }
 
+    // word_int after a key, whose MEMOIZE (if `memoize`) is the word's first byte: each form a
+    // branch of its own with a constant length. `room`: the bytes from q to the input's end.
+    [[gnu::always_inline]] static bool memo_word_int(std::uint64_t w, bool memoize, const unsigned char*& q,
+                                                     std::ptrdiff_t room, std::int64_t& v) {
+        if (memoize) {
+            ++q;
+            return word_int(w >> 8, q, room - 1, v);
+        }
+        return word_int(w, q, room, v);
+    }
+
     // The pair Python writes for a str key and a small int value, read in one go: SHORT_BINUNICODE
     // of ASCII, perhaps MEMOIZE, then BININT1, BININT2 or BININT not followed by a memo opcode or a
     // frame. Anything else (and a value out of V's range) leaves everything as it was and answers
@@ -1510,12 +1521,7 @@ private:
             const std::uint64_t w = load_word<8>(q);
             std::int64_t v;
             const bool memoize = (w & 0xff) == MEMOIZE;
-            if (memoize) {
-                ++q;
-                if (!word_int(w >> 8, q, 8, v)) return false;
-            } else if (!word_int(w, q, 8, v)) {
-                return false;
-            }
+            if (!memo_word_int(w, memoize, q, 8, v)) return false;
             if (!std::in_range<V>(v) || (memoize && !memoize_key(run, n))) return false;
             read = {key_at, n, v, word_fingerprint(word, n)};
             run.q = q;
@@ -1559,12 +1565,7 @@ private:
             const unsigned char* from = std::min(q, end_ - 8);
             const std::uint64_t w = load_word<8>(from) >> (8 * (q - from));
             memoize = (w & 0xff) == MEMOIZE;
-            if (memoize) {
-                ++q;
-                if (!word_int(w >> 8, q, end_ - q, v)) return false;
-            } else if (!word_int(w, q, end_ - q, v)) {
-                return false;
-            }
+            if (!memo_word_int(w, memoize, q, end_ - q, v)) return false;
         } else {
             memoize = *q == MEMOIZE;
             q += memoize;

@@ -14,6 +14,8 @@
 #include <optional>
 #include <pthread.h>
 #include <chrono>
+#include <cmath>
+#include <future>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -221,6 +223,59 @@ TEST(SyncFutex, DeadlineHelpersSaturate) {
     EXPECT_TRUE(mp::detail::expired(steady_clock::now() - 1ms));
     auto s = mp::detail::deadline_at(system_clock::now() + 1h);
     EXPECT_GT(*s, before + 59min);
+    // Time points far from now, of any clock and duration: a past one is a deadline now (poll
+    // once), a far one is none. `when - now` in the common duration, or a cast of a coarse max()
+    // to nanoseconds, overflowed: min() waited without limit, max() failed at once.
+    const auto passed = [](mp::detail::Deadline dl) { return dl && *dl <= steady_clock::now(); };
+    EXPECT_TRUE(passed(mp::detail::deadline_at(system_clock::time_point::min())));
+    EXPECT_TRUE(passed(mp::detail::deadline_at(steady_clock::time_point::min())));
+    EXPECT_TRUE(passed(mp::detail::deadline_at(time_point<system_clock, hours>::min())));
+    EXPECT_TRUE(passed(mp::detail::deadline_at(time_point<steady_clock, seconds>::min())));
+    EXPECT_TRUE(passed(mp::detail::deadline_at(system_clock::now() - 1s)));
+    EXPECT_TRUE(passed(mp::detail::deadline_at(time_point<system_clock, duration<double>>(duration<double>(NAN)))));
+    EXPECT_EQ(mp::detail::deadline_at(system_clock::time_point::max()), std::nullopt);
+    EXPECT_EQ(mp::detail::deadline_at(steady_clock::time_point::max()), std::nullopt);
+    EXPECT_EQ(mp::detail::deadline_at(time_point<system_clock, hours>::max()), std::nullopt);
+    EXPECT_EQ(mp::detail::deadline_at(time_point<steady_clock, seconds>::max()), std::nullopt);
+    // A steady time point in range is kept, rounded up to the clock's tick.
+    const auto at = steady_clock::now() + 1h;
+    EXPECT_EQ(mp::detail::deadline_at(at), at);
+    const auto coarse = time_point_cast<seconds>(steady_clock::now()) + 1h;
+    EXPECT_EQ(mp::detail::deadline_at(coarse), time_point_cast<steady_clock::duration>(coarse));
+}
+
+// The *_until calls with those time points: one long past polls once (false at once, though the
+// semaphore is released later), one far ahead waits without limit (true once it is released).
+TEST(SyncFutex, UntilTimePointsFarFromNowPollOrWaitWithoutLimit) {
+    using namespace std::chrono;
+    mp::Semaphore sem(0);
+    {
+        // Should a past time point wait after all, a release ends it (and the test fails).
+        std::promise<void> done;
+        std::thread rescue([&sem, f = done.get_future()] {
+            if (f.wait_for(2s) == std::future_status::timeout) {
+                sem.release();
+                sem.release();
+            }
+        });
+        EXPECT_FALSE(sem.try_lock_until(system_clock::time_point::min()));
+        EXPECT_FALSE(sem.try_lock_until(time_point<steady_clock, seconds>::min()));
+        done.set_value();
+        rescue.join();
+    }
+    for (const bool steady : {true, false}) {
+        std::thread releaser([&sem] {
+            std::this_thread::sleep_for(100ms);
+            sem.release();
+        });
+        const bool got = steady ? sem.try_lock_until(time_point<steady_clock, seconds>::max())
+                                : sem.try_lock_until(time_point<system_clock, hours>::max());
+        releaser.join();
+        EXPECT_TRUE(got) << (steady ? "steady_clock" : "system_clock");
+    }
+    mp::Condition cond;
+    std::lock_guard hold(cond);
+    EXPECT_FALSE(cond.wait_until(system_clock::time_point::min()));
 }
 
 // ============================================================================ Lock

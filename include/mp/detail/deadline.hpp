@@ -74,14 +74,26 @@ Deadline deadline_after(std::chrono::duration<Rep, Period> timeout) {
     return deadline_after(Timeout(timeout));
 }
 
-/// The steady-clock deadline of a time point of any clock (another clock's time is measured as
-/// the distance from its now()).
+/// The steady-clock deadline of a time point of any clock, by the timeout rules above applied to
+/// its distance from that clock's now(): one passed (Clock::time_point::min() too) polls once,
+/// one `forever` or more ahead (a coarse Duration's max() too) has no limit; a steady_clock time
+/// point in between is kept as it is (rounded up to the clock's tick). The distance is taken in
+/// long double seconds: `when - Clock::now()` in the common duration, or a cast of hours::max() to
+/// the steady clock's nanoseconds, would overflow.
 template <class Clock, class Duration>
 Deadline deadline_at(std::chrono::time_point<Clock, Duration> when) {
-    if constexpr (std::is_same_v<Clock, std::chrono::steady_clock>) {
-        return std::chrono::time_point_cast<std::chrono::steady_clock::duration>(when);
+    using namespace std::chrono;
+    const auto now = Clock::now();
+    const duration<long double> left =
+        duration<long double>(when.time_since_epoch()) - duration<long double>(now.time_since_epoch());
+    // `!(x > 0)` is also true for NaN.
+    if (!(left > duration<long double>::zero())) return steady_clock::now();
+    if (left >= duration<long double>(forever)) return std::nullopt;
+    if constexpr (std::is_same_v<Clock, steady_clock>) {
+        // Less than `forever` after now: within the clock's range.
+        return ceil<steady_clock::duration>(when);
     } else {
-        return deadline_after(when - Clock::now());
+        return deadline_after(left);
     }
 }
 

@@ -39,6 +39,7 @@ using namespace std::string_literals;
 // Counts this thread's allocations, for the check that a typed read builds no intermediate Object.
 namespace {
 thread_local std::size_t g_allocations = 0;
+thread_local std::size_t g_big_allocations = 0;  // of 64 KiB or more: a big container's buffer
 }
 // GCC takes the free() below for a mismatch with the operator new it cannot see is also malloc's.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -46,6 +47,7 @@ thread_local std::size_t g_allocations = 0;
 #endif
 void* operator new(std::size_t n) {
     ++g_allocations;
+    g_big_allocations += n >= (std::size_t{64} << 10);
     if (void* p = std::malloc(n ? n : 1)) return p;
     throw std::bad_alloc();
 }
@@ -942,6 +944,40 @@ TEST(PyPickleSafety, LengthsBeyondTheInputAreRefusedBeforeAllocating) {
     py::Limits tiny;
     tiny.max_size = 8;
     EXPECT_THROW(py::loads(py::dumps(std::string(100, 'x')), tiny), py::UnpicklingError);
+}
+
+// CPython writes a list, dict or set in batches of 1000 items (MARK items APPENDS, SETITEMS or
+// ADDITEMS). The reader's containers grow geometrically across batches: reserving exactly one
+// batch more each time moved the whole container once per batch, quadratic in its size (a list
+// of 800,000 ints took seconds, a few MB from any peer). Counted, not timed: the big buffers
+// allocated while 200 batches are read, a few doublings rather than one per batch.
+TEST(PyPickleSafety, BatchesOfItemsGrowTheContainerGeometrically) {
+    constexpr int kItems = 200'000, kBatch = 1000;
+    auto int4 = [](int i) {
+        std::string s = "J";
+        for (int b = 0; b < 4; ++b) s.push_back(static_cast<char>((i >> (8 * b)) & 0xff));
+        return s;
+    };
+    auto batched = [&](const std::string& empty, const std::string& close, int per_item) {
+        std::string p = "\x80\x04" + empty + "\x94";
+        for (int i = 0; i < kItems; i += kBatch) {
+            p += "(";
+            for (int j = i; j < i + kBatch; ++j)
+                for (int k = 0; k < per_item; ++k) p += int4(j);
+            p += close;
+        }
+        return p + ".";
+    };
+    const std::vector<std::pair<const char*, std::string>> pickles = {
+        {"list", batched("]", "e", 1)}, {"dict", batched("}", "u", 2)}, {"set", batched("\x8f", "\x90", 1)}};
+    for (const auto& [what, p] : pickles) {
+        SCOPED_TRACE(what);
+        const std::size_t before = g_big_allocations;
+        const py::Object o = py::loads(p);
+        const std::size_t big = g_big_allocations - before;
+        EXPECT_EQ(o.kind() == py::Kind::dict ? o.dict().size() : o.items().size(), static_cast<std::size_t>(kItems));
+        EXPECT_LE(big, 40u) << "big allocations while reading " << kItems / kBatch << " batches";
+    }
 }
 
 TEST(PyPickleSafety, MalformedStacksAreErrors) {

@@ -111,9 +111,12 @@ private:
     std::vector<Module> modules_;
 };
 
+// Both tables are never destroyed: a pool or process may still look callables up from a static
+// destructor or an exit handler (an executor owned by a global, shut down at exit, starts its
+// workers then), after a function-local static made later in the program's run would be gone.
 ModuleTable& modules() {
-    static ModuleTable t;
-    return t;
+    static ModuleTable* t = new ModuleTable;
+    return *t;
 }
 
 struct InvokerRegistry {
@@ -122,8 +125,8 @@ struct InvokerRegistry {
 };
 
 InvokerRegistry& invokers() {
-    static InvokerRegistry r;
-    return r;
+    static InvokerRegistry* r = new InvokerRegistry;
+    return *r;
 }
 
 // A fork from one thread while another holds one of these locks (looking up a callable) would

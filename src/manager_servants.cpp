@@ -44,8 +44,8 @@ std::mutex& builtins_mutex() {
     return m;
 }
 TypeTable& builtins() {
-    static TypeTable t;
-    return t;
+    static TypeTable* t = new TypeTable;  // never destroyed: a manager may start from a static destructor
+    return *t;
 }
 
 // The entry of a servant made with no arguments that synchronises itself (its calls block).

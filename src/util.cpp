@@ -107,8 +107,9 @@ void Logger::log(LogLevel level, std::string_view message) noexcept {
 }
 
 Logger& get_logger() noexcept {
-    static Logger logger;
-    return logger;
+    // Never destroyed: static destructors and exit handlers may still log.
+    static Logger* logger = new Logger;
+    return *logger;
 }
 
 Logger& log_to_stderr(std::optional<LogLevel> level) {

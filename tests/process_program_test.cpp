@@ -110,6 +110,28 @@ TEST(ProcessProgram, NonDaemonChildrenAreJoinedWhenMainReturns) {
     EXPECT_TRUE(reaper.reap(5s).empty()) << "the program left a process behind";
 }
 
+// An executor owned by a global, made in main, with tasks still pending when main returns: its
+// destructor runs at static destruction and waits for them (under forkserver and spawn its
+// workers may only start then). mp's tables of loaded modules and callables, function-local
+// statics made after the global, were destroyed first: the workers then refused the program as
+// "rebuilt or replaced" (a build id read from a destroyed table) and no task ran.
+TEST(ProcessProgram, AGlobalExecutorRunsItsPendingTasksAtExit) {
+    for (const char* method : {"fork", "forkserver", "spawn"}) {
+        SCOPED_TRACE(method);
+        Subreaper reaper;
+        TempDir dir;
+        Program prog(dir, {"global-executor", method, dir.file("tasks")});
+        ASSERT_TRUE(prog.wait());
+        EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+        EXPECT_EQ(prog.out(), "submitted\n");
+        std::vector<std::string> ran = lines_of(slurp(dir.file("tasks")).value_or(""));
+        std::sort(ran.begin(), ran.end());
+        EXPECT_EQ(ran, (std::vector<std::string>{"task 0", "task 1", "task 2", "task 3"})) << prog.describe();
+        EXPECT_EQ(prog.err().find("rebuilt or replaced"), std::string::npos) << prog.err();
+        EXPECT_TRUE(reaper.reap(5s).empty()) << "the program left a process behind";
+    }
+}
+
 TEST(ProcessProgram, NonDaemonChildrenAreJoinedAtStdExit) {
     Subreaper reaper;
     TempDir dir;

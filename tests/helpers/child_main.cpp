@@ -47,6 +47,11 @@
 ///                               a Pool, an executor and two Processes run tasks that take that
 ///                               mutex, allocate and print; prints "threaded-parent ok" after
 ///                               the threads let go
+///   global-executor METHOD FILE an executor owned by a global std::unique_ptr, made in main under
+///                               METHOD (fork, forkserver, spawn), is given four tasks that each
+///                               append "task I" to FILE, and main returns at once: the global's
+///                               destructor, at static destruction, waits for them (its workers
+///                               may only start then); prints "submitted"
 ///   spawn-without-hook          (mp_test_nohook: linked without -Wl,--wrap=main) tries spawn and
 ///                               forkserver with Process::start and set_start_method; prints
 ///                               "started/set METHOD" or "refused [set] METHOD: WHAT" for each;
@@ -403,6 +408,25 @@ int mode_forkserver_stdio() {
 
 int usage();
 mp::StartMethod method_named(const std::string& name);
+
+// Destroyed with the program's other statics, after main: libmp's own function-local statics,
+// made later than this one, are destroyed before it, so the executor's shutdown must not need them.
+std::unique_ptr<mp::ProcessPoolExecutor> g_executor;
+
+void global_executor_task(std::string file, int i) {
+    sleep_seconds(0.05);
+    set_marker_path(file.c_str());
+    append_marker(("task " + std::to_string(i) + "\n").c_str());
+}
+
+int mode_global_executor(const std::string& method_name, const std::string& file) {
+    g_executor = std::make_unique<mp::ProcessPoolExecutor>(
+        mp::ExecutorOptions{.max_workers = 2, .start_method = method_named(method_name)});
+    for (int i = 0; i < 4; ++i) (void)g_executor->submit(global_executor_task, file, i);
+    std::printf("submitted\n");
+    std::fflush(stdout);
+    return 0;
+}
 int triple(int x) { return 3 * x; }
 void do_nothing() {}
 
@@ -614,6 +638,7 @@ int main(int argc, char** argv) {
         if (mode == "cxx-unflushed" && argc > 3) return mode_cxx_unflushed(arg, argv[3]);
         if (mode == "threaded-parent" && argc > 2) return mode_threaded_parent(arg);
         if (mode == "spawn-without-hook") return mode_spawn_without_hook();
+        if (mode == "global-executor" && argc > 3) return mode_global_executor(arg, argv[3]);
         if (mode == "children-run-no-linker") return mode_children_run_no_linker();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());

@@ -277,7 +277,7 @@ bool is_registered_invoker(Invoker fn) noexcept {
     return known;
 }
 
-std::string run_task(std::string_view bytes, std::span<int> fds) {
+std::string run_task(std::string_view bytes, std::span<int> fds, TaskResult result) {
     Decoder in(bytes, fds);
     CodeRef r;
     r.module = in.get<std::uint64_t>();
@@ -286,6 +286,11 @@ std::string run_task(std::string_view bytes, std::span<int> fds) {
     if (!is_registered_invoker(inv))
         throw DecodeError("mp: the received task does not name an mp invoker in this binary");
     Encoder out;
+    if (result == TaskResult::sent)
+        out.refuse_fds(
+            "mp: a task's result holds a handle (a queue, lock, event, connection, shared memory, "
+            "...) whose descriptor cannot travel back with it (results come back as bytes): pass "
+            "the handle to the task as an argument instead, or create it in the caller");
     inv(in, out);
     return out.take();
 }

@@ -296,7 +296,7 @@ private:
             try {
                 if (!root_matches_)
                     throw Error("mp::mpi: this rank runs a different binary from the root's");
-                result = mp::detail::run_task(task);
+                result = mp::detail::run_task(task, {}, mp::detail::TaskResult::sent);
             } catch (...) {
                 ok = 0;
                 Encoder e;

@@ -408,7 +408,7 @@ private:
         std::string result;
         std::uint8_t flags = kOk;
         try {
-            result = run_task(f.payload, fds);
+            result = run_task(f.payload, fds, TaskResult::sent);
         } catch (...) {
             flags = 0;
             Encoder e;

@@ -51,6 +51,7 @@
 #include "mp/futures.hpp"
 #include "mp/pool.hpp"
 #include "mp/queue.hpp"
+#include "mp/synchronize.hpp"
 #include "mp/util.hpp"
 #include "process_impl.hpp"
 #include "sys/fd.hpp"
@@ -336,6 +337,51 @@ TEST(ExecutorTest, MapOverAVoidFunction) {
         auto results = ex.map({.chunksize = chunksize, .timeout = kLong}, do_nothing, in);
         EXPECT_EQ(results.to_vector().size(), in.size()) << "chunksize " << chunksize;
     }
+}
+
+mp::Queue<int> make_queue() { return mp::Queue<int>(); }
+mp::Lock make_lock(int) { return mp::Lock(); }
+std::vector<mp::Event> make_events(int n) { return std::vector<mp::Event>(static_cast<std::size_t>(n)); }
+
+// A task's result comes back as bytes: one holding a handle (its descriptor would not come with
+// it) fails that task with mp::Error saying so, as if the task had thrown it; the worker goes on.
+// Such a result was sent without its descriptor and failed in result() with a DecodeError about
+// a missing descriptor. A map fails only the items whose result holds one.
+TEST(ExecutorTest, AResultHoldingAHandleFailsItsTaskClearly) {
+    auto expect_refused = [](auto&& get) {
+        try {
+            get();
+            ADD_FAILURE() << "a result holding a handle arrived";
+        } catch (const mp::Error& e) {
+            EXPECT_NE(std::string(e.what()).find("result holds a handle"), std::string::npos) << e.what();
+        }
+    };
+    for (const mp::StartMethod method : {mp::StartMethod::fork, mp::StartMethod::forkserver}) {
+        SCOPED_TRACE(static_cast<int>(method));
+        mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = method});
+        auto q = ex.submit(make_queue);
+        expect_refused([&] { q.result(kLong); });
+        auto l = ex.submit(make_lock, 1);
+        expect_refused([&] { l.result(kLong); });
+        std::vector<int> sizes = {0, 2, 0, 1};
+        auto items = ex.map({.chunksize = 2, .timeout = kLong}, make_events, sizes);
+        std::size_t i = 0, refused = 0;
+        for (auto it = items.begin(); it != items.end(); ++i) {
+            try {
+                EXPECT_TRUE((*it).empty()) << "item " << i;
+            } catch (const mp::Error& e) {
+                EXPECT_NE(std::string(e.what()).find("result holds a handle"), std::string::npos) << e.what();
+                ++refused;
+            }
+            ++it;
+        }
+        EXPECT_EQ(i, sizes.size());
+        EXPECT_EQ(refused, 2u);
+        EXPECT_EQ(ex.submit(power, 2, 3).result(kLong), 8);  // the same worker goes on
+        EXPECT_EQ(ex.stats().worker_deaths, 0u);
+    }
+    mp::Pool pool(mp::PoolOptions{.processes = 1});
+    expect_refused([&] { (void)pool.apply(make_lock, 2); });
 }
 
 TEST(ExecutorTest, DefaultFutureIsNotValid) {

@@ -1406,6 +1406,36 @@ TEST_P(QueueShutdownAcross, ShutdownGet) {
     for (auto& g : getters) join(*g);
 }
 
+// An item that holds a handle (its descriptor would have to travel with the bytes, which a
+// Queue's shared memory cannot carry) is refused by put with mp::Error, nothing put: it was
+// accepted, and every get then failed with a DecodeError about a missing descriptor, consuming it.
+template <class Q, class T>
+void expect_handle_item_refused(Q& q, const T& item) {
+    try {
+        q.put(item);
+        ADD_FAILURE() << "put of an item holding a handle was accepted";
+    } catch (const mp::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("holds a handle"), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(q.empty());
+}
+
+TEST(QueueMisuse, AnItemHoldingAHandleIsRefusedByPut) {
+    mp::Queue<mp::Lock> locks;
+    expect_handle_item_refused(locks, mp::Lock());
+    mp::Queue<std::vector<mp::Event>> events;
+    expect_handle_item_refused(events, std::vector<mp::Event>(2));
+    mp::Queue<mp::Queue<int>> queues;
+    expect_handle_item_refused(queues, mp::Queue<int>());
+    mp::SimpleQueue<std::pair<int, mp::Lock>> simple;
+    expect_handle_item_refused(simple, std::pair<int, mp::Lock>(1, mp::Lock()));
+    mp::JoinableQueue<mp::Lock> joinable;
+    expect_handle_item_refused(joinable, mp::Lock());
+    // The queue is still usable, and an empty vector of handles holds none.
+    events.put({});
+    EXPECT_TRUE(events.get(LONG).empty());
+}
+
 TEST(QueueMisuse, MovedFromQueueThrowsEmptyHandle) { expect_moved_from_queue_throws<mp::Queue<int>>(); }
 TEST(QueueMisuse, MovedFromJoinableQueueThrowsEmptyHandle) {
     expect_moved_from_queue_throws<mp::JoinableQueue<int>>();

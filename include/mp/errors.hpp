@@ -32,7 +32,7 @@ public:
 /// A handle that holds nothing was used: one moved from, or a default-constructed mp::Future or
 /// manager proxy (std::future calls this no_state; Python has no such objects). A Connection or
 /// Listener moved from is a closed one (std::system_error EBADF, as Python's OSError); a
-/// Process cannot be moved, and its misuse is ProcessError.
+/// Process moved from throws ProcessError, as for its other misuses.
 class EmptyHandle : public Error {
 public:
     using Error::Error;

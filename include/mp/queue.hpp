@@ -37,7 +37,10 @@
 ///   finishes promptly, since the consumer drains the ring as it goes); a get never returns part
 ///   of a message.
 /// - Values cross as bytes through mp::Codec<T>; a value that fails to decode raises
-///   mp::DecodeError (that message is consumed). A std::string (any basic_string of a character
+///   mp::DecodeError (that message is consumed). An item that holds a handle whose descriptor
+///   would have to travel with it (a queue, lock, event, connection, shared memory, ...; Python
+///   pickles those only when a process is started) is refused by put with mp::Error, nothing
+///   put: pass handles to a process as arguments of its target or task instead. A std::string (any basic_string of a character
 ///   type) or a std::vector of byte-copied elements is copied straight between the object and
 ///   the ring, in its Codec's format: one copy on each side, no encoded buffer in between.
 ///
@@ -364,6 +367,11 @@ private:
         }
         detail::QueueBuffer buf;
         Encoder e(std::move(buf.bytes));
+        e.refuse_fds(
+            "mp::Queue::put: the item holds a handle (a queue, lock, event, connection, shared "
+            "memory, ...) whose descriptor a Queue cannot carry (its items are bytes in shared "
+            "memory): pass the handle to the process as an argument of its target or task, or "
+            "over a duplex Connection");
         e.put(v);
         buf.bytes = e.take();
         if (!core_->put(buf.bytes, block, deadline)) throw Full();

@@ -223,11 +223,18 @@ public:
 
     /// Sends a file descriptor along with the bytes (SCM_RIGHTS where the bytes go to another
     /// process); returns its index for the receiver's Decoder::take_fd. The descriptor is
-    /// borrowed: it must stay open until the bytes have been sent.
+    /// borrowed: it must stay open until the bytes have been sent. Throws mp::Error (the
+    /// message given to refuse_fds) where the bytes go by a way that carries no descriptors.
     std::uint32_t attach_fd(int fd) {
+        if (refused_ != nullptr) throw Error(refused_);
         fds_.push_back(fd);
         return static_cast<std::uint32_t>(fds_.size() - 1);
     }
+    /// From now on attach_fd throws mp::Error(why): for bytes that go where descriptors cannot
+    /// (a Queue's shared memory, a task's result), so that a value holding a handle is refused
+    /// before anything is sent, rather than arriving without its descriptor. `why` must outlive
+    /// the Encoder (a string literal).
+    void refuse_fds(const char* why) noexcept { refused_ = why; }
     /// The descriptors attached so far, in index order.
     const std::vector<int>& fds() const noexcept { return fds_; }
     /// Moves the attached descriptors out.
@@ -236,6 +243,7 @@ public:
 private:
     std::string buf_;
     std::vector<int> fds_;
+    const char* refused_ = nullptr;
 };
 
 /// Reads values back from a byte buffer, checking every length against what is left.

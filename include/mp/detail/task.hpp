@@ -416,10 +416,15 @@ private:
     std::size_t count_ = 0;
 };
 
+/// Whether run_task's result goes back to another process (a pool's task) or is dropped (a
+/// Process target, an initializer).
+enum class TaskResult : bool { dropped, sent };
+
 /// Decodes and runs a task; returns the encoded result. `fds` are the descriptors that arrived
 /// with it: the arguments take theirs and leave -1; the caller closes the rest. Throws
 /// DecodeError for bytes that do not name a registered invoker in this binary; whatever the
-/// callable throws propagates.
-std::string run_task(std::string_view bytes, std::span<int> fds = {});
+/// callable throws propagates. A result that is `sent` cannot hold a handle (its descriptor
+/// would not travel): mp::Error then, as if the callable had thrown it (for each item of a chunk).
+std::string run_task(std::string_view bytes, std::span<int> fds = {}, TaskResult result = TaskResult::dropped);
 
 }  // namespace mp::detail

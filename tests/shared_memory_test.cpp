@@ -1212,6 +1212,17 @@ TEST(SharedMisuse, MovedFromValuesAndArraysThrowEmptyHandle) {
     EXPECT_THROW((void)ra.to_vector(), mp::EmptyHandle);
     EXPECT_THROW((void)mp::encode(ra), mp::EmptyHandle);
     EXPECT_EQ(ra2.to_vector(), (std::vector{1, 2}));
+    // Empty as a moved-from std::vector is (it kept its size: a loop over [0, size()) threw).
+    EXPECT_EQ(ra.size(), 0u);
+    EXPECT_TRUE(ra.empty());
+    mp::RawArray<int> ra3{5, 6, 7};
+    ra3 = std::move(ra2);
+    EXPECT_EQ(ra2.size(), 0u);  // NOLINT(bugprone-use-after-move)
+    EXPECT_EQ(ra3.to_vector(), (std::vector{1, 2}));
+    ra = ra3;  // a copy shares the memory
+    EXPECT_EQ(ra.size(), 2u);
+    ra.set(0, 9);
+    EXPECT_EQ(ra3.get(0), 9);
 
     mp::Value<int> v(7);
     auto v2 = std::move(v);
@@ -1230,6 +1241,8 @@ TEST(SharedMisuse, MovedFromValuesAndArraysThrowEmptyHandle) {
     EXPECT_THROW((void)a.to_vector(), mp::EmptyHandle);
     EXPECT_THROW((void)mp::encode(a), mp::EmptyHandle);
     EXPECT_EQ(a2.to_vector(), (std::vector{3, 4}));
+    EXPECT_EQ(a.size(), 0u);
+    EXPECT_TRUE(a.empty());
 }
 
 TEST_F(SharedMemoryTest, MovedFromSharedMemoryThrowsEmptyHandle) {

@@ -261,6 +261,18 @@ public:
     explicit RawArray(std::span<const T> values) : RawArray(values.size()) {
         if (!values.empty()) std::memcpy(data(), values.data(), values.size_bytes());
     }
+    /// Copies share the memory (as copies of a Python RawArray's handle do).
+    RawArray(const RawArray&) = default;
+    RawArray& operator=(const RawArray&) = default;
+    /// Takes over `other`'s memory; `other` is left empty (size() 0), as a moved-from vector.
+    RawArray(RawArray&& other) noexcept : block_(std::move(other.block_)), size_(std::exchange(other.size_, 0)) {}
+    RawArray& operator=(RawArray&& other) noexcept {
+        if (this != &other) {
+            block_ = std::move(other.block_);
+            size_ = std::exchange(other.size_, 0);
+        }
+        return *this;
+    }
 
     /// Number of elements (Python's len()).
     std::size_t size() const noexcept { return size_; }
@@ -286,7 +298,8 @@ public:
     /// A copy of the elements (Python's list(arr)).
     std::vector<T> to_vector() const { return std::vector<T>(begin(), end()); }
     /// The first element (shared memory, the same in every process that holds the array).
-    /// Every member but size() and empty() throws mp::EmptyHandle on an array moved from.
+    /// Every member but size() and empty() (0 and true) throws mp::EmptyHandle on an array moved
+    /// from.
     T* data() const { return static_cast<T*>(detail::deref_handle(block_, "mp::RawArray").data()); }
     /// Iteration over the elements themselves (range-for, standard algorithms).
     iterator begin() const { return data(); }

@@ -196,6 +196,15 @@ Clock::time_point deadline_of(const Object& timeout) {
     return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
 }
 
+/// queue.Queue's put and get: the timeout counts only when they block, and a negative one is a
+/// ValueError (threading's Lock, Event and Condition take it as "do not wait" instead).
+Clock::time_point queue_deadline(bool block, const Object& timeout) {
+    if (!block || timeout.is_none()) return kNever;
+    if ((timeout.kind() == Kind::integer || timeout.kind() == Kind::floating) && timeout.as<double>() < 0)
+        raise("ValueError", "'timeout' must be a non-negative number");
+    return deadline_of(timeout);
+}
+
 /// Waits on cv until ready() or the deadline; false on timeout. Wakes every 100 ms to see
 /// whether the client is still there (a client killed in a blocking call ends its thread).
 template <class Pred>
@@ -579,7 +588,7 @@ public:
         if (m == "put" || m == "put_nowait") {
             Object item = a.need(0, "item");
             const bool block = m == "put" && truthy(a.get(1, "block", Object(true)));
-            auto deadline = m == "put" ? deadline_of(a.get(2, "timeout", Object())) : kNever;
+            const auto deadline = queue_deadline(block, a.get(2, "timeout", Object()));
             auto room = [&] { return maxsize_ <= 0 || static_cast<std::int64_t>(items_.size()) < maxsize_; };
             if (!(block ? wait_until(cv_, lk, deadline, room) : room())) raise("queue.Full", Object());
             items_.push_back(std::move(item));
@@ -589,7 +598,7 @@ public:
         }
         if (m == "get" || m == "get_nowait") {
             const bool block = m == "get" && truthy(a.get(0, "block", Object(true)));
-            auto deadline = m == "get" ? deadline_of(a.get(1, "timeout", Object())) : kNever;
+            const auto deadline = queue_deadline(block, a.get(1, "timeout", Object()));
             auto any = [&] { return !items_.empty(); };
             if (!(block ? wait_until(cv_, lk, deadline, any) : any())) raise("queue.Empty", Object());
             Object r = std::move(items_.front());

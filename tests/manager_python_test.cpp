@@ -199,6 +199,17 @@ try:
     q.get(True, 0.05)
 except queue.Empty:
     print('EMPTY-TIMEOUT')
+# As Python's own server: a negative timeout is a ValueError when put or get would block, and
+# is not looked at when they would not.
+for call in (lambda: q.get(timeout=-1), lambda: (q.put(1), q.put(2), q.put(3, True, -0.5))):
+    try:
+        call()
+    except ValueError as e:
+        print('NEGATIVE', e)
+try:
+    q.get(); q.get(); q.get(False, -1)
+except queue.Empty:
+    print('EMPTY-NOWAIT-NEGATIVE')
 jq = m.JoinableQueue()
 jq.put(1); jq.get(); jq.task_done(); jq.join()
 try:
@@ -290,9 +301,14 @@ TEST_F(ManagerForPython, PythonClientUsesDictListAndNamespace) {
 
 TEST_F(ManagerForPython, PythonClientUsesQueueLockEventAndValue) {
     std::string out = run_client(kQueueLockEventValue, manager.address(), "pykey");
-    for (const char* line : {"FULL\n", "EMPTY\n", "EMPTY-TIMEOUT\n", "VALUEERROR task_done() called too many times\n",
+    for (const char* line : {"FULL\n", "EMPTY\n", "EMPTY-TIMEOUT\n", "EMPTY-NOWAIT-NEGATIVE\n",
+                             "VALUEERROR task_done() called too many times\n",
                              "RUNTIMEERROR release unlocked lock\n", "VALUE 7 Value('i', 7)\n", "OBJECTS 0\n"})
         EXPECT_NE(out.find(line), std::string::npos) << "missing " << line << "in:\n" << out;
+    // Twice: get(timeout=-1) on the empty queue, put(3, True, -0.5) on the full one.
+    const std::string negative = "NEGATIVE 'timeout' must be a non-negative number\n";
+    const std::size_t first = out.find(negative);
+    EXPECT_TRUE(first != std::string::npos && out.find(negative, first + 1) != std::string::npos) << out;
 }
 
 TEST_F(ManagerForPython, NonPlainDataAndUnknownTypesAreRefusedWithAReadableRemoteError) {

@@ -2,7 +2,12 @@
 // call a Python manager server (or an mp one) the way Python's proxies do. The protocol and the
 // server's side: manager_python.cpp.
 
+#include <algorithm>
+#include <exception>
+#include <iterator>
+#include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -53,6 +58,29 @@ std::string request_pickle(const Object& ident, std::string_view method, std::ve
     return w.finish();
 }
 
+/// Python's str() of an exception of class `type` (without "builtins.") made with `args`: what
+/// RemoteError::message() holds.
+std::string exception_str(const std::string& type, const Object& args_tuple) {
+    static constexpr std::string_view os_errors[] = {
+        "OSError", "BlockingIOError", "ChildProcessError", "ConnectionError", "BrokenPipeError",
+        "ConnectionAbortedError", "ConnectionRefusedError", "ConnectionResetError", "FileExistsError",
+        "FileNotFoundError", "InterruptedError", "IsADirectoryError", "NotADirectoryError", "PermissionError",
+        "ProcessLookupError", "TimeoutError"};
+    py::Items args = args_tuple.items();
+    auto str = [](const Object& o) { return o.kind() == Kind::str ? o.as<std::string>() : o.repr(); };
+    // OSError's: errno and strerror (then filename, winerror, filename2) as its __reduce__ writes them.
+    if (std::find(std::begin(os_errors), std::end(os_errors), type) != std::end(os_errors) && args.size() >= 2 &&
+        args.size() <= 5 && !args[0].is_none() && !args[1].is_none()) {
+        std::string s = "[Errno " + str(args[0]) + "] " + str(args[1]);
+        const bool filename = args.size() >= 3 && !args[2].is_none();
+        if (filename) s += ": " + args[2].repr();
+        if (filename && args.size() == 5 && !args[4].is_none()) s += " -> " + args[4].repr();
+        return s;
+    }
+    if (args.size() == 1) return type == "KeyError" ? args[0].repr() : str(args[0]);
+    return args.size() == 0 ? std::string() : args_tuple.repr();
+}
+
 /// Python's convert_to_error, for a reply other than '#RETURN'.
 [[noreturn]] void throw_reply(const std::string& kind, const Object& result, const Address& address) {
     if (kind == "#ERROR" && result.kind() == Kind::tuple && result.items().size() == 2 &&
@@ -60,14 +88,7 @@ std::string request_pickle(const Object& ident, std::string_view method, std::ve
         // An exception, as loads_with_exceptions reads one: (class name, args).
         std::string type = result.items()[0].as<std::string>();
         if (type == "_queue.Empty") type = "queue.Empty";
-        py::Items args = result.items()[1].items();
-        std::string message;
-        if (args.size() == 1 && args[0].kind() == Kind::str && type != "KeyError")
-            message = args[0].as<std::string>();
-        else if (args.size() == 1)
-            message = args[0].repr();
-        else if (args.size() > 1)
-            message = result.items()[1].repr();
+        std::string message = exception_str(type, result.items()[1]);
         throw RemoteError(std::move(type), std::move(message), origin_of(address));
     }
     if (kind == "#TRACEBACK" || kind == "#UNSERIALIZABLE" || kind == "#ERROR") {
@@ -84,7 +105,25 @@ std::string request_pickle(const Object& ident, std::string_view method, std::ve
 /// Sends one request and reads its reply (the result of a '#RETURN').
 Object exchange(Connection& c, const std::string& request, const Address& address) {
     c.send_bytes(request);
-    Object reply = py::detail::loads_with_exceptions(c.recv_bytes(kMaxMessage));
+    const std::string bytes = c.recv_bytes(kMaxMessage);
+    Object reply;
+    try {
+        reply = py::detail::loads_with_exceptions(bytes);
+    } catch (const py::UnpicklingError&) {
+        // An '#ERROR' may carry an exception of a class outside Python's built-in ones (the
+        // server program's own, with attributes perhaps): read as (class name, args) too, nothing
+        // imported. Any other reply with such a global stays refused.
+        const std::exception_ptr refused = std::current_exception();
+        std::optional<Object> any;
+        try {
+            any = py::detail::loads_with_exceptions(bytes, {}, py::detail::ExceptionClasses::any);
+        } catch (const py::UnpicklingError&) {
+        }
+        if (!any || any->kind() != Kind::tuple || any->items().size() != 2 || any->items()[0].kind() != Kind::str ||
+            any->items()[0].as<std::string>() != "#ERROR")
+            std::rethrow_exception(refused);
+        reply = std::move(*any);
+    }
     if (reply.kind() != Kind::tuple || reply.items().size() != 2 || reply.items()[0].kind() != Kind::str)
         throw DecodeError("mp: a manager reply is the tuple (kind, result), not " + reply.repr().substr(0, 200));
     std::string kind = reply.items()[0].as<std::string>();

@@ -2,6 +2,7 @@
 // What the manager's Python protocol (src/manager_python.cpp) needs from the pickle reader
 // (src/py_pickle.cpp) beyond the public mp/py.hpp.
 
+#include <cstdint>
 #include <string_view>
 
 #include <mp/py.hpp>
@@ -12,9 +13,18 @@ namespace mp::py::detail {
 /// pickle as the class called with its args, and queue.Empty / queue.Full.
 bool is_exception_class(std::string_view module, std::string_view name);
 
-/// py::loads, except that those exception classes called with a tuple of plain arguments are
-/// read too, each as the tuple (class name, args) ("KeyError", "_queue.Empty"). Nothing is
-/// imported or called; every other global is refused as by loads.
-Object loads_with_exceptions(std::string_view pickle, const Limits& limits = {});
+/// Which globals loads_with_exceptions reads as exception classes.
+enum class ExceptionClasses : std::uint8_t {
+    none,   ///< none (py::loads)
+    known,  ///< is_exception_class's
+    any,    ///< every one, and a BUILD of plain state after its call (dropped): the exception of a
+            ///< manager's '#ERROR' reply may be of a class of the server program's own
+};
+
+/// py::loads, except that exception classes (`classes`) called with a tuple of plain arguments
+/// are read too, each as the tuple (class name, args) ("KeyError", "_queue.Empty",
+/// "__main__.AppError"). Nothing is imported or called; every other global is refused as by loads.
+Object loads_with_exceptions(std::string_view pickle, const Limits& limits = {},
+                             ExceptionClasses classes = ExceptionClasses::known);
 
 }  // namespace mp::py::detail

@@ -115,6 +115,7 @@ bool detail::valid_utf8(std::string_view s) noexcept {
 
 namespace {
 using detail::valid_utf8;
+using detail::ExceptionClasses;
 
 // Room for `more` items after those in `v`, growing geometrically: CPython writes a list, dict
 // or set in batches of 1000 (MARK items APPENDS), and a reserve of exactly size() + batch would
@@ -415,7 +416,7 @@ public:
     // exceptions: also read the built-in exception classes (exception_classes) called with their
     // arguments, as Python pickles KeyError('x'); each reads as the tuple (class name, args).
     // Only a manager client's reader of '#ERROR' replies asks for this.
-    Reader(std::string_view in, const Limits& limits, bool exceptions = false);
+    Reader(std::string_view in, const Limits& limits, ExceptionClasses exceptions = ExceptionClasses::none);
     ~Reader();
     Reader(const Reader&) = delete;
     Reader& operator=(const Reader&) = delete;
@@ -426,7 +427,9 @@ private:
         Object value;
         std::uint8_t global = 0;  // one of the Global values below when this is a recognised global
     };
-    enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode, g_exception };
+    // g_exception: an exception class (its name in the slot); g_raised: the (class name, args) an
+    // exception class was called with, which BUILD may follow (ExceptionClasses::any).
+    enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode, g_exception, g_raised };
 
     // The machine's vectors. A thread keeps one set whose capacity (not contents) the next
     // loads() on that thread reuses: allocating them afresh was a third of a small message's cost.
@@ -494,9 +497,11 @@ private:
         stack_.pop_back();
         return s;
     }
+    // A slot that holds a value: not a global (an exception's call is a value, a tuple).
+    static bool is_value(const Slot& s) noexcept { return s.global == no_global || s.global == g_raised; }
     Object pop() {
         Slot s = pop_slot();
-        if (s.global != no_global) fail("a global used as a value");
+        if (!is_value(s)) fail("a global used as a value");
         return std::move(s.value);
     }
     Slot& top() {
@@ -514,7 +519,7 @@ private:
         std::vector<Object> items;
         items.reserve(stack_.size() - k);
         for (std::size_t i = k; i < stack_.size(); ++i) {
-            if (stack_[i].global != no_global) fail("a global used as a value");
+            if (!is_value(stack_[i])) fail("a global used as a value");
             items.push_back(std::move(stack_[i].value));
         }
         stack_.resize(k);
@@ -526,7 +531,7 @@ private:
     std::size_t marked() {
         std::size_t k = pop_mark();
         for (std::size_t i = k; i < stack_.size(); ++i)
-            if (stack_[i].global != no_global) fail("a global used as a value");
+            if (!is_value(stack_[i])) fail("a global used as a value");
         return k;
     }
     Slot& below(std::size_t k) {
@@ -630,7 +635,8 @@ private:
         } else if (module == "_codecs" && name == "encode") {
             g = g_encode;
         }
-        if (g == no_global && exceptions_ && detail::is_exception_class(module, name)) {
+        if (g == no_global && (exceptions_ == ExceptionClasses::any ||
+                               (exceptions_ == ExceptionClasses::known && detail::is_exception_class(module, name)))) {
             stack_.push_back(Slot{Object(std::string(module) + "." + std::string(name)), g_exception});
             return;
         }
@@ -656,10 +662,10 @@ private:
     std::unordered_map<std::uint64_t, Slot> sparse_;  // memo keys past the end (Python's pickler never writes them)
     std::size_t copied_ = 0;  // bytes of str and bytes copied by PUT, GET and DUP
     bool shared_ = false;      // a container was fetched twice: check_shared() at the end
-    bool exceptions_ = false;
+    ExceptionClasses exceptions_ = ExceptionClasses::none;
 };
 
-Reader::Reader(std::string_view in, const Limits& limits, bool exceptions)
+Reader::Reader(std::string_view in, const Limits& limits, ExceptionClasses exceptions)
     : in_(in), limits_(limits), buffers_(pick_buffers()), stack_(buffers_.stack), marks_(buffers_.marks),
       memo_(buffers_.memo), nodes_(buffers_.nodes), exceptions_(exceptions) {}
 
@@ -732,7 +738,8 @@ void Reader::reduce() {
         case g_exception: {
             std::string type = callee.value.as<std::string>();
             if (type.starts_with("builtins.")) type.erase(0, 9);
-            return push(container(Kind::tuple, {Object(std::move(type)), args}));
+            stack_.push_back(Slot{container(Kind::tuple, {Object(std::move(type)), args}), g_raised});
+            return;
         }
         case g_encode:
             if (a.size() == 2 && a[0].kind() == Kind::str && a[1].kind() == Kind::str) {
@@ -745,7 +752,7 @@ void Reader::reduce() {
         default: break;
     }
     static constexpr const char* names[] = {"", "builtins.set", "builtins.frozenset", "builtins.bytearray",
-                                            "builtins.bytes", "_codecs.encode", ""};
+                                            "builtins.bytes", "_codecs.encode", "", ""};
     fail(std::string("REDUCE of ") + names[callee.global] + " with arguments " + short_repr(args) +
          " is not one of the plain-data forms Python's pickler writes");
 }
@@ -913,7 +920,7 @@ Object Reader::run() {
                     if (stack_.size() < base() + n) fail("stack underflow");
                     std::vector<Object> items;
                     for (std::size_t i = stack_.size() - n; i < stack_.size(); ++i) {
-                        if (stack_[i].global != no_global) fail("a global used as a value");
+                        if (!is_value(stack_[i])) fail("a global used as a value");
                         items.push_back(std::move(stack_[i].value));
                     }
                     stack_.resize(stack_.size() - n);
@@ -1012,7 +1019,15 @@ Object Reader::run() {
                     break;
                 }
                 case REDUCE: reduce(); break;
-                case PERSID: case BINPERSID: case BUILD: case INST: case OBJ: case NEWOBJ: case NEWOBJ_EX:
+                case BUILD: {
+                    // Only after an exception class's call, when any class is read as one: the
+                    // instance's attributes (plain data, already read) are not kept.
+                    if (exceptions_ != ExceptionClasses::any) refuse(op);
+                    (void)pop();
+                    if (stack_.empty() || stack_.back().global != g_raised) fail("BUILD of something other than an exception");
+                    break;
+                }
+                case PERSID: case BINPERSID: case INST: case OBJ: case NEWOBJ: case NEWOBJ_EX:
                 case EXT1: case EXT2: case EXT4: case NEXT_BUFFER: case READONLY_BUFFER: case INT: case LONG:
                 case FLOAT: case STRING: case BINSTRING: case SHORT_BINSTRING: case UNICODE: case GET: case PUT:
                     refuse(op);
@@ -1065,8 +1080,8 @@ std::uint64_t key_hash_seed() noexcept {
     return seed;
 }
 
-Object loads_with_exceptions(std::string_view pickle, const Limits& limits) {
-    Reader r(pickle, limits, true);
+Object loads_with_exceptions(std::string_view pickle, const Limits& limits, ExceptionClasses classes) {
+    Reader r(pickle, limits, classes);
     return r.run();
 }
 

@@ -404,8 +404,20 @@ constexpr const char* kPythonServer = R"PY(
 import sys, datetime
 from multiprocessing.managers import SyncManager, DictProxy
 odd = {'when': datetime.date(2020, 1, 2)}
+class AppError(Exception): pass
+class Raiser:
+    def missing(self): raise FileNotFoundError(2, 'no such thing')
+    def missing_file(self): raise FileNotFoundError(2, 'no such thing', 'f.txt')
+    def app(self): raise AppError('the job failed', 3)
+    def app_with_state(self):
+        e = AppError('with state')
+        e.code = 5
+        raise e
+    def bare(self): raise AppError()
+    def odd(self): return datetime.date(2020, 1, 2)
 class M(SyncManager): pass
 M.register('get_odd', callable=lambda: odd, proxytype=DictProxy)
+M.register('Raiser', callable=Raiser, exposed=['missing', 'missing_file', 'app', 'app_with_state', 'bare', 'odd'])
 m = M(address=('127.0.0.1', 0), authkey=b'pykey')
 s = m.get_server()
 print('PORT', s.address[1], flush=True)
@@ -444,6 +456,37 @@ mp::RemoteError remote_error(F f) {
 }
 
 }  // namespace
+
+// What a Python method raises reaches C++ as RemoteError with Python's class name and str(): an
+// OSError's "[Errno N] strerror: 'filename'", and an exception of the server program's own class
+// (pickled as its global, which mp reads as a name only, imports nothing, and drops its
+// attributes). Such a class was refused as an unreadable reply (py::UnpicklingError, message
+// lost), and an OSError's message was the repr of its args. A *result* of a non-plain type stays
+// refused.
+TEST_F(PythonServer, ExceptionsOfAnyClassArriveAsRemoteErrorWithPythonsStr) {
+    mp::PyManagerClient m(address, "pykey");
+    mp::PyProxy r = m.create("Raiser");
+    const std::vector<std::tuple<const char*, std::string, std::string>> cases = {
+        {"missing", "FileNotFoundError", "[Errno 2] no such thing"},
+        {"missing_file", "FileNotFoundError", "[Errno 2] no such thing: 'f.txt'"},
+        {"app", "__main__.AppError", "('the job failed', 3)"},
+        {"app_with_state", "__main__.AppError", "with state"},
+        {"bare", "__main__.AppError", ""},
+    };
+    for (const auto& [method, type, message] : cases) {
+        SCOPED_TRACE(method);
+        mp::RemoteError e = remote_error([&] { r.call(method); });
+        EXPECT_EQ(e.type_name(), type);
+        EXPECT_EQ(e.message(), message);
+    }
+    try {
+        r.call("odd");
+        ADD_FAILURE() << "a datetime result was accepted";
+    } catch (const py::UnpicklingError& e) {
+        EXPECT_NE(std::string(e.what()).find("datetime"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(remote_error([&] { r.call("missing"); }).type_name(), "FileNotFoundError");  // still serving
+}
 
 TEST_F(PythonServer, CppClientUsesDictListAndNamespace) {
     mp::PyManagerClient m(address, "pykey");

@@ -1038,7 +1038,9 @@ using PyKwargs = std::vector<std::pair<std::string, py::Object>>;
 ///     q.call("get", {true}, {{"timeout", 1.0}});
 ///
 /// Errors: an exception the method raised in the server is mp::RemoteError whose type_name() is
-/// Python's class ("KeyError", "queue.Empty", ...) and message() its str(); a server that
+/// Python's class ("KeyError", "queue.Empty", "FileNotFoundError", "__main__.AppError" for a
+/// class of the server program's own: read as a name, nothing imported; its attributes are not
+/// kept) and message() its str() ("[Errno 2] no such thing: 'f.txt'"); a server that
 /// answered with a traceback (no such method, an unreadable request) is RemoteError of type
 /// "Traceback" with that text; a reply mp refuses to read (not plain data) is
 /// py::UnpicklingError; a server that died is mp::EOFError. Each thread opens its own

@@ -357,7 +357,7 @@ void BaseServer::check_open() const {
     if (sock_ < 0) throw std::logic_error("socketserver: the server is closed (server_close was called)");
 }
 
-void BaseServer::serve_forever(std::chrono::nanoseconds poll_interval) {
+void BaseServer::serve_forever(detail::Timeout poll_interval) {
     check_open();
     if (!begin_serving()) return;
     try {
@@ -379,7 +379,7 @@ void BaseServer::serve_forever(std::chrono::nanoseconds poll_interval) {
     end_serving();
 }
 
-void BaseServer::serve_forever(std::stop_token stop, std::chrono::nanoseconds poll_interval) {
+void BaseServer::serve_forever(std::stop_token stop, detail::Timeout poll_interval) {
     {
         // Runs in the thread that requests the stop (a SignalStop's watcher, say): it only sets
         // the flag and arms the closer, and never waits.
@@ -395,7 +395,7 @@ void BaseServer::shutdown() {
     cv_.wait(lock, [this] { return !serving_; });
 }
 
-void BaseServer::shutdown(std::chrono::nanoseconds timeout) {
+void BaseServer::shutdown(detail::Timeout timeout) {
     request_shutdown(timeout);
     {
         std::unique_lock lock(mu_);
@@ -404,7 +404,7 @@ void BaseServer::shutdown(std::chrono::nanoseconds timeout) {
     finish_handlers(close_deadline());
 }
 
-void BaseServer::request_shutdown(std::optional<std::chrono::nanoseconds> timeout) noexcept {
+void BaseServer::request_shutdown(detail::Timeout timeout) noexcept {
     {
         std::lock_guard lock(mu_);
         shutdown_request_ = true;
@@ -412,9 +412,8 @@ void BaseServer::request_shutdown(std::optional<std::chrono::nanoseconds> timeou
         (void)!::write(wake_w_, &b, 1);  // a full pipe already wakes serve_forever
     }
     if (!timeout) return;
-    // A century is "never" and keeps now() + timeout from overflowing.
-    const auto limit = std::chrono::hours(24 * 365 * 100);
-    const auto at = Clock::now() + std::min<std::chrono::nanoseconds>(std::max(*timeout, {}), limit);
+    // Never negative, and below detail::forever: now() + timeout cannot overflow.
+    const auto at = Clock::now() + *timeout;
     std::lock_guard lock(connections_mu_);
     if (close_at_ && *close_at_ <= at) return;  // an earlier deadline stands
     close_at_ = at;

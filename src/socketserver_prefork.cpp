@@ -56,7 +56,7 @@ std::unique_ptr<Process> PreforkTCPServer::start_worker(int stop_fd) {
     return w;
 }
 
-void PreforkTCPServer::serve_forever(std::chrono::nanoseconds poll_interval) {
+void PreforkTCPServer::serve_forever(detail::Timeout poll_interval) {
     check_open();
     if (!begin_serving()) return;
     // Every worker polls the one socket: the ones that lose the race to accept see EAGAIN.

@@ -123,6 +123,7 @@ public:
         }
     }
     void shut_wr() { ::shutdown(fd_, SHUT_WR); }
+    int fd() const { return fd_; }
     /// One recv (a datagram, or what a stream has now); "" at EOF; throws on timeout.
     std::string recv_some() {
         char buf[65536];
@@ -1012,6 +1013,68 @@ TEST(Socketserver, ForkingShutdownWithDeadlineClosesIdleConnections) {
 // A prefork worker still busy with the idle client at the deadline is terminated.
 TEST(Socketserver, PreforkShutdownWithDeadlineEndsABusyWorker) {
     shutdown_with_deadline_closes_idle_connections<mp::PreforkTCPServer>();
+}
+
+// seconds::max() (and any duration of `forever` or more) is no limit, as for every mp timeout:
+// shutdown(seconds::max()) and {.shutdown_timeout = seconds::max()} let the request under way
+// finish, and serve_forever(seconds::max()) sleeps until a request or shutdown() (the durations
+// were taken as nanoseconds, which seconds::max() overflows to a negative count: the connection
+// was cut at once, and serve_forever polled without sleeping). In a child process, so that a
+// shutdown that never returned fails after a bounded wait.
+template <class Server>
+void max_durations_are_no_limit(bool by_option) {
+    TestPipe done;
+    mp::Process p({.start_method = mp::StartMethod::fork}, [&] {
+        TestPipe started;
+        WaitsForClient::started_fd = started.w;
+        mp::ServerOptions options;
+        if (by_option) options.shutdown_timeout = std::chrono::seconds::max();
+        Server srv({"127.0.0.1", 0}, mp::handler<WaitsForClient>(), options);
+        std::thread serving([&] { srv.serve_forever(std::chrono::seconds::max()); });
+        // Idle for a while: the serving thread sleeps in poll, it does not spin.
+        rusage before{}, after{};
+        ::getrusage(RUSAGE_SELF, &before);
+        std::this_thread::sleep_for(300ms);
+        ::getrusage(RUSAGE_SELF, &after);
+        auto cpu_us = [](const rusage& r) {
+            return (r.ru_utime.tv_sec + r.ru_stime.tv_sec) * 1'000'000L + r.ru_utime.tv_usec + r.ru_stime.tv_usec;
+        };
+        if (cpu_us(after) - cpu_us(before) > 150'000) throw std::runtime_error("serve_forever spins while idle");
+        Client busy(srv.server_address(), SOCK_STREAM);
+        char b = 0;
+        if (!read_within(started.r, &b, 1, 10000ms)) throw std::runtime_error("the handler did not start");
+        std::thread stopping([&] {
+            if (by_option)
+                srv.shutdown();
+            else
+                srv.shutdown(std::chrono::seconds::max());
+        });
+        std::this_thread::sleep_for(200ms);
+        // Still open: poll sees neither data nor a hang-up.
+        pollfd pf{busy.fd(), POLLIN, 0};
+        if (::poll(&pf, 1, 0) != 0) throw std::runtime_error("the connection was cut at the stop");
+        busy.shut_wr();  // the handler reads end of file and ends; shutdown() returns
+        stopping.join();
+        serving.join();
+        srv.server_close();
+        (void)!::write(done.w, "k", 1);
+    });
+    p.start();
+    char b = 0;
+    EXPECT_TRUE(read_within(done.r, &b, 1, 10000ms)) << "the server did not behave (see stderr)";
+    if (!p.join(10s)) {
+        p.kill();
+        p.join();
+    }
+    EXPECT_EQ(p.exitcode(), std::optional<int>(0));
+}
+
+TEST(Socketserver, MaxDurationsAreNoLimit) {
+    for (const bool by_option : {false, true}) {
+        SCOPED_TRACE(by_option ? "ServerOptions::shutdown_timeout" : "shutdown(timeout)");
+        max_durations_are_no_limit<mp::ThreadingTCPServer>(by_option);
+        max_durations_are_no_limit<mp::ForkingTCPServer>(by_option);
+    }
 }
 
 TEST(Socketserver, StopTokenStopsServeForever) {

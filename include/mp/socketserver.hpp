@@ -212,8 +212,9 @@ struct ServerOptions {
     /// handler waiting for its client reads end of file and one writing to a stalled client
     /// fails; a forked child (or prefork worker) still running a second later is killed
     /// (SIGKILL). A handler thread that ignores its connection cannot be stopped and is waited
-    /// for. None: requests under way take as long as they take, as in Python.
-    std::optional<std::chrono::nanoseconds> shutdown_timeout{};
+    /// for. None (or `forever` and longer, seconds::max() included): requests under way take as
+    /// long as they take, as in Python. Zero or negative: their connections are shut down at once.
+    detail::Timeout shutdown_timeout{};
 };
 
 /// A socket server (Python's BaseServer and TCPServer/UDPServer in one).
@@ -224,23 +225,23 @@ public:
     virtual ~BaseServer();
 
     /// Handles requests until shutdown(); checks for shutdown at least every poll_interval
-    /// (shutdown() also wakes it at once). std::logic_error after server_close().
-    virtual void serve_forever(std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(500));
+    /// (shutdown() also wakes it at once; none, or seconds::max(): only then). std::logic_error
+    /// after server_close().
+    virtual void serve_forever(detail::Timeout poll_interval = std::chrono::milliseconds(500));
     /// serve_forever that also stops when `stop` is requested (from any thread, or by a signal
     /// through mp::stop_on_signals). After a stop by the token with options().shutdown_timeout
     /// set, it returns only when every request under way has ended (see shutdown(timeout)), so
     /// a program may simply return from main afterwards.
-    void serve_forever(std::stop_token stop,
-                       std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(500));
+    void serve_forever(std::stop_token stop, detail::Timeout poll_interval = std::chrono::milliseconds(500));
     /// From another thread: makes serve_forever return and waits until it has. Called while
     /// serve_forever is not running, it returns at once and the next serve_forever returns at once.
     /// As in Python, calling it from serve_forever's own thread (a non-threading handler) deadlocks.
     /// With options().shutdown_timeout set, the requests under way get that long (see there).
     void shutdown();
     /// shutdown() with a deadline: requests under way get `timeout`, then their connections are
-    /// closed (as ServerOptions::shutdown_timeout says). Returns once serve_forever has returned
-    /// and every handler thread and forked child has ended.
-    void shutdown(std::chrono::nanoseconds timeout);
+    /// closed (as ServerOptions::shutdown_timeout says; none, or seconds::max(): no deadline).
+    /// Returns once serve_forever has returned and every handler thread and forked child has ended.
+    void shutdown(detail::Timeout timeout);
     /// Waits for one request (at most options().timeout) and handles it; handle_timeout() if none
     /// came. std::logic_error after server_close().
     void handle_request();
@@ -306,7 +307,7 @@ private:
     bool get_request(Request& request, ServerAddress& client);
     void join_threads(bool all);
     /// Sets the shutdown flag, wakes serve_forever and, with a timeout, arms the closer.
-    void request_shutdown(std::optional<std::chrono::nanoseconds> timeout) noexcept;
+    void request_shutdown(detail::Timeout timeout) noexcept;
     /// Waits for handler threads and children; past the close deadline, kills the children.
     void finish_handlers(std::optional<std::chrono::steady_clock::time_point> deadline);
     void reap(Child& c);
@@ -387,7 +388,7 @@ public:
     PreforkTCPServer(ServerAddress address, HandlerFactory factory, ServerOptions options = {});
     ~PreforkTCPServer() override;
 
-    void serve_forever(std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(500)) override;
+    void serve_forever(detail::Timeout poll_interval = std::chrono::milliseconds(500)) override;
 
     /// The pids of the running workers.
     std::vector<pid_t> worker_pids() const;

@@ -73,7 +73,17 @@ Encoded encode_item(const ShareableList::Item& v, std::size_t slot) {
 ShareableList::ShareableList(const std::vector<Item>& items, std::optional<std::string> name, bool track)
     : shm_([&] {
           std::size_t data = 0;
-          for (const Item& v : items) data += slot_for(v);
+          for (const Item& v : items) {
+              // The struct format of a str/bytes item ("<slot>s") must fit the 8 bytes the layout
+              // keeps for it: a slot of 10,000,000 bytes or more would be cut to a format Python
+              // cannot read. CPython refuses such a list (AssertionError) before making anything.
+              if (is_text(v) && std::to_string(slot_for(v)).size() + 1 > 8)
+                  throw std::invalid_argument(
+                      "ValueError: mp::ShareableList: a str/bytes item of " + std::to_string(text_of(v).size()) +
+                      " bytes needs a slot whose struct format does not fit the 8 bytes Python's "
+                      "ShareableList keeps for it (at most 9,999,991 bytes an item)");
+              data += slot_for(v);
+          }
           const std::size_t n = items.size();
           // Python's struct.calcsize of the whole: nothing is padded, every area is 8-aligned.
           const std::size_t total = 8 + 8 * (n + 1) + data + 8 * n + n;

@@ -904,6 +904,27 @@ TEST_F(TestSharedMemory, ShareableListRefusesASegmentThatIsNotOne) {
     EXPECT_EQ(sl.get(0), Item(std::string("ab")));
 }
 
+// A str/bytes item's struct format ("<slot>s") lives in 8 bytes: an item of 10,000,000 bytes
+// or more needs a slot whose format does not fit. Refused before any segment is made (as
+// CPython's ShareableList, with AssertionError); it was written cut to "10000008", which Python
+// could not read. 9,999,991 bytes (a slot of 9,999,992: "9999992s") is the most that fits.
+TEST_F(TestSharedMemory, ShareableListRefusesAnItemWhoseFormatWouldNotFit) {
+    for (const std::size_t n : {std::size_t{9'999'992}, std::size_t{10'000'000}}) {
+        try {
+            mp::ShareableList sl({std::string(n, 'a'), std::int64_t{1}}, std::string("mp_sl_too_big"));
+            sl.shm().unlink();
+            ADD_FAILURE() << "an item of " << n << " bytes was stored";
+        } catch (const std::invalid_argument& e) {
+            EXPECT_NE(std::string(e.what()).find("does not fit"), std::string::npos) << e.what();
+        }
+        EXPECT_FALSE(::access("/dev/shm/mp_sl_too_big", F_OK) == 0) << "a segment was left behind";
+    }
+    mp::ShareableList fits({mp::py::Bytes{std::string(9'999'991, 'b')}, std::int64_t{1}});
+    const UnlinkAtEnd cleanup{fits};
+    EXPECT_EQ(fits.format(), "9999992sq");
+    EXPECT_EQ(fits.get(1), Item(std::int64_t{1}));
+}
+
 /// Runs `script` with python3 (argv[1] = `arg`), bounded by `timeout 30`; its output, and ok set
 /// when it exited 0.
 std::string run_python(const std::string& script, const std::string& arg, bool& ok) {

@@ -38,6 +38,8 @@ public:
     /// Creates a segment (named `name`, else a fresh name) holding `items` (Python's
     /// ShareableList(sequence, name=name)). std::system_error EEXIST when the name is taken.
     /// `track`: as SharedMemory's (this process's resource tracker unlinks it if nobody does).
+    /// A str or bytes item holds at most 9,999,991 bytes (its struct format must fit 8 bytes):
+    /// std::invalid_argument for a longer one, before any segment is made (CPython: AssertionError).
     explicit ShareableList(const std::vector<Item>& items, std::optional<std::string> name = std::nullopt,
                            bool track = true);
     /// Attaches to the list in segment `name` (Python's ShareableList(name=name)). Throws

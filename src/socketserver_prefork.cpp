@@ -74,21 +74,27 @@ void PreforkTCPServer::serve_forever(detail::Timeout poll_interval) {
             std::lock_guard lock(workers_mu_);
             ws.swap(workers_);
         }
-        // Past a stop's deadline, a worker still busy with a request is terminated.
+        // Past a stop's deadline, a worker still busy with a request is terminated (SIGTERM: its
+        // connection is in the worker, out of this process's reach), and killed (SIGKILL) if it
+        // is still there a second later, as a forking server's child: a handler that ignores
+        // SIGTERM must not keep the stop waiting for ever.
         const auto deadline = close_deadline();
-        for (auto& w : ws) {
-            if (deadline) {
-                const auto left = *deadline - Clock::now();
-                if (!w->join(std::max(left, Clock::duration::zero()))) {
-                    try {
-                        w->terminate();
-                    } catch (const std::exception&) {
-                        // it ended meanwhile
-                    }
-                }
+        constexpr auto kill_grace = std::chrono::seconds(1);
+        auto end = [](Process& w, void (Process::*how)()) {
+            try {
+                (w.*how)();
+            } catch (const std::exception&) {
+                // it ended meanwhile
             }
-            w->join();
+        };
+        if (deadline) {
+            for (auto& w : ws)
+                if (!w->join(std::max(*deadline - Clock::now(), Clock::duration::zero()))) end(*w, &Process::terminate);
+            for (auto& w : ws)
+                if (!w->join(std::max(*deadline + kill_grace - Clock::now(), Clock::duration::zero())))
+                    end(*w, &Process::kill);
         }
+        for (auto& w : ws) w->join();
     };
     try {
         {

@@ -1077,6 +1077,45 @@ TEST(Socketserver, MaxDurationsAreNoLimit) {
     }
 }
 
+// A prefork worker whose handler ignores SIGTERM and waits on an idle client: past the deadline
+// it is terminated, and killed a second later, so shutdown(timeout) returns (it waited for ever).
+struct IgnoresSigterm : mp::StreamRequestHandler {
+    static inline int started_fd = -1;
+    void handle() override {
+        ::signal(SIGTERM, SIG_IGN);
+        const char b = 's';
+        (void)!::write(started_fd, &b, 1);
+        while (!rfile.readline().empty()) {
+        }
+    }
+};
+
+TEST(Socketserver, PreforkShutdownKillsAWorkerThatIgnoresSigterm) {
+    TestPipe done;
+    mp::Process p({.start_method = mp::StartMethod::fork}, [&] {
+        TestPipe started;
+        IgnoresSigterm::started_fd = started.w;
+        mp::PreforkTCPServer srv({"127.0.0.1", 0}, mp::handler<IgnoresSigterm>(), {.workers = 1});
+        std::thread serving([&] { srv.serve_forever(20ms); });
+        Client idle(srv.server_address(), SOCK_STREAM);
+        char b = 0;
+        if (!read_within(started.r, &b, 1, 10000ms)) throw std::runtime_error("the handler did not start");
+        srv.shutdown(100ms);
+        serving.join();
+        if (!idle.recv_some().empty()) throw std::runtime_error("the connection is still open");
+        srv.server_close();
+        (void)!::write(done.w, "k", 1);
+    });
+    p.start();
+    char b = 0;
+    EXPECT_TRUE(read_within(done.r, &b, 1, 10000ms)) << "shutdown(100ms) did not return";
+    if (!p.join(10s)) {
+        p.kill();
+        p.join();
+    }
+    EXPECT_EQ(p.exitcode(), std::optional<int>(0));
+}
+
 TEST(Socketserver, StopTokenStopsServeForever) {
     mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
     std::stop_source source;

@@ -210,9 +210,10 @@ struct ServerOptions {
     /// After a stop (shutdown(), or the stop token given to serve_forever): how long requests
     /// under way may go on. Then their connections are shut down for reading and writing, so a
     /// handler waiting for its client reads end of file and one writing to a stalled client
-    /// fails; a forked child (or prefork worker) still running a second later is killed
-    /// (SIGKILL). A handler thread that ignores its connection cannot be stopped and is waited
-    /// for. None (or `forever` and longer, seconds::max() included): requests under way take as
+    /// fails; a forked child still running a second later is killed (SIGKILL). A prefork worker
+    /// holds its connection in its own process: one still running its request at the deadline is
+    /// sent SIGTERM instead, and SIGKILL a second later. A handler thread that ignores its
+    /// connection cannot be stopped and is waited for. None (or `forever` and longer, seconds::max() included): requests under way take as
     /// long as they take, as in Python. Zero or negative: their connections are shut down at once.
     detail::Timeout shutdown_timeout{};
 };

@@ -969,16 +969,35 @@ TEST(Socketserver, ForkingStopsOnSigtermWithAnIdleClient) {
     stops_on_sigterm_with_an_idle_client<mp::ForkingTCPServer>();
 }
 
-// shutdown(timeout) from another thread: serve_forever returns and every handler has ended
-// (the idle client's connection closed at the deadline) when it returns. In a child process, so
-// that a shutdown that never returned fails the test after a bounded wait instead of hanging it.
-template <class Server>
-void shutdown_with_deadline_closes_idle_connections() {
+// Runs `body` in a forked child, so that a server call that never returns fails the test after
+// a bounded wait instead of hanging it: the child reports when `body` has returned (one that
+// throws ends it with a nonzero exit code, its message on stderr).
+template <class Body>
+void run_bounded_in_child(const char* what, Body body) {
     TestPipe done;
     mp::Process p({.start_method = mp::StartMethod::fork}, [&] {
+        body();
+        (void)!::write(done.w, "k", 1);
+    });
+    p.start();
+    char b = 0;
+    EXPECT_TRUE(read_within(done.r, &b, 1, 10000ms)) << what;
+    if (!p.join(10s)) {
+        p.kill();
+        p.join();
+    }
+    EXPECT_EQ(p.exitcode(), std::optional<int>(0));
+}
+
+// shutdown(timeout) from another thread: serve_forever returns and every handler has ended
+// (the idle client's connection closed at the deadline) when it returns. `Handler` waits on its
+// client and has a static started_fd it writes to once it runs.
+template <class Server, class Handler = WaitsForClient>
+void shutdown_with_deadline_closes_idle_connections(mp::ServerOptions options = {}) {
+    run_bounded_in_child("shutdown(100ms) did not return", [options] {
         TestPipe started;
-        WaitsForClient::started_fd = started.w;
-        Server srv({"127.0.0.1", 0}, mp::handler<WaitsForClient>());
+        Handler::started_fd = started.w;
+        Server srv({"127.0.0.1", 0}, mp::handler<Handler>(), options);
         std::thread serving([&] { srv.serve_forever(20ms); });
         Client idle(srv.server_address(), SOCK_STREAM);
         char b = 0;
@@ -988,16 +1007,7 @@ void shutdown_with_deadline_closes_idle_connections() {
         if (srv.active_children() != 0) throw std::runtime_error("a child is still running");
         if (!idle.recv_some().empty()) throw std::runtime_error("the connection is still open");
         srv.server_close();
-        (void)!::write(done.w, "k", 1);
     });
-    p.start();
-    char b = 0;
-    EXPECT_TRUE(read_within(done.r, &b, 1, 10000ms)) << "shutdown(100ms) did not return";
-    if (!p.join(10s)) {
-        p.kill();
-        p.join();
-    }
-    EXPECT_EQ(p.exitcode(), std::optional<int>(0));
 }
 
 TEST(Socketserver, ShutdownWithDeadlineClosesIdleConnections) {
@@ -1019,12 +1029,10 @@ TEST(Socketserver, PreforkShutdownWithDeadlineEndsABusyWorker) {
 // shutdown(seconds::max()) and {.shutdown_timeout = seconds::max()} let the request under way
 // finish, and serve_forever(seconds::max()) sleeps until a request or shutdown() (the durations
 // were taken as nanoseconds, which seconds::max() overflows to a negative count: the connection
-// was cut at once, and serve_forever polled without sleeping). In a child process, so that a
-// shutdown that never returned fails after a bounded wait.
+// was cut at once, and serve_forever polled without sleeping).
 template <class Server>
 void max_durations_are_no_limit(bool by_option) {
-    TestPipe done;
-    mp::Process p({.start_method = mp::StartMethod::fork}, [&] {
+    run_bounded_in_child("the server did not behave (see stderr)", [by_option] {
         TestPipe started;
         WaitsForClient::started_fd = started.w;
         mp::ServerOptions options;
@@ -1057,16 +1065,7 @@ void max_durations_are_no_limit(bool by_option) {
         stopping.join();
         serving.join();
         srv.server_close();
-        (void)!::write(done.w, "k", 1);
     });
-    p.start();
-    char b = 0;
-    EXPECT_TRUE(read_within(done.r, &b, 1, 10000ms)) << "the server did not behave (see stderr)";
-    if (!p.join(10s)) {
-        p.kill();
-        p.join();
-    }
-    EXPECT_EQ(p.exitcode(), std::optional<int>(0));
 }
 
 TEST(Socketserver, MaxDurationsAreNoLimit) {
@@ -1091,29 +1090,7 @@ struct IgnoresSigterm : mp::StreamRequestHandler {
 };
 
 TEST(Socketserver, PreforkShutdownKillsAWorkerThatIgnoresSigterm) {
-    TestPipe done;
-    mp::Process p({.start_method = mp::StartMethod::fork}, [&] {
-        TestPipe started;
-        IgnoresSigterm::started_fd = started.w;
-        mp::PreforkTCPServer srv({"127.0.0.1", 0}, mp::handler<IgnoresSigterm>(), {.workers = 1});
-        std::thread serving([&] { srv.serve_forever(20ms); });
-        Client idle(srv.server_address(), SOCK_STREAM);
-        char b = 0;
-        if (!read_within(started.r, &b, 1, 10000ms)) throw std::runtime_error("the handler did not start");
-        srv.shutdown(100ms);
-        serving.join();
-        if (!idle.recv_some().empty()) throw std::runtime_error("the connection is still open");
-        srv.server_close();
-        (void)!::write(done.w, "k", 1);
-    });
-    p.start();
-    char b = 0;
-    EXPECT_TRUE(read_within(done.r, &b, 1, 10000ms)) << "shutdown(100ms) did not return";
-    if (!p.join(10s)) {
-        p.kill();
-        p.join();
-    }
-    EXPECT_EQ(p.exitcode(), std::optional<int>(0));
+    shutdown_with_deadline_closes_idle_connections<mp::PreforkTCPServer, IgnoresSigterm>({.workers = 1});
 }
 
 TEST(Socketserver, StopTokenStopsServeForever) {

@@ -6,10 +6,15 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <optional>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
+#include <variant>
 
 namespace mp {
 
@@ -198,15 +203,47 @@ std::string ShareableList::format() const {
     return out;
 }
 
+namespace {
+
+// Python's == between two items: int, float and bool compare by value (1 == True == 1.0), an int
+// and a float exactly (not through a rounding of the int); str and bytes never equal each other.
+bool python_equal(const ShareableList::Item& a, const ShareableList::Item& b) {
+    auto number = [](const ShareableList::Item& v) -> std::optional<std::variant<std::int64_t, double>> {
+        if (auto* i = std::get_if<std::int64_t>(&v)) return *i;
+        if (auto* t = std::get_if<bool>(&v)) return std::int64_t{*t};
+        if (auto* d = std::get_if<double>(&v)) return *d;
+        return std::nullopt;
+    };
+    const auto x = number(a), y = number(b);
+    if (!x || !y) return a == b;
+    auto int_equals = [](std::int64_t i, double d) {
+        // 2**63 as a double is past every int64: d below it and integral converts exactly.
+        return d >= -9223372036854775808.0 && d < 9223372036854775808.0 && std::trunc(d) == d &&
+               static_cast<std::int64_t>(d) == i;
+    };
+    return std::visit(
+        [&](auto p, auto q) {
+            if constexpr (std::is_same_v<decltype(p), decltype(q)>)
+                return p == q;
+            else if constexpr (std::is_same_v<decltype(p), std::int64_t>)
+                return int_equals(p, q);
+            else
+                return int_equals(q, p);
+        },
+        *x, *y);
+}
+
+}  // namespace
+
 std::size_t ShareableList::count(const Item& v) const {
     std::size_t c = 0;
-    for (std::size_t i = 0; i < size(); ++i) c += get(std::int64_t(i)) == v;
+    for (std::size_t i = 0; i < size(); ++i) c += python_equal(get(std::int64_t(i)), v);
     return c;
 }
 
 std::size_t ShareableList::index(const Item& v) const {
     for (std::size_t i = 0; i < size(); ++i)
-        if (get(std::int64_t(i)) == v) return i;
+        if (python_equal(get(std::int64_t(i)), v)) return i;
     throw std::invalid_argument("ValueError: the value is not in this ShareableList");
 }
 

@@ -871,6 +871,24 @@ TEST_F(TestSharedMemory, test_shared_memory_ShareableList_basics) {
     EXPECT_EQ(sl.count(Item(std::int64_t{42})), 2u);
     EXPECT_EQ(sl.count(Item(mp::py::Bytes{"HoWdY"})), 1u);
     EXPECT_EQ(sl.count(Item(mp::py::Bytes{"adios"})), 0u);
+    {
+        // Equal as Python's == says: numbers by value whatever their type, an int and a float
+        // exactly; str and bytes apart. Python: ShareableList([1, True, 1.0, '1', b'1', None,
+        // 0.5, 2**62, float(2**62)]): count(1) 3, index(1.0) 0, count(False) 0, count(None) 1,
+        // index(0.5) 6, count(2**62) 2, count(0) 0. (count compared the variants: 1 only.)
+        mp::ShareableList mixed({std::int64_t{1}, true, 1.0, std::string("1"), mp::py::Bytes{"1"}, mp::py::None{}, 0.5,
+                                 std::int64_t{1} << 62, 4611686018427387904.0});
+        const UnlinkAtEnd mixed_cleanup{mixed};
+        EXPECT_EQ(mixed.count(Item(std::int64_t{1})), 3u);
+        EXPECT_EQ(mixed.index(Item(1.0)), 0u);
+        EXPECT_EQ(mixed.count(Item(false)), 0u);
+        EXPECT_EQ(mixed.count(Item(mp::py::None{})), 1u);
+        EXPECT_EQ(mixed.index(Item(0.5)), 6u);
+        EXPECT_EQ(mixed.count(Item(std::int64_t{1} << 62)), 2u);
+        EXPECT_EQ(mixed.count(Item(std::int64_t{0})), 0u);
+        EXPECT_EQ(mixed.count(Item(std::string("1"))), 1u);
+        EXPECT_EQ(mixed.count(Item((std::int64_t{1} << 62) + 1)), 0u);  // not equal to the float 2**62
+    }
 
     // Another handle on the same segment sees the same items.
     mp::ShareableList again = mp::ShareableList::attach(sl.shm().name());

@@ -57,7 +57,8 @@ public:
     std::vector<Item> to_vector() const;
     /// Python's format: the items' struct formats, joined.
     std::string format() const;
-    /// How many items equal `v`; the first index of one (std::invalid_argument when none).
+    /// How many items equal `v`; the first index of one (std::invalid_argument when none). Equal
+    /// as in Python: numbers by value whatever their type (1, true and 1.0 are equal).
     std::size_t count(const Item& v) const;
     std::size_t index(const Item& v) const;
     /// The segment (name(), unlink(), close()).

@@ -40,9 +40,10 @@
 ///   mp::DecodeError (that message is consumed). An item that holds a handle whose descriptor
 ///   would have to travel with it (a queue, lock, event, connection, shared memory, ...; Python
 ///   pickles those only when a process is started) is refused by put with mp::Error, nothing
-///   put: pass handles to a process as arguments of its target or task instead. A std::string (any basic_string of a character
-///   type) or a std::vector of byte-copied elements is copied straight between the object and
-///   the ring, in its Codec's format: one copy on each side, no encoded buffer in between.
+///   put: pass handles to a process as arguments of its target or task instead. A std::string
+///   (any basic_string of a character type) or a std::vector of byte-copied elements is copied
+///   straight between the object and the ring, in its Codec's format: one copy on each side, no
+///   encoded buffer in between.
 ///
 /// Robustness: a producer or consumer killed (SIGKILL) at any instant loses at most the message
 /// it was putting or taking; the others carry on. The design (src/queue.cpp states the

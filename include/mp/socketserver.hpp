@@ -213,8 +213,9 @@ struct ServerOptions {
     /// fails; a forked child still running a second later is killed (SIGKILL). A prefork worker
     /// holds its connection in its own process: one still running its request at the deadline is
     /// sent SIGTERM instead, and SIGKILL a second later. A handler thread that ignores its
-    /// connection cannot be stopped and is waited for. None (or `forever` and longer, seconds::max() included): requests under way take as
-    /// long as they take, as in Python. Zero or negative: their connections are shut down at once.
+    /// connection cannot be stopped and is waited for. None (or `forever` and longer,
+    /// seconds::max() included): requests under way take as long as they take, as in Python.
+    /// Zero or negative: their connections are shut down at once.
     detail::Timeout shutdown_timeout{};
 };
 

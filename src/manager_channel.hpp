@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <new>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -216,9 +217,11 @@ public:
     // ---- the client's side --------------------------------------------------------------------
 
     /// One request and its reply. `sock` is the connection the channel belongs to. Throws
-    /// mp::EOFError when the server hangs up while the call is pending; the channel is then out
-    /// of step and must be dropped (as after any exception).
-    std::string call(Connection& sock, std::string_view request) {
+    /// mp::EOFError when the server hangs up while the call is pending, mp::TimeoutError when
+    /// `give_up` (if any) passes first; the channel is then out of step and must be dropped (as
+    /// after any exception).
+    std::string call(Connection& sock, std::string_view request,
+                     std::optional<std::chrono::steady_clock::time_point> give_up = std::nullopt) {
         channel::Header* h = header();
         const std::uint32_t n = seq_ + 1;
         const bool big = !stage(h->req_len, request_buffer(), request);
@@ -230,9 +233,11 @@ public:
         channel::wait(
             h->rep_seq, h->client_waiting, h->server_cpu.load(std::memory_order_relaxed),
             [n](std::uint32_t v) { return v == n; },
-            [fd] {
+            [fd, give_up] {
                 if (channel::hung_up(fd))
                     throw EOFError("mp: the manager server went away (its connection hung up)");
+                if (give_up && std::chrono::steady_clock::now() >= *give_up)
+                    throw TimeoutError("mp: the manager server did not answer in time");
             });
         const std::uint32_t len = h->rep_len.load(std::memory_order_relaxed);
         if (len == channel::kOnSocket) return sock.recv_bytes();

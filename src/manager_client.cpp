@@ -4,11 +4,16 @@
 #include "mp/managers.hpp"
 
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <system_error>
+#include <vector>
 
+#include <poll.h>
 #include <pthread.h>
 #include <unistd.h>
 
@@ -29,6 +34,10 @@ struct Link {
 
 /// One connection per server (and key) per thread; a fork child starts afresh.
 struct ClientConnections {
+    ClientConnections();
+    ClientConnections(const ClientConnections&) = delete;
+    ClientConnections& operator=(const ClientConnections&) = delete;
+    ~ClientConnections();
     pid_t pid = 0;
     std::map<std::string, Link> by_address;
     // The last one used, so that a run of calls to one server skips the map.
@@ -37,6 +46,15 @@ struct ClientConnections {
     std::string last_key;
 };
 thread_local ClientConnections t_connections;
+
+// Whether this thread's t_connections is still there. A proxy may be destroyed after it: a static
+// one at exit (the main thread's thread_local objects go before the static ones), or one that a
+// thread_local object of the user's holds. This flag is trivially destructible, so it can still
+// be read then; such a late call opens a connection of its own for itself.
+enum class CacheState : unsigned char { unused, live, gone };
+thread_local CacheState t_cache_state = CacheState::unused;
+
+ClientConnections::ClientConnections() { t_cache_state = CacheState::live; }
 
 std::string connection_key(const Address& address, const std::string& authkey) {
     return address.to_string() + '\n' + authkey;
@@ -55,6 +73,62 @@ Link open_link(const Address& address, const std::string& authkey) {
     return l;
 }
 
+/// One request and its reply over `l`.
+std::string round_trip(Link& l, std::string_view message) {
+    if (l.channel) return l.channel.call(l.socket, message);
+    l.socket.send_bytes(message);
+    return l.socket.recv_bytes();
+}
+
+/// Drops the connections whose server has gone (shut down or died; its end is closed, so the
+/// socket reads as ready, at end of file), so that a thread that talks to many managers in turn
+/// keeps no descriptor, server thread or channel mapping for those that are gone. Called before
+/// another connection is opened: the ones in use cost no check.
+void drop_dead_links(ClientConnections& cc) {
+    if (cc.by_address.empty()) return;
+    std::vector<pollfd> fds;
+    fds.reserve(cc.by_address.size());
+    for (auto& [key, link] : cc.by_address) fds.push_back(pollfd{link.socket.fileno(), POLLIN, 0});
+    if (::poll(fds.data(), fds.size(), 0) <= 0) return;
+    std::size_t i = 0;
+    for (auto it = cc.by_address.begin(); it != cc.by_address.end(); ++i) {
+        // A request waits for its reply, so nothing is ever left to read from a live server.
+        if (fds[i].revents != 0) {
+            if (cc.last == &it->second) cc.last = nullptr;
+            it = cc.by_address.erase(it);
+        } else {
+            ++it;
+        }
+    }
+}
+
+bool is_main_thread() { return ::gettid() == ::getpid(); }
+
+ClientConnections::~ClientConnections() {
+    t_cache_state = CacheState::gone;
+    // A thread that ends, in a process that goes on, says so to each server before its
+    // connection closes: a plain Lock it acquired then stays held, for another thread to release,
+    // as Python's. A connection that closes without this word is a process that died (or exits:
+    // the main thread's objects go at exit), and the server releases the locks it held.
+    // A server that does not answer within a bound (stopped, say) does not keep the thread.
+    if (pid != sys::self_pid() || is_main_thread()) return;
+    constexpr auto kDetachWait = std::chrono::seconds(2);
+    for (auto& [key, link] : by_address) {
+        try {
+            Encoder e;
+            begin_request(e, Op::detach, 0, {});
+            if (link.channel) {
+                (void)link.channel.call(link.socket, e.bytes(), std::chrono::steady_clock::now() + kDetachWait);
+            } else {
+                link.socket.send_bytes(e.bytes());
+                if (link.socket.poll(kDetachWait)) (void)link.socket.recv_bytes();
+            }
+        } catch (...) {
+            // The server has gone (it holds nothing of ours), or does not answer.
+        }
+    }
+}
+
 Link& connection_to(const Address& address, const std::string& authkey) {
     ClientConnections& cc = t_connections;
     pid_t pid = sys::self_pid();
@@ -68,8 +142,10 @@ Link& connection_to(const Address& address, const std::string& authkey) {
     if (cc.last && cc.last_address == address && cc.last_key == authkey) return *cc.last;
     std::string key = connection_key(address, authkey);
     auto it = cc.by_address.find(key);
-    if (it == cc.by_address.end())
+    if (it == cc.by_address.end()) {
+        drop_dead_links(cc);
         it = cc.by_address.emplace(key, open_link(address, authkey)).first;
+    }
     cc.last = &it->second;
     cc.last_address = address;
     cc.last_key = authkey;
@@ -80,6 +156,7 @@ Link& connection_to(const Address& address, const std::string& authkey) {
 
 /// Drops this thread's connection to a server that went away (so no descriptor lingers).
 void drop_connection(const Address& address, const std::string& authkey) {
+    if (t_cache_state != CacheState::live) return;
     ClientConnections& cc = t_connections;
     if (cc.pid != sys::self_pid()) return;
     cc.by_address.erase(connection_key(address, authkey));
@@ -110,17 +187,26 @@ std::string request(const Address& address, const std::string& authkey, std::str
         throw Error("mp: a manager request of " + std::to_string(message.size()) +
                     " bytes is over the limit of " + std::to_string(kMaxMessage));
     std::string reply;
-    {
+    if (t_cache_state == CacheState::gone) {
+        // This thread's connections are gone (a proxy destroyed at exit, after them): one for
+        // this request alone.
+        Link link = open_link(address, authkey);
+        reply = round_trip(link, message);
+    } else {
         Link& link = connection_to(address, authkey);
         try {
-            if (link.channel) {
-                reply = link.channel.call(link.socket, message);
-            } else {
-                link.socket.send_bytes(message);
-                reply = link.socket.recv_bytes();
-            }
+            reply = round_trip(link, message);
+        } catch (const std::system_error& e) {
+            // The server is gone (or the stream is out of step): the next call reconnects. A
+            // connection that broke mid-request (a large one is written to the socket, where the
+            // dead server's end refuses it) is the server's end of file, as everywhere else.
+            drop_connection(address, authkey);
+            const int err = e.code().value();
+            if (e.code().category() == std::system_category() && (err == EPIPE || err == ECONNRESET))
+                throw EOFError(std::string("mp: the manager's connection broke during a request (") +
+                               e.what() + ")");
+            throw;
         } catch (...) {
-            // The server is gone (or the stream is out of step): the next call reconnects.
             drop_connection(address, authkey);
             throw;
         }

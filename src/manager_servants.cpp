@@ -153,6 +153,11 @@ struct Ownership {
         owner = 0;
         return true;
     }
+    // The holder's thread ended, in a process that goes on: the lock stays held, owned by no
+    // connection, for another thread to release (a plain Lock's rule).
+    void orphan(std::uint64_t caller) {
+        if (count > 0 && owner == caller) owner = 0;
+    }
 };
 
 struct LockServant : Monitor {
@@ -171,9 +176,15 @@ struct LockServant : Monitor {
         if (reentrant && held.owner != t_caller) throw std::runtime_error("cannot release un-acquired lock");
         if (held.release()) cv.notify_one();
     }
-    void disconnect(std::uint64_t caller) {
+    // A process that died gives up what it held. A thread that ended gives up an RLock (no other
+    // thread may release it, so kept it would be held for ever) but not a plain Lock: Python's
+    // stays held, for any thread to release.
+    void disconnect(std::uint64_t caller, bool thread_ended) {
         std::lock_guard lk(m);
-        if (held.drop(caller)) cv.notify_one();
+        if (thread_ended && !reentrant)
+            held.orphan(caller);
+        else if (held.drop(caller))
+            cv.notify_one();
     }
 };
 
@@ -186,7 +197,9 @@ TypeEntry lock_entry(bool reentrant) {
         return std::make_shared<S>(reentrant);
     };
     t.methods = {{"acquire", make_method(&S::acquire)}, {"release", make_method(&S::release)}};
-    t.on_disconnect = [](void* o, std::uint64_t caller) { static_cast<S*>(o)->disconnect(caller); };
+    t.on_disconnect = [](void* o, std::uint64_t caller, bool thread_ended) {
+        static_cast<S*>(o)->disconnect(caller, thread_ended);
+    };
     return t;
 }
 
@@ -321,7 +334,8 @@ TypeEntry condition_entry() {
                  {"wait", make_method(&S::wait)},
                  {"notify", make_method(&S::notify)},
                  {"notify_all", make_method(&S::notify_all)}});
-    t.on_disconnect = [](void* o, std::uint64_t caller) { static_cast<S*>(o)->disconnect(caller); };
+    // Its lock is an RLock (Python's Condition() makes one): released when its holder goes.
+    t.on_disconnect = [](void* o, std::uint64_t caller, bool) { static_cast<S*>(o)->disconnect(caller); };
     return t;
 }
 

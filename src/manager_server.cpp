@@ -28,6 +28,15 @@ namespace mp {
 namespace detail::managers {
 
 namespace {
+// Of the connection a server thread serves: whether the client said that only its thread ends
+// (Op::detach), and the last result that held proxies (keep_reply_value).
+thread_local bool t_detached = false;
+thread_local std::shared_ptr<void> t_kept;
+}  // namespace
+
+void keep_reply_value(std::shared_ptr<void> value) { t_kept = std::move(value); }
+
+namespace {
 
 /// What a server raises for a method the type does not expose or an object it does not hold
 /// (Python raises AttributeError / KeyError there); the client sees mp::RemoteError.
@@ -171,6 +180,9 @@ private:
                 return;
             case Op::ping:
                 return;
+            case Op::detach:
+                t_detached = true;
+                return;
             case Op::channel:
                 break;  // asked for once, before any call (serve_client): not here
         }
@@ -180,6 +192,10 @@ private:
     void serve_client(Connection c, std::uint64_t caller) {
         t_caller = caller;
         t_client_fd = c.fileno();
+        t_detached = false;
+        // The last result that held proxies (keep_reply_value), kept until the client's next
+        // request other than an incref has been served.
+        std::shared_ptr<void> kept;
         try {
             Channel channel;
             std::string msg;
@@ -209,6 +225,7 @@ private:
                 Encoder out;
                 out.put(std::uint8_t{0});
                 bool stop = false;
+                const bool incref = !msg.empty() && msg[0] == static_cast<char>(Op::incref);
                 try {
                     Decoder in(msg);
                     handle(in, out);
@@ -222,6 +239,7 @@ private:
                     out.put(std::uint8_t{1});
                     encode_current_exception(out);
                 }
+                if (!incref) kept = std::exchange(t_kept, nullptr);  // the one before goes now
                 if (channel)
                     channel.reply(c, out.bytes());
                 else
@@ -234,11 +252,13 @@ private:
         } catch (...) {
             // End of file (the client left or was killed), a failed handshake, or shutdown.
         }
+        kept.reset();
+        t_kept.reset();
         {
             std::lock_guard lk(mu_);
             clients_.erase(caller);
         }
-        release_owned(caller);
+        release_owned(caller, t_detached);
         c.close();
     }
 
@@ -260,15 +280,16 @@ private:
         return channel;  // the memfd closes here: the client has its own copy
     }
 
-    /// Releases what a departed connection held (locks), so a killed client cannot wedge others.
-    void release_owned(std::uint64_t caller) {
+    /// Releases what a departed connection held (locks), so a killed client cannot wedge others;
+    /// `thread_ended`: only the client's thread ended (it said so), and a plain Lock stays held.
+    void release_owned(std::uint64_t caller, bool thread_ended) {
         std::vector<std::shared_ptr<Object>> held;
         {
             std::lock_guard lk(mu_);
             for (auto& [id, obj] : objects_)
                 if (obj->type->on_disconnect) held.push_back(obj);
         }
-        for (auto& obj : held) obj->type->on_disconnect(obj->value.get(), caller);
+        for (auto& obj : held) obj->type->on_disconnect(obj->value.get(), caller, thread_ended);
         python_->release_owned(caller);
     }
 

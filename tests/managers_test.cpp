@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <filesystem>
 #include <iterator>
@@ -15,6 +16,8 @@
 #include <future>
 #include <latch>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -615,6 +618,150 @@ TEST(ManagerTest, ServerKilledClientErrorsPromptly) {
     EXPECT_LT(Clock::now() - t0, 5s);
     EXPECT_ANY_THROW(d.get(1));  // and goes on failing
     m.shutdown();                // reaps the dead server
+}
+
+// A proxy taken out of a container that held its only reference (pop, popitem, a list's pop)
+// keeps its object: the server keeps the result until the client has taken its own reference.
+// Before, the server's copy went with the reply and freed the object: the client's incref met
+// "no object with id N" and the data was lost.
+TEST(ManagerTest, PoppingAStoredProxyKeepsItsObject) {
+    mp::Manager m;
+    auto outer = m.dict<std::string, mp::ListProxy<int>>();
+    outer.set("a", m.list<int>({1, 2, 3}));  // the temporary goes: outer holds the only reference
+    outer.set("b", m.list<int>({4}));
+    auto a = outer.pop("a");
+    EXPECT_EQ(a.size(), 3u);
+    EXPECT_EQ(a.get(2), 3);
+    auto [key, b] = outer.popitem();
+    EXPECT_EQ(key, "b");
+    EXPECT_EQ(b.size(), 1u);
+    auto lists = m.list<mp::ListProxy<int>>();
+    lists.append(m.list<int>({7, 8}));
+    auto popped = lists.pop();
+    popped.append(9);
+    EXPECT_EQ(popped.size(), 3u);
+    // Nothing of it is left behind: the server frees them when these proxies go.
+    EXPECT_EQ(outer.size(), 0u);
+    EXPECT_EQ(lists.size(), 0u);
+}
+
+// A plain Lock acquired by a thread that then ends stays held, as Python's: another thread may
+// release it. (The thread's connection closing had released it, as if the process had died.) An
+// RLock held by a thread that ends is released: no other thread may release it.
+TEST(ManagerTest, ALockAcquiredByAThreadThatEndsStaysHeld) {
+    mp::Manager m;
+    auto lock = m.Lock();
+    auto rlock = m.RLock();
+    std::thread([&] {
+        EXPECT_TRUE(lock.acquire());
+        EXPECT_TRUE(rlock.acquire());
+    }).join();
+    EXPECT_FALSE(lock.acquire(true, 200ms)) << "the Lock was released when its thread ended";
+    lock.release();  // by another thread than the one that acquired it
+    EXPECT_TRUE(lock.acquire(false));
+    lock.release();
+    EXPECT_TRUE(rlock.acquire(true, 5s)) << "the RLock of a thread that ended stays held";
+    rlock.release();
+    // A process that dies holding the Lock still gives it up.
+    EXPECT_EQ(run_child([&] {
+                  check(lock.acquire(), "acquire in the child");
+                  ::_exit(0);
+              }),
+              0);
+    EXPECT_TRUE(lock.acquire(true, 5s)) << "a dead process's Lock stays held";
+    lock.release();
+}
+
+// A thread's last word to a server as it ends (that only the thread ends) waits a bounded time:
+// a stopped server does not keep the thread from ending.
+TEST(ManagerTest, AThreadEndsThoughItsManagerIsStopped) {
+    mp::Manager m;
+    auto d = m.dict<int, int>();
+    const pid_t server = m.server_pid();
+    EXPECT_EQ(run_child([d, server] {
+                  std::thread t([d, server] {
+                      d.set(2, 2);
+                      ::kill(server, SIGSTOP);
+                  });
+                  t.join();  // its connection's goodbye gives up after a bounded wait
+                  ::kill(server, SIGCONT);
+              }),
+              0);
+    ::kill(server, SIGCONT);  // whatever happened in the child
+    EXPECT_EQ(d.get(2), 2);
+}
+
+// A request that meets a dead server's closed connection (a large one is written to the socket,
+// where the send fails with EPIPE; or the read meets ECONNRESET) is mp::EOFError as documented,
+// not a std::system_error; no server is left to reconnect to afterwards.
+TEST(ManagerTest, ServerKilledALargeRequestIsEOFError) {
+    for (bool tcp : {false, true}) {
+        SCOPED_TRACE(tcp ? "tcp" : "unix");
+        std::unique_ptr<mp::SyncManager> m;
+        if (tcp) {
+            m = std::make_unique<mp::SyncManager>(mp::Address("127.0.0.1", 0), "key");
+            m->start();
+        } else {
+            m = std::make_unique<mp::SyncManager>();
+        }
+        auto d = m->dict<int, std::string>();
+        d.set(1, "x");
+        ASSERT_EQ(::kill(m->server_pid(), SIGKILL), 0);
+        std::this_thread::sleep_for(200ms);
+        EXPECT_THROW(d.set(2, std::string(8 << 20, 'y')), mp::EOFError);
+        m->shutdown();  // reaps the dead server
+    }
+}
+
+namespace {
+int open_fds() {
+    int n = 0;
+    for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+    return n;
+}
+}  // namespace
+
+// A thread that talks to one short-lived manager after another keeps no connection to those that
+// have gone: each held a socket and a 132 KiB channel mapping for the thread's lifetime (a pool
+// worker given a fresh manager's proxy per task ran out of descriptors).
+TEST(ManagerTest, AThreadKeepsNoConnectionToManagersThatHaveGone) {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<mp::DictProxy<int, int>> job;
+    bool done = false, quit = false;
+    std::thread worker([&] {
+        std::unique_lock lk(mu);
+        for (;;) {
+            cv.wait(lk, [&] { return job.has_value() || quit; });
+            if (quit) return;
+            job->set(1, 1);
+            job.reset();
+            done = true;
+            cv.notify_all();
+        }
+    });
+    auto round = [&] {
+        mp::Manager m;
+        {
+            std::unique_lock lk(mu);
+            job = m.dict<int, int>();
+            done = false;
+            cv.notify_all();
+            ASSERT_TRUE(cv.wait_for(lk, LONG, [&] { return done; }));
+        }
+        m.shutdown();
+    };
+    round();
+    const int before = open_fds();
+    for (int i = 0; i < 30; ++i) round();
+    const int after = open_fds();
+    {
+        std::lock_guard lk(mu);
+        quit = true;
+        cv.notify_all();
+    }
+    worker.join();
+    EXPECT_LE(after, before + 2) << "descriptors kept for managers that have gone";
 }
 
 TEST(ManagerTest, ShutdownLeavesNoProcess) {

@@ -132,6 +132,21 @@ TEST(ProcessProgram, AGlobalExecutorRunsItsPendingTasksAtExit) {
     }
 }
 
+// Proxies and a manager with static storage duration are destroyed after main, after mp's
+// per-thread connections (thread_local objects go first) and after OpenSSL's own clean-up at exit
+// had run: the program died of SIGSEGV at exit. Now each such late request opens a connection of
+// its own, and OpenSSL is loaded without its exit clean-up.
+TEST(ProcessProgram, ProxiesWithStaticStorageAreReleasedAtExit) {
+    Subreaper reaper;
+    TempDir dir;
+    Program prog(dir, {"static-proxies"});
+    ASSERT_TRUE(prog.wait());
+    EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    EXPECT_EQ(prog.out(), "static-proxies 2 4\n");
+    EXPECT_EQ(prog.err(), "");
+    EXPECT_TRUE(reaper.reap(5s).empty()) << "the program left a process behind";
+}
+
 TEST(ProcessProgram, NonDaemonChildrenAreJoinedAtStdExit) {
     Subreaper reaper;
     TempDir dir;

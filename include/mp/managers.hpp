@@ -71,7 +71,10 @@
 /// Nesting. A proxy is a value like any other: a dict or list may hold proxies to other managed
 /// objects (`m.dict<std::string, mp::ListProxy<int>>()`, Python 3.6+'s nested proxies). The
 /// server decodes a stored proxy as any process does, taking a reference of its own, so the
-/// referent lives while it is stored; a proxy read back works in whichever process reads it.
+/// referent lives while it is stored; a proxy read back works in whichever process reads it. One
+/// taken out (pop, popitem) keeps its referent: the server keeps its copy until the caller has
+/// taken a reference of its own. A proxy in flight otherwise (put in a Queue, sent over a Pipe)
+/// holds no reference: keep the sender's copy until the receiver has its own.
 ///
 /// Lifetime. An object lives in the server while a proxy to it exists in the process that
 /// created it or in a process that decoded one (a proxy passed through mp::Codec takes a
@@ -170,6 +173,7 @@ struct Codec<P> {
     static void encode(Encoder& e, const P& p) {
         const auto& s = p.shared_state();
         if (!s) throw Error("mp: cannot send an empty proxy");
+        detail::managers::t_proxy_encoded = true;
         detail::managers::encode_address(e, s->address);
         e.put(s->authkey);
         e.put(s->type_id);
@@ -343,7 +347,10 @@ public:
 };
 
 /// Lock / RLock: owned by the calling thread's connection (as Python's, whose server thread per
-/// connection owns it). A lock whose owner disconnects (a killed process) is released.
+/// connection owns it). A lock whose owner disconnects (a killed process) is released. A thread
+/// that ends while its process goes on says so first: a plain Lock it holds then stays held, as
+/// Python's, for another thread to release; an RLock (or a Condition's lock) is released, as no
+/// other thread could release it.
 class LockProxy : public AcquirableProxy {
 public:
     using AcquirableProxy::AcquirableProxy;

@@ -77,7 +77,13 @@ const Libcrypto& libcrypto() {
             l.error = std::string("cannot load ") + MP_LIBCRYPTO_SONAME + ": " + (why ? why : "?");
             return l;
         }
-        if (bind(h, "HMAC", l.hmac, l.error) && bind(h, "CRYPTO_memcmp", l.memcmp, l.error) &&
+        // Initialised here, before anything else of OpenSSL runs, without its clean-up at exit:
+        // that clean-up would run when this first handshake's static objects are destroyed, and
+        // a handshake made later in the exit (a static manager's shutdown, a static proxy's
+        // release) would crash in the freed library. The process's end frees it all.
+        decltype(&::OPENSSL_init_crypto) init = nullptr;
+        if (bind(h, "OPENSSL_init_crypto", init, l.error)) (void)init(OPENSSL_INIT_NO_ATEXIT, nullptr);
+        if (l.error.empty() && bind(h, "HMAC", l.hmac, l.error) && bind(h, "CRYPTO_memcmp", l.memcmp, l.error) &&
             bind(h, "EVP_md5", l.md5, l.error) && bind(h, "EVP_sha256", l.sha256, l.error) &&
             bind(h, "EVP_sha384", l.sha384, l.error) &&
             bind(h, "EVP_sha3_256", l.sha3_256, l.error) &&

@@ -52,6 +52,9 @@
 ///                               append "task I" to FILE, and main returns at once: the global's
 ///                               destructor, at static destruction, waits for them (its workers
 ///                               may only start then); prints "submitted"
+///   static-proxies              a static Manager and proxies with static storage duration
+///                               (destroyed after main, after mp's per-thread connections); prints
+///                               "static-proxies 2 4"
 ///   spawn-without-hook          (mp_test_nohook: linked without -Wl,--wrap=main) tries spawn and
 ///                               forkserver with Process::start and set_start_method; prints
 ///                               "started/set METHOD" or "refused [set] METHOD: WHAT" for each;
@@ -80,6 +83,7 @@
 
 #include "mp/context.hpp"
 #include "mp/futures.hpp"
+#include "mp/managers.hpp"
 #include "mp/pool.hpp"
 #include "mp/process.hpp"
 
@@ -430,6 +434,24 @@ int mode_global_executor(const std::string& method_name, const std::string& file
 int triple(int x) { return 3 * x; }
 void do_nothing() {}
 
+// Proxies that outlive main: one global (made empty before main, given an object in main, so it
+// goes after the manager's server has), and a static manager with a static proxy made after it.
+// A static object is destroyed after this thread's thread_local ones, mp's per-thread connections
+// among them; the first handshake loaded OpenSSL, whose own clean-up at exit came before the
+// manager's shutdown.
+mp::DictProxy<int, int> g_outliving_proxy;
+
+int mode_static_proxies() {
+    static mp::Manager manager;
+    static mp::DictProxy<int, int> d = manager.dict<int, int>();
+    d.set(1, 2);
+    g_outliving_proxy = manager.dict<int, int>();
+    g_outliving_proxy.set(3, 4);
+    std::printf("static-proxies %d %d\n", d.get(1), g_outliving_proxy.get(3));
+    std::fflush(stdout);
+    return 0;
+}
+
 int mode_cxx_unflushed(const std::string& method_name, const std::string& kind) {
     const mp::StartMethod method = method_named(method_name);
     // cout now keeps a buffer of its own, which a child must not write a second time.
@@ -639,6 +661,7 @@ int main(int argc, char** argv) {
         if (mode == "threaded-parent" && argc > 2) return mode_threaded_parent(arg);
         if (mode == "spawn-without-hook") return mode_spawn_without_hook();
         if (mode == "global-executor" && argc > 3) return mode_global_executor(arg, argv[3]);
+        if (mode == "static-proxies") return mode_static_proxies();
         if (mode == "children-run-no-linker") return mode_children_run_no_linker();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());

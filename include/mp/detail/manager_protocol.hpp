@@ -33,8 +33,9 @@ struct TypeEntry {
     /// true: each call holds the object's mutex (atomic calls). false: the type synchronises
     /// itself (blocking primitives).
     bool serialised = true;
-    /// Called when a client connection ends (a lock it held is released).
-    std::function<void(void* object, std::uint64_t caller)> on_disconnect;
+    /// Called when a client connection ends (a lock it held is released). `thread_ended`: the
+    /// client said first that only its thread ends (Op::detach), not its process.
+    std::function<void(void* object, std::uint64_t caller, bool thread_ended)> on_disconnect;
 };
 using TypeTable = std::unordered_map<std::string, TypeEntry>;
 
@@ -44,6 +45,15 @@ Address decode_address(Decoder& d);
 /// The built-in types, registered at static initialisation by every program that names them
 /// (so a server running the same binary knows them).
 bool register_builtin(const std::string& name, TypeEntry (*make_entry)());
+
+/// Set by a proxy's Codec each time it writes one (this thread).
+inline thread_local bool t_proxy_encoded = false;
+
+/// In a server thread: keeps `value`, a result that held proxies, until the client has taken its
+/// own references to them (its increfs come next on the same connection, while it decodes the
+/// reply). A proxy popped from a container is its only reference: destroyed with the reply sent,
+/// it would free the object before the client's incref.
+void keep_reply_value(std::shared_ptr<void> value);
 
 template <class T>
 void put_result(Encoder& out, T&& v) {
@@ -56,10 +66,16 @@ Method method_from(Call call) {
         std::tuple<std::decay_t<A>...> args{in.get<std::decay_t<A>>()...};
         in.finish();
         T& self = *static_cast<T*>(o);
-        if constexpr (std::is_void_v<R>)
+        if constexpr (std::is_void_v<R>) {
             std::apply([&](auto&... a) { call(self, a...); }, args);
-        else
-            out.put(std::apply([&](auto&... a) -> R { return call(self, a...); }, args));
+        } else {
+            R r = std::apply([&](auto&... a) -> R { return call(self, a...); }, args);
+            const bool outer = std::exchange(t_proxy_encoded, false);
+            out.put(r);
+            if constexpr (std::is_object_v<R> && std::is_move_constructible_v<R>)
+                if (t_proxy_encoded) keep_reply_value(std::make_shared<R>(std::move(r)));
+            t_proxy_encoded = outer;
+        }
     };
 }
 
@@ -111,8 +127,11 @@ struct ProxyState {
 
 /// channel: asks for the shared-memory fast path (src/manager_channel.hpp), sent once after the
 /// handshake over a Unix socket; the reply carries a memfd or nothing.
+/// detach: a client thread that ends (in a process that goes on) says so before its connection
+/// closes; the server then leaves a plain Lock it holds held (Python's rule), where a connection
+/// closed without it (a dead process) has its locks released.
 enum class Op : std::uint8_t {
-    create = 1, call = 2, incref = 3, decref = 4, shutdown = 5, ping = 6, channel = 7
+    create = 1, call = 2, incref = 3, decref = 4, shutdown = 5, ping = 6, channel = 7, detach = 8
 };
 /// Starts a request in `e`: op, object id, name; the arguments follow (the rest of the message).
 inline void begin_request(Encoder& e, Op op, std::uint64_t id, std::string_view name) {

@@ -86,6 +86,14 @@ constexpr std::uint64_t kMaxShortLength = 0x7fffffff;
 // real large message a few copies of a third of its size at most.
 constexpr std::size_t kEagerAllocation = std::size_t{1} << 20;
 
+// True when `fd` is a Unix-domain socket: the only kind that carries descriptors. A Connection
+// made from a bare descriptor may be any socket, so the family is asked, not assumed.
+bool is_unix_socket(int fd) {
+    int domain = 0;
+    socklen_t len = sizeof domain;
+    return ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX;
+}
+
 [[noreturn]] void throw_bad_fd(const char* op, const char* what) {
     throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
                             std::string("mp::Connection::") + op + ": " + what);
@@ -327,9 +335,12 @@ void Connection::check_writable(const char* op) const {
 
 void Connection::write_message(std::string_view body, std::span<const int> fds) {
     if (!fds.empty()) {
-        if (!impl_->is_socket)
+        // A TCP socket takes SCM_RIGHTS without a word and drops the descriptors: the family is
+        // checked here (may_carry_fds is also true for a bare socket of unknown family).
+        if (!impl_->may_carry_fds || !is_unix_socket(impl_->fd.get()))
             throw Error("mp::Connection::send: the value carries file descriptors, which travel "
-                        "only over a duplex (Unix socket) connection, not a pipe");
+                        "only over a Unix socket connection (a duplex Pipe(), or a "
+                        "Listener/Client on a Unix path), not TCP or a pipe");
         if (fds.size() > sys::kMaxFds)
             throw Error("mp::Connection::send: the value carries " + std::to_string(fds.size()) +
                         " file descriptors; one message holds at most " +
@@ -504,19 +515,12 @@ std::string Connection::recv_message(std::vector<int>& fds) {
     reserve_frame_fds(s, fds);
     if (finish_frame(s, f, &fds))
         throw DecodeError("mp::Connection::recv: descriptors were dropped (more than " +
-                          std::to_string(sys::kMaxFds) + " in one message)");
+                          std::to_string(sys::kMaxFds) +
+                          " in one message, or this process is out of descriptors: EMFILE)");
     return out;
 }
 
 namespace {
-
-// True when `fd` is a Unix-domain socket: the only kind that carries descriptors. A Connection
-// made from a bare descriptor may be any socket, so the family is asked, not assumed.
-bool is_unix_socket(int fd) {
-    int domain = 0;
-    socklen_t len = sizeof domain;
-    return ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 && domain == AF_UNIX;
-}
 
 [[noreturn]] void throw_not_unix(const char* op) {
     throw Error(std::string("mp::") + op +
@@ -740,7 +744,13 @@ std::vector<T> wait_any(std::span<const T> objects, detail::Timeout timeout,
     std::vector<bool> buffered(objects.size());
     bool any_buffered = false;
     for (std::size_t i = 0; i < objects.size(); ++i) {
-        fds.push_back(pollfd{fd_of(objects[i]), POLLIN, 0});
+        const int fd = fd_of(objects[i]);
+        // ppoll skips a negative descriptor silently: it would never be ready.
+        if (fd < 0)
+            throw std::system_error(std::make_error_code(std::errc::bad_file_descriptor),
+                                    "mp::connection::wait: descriptor " + std::to_string(fd) +
+                                        " is not open");
+        fds.push_back(pollfd{fd, POLLIN, 0});
         buffered[i] = buffered_ready(objects[i]);
         any_buffered = any_buffered || buffered[i];
     }

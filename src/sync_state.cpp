@@ -45,6 +45,20 @@ const char* kind_name(Kind k) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sleeping on a shared word.
+
+sys::FutexResult futex_wait_sliced(const std::atomic<std::uint32_t>& word,
+                                   std::uint32_t expected, const Deadline& deadline) {
+    const auto recheck = std::chrono::steady_clock::now() + recheck_interval;
+    const bool capped = !deadline || recheck < *deadline;
+    if (sys::futex_wait(word, expected, capped ? Deadline(recheck) : deadline) ==
+            sys::FutexResult::timed_out &&
+        !capped)
+        return sys::FutexResult::timed_out;
+    return sys::FutexResult::woken;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Mutex operations.
 
 namespace {
@@ -193,13 +207,15 @@ bool cond_wait(CondCore& c, MutexCore& m, const Deadline& deadline) {
     try {
         for (;;) {
             // Read seq before checking for a signal: a notify between the check and the sleep
-            // changes seq, so the sleep returns at once.
+            // changes seq, so the sleep returns at once. The sleep is sliced: a notify wakes as
+            // many sleepers as it grants signals, and a woken waiter killed before it takes its
+            // signal leaves that signal for an eligible waiter that looks again.
             const std::uint32_t s = c.seq.load();
             if (s != my_seq && take_signal(c)) {
                 woken = true;
                 break;
             }
-            if (sys::futex_wait(c.seq, s, deadline) == sys::FutexResult::timed_out) {
+            if (futex_wait_sliced(c.seq, s, deadline) == sys::FutexResult::timed_out) {
                 woken = leave_wait(c, my_seq);
                 break;
             }

@@ -18,6 +18,7 @@
 
 #include "mp/detail/shared_block.hpp"
 #include "mp/synchronize.hpp"
+#include "sys/futex.hpp"
 #include "sys/futex_mutex.hpp"
 
 namespace mp::detail::sync {
@@ -64,7 +65,9 @@ struct MutexCore {
 struct SemaphoreCore {
     std::atomic<std::uint32_t> value;
     std::atomic<std::uint32_t> waiters;
-    std::uint32_t max;  // the bound of a BoundedSemaphore, else 0
+    // The most permits release() may leave: a BoundedSemaphore's initial value (0 included),
+    // else INT_MAX.
+    std::uint32_t max;
 };
 
 // A condition variable that wakes exactly n waiters (see cond_wait and cond_notify).
@@ -136,6 +139,20 @@ template <class Core>
 Core* core_of(const SharedBlock& b) noexcept {
     return &static_cast<Block<Core>*>(b.data())->core;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sleeping on a shared word.
+
+// A waiter on a Semaphore or Condition sleeps at most this long before it looks again: release()
+// and notify() wake exactly as many sleepers as they grant, and one of those may be killed before
+// it takes its grant, which then waits, unseen, for a live waiter to look. The same bound as the
+// queues' and FutexMutex's waits (kRecheck in queue.cpp and sys/futex_mutex.cpp).
+inline constexpr auto recheck_interval = std::chrono::milliseconds(50);
+
+// sys::futex_wait, sleeping at most recheck_interval: timed_out only once `deadline` has passed;
+// otherwise the caller re-checks its condition and calls again.
+sys::FutexResult futex_wait_sliced(const std::atomic<std::uint32_t>& word,
+                                   std::uint32_t expected, const Deadline& deadline);
 
 // ---------------------------------------------------------------------------------------------
 // Mutex operations.

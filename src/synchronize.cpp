@@ -323,7 +323,8 @@ std::shared_ptr<SemaphoreImpl> new_semaphore(int value, bool bounded) {
                                                         : Kind::semaphore);
     auto* c = core_of<SemaphoreCore>(b);
     c->value.store(static_cast<std::uint32_t>(value));
-    c->max = bounded ? static_cast<std::uint32_t>(value) : 0;
+    // A BoundedSemaphore(0) is bounded too: no release() may leave a permit.
+    c->max = bounded ? static_cast<std::uint32_t>(value) : static_cast<std::uint32_t>(INT_MAX);
     return register_created(std::make_shared<SemaphoreImpl>(std::move(b)));
 }
 
@@ -364,9 +365,11 @@ bool Semaphore::acquire_until(const Deadline& deadline) {
         SemaphoreCore& c;
         ~Unregister() { c.waiters.fetch_sub(1); }
     } unregister{c};
+    // Sliced: release() wakes one sleeper, which may be killed before it takes the permit.
     for (;;) {
         if (try_take(c)) return true;
-        if (sys::futex_wait(c.value, 0, deadline) == sys::FutexResult::timed_out) return try_take(c);
+        if (futex_wait_sliced(c.value, 0, deadline) == sys::FutexResult::timed_out)
+            return try_take(c);
     }
 }
 
@@ -375,12 +378,15 @@ void Semaphore::release() {
     SemaphoreCore& c = *impl_->core;
     std::uint32_t v = c.value.load();
     for (;;) {
-        if (c.max != 0 ? v >= c.max : v >= static_cast<std::uint32_t>(INT_MAX))
+        if (v >= c.max) {
+            const bool bounded = static_cast<const Header*>(impl_->block.data())->kind ==
+                                 Kind::bounded_semaphore;
             throw std::system_error(std::make_error_code(std::errc::value_too_large),
-                                    c.max != 0 ? "mp::BoundedSemaphore::release: semaphore "
-                                                 "released too many times"
-                                               : "mp::Semaphore::release: the count would "
-                                                 "overflow");
+                                    bounded ? "mp::BoundedSemaphore::release: semaphore "
+                                              "released too many times"
+                                            : "mp::Semaphore::release: the count would "
+                                              "overflow");
+        }
         if (c.value.compare_exchange_weak(v, v + 1)) break;
     }
     if (c.waiters.load() != 0) sys::futex_wake(c.value, 1);

@@ -1081,6 +1081,33 @@ TEST(Wait, ClosedConnectionOrBadDescriptorThrows) {
     expect_bad_fd([&] { (void)mp::connection::wait({dead}, 0s); }, "not open");
 }
 
+// ppoll skips a negative descriptor: without a check, wait({-1}) would sleep for ever and
+// wait({-1}, 0s) report nothing ready, where the header promises EBADF.
+TEST(Wait, NegativeDescriptorThrowsBeforeWaiting) {
+    auto [a, b] = mp::Pipe();
+    b.send_bytes("ready");
+    expect_bad_fd([&] { (void)mp::connection::wait({-1}, 0s); }, "not open");
+    expect_bad_fd([&] { (void)mp::connection::wait({a.fileno(), -1}, 0s); }, "not open");
+    expect_bad_fd([&] { (void)mp::connection::wait({mp::connection::Waitable(&a), -5}, 1s); },
+                  "not open");
+    // No timeout: in a child, so that a wait that never returns is bounded by the join.
+    mp::Process p({.start_method = mp::StartMethod::fork}, [] {
+        try {
+            (void)mp::connection::wait({-1});
+        } catch (const std::system_error& e) {
+            std::_Exit(e.code() == std::errc::bad_file_descriptor ? 0 : 3);
+        }
+        std::_Exit(2);
+    });
+    p.start();
+    if (!p.join(kLong)) {
+        p.kill();
+        p.join();
+        ADD_FAILURE() << "wait({-1}) without a timeout did not return";
+    }
+    EXPECT_EQ(p.exitcode(), 0);
+}
+
 // =============================================================================================
 // Passing connections to a Process, under every start method
 // =============================================================================================
@@ -1357,6 +1384,28 @@ TEST(Connection, DescriptorsNeedASocketCarrier) {
         EXPECT_NE(std::string(e.what()).find("duplex"), std::string::npos) << e.what();
     }
     EXPECT_FALSE(r.poll()) << "nothing was sent";
+}
+
+// A TCP socket takes SCM_RIGHTS without complaint and drops the descriptors: the receiver
+// would get "file descriptor #0 did not arrive". The send is refused with nothing sent, also on a
+// Connection made from the bare TCP descriptor (whose family is not known in advance).
+TEST(Connection, DescriptorsDoNotTravelOverTcp) {
+    mp::Listener l(mp::Address("127.0.0.1", 0));
+    mp::Connection c = mp::Client(l.address());
+    mp::Connection s = l.accept();
+    mp::Connection bare(::fcntl(c.fileno(), F_DUPFD_CLOEXEC, 0));
+    auto [a, b] = mp::Pipe();
+    for (mp::Connection* sender : {&c, &bare}) {
+        try {
+            sender->send(a);
+            ADD_FAILURE() << "a Connection sent over TCP did not throw";
+        } catch (const mp::Error& e) {
+            EXPECT_NE(std::string(e.what()).find("not TCP"), std::string::npos) << e.what();
+        }
+        EXPECT_FALSE(s.poll(0s)) << "nothing was sent";
+        sender->send(std::string("next"));
+        EXPECT_EQ(s.recv<std::string>(), "next") << "the next message arrives intact";
+    }
 }
 
 TEST(Connection, DescriptorsAreDroppedByARawReader) {

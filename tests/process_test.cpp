@@ -12,6 +12,7 @@
 #include "helpers/gate_file.hpp"
 #include "helpers/process_helpers.hpp"
 #include "helpers/start_methods.hpp"
+#include "mp/synchronize.hpp"
 
 namespace {
 
@@ -1350,6 +1351,35 @@ TEST(ProcessFork, CapturingLambdaRunsUnderFork) {
     EXPECT_EQ(read_line(out.r.get()), "captured 5 " + std::to_string(p.pid()));
     ASSERT_TRUE(p.join(kLong));
     EXPECT_EQ(p.exitcode(), 0);
+}
+
+namespace {
+void barrier_party(mp::Barrier b) {
+    if (b.wait(kLong) < 0) ::_exit(3);
+}
+}  // namespace
+
+// Under fork the child runs a copy of the target and its arguments, as it would a lambda's
+// captures: an argument whose codec refuses to send it (a Barrier whose action captures state)
+// is not encoded at all. Under forkserver and spawn it must be sent, and the codec's mp::Error
+// still comes at construction.
+TEST(ProcessFork, ArgumentThatCannotBeSentIsCopiedUnderFork) {
+    mp::Event ran;
+    const int k = 5;
+    mp::Barrier b(2, [k, ran]() mutable {
+        if (k == 5) ran.set();
+    });
+    mp::Process p({.start_method = mp::StartMethod::fork}, barrier_party, b);
+    p.start();
+    EXPECT_GE(b.wait(kLong), 0);
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_TRUE(ran.is_set()) << "the action ran in one of the parties";
+    EXPECT_THROW(mp::Process({.start_method = mp::StartMethod::forkserver}, barrier_party, b),
+                 mp::Error);
+    // A null function pointer is refused whatever the method (the child could only crash).
+    void (*none)(mp::Barrier) = nullptr;
+    EXPECT_THROW(mp::Process({.start_method = mp::StartMethod::fork}, none, b), mp::Error);
 }
 
 TEST(ProcessFork, MemberFunctionTarget) {

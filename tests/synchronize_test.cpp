@@ -40,6 +40,7 @@
 #include "mp/process.hpp"
 #include "mp/shared_memory.hpp"
 #include "mp/synchronize.hpp"
+#include "sync_state.hpp"
 #include "sys/futex.hpp"
 
 using namespace std::chrono_literals;
@@ -559,6 +560,26 @@ TEST(SyncSemaphore, PythonTestBoundedSemaphore) {
         EXPECT_EQ(code_of(e), std::errc::value_too_large);
     }
     EXPECT_EQ(sem.get_value(), 2);
+}
+
+// Python's BoundedSemaphore(0).release() raises ValueError: a bound of zero is a bound.
+TEST(SyncSemaphore, BoundedSemaphoreOfZeroRefusesEveryRelease) {
+    mp::BoundedSemaphore sem(0);
+    for (int i = 0; i < 2; ++i) {
+        try {
+            sem.release();
+            FAIL() << "release() of a BoundedSemaphore(0) must throw";
+        } catch (const std::system_error& e) {
+            EXPECT_EQ(code_of(e), std::errc::value_too_large);
+        }
+        EXPECT_EQ(sem.get_value(), 0);
+    }
+    EXPECT_FALSE(sem.acquire(false));
+    // A plain Semaphore(0) is not bounded.
+    mp::Semaphore plain(0);
+    plain.release();
+    plain.release();
+    EXPECT_EQ(plain.get_value(), 2);
 }
 
 TEST(SyncSemaphore, PythonTestTimeout) {
@@ -1280,6 +1301,75 @@ TEST_P(SyncSemaphoreAcross, BlockedWaitersAreWokenOnePerRelease) {
     EXPECT_EQ(sem.get_value(), 0);
 }
 
+namespace {
+// A Semaphore waiter pinned to `cpu` at SCHED_IDLE; its own deadline lies well past the test's
+// bound (it would also end a lost wake-up, too late for the test).
+void acquire_permit_pinned_at_idle(mp::Semaphore sem, int cpu) {
+    if (!mp::test::pin_at_idle(cpu)) std::_Exit(3);
+    if (!sem.acquire(3 * LONG)) std::_Exit(4);
+}
+}  // namespace
+
+// release() wakes one sleeper. When that one is killed before it takes the permit, the permit
+// stays (value 1) and another live sleeper must still get it: its sleep is cut into slices.
+// Staged as in WaiterSurvivesAWakeUpLostWithAKilledWaiter: both waiters are pinned at SCHED_IDLE
+// to the CPU this thread runs on while it releases and kills, so neither runs in between; a
+// trial counts when the permit is seen still free after the kill.
+TEST_P(SyncSemaphoreAcross, PermitOfAWokenWaiterKilledBeforeTakingItGoesToAnother) {
+    using mp::test::proc_state;
+    const mp::test::RestoreAffinity saved;
+    ASSERT_TRUE(saved.restore());
+    int staged = 0;
+    for (int attempt = 0; attempt < 10 && staged < 2; ++attempt) {
+        mp::Semaphore sem(0);
+        const int cpu = sched_getcpu();
+        ASSERT_GE(cpu, 0);
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        auto w1 = start(options(), acquire_permit_pinned_at_idle, sem, cpu);
+        ASSERT_TRUE(mp::test::wait_asleep_in_futex(w1->pid(), LONG));
+        auto w2 = start(options(), acquire_permit_pinned_at_idle, sem, cpu);
+        ASSERT_TRUE(mp::test::wait_asleep_in_futex(w2->pid(), LONG));
+        ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+        sem.release();  // wakes one sleeper
+        const char s1 = proc_state(w1->pid()), s2 = proc_state(w2->pid());
+        mp::Process* woken = nullptr;
+        mp::Process* other = nullptr;
+        if (s1 == 'R' && s2 == 'S') woken = w1.get(), other = w2.get();
+        if (s2 == 'R' && s1 == 'S') woken = w2.get(), other = w1.get();
+        if (woken != nullptr) {
+            woken->kill();
+            ASSERT_TRUE(woken->join(LONG));
+        }
+        ASSERT_TRUE(saved.restore());
+        if (woken == nullptr || woken->exitcode() != -SIGKILL || sem.get_value() != 1) {
+            // Not staged (the woken waiter ran first, or took the permit before it died):
+            // whoever still waits gets a permit of its own.
+            for (auto* p : {w1.get(), w2.get()})
+                if (p != woken) sem.release();
+            for (auto* p : {w1.get(), w2.get()}) {
+                if (p == woken) continue;
+                unpin(p->pid());
+                join_ok(*p);
+            }
+            continue;
+        }
+        ++staged;
+        unpin(other->pid());
+        const bool finished = other->join(LONG);
+        EXPECT_TRUE(finished) << "a permit is free (value " << sem.get_value()
+                              << ") but the live waiter still sleeps";
+        if (!finished) {
+            kill_and_join(*other);
+            break;
+        }
+        EXPECT_EQ(other->exitcode(), 0);
+        EXPECT_EQ(sem.get_value(), 0);
+    }
+    EXPECT_GE(staged, 1) << "the woken waiter always ran before it could be killed";
+}
+
 TEST_P(SyncSemaphoreAcross, WaiterKilledDoesNotWedgeOthers) {
     mp::Semaphore sem(0);
     mp::Semaphore ready(0);
@@ -1591,6 +1681,112 @@ TEST_P(SyncConditionAcross, WaiterKilledDoesNotWedgeOthers) {
     }
     join_ok(*other);
     EXPECT_EQ(woken.get_value(), 1);
+}
+
+namespace {
+// The wake-ups `cond` has granted and no waiter has taken yet, read from its shared state (mapped
+// again, read-only, from the descriptor its codec sends).
+class GrantedSignals {
+public:
+    explicit GrantedSignals(const mp::Condition& cond) {
+        mp::Encoder e;
+        e.put(cond);  // the lock's descriptor, then the condition's
+        map_ = ::mmap(nullptr, kSize, PROT_READ, MAP_SHARED, e.fds().at(1), 0);
+    }
+    ~GrantedSignals() {
+        if (map_ != MAP_FAILED) ::munmap(map_, kSize);
+    }
+    GrantedSignals(const GrantedSignals&) = delete;
+    GrantedSignals& operator=(const GrantedSignals&) = delete;
+    bool ok() const { return map_ != MAP_FAILED; }
+    std::uint32_t get() const {
+        const auto* b = static_cast<const Block*>(map_);
+        return static_cast<std::uint32_t>(b->core.counts.load() >> 32);
+    }
+
+private:
+    using Block = mp::detail::sync::Block<mp::detail::sync::CondCore>;
+    static constexpr std::size_t kSize = sizeof(Block);
+    void* map_ = MAP_FAILED;
+};
+
+// A waiter pinned to `cpu` at SCHED_IDLE, waiting (with a deadline well past the test's bound)
+// for `flag` as most programs do.
+void wait_for_flag_pinned_at_idle(mp::Condition cond, mp::RawValue<int> flag, int cpu) {
+    if (!mp::test::pin_at_idle(cpu)) std::_Exit(3);
+    std::unique_lock g(cond);
+    if (!cond.wait_for([&] { return flag.get() != 0; }, 3 * LONG)) std::_Exit(4);
+}
+}  // namespace
+
+// notify(1) grants one wake-up and wakes one sleeper. When that one is killed before it takes
+// the wake-up, the wake-up stays granted and another waiter that was waiting when notify ran must
+// take it (its sleep is cut into slices), not sleep on with its predicate true. Staged as in
+// WaiterSurvivesAWakeUpLostWithAKilledWaiter: both waiters are pinned at SCHED_IDLE to the CPU
+// this thread runs on while it notifies and kills, so neither runs in between; a trial counts
+// when the granted wake-up is seen still untaken after the kill.
+TEST_P(SyncConditionAcross, WakeUpOfANotifiedWaiterKilledBeforeTakingItGoesToAnother) {
+    using mp::test::proc_state;
+    const mp::test::RestoreAffinity saved;
+    ASSERT_TRUE(saved.restore());
+    int staged = 0;
+    for (int attempt = 0; attempt < 10 && staged < 2; ++attempt) {
+        mp::Condition cond;
+        mp::RawValue<int> flag(0);
+        GrantedSignals granted(cond);
+        ASSERT_TRUE(granted.ok());
+        const int cpu = sched_getcpu();
+        ASSERT_GE(cpu, 0);
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        auto w1 = start(options(), wait_for_flag_pinned_at_idle, cond, flag, cpu);
+        ASSERT_TRUE(mp::test::wait_asleep_in_futex(w1->pid(), LONG));
+        auto w2 = start(options(), wait_for_flag_pinned_at_idle, cond, flag, cpu);
+        ASSERT_TRUE(mp::test::wait_asleep_in_futex(w2->pid(), LONG));
+        mp::Process* woken = nullptr;
+        mp::Process* other = nullptr;
+        bool untaken = false;
+        {
+            std::lock_guard g(cond);
+            ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+            flag.set(1);
+            cond.notify(1);
+            const char s1 = proc_state(w1->pid()), s2 = proc_state(w2->pid());
+            if (s1 == 'R' && s2 == 'S') woken = w1.get(), other = w2.get();
+            if (s2 == 'R' && s1 == 'S') woken = w2.get(), other = w1.get();
+            if (woken != nullptr) {
+                kill_and_join(*woken);
+                untaken = granted.get() == 1;
+            }
+            ASSERT_TRUE(saved.restore());
+        }
+        if (woken == nullptr || !untaken) {
+            // Not staged: let both finish (one may have taken the only wake-up and died).
+            std::lock_guard g(cond);
+            cond.notify_all();
+        }
+        if (woken == nullptr) {
+            join_ok(*w1);
+            join_ok(*w2);
+            continue;
+        }
+        unpin(other->pid());
+        if (!untaken) {
+            join_ok(*other);
+            continue;
+        }
+        ++staged;
+        const bool finished = other->join(LONG);
+        EXPECT_TRUE(finished) << "the live waiter sleeps on with a wake-up granted to nobody alive";
+        if (!finished) {
+            kill_and_join(*other);
+            break;
+        }
+        EXPECT_EQ(other->exitcode(), 0);
+        EXPECT_EQ(granted.get(), 0u);
+    }
+    EXPECT_GE(staged, 1) << "the killed waiter always took its wake-up first";
 }
 
 TEST_P(SyncConditionAcross, LockHolderKilledIsReportedToWaiter) {

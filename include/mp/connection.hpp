@@ -146,8 +146,9 @@ public:
 
     /// Sends `value` encoded with mp::Codec as one message. A value that carries file
     /// descriptors (a Connection, or anything whose Codec attaches one) sends them along with
-    /// the frame (SCM_RIGHTS), which needs a duplex (Unix socket) connection: over a pipe that
-    /// is mp::Error, and nothing is sent. The frame's bytes stay Python-compatible; a Python
+    /// the frame (SCM_RIGHTS), which needs a Unix socket connection (a duplex Pipe(), or a
+    /// Listener/Client on a Unix path): over a pipe or TCP that is mp::Error, and nothing is
+    /// sent. The frame's bytes stay Python-compatible; a Python
     /// peer just does not get the descriptors.
     template <class T>
     void send(const T& value) {
@@ -498,7 +499,7 @@ using Waitable = std::variant<Connection*, int>;
 /// sentinel when its process has ended) or `timeout` passes (std::nullopt: no
 /// limit; zero or negative: just look). Returns the ready ones in the order given, empty after
 /// a timeout. A closed Connection throws std::system_error (EBADF), as does a descriptor that
-/// is not open. An empty list with no timeout, which could never return, throws
+/// is not open (a negative one included), before any waiting. An empty list with no timeout, which could never return, throws
 /// std::invalid_argument (Python would sleep forever); with a timeout it just sleeps.
 std::vector<Connection*> wait(std::span<Connection* const> objects,
                               detail::Timeout timeout = std::nullopt);

@@ -81,6 +81,7 @@
 #include <optional>
 #include <string>
 #include <sys/types.h>
+#include <type_traits>
 #include <typeinfo>
 #include <utility>
 #include <vector>
@@ -138,9 +139,12 @@ public:
     Process();
     explicit Process(ProcessOptions options);
 
-    /// Target style: the child calls target(args...) with copies of the arguments. A target
-    /// parameter that is a non-const lvalue reference is a compile error (the child would change
-    /// only its own copy), except to an mp handle (a queue, lock, connection, shared memory ...).
+    /// Target style: the child calls target(args...) with copies of the arguments: under fork
+    /// the child's copies, as of a lambda's captures (nothing is encoded, so any argument works,
+    /// a Barrier with a capturing action included); under forkserver and spawn copies sent with
+    /// mp::Codec. A target parameter that is a non-const lvalue reference is a compile error
+    /// (the child would change only its own copy), except to an mp handle (a queue, lock,
+    /// connection, shared memory ...). A null function pointer throws mp::Error.
     template <class F, class... Args>
         requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
     explicit Process(F&& target, Args&&... args)
@@ -150,9 +154,16 @@ public:
         requires std::invocable<std::decay_t<F>&, std::decay_t<Args>&...>
     Process(ProcessOptions options, F&& target, Args&&... args) : Process(std::move(options)) {
         detail::check_no_mutable_reference<std::decay_t<F>, std::decay_t<Args>...>();
+        if constexpr (std::is_pointer_v<std::decay_t<F>>) {
+            const std::decay_t<F> fp = target;
+            if (fp == nullptr) throw Error("mp::Process: the target is a null function pointer");
+        }
         // Encode before the lambda below moves the arguments away (two arguments of one call
-        // would be evaluated in an unspecified order).
-        std::optional<detail::Task> task = detail::make_task(target, args...);
+        // would be evaluated in an unspecified order). A fork child runs the copy below, as it
+        // would a capturing lambda, so nothing is encoded: an argument whose codec refuses to
+        // send it (a Barrier with a capturing action) works there as it does captured.
+        std::optional<detail::Task> task;
+        if (start_method() != StartMethod::fork) task = detail::make_task(target, args...);
         set_target(std::move(task),
                    [f = std::decay_t<F>(std::forward<F>(target)),
                     ... a = std::decay_t<Args>(std::forward<Args>(args))]() mutable {

@@ -20,7 +20,8 @@
 ///
 /// Waiting. Every blocking call has a timed form taking a std::chrono duration (or, for the
 /// std-style names, a time point of any clock); timeouts are measured on the steady clock. A
-/// waiting thread sleeps in the kernel (futex or robust mutex): it uses no CPU.
+/// waiting thread sleeps in the kernel (futex or robust mutex), waking every 50 ms to look again
+/// (see "Death of other parties"): it uses next to no CPU.
 ///
 /// Locks. Lock and RLock are robust, process-shared mutexes (pthread, PTHREAD_MUTEX_ROBUST):
 /// - They meet Lockable and TimedLockable (lock, try_lock, unlock, try_lock_for, try_lock_until),
@@ -56,7 +57,10 @@
 /// - a broken Barrier: mp::BrokenBarrierError.
 ///
 /// Death of other parties. A process killed while it waits on a Semaphore, Event or Condition
-/// leaves the others working. A party killed inside Barrier::wait() breaks the barrier: the other
+/// leaves the others working. release() and notify() wake as many sleepers as they grant; one
+/// killed after it was woken and before it took its permit or wake-up leaves it to another
+/// waiter (one that was waiting when notify() ran, for a Condition), which takes it within the
+/// 50 ms wait slice. A party killed inside Barrier::wait() breaks the barrier: the other
 /// parties get BrokenBarrierError (those already waiting within about 100 ms, a party arriving
 /// to complete the round at once), and reset() makes it usable again. A semaphore count is not owned, so a process killed between
 /// acquire and release takes its permit with it (as in Python). A Condition waiter killed inside

@@ -246,10 +246,10 @@ bool main_hooked() noexcept { return g_main_hooked.load(std::memory_order_relaxe
 void check_main_hooked() {
     if (!main_hooked())
         throw ProcessError(
-            "mp: the spawn start method (and the forkserver, which is started by spawn) needs the "
-            "program linked with -Wl,--wrap=main, so that a fresh copy of it runs its task instead "
-            "of main: link with mp::mp in CMake (target_link_libraries adds the option) or with "
-            "`pkg-config --libs mp`");
+            "mp: the spawn start method needs the program linked with -Wl,--wrap=main, so that a "
+            "fresh copy of it runs its task instead of main: link with mp::mp in CMake "
+            "(target_link_libraries adds the option) or with `pkg-config --libs mp` (fork and "
+            "the forkserver work without it)");
 }
 
 std::uint64_t program_build_id() noexcept {

@@ -24,7 +24,12 @@ Options with_method(Options options, const std::optional<StartMethod>& method, c
 
 }  // namespace
 
-Context get_context() { return Context(std::nullopt); }
+Context get_context() {
+    // As Python's get_context(None): taking the default context fixes the default start method,
+    // so a later set_start_method without force is refused ("context has already been set").
+    (void)mp::get_start_method();
+    return Context(std::nullopt);
+}
 
 Context get_context(StartMethod method) {
     // Python refuses a context it cannot offer at get_context; so does mp, with the reason.

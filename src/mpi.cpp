@@ -32,6 +32,7 @@
 #include <cstring>
 #include <deque>
 #include <list>
+#include <utility>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -47,6 +48,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr int kTag = 2917;
+constexpr std::size_t kFirstWindow = 2;  // tasks a worker may hold before any answer (see limit)
 
 enum class Kind : std::uint8_t { hello = 1, tasks = 2, stop = 3, ident = 4, results = 5 };
 
@@ -56,6 +58,8 @@ struct Globals {
     bool we_initialized = false;
     bool executor_alive = false;
     bool workers_engaged = false;  // an Executor has talked to the worker ranks
+    bool thread_multiple = false;  // MPI gave MPI_THREAD_MULTIPLE
+    bool served = false;  // a worker rank has served (or is serving) the root
     mpi::detail::Engine* live_engine = nullptr;  // the root's live executor, if any
     int rank = 0;
     int size = 1;
@@ -207,13 +211,56 @@ int first_exec_segment(dl_phdr_info* info, std::size_t, void* out) {
 
 // ---- a worker rank --------------------------------------------------------------------------
 
-// A worker's answers to one batch of tasks, on their way to the root: each is [ordinal]
-// [outcome][nanoseconds it took][length][bytes]. They leave when 1 MiB has gathered or the
-// oldest has waited 1 ms (a result does not wait long behind the tasks after it), and at the end.
+// How long a finished task's answer may wait for others to share its message.
+constexpr auto kResultDelay = std::chrono::milliseconds(1);
+
+// A worker's answers on their way to the root: each is [ordinal][outcome][nanoseconds it took]
+// [length][bytes]. They leave when 1 MiB has gathered, when the oldest has waited kResultDelay,
+// and at the end of each batch of tasks. A task that runs long must not hold back the answers
+// gathered before it (the root cannot know how long a task will take), so while a task runs a
+// flusher thread sends them once they are due: the rank's only MPI calls then are that send
+// and the task's own (MPI_THREAD_MULTIPLE). Where MPI gives only MPI_THREAD_SERIALIZED and the
+// task runs in the rank itself, they leave before each task starts instead.
+//
+// The rank's thread calls MPI only while no task is marked running, and the flusher only while
+// one is, both under mu_: their calls never overlap.
 class ResultBatch {
 public:
+    ResultBatch() : thread_([this] { flusher(); }) {}
+    ~ResultBatch() {
+        {
+            std::lock_guard lock(mu_);
+            quit_ = true;
+        }
+        cv_.notify_one();
+        thread_.join();
+    }
+    ResultBatch(const ResultBatch&) = delete;
+    ResultBatch& operator=(const ResultBatch&) = delete;
+
+    /// A task is about to run (or, with isolate_tasks, the rank is about to wait for one).
+    /// `concurrent_mpi`: the flusher may call MPI meanwhile; otherwise what is gathered leaves now.
+    void task_starts(bool concurrent_mpi) {
+        std::unique_lock lock(mu_);
+        rethrow_locked();
+        if (!concurrent_mpi) {
+            flush_locked();
+            return;
+        }
+        running_ = true;
+        // Woken only from its untimed wait: one already waiting for a due time needs no news.
+        if (!out_.empty() && idle_) {
+            lock.unlock();
+            cv_.notify_one();
+        }
+    }
+
+    /// The answer of the task that ran (ends the running mark).
     void add(std::uint64_t ordinal, std::uint8_t outcome, Clock::duration took,
              const std::string& result, Clock::time_point now) {
+        std::lock_guard lock(mu_);
+        running_ = false;
+        rethrow_locked();
         if (out_.empty()) {
             out_ = start_message(Kind::results);
             first_ = now;
@@ -224,17 +271,58 @@ public:
                           std::chrono::duration_cast<std::chrono::nanoseconds>(took).count()));
         put_u64(out_, result.size());
         out_ += result;
-        if (out_.size() > (1u << 20) || now - first_ > std::chrono::milliseconds(1)) flush();
+        if (out_.size() > (1u << 20) || now - first_ >= kResultDelay) flush_locked();
     }
+
     void flush() {
+        std::lock_guard lock(mu_);
+        running_ = false;
+        rethrow_locked();
+        flush_locked();
+    }
+
+private:
+    void flush_locked() {
         if (out_.empty()) return;
         send_blocking(out_, 0);
         out_.clear();
     }
+    void rethrow_locked() {
+        if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+    }
+    void flusher() {
+        std::unique_lock lock(mu_);
+        while (!quit_) {
+            if (!running_ || out_.empty()) {
+                idle_ = true;
+                cv_.wait(lock);
+                idle_ = false;
+                continue;
+            }
+            const Clock::time_point due = first_ + kResultDelay;
+            if (Clock::now() < due) {
+                cv_.wait_until(lock, due);
+                continue;
+            }
+            try {
+                flush_locked();
+            } catch (...) {
+                // MPI failed: the rank's thread reports it at its next add or flush.
+                error_ = std::current_exception();
+                out_.clear();
+            }
+        }
+    }
 
-private:
-    std::string out_;
-    Clock::time_point first_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::string out_;             // under mu_
+    Clock::time_point first_;     // under mu_: when the oldest answer in out_ was added
+    bool running_ = false;        // under mu_: a task runs; the flusher may send
+    bool quit_ = false;           // under mu_
+    bool idle_ = false;           // under mu_: the flusher waits for a task with answers out
+    std::exception_ptr error_;    // under mu_: the flusher's failure
+    std::thread thread_;          // last: starts once the rest is ready
 };
 
 class Server {
@@ -286,10 +374,11 @@ public:
 private:
     void run_tasks(std::string_view p) {
         if (local_) return run_isolated(p);
-        ResultBatch batch;
+        const bool concurrent_mpi = globals().thread_multiple;
         while (!p.empty()) {
             const std::uint64_t ordinal = get_u64(p);
             const std::string_view task = get_bytes(p, get_u64(p));
+            batch_.task_starts(concurrent_mpi);
             const auto begin = Clock::now();
             std::string result;
             std::uint8_t ok = 1;
@@ -304,9 +393,9 @@ private:
                 result = e.take();
             }
             const auto end = Clock::now();
-            batch.add(ordinal, ok, end - begin, result, end);
+            batch_.add(ordinal, ok, end - begin, result, end);
         }
-        batch.flush();
+        batch_.flush();
         std::fflush(stdout);
         std::fflush(stderr);
     }
@@ -324,8 +413,9 @@ private:
             const std::string_view task = get_bytes(p, get_u64(p));
             items.push_back({ordinal, local_->submit(mp::detail::Task{std::string(task), {}}, {}), Clock::now()});
         }
-        ResultBatch batch;
         for (Item& it : items) {
+            // The rank only waits here, making no MPI call: the flusher may send meanwhile.
+            batch_.task_starts(true);
             it.core->wait(std::nullopt);
             const auto end = Clock::now();
             std::string result;
@@ -347,13 +437,14 @@ private:
             } else {
                 result = it.core->bytes();
             }
-            batch.add(it.ordinal, outcome, end - it.submitted, result, end);
+            batch_.add(it.ordinal, outcome, end - it.submitted, result, end);
         }
-        batch.flush();
+        batch_.flush();
     }
 
     bool root_matches_ = false;
     std::unique_ptr<mp::detail::PoolEngine> local_;  // with isolate_tasks
+    ResultBatch batch_;
 };
 
 }  // namespace
@@ -365,6 +456,13 @@ void init_mpi(int* argc, char*** argv) {
     auto& g = globals();
     std::lock_guard lock(g.mu);
     if (g.env_alive) throw Error("mp::mpi: only one Environment may exist");
+    // MPI cannot start again once finalised (an earlier Environment ended, or the program called
+    // MPI_Finalize): any MPI call but a few would make the library abort the job.
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (finalized)
+        throw Error("mp::mpi: MPI was already finalised (by an earlier Environment or MPI_Finalize); "
+                    "it cannot be initialised again in this process");
     int inited = 0;
     MPI_Initialized(&inited);
     int provided = MPI_THREAD_SINGLE;
@@ -383,6 +481,8 @@ void init_mpi(int* argc, char*** argv) {
     // Errors come back as codes (then exceptions) instead of the default abort, where the MPI
     // library can go on at all.
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    g.thread_multiple = provided >= MPI_THREAD_MULTIPLE;
+    g.served = false;
     MPI_Comm_rank(MPI_COMM_WORLD, &g.rank);
     MPI_Comm_size(MPI_COMM_WORLD, &g.size);
     if (const char* s = std::getenv("MP_MPI_MAX_MESSAGE")) {
@@ -413,6 +513,22 @@ void drain_until_stopped(int expected) {
         m.clear();
     }
 }
+
+// A worker rank's service until the root's stop; a failure ends the job (MPI_Abort).
+int serve_until_stopped(int rank) noexcept {
+    globals().served = true;
+    try {
+        return Server().run();
+    } catch (const std::exception& e) {
+        // The protocol is broken (or MPI failed): nothing sensible is left to do but end the job.
+        std::fprintf(stderr, "mp::mpi: rank %d: %s\n", rank, e.what());
+    } catch (...) {
+        std::fprintf(stderr, "mp::mpi: rank %d: an unknown exception\n", rank);
+    }
+    std::fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 3);
+    return 3;
+}
 }  // namespace
 
 Environment::Environment(int& argc, char**& argv) { init_mpi(&argc, &argv); }
@@ -428,6 +544,11 @@ Environment::~Environment() {
     // An executor that outlives its Environment (destroy executors first): its thread must be
     // done with MPI before the workers stop and MPI ends.
     if (live != nullptr) live->shutdown(true, false);
+    // A worker rank that returned from main without serving: the root may be waiting for its
+    // answer to an executor's hello, and it always sends a stop at its end. Serve until that
+    // stop, so neither rank waits for the other for ever (the one in MPI_Finalize, the other
+    // for an answer).
+    if (g.rank != 0 && !g.served) serve_until_stopped(g.rank);
     if (g.rank == 0) {
         int stopped = 0;
         for (int r = 1; r < g.size; ++r) {
@@ -458,15 +579,9 @@ int Environment::size() const noexcept { return globals().size; }
 
 int Environment::serve() {
     if (is_root()) throw Error("mp::mpi: rank 0 runs the program; only the other ranks serve");
-    try {
-        return Server().run();
-    } catch (const std::exception& e) {
-        // The protocol is broken (or MPI failed): nothing sensible is left to do but end the job.
-        std::fprintf(stderr, "mp::mpi: rank %d: %s\n", rank(), e.what());
-        std::fflush(stderr);
-        MPI_Abort(MPI_COMM_WORLD, 3);
-        return 3;
-    }
+    // The root stops each rank once: a second serve() would wait for ever.
+    if (globals().served) return 0;
+    return serve_until_stopped(rank());
 }
 
 int run(int& argc, char**& argv, const std::function<int()>& root_main) {
@@ -504,12 +619,14 @@ struct Engine::Impl {
         std::string bytes;
         std::uint64_t ordinal = 0;
         std::size_t size = 0;  // of bytes, which are dropped once sent
+        Clock::time_point sent_at{};  // when it left for its worker
     };
     struct Worker {
         int rank = 0;
         std::deque<Job> inflight;
         std::size_t inflight_bytes = 0;
         double avg_ns = 0;  // per task, as the worker measured it
+        std::size_t window = kFirstWindow;  // tasks it may hold whatever the estimate says
         std::string partial;  // a message whose later pieces have not arrived
     };
     struct Send {
@@ -525,6 +642,7 @@ struct Engine::Impl {
     std::string broken_why;   // under mu
     std::uint64_t next_ordinal = 1;
     std::vector<Worker> workers;
+    std::size_t turn = 0;  // the worker offered work first when loads tie
     std::list<Send> sends;
     std::thread thread;
     std::mutex join_mu;  // shutdown(wait) may come from several threads at once
@@ -537,11 +655,45 @@ struct Engine::Impl {
         }
     }
 
-    // Tasks a worker may hold (queued or running): about 2 ms of work, so it never waits for
-    // the next batch, but not so much that it hoards what an idle rank could run.
-    static std::size_t limit(const Worker& w) {
-        if (w.avg_ns <= 0) return 2;
-        return static_cast<std::size_t>(std::clamp(2e6 / w.avg_ns, 2.0, 1024.0));
+    // How many tasks a worker may hold (queued or running). Two bounds, the smaller wins:
+    // - the expected work in flight, about kBudget: enough that the worker never waits for its
+    //   next batch, not so much that it hoards what an idle rank could run, or what the caller
+    //   may still cancel. The expected time of a task is the worker's running average, or longer
+    //   when its oldest task has been out for longer than a healthy round trip: the work has got
+    //   slower, so no more goes there until answers come back.
+    // - a window that grows by one per answer (doubling per round trip, as TCP's slow start) and
+    //   starts again from kFirstWindow when the worker ran dry with nothing pending: the average
+    //   of earlier tasks says nothing about the next burst, so a burst of slow tasks after many
+    //   tiny ones goes out a few at a time instead of all to the first rank.
+    // Never below kFirstWindow: one task queued behind the running one saves a round trip.
+    static constexpr double kBudgetNs = 2e6;
+    static constexpr double kSlowHeadNs = 2 * kBudgetNs + 1e6;  // past the answers' 1 ms delay
+    static constexpr std::size_t kMaxInflight = 1024;
+
+    static double expected_ns(const Worker& w, Clock::time_point now) {
+        double est = w.avg_ns;
+        if (!w.inflight.empty()) {
+            const double head = static_cast<double>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(now - w.inflight.front().sent_at).count());
+            if (head > kSlowHeadNs) est = std::max(est, head);
+        }
+        return est;
+    }
+
+    static std::size_t limit(const Worker& w, Clock::time_point now) {
+        const double est = expected_ns(w, now);
+        const double by_time = est > 0 ? kBudgetNs / est : static_cast<double>(kMaxInflight);
+        const double n = std::min(by_time, static_cast<double>(w.window));
+        return static_cast<std::size_t>(
+            std::clamp(n, static_cast<double>(kFirstWindow), static_cast<double>(kMaxInflight)));
+    }
+
+    // A worker that ran dry with nothing pending starts its window again (see limit). Called
+    // with mu held.
+    void restart_dry_windows() {
+        if (!pending.empty()) return;
+        for (Worker& w : workers)
+            if (w.inflight.empty()) w.window = kFirstWindow;
     }
 
     void loop() {
@@ -550,6 +702,7 @@ struct Engine::Impl {
             bool progress = false;
             {
                 std::unique_lock lock(mu);
+                restart_dry_windows();
                 const bool busy = !sends.empty() || std::any_of(workers.begin(), workers.end(), [](const Worker& w) {
                     return !w.inflight.empty() || !w.partial.empty();
                 });
@@ -569,16 +722,41 @@ struct Engine::Impl {
         }
     }
 
-    // Hands pending jobs to workers with room, one batch message each. Called with mu held.
+    // Hands pending jobs to workers with room, one batch message each: the least loaded first
+    // (expected work in flight; ties in turn), each at most its share of what is pending, so a
+    // burst is spread over the ranks. Called with mu held; what is not sent stays pending, and
+    // cancellable.
     bool dispatch(std::unique_lock<std::mutex>& lock) {
+        if (pending.empty()) return false;
+        const Clock::time_point now = Clock::now();
+        const std::size_t n = workers.size();
+        std::vector<std::size_t> room(n, 0);
+        std::vector<double> load(n, 0);
+        std::vector<std::size_t> order;
+        order.reserve(n);
+        for (std::size_t k = 0; k < n; ++k) {
+            const std::size_t i = (turn + k) % n;
+            const Worker& w = workers[i];
+            const std::size_t lim = limit(w, now);
+            if (lim <= w.inflight.size() || w.inflight_bytes >= (8u << 20)) continue;
+            room[i] = lim - w.inflight.size();
+            load[i] = static_cast<double>(w.inflight.size()) * std::max(expected_ns(w, now), 1.0);
+            order.push_back(i);
+        }
+        if (order.empty()) return false;
+        turn = (turn + 1) % n;
+        std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) { return load[a] < load[b]; });
         bool any = false;
-        for (Worker& w : workers) {
+        std::size_t left = order.size();  // workers not yet offered a batch
+        for (const std::size_t i : order) {
             if (pending.empty()) break;
-            const std::size_t room = limit(w) > w.inflight.size() ? limit(w) - w.inflight.size() : 0;
-            if (room == 0 || w.inflight_bytes >= (8u << 20)) continue;
+            Worker& w = workers[i];
+            const std::size_t share = (pending.size() + left - 1) / left;
+            --left;
+            const std::size_t take_max = std::min(room[i], share);
             auto msg = std::make_shared<std::string>(start_message(Kind::tasks));
             std::size_t taken = 0;
-            while (!pending.empty() && taken < room &&
+            while (!pending.empty() && taken < take_max &&
                    (taken == 0 || msg->size() + pending.front().bytes.size() < (4u << 20))) {
                 Job job = std::move(pending.front());
                 pending.pop_front();
@@ -588,16 +766,17 @@ struct Engine::Impl {
                 *msg += job.bytes;
                 w.inflight_bytes += job.size;
                 job.bytes = std::string();
+                job.sent_at = now;
                 w.inflight.push_back(std::move(job));
                 ++taken;
             }
             if (taken == 0) continue;
             lock.unlock();
             seal(*msg);
-            for_each_piece(*msg, [&](const char* p, int n) {
-                Send s{MPI_REQUEST_NULL, msg};
-                check(MPI_Isend(p, n, MPI_BYTE, w.rank, kTag, MPI_COMM_WORLD, &s.request), "MPI_Isend");
-                sends.push_back(std::move(s));
+            for_each_piece(*msg, [&](const char* p, int len) {
+                Send snd{MPI_REQUEST_NULL, msg};
+                check(MPI_Isend(p, len, MPI_BYTE, w.rank, kTag, MPI_COMM_WORLD, &snd.request), "MPI_Isend");
+                sends.push_back(std::move(snd));
             });
             lock.lock();
             any = true;
@@ -673,6 +852,13 @@ struct Engine::Impl {
             w.inflight_bytes -= job.size;
             const double ns = static_cast<double>(run_ns);
             w.avg_ns = w.avg_ns == 0 ? ns : 0.8 * w.avg_ns + 0.2 * ns;
+            w.window = std::min(w.window + 1, kMaxInflight);
+            // Before the future completes, so that work submitted in answer to it finds every
+            // dry worker's window started again.
+            if (w.inflight.empty()) {
+                std::lock_guard lock(mu);
+                restart_dry_windows();
+            }
             if (error)
                 job.core->set_exception(std::move(error));
             else
@@ -741,7 +927,9 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
                           std::to_string(pid) + ") runs a different binary from rank 0 (build id key " +
                           buf + "): every rank must run the same program";
             }
-            impl_->workers.push_back(Impl::Worker{r, {}, 0, 0, {}});
+            Impl::Worker w;
+            w.rank = r;
+            impl_->workers.push_back(std::move(w));
         }
         if (!refused.empty()) throw Error(refused);
     } catch (...) {

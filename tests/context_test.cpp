@@ -149,6 +149,29 @@ TEST(TestStartMethod, GetStartMethodAllowNone) {
     EXPECT_EQ(in_fresh_process(allow_none_scenario), (std::vector<std::string>{"none", "fork", "fork"}));
 }
 
+namespace {
+void get_context_scenario(mp::Connection w) {
+    auto name = [](std::optional<mp::StartMethod> m) { return m ? mp::to_string(*m) : std::string("none"); };
+    w.send_bytes(name(mp::get_start_method(true)));
+    const mp::Context ctx = mp::get_context();
+    w.send_bytes(name(mp::get_start_method(true)));
+    try {
+        mp::set_start_method(mp::StartMethod::spawn);
+        w.send_bytes("set");
+    } catch (const mp::ProcessError&) {
+        w.send_bytes("refused");
+    }
+    w.send_bytes(mp::to_string(ctx.get_start_method()));
+}
+}  // namespace
+
+// Python's get_context() fixes the default start method: afterwards get_start_method(True) names
+// it and set_start_method without force is refused ("context has already been set").
+TEST(TestStartMethod, GetContextFixesTheDefault) {
+    EXPECT_EQ(in_fresh_process(get_context_scenario),
+              (std::vector<std::string>{"none", "fork", "refused", "fork"}));
+}
+
 // A concrete context binds pools and executors too; the default context leaves them to mp's
 // defaults (forkserver), and options that contradict the context are refused.
 TEST(TestStartMethod, ContextBindsPoolAndExecutor) {

@@ -46,9 +46,18 @@
 /// - a per-task time limit needs isolate_tasks (a rank's own task cannot be killed without
 ///   killing the job): ExecutorOptions::task_timeout.
 ///
+/// Scheduling: tasks travel to the ranks in batches, each rank holding about 2 ms of expected
+/// work (from the time its earlier tasks took, and a few at a time after it ran dry or while
+/// its oldest task runs long), the least loaded rank first, so a burst is spread over the ranks
+/// and what has not been sent can still be cancelled. A worker sends a finished task's answer
+/// within about a millisecond even while a later task runs.
+///
 /// Threads: the root's MPI calls are all made by one thread that each Executor owns (MPI is
 /// initialised with MPI_THREAD_MULTIPLE when available, at least MPI_THREAD_SERIALIZED), so
-/// futures complete while the caller waits. Only one Executor may be live at a time.
+/// futures complete while the caller waits. Only one Executor may be live at a time. A worker
+/// rank sends answers from a second thread while a task runs, which needs MPI_THREAD_MULTIPLE
+/// (a task may call MPI itself); under MPI_THREAD_SERIALIZED it sends them before each task
+/// instead, one message per task.
 
 #include <chrono>
 #include <cstddef>
@@ -67,12 +76,15 @@ namespace mp::mpi {
 ///
 /// Destructor policy: on the root, shuts down and waits for a live Executor (destroy executors
 /// first), then tells every worker rank to stop serving and waits for each to echo the stop
-/// (dropping answers nobody waits for any more); on every rank, calls MPI_Finalize when
-/// this object initialised MPI.
+/// (dropping answers nobody waits for any more); on a worker rank that never called serve()
+/// (it returned from main without serving), serves until the root's stop, so that neither
+/// side waits for the other for ever; on every rank, calls MPI_Finalize when this object
+/// initialised MPI.
 class Environment {
 public:
-    /// MPI_Init_thread; throws mp::Error when MPI cannot give MPI_THREAD_SERIALIZED or when a
-    /// second Environment is made.
+    /// MPI_Init_thread; throws mp::Error when MPI cannot give MPI_THREAD_SERIALIZED, when a
+    /// second Environment is made while one lives, or once MPI has been finalised (an earlier
+    /// Environment ended, or the program called MPI_Finalize): MPI cannot start twice.
     Environment(int& argc, char**& argv);
     /// For programs that have no argc/argv at hand (MPI accepts null).
     Environment();
@@ -86,7 +98,8 @@ public:
     /// Rank 0: the one that runs the program and creates executors.
     bool is_root() const noexcept { return rank() == 0; }
     /// On a worker rank: runs the tasks the root's executors send until the root's Environment
-    /// ends; returns 0 (an exit code). On the root it is mp::Error.
+    /// ends; returns 0 (an exit code), at once when this rank has served already. On the root
+    /// it is mp::Error.
     int serve();
 };
 

@@ -2,15 +2,21 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <ios>
 #include <new>
 #include <stdexcept>
 #include <string_view>
+#include <system_error>
 #include <typeinfo>
 #include <unistd.h>
+#include <variant>
 
 #include "mp/process.hpp"
+#include "mp/py.hpp"
 #include "describe.hpp"
 #include "mp/util.hpp"
 #include "sys/fd.hpp"
@@ -50,45 +56,204 @@ void run_callback(const std::function<void(FutureCore&)>& cb, FutureCore& core) 
     }
 }
 
+// A standard exception whose constructor cannot take the remote what() (std::bad_cast's, or a
+// std::system_error's that does not come out the same): the standard type, caught as such, with
+// the remote message. encode_current_exception reports it under the standard type's name, so it
+// stays itself across further hops.
+class RemoteMessage {
+public:
+    virtual ~RemoteMessage() = default;
+    virtual const std::type_info& standard_type() const noexcept = 0;
+};
+
 template <class E>
-std::exception_ptr make_with_message(const std::string& message) {
-    return std::make_exception_ptr(E(message));
+class WithMessage final : public E, public RemoteMessage {
+public:
+    template <class... A>
+    explicit WithMessage(std::string message, A&&... args) : E(std::forward<A>(args)...), message_(std::move(message)) {}
+    const char* what() const noexcept override { return message_.c_str(); }
+    const std::type_info& standard_type() const noexcept override { return typeid(E); }
+
+private:
+    std::string message_;
+};
+
+// `e` when its what() is the remote one, else `e` with the remote message.
+template <class E, class... A>
+std::exception_ptr exactly(const std::string& message, A&&... args) {
+    E plain(args...);
+    if (message == plain.what()) return std::make_exception_ptr(std::move(plain));
+    return std::make_exception_ptr(WithMessage<E>(message, std::forward<A>(args)...));
+}
+
+template <class E>
+std::exception_ptr make_with_message(const ErrorInfo& info) {
+    return std::make_exception_ptr(E(info.message));
+}
+
+template <class E>
+std::exception_ptr make_default(const ErrorInfo& info) {
+    return exactly<E>(info.message);
+}
+
+// ErrorInfo::detail of a std::system_error: [u8 category][i32 value], then for a
+// filesystem_error [string path1][string path2]. Only categories that are the same object in
+// every process can be named; another category leaves the exception a RemoteError.
+enum class Category : std::uint8_t { other = 0, generic = 1, system = 2, iostream = 3 };
+
+Category category_id(const std::error_category& c) noexcept {
+    if (c == std::generic_category()) return Category::generic;
+    if (c == std::system_category()) return Category::system;
+    if (c == std::iostream_category()) return Category::iostream;
+    return Category::other;
+}
+
+std::optional<std::error_code> decode_code(Decoder& d) {
+    const auto id = static_cast<Category>(d.get<std::uint8_t>());
+    const int value = d.get<std::int32_t>();
+    switch (id) {
+        case Category::generic: return std::error_code(value, std::generic_category());
+        case Category::system: return std::error_code(value, std::system_category());
+        case Category::iostream: return std::error_code(value, std::iostream_category());
+        case Category::other: break;
+    }
+    return std::nullopt;
+}
+
+// The what_arg that gave `what` (system_error's what() is "what_arg: message", or the message
+// alone): the exception is rebuilt with it, so that its what() is the remote one.
+std::string strip_code_message(std::string what, const std::error_code& code) {
+    const std::string tail = code.message();
+    if (what == tail) return {};
+    if (what.size() >= tail.size() + 2 && what.ends_with(tail) &&
+        what.compare(what.size() - tail.size() - 2, 2, ": ") == 0)
+        what.resize(what.size() - tail.size() - 2);
+    return what;
+}
+
+std::exception_ptr make_system_error(const ErrorInfo& info) {
+    Decoder d(info.detail);
+    const std::optional<std::error_code> code = decode_code(d);
+    if (!code) return nullptr;
+    const std::string arg = strip_code_message(info.message, *code);
+    if (arg.empty()) return exactly<std::system_error>(info.message, *code);
+    return exactly<std::system_error>(info.message, *code, arg);
+}
+
+std::exception_ptr make_ios_failure(const ErrorInfo& info) {
+    Decoder d(info.detail);
+    const std::optional<std::error_code> code = decode_code(d);
+    if (!code) return nullptr;
+    return exactly<std::ios_base::failure>(info.message, strip_code_message(info.message, *code), *code);
+}
+
+std::exception_ptr make_filesystem_error(const ErrorInfo& info) {
+    namespace fs = std::filesystem;
+    Decoder d(info.detail);
+    const std::optional<std::error_code> code = decode_code(d);
+    if (!code) return nullptr;
+    const fs::path p1(d.get<std::string>());
+    const fs::path p2(d.get<std::string>());
+    // libstdc++'s what(): "filesystem error: " what_arg ": " message " [p1]" " [p2]".
+    std::string arg = info.message;
+    constexpr std::string_view head = "filesystem error: ";
+    if (arg.starts_with(head)) arg.erase(0, head.size());
+    for (const fs::path* p : {&p2, &p1}) {
+        const std::string tail = " [" + p->string() + "]";
+        if (!p->empty() && arg.ends_with(tail)) arg.resize(arg.size() - tail.size());
+    }
+    arg = strip_code_message(std::move(arg), *code);
+    if (!p2.empty()) return exactly<fs::filesystem_error>(info.message, arg, p1, p2, *code);
+    if (!p1.empty()) return exactly<fs::filesystem_error>(info.message, arg, p1, *code);
+    return exactly<fs::filesystem_error>(info.message, arg, *code);
+}
+
+std::exception_ptr make_worker_died(const ErrorInfo& info) {
+    Decoder d(info.detail);
+    const auto pid = static_cast<pid_t>(d.get<std::int32_t>());
+    const int status = d.get<std::int32_t>();
+    return exactly<WorkerDied>(info.message, pid, status);
+}
+
+std::exception_ptr make_buffer_too_short(const ErrorInfo& info) {
+    return exactly<BufferTooShort>(info.message, info.detail);
 }
 
 struct KnownType {
-    std::string_view name;
-    std::exception_ptr (*make)(const std::string&);
+    std::string name;
+    std::exception_ptr (*make)(const ErrorInfo&);  // nullptr: stays a RemoteError
 };
 
-// Exceptions that come back as themselves: the standard ones with a message constructor and mp's
-// own. Names are as abi::__cxa_demangle spells them.
-constexpr KnownType kKnownTypes[] = {
-    {"std::runtime_error", make_with_message<std::runtime_error>},
-    {"std::logic_error", make_with_message<std::logic_error>},
-    {"std::invalid_argument", make_with_message<std::invalid_argument>},
-    {"std::out_of_range", make_with_message<std::out_of_range>},
-    {"std::length_error", make_with_message<std::length_error>},
-    {"std::domain_error", make_with_message<std::domain_error>},
-    {"std::range_error", make_with_message<std::range_error>},
-    {"std::overflow_error", make_with_message<std::overflow_error>},
-    {"std::underflow_error", make_with_message<std::underflow_error>},
-    {"std::bad_alloc", [](const std::string&) { return std::make_exception_ptr(std::bad_alloc()); }},
-    {"mp::Error", make_with_message<Error>},
-    {"mp::TimeoutError", make_with_message<TimeoutError>},
-    {"mp::ProcessError", make_with_message<ProcessError>},
-    {"mp::DecodeError", make_with_message<DecodeError>},
-    {"mp::AuthenticationError", make_with_message<AuthenticationError>},
-    {"mp::BrokenProcessPool", make_with_message<BrokenProcessPool>},
-    {"mp::CancelledError", make_with_message<CancelledError>},
-    {"mp::EOFError", make_with_message<EOFError>},
-    {"mp::QueueClosed", make_with_message<QueueClosed>},
-    {"mp::Empty", make_with_message<Empty>},
-    {"mp::Full", make_with_message<Full>},
-    {"mp::BrokenBarrierError", make_with_message<BrokenBarrierError>},
-    {"mp::EmptyHandle", make_with_message<EmptyHandle>},
-    {"mp::InvalidStateError", make_with_message<InvalidStateError>},
-    {"mp::BrokenPromise", make_with_message<BrokenPromise>},
-};
+template <class E>
+KnownType known(std::exception_ptr (*make)(const ErrorInfo&)) {
+    return {demangle(typeid(E).name()), make};
+}
+
+// Exceptions that come back as themselves: the standard ones and mp's own. Names are as
+// demangle spells typeid's (as current_exception_type_name does), e.g.
+// "std::ios_base::failure[abi:cxx11]".
+const std::vector<KnownType>& known_types() {
+    namespace fs = std::filesystem;
+    static const std::vector<KnownType> types = {
+        known<std::runtime_error>(make_with_message<std::runtime_error>),
+        known<std::logic_error>(make_with_message<std::logic_error>),
+        known<std::invalid_argument>(make_with_message<std::invalid_argument>),
+        known<std::out_of_range>(make_with_message<std::out_of_range>),
+        known<std::length_error>(make_with_message<std::length_error>),
+        known<std::domain_error>(make_with_message<std::domain_error>),
+        known<std::range_error>(make_with_message<std::range_error>),
+        known<std::overflow_error>(make_with_message<std::overflow_error>),
+        known<std::underflow_error>(make_with_message<std::underflow_error>),
+        known<std::bad_alloc>([](const ErrorInfo&) { return std::make_exception_ptr(std::bad_alloc()); }),
+        known<std::bad_cast>(make_default<std::bad_cast>),
+        known<std::bad_variant_access>(make_default<std::bad_variant_access>),
+        known<std::system_error>(make_system_error),
+        known<std::ios_base::failure>(make_ios_failure),
+        known<fs::filesystem_error>(make_filesystem_error),
+        known<Error>(make_with_message<Error>),
+        known<TimeoutError>(make_with_message<TimeoutError>),
+        known<ProcessError>(make_with_message<ProcessError>),
+        known<DecodeError>(make_with_message<DecodeError>),
+        known<AuthenticationError>(make_with_message<AuthenticationError>),
+        known<BrokenProcessPool>(make_with_message<BrokenProcessPool>),
+        known<CancelledError>(make_with_message<CancelledError>),
+        known<EOFError>(make_with_message<EOFError>),
+        known<QueueClosed>(make_with_message<QueueClosed>),
+        known<ShutDown>(make_with_message<ShutDown>),
+        known<Empty>(make_with_message<Empty>),
+        known<Full>(make_with_message<Full>),
+        known<BrokenBarrierError>(make_with_message<BrokenBarrierError>),
+        known<EmptyHandle>(make_with_message<EmptyHandle>),
+        known<InvalidStateError>(make_with_message<InvalidStateError>),
+        known<BrokenPromise>(make_with_message<BrokenPromise>),
+        known<WorkerDied>(make_worker_died),
+        known<BufferTooShort>(make_buffer_too_short),
+        known<py::UnpicklingError>(make_with_message<py::UnpicklingError>),
+        known<py::PicklingError>(make_with_message<py::PicklingError>),
+    };
+    return types;
+}
+
+// What the receiving side needs beyond type and message, by type (see known_types).
+std::string encode_detail(const std::exception& x) {
+    Encoder d;
+    if (const auto* died = dynamic_cast<const WorkerDied*>(&x)) {
+        d.put(static_cast<std::int32_t>(died->pid()));
+        d.put(static_cast<std::int32_t>(died->exit_code() ? *died->exit_code() : -*died->signal()));
+    } else if (const auto* shortb = dynamic_cast<const BufferTooShort*>(&x)) {
+        return shortb->message();
+    } else if (const auto* sys = dynamic_cast<const std::system_error*>(&x)) {
+        d.put(static_cast<std::uint8_t>(category_id(sys->code().category())));
+        d.put(static_cast<std::int32_t>(sys->code().value()));
+        if (const auto* fse = dynamic_cast<const std::filesystem::filesystem_error*>(&x)) {
+            d.put(fse->path1().string());
+            d.put(fse->path2().string());
+        }
+    } else {
+        return {};
+    }
+    return d.take();
+}
 
 }  // namespace
 
@@ -109,9 +274,15 @@ void encode_current_exception(Encoder& e) {
             info.type_name = r.type_name();
             info.message = r.message();
             info.origin = r.origin();
+        } catch (const RemoteMessage& r) {
+            // Rebuilt here from another process's: sent on under the standard type's name.
+            info.type_name = demangle(r.standard_type().name());
+            info.message = dynamic_cast<const std::exception&>(r).what();
+            info.detail = encode_detail(dynamic_cast<const std::exception&>(r));
         } catch (const std::exception& x) {
             info.type_name = current_exception_type_name();
             info.message = x.what();
+            info.detail = encode_detail(x);
         } catch (...) {
             info.type_name = current_exception_type_name();
             info.message = "unknown exception";
@@ -122,6 +293,7 @@ void encode_current_exception(Encoder& e) {
     e.put(info.type_name);
     e.put(info.message);
     e.put(info.origin);
+    e.put(info.detail);
 }
 
 ErrorInfo decode_error_info(Decoder& d) {
@@ -129,12 +301,20 @@ ErrorInfo decode_error_info(Decoder& d) {
     info.type_name = d.get<std::string>();
     info.message = d.get<std::string>();
     info.origin = d.get<std::string>();
+    info.detail = d.get<std::string>();
     return info;
 }
 
 std::exception_ptr make_remote_exception(const ErrorInfo& info) {
-    for (const KnownType& k : kKnownTypes)
-        if (k.name == info.type_name) return k.make(info.message);
+    for (const KnownType& k : known_types()) {
+        if (k.name != info.type_name) continue;
+        try {
+            if (std::exception_ptr e = k.make(info)) return e;
+        } catch (const DecodeError&) {
+            // Details that do not decode: the type and message still arrive, as a RemoteError.
+        }
+        break;
+    }
     return std::make_exception_ptr(RemoteError(info.type_name, info.message, info.origin));
 }
 

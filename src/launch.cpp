@@ -11,6 +11,8 @@
 #include <csignal>
 #include <cstdio>
 #include <iostream>
+#include <stdio_ext.h>
+#include <streambuf>
 
 #if defined(__GLIBCXX__)
 #include <ext/stdio_sync_filebuf.h>
@@ -60,9 +62,37 @@ void flush_standard_streams(bool cxx) noexcept {
     if (stderr->_IO_write_ptr > stderr->_IO_write_base) std::fflush(stderr);
 }
 
+// __fpurge through a pointer set at load time (a GOT entry, bound before main): a call through
+// the PLT from a child would bind it lazily there, running ld.so after fork.
+void (*const g_fpurge)(FILE*) = &::__fpurge;
+
+// The put area of a C++ stream buffer, reset through streambuf's protected members.
+struct PutArea : std::streambuf {
+    static void discard(std::streambuf* b) noexcept {
+        char* (std::streambuf::*pbase_of)() const = &PutArea::pbase;
+        char* (std::streambuf::*pptr_of)() const = &PutArea::pptr;
+        char* (std::streambuf::*epptr_of)() const = &PutArea::epptr;
+        void (std::streambuf::*set)(char*, char*) = &PutArea::setp;
+        if (b != nullptr && (b->*pptr_of)() > (b->*pbase_of)()) (b->*set)((b->*pbase_of)(), (b->*epptr_of)());
+    }
+};
+
+// In a fork child, before it writes anything of its own: the parent flushed just before fork,
+// so what the standard streams hold now was written by another of the parent's threads in
+// between. It is the parent's to write; the child would write it a second time at its end.
+// No lock and no allocation: __fpurge only moves the stream's pointers (and another thread's
+// write cut short by the fork leaves them where a purge puts them anyway).
+void discard_inherited_output() noexcept {
+    for (FILE* f : {stdout, stderr})
+        if (f->_IO_write_ptr > f->_IO_write_base || f->_mode > 0) g_fpurge(f);
+    // Buffers of the C++ streams' own, when they are not stdio's (see cxx_streams_buffer).
+    if (g_cxx_streams_buffer.load(std::memory_order_relaxed))
+        for (std::ostream* os : {&std::cout, &std::cerr, &std::clog}) PutArea::discard(os->rdbuf());
+}
 
 // The one fork of a parent: `child` runs in the child with every signal blocked and never
-// returns. Returns the child's pid; throws std::system_error naming `what`.
+// returns; it starts with nothing of the parent's pending on the standard streams. Returns the
+// child's pid; throws std::system_error naming `what`.
 pid_t fork_blocked(const char* what, ChildMain child) {
     flush_before_fork();
     // A SIGTERM sent before the child has restored SIGTERM's default action then stays pending
@@ -71,7 +101,10 @@ pid_t fork_blocked(const char* what, ChildMain child) {
     sigfillset(&all);
     ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
     const pid_t pid = ::fork();
-    if (pid == 0) sys::exit_child(child());
+    if (pid == 0) {
+        discard_inherited_output();
+        sys::exit_child(child());
+    }
     const int err = errno;
     ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
     if (pid < 0) sys::throw_system_error(err, what);

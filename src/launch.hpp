@@ -2,7 +2,8 @@
 // The one way mp starts a process. Process::start, the pool's workers and the long-lived helpers
 // (forkserver, shared-memory tracker) all come here, so the rules of a start are written once:
 //   - flush before fork what the child would flush again at its end (C stdio, and the C++
-//     standard streams when they keep buffers of their own);
+//     standard streams when they keep buffers of their own), and discard in a fork child what
+//     another thread wrote to them between that flush and the fork (the parent's to write);
 //   - every signal blocked in the forking thread across fork (become_child unblocks), so a
 //     signal sent to the new child before it has reset its dispositions stays pending;
 //   - the start method: fork here, exec the program afresh (spawn), or ask the forkserver

@@ -46,6 +46,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <system_error>
 
 #include "mp/futures.hpp"
 #include "mp/util.hpp"
@@ -351,6 +352,13 @@ std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
     job->bytes.assign(std::move(task.bytes));
     for (int fd : task.fds) {
         int d = ::fcntl(fd, F_DUPFD_CLOEXEC, 3);
+        if (d < 0 && (errno == EMFILE || errno == ENFILE)) {
+            // Only this submit fails: the duplicates taken so far close with `job`.
+            throw std::system_error(errno, std::system_category(),
+                                    "fcntl(F_DUPFD_CLOEXEC): out of file descriptors for a task's "
+                                    "handle (each pending task holds a duplicate of every descriptor "
+                                    "it passes; wait for submitted work or raise RLIMIT_NOFILE)");
+        }
         if (d < 0) sys::throw_system_error(errno, "fcntl(F_DUPFD_CLOEXEC)");
         sys::Fd owned(d);
         job->extra().fds.push_back(std::move(owned));
@@ -362,8 +370,18 @@ std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
     if (impl_->broken) throw BrokenProcessPool(impl_->broken_reason);
     if (impl_->shutting_down || impl_->terminate_requested)
         throw Error("cannot schedule new futures after shutdown");
-    impl_->incoming.push_back(std::move(job));
     impl_->submitted.fetch_add(1, std::memory_order_relaxed);
+    if (const auto limit = job->timeout(impl_->cfg); limit && *limit <= std::chrono::nanoseconds::zero()) {
+        // Its time limit has passed before any worker could start it: it fails now. Sent, it
+        // would cost a worker killed before starting it, then the next, and so on.
+        job->release_descriptors();
+        impl_->failed_count.fetch_add(1, std::memory_order_relaxed);
+        job->set_exception(std::make_exception_ptr(
+            TimeoutError("the task's time limit (" + std::to_string(limit->count()) +
+                         " ns) had passed before it could start; no worker ran it")));
+        return core;
+    }
+    impl_->incoming.push_back(std::move(job));
     impl_->pending_count.fetch_add(1, std::memory_order_relaxed);
     impl_->ring_if_sleeping();
     return core;
@@ -418,6 +436,9 @@ void PoolEngine::terminate() {
         impl_->terminate_requested = true;
         impl_->ring();
     }
+    // From a callback, on the pool's own thread: the loop kills the workers once the callback
+    // returns (as Python's terminate() in a callback, which does not join its result thread).
+    if (impl_->thread.get_id() == std::this_thread::get_id()) return;
     join();
 }
 

@@ -84,6 +84,7 @@ private:
 struct JobExtras {
     std::vector<sys::Fd> fds;
     std::optional<nanoseconds> timeout;  // the task's own, over PoolConfig::task_timeout
+    int unstarted_timeouts = 0;          // workers killed for its time limit before it started
 };
 
 // A task and its future in one block of the pool's arena (job_arena): the queues hold pointers,

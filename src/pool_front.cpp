@@ -63,7 +63,8 @@ void Pool::check_running() const {
 void Pool::close() {
     // The unread input of a live imap is work already asked for: submit it before closing.
     if (stage_ == Stage::running) detail::drain_imaps(*imaps_);
-    if (stage_ == Stage::running) stage_ = Stage::closed;
+    Stage running = Stage::running;
+    stage_.compare_exchange_strong(running, Stage::closed);
     engine_.shutdown(false, false);
 }
 

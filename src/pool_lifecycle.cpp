@@ -30,6 +30,11 @@ volatile int g_forked_from_thread = 0;
 
 namespace {
 
+// A task that has not started by its time limit goes to another worker; after this many
+// workers killed for it before it started, it fails with TimeoutError instead (a limit shorter
+// than a worker takes to start it would otherwise cost a new worker each time, for ever).
+constexpr int kUnstartedTimeouts = 3;
+
 // A forkserver worker's entry: map the status page, then serve.
 void forkserver_worker(PassedFd sock, PassedFd page, std::uint64_t page_bytes) {
     void* p = ::mmap(nullptr, page_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, page.fd, 0);
@@ -259,13 +264,21 @@ void PoolEngine::Impl::wait_exit(pool::Worker& w, bool terminating) {
         std::exception_ptr e;
         if (terminating) {
             e = std::make_exception_ptr(BrokenProcessPool("the pool was terminated"));
-        } else if (const auto r = job->take_back(); r == pool::Job::Back::taken) {
+        } else if (const auto r = job->take_back(); r == pool::Job::Back::taken &&
+                                                   !(w.timed_out == job->ordinal &&
+                                                     ++job->extra().unstarted_timeouts >= pool::kUnstartedTimeouts)) {
             again.push_back(std::move(job));  // never started
             continue;
         } else if (r == pool::Job::Back::cancelled) {
             running_count.fetch_sub(1, std::memory_order_relaxed);
             cancelled_count.fetch_add(1, std::memory_order_relaxed);
             continue;
+        } else if (r == pool::Job::Back::taken) {
+            // Never started, and killed for its time limit once too often (above).
+            e = std::make_exception_ptr(TimeoutError(
+                "the task's time limit passed before " + std::to_string(pool::kUnstartedTimeouts) +
+                " workers in turn could start it; the last, " + w.name + " (pid " +
+                std::to_string(w.pid) + "), was killed"));
         } else if (job->ordinal <= finished_ord) {
             e = std::make_exception_ptr(WorkerDied(w.pid, status));  // its answer was lost
         } else {

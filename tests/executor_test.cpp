@@ -33,6 +33,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
@@ -514,6 +515,110 @@ TEST(ExecutorTest, MapTimeout) {
         for (int v : r) results.push_back(v);
     });
     EXPECT_EQ(results, (std::vector<int>{0, 0}));
+}
+
+// Appends `i` to the file `ran`, then (item 1 only) waits for `gate`.
+int note_then_wait_at_one(int i, std::string ran, std::string gate) {
+    const int fd = ::open(ran.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+        const std::string line = std::to_string(i) + "\n";
+        (void)!::write(fd, line.data(), line.size());
+        ::close(fd);
+    }
+    if (i == 1) return wait_file(gate);
+    return i;
+}
+
+std::vector<int> lines_as_ints(const std::string& path) {
+    std::ifstream in(path);
+    std::vector<int> out;
+    for (int v; in >> v;) out.push_back(v);
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+TEST(ExecutorTest, LeavingAMapLoopEarlyCancelsWhatHasNotStarted) {
+    // As closing Python's map generator: after the first result the loop ends; the item the one
+    // worker may be running (1, which waits for the gate) finishes, no later one runs.
+    TempDir dir;
+    Gate gate(dir);
+    const std::string ran = dir.file("ran");
+    {
+        mp::ProcessPoolExecutor ex({.max_workers = 1});
+        std::vector<int> in{0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
+        for (int v : ex.map(note_then_wait_at_one, in, std::vector<std::string>(in.size(), ran),
+                            std::vector<std::string>(in.size(), gate.path()))) {
+            EXPECT_EQ(v, 0);
+            break;
+        }
+        gate.open();
+        ex.shutdown(true);
+    }
+    const std::vector<int> got = lines_as_ints(ran);
+    ASSERT_FALSE(got.empty());
+    EXPECT_EQ(got.front(), 0);
+    EXPECT_LE(got.size(), 2u);
+    EXPECT_TRUE(got.size() == 1 || got[1] == 1) << "item " << got.back() << " ran";
+}
+
+TEST(ExecutorTest, AMapNeverIteratedStillRunsEveryCall) {
+    // As Python's map whose generator never started: dropping it cancels nothing.
+    TempDir dir;
+    Gate gate(dir);
+    gate.open();
+    const std::string ran = dir.file("ran");
+    {
+        mp::ProcessPoolExecutor ex({.max_workers = 1});
+        std::vector<int> in{0, 1, 2, 3, 4};
+        (void)ex.map(note_then_wait_at_one, in, std::vector<std::string>(in.size(), ran),
+                     std::vector<std::string>(in.size(), gate.path()));
+        ex.shutdown(true);
+    }
+    EXPECT_EQ(lines_as_ints(ran), (std::vector<int>{0, 1, 2, 3, 4}));
+}
+
+TEST(ExecutorTest, ACopyOfMapResultsStillIteratingKeepsItsWork) {
+    TempDir dir;
+    Gate gate(dir);
+    gate.open();
+    const std::string ran = dir.file("ran");
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    std::vector<int> in{0, 1, 2, 3, 4};
+    auto r = ex.map(note_then_wait_at_one, in, std::vector<std::string>(in.size(), ran),
+                    std::vector<std::string>(in.size(), gate.path()));
+    {
+        auto copy = r;
+        for (int v : copy) {
+            EXPECT_EQ(v, 0);
+            break;
+        }
+    }
+    EXPECT_EQ(r.to_vector(), (std::vector<int>{0, 1, 2, 3, 4}));
+}
+
+int throw_system_error(int e) { throw std::system_error(e, std::generic_category(), "open /nowhere"); }
+int throw_shut_down(int) { throw mp::ShutDown(); }
+int throw_worker_died(int pid) { throw mp::WorkerDied(pid, -9); }
+int throw_filesystem_error(std::string p) {
+    throw std::filesystem::filesystem_error("remove", p, std::make_error_code(std::errc::permission_denied));
+}
+
+TEST(ExecutorTest, SystemAndMpExceptionsComeBackAsThemselves) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    if (auto e = catch_as<std::system_error>([&] { (void)ex.submit(throw_system_error, ENOENT).result(kLong); })) {
+        EXPECT_EQ(e->code(), std::error_code(ENOENT, std::generic_category()));
+        EXPECT_EQ(std::string(e->what()), std::system_error(ENOENT, std::generic_category(), "open /nowhere").what());
+    }
+    EXPECT_TRUE(catch_as<mp::ShutDown>([&] { (void)ex.submit(throw_shut_down, 0).result(kLong); }));
+    if (auto e = catch_as<mp::WorkerDied>([&] { (void)ex.submit(throw_worker_died, 1234).result(kLong); })) {
+        EXPECT_EQ(e->pid(), 1234);
+        EXPECT_EQ(e->signal(), 9);
+    }
+    if (auto e = catch_as<std::filesystem::filesystem_error>(
+            [&] { (void)ex.submit(throw_filesystem_error, std::string("/x/y")).result(kLong); })) {
+        EXPECT_EQ(e->path1(), std::filesystem::path("/x/y"));
+        EXPECT_EQ(e->code(), std::make_error_code(std::errc::permission_denied));
+    }
 }
 
 TEST(ExecutorTest, MapWithASegfaultingItemFailsOnlyThatItem) {
@@ -2254,6 +2359,40 @@ TEST(ExecutorTimeoutValues, MapTimeoutAndTaskTimeouts) {
                  mp::TimeoutError);
 }
 
+
+TEST(ExecutorTimeoutValues, ATaskTimeLimitOfZeroOrLessCostsNoWorker) {
+    // Its limit has passed when it is due: it fails once, and no worker is started for it
+    // (each attempt used to go to a fresh worker with a fresh zero deadline, dozens in a row).
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    ASSERT_EQ(ex.submit(sleep_ms, 1).result(kLong), 1);
+    ASSERT_TRUE(eventually([&] { return ex.stats().workers_started == 2; }));
+    const auto before = ex.stats();
+    for (auto t : {std::chrono::nanoseconds(0), std::chrono::nanoseconds(-1'000'000'000)}) {
+        auto e = catch_as<mp::TimeoutError>([&] { (void)ex.submit({.timeout = t}, sleep_ms, 10).result(kLong); });
+        EXPECT_TRUE(e.has_value());
+    }
+    EXPECT_EQ(ex.submit(sleep_ms, 1).result(kLong), 1);
+    const auto after = ex.stats();
+    EXPECT_EQ(after.workers_started, before.workers_started);
+    EXPECT_EQ(after.failed, before.failed + 2);
+    // A pool-wide limit of zero: likewise, for every task.
+    mp::ProcessPoolExecutor zero({.max_workers = 1, .task_timeout = std::chrono::nanoseconds(0)});
+    EXPECT_THROW((void)zero.submit(sleep_ms, 10).result(kLong), mp::TimeoutError);
+    EXPECT_THROW((void)zero.submit(sleep_ms, 10).result(kLong), mp::TimeoutError);
+    EXPECT_LE(zero.stats().workers_started, 1u);
+}
+
+TEST(ExecutorTimeoutValues, ATaskTimeLimitTooShortToStartCostsFewWorkers) {
+    // A limit of a nanosecond passes before any worker can start the task: after a few workers
+    // killed for it, it fails rather than costing a new worker each time.
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    ASSERT_EQ(ex.submit(sleep_ms, 1).result(kLong), 1);
+    const auto before = ex.stats().workers_started;
+    EXPECT_THROW((void)ex.submit({.timeout = std::chrono::nanoseconds(1)}, sleep_ms, 10).result(kLong),
+                 mp::TimeoutError);
+    EXPECT_EQ(ex.submit(sleep_ms, 1).result(kLong), 1);
+    EXPECT_LE(ex.stats().workers_started, before + 3);
+}
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
+#include <filesystem>
+#include <ios>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -16,9 +19,11 @@
 #include <regex>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <limits>
 #include <thread>
 #include <typeinfo>
+#include <variant>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -30,6 +35,7 @@
 #include "mp/detail/future_core.hpp"
 #include "mp/errors.hpp"
 #include "mp/process.hpp"
+#include "mp/py.hpp"
 #include "mp/serialize.hpp"
 
 using namespace std::chrono_literals;
@@ -1126,6 +1132,149 @@ TEST(RemoteException, StandardTypesComeBackAsThemselves) {
     check(mp::Empty("r"));
     check(mp::Full("s"));
     check(mp::BrokenBarrierError("t"));
+}
+
+// The exception make_remote_exception rebuilds from `original`'s ErrorInfo, caught as E.
+template <class E>
+std::optional<E> back_as(const E& original) {
+    const ErrorInfo info = round_trip_info(original);
+    try {
+        std::rethrow_exception(mp::detail::make_remote_exception(info));
+    } catch (const E& e) {
+        EXPECT_STREQ(e.what(), original.what()) << info.type_name;
+        return e;
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << info.type_name << " came back as another type: " << e.what();
+    } catch (...) {
+        ADD_FAILURE() << info.type_name << " came back as another type";
+    }
+    return std::nullopt;
+}
+
+TEST(RemoteException, MpsOwnTypesComeBackAsThemselves) {
+    EXPECT_TRUE(back_as(mp::ShutDown()));
+    EXPECT_TRUE(back_as(mp::ShutDown("shut down for good")));
+    EXPECT_TRUE(back_as(mp::py::UnpicklingError("bad opcode")));
+    EXPECT_TRUE(back_as(mp::py::PicklingError("not UTF-8")));
+    EXPECT_TRUE(back_as(mp::EmptyHandle("empty")));
+    EXPECT_TRUE(back_as(mp::InvalidStateError("finished")));
+    EXPECT_TRUE(back_as(mp::BrokenPromise()));
+    if (auto e = back_as(mp::WorkerDied(4242, -9))) {
+        EXPECT_EQ(e->pid(), 4242);
+        EXPECT_EQ(e->signal(), 9);
+        EXPECT_EQ(e->exit_code(), std::nullopt);
+    }
+    if (auto e = back_as(mp::WorkerDied(77, 3))) {
+        EXPECT_EQ(e->pid(), 77);
+        EXPECT_EQ(e->exit_code(), 3);
+    }
+    if (auto e = back_as(mp::BufferTooShort(std::string("\0the whole message", 18)))) {
+        EXPECT_EQ(e->message(), std::string("\0the whole message", 18));
+    }
+}
+
+TEST(RemoteException, SystemErrorKeepsItsCode) {
+    const std::system_error with_arg(ENOENT, std::generic_category(), "open /nowhere");
+    if (auto e = back_as(with_arg)) {
+        EXPECT_EQ(e->code(), std::error_code(ENOENT, std::generic_category()));
+    }
+    const std::system_error without_arg(std::error_code(EACCES, std::system_category()));
+    if (auto e = back_as(without_arg)) {
+        EXPECT_EQ(e->code(), std::error_code(EACCES, std::system_category()));
+    }
+    const std::system_error odd_arg(EPIPE, std::system_category(), "write: Broken pipe: twice");
+    if (auto e = back_as(odd_arg)) {
+        EXPECT_EQ(e->code(), std::error_code(EPIPE, std::system_category()));
+    }
+    // As itself, with the same type: not a look-alike.
+    const ErrorInfo info = round_trip_info(with_arg);
+    try {
+        std::rethrow_exception(mp::detail::make_remote_exception(info));
+    } catch (const std::exception& e) {
+        EXPECT_EQ(typeid(e), typeid(std::system_error));
+    }
+}
+
+TEST(RemoteException, StreamAndFilesystemErrorsKeepCodeAndPaths) {
+    namespace fs = std::filesystem;
+    if (auto e = back_as(std::ios_base::failure("read failed"))) {
+        EXPECT_EQ(e->code(), std::io_errc::stream);
+    }
+    if (auto e = back_as(std::ios_base::failure("eof", std::error_code(EIO, std::generic_category())))) {
+        EXPECT_EQ(e->code(), std::error_code(EIO, std::generic_category()));
+    }
+    const auto enoent = std::make_error_code(std::errc::no_such_file_or_directory);
+    if (auto e = back_as(fs::filesystem_error("copy", fs::path("/a b"), fs::path("/c"), enoent))) {
+        EXPECT_EQ(e->code(), enoent);
+        EXPECT_EQ(e->path1(), fs::path("/a b"));
+        EXPECT_EQ(e->path2(), fs::path("/c"));
+    }
+    if (auto e = back_as(fs::filesystem_error("remove", fs::path("/x"), enoent))) {
+        EXPECT_EQ(e->path1(), fs::path("/x"));
+        EXPECT_TRUE(e->path2().empty());
+    }
+    if (auto e = back_as(fs::filesystem_error("", enoent))) {
+        EXPECT_EQ(e->code(), enoent);
+    }
+}
+
+TEST(RemoteException, BadCastAndBadVariantAccessComeBackAsThemselves) {
+    EXPECT_TRUE(back_as(std::bad_cast()));
+    std::variant<int, std::string> v = 1;
+    try {
+        (void)std::get<std::string>(v);
+        FAIL() << "no bad_variant_access";
+    } catch (const std::bad_variant_access& original) {
+        // Its message (libstdc++: "std::get: wrong index for variant") comes back too.
+        EXPECT_TRUE(back_as(original));
+    }
+    EXPECT_TRUE(back_as(std::bad_variant_access()));
+}
+
+TEST(RemoteException, ARebuiltExceptionKeepsItsTypeOnTheNextHop) {
+    std::variant<int, std::string> v = 1;
+    std::exception_ptr first;
+    try {
+        (void)std::get<std::string>(v);
+    } catch (const std::bad_variant_access&) {
+        mp::Encoder e;
+        mp::detail::encode_current_exception(e);
+        const std::string bytes = e.take();
+        mp::Decoder d(bytes);
+        first = mp::detail::make_remote_exception(mp::detail::decode_error_info(d));
+    }
+    ASSERT_TRUE(first);
+    // Passed on by a process that caught it.
+    mp::Encoder e;
+    try {
+        std::rethrow_exception(first);
+    } catch (...) {
+        mp::detail::encode_current_exception(e);
+    }
+    const std::string bytes = e.take();
+    mp::Decoder d(bytes);
+    const ErrorInfo info = mp::detail::decode_error_info(d);
+    EXPECT_EQ(info.type_name, "std::bad_variant_access");
+    EXPECT_THROW(std::rethrow_exception(mp::detail::make_remote_exception(info)), std::bad_variant_access);
+}
+
+class OtherCategory final : public std::error_category {
+public:
+    const char* name() const noexcept override { return "other"; }
+    std::string message(int) const override { return "other failure"; }
+};
+
+TEST(RemoteException, SystemErrorOfAnotherCategoryBecomesRemoteError) {
+    static const OtherCategory other;
+    const ErrorInfo info = round_trip_info(std::system_error(5, other, "op"));
+    try {
+        std::rethrow_exception(mp::detail::make_remote_exception(info));
+    } catch (const mp::RemoteError& e) {
+        EXPECT_EQ(e.type_name(), "std::system_error");
+        EXPECT_EQ(e.message(), "op: other failure");
+    } catch (...) {
+        ADD_FAILURE() << "not an mp::RemoteError";
+    }
 }
 
 TEST(RemoteException, CustomTypeBecomesRemoteError) {

@@ -6,15 +6,19 @@
 // arrive" on the second task.)
 
 #include <dirent.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <string>
+#include <system_error>
 #include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "helpers/run_child.hpp"
 #include "mp/connection.hpp"
 #include "mp/futures.hpp"
 #include "mp/pool.hpp"
@@ -178,6 +182,51 @@ TEST_P(PoolDescriptors, ParentKeepsNoDescriptorOfAFinishedTaskWhoseFutureLives) 
     for (int i = 0; i < 20; ++i) kept.push_back(ex.submit(set_event, ev, i));
     for (int i = 0; i < 20; ++i) ASSERT_EQ(kept[i].result(kWait), i);
     EXPECT_EQ(open_fds(), before) << "finished tasks still hold their descriptors";
+}
+
+// Holds the one worker until `ev` is set (at most kWait).
+int hold_until(mp::Event ev) { return ev.wait(kWait) ? 1 : 0; }
+
+// In a child of the test: with the one worker held, tasks that each take the same Queue pile up
+// under a low descriptor limit until a submit runs out. That submit alone fails, with EMFILE;
+// the ones before it and later ones run. Exit code 0 when all of that held.
+int submit_until_out_of_descriptors() {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    if (ex.submit(plain, 2).result(kWait) != -2) return 2;
+    mp::Event release;
+    mp::Queue<int> q;
+    auto held = ex.submit(hold_until, release);
+    rlimit saved{};
+    if (::getrlimit(RLIMIT_NOFILE, &saved) != 0) return 3;
+    rlimit low = saved;
+    low.rlim_cur = static_cast<rlim_t>(open_fds() + 3 + 24);
+    if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return 4;
+    std::vector<mp::Future<int>> pending;
+    bool ran_out = false;
+    for (int i = 0; i < 1000 && !ran_out; ++i) {
+        try {
+            pending.push_back(ex.submit(put_index, q, i));
+        } catch (const std::system_error& e) {
+            if (e.code() != std::error_code(EMFILE, std::system_category())) return 5;
+            // It says what holds the descriptors.
+            if (std::string(e.what()).find("each pending task holds") == std::string::npos) return 11;
+            ran_out = true;
+        }
+    }
+    if (!ran_out || pending.empty()) return 6;
+    release.set();
+    if (held.result(kWait) != 1) return 7;
+    for (std::size_t i = 0; i < pending.size(); ++i)
+        if (pending[i].result(kWait) != static_cast<int>(i) || q.get(kWait) != static_cast<int>(i)) return 8;
+    // Still under the low limit: the pool works, tasks with descriptors too.
+    if (ex.submit(plain, 3).result(kWait) != -3) return 9;
+    if (ex.submit(put_index, q, 77).result(kWait) != 77 || q.get(kWait) != 77) return 10;
+    ex.shutdown(true);
+    return 0;
+}
+
+TEST(PoolDescriptorLimit, ASubmitOutOfDescriptorsFailsAloneAndThePoolGoesOn) {
+    EXPECT_EQ(mp::test::run_child(mp::StartMethod::fork, std::chrono::seconds(120), submit_until_out_of_descriptors), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(StartMethods, PoolDescriptors,

@@ -44,6 +44,8 @@
 
 #include "helpers/gate_file.hpp"
 #include "helpers/leak_check.hpp"
+#include "helpers/lines.hpp"
+#include "helpers/run_child.hpp"
 #include "helpers/start_methods.hpp"
 #include "helpers/temp_dir.hpp"
 #include "helpers/timeouts.hpp"
@@ -341,6 +343,36 @@ TEST_P(PoolTest, MapAsyncCallbacks) {
     std::lock_guard lk(mu);
     EXPECT_EQ(call_args, (std::vector<std::vector<int>>{{1, 4}}));
     EXPECT_EQ(errors, (std::vector<std::string>{"raised for 1"}));
+}
+
+TEST_P(PoolTest, AnExceptionFromAMapCallbackIsNotAnError) {
+    // As apply_async's: what escapes the success callback is printed; error_callback is only
+    // for the work's failure, and get() still returns the values.
+    mp::Pool pool(with_method(mp::PoolOptions{.processes = 2}));
+    std::atomic<int> callbacks{0};
+    std::atomic<int> error_callbacks{0};
+    const std::string err = capture_stderr([&] {
+        auto r = pool.map_async(
+            sqr, std::vector<int>{1, 2, 3}, {},
+            std::function<void(const std::vector<int>&)>([&](const std::vector<int>&) {
+                ++callbacks;
+                throw std::runtime_error("thrown by the callback");
+            }),
+            [&](std::exception_ptr) { ++error_callbacks; });
+        EXPECT_EQ(r.get(kLong), (std::vector<int>{1, 4, 9}));
+        EXPECT_TRUE(r.successful());
+        // The same through apply_async, for comparison.
+        auto a = pool.apply_async(sqr, mp::args(5), [&](const int&) {
+            ++callbacks;
+            throw std::runtime_error("thrown by the callback");
+        }, [&](std::exception_ptr) { ++error_callbacks; });
+        EXPECT_EQ(a.get(kLong), 25);
+    });
+    EXPECT_EQ(callbacks.load(), 2);
+    EXPECT_EQ(error_callbacks.load(), 0);
+    EXPECT_EQ(mp::test::count_of(err, "thrown by the callback"), 2u) << "stderr was: " << err;
+    pool.close();
+    pool.join();
 }
 
 TEST_P(PoolTest, MapChunksize) {
@@ -684,6 +716,31 @@ TEST_P(PoolTest, ApplyAfterCloseThrows) {
     EXPECT_THROW(pool.apply_async(sqr, 1), mp::Error);
     EXPECT_THROW(pool.map(sqr, range(3)), mp::Error);
     EXPECT_THROW(pool.imap(sqr, range(3)), mp::Error);
+    pool.join();
+}
+
+TEST_P(PoolTest, TerminateFromACallbackReturns) {
+    // As Python's terminate() in a callback: it returns normally; the workers go once the
+    // callback has returned, and the work still running fails.
+    TempDir dir;
+    Gate gate(dir);
+    mp::Pool pool(with_method(mp::PoolOptions{.processes = 2}));
+    auto blocked = pool.apply_async(wait_file, gate.path());
+    std::atomic<int> returned{0};
+    std::atomic<int> threw{0};
+    auto r = pool.apply_async(sqr, mp::args(7), [&](const int&) {
+        try {
+            pool.terminate();
+            returned = 1;
+        } catch (...) {
+            threw = 1;
+        }
+    });
+    EXPECT_EQ(r.get(kLong), 49);
+    EXPECT_EQ(returned.load(), 1);
+    EXPECT_EQ(threw.load(), 0);
+    EXPECT_THROW(blocked.get(kLong), mp::BrokenProcessPool);
+    EXPECT_THROW(pool.apply(sqr, 1), mp::Error);
     pool.join();
 }
 
@@ -1238,6 +1295,59 @@ TEST_P(PoolStatsTest, CountsAndWorkerNames) {
     EXPECT_EQ(names, (std::set<std::string>{worker_prefix() + "1", worker_prefix() + "2"}));
     pool.close();
     pool.join();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A fork worker started while another thread of the parent writes to stdout
+// ---------------------------------------------------------------------------------------------
+
+// In a child of the test (stdout a file, fully buffered): one thread numbers lines to stdout
+// without pause while a fork pool that replaces its worker after every task runs tasks. Each
+// replacement is forked with the writer's latest lines in stdout's buffer; the worker must not
+// write them again at its end.
+int print_while_replacing_workers(std::string path) {
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0600);
+    if (fd < 0) return 2;
+    std::fflush(stdout);
+    ::dup2(fd, 1);
+    ::close(fd);
+    std::setvbuf(stdout, nullptr, _IOFBF, 1 << 16);
+    std::atomic<bool> stop{false};
+    std::thread writer([&] {
+        for (long i = 0; !stop.load(std::memory_order_relaxed); ++i) std::printf("line %ld\n", i);
+    });
+    int bad = 0;
+    {
+        mp::Pool pool(mp::PoolOptions{.processes = 2, .maxtasksperchild = 1,
+                                      .start_method = mp::StartMethod::fork});
+        for (int i = 0; i < 40; ++i)
+            if (pool.apply_async(sqr, i).get(kLong) != i * i) ++bad;
+        pool.close();
+        pool.join();
+    }
+    stop = true;
+    writer.join();
+    std::fflush(stdout);
+    return bad == 0 ? 0 : 3;
+}
+
+TEST(PoolForkStdout, AReplacementWorkerWritesNothingOfTheParentsStdout) {
+    TempDir dir;
+    const std::string path = dir.file("stdout");
+    ASSERT_EQ(mp::test::run_child(mp::StartMethod::fork, 60s, print_while_replacing_workers, path), 0);
+    std::ifstream in(path);
+    std::string line;
+    long expected = 0;
+    long out_of_order = 0;
+    while (std::getline(in, line)) {
+        if (line != "line " + std::to_string(expected)) {
+            if (out_of_order++ < 5) ADD_FAILURE() << "line " << expected << " is: " << line;
+        } else {
+            ++expected;
+        }
+    }
+    EXPECT_GT(expected, 0);
+    EXPECT_EQ(out_of_order, 0) << "lines written twice or torn, of " << expected;
 }
 
 }  // namespace

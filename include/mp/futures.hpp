@@ -16,9 +16,13 @@
 ///
 /// Failures arrive through the future:
 /// - an exception thrown by the task: standard exception types (std::out_of_range,
-///   std::invalid_argument, std::runtime_error, ...) and mp's own come back as themselves with
-///   the remote message; any other type as mp::RemoteError with its type name, message and the
-///   worker it came from;
+///   std::invalid_argument, std::runtime_error, std::bad_cast, std::bad_variant_access, ...) and
+///   mp's own (mp::WorkerDied with its pid and status, mp::BufferTooShort with its message,
+///   mp::py::UnpicklingError, ...) come back as themselves with the remote message; a
+///   std::system_error, std::ios_base::failure or std::filesystem::filesystem_error too, with its
+///   error code (and paths), when the code's category is the generic, system or iostream one.
+///   Any other type comes back as mp::RemoteError with its type name, message and the worker it
+///   came from;
 /// - a worker that died running the task (segfault, abort, exit(), SIGKILL, the OOM killer):
 ///   mp::WorkerDied with its pid and exit code or signal. Only that task (or chunk) fails; a
 ///   replacement worker starts and the pool carries on. With
@@ -27,6 +31,12 @@
 /// - a task that ran past its timeout: its worker is killed, the future fails with
 ///   mp::TimeoutError, a replacement starts;
 /// - cancel() before the task started: mp::CancelledError.
+///
+/// Descriptors: a task whose arguments carry descriptors (a Queue, Lock, Event, Value,
+/// Connection, ...) holds a duplicate of each, in this process, from submit until it finishes:
+/// 2000 pending tasks that each take the same Queue hold its descriptors 2000 times over, and
+/// may exceed RLIMIT_NOFILE (1024 by default). A submit that runs out throws std::system_error
+/// (EMFILE) and only that submit fails: wait for some submitted work, or raise the limit.
 ///
 /// Threads: futures may be waited on from any thread. Done callbacks run in the pool's own
 /// thread (the one that collects results), or at once in the calling thread when the future is
@@ -397,7 +407,9 @@ struct ExecutorOptions {
     /// Default per-task time limit, counted from when the task is the next for a worker; empty:
     /// none. It bounds the time to the result: a worker that has not finished it by then, or
     /// not even started it (stopped, say), is killed; a task that had started fails with
-    /// TimeoutError, one that had not goes to another worker.
+    /// TimeoutError, one that had not goes to another worker (after the third worker killed
+    /// for it so, it fails with TimeoutError). Zero or less: every task fails with TimeoutError
+    /// at submit, and no worker runs it.
     detail::Timeout task_timeout{};
     /// Python's behaviour: a worker that dies breaks the whole pool (BrokenProcessPool).
     bool break_on_worker_death = false;
@@ -405,7 +417,8 @@ struct ExecutorOptions {
 
 /// Options of one submit.
 struct TaskOptions {
-    /// Overrides ExecutorOptions::task_timeout for this task.
+    /// Overrides ExecutorOptions::task_timeout for this task. Zero or less: the future fails
+    /// with TimeoutError at once, and no worker runs the task.
     detail::Timeout timeout{};
 };
 
@@ -513,6 +526,11 @@ auto star_rows(R& range) {
 /// iteration may go on past it (catch around `*it`), so one bad input does not cost the rest.
 /// A whole chunk whose worker died throws WorkerDied for each of its items. After a
 /// TimeoutError the chunks not yet started are cancelled, as Python's map does.
+///
+/// Destroying the results once iteration has begun (leaving a loop early with break, return or
+/// an exception) cancels the chunks not yet started, as closing Python's map generator does: a
+/// chunk a worker has begun runs to its end. Results never iterated cancel nothing (as Python's
+/// generator that was never started): `ex.map(f, xs);` still runs every call.
 template <class R>
 class MapResults {
 public:
@@ -523,6 +541,32 @@ public:
         deadline_ = detail::deadline_after(timeout);
         if (progress) detail::show_progress(*set_, label);
     }
+    MapResults(const MapResults&) = default;
+    MapResults& operator=(const MapResults& other) {
+        if (this != &other) {
+            MapResults copy(other);
+            *this = std::move(copy);
+        }
+        return *this;
+    }
+    MapResults(MapResults&& other) noexcept
+        : set_(std::move(other.set_)),
+          deadline_(other.deadline_),
+          parsed_chunk_(other.parsed_chunk_),
+          items_(std::move(other.items_)),
+          iterated_(std::exchange(other.iterated_, false)) {}
+    MapResults& operator=(MapResults&& other) noexcept {
+        if (this != &other) {
+            drop();
+            set_ = std::move(other.set_);
+            deadline_ = other.deadline_;
+            parsed_chunk_ = other.parsed_chunk_;
+            items_ = std::move(other.items_);
+            iterated_ = std::exchange(other.iterated_, false);
+        }
+        return *this;
+    }
+    ~MapResults() { drop(); }
 
     /// How many results there will be.
     std::size_t size() const { return set().items; }
@@ -556,7 +600,10 @@ public:
         std::size_t pos_ = 0;
     };
 
-    iterator begin() { return iterator(this); }
+    iterator begin() {
+        iterated_ = true;
+        return iterator(this);
+    }
     std::default_sentinel_t end() const noexcept { return {}; }
 
     /// Every result, in order (throws as iteration would).
@@ -592,10 +639,24 @@ private:
 
     detail::ChunkSet& set() const { return detail::deref_handle(set_, "mp::MapResults"); }
 
+    // The last copy of results whose iteration began: what was not started will not be wanted.
+    // (Copies share the chunks; one going while another still iterates cancels nothing.)
+    void drop() noexcept {
+        if (iterated_ && set_ && set_.use_count() == 1) {
+            try {
+                cancel();
+            } catch (...) {
+                // Cancelling cannot fail but for memory: the chunks then run, as if waited for.
+            }
+        }
+        iterated_ = false;
+    }
+
     std::shared_ptr<detail::ChunkSet> set_;
     detail::Deadline deadline_;
     std::size_t parsed_chunk_ = static_cast<std::size_t>(-1);
     std::vector<detail::ChunkItem> items_;
+    bool iterated_ = false;
 };
 
 namespace detail {

@@ -12,8 +12,13 @@
 /// Where Python's Pool hangs for ever when a worker dies, mp's fails the task (or chunk) that
 /// the worker ran with mp::WorkerDied and carries on with a replacement.
 ///
+/// Work whose arguments carry descriptors holds a duplicate of each while pending (see
+/// futures.hpp, "Descriptors"): a submit that runs out throws std::system_error (EMFILE).
+///
 /// Callbacks (apply_async, map_async) run in the pool's result thread, never in a worker; they
-/// must not block for long.
+/// must not block for long. error_callback is called only when the work failed; an exception
+/// that escapes a callback is printed (through mp's logger) and changes nothing else: get()
+/// still returns the values.
 ///
 /// Destructor policy: as Python's `with Pool()` (and Pool.__del__), destroying a Pool that is
 /// still running (neither closed nor terminated) terminates it: unfinished work fails with
@@ -21,6 +26,7 @@
 /// submitted work to finish and the workers to exit, as join() does.
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <exception>
@@ -54,7 +60,8 @@ struct PoolOptions {
     std::optional<StartMethod> start_method{};
     /// Per-task (per-chunk) time limit, counted from when the task is the next for a worker;
     /// the worker is killed, the task fails with TimeoutError (one it had not started goes to
-    /// another worker).
+    /// another worker, up to three workers killed for it). Zero or less: every task fails with
+    /// TimeoutError at once, and no worker runs it.
     detail::Timeout task_timeout{};
 };
 
@@ -464,7 +471,9 @@ public:
 
     /// No more work may be submitted; the workers exit once the submitted work is done.
     void close();
-    /// Kills the workers now; unfinished work fails with BrokenProcessPool.
+    /// Kills the workers now; unfinished work fails with BrokenProcessPool. Called from a
+    /// callback (on the pool's own thread) it returns at once, and the workers are killed as
+    /// soon as the callback returns.
     void terminate();
     /// Waits for the workers to exit. Throws mp::Error unless close() or terminate() came first
     /// (Python: ValueError "Pool is still running").
@@ -539,17 +548,23 @@ private:
         if (callback || error_callback) {
             all = all->after_callback([shared, callback = std::move(callback),
                                        error_callback = std::move(error_callback)](detail::FutureCore& c) {
+                // error_callback only for the work's failure (a task's exception, or an item's
+                // that collecting the results rethrows); what escapes `callback` is printed, as
+                // for apply_async (run_callback), and get() still returns the values.
                 std::exception_ptr e = c.error();
+                std::optional<std::vector<R>> v;
                 if (!e) {
                     try {
-                        auto v = detail::collect_chunks<R>(*shared);
-                        if (callback) callback(v);
-                        return;
+                        v = detail::collect_chunks<R>(*shared);
                     } catch (...) {
                         e = std::current_exception();
                     }
                 }
-                if (error_callback) error_callback(e);
+                if (v) {
+                    if (callback) callback(*v);
+                } else if (error_callback) {
+                    error_callback(e);
+                }
             }, on_pool_thread());
         }
         return AsyncResult<std::vector<R>>(all, [shared] { return detail::collect_chunks<R>(*shared); });
@@ -590,7 +605,8 @@ private:
     }
 
     enum class Stage { running, closed, terminated };
-    Stage stage_ = Stage::running;
+    // Atomic: close() or terminate() may come from a callback, on the pool's own thread.
+    std::atomic<Stage> stage_{Stage::running};
     detail::PoolEngine engine_;
     std::shared_ptr<detail::IMapSink> imaps_ = make_imap_sink(engine_);
 

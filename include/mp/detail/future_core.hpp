@@ -29,6 +29,9 @@ struct ErrorInfo {
     std::string type_name{};  // demangled, e.g. "std::out_of_range"
     std::string message{};    // what()
     std::string origin{};     // e.g. "ForkServerPoolWorker-2 (pid 1234)"
+    std::string detail{};     // what rebuilding the type needs beyond what(), by type: a
+                              // system_error's category and value (and a filesystem_error's
+                              // paths), a WorkerDied's pid and status, a BufferTooShort's message
 };
 
 /// Inside a catch block: appends the exception being handled (type name, what(), this process).
@@ -36,8 +39,11 @@ void encode_current_exception(Encoder& e);
 /// Reads what encode_current_exception wrote.
 ErrorInfo decode_error_info(Decoder& d);
 /// The exception to raise here for `info`: a standard exception type (std::out_of_range,
-/// std::invalid_argument, ...) and mp's own come back as themselves with the remote message;
-/// anything else is an mp::RemoteError keeping type name, message and origin.
+/// std::invalid_argument, std::bad_cast, std::bad_variant_access, ...) and mp's own come back as
+/// themselves with the remote message; a std::system_error, std::ios_base::failure or
+/// std::filesystem::filesystem_error too, with its error code (and paths), when its category is
+/// the generic, system or iostream one. Anything else is an mp::RemoteError keeping type name,
+/// message and origin.
 std::exception_ptr make_remote_exception(const ErrorInfo& info);
 
 class FutureCore;

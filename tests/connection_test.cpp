@@ -1084,7 +1084,8 @@ TEST(Wait, ClosedConnectionOrBadDescriptorThrows) {
 // ppoll skips a negative descriptor: without a check, wait({-1}) would sleep for ever and
 // wait({-1}, 0s) report nothing ready, where the header promises EBADF.
 TEST(Wait, NegativeDescriptorThrowsBeforeWaiting) {
-    auto [a, b] = mp::Pipe();
+    mp::Connection a, b;  // not a structured binding: the lambdas below capture `a` (clang 14)
+    std::tie(a, b) = mp::Pipe();
     b.send_bytes("ready");
     expect_bad_fd([&] { (void)mp::connection::wait({-1}, 0s); }, "not open");
     expect_bad_fd([&] { (void)mp::connection::wait({a.fileno(), -1}, 0s); }, "not open");

@@ -1365,7 +1365,7 @@ void barrier_party(mp::Barrier b) {
 // still comes at construction.
 TEST(ProcessFork, ArgumentThatCannotBeSentIsCopiedUnderFork) {
     mp::Event ran;
-    const int k = 5;
+    int k = 5;  // not const: the action captures state
     mp::Barrier b(2, [k, ran]() mutable {
         if (k == 5) ran.set();
     });

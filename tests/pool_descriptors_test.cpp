@@ -226,6 +226,13 @@ int submit_until_out_of_descriptors() {
 }
 
 TEST(PoolDescriptorLimit, ASubmitOutOfDescriptorsFailsAloneAndThePoolGoesOn) {
+#if defined(__SANITIZE_ADDRESS__)
+    // As check_recovers_from_emfile (executor_test): the asan preset's UBSan vptr check needs a
+    // descriptor of its own (a pipe to probe memory), and reports the pool thread's
+    // std::system_error as an object of a wrong type in a process out of them. The plain, clang
+    // and TSan builds run this test.
+    GTEST_SKIP() << "UBSan's vptr check cannot run in a process out of descriptors";
+#endif
     EXPECT_EQ(mp::test::run_child(mp::StartMethod::fork, std::chrono::seconds(120), submit_until_out_of_descriptors), 0);
 }
 

@@ -405,15 +405,19 @@ void BaseServer::shutdown(detail::Timeout timeout) {
 }
 
 void BaseServer::request_shutdown(detail::Timeout timeout) noexcept {
-    {
-        std::lock_guard lock(mu_);
-        shutdown_request_ = true;
-        const char b = 1;
-        (void)!::write(wake_w_, &b, 1);  // a full pipe already wakes serve_forever
-    }
-    if (!timeout) return;
+    // The deadline before the request: serve_forever acts on the request as soon as it sees it
+    // (a prefork server ends its workers by the deadline then), so the deadline must be set by
+    // that time. Set after, a prefork stop could find none and wait for a busy worker for ever.
+    if (timeout) set_close_deadline(*timeout);
+    std::lock_guard lock(mu_);
+    shutdown_request_ = true;
+    const char b = 1;
+    (void)!::write(wake_w_, &b, 1);  // a full pipe already wakes serve_forever
+}
+
+void BaseServer::set_close_deadline(std::chrono::nanoseconds timeout) noexcept {
     // Never negative, and below detail::forever: now() + timeout cannot overflow.
-    const auto at = Clock::now() + *timeout;
+    const auto at = Clock::now() + timeout;
     std::lock_guard lock(connections_mu_);
     if (close_at_ && *close_at_ <= at) return;  // an earlier deadline stands
     close_at_ = at;

@@ -308,8 +308,10 @@ private:
 
     bool get_request(Request& request, ServerAddress& client);
     void join_threads(bool all);
-    /// Sets the shutdown flag, wakes serve_forever and, with a timeout, arms the closer.
+    /// With a timeout, arms the closer first; then sets the shutdown flag and wakes serve_forever.
     void request_shutdown(detail::Timeout timeout) noexcept;
+    /// Sets the close deadline (now + timeout, unless an earlier one stands) and the closer.
+    void set_close_deadline(std::chrono::nanoseconds timeout) noexcept;
     /// Waits for handler threads and children; past the close deadline, kills the children.
     void finish_handlers(std::optional<std::chrono::steady_clock::time_point> deadline);
     void reap(Child& c);

@@ -617,6 +617,12 @@ int throw_filesystem_error(std::string p) {
 }
 
 TEST(ExecutorTest, SystemAndMpExceptionsComeBackAsThemselves) {
+#if defined(__SANITIZE_THREAD__)
+    // The pool thread may drop a future's exception after the test has read it; the exception's
+    // reference count lives in libstdc++, which TSan does not see, so it reports a race (as it
+    // did for AResultHoldingAHandleFailsItsTaskClearly). The plain, clang and ASan builds run it.
+    GTEST_SKIP() << "TSan cannot see libstdc++'s exception reference counts";
+#endif
     mp::ProcessPoolExecutor ex({.max_workers = 1});
     if (auto e = catch_as<std::system_error>([&] { (void)ex.submit(throw_system_error, ENOENT).result(kLong); })) {
         EXPECT_EQ(e->code(), std::error_code(ENOENT, std::generic_category()));

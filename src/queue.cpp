@@ -77,8 +77,8 @@
 // wake-up comes after the unlock. On x86-64 the fence then finds nothing left to drain, so a put
 // and a get each cost two atomic read-modify-writes (the lock, its release) instead of three
 // (bench row W4). A waker killed between the unlock and the wake-up is a wake-up lost, as one
-// killed between its index and the wake-up always was: the waiter's sleep is cut into kRecheck
-// slices.
+// killed between its index and the wake-up always was: the waiter's sleep is cut into 50 ms
+// slices (sys::futex_wait_sliced).
 
 #include "mp/queue.hpp"
 
@@ -149,12 +149,6 @@ inline void fence_after_unlock() noexcept {
     std::atomic_thread_fence(std::memory_order_seq_cst);
 #endif
 }
-
-// A sleep never lasts longer than this before the condition is looked at again: a peer killed
-// between making progress and waking us, or another waiter clearing the shared flag as it
-// leaves, would otherwise leave us asleep although the condition holds. The same bound applies
-// to a wait for either lock (see RobustGuard).
-constexpr auto kRecheck = std::chrono::milliseconds(50);
 
 // Holds a queue lock (sys::FutexMutex); when its previous holder died, runs the repair first. A
 // repair that throws leaves the lock as a dead holder's, so the next locker repairs again (as a
@@ -407,11 +401,10 @@ bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {
         flag.store(1, sc);
         const std::uint32_t seen = seq.load(sc);
         if (ready()) break;
-        const auto recheck = std::chrono::steady_clock::now() + kRecheck;
-        const bool capped = !deadline || recheck < *deadline;
-        if (sys::futex_wait(seq, seen, capped ? Deadline(recheck) : deadline) == sys::FutexResult::timed_out &&
-            !capped)
-            break;
+        // Sliced: a peer killed between making progress and waking us, or another waiter
+        // clearing the shared flag as it leaves, would otherwise leave us asleep although the
+        // condition holds.
+        if (sys::futex_wait_sliced(seq, seen, deadline) == sys::FutexResult::timed_out) break;
     }
     flag.store(0, rlx);
     return ready();

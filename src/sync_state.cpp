@@ -45,20 +45,6 @@ const char* kind_name(Kind k) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sleeping on a shared word.
-
-sys::FutexResult futex_wait_sliced(const std::atomic<std::uint32_t>& word,
-                                   std::uint32_t expected, const Deadline& deadline) {
-    const auto recheck = std::chrono::steady_clock::now() + recheck_interval;
-    const bool capped = !deadline || recheck < *deadline;
-    if (sys::futex_wait(word, expected, capped ? Deadline(recheck) : deadline) ==
-            sys::FutexResult::timed_out &&
-        !capped)
-        return sys::FutexResult::timed_out;
-    return sys::FutexResult::woken;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Mutex operations.
 
 namespace {
@@ -215,7 +201,7 @@ bool cond_wait(CondCore& c, MutexCore& m, const Deadline& deadline) {
                 woken = true;
                 break;
             }
-            if (futex_wait_sliced(c.seq, s, deadline) == sys::FutexResult::timed_out) {
+            if (sys::futex_wait_sliced(c.seq, s, deadline) == sys::FutexResult::timed_out) {
                 woken = leave_wait(c, my_seq);
                 break;
             }

@@ -141,20 +141,6 @@ Core* core_of(const SharedBlock& b) noexcept {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sleeping on a shared word.
-
-// A waiter on a Semaphore or Condition sleeps at most this long before it looks again: release()
-// and notify() wake exactly as many sleepers as they grant, and one of those may be killed before
-// it takes its grant, which then waits, unseen, for a live waiter to look. The same bound as the
-// queues' and FutexMutex's waits (kRecheck in queue.cpp and sys/futex_mutex.cpp).
-inline constexpr auto recheck_interval = std::chrono::milliseconds(50);
-
-// sys::futex_wait, sleeping at most recheck_interval: timed_out only once `deadline` has passed;
-// otherwise the caller re-checks its condition and calls again.
-sys::FutexResult futex_wait_sliced(const std::atomic<std::uint32_t>& word,
-                                   std::uint32_t expected, const Deadline& deadline);
-
-// ---------------------------------------------------------------------------------------------
 // Mutex operations.
 
 enum class LockMode { block, try_once, timed };

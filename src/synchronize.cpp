@@ -368,7 +368,7 @@ bool Semaphore::acquire_until(const Deadline& deadline) {
     // Sliced: release() wakes one sleeper, which may be killed before it takes the permit.
     for (;;) {
         if (try_take(c)) return true;
-        if (futex_wait_sliced(c.value, 0, deadline) == sys::FutexResult::timed_out)
+        if (sys::futex_wait_sliced(c.value, 0, deadline) == sys::FutexResult::timed_out)
             return try_take(c);
     }
 }

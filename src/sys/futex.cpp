@@ -59,6 +59,17 @@ FutexResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t exp
     }
 }
 
+FutexResult futex_wait_sliced(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
+                              const mp::detail::Deadline& deadline) {
+    const auto recheck = std::chrono::steady_clock::now() + futex_recheck_interval;
+    const bool capped = !deadline || recheck < *deadline;
+    if (futex_wait(word, expected, capped ? mp::detail::Deadline(recheck) : deadline) ==
+            FutexResult::timed_out &&
+        !capped)
+        return FutexResult::timed_out;
+    return FutexResult::woken;
+}
+
 int futex_wake(const std::atomic<std::uint32_t>& word, int count, std::uint32_t bitset,
                FutexScope scope) {
     if (count <= 0) return 0;

@@ -61,6 +61,20 @@ FutexResult futex_wait(const std::atomic<std::uint32_t>& word, std::uint32_t exp
                        std::uint32_t bitset = futex_bitset_any,
                        FutexScope scope = FutexScope::shared);
 
+/// How long futex_wait_sliced sleeps at most before its caller looks again.
+inline constexpr auto futex_recheck_interval = std::chrono::milliseconds(50);
+
+/// futex_wait on a shared word, sleeping at most futex_recheck_interval: `timed_out` only once
+/// `deadline` has passed; otherwise the caller re-checks its condition and calls again.
+///
+/// For waits whose wake-up can be lost to a process killed at the wrong moment: a waker that
+/// wakes exactly as many sleepers as it grants (a semaphore's release, a queue's single wake, an
+/// unlock that wakes one waiter) can pick one that is killed before it takes its grant, which
+/// then waits, unseen, until a live waiter looks again. The slices bound that loss to 50 ms; the
+/// wake-up paths, and a wait that is woken, cost the same as futex_wait's.
+FutexResult futex_wait_sliced(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
+                              const mp::detail::Deadline& deadline = std::nullopt);
+
 /// Wakes at most `count` sleepers on `word` (in any process, for a shared word) whose bitset
 /// shares a bit with `bitset` and that sleep with the same `scope`; returns how many were woken.
 /// Cheap when nobody sleeps (one system call, no wait), but callers that can tell nobody waits

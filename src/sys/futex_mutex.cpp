@@ -32,13 +32,6 @@ constexpr std::uint32_t kTid = FUTEX_TID_MASK;
 constexpr std::uint32_t kWaiters = FUTEX_WAITERS;
 constexpr std::uint32_t kOwnerDied = FUTEX_OWNER_DIED;
 
-// A waiter sleeps at most this long before re-reading the word. The unlock clears the word (and
-// with it kWaiters) and wakes one waiter; if that one is killed before it runs while another
-// thread takes the free lock with the one-CAS fast path (which sets no kWaiters), nobody is left
-// to wake the other sleepers: the dead waiter's robust-list cleanup finds a word naming a live
-// owner, and that owner's unlock sees no kWaiters. The slices bound that loss to 50 ms.
-constexpr auto kRecheck = std::chrono::milliseconds(50);
-
 [[maybe_unused]] const int atfork_registered =
     ::pthread_atfork(nullptr, nullptr, [] { detail::cached_tid = 0; });
 
@@ -116,11 +109,13 @@ FutexMutex::Result FutexMutex::lock_slow(
                     continue;
                 v |= kWaiters;
             }
-            const auto now = std::chrono::steady_clock::now();
-            if (deadline && now >= *deadline) break;
-            const auto recheck = now + kRecheck;
-            (void)futex_wait(word, v,
-                                         deadline ? std::min(recheck, *deadline) : recheck);
+            // Sliced (futex_wait_sliced): the unlock clears the word (and with it kWaiters) and
+            // wakes one waiter; if that one is killed before it runs while another thread takes
+            // the free lock with the one-CAS fast path (which sets no kWaiters), nobody is left
+            // to wake the other sleepers: the dead waiter's robust-list cleanup finds a word
+            // naming a live owner, and that owner's unlock sees no kWaiters.
+            if (deadline && std::chrono::steady_clock::now() >= *deadline) break;
+            (void)futex_wait_sliced(word, v, deadline);
             waiters = kWaiters;
             v = word.load(std::memory_order_relaxed);
         }

@@ -542,6 +542,15 @@ int note_then_wait_at_one(int i, std::string ran, std::string gate) {
     return i;
 }
 
+// ex.map of note_then_wait_at_one over 0 .. n-1: every call notes its item in `ran`, item 1
+// then waits for `gate`.
+auto map_noting(mp::ProcessPoolExecutor& ex, int n, const std::string& ran, const Gate& gate) {
+    std::vector<int> in(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i) in[static_cast<std::size_t>(i)] = i;
+    return ex.map(note_then_wait_at_one, in, std::vector<std::string>(in.size(), ran),
+                  std::vector<std::string>(in.size(), gate.path()));
+}
+
 std::vector<int> lines_as_ints(const std::string& path) {
     std::ifstream in(path);
     std::vector<int> out;
@@ -558,9 +567,7 @@ TEST(ExecutorTest, LeavingAMapLoopEarlyCancelsWhatHasNotStarted) {
     const std::string ran = dir.file("ran");
     {
         mp::ProcessPoolExecutor ex({.max_workers = 1});
-        std::vector<int> in{0, 1, 2, 3, 4, 5, 6, 7, 8, 9};
-        for (int v : ex.map(note_then_wait_at_one, in, std::vector<std::string>(in.size(), ran),
-                            std::vector<std::string>(in.size(), gate.path()))) {
+        for (int v : map_noting(ex, 10, ran, gate)) {
             EXPECT_EQ(v, 0);
             break;
         }
@@ -582,9 +589,7 @@ TEST(ExecutorTest, AMapNeverIteratedStillRunsEveryCall) {
     const std::string ran = dir.file("ran");
     {
         mp::ProcessPoolExecutor ex({.max_workers = 1});
-        std::vector<int> in{0, 1, 2, 3, 4};
-        (void)ex.map(note_then_wait_at_one, in, std::vector<std::string>(in.size(), ran),
-                     std::vector<std::string>(in.size(), gate.path()));
+        (void)map_noting(ex, 5, ran, gate);
         ex.shutdown(true);
     }
     EXPECT_EQ(lines_as_ints(ran), (std::vector<int>{0, 1, 2, 3, 4}));
@@ -596,9 +601,7 @@ TEST(ExecutorTest, ACopyOfMapResultsStillIteratingKeepsItsWork) {
     gate.open();
     const std::string ran = dir.file("ran");
     mp::ProcessPoolExecutor ex({.max_workers = 1});
-    std::vector<int> in{0, 1, 2, 3, 4};
-    auto r = ex.map(note_then_wait_at_one, in, std::vector<std::string>(in.size(), ran),
-                    std::vector<std::string>(in.size(), gate.path()));
+    auto r = map_noting(ex, 5, ran, gate);
     {
         auto copy = r;
         for (int v : copy) {

@@ -311,6 +311,7 @@ void start_server_locked(Client& c) {
         spec.authkey = current_process().authkey;
         spec.method = StartMethod::spawn;
         spec.task = &task;
+        spec.logs_start = false;
         launch_detached("fork (forkserver)", spec);
     } else {
         // A program without the main hook (mp used from a plugin, or linked by hand without mp's

@@ -70,6 +70,9 @@ struct ChildSpec {
     /// fork: descriptors of the parent the child closes first (another worker's socket kept
     /// open in this one would hide that worker's end of file).
     std::span<const int> close_in_child;
+    /// Logs Python's "child process calling self.run()" as it starts (false for a helper of
+    /// mp's own, the forkserver, which Python does not log either).
+    bool logs_start = true;
 };
 
 /// A descriptor as an argument of a ChildSpec task (the pool's worker socket and page, the

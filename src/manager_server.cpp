@@ -23,6 +23,7 @@
 #include "manager_internal.hpp"
 #include "mp/detail/future_core.hpp"
 #include "mp/process.hpp"
+#include "mp/util.hpp"
 
 namespace mp {
 namespace detail::managers {
@@ -78,6 +79,12 @@ public:
 
     /// Accepts until shutdown; then closes every client connection and returns.
     void serve() {
+        if (Logger& log = get_logger(); log.enabled_for(LogLevel::info)) {
+            // As Python's repr of the address: 'path' or ('host', port).
+            const Address& a = listener_.address();
+            log.info("manager serving at " + (a.is_tcp() ? "('" + a.host + "', " + std::to_string(a.port) + ")"
+                                                         : "'" + a.to_string() + "'"));
+        }
         while (!stopping_.load()) {
             std::optional<Connection> c;
             try {
@@ -176,6 +183,7 @@ private:
                 return;
             }
             case Op::shutdown:
+                get_logger().debug("manager received shutdown message");
                 stopping_.store(true);
                 return;
             case Op::ping:

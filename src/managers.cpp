@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "manager_internal.hpp"
+#include "mp/util.hpp"
 #include "sys/crypto.hpp"
 
 namespace mp {
@@ -57,6 +58,7 @@ void BaseManager::shutdown() {
     if (!server_) {
         if (connected_) {
             connected_ = false;
+            get_logger().info("sending shutdown message to manager");
             dm::request(address_, authkey_, dm::Op::shutdown, 0, {}, {});
             dm::drop_connection(address_, authkey_);
         }
@@ -65,6 +67,7 @@ void BaseManager::shutdown() {
     auto handle = std::move(server_);
     if (handle->process->is_alive()) {
         try {
+            get_logger().info("sending shutdown message to manager");
             dm::request(address_, authkey_, dm::Op::shutdown, 0, {}, {});
         } catch (...) {
             // Not answering: it is killed below.
@@ -81,6 +84,8 @@ void BaseManager::shutdown() {
 
 std::shared_ptr<dm::ProxyState> BaseManager::create_state(const std::string& type_id,
                                                           std::string args) {
+    if (Logger& log = get_logger(); log.enabled_for(LogLevel::debug))
+        log.debug("requesting creation of a shared '" + type_id + "' object");
     std::string reply = dm::request(address_, authkey_, dm::Op::create, 0, type_id, args);
     Decoder d(reply);
     auto id = d.get<std::uint64_t>();

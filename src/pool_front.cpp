@@ -5,6 +5,7 @@
 
 #include "mp/futures.hpp"
 #include "mp/pool.hpp"
+#include "mp/util.hpp"
 
 namespace mp {
 
@@ -61,6 +62,7 @@ void Pool::check_running() const {
 }
 
 void Pool::close() {
+    get_logger().debug("closing pool");
     // The unread input of a live imap is work already asked for: submit it before closing.
     if (stage_ == Stage::running) detail::drain_imaps(*imaps_);
     Stage running = Stage::running;
@@ -69,12 +71,14 @@ void Pool::close() {
 }
 
 void Pool::terminate() {
+    get_logger().debug("terminating pool");
     stage_ = Stage::terminated;
     engine_.terminate();
 }
 
 void Pool::join() {
     if (stage_ == Stage::running) throw Error("Pool is still running");
+    get_logger().debug("joining pool");
     engine_.join();
 }
 

@@ -14,6 +14,7 @@
 #include <system_error>
 
 #include "mp/futures.hpp"
+#include "mp/util.hpp"
 #include "describe.hpp"
 #include "pool_engine_impl.hpp"
 #include "process_impl.hpp"
@@ -176,6 +177,7 @@ void PoolEngine::Impl::start_worker() {
     w->out.add(pool::FrameType::init, 0, 0, init, {}, std::move(frame_fds));
     guard.keep = true;
     started_count.fetch_add(1, std::memory_order_relaxed);
+    get_logger().debug("added worker");
     std::lock_guard lock(mu);
     workers.push_back(std::move(w));
 }

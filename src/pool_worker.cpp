@@ -377,10 +377,24 @@ public:
         out_.add(FrameType::ready, 0, 0, {});
         while (true) {
             Frame f = next_frame();
-            if (f.type == FrameType::eof_marker) return 0;
+            if (f.type == FrameType::eof_marker) {
+                get_logger().debug("worker got sentinel -- exiting");
+                return exiting(0);
+            }
             if (f.type != FrameType::task) return 3;
-            if (!run_one(f)) return 0;
+            if (!run_one(f)) return exiting(0);
         }
+    }
+
+    // Python's worker's last words (debug), then `code`.
+    int exiting(int code) const noexcept {
+        Logger& log = get_logger();
+        if (log.enabled_for(LogLevel::debug)) {
+            char line[64];
+            std::snprintf(line, sizeof line, "worker exiting after %llu tasks", static_cast<unsigned long long>(done_));
+            log.debug(line);
+        }
+        return code;
     }
 
 private:

@@ -27,6 +27,7 @@
 #include <typeinfo>
 
 #include "describe.hpp"
+#include "mp/util.hpp"
 #include "launch.hpp"
 #include "process_impl.hpp"
 #include "sys/crypto.hpp"
@@ -55,7 +56,6 @@ struct Globals {
     std::mutex registry_mu;
     std::vector<std::shared_ptr<ProcessState>> registry;  // started, not yet reaped
     pid_t registry_owner = 0;
-    bool atexit_registered = false;
 
     std::mutex method_mu;
     StartMethod method = StartMethod::fork;
@@ -74,16 +74,11 @@ Globals& globals() {
     return *g;
 }
 
-void exit_handler() noexcept;
-
 void register_child(const std::shared_ptr<ProcessState>& s) {
     s->listed = true;
+    detail::register_exit_function();
     Globals& g = globals();
     std::lock_guard lock(g.registry_mu);
-    if (!g.atexit_registered) {
-        std::atexit(exit_handler);
-        g.atexit_registered = true;
-    }
     g.registry.push_back(s);
 }
 
@@ -101,13 +96,32 @@ std::vector<std::shared_ptr<ProcessState>> registry_snapshot() {
     return g.registry;
 }
 
-// Python's _exit_function: terminate daemonic children, then join every child still running.
-void exit_handler() noexcept {
+// Logs "<what><name>" at info, building the line only when it goes somewhere.
+void log_info_named(const char* what, const std::string& name) noexcept {
+    Logger& log = get_logger();
+    if (!log.enabled_for(LogLevel::info)) return;
+    try {
+        log.info(what + name);
+    } catch (...) {
+        // Out of memory: the line is lost, not the exit.
+    }
+}
+
+// Terminates the daemonic children, then joins every child still running.
+void end_children() noexcept {
     try {
         auto children = registry_snapshot();
-        for (auto& c : children)
-            if (c->daemon && !c->wait(std::chrono::nanoseconds::zero())) c->signal(SIGTERM);
-        for (auto& c : children) c->wait(std::nullopt);
+        for (auto& c : children) {
+            if (c->daemon && !c->wait(std::chrono::nanoseconds::zero())) {
+                log_info_named("calling terminate() for daemon ", c->name);
+                c->signal(SIGTERM);
+            }
+        }
+        for (auto& c : children) {
+            if (c->wait(std::chrono::nanoseconds::zero())) continue;
+            log_info_named("calling join() for process ", c->name);
+            c->wait(std::nullopt);
+        }
     } catch (...) {
         // Exiting anyway: nothing sensible to do with an error here.
     }
@@ -233,10 +247,33 @@ void report_child_exception() noexcept {
     std::fflush(stderr);
 }
 
+void exit_function() noexcept {
+    Logger& log = get_logger();
+    log.info("process shutting down");
+    log.debug("running all \"atexit\" finalizers with priority >= 0");
+    util::run_finalizers(0);
+    end_children();
+    log.debug("running the remaining \"atexit\" finalizers");
+    util::run_finalizers();
+}
+
+void register_exit_function() noexcept {
+    static std::once_flag once;  // a fork child has its parent's registration, and this flag
+    std::call_once(once, [] { std::atexit(exit_function); });
+}
+
+void log_child_start() noexcept { get_logger().info("child process calling self.run()"); }
+
 void finish_child(int code) noexcept {
-    // A child is a parent too: its daemons go, its other children are waited for (Python's
-    // _bootstrap runs util._exit_function the same way).
-    exit_handler();
+    // A child is a parent too: its finalizers run, its daemons go, its other children are
+    // waited for (Python's _bootstrap runs util._exit_function the same way).
+    exit_function();
+    Logger& log = get_logger();
+    if (log.enabled_for(LogLevel::info)) {
+        char line[48];
+        std::snprintf(line, sizeof line, "process exiting with exitcode %d", code);
+        log.info(line);
+    }
     flush_standard_streams_at_exit();
     sys::exit_child(code);
 }

@@ -82,8 +82,19 @@ void stdin_from_null() noexcept;
 /// code (0, or 1 after an exception).
 template <class F>
 int run_guarded(F&& body) noexcept;
-/// Ends this process's children as Python's do, flushes the standard streams (see
-/// flush_standard_streams_at_exit), then _exit(code). A child never returns through main.
+/// Python's util._exit_function, for a process that ends: the finalizers of priority 0 and up,
+/// then its daemon children terminated and every child joined, then the other finalizers, each
+/// step logged as Python logs it. Registered with std::atexit by the first child started or
+/// util::Finalize with an exit priority made in this process; finish_child calls it too.
+void exit_function() noexcept;
+/// Registers exit_function with std::atexit, once per program (a fork child has its parent's).
+void register_exit_function() noexcept;
+/// In a new child, once it is set up and before its work: Python's "child process calling
+/// self.run()" (info).
+void log_child_start() noexcept;
+/// Runs exit_function (this process's finalizers and children, as Python's), flushes the
+/// standard streams (see flush_standard_streams_at_exit), then _exit(code). A child never
+/// returns through main.
 [[noreturn]] void finish_child(int code) noexcept;
 /// Prints the current exception as Python prints an exception escaping Process.run.
 void report_child_exception() noexcept;
@@ -111,6 +122,7 @@ struct ChildRequest {
     std::uint64_t build_id = 0;
     /// The requester's logger, which the child's follows.
     LogSettings log{};
+    bool logs_start = true;  // ChildSpec::logs_start
     std::string task;
     std::vector<int> task_fds;  // borrowed; sent with SCM_RIGHTS, not encoded
 };

@@ -66,6 +66,7 @@ struct Codec<detail::ChildRequest> {
         e.put(static_cast<std::int32_t>(r.parent_pid));
         e.put(r.log.level);
         e.put(r.log.to_stderr);
+        e.put(r.logs_start);
         put_string(e, r.task);
     }
     static detail::ChildRequest decode(Decoder& d) {
@@ -80,6 +81,7 @@ struct Codec<detail::ChildRequest> {
         r.parent_pid = d.get<std::int32_t>();
         r.log.level = d.get<std::int32_t>();
         r.log.to_stderr = d.get<bool>();
+        r.logs_start = d.get<bool>();
         r.task = get_string(d);
         return r;
     }
@@ -275,6 +277,7 @@ ChildRequest make_request(const ChildSpec& spec) {
     req.parent_pid = sys::self_pid();
     req.build_id = program_build_id();
     req.log = log_settings();
+    req.logs_start = spec.logs_start;
     req.task = spec.task->bytes;
     req.task_fds = spec.task->fds;
     return req;
@@ -320,6 +323,7 @@ void run_request(int fd, bool direct) noexcept {
         become_child(setup);
         identity->daemon = req.daemon;
         apply_log_settings(req.log);
+        if (req.logs_start) log_child_start();
         // The arguments take the descriptors they own; the rest close with `received`.
         std::vector<int> fds;
         for (std::size_t i = 0; i < header[1]; ++i) fds.push_back(received[i].get());

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "mp/process.hpp"
+#include "process_impl.hpp"
 #include "sys/fd.hpp"
 #include "util_internal.hpp"
 
@@ -202,8 +203,6 @@ void run_state(Finalize::State& s) noexcept {
     s.callback = nullptr;  // what it captured goes now, as Python drops its references
 }
 
-void at_exit() noexcept { run_finalizers(std::nullopt); }
-
 }  // namespace
 
 Finalize::Finalize(std::function<void()> callback, std::optional<int> exit_priority)
@@ -219,8 +218,7 @@ Finalize::Finalize(std::function<void()> callback, std::optional<int> exit_prior
         r.entries.clear();
         r.pid = state_->pid;
         g_registry_pid.store(r.pid, std::memory_order_release);
-        static std::once_flag once;
-        std::call_once(once, [] { std::atexit(at_exit); });
+        detail::register_exit_function();  // runs the finalizers at exit, in Python's order
     }
     state_->seq = r.next_seq++;
     r.entries.emplace(std::pair(*exit_priority, state_->seq), state_);

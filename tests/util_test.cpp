@@ -2,19 +2,27 @@
 // _TestFinalize) and the logging hook (after _TestLogging), including that the library's own
 // diagnostics reach the hook. Children report through pipes; every wait is bounded.
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <fstream>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <unistd.h>
 #include <vector>
 
+#include "helpers/start_methods.hpp"
+#include "helpers/temp_dir.hpp"
 #include "mp/connection.hpp"
 #include "mp/futures.hpp"
+#include "mp/managers.hpp"
+#include "mp/pool.hpp"
 #include "mp/process.hpp"
 #include "mp/util.hpp"
 
@@ -226,4 +234,167 @@ TEST(TestLogging, LibraryDiagnosticsReachTheSink) {
     EXPECT_EQ(got[0].first, mp::LogLevel::error);
     EXPECT_NE(got[0].second.find("exception calling callback for future: doh!"), std::string::npos)
         << got[0].second;
+}
+
+namespace {
+
+// Appends `line` to the file at `path`, from whichever process logs.
+void append_line(const std::string& path, const std::string& line) {
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    const std::string l = line + "\n";
+    (void)!::write(fd, l.data(), l.size());
+    ::close(fd);
+}
+
+std::vector<std::string> lines_of(const std::string& path) {
+    std::ifstream in(path);
+    std::vector<std::string> out;
+    for (std::string l; std::getline(in, l);) out.push_back(l);
+    return out;
+}
+
+// Records as "LEVEL/process message" lines in `path`; a fork child (a copy) writes there too.
+void log_to_file(const std::string& path) {
+    mp::get_logger().set_level(mp::LogLevel::debug);
+    mp::get_logger().set_sink([path](const mp::LogRecord& r) {
+        append_line(path, std::string(mp::level_name(r.level)) + "/" + std::string(r.process_name) + " " +
+                              std::string(r.message));
+    });
+}
+
+// The lines of `lines` that start with `prefix`, in their order.
+std::vector<std::string> starting_with(const std::vector<std::string>& lines, const std::string& prefix) {
+    std::vector<std::string> out;
+    for (const auto& l : lines)
+        if (l.rfind(prefix, 0) == 0) out.push_back(l);
+    return out;
+}
+
+// A child's exit, as Python's util._exit_function: its finalizers of priority 0 and up run
+// before its children are joined (here one opens the gate its child waits for), the others
+// after (by then the child has finished).
+void finalizers_around_join(std::string dir) {
+    static mp::util::Finalize open_gate([dir] { append_line(dir + "/gate", "open"); }, 0);
+    static mp::util::Finalize after([dir] {
+        append_line(dir + "/after", ::access((dir + "/grandchild").c_str(), F_OK) == 0 ? "grandchild done"
+                                                                                       : "grandchild running");
+    }, -1);
+    static std::optional<mp::Process> grandchild;  // still running as this child ends
+    grandchild.emplace(mp::ProcessOptions{.start_method = mp::StartMethod::fork}, [dir] {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        bool open = false;
+        while (!(open = ::access((dir + "/gate").c_str(), F_OK) == 0) && std::chrono::steady_clock::now() < deadline)
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        append_line(dir + "/grandchild", open ? "saw the gate" : "timed out");
+    });
+    grandchild->start();
+}
+
+class FinalizeInChild : public mp::test::StartMethodTest {};
+
+}  // namespace
+
+// Finalizers with an exit priority made in a child run when the child ends (they never ran:
+// a child left with _exit after joining its children), in Python's order around the join.
+TEST_P(FinalizeInChild, RunAsTheChildEndsAroundJoiningItsChildren) {
+    mp::test::TempDir dir;
+    mp::Process p(options(), finalizers_around_join, dir.path);
+    p.start();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 0);
+    EXPECT_EQ(lines_of(dir.file("gate")), std::vector<std::string>{"open"});
+    EXPECT_EQ(lines_of(dir.file("grandchild")), std::vector<std::string>{"saw the gate"});
+    EXPECT_EQ(lines_of(dir.file("after")), std::vector<std::string>{"grandchild done"});
+}
+
+MP_INSTANTIATE_START_METHODS(FinalizeInChild);
+
+// A child's life as Python's multiprocessing logs it: its start (info), its exit steps (info and
+// debug) and its exit code.
+TEST(TestLogging, AChildsLifeIsLogged) {
+    LoggerReset reset;
+    mp::test::TempDir dir;
+    const std::string log = dir.file("log");
+    log_to_file(log);
+    mp::Process ok(mp::ProcessOptions{.name = "Fine"}, [] {});
+    ok.start();
+    ASSERT_TRUE(ok.join(kLong));
+    mp::Process failing(mp::ProcessOptions{.name = "Failing"}, [] { throw std::runtime_error("no"); });
+    testing::internal::CaptureStderr();  // its "Process Failing:" report
+    failing.start();
+    ASSERT_TRUE(failing.join(kLong));
+    (void)testing::internal::GetCapturedStderr();
+    const auto lines = lines_of(log);
+    EXPECT_EQ(starting_with(lines, "INFO/Fine ").size() + starting_with(lines, "DEBUG/Fine ").size(), 5u);
+    EXPECT_EQ(starting_with(lines, "INFO/Fine ").front(), "INFO/Fine child process calling self.run()");
+    const std::vector<std::string> exit_steps{
+        "INFO/Fine process shutting down",
+        "DEBUG/Fine running all \"atexit\" finalizers with priority >= 0",
+        "DEBUG/Fine running the remaining \"atexit\" finalizers",
+        "INFO/Fine process exiting with exitcode 0",
+    };
+    auto fine = starting_with(lines, "INFO/Fine ");
+    auto fine_all = lines;
+    std::erase_if(fine_all, [](const std::string& l) { return l.find("/Fine ") == std::string::npos; });
+    EXPECT_EQ(std::vector<std::string>(fine_all.begin() + 1, fine_all.end()), exit_steps);
+    EXPECT_EQ(starting_with(lines, "INFO/Failing process exiting with exitcode").back(),
+              "INFO/Failing process exiting with exitcode 1");
+}
+
+// Under spawn the child follows log_to_stderr and the level, and logs its start and exit code.
+TEST(TestLogging, ASpawnChildLogsItsLifeToStderr) {
+    LoggerReset reset;
+    mp::test::TempDir dir;
+    mp::log_to_stderr(mp::LogLevel::info);
+    {
+        // The child's stderr is this process's when it starts.
+        std::fflush(stderr);
+        const int saved = ::fcntl(2, F_DUPFD_CLOEXEC, 3);
+        const int file = ::open(dir.file("err").c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+        ASSERT_GE(file, 0);
+        ::dup2(file, 2);
+        mp::Process p(mp::ProcessOptions{.name = "Spawned", .start_method = mp::StartMethod::spawn}, [] {});
+        p.start();
+        const bool joined = p.join(kLong);
+        ::dup2(saved, 2);
+        ::close(saved);
+        ::close(file);
+        ASSERT_TRUE(joined);
+    }
+    const auto lines = lines_of(dir.file("err"));
+    EXPECT_EQ(starting_with(lines, "[INFO/Spawned] child process calling self.run()").size(), 1u);
+    EXPECT_EQ(starting_with(lines, "[INFO/Spawned] process exiting with exitcode 0").size(), 1u);
+    EXPECT_TRUE(starting_with(lines, "[DEBUG/Spawned]").empty()) << "the level is info";
+}
+
+// A Pool's and a manager's lifecycle lines, in the parent and (fork) in the worker and server.
+TEST(TestLogging, PoolAndManagerLifecyclesAreLogged) {
+    LoggerReset reset;
+    mp::test::TempDir dir;
+    const std::string log = dir.file("log");
+    log_to_file(log);
+    {
+        mp::Pool pool(mp::PoolOptions{.processes = 1, .start_method = mp::StartMethod::fork});
+        pool.close();
+        pool.join();
+    }
+    {
+        mp::SyncManager manager;
+        auto d = manager.dict<int, int>();
+        d.set(1, 2);
+        manager.shutdown();
+    }
+    const auto lines = lines_of(log);
+    auto has = [&](const std::string& prefix) { return !starting_with(lines, prefix).empty(); };
+    EXPECT_TRUE(has("DEBUG/MainProcess added worker"));
+    EXPECT_TRUE(has("DEBUG/MainProcess closing pool"));
+    EXPECT_TRUE(has("DEBUG/MainProcess joining pool"));
+    EXPECT_EQ(std::count_if(lines.begin(), lines.end(),
+                            [](const std::string& l) { return l.ends_with(" worker exiting after 0 tasks"); }),
+              1);
+    EXPECT_TRUE(has("DEBUG/MainProcess requesting creation of a shared '"));
+    EXPECT_TRUE(has("INFO/MainProcess sending shutdown message to manager"));
+    EXPECT_TRUE(has("INFO/ManagerServer manager serving at '"));
+    EXPECT_TRUE(has("DEBUG/ManagerServer manager received shutdown message"));
 }

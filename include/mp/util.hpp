@@ -16,6 +16,14 @@
 /// threw, a socket server's handle_error and a progress bar are output, not log records: they
 /// stay on stderr whatever the sink.
 ///
+/// What mp logs, as Python's multiprocessing: a child's "child process calling self.run()" and
+/// "process exiting with exitcode N" (info); a process's exit steps ("process shutting down",
+/// "calling terminate() for daemon NAME", "calling join() for process NAME": info; the
+/// finalizer steps: debug); a Pool's "added worker", "closing pool", "terminating pool",
+/// "joining pool" and its workers' "worker exiting after N tasks" (debug); a manager's "manager
+/// serving at ADDRESS" and "sending shutdown message to manager" (info), "requesting creation of
+/// a shared 'TYPE' object" and "manager received shutdown message" (debug).
+///
 /// Where the hook runs: in the thread that logs. It is skipped, and the message written with
 /// write(2) to stderr, where a user's sink cannot safely run: in the shared-memory tracker (a
 /// process forked from a parent that may run threads). Nothing mp logs between fork and the
@@ -105,8 +113,11 @@ namespace util {
 /// - the Finalize is destroyed (make it a member of the object whose death it marks: C++ has
 ///   no weak references to arbitrary objects, so this stands for Python's `obj` argument);
 /// - it is called (operator());
-/// - normal exit of this process (std::exit or return from main), when it has an
-///   exit_priority: higher priorities first, equal ones in reverse order of creation.
+/// - normal exit of this process (std::exit or return from main, or, in a child, the end of its
+///   target, whether it returned or threw), when it has an exit_priority: higher priorities
+///   first, equal ones in reverse order of creation. As Python's util._exit_function: those of
+///   priority 0 and up run before the process's children are joined (its daemons terminated
+///   first), the others after.
 /// Only ever in the process that created it: a forked child that destroys, calls or exits
 /// with a copy of its parent's Finalize does nothing (as Python's, which checks the pid).
 /// Exceptions escaping the callback are logged (error) and dropped.

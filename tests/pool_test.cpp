@@ -774,6 +774,27 @@ TEST_P(PoolAsyncResult, SuccessfulBeforeReadyThrows) {
     EXPECT_THROW(bad.get(kLong), std::runtime_error);
 }
 
+// A map whose one item raised is not successful (get() rethrows it), as Python's MapResult.
+TEST_P(PoolAsyncResult, AMapWithAFailedItemIsNotSuccessful) {
+    mp::Pool pool(with_method(mp::PoolOptions{.processes = 2}));
+    const std::vector<int> in{1, 2, 3, 4};
+    auto ok = pool.map_async(sqr, in, 1);
+    ASSERT_TRUE(ok.wait(kLong));
+    EXPECT_TRUE(ok.successful());
+    auto bad = pool.map_async(sqr_or_raise, std::vector<int>{4, 5, 6}, 1);
+    ASSERT_TRUE(bad.wait(kLong));
+    EXPECT_FALSE(bad.successful());
+    EXPECT_THROW(bad.get(kLong), std::exception);
+    const std::vector<std::tuple<int, int>> pairs{{1, 2}, {3, 4}};
+    auto star_ok = pool.starmap_async(mul, pairs);
+    ASSERT_TRUE(star_ok.wait(kLong));
+    EXPECT_TRUE(star_ok.successful());
+    const std::vector<std::tuple<int>> one{{1}, {2}};
+    auto star_bad = pool.starmap_async(raise_runtime, one);
+    ASSERT_TRUE(star_bad.wait(kLong));
+    EXPECT_FALSE(star_bad.successful());
+}
+
 TEST_P(PoolAsyncResult, VoidResult) {
     mp::Pool pool(with_method(mp::PoolOptions{.processes = 1}));
     auto r = pool.apply_async(noop, 1);

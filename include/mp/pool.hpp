@@ -90,9 +90,11 @@ using star_result_t = decltype(std::apply(std::declval<std::decay_t<F>&>(), std:
 template <class T>
 class AsyncResult {
 public:
-    /// A single call's result, or a map's whole list.
-    AsyncResult(std::shared_ptr<detail::FutureCore> done, std::function<T()> value)
-        : done_(std::move(done)), value_(std::move(value)) {}
+    /// A single call's result, or a map's whole list. `items_ok` (a map's): whether every item
+    /// succeeded, once `done` has finished without an error of its own.
+    AsyncResult(std::shared_ptr<detail::FutureCore> done, std::function<T()> value,
+                std::function<bool()> items_ok = nullptr)
+        : done_(std::move(done)), value_(std::move(value)), items_ok_(std::move(items_ok)) {}
 
     /// Waits for and returns the value; throws what the work threw, or TimeoutError when
     /// `timeout` passes first (the work goes on).
@@ -105,11 +107,12 @@ public:
     /// Waits until ready; false when `timeout` passed first.
     bool wait(detail::Timeout timeout = std::nullopt) const { return core().wait(timeout); }
     bool ready() const { return core().done(); }
-    /// Whether the call completed without raising. Throws mp::Error when not ready (Python:
-    /// ValueError).
+    /// Whether the call completed without raising (a map's: every item, so get() would return).
+    /// Throws mp::Error when not ready (Python: ValueError).
     bool successful() const {
         if (!ready()) throw Error("the result is not ready");
-        return core().state() == detail::FutureCore::State::finished && !core().error();
+        return core().state() == detail::FutureCore::State::finished && !core().error() &&
+               (!items_ok_ || items_ok_());
     }
 
 private:
@@ -117,6 +120,7 @@ private:
     detail::FutureCore& core() const { return detail::deref_handle(done_, "mp::AsyncResult"); }
     std::shared_ptr<detail::FutureCore> done_;
     std::function<T()> value_;
+    std::function<bool()> items_ok_;
 };
 
 namespace detail {
@@ -343,6 +347,17 @@ std::size_t range_count(Rg& range) {
         return 0;
 }
 
+/// Whether every chunk of `set` finished and every item in it succeeded (no item is decoded).
+inline bool chunks_ok(const ChunkSet& set) {
+    for (std::size_t c = 0; c < set.cores.size(); ++c) {
+        const FutureCore& core = *set.cores[c];
+        if (core.error() || core.state() != FutureCore::State::finished) return false;
+        for (const ChunkItem& it : split_chunk(core.bytes(), set.sizes[c]))
+            if (!it.ok) return false;
+    }
+    return true;
+}
+
 template <class R>
 std::vector<R> collect_chunks(const ChunkSet& set) {
     std::vector<R> out;
@@ -567,7 +582,8 @@ private:
                 }
             }, on_pool_thread());
         }
-        return AsyncResult<std::vector<R>>(all, [shared] { return detail::collect_chunks<R>(*shared); });
+        return AsyncResult<std::vector<R>>(all, [shared] { return detail::collect_chunks<R>(*shared); },
+                                           [shared] { return detail::chunks_ok(*shared); });
     }
 
     template <class F, class Tup, class Rg, class CB, std::size_t... I>

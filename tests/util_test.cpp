@@ -326,7 +326,7 @@ TEST(TestLogging, AChildsLifeIsLogged) {
     ASSERT_TRUE(failing.join(kLong));
     (void)testing::internal::GetCapturedStderr();
     const auto lines = lines_of(log);
-    EXPECT_EQ(starting_with(lines, "INFO/Fine ").size() + starting_with(lines, "DEBUG/Fine ").size(), 5u);
+    ASSERT_EQ(starting_with(lines, "INFO/Fine ").size() + starting_with(lines, "DEBUG/Fine ").size(), 5u);
     EXPECT_EQ(starting_with(lines, "INFO/Fine ").front(), "INFO/Fine child process calling self.run()");
     const std::vector<std::string> exit_steps{
         "INFO/Fine process shutting down",
@@ -334,12 +334,11 @@ TEST(TestLogging, AChildsLifeIsLogged) {
         "DEBUG/Fine running the remaining \"atexit\" finalizers",
         "INFO/Fine process exiting with exitcode 0",
     };
-    auto fine = starting_with(lines, "INFO/Fine ");
     auto fine_all = lines;
     std::erase_if(fine_all, [](const std::string& l) { return l.find("/Fine ") == std::string::npos; });
     EXPECT_EQ(std::vector<std::string>(fine_all.begin() + 1, fine_all.end()), exit_steps);
-    EXPECT_EQ(starting_with(lines, "INFO/Failing process exiting with exitcode").back(),
-              "INFO/Failing process exiting with exitcode 1");
+    EXPECT_EQ(starting_with(lines, "INFO/Failing process exiting with exitcode"),
+              std::vector<std::string>{"INFO/Failing process exiting with exitcode 1"});
 }
 
 // Under spawn the child follows log_to_stderr and the level, and logs its start and exit code.

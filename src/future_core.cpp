@@ -1,16 +1,23 @@
 #include "mp/detail/future_core.hpp"
 
 #include <algorithm>
+#include <any>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <ios>
+#include <limits>
+#include <memory>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <typeinfo>
 #include <unistd.h>
 #include <variant>
@@ -56,6 +63,12 @@ void run_callback(const std::function<void(FutureCore&)>& cb, FutureCore& core) 
     }
 }
 
+// ---- exceptions across processes ----
+//
+// Every type that comes back as itself has one entry in known_types(): its name as the sending
+// side reports it, the detail it needs beyond what() (written there), and how the receiving side
+// rebuilds it. So a type is on both sides or on neither; any other comes back as a RemoteError.
+
 // A standard exception whose constructor cannot take the remote what() (std::bad_cast's, or a
 // std::system_error's that does not come out the same): the standard type, caught as such, with
 // the remote message. encode_current_exception reports it under the standard type's name, so it
@@ -86,14 +99,14 @@ std::exception_ptr exactly(const std::string& message, A&&... args) {
     return std::make_exception_ptr(WithMessage<E>(message, std::forward<A>(args)...));
 }
 
+// A type with a message constructor is built from the remote what(); any other (std::bad_cast,
+// std::exception ...) is the default one, with the remote what() when that differs.
 template <class E>
-std::exception_ptr make_with_message(const ErrorInfo& info) {
-    return std::make_exception_ptr(E(info.message));
-}
-
-template <class E>
-std::exception_ptr make_default(const ErrorInfo& info) {
-    return exactly<E>(info.message);
+std::exception_ptr make_plain(const ErrorInfo& info) {
+    if constexpr (std::is_constructible_v<E, const std::string&>)
+        return std::make_exception_ptr(E(info.message));
+    else
+        return exactly<E>(info.message);
 }
 
 // ErrorInfo::detail of a std::system_error: [u8 category][i32 value], then for a
@@ -101,11 +114,14 @@ std::exception_ptr make_default(const ErrorInfo& info) {
 // every process can be named; another category leaves the exception a RemoteError.
 enum class Category : std::uint8_t { other = 0, generic = 1, system = 2, iostream = 3 };
 
-Category category_id(const std::error_category& c) noexcept {
-    if (c == std::generic_category()) return Category::generic;
-    if (c == std::system_category()) return Category::system;
-    if (c == std::iostream_category()) return Category::iostream;
-    return Category::other;
+void put_code(Encoder& d, const std::error_code& code) {
+    const std::error_category& c = code.category();
+    const Category id = c == std::generic_category()    ? Category::generic
+                        : c == std::system_category()   ? Category::system
+                        : c == std::iostream_category() ? Category::iostream
+                                                        : Category::other;
+    d.put(static_cast<std::uint8_t>(id));
+    d.put(static_cast<std::int32_t>(code.value()));
 }
 
 std::optional<std::error_code> decode_code(Decoder& d) {
@@ -131,6 +147,13 @@ std::string strip_code_message(std::string what, const std::error_code& code) {
     return what;
 }
 
+// The detail writers below are called only with an exception of their entry's type.
+std::string code_detail(const std::exception& x) {
+    Encoder d;
+    put_code(d, dynamic_cast<const std::system_error&>(x).code());
+    return d.take();
+}
+
 std::exception_ptr make_system_error(const ErrorInfo& info) {
     Decoder d(info.detail);
     const std::optional<std::error_code> code = decode_code(d);
@@ -145,6 +168,15 @@ std::exception_ptr make_ios_failure(const ErrorInfo& info) {
     const std::optional<std::error_code> code = decode_code(d);
     if (!code) return nullptr;
     return exactly<std::ios_base::failure>(info.message, strip_code_message(info.message, *code), *code);
+}
+
+std::string filesystem_detail(const std::exception& x) {
+    const auto& e = dynamic_cast<const std::filesystem::filesystem_error&>(x);
+    Encoder d;
+    put_code(d, e.code());
+    d.put(e.path1().string());
+    d.put(e.path2().string());
+    return d.take();
 }
 
 std::exception_ptr make_filesystem_error(const ErrorInfo& info) {
@@ -168,11 +200,27 @@ std::exception_ptr make_filesystem_error(const ErrorInfo& info) {
     return exactly<fs::filesystem_error>(info.message, arg, *code);
 }
 
+// [i32 pid][i32 status], the status as WorkerDied's constructor takes it.
+std::string worker_died_detail(const std::exception& x) {
+    const auto& died = dynamic_cast<const WorkerDied&>(x);
+    Encoder d;
+    d.put(static_cast<std::int32_t>(died.pid()));
+    d.put(static_cast<std::int32_t>(died.exit_code() ? *died.exit_code() : -*died.signal()));
+    return d.take();
+}
+
 std::exception_ptr make_worker_died(const ErrorInfo& info) {
     Decoder d(info.detail);
     const auto pid = static_cast<pid_t>(d.get<std::int32_t>());
     const int status = d.get<std::int32_t>();
+    // No WorkerDied sends this (-status is its signal, and -INT_MIN overflows): a forged detail.
+    if (status == std::numeric_limits<int>::min()) return nullptr;
     return exactly<WorkerDied>(info.message, pid, status);
+}
+
+// The whole message that did not fit, as it is.
+std::string buffer_detail(const std::exception& x) {
+    return dynamic_cast<const BufferTooShort&>(x).message();
 }
 
 std::exception_ptr make_buffer_too_short(const ErrorInfo& info) {
@@ -180,84 +228,89 @@ std::exception_ptr make_buffer_too_short(const ErrorInfo& info) {
 }
 
 struct KnownType {
-    std::string name;
-    std::exception_ptr (*make)(const ErrorInfo&);  // nullptr: stays a RemoteError
+    std::string name;                              // as demangle spells typeid's
+    std::exception_ptr (*make)(const ErrorInfo&);  // nullptr result: it stays a RemoteError
+    std::string (*detail)(const std::exception&);  // nullptr: what() is all it needs
 };
 
 template <class E>
-KnownType known(std::exception_ptr (*make)(const ErrorInfo&)) {
-    return {demangle(typeid(E).name()), make};
+KnownType known(std::exception_ptr (*make)(const ErrorInfo&) = make_plain<E>,
+                std::string (*detail)(const std::exception&) = nullptr) {
+    return {demangle(typeid(E).name()), make, detail};
 }
 
-// Exceptions that come back as themselves: the standard ones and mp's own. Names are as
-// demangle spells typeid's (as current_exception_type_name does), e.g.
-// "std::ios_base::failure[abi:cxx11]".
+// The standard exceptions and mp's own. Names are as current_exception_type_name spells them,
+// e.g. "std::ios_base::failure[abi:cxx11]".
 const std::vector<KnownType>& known_types() {
     namespace fs = std::filesystem;
     static const std::vector<KnownType> types = {
-        known<std::runtime_error>(make_with_message<std::runtime_error>),
-        known<std::logic_error>(make_with_message<std::logic_error>),
-        known<std::invalid_argument>(make_with_message<std::invalid_argument>),
-        known<std::out_of_range>(make_with_message<std::out_of_range>),
-        known<std::length_error>(make_with_message<std::length_error>),
-        known<std::domain_error>(make_with_message<std::domain_error>),
-        known<std::range_error>(make_with_message<std::range_error>),
-        known<std::overflow_error>(make_with_message<std::overflow_error>),
-        known<std::underflow_error>(make_with_message<std::underflow_error>),
-        known<std::bad_alloc>([](const ErrorInfo&) { return std::make_exception_ptr(std::bad_alloc()); }),
-        known<std::bad_cast>(make_default<std::bad_cast>),
-        known<std::bad_variant_access>(make_default<std::bad_variant_access>),
-        known<std::system_error>(make_system_error),
-        known<std::ios_base::failure>(make_ios_failure),
-        known<fs::filesystem_error>(make_filesystem_error),
-        known<Error>(make_with_message<Error>),
-        known<TimeoutError>(make_with_message<TimeoutError>),
-        known<ProcessError>(make_with_message<ProcessError>),
-        known<DecodeError>(make_with_message<DecodeError>),
-        known<AuthenticationError>(make_with_message<AuthenticationError>),
-        known<BrokenProcessPool>(make_with_message<BrokenProcessPool>),
-        known<CancelledError>(make_with_message<CancelledError>),
-        known<EOFError>(make_with_message<EOFError>),
-        known<QueueClosed>(make_with_message<QueueClosed>),
-        known<ShutDown>(make_with_message<ShutDown>),
-        known<Empty>(make_with_message<Empty>),
-        known<Full>(make_with_message<Full>),
-        known<BrokenBarrierError>(make_with_message<BrokenBarrierError>),
-        known<EmptyHandle>(make_with_message<EmptyHandle>),
-        known<InvalidStateError>(make_with_message<InvalidStateError>),
-        known<BrokenPromise>(make_with_message<BrokenPromise>),
-        known<WorkerDied>(make_worker_died),
-        known<BufferTooShort>(make_buffer_too_short),
-        known<py::UnpicklingError>(make_with_message<py::UnpicklingError>),
-        known<py::PicklingError>(make_with_message<py::PicklingError>),
+        known<std::runtime_error>(),
+        known<std::logic_error>(),
+        known<std::invalid_argument>(),
+        known<std::out_of_range>(),
+        known<std::length_error>(),
+        known<std::domain_error>(),
+        known<std::range_error>(),
+        known<std::overflow_error>(),
+        known<std::underflow_error>(),
+        known<std::exception>(),
+        known<std::bad_alloc>(),
+        known<std::bad_array_new_length>(),
+        known<std::bad_cast>(),
+        known<std::bad_any_cast>(),
+        known<std::bad_typeid>(),
+        known<std::bad_variant_access>(),
+        known<std::bad_optional_access>(),
+        known<std::bad_function_call>(),
+        known<std::bad_weak_ptr>(),
+        known<std::bad_exception>(),
+        known<std::system_error>(make_system_error, code_detail),
+        known<std::ios_base::failure>(make_ios_failure, code_detail),
+        known<fs::filesystem_error>(make_filesystem_error, filesystem_detail),
+        known<Error>(),
+        known<TimeoutError>(),
+        known<ProcessError>(),
+        known<DecodeError>(),
+        known<AuthenticationError>(),
+        known<BrokenProcessPool>(),
+        known<CancelledError>(),
+        known<EOFError>(),
+        known<QueueClosed>(),
+        known<ShutDown>(),
+        known<Empty>(),
+        known<Full>(),
+        known<BrokenBarrierError>(),
+        known<EmptyHandle>(),
+        known<InvalidStateError>(),
+        known<BrokenPromise>(),
+        known<WorkerDied>(make_worker_died, worker_died_detail),
+        known<BufferTooShort>(make_buffer_too_short, buffer_detail),
+        known<py::UnpicklingError>(),
+        known<py::PicklingError>(),
     };
     return types;
 }
 
-// What the receiving side needs beyond type and message, by type (see known_types).
-std::string encode_detail(const std::exception& x) {
-    Encoder d;
-    if (const auto* died = dynamic_cast<const WorkerDied*>(&x)) {
-        d.put(static_cast<std::int32_t>(died->pid()));
-        d.put(static_cast<std::int32_t>(died->exit_code() ? *died->exit_code() : -*died->signal()));
-    } else if (const auto* shortb = dynamic_cast<const BufferTooShort*>(&x)) {
-        return shortb->message();
-    } else if (const auto* sys = dynamic_cast<const std::system_error*>(&x)) {
-        d.put(static_cast<std::uint8_t>(category_id(sys->code().category())));
-        d.put(static_cast<std::int32_t>(sys->code().value()));
-        if (const auto* fse = dynamic_cast<const std::filesystem::filesystem_error*>(&x)) {
-            d.put(fse->path1().string());
-            d.put(fse->path2().string());
-        }
-    } else {
-        return {};
-    }
-    return d.take();
+// Built as the library loads, before any thread starts or forks: a worker forked from a
+// threaded parent (the fork start method) never inherits the table half-built, its guard held.
+[[maybe_unused]] const std::vector<KnownType>& kKnownTypesAtLoad = known_types();
+
+const KnownType* find_known(std::string_view name) {
+    for (const KnownType& k : known_types())
+        if (k.name == name) return &k;
+    return nullptr;
+}
+
+// The entry `x` is sent as (`name`: its dynamic type's); nullptr: it is to be a RemoteError.
+const KnownType* known_type_of(const std::exception& x, std::string_view name) {
+    // libstdc++'s streams throw std::__ios_failure, the library's own subclass of
+    // ios_base::failure (in no header): sent as the ios_base::failure a user catches.
+    if (name == "std::__ios_failure" && dynamic_cast<const std::ios_base::failure*>(&x))
+        return find_known(demangle(typeid(std::ios_base::failure).name()));
+    return find_known(name);
 }
 
 }  // namespace
-
-// ---- exceptions across processes ----
 
 void encode_current_exception(Encoder& e) {
     ErrorInfo info;
@@ -274,15 +327,15 @@ void encode_current_exception(Encoder& e) {
             info.type_name = r.type_name();
             info.message = r.message();
             info.origin = r.origin();
-        } catch (const RemoteMessage& r) {
-            // Rebuilt here from another process's: sent on under the standard type's name.
-            info.type_name = demangle(r.standard_type().name());
-            info.message = dynamic_cast<const std::exception&>(r).what();
-            info.detail = encode_detail(dynamic_cast<const std::exception&>(r));
         } catch (const std::exception& x) {
-            info.type_name = current_exception_type_name();
+            // A RemoteMessage was rebuilt here from another process's: sent on as its standard type.
+            const auto* rebuilt = dynamic_cast<const RemoteMessage*>(&x);
+            info.type_name = rebuilt ? demangle(rebuilt->standard_type().name()) : current_exception_type_name();
             info.message = x.what();
-            info.detail = encode_detail(x);
+            if (const KnownType* k = known_type_of(x, info.type_name)) {
+                info.type_name = k->name;
+                if (k->detail) info.detail = k->detail(x);
+            }
         } catch (...) {
             info.type_name = current_exception_type_name();
             info.message = "unknown exception";
@@ -306,14 +359,12 @@ ErrorInfo decode_error_info(Decoder& d) {
 }
 
 std::exception_ptr make_remote_exception(const ErrorInfo& info) {
-    for (const KnownType& k : known_types()) {
-        if (k.name != info.type_name) continue;
+    if (const KnownType* k = find_known(info.type_name)) {
         try {
-            if (std::exception_ptr e = k.make(info)) return e;
+            if (std::exception_ptr e = k->make(info)) return e;
         } catch (const DecodeError&) {
             // Details that do not decode: the type and message still arrive, as a RemoteError.
         }
-        break;
     }
     return std::make_exception_ptr(RemoteError(info.type_name, info.message, info.origin));
 }

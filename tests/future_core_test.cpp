@@ -6,10 +6,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <any>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstdint>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <ios>
 #include <functional>
 #include <memory>
@@ -24,6 +28,7 @@
 #include <thread>
 #include <typeinfo>
 #include <variant>
+#include <cxxabi.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -1229,6 +1234,106 @@ TEST(RemoteException, BadCastAndBadVariantAccessComeBackAsThemselves) {
         EXPECT_TRUE(back_as(original));
     }
     EXPECT_TRUE(back_as(std::bad_variant_access()));
+}
+
+// E's name as ErrorInfo spells it (demangled typeid; "std::ios_base::failure[abi:cxx11]").
+template <class E>
+std::string name_of() {
+    int status = 0;
+    char* out = abi::__cxa_demangle(typeid(E).name(), nullptr, nullptr, &status);
+    std::string name = status == 0 ? out : typeid(E).name();
+    std::free(out);
+    return name;
+}
+
+TEST(RemoteException, AStreamsOwnFailureComesBackAsIosBaseFailure) {
+    // libstdc++'s streams throw std::__ios_failure, its own subclass of ios_base::failure: it
+    // comes back as the standard type, with its code and message. (Encoded where it is caught:
+    // round_trip_info would throw a copy sliced to ios_base::failure.)
+    std::ifstream in;
+    in.exceptions(std::ios::failbit);
+    mp::Encoder enc;
+    std::error_code code;
+    std::string what;
+    try {
+        in.open("/nonexistent/mp-future-core-test");
+        FAIL() << "no ios_base::failure";
+    } catch (const std::ios_base::failure& original) {
+        code = original.code();
+        what = original.what();
+        mp::detail::encode_current_exception(enc);
+    }
+    const std::string bytes = enc.take();
+    mp::Decoder d(bytes);
+    const ErrorInfo info = mp::detail::decode_error_info(d);
+    EXPECT_EQ(info.type_name, name_of<std::ios_base::failure>());
+    try {
+        std::rethrow_exception(mp::detail::make_remote_exception(info));
+    } catch (const std::ios_base::failure& e) {
+        EXPECT_EQ(e.code(), code);
+        EXPECT_EQ(e.what(), what);
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << "came back as another type: " << e.what();
+    }
+}
+
+TEST(RemoteException, OtherStandardTypesComeBackAsThemselves) {
+    std::optional<int> none;
+    try {
+        (void)none.value();
+        FAIL() << "no bad_optional_access";
+    } catch (const std::bad_optional_access& original) {
+        EXPECT_TRUE(back_as(original));
+    }
+    EXPECT_TRUE(back_as(std::bad_any_cast()));
+    EXPECT_TRUE(back_as(std::bad_function_call()));
+    EXPECT_TRUE(back_as(std::bad_weak_ptr()));
+    EXPECT_TRUE(back_as(std::bad_typeid()));
+    EXPECT_TRUE(back_as(std::bad_exception()));
+    EXPECT_TRUE(back_as(std::bad_array_new_length()));
+    // std::exception itself (back_as cannot tell it from the others).
+    try {
+        std::rethrow_exception(mp::detail::make_remote_exception(round_trip_info(std::exception())));
+    } catch (const std::exception& e) {
+        EXPECT_EQ(typeid(e), typeid(std::exception));
+        EXPECT_STREQ(e.what(), std::exception().what());
+    }
+}
+
+// An ErrorInfo as a forged or damaged peer might send it.
+ErrorInfo forged(std::string type_name, std::string detail) {
+    return {std::move(type_name), "forged", "Peer (pid 1)", std::move(detail)};
+}
+
+template <class... V>
+std::string encoded(const V&... v) {
+    mp::Encoder e;
+    (e.put(v), ...);
+    return e.take();
+}
+
+TEST(RemoteException, AForgedDetailIsARemoteError) {
+    const std::string worker_died = name_of<mp::WorkerDied>();
+    const std::string system_error = name_of<std::system_error>();
+    const std::string fs_error = name_of<std::filesystem::filesystem_error>();
+    const ErrorInfo cases[] = {
+        // -INT_MIN is no signal number: WorkerDied::signal() would overflow.
+        forged(worker_died, encoded(std::int32_t{7}, std::numeric_limits<std::int32_t>::min())),
+        forged(worker_died, encoded(std::int32_t{7})),
+        forged(system_error, ""),
+        forged(system_error, encoded(std::uint8_t{200}, std::int32_t{2})),
+        forged(fs_error, encoded(std::uint8_t{1}, std::int32_t{2}, std::string("/only-one-path"))),
+    };
+    for (const ErrorInfo& info : cases) {
+        try {
+            std::rethrow_exception(mp::detail::make_remote_exception(info));
+        } catch (const mp::RemoteError& e) {
+            EXPECT_EQ(e.type_name(), info.type_name);
+            EXPECT_EQ(e.message(), "forged");
+        } catch (...) {
+            ADD_FAILURE() << info.type_name << " with " << info.detail.size() << " bytes of detail: not a RemoteError";
+        }
+    }
 }
 
 TEST(RemoteException, ARebuiltExceptionKeepsItsTypeOnTheNextHop) {

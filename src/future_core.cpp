@@ -12,6 +12,7 @@
 #include <ios>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <optional>
 #include <stdexcept>
@@ -20,7 +21,9 @@
 #include <type_traits>
 #include <typeinfo>
 #include <unistd.h>
+#include <utility>
 #include <variant>
+#include <vector>
 
 #include "mp/process.hpp"
 #include "mp/py.hpp"
@@ -295,6 +298,28 @@ const std::vector<KnownType>& known_types() {
 // threaded parent (the fork start method) never inherits the table half-built, its guard held.
 [[maybe_unused]] const std::vector<KnownType>& kKnownTypesAtLoad = known_types();
 
+// register_exception's types: name (as demangle spells it) and maker. Never destroyed (results
+// may be read as the program exits).
+struct UserTypes {
+    std::mutex mu;
+    std::vector<std::pair<std::string, std::exception_ptr (*)(const std::string&)>> entries;
+};
+UserTypes& user_types() {
+    static UserTypes* t = new UserTypes;
+    return *t;
+}
+
+std::exception_ptr make_user_type(const ErrorInfo& info) {
+    std::exception_ptr (*make)(const std::string&) = nullptr;
+    {
+        UserTypes& t = user_types();
+        std::lock_guard lk(t.mu);
+        for (const auto& [name, m] : t.entries)
+            if (name == info.type_name) make = m;
+    }
+    return make != nullptr ? make(info.message) : nullptr;
+}
+
 const KnownType* find_known(std::string_view name) {
     for (const KnownType& k : known_types())
         if (k.name == name) return &k;
@@ -365,8 +390,27 @@ std::exception_ptr make_remote_exception(const ErrorInfo& info) {
         } catch (const DecodeError&) {
             // Details that do not decode: the type and message still arrive, as a RemoteError.
         }
+    } else {
+        try {
+            if (std::exception_ptr e = make_user_type(info)) return e;
+        } catch (...) {
+            // The registered type's constructor threw: the type and message still arrive.
+        }
     }
     return std::make_exception_ptr(RemoteError(info.type_name, info.message, info.origin));
+}
+
+void register_exception_type(const std::type_info& type, std::exception_ptr (*make)(const std::string& message)) {
+    std::string name = demangle(type.name());
+    UserTypes& t = user_types();
+    std::lock_guard lk(t.mu);
+    for (auto& [n, m] : t.entries) {
+        if (n == name) {
+            m = make;
+            return;
+        }
+    }
+    t.entries.emplace_back(std::move(name), make);
 }
 
 // ---- WordMutex ----

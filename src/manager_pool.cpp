@@ -51,7 +51,9 @@ void encode_error(Encoder& e, const std::exception_ptr& error) {
     }
 }
 
-// A worker's death, for the client to raise as mp::WorkerDied (it has no ErrorInfo form).
+// A worker's death, for the client to raise as mp::WorkerDied. ErrorInfo now carries
+// WorkerDied as itself too; this older channel stays (the client reads it first), and the two
+// agree.
 Died died_of(const std::exception_ptr& error) {
     try {
         std::rethrow_exception(error);

@@ -619,6 +619,34 @@ int throw_filesystem_error(std::string p) {
     throw std::filesystem::filesystem_error("remove", p, std::make_error_code(std::errc::permission_denied));
 }
 
+namespace exec_test {
+struct BadRow : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+}  // namespace exec_test
+
+int throw_bad_row(int row) { throw exec_test::BadRow("row " + std::to_string(row) + " is malformed"); }
+
+// A user's exception type, registered in the reading process, comes back from a worker as
+// itself. Its error is read once the pool has ended (see AResultHoldingAHandleFailsItsTaskClearly).
+TEST(ExecutorTest, ARegisteredExceptionTypeComesBackAsItself) {
+    mp::register_exception<exec_test::BadRow>();
+    std::exception_ptr error;
+    {
+        mp::ProcessPoolExecutor ex({.max_workers = 1});
+        auto f = ex.submit(throw_bad_row, 7);
+        ASSERT_TRUE(f.wait(kLong));
+        error = f.exception();
+    }
+    try {
+        std::rethrow_exception(error);
+    } catch (const exec_test::BadRow& e) {
+        EXPECT_EQ(std::string(e.what()), "row 7 is malformed");
+    } catch (...) {
+        ADD_FAILURE() << "not an exec_test::BadRow";
+    }
+}
+
 TEST(ExecutorTest, SystemAndMpExceptionsComeBackAsThemselves) {
 #if defined(__SANITIZE_THREAD__)
     // The pool thread may drop a future's exception after the test has read it; the exception's

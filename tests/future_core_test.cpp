@@ -58,6 +58,13 @@ namespace fc_test {
 struct SensorFault : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
+// Registered with mp::register_exception by the test that uses them, and only there.
+struct BadInput : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
+struct Unregistered : std::invalid_argument {
+    using std::invalid_argument::invalid_argument;
+};
 }  // namespace fc_test
 
 namespace {
@@ -1398,6 +1405,28 @@ TEST(RemoteException, CustomTypeBecomesRemoteError) {
     } catch (...) {
         ADD_FAILURE() << "not an mp::RemoteError";
     }
+}
+
+// A user's type comes back as a RemoteError until the reading process registers it; then as
+// itself, with the remote message. Another type stays a RemoteError.
+TEST(RemoteException, ARegisteredUserTypeComesBackAsItself) {
+    const ErrorInfo info = round_trip_info(fc_test::BadInput("field 'age' is not a number"));
+    EXPECT_THROW(std::rethrow_exception(mp::detail::make_remote_exception(info)), mp::RemoteError);
+    mp::register_exception<fc_test::BadInput>();
+    mp::register_exception<fc_test::BadInput>();  // again: harmless
+    mp::register_exception<std::out_of_range>();   // one mp knows already: harmless
+    try {
+        std::rethrow_exception(mp::detail::make_remote_exception(info));
+    } catch (const fc_test::BadInput& e) {
+        EXPECT_EQ(std::string(e.what()), "field 'age' is not a number");
+    } catch (...) {
+        ADD_FAILURE() << "not a fc_test::BadInput";
+    }
+    EXPECT_THROW(std::rethrow_exception(
+                     mp::detail::make_remote_exception(round_trip_info(fc_test::Unregistered("x")))),
+                 mp::RemoteError);
+    EXPECT_THROW(std::rethrow_exception(mp::detail::make_remote_exception(round_trip_info(std::out_of_range("y")))),
+                 std::out_of_range);
 }
 
 TEST(RemoteException, NonStandardThrowBecomesRemoteError) {

@@ -3,10 +3,13 @@
 /// mp's exception hierarchy. Every domain failure is an mp::Error; a failing
 /// system call is a std::system_error whose what() names the call.
 
+#include <exception>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <sys/types.h>
+#include <type_traits>
+#include <typeinfo>
 
 namespace mp {
 
@@ -185,5 +188,30 @@ private:
     std::string message_;
     std::string origin_;
 };
+
+namespace detail {
+/// register_exception's work: exceptions whose type is `type` are rebuilt by `make` from the
+/// remote what().
+void register_exception_type(const std::type_info& type, std::exception_ptr (*make)(const std::string& message));
+}  // namespace detail
+
+/// Makes exceptions of type E that a worker throws (a pool's or an executor's task, a managed
+/// pool's, an mp::mpi task) come back as E, built from the remote what(), where an exception of
+/// a type mp does not know comes back as mp::RemoteError (Python brings back any class it can
+/// import; C++ can only rebuild the types it is told of). Call it in the process that reads
+/// the results, before it reads them: at the start of main, say; the workers need nothing.
+/// Registering a type again, or one mp already brings back as itself, changes nothing.
+///
+///     struct BadInput : std::invalid_argument { using std::invalid_argument::invalid_argument; };
+///     mp::register_exception<BadInput>();
+///     try { ex.submit(parse, "x").result(); } catch (const BadInput& e) { ... }
+template <class E>
+void register_exception() {
+    static_assert(std::is_base_of_v<std::exception, E>, "mp::register_exception: E must derive from std::exception");
+    static_assert(std::is_constructible_v<E, const std::string&>,
+                  "mp::register_exception: E must be constructible from a std::string (the remote what())");
+    detail::register_exception_type(typeid(E),
+                                    [](const std::string& message) { return std::make_exception_ptr(E(message)); });
+}
 
 }  // namespace mp

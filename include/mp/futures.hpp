@@ -21,8 +21,9 @@
 ///   mp::py::UnpicklingError, ...) come back as themselves with the remote message; a
 ///   std::system_error, std::ios_base::failure or std::filesystem::filesystem_error too, with its
 ///   error code (and paths), when the code's category is the generic, system or iostream one.
-///   Any other type comes back as mp::RemoteError with its type name, message and the worker it
-///   came from;
+///   A type registered with mp::register_exception (mp/errors.hpp) comes back as itself, built
+///   from the remote message; any other as mp::RemoteError with its type name, message and the
+///   worker it came from;
 /// - a worker that died running the task (segfault, abort, exit(), SIGKILL, the OOM killer):
 ///   mp::WorkerDied with its pid and exit code or signal. Only that task (or chunk) fails; a
 ///   replacement worker starts and the pool carries on. With

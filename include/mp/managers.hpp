@@ -536,7 +536,8 @@ std::string pool_callback(const CB& cb) {
 
 /// One finished chunk of a managed imap: its index, whether it ran (else `bytes` is the
 /// ErrorInfo of what failed it as a whole), and its items' outcomes; when its worker died, that
-/// worker's pid and status (ErrorInfo alone would bring mp::WorkerDied back as a RemoteError).
+/// worker's pid and status (a channel older than ErrorInfo's own WorkerDied form; the client
+/// raises mp::WorkerDied from it).
 using Died = std::optional<std::pair<std::int32_t, std::int32_t>>;
 using IMapChunk = std::tuple<std::uint64_t, bool, std::string, Died>;
 /// What get() returns: each job's results, or the death of the worker that failed the call.

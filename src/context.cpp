@@ -37,6 +37,8 @@ Context get_context(StartMethod method) {
     return Context(method);
 }
 
+Context get_context(std::string_view name) { return get_context(parse_start_method(name)); }
+
 std::vector<StartMethod> get_all_start_methods() {
     if (detail::main_hooked()) return {StartMethod::fork, StartMethod::spawn, StartMethod::forkserver};
     return {StartMethod::fork, StartMethod::forkserver};

@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <stdexcept>
 #include <new>
 #include <typeinfo>
 
@@ -764,5 +765,13 @@ std::string to_string(StartMethod m) {
     }
     return "unknown";
 }
+
+StartMethod parse_start_method(std::string_view name) {
+    for (StartMethod m : {StartMethod::fork, StartMethod::forkserver, StartMethod::spawn})
+        if (name == to_string(m)) return m;
+    throw std::invalid_argument("cannot find context for '" + std::string(name) + "'");
+}
+
+void set_start_method(std::string_view name, bool force) { set_start_method(parse_start_method(name), force); }
 
 }  // namespace mp

@@ -172,6 +172,38 @@ TEST(TestStartMethod, GetContextFixesTheDefault) {
               (std::vector<std::string>{"none", "fork", "refused", "fork"}));
 }
 
+namespace {
+void set_by_name_scenario(mp::Connection w) {
+    try {
+        mp::set_start_method("spawnn");
+        w.send_bytes("accepted");
+    } catch (const std::invalid_argument& e) {
+        w.send_bytes(e.what());
+    }
+    mp::set_start_method("spawn");
+    w.send_bytes(mp::to_string(mp::get_start_method()));
+    mp::set_start_method("forkserver", true);
+    w.send_bytes(mp::to_string(mp::get_start_method()));
+}
+}  // namespace
+
+// Methods by Python's names: get_context("spawn"), set_start_method("forkserver", force); an
+// unknown name is std::invalid_argument with Python's message.
+TEST(TestStartMethod, MethodsByName) {
+    for (mp::StartMethod method : kMethods) {
+        EXPECT_EQ(mp::parse_start_method(mp::to_string(method)), method);
+        EXPECT_EQ(mp::get_context(mp::to_string(method)).get_start_method(), method);
+    }
+    try {
+        (void)mp::get_context("threads");
+        ADD_FAILURE() << "an unknown method was accepted";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_STREQ(e.what(), "cannot find context for 'threads'");
+    }
+    EXPECT_EQ(in_fresh_process(set_by_name_scenario),
+              (std::vector<std::string>{"cannot find context for 'spawnn'", "spawn", "forkserver"}));
+}
+
 // A concrete context binds pools and executors too; the default context leaves them to mp's
 // defaults (forkserver), and options that contradict the context are refused.
 TEST(TestStartMethod, ContextBindsPoolAndExecutor) {

@@ -32,6 +32,7 @@
 #include <initializer_list>
 #include <optional>
 #include <span>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -56,6 +57,8 @@ Context get_context();
 /// in a program not linked with -Wl,--wrap=main (where Python raises ValueError for a method it
 /// cannot offer).
 Context get_context(StartMethod method);
+/// Python's multiprocessing.get_context("spawn"): get_context(parse_start_method(name)).
+Context get_context(std::string_view name);
 
 /// Python's multiprocessing.get_all_start_methods(): the methods this program can use, the
 /// default for Process first: {fork, spawn, forkserver}, without spawn in a program not linked

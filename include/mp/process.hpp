@@ -80,6 +80,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <sys/types.h>
 #include <type_traits>
 #include <typeinfo>
@@ -283,6 +284,12 @@ StartMethod get_start_method();
 /// otherwise get_start_method().
 std::optional<StartMethod> get_start_method(bool allow_none);
 
+/// "fork", "forkserver" or "spawn", as Python names the method.
 std::string to_string(StartMethod m);
+/// The method Python calls `name`: "fork", "forkserver" or "spawn". Any other name is
+/// std::invalid_argument (Python's ValueError "cannot find context for 'name'").
+StartMethod parse_start_method(std::string_view name);
+/// Python's set_start_method("spawn"): set_start_method(parse_start_method(name), force).
+void set_start_method(std::string_view name, bool force = false);
 
 }  // namespace mp

@@ -111,23 +111,34 @@ private:
     std::vector<Module> modules_;
 };
 
-// Both tables are never destroyed: a pool or process may still look callables up from a static
-// destructor or an exit handler (an executor owned by a global, shut down at exit, starts its
-// workers then), after a function-local static made later in the program's run would be gone.
-ModuleTable& modules() {
-    static ModuleTable* t = new ModuleTable;
-    return *t;
-}
-
 struct InvokerRegistry {
     std::mutex mu;
     std::unordered_set<std::uintptr_t> set;
 };
 
-InvokerRegistry& invokers() {
-    static InvokerRegistry* r = new InvokerRegistry;
-    return *r;
+struct Tables {
+    ModuleTable modules;
+    InvokerRegistry invokers;
+};
+
+void install_fork_guard();
+
+// Never destroyed: a pool or process may still look callables up from a static destructor or an
+// exit handler (an executor owned by a global, shut down at exit, starts its workers then), after
+// a function-local static made later in the program's run would be gone. Made, with its fork
+// guard, at first use and not by an initialiser of this file: invokers register, and a Pool at
+// namespace scope forks, before a static libmp's initialisers run (they come after the program's).
+Tables& tables() {
+    static Tables* t = [] {
+        auto* made = new Tables;
+        install_fork_guard();
+        return made;
+    }();
+    return *t;
 }
+
+ModuleTable& modules() { return tables().modules; }
+InvokerRegistry& invokers() { return tables().invokers; }
 
 // A fork from one thread while another holds one of these locks (looking up a callable) would
 // leave the child a lock nobody releases, and the child's first task would wait for ever: hold
@@ -154,21 +165,19 @@ void unlock_after_fork() noexcept {
     modules().mu_.unlock();
 }
 
-const bool fork_guard = [] {
-    modules();
-    invokers();
-    ::pthread_atfork(
-        [] {
-            const bool lock = may_have_other_threads();
-            if (g_locked_for_fork.load(std::memory_order_relaxed) != lock)
-                g_locked_for_fork.store(lock, std::memory_order_relaxed);
-            if (!lock) return;
-            modules().mu_.lock();
-            invokers().mu.lock();
-        },
-        unlock_after_fork, unlock_after_fork);
-    return true;
-}();
+void lock_for_fork() noexcept {
+    const bool lock = may_have_other_threads();
+    if (g_locked_for_fork.load(std::memory_order_relaxed) != lock)
+        g_locked_for_fork.store(lock, std::memory_order_relaxed);
+    if (!lock) return;
+    modules().mu_.lock();
+    invokers().mu.lock();
+}
+
+// Called once, by tables() as it makes them (the handlers then find them made).
+void install_fork_guard() {
+    ::pthread_atfork(lock_for_fork, unlock_after_fork, unlock_after_fork);
+}
 
 }  // namespace
 

@@ -43,8 +43,14 @@ std::mutex& builtins_mutex() {
     static std::mutex m;
     return m;
 }
+TypeTable make_builtins();
+// Filled with this file's types when first used, not by an initialiser of this file: a Manager
+// at namespace scope forks its server during static initialisation, when a static libmp's
+// initialisers have not run yet (they come after the program's), and the server serves the
+// table as it was at the fork.
 TypeTable& builtins() {
-    static TypeTable* t = new TypeTable;  // never destroyed: a manager may start from a static destructor
+    // Never destroyed: a manager may start from a static destructor.
+    static TypeTable* t = new TypeTable(make_builtins());
     return *t;
 }
 
@@ -414,19 +420,20 @@ TypeEntry barrier_entry() {
     return t;
 }
 
-const bool kRegistered = [] {
-    register_builtin("Namespace", namespace_entry);
-    register_builtin("Lock", [] { return lock_entry(false); });
-    register_builtin("RLock", [] { return lock_entry(true); });
-    register_builtin("Semaphore", [] { return semaphore_entry(false); });
-    register_builtin("BoundedSemaphore", [] { return semaphore_entry(true); });
-    register_builtin("Event", event_entry);
-    register_builtin("Condition", condition_entry);
-    register_builtin("Barrier", barrier_entry);
-    register_builtin("Pool", pool_entry);
-    register_builtin("SegmentTracker", segment_tracker_entry);
-    return true;
-}();
+TypeTable make_builtins() {
+    TypeTable t;
+    t.emplace("Namespace", namespace_entry());
+    t.emplace("Lock", lock_entry(false));
+    t.emplace("RLock", lock_entry(true));
+    t.emplace("Semaphore", semaphore_entry(false));
+    t.emplace("BoundedSemaphore", semaphore_entry(true));
+    t.emplace("Event", event_entry());
+    t.emplace("Condition", condition_entry());
+    t.emplace("Barrier", barrier_entry());
+    t.emplace("Pool", pool_entry());
+    t.emplace("SegmentTracker", segment_tracker_entry());
+    return t;
+}
 
 }  // namespace
 

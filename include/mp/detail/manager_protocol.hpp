@@ -46,6 +46,13 @@ Address decode_address(Decoder& d);
 /// (so a server running the same binary knows them).
 bool register_builtin(const std::string& name, TypeEntry (*make_entry)());
 
+/// Registers a built-in type when it is made; see Builtin::registered.
+struct BuiltinRegistration {
+    BuiltinRegistration(const char* name, TypeEntry (*make_entry)())
+        : registered(register_builtin(name, make_entry)) {}
+    bool registered;
+};
+
 /// Set by a proxy's Codec each time it writes one (this thread).
 inline thread_local bool t_proxy_encoded = false;
 
@@ -152,7 +159,12 @@ std::shared_ptr<ProxyState> adopt(Address address, std::string authkey,
 template <class S>
 struct Builtin {
     static TypeEntry entry() { return S::entry(); }
-    static inline const bool registered = register_builtin(typeid(S).name(), &entry);
+    /// Initialised at priority 101, ahead of every namespace-scope object of the default
+    /// priority: a Manager at namespace scope forks its server during static initialisation,
+    /// and the server knows the types registered by then (its copy of the table), which
+    /// without the priority would not yet include the ones its program's templates name.
+    [[gnu::init_priority(101)]] static inline const BuiltinRegistration registered{
+        typeid(S).name(), &entry};
     static std::string name() {
         (void)registered;
         return typeid(S).name();

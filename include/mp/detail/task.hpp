@@ -309,11 +309,24 @@ void invoke_chunk_from(Decoder& in, Encoder& out) {
     in.finish();
 }
 
-template <class F, class... A>
-inline const bool chunk_invoker_registered = register_invoker(&invoke_chunk_from<F, A...>);
+/// Registers an invoker when it is made. The variables below are initialised at priority 101,
+/// before every namespace-scope object of the default priority in the program, ahead of the rest
+/// of static initialisation (an instantiated template's own dynamic initialisation is unordered,
+/// and a static library's objects start after the program's): a Pool or Process at namespace
+/// scope forks children that copy the registry as it is at that moment, and the first task sent
+/// to one must find its invoker there.
+struct InvokerRegistration {
+    explicit InvokerRegistration(Invoker fn) noexcept : registered(register_invoker(fn)) {}
+    bool registered;
+};
 
 template <class F, class... A>
-inline const bool invoker_registered = register_invoker(&invoke_from<F, A...>);
+[[gnu::init_priority(101)]] inline const InvokerRegistration chunk_invoker_registered{
+    &invoke_chunk_from<F, A...>};
+
+template <class F, class... A>
+[[gnu::init_priority(101)]] inline const InvokerRegistration invoker_registered{
+    &invoke_from<F, A...>};
 
 /// An encoded call: [invoker][function, for a pointer][arguments...], plus the descriptors its
 /// arguments attached (borrowed from the arguments, which must outlive the sending).

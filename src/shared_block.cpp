@@ -13,6 +13,7 @@
 
 #include "mp/errors.hpp"
 
+#include "sys/atfork.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
 
@@ -73,10 +74,8 @@ void on_fork_child() noexcept {
     new (&registry().mu) std::mutex;
 }
 
-[[maybe_unused]] const int atfork_registered = [] {
-    (void)registry();
-    return ::pthread_atfork(nullptr, nullptr, &on_fork_child);
-}();
+// The registry is made here, with the handler, so a fork child never allocates it.
+[[gnu::init_priority(101)]] const sys::ChildAtFork atfork_registered{((void)registry(), &on_fork_child)};
 
 std::pair<dev_t, ino_t> key_of(int fd, struct stat& st) {
     sys::check(::fstat(fd, &st), "fstat");

@@ -9,8 +9,9 @@
 #include <system_error>
 #include <unistd.h>
 
-#include "sys/futex.hpp"
+#include "sys/atfork.hpp"
 #include "sys/error.hpp"
+#include "sys/futex.hpp"
 
 #if defined(__SANITIZE_THREAD__)
 #include <sanitizer/tsan_interface.h>
@@ -32,8 +33,7 @@ constexpr std::uint32_t kTid = FUTEX_TID_MASK;
 constexpr std::uint32_t kWaiters = FUTEX_WAITERS;
 constexpr std::uint32_t kOwnerDied = FUTEX_OWNER_DIED;
 
-[[maybe_unused]] const int atfork_registered =
-    ::pthread_atfork(nullptr, nullptr, [] { detail::cached_tid = 0; });
+[[gnu::init_priority(101)]] const ChildAtFork atfork_registered{[] { detail::cached_tid = 0; }};
 
 robust_list_head* this_thread_head() {
     if (detail::robust_head != nullptr) return detail::robust_head;

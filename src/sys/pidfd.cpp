@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "sys/atfork.hpp"
 #include "sys/error.hpp"
 
 #ifndef P_PIDFD
@@ -20,8 +21,8 @@ namespace mp::sys {
 
 namespace {
 std::atomic<pid_t> g_self_pid{0};
-[[maybe_unused]] const int g_self_pid_atfork =
-    ::pthread_atfork(nullptr, nullptr, [] { g_self_pid.store(0, std::memory_order_relaxed); });
+[[gnu::init_priority(101)]] const ChildAtFork g_self_pid_atfork{
+    [] { g_self_pid.store(0, std::memory_order_relaxed); }};
 }  // namespace
 
 pid_t self_pid() noexcept {

@@ -167,20 +167,30 @@ namespace {
 
 /// Proxies alive in this process per server and key: when the last one goes, the calling
 /// thread's connection to that server closes with it (other threads' close when they exit).
-std::mutex g_live_mu;
-std::map<std::string, std::size_t> g_live;
+/// Made on first use and never destroyed: a proxy at namespace scope may be made before this
+/// file's initialisers run and destroyed after its destructors would have.
+struct LiveProxies {
+    std::mutex mu;
+    std::map<std::string, std::size_t> count;
+};
+LiveProxies& live_proxies() {
+    static LiveProxies* l = new LiveProxies;
+    return *l;
+}
 
 void proxy_made(const std::string& key) {
-    std::lock_guard lk(g_live_mu);
-    ++g_live[key];
+    LiveProxies& l = live_proxies();
+    std::lock_guard lk(l.mu);
+    ++l.count[key];
 }
 
 void proxy_gone(const std::string& key) {
     {
-        std::lock_guard lk(g_live_mu);
-        auto it = g_live.find(key);
-        if (it == g_live.end() || --it->second > 0) return;
-        g_live.erase(it);
+        LiveProxies& l = live_proxies();
+        std::lock_guard lk(l.mu);
+        auto it = l.count.find(key);
+        if (it == l.count.end() || --it->second > 0) return;
+        l.count.erase(it);
     }
     if (t_py_connections.pid == ::getpid()) t_py_connections.by_server.erase(key);
 }

@@ -22,14 +22,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <new>
 #include <sstream>
 #include <stdexcept>
-#include <new>
 #include <typeinfo>
 
 #include "describe.hpp"
-#include "mp/util.hpp"
 #include "launch.hpp"
+#include "mp/util.hpp"
 #include "process_impl.hpp"
 #include "sys/crypto.hpp"
 #include "sys/error.hpp"
@@ -118,9 +118,11 @@ void end_children() noexcept {
                 c->signal(SIGTERM);
             }
         }
+        const bool logging = get_logger().enabled_for(LogLevel::info);
         for (auto& c : children) {
-            if (c->wait(std::chrono::nanoseconds::zero())) continue;
-            log_info_named("calling join() for process ", c->name);
+            // Python logs the join of a child still running (active_children() reaps the rest).
+            if (logging && !c->wait(std::chrono::nanoseconds::zero()))
+                log_info_named("calling join() for process ", c->name);
             c->wait(std::nullopt);
         }
     } catch (...) {

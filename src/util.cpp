@@ -14,6 +14,7 @@
 #include "mp/process.hpp"
 #include "process_impl.hpp"
 #include "sys/fd.hpp"
+#include "sys/pidfd.hpp"
 #include "util_internal.hpp"
 
 namespace mp {
@@ -260,7 +261,10 @@ bool Finalize::still_active() const noexcept {
 void run_finalizers(std::optional<int> min_priority) noexcept {
     // Not this process's registry (a forked child that calls exit): nothing of it is ours, and
     // its lock may have been held by a thread of the parent at fork.
-    if (g_registry_pid.load(std::memory_order_acquire) != ::getpid()) return;
+    // Every child's exit asks (finish_child, twice): a process tree that never made a finalizer
+    // answers without a system call, and sys::self_pid() is cached.
+    const pid_t owner = g_registry_pid.load(std::memory_order_acquire);
+    if (owner == 0 || owner != sys::self_pid()) return;
     Registry& r = registry();
     // One at a time, from the top: a callback may create or finish other finalizers.
     for (;;) {

@@ -1147,8 +1147,9 @@ TEST_P(PoolWorkerLifetime, MaxTasksPerChildReplacesWorkers) {
         EXPECT_EQ(results[static_cast<std::size_t>(i)].get(kLong), i * i);
         ++per_pid[pids[static_cast<std::size_t>(i)].get(kLong)];
     }
-    // 203 tasks, at most 10 per worker.
-    EXPECT_GE(per_pid.size(), 20u);
+    // At most 10 tasks per worker: the 100 worker_pid tasks alone ran in 10 workers or more (203
+    // tasks in all took 21 or more, but a worker may have run only sqr tasks, unseen here).
+    EXPECT_GE(per_pid.size(), 10u);
     for (auto& [pid, n] : per_pid) EXPECT_LE(n, 10) << pid;
     std::set<pid_t> now;
     ASSERT_TRUE(eventually([&] {

@@ -22,14 +22,19 @@
 #include <condition_variable>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -55,24 +60,115 @@ struct PyRaise {
 };
 [[noreturn]] void raise(std::string type, Object arg) { throw PyRaise{std::move(type), std::move(arg)}; }
 
-// ---- hashing and ordering py::Objects (dict keys, list.sort) ----------------------------------
+// ---- Python's == and hash() on py::Objects (dict keys, list.index/count/remove, `in`) ----------
+// py::Object's own == is strict (1, 1.0 and True differ); a Python server's dict and list compare
+// as Python does: numbers by value across bool, int and float, bytes with bytearray by content,
+// set with frozenset by members, containers item by item. hash_of agrees with equal: equal
+// numbers hash alike, whatever their types.
 
+bool equal(const Object& a, const Object& b);
 std::size_t hash_of(const Object& o);
 
 struct ObjectHash {
     std::size_t operator()(const Object& o) const { return hash_of(o); }
 };
+struct ObjectEqual {
+    bool operator()(const Object& a, const Object& b) const { return equal(a, b); }
+};
 
 std::size_t mix(std::size_t h, std::size_t v) { return h ^ (v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2)); }
 
+bool is_number(const Object& o) noexcept {
+    return o.kind() == Kind::boolean || o.kind() == Kind::integer || o.kind() == Kind::floating;
+}
+
+// A whole number of at most 64 bits, one way only: `bits` holds an int64 value (big false) or a
+// value from 2**63 to 2**64 - 1 (big true).
+struct Whole {
+    bool big;
+    std::uint64_t bits;
+    friend bool operator==(const Whole&, const Whole&) = default;
+};
+
+// A number's value when it is a whole number of at most 64 bits (a bool, an int, or a float such
+// as 3.0 or -0.0); nothing for a float with a fraction, NaN, an infinity or beyond 2**64.
+std::optional<Whole> whole_value(const Object& o) {
+    return o.visit([](const auto& v) -> std::optional<Whole> {
+        using V = std::decay_t<decltype(v)>;
+        if constexpr (std::is_same_v<V, bool> || std::is_same_v<V, std::int64_t>) {
+            return Whole{false, static_cast<std::uint64_t>(static_cast<std::int64_t>(v))};
+        } else if constexpr (std::is_same_v<V, std::uint64_t>) {
+            return Whole{v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()), v};
+        } else if constexpr (std::is_same_v<V, double>) {
+            if (!(v >= -0x1p63 && v < 0x1p64) || std::trunc(v) != v) return std::nullopt;
+            if (v < 0x1p63) return Whole{false, static_cast<std::uint64_t>(static_cast<std::int64_t>(v))};
+            return Whole{true, static_cast<std::uint64_t>(v)};
+        } else {
+            return std::nullopt;
+        }
+    });
+}
+
+// Whether every item of `a` is an item of `b` (sets: their items are hashable).
+bool members_of(const py::Items& a, const py::Items& b) {
+    std::unordered_set<Object, ObjectHash, ObjectEqual> in_b(b.begin(), b.end());
+    return std::all_of(a.begin(), a.end(), [&](const Object& e) { return in_b.count(e) != 0; });
+}
+
+std::string_view bytes_of(const Object& o) {
+    return o.visit([](const auto& v) -> std::string_view {
+        using V = std::decay_t<decltype(v)>;
+        if constexpr (std::is_same_v<V, py::Bytes> || std::is_same_v<V, py::ByteArray>)
+            return v.data;
+        else
+            return {};
+    });
+}
+
+bool equal(const Object& a, const Object& b) {
+    if (is_number(a) && is_number(b)) {
+        const auto x = whole_value(a), y = whole_value(b);
+        if (x && y) return *x == *y;
+        if (x || y) return false;  // a whole number and a float that is not one, or NaN
+        return a.as<double>() == b.as<double>();
+    }
+    auto same_items = [](const py::Items& p, const py::Items& q) {
+        return p.size() == q.size() && std::equal(p.begin(), p.end(), q.begin(), equal);
+    };
+    switch (a.kind()) {
+        case Kind::none: return b.kind() == Kind::none;
+        case Kind::str: return b.kind() == Kind::str && a.as<std::string>() == b.as<std::string>();
+        case Kind::bytes:
+        case Kind::bytearray:
+            return (b.kind() == Kind::bytes || b.kind() == Kind::bytearray) && bytes_of(a) == bytes_of(b);
+        case Kind::tuple:
+        case Kind::list: return b.kind() == a.kind() && same_items(a.items(), b.items());
+        case Kind::set:
+        case Kind::frozenset:
+            return (b.kind() == Kind::set || b.kind() == Kind::frozenset) && a.items().size() == b.items().size() &&
+                   members_of(a.items(), b.items());
+        case Kind::dict: {
+            if (b.kind() != Kind::dict || a.dict().size() != b.dict().size()) return false;
+            std::unordered_map<Object, const Object*, ObjectHash, ObjectEqual> in_b;
+            for (const auto& [k, v] : b.dict()) in_b.emplace(k, &v);
+            return std::all_of(a.dict().begin(), a.dict().end(), [&](const auto& kv) {
+                auto it = in_b.find(kv.first);
+                return it != in_b.end() && equal(kv.second, *it->second);
+            });
+        }
+        default: return false;  // a number against a non-number
+    }
+}
+
 std::size_t hash_of(const Object& o) {
+    if (is_number(o)) {
+        if (const auto w = whole_value(o)) return mix(w->bits, w->big);
+        return std::hash<double>{}(o.as<double>());
+    }
     return o.visit([&](const auto& v) -> std::size_t {
         using V = std::decay_t<decltype(v)>;
         if constexpr (std::is_same_v<V, py::None>) {
             return 0x5bd1e995;
-        } else if constexpr (std::is_same_v<V, bool> || std::is_same_v<V, std::int64_t> ||
-                             std::is_same_v<V, std::uint64_t> || std::is_same_v<V, double>) {
-            return std::hash<V>{}(v);
         } else if constexpr (std::is_same_v<V, std::string>) {
             return std::hash<std::string>{}(v);
         } else if constexpr (std::is_same_v<V, py::Bytes>) {
@@ -387,8 +483,13 @@ private:
 
     std::mutex mu_;
     std::vector<std::optional<std::pair<Object, Object>>> slots_;
-    std::unordered_map<Object, std::size_t, ObjectHash> index_;
+    std::unordered_map<Object, std::size_t, ObjectHash, ObjectEqual> index_;
 };
+
+// A predicate: whether an item equals v, as Python's == says (list.index, count, remove, `in`).
+auto equal_to(Object v) {
+    return [v = std::move(v)](const Object& e) { return equal(e, v); };
+}
 
 class ListServant final : public Servant {
 public:
@@ -427,7 +528,7 @@ public:
             return {};
         }
         if (m == "__len__") return static_cast<std::int64_t>(items_.size());
-        if (m == "__contains__") return std::find(items_.begin(), items_.end(), a.need(0, "value")) != items_.end();
+        if (m == "__contains__") return std::any_of(items_.begin(), items_.end(), equal_to(a.need(0, "value")));
         if (m == "append") {
             items_.push_back(a.need(0, "object"));
             return {};
@@ -453,15 +554,33 @@ public:
         }
         if (m == "remove" || m == "index") {
             Object v = a.need(0, "value");
-            auto it = std::find(items_.begin(), items_.end(), v);
-            if (it == items_.end())
+            auto first = items_.begin(), last = items_.end();
+            if (m == "index") {
+                // index(value, start, stop) looks in items_[start:stop] only, its bounds clamped
+                // as a slice's, as Python's list.index.
+                const auto n = static_cast<std::int64_t>(items_.size());
+                auto bound = [n](const Object& o) {
+                    // An int past int64 (2**63 .. 2**64-1) is past the end, as in Python.
+                    const bool past_int64 = o.visit(
+                        [](const auto& x) { return std::is_same_v<std::decay_t<decltype(x)>, std::uint64_t>; });
+                    std::int64_t i = past_int64 ? n : to_index(o);
+                    if (i < 0) i = std::max<std::int64_t>(0, i + n);
+                    return std::min(i, n);
+                };
+                const std::int64_t start = bound(a.get(1, "start", Object(0)));
+                const std::int64_t stop = std::max(start, bound(a.get(2, "stop", Object(n))));
+                first = items_.begin() + start;
+                last = items_.begin() + stop;
+            }
+            auto it = std::find_if(first, last, equal_to(v));
+            if (it == last)
                 raise("ValueError", m == "remove" ? "list.remove(x): x not in list" : v.repr() + " is not in list");
             if (m == "index") return static_cast<std::int64_t>(it - items_.begin());
             items_.erase(it);
             return {};
         }
         if (m == "count")
-            return static_cast<std::int64_t>(std::count(items_.begin(), items_.end(), a.need(0, "value")));
+            return static_cast<std::int64_t>(std::count_if(items_.begin(), items_.end(), equal_to(a.need(0, "value"))));
         if (m == "reverse") {
             std::reverse(items_.begin(), items_.end());
             return {};
@@ -886,7 +1005,10 @@ struct PythonSide::Impl {
         e.servant = s;
         e.type_id = type_id;
         ++e.refs;
-        if (peer > 0) ++held[peer][ident];
+        if (peer > 0) {
+            ++held[peer][ident];
+            watch(peer);
+        }
         std::vector<Object> exposed(s->exposed().begin(), s->exposed().end());
         return Object::tuple({Object(ident), Object::tuple(std::move(exposed))});
     }
@@ -906,7 +1028,10 @@ struct PythonSide::Impl {
         auto it = ident.kind() == Kind::str ? objects.find(ident.as<std::string>()) : objects.end();
         if (it == objects.end()) raise("KeyError", ident);
         ++it->second.refs;
-        if (peer > 0) ++held[peer][it->first];
+        if (peer > 0) {
+            ++held[peer][it->first];
+            watch(peer);
+        }
     }
     void decref(const Object& ident, pid_t peer) {
         std::shared_ptr<Servant> dead;  // destroyed outside the lock
@@ -926,21 +1051,66 @@ struct PythonSide::Impl {
         if (i != p->second.end() && (i->second -= n) <= 0) p->second.erase(i);
         if (p->second.empty()) held.erase(p);
     }
-    /// A connection from `peer` ended: if the process is gone (it may still be on its way out,
-    /// so it is given 2 s), the references it never dropped are dropped for it.
-    void peer_left(pid_t peer) {
-        {
-            std::lock_guard lk(mu);
-            if (peer <= 0 || !held.contains(peer)) return;
-        }
+    // Watching the client processes that hold references (a pidfd each, opened at the first
+    // reference, while the process is alive: it names that process for good): a thread polls
+    // them, and drops every reference a process still held when it ends. Whatever connections
+    // it used: create and incref come on short ones, which close at once.
+    std::map<pid_t, sys::Fd> watched;
+    sys::Fd wake;  // an eventfd: the watcher polls the pidfds again (a new one, or it stops)
+    bool stopping = false;
+    std::thread watcher;
+
+    // Under mu: `peer` holds a reference; watch it if not yet.
+    void watch(pid_t peer) {
+        if (watched.contains(peer)) return;
+        sys::Fd fd;
         try {
-            sys::Fd fd = sys::pidfd_open(peer);
-            if (!sys::pidfd_wait_exit(fd.get(), std::chrono::seconds(2))) return;
+            fd = sys::pidfd_open(peer);
         } catch (const std::system_error&) {
-            // ESRCH: gone already.
+            // Gone already (ESRCH), or out of descriptors: its references stay, as in Python's
+            // server, which never drops a client's references.
+            return;
         }
-        std::vector<std::shared_ptr<Servant>> dead;
+        if (!wake) {
+            wake = sys::Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+            if (!wake) return;
+        }
+        watched.emplace(peer, std::move(fd));
+        if (!watcher.joinable()) {
+            watcher = std::thread([this] { watch_loop(); });
+        } else {
+            const std::uint64_t one = 1;
+            (void)!::write(wake.get(), &one, sizeof one);
+        }
+    }
+    void watch_loop() {
+        std::vector<pollfd> fds;
+        std::vector<pid_t> pids;
+        for (;;) {
+            fds.assign(1, pollfd{wake.get(), POLLIN, 0});
+            pids.assign(1, 0);
+            {
+                std::lock_guard lk(mu);
+                if (stopping) return;
+                for (auto& [pid, fd] : watched) {
+                    fds.push_back(pollfd{fd.get(), POLLIN, 0});
+                    pids.push_back(pid);
+                }
+            }
+            if (::poll(fds.data(), fds.size(), -1) < 0) continue;  // EINTR
+            if (fds[0].revents != 0) {
+                std::uint64_t n;
+                (void)!::read(wake.get(), &n, sizeof n);
+            }
+            for (std::size_t i = 1; i < fds.size(); ++i)
+                if (fds[i].revents != 0) drop_references_of(pids[i]);
+        }
+    }
+    /// The references process `peer` (ended) never dropped are dropped for it.
+    void drop_references_of(pid_t peer) {
+        std::vector<std::shared_ptr<Servant>> dead;  // destroyed outside the lock
         std::lock_guard lk(mu);
+        watched.erase(peer);
         auto p = held.find(peer);
         if (p == held.end()) return;
         for (auto& [ident, n] : p->second) {
@@ -951,6 +1121,17 @@ struct PythonSide::Impl {
             }
         }
         held.erase(p);
+    }
+    ~Impl() {
+        {
+            std::lock_guard lk(mu);
+            stopping = true;
+        }
+        if (watcher.joinable()) {
+            const std::uint64_t one = 1;
+            (void)!::write(wake.get(), &one, sizeof one);
+            watcher.join();
+        }
     }
 };
 
@@ -1065,17 +1246,6 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
     }
 
     // accept_connection: method calls on objects until the client hangs up.
-    struct Leaving {
-        Impl& im;
-        pid_t peer;
-        ~Leaving() {
-            try {
-                im.peer_left(peer);
-            } catch (...) {
-                // Out of memory or descriptors: its references stay, as in Python's server.
-            }
-        }
-    } leaving{im, peer};
     for (;;) {
         if (stopping()) return false;
         msg = c.recv_bytes(kMaxMessage);

@@ -429,7 +429,7 @@ private:
     };
     // g_exception: an exception class (its name in the slot); g_raised: the (class name, args) an
     // exception class was called with, which BUILD may follow (ExceptionClasses::any).
-    enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode, g_exception, g_raised };
+    enum Global : std::uint8_t { no_global, g_set, g_frozenset, g_bytearray, g_bytes, g_encode, g_list, g_exception, g_raised };
 
     // The machine's vectors. A thread keeps one set whose capacity (not contents) the next
     // loads() on that thread reuses: allocating them afresh was a third of a small message's cost.
@@ -632,6 +632,7 @@ private:
             else if (name == "frozenset") g = g_frozenset;
             else if (name == "bytearray") g = g_bytearray;
             else if (name == "bytes") g = g_bytes;
+            else if (name == "list") g = g_list;  // a dict view, as multiprocessing.managers pickles it
         } else if (module == "_codecs" && name == "encode") {
             g = g_encode;
         }
@@ -741,6 +742,12 @@ void Reader::reduce() {
             stack_.push_back(Slot{container(Kind::tuple, {Object(std::move(type)), args}), g_raised});
             return;
         }
+        case g_list:
+            // list(list(view)): what multiprocessing's pickler writes for dict.keys(), values()
+            // and items() (managers.py registers the reducer), so a Python manager's dict can be
+            // listed. Only that form: the argument is already the list.
+            if (a.size() == 1 && a[0].kind() == Kind::list) return push(container(Kind::list, items_of(a[0])));
+            break;
         case g_encode:
             if (a.size() == 2 && a[0].kind() == Kind::str && a[1].kind() == Kind::str) {
                 auto encoding = a[1].as<std::string>();
@@ -752,7 +759,7 @@ void Reader::reduce() {
         default: break;
     }
     static constexpr const char* names[] = {"", "builtins.set", "builtins.frozenset", "builtins.bytearray",
-                                            "builtins.bytes", "_codecs.encode", "", ""};
+                                            "builtins.bytes", "_codecs.encode", "builtins.list", "", ""};
     fail(std::string("REDUCE of ") + names[callee.global] + " with arguments " + short_repr(args) +
          " is not one of the plain-data forms Python's pickler writes");
 }

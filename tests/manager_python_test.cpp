@@ -167,6 +167,16 @@ except TypeError as e:
 assert l + [1] == [5, 2, 'one', 1] and l * 2 == [5, 2, 'one'] * 2
 l += [7]; l *= 1
 print('LIST', l._getvalue())
+# index(value, start, stop) searches the slice only (start and stop were ignored).
+l2 = m.list([1, 2, 1, 2])
+assert l2.index(1, 1) == 2 and l2.index(2, -1) == 3 and l2.index(1, 0, 1) == 0 and l2.index(2, 0, 2**63) == 1
+for args in ((1, 1, 2), (2, 4), (1, 3, 1)):
+    try:
+        l2.index(*args)
+        print('SLICE found', args)
+    except ValueError as e:
+        print('SLICE', e)
+del l2
 
 ns = m.Namespace(x=1)
 ns.y = 'why'
@@ -293,6 +303,8 @@ TEST_F(ManagerForPython, PythonClientUsesDictListAndNamespace) {
     EXPECT_NE(out.find("TYPEERROR '<' not supported between instances of 'str' and 'int'\n"), std::string::npos)
         << out;
     EXPECT_NE(out.find("LIST [5, 2, 'one', 7]\n"), std::string::npos) << out;
+    EXPECT_NE(out.find("SLICE 1 is not in list\nSLICE 2 is not in list\nSLICE 1 is not in list\n"), std::string::npos)
+        << out;
     EXPECT_NE(out.find("ATTRIBUTEERROR 'Namespace' object has no attribute 'x'\n"), std::string::npos) << out;
     EXPECT_NE(out.find("NS Namespace(y='why')\n"), std::string::npos) << out;
     // Every proxy dropped: Python's client sent the decrefs, and the objects are gone.
@@ -372,6 +384,28 @@ print('ACQUIRED', lk.acquire(True, 5))
     EXPECT_NE(out.find("ACQUIRED True"), std::string::npos) << out;
 }
 
+// Python's == across types: 1, 1.0 and True are one dict key and equal list items, bytes equals
+// bytearray, a set equals a frozenset, containers compare item by item. mp's manager compared
+// with py::Object's strict ==: d[1.0] was a KeyError and l.index(2) of [1, 2.0] a ValueError.
+TEST_F(ManagerForPython, KeysAndItemsCompareAsPythonsEqual) {
+    constexpr const char* code = PY_CONNECT R"PY(
+d = m.dict({1: 'one', 2**63: 'big', 0: 'zero', (1, 2): 'pair', 'x': 'str'})
+print('DICT', d[1.0], d[True], 1.0 in d, d.get(1.0), d[2.0**63], d[-0.0], d[(1.0, True + 1)], 2.5 in d, '1' in d)
+d[1.0] = 'uno'          # the key stays 1, as in Python's dict
+print('KEYS', d.keys(), d[1])
+l = m.list([1, 2.0, b'x', (1, 2), frozenset({3}), [1.0], float('nan')])
+print('LIST', l.index(2), True in l, l.count(1.0), bytearray(b'x') in l, (1.0, 2) in l, {3} in l, [True] in l,
+      float('nan') in l, 3 in l, 'x' in l)
+l.remove(2)
+print('REMOVED', l._getvalue()[:2])
+)PY";
+    std::string out = run_client(code, manager.address(), "pykey");
+    EXPECT_NE(out.find("DICT one one True one big zero pair False False\n"), std::string::npos) << out;
+    EXPECT_NE(out.find("KEYS [1, 9223372036854775808, 0, (1, 2), 'x'] uno\n"), std::string::npos) << out;
+    EXPECT_NE(out.find("LIST 1 True 1 True True True True False False False\n"), std::string::npos) << out;
+    EXPECT_NE(out.find("REMOVED [1, b'x']\n"), std::string::npos) << out;
+}
+
 TEST(ManagerForPythonUnix, AKilledPythonClientsReferencesAreDropped) {
     mp::test::TempDir dir;
     mp::SyncManager manager(mp::Address(dir.path + "/m.sock"), "pykey");
@@ -389,6 +423,31 @@ q.get()    # blocks until killed
     std::this_thread::sleep_for(200ms);
     p.kill();
     // Its references go once the server has seen the process end (bounded wait).
+    mp::PyManagerClient c(manager.address(), "pykey");
+    auto until = std::chrono::steady_clock::now() + 10s;
+    while (c.number_of_objects() != 0 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(20ms);
+    EXPECT_EQ(c.number_of_objects(), 0);
+}
+
+// A client that only made proxies (create and incref come on connections of their own, which
+// close at once) and was killed before any method call: its references are dropped too. They were
+// dropped only when a method-call connection closed, so these objects stayed for good.
+TEST(ManagerForPythonUnix, AKilledClientThatNeverCalledAMethodHasItsReferencesDropped) {
+    mp::test::TempDir dir;
+    mp::SyncManager manager(mp::Address(dir.path + "/m.sock"), "pykey");
+    manager.start();
+    constexpr const char* code = R"PY(
+import sys, time
+from multiprocessing.managers import SyncManager
+m = SyncManager(address=sys.argv[1], authkey=b'pykey'); m.connect()
+ds = [m.dict() for _ in range(5)]
+print('OBJECTS', m._number_of_objects(), flush=True)
+time.sleep(60)    # killed here
+)PY";
+    PythonProcess p(code, {manager.address().path});
+    ASSERT_EQ(p.read_line("OBJECTS "), "OBJECTS 5");
+    p.kill();
     mp::PyManagerClient c(manager.address(), "pykey");
     auto until = std::chrono::steady_clock::now() + 10s;
     while (c.number_of_objects() != 0 && std::chrono::steady_clock::now() < until)
@@ -504,6 +563,10 @@ TEST_F(PythonServer, CppClientUsesDictListAndNamespace) {
         EXPECT_EQ(e.message(), "'zz'");
         EXPECT_NE(e.origin().find("Python manager at 127.0.0.1:"), std::string::npos);
         EXPECT_EQ(d.call("copy").repr(), "{'a': 1, 'b': [1, 'x']}");
+        // Python's server sends the views as builtins.list(...) (multiprocessing's reducer).
+        EXPECT_EQ(d.call("keys").as<std::vector<std::string>>(), (std::vector<std::string>{"a", "b"}));
+        EXPECT_EQ(d.call("values").repr(), "[1, [1, 'x']]");
+        EXPECT_EQ(d.call("items").repr(), "[('a', 1), ('b', [1, 'x'])]");
 
         mp::PyProxy l = m.create("list", {py::Object::list({3, 1})});
         l.call("append", {2});

@@ -135,6 +135,36 @@ TEST(PyPickle, ReadsWhatPythonWritesAtEveryProtocol) {
     }
 }
 
+// A Python manager's dict answers keys(), values() and items() with a view, which
+// multiprocessing.managers registers with its pickler as builtins.list(list(view)): mp reads that
+// as the list it is (it was refused as a call of builtins.list, so a C++ client could not list a
+// Python manager's dict). Other arguments to builtins.list stay refused.
+TEST(PyPickle, ReadsTheDictViewsPythonsManagerSendsAsLists) {
+    std::string code =
+        "import multiprocessing.managers\n"
+        "from multiprocessing.reduction import ForkingPickler\n"
+        "d = {'a': 1, 'b': [2, 'x']}\n"
+        "for v in (d.keys(), d.values(), d.items(), {}.keys()):\n"
+        "    for p in (2, 3, 4, 5):\n"
+        "        print(bytes(ForkingPickler.dumps(v, p)).hex(), repr(list(v)))\n";
+    std::vector<std::string> out = lines(python(code));
+    ASSERT_EQ(out.size(), 16u);
+    for (const std::string& line : out) {
+        const std::size_t a = line.find(' ');
+        const std::string pickle = unhex(std::string_view(line).substr(0, a));
+        SCOPED_TRACE(line.substr(a + 1));
+        py::Object o;
+        ASSERT_NO_THROW(o = py::loads(pickle));
+        EXPECT_EQ(o.kind(), py::Kind::list);
+        EXPECT_EQ(o.repr(), line.substr(a + 1));
+    }
+    EXPECT_EQ(py::loads<std::vector<std::string>>(unhex(out[2].substr(0, out[2].find(' ')))),
+              (std::vector<std::string>{"a", "b"}));
+    // builtins.list of anything but one list is not a form Python's pickler writes.
+    EXPECT_THROW(py::loads("\x80\x02" "c__builtin__\nlist\nK\x01\x85R."s), py::UnpicklingError);
+    EXPECT_THROW(py::loads("\x80\x02" "c__builtin__\nlist\n)R."s), py::UnpicklingError);
+}
+
 // What mp writes, Python's pickle.loads reads as the equal value (compared in Python).
 TEST(PyPickle, PythonReadsWhatMpWrites) {
     struct Point {

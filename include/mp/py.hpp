@@ -13,9 +13,10 @@
 /// OBJ, NEWOBJ, NEWOBJ_EX, EXT1/2/4, PERSID, BINPERSID) is refused with mp::py::UnpicklingError
 /// naming the opcode and, for globals, the module and name. The one exception is the handful of
 /// names Python's own pickler writes for plain data at protocols 2 and 3 (builtins.set, frozenset,
-/// bytearray and bytes, and _codecs.encode for bytes): they are recognised by name and rebuilt as
-/// data; nothing is imported or called. Lengths are checked against the input before anything is
-/// allocated, and nesting, input size and the size that shared references expand to are bounded
+/// bytearray and bytes, and _codecs.encode for bytes), and builtins.list of a list, which
+/// multiprocessing's pickler writes for dict.keys(), values() and items() (a Python manager's
+/// replies): they are recognised by name and rebuilt as data; nothing is imported or called.
+/// Lengths are checked against the input before anything is allocated, and nesting, input size and the size that shared references expand to are bounded
 /// (py::Limits). A truncated or malformed pickle is an UnpicklingError, never a crash.
 ///
 /// Reading: protocols 2 to 5 as CPython 3.8 to 3.14 write them (protocol 0 and 1 pickles that

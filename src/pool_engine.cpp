@@ -53,6 +53,7 @@
 #include "pool_engine_impl.hpp"
 #include "process_impl.hpp"
 #include "sys/error.hpp"
+#include "sys/fd.hpp"
 
 namespace mp::detail {
 
@@ -348,6 +349,13 @@ PoolEngine::~PoolEngine() {
 }
 
 std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
+    // One frame's descriptors go in one message: refused here, this submit fails alone. (Found
+    // later, as the pool's thread sends the task, it would break the pool, and the task, by then
+    // in no queue, would never finish.)
+    if (task.fds.size() > sys::kMaxFds)
+        throw Error("mp pool: a task may carry at most " + std::to_string(sys::kMaxFds) +
+                    " descriptors (its arguments hold " + std::to_string(task.fds.size()) +
+                    " handles' descriptors: queues, locks, values, connections ...)");
     auto job = std::allocate_shared<pool::Job>(sys::ArenaAllocator<pool::Job>(impl_->job_arena));
     job->bytes.assign(std::move(task.bytes));
     for (int fd : task.fds) {

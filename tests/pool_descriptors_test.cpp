@@ -236,6 +236,32 @@ TEST(PoolDescriptorLimit, ASubmitOutOfDescriptorsFailsAloneAndThePoolGoesOn) {
     EXPECT_EQ(mp::test::run_child(mp::StartMethod::fork, std::chrono::seconds(120), submit_until_out_of_descriptors), 0);
 }
 
+int count_locks(std::vector<mp::Lock> locks) { return static_cast<int>(locks.size()); }
+
+// A task whose arguments carry more descriptors than one message can (SCM_MAX_FD, 253): its
+// submit fails alone, with mp::Error, and the pool goes on. (It was accepted, then refused in the
+// pool's thread as the task was sent: the pool broke, and the task's future was in neither the
+// pending queue nor a worker's, so it never finished: Pool::apply waited for ever.)
+TEST(PoolDescriptorLimit, ATaskWithMoreThan253DescriptorsFailsAloneAndThePoolGoesOn) {
+    const std::vector<mp::Lock> too_many(254);
+    const std::vector<mp::Lock> most(253);
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    try {
+        (void)ex.submit(count_locks, too_many);
+        ADD_FAILURE() << "a task with 254 descriptors was accepted";
+    } catch (const mp::BrokenProcessPool& e) {
+        ADD_FAILURE() << "the pool broke: " << e.what();
+    } catch (const mp::Error& e) {
+        EXPECT_NE(std::string(e.what()).find("253"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(ex.submit(plain, 3).result(kWait), -3);
+    EXPECT_EQ(ex.submit(count_locks, most).result(kWait), 253);
+
+    mp::Pool pool(1);
+    EXPECT_THROW((void)pool.apply_async(count_locks, too_many), mp::Error);
+    EXPECT_EQ(pool.apply(plain, 4), -4);
+}
+
 INSTANTIATE_TEST_SUITE_P(StartMethods, PoolDescriptors,
                          ::testing::Values(MethodCase{"fork", mp::StartMethod::fork},
                                            MethodCase{"forkserver", mp::StartMethod::forkserver},

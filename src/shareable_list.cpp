@@ -126,7 +126,12 @@ std::byte* ShareableList::base() const {
     return b.data();
 }
 
+void ShareableList::check_handle() const {
+    if (offsets_.empty()) detail::throw_empty_handle("mp::ShareableList");
+}
+
 std::size_t ShareableList::position(std::int64_t i) const {
+    check_handle();
     const auto n = std::int64_t(size());
     if (i < 0) i += n;
     if (i < 0 || i >= n) throw std::out_of_range("IndexError: ShareableList index out of range");
@@ -187,12 +192,14 @@ void ShareableList::set(std::int64_t i, const Item& v) {
 }
 
 std::vector<ShareableList::Item> ShareableList::to_vector() const {
+    check_handle();
     std::vector<Item> out;
     for (std::size_t i = 0; i < size(); ++i) out.push_back(get(std::int64_t(i)));
     return out;
 }
 
 std::string ShareableList::format() const {
+    check_handle();
     const std::size_t n = size();
     const std::byte* formats = base() + 8 * (n + 2) + offsets_.back();
     std::string out;
@@ -236,12 +243,14 @@ bool python_equal(const ShareableList::Item& a, const ShareableList::Item& b) {
 }  // namespace
 
 std::size_t ShareableList::count(const Item& v) const {
+    check_handle();
     std::size_t c = 0;
     for (std::size_t i = 0; i < size(); ++i) c += python_equal(get(std::int64_t(i)), v);
     return c;
 }
 
 std::size_t ShareableList::index(const Item& v) const {
+    check_handle();
     for (std::size_t i = 0; i < size(); ++i)
         if (python_equal(get(std::int64_t(i)), v)) return i;
     throw std::invalid_argument("ValueError: the value is not in this ShareableList");

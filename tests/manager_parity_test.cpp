@@ -922,6 +922,25 @@ TEST_F(TestSharedMemory, ShareableListRefusesASegmentThatIsNotOne) {
     EXPECT_EQ(sl.get(0), Item(std::string("ab")));
 }
 
+// A list moved from is empty, as a moved-from RawArray: size() 0 (it was offsets_.size() - 1 on
+// an empty vector, SIZE_MAX, so a loop over [0, size()) ran on), and its members throw
+// mp::EmptyHandle (get() was an IndexError, count() and index() ran the loop).
+TEST_F(TestSharedMemory, MovedFromShareableListIsEmptyAndThrowsEmptyHandle) {
+    mp::ShareableList sl({std::int64_t{1}, std::string("ab")});
+    mp::ShareableList sl2 = std::move(sl);
+    const UnlinkAtEnd cleanup{sl2};
+    EXPECT_EQ(sl.size(), 0u);  // NOLINT(bugprone-use-after-move)
+    EXPECT_THROW((void)sl.get(0), mp::EmptyHandle);
+    EXPECT_THROW(sl.set(0, Item(std::int64_t{2})), mp::EmptyHandle);
+    EXPECT_THROW((void)sl.to_vector(), mp::EmptyHandle);
+    EXPECT_THROW((void)sl.format(), mp::EmptyHandle);
+    EXPECT_THROW((void)sl.count(Item(std::int64_t{1})), mp::EmptyHandle);
+    EXPECT_THROW((void)sl.index(Item(std::int64_t{1})), mp::EmptyHandle);
+    EXPECT_THROW((void)mp::encode(sl), mp::EmptyHandle);
+    EXPECT_EQ(sl2.size(), 2u);
+    EXPECT_EQ(sl2.get(1), Item(std::string("ab")));
+}
+
 // A str/bytes item's struct format ("<slot>s") lives in 8 bytes: an item of 10,000,000 bytes
 // or more needs a slot whose format does not fit. Refused before any segment is made (as
 // CPython's ShareableList, with AssertionError); it was written cut to "10000008", which Python

@@ -52,7 +52,9 @@ public:
     /// Stores `v` at `i`. A str or bytes longer than the slot was made for is
     /// std::invalid_argument ("ValueError: bytes/str item exceeds available storage").
     void set(std::int64_t i, const Item& v);
-    std::size_t size() const noexcept { return offsets_.size() - 1; }
+    /// The number of items; 0 for a list moved from (whose every other member but shm() throws
+    /// mp::EmptyHandle, as a moved-from SharedMemory's).
+    std::size_t size() const noexcept { return offsets_.empty() ? 0 : offsets_.size() - 1; }
     /// Every item, in order.
     std::vector<Item> to_vector() const;
     /// Python's format: the items' struct formats, joined.
@@ -70,6 +72,8 @@ private:
     struct Attached {};
     ShareableList(Attached, SharedMemory shm);
     std::size_t position(std::int64_t i) const;
+    // EmptyHandle on a list moved from: a made or attached list always has N+1 offsets.
+    void check_handle() const;
     std::byte* base() const;
     SharedMemory shm_;
     std::vector<std::int64_t> offsets_;  // N+1, from the data area

@@ -48,7 +48,8 @@
 /// Robustness: a producer or consumer killed (SIGKILL) at any instant loses at most the message
 /// it was putting or taking; the others carry on. The design (src/queue.cpp states the
 /// invariants in full):
-/// - A producer lock and a consumer lock, both robust process-shared pthread mutexes, serialise
+/// - A producer lock and a consumer lock, both robust process-shared mutexes (futex words on the
+///   kernel's robust list, as Lock's), serialise
 ///   producers and consumers each for a whole message. Between the two holders the ring is
 ///   single-producer/single-consumer: a byte `head` published by the producer (release) and a
 ///   `tail` published by the consumer, both counting bytes since creation (never wrapping).
@@ -158,7 +159,7 @@ public:
 
     /// The memfd, to send to another process.
     int fd() const noexcept { return block_.fd(); }
-    /// For tests only: the producer lock, a robust process-shared pthread_mutex_t, so that a
+    /// For tests only: the producer lock (an mp::sys::FutexMutex), so that a
     /// test can hold it and stage what a killed waiter leaves behind.
     void* producer_lock_for_testing() const noexcept;
     /// Puts the queue (in every process) in its shut-down state; see Queue::shutdown.

@@ -20,7 +20,9 @@
 /// - Value, Array, RawValue and RawArray live in anonymous shared memory (a memfd): a child
 ///   inherits it across fork, and a forkserver child receives its descriptor with the arguments.
 ///   Nothing appears in /dev/shm, so nothing can leak there: the memory goes when the last process
-///   holding it unmaps it, whoever dies first and however.
+///   holding it unmaps it, whoever dies first and however. The memfd stays open while a handle
+///   lives in the process (one descriptor each, and one more for a Value's or Array's lock: see
+///   "Sharing" in synchronize.hpp on RLIMIT_NOFILE).
 /// - SharedMemory is a named POSIX segment (/dev/shm/NAME), for processes that find each other by
 ///   name. Its creator registers it with a resource tracker, a small helper process of the
 ///   creating process (named "mp-shm-tracker", started at the first tracked create, ignoring

@@ -12,6 +12,10 @@
 /// Sharing. Every object is a cheap, copyable handle on a small block of shared memory (a memfd,
 /// so nothing appears in /dev/shm and nothing can leak there). Copies refer to the same lock,
 /// semaphore, ...; the memory goes when the last handle in the last process goes.
+/// Each object keeps its memfd open while a handle on it lives in the process (to send it on):
+/// one descriptor per Lock, RLock, Semaphore, Event, Condition or Barrier, two per Value or
+/// Array with a lock. Python's locks keep none, so a program that makes thousands of them may
+/// need a higher RLIMIT_NOFILE (`ulimit -n`; making one fails with std::system_error EMFILE).
 /// - fork: a Process target's arguments (and captures) are copied into the child, and the copies
 ///   refer to the same shared state: pass the handle by value.
 /// - forkserver (and anything else that sends values with mp::Codec): every type has a Codec
@@ -23,7 +27,8 @@
 /// waiting thread sleeps in the kernel (futex or robust mutex), waking every 50 ms to look again
 /// (see "Death of other parties"): it uses next to no CPU.
 ///
-/// Locks. Lock and RLock are robust, process-shared mutexes (pthread, PTHREAD_MUTEX_ROBUST):
+/// Locks. Lock and RLock are robust, process-shared mutexes on one futex word (its holder's
+/// thread id; the kernel's robust-futex list marks it when the holder dies):
 /// - They meet Lockable and TimedLockable (lock, try_lock, unlock, try_lock_for, try_lock_until),
 ///   so std::lock_guard, std::unique_lock and std::scoped_lock work; Python's acquire/release are
 ///   there too.

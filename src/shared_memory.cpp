@@ -492,7 +492,13 @@ SharedMemory::SharedMemory(std::optional<std::string> name, bool create, std::si
         }
     } else {
         s.name = std::move(*name);
-        fd.reset(sys::check(open_segment(s.name), "shm_open"));
+        const int f = open_segment(s.name);
+        // Named as Python's FileNotFoundError / FileExistsError name it.
+        if (f < 0) {
+            const int err = errno;
+            sys::throw_system_error(err, ("shm_open '/" + s.name + "'").c_str());
+        }
+        fd.reset(f);
     }
 
     struct stat st {};

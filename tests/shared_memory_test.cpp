@@ -160,12 +160,12 @@ TEST_F(SharedMemoryTest, Basics) {
     EXPECT_EQ(same.size(), sms.size());
     same.close();
 
-    // A second create of the same name: FileExistsError.
-    expect_system_error([&] { mp::SharedMemory again(name, true, 512); }, EEXIST, "shm_open");
+    // A second create of the same name: FileExistsError, naming the segment as Python does.
+    expect_system_error([&] { mp::SharedMemory again(name, true, 512); }, EEXIST, "shm_open '/" + name + "'");
 
     // Attach to a name nobody created: FileNotFoundError.
-    expect_system_error([&] { mp::SharedMemory none(unique_name("notthere")); }, ENOENT,
-                        "shm_open");
+    const std::string missing = unique_name("notthere");
+    expect_system_error([&] { mp::SharedMemory none(missing); }, ENOENT, "shm_open '/" + missing + "'");
 
     sms.close();
     sms.unlink();
@@ -793,6 +793,15 @@ TEST(RawArrayTest, FromSizeIsZeroFilled) {
         EXPECT_EQ(f.x, 0);
         EXPECT_EQ(f.y, 0.0);
     }
+}
+
+// A size no mapping can have is std::invalid_argument, as the header says (SIZE_MAX bytes of char
+// reached ftruncate, a std::system_error EINVAL).
+TEST(RawArrayTest, ASizePastWhatMemoryCanHoldIsInvalidArgument) {
+    EXPECT_THROW((void)mp::RawArray<char>(SIZE_MAX), std::invalid_argument);
+    EXPECT_THROW((void)mp::RawArray<char>(static_cast<std::size_t>(PTRDIFF_MAX) + 1), std::invalid_argument);
+    EXPECT_THROW((void)mp::RawArray<int>(SIZE_MAX / 4), std::invalid_argument);
+    EXPECT_THROW((void)mp::Array<char>(SIZE_MAX), std::invalid_argument);
 }
 
 TEST(RawArrayTest, ConstructionLikeVector) {

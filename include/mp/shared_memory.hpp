@@ -197,10 +197,11 @@ inline void encode_block(Encoder& e, const SharedBlock& b) { e.put(e.attach_fd(b
 /// The block is mapped once per process, however often it arrives.
 BlockPtr decode_block(Decoder& d, std::size_t min_bytes);
 
-/// n elements of T in bytes; std::invalid_argument when that overflows.
+/// n elements of T in bytes; std::invalid_argument past PTRDIFF_MAX bytes (no file or mapping
+/// can be that large; the size would overflow an offset).
 template <class T>
 std::size_t array_bytes(std::size_t n) {
-    if (n > SIZE_MAX / sizeof(T)) throw std::invalid_argument("mp::Array: too many elements");
+    if (n > static_cast<std::size_t>(PTRDIFF_MAX) / sizeof(T)) throw std::invalid_argument("mp::Array: too many elements");
     return n * sizeof(T);
 }
 

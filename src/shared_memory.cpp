@@ -99,27 +99,44 @@ Entry* g_entries = nullptr;
 std::size_t g_count = 0;
 std::size_t g_capacity = 0;
 
-void write_str(const char* s) noexcept {
-    std::size_t n = std::strlen(s);
-    while (n > 0) {
-        ssize_t r = ::write(STDERR_FILENO, s, n);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return;
-        s += r;
-        n -= static_cast<std::size_t>(r);
+// One line of the tracker's output, built on the stack (no allocation in this forked helper) and
+// written with one write(2) when it goes, so that the lines of trackers ending at the same time
+// do not interleave mid-line on a shared stderr.
+class Line {
+public:
+    Line& operator<<(const char* s) noexcept {
+        while (*s != '\0' && n_ < sizeof buf_) buf_[n_++] = *s++;
+        return *this;
     }
-}
+    Line& operator<<(std::size_t v) noexcept {
+        char digits[24];
+        char* p = digits + sizeof digits;
+        *--p = '\0';
+        do {
+            *--p = static_cast<char>('0' + v % 10);
+            v /= 10;
+        } while (v != 0);
+        return *this << p;
+    }
+    Line() noexcept = default;
+    Line(const Line&) = delete;
+    Line& operator=(const Line&) = delete;
+    ~Line() {
+        const char* p = buf_;
+        std::size_t n = n_;
+        while (n > 0) {
+            const ssize_t r = ::write(STDERR_FILENO, p, n);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0) return;
+            p += r;
+            n -= static_cast<std::size_t>(r);
+        }
+    }
 
-void write_num(std::size_t v) noexcept {
-    char buf[24];
-    char* p = buf + sizeof buf;
-    *--p = '\0';
-    do {
-        *--p = static_cast<char>('0' + v % 10);
-        v /= 10;
-    } while (v != 0);
-    write_str(p);
-}
+private:
+    char buf_[2 * kMaxName + 128];
+    std::size_t n_ = 0;
+};
 
 // glibc's shm_open names /dev/shm/NAME; the path is built here without allocating.
 constexpr char kDir[] = "/dev/shm/";
@@ -166,9 +183,7 @@ void remove(Entry* e) noexcept {
 
 void add(const Message& m, bool registered, const FileId& file) noexcept {
     if (g_count == g_capacity && !grow()) {
-        write_str("mp resource_tracker: out of memory; cannot track '");
-        write_str(m.name);
-        write_str("'\n");
+        Line() << "mp resource_tracker: out of memory; cannot track '" << m.name << "'\n";
         return;
     }
     Entry& e = g_entries[g_count++];
@@ -223,22 +238,18 @@ void clean_up() noexcept {
         if (e.leaked) ++leaked;
     }
     if (leaked == 0) return;
-    write_str("mp resource_tracker: There appear to be ");
-    write_num(leaked);
-    write_str(" leaked shared_memory objects to clean up at shutdown\n");
+    Line() << "mp resource_tracker: There appear to be " << leaked
+           << " leaked shared_memory objects to clean up at shutdown\n";
     for (std::size_t i = 0; i < g_count; ++i) {
         Entry& e = g_entries[i];
         if (!e.leaked) continue;
         make_path(path, e.name, e.len);
-        write_str("mp resource_tracker: unlinking '");
-        write_str(e.name);
-        if (::unlink(path) == 0) {
-            write_str("'\n");
-        } else {
-            write_str("': failed, errno ");
-            write_num(static_cast<std::size_t>(errno));  // strerror may allocate (translations)
-            write_str("\n");
-        }
+        Line line;
+        line << "mp resource_tracker: unlinking '" << e.name;
+        if (::unlink(path) == 0)
+            line << "'\n";
+        else  // errno as a number: strerror may allocate (translations)
+            line << "': failed, errno " << static_cast<std::size_t>(errno) << "\n";
     }
 }
 

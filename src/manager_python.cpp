@@ -948,15 +948,17 @@ std::string traceback_text(std::exception_ptr ep) {
     try {
         std::rethrow_exception(ep);
     } catch (const py::UnpicklingError& e) {
-        return std::string("mp manager (C++) refused the request: ") + e.what();
+        return std::string("mp manager (C++) refused the request: ") + e.what() + "\n";
     } catch (...) {
         Encoder enc;
         encode_current_exception(enc);
         Decoder d(enc.bytes());
         info = decode_error_info(d);
     }
+    // Ended by a newline, as Python's traceback.format_exc(): RemoteError's str() puts its closing
+    // line of dashes right after the text.
     return "Traceback (the mp manager, C++, pid " + std::to_string(::getpid()) + "):\n" + info.type_name + ": " +
-           info.message;
+           info.message + "\n";
 }
 
 }  // namespace
@@ -1205,7 +1207,8 @@ bool PythonSide::serve(Connection& c, std::string msg, const std::function<bool(
         // The server's own functions answer a Python exception with a traceback, as Python's
         // handle_request.
         auto traceback = [](const PyRaise& e) {
-            return reply_text("#TRACEBACK", e.type + ": " + (e.arg.kind() == Kind::str ? e.arg.as<std::string>() : e.arg.repr()));
+            return reply_text("#TRACEBACK",
+                              e.type + ": " + (e.arg.kind() == Kind::str ? e.arg.as<std::string>() : e.arg.repr()) + "\n");
         };
         reply = answer([&](Request& req) {
             const std::string& fn = req.method;

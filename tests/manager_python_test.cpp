@@ -278,6 +278,8 @@ try:
     mm.Counter()
 except RemoteError as e:
     print('NOTYPE', str(e).replace('\n', ' '))
+    # As Python's own server's: the text ends with a newline before RemoteError's closing dashes.
+    print('ENDS', str(e).endswith('\n' + '-' * 75))
 print('DONE')
 )PY";
 
@@ -331,6 +333,7 @@ TEST_F(ManagerForPython, NonPlainDataAndUnknownTypesAreRefusedWithAReadableRemot
     EXPECT_NE(out.find("ITER NotImplementedError"), std::string::npos) << out;
     EXPECT_NE(out.find("NOTYPE"), std::string::npos) << out;
     EXPECT_NE(out.find("no type 'Counter'"), std::string::npos) << out;
+    EXPECT_NE(out.find("ENDS True\n"), std::string::npos) << out;
     EXPECT_NE(out.find("DONE\n"), std::string::npos) << out;
 }
 

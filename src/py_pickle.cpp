@@ -384,7 +384,7 @@ void wrong_length(const Object& o, std::size_t wanted) {
 }
 
 void out_of_range(const Object& o, const char* type) {
-    throw UnpicklingError("mp::py: the int " + short_repr(o) + " does not fit " + type);
+    throw UnpicklingError(std::string("mp::py: the ") + o.type_name() + " " + short_repr(o) + " does not fit " + type);
 }
 
 }  // namespace detail

@@ -23,6 +23,7 @@
 #include <variant>
 #include <cstdint>
 #include <limits>
+#include <cmath>
 #include <map>
 #include <random>
 #include <set>
@@ -299,6 +300,21 @@ TEST(PyPickle, TypedReadsFromPython) {
     EXPECT_THROW((py::loads<std::tuple<int, int>>(pk(2))), py::UnpicklingError);
     EXPECT_THROW(py::loads<std::vector<std::int8_t>>(py::dumps(std::vector<int>{1, 300})), py::UnpicklingError);
     EXPECT_THROW(py::loads<bool>(py::dumps(1)), py::UnpicklingError);
+    // A finite float past float's range: refused as an int past int8's is (it became inf, by a
+    // conversion C++ leaves undefined); inf, NaN and what fits come through.
+    EXPECT_THROW(py::loads<float>(py::dumps(1e300)), py::UnpicklingError);
+    EXPECT_THROW(py::loads<std::vector<float>>(py::dumps(std::vector<double>{1.5, -1e39})), py::UnpicklingError);
+    EXPECT_THROW(py::loads<float>(py::dumps(py::Object(1e300))), py::UnpicklingError);
+    EXPECT_EQ(py::loads<float>(py::dumps(1.5)), 1.5f);
+    EXPECT_EQ(py::loads<float>(py::dumps(std::numeric_limits<double>::infinity())),
+              std::numeric_limits<float>::infinity());
+    EXPECT_TRUE(std::isnan(py::loads<float>(py::dumps(std::nan("")))));
+    EXPECT_EQ(py::loads<double>(py::dumps(1e300)), 1e300);
+    try {
+        (void)py::loads<float>(py::dumps(1e300));
+    } catch (const py::UnpicklingError& e) {
+        EXPECT_NE(std::string(e.what()).find("float 1e+300 does not fit"), std::string::npos) << e.what();
+    }
     try {
         py::loads<std::string>(pk(1));
         FAIL() << "no exception";

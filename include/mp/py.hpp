@@ -51,11 +51,13 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cmath>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <limits>
 #include <list>
 #include <map>
@@ -697,6 +699,16 @@ void merge_repeated_keys(Seq& pairs) {
 [[noreturn]] void wrong_length(const Object& o, std::size_t wanted);
 [[noreturn]] void out_of_range(const Object& o, const char* type);
 
+// Whether a Python float converts to T without overflow (a float's range is narrower than a
+// double's; converting a finite value out of range is undefined): NaN and infinities do.
+template <class T>
+bool fits_floating(double d) noexcept {
+    if constexpr (sizeof(T) >= sizeof(double))
+        return true;
+    else
+        return !std::isfinite(d) || std::fabs(d) <= static_cast<double>(std::numeric_limits<T>::max());
+}
+
 template <class T>
 void dump(Writer& w, const T& v) {
     if constexpr (has_convert<T>) {
@@ -797,9 +809,12 @@ T load(const Object& o) {
     } else if constexpr (std::is_floating_point_v<T>) {
         return o.visit([&](const auto& v) -> T {
             using V = std::decay_t<decltype(v)>;
-            if constexpr (std::is_same_v<V, double> || std::is_same_v<V, std::int64_t> ||
-                          std::is_same_v<V, std::uint64_t>)
+            if constexpr (std::is_same_v<V, double>) {
+                if (!fits_floating<T>(v)) out_of_range(o, "the C++ floating type");
                 return static_cast<T>(v);
+            } else if constexpr (std::is_same_v<V, std::int64_t> || std::is_same_v<V, std::uint64_t>) {
+                return static_cast<T>(v);
+            }
             wrong_kind(o, "float");
         });
     } else if constexpr (std::is_same_v<T, std::string>) {
@@ -869,6 +884,7 @@ T load(const Object& o) {
                       "mp/py.hpp (numbers, std::string, py::Bytes, std containers, std::tuple/pair/"
                       "optional, default-constructible plain structs of up to 16 fields, py::Object) or "
                       "specialise mp::py::Convert<T>.");
+        std::terminate();  // never compiled: only so that the assertion is the one error reported
     }
 }
 
@@ -1097,7 +1113,9 @@ private:
                 std::uint64_t bits = 0;
                 for (int i = 0; i < 8; ++i) bits = (bits << 8) | q[i];
                 q += 8;
-                out = static_cast<T>(std::bit_cast<double>(bits));
+                const double d = std::bit_cast<double>(bits);
+                if (!fits_floating<T>(d)) return false;  // the full reader says why
+                out = static_cast<T>(d);
                 return true;
             }
             std::int64_t v;

@@ -934,6 +934,24 @@ TEST_P(PoolAsyncResult, PythonTestMapAsyncCallbacks) {
         EXPECT_NE(errors[0].find("invalid_argument"), std::string::npos) << errors[0];
         EXPECT_EQ(values.size(), 1u);
     }
+    // Python's positional form, a chunksize before the callbacks (map_async and starmap_async).
+    std::vector<int> got;
+    std::vector<std::string> failed;
+    ASSERT_TRUE(pool.map_async(
+                        parse_int, std::vector<std::string>{"1", "2"}, 1,
+                        [&](const std::vector<int>& v) { got = v; },
+                        [&](std::exception_ptr e) { failed.push_back(what_of(e)); })
+                    .wait(kLong));
+    EXPECT_EQ(got, (std::vector<int>{1, 2}));
+    ASSERT_TRUE(pool.starmap_async(
+                        mul, std::vector<std::pair<int, int>>{{2, 3}}, std::size_t{1},
+                        [&](const std::vector<int>& v) { got = v; }, nullptr)
+                    .wait(kLong));
+    EXPECT_EQ(got, (std::vector<int>{6}));
+    ASSERT_TRUE(pool.map_async(parse_int, std::vector<std::string>{"x"}, 2, nullptr,
+                               [&](std::exception_ptr e) { failed.push_back(what_of(e)); })
+                    .wait(kLong));
+    EXPECT_EQ(failed.size(), 1u);
 }
 
 TEST_P(PoolAsyncResult, PythonTestAsyncErrorCallback) {

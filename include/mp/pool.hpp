@@ -439,9 +439,14 @@ public:
             submit<F, V>(fn, options, detail::range_count(range), detail::zip_rows(range)),
             std::move(callback), std::move(error_callback), options.progress, "map");
     }
-    template <class F, class Rg>
-    auto map_async(const F& fn, Rg&& range, std::size_t chunksize) {
-        return map_async(fn, std::forward<Rg>(range), MapOptions{.chunksize = chunksize});
+    /// Python's positional form: map_async(f, xs, chunksize, callback, error_callback).
+    template <class F, class Rg, class V = std::ranges::range_value_t<Rg>,
+              class R = detail::item_t<detail::call_result_t<F, V>>>
+    AsyncResult<std::vector<R>> map_async(const F& fn, Rg&& range, std::size_t chunksize,
+                                          std::type_identity_t<std::function<void(const std::vector<R>&)>> callback = nullptr,
+                                          std::function<void(std::exception_ptr)> error_callback = nullptr) {
+        return map_async(fn, std::forward<Rg>(range), MapOptions{.chunksize = chunksize}, std::move(callback),
+                         std::move(error_callback));
     }
 
     /// fn(a, b, ...) for each tuple (or pair) of `range`, results in order; blocks.
@@ -457,6 +462,16 @@ public:
                        std::function<void(std::exception_ptr)> error_callback = nullptr) {
         return star<F, Tup>(fn, range, options, std::move(callback), std::move(error_callback),
                             std::make_index_sequence<std::tuple_size_v<Tup>>{});
+    }
+    /// Python's positional form: starmap_async(f, xs, chunksize, callback, error_callback).
+    template <class F, class Rg, class Tup = std::ranges::range_value_t<Rg>>
+    auto starmap_async(const F& fn, Rg&& range, std::size_t chunksize,
+                       std::type_identity_t<std::function<void(
+                           const std::vector<detail::item_t<detail::star_result_t<F, Tup>>>&)>>
+                           callback = nullptr,
+                       std::function<void(std::exception_ptr)> error_callback = nullptr) {
+        return starmap_async(fn, std::forward<Rg>(range), MapOptions{.chunksize = chunksize}, std::move(callback),
+                             std::move(error_callback));
     }
 
     /// Lazy results in input order; chunksize 0 means 1, as Python's imap. The input is lazy

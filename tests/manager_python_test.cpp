@@ -409,23 +409,19 @@ print('REMOVED', l._getvalue()[:2])
     EXPECT_NE(out.find("REMOVED [1, b'x']\n"), std::string::npos) << out;
 }
 
-TEST(ManagerForPythonUnix, AKilledPythonClientsReferencesAreDropped) {
+namespace {
+
+// Runs `code`, a Python client of an mp manager at the Unix path argv[1], until it prints
+// `objects`, kills it (SIGKILL), and expects the server to drop every object it held: at once
+// the server has seen the process end (a bounded wait).
+void expect_a_killed_client_leaves_no_object(const char* code, const std::string& objects) {
     mp::test::TempDir dir;
     mp::SyncManager manager(mp::Address(dir.path + "/m.sock"), "pykey");
     manager.start();
-    constexpr const char* code = R"PY(
-import sys
-from multiprocessing.managers import SyncManager
-m = SyncManager(address=sys.argv[1], authkey=b'pykey'); m.connect()
-d, l, q = m.dict({'a': 1}), m.list([1]), m.Queue()
-print('OBJECTS', m._number_of_objects(), flush=True)
-q.get()    # blocks until killed
-)PY";
     PythonProcess p(code, {manager.address().path});
-    ASSERT_EQ(p.read_line("OBJECTS "), "OBJECTS 3");
-    std::this_thread::sleep_for(200ms);
+    ASSERT_EQ(p.read_line("OBJECTS "), objects);
+    std::this_thread::sleep_for(200ms);  // let it reach the call it is killed in
     p.kill();
-    // Its references go once the server has seen the process end (bounded wait).
     mp::PyManagerClient c(manager.address(), "pykey");
     auto until = std::chrono::steady_clock::now() + 10s;
     while (c.number_of_objects() != 0 && std::chrono::steady_clock::now() < until)
@@ -433,29 +429,31 @@ q.get()    # blocks until killed
     EXPECT_EQ(c.number_of_objects(), 0);
 }
 
+}  // namespace
+
+TEST(ManagerForPythonUnix, AKilledPythonClientsReferencesAreDropped) {
+    expect_a_killed_client_leaves_no_object(R"PY(
+import sys
+from multiprocessing.managers import SyncManager
+m = SyncManager(address=sys.argv[1], authkey=b'pykey'); m.connect()
+d, l, q = m.dict({'a': 1}), m.list([1]), m.Queue()
+print('OBJECTS', m._number_of_objects(), flush=True)
+q.get()    # blocks until killed
+)PY", "OBJECTS 3");
+}
+
 // A client that only made proxies (create and incref come on connections of their own, which
 // close at once) and was killed before any method call: its references are dropped too. They were
 // dropped only when a method-call connection closed, so these objects stayed for good.
 TEST(ManagerForPythonUnix, AKilledClientThatNeverCalledAMethodHasItsReferencesDropped) {
-    mp::test::TempDir dir;
-    mp::SyncManager manager(mp::Address(dir.path + "/m.sock"), "pykey");
-    manager.start();
-    constexpr const char* code = R"PY(
+    expect_a_killed_client_leaves_no_object(R"PY(
 import sys, time
 from multiprocessing.managers import SyncManager
 m = SyncManager(address=sys.argv[1], authkey=b'pykey'); m.connect()
 ds = [m.dict() for _ in range(5)]
 print('OBJECTS', m._number_of_objects(), flush=True)
 time.sleep(60)    # killed here
-)PY";
-    PythonProcess p(code, {manager.address().path});
-    ASSERT_EQ(p.read_line("OBJECTS "), "OBJECTS 5");
-    p.kill();
-    mp::PyManagerClient c(manager.address(), "pykey");
-    auto until = std::chrono::steady_clock::now() + 10s;
-    while (c.number_of_objects() != 0 && std::chrono::steady_clock::now() < until)
-        std::this_thread::sleep_for(20ms);
-    EXPECT_EQ(c.number_of_objects(), 0);
+)PY", "OBJECTS 5");
 }
 
 // ---- mp's client, Python's server ----------------------------------------------------------------

@@ -683,8 +683,8 @@ def write_chart(out_png, results, workdir):
     terms = subprocess.run([gnuplot, "-e", "set terminal"], capture_output=True,
                            text=True).stdout + subprocess.run(
         [gnuplot, "-e", "set terminal"], capture_output=True, text=True).stderr
-    term = "pngcairo size 1100,600 font 'Sans,11'" if "pngcairo" in terms \
-        else "png size 1100,600"
+    term = "pngcairo size 1100,650 font 'Sans,11'" if "pngcairo" in terms \
+        else "png size 1100,650"
     # The target marks too: W1b's (a share of 20) may lie above every bar.
     values = [v for r in rows for v in (r["vs_python"], r["vs_limit"]) if v] + \
         [r["workload"]["limit_target"] for r in rows if r["workload"].get("limit_target")]
@@ -736,7 +736,7 @@ set ylabel "ratio (log scale; 1 = parity)"
 set ytics ({YTICS})
 set grid ytics
 set key outside top center horizontal
-set xtics nomirror
+set xtics nomirror rotate by 30 right font ",10"
 set xrange [-0.6:{len(rows) - 0.4}]
 set arrow from graph 0, first 1 to graph 1, first 1 nohead lc rgb "#444444" dt 2 lw 1.5
 set xlabel "{XLABEL}" font ",10"

@@ -1372,6 +1372,14 @@ int print_while_replacing_workers(std::string path) {
 }
 
 TEST(PoolForkStdout, AReplacementWorkerWritesNothingOfTheParentsStdout) {
+#if defined(__SANITIZE_ADDRESS__)
+    // glibc's allocator is fork-safe (fork takes and resets its locks); ASan's (GCC 12, clang 14)
+    // is not: a worker forked while the submitting thread holds one of its locks inherits that
+    // lock held, and the worker's first thread deadlocks on it (ASan's thread start allocates).
+    // Seen here in 1 of 11 runs: the pool forks a replacement after every task while the main
+    // thread submits. Not a question of memory errors: the other builds run it.
+    GTEST_SKIP() << "ASan's allocator is not fork-safe in a threaded parent (GCC 12's libasan)";
+#endif
     TempDir dir;
     const std::string path = dir.file("stdout");
     ASSERT_EQ(mp::test::run_child(mp::StartMethod::fork, 60s, print_while_replacing_workers, path), 0);

@@ -112,18 +112,26 @@ void log_info_named(const char* what, const std::string& name) noexcept {
 void end_children() noexcept {
     try {
         auto children = registry_snapshot();
+        // One child's failure (its status collected elsewhere) must not spare the others.
         for (auto& c : children) {
-            if (c->daemon && !c->wait(std::chrono::nanoseconds::zero())) {
-                log_info_named("calling terminate() for daemon ", c->name);
-                c->signal(SIGTERM);
+            try {
+                if (c->daemon && !c->ended()) {
+                    log_info_named("calling terminate() for daemon ", c->name);
+                    c->signal(SIGTERM);
+                }
+            } catch (...) {
             }
         }
         const bool logging = get_logger().enabled_for(LogLevel::info);
         for (auto& c : children) {
-            // Python logs the join of a child still running (active_children() reaps the rest).
-            if (logging && !c->wait(std::chrono::nanoseconds::zero()))
-                log_info_named("calling join() for process ", c->name);
-            c->wait(std::nullopt);
+            try {
+                // Python logs the join of a child still running (active_children() reaps the
+                // rest).
+                if (c->ended()) continue;
+                if (logging) log_info_named("calling join() for process ", c->name);
+                c->wait(std::nullopt);
+            } catch (...) {
+            }
         }
     } catch (...) {
         // Exiting anyway: nothing sensible to do with an error here.
@@ -159,8 +167,17 @@ void ProcessState::check_owner(const char* what) const {
         throw ProcessError(std::string("can only ") + what + " a child process");
 }
 
+namespace {
+ProcessError status_lost_error(pid_t pid) {
+    return ProcessError("the exit status of pid " + std::to_string(pid) +
+                        " was collected by someone else (SIGCHLD ignored, or waitpid(-1) "
+                        "elsewhere in the program)");
+}
+}  // namespace
+
 bool ProcessState::reap_locked() {
     if (exitcode) return true;
+    if (status_lost) throw status_lost_error(pid);
     // Registered just before fork, the state has no pidfd for a moment: another thread reaping
     // the registry then simply finds it still running.
     if (!pidfd) return false;
@@ -186,14 +203,41 @@ bool ProcessState::reap_locked() {
         exitcode = sys::pidfd_wait(pidfd.get(), true);
     } catch (const std::system_error& e) {
         if (e.code().value() != ECHILD) throw;
-        throw ProcessError("the exit status of pid " + std::to_string(pid) +
-                           " was collected by someone else (SIGCHLD ignored, or waitpid(-1) "
-                           "elsewhere in the program)");
+        // ECHILD for our own child: it has ended and been reaped by someone else (a running
+        // child, even with SIGCHLD ignored, is still found by a WNOHANG wait).
+        status_lost = true;
+        throw status_lost_error(pid);
     }
     return exitcode.has_value();
 }
 
 bool ProcessState::wait(detail::Timeout timeout) {
+    try {
+        return wait_impl(timeout);
+    } catch (const ProcessError&) {
+        // The status is lost: the child has ended, so it must not stay listed, where every
+        // start() and active_children() would try to reap it again (and its pidfd stay open).
+        bool unlist = false;
+        {
+            std::lock_guard lock(mu);
+            if (status_lost) unlist = std::exchange(listed, false);
+        }
+        if (unlist) unregister_child(this);
+        throw;
+    }
+}
+
+bool ProcessState::ended() {
+    try {
+        return wait(std::chrono::nanoseconds::zero());
+    } catch (const ProcessError&) {
+        std::lock_guard lock(mu);
+        if (!status_lost) throw;
+        return true;
+    }
+}
+
+bool ProcessState::wait_impl(detail::Timeout timeout) {
     const detail::Deadline deadline = detail::deadline_after(timeout);
     bool unlist = false;  // only the call that sees the end first leaves the registry
     for (;;) {
@@ -425,7 +469,7 @@ void Process::start() {
         throw ProcessError("daemonic processes are not allowed to have children");
 
     // Reap children that have ended, as Python's start() does, so zombies do not pile up.
-    for (auto& c : registry_snapshot()) c->wait(std::chrono::nanoseconds::zero());
+    for (auto& c : registry_snapshot()) (void)c->ended();
 
     // A plain Process given no target runs nothing, as Python's does, under every method: a
     // task that does nothing stands in for the target. Only a subclass's run() cannot travel.
@@ -529,7 +573,7 @@ void Process::close() {
     auto& s = state("close");
     if (s.stage == ProcessState::Stage::closed) return;
     if (s.stage == ProcessState::Stage::started) {
-        if (s.owner == sys::self_pid() && !s.wait(std::chrono::nanoseconds::zero()))
+        if (s.owner == sys::self_pid() && !s.ended())
             throw ProcessError("cannot close a process while it is still running; join or "
                                "terminate it first");
         std::lock_guard lock(s.mu);
@@ -637,7 +681,7 @@ std::optional<ParentProcess> parent_process() {
 std::vector<ChildProcess> active_children() {
     std::vector<ChildProcess> alive;
     for (auto& s : registry_snapshot())
-        if (!s->wait(std::chrono::nanoseconds::zero())) alive.push_back(ChildProcess(s));
+        if (!s->ended()) alive.push_back(ChildProcess(s));
     return alive;
 }
 

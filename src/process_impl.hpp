@@ -40,16 +40,25 @@ struct ProcessState {
 
     Stage stage = Stage::created;
     bool status_gone = false;  // the server closed `status` without writing a status
+    // Someone else reaped the child (SIGCHLD ignored, waitpid(-1)): it has ended, how is lost.
+    bool status_lost = false;
     std::optional<int> exitcode;
     bool listed = false;  // in the registry of running children (guarded by mu once started)
 
     /// Waits (at most `timeout`; std::nullopt forever) for the child to end and reaps it.
+    /// Throws ProcessError when its exit status was collected by someone else; the child has
+    /// then ended and leaves the registry of running children.
     bool wait(detail::Timeout timeout);
+    /// wait(0), except that a child whose status was lost counts as ended instead of throwing:
+    /// for callers that look at many children (start(), active_children(), exit) or only need
+    /// to know that it ended (close()).
+    bool ended();
     /// Sends `sig` unless the child has already been reaped.
     void signal(int sig);
     void check_owner(const char* what) const;
 
 private:
+    bool wait_impl(detail::Timeout timeout);
     bool reap_locked();
 };
 static_assert(sizeof(std::mutex) + 2 * sizeof(pid_t) + 2 * sizeof(sys::Fd) +

@@ -1451,4 +1451,35 @@ TEST(ProcessFork, JoinInTheChildThrows) {
     EXPECT_EQ(p.exitcode(), 0);
 }
 
+// A child whose exit status someone else collected (waitpid(-1) in the program, or SIGCHLD
+// ignored) cannot be reaped: its own join() says so, but it has ended, so it must not stay among
+// the running children, where every later start() and active_children() tried to reap it again
+// and threw its error, and its pidfd stayed open for ever; nor may close() refuse it.
+TEST(ProcessFork, AChildWhoseStatusWasCollectedElsewhereDoesNotBlockTheOthers) {
+    {
+        mp::Process stolen([] { ::_exit(3); });
+        stolen.start();
+        int status = 0;
+        ASSERT_EQ(::waitpid(stolen.pid(), &status, 0), stolen.pid());
+        EXPECT_THROW((void)stolen.join(kLong), mp::ProcessError);
+        EXPECT_TRUE(mp::active_children().empty());
+        mp::Process next([] { ::_exit(4); });
+        EXPECT_NO_THROW(next.start());
+        ASSERT_TRUE(next.join(kLong));
+        EXPECT_EQ(next.exitcode(), 4);
+        EXPECT_NO_THROW(stolen.close());
+    }
+    {
+        // Not joined by its owner: start() meets it first.
+        mp::Process stolen([] { ::_exit(3); });
+        stolen.start();
+        ASSERT_EQ(::waitpid(stolen.pid(), nullptr, 0), stolen.pid());
+        mp::Process next([] { ::_exit(4); });
+        EXPECT_NO_THROW(next.start());
+        ASSERT_TRUE(next.join(kLong));
+        EXPECT_TRUE(mp::active_children().empty());
+    }
+    // The shared main checks that no pidfd is left open.
+}
+
 }  // namespace

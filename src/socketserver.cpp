@@ -329,6 +329,7 @@ bool BaseServer::begin_serving() {
             return false;
         }
         serving_ = true;
+        serving_pid_.store(::getpid(), std::memory_order_relaxed);
     }
     stop_closer();  // a deadline from an earlier stop does not apply to this session
     return true;
@@ -337,6 +338,7 @@ bool BaseServer::begin_serving() {
 void BaseServer::end_serving() noexcept {
     std::lock_guard lock(mu_);
     serving_ = false;
+    serving_pid_.store(0, std::memory_order_relaxed);
     shutdown_request_ = false;
     drain_wakeup();
     cv_.notify_all();
@@ -351,6 +353,28 @@ void BaseServer::drain_wakeup() noexcept {
     char buf[64];
     while (::read(wake_r_, buf, sizeof buf) > 0) {
     }
+}
+
+namespace {
+// The byte a forked handler's shutdown() writes to the wake-up pipe; this process's own
+// shutdown() writes kWakeUp after setting the flag.
+constexpr char kWakeUp = 1;
+constexpr char kStopFromChild = 2;
+}  // namespace
+
+void BaseServer::take_wakeup() noexcept {
+    // Left unread, a byte keeps the pipe readable and the serving loop's poll spinning.
+    char buf[64];
+    bool child_asked = false;
+    for (ssize_t n; (n = ::read(wake_r_, buf, sizeof buf)) > 0;) {
+        for (ssize_t i = 0; i < n; ++i) child_asked = child_asked || buf[i] == kStopFromChild;
+    }
+    if (child_asked) request_shutdown(options_.shutdown_timeout);
+}
+
+bool BaseServer::in_forked_handler() const noexcept {
+    const pid_t serving = serving_pid_.load(std::memory_order_relaxed);
+    return serving != 0 && serving != ::getpid();
 }
 
 void BaseServer::check_open() const {
@@ -368,6 +392,7 @@ void BaseServer::serve_forever(detail::Timeout poll_interval) {
                 if (errno == EINTR) continue;
                 sys::throw_system_error(errno, "poll");
             }
+            if (n > 0 && fds[1].revents != 0) take_wakeup();
             if (shutdown_requested()) break;
             if (n > 0 && (fds[0].revents & (POLLIN | POLLERR | POLLHUP))) handle_request_noblock();
             service_actions();
@@ -391,12 +416,14 @@ void BaseServer::serve_forever(std::stop_token stop, detail::Timeout poll_interv
 
 void BaseServer::shutdown() {
     request_shutdown(options_.shutdown_timeout);
+    if (in_forked_handler()) return;  // its copy of serving_ never changes
     std::unique_lock lock(mu_);
     cv_.wait(lock, [this] { return !serving_; });
 }
 
 void BaseServer::shutdown(detail::Timeout timeout) {
     request_shutdown(timeout);
+    if (in_forked_handler()) return;  // see shutdown()
     {
         std::unique_lock lock(mu_);
         cv_.wait(lock, [this] { return !serving_; });
@@ -408,11 +435,16 @@ void BaseServer::request_shutdown(detail::Timeout timeout) noexcept {
     // The deadline before the request: serve_forever acts on the request as soon as it sees it
     // (a prefork server ends its workers by the deadline then), so the deadline must be set by
     // that time. Set after, a prefork stop could find none and wait for a busy worker for ever.
+    if (in_forked_handler()) {
+        // A forked handler: this copy's flag and deadline are nobody's. The serving process
+        // reads the byte (take_wakeup) and stops as if its own shutdown() had been called.
+        (void)!::write(wake_w_, &kStopFromChild, 1);
+        return;
+    }
     if (timeout) set_close_deadline(*timeout);
     std::lock_guard lock(mu_);
     shutdown_request_ = true;
-    const char b = 1;
-    (void)!::write(wake_w_, &b, 1);  // a full pipe already wakes serve_forever
+    (void)!::write(wake_w_, &kWakeUp, 1);  // a full pipe already wakes serve_forever
 }
 
 void BaseServer::set_close_deadline(std::chrono::nanoseconds timeout) noexcept {
@@ -726,8 +758,13 @@ void BaseServer::join_threads(bool all) {
     std::vector<std::thread> to_join;
     {
         std::lock_guard lock(threads_mu_);
-        auto it = std::partition(threads_.begin(), threads_.end(),
-                                 [all](const HandlerThread& t) { return !all && !*t.done; });
+        // A handler that calls shutdown(timeout) or server_close() runs in one of these threads:
+        // it cannot join itself (std::thread::join would throw, and the moved-out thread then
+        // end the program), so it stays listed for a later join and the others are waited for.
+        const auto self = std::this_thread::get_id();
+        auto it = std::partition(threads_.begin(), threads_.end(), [all, self](const HandlerThread& t) {
+            return t.thread.get_id() == self || (!all && !*t.done);
+        });
         for (auto j = it; j != threads_.end(); ++j) to_join.push_back(std::move(j->thread));
         threads_.erase(it, threads_.end());
     }

@@ -109,6 +109,7 @@ void PreforkTCPServer::serve_forever(detail::Timeout poll_interval) {
             }
             int n = ::poll(fds.data(), fds.size(), sys::poll_timeout_ms(poll_interval));
             if (n < 0 && errno != EINTR) sys::throw_system_error(errno, "poll");
+            if (n > 0 && fds[0].revents != 0) take_wakeup();
             if (shutdown_requested()) break;
             {
                 std::lock_guard lock(workers_mu_);

@@ -31,6 +31,7 @@
 #include <string>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <sys/un.h>
 #include <thread>
 #include <unistd.h>
@@ -842,6 +843,102 @@ TEST(Socketserver, PreforkShutdownIsGraceful) {
     serving.reset();                    // shutdown: waits for the workers to finish
     EXPECT_FALSE(c.recv_line().empty());  // the slow answer still came
     EXPECT_EQ(c.recv_all(), "");
+    srv.server_close();
+}
+
+// A handler in a forked child that calls server().shutdown(): Python's deadlocks (the child
+// waits for its own copy of the server to stop serving). mp's asks the serving process to stop
+// and returns; serve_forever then returns by itself and the parent does not spin on the
+// wake-up byte meanwhile.
+struct StopsTheServer : mp::StreamRequestHandler {
+    void handle() override {
+        rfile.readline();
+        wfile.write("stopping\n");
+        server().shutdown();
+        wfile.write("stopped\n");
+    }
+};
+
+template <class Server>
+void forked_handler_stops_the_server(mp::ServerOptions options) {
+    Server srv({"127.0.0.1", 0}, mp::handler<StopsTheServer>(), options);
+    std::atomic<bool> returned{false};
+    std::thread t([&] {
+        srv.serve_forever(20ms);
+        returned = true;
+    });
+    Client c(srv.server_address(), SOCK_STREAM);
+    c.send("stop\n");
+    EXPECT_EQ(c.recv_line(), "stopping\n");
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (!returned && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+    EXPECT_TRUE(returned.load()) << "serve_forever did not return after a handler's shutdown()";
+    if (!returned) srv.shutdown(0s);  // a child hung in shutdown() is killed: fail, not hang
+    t.join();
+    pollfd p{c.fd(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 10000), 1);
+    EXPECT_EQ(c.recv_line(), "stopped\n");  // the child's shutdown() returned
+    srv.server_close();
+}
+
+TEST(Socketserver, ForkingHandlerShutdownStopsTheServer) {
+    forked_handler_stops_the_server<mp::ForkingTCPServer>({});
+}
+
+TEST(Socketserver, PreforkHandlerShutdownStopsTheServer) {
+    forked_handler_stops_the_server<mp::PreforkTCPServer>({.workers = 2});
+}
+
+// A threading handler that calls shutdown(timeout) or server_close(): each waits for the
+// other handler threads, not for its own (joining itself ended the program).
+struct StopsWithDeadline : mp::StreamRequestHandler {
+    void handle() override {
+        const std::string line = rfile.readline();
+        if (line == "shutdown\n") server().shutdown(100ms);
+        if (line == "close\n") server().server_close();
+        wfile.write("done\n");
+    }
+};
+
+TEST(Socketserver, ThreadingHandlerShutdownWithTimeoutOrServerClose) {
+    for (const std::string what : {"shutdown\n", "close\n"}) {
+        mp::ThreadingTCPServer srv({"127.0.0.1", 0}, mp::handler<StopsWithDeadline>());
+        std::thread t([&] { srv.serve_forever(20ms); });
+        {
+            Client c(srv.server_address(), SOCK_STREAM);
+            c.send(what);
+            EXPECT_EQ(c.recv_line(), "done\n");
+        }
+        srv.shutdown();
+        t.join();
+        srv.server_close();
+    }
+}
+
+// A server made in one process and served in a child that process forked (prefork by hand):
+// shutdown() in that child stops the child's own loop; only a forked *handler* asks its parent.
+TEST(Socketserver, AServerServedInAForkedChildIsStoppedThere) {
+    mp::TCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        std::thread stopper([&] {
+            std::this_thread::sleep_for(100ms);
+            srv.shutdown();
+        });
+        srv.serve_forever(20ms);
+        stopper.join();
+        ::_exit(0);
+    }
+    ASSERT_GT(pid, 0);
+    int status = 0;
+    pid_t r = 0;
+    for (int i = 0; i < 1000 && (r = ::waitpid(pid, &status, WNOHANG)) == 0; ++i) std::this_thread::sleep_for(10ms);
+    if (r == 0) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+        FAIL() << "the child's serve_forever did not return after its own shutdown()";
+    }
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0);
     srv.server_close();
 }
 

@@ -239,10 +239,15 @@ public:
     /// serve_forever is not running, it returns at once and the next serve_forever returns at once.
     /// As in Python, calling it from serve_forever's own thread (a non-threading handler) deadlocks.
     /// With options().shutdown_timeout set, the requests under way get that long (see there).
+    /// From a handler in a forked child (a forking server's, a prefork worker's), where Python's
+    /// deadlocks: asks the serving process to stop, as a shutdown() there would, and returns at
+    /// once (the child cannot wait for its parent); the handler then ends its request as usual.
     void shutdown();
     /// shutdown() with a deadline: requests under way get `timeout`, then their connections are
     /// closed (as ServerOptions::shutdown_timeout says; none, or seconds::max(): no deadline).
     /// Returns once serve_forever has returned and every handler thread and forked child has ended.
+    /// From a threading handler: waits for the other handler threads (not its own). From a forked
+    /// handler: as shutdown() (the serving process applies options().shutdown_timeout).
     void shutdown(detail::Timeout timeout);
     /// Waits for one request (at most options().timeout) and handles it; handle_timeout() if none
     /// came. std::logic_error after server_close().
@@ -296,6 +301,11 @@ protected:
     /// Becomes readable when shutdown() is called.
     int wakeup_fd() const noexcept { return wake_r_; }
     void drain_wakeup() noexcept;
+    /// serve_forever's loop, when wakeup_fd() is readable: empties it, and turns a stop asked for
+    /// by a forked handler (which cannot set this process's flag) into a shutdown request.
+    void take_wakeup() noexcept;
+    /// Whether this is a forked handler's copy of a server that its parent is serving.
+    bool in_forked_handler() const noexcept;
     void check_open() const;
     /// When the connections of requests under way get closed, if a stop with a deadline came.
     std::optional<std::chrono::steady_clock::time_point> close_deadline();
@@ -330,6 +340,10 @@ private:
     ServerOptions options_;
     int sock_ = -1;
     int wake_r_ = -1, wake_w_ = -1;
+    // The process in serve_forever (0: none): a forked handler, whose copy still names its
+    // parent, cannot stop its own copy of the loop and asks that process instead. Atomic: read
+    // in a forked child without a lock another thread may have held at the fork.
+    std::atomic<pid_t> serving_pid_{0};
 
     std::mutex mu_;
     std::condition_variable cv_;

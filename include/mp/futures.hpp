@@ -52,6 +52,10 @@
 /// started by spawn (a fresh exec of the program, see process.hpp) at the first pool or at
 /// mp::set_start_method(mp::StartMethod::forkserver), so it inherits no lock whenever it starts.
 /// When the parent dies, even by SIGKILL, its workers are killed at once.
+///
+/// Workers are daemon processes (as a multiprocessing.Pool's are): a task cannot start an
+/// mp::Process (ProcessError "daemonic processes are not allowed to have children"), where a
+/// task of Python's ProcessPoolExecutor can. A task may start its own ProcessPoolExecutor.
 
 #include <algorithm>
 #include <chrono>

@@ -889,13 +889,17 @@ TEST(Socketserver, PreforkHandlerShutdownStopsTheServer) {
     forked_handler_stops_the_server<mp::PreforkTCPServer>({.workers = 2});
 }
 
-// A threading handler that calls shutdown(timeout) or server_close(): each waits for the
-// other handler threads, not for its own (joining itself ended the program).
+// A threading handler that calls shutdown(timeout), or shutdown() then server_close(): each
+// waits for the other handler threads, not for its own (joining itself ended the program).
+// (server_close() while serve_forever runs would close the socket under it: shutdown() first.)
 struct StopsWithDeadline : mp::StreamRequestHandler {
     void handle() override {
         const std::string line = rfile.readline();
         if (line == "shutdown\n") server().shutdown(100ms);
-        if (line == "close\n") server().server_close();
+        if (line == "close\n") {
+            server().shutdown();
+            server().server_close();
+        }
         wfile.write("done\n");
     }
 };

@@ -253,6 +253,8 @@ public:
     /// came. std::logic_error after server_close().
     void handle_request();
     /// Closes the socket; waits for handler threads / children per block_on_close. Idempotent.
+    /// Not while serve_forever runs (it polls the socket): shutdown() first, also from a handler
+    /// thread, whose own thread it then leaves for a later join.
     virtual void server_close();
 
     void server_bind();

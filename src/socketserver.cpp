@@ -30,6 +30,7 @@
 #include "describe.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
+#include "sys/pidfd.hpp"
 
 namespace mp {
 
@@ -329,7 +330,7 @@ bool BaseServer::begin_serving() {
             return false;
         }
         serving_ = true;
-        serving_pid_.store(::getpid(), std::memory_order_relaxed);
+        serving_pid_.store(sys::self_pid(), std::memory_order_relaxed);
     }
     stop_closer();  // a deadline from an earlier stop does not apply to this session
     return true;
@@ -374,7 +375,7 @@ void BaseServer::take_wakeup() noexcept {
 
 bool BaseServer::in_forked_handler() const noexcept {
     const pid_t serving = serving_pid_.load(std::memory_order_relaxed);
-    return serving != 0 && serving != ::getpid();
+    return serving != 0 && serving != sys::self_pid();
 }
 
 void BaseServer::check_open() const {

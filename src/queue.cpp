@@ -73,7 +73,7 @@
 // with a seq_cst store or fence between its index and that read, so either the waiter sees the
 // new index or the other side sees the flag (Dekker). The index store that completes a put or a
 // get (a message's last chunk) is a release store: the lock's release that follows it (an
-// atomic exchange) and a seq_cst fence after that order it before the flag's read, and the
+// atomic read-modify-write) and a seq_cst fence after that order it before the flag's read, and the
 // wake-up comes after the unlock. On x86-64 the fence then finds nothing left to drain, so a put
 // and a get each cost two atomic read-modify-writes (the lock, its release) instead of three
 // (bench row W4). A waker killed between the unlock and the wake-up is a wake-up lost, as one
@@ -154,8 +154,8 @@ inline void fence_after_unlock() noexcept {
 // repair that throws leaves the lock as a dead holder's, so the next locker repairs again (as a
 // repairer killed half-way does: see I5, I8).
 //
-// A blocking lock waits in slices (inside FutexMutex): a wake-up can be lost with a killed
-// waiter.
+// A wake-up given to a waiter killed before it takes the lock is not lost: FutexMutex keeps
+// FUTEX_WAITERS for the next holder's unlock.
 class RobustGuard {
 public:
     RobustGuard() = default;

@@ -847,9 +847,15 @@ TEST_P(QueueAcross, ProducerWaitingForTheLockSurvivesAWakeUpLostWithAKilledWaite
             ASSERT_TRUE(woken->join(LONG));
         }
         ASSERT_TRUE(saved.restore());
-        // Staged when this thread holds the lock with FUTEX_WAITERS clear (the lock word: the
-        // owner's tid, | 0x80000000 when someone sleeps): its unlock wakes nobody.
-        const bool lost = woken != nullptr && plock->word.load() == static_cast<std::uint32_t>(me);
+        // Staged when the woken waiter was killed before it ran and this thread took the free
+        // lock instead. The lock word (the owner's tid, | FUTEX_WAITERS when someone may sleep)
+        // must still say that someone sleeps, or this thread's unlock would wake nobody (as a
+        // glibc robust mutex's would: it clears the bit when it wakes a waiter).
+        const bool lost = woken != nullptr;
+        if (lost) {
+            EXPECT_EQ(plock->word.load(), static_cast<std::uint32_t>(me) | FUTEX_WAITERS)
+                << "the lock forgot its other sleeper";
+        }
         if (rc == 0) plock->unlock();
         if (!lost) {
             // Not staged (the woken waiter ran first): both finish, or one was killed.

@@ -643,14 +643,48 @@ struct FutexMutex {
     }
 };
 
+// The same mutex with a waiter that spins before it sleeps, as mp's lock does: it reads the word
+// at growing intervals (8 rounds of 8 << round pauses, the shift capped at 5: ~1,000 pauses) and
+// tries the lock whenever it reads it free; only then does it take the sleeping path, and it
+// spins again after each wake-up. W7-spin's limit: W7's row compares mp's lock with a mutex
+// whose waiters sleep at once, this one with a mutex that spends its waiting the same way.
+struct SpinFutexMutex {
+    std::atomic<uint32_t> word{0};
+
+    void lock() {
+        uint32_t c = 0;
+        if (word.compare_exchange_strong(c, 1, std::memory_order_acquire)) return;
+        for (;;) {
+            for (int round = 0; round < 8; ++round) {
+                for (int i = 8 << (round < 5 ? round : 5); i > 0; --i) cpu_relax();
+                c = word.load(std::memory_order_relaxed);
+                if (c == 0 && word.compare_exchange_strong(c, 1, std::memory_order_acquire))
+                    return;
+            }
+            if (word.exchange(2, std::memory_order_acquire) == 0) return;
+            futex_wait(&word, 2);
+        }
+    }
+    void unlock() {
+        if (word.fetch_sub(1, std::memory_order_release) != 1) {
+            word.store(0, std::memory_order_release);
+            if (::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE, 1, nullptr,
+                          nullptr, 0) < 0)
+                die("futex_wake");
+        }
+    }
+};
+
+template <class Mutex>
 struct W7Shared {
     Gate gate;
-    alignas(64) FutexMutex mutex;
+    alignas(64) Mutex mutex;
     alignas(64) long long counter = 0;
 };
 
-void w7(long long n) {
-    auto* sh = shared_new<W7Shared>();
+template <class Mutex>
+void w7(const char* id, const char* method, long long n) {
+    auto* sh = shared_new<W7Shared<Mutex>>();
     pid_t pids[2];
     for (int k = 0; k < 2; ++k) {
         pids[k] = fork_child([&] {
@@ -669,8 +703,7 @@ void w7(long long n) {
     for (pid_t pid : pids) wait_ok(pid);
     double dt = seconds_since(t0);
     if (sh->counter != 2 * n) fail("W7: wrong final count");
-    print_result("W7", dt * 1e9 / double(2 * n), "ns", n,
-                 "Drepper three-state futex mutex in MAP_SHARED memory, 2 processes, one per CPU");
+    print_result(id, dt * 1e9 / double(2 * n), "ns", n, method);
 }
 
 // ---- W8: TCP on 127.0.0.1 ---------------------------------------------------------------------
@@ -951,7 +984,17 @@ const Mode kModes[] = {
     {"W6-pipe", 100000, 2000, w6_pipe},
     {"W6-pipe-oneway", 100000, 2000, w6_pipe_oneway},
     {"W6-queue", 100000, 2000, w6_futex},
-    {"W7", 1000000, 20000, w7},
+    {"W7", 1000000, 20000,
+     [](long long n) {
+         w7<FutexMutex>("W7", "Drepper three-state futex mutex in MAP_SHARED memory, 2 processes, "
+                              "one per CPU", n);
+     }},
+    {"W7-spin", 1000000, 20000,
+     [](long long n) {
+         w7<SpinFutexMutex>("W7-spin", "the same mutex, its waiter spinning at growing intervals "
+                                       "(~1,000 pauses) before it sleeps, 2 processes, one per CPU",
+                            n);
+     }},
     {"W8a", 3000, 200, w8a},  // size in milliseconds
     {"W8b", 20000, 1000, w8b},
     {"W9", 20000, 1000, w9},

@@ -24,8 +24,13 @@
 ///
 /// Waiting. Every blocking call has a timed form taking a std::chrono duration (or, for the
 /// std-style names, a time point of any clock); timeouts are measured on the steady clock. A
-/// waiting thread sleeps in the kernel (futex or robust mutex), waking every 50 ms to look again
-/// (see "Death of other parties"): it uses next to no CPU.
+/// waiting thread sleeps in the kernel (futex), so it uses next to no CPU; semaphores, events,
+/// conditions and barriers wake every 50 ms to look again (see "Death of other parties"). A
+/// thread blocked on a Lock or RLock first spins for a few microseconds (reading the lock at
+/// growing intervals, ~1,000 pause instructions) before it sleeps: most critical sections are
+/// shorter than a sleep and its wake-up, and a waiter that has not gone to sleep costs the
+/// holder's unlock no system call. Asleep, it needs no periodic look: a wake-up given to a waiter
+/// that dies before it takes the lock is passed on by the lock's next holder.
 ///
 /// Locks. Lock and RLock are robust, process-shared mutexes on one futex word (its holder's
 /// thread id; the kernel's robust-futex list marks it when the holder dies):

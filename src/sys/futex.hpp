@@ -68,9 +68,9 @@ inline constexpr auto futex_recheck_interval = std::chrono::milliseconds(50);
 /// `deadline` has passed; otherwise the caller re-checks its condition and calls again.
 ///
 /// For waits whose wake-up can be lost to a process killed at the wrong moment: a waker that
-/// wakes exactly as many sleepers as it grants (a semaphore's release, a queue's single wake, an
-/// unlock that wakes one waiter) can pick one that is killed before it takes its grant, which
-/// then waits, unseen, until a live waiter looks again. The slices bound that loss to 50 ms; the
+/// wakes exactly as many sleepers as it grants (a semaphore's release, a queue's single wake) can
+/// pick one that is killed before it takes its grant, which then waits, unseen, until a live
+/// waiter looks again. (FutexMutex needs no slices: it keeps FUTEX_WAITERS for the next holder.) The slices bound that loss to 50 ms; the
 /// wake-up paths, and a wait that is woken, cost the same as futex_wait's.
 FutexResult futex_wait_sliced(const std::atomic<std::uint32_t>& word, std::uint32_t expected,
                               const mp::detail::Deadline& deadline = std::nullopt);

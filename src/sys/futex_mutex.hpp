@@ -1,7 +1,16 @@
 #pragma once
 // A robust, process-shared mutex on one futex word, without pthread: the word holds the owner's
 // thread id plus the kernel's FUTEX_WAITERS and FUTEX_OWNER_DIED bits, so locking is one CAS,
-// unlocking one exchange, and FUTEX_WAKE is called only when a waiter announced itself.
+// unlocking one CAS, and FUTEX_WAKE is called only when a waiter announced itself.
+//
+// FUTEX_WAITERS outlives the unlock that wakes a waiter: the word is left "free, waiters"
+// (FUTEX_WAITERS alone), so whoever takes the lock next (by the slow path: the fast path's CAS
+// expects 0) carries the bit and wakes the next sleeper at its unlock. A woken waiter that is
+// killed before it takes the lock therefore cannot strand the others (glibc's robust mutexes,
+// which clear the bit, can: a thread taking the free lock on the fast path would unlock without
+// a wake while they sleep). The bit is cleared by an unlock whose FUTEX_WAKE found nobody asleep
+// (nobody can fall asleep on a word without an owner), so a lock that stops being contended
+// goes back to the one-CAS paths. Waits need no time slices for this.
 //
 // Robustness comes from the kernel's robust-futex list (set_robust_list(2),
 // Documentation/locking/robust-futex-ABI.rst): a thread registers one list head; at its death the
@@ -69,7 +78,9 @@ private:
                      const std::optional<std::chrono::steady_clock::time_point>& deadline,
                      std::uint32_t seen);
     void unlock_slow(std::uint32_t leave) noexcept;
-    void wake() noexcept;
+    // Stores `leave` (0, or FUTEX_OWNER_DIED) as the word, which the caller holds and last saw
+    // as `seen`, keeping FUTEX_WAITERS, and wakes a waiter if the bit was set.
+    void release(std::uint32_t seen, std::uint32_t leave) noexcept;
     void link(robust_list_head* head) noexcept;
     void unlink() noexcept;
 };
@@ -90,8 +101,8 @@ inline void set_pending(robust_list_head* head, void* entry) noexcept {
 }  // namespace detail
 
 // The fast paths, inline: taking a free mutex is one CAS plus a few stores to this thread's list,
-// releasing one exchange (a FUTEX_WAKE only when a waiter set FUTEX_WAITERS). ThreadSanitizer
-// builds take the out-of-line paths, which tell it about the lock.
+// releasing one CAS (the out-of-line release, with its FUTEX_WAKE, only when a waiter set
+// FUTEX_WAITERS). ThreadSanitizer builds take the out-of-line paths, which tell it about the lock.
 inline FutexMutex::Result FutexMutex::lock(
     pid_t me, bool block, const std::optional<std::chrono::steady_clock::time_point>& deadline) {
 #if !defined(__SANITIZE_THREAD__)
@@ -120,7 +131,11 @@ inline void FutexMutex::unlock() noexcept {
     if (head == nullptr) return unlock_slow(0);    // (unless taken by another copy of this code)
     detail::set_pending(head, &next);
     unlink();
-    if ((word.exchange(0, std::memory_order_release) & FUTEX_WAITERS) != 0) wake();
+    // Held by this thread with nobody waiting: the word is exactly its id (callers lock with
+    // this_thread_id()).
+    std::uint32_t v = static_cast<std::uint32_t>(this_thread_id());
+    if (!word.compare_exchange_strong(v, 0, std::memory_order_release, std::memory_order_relaxed))
+        release(v, 0);
     detail::set_pending(head, nullptr);
 #else
     unlock_slow(0);

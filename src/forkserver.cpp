@@ -10,7 +10,8 @@
 //     server's descriptor of it, reads them. The server never reads it.
 //   - the server answers through it with the child's pid and a pidfd (SCM_RIGHTS), and later with
 //     the exit status. It polls it for hang-up only (data in it is the child's): a hang-up means
-//     the client has gone, and a daemon child is then killed, as its parent is dead.
+//     the client has gone, and a daemon child (or a pool worker) is then killed, as its parent
+//     is dead.
 // The server allocates nothing and takes no lock after fork: fixed tables, raw system calls.
 
 #include <fcntl.h>
@@ -46,7 +47,7 @@ namespace detail::forkserver {
 namespace {
 
 constexpr std::uint32_t kMagic = 0x6d70'6673;  // "mpfs"
-constexpr std::uint32_t kDaemon = 1;
+constexpr std::uint32_t kDiesWithParent = 1;  // a daemon, or a pool worker
 constexpr int kControlFd = 3;
 constexpr int kMaxChildren = 4096;
 
@@ -65,7 +66,7 @@ struct Slot {
     pid_t pid;
     int pidfd;
     int status;      // the child's socket; -1 once the client has gone
-    bool daemon;
+    bool dies_with_parent;  // a daemon, or a pool worker
 };
 
 // Fixed tables: the server allocates nothing between its children's forks, so a child never
@@ -153,7 +154,7 @@ bool accept_request(pid_t server_pid) noexcept {
         return true;
     }
     const int status_fd = fds[0];
-    const bool daemon = (h.flags & kDaemon) != 0;
+    const bool dies_with_parent = (h.flags & kDiesWithParent) != 0;
     if (t.nslots == kMaxChildren) {
         send_reply(status_fd, -EAGAIN, -1);
         close_all();
@@ -161,7 +162,7 @@ bool accept_request(pid_t server_pid) noexcept {
     }
 
     pid_t pid = ::fork();
-    if (pid == 0) child_main(status_fd, server_pid, daemon);
+    if (pid == 0) child_main(status_fd, server_pid, dies_with_parent);
     if (pid < 0) {
         send_reply(status_fd, -errno, -1);
         ::close(status_fd);
@@ -179,7 +180,7 @@ bool accept_request(pid_t server_pid) noexcept {
         return true;
     }
     send_reply(status_fd, pid, pidfd);
-    t.slots[t.nslots++] = Slot{pid, pidfd, status_fd, daemon};
+    t.slots[t.nslots++] = Slot{pid, pidfd, status_fd, dies_with_parent};
     return true;
 }
 
@@ -242,8 +243,8 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
             const pollfd& pp = t.poll[first + 2 * i];
             const pollfd& ps = t.poll[first + 2 * i + 1];
             if (s.status >= 0 && ps.revents != 0) {
-                // The client has gone: its daemon child goes with it.
-                if (s.daemon) ::syscall(SYS_pidfd_send_signal, s.pidfd, SIGKILL, nullptr, 0);
+                // The client has gone: its daemon child (or pool worker) goes with it.
+                if (s.dies_with_parent) ::syscall(SYS_pidfd_send_signal, s.pidfd, SIGKILL, nullptr, 0);
                 ::close(s.status);
                 s.status = -1;
             }
@@ -264,11 +265,11 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
         }
         if (clients && (t.poll[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0)
             clients = accept_request(self);
-        // Without clients, non-daemon children finish on their own; daemons were killed above
+        // Without clients, other children finish on their own; daemons were killed above
         // as their status sockets closed. Stay only to reap what remains.
         if (!clients) {
             for (int i = 0; i < t.nslots; ++i)
-                if (t.slots[i].daemon)
+                if (t.slots[i].dies_with_parent)
                     ::syscall(SYS_pidfd_send_signal, t.slots[i].pidfd, SIGKILL, nullptr, 0);
         }
     }
@@ -384,7 +385,7 @@ Started start_child(const Request& req) {
     Client& c = ready_client(false);
     // One socketpair serves the request (to the child) and the replies (from the server).
     auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
-    Header h{kMagic, req.daemon ? kDaemon : 0};
+    Header h{kMagic, req.dies_with_parent ? kDiesWithParent : 0};
     const int fds[1] = {theirs.get()};
     try {
         sys::send_fds(c.control.get(), &h, sizeof h, fds);
@@ -466,12 +467,12 @@ bool try_read_status(int status_fd, std::optional<int>& code) {
     return true;
 }
 
-void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept {
+void child_main(int request_fd, pid_t server_pid, bool dies_with_parent) noexcept {
     // Keep only stdio and our request socket: the control socket and the other children's
     // sockets and pidfds belong to the server.
     sys::keep_only(request_fd, kControlFd, true);  // replaces the control socket's descriptor
     ::signal(SIGINT, SIG_DFL);
-    if (daemon) {
+    if (dies_with_parent) {
         ::prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (::getppid() != server_pid) sys::exit_child(1);
     }

@@ -142,7 +142,8 @@ Launched launch_fork(const ChildSpec& spec) {
         ChildRecord{ProcessIdentity{std::string(spec.name), 0, spec.daemon, std::string(spec.authkey),
                                     std::vector<int>(spec.identity.begin(), spec.identity.end())},
                     ParentProcess{current_process().name, self}});
-    const ChildSetup setup{&out.record->identity, &out.record->parent, spec.daemon, self};
+    const ChildSetup setup{&out.record->identity, &out.record->parent,
+                           spec.daemon || spec.dies_with_parent, self};
     auto child = [&]() noexcept -> int {
         become_child(setup);
         // Raw syscall(): see become_child.

@@ -61,6 +61,10 @@ struct ChildSpec {
     std::span<const int> identity;
     std::string_view authkey;
     bool daemon = false;
+    /// Killed when its parent dies, even by SIGKILL (the parent-death signal; under forkserver,
+    /// the server kills it when the parent's connection closes), without being a daemon: a
+    /// ProcessPoolExecutor's worker, which may start children of its own. A daemon always is.
+    bool dies_with_parent = false;
     StartMethod method = StartMethod::fork;
     /// fork: what the child runs once it knows who it is; its result is the exit code. It may
     /// use the parent's objects: the child has a copy of them. An exception must not escape it.

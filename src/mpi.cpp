@@ -347,6 +347,7 @@ public:
                         mp::detail::PoolConfig c;
                         c.workers = 1;
                         c.worker_name = "MPIRank-" + std::to_string(g.rank) + "-Worker";
+                        c.daemon_workers = false;  // an executor's: see ProcessPoolExecutor
                         if (timeout_ns != 0) c.task_timeout = std::chrono::nanoseconds(timeout_ns);
                         local_ = std::make_unique<mp::detail::PoolEngine>(std::move(c));
                     }

@@ -36,6 +36,7 @@ detail::PoolConfig ProcessPoolExecutor::make_config(const ExecutorOptions& o, st
     detail::PoolConfig c = shared_config(o, worker_count(o.max_workers, "max_workers must be greater than 0"),
                                          o.max_tasks_per_child, std::move(init));
     c.break_on_worker_death = o.break_on_worker_death;
+    c.daemon_workers = false;  // a task may start processes, as in Python 3.9+
     return c;
 }
 

@@ -137,7 +137,8 @@ void PoolEngine::Impl::start_worker() {
     spec.name = w->name;
     spec.identity = identity;
     spec.authkey = current_process().authkey;
-    spec.daemon = true;
+    spec.daemon = cfg.daemon_workers;
+    spec.dies_with_parent = true;
     spec.method = cfg.method;
     if (cfg.method == StartMethod::fork) {
         for (auto& o : workers) close_in_child.push_back(o->sock.get());

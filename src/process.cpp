@@ -370,7 +370,7 @@ void become_child(const ChildSetup& setup) noexcept {
         reset_child_signals();
         stdin_from_null();
     }
-    if (setup.daemon) {
+    if (setup.dies_with_parent) {
         sys_call(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
         // The parent may have died before the line above: then no signal will come.
         if (sys_call(SYS_getppid) != setup.parent_pid) sys_call(SYS_kill, self, SIGKILL);

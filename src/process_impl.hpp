@@ -71,15 +71,17 @@ static_assert(sizeof(std::mutex) + 2 * sizeof(pid_t) + 2 * sizeof(sys::Fd) +
 struct ChildSetup {
     ProcessIdentity* identity = nullptr;
     ParentProcess* parent = nullptr;
-    bool daemon = false;
-    pid_t parent_pid = 0;  // for the daemon's "parent already gone" check
+    /// Arms the parent-death signal (SIGKILL): a daemon's, or a pool worker's (daemon or not).
+    bool dies_with_parent = false;
+    pid_t parent_pid = 0;  // for the "parent already gone" check that goes with it
     /// A forkserver child: the server gave it SIGTERM's default action, no blocked signal and
     /// /dev/null as stdin already (reset_child_signals and stdin_from_null ran there once).
     bool from_server = false;
 };
 
 /// In a new child, before any user code: installs the identity, forgets the parent's children and
-/// locks, points stdin at /dev/null, arms the daemon's parent-death signal. Async-signal-safe.
+/// locks, points stdin at /dev/null, arms the parent-death signal (dies_with_parent).
+/// Async-signal-safe.
 void become_child(const ChildSetup& setup) noexcept;
 /// SIGTERM back to its default action if ignored, then every signal unblocked: the thread that
 /// called start() may block signals (a sigwait/signalfd design) or the parent may ignore SIGTERM,
@@ -122,7 +124,9 @@ int run_guarded(F&& body) noexcept {
 /// Everything a forkserver or spawn child needs to learn, sent to it over its own socket.
 struct ChildRequest {
     std::string name;
-    bool daemon = false;
+    bool daemon = false;  // current_process().daemon in the child
+    /// Killed with its parent: a daemon, or a pool worker (ChildSpec::dies_with_parent).
+    bool dies_with_parent = false;
     std::string authkey;
     std::vector<int> identity;
     std::string parent_name;
@@ -143,7 +147,7 @@ ChildRequest make_request(const ChildSpec& spec);
 /// payload. Throws std::system_error when the child has gone (the caller learns how from its pidfd).
 void send_request(int fd, const ChildRequest& req);
 /// In a new forkserver or spawn child: reads its request from `fd` (then closed), becomes the
-/// child it describes (arming the daemon's parent-death signal when `direct`, i.e. the requester
+/// child it describes (arming its parent-death signal when `direct`, i.e. the requester
 /// is the OS parent), runs the task and leaves with its exit code.
 [[noreturn]] void run_request(int fd, bool direct) noexcept;
 /// The key of the running program's build id (as CodeRef::module names it); 0 when unknown.
@@ -173,7 +177,7 @@ bool try_read_status(int status_fd, std::optional<int>& code);
 /// In a new fork child: forget the parent's client lock (another thread may have held it).
 void after_fork_in_child() noexcept;
 /// In a child the server has just forked: its request socket, then run_request. Never returns.
-[[noreturn]] void child_main(int request_fd, pid_t server_pid, bool daemon) noexcept;
+[[noreturn]] void child_main(int request_fd, pid_t server_pid, bool dies_with_parent) noexcept;
 /// The server's entry in the spawned server process: runs the `preload` tasks, then serves on
 /// `control` until every client has gone. Never returns.
 [[noreturn]] void serve(int control, const std::vector<std::string>& preload) noexcept;

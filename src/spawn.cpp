@@ -59,6 +59,7 @@ struct Codec<detail::ChildRequest> {
         e.put(r.build_id);
         put_string(e, r.name);
         e.put(r.daemon);
+        e.put(r.dies_with_parent);
         put_string(e, r.authkey);
         e.write_size(r.identity.size());
         for (int i : r.identity) e.put(i);
@@ -74,6 +75,7 @@ struct Codec<detail::ChildRequest> {
         r.build_id = d.get<std::uint64_t>();
         r.name = get_string(d);
         r.daemon = d.get<bool>();
+        r.dies_with_parent = d.get<bool>();
         r.authkey = get_string(d);
         auto n = d.read_size(sizeof(int));
         for (std::uint64_t i = 0; i < n; ++i) r.identity.push_back(d.get<int>());
@@ -271,6 +273,7 @@ ChildRequest make_request(const ChildSpec& spec) {
     ChildRequest req;
     req.name = spec.name;
     req.daemon = spec.daemon;
+    req.dies_with_parent = spec.daemon || spec.dies_with_parent;
     req.authkey = spec.authkey;
     req.identity.assign(spec.identity.begin(), spec.identity.end());
     req.parent_name = current_process().name;
@@ -317,9 +320,9 @@ void run_request(int fd, bool direct) noexcept {
 
         auto* identity = new ProcessIdentity{req.name, 0, req.daemon, req.authkey, req.identity};
         auto* parent = new ParentProcess{req.parent_name, req.parent_pid};
-        // A spawn child's OS parent is the requester: it arms the daemon's parent-death signal.
-        // A forkserver child's is the server, which has done that already (child_main).
-        ChildSetup setup{identity, parent, direct && req.daemon, req.parent_pid, !direct};
+        // A spawn child's OS parent is the requester: it arms the parent-death signal. A
+        // forkserver child's is the server, which has done that already (child_main).
+        ChildSetup setup{identity, parent, direct && req.dies_with_parent, req.parent_pid, !direct};
         become_child(setup);
         identity->daemon = req.daemon;
         apply_log_settings(req.log);

@@ -2051,6 +2051,40 @@ void run_parent_death(std::optional<mp::StartMethod> method) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// A worker's own children: a ProcessPoolExecutor's workers are not daemons (Python 3.9+), so a
+// task may start a process and join it; the workers still die with their parent (above).
+// ---------------------------------------------------------------------------------------------
+
+void exit_with(int code) { std::exit(code); }
+
+// Starts a process that exits with `code`, joins it, and returns its exit code.
+int exit_code_of_a_child_of_the_task(int code) {
+    mp::Process p(exit_with, code);
+    p.start();
+    p.join();
+    return p.exitcode().value_or(-1);
+}
+
+bool worker_is_a_daemon(int) { return mp::current_process().daemon; }
+
+class ExecutorWorkerChildren : public ::testing::TestWithParam<mp::StartMethod> {};
+
+INSTANTIATE_TEST_SUITE_P(StartMethods, ExecutorWorkerChildren,
+                         ::testing::Values(mp::StartMethod::fork, mp::StartMethod::forkserver,
+                                           mp::StartMethod::spawn),
+                         [](const auto& p) { return mp::to_string(p.param); });
+
+TEST_P(ExecutorWorkerChildren, ATaskStartsAndJoinsAProcessOfItsOwn) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam()});
+    EXPECT_FALSE(ex.submit(worker_is_a_daemon, 0).result(kLong));
+    // Several in a row on the same worker: each child is joined and leaves nothing behind.
+    for (int code = 3; code < 6; ++code)
+        EXPECT_EQ(ex.submit(exit_code_of_a_child_of_the_task, code).result(kLong), code);
+    ex.shutdown();
+    EXPECT_TRUE(mp::active_children().empty());
+}
+
 TEST(ExecutorParentDeath, WorkersDieWhenTheParentIsKilled) { run_parent_death(std::nullopt); }
 TEST(ExecutorParentDeath, ForkWorkersDieWhenTheParentIsKilled) { run_parent_death(mp::StartMethod::fork); }
 TEST(ExecutorParentDeath, SpawnWorkersDieWhenTheParentIsKilled) { run_parent_death(mp::StartMethod::spawn); }

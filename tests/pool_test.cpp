@@ -1181,6 +1181,26 @@ TEST_P(PoolWorkerLifetime, MaxTasksPerChildReplacesWorkers) {
     pool.join();
 }
 
+// A Pool's workers are daemons, as multiprocessing.Pool's: a task cannot start a process
+// (ProcessPoolExecutor's workers can: executor_test's ExecutorWorkerChildren).
+void do_nothing_in_a_child(int) {}
+
+std::string try_to_start_a_child(int) {
+    try {
+        mp::Process p(do_nothing_in_a_child, 1);
+        p.start();
+        p.join();
+        return "started";
+    } catch (const mp::ProcessError& e) {
+        return e.what();
+    }
+}
+
+TEST_P(PoolWorkerLifetime, WorkersAreDaemonsThatCannotStartProcesses) {
+    mp::Pool pool(with_method(mp::PoolOptions{.processes = 1}));
+    EXPECT_EQ(pool.apply(try_to_start_a_child, 0), "daemonic processes are not allowed to have children");
+}
+
 TEST_P(PoolWorkerLifetime, EarlyClose) {
     // Issue #10332: closing a pool whose workers have limited lifetimes before all the tasks
     // completed would make join() hang.

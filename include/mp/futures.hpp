@@ -53,9 +53,11 @@
 /// mp::set_start_method(mp::StartMethod::forkserver), so it inherits no lock whenever it starts.
 /// When the parent dies, even by SIGKILL, its workers are killed at once.
 ///
-/// Workers are daemon processes (as a multiprocessing.Pool's are): a task cannot start an
-/// mp::Process (ProcessError "daemonic processes are not allowed to have children"), where a
-/// task of Python's ProcessPoolExecutor can. A task may start its own ProcessPoolExecutor.
+/// Workers are not daemon processes (as Python's since 3.9): a task may start an mp::Process of
+/// its own, and a worker leaving the pool joins the children it still has, as any process does
+/// at its end. They are killed with the parent all the same. (A multiprocessing.Pool's workers,
+/// mp::Pool's, are daemons: a task there cannot start a process.) A task may start its own
+/// ProcessPoolExecutor.
 
 #include <algorithm>
 #include <chrono>

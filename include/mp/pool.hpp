@@ -12,6 +12,10 @@
 /// Where Python's Pool hangs for ever when a worker dies, mp's fails the task (or chunk) that
 /// the worker ran with mp::WorkerDied and carries on with a replacement.
 ///
+/// The workers are daemon processes, as Python's: a task cannot start an mp::Process
+/// (ProcessError "daemonic processes are not allowed to have children"). A
+/// ProcessPoolExecutor's workers can.
+///
 /// Work whose arguments carry descriptors holds a duplicate of each while pending (see
 /// futures.hpp, "Descriptors"): a submit that runs out throws std::system_error (EMFILE).
 ///

@@ -53,6 +53,10 @@ struct PoolConfig {
     bool break_on_worker_death = false;
     std::optional<Task> initializer{};
     std::string worker_name{};  // "ForkServerPoolWorker" -> "ForkServerPoolWorker-3"
+    /// Daemon workers (a task cannot start an mp::Process), as multiprocessing.Pool's; false for
+    /// ProcessPoolExecutor's, as Python's since 3.9. Either kind is killed when the pool's
+    /// process dies.
+    bool daemon_workers = true;
 };
 
 struct JobOptions {

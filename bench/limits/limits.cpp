@@ -648,9 +648,7 @@ struct FutexMutex {
 // tries the lock whenever it reads it free; only then does it take the sleeping path, and it
 // spins again after each wake-up. W7-spin's limit: W7's row compares mp's lock with a mutex
 // whose waiters sleep at once, this one with a mutex that spends its waiting the same way.
-struct SpinFutexMutex {
-    std::atomic<uint32_t> word{0};
-
+struct SpinFutexMutex : FutexMutex {
     void lock() {
         uint32_t c = 0;
         if (word.compare_exchange_strong(c, 1, std::memory_order_acquire)) return;
@@ -665,14 +663,7 @@ struct SpinFutexMutex {
             futex_wait(&word, 2);
         }
     }
-    void unlock() {
-        if (word.fetch_sub(1, std::memory_order_release) != 1) {
-            word.store(0, std::memory_order_release);
-            if (::syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE, 1, nullptr,
-                          nullptr, 0) < 0)
-                die("futex_wake");
-        }
-    }
+    // unlock: FutexMutex's (one decrement, FUTEX_WAKE only from state 2).
 };
 
 template <class Mutex>

@@ -2058,9 +2058,12 @@ void run_parent_death(std::optional<mp::StartMethod> method) {
 
 void exit_with(int code) { std::exit(code); }
 
-// Starts a process that exits with `code`, joins it, and returns its exit code.
+// Starts a process that exits with `code`, joins it, and returns its exit code. By the
+// forkserver: a worker runs a second thread (its result flusher), and a fork from a threaded
+// process can hang under GCC 12's ASan (its allocator is not fork-safe; CI's ASan stage hung
+// here once with the worker's default, fork).
 int exit_code_of_a_child_of_the_task(int code) {
-    mp::Process p(exit_with, code);
+    mp::Process p({.start_method = mp::StartMethod::forkserver}, exit_with, code);
     p.start();
     p.join();
     return p.exitcode().value_or(-1);

@@ -55,7 +55,9 @@
 ///
 /// Workers are not daemon processes (as Python's since 3.9): a task may start an mp::Process of
 /// its own, and a worker leaving the pool joins the children it still has, as any process does
-/// at its end. They are killed with the parent all the same. (A multiprocessing.Pool's workers,
+/// at its end. They are killed with the parent all the same. A worker runs a second thread
+/// (it sends results back in batches), so a task's child is better started with forkserver or
+/// spawn than with fork, the default (see process.hpp, "Start methods"). (A multiprocessing.Pool's workers,
 /// mp::Pool's, are daemons: a task there cannot start a process.) A task may start its own
 /// ProcessPoolExecutor.
 

@@ -13,6 +13,15 @@
 //     the client has gone, and a daemon child (or a pool worker) is then killed, as its parent
 //     is dead.
 // The server allocates nothing and takes no lock after fork: fixed tables, raw system calls.
+//
+// A spare child. The server forks the next child ahead of its request, as soon as it has handed
+// out the last one, and the spare waits on a socket of its own (its name "mp-fs-spare" meanwhile).
+// A request then costs the server a message to the spare instead of a fork (its page tables and
+// VMAs copied: 50-60 us here, most of a small program's start) and the fork runs while the
+// requester's child runs, not before it starts. The spare is the server's as it is at every
+// fork (the server changes nothing between requests but its WIPEONFORK tables), so a child is the
+// same whether it was forked before its request or after. The spare goes when its socket closes:
+// the server closes it as it ends, and the kernel does when the server is killed.
 
 #include <fcntl.h>
 #include <poll.h>
@@ -73,10 +82,17 @@ struct Slot {
 // starts inside the allocator. Mapped once with MADV_WIPEONFORK: a child gets zeros there, not
 // the server's pages, so the server's writes after each fork (the new slot, the poll set) copy
 // no page (a copy-on-write fault, with a TLB flush, per start otherwise).
+struct Spare {
+    pid_t pid;    // 0: none
+    int pidfd;
+    int handoff;  // the server's end of the spare's socket
+};
+
 struct Tables {
     Slot slots[kMaxChildren];
     int nslots;
-    pollfd poll[1 + 2 * kMaxChildren];
+    Spare spare;
+    pollfd poll[2 + 2 * kMaxChildren];
 };
 Tables* g_tables = nullptr;  // set before the first fork, then only read
 
@@ -102,30 +118,36 @@ void send_all_nosignal(int fd, const void* p, std::size_t n) noexcept {
     }
 }
 
-void send_reply(int status_fd, std::int32_t pid, int pidfd) noexcept {
-    Reply reply{pid};
-    iovec iov{&reply, sizeof reply};
+// One message of `n` bytes with `fd` (when >= 0) attached. False when it could not be sent.
+bool send_with_fd(int sock, const void* data, std::size_t n, int fd) noexcept {
+    iovec iov{const_cast<void*>(data), n};
     msghdr msg{};
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-    if (pidfd >= 0) {
+    if (fd >= 0) {
         msg.msg_control = control;
         msg.msg_controllen = sizeof control;
         cmsghdr* c = CMSG_FIRSTHDR(&msg);
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
         c->cmsg_len = CMSG_LEN(sizeof(int));
-        std::memcpy(CMSG_DATA(c), &pidfd, sizeof(int));
+        std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
     }
-    while (::sendmsg(status_fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 && errno == EINTR) {
+    ssize_t r;
+    while ((r = ::sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)) < 0 && errno == EINTR) {
     }
+    return r == static_cast<ssize_t>(n);
 }
 
-// Accepts one request from the control socket. Returns false when every client has gone.
-bool accept_request(pid_t server_pid) noexcept {
-    Tables& t = *g_tables;
-    Header h{};
+void send_reply(int status_fd, std::int32_t pid, int pidfd) noexcept {
+    const Reply reply{pid};
+    (void)send_with_fd(status_fd, &reply, sizeof reply, pidfd);
+}
+
+// Receives one header with its descriptors (at most 4, close-on-exec) from `sock`: the byte
+// count recvmsg returned, and the descriptors in `fds`, `nfds` of them.
+ssize_t recv_header(int sock, Header& h, int (&fds)[4], int& nfds) noexcept {
     iovec iov{&h, sizeof h};
     msghdr msg{};
     msg.msg_iov = &iov;
@@ -133,12 +155,9 @@ bool accept_request(pid_t server_pid) noexcept {
     alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 4)];
     msg.msg_control = control;
     msg.msg_controllen = sizeof control;
-    ssize_t r = ::recvmsg(kControlFd, &msg, MSG_CMSG_CLOEXEC);
-    if (r == 0) return false;
-    if (r < 0) return errno == EINTR || errno == EAGAIN;
-
-    int fds[4];
-    int nfds = 0;
+    nfds = 0;
+    const ssize_t r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+    if (r < 0) return r;
     for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
         int count = static_cast<int>((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
@@ -146,6 +165,98 @@ bool accept_request(pid_t server_pid) noexcept {
             std::memcpy(&fds[nfds++], CMSG_DATA(c) + static_cast<std::size_t>(i) * sizeof(int),
                         sizeof(int));
     }
+    return r;
+}
+
+// Forks a child and opens its pidfd: the pid (> 0) or minus an errno. A child whose pidfd could
+// not be opened is killed and reaped. In the child, `in_child` runs and does not return.
+template <class F>
+pid_t fork_with_pidfd(int& pidfd, F in_child) noexcept {
+    pid_t pid = ::fork();
+    if (pid == 0) in_child();
+    if (pid < 0) return -errno;
+    // Safe from pid reuse: the child is ours and cannot be reaped before we wait for it.
+    pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (pidfd < 0) {
+        int err = errno;
+        ::kill(pid, SIGKILL);
+        siginfo_t info;
+        ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
+        return -err;
+    }
+    return pid;
+}
+
+// The spare's life: it waits for its request socket, then is a child like any other.
+[[noreturn]] void spare_main(int handoff, pid_t server_pid) noexcept {
+    ::prctl(PR_SET_NAME, "mp-fs-spare");
+    sys::keep_only(handoff, kControlFd);  // the server's descriptors are not the spare's
+    Header h{};
+    int fds[4];
+    int nfds = 0;
+    ssize_t r;
+    while ((r = recv_header(kControlFd, h, fds, nfds)) < 0 && errno == EINTR) {
+    }
+    // End of file (the server has ended or dropped us) or anything unexpected: go quietly.
+    if (r != sizeof h || h.magic != kMagic || nfds != 1) sys::exit_child(0);
+    ::prctl(PR_SET_NAME, "mp-forkserver");  // what a child forked on request is called
+    child_main(fds[0], server_pid, (h.flags & kDiesWithParent) != 0);
+}
+
+// Forks the spare, when there is none. Failing is not an error: the next request forks.
+void fork_spare(pid_t server_pid) noexcept {
+    Tables& t = *g_tables;
+    if (t.spare.pid != 0) return;
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return;
+    int pidfd = -1;
+    const pid_t pid = fork_with_pidfd(pidfd, [&]() noexcept { spare_main(sv[1], server_pid); });
+    ::close(sv[1]);
+    if (pid < 0) {
+        ::close(sv[0]);
+        return;
+    }
+    t.spare = Spare{pid, pidfd, sv[0]};
+}
+
+// Ends the spare (SIGKILL: it may be stopped) and reaps it.
+void drop_spare() noexcept {
+    Spare& s = g_tables->spare;
+    if (s.pid == 0) return;
+    ::syscall(SYS_pidfd_send_signal, s.pidfd, SIGKILL, nullptr, 0);
+    siginfo_t info{};
+    ::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(s.pidfd), &info, WEXITED);
+    ::close(s.pidfd);
+    ::close(s.handoff);
+    s = Spare{0, -1, -1};
+}
+
+// Hands the request socket to the spare: its pid and pidfd, or false when there is none or it
+// has died (then reaped: the request forks).
+bool take_spare(int status_fd, std::uint32_t flags, pid_t& pid, int& pidfd) noexcept {
+    Spare& s = g_tables->spare;
+    if (s.pid == 0) return false;
+    const Header h{kMagic, flags};
+    if (!send_with_fd(s.handoff, &h, sizeof h, status_fd)) {
+        drop_spare();
+        return false;
+    }
+    pid = s.pid;
+    pidfd = s.pidfd;
+    ::close(s.handoff);
+    s = Spare{0, -1, -1};
+    return true;
+}
+
+// Accepts one request from the control socket. Returns false when every client has gone.
+bool accept_request(pid_t server_pid) noexcept {
+    Tables& t = *g_tables;
+    Header h{};
+    int fds[4];
+    int nfds = 0;
+    const ssize_t r = recv_header(kControlFd, h, fds, nfds);
+    if (r == 0) return false;
+    if (r < 0) return errno == EINTR || errno == EAGAIN;
     auto close_all = [&] {
         for (int i = 0; i < nfds; ++i) ::close(fds[i]);
     };
@@ -161,21 +272,12 @@ bool accept_request(pid_t server_pid) noexcept {
         return true;
     }
 
-    pid_t pid = ::fork();
-    if (pid == 0) child_main(status_fd, server_pid, dies_with_parent);
+    int pidfd = -1;
+    pid_t pid = 0;
+    if (!take_spare(status_fd, h.flags, pid, pidfd))
+        pid = fork_with_pidfd(pidfd, [&]() noexcept { child_main(status_fd, server_pid, dies_with_parent); });
     if (pid < 0) {
-        send_reply(status_fd, -errno, -1);
-        ::close(status_fd);
-        return true;
-    }
-    // Safe from pid reuse: the child is ours and cannot be reaped before we wait for it.
-    int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-    if (pidfd < 0) {
-        int err = errno;
-        ::kill(pid, SIGKILL);
-        siginfo_t info;
-        ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED);
-        send_reply(status_fd, -err, -1);
+        send_reply(status_fd, pid, -1);
         ::close(status_fd);
         return true;
     }
@@ -225,10 +327,15 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
 
     map_tables();
     Tables& t = *g_tables;
+    t.spare = Spare{0, -1, -1};
+    fork_spare(self);
     bool clients = true;
     while (clients || t.nslots > 0) {
         int n = 0;
         if (clients) t.poll[n++] = pollfd{kControlFd, POLLIN, 0};
+        // A spare that died (killed by someone) is reaped at once; the next request forks one.
+        const int spare_at = t.spare.pid != 0 ? n : -1;
+        if (spare_at >= 0) t.poll[n++] = pollfd{t.spare.pidfd, POLLIN, 0};
         const int first = n;
         for (int i = 0; i < t.nslots; ++i) {
             t.poll[n++] = pollfd{t.slots[i].pidfd, POLLIN, 0};
@@ -263,11 +370,17 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
                 }
             }
         }
-        if (clients && (t.poll[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0)
+        if (spare_at >= 0 && t.poll[spare_at].revents != 0) drop_spare();
+        if (clients && (t.poll[0].revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
             clients = accept_request(self);
+            // The next child, forked now: while the one just handed out runs, not when the next
+            // request waits for it.
+            if (clients) fork_spare(self);
+        }
         // Without clients, other children finish on their own; daemons were killed above
         // as their status sockets closed. Stay only to reap what remains.
         if (!clients) {
+            drop_spare();
             for (int i = 0; i < t.nslots; ++i)
                 if (t.slots[i].dies_with_parent)
                     ::syscall(SYS_pidfd_send_signal, t.slots[i].pidfd, SIGKILL, nullptr, 0);

@@ -1,6 +1,7 @@
 // The forkserver start method: descriptors carried to the child, a server that was killed is
-// replaced, starts from many threads at once, a forkserver child using forkserver itself, and a
-// daemon child that goes when its requester is SIGKILLed.
+// replaced, starts from many threads at once, a forkserver child using forkserver itself, a
+// daemon child that goes when its requester is SIGKILLed, and the server's spare child (forked
+// ahead of the next request) killed, stopped, or left by a killed server.
 #include <gtest/gtest.h>
 
 #include <csignal>
@@ -143,6 +144,82 @@ TEST(Forkserver, KilledServerIsReplaced) {
     ASSERT_TRUE(p.join(10s));
     EXPECT_EQ(p.exitcode(), 5);
     EXPECT_NE(mp::detail::forkserver::server_pid(), server);
+}
+
+// The server's spare: the child it forked ahead of the next request ("mp-fs-spare"), found by
+// its parent and name; 0 when none shows within 5 s.
+pid_t find_spare(pid_t server) {
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    do {
+        for (const auto& c : mp::test::list_children(server))
+            if (c.comm == "mp-fs-spare" && c.state != 'Z') return c.pid;
+        std::this_thread::sleep_for(5ms);
+    } while (std::chrono::steady_clock::now() < deadline);
+    return 0;
+}
+
+TEST(ForkserverSpare, TheNextChildIsForkedAheadOfItsRequest) {
+    mp::detail::forkserver::ensure_running();
+    const pid_t server = mp::detail::forkserver::server_pid();
+    const pid_t spare = find_spare(server);
+    ASSERT_GT(spare, 0) << "the server keeps a spare child";
+    mp::Process p(kForkserver, exit_with, 4);
+    p.start();
+    EXPECT_EQ(p.pid(), spare) << "the request is handed to the spare";
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 4);
+    const pid_t next = find_spare(server);
+    EXPECT_GT(next, 0) << "a new spare is forked after the hand-out";
+    EXPECT_NE(next, spare);
+}
+
+TEST(ForkserverSpare, AKilledSpareIsReapedAndTheNextStartForks) {
+    mp::detail::forkserver::ensure_running();
+    const pid_t server = mp::detail::forkserver::server_pid();
+    const pid_t spare = find_spare(server);
+    ASSERT_GT(spare, 0);
+    ASSERT_EQ(::kill(spare, SIGKILL), 0);
+    // Reaped, not only dead: no zombie is left in the server's table until the next request.
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    while (mp::test::proc_info(spare).pid != 0 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(5ms);
+    EXPECT_EQ(mp::test::proc_info(spare).pid, 0) << "the server reaps its dead spare at once";
+    for (int i = 0; i < 3; ++i) {
+        mp::Process p(kForkserver, exit_with, 7 + i);
+        p.start();
+        ASSERT_TRUE(p.join(10s));
+        EXPECT_EQ(p.exitcode(), 7 + i);
+    }
+    EXPECT_EQ(mp::detail::forkserver::server_pid(), server) << "the same server served them";
+}
+
+TEST(ForkserverSpare, AStoppedSpareIsUsedOnceItContinues) {
+    // A spare stopped by someone is handed its request all the same (it is in its socket): the
+    // child runs as soon as it is continued, as a stopped child would.
+    mp::detail::forkserver::ensure_running();
+    const pid_t spare = find_spare(mp::detail::forkserver::server_pid());
+    ASSERT_GT(spare, 0);
+    ASSERT_EQ(::kill(spare, SIGSTOP), 0);
+    mp::Process p(kForkserver, exit_with, 9);
+    p.start();
+    EXPECT_FALSE(p.join(100ms));
+    ASSERT_EQ(::kill(spare, SIGCONT), 0);
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 9);
+}
+
+TEST(ForkserverSpare, TheSpareGoesWithAKilledServer) {
+    mp::detail::forkserver::ensure_running();
+    const pid_t server = mp::detail::forkserver::server_pid();
+    const pid_t spare = find_spare(server);
+    ASSERT_GT(spare, 0);
+    ASSERT_EQ(::kill(server, SIGKILL), 0);
+    ASSERT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));
+    EXPECT_TRUE(mp::test::wait_pid_stopped(spare, 5000ms)) << "its socket closed: the spare ends";
+    mp::Process p(kForkserver, exit_with, 3);
+    p.start();
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 3);
 }
 
 TEST_P(ForkserverAndSpawn, ManyThreadsStartAtOnce) {

@@ -28,7 +28,10 @@
 /// - forkserver (the default for pools): the child is forked from a single-threaded server
 ///   process, started once by spawn at the first forkserver use or at
 ///   set_start_method(StartMethod::forkserver), so a parent that already runs threads is safe
-///   whenever it starts it. Starts are nearly as fast as fork. In a program without the spawn
+///   whenever it starts it. Starts are nearly as fast as fork: the server keeps one child forked
+///   ahead of the next request (a spare, named "mp-fs-spare" while it waits), so a start costs a
+///   message to it rather than a fork, and the next fork overlaps the child's run. In a program
+///   without the spawn
 ///   hook (mp used from a plugin, or linked without mp's link options) the server is forked from
 ///   the parent instead: then start it before other threads run (set_start_method at the top of
 ///   main), as its children are copies of the parent made at that moment.

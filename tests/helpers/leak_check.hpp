@@ -8,7 +8,7 @@
 ///     connection (a pipe or socket shared with, or connected to, the forkserver process, or a
 ///     pidfd of it): the forkserver starts once per process and lives until exit,
 ///   - a child of the forkserver (one of this process's children started through it), still
-///     there 2 s after the test,
+///     there 2 s after the test (its spare, comm "mp-fs-spare", is the server's own),
 ///   - an entry in /dev/shm (one that stays, with the same inode, for 200 ms and that no other
 ///     process holds open or mapped: ctest -j runs other programs at the same time).
 /// This process's forkserver is the process named "mp-forkserver" (prctl PR_SET_NAME) that is its

@@ -78,7 +78,9 @@
 // and a get each cost two atomic read-modify-writes (the lock, its release) instead of three
 // (bench row W4). A waker killed between the unlock and the wake-up is a wake-up lost, as one
 // killed between its index and the wake-up always was: the waiter's sleep is cut into 50 ms
-// slices (sys::futex_wait_sliced).
+// slices (sys::futex_wait_sliced). A producer that finds the ring full first waits up to
+// kYieldTime for a 64th of the ring to be free, more than it needs (wait_briefly): taking room
+// as each message frees it would keep both sides at the full mark in lockstep.
 
 #include "mp/queue.hpp"
 
@@ -394,6 +396,22 @@ bool spin_for(Ready ready) {
     }
 }
 
+// Waits up to kYieldTime (less by `deadline`) for ready(), reading it every 16 pauses (a read
+// each pause would take the line from its writer as often) then between yields; for a
+// condition better than the one the caller needs, not instead of it.
+template <class Ready>
+void wait_briefly(const Deadline& deadline, Ready ready) {
+    const auto start = std::chrono::steady_clock::now();
+    auto end = start + kYieldTime;
+    if (deadline && *deadline < end) end = *deadline;
+    for (auto now = start; now < end && !ready(); now = std::chrono::steady_clock::now()) {
+        if (now - start < kSpinTime)
+            for (int i = 0; i < 16; ++i) sys::cpu_relax();
+        else
+            ::sched_yield();
+    }
+}
+
 template <class Ready>
 bool wait_for(U32& seq, U32& flag, const Deadline& deadline, Ready ready) {
     if (spin_for(ready)) return true;
@@ -568,6 +586,14 @@ bool QueueCore::put(std::span<const std::string_view> parts, bool block,
         // reaches that (space_target), so a slow consumer does not pay a wake-up per chunk while
         // we are still short of room.
         const std::uint64_t need = std::min(kHdr + rem, 2 * kHdr + min_piece);
+        // A full ring: first wait a little for a batch of room (1/64 of the ring, 16 KiB by
+        // default), not only for this chunk's. Taking room as each message frees it keeps both
+        // sides at the full mark in lockstep, each message a hand-off of the tail's line and of
+        // the slot just read (W4, 64-byte messages: 14.9M -> 24.3M/s, medians of 6). Bounded
+        // (kYieldTime) and cut short by the deadline: when a consumer stops after one message,
+        // this put still goes into the room it freed.
+        if (const std::uint64_t batch = cap / 64; batch > need)
+            wait_briefly(deadline, [&] { return cap - (hd - h->tail.load(acq)) >= batch || shut(); });
         auto room = [&] { return cap - (hd - h->tail.load(sc)) >= need; };
         h->space_target.store(hd + need - cap, sc);  // no wrap: hd - tail > cap - need here
         const bool got = wait_for(h->space_seq, h->space_waiting, deadline,

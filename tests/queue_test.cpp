@@ -407,6 +407,43 @@ TEST_P(QueueAcross, BlockedPutResumesWhenAConsumerTakesOne) {
     EXPECT_EQ(q.get(), 3);
 }
 
+// A put that finds the ring full waits a little for a batch of room (a 64th of the ring) rather
+// than only its own, so that a fast producer and a slower consumer do not hand the ring's lines
+// back and forth for every message. That wait is bounded: here the consumer frees one message's
+// room and then waits for this put to complete, which it must, well before its timeout.
+TEST_P(QueueAcross, PutIntoAFullRingTakesTheRoomOfOneMessageWhenNoMoreComes) {
+    mp::Queue<std::string> q(0, 64 * 1024);
+    const std::string msg(100, 'm');
+    std::size_t queued = 0;
+    try {
+        for (;; ++queued) q.put_nowait(msg);
+    } catch (const mp::Full&) {
+    }
+    ASSERT_GT(queued, 100u);
+    // Timeouts of zero and below fail at once on the full ring, as put_nowait.
+    EXPECT_THROW(q.put(msg, 0ms), mp::Full);
+    EXPECT_THROW(q.put(msg, -5ms), mp::Full);
+    mp::Event took_one, put_done;
+    mp::Process child(
+        options(),
+        [](mp::Queue<std::string> queue, mp::Event took, mp::Event done, std::size_t expected) {
+            std::this_thread::sleep_for(100ms);  // the put below is waiting by now
+            if (queue.get(LONG).size() != 100) ::_exit(2);
+            took.set();
+            if (!done.wait(5s)) ::_exit(3);  // the put stuck waiting for room that never came
+            for (std::size_t i = 0; i < expected; ++i)
+                if (queue.get(LONG).size() != 100) ::_exit(4);
+        },
+        q, took_one, put_done, queued);
+    child.start();
+    q.put(msg, LONG);
+    EXPECT_TRUE(took_one.is_set());
+    put_done.set();
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_TRUE(q.empty());
+}
+
 using ManyTypes = std::tuple<int, std::string, std::vector<double>, std::optional<std::string>>;
 
 TEST_P(QueueAcross, ValuesOfManyTypes) {

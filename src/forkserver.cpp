@@ -18,7 +18,9 @@
 // out the last one, and the spare waits on a socket of its own (its name "mp-fs-spare" meanwhile).
 // A request then costs the server a message to the spare instead of a fork (its page tables and
 // VMAs copied: 50-60 us here, most of a small program's start) and the fork runs while the
-// requester's child runs, not before it starts. The spare is the server's as it is at every
+// requester's child runs, not before it starts. The spare acknowledges the hand-off before its
+// pid goes to the requester, so one that was killed meanwhile is replaced by a fresh fork
+// (take_spare). The spare is the server's as it is at every
 // fork (the server changes nothing between requests but its WIPEONFORK tables), so a child is the
 // same whether it was forked before its request or after. The spare goes when its socket closes:
 // the server closes it as it ends, and the kernel does when the server is killed.
@@ -199,6 +201,10 @@ pid_t fork_with_pidfd(int& pidfd, F in_child) noexcept {
     }
     // End of file (the server has ended or dropped us) or anything unexpected: go quietly.
     if (r != sizeof h || h.magic != kMagic || nfds != 1) sys::exit_child(0);
+    // This process is the requester's child now. The server may have stopped waiting for the
+    // acknowledgement (and closed its end): it has taken us all the same (take_spare).
+    const char ack = 1;
+    (void)::send(kControlFd, &ack, 1, MSG_NOSIGNAL);
     ::prctl(PR_SET_NAME, "mp-forkserver");  // what a child forked on request is called
     child_main(fds[0], server_pid, (h.flags & kDiesWithParent) != 0);
 }
@@ -232,12 +238,27 @@ void drop_spare() noexcept {
 }
 
 // Hands the request socket to the spare: its pid and pidfd, or false when there is none or it
-// has died (then reaped: the request forks).
+// has died (then reaped: the request forks). The spare acknowledges before the pid goes to the
+// requester: one killed just before (a SIGKILL not yet acted on when the message was sent) is
+// then replaced by a fresh fork, not reported as a child that died before it ran. A spare that
+// does not answer within kAckWaitMs (stopped, or not scheduled) is taken all the same: it runs the
+// child when it runs again, as a child stopped after its fork would.
+constexpr int kAckWaitMs = 20;
 bool take_spare(int status_fd, std::uint32_t flags, pid_t& pid, int& pidfd) noexcept {
     Spare& s = g_tables->spare;
     if (s.pid == 0) return false;
     const Header h{kMagic, flags};
-    if (!send_with_fd(s.handoff, &h, sizeof h, status_fd)) {
+    bool alive = send_with_fd(s.handoff, &h, sizeof h, status_fd);
+    if (alive) {
+        pollfd p{s.handoff, POLLIN, 0};
+        int n;
+        while ((n = ::poll(&p, 1, kAckWaitMs)) < 0 && errno == EINTR) {
+        }
+        char ack = 0;
+        // n == 0: no answer yet, alive as far as we know. Otherwise its ack or its end.
+        if (n > 0) alive = ::recv(s.handoff, &ack, 1, MSG_DONTWAIT) == 1;
+    }
+    if (!alive) {
         drop_spare();
         return false;
     }

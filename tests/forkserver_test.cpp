@@ -193,9 +193,27 @@ TEST(ForkserverSpare, AKilledSpareIsReapedAndTheNextStartForks) {
     EXPECT_EQ(mp::detail::forkserver::server_pid(), server) << "the same server served them";
 }
 
+TEST(ForkserverSpare, ASpareKilledJustBeforeARequestIsReplacedByAFreshFork) {
+    // The SIGKILL lands while the request is on its way (the server has not seen the spare die):
+    // the start must still run the target, in a fresh fork, not report the dead spare as a
+    // child that died before it ran.
+    mp::detail::forkserver::ensure_running();
+    const pid_t server = mp::detail::forkserver::server_pid();
+    for (int i = 0; i < 10; ++i) {
+        const pid_t spare = find_spare(server);
+        ASSERT_GT(spare, 0);
+        ASSERT_EQ(::kill(spare, SIGKILL), 0);
+        mp::Process p(kForkserver, exit_with, 20 + i);
+        p.start();
+        ASSERT_TRUE(p.join(10s));
+        EXPECT_EQ(p.exitcode(), 20 + i);
+    }
+}
+
 TEST(ForkserverSpare, AStoppedSpareIsUsedOnceItContinues) {
-    // A spare stopped by someone is handed its request all the same (it is in its socket): the
-    // child runs as soon as it is continued, as a stopped child would.
+    // A spare stopped by someone does not acknowledge its hand-off; after a short wait the
+    // server takes it all the same (the request is in its socket): the child runs as soon as it
+    // is continued, as a stopped child would.
     mp::detail::forkserver::ensure_running();
     const pid_t spare = find_spare(mp::detail::forkserver::server_pid());
     ASSERT_GT(spare, 0);

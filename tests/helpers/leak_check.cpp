@@ -448,6 +448,10 @@ std::string describe_leaks(const Snapshot& base) {
     std::map<std::string, ino_t> fresh;
     for (const auto& n : list_shm()) {
         if (base.shm.count(n) != 0) continue;
+        // Open MPI's shared-memory transport (the mpi tests' ranks, which ctest may run beside
+        // this test): a rank killed on purpose leaves its segment to mpirun, which removes it
+        // later, held by nobody meanwhile. No mp object is named so.
+        if (n.rfind("vader_segment.", 0) == 0) continue;
         if (auto ino = inode_of_entry(n)) fresh[n] = *ino;
     }
     if (!fresh.empty()) {

@@ -60,6 +60,13 @@ WORKLOADS = [
          mp_exe="mp_start_min", limit_exe="mp_limit_fork", no_python=True,
          cpp=200, py=200, quick=20, size_unit="starts",
          limit_target=1 / 1.2),
+    # W1-cxx: W1-c's limit program with the C++ runtime loaded (libstdc++, libm, libgcc_s), so
+    # that the part of W1-c's gap any C++ program pays is told from what mp adds. No target.
+    dict(id="W1-cxx", title="W1 in the smallest mp program vs the minimal C program with the C++ "
+         "runtime loaded (libstdc++, libm, libgcc_s)",
+         unit="us", per="per start+join", better=LOWER, same_as="W1",
+         mp_exe="mp_start_min", limit_exe="mp_limit_fork_cxx", no_python=True,
+         cpp=200, py=200, quick=20, size_unit="starts"),
     # W1b: start + join from a parent with 2 GiB of touched heap, whose bare fork copies the
     # page tables of all of it; mp's forkserver and spawn need not. Target: <= 0.05x the bare
     # fork's time (a share of 20). W1b-small: the forkserver from a small parent, against a bare
@@ -262,7 +269,8 @@ class Sides:
         self.mp = bench / "mp_workloads"
         self.limits = bench / "mp_limits"
         self.micro = bench / "mp_bench"
-        self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork"}
+        self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork",
+                             "mp_limit_fork_cxx": bench / "mp_limit_fork_cxx"}
         self.extra_mp = {"mp_start_min": bench / "mp_start_min"}
         self.python = [sys.executable, str(HERE / "python" / "workloads.py")]
         self.notes = []

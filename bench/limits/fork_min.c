@@ -13,8 +13,17 @@
  *     back, each a cross-process wake-up.
  *
  *     mp_limit_fork W1|W1b-small [--size N] [--quick]
+ *
+ * Built twice: mp_limit_fork (libc only) and mp_limit_fork_cxx (the same code with the C++
+ * runtime a C++ program loads, libstdc++, libm and libgcc_s, linked in and unused: row W1-cxx,
+ * which shows how much of W1-c's gap any C++ program pays, mp or not).
  * prints {"workload":"W1","value":<us per start+join>,"unit":"us",...} like the other sides. */
 #define _GNU_SOURCE
+#ifdef FORK_MIN_CXX_RUNTIME
+#define W1_METHOD "the same C program with the C++ runtime loaded (libstdc++, libm, libgcc_s): fork + _exit + waitpid"
+#else
+#define W1_METHOD "minimal C program (libc only): fork + _exit + waitpid"
+#endif
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -138,7 +147,7 @@ int main(int argc, char** argv) {
     if (us < 0) return 1;
     printf("{\"workload\":\"%s\",\"value\":%.6g,\"unit\":\"us\",\"size\":%ld,\"method\":\"%s\"}\n",
            argv[1], us, n,
-           w1 ? "minimal C program (libc only): fork + _exit + waitpid"
+           w1 ? W1_METHOD
               : "minimal C forkserver (libc only): request, fork, pid back, pidfd poll, waitpid, "
                 "status back");
     return 0;

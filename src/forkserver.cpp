@@ -515,48 +515,71 @@ void after_fork_in_child() noexcept {
     if (Client* c = g_client.load(std::memory_order_relaxed)) new (&c->mu) std::mutex;
 }
 
+namespace {
+
+// Replaces the server `asked` (killed) with a new one, unless another thread has done so.
+void replace_server(Client& c, pid_t asked) {
+    std::lock_guard lock(c.mu);
+    if (c.control && c.server != asked) return;
+    c.control.reset();
+    start_server_locked(c);
+}
+
+bool server_went_away(const std::system_error& e) {
+    const int code = e.code().value();
+    return code == EPIPE || code == ECONNREFUSED || code == ENOTCONN || code == ECONNRESET;
+}
+
+}  // namespace
+
 Started start_child(const Request& req) {
     Client& c = ready_client(false);
-    // One socketpair serves the request (to the child) and the replies (from the server).
-    auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
-    Header h{kMagic, req.dies_with_parent ? kDiesWithParent : 0};
-    const int fds[1] = {theirs.get()};
-    try {
-        sys::send_fds(c.control.get(), &h, sizeof h, fds);
-    } catch (const std::system_error& e) {
-        // The server has died (killed, perhaps): start a new one and ask once more.
-        if (e.code().value() != EPIPE && e.code().value() != ECONNREFUSED &&
-            e.code().value() != ENOTCONN && e.code().value() != ECONNRESET)
-            throw;
-        {
-            std::lock_guard lock(c.mu);
-            c.control.reset();
-            start_server_locked(c);
+    const Header h{kMagic, req.dies_with_parent ? kDiesWithParent : 0};
+    // A second attempt, with a new server, when the first shows that the server died before any
+    // child had our request: the send fails, or the reply never comes and our request was never
+    // read (ECONNRESET: its socket closed with the request in it). The latter happens when the
+    // server is killed while a child or spare it has just forked still holds its end of the
+    // control socket (each closes it first thing): our send then succeeds into a socket that
+    // closes unread a moment later.
+    for (int attempt = 0;; ++attempt) {
+        const pid_t server = c.server;
+        // One socketpair serves the request (to the child) and the replies (from the server).
+        auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
+        const int fds[1] = {theirs.get()};
+        try {
+            sys::send_fds(c.control.get(), &h, sizeof h, fds);
+        } catch (const std::system_error& e) {
+            if (attempt > 0 || !server_went_away(e)) throw;
+            replace_server(c, server);
+            continue;
         }
-        sys::send_fds(c.control.get(), &h, sizeof h, fds);
-    }
-    theirs.reset();
+        theirs.reset();
 
-    try {
-        send_request(ours.get(), req);
-    } catch (const std::system_error&) {
-        // The child died before reading its request; the reply and status below tell how.
-    }
+        try {
+            send_request(ours.get(), req);
+        } catch (const std::system_error&) {
+            // The child died before reading its request; the reply and status below tell how.
+        }
 
-    Reply reply{};
-    std::array<sys::Fd, 1> got;
-    std::size_t n = 0;
-    try {
-        n = sys::recv_fds(ours.get(), &reply, sizeof reply, got);
-    } catch (const std::system_error& e) {
-        // ECONNRESET: the server went away with our request unread (see read_from_server).
-        if (e.code().value() != ECONNRESET) throw;
+        Reply reply{};
+        std::array<sys::Fd, 1> got;
+        std::size_t n = 0;
+        try {
+            n = sys::recv_fds(ours.get(), &reply, sizeof reply, got);
+        } catch (const std::system_error& e) {
+            // ECONNRESET: the server went away with our request unread (see read_from_server).
+            if (e.code().value() != ECONNRESET) throw;
+            if (attempt == 0) {
+                replace_server(c, server);
+                continue;
+            }
+        }
+        if (n != sizeof reply) throw ProcessError("mp: the forkserver went away while starting a child");
+        if (reply.pid <= 0)
+            sys::throw_system_error(-reply.pid, "fork (in the forkserver)");
+        if (!got[0]) throw ProcessError("mp: the forkserver sent no pidfd");
+        return Started{reply.pid, std::move(got[0]), std::move(ours)};
     }
-    if (n != sizeof reply) throw ProcessError("mp: the forkserver went away while starting a child");
-    if (reply.pid <= 0)
-        sys::throw_system_error(-reply.pid, "fork (in the forkserver)");
-    if (!got[0]) throw ProcessError("mp: the forkserver sent no pidfd");
-    return Started{reply.pid, std::move(got[0]), std::move(ours)};
 }
 
 namespace {

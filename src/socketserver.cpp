@@ -341,19 +341,13 @@ void BaseServer::end_serving() noexcept {
     serving_ = false;
     serving_pid_.store(0, std::memory_order_relaxed);
     shutdown_request_ = false;
-    drain_wakeup();
+    (void)drain_wakeup();  // a handler's stop for the session that is ending: nothing left to stop
     cv_.notify_all();
 }
 
 bool BaseServer::shutdown_requested() {
     std::lock_guard lock(mu_);
     return shutdown_request_;
-}
-
-void BaseServer::drain_wakeup() noexcept {
-    char buf[64];
-    while (::read(wake_r_, buf, sizeof buf) > 0) {
-    }
 }
 
 namespace {
@@ -363,14 +357,17 @@ constexpr char kWakeUp = 1;
 constexpr char kStopFromChild = 2;
 }  // namespace
 
-void BaseServer::take_wakeup() noexcept {
-    // Left unread, a byte keeps the pipe readable and the serving loop's poll spinning.
+bool BaseServer::drain_wakeup() noexcept {
     char buf[64];
     bool child_asked = false;
     for (ssize_t n; (n = ::read(wake_r_, buf, sizeof buf)) > 0;) {
         for (ssize_t i = 0; i < n; ++i) child_asked = child_asked || buf[i] == kStopFromChild;
     }
-    if (child_asked) request_shutdown(options_.shutdown_timeout);
+    return child_asked;
+}
+
+void BaseServer::take_wakeup() noexcept {
+    if (drain_wakeup()) request_shutdown(options_.shutdown_timeout);
 }
 
 bool BaseServer::in_forked_handler() const noexcept {

@@ -5,9 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <csignal>
+#include <cstring>
 #include <fcntl.h>
 #include <poll.h>
 #include <mutex>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -238,6 +240,35 @@ TEST(ForkserverSpare, TheSpareGoesWithAKilledServer) {
     p.start();
     ASSERT_TRUE(p.join(10s));
     EXPECT_EQ(p.exitcode(), 3);
+}
+
+TEST(Forkserver, ARequestLeftUnreadByAKilledServerGoesToANewServer) {
+    // A process that holds the server's end of the control socket when the server is killed (a
+    // child or spare it has just forked, before it closes its copy) makes the next request's
+    // send succeed into a socket nobody will read. Here this test holds that copy (pidfd_getfd),
+    // kills the server, and lets go of it 100 ms into the start: the request closes unread, and
+    // the start must go to a new server rather than fail.
+    mp::detail::forkserver::ensure_running();
+    const pid_t server = mp::detail::forkserver::server_pid();
+    mp::sys::Fd server_fd(static_cast<int>(::syscall(SYS_pidfd_open, server, 0)));
+    ASSERT_TRUE(server_fd);
+    mp::sys::Fd control(static_cast<int>(::syscall(SYS_pidfd_getfd, server_fd.get(), 3, 0)));
+    if (!control && errno == EPERM) GTEST_SKIP() << "pidfd_getfd is not permitted here";
+    ASSERT_TRUE(control) << std::strerror(errno);
+    ASSERT_EQ(::kill(server, SIGKILL), 0);
+    ASSERT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));
+    std::thread letting_go([&] {
+        std::this_thread::sleep_for(100ms);
+        control.reset();
+    });
+    mp::Process p(kForkserver, exit_with, 6);
+    EXPECT_NO_THROW(p.start());
+    letting_go.join();
+    if (p.pid() != 0) {
+        ASSERT_TRUE(p.join(10s));
+        EXPECT_EQ(p.exitcode(), 6);
+    }
+    EXPECT_NE(mp::detail::forkserver::server_pid(), server);
 }
 
 TEST_P(ForkserverAndSpawn, ManyThreadsStartAtOnce) {

@@ -302,7 +302,9 @@ protected:
     bool shutdown_requested();
     /// Becomes readable when shutdown() is called.
     int wakeup_fd() const noexcept { return wake_r_; }
-    void drain_wakeup() noexcept;
+    /// Empties wakeup_fd() (a byte left unread keeps it readable and serve_forever's poll
+    /// spinning): true when a forked handler asked for the stop.
+    bool drain_wakeup() noexcept;
     /// serve_forever's loop, when wakeup_fd() is readable: empties it, and turns a stop asked for
     /// by a forked handler (which cannot set this process's flag) into a shutdown request.
     void take_wakeup() noexcept;

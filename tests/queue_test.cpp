@@ -423,21 +423,21 @@ TEST_P(QueueAcross, PutIntoAFullRingTakesTheRoomOfOneMessageWhenNoMoreComes) {
     // Timeouts of zero and below fail at once on the full ring, as put_nowait.
     EXPECT_THROW(q.put(msg, 0ms), mp::Full);
     EXPECT_THROW(q.put(msg, -5ms), mp::Full);
-    mp::Event took_one, put_done;
+    mp::Event taking_one, put_done;
     mp::Process child(
         options(),
-        [](mp::Queue<std::string> queue, mp::Event took, mp::Event done, std::size_t expected) {
+        [](mp::Queue<std::string> queue, mp::Event taking, mp::Event done, std::size_t expected) {
             std::this_thread::sleep_for(100ms);  // the put below is waiting by now
+            taking.set();  // before the get: the put cannot end earlier
             if (queue.get(LONG).size() != 100) ::_exit(2);
-            took.set();
             if (!done.wait(5s)) ::_exit(3);  // the put stuck waiting for room that never came
             for (std::size_t i = 0; i < expected; ++i)
                 if (queue.get(LONG).size() != 100) ::_exit(4);
         },
-        q, took_one, put_done, queued);
+        q, taking_one, put_done, queued);
     child.start();
     q.put(msg, LONG);
-    EXPECT_TRUE(took_one.is_set());
+    EXPECT_TRUE(taking_one.is_set());
     put_done.set();
     ASSERT_TRUE(child.join(LONG));
     EXPECT_EQ(child.exitcode(), 0);

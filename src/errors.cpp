@@ -12,8 +12,9 @@
 namespace mp {
 namespace {
 
-std::string describe_death(pid_t pid, int status) {
-    return "worker process " + std::to_string(pid) + " " + detail::describe_status(status);
+std::string describe_death(pid_t pid, int status, const std::string& where) {
+    return "worker process " + std::to_string(pid) + (where.empty() ? "" : " of " + where) + " " +
+           detail::describe_status(status);
 }
 
 }  // namespace
@@ -43,8 +44,10 @@ std::string describe_status(int status) {
 
 }  // namespace detail
 
-WorkerDied::WorkerDied(pid_t pid, int status)
-    : Error(describe_death(pid, status)), pid_(pid), status_(status) {}
+WorkerDied::WorkerDied(pid_t pid, int status) : WorkerDied(pid, status, std::string()) {}
+
+WorkerDied::WorkerDied(pid_t pid, int status, std::string where)
+    : Error(describe_death(pid, status, where)), pid_(pid), status_(status), where_(std::move(where)) {}
 
 RemoteError::RemoteError(std::string type_name, std::string message, std::string origin)
     : Error(type_name + ": " + message + " (raised in " + origin + ")"),

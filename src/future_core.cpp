@@ -203,12 +203,14 @@ std::exception_ptr make_filesystem_error(const ErrorInfo& info) {
     return exactly<fs::filesystem_error>(info.message, arg, *code);
 }
 
-// [i32 pid][i32 status], the status as WorkerDied's constructor takes it.
+// [i32 pid][i32 status], the status as WorkerDied's constructor takes it, then [string where]
+// when it names one.
 std::string worker_died_detail(const std::exception& x) {
     const auto& died = dynamic_cast<const WorkerDied&>(x);
     Encoder d;
     d.put(static_cast<std::int32_t>(died.pid()));
     d.put(static_cast<std::int32_t>(died.exit_code() ? *died.exit_code() : -*died.signal()));
+    if (!died.where().empty()) d.put(died.where());
     return d.take();
 }
 
@@ -218,7 +220,8 @@ std::exception_ptr make_worker_died(const ErrorInfo& info) {
     const int status = d.get<std::int32_t>();
     // No WorkerDied sends this (-status is its signal, and -INT_MIN overflows): a forged detail.
     if (status == std::numeric_limits<int>::min()) return nullptr;
-    return exactly<WorkerDied>(info.message, pid, status);
+    std::string where = d.remaining() != 0 ? d.get<std::string>() : std::string();
+    return exactly<WorkerDied>(info.message, pid, status, std::move(where));
 }
 
 // The whole message that did not fit, as it is.

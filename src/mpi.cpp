@@ -14,7 +14,7 @@
 //                   stop (the echo of the root's stop: a serving rank's last message)
 //                   results [u64 ordinal][u8 outcome][u64 run ns][u64 n][n bytes]...
 //                   (outcome 1: the value; 0: an ErrorInfo; 2: the local worker died:
-//                   [u64 pid][u64 status as int64])
+//                   [u64 pid][u64 status as int64][u64 n][n bytes: the rank's name])
 
 #include "mp/mpi.hpp"
 
@@ -429,6 +429,10 @@ private:
                     put_u64(result, static_cast<std::uint64_t>(d.pid()));
                     const int status = d.signal() ? -*d.signal() : d.exit_code().value_or(0);
                     put_u64(result, static_cast<std::uint64_t>(static_cast<std::int64_t>(status)));
+                    // Whose worker it was ("MPIRank-2@host"): the root's pid means nothing there.
+                    const std::string& rank = current_process().name;
+                    put_u64(result, rank.size());
+                    result += rank;
                 } catch (...) {
                     outcome = 0;
                     Encoder enc;
@@ -843,7 +847,8 @@ struct Engine::Impl {
                 std::string_view b = body;
                 const auto pid = static_cast<pid_t>(get_u64(b));
                 const auto status = static_cast<int>(static_cast<std::int64_t>(get_u64(b)));
-                error = std::make_exception_ptr(WorkerDied(pid, status));
+                std::string where(get_bytes(b, get_u64(b)));
+                error = std::make_exception_ptr(WorkerDied(pid, status, std::move(where)));
             } else {
                 Decoder d(body);
                 error = mp::detail::make_remote_exception(mp::detail::decode_error_info(d));

@@ -1179,6 +1179,13 @@ TEST(RemoteException, MpsOwnTypesComeBackAsThemselves) {
     if (auto e = back_as(mp::WorkerDied(77, 3))) {
         EXPECT_EQ(e->pid(), 77);
         EXPECT_EQ(e->exit_code(), 3);
+        EXPECT_EQ(e->where(), "");
+    }
+    if (auto e = back_as(mp::WorkerDied(78, -11, "MPIRank-2@node7"))) {
+        EXPECT_EQ(e->pid(), 78);
+        EXPECT_EQ(e->signal(), 11);
+        EXPECT_EQ(e->where(), "MPIRank-2@node7");
+        EXPECT_STREQ(e->what(), "worker process 78 of MPIRank-2@node7 was killed by signal 11 (SIGSEGV)");
     }
     if (auto e = back_as(mp::BufferTooShort(std::string("\0the whole message", 18)))) {
         EXPECT_EQ(e->message(), std::string("\0the whole message", 18));

@@ -379,6 +379,9 @@ TEST(MpiIsolated, ACrashingTaskFailsAloneWithWorkerDied) {
         FAIL() << "no exception";
     } catch (const mp::WorkerDied& e) {
         EXPECT_EQ(e.signal(), SIGSEGV) << e.what();
+        // The pid is a process on the rank's machine: the error says whose worker it was.
+        EXPECT_TRUE(e.where().starts_with("MPIRank-") && e.where().find('@') != std::string::npos) << e.where();
+        EXPECT_NE(std::string(e.what()).find(" of " + e.where() + " "), std::string::npos) << e.what();
     }
     // The rank carries on with a new local worker; values and exceptions travel as before.
     EXPECT_EQ(ex.submit(square, 9).result(60s), 81);

@@ -126,7 +126,12 @@ class WorkerDied : public Error {
 public:
     /// `status` is the exit code (>= 0) or minus the signal number, as Process::exitcode().
     WorkerDied(pid_t pid, int status);
+    /// The same for a worker that ran elsewhere: `where` names the process it served (an
+    /// mp::mpi rank with isolate_tasks: "MPIRank-2@host"), and what() says so.
+    WorkerDied(pid_t pid, int status, std::string where);
     pid_t pid() const noexcept { return pid_; }
+    /// Whose worker it was when not this program's own: "MPIRank-2@host"; empty otherwise.
+    const std::string& where() const noexcept { return where_; }
     /// The exit code when the worker exited, or std::nullopt when a signal ended it.
     std::optional<int> exit_code() const noexcept {
         return status_ >= 0 ? std::optional<int>(status_) : std::nullopt;
@@ -139,6 +144,7 @@ public:
 private:
     pid_t pid_;
     int status_;
+    std::string where_;
 };
 
 /// The future was cancelled before it ran.

@@ -42,7 +42,7 @@
 ///   with mp::BrokenProcessPool naming the MPI error, and so does every later submit.
 ///   With ExecutorOptions::isolate_tasks each rank runs its tasks in a local worker process
 ///   instead, and a crash fails only that task (or chunk) with mp::WorkerDied, as in the
-///   local pool. Such a task runs outside the rank, so it cannot call MPI itself (the call ends
+///   local pool; its pid is the rank machine's, and where() names the rank ("MPIRank-2@host"). Such a task runs outside the rank, so it cannot call MPI itself (the call ends
 ///   that worker: mp::WorkerDied).
 /// - a per-task time limit needs isolate_tasks (a rank's own task cannot be killed without
 ///   killing the job): ExecutorOptions::task_timeout.

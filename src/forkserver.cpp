@@ -415,7 +415,9 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
 struct Client {
     std::mutex mu;
     sys::Fd control;
-    pid_t server = 0;
+    /// Written under `mu`; a start reads it without (as it uses `control`), to name the server
+    /// it asked.
+    std::atomic<pid_t> server{0};
     /// set_forkserver_preload's functions, as encoded tasks: every start of the server runs them.
     std::vector<std::string> preload;
 };
@@ -507,7 +509,7 @@ void set_preload(std::vector<std::string> tasks) {
 pid_t server_pid() {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    return c.control ? c.server : 0;
+    return c.control ? c.server.load() : 0;
 }
 
 void after_fork_in_child() noexcept {
@@ -542,7 +544,7 @@ Started start_child(const Request& req) {
     // control socket (each closes it first thing): our send then succeeds into a socket that
     // closes unread a moment later.
     for (int attempt = 0;; ++attempt) {
-        const pid_t server = c.server;
+        const pid_t server = c.server.load(std::memory_order_relaxed);
         // One socketpair serves the request (to the child) and the replies (from the server).
         auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
         const int fds[1] = {theirs.get()};

@@ -79,8 +79,8 @@
 // (bench row W4). A waker killed between the unlock and the wake-up is a wake-up lost, as one
 // killed between its index and the wake-up always was: the waiter's sleep is cut into 50 ms
 // slices (sys::futex_wait_sliced). A producer that finds the ring full first waits up to
-// kYieldTime for a 64th of the ring to be free, more than it needs (wait_briefly): taking room
-// as each message frees it would keep both sides at the full mark in lockstep.
+// kYieldTime for a 64th of the ring to be free, more than it needs (spin_for, reading tail every
+// 16 pauses): taking room as each message frees it would keep both sides in lockstep.
 
 #include "mp/queue.hpp"
 
@@ -377,39 +377,27 @@ private:
     std::string& out_;
 };
 
-// Spins, then sleeps on `seq` with `flag` raised, until ready() or the deadline; returns ready().
+// Spins, then yields, until ready(), for at most kYieldTime (less by `deadline`); returns
+// whether ready() came true. It reads ready() every `gap` pauses: 1 for a waiter that must answer at once, more for
+// one waiting for a condition better than the one it needs (each read takes the line from its
+// writer).
 template <class Ready>
-bool spin_for(Ready ready) {
+bool spin_for(Ready ready, int gap = 1, const Deadline& deadline = std::nullopt) {
     if (ready()) return true;
     const auto start = std::chrono::steady_clock::now();
-    for (;;) {
-        for (int i = 0; i < 16; ++i) {
-            sys::cpu_relax();
+    const auto end = deadline && *deadline < start + kYieldTime ? *deadline : start + kYieldTime;
+    for (auto now = start; now < end; now = std::chrono::steady_clock::now()) {
+        if (now - start < kSpinTime) {
+            for (int i = 1; i <= 16; ++i) {
+                sys::cpu_relax();
+                if (i % gap == 0 && ready()) return true;
+            }
+        } else {
+            ::sched_yield();
             if (ready()) return true;
         }
-        if (std::chrono::steady_clock::now() - start >= kSpinTime) break;
     }
-    for (;;) {
-        ::sched_yield();
-        if (ready()) return true;
-        if (std::chrono::steady_clock::now() - start >= kYieldTime) return false;
-    }
-}
-
-// Waits up to kYieldTime (less by `deadline`) for ready(), reading it every 16 pauses (a read
-// each pause would take the line from its writer as often) then between yields; for a
-// condition better than the one the caller needs, not instead of it.
-template <class Ready>
-void wait_briefly(const Deadline& deadline, Ready ready) {
-    const auto start = std::chrono::steady_clock::now();
-    auto end = start + kYieldTime;
-    if (deadline && *deadline < end) end = *deadline;
-    for (auto now = start; now < end && !ready(); now = std::chrono::steady_clock::now()) {
-        if (now - start < kSpinTime)
-            for (int i = 0; i < 16; ++i) sys::cpu_relax();
-        else
-            ::sched_yield();
-    }
+    return false;
 }
 
 template <class Ready>
@@ -593,7 +581,7 @@ bool QueueCore::put(std::span<const std::string_view> parts, bool block,
         // (kYieldTime) and cut short by the deadline: when a consumer stops after one message,
         // this put still goes into the room it freed.
         if (const std::uint64_t batch = cap / 64; batch > need)
-            wait_briefly(deadline, [&] { return cap - (hd - h->tail.load(acq)) >= batch || shut(); });
+            (void)spin_for([&] { return cap - (hd - h->tail.load(acq)) >= batch || shut(); }, 16, deadline);
         auto room = [&] { return cap - (hd - h->tail.load(sc)) >= need; };
         h->space_target.store(hd + need - cap, sc);  // no wrap: hd - tail > cap - need here
         const bool got = wait_for(h->space_seq, h->space_waiting, deadline,

@@ -38,6 +38,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <vector>
@@ -412,12 +413,18 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
 
 // ------------------------------------------------------------------ client side
 
+/// One started server: the client's end of its control socket and its pid.
+struct Server {
+    sys::Fd control;
+    pid_t pid = 0;
+};
+
 struct Client {
     std::mutex mu;
-    sys::Fd control;
-    /// Written under `mu`; a start reads it without (as it uses `control`), to name the server
-    /// it asked.
-    std::atomic<pid_t> server{0};
+    /// The running server, replaced under `mu`. A start takes a copy under `mu` and uses it
+    /// without: another thread replacing the server meanwhile cannot close (and the process
+    /// reuse) the descriptor the start is sending on.
+    std::shared_ptr<const Server> server;
     /// set_forkserver_preload's functions, as encoded tasks: every start of the server runs them.
     std::vector<std::string> preload;
 };
@@ -437,6 +444,7 @@ Client& client() {
 void serve_control(PassedFd control, std::vector<std::string> preload) { serve(control.fd, preload); }
 
 void start_server_locked(Client& c) {
+    c.server.reset();
     auto [ours, theirs] = sys::make_socketpair(SOCK_SEQPACKET);
     // A fresh exec of the program, not a fork of this one: whatever threads this process runs
     // and whatever locks they hold, the server (and so every child it forks) starts clean.
@@ -471,8 +479,7 @@ void start_server_locked(Client& c) {
         throw ProcessError(c.preload.empty() ? "mp: the forkserver did not start"
                                              : "mp: the forkserver did not start (did a "
                                                "set_forkserver_preload function throw? see stderr)");
-    c.control = std::move(ours);
-    c.server = hello;
+    c.server = std::make_shared<const Server>(Server{std::move(ours), hello});
 }
 
 // True when the server has gone (killed): its end of the control socket is closed.
@@ -484,22 +491,22 @@ bool server_gone(int control) {
 // `check`: a server that was killed is replaced now, not only when a request meets EPIPE: a pool
 // then starts with a live one, and no connection to a dead server is kept. A start need not
 // look (a poll each time): its request meets EPIPE, and start_child replaces the server then.
-Client& ready_client(bool check) {
+std::shared_ptr<const Server> ready_server(bool check) {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    if (check && c.control && server_gone(c.control.get())) c.control.reset();
-    if (!c.control) start_server_locked(c);
-    return c;
+    if (check && c.server && server_gone(c.server->control.get())) c.server.reset();
+    if (!c.server) start_server_locked(c);
+    return c.server;
 }
 
 }  // namespace
 
-void ensure_running() { ready_client(true); }
+void ensure_running() { ready_server(true); }
 
 void set_preload(std::vector<std::string> tasks) {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    if (c.control && !server_gone(c.control.get()))
+    if (c.server && !server_gone(c.server->control.get()))
         throw ProcessError(
             "mp::set_forkserver_preload: the forkserver already runs, so the functions would not "
             "run until it is restarted; set them before the first forkserver start");
@@ -509,7 +516,7 @@ void set_preload(std::vector<std::string> tasks) {
 pid_t server_pid() {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    return c.control ? c.server.load() : 0;
+    return c.server ? c.server->pid : 0;
 }
 
 void after_fork_in_child() noexcept {
@@ -519,12 +526,14 @@ void after_fork_in_child() noexcept {
 
 namespace {
 
-// Replaces the server `asked` (killed) with a new one, unless another thread has done so.
-void replace_server(Client& c, pid_t asked) {
+// The server to ask instead of `asked` (killed): a new one, unless another thread has already
+// replaced it.
+std::shared_ptr<const Server> replace_server(const std::shared_ptr<const Server>& asked) {
+    Client& c = client();
     std::lock_guard lock(c.mu);
-    if (c.control && c.server != asked) return;
-    c.control.reset();
+    if (c.server && c.server != asked) return c.server;
     start_server_locked(c);
+    return c.server;
 }
 
 bool server_went_away(const std::system_error& e) {
@@ -535,7 +544,7 @@ bool server_went_away(const std::system_error& e) {
 }  // namespace
 
 Started start_child(const Request& req) {
-    Client& c = ready_client(false);
+    std::shared_ptr<const Server> server = ready_server(false);
     const Header h{kMagic, req.dies_with_parent ? kDiesWithParent : 0};
     // A second attempt, with a new server, when the first shows that the server died before any
     // child had our request: the send fails, or the reply never comes and our request was never
@@ -544,15 +553,14 @@ Started start_child(const Request& req) {
     // control socket (each closes it first thing): our send then succeeds into a socket that
     // closes unread a moment later.
     for (int attempt = 0;; ++attempt) {
-        const pid_t server = c.server.load(std::memory_order_relaxed);
         // One socketpair serves the request (to the child) and the replies (from the server).
         auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
         const int fds[1] = {theirs.get()};
         try {
-            sys::send_fds(c.control.get(), &h, sizeof h, fds);
+            sys::send_fds(server->control.get(), &h, sizeof h, fds);
         } catch (const std::system_error& e) {
             if (attempt > 0 || !server_went_away(e)) throw;
-            replace_server(c, server);
+            server = replace_server(server);
             continue;
         }
         theirs.reset();
@@ -572,7 +580,7 @@ Started start_child(const Request& req) {
             // ECONNRESET: the server went away with our request unread (see read_from_server).
             if (e.code().value() != ECONNRESET) throw;
             if (attempt == 0) {
-                replace_server(c, server);
+                server = replace_server(server);
                 continue;
             }
         }

@@ -4,6 +4,7 @@
 // ahead of the next request) killed, stopped, or left by a killed server.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <csignal>
 #include <cstring>
 #include <fcntl.h>
@@ -269,6 +270,52 @@ TEST(Forkserver, ARequestLeftUnreadByAKilledServerGoesToANewServer) {
         EXPECT_EQ(p.exitcode(), 6);
     }
     EXPECT_NE(mp::detail::forkserver::server_pid(), server);
+}
+
+TEST(Forkserver, StartsFromThreadsSurviveTheServerBeingReplacedUnderThem) {
+    // Two threads start children while a third kills the server and starts a new one
+    // (ensure_running), again and again. Each start holds on to the server it asked: one whose
+    // server was replaced under it goes to the new one, or says the server went away
+    // (ProcessError); it never sends on a descriptor that was closed (EBADF) or reused meanwhile
+    // by another socket. Under TSan, reading the client's descriptor while another thread
+    // replaces it is also a reported race.
+    mp::detail::forkserver::ensure_running();
+    std::atomic<bool> done{false};
+    std::atomic<int> started{0}, went_away{0}, hung{0};
+    std::mutex mu;
+    std::vector<std::string> other_errors;
+    auto starter = [&] {
+        while (!done.load()) {
+            try {
+                mp::Process p(kForkserver, exit_with, 7);
+                p.start();
+                ++started;
+                if (!p.join(10s)) ++hung;
+            } catch (const mp::ProcessError&) {
+                ++went_away;
+            } catch (const std::exception& e) {
+                std::lock_guard lock(mu);
+                other_errors.emplace_back(e.what());
+            }
+        }
+    };
+    std::thread a(starter), b(starter);
+    for (int round = 0; round < 12; ++round) {
+        std::this_thread::sleep_for(15ms);
+        const pid_t server = mp::detail::forkserver::server_pid();
+        if (server > 0 && ::kill(server, SIGKILL) == 0) {
+            EXPECT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));
+        }
+        mp::detail::forkserver::ensure_running();
+    }
+    done = true;
+    a.join();
+    b.join();
+    EXPECT_GT(started.load(), 0);
+    EXPECT_EQ(hung.load(), 0);
+    EXPECT_TRUE(other_errors.empty()) << other_errors.size() << " starts failed, the first with: " << other_errors.front();
+    // A started child is joined above; the last server is still ours and running.
+    EXPECT_GT(mp::detail::forkserver::server_pid(), 0);
 }
 
 TEST_P(ForkserverAndSpawn, ManyThreadsStartAtOnce) {

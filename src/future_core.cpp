@@ -9,12 +9,14 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <ios>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
 #include <optional>
+#include <regex>
 #include <stdexcept>
 #include <string_view>
 #include <system_error>
@@ -112,16 +114,17 @@ std::exception_ptr make_plain(const ErrorInfo& info) {
         return exactly<E>(info.message);
 }
 
-// ErrorInfo::detail of a std::system_error: [u8 category][i32 value], then for a
-// filesystem_error [string path1][string path2]. Only categories that are the same object in
-// every process can be named; another category leaves the exception a RemoteError.
-enum class Category : std::uint8_t { other = 0, generic = 1, system = 2, iostream = 3 };
+// ErrorInfo::detail of a std::system_error (and a std::future_error): [u8 category][i32 value],
+// then for a filesystem_error [string path1][string path2]. Only categories that are the same
+// object in every process can be named; another category leaves the exception a RemoteError.
+enum class Category : std::uint8_t { other = 0, generic = 1, system = 2, iostream = 3, future = 4 };
 
 void put_code(Encoder& d, const std::error_code& code) {
     const std::error_category& c = code.category();
     const Category id = c == std::generic_category()    ? Category::generic
                         : c == std::system_category()   ? Category::system
                         : c == std::iostream_category() ? Category::iostream
+                        : c == std::future_category()   ? Category::future
                                                         : Category::other;
     d.put(static_cast<std::uint8_t>(id));
     d.put(static_cast<std::int32_t>(code.value()));
@@ -134,6 +137,7 @@ std::optional<std::error_code> decode_code(Decoder& d) {
         case Category::generic: return std::error_code(value, std::generic_category());
         case Category::system: return std::error_code(value, std::system_category());
         case Category::iostream: return std::error_code(value, std::iostream_category());
+        case Category::future: return std::error_code(value, std::future_category());
         case Category::other: break;
     }
     return std::nullopt;
@@ -201,6 +205,44 @@ std::exception_ptr make_filesystem_error(const ErrorInfo& info) {
     if (!p2.empty()) return exactly<fs::filesystem_error>(info.message, arg, p1, p2, *code);
     if (!p1.empty()) return exactly<fs::filesystem_error>(info.message, arg, p1, *code);
     return exactly<fs::filesystem_error>(info.message, arg, *code);
+}
+
+// A std::future_error: its code, as a system_error's. Only the four std::future_errc values can
+// be rebuilt (the standard constructor takes nothing else).
+std::string future_detail(const std::exception& x) {
+    Encoder d;
+    put_code(d, dynamic_cast<const std::future_error&>(x).code());
+    return d.take();
+}
+
+std::exception_ptr make_future_error(const ErrorInfo& info) {
+    Decoder d(info.detail);
+    const std::optional<std::error_code> code = decode_code(d);
+    if (!code || code->category() != std::future_category()) return nullptr;
+    for (const std::future_errc e : {std::future_errc::broken_promise, std::future_errc::future_already_retrieved,
+                                     std::future_errc::promise_already_satisfied, std::future_errc::no_state})
+        if (code->value() == static_cast<int>(e)) return exactly<std::future_error>(info.message, e);
+    return nullptr;
+}
+
+// A std::regex_error: [i32 code] (std::regex_constants::error_type), one of the standard's
+// thirteen (error_collate .. error_stack).
+std::string regex_detail(const std::exception& x) {
+    Encoder d;
+    d.put(static_cast<std::int32_t>(dynamic_cast<const std::regex_error&>(x).code()));
+    return d.take();
+}
+
+std::exception_ptr make_regex_error(const ErrorInfo& info) {
+    namespace rc = std::regex_constants;
+    Decoder d(info.detail);
+    const std::int32_t value = d.get<std::int32_t>();
+    for (const rc::error_type e : {rc::error_collate, rc::error_ctype, rc::error_escape, rc::error_backref,
+                                   rc::error_brack, rc::error_paren, rc::error_brace, rc::error_badbrace,
+                                   rc::error_range, rc::error_space, rc::error_badrepeat,
+                                   rc::error_complexity, rc::error_stack})
+        if (value == static_cast<std::int32_t>(e)) return exactly<std::regex_error>(info.message, e);
+    return nullptr;
 }
 
 // [i32 pid][i32 status], the status as WorkerDied's constructor takes it, then [string where]
@@ -273,6 +315,8 @@ const std::vector<KnownType>& known_types() {
         known<std::system_error>(make_system_error, code_detail),
         known<std::ios_base::failure>(make_ios_failure, code_detail),
         known<fs::filesystem_error>(make_filesystem_error, filesystem_detail),
+        known<std::future_error>(make_future_error, future_detail),
+        known<std::regex_error>(make_regex_error, regex_detail),
         known<Error>(),
         known<TimeoutError>(),
         known<ProcessError>(),

@@ -24,12 +24,14 @@
 #include <fcntl.h>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <gtest/gtest.h>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <poll.h>
 #include <random>
+#include <regex>
 #include <set>
 #include <sstream>
 #include <stdexcept>
@@ -618,6 +620,11 @@ int throw_worker_died(int pid) { throw mp::WorkerDied(pid, -9); }
 int throw_filesystem_error(std::string p) {
     throw std::filesystem::filesystem_error("remove", p, std::make_error_code(std::errc::permission_denied));
 }
+int get_orphaned_future(int) {
+    std::future<int> orphan = std::promise<int>().get_future();  // the promise is gone
+    return orphan.get();
+}
+int compile_regex(std::string pattern) { return static_cast<int>(std::regex(pattern).mark_count()); }
 
 namespace exec_test {
 struct BadRow : std::invalid_argument {
@@ -668,6 +675,12 @@ TEST(ExecutorTest, SystemAndMpExceptionsComeBackAsThemselves) {
             [&] { (void)ex.submit(throw_filesystem_error, std::string("/x/y")).result(kLong); })) {
         EXPECT_EQ(e->path1(), std::filesystem::path("/x/y"));
         EXPECT_EQ(e->code(), std::make_error_code(std::errc::permission_denied));
+    }
+    if (auto e = catch_as<std::future_error>([&] { (void)ex.submit(get_orphaned_future, 0).result(kLong); })) {
+        EXPECT_EQ(e->code(), std::future_errc::broken_promise);
+    }
+    if (auto e = catch_as<std::regex_error>([&] { (void)ex.submit(compile_regex, std::string("a{2")).result(kLong); })) {
+        EXPECT_EQ(e->code(), std::regex_constants::error_brace);
     }
 }
 

@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <ios>
 #include <functional>
 #include <memory>
@@ -1237,6 +1238,38 @@ TEST(RemoteException, StreamAndFilesystemErrorsKeepCodeAndPaths) {
     }
 }
 
+TEST(RemoteException, FutureAndRegexErrorsKeepTheirCodes) {
+    for (const std::future_errc c : {std::future_errc::broken_promise, std::future_errc::future_already_retrieved,
+                                     std::future_errc::promise_already_satisfied, std::future_errc::no_state}) {
+        if (auto e = back_as(std::future_error(c))) {
+            EXPECT_EQ(e->code(), std::make_error_code(c));
+        }
+    }
+    // As the library throws it (get() of a future whose promise went away).
+    std::future<int> orphan = std::promise<int>().get_future();
+    try {
+        (void)orphan.get();
+        FAIL() << "no future_error";
+    } catch (const std::future_error& original) {
+        if (auto e = back_as(original)) {
+            EXPECT_EQ(e->code(), std::future_errc::broken_promise);
+        }
+    }
+    if (auto e = back_as(std::regex_error(std::regex_constants::error_paren))) {
+        EXPECT_EQ(e->code(), std::regex_constants::error_paren);
+    }
+    // As the library throws it, with its own message ("Unexpected end of regex when in an open
+    // parenthesis." or the like), which comes back too.
+    try {
+        std::regex bad("(ab");
+        FAIL() << "no regex_error";
+    } catch (const std::regex_error& original) {
+        if (auto e = back_as(original)) {
+            EXPECT_EQ(e->code(), original.code());
+        }
+    }
+}
+
 TEST(RemoteException, BadCastAndBadVariantAccessComeBackAsThemselves) {
     EXPECT_TRUE(back_as(std::bad_cast()));
     std::variant<int, std::string> v = 1;
@@ -1337,6 +1370,13 @@ TEST(RemoteException, AForgedDetailIsARemoteError) {
         forged(system_error, ""),
         forged(system_error, encoded(std::uint8_t{200}, std::int32_t{2})),
         forged(fs_error, encoded(std::uint8_t{1}, std::int32_t{2}, std::string("/only-one-path"))),
+        // A future_error's code must be in the future category and one of its four values; a
+        // regex_error's one of the thirteen error types.
+        forged(name_of<std::future_error>(), encoded(std::uint8_t{2}, std::int32_t{4})),
+        forged(name_of<std::future_error>(), encoded(std::uint8_t{4}, std::int32_t{99})),
+        forged(name_of<std::future_error>(), ""),
+        forged(name_of<std::regex_error>(), encoded(std::int32_t{-1})),
+        forged(name_of<std::regex_error>(), ""),
     };
     for (const ErrorInfo& info : cases) {
         try {

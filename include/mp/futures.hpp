@@ -18,12 +18,13 @@
 /// - an exception thrown by the task: the standard exception types (std::exception, those of
 ///   `<stdexcept>`, std::bad_alloc, std::bad_array_new_length, std::bad_cast, std::bad_typeid,
 ///   std::bad_any_cast, std::bad_variant_access, std::bad_optional_access,
-///   std::bad_function_call, std::bad_weak_ptr, std::bad_exception; not std::future_error or
-///   std::regex_error, whose codes do not travel) and mp's own (mp::WorkerDied with its pid
-///   and status, mp::BufferTooShort with its message, mp::py::UnpicklingError, ...) come back
-///   as themselves with the remote message; a
+///   std::bad_function_call, std::bad_weak_ptr, std::bad_exception) and mp's own
+///   (mp::WorkerDied with its pid and status, mp::BufferTooShort with its message,
+///   mp::py::UnpicklingError, ...) come back as themselves with the remote message; a
 ///   std::system_error, std::ios_base::failure or std::filesystem::filesystem_error too, with its
-///   error code (and paths), when the code's category is the generic, system or iostream one.
+///   error code (and paths), when the code's category is the generic, system or iostream one;
+///   a std::future_error with its std::future_errc, a std::regex_error with its
+///   std::regex_constants::error_type.
 ///   A type registered with mp::register_exception (mp/errors.hpp) comes back as itself, built
 ///   from the remote message; any other as mp::RemoteError with its type name, message and the
 ///   worker it came from;

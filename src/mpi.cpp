@@ -104,6 +104,14 @@ std::string_view get_bytes(std::string_view& p, std::uint64_t n) {
     return v;
 }
 
+// A byte string with its length first: [u64 n][n bytes].
+void put_counted(std::string& s, std::string_view v) {
+    put_u64(s, v.size());
+    s += v;
+}
+
+std::string_view get_counted(std::string_view& p) { return get_bytes(p, get_u64(p)); }
+
 // A message under construction: room for its length first, then the kind.
 std::string start_message(Kind kind) {
     std::string s(8, '\0');
@@ -269,8 +277,7 @@ public:
         out_.push_back(static_cast<char>(outcome));
         put_u64(out_, static_cast<std::uint64_t>(
                           std::chrono::duration_cast<std::chrono::nanoseconds>(took).count()));
-        put_u64(out_, result.size());
-        out_ += result;
+        put_counted(out_, result);
         if (out_.size() > (1u << 20) || now - first_ >= kResultDelay) flush_locked();
     }
 
@@ -378,7 +385,7 @@ private:
         const bool concurrent_mpi = globals().thread_multiple;
         while (!p.empty()) {
             const std::uint64_t ordinal = get_u64(p);
-            const std::string_view task = get_bytes(p, get_u64(p));
+            const std::string_view task = get_counted(p);
             batch_.task_starts(concurrent_mpi);
             const auto begin = Clock::now();
             std::string result;
@@ -411,7 +418,7 @@ private:
         std::vector<Item> items;
         while (!p.empty()) {
             const std::uint64_t ordinal = get_u64(p);
-            const std::string_view task = get_bytes(p, get_u64(p));
+            const std::string_view task = get_counted(p);
             items.push_back({ordinal, local_->submit(mp::detail::Task{std::string(task), {}}, {}), Clock::now()});
         }
         for (Item& it : items) {
@@ -430,9 +437,7 @@ private:
                     const int status = d.signal() ? -*d.signal() : d.exit_code().value_or(0);
                     put_u64(result, static_cast<std::uint64_t>(static_cast<std::int64_t>(status)));
                     // Whose worker it was ("MPIRank-2@host"): the root's pid means nothing there.
-                    const std::string& rank = current_process().name;
-                    put_u64(result, rank.size());
-                    result += rank;
+                    put_counted(result, current_process().name);
                 } catch (...) {
                     outcome = 0;
                     Encoder enc;
@@ -767,8 +772,7 @@ struct Engine::Impl {
                 pending.pop_front();
                 if (!job.core->set_running()) continue;  // cancelled meanwhile
                 put_u64(*msg, job.ordinal);
-                put_u64(*msg, job.bytes.size());
-                *msg += job.bytes;
+                put_counted(*msg, job.bytes);
                 w.inflight_bytes += job.size;
                 job.bytes = std::string();
                 job.sent_at = now;
@@ -833,7 +837,7 @@ struct Engine::Impl {
             const std::uint64_t ordinal = get_u64(p);
             const auto ok = static_cast<std::uint8_t>(get_bytes(p, 1).front());  // the outcome
             const std::uint64_t run_ns = get_u64(p);
-            const std::string_view body = get_bytes(p, get_u64(p));
+            const std::string_view body = get_counted(p);
             if (w.inflight.empty() || w.inflight.front().ordinal != ordinal)
                 throw DecodeError("mp::mpi: rank " + std::to_string(w.rank) +
                                   " answered a task it was not given");
@@ -847,7 +851,7 @@ struct Engine::Impl {
                 std::string_view b = body;
                 const auto pid = static_cast<pid_t>(get_u64(b));
                 const auto status = static_cast<int>(static_cast<std::int64_t>(get_u64(b)));
-                std::string where(get_bytes(b, get_u64(b)));
+                std::string where(get_counted(b));
                 error = std::make_exception_ptr(WorkerDied(pid, status, std::move(where)));
             } else {
                 Decoder d(body);

@@ -526,12 +526,12 @@ void after_fork_in_child() noexcept {
 
 namespace {
 
-// The server to ask instead of `asked` (killed): a new one, unless another thread has already
-// replaced it.
+// The server to ask instead of `asked` (killed): the one another thread has started meanwhile,
+// unless that one has gone too, else a new one.
 std::shared_ptr<const Server> replace_server(const std::shared_ptr<const Server>& asked) {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    if (c.server && c.server != asked) return c.server;
+    if (c.server && c.server != asked && !server_gone(c.server->control.get())) return c.server;
     start_server_locked(c);
     return c.server;
 }
@@ -559,7 +559,8 @@ Started start_child(const Request& req) {
         try {
             sys::send_fds(server->control.get(), &h, sizeof h, fds);
         } catch (const std::system_error& e) {
-            if (attempt > 0 || !server_went_away(e)) throw;
+            if (!server_went_away(e)) throw;
+            if (attempt > 0) throw ProcessError("mp: the forkserver went away while starting a child");
             server = replace_server(server);
             continue;
         }

@@ -10,7 +10,10 @@
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <algorithm>
 #include <iostream>
+#include <mutex>
+#include <new>
 #include <stdio_ext.h>
 #include <streambuf>
 
@@ -90,11 +93,30 @@ void discard_inherited_output() noexcept {
         for (std::ostream* os : {&std::cout, &std::cerr, &std::clog}) PutArea::discard(os->rdbuf());
 }
 
+// The ParentOnlyFd descriptors open in this process. Made at the first, never destroyed (a
+// fork child may look at it as the program exits).
+struct ParentOnlyList {
+    std::mutex mu;
+    std::vector<int> fds;
+};
+std::atomic<ParentOnlyList*> g_parent_only{nullptr};
+
+ParentOnlyList& parent_only_list() {
+    static ParentOnlyList* list = (g_parent_only = new ParentOnlyList, g_parent_only.load());
+    return *list;
+}
+
 // The one fork of a parent: `child` runs in the child with every signal blocked and never
-// returns; it starts with nothing of the parent's pending on the standard streams. Returns the
-// child's pid; throws std::system_error naming `what`.
+// returns; it starts with nothing of the parent's pending on the standard streams and without
+// the parent's ParentOnlyFd descriptors. Returns the child's pid; throws std::system_error
+// naming `what`.
 pid_t fork_blocked(const char* what, ChildMain child) {
     flush_before_fork();
+    // Held across the fork: no descriptor is listed or unlisted half-way, and none made by
+    // another thread meanwhile escapes the child's closing.
+    ParentOnlyList* const listed = g_parent_only.load();
+    std::unique_lock<std::mutex> hold;
+    if (listed != nullptr) hold = std::unique_lock(listed->mu);
     // A SIGTERM sent before the child has restored SIGTERM's default action then stays pending
     // (Linux never discards a blocked signal, even an ignored one) instead of being lost.
     sigset_t all, old_mask;
@@ -103,6 +125,15 @@ pid_t fork_blocked(const char* what, ChildMain child) {
     const pid_t pid = ::fork();
     if (pid == 0) {
         discard_inherited_output();
+        if (listed != nullptr) {
+            // Raw close: nothing here may be bound lazily or take a lock. The list and its
+            // lock are this child's from here on: emptied, and a fresh lock (the parent's copy
+            // is held), without freeing what the parent's copy holds.
+            for (int fd : listed->fds) ::syscall(SYS_close, fd);
+            new (&listed->fds) std::vector<int>;
+            new (&listed->mu) std::mutex;
+            (void)hold.release();
+        }
         sys::exit_child(child());
     }
     const int err = errno;
@@ -110,6 +141,38 @@ pid_t fork_blocked(const char* what, ChildMain child) {
     if (pid < 0) sys::throw_system_error(err, what);
     return pid;
 }
+
+}  // namespace
+
+ParentOnlyFd::ParentOnlyFd(sys::Fd fd) : fd_(std::move(fd)) {
+    if (!fd_) return;
+    ParentOnlyList& list = parent_only_list();
+    std::lock_guard lock(list.mu);
+    list.fds.push_back(fd_.get());
+    owner_ = sys::self_pid();
+}
+
+void ParentOnlyFd::reset() noexcept {
+    if (!fd_) return;
+    if (owner_ != sys::self_pid()) {
+        // A copy inherited by a fork child: closed at the fork, its number maybe reused since.
+        (void)fd_.release();
+        owner_ = 0;
+        return;
+    }
+    if (ParentOnlyList* list = g_parent_only.load()) {
+        std::lock_guard lock(list->mu);
+        auto& fds = list->fds;
+        if (auto it = std::find(fds.begin(), fds.end(), fd_.get()); it != fds.end()) {
+            *it = fds.back();
+            fds.pop_back();
+        }
+    }
+    fd_.reset();
+    owner_ = 0;
+}
+
+namespace {
 
 void kill_and_reap(pid_t pid) noexcept {
     ::kill(pid, SIGKILL);
@@ -164,7 +227,7 @@ Launched launch_forkserver(const ChildSpec& spec) {
     out.pid = started.pid;
     out.parent = sys::self_pid();
     out.pidfd = std::move(started.pidfd);
-    out.status = std::move(started.status);
+    out.status = ParentOnlyFd(std::move(started.status));
     return out;
 }
 

@@ -17,6 +17,7 @@
 #include <string_view>
 #include <sys/types.h>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "mp/detail/task.hpp"
@@ -86,6 +87,39 @@ struct PassedFd {
 };
 
 /// A started child.
+/// A descriptor whose closing tells another process that this one has gone: a pool's end of a
+/// worker's socket (the worker ends at its end of file), the status socket of a forkserver child
+/// (the server kills a daemon child or pool worker when it hangs up). A fork child that kept a
+/// copy would hide this process's death for as long as it lived: every fork mp makes
+/// (fork_blocked) closes, in the child, each one open at that moment. Held by the process that
+/// made it: in a fork child a copy is already closed, and is let go of without a close.
+class ParentOnlyFd {
+public:
+    ParentOnlyFd() noexcept = default;
+    /// Takes `fd` and lists it (std::bad_alloc: `fd` is closed).
+    explicit ParentOnlyFd(sys::Fd fd);
+    ParentOnlyFd(ParentOnlyFd&& o) noexcept
+        : fd_(std::move(o.fd_)), owner_(std::exchange(o.owner_, 0)) {}
+    ParentOnlyFd& operator=(ParentOnlyFd&& o) noexcept {
+        if (this != &o) {
+            reset();
+            fd_ = std::move(o.fd_);
+            owner_ = std::exchange(o.owner_, 0);
+        }
+        return *this;
+    }
+    ~ParentOnlyFd() { reset(); }
+
+    int get() const noexcept { return fd_.get(); }
+    explicit operator bool() const noexcept { return static_cast<bool>(fd_); }
+    /// Unlists and closes it (in the process that made it; elsewhere only forgets it).
+    void reset() noexcept;
+
+private:
+    sys::Fd fd_;
+    pid_t owner_ = 0;
+};
+
 struct Launched {
     pid_t pid = 0;
     /// This process (getpid() once, for the caller too): only it may wait for the child.
@@ -93,7 +127,7 @@ struct Launched {
     sys::Fd pidfd;
     /// forkserver: the server sends the exit status here, then closes it. Empty when the child is
     /// this process's own (fork, spawn): its pidfd gives the status.
-    sys::Fd status;
+    ParentOnlyFd status;
     /// fork: keep until the child has ended (see ChildRecord).
     std::unique_ptr<ChildRecord> record;
 };

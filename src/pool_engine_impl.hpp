@@ -168,9 +168,11 @@ struct Worker {
     std::size_t slot = 0;
     pid_t pid = 0;
     std::string name;
-    sys::Fd sock;
+    // Both closed in every fork child mp makes (ParentOnlyFd): the worker learns that the pool's
+    // process has died from `sock`'s end of file, the forkserver from `status`'s hang-up.
+    ParentOnlyFd sock;
     sys::Fd pidfd;
-    sys::Fd status;  // forkserver: the exit status arrives here (kept open: closing it kills the worker)
+    ParentOnlyFd status;  // forkserver: the exit status arrives here (kept open: closing it kills the worker)
     bool forked = false;
     std::deque<JobPtr> inflight;
     std::uint64_t next_ordinal = 1;

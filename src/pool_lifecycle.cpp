@@ -159,7 +159,7 @@ void PoolEngine::Impl::start_worker() {
     w->record = std::move(started.record);
     theirs.reset();
     ::fcntl(ours.get(), F_SETFL, ::fcntl(ours.get(), F_GETFL) | O_NONBLOCK);
-    w->sock = std::move(ours);
+    w->sock = ParentOnlyFd(std::move(ours));
 
     // The first frame: which slot, the limits, the initializer.
     std::string init;

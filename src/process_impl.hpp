@@ -2,6 +2,7 @@
 // Internals shared by process.cpp and forkserver.cpp.
 
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -29,8 +30,9 @@ struct ProcessState {
     pid_t pid = 0;
     pid_t owner = 0;  // the process that started the child: only it may wait for or signal it
     sys::Fd pidfd;
-    sys::Fd status;  // forkserver: the server writes the exit status here, then closes it
     std::unique_ptr<ChildRecord> child_record;  // fork: kept until the state goes
+    // Past the first 64 bytes: written by forkserver starts only, which copy no page.
+    ParentOnlyFd status;  // forkserver: the server writes the exit status here, then closes it
 
     std::string name;
     bool daemon = false;
@@ -61,10 +63,8 @@ private:
     bool wait_impl(detail::Timeout timeout);
     bool reap_locked();
 };
-static_assert(sizeof(std::mutex) + 2 * sizeof(pid_t) + 2 * sizeof(sys::Fd) +
-                      sizeof(std::unique_ptr<ChildRecord>) <=
-                  64,
-              "ProcessState: what start() writes after fork should fit in 64 bytes");
+static_assert(offsetof(ProcessState, child_record) + sizeof(std::unique_ptr<ChildRecord>) <= 64,
+              "ProcessState: what a fork start() writes after fork should fit in 64 bytes");
 
 /// What a new child needs to know about itself, prepared in the parent before fork so the child
 /// has nothing to allocate before it is known safe.

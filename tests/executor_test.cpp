@@ -2008,7 +2008,12 @@ TEST(ExecutorLifetime, MaxMemoryPerChildRetiresTheWorker) {
 // The parent's side: killed by SIGKILL, already running threads
 // ---------------------------------------------------------------------------------------------
 
-void run_parent_death(std::optional<mp::StartMethod> method) {
+// `with_fork_child`: the parent also runs a fork child (started after the pool) that outlives
+// it; the child must not hold the parent's ends of the workers' sockets (ParentOnlyFd), or the
+// workers would live as long as it does.
+void sleep_15s() { std::this_thread::sleep_for(15s); }
+
+void run_parent_death(std::optional<mp::StartMethod> method, bool with_fork_child = false) {
     int fds[2];
     ASSERT_EQ(::pipe2(fds, O_CLOEXEC), 0);
     const pid_t child = ::fork();
@@ -2029,6 +2034,12 @@ void run_parent_death(std::optional<mp::StartMethod> method) {
                 }
                 std::this_thread::sleep_for(5ms);
             }
+            std::optional<mp::Process> keeper;
+            if (!line.empty() && with_fork_child) {
+                keeper.emplace(mp::ProcessOptions{.start_method = mp::StartMethod::fork}, sleep_15s);
+                keeper->start();
+                line.insert(line.size() - 1, " " + std::to_string(keeper->pid()));
+            }
             if (!line.empty()) (void)!::write(fds[1], line.data(), line.size());
             std::this_thread::sleep_for(30s);  // the test kills this process
         } catch (...) {
@@ -2047,9 +2058,23 @@ void run_parent_death(std::optional<mp::StartMethod> method) {
     ::kill(child, SIGKILL);
     int status = 0;
     EXPECT_EQ(::waitpid(child, &status, 0), child);
+    pid_t keeper = 0;
+    if (with_fork_child && pids.size() == 3) {
+        keeper = pids.back();
+        pids.pop_back();
+    }
+    // Ends the fork child (orphaned, 15 s of sleep left) however this test ends.
+    struct EndKeeper {
+        pid_t pid;
+        ~EndKeeper() {
+            if (pid > 0) ::kill(pid, SIGKILL);
+        }
+    } end_keeper{keeper};
     ASSERT_EQ(pids.size(), 2u) << "the child did not report its workers";
+    ASSERT_EQ(with_fork_child, keeper > 0) << "the child did not report its fork child";
     for (pid_t p : pids) {
-        const auto deadline = Clock::now() + kLong;
+        // Well before the fork child's 15 s end: the workers go at once.
+        const auto deadline = Clock::now() + (with_fork_child ? 5s : kLong);
         bool gone = false;
         while (Clock::now() < deadline) {
             if (::kill(p, 0) != 0 && errno == ESRCH) {
@@ -2058,7 +2083,7 @@ void run_parent_death(std::optional<mp::StartMethod> method) {
             }
             std::this_thread::sleep_for(10ms);
         }
-        EXPECT_TRUE(gone) << "worker " << p << " outlived its killed parent by " << kLong.count() << " s (state '"
+        EXPECT_TRUE(gone) << "worker " << p << " outlived its killed parent (state '"
                           << mp::test::proc_info(p).state << "')";
         if (!gone) ::kill(p, SIGKILL);
     }
@@ -2104,6 +2129,9 @@ TEST_P(ExecutorWorkerChildren, ATaskStartsAndJoinsAProcessOfItsOwn) {
 TEST(ExecutorParentDeath, WorkersDieWhenTheParentIsKilled) { run_parent_death(std::nullopt); }
 TEST(ExecutorParentDeath, ForkWorkersDieWhenTheParentIsKilled) { run_parent_death(mp::StartMethod::fork); }
 TEST(ExecutorParentDeath, SpawnWorkersDieWhenTheParentIsKilled) { run_parent_death(mp::StartMethod::spawn); }
+TEST(ExecutorParentDeath, WorkersDieWhenTheParentIsKilledWhileItsForkChildLives) {
+    run_parent_death(std::nullopt, true);
+}
 
 void run_with_busy_threads(std::optional<mp::StartMethod> method) {
 #if defined(__SANITIZE_ADDRESS__)

@@ -381,6 +381,40 @@ TEST_P(ForkserverAndSpawn, DaemonGoesWhenItsRequesterIsKilled) {
     EXPECT_TRUE(mp::test::wait_pid_stopped(daemon_pid, 5000ms));
 }
 
+void sleep_10s() { std::this_thread::sleep_for(10s); }
+
+TEST(Forkserver, DaemonGoesWhenItsRequesterIsKilledWhileAForkChildOfItLives) {
+    // As above, and the requester then starts a fork child that outlives it: the child must
+    // not keep the requester's end of the daemon's status socket (ParentOnlyFd), or the server
+    // would see no hang-up until the child ends.
+    mp::detail::forkserver::ensure_running();
+    auto [r, w] = mp::sys::make_pipe();
+    pid_t requester = ::fork();
+    if (requester == 0) {
+        mp::Process d({.daemon = true, .start_method = mp::StartMethod::forkserver}, sleep_forever);
+        d.start();
+        mp::Process keeper({.start_method = mp::StartMethod::fork}, sleep_10s);
+        keeper.start();
+        const pid_t pids[2] = {d.pid(), keeper.pid()};
+        mp::sys::write_full(w.get(), pids, sizeof pids);
+        for (;;) ::pause();
+    }
+    w.reset();
+    pid_t pids[2] = {0, 0};
+    ASSERT_TRUE(mp::sys::wait_fd(r.get(), POLLIN, 10s));
+    ASSERT_EQ(mp::sys::read_full(r.get(), pids, sizeof pids), sizeof pids);
+    struct EndKeeper {
+        pid_t pid;
+        ~EndKeeper() { ::kill(pid, SIGKILL); }
+    } end_keeper{pids[1]};
+    ASSERT_TRUE(mp::test::pid_running(pids[0]));
+    ASSERT_TRUE(mp::test::pid_running(pids[1]));
+    ::kill(requester, SIGKILL);
+    ::waitpid(requester, nullptr, 0);
+    EXPECT_TRUE(mp::test::wait_pid_stopped(pids[0], 5000ms)) << "the daemon outlived its requester";
+    EXPECT_TRUE(mp::test::pid_running(pids[1]));  // the fork child still runs: it was the test
+}
+
 TEST_P(ForkserverAndSpawn, NonTransferableTargetIsRefusedAtStart) {
     int captured = 3;
     mp::Process p(options(), [captured] { ::_exit(captured); });

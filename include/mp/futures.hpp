@@ -52,7 +52,10 @@
 /// server, not from this process, so a parent that already runs threads is safe. The server is
 /// started by spawn (a fresh exec of the program, see process.hpp) at the first pool or at
 /// mp::set_start_method(mp::StartMethod::forkserver), so it inherits no lock whenever it starts.
-/// When the parent dies, even by SIGKILL, its workers are killed at once.
+/// When the parent dies, even by SIGKILL, its workers are killed at once, also while a child it
+/// forked (an mp::Process under fork) lives on: mp's fork children do not keep the parent's ends
+/// of the workers' sockets. A child made by a bare fork() of your own does keep them, and the
+/// workers then last as long as that child.
 ///
 /// Workers are not daemon processes (as Python's since 3.9): a task may start an mp::Process of
 /// its own, and a worker leaving the pool joins the children it still has, as any process does

@@ -1059,6 +1059,10 @@ TEST(ManagerMisuse, EmptyProxiesThrowEmptyHandle) {
     EXPECT_THROW((void)l.acquire(), mp::EmptyHandle);
     mp::EventProxy e;
     EXPECT_THROW((void)e.wait(1s), mp::EmptyHandle);
+    // Sent to another process (a task's argument, a Process's): EmptyHandle too, as errors.hpp
+    // says of every use (it was a plain mp::Error).
+    EXPECT_THROW((void)mp::encode(d), mp::EmptyHandle);
+    EXPECT_THROW((void)mp::encode(l), mp::EmptyHandle);
 }
 
 }  // namespace

@@ -172,7 +172,7 @@ struct Codec<P> {
     static constexpr bool shares_state = true;  // a copy refers to the same object
     static void encode(Encoder& e, const P& p) {
         const auto& s = p.shared_state();
-        if (!s) throw Error("mp: cannot send an empty proxy");
+        if (!s) detail::throw_empty_handle("mp proxy (sent to another process)");
         detail::managers::t_proxy_encoded = true;
         detail::managers::encode_address(e, s->address);
         e.put(s->authkey);

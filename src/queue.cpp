@@ -99,6 +99,7 @@
 #include "sys/error.hpp"
 #include "sys/futex.hpp"
 #include "sys/futex_mutex.hpp"
+#include "sys/pidfd.hpp"
 
 
 namespace mp::detail {
@@ -281,6 +282,12 @@ QueueCore::QueueCore(SharedBlock block) : block_(std::move(block)) {
 }
 
 QueueCore::~QueueCore() { attached::forget(block_); }
+
+void QueueCore::close() noexcept { closed_by_.store(sys::self_pid(), std::memory_order_relaxed); }
+
+void QueueCore::check_open_slow() const {
+    if (closed_by_.load(std::memory_order_relaxed) == sys::self_pid()) throw QueueClosed();
+}
 
 std::shared_ptr<QueueCore> make_queue(std::size_t maxsize, std::size_t buffer_bytes) {
     auto core = std::make_shared<QueueCore>(maxsize, buffer_bytes);

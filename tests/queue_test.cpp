@@ -382,6 +382,26 @@ TEST_P(QueueAcross, CloseInOneProcessDoesNotAffectAnother) {
     EXPECT_EQ(q.get(LONG), 1);
 }
 
+TEST_P(QueueAcross, AChildStartedAfterCloseHasAnOpenHandle) {
+    // The mark is this process's: a child started after it (a fork child's copy of the handle
+    // included) puts and gets as Python's does (Queue._after_fork clears _closed).
+    mp::Queue<int> q;
+    q.put(1);
+    q.close();
+    mp::Process child(
+        options(),
+        [](mp::Queue<int> queue) {
+            if (queue.get(LONG) != 1) std::_Exit(3);
+            queue.put(2);
+        },
+        q);
+    child.start();
+    ASSERT_TRUE(child.join(LONG));
+    EXPECT_EQ(child.exitcode(), 0);
+    EXPECT_THROW((void)q.get(), mp::QueueClosed);  // still closed here
+    EXPECT_EQ(q.qsize(), 1u);
+}
+
 TEST_P(QueueAcross, BlockedPutResumesWhenAConsumerTakesOne) {
     mp::Queue<int> q(2);
     q.put(1);

@@ -23,7 +23,8 @@
 ///   maxsize > 0 && qsize() >= maxsize.
 /// - close() marks this process's handle closed (every copy of the handle in this process shares
 ///   the mark): a later put or get raises mp::QueueClosed (Python: ValueError "Queue is closed").
-///   It does not affect other processes' handles, nor wake a put or get under way.
+///   It does not affect other processes' handles, a fork child's started afterwards included,
+///   nor wake a put or get under way.
 /// - shutdown(immediate) (Python 3.13's queue.Queue.shutdown, here across processes): every
 ///   later put raises mp::ShutDown, and so does a put blocked in any process (a message larger
 ///   than the ring that was streaming is withdrawn). get returns what was put before and raises
@@ -168,11 +169,11 @@ public:
     /// Puts the queue (in every process) in its shut-down state; see Queue::shutdown.
     void shutdown(bool immediate);
     bool is_shutdown() const noexcept;
-    /// Marks this process's handles closed.
-    void close() noexcept { closed_.store(true, std::memory_order_relaxed); }
-    /// Throws QueueClosed after close().
+    /// Marks this process's handles closed (a fork child's copies are open: Python's _after_fork).
+    void close() noexcept;
+    /// Throws QueueClosed after close() in this process.
     void check_open() const {
-        if (closed_.load(std::memory_order_relaxed)) throw QueueClosed();
+        if (closed_by_.load(std::memory_order_relaxed) != 0) check_open_slow();
     }
 
 private:
@@ -180,7 +181,9 @@ private:
     SharedBlock block_;
     Header* h_ = nullptr;
     char* ring_ = nullptr;
-    std::atomic<bool> closed_{false};
+    void check_open_slow() const;
+    /// The process that called close() (0: none): a fork child copies the handle, not the mark.
+    std::atomic<int> closed_by_{0};
 };
 
 /// A new queue, recorded so that receiving it back in this process maps nothing new.

@@ -154,10 +154,12 @@ std::string strip_code_message(std::string what, const std::error_code& code) {
     return what;
 }
 
-// The detail writers below are called only with an exception of their entry's type.
+// The detail writers below are called only with an exception of their entry's type. This one
+// for a type with a code(): a std::system_error (and its subclasses) or a std::future_error.
+template <class E>
 std::string code_detail(const std::exception& x) {
     Encoder d;
-    put_code(d, dynamic_cast<const std::system_error&>(x).code());
+    put_code(d, dynamic_cast<const E&>(x).code());
     return d.take();
 }
 
@@ -207,14 +209,8 @@ std::exception_ptr make_filesystem_error(const ErrorInfo& info) {
     return exactly<fs::filesystem_error>(info.message, arg, *code);
 }
 
-// A std::future_error: its code, as a system_error's. Only the four std::future_errc values can
-// be rebuilt (the standard constructor takes nothing else).
-std::string future_detail(const std::exception& x) {
-    Encoder d;
-    put_code(d, dynamic_cast<const std::future_error&>(x).code());
-    return d.take();
-}
-
+// A std::future_error: its code, as a system_error's (code_detail). Only the four
+// std::future_errc values can be rebuilt (the standard constructor takes nothing else).
 std::exception_ptr make_future_error(const ErrorInfo& info) {
     Decoder d(info.detail);
     const std::optional<std::error_code> code = decode_code(d);
@@ -312,10 +308,10 @@ const std::vector<KnownType>& known_types() {
         known<std::bad_function_call>(),
         known<std::bad_weak_ptr>(),
         known<std::bad_exception>(),
-        known<std::system_error>(make_system_error, code_detail),
-        known<std::ios_base::failure>(make_ios_failure, code_detail),
+        known<std::system_error>(make_system_error, code_detail<std::system_error>),
+        known<std::ios_base::failure>(make_ios_failure, code_detail<std::system_error>),
         known<fs::filesystem_error>(make_filesystem_error, filesystem_detail),
-        known<std::future_error>(make_future_error, future_detail),
+        known<std::future_error>(make_future_error, code_detail<std::future_error>),
         known<std::regex_error>(make_regex_error, regex_detail),
         known<Error>(),
         known<TimeoutError>(),

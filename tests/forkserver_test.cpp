@@ -415,6 +415,26 @@ TEST(Forkserver, DaemonGoesWhenItsRequesterIsKilledWhileAForkChildOfItLives) {
     EXPECT_TRUE(mp::test::pid_running(pids[1]));  // the fork child still runs: it was the test
 }
 
+int forkserver_child_exit_code(int code) {
+    mp::Process p(kForkserver, exit_with, code);
+    p.start();
+    return p.join(10s) ? p.exitcode().value_or(-1) : -2;
+}
+
+TEST(Forkserver, AForkChildStartsForkserverChildrenOfItsOwn) {
+    // The fork is made holding the list of ParentOnlyFd descriptors (a forkserver child of this
+    // process keeps its status socket there); the fork child then lists its own children's.
+    mp::Process mine(kForkserver, sleep_forever);
+    mine.start();
+    mp::Process child({.start_method = mp::StartMethod::fork},
+                      [] { std::_Exit(forkserver_child_exit_code(5) == 5 && forkserver_child_exit_code(6) == 6 ? 0 : 1); });
+    child.start();
+    ASSERT_TRUE(child.join(20s));
+    EXPECT_EQ(child.exitcode(), 0);
+    mine.kill();
+    ASSERT_TRUE(mine.join(10s));
+}
+
 TEST_P(ForkserverAndSpawn, NonTransferableTargetIsRefusedAtStart) {
     int captured = 3;
     mp::Process p(options(), [captured] { ::_exit(captured); });

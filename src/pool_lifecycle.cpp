@@ -119,12 +119,14 @@ void PoolEngine::Impl::start_worker() {
     new (&slots[w->slot]) pool::WorkerSlot;
     const std::size_t number = ++worker_counter;
     w->name = cfg.worker_name + "-" + std::to_string(number);
-    auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
+    auto [pool_end, theirs] = sys::make_socketpair(SOCK_STREAM);
+    // Listed at once (ParentOnlyFd): no fork child mp makes keeps it, this worker's under fork
+    // and every later one's included, so the worker sees the end of file when the pool goes.
+    ParentOnlyFd ours(std::move(pool_end));
     std::vector<int> identity = current_process().identity;
     identity.push_back(static_cast<int>(number));
 
-    // Under fork the other workers' sockets must not stay open in this one: a dead worker's
-    // end of file would never show.
+    // Under fork the pool's eventfd is not the worker's either.
     std::vector<int> close_in_child;
     std::optional<Task> task;
     const int worker_end = theirs.get();
@@ -141,8 +143,6 @@ void PoolEngine::Impl::start_worker() {
     spec.dies_with_parent = true;
     spec.method = cfg.method;
     if (cfg.method == StartMethod::fork) {
-        for (auto& o : workers) close_in_child.push_back(o->sock.get());
-        close_in_child.push_back(ours.get());
         close_in_child.push_back(wake.get());
         spec.main = ChildMain(forked_main);
         spec.close_in_child = close_in_child;
@@ -159,7 +159,7 @@ void PoolEngine::Impl::start_worker() {
     w->record = std::move(started.record);
     theirs.reset();
     ::fcntl(ours.get(), F_SETFL, ::fcntl(ours.get(), F_GETFL) | O_NONBLOCK);
-    w->sock = ParentOnlyFd(std::move(ours));
+    w->sock = std::move(ours);
 
     // The first frame: which slot, the limits, the initializer.
     std::string init;

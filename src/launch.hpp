@@ -86,7 +86,6 @@ struct PassedFd {
     int fd = -1;
 };
 
-/// A started child.
 /// A descriptor whose closing tells another process that this one has gone: a pool's end of a
 /// worker's socket (the worker ends at its end of file), the status socket of a forkserver child
 /// (the server kills a daemon child or pool worker when it hangs up). A fork child that kept a
@@ -120,6 +119,7 @@ private:
     pid_t owner_ = 0;
 };
 
+/// A started child.
 struct Launched {
     pid_t pid = 0;
     /// This process (getpid() once, for the caller too): only it may wait for the child.

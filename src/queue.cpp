@@ -389,9 +389,9 @@ private:
 };
 
 // Spins, then yields, until ready(), for at most kYieldTime (less by `deadline`); returns
-// whether ready() came true. It reads ready() every `gap` pauses: 1 for a waiter that must answer at once, more for
-// one waiting for a condition better than the one it needs (each read takes the line from its
-// writer).
+// whether ready() came true. It reads ready() every `gap` pauses: 1 for a waiter that must
+// answer at once, more for one waiting for a condition better than the one it needs (each read
+// takes the line from its writer).
 template <class Ready>
 bool spin_for(Ready ready, int gap = 1, const Deadline& deadline = std::nullopt) {
     if (ready()) return true;

@@ -554,7 +554,11 @@ Started start_child(const Request& req) {
     // closes unread a moment later.
     for (int attempt = 0;; ++attempt) {
         // One socketpair serves the request (to the child) and the replies (from the server).
-        auto [ours, theirs] = sys::make_socketpair(SOCK_STREAM);
+        // Listed as it is made (parent_only_socketpair): a fork that another thread makes
+        // meanwhile keeps no copy of our end, which would hide our death from the server (it
+        // kills a daemon child or pool worker when we hang up), nor of theirs, which would
+        // hide the server's death from us.
+        auto [ours, theirs] = parent_only_socketpair(SOCK_STREAM);
         const int fds[1] = {theirs.get()};
         try {
             sys::send_fds(server->control.get(), &h, sizeof h, fds);

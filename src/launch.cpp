@@ -106,6 +106,15 @@ ParentOnlyList& parent_only_list() {
     return *list;
 }
 
+// Takes `fd` off `list`; the caller holds its lock.
+void drop_listed(ParentOnlyList& list, int fd) noexcept {
+    auto& fds = list.fds;
+    if (auto it = std::find(fds.begin(), fds.end(), fd); it != fds.end()) {
+        *it = fds.back();
+        fds.pop_back();
+    }
+}
+
 // The one fork of a parent: `child` runs in the child with every signal blocked and never
 // returns; it starts with nothing of the parent's pending on the standard streams and without
 // the parent's ParentOnlyFd descriptors. Returns the child's pid; throws std::system_error
@@ -144,30 +153,42 @@ pid_t fork_blocked(const char* what, ChildMain child) {
 
 }  // namespace
 
-ParentOnlyFd::ParentOnlyFd(sys::Fd fd) : fd_(std::move(fd)) {
-    if (!fd_) return;
+ParentOnlyFd::ParentOnlyFd(sys::Fd fd, Listed) noexcept : fd_(std::move(fd)), owner_(sys::self_pid()) {}
+
+std::pair<ParentOnlyFd, ParentOnlyFd> parent_only_socketpair(int type) {
     ParentOnlyList& list = parent_only_list();
     std::lock_guard lock(list.mu);
-    list.fds.push_back(fd_.get());
-    owner_ = sys::self_pid();
+    list.fds.reserve(list.fds.size() + 2);  // before anything is open: the push_backs cannot throw
+    auto [a, b] = sys::make_socketpair(type);
+    list.fds.push_back(a.get());
+    list.fds.push_back(b.get());
+    return {ParentOnlyFd(std::move(a), ParentOnlyFd::Listed{}), ParentOnlyFd(std::move(b), ParentOnlyFd::Listed{})};
+}
+
+sys::Fd ParentOnlyFd::unlist() noexcept {
+    if (!fd_) return {};
+    if (std::exchange(owner_, 0) != sys::self_pid()) {
+        // A copy inherited by a fork child: closed at the fork, its number maybe reused since.
+        (void)fd_.release();
+        return {};
+    }
+    if (ParentOnlyList* list = g_parent_only.load()) {
+        std::lock_guard lock(list->mu);
+        drop_listed(*list, fd_.get());
+    }
+    return std::move(fd_);
 }
 
 void ParentOnlyFd::reset() noexcept {
     if (!fd_) return;
-    if (owner_ != sys::self_pid()) {
-        // A copy inherited by a fork child: closed at the fork, its number maybe reused since.
-        (void)fd_.release();
-        owner_ = 0;
+    ParentOnlyList* const list = owner_ == sys::self_pid() ? g_parent_only.load() : nullptr;
+    if (list == nullptr) {
+        (void)unlist();
         return;
     }
-    if (ParentOnlyList* list = g_parent_only.load()) {
-        std::lock_guard lock(list->mu);
-        auto& fds = list->fds;
-        if (auto it = std::find(fds.begin(), fds.end(), fd_.get()); it != fds.end()) {
-            *it = fds.back();
-            fds.pop_back();
-        }
-    }
+    // Closed holding the lock too: a fork meanwhile would keep an unlisted, still open copy.
+    std::lock_guard lock(list->mu);
+    drop_listed(*list, fd_.get());
     fd_.reset();
     owner_ = 0;
 }
@@ -227,7 +248,7 @@ Launched launch_forkserver(const ChildSpec& spec) {
     out.pid = started.pid;
     out.parent = sys::self_pid();
     out.pidfd = std::move(started.pidfd);
-    out.status = ParentOnlyFd(std::move(started.status));
+    out.status = std::move(started.status);
     return out;
 }
 
@@ -236,7 +257,9 @@ Launched launch_spawn(const ChildSpec& spec, bool detached, const char* what) {
     if (spec.task == nullptr) throw ProcessError("mp: a spawn child needs a transferable task");
     check_main_hooked();
     const ChildRequest req = make_request(spec);
-    auto [request, request_child] = sys::make_socketpair(SOCK_STREAM);
+    // Listed (see parent_only_socketpair): a fork that another thread makes meanwhile keeps no
+    // copy that would hide from the child that we have gone before sending all of its request.
+    auto [request, request_child] = parent_only_socketpair(SOCK_STREAM);
     // Nothing of ours is flushed by a fresh program, but what we printed before the start comes
     // before what it prints, as with fork (and Python, which flushes before any start).
     flush_before_fork();

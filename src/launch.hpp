@@ -91,12 +91,11 @@ struct PassedFd {
 /// (the server kills a daemon child or pool worker when it hangs up). A fork child that kept a
 /// copy would hide this process's death for as long as it lived: every fork mp makes
 /// (fork_blocked) closes, in the child, each one open at that moment. Held by the process that
-/// made it: in a fork child a copy is already closed, and is let go of without a close.
+/// made it: in a fork child a copy is already closed, and is let go of without a close. Made by
+/// parent_only_socketpair, listed from the moment it exists.
 class ParentOnlyFd {
 public:
     ParentOnlyFd() noexcept = default;
-    /// Takes `fd` and lists it (std::bad_alloc: `fd` is closed).
-    explicit ParentOnlyFd(sys::Fd fd);
     ParentOnlyFd(ParentOnlyFd&& o) noexcept
         : fd_(std::move(o.fd_)), owner_(std::exchange(o.owner_, 0)) {}
     ParentOnlyFd& operator=(ParentOnlyFd&& o) noexcept {
@@ -113,11 +112,22 @@ public:
     explicit operator bool() const noexcept { return static_cast<bool>(fd_); }
     /// Unlists and closes it (in the process that made it; elsewhere only forgets it).
     void reset() noexcept;
+    /// Unlists it and hands it over as a plain descriptor: from here on fork children inherit it.
+    sys::Fd unlist() noexcept;
 
 private:
+    friend std::pair<ParentOnlyFd, ParentOnlyFd> parent_only_socketpair(int type);
+    struct Listed {};
+    ParentOnlyFd(sys::Fd fd, Listed) noexcept;
+
     sys::Fd fd_;
     pid_t owner_ = 0;
 };
+
+/// sys::make_socketpair(type) with both ends ParentOnlyFd, made holding the list's lock: a fork
+/// another thread makes meanwhile (fork_blocked) has no copy of either end, not even for the
+/// moment between socketpair and the listing. Throws as make_socketpair, or std::bad_alloc.
+std::pair<ParentOnlyFd, ParentOnlyFd> parent_only_socketpair(int type);
 
 /// A started child.
 struct Launched {

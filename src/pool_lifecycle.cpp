@@ -119,10 +119,13 @@ void PoolEngine::Impl::start_worker() {
     new (&slots[w->slot]) pool::WorkerSlot;
     const std::size_t number = ++worker_counter;
     w->name = cfg.worker_name + "-" + std::to_string(number);
-    auto [pool_end, theirs] = sys::make_socketpair(SOCK_STREAM);
-    // Listed at once (ParentOnlyFd): no fork child mp makes keeps it, this worker's under fork
-    // and every later one's included, so the worker sees the end of file when the pool goes.
-    ParentOnlyFd ours(std::move(pool_end));
+    // Our end is listed as it is made (parent_only_socketpair): no fork child mp makes keeps
+    // it, this worker's under fork and every later one's included, nor one that another thread
+    // makes meanwhile, so the worker sees the end of file when the pool goes. The worker's end
+    // is not: a fork worker needs it, and a copy elsewhere hides nothing (a worker's end shows
+    // in its pidfd).
+    auto [ours, listed_theirs] = parent_only_socketpair(SOCK_STREAM);
+    sys::Fd theirs = listed_theirs.unlist();
     std::vector<int> identity = current_process().identity;
     identity.push_back(static_cast<int>(number));
 

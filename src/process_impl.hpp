@@ -160,7 +160,7 @@ using Request = ChildRequest;
 struct Started {
     pid_t pid;
     sys::Fd pidfd;
-    sys::Fd status;
+    ParentOnlyFd status;
 };
 
 /// Starts the server now if it is not running.

@@ -4,19 +4,25 @@
 // The scenarios run in mp_test_child (a program of their own: they change the program's
 // standard streams), whose stdout the test reads through a pipe. Every wait is bounded.
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <string>
+#include <string_view>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include "helpers/leak_check.hpp"
@@ -232,6 +238,57 @@ TEST(Launch, SpawnNeedsTheLinkHook) {
     EXPECT_EQ(count_of(run.out, "preloaded forkserver child, exit code 0\n"), 1u) << run.out;
     EXPECT_EQ(count_of(run.out, "2 start methods\n"), 1u) << run.out;
     EXPECT_EQ(count_of(run.out, "refused context spawn\n"), 1u) << run.out;
+}
+
+// ---- ParentOnlyFd: the ends of a socketpair that one thread makes and closes while another
+// starts fork children are in no child, not even for the moment between the socketpair and its
+// listing, or between the unlisting and the close (the window a forkserver start's status
+// socket and a pool's worker socket had).
+
+// The sockets this process has open (readlink of /proc/self/fd/N starts with "socket:").
+int sockets_open() {
+    DIR* dir = ::opendir("/proc/self/fd");
+    if (dir == nullptr) return -1;
+    int n = 0;
+    char target[64];
+    while (const dirent* e = ::readdir(dir)) {
+        const std::string link = std::string("/proc/self/fd/") + e->d_name;
+        const ssize_t len = ::readlink(link.c_str(), target, sizeof target - 1);
+        if (len > 0 && std::string_view(target, static_cast<std::size_t>(len)).starts_with("socket:")) ++n;
+    }
+    ::closedir(dir);
+    return n;
+}
+
+void exit_with_sockets_open() { ::_exit(std::min(sockets_open(), 100)); }
+
+int sockets_in_a_fork_child() {
+    mp::Process child({.start_method = mp::StartMethod::fork}, exit_with_sockets_open);
+    child.start();
+    if (!child.join(30s)) return -1;
+    return child.exitcode().value_or(-1);
+}
+
+TEST(ParentOnlyFd, NoForkChildKeepsASocketpairMadeOrClosedMeanwhile) {
+    const int before = sockets_in_a_fork_child();
+    ASSERT_GE(before, 0);
+    std::atomic<bool> stop{false};
+    std::atomic<long> pairs{0};
+    std::thread maker([&] {
+        while (!stop.load()) {
+            auto both = mp::detail::parent_only_socketpair(SOCK_STREAM);
+            pairs.fetch_add(1);
+        }
+    });
+    int kept = 0;
+    constexpr int kChildren = 300;
+    for (int i = 0; i < kChildren; ++i)
+        if (sockets_in_a_fork_child() != before) ++kept;
+    stop = true;
+    maker.join();
+    EXPECT_GT(pairs.load(), kChildren);  // the maker ran all along
+    EXPECT_EQ(kept, 0) << "of " << kChildren << " fork children, " << kept << " had a socket more (or fewer) than "
+                       << before;
 }
 
 }  // namespace

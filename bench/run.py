@@ -471,6 +471,27 @@ def machine_info(sides):
     }
 
 
+def machine_state(sides):
+    """What a page fault, a system call and a bare fork cost right now (mp_limit_fork probe), or
+    None. On a VM they follow the host: the W1 rows (which fork) follow them."""
+    exe = sides.extra_limits.get("mp_limit_fork")
+    if exe is None or not Path(exe).exists():
+        return None
+    try:
+        out = subprocess.run([str(exe), "probe"], capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout) if out.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def describe_state(state):
+    if not state:
+        return "not measured"
+    return (f"first write to a fresh page {state['fault_us']:.3g} us, a system call (getpid) "
+            f"{state['syscall_us']:.3g} us, fork + _exit + waitpid of a C program "
+            f"{state['fork_us']:.4g} us")
+
+
 class OtherLoad:
     """CPU time that programs other than this run used while it ran, from /proc/stat minus our
     own and our children's CPU time: a busy machine makes every number noisy, so say so."""
@@ -666,6 +687,13 @@ def write_markdown(path, results, refs, micro, machine, config, chart_ok):
     if config.get("other_load_cpus") is not None:
         L.append(f"- CPU used by other programs during the run: "
                  f"{config['other_load_cpus']:.2f} CPUs on average")
+    state = config.get("machine_state") or {}
+    L.append(f"- machine state before the run: {describe_state(state.get('start'))}; after it: "
+             f"{describe_state(state.get('end'))} (`mp_limit_fork probe`). On a VM these follow "
+             "the host (on this project's, the same bare fork cost 120-150 us one afternoon and "
+             "750-1,300 us that evening, with page faults near 10 us), and so does every row "
+             "that forks or faults pages in: compare such rows only between runs made in the "
+             "same state.")
     for n in config.get("notes", []):
         L.append(f"- note: {n}")
     L.append("")
@@ -824,6 +852,7 @@ def main():
               f"{' (quick)' if args.quick else ''}; build {build}", flush=True)
         for n in sides.notes:
             print(f"run.py: note: {n}", flush=True)
+        state_start = machine_state(sides)
         others = OtherLoad()
         for rep in range(1, reps + 1):
             for w in workloads:
@@ -882,7 +911,8 @@ def main():
                   "build": str(build.relative_to(ROOT) if build.is_relative_to(ROOT) else build),
                   "build_type": build_type or "?", "date": started.strftime("%Y-%m-%d %H:%M"),
                   "elapsed_s": elapsed, "notes": sides.notes,
-                  "other_load_cpus": others.cpus()}
+                  "other_load_cpus": others.cpus(),
+                  "machine_state": {"start": state_start, "end": machine_state(sides)}}
 
         png = out / "ratios.png"
         chart_ok, why = write_chart(png, results, workdir)

@@ -14,6 +14,13 @@
  *
  *     mp_limit_fork W1|W1b-small [--size N] [--quick]
  *
+ * And the machine's state, which run.py records before and after a run (`mp_limit_fork probe`):
+ * what a first write to a fresh anonymous page costs (a page fault), what a system call costs
+ * (getpid, not cached), and what fork + _exit + waitpid costs here. On a virtual machine all three
+ * vary with the host (seen on this project's VM: the bare fork cost 120-150 us one afternoon and
+ * 750-1,300 us that evening, with page faults near 10 us), and the rows that fork (W1...) vary
+ * with them, so a report says what it ran on.
+ *
  * Built twice: mp_limit_fork (libc only) and mp_limit_fork_cxx (the same code with the C++
  * runtime a C++ program loads, libstdc++, libm and libgcc_s, linked in and unused: row W1-cxx,
  * which shows how much of W1-c's gap any C++ program pays, mp or not).
@@ -29,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -132,15 +140,53 @@ static double through_server(long n) {
     return us;
 }
 
+/* `probe`: {"fault_us":...,"syscall_us":...,"fork_us":...}, medians of 5 short rounds each. */
+static int cmp_double(const void* a, const void* b) {
+    const double x = *(const double*)a, y = *(const double*)b;
+    return (x > y) - (x < y);
+}
+
+static double median5(double* v) {
+    qsort(v, 5, sizeof *v, cmp_double);
+    return v[2];
+}
+
+static int probe(void) {
+    enum { kPages = 2048, kCalls = 20000, kForks = 50 };
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    double fault[5], call[5], forks[5];
+    for (int r = 0; r < 5; ++r) {
+        char* p = mmap(NULL, kPages * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) {
+            perror("mmap");
+            return 1;
+        }
+        (void)madvise(p, kPages * page, MADV_NOHUGEPAGE); /* one fault per page */
+        double t0 = now();
+        for (size_t i = 0; i < kPages; ++i) p[i * page] = 1;
+        fault[r] = (now() - t0) * 1e6 / kPages;
+        munmap(p, kPages * page);
+        t0 = now();
+        for (int i = 0; i < kCalls; ++i) (void)syscall(SYS_getpid);
+        call[r] = (now() - t0) * 1e6 / kCalls;
+        forks[r] = bare_fork(kForks);
+        if (forks[r] < 0) return 1;
+    }
+    printf("{\"fault_us\":%.3g,\"syscall_us\":%.3g,\"fork_us\":%.4g}\n", median5(fault), median5(call),
+           median5(forks));
+    return 0;
+}
+
 int main(int argc, char** argv) {
     long n = 200;
+    if (argc == 2 && strcmp(argv[1], "probe") == 0) return probe();
     for (int i = 1; i < argc; ++i) {
         if (strcmp(argv[i], "--size") == 0 && i + 1 < argc) n = atol(argv[++i]);
         else if (strcmp(argv[i], "--quick") == 0) n = 20;
     }
     const int w1 = argc >= 2 && strcmp(argv[1], "W1") == 0;
     if (argc < 2 || (!w1 && strcmp(argv[1], "W1b-small") != 0) || n <= 0) {
-        fprintf(stderr, "usage: mp_limit_fork W1|W1b-small [--size N] [--quick]\n");
+        fprintf(stderr, "usage: mp_limit_fork W1|W1b-small [--size N] [--quick] | probe\n");
         return 2;
     }
     const double us = w1 ? bare_fork(n) : through_server(n);

@@ -42,7 +42,7 @@ void read_exact(int fd, char* buf, std::size_t n, Clock::time_point deadline) {
             n -= static_cast<std::size_t>(r);
             continue;
         }
-        if (r == 0) throw AuthenticationError("connection closed during the handshake");
+        if (r == 0) throw PeerGone("connection closed during the handshake");
         if (errno == EINTR) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK) sys::throw_system_error(errno, "recv");
         const auto left = deadline - Clock::now();
@@ -99,8 +99,7 @@ std::string answer_for(std::string_view authkey, std::string_view challenge) {
 // The peer's failure, as the handshake reports it: a reset or a broken pipe in the middle of a
 // handshake is one more way for a peer not to authenticate, not an error of ours.
 [[noreturn]] void peer_failed(int err) {
-    throw AuthenticationError("connection failed during the handshake (" +
-                              std::system_category().message(err) + ")");
+    throw PeerGone("connection failed during the handshake (" + std::system_category().message(err) + ")");
 }
 
 // Sends handshake bytes without waiting. A handshake sends a few hundred bytes in all, far less
@@ -185,7 +184,7 @@ private:
                 end_ += static_cast<std::size_t>(r);
                 continue;
             }
-            if (r == 0) throw AuthenticationError("connection closed during the handshake");
+            if (r == 0) throw PeerGone("connection closed during the handshake");
             if (errno != EINTR && errno != EAGAIN && errno != EWOULDBLOCK) peer_failed(errno);
         }
     }
@@ -366,7 +365,7 @@ bool ServerHandshake::step() {
             end_ += static_cast<std::size_t>(r);
             continue;
         }
-        if (r == 0) throw AuthenticationError("connection closed during the handshake");
+        if (r == 0) throw PeerGone("connection closed during the handshake");
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
         peer_failed(errno);

@@ -9,9 +9,20 @@
 #include <string_view>
 #include <utility>
 
+#include "mp/errors.hpp"
+
 namespace mp::detail::handshake {
 
 using Clock = std::chrono::steady_clock;
+
+/// The AuthenticationError of a handshake whose peer went away in the middle of it (end of file,
+/// a reset, a broken pipe) rather than refusing our key or breaking the protocol. Users see an
+/// AuthenticationError, as documented for Listener and Client; a manager's client tells it apart:
+/// to it a server that closes on a new connection is a server that has gone (mp::EOFError).
+class PeerGone : public AuthenticationError {
+public:
+    using AuthenticationError::AuthenticationError;
+};
 
 /// Handshake messages longer than this are refused (Python's recv_bytes(256)).
 inline constexpr std::size_t kMaxMessage = 256;

@@ -17,12 +17,21 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include "handshake.hpp"
 #include "manager_channel.hpp"
 #include "manager_internal.hpp"
 #include "mp/detail/future_core.hpp"
 #include "sys/pidfd.hpp"
 
 namespace mp::detail::managers {
+
+Connection connect_to_server(const Address& address, const std::string& authkey) {
+    try {
+        return Client(address, {.authkey = authkey});
+    } catch (const handshake::PeerGone& e) {
+        throw EOFError(std::string("mp: the manager server went away (") + e.what() + ")");
+    }
+}
 
 namespace {
 
@@ -62,7 +71,7 @@ std::string connection_key(const Address& address, const std::string& authkey) {
 
 /// Connects and authenticates; over a Unix socket, also asks for a channel.
 Link open_link(const Address& address, const std::string& authkey) {
-    Link l{Client(address, {.authkey = authkey}), Channel()};
+    Link l{connect_to_server(address, authkey), Channel()};
     if (address.is_unix()) {
         Encoder e;
         begin_request(e, Op::channel, 0, {});

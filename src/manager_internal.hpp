@@ -45,6 +45,12 @@ TypeEntry segment_tracker_entry();
 /// Drops this thread's connection to a server that went away (so no descriptor lingers).
 void drop_connection(const Address& address, const std::string& authkey);
 
+/// Client(address, authkey) for a manager's client, mp's or Python's protocol: a server that
+/// closes or resets the new connection during the handshake (a dying one whose socket still
+/// takes connections) is mp::EOFError, as a server found gone is; a refused key stays
+/// mp::AuthenticationError, a refused connection std::system_error ECONNREFUSED.
+Connection connect_to_server(const Address& address, const std::string& authkey);
+
 /// The objects a manager server keeps for clients that speak Python's protocol (a Python
 /// BaseManager's proxies), in src/manager_python.cpp. The server tells the protocols apart by a
 /// connection's first message: a pickle starts with PROTO (0x80), mp's requests with an Op.

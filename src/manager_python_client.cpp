@@ -134,7 +134,7 @@ Object exchange(Connection& c, const std::string& request, const Address& addres
 /// One of the server's functions over a connection of its own (as Python's dispatch()).
 Object dispatch(const Address& address, const std::string& authkey, std::string_view fn,
                 std::vector<Object> args = {}, const PyKwargs& kwargs = {}) {
-    Connection c = Client(address, {.authkey = authkey});
+    Connection c = connect_to_server(address, authkey);
     return exchange(c, request_pickle(Object(), fn, std::move(args), kwargs), address);
 }
 
@@ -155,7 +155,7 @@ Connection& py_connection(const Address& address, const std::string& authkey, st
     key = address.to_string() + '\n' + authkey;
     auto it = pc.by_server.find(key);
     if (it != pc.by_server.end()) return it->second;
-    Connection c = Client(address, {.authkey = authkey});
+    Connection c = connect_to_server(address, authkey);
     exchange(c, request_pickle(Object(), "accept_connection", {Object("mp-" + std::to_string(::getpid()))}, {}),
              address);
     return pc.by_server.emplace(key, std::move(c)).first->second;

@@ -9,6 +9,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
+#include <cstring>
 #include <csignal>
 #include <filesystem>
 #include <iterator>
@@ -28,10 +30,12 @@
 
 #include <arpa/inet.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <netinet/in.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "helpers/proc_state.hpp"
@@ -711,6 +715,46 @@ TEST(ManagerTest, ServerKilledALargeRequestIsEOFError) {
         EXPECT_THROW(d.set(2, std::string(8 << 20, 'y')), mp::EOFError);
         m->shutdown();  // reaps the dead server
     }
+}
+
+// A dying server whose socket still takes connections: each new connection is accepted and
+// closed in the middle of the handshake (a peer of Python's manager, at its os._exit, did this
+// to 15 calls in 20). A manager's client, mp's or Python's protocol, reports the server gone
+// (mp::EOFError, as README says), not a refused key; Client() itself keeps its documented
+// mp::AuthenticationError for a handshake cut short.
+TEST(ManagerTest, AServerThatClosesNewConnectionsIsEOFErrorNotAuthenticationError) {
+    const std::string name = "mp-test-closer-" + std::to_string(::getpid());
+    const mp::Address address = mp::Address::abstract(name);
+    const int listener = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(listener, 0);
+    sockaddr_un sa{};
+    sa.sun_family = AF_UNIX;
+    std::memcpy(sa.sun_path + 1, name.data(), name.size());
+    const auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
+    ASSERT_EQ(::bind(listener, reinterpret_cast<const sockaddr*>(&sa), len), 0);
+    ASSERT_EQ(::listen(listener, 16), 0);
+    std::atomic<bool> stop{false};
+    std::thread closer([&] {
+        while (!stop) {
+            pollfd p{listener, POLLIN, 0};
+            if (::poll(&p, 1, 20) <= 0) continue;
+            const int c = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+            if (c >= 0) ::close(c);
+        }
+    });
+    struct Stop {
+        std::atomic<bool>& stop;
+        std::thread& closer;
+        int listener;
+        ~Stop() {
+            stop = true;
+            closer.join();
+            ::close(listener);
+        }
+    } guard{stop, closer, listener};
+    EXPECT_THROW(mp::Client(address, {.authkey = "key"}), mp::AuthenticationError);
+    EXPECT_THROW(mp::BaseManager(address, "key").connect(), mp::EOFError);
+    EXPECT_THROW(mp::PyManagerClient(address, "key").number_of_objects(), mp::EOFError);
 }
 
 namespace {

@@ -117,9 +117,9 @@ void drop_listed(ParentOnlyList& list, int fd) noexcept {
 
 // The one fork of a parent: `child` runs in the child with every signal blocked and never
 // returns; it starts with nothing of the parent's pending on the standard streams and without
-// the parent's ParentOnlyFd descriptors. Returns the child's pid; throws std::system_error
-// naming `what`.
-pid_t fork_blocked(const char* what, ChildMain child) {
+// the parent's ParentOnlyFd descriptors but `kept`. Returns the child's pid; throws
+// std::system_error naming `what`.
+pid_t fork_blocked(const char* what, ChildMain child, int kept = -1) {
     flush_before_fork();
     // Held across the fork: no descriptor is listed or unlisted half-way, and none made by
     // another thread meanwhile escapes the child's closing.
@@ -138,7 +138,8 @@ pid_t fork_blocked(const char* what, ChildMain child) {
             // Raw close: nothing here may be bound lazily or take a lock. The list and its
             // lock are this child's from here on: emptied, and a fresh lock (the parent's copy
             // is held), without freeing what the parent's copy holds.
-            for (int fd : listed->fds) ::syscall(SYS_close, fd);
+            for (int fd : listed->fds)
+                if (fd != kept) ::syscall(SYS_close, fd);
             new (&listed->fds) std::vector<int>;
             new (&listed->mu) std::mutex;
             (void)hold.release();
@@ -236,7 +237,7 @@ Launched launch_fork(const ChildSpec& spec) {
         if (spec.logs_start) log_child_start();
         finish_child(spec.main());
     };
-    out.pid = fork_blocked("fork", ChildMain(child));
+    out.pid = fork_blocked("fork", ChildMain(child), spec.parent_only_kept);
     out.pidfd = pidfd_or_kill(out.pid);
     return out;
 }

@@ -75,6 +75,9 @@ struct ChildSpec {
     /// fork: descriptors of the parent the child closes first (another worker's socket kept
     /// open in this one would hide that worker's end of file).
     std::span<const int> close_in_child;
+    /// fork: a ParentOnlyFd descriptor this child keeps (a fork pool worker's end of its socket),
+    /// closed in every other fork child as the rest of the list; -1 for none.
+    int parent_only_kept = -1;
     /// Logs Python's "child process calling self.run()" as it starts (false for a helper of
     /// mp's own, the forkserver, which Python does not log either).
     bool logs_start = true;

@@ -119,13 +119,12 @@ void PoolEngine::Impl::start_worker() {
     new (&slots[w->slot]) pool::WorkerSlot;
     const std::size_t number = ++worker_counter;
     w->name = cfg.worker_name + "-" + std::to_string(number);
-    // Our end is listed as it is made (parent_only_socketpair): no fork child mp makes keeps
-    // it, this worker's under fork and every later one's included, nor one that another thread
-    // makes meanwhile, so the worker sees the end of file when the pool goes. The worker's end
-    // is not: a fork worker needs it, and a copy elsewhere hides nothing (a worker's end shows
-    // in its pidfd).
-    auto [ours, listed_theirs] = parent_only_socketpair(SOCK_STREAM);
-    sys::Fd theirs = listed_theirs.unlist();
+    // Both ends are listed as they are made (parent_only_socketpair): no fork child mp makes
+    // keeps ours, this worker's under fork and every later one's included, nor one that another
+    // thread makes meanwhile, so the worker sees the end of file when the pool goes; and none
+    // but this worker under fork keeps theirs (parent_only_kept), which no other process has
+    // any use for.
+    auto [ours, theirs] = parent_only_socketpair(SOCK_STREAM);
     std::vector<int> identity = current_process().identity;
     identity.push_back(static_cast<int>(number));
 
@@ -149,6 +148,7 @@ void PoolEngine::Impl::start_worker() {
         close_in_child.push_back(wake.get());
         spec.main = ChildMain(forked_main);
         spec.close_in_child = close_in_child;
+        spec.parent_only_kept = worker_end;
     } else {
         task = make_transferable_task(&pool::forkserver_worker, PassedFd{worker_end},
                                       PassedFd{page.get()}, std::uint64_t{page_bytes});

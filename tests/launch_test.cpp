@@ -28,6 +28,7 @@
 #include "helpers/leak_check.hpp"
 #include "helpers/lines.hpp"
 #include "helpers/program.hpp"
+#include "mp/futures.hpp"
 #include "mp/process.hpp"
 #include "process_impl.hpp"
 
@@ -289,6 +290,33 @@ TEST(ParentOnlyFd, NoForkChildKeepsASocketpairMadeOrClosedMeanwhile) {
     EXPECT_GT(pairs.load(), kChildren);  // the maker ran all along
     EXPECT_EQ(kept, 0) << "of " << kChildren << " fork children, " << kept << " had a socket more (or fewer) than "
                        << before;
+}
+
+int square(int x) { return x * x; }
+
+TEST(ParentOnlyFd, NoForkChildKeepsASocketOfAPoolStartedMeanwhile) {
+    // Another thread starts fork pools (each worker's socketpair: the pool's end, and the
+    // worker's end that only that worker keeps) while this one starts fork children.
+    const int before = sockets_in_a_fork_child();
+    ASSERT_GE(before, 0);
+    std::atomic<bool> stop{false};
+    std::atomic<int> pools{0};
+    std::thread starter([&] {
+        while (!stop.load()) {
+            mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork});
+            if (ex.submit(square, 3).result(30s) != 9) break;
+            pools.fetch_add(1);
+        }
+    });
+    int kept = 0;
+    constexpr int kChildren = 200;
+    for (int i = 0; i < kChildren; ++i)
+        if (sockets_in_a_fork_child() != before) ++kept;
+    stop = true;
+    starter.join();
+    EXPECT_GT(pools.load(), 0);
+    EXPECT_EQ(kept, 0) << "of " << kChildren << " fork children, " << kept << " had a socket more (or fewer) than "
+                       << before << " (" << pools.load() << " pools started meanwhile)";
 }
 
 }  // namespace

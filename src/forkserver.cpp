@@ -8,23 +8,21 @@
 // one message: a small header plus one end of a fresh stream socketpair, the child's socket:
 //   - the client writes the child's identity and task into it; the child, which inherits the
 //     server's descriptor of it, reads them. The server never reads it.
-//   - the child's pid and a pidfd (SCM_RIGHTS) come back through it (Reply: from the server
-//     when it forks on request, from the spare when one takes the request), and later the exit
-//     status, from the server. The server polls it for hang-up only (data in it is the child's):
-//     a hang-up means the client has gone, and a daemon child (or a pool worker) is then killed,
-//     as its parent is dead.
+//   - the server answers through it with the child's pid and a pidfd (SCM_RIGHTS), and later with
+//     the exit status. It polls it for hang-up only (data in it is the child's): a hang-up means
+//     the client has gone, and a daemon child (or a pool worker) is then killed, as its parent
+//     is dead.
 // The server allocates nothing and takes no lock after fork: fixed tables, raw system calls.
 //
 // A spare child. The server forks the next child ahead of its request, as soon as it has handed
 // out the last one, and the spare waits on a socket of its own (its name "mp-fs-spare" meanwhile).
 // A request then costs the server a message to the spare instead of a fork (its page tables and
 // VMAs copied: 50-60 us here, most of a small program's start) and the fork runs while the
-// requester's child runs, not before it starts. The spare sends the requester its pid itself
-// (the server does not wait for it); a spare killed before it took the request shows as an exit
-// status where the pid belongs, and the requester asks again (take_spare, start_child). The
-// spare is the server's as it is at every fork (the server changes nothing between requests but
-// its WIPEONFORK tables), so a child is the same whether it was forked before its request or
-// after. The spare goes when its socket closes:
+// requester's child runs, not before it starts. The spare acknowledges the hand-off before its
+// pid goes to the requester, so one that was killed meanwhile is replaced by a fresh fork
+// (take_spare). The spare is the server's as it is at every
+// fork (the server changes nothing between requests but its WIPEONFORK tables), so a child is the
+// same whether it was forked before its request or after. The spare goes when its socket closes:
 // the server closes it as it ends, and the kernel does when the server is killed.
 
 #include <fcntl.h>
@@ -70,14 +68,8 @@ struct Header {
     std::uint32_t flags;
 };
 
-// The first message on a child's socket: its pid and, attached, its pidfd. From the server when
-// it forks on request, from the spare itself when it takes a request. The exit status that
-// follows later is a bare std::int32_t (an exit code or minus a signal, never kReplyMagic): one
-// in the reply's place means that the spare the request went to died before it took it.
-constexpr std::uint32_t kReplyMagic = 0x6d70'7270;  // "mprp"
 struct Reply {
-    std::uint32_t magic;  // kReplyMagic
-    std::int32_t pid;     // > 0, or minus an errno when no child could be made
+    std::int32_t pid;  // > 0, or minus an errno when the server could not fork
 };
 
 // ------------------------------------------------------------------ server side
@@ -152,7 +144,7 @@ bool send_with_fd(int sock, const void* data, std::size_t n, int fd) noexcept {
 }
 
 void send_reply(int status_fd, std::int32_t pid, int pidfd) noexcept {
-    const Reply reply{kReplyMagic, pid};
+    const Reply reply{pid};
     (void)send_with_fd(status_fd, &reply, sizeof reply, pidfd);
 }
 
@@ -198,14 +190,10 @@ pid_t fork_with_pidfd(int& pidfd, F in_child) noexcept {
     return pid;
 }
 
-// The spare's life: it waits for its request socket, answers the requester with its pid and a
-// pidfd of itself (opened while it waits), then is a child like any other.
+// The spare's life: it waits for its request socket, then is a child like any other.
 [[noreturn]] void spare_main(int handoff, pid_t server_pid) noexcept {
     ::prctl(PR_SET_NAME, "mp-fs-spare");
     sys::keep_only(handoff, kControlFd);  // the server's descriptors are not the spare's
-    const auto self = static_cast<pid_t>(::syscall(SYS_getpid));
-    const int self_pidfd = static_cast<int>(::syscall(SYS_pidfd_open, self, 0));
-    const int open_error = errno;
     Header h{};
     int fds[4];
     int nfds = 0;
@@ -214,13 +202,10 @@ pid_t fork_with_pidfd(int& pidfd, F in_child) noexcept {
     }
     // End of file (the server has ended or dropped us) or anything unexpected: go quietly.
     if (r != sizeof h || h.magic != kMagic || nfds != 1) sys::exit_child(0);
-    // This process is the requester's child now (the server has made it a slot): the requester
-    // learns so from us, not from the server, one wake-up fewer on the way.
-    if (self_pidfd < 0) {
-        send_reply(fds[0], -open_error, -1);
-        sys::exit_child(1);
-    }
-    send_reply(fds[0], self, self_pidfd);
+    // This process is the requester's child now. The server may have stopped waiting for the
+    // acknowledgement (and closed its end): it has taken us all the same (take_spare).
+    const char ack = 1;
+    (void)::send(kControlFd, &ack, 1, MSG_NOSIGNAL);
     ::prctl(PR_SET_NAME, "mp-forkserver");  // what a child forked on request is called
     child_main(fds[0], server_pid, (h.flags & kDiesWithParent) != 0);
 }
@@ -253,17 +238,28 @@ void drop_spare() noexcept {
     s = Spare{0, -1, -1};
 }
 
-// Hands the request socket to the spare, which answers the requester itself (spare_main): its
-// pid and pidfd for the slot, or false when there is none or it has died (then reaped: the
-// request forks). The server does not wait for the spare: one killed after the hand-off was
-// sent but before it took it (a SIGKILL not yet acted on) ends as a slot whose status comes
-// first on the child's socket, and the requester asks again (start_child), so a dead spare is
-// never reported as a child that died before it ran.
+// Hands the request socket to the spare: its pid and pidfd, or false when there is none or it
+// has died (then reaped: the request forks). The spare acknowledges before the pid goes to the
+// requester: one killed just before (a SIGKILL not yet acted on when the message was sent) is
+// then replaced by a fresh fork, not reported as a child that died before it ran. A spare that
+// does not answer within kAckWaitMs (stopped, or not scheduled) is taken all the same: it runs the
+// child when it runs again, as a child stopped after its fork would.
+constexpr int kAckWaitMs = 20;
 bool take_spare(int status_fd, std::uint32_t flags, pid_t& pid, int& pidfd) noexcept {
     Spare& s = g_tables->spare;
     if (s.pid == 0) return false;
     const Header h{kMagic, flags};
-    if (!send_with_fd(s.handoff, &h, sizeof h, status_fd)) {
+    bool alive = send_with_fd(s.handoff, &h, sizeof h, status_fd);
+    if (alive) {
+        pollfd p{s.handoff, POLLIN, 0};
+        int n;
+        while ((n = ::poll(&p, 1, kAckWaitMs)) < 0 && errno == EINTR) {
+        }
+        char ack = 0;
+        // n == 0: no answer yet, alive as far as we know. Otherwise its ack or its end.
+        if (n > 0) alive = ::recv(s.handoff, &ack, 1, MSG_DONTWAIT) == 1;
+    }
+    if (!alive) {
         drop_spare();
         return false;
     }
@@ -300,15 +296,14 @@ bool accept_request(pid_t server_pid) noexcept {
 
     int pidfd = -1;
     pid_t pid = 0;
-    if (!take_spare(status_fd, h.flags, pid, pidfd)) {
+    if (!take_spare(status_fd, h.flags, pid, pidfd))
         pid = fork_with_pidfd(pidfd, [&]() noexcept { child_main(status_fd, server_pid, dies_with_parent); });
-        // The reply comes from here only for a child forked now: a spare sends its own.
-        send_reply(status_fd, pid, pid < 0 ? -1 : pidfd);
-        if (pid < 0) {
-            ::close(status_fd);
-            return true;
-        }
+    if (pid < 0) {
+        send_reply(status_fd, pid, -1);
+        ::close(status_fd);
+        return true;
     }
+    send_reply(status_fd, pid, pidfd);
     t.slots[t.nslots++] = Slot{pid, pidfd, status_fd, dies_with_parent};
     return true;
 }
@@ -556,11 +551,8 @@ Started start_child(const Request& req) {
     // read (ECONNRESET: its socket closed with the request in it). The latter happens when the
     // server is killed while a child or spare it has just forked still holds its end of the
     // control socket (each closes it first thing): our send then succeeds into a socket that
-    // closes unread a moment later. And another attempt, with the same server, each time an exit
-    // status comes where the reply belongs: the spare our request went to was killed before it
-    // took it (see take_spare).
-    constexpr int kMaxLostSpares = 3;
-    for (int attempt = 0, lost_spares = 0;;) {
+    // closes unread a moment later.
+    for (int attempt = 0;; ++attempt) {
         // One socketpair serves the request (to the child) and the replies (from the server).
         // Listed as it is made (parent_only_socketpair): a fork that another thread makes
         // meanwhile keeps no copy of our end, which would hide our death from the server (it
@@ -572,7 +564,7 @@ Started start_child(const Request& req) {
             sys::send_fds(server->control.get(), &h, sizeof h, fds);
         } catch (const std::system_error& e) {
             if (!server_went_away(e)) throw;
-            if (attempt++ > 0) throw ProcessError("mp: the forkserver went away while starting a child");
+            if (attempt > 0) throw ProcessError("mp: the forkserver went away while starting a child");
             server = replace_server(server);
             continue;
         }
@@ -592,14 +584,10 @@ Started start_child(const Request& req) {
         } catch (const std::system_error& e) {
             // ECONNRESET: the server went away with our request unread (see read_from_server).
             if (e.code().value() != ECONNRESET) throw;
-            if (attempt++ == 0) {
+            if (attempt == 0) {
                 server = replace_server(server);
                 continue;
             }
-        }
-        if (n >= sizeof reply.magic && reply.magic != kReplyMagic) {
-            if (++lost_spares <= kMaxLostSpares) continue;
-            throw ProcessError("mp: the forkserver's children died before they took the request");
         }
         if (n != sizeof reply) throw ProcessError("mp: the forkserver went away while starting a child");
         if (reply.pid <= 0)

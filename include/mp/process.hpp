@@ -30,13 +30,11 @@
 ///   set_start_method(StartMethod::forkserver), so a parent that already runs threads is safe
 ///   whenever it starts it. Starts are nearly as fast as fork: the server keeps one child forked
 ///   ahead of the next request (a spare, named "mp-fs-spare" while it waits), so a start costs a
-///   message to it rather than a fork, and the next fork overlaps the child's run. start()
-///   returns once the child has sent its pid: a server or spare stopped by someone (SIGSTOP)
-///   holds up the start that needs it until it is continued, as Python's stopped forkserver
-///   would; a spare killed before it took the request is replaced, unseen. In a program without
-///   the spawn hook (mp used from a plugin, or linked without mp's link options) the server is
-///   forked from the parent instead: then start it before other threads run (set_start_method at
-///   the top of main), as its children are copies of the parent made at that moment.
+///   message to it rather than a fork, and the next fork overlaps the child's run. In a program
+///   without the spawn
+///   hook (mp used from a plugin, or linked without mp's link options) the server is forked from
+///   the parent instead: then start it before other threads run (set_start_method at the top of
+///   main), as its children are copies of the parent made at that moment.
 ///   mp::set_forkserver_preload (context.hpp) names functions the server runs once before its
 ///   first child, so their children inherit what they set up.
 /// - Under spawn and forkserver the target must be transferable (a function, a function pointer,

@@ -227,7 +227,18 @@ void PoolEngine::Impl::kill_and_reap_all() {
 // Waits for the end of a worker known to have ended (its pidfd polled readable) or to be
 // ending (killed), and returns its status, if known.
 std::optional<int> PoolEngine::Impl::exit_status(pool::Worker& w) {
-    if (w.forked) return sys::pidfd_wait(w.pidfd.get(), false);
+    if (w.forked) {
+        try {
+            return sys::pidfd_wait(w.pidfd.get(), false);
+        } catch (const std::system_error& e) {
+            // ECHILD: reaped by someone else (SIGCHLD ignored, or a waitpid(-1) elsewhere in the
+            // program; a blocking wait fails so only once the child has ended). It has ended, how
+            // is unknown: the pool goes on and replaces it, as after any other end.
+            if (e.code().value() != ECHILD) throw;
+            (void)sys::pidfd_wait_exit(w.pidfd.get(), std::nullopt);
+            return std::nullopt;
+        }
+    }
     // Until its pidfd says so it may still run (a helper's socket closing proves nothing).
     (void)sys::pidfd_wait_exit(w.pidfd.get(), std::nullopt);
     // The forkserver reaps it and sends the status at once, unless the server is stopped or

@@ -2521,6 +2521,30 @@ TEST(ExecutorTimeoutValues, ATaskTimeLimitTooShortToStartCostsFewWorkers) {
     EXPECT_EQ(ex.submit(sleep_ms, 1).result(kLong), 1);
     EXPECT_LE(ex.stats().workers_started, before + 3);
 }
+
+// With SIGCHLD ignored the kernel reaps our children itself, so a fork or spawn worker that
+// ends cannot be waited for (ECHILD). It has ended all the same: the pool replaces it (a task
+// it was running fails with WorkerDied), as under forkserver, instead of breaking with an
+// "internal error" (found from outside: every task after the first failed with
+// BrokenProcessPool).
+TEST(ExecutorSigchldIgnored, WorkersThatEndAreReplaced) {
+    struct RestoreSigchld {
+        struct sigaction old {};
+        RestoreSigchld() {
+            struct sigaction ign {};
+            ign.sa_handler = SIG_IGN;
+            ::sigaction(SIGCHLD, &ign, &old);
+        }
+        ~RestoreSigchld() { ::sigaction(SIGCHLD, &old, nullptr); }
+    } ignore_sigchld;
+    for (mp::StartMethod m : {mp::StartMethod::fork, mp::StartMethod::spawn, mp::StartMethod::forkserver}) {
+        SCOPED_TRACE(static_cast<int>(m));
+        mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = m, .max_tasks_per_child = 1});
+        for (int i = 0; i < 4; ++i) EXPECT_EQ(ex.submit(square, i).result(kLong), i * i);
+        EXPECT_THROW((void)ex.submit(die, static_cast<int>(kSigkill)).result(kLong), mp::WorkerDied);
+        EXPECT_EQ(ex.submit(square, 5).result(kLong), 25);
+    }
+}
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------

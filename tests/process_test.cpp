@@ -1482,4 +1482,25 @@ TEST(ProcessFork, AChildWhoseStatusWasCollectedElsewhereDoesNotBlockTheOthers) {
     // The shared main checks that no pidfd is left open.
 }
 
+// Its is_alive() and exitcode() answer without an exception, as Python's (exitcode None): a loop
+// `while (p.is_alive())` ends instead of throwing out of it. Before and after join() says so.
+TEST(ProcessFork, IsAliveAndExitcodeOfAChildWhoseStatusWasCollectedElsewhere) {
+    for (bool joined_first : {false, true}) {
+        SCOPED_TRACE(joined_first ? "after join()" : "without join()");
+        mp::Process stolen([] { ::_exit(3); });
+        stolen.start();
+        ASSERT_EQ(::waitpid(stolen.pid(), nullptr, 0), stolen.pid());
+        if (joined_first) {
+            EXPECT_THROW((void)stolen.join(kLong), mp::ProcessError);
+        }
+        bool alive = true;
+        EXPECT_NO_THROW(alive = stolen.is_alive());
+        EXPECT_FALSE(alive);
+        std::optional<int> code = 0;
+        EXPECT_NO_THROW(code = stolen.exitcode());
+        EXPECT_EQ(code, std::nullopt);
+        for (const mp::ChildProcess& c : mp::active_children()) EXPECT_NE(c.pid(), stolen.pid());
+    }
+}
+
 }  // namespace

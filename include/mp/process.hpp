@@ -51,8 +51,10 @@
 ///   exit code is 1. A child never runs the parent's atexit handlers or static destructors: it
 ///   flushes stdio and leaves with _exit.
 /// - Daemon children are terminated when the parent exits normally and receive SIGKILL when the
-///   parent dies any other way (PR_SET_PDEATHSIG; under fork this fires when the *thread* that
-///   called start() ends, so start daemons from a thread that outlives them). A daemon may not
+///   parent dies any other way (PR_SET_PDEATHSIG; under fork and spawn this fires when the
+///   *thread* that called start() ends, the kernel's parent of the child being that thread, so
+///   start daemons from a thread that outlives them; a forkserver daemon's is the server, and it
+///   goes when its requesting process does). A daemon may not
 ///   start children. Non-daemon children are joined when the parent returns from main or calls
 ///   std::exit.
 /// - A fork child starts with no signal blocked and, when the parent ignored SIGTERM, with SIGTERM's
@@ -196,7 +198,8 @@ public:
     /// Waits at most `timeout` (any duration; seconds::max() waits for ever, zero or negative
     /// just looks); returns true when the child has ended.
     [[nodiscard]] bool join(detail::Timeout timeout);
-    /// True between start() and the child's end.
+    /// True between start() and the child's end (false, without an exception, for a child whose
+    /// exit status someone else collected: see join()).
     bool is_alive();
     /// Sends SIGTERM. Throws ProcessError before start or after close.
     void terminate();
@@ -220,7 +223,8 @@ public:
     pid_t pid() const;
     const std::string& name() const;
     void name(std::string n);
-    /// std::nullopt until the child has ended (and before start).
+    /// std::nullopt until the child has ended (and before start); stays std::nullopt, without an
+    /// exception, when its exit status was collected by someone else (see join()).
     std::optional<int> exitcode();
     bool daemon() const;
     /// Throws ProcessError after start.

@@ -270,26 +270,33 @@ int sockets_in_a_fork_child() {
     return child.exitcode().value_or(-1);
 }
 
-TEST(ParentOnlyFd, NoForkChildKeepsASocketpairMadeOrClosedMeanwhile) {
+// Starts `children` fork children one by one while `meanwhile(stop)` runs in another thread
+// until `stop` is set: how many of them had a socket more (or fewer) than one started before.
+template <class Meanwhile>
+int children_with_other_sockets(int children, Meanwhile meanwhile) {
     const int before = sockets_in_a_fork_child();
-    ASSERT_GE(before, 0);
+    if (before < 0) return -1;
     std::atomic<bool> stop{false};
+    std::thread other([&] { meanwhile(stop); });
+    int differ = 0;
+    for (int i = 0; i < children; ++i)
+        if (sockets_in_a_fork_child() != before) ++differ;
+    stop = true;
+    other.join();
+    return differ;
+}
+
+TEST(ParentOnlyFd, NoForkChildKeepsASocketpairMadeOrClosedMeanwhile) {
     std::atomic<long> pairs{0};
-    std::thread maker([&] {
+    constexpr int kChildren = 300;
+    const int kept = children_with_other_sockets(kChildren, [&](const std::atomic<bool>& stop) {
         while (!stop.load()) {
             auto both = mp::detail::parent_only_socketpair(SOCK_STREAM);
             pairs.fetch_add(1);
         }
     });
-    int kept = 0;
-    constexpr int kChildren = 300;
-    for (int i = 0; i < kChildren; ++i)
-        if (sockets_in_a_fork_child() != before) ++kept;
-    stop = true;
-    maker.join();
     EXPECT_GT(pairs.load(), kChildren);  // the maker ran all along
-    EXPECT_EQ(kept, 0) << "of " << kChildren << " fork children, " << kept << " had a socket more (or fewer) than "
-                       << before;
+    EXPECT_EQ(kept, 0) << "of " << kChildren << " fork children";
 }
 
 int square(int x) { return x * x; }
@@ -297,26 +304,17 @@ int square(int x) { return x * x; }
 TEST(ParentOnlyFd, NoForkChildKeepsASocketOfAPoolStartedMeanwhile) {
     // Another thread starts fork pools (each worker's socketpair: the pool's end, and the
     // worker's end that only that worker keeps) while this one starts fork children.
-    const int before = sockets_in_a_fork_child();
-    ASSERT_GE(before, 0);
-    std::atomic<bool> stop{false};
     std::atomic<int> pools{0};
-    std::thread starter([&] {
+    constexpr int kChildren = 200;
+    const int kept = children_with_other_sockets(kChildren, [&](const std::atomic<bool>& stop) {
         while (!stop.load()) {
             mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork});
             if (ex.submit(square, 3).result(30s) != 9) break;
             pools.fetch_add(1);
         }
     });
-    int kept = 0;
-    constexpr int kChildren = 200;
-    for (int i = 0; i < kChildren; ++i)
-        if (sockets_in_a_fork_child() != before) ++kept;
-    stop = true;
-    starter.join();
     EXPECT_GT(pools.load(), 0);
-    EXPECT_EQ(kept, 0) << "of " << kChildren << " fork children, " << kept << " had a socket more (or fewer) than "
-                       << before << " (" << pools.load() << " pools started meanwhile)";
+    EXPECT_EQ(kept, 0) << "of " << kChildren << " fork children (" << pools.load() << " pools started meanwhile)";
 }
 
 }  // namespace

@@ -769,6 +769,13 @@ int open_fds() {
 // have gone: each held a socket and a 132 KiB channel mapping for the thread's lifetime (a pool
 // worker given a fresh manager's proxy per task ran out of descriptors).
 TEST(ManagerTest, AThreadKeepsNoConnectionToManagersThatHaveGone) {
+#if defined(__SANITIZE_ADDRESS__)
+    // Each round forks a manager server while the worker thread exists. gcc 12's ASan allocator
+    // is not fork-safe (see manager_parity_test.cpp): under ASan the server hung in 5 runs of 10
+    // on 2026-12-05 (its connection thread waiting for the allocator's lock, inherited held), and
+    // failed CI by timeout. glibc's malloc is fork-safe: the plain and clang builds run it.
+    GTEST_SKIP() << "gcc 12's ASan allocator is not fork-safe: a manager forked beside a thread can hang";
+#endif
     std::mutex mu;
     std::condition_variable cv;
     std::optional<mp::DictProxy<int, int>> job;

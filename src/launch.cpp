@@ -258,9 +258,10 @@ Launched launch_spawn(const ChildSpec& spec, bool detached, const char* what) {
     if (spec.task == nullptr) throw ProcessError("mp: a spawn child needs a transferable task");
     check_main_hooked();
     const ChildRequest req = make_request(spec);
-    // Listed (see parent_only_socketpair): a fork that another thread makes meanwhile keeps no
-    // copy that would hide from the child that we have gone before sending all of its request.
-    auto [request, request_child] = parent_only_socketpair(SOCK_STREAM);
+    // Not listed (parent_only_socketpair): the forkserver's client starts its server from here
+    // holding its own lock, and the list's lock must never be taken under it (fork_blocked holds
+    // the list's across a fork whose child may start a forkserver: TSan's lock-order check).
+    auto [request, request_child] = sys::make_socketpair(SOCK_STREAM);
     // Nothing of ours is flushed by a fresh program, but what we printed before the start comes
     // before what it prints, as with fork (and Python, which flushes before any start).
     flush_before_fork();

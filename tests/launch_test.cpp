@@ -307,10 +307,15 @@ TEST(ParentOnlyFd, NoForkChildKeepsASocketOfAPoolStartedMeanwhile) {
     std::atomic<int> pools{0};
     constexpr int kChildren = 200;
     const int kept = children_with_other_sockets(kChildren, [&](const std::atomic<bool>& stop) {
-        while (!stop.load()) {
-            mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork});
-            if (ex.submit(square, 3).result(30s) != 9) break;
-            pools.fetch_add(1);
+        try {
+            while (!stop.load()) {
+                mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = mp::StartMethod::fork});
+                if (ex.submit(square, 3).result(30s) != 9) break;
+                pools.fetch_add(1);
+            }
+        } catch (const std::exception&) {
+            // pools stays short: the EXPECT below says so (under TSan a fork worker of a
+            // threaded parent cannot start its threads)
         }
     });
     EXPECT_GT(pools.load(), 0);

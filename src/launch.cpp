@@ -166,32 +166,18 @@ std::pair<ParentOnlyFd, ParentOnlyFd> parent_only_socketpair(int type) {
     return {ParentOnlyFd(std::move(a), ParentOnlyFd::Listed{}), ParentOnlyFd(std::move(b), ParentOnlyFd::Listed{})};
 }
 
-sys::Fd ParentOnlyFd::unlist() noexcept {
-    if (!fd_) return {};
+void ParentOnlyFd::reset() noexcept {
+    if (!fd_) return;
     if (std::exchange(owner_, 0) != sys::self_pid()) {
         // A copy inherited by a fork child: closed at the fork, its number maybe reused since.
         (void)fd_.release();
-        return {};
-    }
-    if (ParentOnlyList* list = g_parent_only.load()) {
-        std::lock_guard lock(list->mu);
-        drop_listed(*list, fd_.get());
-    }
-    return std::move(fd_);
-}
-
-void ParentOnlyFd::reset() noexcept {
-    if (!fd_) return;
-    ParentOnlyList* const list = owner_ == sys::self_pid() ? g_parent_only.load() : nullptr;
-    if (list == nullptr) {
-        (void)unlist();
         return;
     }
     // Closed holding the lock too: a fork meanwhile would keep an unlisted, still open copy.
-    std::lock_guard lock(list->mu);
-    drop_listed(*list, fd_.get());
+    ParentOnlyList& list = parent_only_list();
+    std::lock_guard lock(list.mu);
+    drop_listed(list, fd_.get());
     fd_.reset();
-    owner_ = 0;
 }
 
 namespace {

@@ -115,8 +115,6 @@ public:
     explicit operator bool() const noexcept { return static_cast<bool>(fd_); }
     /// Unlists and closes it (in the process that made it; elsewhere only forgets it).
     void reset() noexcept;
-    /// Unlists it and hands it over as a plain descriptor: from here on fork children inherit it.
-    sys::Fd unlist() noexcept;
 
 private:
     friend std::pair<ParentOnlyFd, ParentOnlyFd> parent_only_socketpair(int type);

@@ -383,9 +383,16 @@ void BaseServer::serve_forever(detail::Timeout poll_interval) {
     check_open();
     if (!begin_serving()) return;
     try {
+        std::vector<pollfd> fds;
         while (!shutdown_requested()) {
-            pollfd fds[2] = {{sock_, POLLIN, 0}, {wake_r_, POLLIN, 0}};
-            int n = ::poll(fds, 2, sys::poll_timeout_ms(poll_interval));
+            fds.assign({{sock_, POLLIN, 0}, {wake_r_, POLLIN, 0}});
+            // A forking server's children too: one that ends is reaped at once (service_actions),
+            // which closes this process's duplicate of its connection, so its client sees the
+            // end as the child goes (Python's parent closes its copy right after the fork), not
+            // a poll_interval later.
+            if (kind_.concurrency == Concurrency::forking)
+                for (const Child& c : children_) fds.push_back({c.process->sentinel(), POLLIN, 0});
+            int n = ::poll(fds.data(), fds.size(), sys::poll_timeout_ms(poll_interval));
             if (n < 0) {
                 if (errno == EINTR) continue;
                 sys::throw_system_error(errno, "poll");

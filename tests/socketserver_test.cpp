@@ -626,6 +626,25 @@ TEST(Socketserver, ForkingServerCloseReapsChildren) {
     for (pid_t p : pids) EXPECT_NE(::kill(p, 0), 0) << "child " << p << " not reaped";
 }
 
+// A forked handler that ends without a word (_exit, as a crash would): the server keeps a
+// duplicate of each connection until it reaps the child (for a shutdown deadline), so it must
+// reap it as it ends, not at its loop's next poll_interval (here an hour): the client then sees
+// the end of the connection at once, as a Python client of a ForkingTCPServer does.
+struct ExitsAtOnce : mp::StreamRequestHandler {
+    void handle() override { ::_exit(3); }
+};
+
+TEST(Socketserver, ForkingHandlerThatEndsClosesItsConnectionAtOnce) {
+    mp::ForkingTCPServer srv({"127.0.0.1", 0}, mp::handler<ExitsAtOnce>());
+    Serving serving(srv, std::chrono::hours(1));
+    for (int i = 0; i < 3; ++i) {
+        // Nothing sent: closed with our bytes unread, the connection would end in a reset.
+        Client c(srv.server_address(), SOCK_STREAM);
+        // "" at the end of the connection; the client's receive timeout throws otherwise.
+        EXPECT_EQ(c.recv_all(), "");
+    }
+}
+
 TEST(Socketserver, ForkingChildrenCollectedWhileServing) {
     mp::ForkingTCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>());
     {

@@ -146,6 +146,12 @@ void PoolEngine::Impl::loop() {
             const std::size_t busy = in_flight();
             if (!draining || !pending.empty() || busy != 0 || !first_start_done) start_workers();
         }
+        if (first_start_done && !first_workers_told) {
+            first_workers_told = true;
+            std::lock_guard lock(mu);
+            first_workers_forked = true;
+            cancel_cv.notify_all();
+        }
         dispatch();
         for (auto& w : workers) send(*w);
         if (draining && pending.empty() && in_flight() == 0 && (first_start_done || is_broken())) {
@@ -324,19 +330,18 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
         }
     impl_ = std::make_shared<Impl>(std::move(config));
     impl_->init_fds = std::move(init_fds);
-    // Under fork the first workers start here, in the caller's thread, before the pool's own
-    // thread exists (as Python's Pool, and its executor at the first submit): they are copies
-    // of the program as the caller left it, and no thread of the pool's runs beside the fork.
-    // Forked from the pool's thread while the caller goes on, a worker could inherit a lock
-    // the caller held at that instant in an allocator that is not fork-safe (ASan's is not;
-    // glibc's is), and wait on it for ever. Replacements still start in the pool's thread.
-    if (impl_->cfg.method == StartMethod::fork) impl_->start_workers();
     Impl* impl = impl_.get();
-    try {
-        impl_->thread = std::thread([impl] { impl->run(); });
-    } catch (...) {
-        impl->kill_and_reap_all();
-        throw;
+    impl_->thread = std::thread([impl] { impl->run(); });
+    // Under fork the caller waits here while the pool's thread forks the first workers, so they
+    // are copies of the program as the caller left it (as Python's Pool, whose caller forks
+    // them): forked while the caller went on, a worker could inherit a lock the caller held at
+    // that instant in an allocator that is not fork-safe (ASan's is not; glibc's is), and wait
+    // on it for ever. The pool's thread forks them, not the caller, because PR_SET_PDEATHSIG
+    // fires when the thread that forked a child ends: forked by the caller, they died with it
+    // (a pool made in a short-lived thread). The pool's thread outlives every worker.
+    if (impl_->cfg.method == StartMethod::fork) {
+        std::unique_lock lock(impl_->mu);
+        impl_->cancel_cv.wait(lock, [impl] { return impl->first_workers_forked || impl->finished; });
     }
 }
 

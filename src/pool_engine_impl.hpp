@@ -220,6 +220,7 @@ struct PoolEngine::Impl {
     int stop_signal = 0;  // terminate_workers / kill_workers: the signal, for the loop to send
     bool broken = false;
     bool finished = false;
+    bool first_workers_forked = false;  // the constructor of a fork pool waits for it
     bool loop_sleeping = false;
     std::uint64_t cancels_done = 0;  // cancel_pending passes the loop made
     std::condition_variable cancel_cv;
@@ -253,6 +254,7 @@ struct PoolEngine::Impl {
     std::optional<Clock::time_point> failing_since;
     Clock::duration backoff{};
     bool first_start_done = false;  // every worker was started once (even if shut down at once)
+    bool first_workers_told = false;  // first_workers_forked was set
 
     void ring() {
         const std::uint64_t one = 1;

@@ -2189,6 +2189,32 @@ TEST(ExecutorThreadedParent, ForkPoolWorksWhileThreadsHoldLocks) {
     run_with_busy_threads(mp::StartMethod::fork);
 }
 
+int pid_after(int ms) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+    return static_cast<int>(::getpid());
+}
+
+// PR_SET_PDEATHSIG fires when the thread that forked the child ends, not the process: a fork
+// pool's first workers, forked by the thread that constructed the pool, were killed when that
+// thread ended, with the task they ran (mp::WorkerDied). They are forked by the pool's own
+// thread now, which outlives them.
+TEST(ExecutorThreadedParent, ForkWorkersOutliveTheThreadThatMadeThePool) {
+    std::unique_ptr<mp::ProcessPoolExecutor> ex;
+    std::optional<mp::Future<int>> running;
+    std::thread maker([&] {
+        ex = std::make_unique<mp::ProcessPoolExecutor>(
+            mp::ExecutorOptions{.max_workers = 1, .start_method = mp::StartMethod::fork});
+        running = ex->submit(pid_after, 500);
+        // The worker has the task when this thread ends.
+        EXPECT_TRUE(eventually([&] { return running->running() || running->done(); }));
+    });
+    maker.join();
+    int first = 0;
+    ASSERT_NO_THROW(first = running->result(kLong));
+    EXPECT_EQ(ex->submit(pid_after, 0).result(kLong), first) << "the worker was replaced";
+    ex->shutdown();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Progress bar, stats
 // ---------------------------------------------------------------------------------------------

@@ -55,11 +55,11 @@
 /// When the parent dies, even by SIGKILL, its workers are killed at once, also while a child it
 /// forked (an mp::Process under fork) lives on: mp's fork children do not keep the parent's ends
 /// of the workers' sockets. A child made by a bare fork() of your own does keep them, and the
-/// workers then last as long as that child. Under fork, the first workers are forked by the
-/// thread that constructs the pool and are killed when that thread ends (PR_SET_PDEATHSIG
-/// follows the forking thread; a task they were running fails with mp::WorkerDied and they are
-/// replaced): construct a fork pool in a thread that outlives it, or use forkserver (the
-/// default), whose workers' parent is the server.
+/// workers then last as long as that child. Under fork, every worker is forked by the pool's
+/// own thread, which outlives them (PR_SET_PDEATHSIG fires when the thread that forked a child
+/// ends, so a pool made in a short-lived thread keeps its workers); the constructor waits while
+/// the first ones are forked, so they are copies of the program as the caller left it. A task
+/// in a fork worker sees the pool thread's thread_local values, not the constructing thread's.
 ///
 /// Workers are not daemon processes (as Python's since 3.9): a task may start an mp::Process of
 /// its own, and a worker leaving the pool joins the children it still has, as any process does

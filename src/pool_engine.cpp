@@ -330,16 +330,26 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
         }
     impl_ = std::make_shared<Impl>(std::move(config));
     impl_->init_fds = std::move(init_fds);
+    // Under fork the first workers are copies of the program as the caller left it (as Python's
+    // Pool, whose caller forks them), and no thread of the caller's runs beside the fork: forked
+    // while the caller went on, a worker could inherit a lock the caller held at that instant in
+    // an allocator that is not fork-safe (ASan's is not; glibc's is), and wait on it for ever.
+    // PR_SET_PDEATHSIG fires when the thread that forked a child ends, not the process, so the
+    // main thread forks them itself (it lasts as long as the process, and the fork is then of a
+    // process the pool adds no thread to), and any other caller waits while the pool's thread,
+    // which outlives every worker, forks them: a pool made in a short-lived thread keeps them.
+    // Replacements are forked by the pool's thread.
+    const bool fork = impl_->cfg.method == StartMethod::fork;
+    const bool caller_forks = fork && ::gettid() == ::getpid();
+    if (caller_forks) impl_->start_workers();
     Impl* impl = impl_.get();
-    impl_->thread = std::thread([impl] { impl->run(); });
-    // Under fork the caller waits here while the pool's thread forks the first workers, so they
-    // are copies of the program as the caller left it (as Python's Pool, whose caller forks
-    // them): forked while the caller went on, a worker could inherit a lock the caller held at
-    // that instant in an allocator that is not fork-safe (ASan's is not; glibc's is), and wait
-    // on it for ever. The pool's thread forks them, not the caller, because PR_SET_PDEATHSIG
-    // fires when the thread that forked a child ends: forked by the caller, they died with it
-    // (a pool made in a short-lived thread). The pool's thread outlives every worker.
-    if (impl_->cfg.method == StartMethod::fork) {
+    try {
+        impl_->thread = std::thread([impl] { impl->run(); });
+    } catch (...) {
+        impl->kill_and_reap_all();
+        throw;
+    }
+    if (fork && !caller_forks) {
         std::unique_lock lock(impl_->mu);
         impl_->cancel_cv.wait(lock, [impl] { return impl->first_workers_forked || impl->finished; });
     }

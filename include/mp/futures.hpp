@@ -55,11 +55,12 @@
 /// When the parent dies, even by SIGKILL, its workers are killed at once, also while a child it
 /// forked (an mp::Process under fork) lives on: mp's fork children do not keep the parent's ends
 /// of the workers' sockets. A child made by a bare fork() of your own does keep them, and the
-/// workers then last as long as that child. Under fork, every worker is forked by the pool's
-/// own thread, which outlives them (PR_SET_PDEATHSIG fires when the thread that forked a child
-/// ends, so a pool made in a short-lived thread keeps its workers); the constructor waits while
-/// the first ones are forked, so they are copies of the program as the caller left it. A task
-/// in a fork worker sees the pool thread's thread_local values, not the constructing thread's.
+/// workers then last as long as that child. Under fork, the first workers are copies of the
+/// program as the constructor's caller left it; replacements are forked by the pool's own
+/// thread. The main thread forks the first ones itself; in any other thread the constructor
+/// waits while the pool's thread forks them (PR_SET_PDEATHSIG fires when the thread that forked
+/// a child ends, and the pool's thread outlives its workers, so a pool made in a short-lived
+/// thread keeps them), and tasks there see the pool thread's thread_local values.
 ///
 /// Workers are not daemon processes (as Python's since 3.9): a task may start an mp::Process of
 /// its own, and a worker leaving the pool joins the children it still has, as any process does

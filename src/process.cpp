@@ -342,7 +342,10 @@ void reset_child_signals() noexcept {
 }
 
 void stdin_from_null() noexcept {
-    const int null = static_cast<int>(sys_call(SYS_openat, AT_FDCWD, "/dev/null", O_RDONLY | O_CLOEXEC));
+    // The path is made on the stack (immediate stores): read from the program's read-only data
+    // it costs a fork child a page fault (fork copies no page table entry of a file mapping).
+    char path[] = "/dev/null";
+    const int null = static_cast<int>(sys_call(SYS_openat, AT_FDCWD, path, O_RDONLY | O_CLOEXEC));
     if (null > 0) {
         sys_call(SYS_dup3, null, 0, 0);
         sys_call(SYS_close, null);

@@ -213,8 +213,12 @@ Launched launch_fork(const ChildSpec& spec) {
         ChildRecord{ProcessIdentity{std::string(spec.name), 0, spec.daemon, std::string(spec.authkey),
                                     std::vector<int>(spec.identity.begin(), spec.identity.end())},
                     ParentProcess{current_process().name, self}});
-    const ChildSetup setup{&out.record->identity, &out.record->parent,
-                           spec.daemon || spec.dies_with_parent, self};
+    ChildSetup setup{&out.record->identity, &out.record->parent, spec.daemon || spec.dies_with_parent, self};
+    if (parent_death_checked(spec.daemon, spec.dies_with_parent)) {
+        setup.checked_death_signal = checked_death_signal();
+        struct sigaction bind {};  // binds sigaction() here: the child calls it (become_child)
+        ::sigaction(setup.checked_death_signal, nullptr, &bind);
+    }
     auto child = [&]() noexcept -> int {
         become_child(setup);
         // Raw syscall(): see become_child.

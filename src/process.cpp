@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -352,6 +353,28 @@ void stdin_from_null() noexcept {
     }
 }
 
+namespace {
+
+// The checked parent-death signal's handler (ChildSetup::checked_death_signal): it comes when the
+// thread that forked this child ends. A thread's children pass to another thread of its process
+// while one lives, and only then out of it, and the signal comes after that move: so the
+// parent is gone exactly when getppid() no longer names it.
+volatile std::sig_atomic_t g_death_checked_parent = 0;
+
+extern "C" void on_parent_thread_end(int) {
+    const int saved = errno;
+    if (sys_call(SYS_getppid) != g_death_checked_parent) sys_call(SYS_kill, sys_call(SYS_getpid), SIGKILL);
+    errno = saved;
+}
+
+}  // namespace
+
+bool parent_death_checked(bool daemon, bool pool_worker) noexcept {
+    return daemon && !pool_worker && ::gettid() != ::getpid();
+}
+
+int checked_death_signal() noexcept { return SIGRTMAX; }
+
 void become_child(const ChildSetup& setup) noexcept {
     Globals& g = globals();
     const auto self = static_cast<pid_t>(sys_call(SYS_getpid));
@@ -374,7 +397,16 @@ void become_child(const ChildSetup& setup) noexcept {
         stdin_from_null();
     }
     if (setup.dies_with_parent) {
-        sys_call(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+        int signal = SIGKILL;
+        if (setup.checked_death_signal != 0) {
+            // sigaction() is bound by now: the parent looked this signal up before the fork.
+            g_death_checked_parent = setup.parent_pid;
+            struct sigaction sa {};
+            sa.sa_handler = on_parent_thread_end;
+            sa.sa_flags = SA_RESTART;
+            if (::sigaction(setup.checked_death_signal, &sa, nullptr) == 0) signal = setup.checked_death_signal;
+        }
+        sys_call(SYS_prctl, PR_SET_PDEATHSIG, signal, 0, 0, 0);
         // The parent may have died before the line above: then no signal will come.
         if (sys_call(SYS_getppid) != setup.parent_pid) sys_call(SYS_kill, self, SIGKILL);
     }

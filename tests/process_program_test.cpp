@@ -53,12 +53,14 @@ TEST(ProcessProgram, MainProcessAuthkeyIsRandom) {
     EXPECT_NE(a.out(), b.out());
 }
 
-// The helper program starts a daemon child (under `method`, none: its default) and is killed.
-void expect_daemon_dies_with_its_killed_parent(std::optional<std::string> method) {
+// The helper program starts a daemon child (under `method`, none: its default; from a thread
+// that has ended by then with `from_thread`) and is killed.
+void expect_daemon_dies_with_its_killed_parent(std::optional<std::string> method, bool from_thread = false) {
     Subreaper reaper;
     TempDir dir;
     std::vector<std::string> args{"daemon-orphan", dir.file("pid")};
-    if (method) args.push_back(*method);
+    if (method || from_thread) args.push_back(method.value_or("fork"));
+    if (from_thread) args.push_back("thread");
     Program prog(dir, args);
     auto text = wait_for_file(dir.file("pid"));
     ASSERT_TRUE(text) << "no pid file; " << prog.err();
@@ -75,6 +77,19 @@ TEST(ProcessProgram, DaemonDiesWhenItsParentIsKilled) { expect_daemon_dies_with_
 
 TEST(ProcessProgram, ForkserverDaemonDiesWhenItsParentIsKilled) {
     expect_daemon_dies_with_its_killed_parent("forkserver");
+}
+
+TEST(ProcessProgram, SpawnDaemonDiesWhenItsParentIsKilled) { expect_daemon_dies_with_its_killed_parent("spawn"); }
+
+// Started by a thread that ended (the checked parent-death signal): killed all the same.
+TEST(ProcessProgram, DaemonStartedByAThreadDiesWhenItsParentIsKilled) {
+    expect_daemon_dies_with_its_killed_parent("fork", true);
+}
+TEST(ProcessProgram, SpawnDaemonStartedByAThreadDiesWhenItsParentIsKilled) {
+    expect_daemon_dies_with_its_killed_parent("spawn", true);
+}
+TEST(ProcessProgram, ForkserverDaemonStartedByAThreadDiesWhenItsParentIsKilled) {
+    expect_daemon_dies_with_its_killed_parent("forkserver", true);
 }
 
 TEST(ProcessProgram, ForkserverChildFlushesStdioAndReportsItsException) {

@@ -351,6 +351,31 @@ TEST_P(Process, NonDaemonChildOutlivesTheThreadThatStartedIt) {
     EXPECT_EQ(p.exitcode(), 0);
 }
 
+// The parent-death signal comes when the thread that forked the child ends: a daemon started by
+// a thread that then ended was killed with it (fork and spawn; a forkserver child's parent is
+// the server). Its handler now kills the daemon only once the parent process is gone.
+TEST_P(Process, DaemonOutlivesTheThreadThatStartedIt) {
+    TempDir dir;
+    FileGate gate(dir);
+    mp::ProcessOptions o = options();
+    o.daemon = true;
+    mp::Process p(o, fs_wait_for_file, gate.path());
+    std::thread starter([&] {
+        p.start();
+        // The child arms its parent-death signal as it starts: a thread that ended before
+        // would have left it the main thread's child, and no signal to test.
+        std::this_thread::sleep_for(200ms);
+    });
+    starter.join();
+    // A second thread's end, after the child passed to the main thread, is no signal to it.
+    std::thread([] {}).join();
+    std::this_thread::sleep_for(100ms);
+    EXPECT_TRUE(p.is_alive()) << "the daemon died with the thread that started it";
+    gate.open();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 0);
+}
+
 TEST_P(Process, ManyChildrenAtOnceKeepTheirOwnExitCodes) {
     TempDir dir;
     FileGate gate(dir);

@@ -51,10 +51,13 @@
 ///   exit code is 1. A child never runs the parent's atexit handlers or static destructors: it
 ///   flushes stdio and leaves with _exit.
 /// - Daemon children are terminated when the parent exits normally and receive SIGKILL when the
-///   parent dies any other way (PR_SET_PDEATHSIG; under fork and spawn this fires when the
-///   *thread* that called start() ends, the kernel's parent of the child being that thread, so
-///   start daemons from a thread that outlives them; a forkserver daemon's is the server, and it
-///   goes when its requesting process does). A daemon may not
+///   parent dies any other way (PR_SET_PDEATHSIG; a forkserver daemon's parent is the server,
+///   and it goes when its requesting process does). The kernel sends the parent-death signal
+///   when the *thread* that forked the child ends, so under fork and spawn a daemon started by
+///   a thread other than the main one gets SIGRTMAX instead, with a handler that kills it only
+///   once the parent process is gone: it outlives the thread that started it. Such a daemon
+///   must leave SIGRTMAX alone, and a blocking call of its own may fail with EINTR (as with any
+///   handled signal) when that thread ends. A daemon may not
 ///   start children. Non-daemon children are joined when the parent returns from main or calls
 ///   std::exit.
 /// - A fork child starts with no signal blocked and, when the parent ignored SIGTERM, with SIGTERM's

@@ -12,10 +12,11 @@
 /// parent, threads, atexit). Each prints what the test needs on stdout and exits 0 when its own
 /// checks pass; a diagnostic goes to stderr.
 ///
-///   daemon-orphan FILE [forkserver]
-///                               starts a daemon child (fork, or forkserver) that sleeps, writes
-///                               its pid to FILE, then blocks (up to 60 s) so the test can SIGKILL
-///                               this program
+///   daemon-orphan FILE [METHOD [thread]]
+///                               starts a daemon child (fork unless METHOD says forkserver or
+///                               spawn; with "thread", from a thread that has ended by then) that
+///                               sleeps, writes its pid to FILE, then blocks (up to 60 s) so the
+///                               test can SIGKILL this program
 ///   forkserver-stdio            printf("parent-buffered") without a newline, then forkserver
 ///                               children: one prints "fs-buffered" without a newline, one throws;
 ///                               prints "exitcodes A B" and "thrower NAME"
@@ -207,12 +208,19 @@ int mode_authkey() {
 
 void block_a_minute() { block_for(60s); }
 
-int mode_daemon_orphan(const std::string& file, bool forkserver) {
+int mode_daemon_orphan(const std::string& file, const std::string& method, bool from_thread) {
     mp::ProcessOptions options{.name = "orphan", .daemon = true};
-    if (forkserver) options.start_method = mp::StartMethod::forkserver;
+    if (method == "forkserver") options.start_method = mp::StartMethod::forkserver;
+    if (method == "spawn") options.start_method = mp::StartMethod::spawn;
     // Leaked on purpose: the program is killed, nothing is destroyed.
     auto* p = keep(options, block_a_minute);
-    p->start();
+    if (from_thread)
+        std::thread([p] {
+            p->start();
+            sleep_seconds(0.2);  // the child has armed its parent-death signal by then
+        }).join();
+    else
+        p->start();
     write_file_atomically(file, std::to_string(p->pid()) + "\n");
     block_for(60s);
 }
@@ -645,7 +653,7 @@ int main(int argc, char** argv) {
         if (mode == "echo") return mode_echo();
         if (mode == "authkey") return mode_authkey();
         if (mode == "daemon-orphan" && argc > 2) {
-            return mode_daemon_orphan(arg, argc > 3 && std::strcmp(argv[3], "forkserver") == 0);
+            return mode_daemon_orphan(arg, argc > 3 ? argv[3] : "fork", argc > 4 && std::strcmp(argv[4], "thread") == 0);
         }
         if (mode == "forkserver-stdio") return mode_forkserver_stdio();
         if (mode == "exit-joins" && argc > 2) {

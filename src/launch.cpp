@@ -214,8 +214,8 @@ Launched launch_fork(const ChildSpec& spec) {
                                     std::vector<int>(spec.identity.begin(), spec.identity.end())},
                     ParentProcess{current_process().name, self}});
     ChildSetup setup{&out.record->identity, &out.record->parent, spec.daemon || spec.dies_with_parent, self};
-    if (parent_death_checked(spec.daemon, spec.dies_with_parent)) {
-        setup.checked_death_signal = checked_death_signal();
+    setup.checked_death_signal = checked_death_signal(spec.daemon, spec.dies_with_parent);
+    if (setup.checked_death_signal != 0) {
         struct sigaction bind {};  // binds sigaction() here: the child calls it (become_child)
         ::sigaction(setup.checked_death_signal, nullptr, &bind);
     }

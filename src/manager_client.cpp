@@ -111,7 +111,6 @@ void drop_dead_links(ClientConnections& cc) {
     }
 }
 
-bool is_main_thread() { return ::gettid() == ::getpid(); }
 
 ClientConnections::~ClientConnections() {
     t_cache_state = CacheState::gone;
@@ -120,7 +119,7 @@ ClientConnections::~ClientConnections() {
     // as Python's. A connection that closes without this word is a process that died (or exits:
     // the main thread's objects go at exit), and the server releases the locks it held.
     // A server that does not answer within a bound (stopped, say) does not keep the thread.
-    if (pid != sys::self_pid() || is_main_thread()) return;
+    if (pid != sys::self_pid() || sys::on_main_thread()) return;
     constexpr auto kDetachWait = std::chrono::seconds(2);
     for (auto& [key, link] : by_address) {
         try {

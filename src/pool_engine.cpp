@@ -54,6 +54,7 @@
 #include "process_impl.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
+#include "sys/pidfd.hpp"
 
 namespace mp::detail {
 
@@ -340,7 +341,7 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
     // which outlives every worker, forks them: a pool made in a short-lived thread keeps them.
     // Replacements are forked by the pool's thread.
     const bool fork = impl_->cfg.method == StartMethod::fork;
-    const bool caller_forks = fork && ::gettid() == ::getpid();
+    const bool caller_forks = fork && sys::on_main_thread();
     if (caller_forks) impl_->start_workers();
     Impl* impl = impl_.get();
     try {

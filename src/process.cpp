@@ -17,8 +17,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -369,11 +369,9 @@ extern "C" void on_parent_thread_end(int) {
 
 }  // namespace
 
-bool parent_death_checked(bool daemon, bool pool_worker) noexcept {
-    return daemon && !pool_worker && ::gettid() != ::getpid();
+int checked_death_signal(bool daemon, bool pool_worker) noexcept {
+    return daemon && !pool_worker && !sys::on_main_thread() ? SIGRTMAX : 0;
 }
-
-int checked_death_signal() noexcept { return SIGRTMAX; }
 
 void become_child(const ChildSetup& setup) noexcept {
     Globals& g = globals();

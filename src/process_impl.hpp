@@ -78,19 +78,17 @@ struct ChildSetup {
     /// /dev/null as stdin already (reset_child_signals and stdin_from_null ran there once).
     bool from_server = false;
     /// Non-zero: the parent-death signal is this one, with a handler that kills the child only
-    /// when the parent *process* is gone (see parent_death_checked).
+    /// when the parent *process* is gone (see checked_death_signal()).
     int checked_death_signal = 0;
 };
 
-/// Whether a daemon started by the calling thread needs the checked parent-death signal: the
-/// kernel sends the parent-death signal when the thread that forked the child ends, not the
-/// process, so a daemon started by any thread but the main one (which lasts as long as the
-/// process) would die with that thread. Such a daemon gets a signal (SIGRTMAX) whose handler
-/// kills it only when it was reparented out of the process. Pool workers are forked by a
+/// The checked parent-death signal a daemon started by the calling thread needs (SIGRTMAX), or 0
+/// for plain SIGKILL: the kernel sends the parent-death signal when the thread that forked the
+/// child ends, not the process, so a daemon started by any thread but the main one (which
+/// lasts as long as the process) would die with that thread. With this signal its handler
+/// kills it only once it was reparented out of the process. Pool workers are forked by a
 /// thread that outlives them and keep plain SIGKILL.
-bool parent_death_checked(bool daemon, bool pool_worker) noexcept;
-/// The signal of a checked parent-death (SIGRTMAX), worked out outside the child.
-int checked_death_signal() noexcept;
+int checked_death_signal(bool daemon, bool pool_worker) noexcept;
 
 /// In a new child, before any user code: installs the identity, forgets the parent's children and
 /// locks, points stdin at /dev/null, arms the parent-death signal (dies_with_parent).
@@ -140,8 +138,8 @@ struct ChildRequest {
     bool daemon = false;  // current_process().daemon in the child
     /// Killed with its parent: a daemon, or a pool worker (ChildSpec::dies_with_parent).
     bool dies_with_parent = false;
-    /// Started by a thread that may end before it (parent_death_checked).
-    bool death_checked = false;
+    /// ChildSetup::checked_death_signal, from the thread that starts it (checked_death_signal()).
+    int checked_death_signal = 0;
     std::string authkey;
     std::vector<int> identity;
     std::string parent_name;

@@ -60,7 +60,7 @@ struct Codec<detail::ChildRequest> {
         put_string(e, r.name);
         e.put(r.daemon);
         e.put(r.dies_with_parent);
-        e.put(r.death_checked);
+        e.put(static_cast<std::int32_t>(r.checked_death_signal));
         put_string(e, r.authkey);
         e.write_size(r.identity.size());
         for (int i : r.identity) e.put(i);
@@ -77,7 +77,7 @@ struct Codec<detail::ChildRequest> {
         r.name = get_string(d);
         r.daemon = d.get<bool>();
         r.dies_with_parent = d.get<bool>();
-        r.death_checked = d.get<bool>();
+        r.checked_death_signal = d.get<std::int32_t>();
         r.authkey = get_string(d);
         auto n = d.read_size(sizeof(int));
         for (std::uint64_t i = 0; i < n; ++i) r.identity.push_back(d.get<int>());
@@ -276,7 +276,7 @@ ChildRequest make_request(const ChildSpec& spec) {
     req.name = spec.name;
     req.daemon = spec.daemon;
     req.dies_with_parent = spec.daemon || spec.dies_with_parent;
-    req.death_checked = parent_death_checked(spec.daemon, spec.dies_with_parent);
+    req.checked_death_signal = checked_death_signal(spec.daemon, spec.dies_with_parent);
     req.authkey = spec.authkey;
     req.identity.assign(spec.identity.begin(), spec.identity.end());
     req.parent_name = current_process().name;
@@ -326,7 +326,7 @@ void run_request(int fd, bool direct) noexcept {
         // A spawn child's OS parent is the requester: it arms the parent-death signal. A
         // forkserver child's is the server, which has done that already (child_main).
         ChildSetup setup{identity, parent, direct && req.dies_with_parent, req.parent_pid, !direct};
-        if (direct && req.death_checked) setup.checked_death_signal = checked_death_signal();
+        if (direct) setup.checked_death_signal = req.checked_death_signal;
         become_child(setup);
         identity->daemon = req.daemon;
         apply_log_settings(req.log);

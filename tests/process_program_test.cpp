@@ -258,7 +258,7 @@ TEST(ProcessProgram, ChildrenRunNoLazyBinding) {
         const auto space = line.find(' ');
         if (space != std::string::npos) children.push_back(line.substr(space + 1));
     }
-    ASSERT_EQ(children.size(), 4u) << prog.describe();
+    ASSERT_EQ(children.size(), 6u) << prog.describe();
     const std::string log = prog.err();
     ASSERT_NE(log.find("binding"), std::string::npos) << "ld.so reported no bindings at all";
     for (const auto& line : lines_of(log)) {

@@ -36,6 +36,8 @@ pid_t self_pid() noexcept {
 
 void set_self_pid(pid_t pid) noexcept { g_self_pid.store(pid, std::memory_order_relaxed); }
 
+bool on_main_thread() noexcept { return ::gettid() == self_pid(); }
+
 Fd pidfd_open(pid_t pid) {
     return Fd(static_cast<int>(check(::syscall(SYS_pidfd_open, pid, 0), "pidfd_open")));
 }

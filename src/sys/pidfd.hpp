@@ -25,6 +25,9 @@ bool pidfd_wait_exit(int pidfd, std::optional<std::chrono::nanoseconds> timeout)
 pid_t self_pid() noexcept;
 /// In a new child that knows its id already (mp's fork children): the cache without a call.
 void set_self_pid(pid_t pid) noexcept;
+/// Whether the calling thread is the process's main thread (its id is the process's), the one
+/// whose end is the process's: a child it forks gets its parent-death signal with the process.
+bool on_main_thread() noexcept;
 /// Turns a waitpid/waitid status into the exitcode convention.
 int decode_wait_status(int code, int status);
 

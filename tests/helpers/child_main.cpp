@@ -31,8 +31,9 @@
 ///                               global std::mutex) while forkserver children lock that mutex
 ///   threaded-forkserver-late    threads that allocate run before the first forkserver use;
 ///                               forkserver children allocate and print "fs-child I allocated N"
-///   children-run-no-linker      two fork and two forkserver children run an empty function;
-///                               prints "fork-pid P" and "forkserver-pid P" for each
+///   children-run-no-linker      two fork and two forkserver children run an empty function,
+///                               then two fork daemons started by a thread;
+///                               prints "fork-pid P", "forkserver-pid P", "thread-daemon-pid P"
 ///   atexit-not-run FILE         an atexit handler and a static destructor append "atexit PID" and
 ///                               "static-dtor PID" to FILE; a fork child prints "child-buffered"
 ///                               without a newline and returns; prints "child-pid P"
@@ -618,6 +619,15 @@ int mode_children_run_no_linker() {
             if (p.exitcode() != 0) return 1;
             std::printf("%s-pid %d\n", mp::to_string(method).c_str(), static_cast<int>(p.pid()));
         }
+    }
+    // Daemons started by a thread that then ends: their child installs the checked
+    // parent-death signal's handler (sigaction), bound by the parent before the fork.
+    for (int i = 0; i < 2; ++i) {
+        mp::Process p(mp::ProcessOptions{.daemon = true, .start_method = mp::StartMethod::fork}, do_nothing);
+        std::thread([&p] { p.start(); }).join();
+        p.join();
+        if (p.exitcode() != 0) return 1;
+        std::printf("thread-daemon-pid %d\n", static_cast<int>(p.pid()));
     }
     return 0;
 }

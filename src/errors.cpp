@@ -37,6 +37,9 @@ std::string current_exception_type_name() {
 
 std::string describe_status(int status) {
     if (status >= 0) return "exited with code " + std::to_string(status);
+    if (status == WorkerDied::unknown_status)
+        return "ended, how is unknown (its exit status was collected by someone else, or lost "
+               "with its forkserver)";
     const char* name = ::sigabbrev_np(-status);
     return "was killed by signal " + std::to_string(-status) +
            (name != nullptr ? std::string(" (SIG") + name + ")" : std::string());

@@ -11,6 +11,7 @@
 #include <csignal>
 #include <cstdio>
 #include <algorithm>
+#include <array>
 #include <iostream>
 #include <mutex>
 #include <new>
@@ -117,9 +118,9 @@ void drop_listed(ParentOnlyList& list, int fd) noexcept {
 
 // The one fork of a parent: `child` runs in the child with every signal blocked and never
 // returns; it starts with nothing of the parent's pending on the standard streams and without
-// the parent's ParentOnlyFd descriptors but `kept`. Returns the child's pid; throws
+// the parent's ParentOnlyFd descriptors but those in `kept`. Returns the child's pid; throws
 // std::system_error naming `what`.
-pid_t fork_blocked(const char* what, ChildMain child, int kept = -1) {
+pid_t fork_blocked(const char* what, ChildMain child, std::array<int, 2> kept = {-1, -1}) {
     flush_before_fork();
     // Held across the fork: no descriptor is listed or unlisted half-way, and none made by
     // another thread meanwhile escapes the child's closing.
@@ -139,7 +140,7 @@ pid_t fork_blocked(const char* what, ChildMain child, int kept = -1) {
             // lock are this child's from here on: emptied, and a fresh lock (the parent's copy
             // is held), without freeing what the parent's copy holds.
             for (int fd : listed->fds)
-                if (fd != kept) ::syscall(SYS_close, fd);
+                if (fd != kept[0] && fd != kept[1]) ::syscall(SYS_close, fd);
             new (&listed->fds) std::vector<int>;
             new (&listed->mu) std::mutex;
             (void)hold.release();
@@ -189,6 +190,15 @@ void kill_and_reap(pid_t pid) noexcept {
     }
 }
 
+// Whether the kernel reaps this process's children itself as they end: SIGCHLD ignored, or
+// SA_NOCLDWAIT (a program that wants no zombies). Asked at each fork start: the program may
+// change it at any time.
+bool children_reaped_by_kernel() noexcept {
+    struct sigaction action {};
+    return ::sigaction(SIGCHLD, nullptr, &action) == 0 &&
+           (action.sa_handler == SIG_IGN || (action.sa_flags & SA_NOCLDWAIT) != 0);
+}
+
 // Without a pidfd the child cannot be waited for or signalled safely: it is ended at once.
 sys::Fd pidfd_or_kill(pid_t pid) {
     try {
@@ -219,7 +229,21 @@ Launched launch_fork(const ChildSpec& spec) {
         struct sigaction bind {};  // binds sigaction() here: the child calls it (become_child)
         ::sigaction(setup.checked_death_signal, nullptr, &bind);
     }
+    // When the kernel reaps our children itself, a child that ended before its pidfd below is
+    // open would be gone, and its pid with it (pidfd_open: ESRCH), and with the pidfd open when
+    // it ends the kernel keeps its status for us (sys::pidfd_exit_status): such a child waits
+    // for our word first. Listed, so that no other fork child keeps a copy: the word's end
+    // closing at our death releases it too.
+    std::pair<ParentOnlyFd, ParentOnlyFd> hold;
+    if (children_reaped_by_kernel()) hold = parent_only_socketpair(SOCK_STREAM);
+    const int wait_word = hold.second.get();
     auto child = [&]() noexcept -> int {
+        if (wait_word >= 0) {
+            // Raw syscall(): see become_child. Every signal is blocked: no EINTR.
+            char word;
+            (void)::syscall(SYS_read, wait_word, &word, 1);
+            ::syscall(SYS_close, wait_word);
+        }
         become_child(setup);
         // Raw syscall(): see become_child.
         for (int fd : spec.close_in_child)
@@ -227,8 +251,12 @@ Launched launch_fork(const ChildSpec& spec) {
         if (spec.logs_start) log_child_start();
         finish_child(spec.main());
     };
-    out.pid = fork_blocked("fork", ChildMain(child), spec.parent_only_kept);
+    out.pid = fork_blocked("fork", ChildMain(child), {spec.parent_only_kept, wait_word});
     out.pidfd = pidfd_or_kill(out.pid);
+    if (hold.first) {
+        const char word = 1;
+        (void)::send(hold.first.get(), &word, 1, MSG_NOSIGNAL);
+    }
     return out;
 }
 

@@ -434,7 +434,7 @@ private:
                 } catch (const WorkerDied& d) {
                     outcome = 2;
                     put_u64(result, static_cast<std::uint64_t>(d.pid()));
-                    const int status = d.signal() ? -*d.signal() : d.exit_code().value_or(0);
+                    const int status = d.signal() ? -*d.signal() : d.exit_code().value_or(WorkerDied::unknown_status);
                     put_u64(result, static_cast<std::uint64_t>(static_cast<std::int64_t>(status)));
                     // Whose worker it was ("MPIRank-2@host"): the root's pid means nothing there.
                     put_counted(result, current_process().name);

@@ -232,8 +232,9 @@ std::optional<int> PoolEngine::Impl::exit_status(pool::Worker& w) {
             return sys::pidfd_wait(w.pidfd.get(), false);
         } catch (const std::system_error& e) {
             // ECHILD: reaped by someone else (SIGCHLD ignored, or a waitpid(-1) elsewhere in the
-            // program; a blocking wait fails so only once the child has ended). It has ended, how
-            // is unknown: the pool goes on and replaces it, as after any other end.
+            // program; a blocking wait fails so only once the child has ended) on a kernel that
+            // kept no status for its pidfd (before Linux 6.15). It has ended, how is unknown: the
+            // pool goes on and replaces it, as after any other end.
             if (e.code().value() != ECHILD) throw;
             (void)sys::pidfd_wait_exit(w.pidfd.get(), std::nullopt);
             return std::nullopt;
@@ -250,7 +251,7 @@ std::optional<int> PoolEngine::Impl::exit_status(pool::Worker& w) {
 // The worker has ended (or is being made to): reap it, read what it sent, settle its tasks.
 void PoolEngine::Impl::wait_exit(pool::Worker& w, bool terminating) {
     // Dead first: only then are its slot and stage final.
-    const int status = exit_status(w).value_or(-SIGKILL);
+    const int status = exit_status(w).value_or(WorkerDied::unknown_status);
     if (w.sock) receive(w);
     // Answers it had finished but not sent wait in its stage (some may have been sent too:
     // handle() ignores an answer twice). A frame cut short on the socket is in the stage whole.
@@ -330,10 +331,13 @@ void PoolEngine::Impl::wait_exit(pool::Worker& w, bool terminating) {
     if (terminating) return;
     // A crash at start repeats for every replacement: three in a row break the pool. Kills
     // from outside are the killer's doing, but a worker killed every time its initializer
-    // runs (by the OOM killer, say) would be replaced for ever: a hundred break the pool.
+    // runs (by the OOM killer, say) would be replaced for ever: a hundred break the pool. An
+    // end no one can tell (unknown_status) counts as a kill: it is not known to be a crash.
     const bool start_failed =
         unasked && !was_ready &&
-        (status == -SIGKILL ? cfg.initializer && ++start_kills >= 100 : ++start_crashes >= 3);
+        (status == -SIGKILL || status == WorkerDied::unknown_status
+             ? cfg.initializer && ++start_kills >= 100
+             : ++start_crashes >= 3);
     if (start_failed) {
         break_pool("workers die as they start (the last, " + name + " (pid " + std::to_string(pid) +
                    "), " + describe_status(status) + ")");

@@ -205,7 +205,8 @@ bool ProcessState::reap_locked() {
     } catch (const std::system_error& e) {
         if (e.code().value() != ECHILD) throw;
         // ECHILD for our own child: it has ended and been reaped by someone else (a running
-        // child, even with SIGCHLD ignored, is still found by a WNOHANG wait).
+        // child, even with SIGCHLD ignored, is still found by a WNOHANG wait), on a kernel that
+        // kept no status for its pidfd (pidfd_wait asks; before Linux 6.15).
         status_lost = true;
         throw status_lost_error(pid);
     }

@@ -541,7 +541,13 @@ void BaseServer::close_connections_in_child() noexcept {
 }
 
 void BaseServer::reap(Child& c) {
-    c.process->join();
+    try {
+        c.process->join();
+    } catch (const ProcessError&) {
+        // Its exit status was collected by someone else (the program ignores SIGCHLD, on a
+        // kernel before Linux 6.15, which keeps none for mp): it has ended all the same. Python's
+        // ForkingMixIn likewise takes the ChildProcessError and serves on.
+    }
     remove_connection(std::exchange(c.connection, 0));
 }
 

@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "helpers/gate_file.hpp"
+#include "helpers/kernel.hpp"
 #include "helpers/leak_check.hpp"
 #include "helpers/lines.hpp"
 #include "helpers/temp_dir.hpp"
@@ -2569,7 +2570,33 @@ TEST(ExecutorSigchldIgnored, WorkersThatEndAreReplaced) {
         for (int i = 0; i < 4; ++i) EXPECT_EQ(ex.submit(square, i).result(kLong), i * i);
         EXPECT_THROW((void)ex.submit(die, static_cast<int>(kSigkill)).result(kLong), mp::WorkerDied);
         EXPECT_EQ(ex.submit(square, 5).result(kLong), 25);
+        // How it ended: the kernel keeps it for the pidfd from Linux 6.15; before, it is unknown,
+        // and the error says so rather than make up a SIGKILL (which it did).
+        try {
+            (void)ex.submit(die, static_cast<int>(kExit7)).result(kLong);
+            ADD_FAILURE() << "the task did not fail";
+        } catch (const mp::WorkerDied& e) {
+            if (mp_test::kernel_keeps_exit_status()) {
+                EXPECT_EQ(e.exit_code(), 7) << e.what();
+            } else {
+                EXPECT_EQ(e.exit_code(), std::nullopt) << e.what();
+                EXPECT_EQ(e.signal(), std::nullopt) << e.what();
+                EXPECT_NE(std::string(e.what()).find("unknown"), std::string::npos) << e.what();
+            }
+        }
+        EXPECT_EQ(ex.submit(square, 6).result(kLong), 36);
     }
+}
+
+// WorkerDied for a status no one knows any more: neither an exit code nor a signal.
+TEST(WorkerDiedStatus, UnknownIsNeitherAnExitCodeNorASignal) {
+    const mp::WorkerDied unknown(42, mp::WorkerDied::unknown_status);
+    EXPECT_EQ(unknown.exit_code(), std::nullopt);
+    EXPECT_EQ(unknown.signal(), std::nullopt);
+    EXPECT_NE(std::string(unknown.what()).find("unknown"), std::string::npos) << unknown.what();
+    const mp::WorkerDied killed(42, -SIGKILL);
+    EXPECT_EQ(killed.signal(), SIGKILL);
+    EXPECT_EQ(killed.exit_code(), std::nullopt);
 }
 }  // namespace
 

@@ -10,6 +10,7 @@
 #include <thread>
 #include <unistd.h>
 
+#include "helpers/kernel.hpp"
 #include "helpers/leak_check.hpp"
 #include "sys/error.hpp"
 #include "sys/fd.hpp"
@@ -183,6 +184,40 @@ TEST(SysPidfd, WaitReportsExitCodeAndSignal) {
     EXPECT_EQ(sys::pidfd_wait(fd2.get(), false), -SIGKILL);
     // The process is gone: signalling it again is reported, not thrown.
     EXPECT_FALSE(sys::pidfd_send_signal(fd2.get(), SIGTERM));
+}
+
+// A child reaped by someone else (here waitpid(); SIGCHLD ignored is the same to the kernel):
+// from Linux 6.15 the kernel keeps its status for the pidfd that was open as it ended, and
+// pidfd_wait's ECHILD turns into that status; before, there is none and ECHILD stays.
+TEST(SysPidfd, AChildReapedElsewhereStillTellsHowItEnded) {
+    const bool kept = mp_test::kernel_keeps_exit_status();
+    for (int how : {5, -SIGTERM, -SIGKILL}) {
+        SCOPED_TRACE(how);
+        int go[2];
+        ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
+        const pid_t pid = ::fork();
+        if (pid == 0) {
+            ::close(go[1]);
+            char c;
+            (void)::read(go[0], &c, 1);  // end of file: the parent has its pidfd
+            if (how < 0) ::raise(-how);
+            ::_exit(how);
+        }
+        ::close(go[0]);
+        sys::Fd fd = sys::pidfd_open(pid);  // open before the child can end
+        EXPECT_EQ(sys::pidfd_exit_status(fd.get()), std::nullopt);  // running: nothing yet
+        ::close(go[1]);
+        int status = 0;
+        ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+        if (kept) {
+            EXPECT_EQ(sys::pidfd_exit_status(fd.get()), how);
+            EXPECT_EQ(sys::pidfd_wait(fd.get(), false), how);
+            EXPECT_EQ(sys::pidfd_wait(fd.get(), true), how);
+        } else {
+            EXPECT_EQ(sys::pidfd_exit_status(fd.get()), std::nullopt);
+            EXPECT_THROW((void)sys::pidfd_wait(fd.get(), false), std::system_error);
+        }
+    }
 }
 
 TEST(SysPidfd, OpenOfMissingProcessNamesTheCall) {

@@ -124,7 +124,14 @@ public:
 /// A worker process died while it ran a task.
 class WorkerDied : public Error {
 public:
-    /// `status` is the exit code (>= 0) or minus the signal number, as Process::exitcode().
+    /// The status of a worker whose end is known but not how it ended: its exit status was
+    /// collected by someone else (SIGCHLD ignored, or a waitpid(-1) elsewhere in the program, on
+    /// a kernel older than Linux 6.15, which keeps it for mp), or lost with a forkserver that
+    /// was stopped or killed. exit_code() and signal() are then both std::nullopt.
+    static constexpr int unknown_status = -0x7fffffff - 1;
+
+    /// `status` is the exit code (>= 0) or minus the signal number, as Process::exitcode(), or
+    /// unknown_status.
     WorkerDied(pid_t pid, int status);
     /// The same for a worker that ran elsewhere: `where` names the process it served (an
     /// mp::mpi rank with isolate_tasks: "MPIRank-2@host"), and what() says so.
@@ -138,7 +145,7 @@ public:
     }
     /// The signal that ended the worker, or std::nullopt when it exited.
     std::optional<int> signal() const noexcept {
-        return status_ < 0 ? std::optional<int>(-status_) : std::nullopt;
+        return status_ < 0 && status_ != unknown_status ? std::optional<int>(-status_) : std::nullopt;
     }
 
 private:

@@ -193,10 +193,13 @@ public:
     /// Starts the child. Throws ProcessError when already started, closed, or when the current
     /// process is a daemon; std::system_error when the OS refuses.
     void start();
-    /// Waits for the child to end. Throws ProcessError before start, after close, or in the child;
-    /// also when the child's exit status was collected by someone else (SIGCHLD ignored, or a
-    /// waitpid(-1) elsewhere in the program: Python's exitcode then stays None): the child has
-    /// ended all the same, so it leaves active_children() and close() accepts it.
+    /// Waits for the child to end. Throws ProcessError before start, after close, or in the child.
+    /// A child reaped by someone else (SIGCHLD ignored or SA_NOCLDWAIT, or a waitpid(-1)
+    /// elsewhere in the program) still gives its exit code on Linux 6.15 and later, which keeps
+    /// it for the child's pidfd (every start method; under fork such a child waits for the
+    /// parent to open its pidfd before it runs). On older kernels its status is lost: join()
+    /// throws ProcessError (Python's exitcode stays None), and the child, ended all the same,
+    /// leaves active_children() and close() accepts it.
     void join();
     /// Waits at most `timeout` (any duration; seconds::max() waits for ever, zero or negative
     /// just looks); returns true when the child has ended.

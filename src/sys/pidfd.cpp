@@ -5,7 +5,9 @@
 #include <atomic>
 
 #include <csignal>
+#include <cstdint>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -57,13 +59,46 @@ int decode_wait_status(int code, int status) {
     }
 }
 
+namespace {
+// PIDFD_GET_INFO (Linux 6.13) and its exit status (PIDFD_INFO_EXIT, Linux 6.15), from
+// <linux/pidfd.h>, which the C library's headers here predate. The first published layout
+// (PIDFD_INFO_SIZE_VER0): the kernel fills what fits in the size the request number carries.
+struct PidfdInfo {
+    std::uint64_t mask;
+    std::uint64_t cgroupid;
+    std::uint32_t pid, tgid, ppid, ruid, rgid, euid, egid, suid, sgid, fsuid, fsgid;
+    std::int32_t exit_code;  // a wait status, as waitpid() gives it
+};
+static_assert(sizeof(PidfdInfo) == 64);
+constexpr unsigned long kPidfdGetInfo = _IOWR(0xFF, 11, PidfdInfo);
+constexpr std::uint64_t kPidfdInfoExit = 1U << 3;
+}  // namespace
+
+std::optional<int> pidfd_exit_status(int pidfd) noexcept {
+    PidfdInfo info{};
+    info.mask = kPidfdInfoExit;
+    // ENOTTY or EINVAL from an older kernel; ESRCH while the process is not yet reaped.
+    if (::ioctl(pidfd, kPidfdGetInfo, &info) != 0 || (info.mask & kPidfdInfoExit) == 0)
+        return std::nullopt;
+    const int status = info.exit_code;
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return -WTERMSIG(status);
+    return std::nullopt;
+}
+
 std::optional<int> pidfd_wait(int pidfd, bool nohang) {
     siginfo_t info{};
     for (;;) {
         int r = ::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info,
                          WEXITED | (nohang ? WNOHANG : 0));
         if (r == 0) break;
-        if (errno != EINTR) throw_system_error(errno, "waitid(P_PIDFD)");
+        if (errno == EINTR) continue;
+        const int err = errno;
+        // Reaped by someone else (the kernel itself when SIGCHLD is ignored, or a waitpid(-1)
+        // elsewhere in the program): the kernel may still know how it ended.
+        if (err == ECHILD)
+            if (const std::optional<int> status = pidfd_exit_status(pidfd)) return status;
+        throw_system_error(err, "waitid(P_PIDFD)");
     }
     if (info.si_pid == 0) return std::nullopt;  // WNOHANG and still running
     return decode_wait_status(info.si_code, info.si_status);

@@ -16,7 +16,13 @@ Fd pidfd_open(pid_t pid);
 bool pidfd_send_signal(int pidfd, int sig);
 /// Reaps the child behind `pidfd` (waitid P_PIDFD). Returns its status as Process::exitcode()
 /// reports it (N for exit(N), -N for signal N), or std::nullopt when `nohang` and it still runs.
+/// A child reaped by someone else (SIGCHLD ignored, a waitpid(-1) elsewhere) gives the status
+/// the kernel kept for the pidfd (pidfd_exit_status); without one, std::system_error ECHILD.
 std::optional<int> pidfd_wait(int pidfd, bool nohang);
+/// How the process behind `pidfd` ended, once it has been reaped by anyone, from the record the
+/// kernel keeps for a pidfd that was open when it ended (PIDFD_INFO_EXIT, Linux 6.15); as
+/// pidfd_wait's status. std::nullopt while it is not reaped, or when the kernel keeps none.
+std::optional<int> pidfd_exit_status(int pidfd) noexcept;
 /// Waits until the process ends (the pidfd polls readable); false on timeout.
 bool pidfd_wait_exit(int pidfd, std::optional<std::chrono::nanoseconds> timeout);
 /// getpid(), cached: a system call, which starting and waiting for a child asked several times

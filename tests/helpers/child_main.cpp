@@ -632,6 +632,25 @@ int mode_children_run_no_linker() {
     return 0;
 }
 
+// The first start of a program that has its children reaped by the kernel (SIGCHLD ignored,
+// or SA_NOCLDWAIT with `nocldwait`): a fork child that ends at once. Prints its exit code, or
+// "lost" when the kernel keeps no status; start() must not fail.
+int mode_reaped_by_kernel_first_start(const std::string& how) {
+    struct sigaction act {};
+    act.sa_handler = how == "nocldwait" ? SIG_DFL : SIG_IGN;
+    act.sa_flags = how == "nocldwait" ? SA_NOCLDWAIT : 0;
+    ::sigaction(SIGCHLD, &act, nullptr);
+    mp::Process p([] { ::_exit(7); });
+    p.start();
+    try {
+        p.join();
+        std::printf("exitcode %d\n", p.exitcode().value_or(-999));
+    } catch (const mp::ProcessError&) {
+        std::printf("lost\n");
+    }
+    return 0;
+}
+
 int usage() {
     std::fprintf(stderr, "mp_test_child: unknown or incomplete mode\n");
     return 64;
@@ -681,6 +700,7 @@ int main(int argc, char** argv) {
         if (mode == "global-executor" && argc > 3) return mode_global_executor(arg, argv[3]);
         if (mode == "static-proxies") return mode_static_proxies();
         if (mode == "children-run-no-linker") return mode_children_run_no_linker();
+        if (mode == "reaped-by-kernel-first-start" && argc > 2) return mode_reaped_by_kernel_first_start(arg);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());
         return 70;

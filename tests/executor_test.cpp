@@ -2555,15 +2555,7 @@ TEST(ExecutorTimeoutValues, ATaskTimeLimitTooShortToStartCostsFewWorkers) {
 // "internal error" (found from outside: every task after the first failed with
 // BrokenProcessPool).
 TEST(ExecutorSigchldIgnored, WorkersThatEndAreReplaced) {
-    struct RestoreSigchld {
-        struct sigaction old {};
-        RestoreSigchld() {
-            struct sigaction ign {};
-            ign.sa_handler = SIG_IGN;
-            ::sigaction(SIGCHLD, &ign, &old);
-        }
-        ~RestoreSigchld() { ::sigaction(SIGCHLD, &old, nullptr); }
-    } ignore_sigchld;
+    mp_test::ChildrenReapedByKernel ignore_sigchld;
     for (mp::StartMethod m : {mp::StartMethod::fork, mp::StartMethod::spawn, mp::StartMethod::forkserver}) {
         SCOPED_TRACE(static_cast<int>(m));
         mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = m, .max_tasks_per_child = 1});

@@ -29,6 +29,7 @@
 #include <string>
 #include <thread>
 
+#include "helpers/kernel.hpp"
 #include "mp/futures.hpp"
 #include "mp/process.hpp"
 #include "mp/socketserver.hpp"
@@ -69,35 +70,17 @@ const bool g_filtered = [] {
 using namespace std::chrono_literals;
 constexpr auto kLong = 10s;  // every wait here is bounded
 
-// The kernel reaps this process's children itself while it lives (SIGCHLD ignored).
-struct SigchldIgnored {
-    struct sigaction old {};
-    SigchldIgnored() {
-        struct sigaction ign {};
-        ign.sa_handler = SIG_IGN;
-        ::sigaction(SIGCHLD, &ign, &old);
-    }
-    ~SigchldIgnored() { ::sigaction(SIGCHLD, &old, nullptr); }
-};
-
 int square(int x) { return x * x; }
 int exit_with(int code) { ::_exit(code); }
 
 // The filter works: the status of a child reaped elsewhere is not to be had (on any kernel).
 TEST(LostExitStatus, TheFilterHidesTheKernelsRecord) {
     ASSERT_TRUE(g_filtered);
-    int go[2];
-    ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-        ::close(go[1]);
-        char c;
-        (void)::read(go[0], &c, 1);
-        ::_exit(5);
-    }
-    ::close(go[0]);
+    mp_test::HeldChild child(5);
+    const pid_t pid = child.pid();
+    ASSERT_GT(pid, 0);
     mp::sys::Fd fd = mp::sys::pidfd_open(pid);
-    ::close(go[1]);
+    child.release();
     ASSERT_EQ(::waitpid(pid, nullptr, 0), pid);
     EXPECT_EQ(mp::sys::pidfd_exit_status(fd.get()), std::nullopt);
     EXPECT_THROW((void)mp::sys::pidfd_wait(fd.get(), false), std::system_error);
@@ -107,7 +90,7 @@ TEST(LostExitStatus, TheFilterHidesTheKernelsRecord) {
 // children itself (its SIGCHLD is the default), so its children's statuses are known.
 TEST(LostExitStatus, JoinOfAChildTheKernelReapedSaysSo) {
     ASSERT_TRUE(g_filtered);
-    SigchldIgnored ignored;
+    mp_test::ChildrenReapedByKernel reaped;
     for (mp::StartMethod m : {mp::StartMethod::fork, mp::StartMethod::spawn, mp::StartMethod::forkserver}) {
         SCOPED_TRACE(mp::to_string(m));
         for (int i = 0; i < 5; ++i) {
@@ -131,7 +114,7 @@ TEST(LostExitStatus, JoinOfAChildTheKernelReapedSaysSo) {
 // signal (it said SIGKILL), and the pool goes on.
 TEST(LostExitStatus, APoolWorkerThatEndedUnseenIsUnknownNotKilled) {
     ASSERT_TRUE(g_filtered);
-    SigchldIgnored ignored;
+    mp_test::ChildrenReapedByKernel reaped;
     for (mp::StartMethod m : {mp::StartMethod::fork, mp::StartMethod::spawn}) {
         SCOPED_TRACE(mp::to_string(m));
         mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = m});
@@ -178,7 +161,7 @@ std::string round_trip(std::uint16_t port, const std::string& text) {
 // ForkingMixIn takes the ChildProcessError), not throw out of serve_forever.
 TEST(LostExitStatus, AForkingServerGoesOnWhenItsChildrenEndUnseen) {
     ASSERT_TRUE(g_filtered);
-    SigchldIgnored ignored;
+    mp_test::ChildrenReapedByKernel reaped;
     mp::ForkingTCPServer srv({"127.0.0.1", 0}, mp::handler<Echo>());
     std::string failure;
     std::thread serving([&] {

@@ -1528,16 +1528,7 @@ class ProcessChildrenReapedByTheKernel
 
 TEST_P(ProcessChildrenReapedByTheKernel, StartAndJoinChildrenThatEndAtOnce) {
     const auto [method, nocldwait] = GetParam();
-    struct Restore {
-        struct sigaction old {};
-        explicit Restore(bool nocldwait) {
-            struct sigaction act {};
-            act.sa_handler = nocldwait ? SIG_DFL : SIG_IGN;
-            act.sa_flags = nocldwait ? SA_NOCLDWAIT : 0;
-            ::sigaction(SIGCHLD, &act, &old);
-        }
-        ~Restore() { ::sigaction(SIGCHLD, &old, nullptr); }
-    } reaped_by_kernel(nocldwait);
+    mp_test::ChildrenReapedByKernel reaped_by_kernel(nocldwait);
     const bool kept = mp_test::kernel_keeps_exit_status();
     const mp::ProcessOptions options{.start_method = method};
     for (int i = 0; i < 40; ++i) {

@@ -193,20 +193,12 @@ TEST(SysPidfd, AChildReapedElsewhereStillTellsHowItEnded) {
     const bool kept = mp_test::kernel_keeps_exit_status();
     for (int how : {5, -SIGTERM, -SIGKILL}) {
         SCOPED_TRACE(how);
-        int go[2];
-        ASSERT_EQ(::pipe2(go, O_CLOEXEC), 0);
-        const pid_t pid = ::fork();
-        if (pid == 0) {
-            ::close(go[1]);
-            char c;
-            (void)::read(go[0], &c, 1);  // end of file: the parent has its pidfd
-            if (how < 0) ::raise(-how);
-            ::_exit(how);
-        }
-        ::close(go[0]);
+        mp_test::HeldChild child(how);
+        const pid_t pid = child.pid();
+        ASSERT_GT(pid, 0);
         sys::Fd fd = sys::pidfd_open(pid);  // open before the child can end
         EXPECT_EQ(sys::pidfd_exit_status(fd.get()), std::nullopt);  // running: nothing yet
-        ::close(go[1]);
+        child.release();
         int status = 0;
         ASSERT_EQ(::waitpid(pid, &status, 0), pid);
         if (kept) {

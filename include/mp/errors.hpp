@@ -125,9 +125,9 @@ public:
 class WorkerDied : public Error {
 public:
     /// The status of a worker whose end is known but not how it ended: its exit status was
-    /// collected by someone else (SIGCHLD ignored, or a waitpid(-1) elsewhere in the program, on
-    /// a kernel older than Linux 6.15, which keeps it for mp), or lost with a forkserver that
-    /// was stopped or killed. exit_code() and signal() are then both std::nullopt.
+    /// collected by someone else (SIGCHLD ignored, or a waitpid(-1) elsewhere in the program)
+    /// on a kernel older than Linux 6.15 (newer ones keep it for mp), or it was lost with a
+    /// forkserver that was stopped or killed. exit_code() and signal() are then both nullopt.
     static constexpr int unknown_status = -0x7fffffff - 1;
 
     /// `status` is the exit code (>= 0) or minus the signal number, as Process::exitcode(), or

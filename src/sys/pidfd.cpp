@@ -77,7 +77,7 @@ constexpr std::uint64_t kPidfdInfoExit = 1U << 3;
 std::optional<int> pidfd_exit_status(int pidfd) noexcept {
     PidfdInfo info{};
     info.mask = kPidfdInfoExit;
-    // ENOTTY or EINVAL from an older kernel; ESRCH while the process is not yet reaped.
+    // ENOTTY or EINVAL from an older kernel; until the process is reaped the mask lacks the bit.
     if (::ioctl(pidfd, kPidfdGetInfo, &info) != 0 || (info.mask & kPidfdInfoExit) == 0)
         return std::nullopt;
     const int status = info.exit_code;

@@ -413,10 +413,15 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
 
 // ------------------------------------------------------------------ client side
 
-/// One started server: the client's end of its control socket and its pid.
+/// One started server: the client's end of its control socket, its pid, and a pidfd of it.
 struct Server {
     sys::Fd control;
     pid_t pid = 0;
+    /// Readable once the server has ended, even while another process still holds the server's
+    /// end of the control socket (a child or spare it had just forked, before it closes its
+    /// copy), when the socket shows no hang-up yet. Empty if the server was gone by the time it
+    /// could be opened.
+    sys::Fd pidfd;
 };
 
 struct Client {
@@ -479,13 +484,18 @@ void start_server_locked(Client& c) {
         throw ProcessError(c.preload.empty() ? "mp: the forkserver did not start"
                                              : "mp: the forkserver did not start (did a "
                                                "set_forkserver_preload function throw? see stderr)");
-    c.server = std::make_shared<const Server>(Server{std::move(ours), hello});
+    // Opened after the hello, from a live server that is nobody's child: its pid cannot have
+    // been reused unless it died and was reaped meanwhile, and then the socket says so.
+    sys::Fd pidfd(static_cast<int>(::syscall(SYS_pidfd_open, hello, 0)));
+    c.server = std::make_shared<const Server>(Server{std::move(ours), hello, std::move(pidfd)});
 }
 
-// True when the server has gone (killed): its end of the control socket is closed.
-bool server_gone(int control) {
-    pollfd p{control, 0, 0};
-    return ::poll(&p, 1, 0) == 1 && (p.revents & (POLLHUP | POLLERR)) != 0;
+// True when the server has gone (killed): it has ended, or its end of the control socket is
+// closed.
+bool server_gone(const Server& s) {
+    pollfd p[2] = {{s.control.get(), 0, 0}, {s.pidfd ? s.pidfd.get() : -1, POLLIN, 0}};
+    if (::poll(p, 2, 0) <= 0) return false;
+    return (p[0].revents & (POLLHUP | POLLERR)) != 0 || (p[1].revents & POLLIN) != 0;
 }
 
 // `check`: a server that was killed is replaced now, not only when a request meets EPIPE: a pool
@@ -494,7 +504,7 @@ bool server_gone(int control) {
 std::shared_ptr<const Server> ready_server(bool check) {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    if (check && c.server && server_gone(c.server->control.get())) c.server.reset();
+    if (check && c.server && server_gone(*c.server)) c.server.reset();
     if (!c.server) start_server_locked(c);
     return c.server;
 }
@@ -506,7 +516,7 @@ void ensure_running() { ready_server(true); }
 void set_preload(std::vector<std::string> tasks) {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    if (c.server && !server_gone(c.server->control.get()))
+    if (c.server && !server_gone(*c.server))
         throw ProcessError(
             "mp::set_forkserver_preload: the forkserver already runs, so the functions would not "
             "run until it is restarted; set them before the first forkserver start");
@@ -531,7 +541,7 @@ namespace {
 std::shared_ptr<const Server> replace_server(const std::shared_ptr<const Server>& asked) {
     Client& c = client();
     std::lock_guard lock(c.mu);
-    if (c.server && c.server != asked && !server_gone(c.server->control.get())) return c.server;
+    if (c.server && c.server != asked && !server_gone(*c.server)) return c.server;
     start_server_locked(c);
     return c.server;
 }

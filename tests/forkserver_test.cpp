@@ -272,6 +272,29 @@ TEST(Forkserver, ARequestLeftUnreadByAKilledServerGoesToANewServer) {
     EXPECT_NE(mp::detail::forkserver::server_pid(), server);
 }
 
+TEST(Forkserver, EnsureRunningReplacesAKilledServerWhoseSocketAnotherProcessStillHolds) {
+    // ensure_running() (a pool's constructor) looked only for a hang-up on the control socket,
+    // which a child or spare the server had just forked still held for a moment: the dead server
+    // was kept, and the leak check of the test below once found the client's socket to it open
+    // (a server no longer running is no forkserver to the check). The pidfd says it has ended.
+    mp::detail::forkserver::ensure_running();
+    const pid_t server = mp::detail::forkserver::server_pid();
+    mp::sys::Fd server_fd(static_cast<int>(::syscall(SYS_pidfd_open, server, 0)));
+    ASSERT_TRUE(server_fd);
+    mp::sys::Fd control(static_cast<int>(::syscall(SYS_pidfd_getfd, server_fd.get(), 3, 0)));
+    if (!control && errno == EPERM) GTEST_SKIP() << "pidfd_getfd is not permitted here";
+    ASSERT_TRUE(control) << std::strerror(errno);
+    ASSERT_EQ(::kill(server, SIGKILL), 0);
+    ASSERT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));
+    mp::detail::forkserver::ensure_running();  // while this test still holds the server's end
+    EXPECT_NE(mp::detail::forkserver::server_pid(), server);
+    control.reset();
+    mp::Process p(kForkserver, exit_with, 4);
+    p.start();
+    ASSERT_TRUE(p.join(10s));
+    EXPECT_EQ(p.exitcode(), 4);
+}
+
 TEST(Forkserver, StartsFromThreadsSurviveTheServerBeingReplacedUnderThem) {
     // Two threads start children while a third kills the server and starts a new one
     // (ensure_running), again and again. Each start holds on to the server it asked: one whose

@@ -243,21 +243,30 @@ TEST(ForkserverSpare, TheSpareGoesWithAKilledServer) {
     EXPECT_EQ(p.exitcode(), 3);
 }
 
+// Takes a copy of the running server's end of its control socket (pidfd_getfd), as a child or
+// spare it has just forked holds one for a moment, then kills the server: `control` is that
+// copy, `server` the dead server's pid. Skips the test where pidfd_getfd is not permitted.
+#define KILL_SERVER_HOLDING_ITS_SOCKET(server, control)                                          \
+    mp::detail::forkserver::ensure_running();                                                    \
+    const pid_t server = mp::detail::forkserver::server_pid();                                   \
+    mp::sys::Fd control;                                                                         \
+    {                                                                                            \
+        mp::sys::Fd server_fd(static_cast<int>(::syscall(SYS_pidfd_open, server, 0)));           \
+        ASSERT_TRUE(server_fd);                                                                  \
+        control = mp::sys::Fd(static_cast<int>(::syscall(SYS_pidfd_getfd, server_fd.get(), 3, 0))); \
+        if (!control && errno == EPERM) GTEST_SKIP() << "pidfd_getfd is not permitted here";    \
+        ASSERT_TRUE(control) << std::strerror(errno);                                           \
+        ASSERT_EQ(::kill(server, SIGKILL), 0);                                                   \
+        ASSERT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));                                 \
+    }
+
 TEST(Forkserver, ARequestLeftUnreadByAKilledServerGoesToANewServer) {
     // A process that holds the server's end of the control socket when the server is killed (a
     // child or spare it has just forked, before it closes its copy) makes the next request's
     // send succeed into a socket nobody will read. Here this test holds that copy (pidfd_getfd),
     // kills the server, and lets go of it 100 ms into the start: the request closes unread, and
     // the start must go to a new server rather than fail.
-    mp::detail::forkserver::ensure_running();
-    const pid_t server = mp::detail::forkserver::server_pid();
-    mp::sys::Fd server_fd(static_cast<int>(::syscall(SYS_pidfd_open, server, 0)));
-    ASSERT_TRUE(server_fd);
-    mp::sys::Fd control(static_cast<int>(::syscall(SYS_pidfd_getfd, server_fd.get(), 3, 0)));
-    if (!control && errno == EPERM) GTEST_SKIP() << "pidfd_getfd is not permitted here";
-    ASSERT_TRUE(control) << std::strerror(errno);
-    ASSERT_EQ(::kill(server, SIGKILL), 0);
-    ASSERT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));
+    KILL_SERVER_HOLDING_ITS_SOCKET(server, control);
     std::thread letting_go([&] {
         std::this_thread::sleep_for(100ms);
         control.reset();
@@ -277,15 +286,7 @@ TEST(Forkserver, EnsureRunningReplacesAKilledServerWhoseSocketAnotherProcessStil
     // which a child or spare the server had just forked still held for a moment: the dead server
     // was kept, and the leak check of the test below once found the client's socket to it open
     // (a server no longer running is no forkserver to the check). The pidfd says it has ended.
-    mp::detail::forkserver::ensure_running();
-    const pid_t server = mp::detail::forkserver::server_pid();
-    mp::sys::Fd server_fd(static_cast<int>(::syscall(SYS_pidfd_open, server, 0)));
-    ASSERT_TRUE(server_fd);
-    mp::sys::Fd control(static_cast<int>(::syscall(SYS_pidfd_getfd, server_fd.get(), 3, 0)));
-    if (!control && errno == EPERM) GTEST_SKIP() << "pidfd_getfd is not permitted here";
-    ASSERT_TRUE(control) << std::strerror(errno);
-    ASSERT_EQ(::kill(server, SIGKILL), 0);
-    ASSERT_TRUE(mp::test::wait_pid_stopped(server, 5000ms));
+    KILL_SERVER_HOLDING_ITS_SOCKET(server, control);
     mp::detail::forkserver::ensure_running();  // while this test still holds the server's end
     EXPECT_NE(mp::detail::forkserver::server_pid(), server);
     control.reset();

@@ -116,9 +116,9 @@ void drop_listed(ParentOnlyList& list, int fd) noexcept {
     }
 }
 
-// The one fork of a parent: `child` runs in the child with every signal blocked and never
-// returns; it starts with nothing of the parent's pending on the standard streams and without
-// the parent's ParentOnlyFd descriptors but those in `kept`. Returns the child's pid; throws
+// The one fork of a parent: `child` runs in the child with every signal but SIGCHLD blocked
+// (StartSignalBlock) and never returns; it starts with nothing of the parent's pending on the
+// standard streams and without the parent's ParentOnlyFd descriptors but those in `kept`. Returns the child's pid; throws
 // std::system_error naming `what`.
 pid_t fork_blocked(const char* what, ChildMain child, std::array<int, 2> kept = {-1, -1}) {
     flush_before_fork();
@@ -128,27 +128,28 @@ pid_t fork_blocked(const char* what, ChildMain child, std::array<int, 2> kept = 
     std::unique_lock<std::mutex> hold;
     if (listed != nullptr) hold = std::unique_lock(listed->mu);
     // A SIGTERM sent before the child has restored SIGTERM's default action then stays pending
-    // (Linux never discards a blocked signal, even an ignored one) instead of being lost.
-    sigset_t all, old_mask;
-    sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-        discard_inherited_output();
-        if (listed != nullptr) {
-            // Raw close: nothing here may be bound lazily or take a lock. The list and its
-            // lock are this child's from here on: emptied, and a fresh lock (the parent's copy
-            // is held), without freeing what the parent's copy holds.
-            for (int fd : listed->fds)
-                if (fd != kept[0] && fd != kept[1]) ::syscall(SYS_close, fd);
-            new (&listed->fds) std::vector<int>;
-            new (&listed->mu) std::mutex;
-            (void)hold.release();
+    // instead of being lost.
+    pid_t pid;
+    int err;
+    {
+        const StartSignalBlock blocked;
+        pid = ::fork();
+        if (pid == 0) {
+            discard_inherited_output();
+            if (listed != nullptr) {
+                // Raw close: nothing here may be bound lazily or take a lock. The list and its
+                // lock are this child's from here on: emptied, and a fresh lock (the parent's
+                // copy is held), without freeing what the parent's copy holds.
+                for (int fd : listed->fds)
+                    if (fd != kept[0] && fd != kept[1]) ::syscall(SYS_close, fd);
+                new (&listed->fds) std::vector<int>;
+                new (&listed->mu) std::mutex;
+                (void)hold.release();
+            }
+            sys::exit_child(child());
         }
-        sys::exit_child(child());
+        err = errno;
     }
-    const int err = errno;
-    ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
     if (pid < 0) sys::throw_system_error(err, what);
     return pid;
 }

@@ -4,17 +4,20 @@
 //   - flush before fork what the child would flush again at its end (C stdio, and the C++
 //     standard streams when they keep buffers of their own), and discard in a fork child what
 //     another thread wrote to them between that flush and the fork (the parent's to write);
-//   - every signal blocked in the forking thread across fork (become_child unblocks), so a
-//     signal sent to the new child before it has reset its dispositions stays pending;
+//   - every signal but SIGCHLD blocked in the forking thread across fork (become_child
+//     unblocks), so a signal sent to the new child before it has reset its dispositions stays
+//     pending (StartSignalBlock);
 //   - the start method: fork here, exec the program afresh (spawn), or ask the forkserver
 //     (spawn and forkserver children read one request, src/spawn.cpp);
 //   - a pidfd for every child, and a child that cannot get one killed and reaped at once, so
 //     a failed start never leaves a process behind.
 
+#include <csignal>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <pthread.h>
 #include <sys/types.h>
 #include <type_traits>
 #include <utility>
@@ -25,6 +28,33 @@
 #include "sys/fd.hpp"
 
 namespace mp::detail {
+
+/// Blocks every signal but SIGCHLD in the calling thread for its lifetime: held by a thread
+/// across the fork or clone of a start, so a signal sent to the new child before it has set its
+/// dispositions stays pending (Linux never discards a blocked signal) rather than running a
+/// handler of the parent or being lost.
+///
+/// Not SIGCHLD: the forking thread is its children's parent, and while it blocks SIGCHLD the
+/// kernel does not discard, as it does for a signal ignored by default, the SIGCHLD of a child
+/// of it that ends meanwhile (an earlier start's, or spawn's middle child): it goes to another
+/// thread of the program, whose blocking call with a timeout (SO_RCVTIMEO, a timed futex ...)
+/// then fails with EINTR although no handler runs. A new child has no children of its own, so
+/// no SIGCHLD comes its way before it has set up.
+class StartSignalBlock {
+public:
+    StartSignalBlock() noexcept {
+        sigset_t mask;
+        ::sigfillset(&mask);
+        ::sigdelset(&mask, SIGCHLD);
+        ::pthread_sigmask(SIG_SETMASK, &mask, &old_);
+    }
+    ~StartSignalBlock() { ::pthread_sigmask(SIG_SETMASK, &old_, nullptr); }
+    StartSignalBlock(const StartSignalBlock&) = delete;
+    StartSignalBlock& operator=(const StartSignalBlock&) = delete;
+
+private:
+    sigset_t old_;
+};
 
 /// A function for a new child to call, held as a plain pointer and a context: after fork there
 /// is nothing to copy or allocate. Returns the child's exit code. The callable must outlive the

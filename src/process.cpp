@@ -375,6 +375,9 @@ int checked_death_signal(bool daemon, bool pool_worker) noexcept {
 }
 
 void become_child(const ChildSetup& setup) noexcept {
+    // Before this child opens anything (its parent's pidfd first): a parent with a standard
+    // stream closed must not have the child take what it opens for that stream.
+    if (!setup.from_server) sys::standard_fds_open(false);
     Globals& g = globals();
     const auto self = static_cast<pid_t>(sys_call(SYS_getpid));
     sys::set_self_pid(self);

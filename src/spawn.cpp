@@ -143,9 +143,12 @@ MP_SHARED_MEMORY_CHILD int exec_program(void* arg) noexcept {
         // Every other descriptor of the parent stays behind: the child gets what its task carries.
         if (raw_call(SYS_close_range, kRequestFd + 1, ~0U, 0) < 0)
             for (int fd = kRequestFd + 1; fd < 65536; ++fd) raw_call(SYS_close, fd);
-        // Signals are all blocked (spawn_program). A handler of the parent must not run here, on
-        // the parent's memory, and exec keeps an ignored SIGTERM ignored (terminate() would do
-        // nothing): default both, then unblock.
+        // A parent without stdin (say) would otherwise have the program receive its task's
+        // descriptors, or the forkserver its control socket, at 0, 1 or 2.
+        sys::standard_fds_open(true);
+        // Signals are blocked (spawn_program, detach_program). A handler of the parent must not
+        // run here, on the parent's memory, and exec keeps an ignored SIGTERM ignored
+        // (terminate() would do nothing): default both, then unblock.
         for (int sig = 1; sig < 65; ++sig) {
             if (sig == SIGKILL || sig == SIGSTOP) continue;
             KernelSigaction act{};
@@ -191,6 +194,11 @@ MP_SHARED_MEMORY_CHILD int clone_vm(int (*fn)(void*), char* stack, int flags, vo
 // failure is reported as the exit status.
 MP_SHARED_MEMORY_CHILD int detach_program(void* arg) noexcept {
     auto* c = static_cast<ExecChild*>(arg);
+    // The program's child may end (a failed exec) before we do: its SIGCHLD must not run a
+    // handler of the parent here, on the parent's memory. Inherited blocked, and unblocked by
+    // exec_program once the handlers are reset.
+    const unsigned long chld = 1UL << (SIGCHLD - 1);
+    (void)raw_call(SYS_rt_sigprocmask, SIG_BLOCK, &chld, nullptr, sizeof chld);
     return clone_vm(exec_program, c->inner_stack, CLONE_VM | CLONE_VFORK | SIGCHLD, c, nullptr) > 0 ? 0 : 1;
 }
 
@@ -211,18 +219,19 @@ SpawnedProgram spawn_program(int request_fd, bool detached, const char* what) {
     alignas(16) char stacks[2][kChildStack];
     c.inner_stack = stacks[1] + kChildStack;
     // A signal handler of ours must not run in the child, on our memory: it runs with every
-    // signal blocked until it has set the handlers back to their defaults. A signal sent to it
-    // meanwhile stays pending (Linux never discards a blocked signal).
-    sigset_t all, old_mask;
-    sigfillset(&all);
-    ::pthread_sigmask(SIG_SETMASK, &all, &old_mask);
+    // signal blocked (but SIGCHLD, which only its own children would send it: StartSignalBlock)
+    // until it has set the handlers back to their defaults. A signal sent to it meanwhile stays
+    // pending.
     int pidfd = -1;
-    const int pid = detached
-                        ? clone_vm(detach_program, stacks[0] + kChildStack, CLONE_VM | CLONE_VFORK | SIGCHLD, &c, nullptr)
-                        : clone_vm(exec_program, stacks[0] + kChildStack,
-                                   CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &c, &pidfd);
-    const int err = errno;
-    ::pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+    int pid;
+    int err;
+    {
+        const StartSignalBlock blocked;
+        pid = detached ? clone_vm(detach_program, stacks[0] + kChildStack, CLONE_VM | CLONE_VFORK | SIGCHLD, &c, nullptr)
+                       : clone_vm(exec_program, stacks[0] + kChildStack,
+                                  CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &c, &pidfd);
+        err = errno;
+    }
     if (pid < 0) sys::throw_system_error(err, what);
 
     SpawnedProgram out;

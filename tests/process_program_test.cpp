@@ -313,6 +313,17 @@ TEST(ProcessProgram, FirstForkChildOfAProgramWhoseChildrenTheKernelReapsCanBeJoi
     }
 }
 
+// `prog <&-`, `prog >&-`, `prog 2>&-`: see mode_closed_standard_stream.
+TEST(ProcessProgram, ChildrenOfAProgramWithAStandardStreamClosedStartAndAnswer) {
+    for (const char* fd : {"0", "1", "2"}) {
+        SCOPED_TRACE(std::string("fd ") + fd);
+        TempDir dir;
+        Program prog(dir, {"closed-standard-stream", fd});
+        ASSERT_TRUE(prog.wait(std::chrono::seconds(60)));
+        EXPECT_TRUE(prog.exited_with(0)) << prog.describe();
+    }
+}
+
 TEST(ProcessProgram, ParentStdioBufferIsNotDuplicatedByTheChild) {
     TempDir dir;
     Program prog(dir, {"parent-buffer"});

@@ -9,7 +9,13 @@
 // a process of its own (program exit, a killed parent, threads, atexit) runs in the helper
 // program mp_test_child (helpers/child_main.cpp).
 
+#include <sys/socket.h>
+#include <sys/time.h>
+
+#include <atomic>
+#include <thread>
 #include <tuple>
+#include <vector>
 
 #include "helpers/gate_file.hpp"
 #include "helpers/kernel.hpp"
@@ -1566,6 +1572,52 @@ INSTANTIATE_TEST_SUITE_P(
     [](const ::testing::TestParamInfo<std::tuple<mp::StartMethod, bool>>& p) {
         return mp::to_string(std::get<0>(p.param)) + (std::get<1>(p.param) ? "_nocldwait" : "_sigign");
     });
+
+// Starting children must not interrupt another thread's blocking call. SIGCHLD is ignored by
+// default, and the kernel discards a child's SIGCHLD at once, unless its parent thread blocks it:
+// then it goes to another thread, whose call with a timeout (here recv under SO_RCVTIMEO) fails
+// with EINTR though no handler runs. The starting thread blocks signals across each fork or
+// clone, and children that end at once end during the next start.
+class ProcessStartsInterruptNoOtherThread : public mp::test::StartMethodTest {};
+
+TEST_P(ProcessStartsInterruptNoOtherThread, ChildrenEndingWhileTheNextStartsLeaveARecvAlone) {
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    const timeval timeout{60, 0};  // bounds the reader, should the stop byte never come
+    ASSERT_EQ(::setsockopt(sv[0], SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout), 0);
+    std::atomic<int> interrupted{0};
+    struct Reader {
+        int (&sv)[2];
+        std::thread thread;
+        ~Reader() {  // also when an assertion below returns early
+            (void)::send(sv[1], "x", 1, MSG_NOSIGNAL);
+            thread.join();
+            ::close(sv[0]);
+            ::close(sv[1]);
+        }
+    } reader{sv, std::thread([&] {
+                 for (;;) {
+                     char c;
+                     const ssize_t n = ::recv(sv[0], &c, 1, 0);
+                     if (n < 0 && errno == EINTR) {
+                         ++interrupted;
+                         continue;
+                     }
+                     return;  // the stop byte, or the timeout
+                 }
+             })};
+    for (int round = 0; round < 15; ++round) {
+        std::vector<mp::Process> children;
+        for (int i = 0; i < 4; ++i) {
+            children.emplace_back(options(), [] { ::_exit(0); });
+            ASSERT_NO_THROW(children.back().start());
+        }
+        for (mp::Process& p : children) ASSERT_TRUE(p.join(kLong));
+    }
+    EXPECT_EQ(interrupted.load(), 0);
+}
+
+MP_INSTANTIATE_START_METHODS(ProcessStartsInterruptNoOtherThread);
 
 // Its is_alive() and exitcode() answer without an exception, as Python's (exitcode None): a loop
 // `while (p.is_alive())` ends instead of throwing out of it. Before and after join() says so.

@@ -6,6 +6,8 @@
 #include <csignal>
 #include <sys/syscall.h>
 
+#include "sys/raw_syscall.hpp"
+
 namespace mp::sys {
 
 void reset_signals(std::initializer_list<int> ignored) noexcept {
@@ -25,9 +27,12 @@ void keep_only(int fd, int target, bool close_on_exec) noexcept {
         ::syscall(SYS_dup3, fd, target, close_on_exec ? O_CLOEXEC : 0);
     else if (close_on_exec)
         ::syscall(SYS_fcntl, fd, F_SETFD, FD_CLOEXEC);
-    // `fd` itself, when above `target`, closes with the rest; a lower one is stdio: the caller
-    // decides about those.
+    // `fd` itself, when above `target`, closes with the rest.
     ::syscall(SYS_close_range, target + 1, ~0U, 0);
+    if (fd >= 0 && fd <= 2) {
+        ::syscall(SYS_close, fd);
+        standard_fds_open(false);
+    }
 }
 
 namespace {

@@ -11,7 +11,9 @@ namespace mp::sys {
 void reset_signals(std::initializer_list<int> ignored) noexcept;
 
 /// In a new helper: `fd` moved to descriptor `target` (> 2), close-on-exec if asked, every
-/// descriptor above `target` closed, stdio kept. A descriptor kept open by a helper would hide
+/// descriptor above `target` closed, stdio kept (an `fd` that was one of 0, 1, 2, because the
+/// program had that stream closed, leaves /dev/null there: its children must not write their
+/// output into it). A descriptor kept open by a helper would hide
 /// end of file from its reader for as long as the helper lives. Raw syscall() only (bound in the
 /// parent already: no lazy binding in a forkserver child).
 void keep_only(int fd, int target, bool close_on_exec = false) noexcept;

@@ -4,6 +4,7 @@
 // bound lazily by ld.so in every child, at the price of a symbol lookup and several page faults
 // each time (and ld.so's lock, which a thread of a threaded parent may hold).
 
+#include <fcntl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -65,6 +66,25 @@ template <class... A>
     const long r = ::syscall(n, a[0], a[1], a[2], a[3], a[4], a[5]);
     return r < 0 ? -errno : r;
 #endif
+}
+
+/// Opens /dev/null at each of the standard descriptors 0, 1 and 2 that is closed, and, with
+/// `cloexec_too`, at each that would close at exec: a child must not have a descriptor it
+/// receives or opens land at one of them, where it would be overwritten (stdin from /dev/null)
+/// or taken for a standard stream (a socket written to as stdout). Raw calls only: for a child
+/// after fork or on its parent's memory.
+[[gnu::always_inline]] inline void standard_fds_open(bool cloexec_too) noexcept {
+    char path[] = "/dev/null";  // on the stack: see stdin_from_null
+    for (int fd = 0; fd <= 2; ++fd) {
+        const long flags = raw_call(SYS_fcntl, fd, F_GETFD);
+        if (flags >= 0 && (!cloexec_too || (flags & FD_CLOEXEC) == 0)) continue;
+        // The lowest free number: `fd` itself when it is closed (those below it are open).
+        const long null = raw_call(SYS_openat, AT_FDCWD, path, O_RDWR);
+        if (null >= 0 && null != fd) {
+            raw_call(SYS_dup3, null, fd, 0);
+            raw_call(SYS_close, null);
+        }
+    }
 }
 
 /// The kernel's struct sigaction (rt_sigaction takes this layout, not libc's).

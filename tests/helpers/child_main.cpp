@@ -83,6 +83,7 @@
 #include <utility>
 #include <vector>
 
+#include "mp/connection.hpp"
 #include "mp/context.hpp"
 #include "mp/futures.hpp"
 #include "mp/managers.hpp"
@@ -651,6 +652,66 @@ int mode_reaped_by_kernel_first_start(const std::string& how) {
     return 0;
 }
 
+// A program started with standard stream `fd` closed (`prog <&-`): children of every start
+// method, and a pool's worker, start, write more than a socket buffer holds to that stream (the
+// forkserver's children had its control socket there and blocked), and answer through a Pipe
+// end they were passed (spawn and forkserver children received it at the closed number, where
+// their stdin from /dev/null then replaced it; the forkserver never started for the same
+// reason). Exit status 0 when all answered; what failed on the other stream.
+void write_then_answer(mp::Connection answer, int fd) {
+    const std::string junk(512 * 1024, 'x');
+    for (std::size_t done = 0; fd != 0 && done < junk.size();) {
+        const ssize_t n = ::write(fd, junk.data() + done, junk.size() - done);
+        if (n < 0 && errno != EINTR) break;  // a closed stream may say so; it must not block
+        if (n > 0) done += static_cast<std::size_t>(n);
+    }
+    answer.send_bytes("answered");
+}
+
+int mode_closed_standard_stream(int fd) {
+    constexpr mp::StartMethod kMethods[] = {mp::StartMethod::fork, mp::StartMethod::forkserver,
+                                            mp::StartMethod::spawn};
+    // Made first: what the program opens once the stream is closed may take its number, and a
+    // fork child has its parent's descriptors as they are.
+    std::vector<std::pair<mp::Connection, mp::Connection>> pipes;
+    for (std::size_t i = 0; i < std::size(kMethods); ++i) pipes.push_back(mp::Pipe());
+    ::close(fd);
+    const int report = fd == 2 ? 1 : 2;
+    int failures = 0;
+    for (std::size_t i = 0; i < std::size(kMethods); ++i) {
+        const std::string method = mp::to_string(kMethods[i]);
+        try {
+            mp::Process p({.start_method = kMethods[i]}, &write_then_answer, std::move(pipes[i].second), fd);
+            p.start();
+            std::string answer;
+            if (pipes[i].first.poll(std::chrono::seconds(5))) answer = pipes[i].first.recv_bytes();
+            if (!p.join(std::chrono::seconds(5))) {
+                p.kill();
+                (void)p.join(std::chrono::seconds(5));
+            }
+            if (answer != "answered" || p.exitcode() != 0) {
+                ++failures;
+                ::dprintf(report, "%s: answer '%s', exitcode %d\n", method.c_str(), answer.c_str(),
+                          p.exitcode().value_or(-999));
+            }
+        } catch (const std::exception& e) {
+            ++failures;
+            ::dprintf(report, "%s: %s\n", method.c_str(), e.what());
+        }
+    }
+    try {
+        mp::ProcessPoolExecutor ex({.max_workers = 1});  // forkserver, the pools' default
+        if (const int r = ex.submit(&triple, 5).result(std::chrono::seconds(10)); r != 15) {
+            ++failures;
+            ::dprintf(report, "executor: %d\n", r);
+        }
+    } catch (const std::exception& e) {
+        ++failures;
+        ::dprintf(report, "executor: %s\n", e.what());
+    }
+    return failures == 0 ? 0 : 1;
+}
+
 int usage() {
     std::fprintf(stderr, "mp_test_child: unknown or incomplete mode\n");
     return 64;
@@ -701,6 +762,7 @@ int main(int argc, char** argv) {
         if (mode == "static-proxies") return mode_static_proxies();
         if (mode == "children-run-no-linker") return mode_children_run_no_linker();
         if (mode == "reaped-by-kernel-first-start" && argc > 2) return mode_reaped_by_kernel_first_start(arg);
+        if (mode == "closed-standard-stream" && argc > 2) return mode_closed_standard_stream(std::atoi(argv[2]));
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_test_child %s: %s\n", mode.c_str(), e.what());
         return 70;

@@ -88,7 +88,18 @@ struct Whole {
     bool big;
     std::uint64_t bits;
     friend bool operator==(const Whole&, const Whole&) = default;
+    friend bool operator<(const Whole& x, const Whole& y) {
+        if (x.big != y.big) return y.big;  // every int64 value is below 2**63
+        return x.big ? x.bits < y.bits : static_cast<std::int64_t>(x.bits) < static_cast<std::int64_t>(y.bits);
+    }
 };
+
+// A double's value when it is a whole number of at most 64 bits (3.0, -0.0, 2.0**63).
+std::optional<Whole> whole_of(double v) {
+    if (!(v >= -0x1p63 && v < 0x1p64) || std::trunc(v) != v) return std::nullopt;
+    if (v < 0x1p63) return Whole{false, static_cast<std::uint64_t>(static_cast<std::int64_t>(v))};
+    return Whole{true, static_cast<std::uint64_t>(v)};
+}
 
 // A number's value when it is a whole number of at most 64 bits (a bool, an int, or a float such
 // as 3.0 or -0.0); nothing for a float with a fraction, NaN, an infinity or beyond 2**64.
@@ -100,9 +111,7 @@ std::optional<Whole> whole_value(const Object& o) {
         } else if constexpr (std::is_same_v<V, std::uint64_t>) {
             return Whole{v > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()), v};
         } else if constexpr (std::is_same_v<V, double>) {
-            if (!(v >= -0x1p63 && v < 0x1p64) || std::trunc(v) != v) return std::nullopt;
-            if (v < 0x1p63) return Whole{false, static_cast<std::uint64_t>(static_cast<std::int64_t>(v))};
-            return Whole{true, static_cast<std::uint64_t>(v)};
+            return whole_of(v);
         } else {
             return std::nullopt;
         }
@@ -187,37 +196,84 @@ std::size_t hash_of(const Object& o) {
     });
 }
 
-/// Python's < for the kinds list.sort() meets in plain data: numbers, str, bytes, tuples of them.
+/// Python's < between two numbers, exact as Python's: an int and a float compare by their values,
+/// not with the int rounded to a double (2**53 + 1 > 2.0**53).
+bool number_less(const Object& a, const Object& b) {
+    const auto x = whole_value(a), y = whole_value(b);
+    if (x && y) return *x < *y;
+    if (!x && !y) return a.as<double>() < b.as<double>();  // two floats
+    // A whole number against a float that is not one of 64 bits: a fraction, beyond them, NaN or
+    // an infinity. They are never equal.
+    const Whole w = x ? *x : *y;
+    const double f = (x ? b : a).as<double>();
+    if (std::isnan(f)) return false;
+    bool w_below;  // w < f
+    if (f >= 0x1p64)
+        w_below = true;
+    else if (f < -0x1p63)
+        w_below = false;
+    else
+        w_below = !(*whole_of(std::floor(f)) < w);  // f has a fraction: w < f iff w <= floor(f)
+    return x ? w_below : !w_below;
+}
+
+/// Python's < for the kinds list.sort() meets in plain data: numbers, str, bytes and bytearray,
+/// sets (a proper subset is less), and tuples and lists of them.
 bool less(const Object& a, const Object& b) {
-    auto number = [](const Object& o) -> std::optional<double> {
-        if (o.kind() == Kind::integer || o.kind() == Kind::floating || o.kind() == Kind::boolean)
-            return o.kind() == Kind::boolean ? (o.as<bool>() ? 1.0 : 0.0) : o.as<double>();
-        return std::nullopt;
-    };
-    if (a.kind() == Kind::integer && b.kind() == Kind::integer) {
-        // Exact for the whole 64-bit range (a double would round).
-        bool ua = a.visit([](const auto& v) { return std::is_same_v<std::decay_t<decltype(v)>, std::uint64_t>; });
-        bool ub = b.visit([](const auto& v) { return std::is_same_v<std::decay_t<decltype(v)>, std::uint64_t>; });
-        if (ua || ub) return !ua ? true : (!ub ? false : a.as<std::uint64_t>() < b.as<std::uint64_t>());
-        return a.as<std::int64_t>() < b.as<std::int64_t>();
-    }
-    if (auto x = number(a)) {
-        if (auto y = number(b)) return *x < *y;
-    } else if (a.kind() == Kind::str && b.kind() == Kind::str) {
-        return a.as<std::string>() < b.as<std::string>();
-    } else if (a.kind() == Kind::bytes && b.kind() == Kind::bytes) {
-        return a.as<py::Bytes>().data < b.as<py::Bytes>().data;
-    } else if ((a.kind() == Kind::tuple && b.kind() == Kind::tuple) ||
-               (a.kind() == Kind::list && b.kind() == Kind::list)) {
-        py::Items p = a.items(), q = b.items();
-        for (std::size_t i = 0; i < p.size() && i < q.size(); ++i) {
-            if (less(p[i], q[i])) return true;
-            if (less(q[i], p[i])) return false;
-        }
-        return p.size() < q.size();
+    if (is_number(a) && is_number(b)) return number_less(a, b);
+    const Kind ka = a.kind(), kb = b.kind();
+    auto bytes_like = [](Kind k) { return k == Kind::bytes || k == Kind::bytearray; };
+    auto set_like = [](Kind k) { return k == Kind::set || k == Kind::frozenset; };
+    if (ka == Kind::str && kb == Kind::str) return a.as<std::string>() < b.as<std::string>();
+    if (bytes_like(ka) && bytes_like(kb)) return bytes_of(a) < bytes_of(b);
+    if (set_like(ka) && set_like(kb))
+        return a.items().size() < b.items().size() && members_of(a.items(), b.items());
+    if ((ka == Kind::tuple || ka == Kind::list) && kb == ka) {
+        // As Python: the first items that differ (by ==) decide, with <, so equal items that have
+        // no order ((1, None) against (1, None)) are never compared with <; a prefix is less.
+        const py::Items p = a.items(), q = b.items();
+        const std::size_t n = std::min(p.size(), q.size());
+        std::size_t i = 0;
+        while (i < n && equal(p[i], q[i])) ++i;
+        return i < n ? less(p[i], q[i]) : p.size() < q.size();
     }
     raise("TypeError", std::string("'<' not supported between instances of '") + a.type_name() + "' and '" +
                            b.type_name() + "'");
+}
+
+/// What Python's iter() yields from a value mp's model holds: a tuple's, list's or set's items, a
+/// dict's keys, a str's characters (strs of one code point), the ints of bytes or a bytearray;
+/// nothing for a value that is not iterable.
+std::optional<std::vector<Object>> iterate(const Object& o) {
+    std::vector<Object> out;
+    switch (o.kind()) {
+        case Kind::tuple:
+        case Kind::list:
+        case Kind::set:
+        case Kind::frozenset: {
+            const py::Items items = o.items();
+            out.assign(items.begin(), items.end());
+            return out;
+        }
+        case Kind::dict:
+            for (const auto& kv : o.dict()) out.push_back(kv.first);
+            return out;
+        case Kind::str: {
+            // UTF-8: a character starts at each byte that is not a continuation byte (10xxxxxx).
+            const std::string s = o.as<std::string>();
+            for (std::size_t i = 0, j; i < s.size(); i = j) {
+                for (j = i + 1; j < s.size() && (static_cast<unsigned char>(s[j]) & 0xC0) == 0x80; ++j) {
+                }
+                out.emplace_back(s.substr(i, j - i));
+            }
+            return out;
+        }
+        case Kind::bytes:
+        case Kind::bytearray:
+            for (const char c : bytes_of(o)) out.emplace_back(static_cast<int>(static_cast<unsigned char>(c)));
+            return out;
+        default: return std::nullopt;
+    }
 }
 
 // ---- arguments ---------------------------------------------------------------------------------
@@ -301,6 +357,22 @@ Clock::time_point queue_deadline(bool block, const Object& timeout) {
     return deadline_of(timeout);
 }
 
+/// Whether a Lock.acquire timeout is negative: -1 is threading's "no timeout" (as is None, from
+/// mp's C++ client), any other a ValueError. Python reads it as whole nanoseconds rounded away
+/// from zero, so -0.9999999999 is -1 there too.
+enum class Negative { no, unset, other };
+Negative negative_lock_timeout(const Object& timeout) {
+    if (timeout.is_none()) return Negative::unset;
+    if (timeout.kind() == Kind::integer) {
+        if (timeout.as<double>() >= 0) return Negative::no;  // an int past int64 is a large positive
+        return timeout.as<std::int64_t>() == -1 ? Negative::unset : Negative::other;
+    }
+    if (timeout.kind() != Kind::floating) return Negative::no;  // deadline_of judges it
+    const double ns = timeout.as<double>() * 1e9;
+    if (!(ns < 0)) return Negative::no;  // NaN too
+    return std::floor(ns) == -1e9 ? Negative::unset : Negative::other;
+}
+
 /// Waits on cv until ready() or the deadline; false on timeout. Wakes every 100 ms to see
 /// whether the client is still there (a client killed in a blocking call ends its thread).
 template <class Pred>
@@ -351,18 +423,25 @@ public:
         std::lock_guard lk(mu_);
         return snapshot();
     }
+    /// dict(arg, **kwds) and update(arg, **kwds): arg a dict, or an iterable of pairs (any
+    /// iterables of two items), as Python's; what came before a bad pair stays, as there.
     void update_from(const Args& a) {
+        if (a.args.size() > 1)
+            raise("TypeError", *a.method + " expected at most 1 argument, got " + std::to_string(a.args.size()));
         if (auto arg = a.get(0, nullptr)) {
             if (arg->kind() == Kind::dict) {
                 for (const auto& [k, v] : arg->dict()) set(k, v);
-            } else if (arg->kind() == Kind::list || arg->kind() == Kind::tuple) {
-                for (const Object& kv : arg->items()) {
-                    if ((kv.kind() != Kind::tuple && kv.kind() != Kind::list) || kv.items().size() != 2)
-                        raise("ValueError", "dictionary update sequence element has the wrong length");
-                    set(kv.items()[0], kv.items()[1]);
-                }
             } else {
-                raise("TypeError", std::string("'") + arg->type_name() + "' object is not iterable");
+                const auto pairs = iterate(*arg);
+                if (!pairs) raise("TypeError", std::string("'") + arg->type_name() + "' object is not iterable");
+                for (std::size_t i = 0; i < pairs->size(); ++i) {
+                    const auto kv = iterate((*pairs)[i]);
+                    const std::string element = "dictionary update sequence element #" + std::to_string(i);
+                    if (!kv) raise("TypeError", "cannot convert " + element + " to a sequence");
+                    if (kv->size() != 2)
+                        raise("ValueError", element + " has length " + std::to_string(kv->size()) + "; 2 is required");
+                    set((*kv)[0], (*kv)[1]);
+                }
             }
         }
         for (const auto& [k, v] : a.kwds) set(k, v);
@@ -398,11 +477,14 @@ public:
         }
         if (m == "pop") {
             Object k = a.need(0, "key");
-            if (const Object* v = find(k)) {
-                Object r = *v;
-                erase(k);
-                return r;
-            }
+            // Python's dict.pop answers an empty dict before it hashes the key: d.pop([1]) of {} is
+            // a KeyError there, a TypeError otherwise.
+            if (!index_.empty())
+                if (const Object* v = find(k)) {
+                    Object r = *v;
+                    erase(k);
+                    return r;
+                }
             if (auto d = a.get(1, "default")) return *d;
             raise("KeyError", k);
         }
@@ -444,19 +526,27 @@ public:
     }
 
 private:
+    // Python hashes a key before it looks for it, so an unhashable one (a list, dict, set or
+    // bytearray, or a tuple holding one) is a TypeError even in a dict where it could not be:
+    // find, set and erase hash it first, as libstdc++'s unordered_map scans a small map with ==
+    // alone.
+    static const Object& hashable(const Object& k) {
+        (void)hash_of(k);
+        return k;
+    }
     const Object* find(const Object& k) const {
-        auto it = index_.find(k);
+        auto it = index_.find(hashable(k));
         return it == index_.end() ? nullptr : &slots_[it->second]->second;
     }
     void set(const Object& k, const Object& v) {
-        auto [it, fresh] = index_.try_emplace(k, slots_.size());
+        auto [it, fresh] = index_.try_emplace(hashable(k), slots_.size());
         if (fresh)
             slots_.emplace_back(std::in_place, k, v);
         else
             slots_[it->second]->second = v;
     }
     bool erase(const Object& k) {
-        auto it = index_.find(k);
+        auto it = index_.find(hashable(k));
         if (it == index_.end()) return false;
         slots_[it->second].reset();
         index_.erase(it);
@@ -506,14 +596,9 @@ public:
         return Object::list(items_);
     }
     void extend(const Object& o) {
-        if (o.kind() == Kind::dict) {
-            for (const auto& kv : o.dict()) items_.push_back(kv.first);
-            return;
-        }
-        if (o.kind() != Kind::list && o.kind() != Kind::tuple && o.kind() != Kind::set &&
-            o.kind() != Kind::frozenset)
-            raise("TypeError", std::string("'") + o.type_name() + "' object is not iterable");
-        for (const Object& e : o.items()) items_.push_back(e);
+        auto items = iterate(o);
+        if (!items) raise("TypeError", std::string("'") + o.type_name() + "' object is not iterable");
+        items_.insert(items_.end(), std::make_move_iterator(items->begin()), std::make_move_iterator(items->end()));
     }
     Object call(const std::string& m, const Args& a) override {
         std::lock_guard lk(mu_);
@@ -587,6 +672,17 @@ public:
         }
         if (m == "__reversed__") return Object::list(std::vector<Object>(items_.rbegin(), items_.rend()));
         if (m == "sort") {
+            // list.sort(*, key=None, reverse=False), its arguments checked as Python 3.11's do.
+            const std::size_t given = a.args.size() + a.kwds.size();
+            if (given > 2)
+                raise("TypeError", std::string("sort() takes at most 2 ") + (a.args.empty() ? "keyword " : "") +
+                                       "arguments (" + std::to_string(given) + " given)");
+            if (!a.args.empty()) raise("TypeError", "sort() takes no positional arguments");
+            for (const auto& kv : a.kwds) {
+                const std::string name = kv.first.kind() == Kind::str ? kv.first.as<std::string>() : kv.first.repr();
+                if (name != "key" && name != "reverse")
+                    raise("TypeError", "'" + name + "' is an invalid keyword argument for sort()");
+            }
             if (a.get(0, "key", Object()).kind() != Kind::none)
                 raise("TypeError", "mp's manager sorts plain values only: key= needs a Python function");
             const bool reverse = truthy(a.get(1, "reverse", Object(false)));
@@ -770,9 +866,10 @@ public:
         if (m == "acquire") {
             const bool block = truthy(a.get(0, "blocking", Object(true)));
             Object t = a.get(1, "timeout", Object(-1));
-            if (!t.is_none() && (t.kind() == Kind::integer || t.kind() == Kind::floating) && t.as<double>() < 0)
-                t = Object();
+            const auto negative = negative_lock_timeout(t);
+            if (negative == Negative::unset) t = Object();
             if (!block && !t.is_none()) raise("ValueError", "can't specify a timeout for a non-blocking call");
+            if (negative == Negative::other) raise("ValueError", "timeout value must be positive");
             if (reentrant_ && count_ > 0 && owner_ == t_caller) {
                 ++count_;
                 return true;
@@ -879,7 +976,6 @@ private:
 std::shared_ptr<Servant> make_servant(const std::string& type, const Args& a) {
     if (type == "dict") {
         auto d = std::make_shared<DictServant>();
-        a.at_most(1 + a.kwds.size());
         d->update_from(a);
         return d;
     }

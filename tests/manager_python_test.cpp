@@ -409,6 +409,153 @@ print('REMOVED', l._getvalue()[:2])
     EXPECT_NE(out.find("REMOVED [1, b'x']\n"), std::string::npos) << out;
 }
 
+// The preamble of a client that prints what each call gives: `show(name, f)` prints
+// "name -> ascii(f())", or "name -> ExceptionType: message".
+#define PY_SHOW                                                                            \
+    "def show(name, f):\n"                                                                \
+    "    try: r = ascii(f())\n"                                                           \
+    "    except Exception as e: r = '%s: %s' % (type(e).__name__, e)\n"                   \
+    "    print(name, '->', r)\n"
+
+// list.sort() uses Python's <: an int against a float by exact value (it compared doubles, and
+// 2**53 + 1 became 2.0**53), tuples and lists from their first items that differ by == (it
+// compared every item with <, so (1, None) against (1, None) was a TypeError), bytes against
+// bytearray by content and sets by inclusion (both were TypeErrors). The expected lines are
+// python3's own list.sort().
+TEST_F(ManagerForPython, ListSortOrdersAsPythonsLessThan) {
+    constexpr const char* code = PY_CONNECT PY_SHOW R"PY(
+cases = [[2**53 + 1, float(2**53)], [float(2**53), 2**53 + 1], [2**63 - 1, float(2**63 - 1)],
+         [2**64 - 1, 2.0**64, 1.5, -2.0**63 - 2**11, -2**63, float('inf'), 0.5, True, 2**63 + 0.0],
+         [(1, None), (1, None)], [[1, {}], [1, {}]], [(2, 'x'), (1, None), (1, None)], [(1, 2), (1,), (1, 2.5)],
+         [b'b', bytearray(b'a'), b'ab'], [{1, 2}, {1}, frozenset()], [[1, {}], [1, {1: 2}]], [(1, None), (2, None)]]
+for i, c in enumerate(cases):
+    l = m.list(c)
+    show('SORT%d' % i, lambda: (l.sort(), l._getvalue())[1])
+l = m.list([1.5, 2**53 + 1, float(2**53)])
+show('REVERSE', lambda: (l.sort(reverse=True), l._getvalue())[1])
+)PY";
+    std::string out = run_client(code, manager.address(), "pykey");
+    for (const char* line :
+         {"SORT0 -> [9007199254740992.0, 9007199254740993]\n", "SORT1 -> [9007199254740992.0, 9007199254740993]\n",
+          "SORT2 -> [9223372036854775807, 9.223372036854776e+18]\n",
+          "SORT3 -> [-9.223372036854778e+18, -9223372036854775808, 0.5, True, 1.5, 9.223372036854776e+18, "
+          "18446744073709551615, 1.8446744073709552e+19, inf]\n",
+          "SORT4 -> [(1, None), (1, None)]\n", "SORT5 -> [[1, {}], [1, {}]]\n",
+          "SORT6 -> [(1, None), (1, None), (2, 'x')]\n", "SORT7 -> [(1,), (1, 2), (1, 2.5)]\n",
+          "SORT8 -> [bytearray(b'a'), b'ab', b'b']\n", "SORT9 -> [frozenset(), {1}, {1, 2}]\n",
+          "SORT10 -> TypeError: '<' not supported between instances of 'dict' and 'dict'\n",
+          "SORT11 -> [(1, None), (2, None)]\n",
+          "REVERSE -> [9007199254740993, 9007199254740992.0, 1.5]\n"})
+        EXPECT_NE(out.find(line), std::string::npos) << "missing " << line << "in:\n" << out;
+}
+
+// list.extend() and list() take every iterable Python's do that mp's values hold: a str gives its
+// characters, bytes and bytearray their ints, a dict its keys (a str or bytes was a TypeError).
+TEST_F(ManagerForPython, ListExtendTakesEveryIterableAsPython) {
+    constexpr const char* code = PY_CONNECT PY_SHOW R"PY(
+l = m.list([1])
+for x in ('ab', '\xe9\u20ac\U0001f600', b'\x00\xff', bytearray(b'A'), (2,), [3], {4}, frozenset({5}), {6: 'six'}, '', 7):
+    show('EXTEND', lambda: (l.extend(x), l._getvalue())[1])
+show('LIST', lambda: m.list('xy')._getvalue())
+)PY";
+    std::string out = run_client(code, manager.address(), "pykey");
+    EXPECT_NE(out.find("EXTEND -> [1, 'a', 'b', '\\xe9', '\\u20ac', '\\U0001f600', 0, 255, 65, 2, 3, 4, 5, 6]\n"),
+              std::string::npos)
+        << out;
+    EXPECT_NE(out.find("EXTEND -> TypeError: 'int' object is not iterable\n"), std::string::npos) << out;
+    EXPECT_NE(out.find("LIST -> ['x', 'y']\n"), std::string::npos) << out;
+}
+
+// A list, dict, set or bytearray as a dict key is Python's TypeError "unhashable type", in a
+// small dict too (libstdc++'s map looked one up with == alone: a KeyError, or None from get()).
+// dict.pop of an empty dict does not hash the key, in Python either.
+TEST_F(ManagerForPython, AnUnhashableDictKeyIsATypeError) {
+    constexpr const char* code = PY_CONNECT PY_SHOW R"PY(
+d = m.dict({1: 'one'})
+for k in ([1], {}, {1}, bytearray(b'x'), (1, [2])):
+    show('GET', lambda: d[k]); show('GETD', lambda: d.get(k, 0)); show('IN', lambda: k in d)
+    show('SET', lambda: d.__setitem__(k, 2)); show('DEL', lambda: d.__delitem__(k))
+    show('POP', lambda: d.pop(k, 0)); show('SETDEFAULT', lambda: d.setdefault(k, 3))
+show('UPDATE', lambda: d.update([([1], 2)]))
+e = m.dict()
+show('EMPTYPOP', lambda: e.pop([1])); show('EMPTYPOPD', lambda: e.pop([1], 4)); show('EMPTYGET', lambda: e.get([1]))
+show('AFTER', lambda: d.copy())
+)PY";
+    std::string out = run_client(code, manager.address(), "pykey");
+    for (const char* call : {"GET", "GETD", "IN", "SET", "DEL", "POP", "SETDEFAULT"}) {
+        std::size_t at = 0;
+        for (const char* type : {"list", "dict", "set", "bytearray", "list"}) {
+            const std::string line = std::string(call) + " -> TypeError: unhashable type: '" + type + "'\n";
+            at = out.find(line, at);
+            ASSERT_NE(at, std::string::npos) << "missing " << line << "in:\n" << out;
+            ++at;
+        }
+    }
+    for (const char* line : {"UPDATE -> TypeError: unhashable type: 'list'\n", "EMPTYPOP -> KeyError: [1]\n",
+                             "EMPTYPOPD -> 4\n", "EMPTYGET -> TypeError: unhashable type: 'list'\n",
+                             "AFTER -> {1: 'one'}\n"})
+        EXPECT_NE(out.find(line), std::string::npos) << "missing " << line << "in:\n" << out;
+}
+
+// A negative Lock or RLock timeout other than -1 is threading's ValueError (it was taken as "no
+// timeout" and waited for good); -1, and what rounds to it in nanoseconds, is no timeout.
+TEST_F(ManagerForPython, ANegativeLockTimeoutIsAValueErrorAsInPython) {
+    constexpr const char* code = PY_CONNECT PY_SHOW R"PY(
+for name, lk in (('LOCK', m.Lock()), ('RLOCK', m.RLock())):
+    show(name, lambda: lk.acquire(timeout=-5)); show(name, lambda: lk.acquire(True, -2))
+    show(name, lambda: lk.acquire(True, -1e-10)); show(name, lambda: lk.acquire(False, -5))
+    show(name, lambda: lk.acquire(True, -1)); show(name, lambda: lk.release())
+    show(name, lambda: lk.acquire(True, -0.9999999999)); show(name, lambda: lk.release())
+    show(name, lambda: lk.acquire(False, -1)); show(name, lambda: lk.release())
+)PY";
+    std::string out = run_client(code, manager.address(), "pykey");
+    const std::string positive = " -> ValueError: timeout value must be positive\n";
+    EXPECT_NE(out.find("LOCK" + positive + "LOCK" + positive + "LOCK" + positive +
+                       "LOCK -> ValueError: can't specify a timeout for a non-blocking call\n"
+                       "LOCK -> True\nLOCK -> None\nLOCK -> True\nLOCK -> None\nLOCK -> True\nLOCK -> None\n"),
+              std::string::npos)
+        << out;
+    EXPECT_NE(out.find("RLOCK" + positive + "RLOCK" + positive + "RLOCK" + positive +
+                       "RLOCK -> ValueError: can't specify a timeout for a non-blocking call\n"
+                       "RLOCK -> True\nRLOCK -> None\nRLOCK -> True\nRLOCK -> None\nRLOCK -> True\nRLOCK -> None\n"),
+              std::string::npos)
+        << out;
+}
+
+// list.sort() and dict.update() refuse what Python 3.11's refuse, with its messages: an unknown
+// keyword or a positional argument to sort (ignored), an update sequence whose items are not
+// pairs (its messages differed), more than one argument to update (ignored).
+TEST_F(ManagerForPython, SortAndUpdateRefuseWrongArgumentsAsPython) {
+    constexpr const char* code = PY_CONNECT PY_SHOW R"PY(
+l = m.list([2, 1])
+show('SORT', lambda: l.sort(nope=1)); show('SORT', lambda: l.sort(None))
+show('SORT', lambda: l.sort(key=None, reverse=True, nope=2))
+show('SORTED', lambda: (l.sort(key=None, reverse=False), l._getvalue())[1])
+d = m.dict()
+show('UPDATE', lambda: d.update([1, 2])); show('UPDATE', lambda: d.update([(1, 2), (3, 4, 5)]))
+show('UPDATE', lambda: d.update({}, {})); show('UPDATE', lambda: d.update(5))
+show('UPDATED', lambda: (d.update(['ab', b'cd', {5: 0, 6: 0}, [7, 8]]), d.copy())[1])
+show('DICT', lambda: m.dict([1]))
+)PY";
+    std::string out = run_client(code, manager.address(), "pykey");
+    for (const char* line : {"SORT -> TypeError: 'nope' is an invalid keyword argument for sort()\n",
+                             "SORT -> TypeError: sort() takes no positional arguments\n",
+                             "SORT -> TypeError: sort() takes at most 2 keyword arguments (3 given)\n",
+                             "SORTED -> [1, 2]\n",
+                             "UPDATE -> TypeError: cannot convert dictionary update sequence element #0 to a sequence\n",
+                             "UPDATE -> ValueError: dictionary update sequence element #1 has length 3; 2 is required\n",
+                             "UPDATE -> TypeError: update expected at most 1 argument, got 2\n",
+                             "UPDATE -> TypeError: 'int' object is not iterable\n",
+                             "UPDATED -> {1: 2, 'a': 'b', 99: 100, 5: 6, 7: 8}\n"})
+        EXPECT_NE(out.find(line), std::string::npos) << "missing " << line << "in:\n" << out;
+    // dict() of the same: the server's create() fails, which Python's client raises as RemoteError.
+    const std::size_t create = out.find("DICT -> RemoteError: ");
+    ASSERT_NE(create, std::string::npos) << out;
+    EXPECT_NE(out.find("TypeError: cannot convert dictionary update sequence element #0 to a sequence\n", create),
+              std::string::npos)
+        << out;
+}
+
 namespace {
 
 // Runs `code`, a Python client of an mp manager at the Unix path argv[1], until it prints

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -127,8 +128,8 @@ struct ExecChild {
     char* inner_stack;
 };
 
-// Each child's stack, in the waiting thread's frame. Its code needs a few hundred bytes; the rest
-// is margin (there is no guard page below it), cheap on any thread's stack.
+// Each child's stack, mapped for the start (spawn_program). Its code needs a few hundred bytes;
+// the rest is margin (there is no guard page below it).
 constexpr std::size_t kChildStack = 32 * 1024;
 
 using sys::KernelSigaction;
@@ -215,8 +216,16 @@ SpawnedProgram spawn_program(int request_fd, bool detached, const char* what) {
     std::string argv0(program_invocation_name != nullptr ? program_invocation_name : "mp");
     ExecChild c{{argv0.data(), const_cast<char*>(kSpawnFlag), const_cast<char*>("3"), nullptr},
                 environ, request_fd, 0, nullptr};
-    // The children's stacks: this thread waits while they run, so its frame is theirs to use.
-    alignas(16) char stacks[2][kChildStack];
+    // The children's stacks, mapped for this start: in this thread's frame they made a start
+    // from a thread with a small stack (64 KiB, as some programs give their threads) overflow it.
+    void* const mapped = ::mmap(nullptr, 2 * kChildStack, PROT_READ | PROT_WRITE,
+                                MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (mapped == MAP_FAILED) sys::throw_system_error(errno, what);
+    struct Unmap {
+        void* p;
+        ~Unmap() { ::munmap(p, 2 * kChildStack); }
+    } unmap{mapped};
+    char* const stacks[2] = {static_cast<char*>(mapped), static_cast<char*>(mapped) + kChildStack};
     c.inner_stack = stacks[1] + kChildStack;
     // A signal handler of ours must not run in the child, on our memory: it runs with every
     // signal blocked (but SIGCHLD, which only its own children would send it: StartSignalBlock)

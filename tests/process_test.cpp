@@ -9,6 +9,7 @@
 // a process of its own (program exit, a killed parent, threads, atexit) runs in the helper
 // program mp_test_child (helpers/child_main.cpp).
 
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -1618,6 +1619,44 @@ TEST_P(ProcessStartsInterruptNoOtherThread, ChildrenEndingWhileTheNextStartsLeav
 }
 
 MP_INSTANTIATE_START_METHODS(ProcessStartsInterruptNoOtherThread);
+
+// A start from a thread with a small stack (64 KiB: some programs size their threads' stacks
+// so). spawn_program put its children's two 32 KiB stacks in the caller's frame, which
+// overflowed it: a segfault under spawn, and at the forkserver's first start (made by spawn).
+class ProcessStartFromASmallStack : public mp::test::StartMethodTest {};
+
+TEST_P(ProcessStartFromASmallStack, StartsAndJoins) {
+    struct Run {
+        mp::ProcessOptions options;
+        std::optional<int> code;
+        std::string error;
+    } run{options(), std::nullopt, ""};
+    pthread_attr_t attr;
+    ASSERT_EQ(::pthread_attr_init(&attr), 0);
+    ASSERT_EQ(::pthread_attr_setstacksize(&attr, 64 * 1024), 0);
+    pthread_t thread;
+    const int made = ::pthread_create(
+        &thread, &attr,
+        [](void* arg) -> void* {
+            auto& r = *static_cast<Run*>(arg);
+            try {
+                mp::Process p(r.options, [] { ::_exit(3); });
+                p.start();
+                if (p.join(kLong)) r.code = p.exitcode();
+            } catch (const std::exception& e) {
+                r.error = e.what();
+            }
+            return nullptr;
+        },
+        &run);
+    ::pthread_attr_destroy(&attr);
+    ASSERT_EQ(made, 0);
+    ASSERT_EQ(::pthread_join(thread, nullptr), 0);
+    EXPECT_EQ(run.error, "");
+    EXPECT_EQ(run.code, 3);
+}
+
+MP_INSTANTIATE_START_METHODS(ProcessStartFromASmallStack);
 
 // Its is_alive() and exitcode() answer without an exception, as Python's (exitcode None): a loop
 // `while (p.is_alive())` ends instead of throwing out of it. Before and after join() says so.

@@ -249,6 +249,7 @@ Launched launch_fork(const ChildSpec& spec) {
         // Raw syscall(): see become_child.
         for (int fd : spec.close_in_child)
             if (fd >= 0) ::syscall(SYS_close, fd);
+        guard_child_exit();
         if (spec.logs_start) log_child_start();
         finish_child(spec.main());
     };

@@ -327,6 +327,17 @@ void finish_child(int code) noexcept {
     sys::exit_child(code);
 }
 
+namespace {
+extern "C" void exit_in_child(int status, void*) { finish_child(status); }
+// on_exit's address, taken when the program is loaded (a data relocation is never lazy): called
+// through the PLT for the first time in a child, it was bound there by ld.so, at about a dozen
+// page faults per fork child.
+int (*volatile const g_on_exit)(void (*)(int, void*), void*) = ::on_exit;
+}  // namespace
+
+// on_exit, not atexit: the handler learns exit's status. Registered last, it runs first.
+void guard_child_exit() noexcept { (void)g_on_exit(&exit_in_child, nullptr); }
+
 // Only raw syscall() from here (see sys/raw_syscall.hpp).
 using sys::KernelSigaction;
 using sys::sys_call;

@@ -114,6 +114,12 @@ void register_exit_function() noexcept;
 /// In a new child, once it is set up and before its work: Python's "child process calling
 /// self.run()" (info).
 void log_child_start() noexcept;
+/// In a new child, once it is set up and before its work: std::exit (or a return from a thread
+/// the work started ... anything that calls exit) in the child then ends it as finish_child does,
+/// with exit's status, and runs none of the handlers and static destructors registered before
+/// (the parent's, under fork; the program's own, under forkserver and spawn), as Python's child
+/// leaves with os._exit whatever the target did.
+void guard_child_exit() noexcept;
 /// Runs exit_function (this process's finalizers and children, as Python's), flushes the
 /// standard streams (see flush_standard_streams_at_exit), then _exit(code). A child never
 /// returns through main.

@@ -348,6 +348,7 @@ void run_request(int fd, bool direct) noexcept {
         become_child(setup);
         identity->daemon = req.daemon;
         apply_log_settings(req.log);
+        guard_child_exit();
         if (req.logs_start) log_child_start();
         // The arguments take the descriptors they own; the rest close with `received`.
         std::vector<int> fds;

@@ -23,6 +23,7 @@
 #include "helpers/process_helpers.hpp"
 #include "helpers/start_methods.hpp"
 #include "mp/synchronize.hpp"
+#include "mp/util.hpp"
 
 namespace {
 
@@ -1657,6 +1658,56 @@ TEST_P(ProcessStartFromASmallStack, StartsAndJoins) {
 }
 
 MP_INSTANTIATE_START_METHODS(ProcessStartFromASmallStack);
+
+// std::exit in a child's target: the child's own exit steps and exit's status, but none of the
+// atexit handlers or static destructors registered before it started (the parent's, under fork:
+// they ran in the child and, say, removed the parent's files). Python's child leaves with
+// os._exit whatever its target does.
+std::string g_exit_mark;  // where a handler that runs in the wrong process writes
+pid_t g_exit_parent = 0;
+
+void mark_if_child() {
+    if (::getpid() == g_exit_parent || g_exit_mark.empty()) return;
+    if (FILE* f = std::fopen(g_exit_mark.c_str(), "a")) {
+        std::fprintf(f, "ran in %d\n", static_cast<int>(::getpid()));
+        std::fclose(f);
+    }
+}
+
+TEST(ProcessFork, StdExitInTheTargetRunsNoHandlerOrDestructorOfTheParent) {
+    TempDir dir;
+    g_exit_mark = dir.file("mark");
+    g_exit_parent = ::getpid();
+    std::atexit(mark_if_child);
+    struct Destructor {
+        ~Destructor() { mark_if_child(); }
+    };
+    static Destructor registered_before_the_start;  // destroyed at exit, after main
+    const std::string done = dir.file("done");
+    mp::Process p([&done] {
+        // A finalizer of the child's own still runs, as after a return (exit_function); never
+        // destroyed, it runs only so.
+        new mp::util::Finalize([&done] { std::fclose(std::fopen(done.c_str(), "w")); }, 0);
+        std::exit(5);
+    });
+    p.start();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 5);
+    EXPECT_EQ(slurp(g_exit_mark).value_or(""), "");
+    EXPECT_TRUE(slurp(done).has_value());
+    g_exit_mark.clear();  // this process's own exit marks nothing
+}
+
+class ProcessStdExit : public mp::test::StartMethodTest {};
+
+TEST_P(ProcessStdExit, GivesItsStatus) {
+    mp::Process p(options(), [](int code) { std::exit(code); }, 7);
+    p.start();
+    ASSERT_TRUE(p.join(kLong));
+    EXPECT_EQ(p.exitcode(), 7);
+}
+
+MP_INSTANTIATE_START_METHODS(ProcessStdExit);
 
 // Its is_alive() and exitcode() answer without an exception, as Python's (exitcode None): a loop
 // `while (p.is_alive())` ends instead of throwing out of it. Before and after join() says so.

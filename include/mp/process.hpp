@@ -49,7 +49,8 @@
 /// - exitcode() is std::nullopt while the child runs, N after it exited with N, -N after signal N.
 /// - An exception escaping the target prints "Process <name>:" and the exception to stderr; the
 ///   exit code is 1. A child never runs the parent's atexit handlers or static destructors: it
-///   flushes stdio and leaves with _exit.
+///   flushes stdio and leaves with _exit, also when the target calls std::exit(n) (its exit
+///   code is then n, and its own util::Finalize callbacks and children are seen to first).
 /// - Daemon children are terminated when the parent exits normally and receive SIGKILL when the
 ///   parent dies any other way (PR_SET_PDEATHSIG; a forkserver daemon's parent is the server,
 ///   and it goes when its requesting process does). The kernel sends the parent-death signal

@@ -87,11 +87,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
 #include <ctime>
 #include <new>
 #include <utility>
 #include <sched.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <stdexcept>
 #include <system_error>
 
@@ -334,6 +338,27 @@ struct Ring {
         std::memcpy(base + off, src, first);
         if (n > first) std::memcpy(base, static_cast<const char*>(src) + first, n - first);
     }
+    // A chunk header, field by field where it does not wrap. Copied as one block from a header
+    // the caller has just built, it is a 16-byte load of two 8-byte stores still in the store
+    // buffer, which cannot be forwarded and stalls the put (a fifth of its time at 64 bytes).
+    void write_header(std::uint64_t pos, const ChunkHeader& c) const noexcept {
+        const std::size_t off = static_cast<std::size_t>(pos & (cap - 1));
+        if (off + kHdr > cap) return write(pos, &c, kHdr);
+        char* p = base + off;
+#if defined(__SSE2__)
+        // Two stores, as the block copy makes them, from registers.
+        static_assert(offsetof(ChunkHeader, total) == 8 && offsetof(ChunkHeader, flags) == 20);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                         _mm_set_epi64x(static_cast<long long>(c.total), static_cast<long long>(c.id)));
+        const std::uint64_t len_flags = c.len | std::uint64_t{c.flags} << 32;  // little-endian
+        std::memcpy(p + offsetof(ChunkHeader, len), &len_flags, sizeof len_flags);
+#else
+        std::memcpy(p + offsetof(ChunkHeader, id), &c.id, sizeof c.id);
+        std::memcpy(p + offsetof(ChunkHeader, total), &c.total, sizeof c.total);
+        std::memcpy(p + offsetof(ChunkHeader, len), &c.len, sizeof c.len);
+        std::memcpy(p + offsetof(ChunkHeader, flags), &c.flags, sizeof c.flags);
+#endif
+    }
     void read(std::uint64_t pos, void* dst, std::size_t n) const noexcept {
         const std::size_t off = static_cast<std::size_t>(pos & (cap - 1));
         const std::size_t first = std::min<std::size_t>(n, cap - off);
@@ -459,7 +484,7 @@ struct Producer {
         wake_if_waiting(h->data_seq, h->data_waiting);
     }
     void write_chunk(std::uint64_t pos, const ChunkHeader& c, Gather& payload) {
-        ring.write(pos, &c, kHdr);
+        ring.write_header(pos, c);
         payload.copy_to(ring, pos + kHdr, c.len);
     }
     void wake_joiners() {
@@ -481,7 +506,7 @@ struct Producer {
                 const std::uint64_t ne = hd + kHdr;
                 h->p_end.store(ne, rel);
                 const ChunkHeader abort{id, 0, 0, kAbort};
-                ring.write(hd, &abort, kHdr);  // fits: I4
+                ring.write_header(hd, abort);  // fits: I4
                 publish(ne);
             }
         }

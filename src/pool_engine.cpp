@@ -364,6 +364,8 @@ PoolEngine::~PoolEngine() {
     if (impl_->thread.joinable()) impl_->thread.join();
 }
 
+static_assert(kMaxTaskFds == sys::kMaxFds);
+
 std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
     // One frame's descriptors go in one message: refused here, this submit fails alone. (Found
     // later, as the pool's thread sends the task, it would break the pool, and the task, by then

@@ -311,6 +311,30 @@ bool settled(const mp::ProcessPoolExecutor& ex) {
 // ExecutorTest (CPython executor.py, test_process_pool.py)
 // ---------------------------------------------------------------------------------------------
 
+// A map whose calls each take a handle: a chunk carries at most 253 descriptors, so map starts
+// a new chunk before one would pass it, whatever the chunksize (before, chunksize 1000 failed
+// with mp::Error "a task may carry at most 253 descriptors").
+int twice_holding(mp::Lock lock, int x) {
+    std::lock_guard hold(lock);
+    return 2 * x;
+}
+
+TEST(ExecutorTest, MapOfCallsThatEachTakeAHandleStaysUnderTheDescriptorLimit) {
+    mp::ProcessPoolExecutor ex({.max_workers = 2});
+    const mp::Lock lock;
+    const std::vector<mp::Lock> locks(700, lock);
+    std::vector<int> xs(700);
+    for (int i = 0; i < 700; ++i) xs[static_cast<std::size_t>(i)] = i;
+    std::vector<int> got;
+    for (int y : ex.map({.chunksize = 1000, .timeout = kLong}, twice_holding, locks, xs)) got.push_back(y);
+    ASSERT_EQ(got.size(), 700u);
+    for (int i = 0; i < 700; ++i) EXPECT_EQ(got[static_cast<std::size_t>(i)], 2 * i);
+    // One task over the limit is still refused, alone, and the executor serves on.
+    const std::vector<mp::Lock> too_many(300, lock);
+    EXPECT_THROW((void)ex.submit([](const std::vector<mp::Lock>& v) { return v.size(); }, too_many), mp::Error);
+    EXPECT_EQ(ex.submit(twice_holding, lock, 21).result(kLong), 42);
+}
+
 TEST(ExecutorTest, Submit) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
     mp::Future<long long> f = ex.submit(power, 2, 8);

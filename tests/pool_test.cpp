@@ -50,6 +50,7 @@
 #include "helpers/temp_dir.hpp"
 #include "helpers/timeouts.hpp"
 #include "mp/pool.hpp"
+#include "mp/synchronize.hpp"
 #include "mp/shared_memory.hpp"
 
 namespace {
@@ -426,6 +427,32 @@ TEST_P(PoolTest, Imap) {
     auto it3 = pool.imap(sqr, range(1000), 100);
     for (int i = 0; i < 1000; ++i) EXPECT_EQ(it3.next(kLong), std::optional<int>(i * i));
     EXPECT_EQ(it3.next(kLong), std::nullopt);
+}
+
+// Calls that each take a handle (here copies of one Lock: each copy's descriptor counts): a
+// chunk carries at most 253 descriptors, so map, starmap and imap start a new chunk before one
+// would pass it. Before, the default chunksize (1,100 items on one worker: 275) or a larger one
+// made every chunk fail with mp::Error "a task may carry at most 253 descriptors".
+int twice_under(mp::Lock lock, int x) {
+    std::lock_guard hold(lock);
+    return 2 * x;
+}
+int twice_locked(const std::tuple<mp::Lock, int>& row) { return twice_under(std::get<0>(row), std::get<1>(row)); }
+
+TEST_P(PoolTest, MapsOfCallsThatEachTakeAHandleStayUnderTheDescriptorLimit) {
+    mp::Pool pool(with_method(mp::PoolOptions{.processes = 1}));
+    const mp::Lock lock;
+    std::vector<std::tuple<mp::Lock, int>> rows;
+    std::vector<int> expected;
+    for (int i = 0; i < 1100; ++i) {
+        rows.emplace_back(lock, i);
+        expected.push_back(2 * i);
+    }
+    EXPECT_EQ(pool.starmap_async(twice_under, rows).get(kLong), expected);  // default chunksize
+    EXPECT_EQ(pool.map_async(twice_locked, rows, std::size_t{1000}).get(kLong), expected);
+    auto it = pool.imap(twice_locked, rows, 600);
+    for (int i = 0; i < 1100; ++i) ASSERT_EQ(it.next(kLong), std::optional<int>(2 * i));
+    EXPECT_EQ(it.next(kLong), std::nullopt);
 }
 
 TEST_P(PoolTest, ImapContinuesAfterAFailedItem) {

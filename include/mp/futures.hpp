@@ -41,7 +41,10 @@
 /// Connection, ...) holds a duplicate of each, in this process, from submit until it finishes:
 /// 2000 pending tasks that each take the same Queue hold its descriptors 2000 times over, and
 /// may exceed RLIMIT_NOFILE (1024 by default). A submit that runs out throws std::system_error
-/// (EMFILE) and only that submit fails: wait for some submitted work, or raise the limit.
+/// (EMFILE) and only that submit fails: wait for some submitted work, or raise the limit. One
+/// task carries at most 253 descriptors (one message's worth; each copy of a handle counts): a
+/// submit over that throws mp::Error. map (and mp::Pool's map, imap, starmap ...) start a new
+/// chunk before one would pass it, whatever the chunksize.
 ///
 /// Threads: futures may be waited on from any thread. Done callbacks run in the pool's own
 /// thread (the one that collects results), or at once in the calling thread when the future is
@@ -509,7 +512,7 @@ ChunkSet submit_chunks(Engine& engine, const F& fn, std::size_t chunksize, Timeo
     rows([&](const auto&... args) {
         builder.add(args...);
         ++set.items;
-        if (builder.count() == chunksize) flush();
+        if (builder.full(chunksize)) flush();
     });
     if (builder.count() != 0) flush();
     return set;

@@ -164,7 +164,7 @@ auto chunk_reader(std::shared_ptr<IMapSink> sink, const F& fn, std::size_t chunk
                -> std::optional<std::pair<std::shared_ptr<FutureCore>, std::size_t>> {
         if (!st->it) st->it.emplace(std::ranges::begin(st->range));
         Iter& it = *st->it;
-        while (st->builder.count() < chunksize && it != std::ranges::end(st->range)) {
+        while (!st->builder.full(chunksize) && it != std::ranges::end(st->range)) {
             st->builder.add(*it);
             ++it;
         }

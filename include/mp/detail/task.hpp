@@ -377,6 +377,10 @@ Task make_transferable_task(const F& f, const Args&... args) {
         return {};  // not reached: the check above failed to compile
 }
 
+/// The most descriptors one task (or chunk of a map) carries: what one message carries (the
+/// kernel's SCM_MAX_FD). Each handle among the arguments counts, copies of one handle each.
+inline constexpr std::size_t kMaxTaskFds = 253;
+
 /// Builds chunk tasks for calls of one callable: the callable is named once per chunk, then
 /// each call's arguments follow.
 template <class F, class... A>
@@ -389,10 +393,18 @@ public:
     /// Appends one call's arguments.
     template <class... B>
     void add(const B&... args) {
+        const std::size_t fds = e_.fds().size();
         if constexpr (sendable<F, A...>) (e_.put(static_cast<const A&>(args)), ...);
+        last_fds_ = e_.fds().size() - fds;
         ++count_;
     }
     std::size_t count() const noexcept { return count_; }
+    /// Whether the chunk goes before another call is added: it has `chunksize` calls, or a call
+    /// with as many descriptors as the last would take it past kMaxTaskFds (a map of calls that
+    /// each take a handle: a chunk the pool would refuse).
+    bool full(std::size_t chunksize) const noexcept {
+        return count_ >= chunksize || (count_ != 0 && e_.fds().size() + last_fds_ > kMaxTaskFds);
+    }
     /// The chunk so far, as a task; starts a new one.
     Task take() {
         const std::uint64_t n = little_endian(std::uint64_t{count_});
@@ -427,6 +439,7 @@ private:
     std::string prefix_;
     Encoder e_;
     std::size_t count_ = 0;
+    std::size_t last_fds_ = 0;  // the last call's descriptors
 };
 
 /// Whether run_task's result goes back to another process (a pool's task) or is dropped (a

@@ -47,13 +47,16 @@
 
 /// Lifetime
 /// - exitcode() is std::nullopt while the child runs, N after it exited with N, -N after signal N.
+///   A forkserver child whose server was killed before it reported how the child ended has 255,
+///   whatever its end (as Python's: the server, its OS parent, is the one that learns it).
 /// - An exception escaping the target prints "Process <name>:" and the exception to stderr; the
 ///   exit code is 1. A child never runs the parent's atexit handlers or static destructors: it
 ///   flushes stdio and leaves with _exit, also when the target calls std::exit(n) (its exit
 ///   code is then n, and its own util::Finalize callbacks and children are seen to first).
 /// - Daemon children are terminated when the parent exits normally and receive SIGKILL when the
 ///   parent dies any other way (PR_SET_PDEATHSIG; a forkserver daemon's parent is the server,
-///   and it goes when its requesting process does). The kernel sends the parent-death signal
+///   and it goes when its requesting process does, and also when the server is killed: unlike
+///   Python's, where it would live on unwatched). The kernel sends the parent-death signal
 ///   when the *thread* that forked the child ends, so under fork and spawn a daemon started by
 ///   a thread other than the main one gets SIGRTMAX instead, with a handler that kills it only
 ///   once the parent process is gone: it outlives the thread that started it. Such a daemon

@@ -118,8 +118,8 @@ void drop_listed(ParentOnlyList& list, int fd) noexcept {
 
 // The one fork of a parent: `child` runs in the child with every signal but SIGCHLD blocked
 // (StartSignalBlock) and never returns; it starts with nothing of the parent's pending on the
-// standard streams and without the parent's ParentOnlyFd descriptors but those in `kept`. Returns the child's pid; throws
-// std::system_error naming `what`.
+// standard streams and without the parent's ParentOnlyFd descriptors but those in `kept`.
+// Returns the child's pid; throws std::system_error naming `what`.
 pid_t fork_blocked(const char* what, ChildMain child, std::array<int, 2> kept = {-1, -1}) {
     flush_before_fork();
     // Held across the fork: no descriptor is listed or unlisted half-way, and none made by

@@ -386,9 +386,6 @@ int checked_death_signal(bool daemon, bool pool_worker) noexcept {
 }
 
 void become_child(const ChildSetup& setup) noexcept {
-    // Before this child opens anything (its parent's pidfd first): a parent with a standard
-    // stream closed must not have the child take what it opens for that stream.
-    if (!setup.from_server) sys::standard_fds_open(false);
     Globals& g = globals();
     const auto self = static_cast<pid_t>(sys_call(SYS_getpid));
     sys::set_self_pid(self);
@@ -396,6 +393,15 @@ void become_child(const ChildSetup& setup) noexcept {
     g.current->pid = self;
     g.parent = setup.parent;
     g.parent_pidfd = static_cast<int>(sys_call(SYS_pidfd_open, setup.parent_pid, 0));
+    // The first descriptor this child opens takes the lowest free number: one of 0-2 only when
+    // the parent has a standard stream closed. Then the pidfd moves up and the stream gets
+    // /dev/null, so that nothing the child opens is taken for it (no system call otherwise).
+    if (!setup.from_server && g.parent_pidfd >= 0 && g.parent_pidfd <= 2) {
+        const int low = g.parent_pidfd;
+        g.parent_pidfd = static_cast<int>(sys_call(SYS_fcntl, low, F_DUPFD_CLOEXEC, 3));
+        sys_call(SYS_close, low);
+        sys::standard_fds_open(false);
+    }
     g.counter.store(0);
     // Another thread may have held these at the moment of fork: make fresh ones in place and let
     // the parent's copies leak rather than run destructors over a half-changed state.

@@ -92,30 +92,34 @@ struct EventCore {
 };
 
 // A barrier: Python's threading.Barrier state machine under a robust mutex and a condition,
-// plus one PartySlot per party, which the block holds after the core. Every field is written
+// plus two PartySlots per party, which the block holds after the core. Every field is written
 // with the mutex held.
 struct BarrierCore {
     MutexCore mutex;
     CondCore cond;
     std::int32_t parties;
     std::int32_t state;  // 0 filling, 1 draining, 2 running the action, -1 resetting, -2 broken
-    std::int32_t count;  // parties inside wait() that hold a slot: the occupied slots
+    std::int32_t count;  // parties counted in the round: the slots occupied as `counted`
     std::int32_t has_timeout;
     std::int64_t timeout_ns;
     std::int32_t slots_ready;   // slots [0, slots_ready) have been initialised
-    std::int32_t reserved;
+    std::int32_t entering;      // parties waiting to enter that hold a slot: at most `parties`
     std::int64_t next_scan_ns;  // steady clock: when a waiter next looks for dead parties
+    std::int32_t break_next;    // a party died waiting to enter: the next round opens broken
+    std::int32_t reserved;
 };
 
-// A counted party's proof of life: it holds its slot's robust mutex from arrival until it leaves
-// wait(). When its process dies, the kernel marks the mutex's owner dead, and a trylock by anyone
-// else returns EOWNERDEAD instead of EBUSY: a dead party is known without its help and without
-// pids (which may be reused).
+// A party's proof of life: it holds its slot's robust mutex from arrival until it leaves wait().
+// When its process dies, the kernel marks the mutex's owner dead, and a trylock by anyone else
+// returns EOWNERDEAD instead of EBUSY: a dead party is known without its help and without pids
+// (which may be reused). The block holds 2 x parties slots: the round's counted parties, and as
+// many again waiting for the previous round to drain (or a reset, or the action) to enter the next.
 struct PartySlot {
     pthread_mutex_t mutex;
-    std::int32_t occupied;  // 1 while a party counted in `count` holds it
+    std::int32_t occupied;  // 0 free, 1 counted in `count`, 2 waiting to enter (`entering`)
     std::int32_t reserved;
 };
+inline constexpr std::int32_t slot_free = 0, slot_counted = 1, slot_entering = 2;
 
 template <class Core>
 struct Block {

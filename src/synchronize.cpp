@@ -148,8 +148,8 @@ struct BarrierImpl : Attached<BarrierCore> {
                                              sizeof(Block<BarrierCore>))) {
         // Received memory must hold the slots its party count promises.
         const auto parties = static_cast<std::size_t>(std::max(core->parties, 0));
-        if (core->parties < 1 ||
-            (block.size() - sizeof(Block<BarrierCore>)) / sizeof(PartySlot) < parties)
+        if (core->parties < 1 || core->parties > Barrier::max_parties ||
+            (block.size() - sizeof(Block<BarrierCore>)) / sizeof(PartySlot) / 2 < parties)
             throw DecodeError("mp::Barrier: the received memory is too small for its parties");
     }
     BarrierImpl(const BarrierImpl&) = delete;
@@ -497,11 +497,12 @@ std::int64_t steady_ns() noexcept {
         .count();
 }
 
-// Takes a free slot for the calling thread (the barrier's mutex held); returns its index. Slots
-// are initialised on first use, lowest first: a barrier for many parties touches only as many as
-// were ever inside wait() at once. There is always a free one: at most `parties` are counted.
-int claim_slot(BarrierCore& c, PartySlot* slots) {
-    for (int i = 0; i < c.parties; ++i) {
+// Takes a free slot for the calling thread as `kind` (the barrier's mutex held); returns its
+// index, or -1 when none is free. Slots are initialised on first use, lowest first: a barrier for
+// many parties touches only as many as were ever inside wait() at once. There is always one for a
+// counted party: at most `parties` are counted and at most `parties` entering hold one.
+int claim_slot(BarrierCore& c, PartySlot* slots, std::int32_t kind) noexcept {
+    for (int i = 0; i < 2 * c.parties; ++i) {
         if (i == c.slots_ready) {
             // Error-checking: reap_dead_parties tells the caller's own slot (EDEADLK) from a live
             // party's (EBUSY).
@@ -516,33 +517,50 @@ int claim_slot(BarrierCore& c, PartySlot* slots) {
         // unlocking it: the slot is free all the same.
         if (rc == EOWNERDEAD) rc = ::pthread_mutex_consistent(&s.mutex);
         if (rc == 0) {
-            s.occupied = 1;
+            s.occupied = kind;
             return i;
         }
     }
-    throw Error("mp::Barrier: no free party slot (its shared state is corrupt)");
+    return -1;
 }
 
 void release_slot(PartySlot* slots, int i) noexcept {
-    slots[i].occupied = 0;
+    slots[i].occupied = slot_free;
     (void)::pthread_mutex_unlock(&slots[i].mutex);
 }
 
-// Frees the slot of every counted party that died (the barrier's mutex held); returns how many.
-// EBUSY is a live party; EDEADLK is the calling thread's own slot (error-checking mutex).
-int reap_dead_parties(BarrierCore& c, PartySlot* slots) noexcept {
-    int dead = 0;
+struct Dead {
+    int counted = 0;   // parties of the round (or of one that completed and drains)
+    int entering = 0;  // parties that waited to enter the next round
+};
+
+// Frees the slot of every party that died inside wait() (the barrier's mutex held). EBUSY is a
+// live party; EDEADLK is the calling thread's own slot (error-checking mutex).
+Dead reap_dead_parties(BarrierCore& c, PartySlot* slots) noexcept {
+    Dead dead;
     for (int i = 0; i < c.slots_ready; ++i) {
         PartySlot& s = slots[i];
-        if (s.occupied == 0) continue;
+        if (s.occupied == slot_free) continue;
         int rc = ::pthread_mutex_trylock(&s.mutex);
         if (rc == EOWNERDEAD) rc = ::pthread_mutex_consistent(&s.mutex);
         if (rc != 0) continue;
+        if (s.occupied == slot_counted) {
+            --c.count;
+            ++dead.counted;
+        } else {
+            --c.entering;
+            ++dead.entering;
+        }
         release_slot(slots, i);
-        --c.count;
-        ++dead;
     }
     return dead;
+}
+
+// The previous round has drained, or a reset completed: the next round opens, broken if a party
+// died waiting to enter it.
+void reopen(BarrierCore& c) noexcept {
+    c.state = c.break_next != 0 ? broken_state : filling;
+    c.break_next = 0;
 }
 
 // The barrier whose action the calling thread runs: its wait() there could never return.
@@ -588,22 +606,30 @@ public:
         check_recovered();
     }
 
-    // The holder died inside its bookkeeping: the barrier is broken, and `count` is recounted
-    // from the slots of the parties still alive (the dead one may have been half counted).
+    // The holder died inside its bookkeeping: the barrier is broken, and `count` and `entering`
+    // are recounted from the slots of the parties still alive (the dead one may have been half
+    // counted).
     void check_recovered() {
         if (c_.mutex.owner_died.exchange(0, std::memory_order_relaxed) == 0) return;
         c_.state = broken_state;
+        c_.break_next = 0;
         (void)reap_dead_parties(c_, slots_);
-        std::int32_t live = 0;
-        for (int i = 0; i < c_.slots_ready; ++i) live += slots_[i].occupied != 0 ? 1 : 0;
-        c_.count = live;
+        std::int32_t counted = 0, entering = 0;
+        for (int i = 0; i < c_.slots_ready; ++i) {
+            counted += slots_[i].occupied == slot_counted ? 1 : 0;
+            entering += slots_[i].occupied == slot_entering ? 1 : 0;
+        }
+        c_.count = counted;
+        c_.entering = entering;
         cond_notify(c_.cond, UINT32_MAX);
     }
 
     // Removes the parties that died inside wait(). One that died waiting for the round to
     // complete (or while the action ran) can never arrive: the round breaks, as a timeout
     // would break it. One that died after the round completed, or while the barrier was
-    // broken or resetting, only leaves. Rate-limited unless `now`.
+    // broken or resetting, only leaves. One that died waiting for the previous round to drain
+    // (or a reset, or the action) breaks the round it was waiting to enter: the current one if
+    // that has opened, else the next, as it opens. Rate-limited unless `now`.
     void check_parties(bool now) {
         if (!now) {
             const std::int64_t t = steady_ns();
@@ -612,11 +638,18 @@ public:
                 t + std::chrono::duration_cast<std::chrono::nanoseconds>(party_check_interval)
                         .count() / 2;
         }
-        if (reap_dead_parties(c_, slots_) == 0) return;
-        if (c_.state == filling || c_.state == running_action) {
-            c_.state = broken_state;
-        } else if (c_.count == 0 && (c_.state == draining || c_.state == resetting)) {
-            c_.state = filling;
+        const Dead dead = reap_dead_parties(c_, slots_);
+        if (dead.counted == 0 && dead.entering == 0) return;
+        if (dead.entering != 0) {
+            if (c_.state == filling) c_.state = broken_state;
+            else if (c_.state != broken_state) c_.break_next = 1;
+        }
+        if (dead.counted != 0) {
+            if (c_.state == filling || c_.state == running_action) {
+                c_.state = broken_state;
+            } else if (c_.count == 0 && (c_.state == draining || c_.state == resetting)) {
+                reopen(c_);
+            }
         }
         cond_notify(c_.cond, UINT32_MAX);
     }
@@ -644,9 +677,10 @@ Barrier::Barrier(int parties, detail::Timeout timeout)
 
 Barrier::Barrier(int parties, detail::Timeout timeout,
                  std::function<void()> action, std::optional<std::string> task) {
-    if (parties < 1) throw std::invalid_argument("mp::Barrier: parties must be >= 1");
+    if (parties < 1 || parties > max_parties)
+        throw std::invalid_argument("mp::Barrier: parties must be in [1, 2^30]");
     SharedBlock b = create_block<BarrierCore>(
-        Kind::barrier, static_cast<std::size_t>(parties) * sizeof(PartySlot));
+        Kind::barrier, 2 * static_cast<std::size_t>(parties) * sizeof(PartySlot));
     auto* c = core_of<BarrierCore>(b);
     c->parties = parties;
     c->state = filling;
@@ -677,8 +711,30 @@ int Barrier::wait_until_deadline(const Deadline& deadline) {
     BarrierGuard g(c, slots, deadline, acquired);
     if (!acquired) throw BrokenBarrierError();  // a peer stopped inside the bookkeeping
     // Python's _enter (wait while the previous round drains or a reset completes), with the
-    // deadline: a party stuck in the previous round must not hold a timed wait beyond it.
+    // deadline: a party stuck in the previous round must not hold a timed wait beyond it. A
+    // party waiting here holds an `entering` slot (while one of `parties` is free), so that
+    // dying here breaks the round it waits for; it becomes the party's counted slot.
+    struct Entering {
+        BarrierCore& c;
+        PartySlot* slots;
+        int slot = -1;
+        ~Entering() {
+            if (slot < 0) return;
+            release_slot(slots, slot);
+            --c.entering;
+        }
+        int keep() noexcept {
+            if (slot >= 0) {
+                --c.entering;
+                slots[slot].occupied = slot_counted;
+            }
+            return std::exchange(slot, -1);
+        }
+    } entering{c, slots};
     while (c.state == draining || c.state == resetting || c.state == running_action) {
+        if (entering.slot < 0 && c.entering < c.parties &&
+            (entering.slot = claim_slot(c, slots, slot_entering)) >= 0)
+            ++c.entering;
         if (expired(deadline)) {
             barrier_break(c);
             throw BrokenBarrierError();
@@ -686,7 +742,9 @@ int Barrier::wait_until_deadline(const Deadline& deadline) {
         g.wait(deadline);
     }
     if (c.state < 0) throw BrokenBarrierError();
-    const int slot = claim_slot(c, slots);
+    int slot = entering.keep();
+    if (slot < 0 && (slot = claim_slot(c, slots, slot_counted)) < 0)
+        throw Error("mp::Barrier: no free party slot (its shared state is corrupt)");
     const int index = c.count++;
     // Python's `finally`: leave the barrier, and the last one out reopens it (_exit). Runs with
     // the mutex held (the guard outlives it).
@@ -697,7 +755,7 @@ int Barrier::wait_until_deadline(const Deadline& deadline) {
         ~Leave() {
             release_slot(slots, slot);
             if (--c.count == 0 && (c.state == resetting || c.state == draining)) {
-                c.state = filling;
+                reopen(c);
                 cond_notify(c.cond, UINT32_MAX);
             }
         }
@@ -750,6 +808,7 @@ void Barrier::reset() {
     BarrierCore& c = *impl_->core;
     BarrierGuard g(c, impl_->slots);
     g.check_parties(true);  // a dead party would never leave, and the reset never complete
+    c.break_next = 0;       // a reset opens a whole barrier, whoever died before it
     if (c.count > 0) {
         if (c.state != draining) c.state = resetting;
     } else {

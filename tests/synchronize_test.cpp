@@ -1955,6 +1955,19 @@ void wait_expect_broken(mp::Barrier barrier, std::optional<std::chrono::millisec
     require(false, 3);
 }
 
+// Passes one round, then waits (without a timeout) for a second that must break.
+void pass_then_expect_broken(mp::Barrier barrier) {
+    (void)barrier.wait(LONG);
+    wait_expect_broken(barrier, std::nullopt);
+}
+
+// Waits once (completing a round, in the test below), says so, and waits again.
+void wait_twice(mp::Barrier barrier, mp::Event between) {
+    (void)barrier.wait(LONG);
+    between.set();
+    (void)barrier.wait();
+}
+
 void two_rounds_party(mp::Barrier barrier, Tally seen) {
     for (int round = 0; round < 2; ++round) {
         const int index = barrier.wait(LONG);
@@ -2097,6 +2110,32 @@ TEST_P(SyncBarrierAcross, PartyKilledInsideWaitWakesTheOthersWithBrokenBarrier) 
     join_ok(*s1);
     join_ok(*s2);
     EXPECT_TRUE(barrier.broken());
+    EXPECT_EQ(barrier.n_waiting(), 0);
+}
+
+TEST_P(SyncBarrierAcross, PartyKilledWaitingForTheRoundToDrainBreaksTheNextRound) {
+    mp::Barrier barrier(3);
+    auto b = start(options(), pass_then_expect_broken, barrier);
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 1), 1);
+    ASSERT_TRUE(asleep_in_shared_futex_wait(b->pid(), LONG));
+    // Stopped, B cannot leave round 1 once it completes: round 1 stays draining.
+    ASSERT_EQ(::kill(b->pid(), SIGSTOP), 0);
+    auto c = start(options(), pass_then_expect_broken, barrier);
+    ASSERT_EQ(reaches([&] { return barrier.n_waiting(); }, 2), 2);
+    // A completes round 1, then its second wait() waits for round 1 to drain; it dies there.
+    mp::Event between;
+    auto a = start(options(), wait_twice, barrier, between);
+    ASSERT_TRUE(between.wait(LONG));
+    ASSERT_TRUE(asleep_in_shared_futex_wait(a->pid(), LONG));
+    kill_and_join(*a);
+    ASSERT_EQ(::kill(b->pid(), SIGCONT), 0);
+    // B passes round 1 (it completed); B and C wait for round 2 without a timeout, which only
+    // A's death, noticed, can end.
+    join_ok(*b);
+    join_ok(*c);
+    EXPECT_TRUE(barrier.broken());
+    barrier.reset();
+    EXPECT_FALSE(barrier.broken());
     EXPECT_EQ(barrier.n_waiting(), 0);
 }
 

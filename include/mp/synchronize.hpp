@@ -392,14 +392,19 @@ private:
 /// a party killed there is noticed: it breaks the round it was waiting for (the others get
 /// BrokenBarrierError; one that arrives to complete the round checks first, so a round never
 /// passes one party short), and leaves a round that had already completed, or a pending reset,
-/// without holding them up. A timed wait returns by its deadline whatever the other parties do:
+/// without holding them up. That includes a party killed while its wait() waited for the previous
+/// round to drain (or for a reset, or the action) before entering the next: the next round opens
+/// broken (reset() mends it); of the parties waiting so at once, the first `parties` hold a token. A timed wait returns by its deadline whatever the other parties do:
 /// also while a previous round still drains or a reset is pending (for instance behind a stopped
 /// party), in which case the barrier breaks as on any timeout. (The one exception is a peer
 /// stopped during the barrier's own few instructions of bookkeeping: a wait that must reacquire
 /// the internal lock after sleeping waits for it.)
 class Barrier {
 public:
-    /// A barrier for `parties` parties (>= 1, else std::invalid_argument); `timeout` is the
+    /// The most parties a barrier may have.
+    static constexpr int max_parties = 1 << 30;
+
+    /// A barrier for `parties` parties (1 to max_parties, else std::invalid_argument); `timeout` is the
     /// default for wait() (std::nullopt: wait forever).
     explicit Barrier(int parties, detail::Timeout timeout = std::nullopt);
     /// As above, with an action run by one party before the others are released.

@@ -61,6 +61,10 @@ struct Globals {
     bool thread_multiple = false;  // MPI gave MPI_THREAD_MULTIPLE
     bool served = false;  // a worker rank has served (or is serving) the root
     mpi::detail::Engine* live_engine = nullptr;  // the root's live executor, if any
+    // An executor destroyed on its own thread (in a done callback) lets that thread finish
+    // detached: executor_alive stays true until it ends, and `ended` says when.
+    bool detached_running = false;
+    std::condition_variable ended;
     int rank = 0;
     int size = 1;
     std::size_t max_message = std::size_t{1} << 30;
@@ -552,8 +556,12 @@ Environment::~Environment() {
         live = g.live_engine;
     }
     // An executor that outlives its Environment (destroy executors first): its thread must be
-    // done with MPI before the workers stop and MPI ends.
+    // done with MPI before the workers stop and MPI ends; so must one left to finish detached.
     if (live != nullptr) live->shutdown(true, false);
+    {
+        std::unique_lock lock(g.mu);
+        g.ended.wait(lock, [&] { return !g.detached_running; });
+    }
     // A worker rank that returned from main without serving: the root may be waiting for its
     // answer to an executor's hello, and it always sends a stop at its end. Serve until that
     // stop, so neither rank waits for the other for ever (the one in MPI_Finalize, the other
@@ -656,6 +664,8 @@ struct Engine::Impl {
     std::list<Send> sends;
     std::thread thread;
     std::mutex join_mu;  // shutdown(wait) may come from several threads at once
+    // Set when the Engine is destroyed on its own thread: the detached thread owns the state.
+    std::shared_ptr<Impl> keep_alive;
 
     void main() {
         try {
@@ -900,7 +910,9 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
         throw std::invalid_argument("mp::mpi: task_timeout must be positive");
     auto& g = globals();
     {
-        std::lock_guard lock(g.mu);
+        std::unique_lock lock(g.mu);
+        // One destroyed in its own done callback is ending: its successor waits for it.
+        g.ended.wait(lock, [&] { return !g.detached_running; });
         if (!g.env_alive) throw Error("mp::mpi: an Executor needs an mp::mpi::Environment");
         if (g.rank != 0) throw Error("mp::mpi: an Executor is made on rank 0; the other ranks serve");
         if (g.size < 2)
@@ -948,14 +960,37 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
         throw;
     }
     workers_ = g.size - 1;
-    impl_->thread = std::thread([impl = impl_.get()] { impl->main(); });
+    impl_->thread = std::thread([impl = impl_.get()] {
+        impl->main();
+        // Destroyed on this thread, the Engine left the state to it: freed here, last.
+        if (const std::shared_ptr<Impl> owned = std::move(impl->keep_alive)) {
+            auto& gl = globals();
+            std::lock_guard lock(gl.mu);
+            gl.executor_alive = false;
+            gl.detached_running = false;
+            gl.ended.notify_all();
+        }
+    });
     std::lock_guard lock(g.mu);
     g.live_engine = this;
 }
 
 Engine::~Engine() {
-    shutdown(true, false);
     auto& g = globals();
+    if (impl_->thread.get_id() == std::this_thread::get_id()) {
+        // The last handle went in a done callback, on the executor's own thread, which cannot
+        // wait for itself: as shutdown(wait=false), the thread finishes the work and ends,
+        // holding the state until then; no other Executor may start before it has.
+        shutdown(false, false);
+        std::lock_guard lock(g.mu);
+        g.live_engine = nullptr;
+        g.detached_running = true;
+        Impl* impl = impl_.get();
+        impl->thread.detach();
+        impl->keep_alive = std::shared_ptr<Impl>(impl_.release());
+        return;
+    }
+    shutdown(true, false);
     std::lock_guard lock(g.mu);
     g.executor_alive = false;
     g.live_engine = nullptr;

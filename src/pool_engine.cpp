@@ -45,7 +45,10 @@
 
 #include <cerrno>
 #include <climits>
+#include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
+#include <mutex>
 #include <system_error>
 
 #include "mp/futures.hpp"
@@ -68,7 +71,36 @@ void run_dropping_errors(const std::function<void()>& fn) noexcept {
     }
 }
 
+// Pools left to finish on their own thread (destroyed there, in a done callback). The program's
+// exit waits for them, as Python's waits for its executors' threads: their workers are stopped
+// and reaped, and no thread runs pool code while the program's statics are destroyed.
+struct DetachedPools {
+    std::mutex mu;
+    std::condition_variable cv;
+    int running = 0;
+    pid_t owner = 0;  // a fork child inherits the count, not the threads
+};
+
+DetachedPools& detached_pools() {
+    static auto* d = new DetachedPools;  // never destroyed: used at exit
+    return *d;
+}
+
+void detached_pool_ended() {
+    DetachedPools& d = detached_pools();
+    std::lock_guard lock(d.mu);
+    --d.running;
+    d.cv.notify_all();
+}
+
 }  // namespace
+
+void join_detached_pools() {
+    DetachedPools& d = detached_pools();
+    std::unique_lock lock(d.mu);
+    if (d.owner != sys::self_pid()) return;
+    d.cv.wait(lock, [&] { return d.running == 0; });
+}
 
 void PoolEngine::Impl::run() noexcept {
     try {
@@ -345,7 +377,14 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
     if (caller_forks) impl_->start_workers();
     Impl* impl = impl_.get();
     try {
-        impl_->thread = std::thread([impl] { impl->run(); });
+        impl_->thread = std::thread([impl] {
+            impl->run();
+            // Destroyed on this thread, the engine left the state to it: freed here, last.
+            if (std::shared_ptr<Impl> owned = std::move(impl->keep_alive)) {
+                owned.reset();
+                detached_pool_ended();
+            }
+        });
     } catch (...) {
         impl->kill_and_reap_all();
         throw;
@@ -357,6 +396,30 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
 }
 
 PoolEngine::~PoolEngine() {
+    if (impl_->thread.get_id() == std::this_thread::get_id()) {
+        // The last handle went in a done callback, on the pool's own thread, which cannot wait
+        // for itself: as shutdown(wait=false), the thread finishes the work, stops the workers
+        // and ends, holding the state until then.
+        {
+            std::lock_guard lock(impl_->mu);
+            impl_->shutting_down = true;
+            impl_->ring();
+        }
+        {
+            DetachedPools& d = detached_pools();
+            std::lock_guard lock(d.mu);
+            if (d.owner != sys::self_pid()) {
+                d.owner = sys::self_pid();
+                d.running = 0;
+                static const bool registered = std::atexit(join_detached_pools) == 0;
+                (void)registered;
+            }
+            ++d.running;
+        }
+        impl_->keep_alive = impl_;
+        impl_->thread.detach();
+        return;
+    }
     try {
         shutdown(true, false);
     } catch (...) {

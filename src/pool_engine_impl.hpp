@@ -241,6 +241,9 @@ struct PoolEngine::Impl {
     sys::BlockArena* job_arena = sys::BlockArena::create();
     std::thread thread;
     std::mutex join_mu;
+    // Set when the engine is destroyed on its own thread (the last handle dropped in a done
+    // callback): the detached thread owns the state until it ends.
+    std::shared_ptr<Impl> keep_alive;
 
     // The pool's thread only.
     std::deque<pool::JobPtr> pending;

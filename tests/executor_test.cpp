@@ -1004,6 +1004,54 @@ TEST(ExecutorFuture, DoneCallbackThatThrowsDoesNotStopTheOthers) {
     EXPECT_EQ(ex.submit(square, 2).result(kLong), 4);
 }
 
+// The last handle to an executor dropped in a done callback, on the pool's own thread, which
+// cannot join itself: the executor shuts down as shutdown(wait=false) and its thread finishes the
+// queued work detached (was: std::system_error EDEADLK out of the destructor, std::terminate).
+TEST(ExecutorFuture, ExecutorDestroyedInItsOwnDoneCallbackFinishesItsWork) {
+    auto ex = std::make_unique<mp::ProcessPoolExecutor>(mp::ExecutorOptions{.max_workers = 1});
+    TempDir dir;
+    Gate gate(dir);
+    auto first = ex->submit(wait_file, gate.path());
+    auto queued = ex->submit(square, 7);
+    std::atomic<bool> destroyed{false};
+    std::atomic<bool> on_other_thread{false};
+    const auto caller = std::this_thread::get_id();
+    first.add_done_callback([&](const mp::Future<int>&) {
+        on_other_thread = std::this_thread::get_id() != caller;
+        ex.reset();
+        destroyed = true;
+    });
+    gate.open();
+    EXPECT_EQ(queued.result(kLong), 49);
+    ASSERT_TRUE(eventually([&] { return destroyed.load(); }));
+    EXPECT_TRUE(on_other_thread.load());
+    EXPECT_EQ(first.result(kLong), 1);
+    mp::detail::join_detached_pools();  // what the program's exit does: its workers are gone then
+}
+
+// The same with the executor shared with the callback, whose copy is the last (a common shape:
+// the callback keeps what it needs alive).
+TEST(ExecutorFuture, ExecutorWhoseLastOwnerIsADoneCallbackEndsCleanly) {
+    TempDir dir;
+    Gate gate(dir);
+    std::optional<mp::Future<int>> first;
+    std::atomic<bool> deleted{false};
+    {
+        std::shared_ptr<mp::ProcessPoolExecutor> ex(
+            new mp::ProcessPoolExecutor(mp::ExecutorOptions{.max_workers = 1}),
+            [&](mp::ProcessPoolExecutor* p) {
+                delete p;
+                deleted = true;
+            });
+        first = ex->submit(wait_file, gate.path());
+        first->add_done_callback([ex](const mp::Future<int>&) {});
+    }
+    gate.open();
+    EXPECT_EQ(first->result(kLong), 1);
+    ASSERT_TRUE(eventually([&] { return deleted.load(); }));
+    mp::detail::join_detached_pools();
+}
+
 // ---------------------------------------------------------------------------------------------
 // mp::wait (test_wait.py). The completed futures of Python's tests come from the executor:
 // SUCCESSFUL (a value), EXCEPTION (out_of_range), CANCELLED (cancelled while pending).

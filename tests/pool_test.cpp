@@ -376,6 +376,31 @@ TEST_P(PoolTest, AnExceptionFromAMapCallbackIsNotAnError) {
     pool.join();
 }
 
+// A pool whose last owner is a callback: its destructor runs on the pool's own thread, which
+// cannot join itself (was: std::system_error EDEADLK out of the destructor, std::terminate). It
+// terminates the pool there as anywhere else; the result is in by then.
+TEST_P(PoolTest, PoolWhoseLastOwnerIsACallbackEndsCleanly) {
+    for (const bool closed : {false, true}) {
+        std::optional<mp::AsyncResult<int>> r;
+        std::atomic<bool> deleted{false};
+        {
+            std::shared_ptr<mp::Pool> pool(new mp::Pool(with_method(mp::PoolOptions{.processes = 1})),
+                                           [&](mp::Pool* p) {
+                                               delete p;
+                                               deleted = true;
+                                           });
+            r = pool->apply_async(sqr_wait, mp::args(6, 50), [pool](const int&) {});
+            if (closed) pool->close();
+        }
+        EXPECT_EQ(r->get(kLong), 36) << "closed: " << closed;
+        const auto end = std::chrono::steady_clock::now() + kLong;
+        while (!deleted && std::chrono::steady_clock::now() < end)
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        ASSERT_TRUE(deleted.load());
+        mp::detail::join_detached_pools();  // what the program's exit does
+    }
+}
+
 TEST_P(PoolTest, MapChunksize) {
     mp::Pool pool(with_method(mp::PoolOptions{.processes = 2}));
     EXPECT_EQ(pool.map_async(parse_int, std::vector<std::string>{"1"}, std::size_t{1}).get(kLong),

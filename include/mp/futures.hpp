@@ -733,7 +733,11 @@ protected:
 /// and none can start for seconds.
 ///
 /// Destructor policy: shuts down and waits, as `with ProcessPoolExecutor()` does: every
-/// submitted task still runs to its end, then the workers exit and are reaped.
+/// submitted task still runs to its end, then the workers exit and are reaped. Destroyed in a
+/// done callback (its last owner a callback's capture, say), on the executor's own thread, which
+/// cannot wait for itself, it shuts down as shutdown(wait=false): the thread runs the submitted
+/// work, stops the workers and ends by itself, and the program's exit waits for it (as Python's
+/// waits for its executors' threads).
 class ProcessPoolExecutor : public detail::MapFront<detail::PoolEngine> {
 public:
     explicit ProcessPoolExecutor(ExecutorOptions options = {}) : MapFront(make_config(options, {})) {}

@@ -186,7 +186,9 @@ public:
     /// No new work after this. wait: block until every submitted task has finished.
     /// cancel_futures: cancel the tasks not yet sent to a rank. Safe to call more than once and
     /// from several threads at once; shutdown with wait from a done callback (the executor's own
-    /// thread, which cannot wait for itself) is mp::Error.
+    /// thread, which cannot wait for itself) is mp::Error. The destructor there (the last owner a
+    /// callback's capture, say) shuts down without waiting: the thread finishes the submitted work
+    /// and ends by itself; the next Executor, and the Environment's end, wait for it.
     void shutdown(bool wait = true, bool cancel_futures = false) { engine_.shutdown(wait, cancel_futures); }
 
     /// The number of worker ranks.

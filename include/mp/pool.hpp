@@ -27,7 +27,10 @@
 /// Destructor policy: as Python's `with Pool()` (and Pool.__del__), destroying a Pool that is
 /// still running (neither closed nor terminated) terminates it: unfinished work fails with
 /// BrokenProcessPool and the workers are killed. After close(), the destructor waits for the
-/// submitted work to finish and the workers to exit, as join() does.
+/// submitted work to finish and the workers to exit, as join() does. Destroyed in a callback (its
+/// last owner a callback's capture, say), on the pool's own thread, which cannot wait for
+/// itself, it terminates the pool (after close(): lets the work finish) without waiting: the
+/// pool's thread then ends by itself, and the program's exit waits for it.
 
 #include <algorithm>
 #include <atomic>

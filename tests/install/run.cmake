@@ -53,6 +53,17 @@ foreach(elf "${MP_WORK_DIR}/build/consumer" ${libmp_so})
   endif()
 endforeach()
 
+# mp inside shared libraries (consumer/plugin*.cpp): no `main` to wrap or resolve in them.
+run_step("run plugin_app" "${MP_WORK_DIR}/build/plugin_app")
+if(NOT last_output MATCHES "plugin fork 44 spawn 45")
+  message(FATAL_ERROR "plugin_app printed: ${last_output}")
+endif()
+file(GLOB plugin_module "${MP_WORK_DIR}/build/*mp_plugin_private*")
+run_step("dlopen the plugin" "${MP_WORK_DIR}/build/plugin_host" "${plugin_module}")
+if(NOT last_output MATCHES "host fork 46")
+  message(FATAL_ERROR "plugin_host printed: ${last_output}")
+endif()
+
 # 2. the mpi component.
 if(MP_HAVE_MPI)
   run_step("configure consumer (COMPONENTS mpi)" ${CMAKE_COMMAND} -S "${MP_CONSUMER_SRC}/consumer"

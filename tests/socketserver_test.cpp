@@ -1225,6 +1225,20 @@ TEST(Socketserver, StopTokenStopsServeForever) {
     srv.server_close();
 }
 
+// PreforkTCPServer overrides serve_forever(poll_interval); the stop-token overload is still there
+// (it was hidden: serve_forever(token) did not compile).
+TEST(Socketserver, StopTokenStopsAPreforkServer) {
+    mp::PreforkTCPServer srv({"127.0.0.1", 0}, mp::handler<StreamEcho>(), {.workers = 1});
+    std::stop_source source;
+    std::thread serving([&] { srv.serve_forever(source.get_token(), 20ms); });
+    wait_for_workers(srv, 1);  // a client made before the fork would be the worker's too
+    expect_line_echoed(srv.server_address(), "before the stop\n");
+    source.request_stop();
+    serving.join();  // bounded by ctest's TIMEOUT
+    EXPECT_TRUE(srv.worker_pids().empty());
+    srv.server_close();
+}
+
 TEST(Socketserver, SignalStopTurnsASignalIntoAStopRequest) {
     struct sigaction before {};
     ASSERT_EQ(::sigaction(SIGUSR1, nullptr, &before), 0);

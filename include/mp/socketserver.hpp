@@ -405,12 +405,17 @@ using ForkingUnixDatagramServer =
 /// a copy of every descriptor the parent had open without FD_CLOEXEC's help (fork keeps them
 /// all): a socket the parent closes stays open in the workers until they exit. Open other
 /// connections after serve_forever's workers have started, or close them in the handler's setup.
+/// A signal sent to the whole process group (a terminal's Ctrl-C) reaches the workers too, whose
+/// dispositions are the default ones (as any forked handler's, mp::SignalStop's included): they
+/// end at once, mid-request. For a graceful stop on such a signal, stop the parent only (kill
+/// its pid) or let the handler's setup ignore SIGINT: a worker goes with its parent anyway.
 class PreforkTCPServer : public BaseServer {
 public:
     PreforkTCPServer(ServerAddress address, HandlerFactory factory, ServerOptions options = {});
     ~PreforkTCPServer() override;
 
     void serve_forever(detail::Timeout poll_interval = std::chrono::milliseconds(500)) override;
+    using BaseServer::serve_forever;  // serve_forever(std::stop_token, poll_interval)
 
     /// The pids of the running workers.
     std::vector<pid_t> worker_pids() const;

@@ -16,6 +16,12 @@
 #include "start_join.hpp"
 #include "workload_args.hpp"
 
+#ifdef MP_BENCH_STATIC_RUNTIME
+constexpr const char* kRuntime = ", the C++ runtime linked in (-static-libstdc++ -static-libgcc)";
+#else
+constexpr const char* kRuntime = "";
+#endif
+
 int main(int argc, char** argv) {
     const std::string_view id = argc >= 2 ? argv[1] : "";
     mp_bench::WorkloadArgs args;
@@ -32,8 +38,8 @@ int main(int argc, char** argv) {
                              : mp_bench::start_join_each(n, {.start_method = mp::StartMethod::forkserver}, true,
                                                          "W1b-small: bad exit");
         std::printf("{\"workload\":\"%s\",\"value\":%.6g,\"unit\":\"us\",\"size\":%lld,"
-                    "\"method\":\"the smallest mp program: mp::Process (%s), start + join\"}\n",
-                    argv[1], us, n, w1 ? "fork" : "forkserver");
+                    "\"method\":\"the smallest mp program%s: mp::Process (%s), start + join\"}\n",
+                    argv[1], us, n, kRuntime, w1 ? "fork" : "forkserver");
     } catch (const std::exception& e) {
         std::fprintf(stderr, "mp_start_min: %s\n", e.what());
         return 1;

@@ -67,6 +67,15 @@ WORKLOADS = [
          unit="us", per="per start+join", better=LOWER, same_as="W1",
          mp_exe="mp_start_min", limit_exe="mp_limit_fork_cxx", no_python=True,
          cpp=200, py=200, quick=20, size_unit="starts"),
+    # W1-c-static: W1-c with the C++ runtime linked into the smallest mp program
+    # (-static-libstdc++ -static-libgcc: 25 mappings instead of 40, the C program has 23), to
+    # tell whether dropping the shared C++ runtime closes W1-c's gap. No target (a program's
+    # link is its own choice). n/a where libmp is a shared library.
+    dict(id="W1-c-static", title="W1-c with the C++ runtime linked into the smallest mp program "
+         "(-static-libstdc++ -static-libgcc) vs the minimal C program",
+         unit="us", per="per start+join", better=LOWER, same_as="W1",
+         mp_exe="mp_start_min_static", limit_exe="mp_limit_fork", no_python=True,
+         cpp=200, py=200, quick=20, size_unit="starts"),
     # W1b: start + join from a parent with 2 GiB of touched heap, whose bare fork copies the
     # page tables of all of it; mp's forkserver and spawn need not. Target: <= 0.05x the bare
     # fork's time (a share of 20). W1b-small: the forkserver from a small parent, against a bare
@@ -271,7 +280,8 @@ class Sides:
         self.micro = bench / "mp_bench"
         self.extra_limits = {"mp_limit_fork": bench / "mp_limit_fork",
                              "mp_limit_fork_cxx": bench / "mp_limit_fork_cxx"}
-        self.extra_mp = {"mp_start_min": bench / "mp_start_min"}
+        self.extra_mp = {"mp_start_min": bench / "mp_start_min",
+                         "mp_start_min_static": bench / "mp_start_min_static"}
         self.python = [sys.executable, str(HERE / "python" / "workloads.py")]
         self.notes = []
         if not self.mp.exists():

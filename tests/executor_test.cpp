@@ -655,7 +655,39 @@ namespace exec_test {
 struct BadRow : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
+// A value its worker encodes but no process can decode: load() throws.
+struct FailsToLoad {
+    int x = 0;
+    template <class A>
+    void save(A& a) const {
+        a(x);
+    }
+    template <class A>
+    void load(A& a) {
+        a(x);
+        throw std::runtime_error("FailsToLoad: cannot load " + std::to_string(x));
+    }
+};
 }  // namespace exec_test
+
+exec_test::FailsToLoad make_fails_to_load(int x) { return {x}; }
+
+// A result that arrives but cannot be decoded here: exception() is what result() throws (it was
+// nullptr while result() threw).
+TEST(ExecutorFuture, AResultThatCannotBeDecodedIsTheFuturesException) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1});
+    auto f = ex.submit(make_fails_to_load, 14);
+    ASSERT_TRUE(f.wait(kLong));
+    const std::exception_ptr e = f.exception();
+    ASSERT_TRUE(e) << "exception() is nullptr while result() throws";
+    try {
+        std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+        EXPECT_NE(std::string(x.what()).find("cannot load 14"), std::string::npos) << x.what();
+    }
+    EXPECT_THROW((void)f.result(), std::exception);
+    EXPECT_EQ(ex.submit(square, 3).result(kLong), 9);  // the pool is unharmed
+}
 
 int throw_bad_row(int row) { throw exec_test::BadRow("row " + std::to_string(row) + " is malformed"); }
 
@@ -1083,10 +1115,22 @@ FinishedFutures make_finished(mp::ProcessPoolExecutor& ex, const TempDir& dir) {
 TEST(ExecutorWait, DuplicateFuturesIssue20369) {
     mp::ProcessPoolExecutor ex({.max_workers = 2});
     auto f = ex.submit(sleep_ms, 100);
-    auto r = mp::wait(std::vector{f, f}, kLong, mp::ALL_COMPLETED);
-    ASSERT_FALSE(r.done.empty());
-    for (auto& d : r.done) EXPECT_TRUE(d == f);
+    auto g = ex.submit(square, 2);
+    auto r = mp::wait(std::vector{f, g, f, g, f}, kLong, mp::ALL_COMPLETED);
+    // Once each, as in Python's sets (each was in `done` as often as given).
+    ASSERT_EQ(r.done.size(), 2u);
+    EXPECT_TRUE(r.done[0] == f);
+    EXPECT_TRUE(r.done[1] == g);
     EXPECT_TRUE(r.not_done.empty());
+    // as_completed too, and over many copies without quadratic time.
+    std::vector<mp::Future<int>> many(20000, g);
+    many.push_back(f);
+    std::size_t n = 0;
+    for (const auto& d : mp::as_completed(many, {.timeout = kLong})) {
+        EXPECT_TRUE(d == f || d == g);
+        ++n;
+    }
+    EXPECT_EQ(n, 2u);
 }
 
 TEST(ExecutorWait, FirstCompleted) {

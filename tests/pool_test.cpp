@@ -68,6 +68,21 @@ constexpr auto kLong = 10s;
 // ---------------------------------------------------------------------------------------------
 
 int sqr(int x) { return x * x; }
+
+// A value its worker encodes but no process can decode: load() throws.
+struct FailsToLoad {
+    int x = 0;
+    template <class A>
+    void save(A& a) const {
+        a(x);
+    }
+    template <class A>
+    void load(A& a) {
+        a(x);
+        throw std::runtime_error("FailsToLoad: cannot load " + std::to_string(x));
+    }
+};
+FailsToLoad make_fails_to_load(int x) { return {x}; }
 int sqr_wait(int x, int ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
     return x * x;
@@ -399,6 +414,40 @@ TEST_P(PoolTest, PoolWhoseLastOwnerIsACallbackEndsCleanly) {
         ASSERT_TRUE(deleted.load());
         mp::detail::join_detached_pools();  // what the program's exit does
     }
+}
+
+// A result that arrives but cannot be decoded here is the call's failure everywhere: get() throws
+// the decoder's exception, successful() is false, error_callback gets it and callback does not
+// run (before: successful() true, neither callback, and a log line blaming the callback).
+TEST_P(PoolTest, AResultThatCannotBeDecodedIsTheCallsFailure) {
+    mp::Pool pool(with_method(mp::PoolOptions{.processes = 1}));
+    std::atomic<int> callbacks{0};
+    std::mutex mu;
+    std::string error;
+    auto r = pool.apply_async(make_fails_to_load, mp::args(14), [&](const FailsToLoad&) { ++callbacks; },
+                              [&](std::exception_ptr e) {
+                                  std::lock_guard lk(mu);
+                                  try {
+                                      std::rethrow_exception(e);
+                                  } catch (const std::exception& x) {
+                                      error = x.what();
+                                  }
+                              });
+    ASSERT_TRUE(r.wait(kLong));
+    EXPECT_THROW((void)r.get(), std::exception);
+    EXPECT_FALSE(r.successful());
+    EXPECT_EQ(callbacks.load(), 0);
+    {
+        std::lock_guard lk(mu);
+        EXPECT_NE(error.find("cannot load 14"), std::string::npos) << error;
+    }
+    auto m = pool.map_async(make_fails_to_load, std::vector<int>{1, 2});
+    ASSERT_TRUE(m.wait(kLong));
+    EXPECT_THROW((void)m.get(), std::exception);
+    EXPECT_FALSE(m.successful());
+    EXPECT_EQ(pool.apply(sqr, 3), 9);  // the pool is unharmed
+    pool.close();
+    pool.join();
 }
 
 TEST_P(PoolTest, MapChunksize) {

@@ -151,12 +151,23 @@ public:
         return detail::decode_value<T>(core().bytes());
     }
 
-    /// The exception the work ended with; nullptr when it produced a value. Throws CancelledError
-    /// when cancelled, TimeoutError when `timeout` passes first.
+    /// The exception the work ended with; nullptr when it produced a value. A value that arrived
+    /// but cannot be decoded here (its codec throws) is the exception result() would throw: the
+    /// decoder's. Throws CancelledError when cancelled, TimeoutError when `timeout` passes first.
     std::exception_ptr exception(detail::Timeout timeout = std::nullopt) const {
         wait_done(timeout);
         if (cancelled()) throw CancelledError();
-        return core().error();
+        if (auto e = core().error()) return e;
+        if constexpr (!std::is_void_v<T>) {
+            if (core().value() == nullptr) {
+                try {
+                    (void)detail::decode_value<T>(core().bytes());
+                } catch (...) {
+                    return std::current_exception();
+                }
+            }
+        }
+        return nullptr;
     }
 
     /// Waits until done; false when `timeout` passed first.
@@ -188,6 +199,28 @@ template <class T>
 std::shared_ptr<FutureCore> core_of(const Future<T>& f) {
     return f.core_;
 }
+template <class T>
+std::vector<FutureCore*> raw_cores(const std::vector<Future<T>>& fs);
+
+/// `fs` without repeats (copies of one future), first occurrences in their order: mp::wait and
+/// as_completed take a sequence where Python's take a set's worth. O(n log n).
+template <class T>
+std::vector<Future<T>> unique_futures(std::vector<Future<T>> fs) {
+    std::vector<std::pair<const FutureCore*, std::size_t>> keys(fs.size());
+    for (std::size_t i = 0; i < fs.size(); ++i) keys[i] = {core_of(fs[i]).get(), i};
+    std::sort(keys.begin(), keys.end(), [](const auto& a, const auto& b) {
+        return std::less<const FutureCore*>{}(a.first, b.first) || (a.first == b.first && a.second < b.second);
+    });
+    std::vector<bool> repeat(fs.size(), false);
+    for (std::size_t k = 1; k < keys.size(); ++k)
+        if (keys[k].first == keys[k - 1].first) repeat[keys[k].second] = true;
+    std::vector<Future<T>> out;
+    out.reserve(fs.size());
+    for (std::size_t i = 0; i < fs.size(); ++i)
+        if (!repeat[i]) out.push_back(std::move(fs[i]));
+    return out;
+}
+
 template <class T>
 std::vector<FutureCore*> raw_cores(const std::vector<Future<T>>& fs) {
     std::vector<FutureCore*> out;
@@ -339,10 +372,14 @@ struct WaitResult {
 };
 
 /// Waits until `when` holds for `futures` (FIRST_EXCEPTION: one finished with an exception, or
-/// all done) or `timeout` passes; never throws TimeoutError (look at not_done).
+/// all done) or `timeout` passes; never throws TimeoutError (look at not_done). A future given
+/// more than once is in the result once, as in Python's sets. FIRST_EXCEPTION looks at how the
+/// work ended: a value that arrived but cannot be decoded here counts as a value (its exception()
+/// and result() report the decoder's error).
 template <class T>
-WaitResult<T> wait(const std::vector<Future<T>>& futures, detail::Timeout timeout = std::nullopt,
+WaitResult<T> wait(const std::vector<Future<T>>& given, detail::Timeout timeout = std::nullopt,
                    ReturnWhen when = ALL_COMPLETED) {
+    const std::vector<Future<T>> futures = detail::unique_futures(given);
     auto cores = detail::raw_cores(futures);
     auto idx = detail::wait_cores(cores, timeout, when);
     WaitResult<T> r;
@@ -372,7 +409,7 @@ template <class T>
 class AsCompleted {
 public:
     AsCompleted(std::vector<Future<T>> futures, AsCompletedOptions options)
-        : futures_(dedupe(std::move(futures))),
+        : futures_(detail::unique_futures(std::move(futures))),
           queue_(std::make_unique<detail::CompletionQueue>(detail::raw_cores(futures_))) {
         deadline_ = detail::deadline_after(options.timeout);
         if (options.progress)
@@ -391,12 +428,6 @@ private:
         if (!next) return nullptr;
         if (bar_) bar_->advance();
         return &futures_[*next];
-    }
-    static std::vector<Future<T>> dedupe(std::vector<Future<T>> in) {
-        std::vector<Future<T>> out;
-        for (auto& f : in)
-            if (std::find(out.begin(), out.end(), f) == out.end()) out.push_back(std::move(f));
-        return out;
     }
     std::vector<Future<T>> futures_;
     std::unique_ptr<detail::CompletionQueue> queue_;

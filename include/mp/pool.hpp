@@ -114,12 +114,20 @@ public:
     /// Waits until ready; false when `timeout` passed first.
     bool wait(detail::Timeout timeout = std::nullopt) const { return core().wait(timeout); }
     bool ready() const { return core().done(); }
-    /// Whether the call completed without raising (a map's: every item, so get() would return).
-    /// Throws mp::Error when not ready (Python: ValueError).
+    /// Whether the call completed without raising (a map's: every item), so that get() returns:
+    /// false also when the value arrived but cannot be decoded here (its codec throws; get()
+    /// throws that). Throws mp::Error when not ready (Python: ValueError).
     bool successful() const {
         if (!ready()) throw Error("the result is not ready");
-        return core().state() == detail::FutureCore::State::finished && !core().error() &&
-               (!items_ok_ || items_ok_());
+        if (core().state() != detail::FutureCore::State::finished || core().error() ||
+            (items_ok_ && !items_ok_()))
+            return false;
+        try {
+            (void)value_();
+        } catch (...) {
+            return false;
+        }
+        return true;
     }
 
 private:
@@ -550,11 +558,21 @@ private:
                 if (error_callback) error_callback(e);
             } else if (c.state() == detail::FutureCore::State::cancelled) {
                 if (error_callback) error_callback(std::make_exception_ptr(CancelledError()));
-            } else if (callback) {
-                if constexpr (std::is_void_v<R>)
-                    callback(std::monostate{});
-                else
-                    callback(detail::decode_value<R>(c.bytes()));
+            } else if (callback || error_callback) {
+                if constexpr (std::is_void_v<R>) {
+                    if (callback) callback(std::monostate{});
+                } else {
+                    // A value that cannot be decoded here is the call's failure, as get() reports
+                    // it: error_callback, not an exception blamed on a callback that never ran.
+                    std::optional<R> v;
+                    try {
+                        v.emplace(detail::decode_value<R>(c.bytes()));
+                    } catch (...) {
+                        if (error_callback) error_callback(std::current_exception());
+                        else throw;
+                    }
+                    if (v && callback) callback(*v);
+                }
             }
         }, on_pool_thread());
     }

@@ -172,7 +172,7 @@ const std::shared_ptr<P>& check_handle(const std::shared_ptr<P>& p, const char* 
 
 struct SyncAccess {
     static const std::shared_ptr<MutexImpl>& impl(const BasicLock& l) {
-        return check_handle(l.impl_, "mp::Lock");
+        return l.checked();
     }
     static const std::shared_ptr<SemaphoreImpl>& impl(const Semaphore& s) {
         return check_handle(s.impl_, "mp::Semaphore");
@@ -246,8 +246,10 @@ using namespace detail;
 // ---------------------------------------------------------------------------------------------
 // Lock, RLock
 
+const std::shared_ptr<MutexImpl>& detail::BasicLock::checked() const { return check_handle(impl_, type_); }
+
 bool detail::BasicLock::acquire(bool block) {
-    check_handle(impl_, "mp::Lock");
+    checked();
     return mutex_acquire(*impl_->core, impl_->recursive,
                          block ? LockMode::block : LockMode::try_once, std::nullopt,
                          impl_->recursive ? "mp::RLock::acquire: the calling thread holds it"
@@ -256,25 +258,25 @@ bool detail::BasicLock::acquire(bool block) {
 }
 
 bool detail::BasicLock::acquire_until(const Deadline& deadline) {
-    check_handle(impl_, "mp::Lock");
+    checked();
     return mutex_acquire(*impl_->core, impl_->recursive, LockMode::timed, deadline,
                          impl_->recursive ? "mp::RLock::acquire" : "mp::Lock::acquire");
 }
 
 void detail::BasicLock::release() {
-    check_handle(impl_, "mp::Lock");
+    checked();
     mutex_release(*impl_->core, impl_->recursive,
                   impl_->recursive ? "mp::RLock::release" : "mp::Lock::release");
 }
 
 bool detail::BasicLock::owner_died() const {
-    check_handle(impl_, "mp::Lock");
+    checked();
     return held_by_me(*impl_->core) &&
            impl_->core->owner_died.load(std::memory_order_relaxed) != 0;
 }
 
 bool detail::BasicLock::held() const {
-    check_handle(impl_, "mp::Lock");
+    checked();
     return held_by_me(*impl_->core);
 }
 
@@ -287,12 +289,12 @@ pid_t holder_tid(const MutexCore& c) noexcept { return c.mutex.owner(); }
 }  // namespace
 
 bool detail::BasicLock::locked() const {
-    check_handle(impl_, "mp::Lock");
+    checked();
     return holder_tid(*impl_->core) != 0;
 }
 
 LockHolder detail::BasicLock::holder() const {
-    check_handle(impl_, "mp::Lock");
+    checked();
     const pid_t tid = holder_tid(*impl_->core);
     if (tid == 0) return LockHolder::none;
     if (held_by_me(*impl_->core)) return LockHolder::this_thread;
@@ -302,9 +304,9 @@ LockHolder detail::BasicLock::holder() const {
                                                            : LockHolder::other_process;
 }
 
-Lock::Lock() : BasicLock(new_mutex(Kind::lock)) {}
+Lock::Lock() : BasicLock(new_mutex(Kind::lock), "mp::Lock") {}
 
-RLock::RLock() : BasicLock(new_mutex(Kind::rlock)) {}
+RLock::RLock() : BasicLock(new_mutex(Kind::rlock), "mp::RLock") {}
 
 unsigned RLock::recursion_count() const {
     check_handle(SyncAccess::impl(*this), "mp::RLock");

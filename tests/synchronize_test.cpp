@@ -2469,6 +2469,16 @@ TEST(SyncMisuse, MovedFromPrimitivesThrowEmptyHandle) {
         mp::RLock a, b = std::move(a);
         expect_common_use_throws(a);  // NOLINT(bugprone-use-after-move)
         EXPECT_THROW((void)a.recursion_count(), mp::EmptyHandle);
+        // The message names the type (it said mp::Lock).
+        for (auto use : {+[](mp::RLock& l) { (void)l.recursion_count(); }, +[](mp::RLock& l) { (void)l.acquire(); },
+                         +[](mp::RLock& l) { (void)l.locked(); }}) {
+            try {
+                use(a);
+                ADD_FAILURE() << "no exception";
+            } catch (const mp::EmptyHandle& e) {
+                EXPECT_NE(std::string(e.what()).find("mp::RLock"), std::string::npos) << e.what();
+            }
+        }
         EXPECT_TRUE(b.acquire(false));
         b.release();
     }

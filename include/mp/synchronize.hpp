@@ -165,13 +165,16 @@ public:
     LockHolder holder() const;
 
 protected:
-    explicit BasicLock(std::shared_ptr<MutexImpl> impl) noexcept : impl_(std::move(impl)) {}
+    BasicLock(std::shared_ptr<MutexImpl> impl, const char* type) noexcept
+        : impl_(std::move(impl)), type_(type) {}
     bool acquire_until(const Deadline& deadline);
 
 private:
     friend struct detail::SyncAccess;
     friend class StdLockable<BasicLock>;
+    const std::shared_ptr<MutexImpl>& checked() const;
     std::shared_ptr<MutexImpl> impl_;
+    const char* type_;  // "mp::Lock" or "mp::RLock", for the message of a handle moved from
 };
 
 }  // namespace detail
@@ -185,7 +188,7 @@ public:
 
 private:
     friend struct detail::SyncAccess;
-    explicit Lock(std::shared_ptr<detail::MutexImpl> impl) noexcept : BasicLock(std::move(impl)) {}
+    explicit Lock(std::shared_ptr<detail::MutexImpl> impl) noexcept : BasicLock(std::move(impl), "mp::Lock") {}
 };
 
 /// A process-shared, robust, recursive mutex (Python's multiprocessing.RLock): the holding
@@ -200,7 +203,7 @@ public:
 private:
     friend struct detail::SyncAccess;
     explicit RLock(std::shared_ptr<detail::MutexImpl> impl) noexcept
-        : BasicLock(std::move(impl)) {}
+        : BasicLock(std::move(impl), "mp::RLock") {}
 };
 
 /// A process-shared counting semaphore (Python's multiprocessing.Semaphore). Not owned: any

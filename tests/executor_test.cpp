@@ -47,6 +47,7 @@
 #include <utility>
 #include <vector>
 
+#include "helpers/codec.hpp"
 #include "helpers/gate_file.hpp"
 #include "helpers/kernel.hpp"
 #include "helpers/leak_check.hpp"
@@ -655,22 +656,9 @@ namespace exec_test {
 struct BadRow : std::invalid_argument {
     using std::invalid_argument::invalid_argument;
 };
-// A value its worker encodes but no process can decode: load() throws.
-struct FailsToLoad {
-    int x = 0;
-    template <class A>
-    void save(A& a) const {
-        a(x);
-    }
-    template <class A>
-    void load(A& a) {
-        a(x);
-        throw std::runtime_error("FailsToLoad: cannot load " + std::to_string(x));
-    }
-};
 }  // namespace exec_test
 
-exec_test::FailsToLoad make_fails_to_load(int x) { return {x}; }
+using mp::test::make_fails_to_load;
 
 // A result that arrives but cannot be decoded here: exception() is what result() throws (it was
 // nullptr while result() threw).

@@ -42,6 +42,7 @@
 #include <utility>
 #include <vector>
 
+#include "helpers/codec.hpp"
 #include "helpers/gate_file.hpp"
 #include "helpers/leak_check.hpp"
 #include "helpers/lines.hpp"
@@ -69,20 +70,8 @@ constexpr auto kLong = 10s;
 
 int sqr(int x) { return x * x; }
 
-// A value its worker encodes but no process can decode: load() throws.
-struct FailsToLoad {
-    int x = 0;
-    template <class A>
-    void save(A& a) const {
-        a(x);
-    }
-    template <class A>
-    void load(A& a) {
-        a(x);
-        throw std::runtime_error("FailsToLoad: cannot load " + std::to_string(x));
-    }
-};
-FailsToLoad make_fails_to_load(int x) { return {x}; }
+using mp::test::FailsToLoad;
+using mp::test::make_fails_to_load;
 int sqr_wait(int x, int ms) {
     std::this_thread::sleep_for(std::chrono::milliseconds(ms));
     return x * x;

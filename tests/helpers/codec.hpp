@@ -5,6 +5,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "mp/serialize.hpp"
@@ -26,5 +28,22 @@ V receive_here(const V& v) {
         if (fd >= 0) ::close(fd);
     return out;
 }
+
+/// A value a worker encodes but no process can decode (its load() throws): a result that
+/// arrives and fails to decode in the caller.
+struct FailsToLoad {
+    int x = 0;
+    template <class A>
+    void save(A& a) const {
+        a(x);
+    }
+    template <class A>
+    void load(A& a) {
+        a(x);
+        throw std::runtime_error("FailsToLoad: cannot load " + std::to_string(x));
+    }
+};
+
+inline FailsToLoad make_fails_to_load(int x) { return {x}; }
 
 }  // namespace mp::test

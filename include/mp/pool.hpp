@@ -14,7 +14,9 @@
 ///
 /// The workers are daemon processes, as Python's: a task cannot start an mp::Process
 /// (ProcessError "daemonic processes are not allowed to have children"). A
-/// ProcessPoolExecutor's workers can.
+/// ProcessPoolExecutor's workers can. Unlike Python's, a task may create a pool of its own (an
+/// mp::Pool or ProcessPoolExecutor, any start method): its workers die with the worker that made
+/// them (they are its daemons), so none outlives it.
 ///
 /// Work whose arguments carry descriptors holds a duplicate of each while pending (see
 /// futures.hpp, "Descriptors"): a submit that runs out throws std::system_error (EMFILE).

@@ -61,14 +61,29 @@ struct Globals {
     bool thread_multiple = false;  // MPI gave MPI_THREAD_MULTIPLE
     bool served = false;  // a worker rank has served (or is serving) the root
     mpi::detail::Engine* live_engine = nullptr;  // the root's live executor, if any
-    // An executor destroyed on its own thread (in a done callback) lets that thread finish
-    // detached: executor_alive stays true until it ends, and `ended` says when.
-    bool detached_running = false;
-    std::condition_variable ended;
+    // The thread of an executor destroyed on that thread (in a done callback), left to finish:
+    // executor_alive stays true until it ends; the next Executor and the Environment's end join
+    // it. A pointer: never destroyed joinable at exit.
+    std::thread* orphan = nullptr;
     int rank = 0;
     int size = 1;
     std::size_t max_message = std::size_t{1} << 30;
 };
+
+Globals& globals();
+
+// Joins the thread of an executor destroyed in its own done callback, if any.
+void join_orphan() {
+    auto& g = globals();
+    std::thread* t = nullptr;
+    {
+        std::lock_guard lock(g.mu);
+        t = std::exchange(g.orphan, nullptr);
+    }
+    if (t == nullptr) return;
+    t->join();
+    delete t;
+}
 
 Globals& globals() {
     static Globals g;
@@ -558,10 +573,7 @@ Environment::~Environment() {
     // An executor that outlives its Environment (destroy executors first): its thread must be
     // done with MPI before the workers stop and MPI ends; so must one left to finish detached.
     if (live != nullptr) live->shutdown(true, false);
-    {
-        std::unique_lock lock(g.mu);
-        g.ended.wait(lock, [&] { return !g.detached_running; });
-    }
+    join_orphan();
     // A worker rank that returned from main without serving: the root may be waiting for its
     // answer to an executor's hello, and it always sends a stop at its end. Serve until that
     // stop, so neither rank waits for the other for ever (the one in MPI_Finalize, the other
@@ -909,10 +921,9 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
     if (options.task_timeout && options.task_timeout->count() <= 0)
         throw std::invalid_argument("mp::mpi: task_timeout must be positive");
     auto& g = globals();
+    join_orphan();  // one destroyed in its own done callback is ending: its successor waits
     {
         std::unique_lock lock(g.mu);
-        // One destroyed in its own done callback is ending: its successor waits for it.
-        g.ended.wait(lock, [&] { return !g.detached_running; });
         if (!g.env_alive) throw Error("mp::mpi: an Executor needs an mp::mpi::Environment");
         if (g.rank != 0) throw Error("mp::mpi: an Executor is made on rank 0; the other ranks serve");
         if (g.size < 2)
@@ -962,13 +973,13 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
     workers_ = g.size - 1;
     impl_->thread = std::thread([impl = impl_.get()] {
         impl->main();
-        // Destroyed on this thread, the Engine left the state to it: freed here, last.
-        if (const std::shared_ptr<Impl> owned = std::move(impl->keep_alive)) {
+        // Destroyed on this thread, the Engine left the state to it: freed here, and the next
+        // Executor may start once this thread is joined.
+        if (std::shared_ptr<Impl> owned = std::move(impl->keep_alive)) {
+            owned.reset();
             auto& gl = globals();
             std::lock_guard lock(gl.mu);
             gl.executor_alive = false;
-            gl.detached_running = false;
-            gl.ended.notify_all();
         }
     });
     std::lock_guard lock(g.mu);
@@ -984,9 +995,8 @@ Engine::~Engine() {
         shutdown(false, false);
         std::lock_guard lock(g.mu);
         g.live_engine = nullptr;
-        g.detached_running = true;
         Impl* impl = impl_.get();
-        impl->thread.detach();
+        g.orphan = new std::thread(std::move(impl->thread));
         impl->keep_alive = std::shared_ptr<Impl>(impl_.release());
         return;
     }

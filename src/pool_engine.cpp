@@ -45,7 +45,6 @@
 
 #include <cerrno>
 #include <climits>
-#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -71,35 +70,35 @@ void run_dropping_errors(const std::function<void()>& fn) noexcept {
     }
 }
 
-// Pools left to finish on their own thread (destroyed there, in a done callback). The program's
-// exit waits for them, as Python's waits for its executors' threads: their workers are stopped
-// and reaped, and no thread runs pool code while the program's statics are destroyed.
-struct DetachedPools {
+// The threads of pools left to finish on their own (destroyed on that thread, in a done
+// callback). The program's exit joins them, as Python's joins its executors' threads: their
+// workers are stopped and reaped, and no thread runs pool code, or is still exiting, while the
+// program's statics are destroyed. Never destroyed (used at exit); a fork child inherits the
+// list but not the threads, and leaves it alone.
+struct OrphanedPools {
     std::mutex mu;
-    std::condition_variable cv;
-    int running = 0;
-    pid_t owner = 0;  // a fork child inherits the count, not the threads
+    std::vector<std::thread>* threads = nullptr;
+    pid_t owner = 0;
 };
 
-DetachedPools& detached_pools() {
-    static auto* d = new DetachedPools;  // never destroyed: used at exit
+OrphanedPools& orphaned_pools() {
+    static auto* d = new OrphanedPools;
     return *d;
-}
-
-void detached_pool_ended() {
-    DetachedPools& d = detached_pools();
-    std::lock_guard lock(d.mu);
-    --d.running;
-    d.cv.notify_all();
 }
 
 }  // namespace
 
 void join_detached_pools() {
-    DetachedPools& d = detached_pools();
-    std::unique_lock lock(d.mu);
-    if (d.owner != sys::self_pid()) return;
-    d.cv.wait(lock, [&] { return d.running == 0; });
+    OrphanedPools& d = orphaned_pools();
+    for (;;) {
+        std::vector<std::thread> now;
+        {
+            std::lock_guard lock(d.mu);
+            if (d.owner != sys::self_pid() || d.threads == nullptr || d.threads->empty()) return;
+            now.swap(*d.threads);
+        }
+        for (auto& t : now) t.join();
+    }
 }
 
 void PoolEngine::Impl::run() noexcept {
@@ -380,10 +379,7 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
         impl_->thread = std::thread([impl] {
             impl->run();
             // Destroyed on this thread, the engine left the state to it: freed here, last.
-            if (std::shared_ptr<Impl> owned = std::move(impl->keep_alive)) {
-                owned.reset();
-                detached_pool_ended();
-            }
+            const std::shared_ptr<Impl> owned = std::move(impl->keep_alive);
         });
     } catch (...) {
         impl->kill_and_reap_all();
@@ -405,19 +401,16 @@ PoolEngine::~PoolEngine() {
             impl_->shutting_down = true;
             impl_->ring();
         }
-        {
-            DetachedPools& d = detached_pools();
-            std::lock_guard lock(d.mu);
-            if (d.owner != sys::self_pid()) {
-                d.owner = sys::self_pid();
-                d.running = 0;
-                static const bool registered = std::atexit(join_detached_pools) == 0;
-                (void)registered;
-            }
-            ++d.running;
-        }
         impl_->keep_alive = impl_;
-        impl_->thread.detach();
+        OrphanedPools& d = orphaned_pools();
+        std::lock_guard lock(d.mu);
+        if (d.owner != sys::self_pid()) {
+            d.owner = sys::self_pid();
+            d.threads = new std::vector<std::thread>;  // a parent's list (of its threads) is left
+            static const bool registered = std::atexit(join_detached_pools) == 0;
+            (void)registered;
+        }
+        d.threads->push_back(std::move(impl_->thread));  // joined by join_detached_pools
         return;
     }
     try {

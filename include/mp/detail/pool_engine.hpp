@@ -64,8 +64,8 @@ struct JobOptions {
     std::size_t items = 0;                              // 0: a single call; N: a chunk of N calls
 };
 
-/// Waits until every pool destroyed on its own thread (in a done callback, and so left to finish
-/// there) has stopped its workers and ended. The program's exit does (an atexit handler).
+/// Joins the thread of every pool destroyed on that thread (in a done callback, and so left to
+/// finish there), once it has stopped its workers. The program's exit does (an atexit handler).
 void join_detached_pools();
 
 class PoolEngine {

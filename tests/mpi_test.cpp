@@ -284,6 +284,30 @@ TEST(MpiExecutor, ShutdownWithWaitFromADoneCallbackIsAnError) {
     EXPECT_EQ(outcome.load(), 1);
 }
 
+// The last handle dropped in a done callback, on the executor's own thread: it finishes its work
+// detached (was: mp::Error out of the destructor, std::terminate), and the next Executor waits for
+// it to end rather than being refused.
+TEST(MpiExecutor, DestroyedInItsOwnDoneCallbackFinishesItsWork) {
+    TempDir gate_dir;
+    FileGate gate(gate_dir);
+    auto ex = std::make_unique<mp::mpi::Executor>();
+    auto first = ex->submit(wait_file, gate.path());
+    auto queued = ex->submit(square, 7);
+    std::atomic<bool> destroyed{false};
+    first.add_done_callback([&](const mp::Future<int>&) {
+        ex.reset();
+        destroyed = true;
+    });
+    gate.open();
+    EXPECT_EQ(first.result(60s), 1);
+    EXPECT_EQ(queued.result(60s), 49);
+    const auto end = std::chrono::steady_clock::now() + 60s;
+    while (!destroyed && std::chrono::steady_clock::now() < end) std::this_thread::sleep_for(1ms);
+    ASSERT_TRUE(destroyed.load());
+    mp::mpi::Executor next;
+    EXPECT_EQ(next.submit(square, 4).result(60s), 16);
+}
+
 TEST(MpiExecutor, OneLiveExecutorAtATimeThenTheNext) {
     {
         mp::mpi::Executor ex;

@@ -30,9 +30,11 @@
 // the last bytes sent to it gives its queued tasks back, and gets no more until it shows a sign
 // of life.
 //
-// A task's time limit counts from when it is the next for a ready worker, so it bounds the time
-// to its result even when the worker never starts it: the worker is then killed, and a task that
-// had not started goes to another worker.
+// A task's time limit counts from when it is the next for a worker, so it bounds the time to its
+// result even when the worker never starts it: a ready worker is then killed, and a task that had
+// not started goes to another worker; a worker still in the pool's initializer is left to finish
+// it, the task fails (pool_schedule.cpp, fail_overdue_in_initializer), and shutdown does not
+// wait for that initializer.
 //
 // Starting a worker can fail for a while (out of descriptors, processes or memory; a forkserver
 // that was killed and must be restarted): the pool retries with back-off, and breaks only when it
@@ -186,8 +188,10 @@ void PoolEngine::Impl::loop() {
         }
         dispatch();
         for (auto& w : workers) send(*w);
-        if (draining && pending.empty() && in_flight() == 0 && (first_start_done || is_broken())) {
+        const bool drained = draining && pending.empty() && in_flight() == 0 && (first_start_done || is_broken());
+        if (drained) {
             for (auto& w : workers) close_input(*w);
+            stop_stuck_initializers(Clock::now());
             if (workers.empty()) return;
         }
 
@@ -215,6 +219,9 @@ void PoolEngine::Impl::loop() {
                 wake_at(stall_due(*w));
         }
         if (retry_at && !is_broken()) wake_at(*retry_at);
+        if (drained)
+            for (auto& w : workers)
+                if (const auto limit = initializer_limit(*w); limit && !w->stopped_in_initializer) wake_at(*limit);
         // Wake when a worker with tasks queued behind its current one has been in it for
         // a millisecond while another idles: take_back may then move them.
         if (has_idle_worker())

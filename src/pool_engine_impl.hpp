@@ -181,6 +181,12 @@ struct Worker {
     FrameReader in;
     FrameWriter out;
     bool ready = false;
+    Clock::time_point started_at{};  // when it was launched: its initializer runs from about then
+    // A task's time limit passed while it waited for this worker's initializer (see
+    // fail_overdue_in_initializer): no more tasks while another worker can take them, and
+    // killed at shutdown if still in its initializer.
+    bool init_overran = false;
+    bool stopped_in_initializer = false;  // killed so at shutdown: an end the pool asked for
     bool retiring = false;
     bool closing = false;  // socket shut for writing: the worker exits when idle
     std::uint64_t timed_out = 0;  // the ordinal the pool killed it for
@@ -332,6 +338,9 @@ struct PoolEngine::Impl {
     void handle(pool::Worker& w, pool::Frame& f);
     void next_head(pool::Worker& w);
     void check_deadlines();
+    bool fail_overdue_in_initializer(pool::Worker& w);
+    void stop_stuck_initializers(Clock::time_point now);
+    std::optional<Clock::time_point> initializer_limit(const pool::Worker& w) const;
     void cancel_pending();
     // When the head of w's queue counts as not started in time: kStallLimit after the last
     // bytes went into w's socket (a worker still reading a large task off it is not stalled),

@@ -154,6 +154,7 @@ void PoolEngine::Impl::start_worker() {
                                       PassedFd{page.get()}, std::uint64_t{page_bytes});
         spec.task = &*task;
     }
+    w->started_at = Clock::now();
     Launched started = launch(spec);
     w->forked = !started.status;  // our own child (fork, spawn): its pidfd gives the status
     w->pid = started.pid;
@@ -269,7 +270,7 @@ void PoolEngine::Impl::wait_exit(pool::Worker& w, bool terminating) {
         }
     }
     const std::uint64_t finished_ord = slots[w.slot].finished.load(std::memory_order_acquire);
-    const bool unasked = !w.retiring && !w.closing && w.timed_out == 0 && !terminating;
+    const bool unasked = !w.retiring && !w.closing && w.timed_out == 0 && !w.stopped_in_initializer && !terminating;
     if (unasked) death_count.fetch_add(1, std::memory_order_relaxed);
     if (unasked && cfg.break_on_worker_death && !is_broken()) {
         // Python's behaviour: every unfinished future, the dead worker's own too, fails

@@ -3,9 +3,11 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "mp/futures.hpp"
+#include "mp/util.hpp"
 #include "pool_engine_impl.hpp"
 #include "sys/pidfd.hpp"
 
@@ -90,11 +92,17 @@ void PoolEngine::Impl::dispatch() {
 }
 
 void PoolEngine::Impl::assign_pending(Clock::time_point now) {
+    // A worker whose initializer overran a task's time limit gets tasks only when every
+    // worker is such a one: a task waiting for it would likely fail the same way.
+    bool all_overran = false;
+    if (cfg.initializer && !pending.empty())
+        all_overran = std::all_of(workers.begin(), workers.end(), [](auto& w) { return w->init_overran && !w->ready; });
     while (!pending.empty()) {
         pool::Worker* best = nullptr;
         std::size_t best_room = 0;
         for (auto& w : workers) {
             if (w->retiring || w->closing || w->timed_out != 0 || w->stalled) continue;
+            if (w->init_overran && !w->ready && !all_overran) continue;
             // A worker inside a task for over a millisecond gets no more for now: what it
             // holds already waits behind that task, and more would wait too while another
             // worker may be free (its depth was sized by the tiny tasks before).
@@ -147,12 +155,23 @@ void PoolEngine::Impl::new_head(pool::Worker& w, Clock::time_point now) {
     if (w.inflight.empty() || !w.ready) {
         w.head_since.reset();
         if (w.inflight.empty() && !w.stalled) w.deadline.reset();
+        // A worker still in its initializer: the head's time limit counts from now all the
+        // same (the initializer counts against it), so a task waiting for an initializer that
+        // never returns still ends (fail_overdue_in_initializer). Armed once per task.
+        if (!w.inflight.empty() && cfg.initializer && w.deadline_ordinal != w.inflight.front()->ordinal) {
+            const pool::Job& head = *w.inflight.front();
+            if (const auto timeout = head.timeout(cfg)) {
+                w.deadline = now + *timeout;
+                w.deadline_ordinal = head.ordinal;
+            }
+        }
         return;
     }
     const pool::Job& head = *w.inflight.front();
     if (w.head_since && w.head_ordinal == head.ordinal) return;
     w.head_since = now;
     w.head_ordinal = head.ordinal;
+    if (w.deadline && w.deadline_ordinal == head.ordinal) return;  // armed while in the initializer
     if (const auto timeout = head.timeout(cfg)) {
         w.deadline = now + *timeout;
         w.deadline_ordinal = head.ordinal;
@@ -275,9 +294,71 @@ void PoolEngine::Impl::check_deadlines() {
     const auto now = Clock::now();
     for (auto& w : workers) {
         if (!w->deadline || *w->deadline > now) continue;
+        if (!w->ready && fail_overdue_in_initializer(*w)) continue;
         w->timed_out = w->deadline_ordinal;
         w->deadline.reset();
         if (w->pidfd) sys::pidfd_send_signal(w->pidfd.get(), SIGKILL);
+    }
+}
+
+// The task at the head of w's queue passed its time limit while w was still in its initializer:
+// it fails with TimeoutError, and w gives back the rest of its queue for other workers. w is not
+// killed: a slow initializer is no fault, and a replacement would run it again from the start;
+// but it gets no more tasks while another worker can take them, and shutdown does not wait for
+// its initializer (stop_stuck_initializers). False when the head has started after all (its
+// ready frame still on the way): then it is an overrunning task like any other.
+bool PoolEngine::Impl::fail_overdue_in_initializer(pool::Worker& w) {
+    if (w.inflight.empty() || w.inflight.front()->ordinal != w.deadline_ordinal) return false;
+    pool::JobPtr head = w.inflight.front();
+    const auto r = head->take_back();
+    if (r == pool::Job::Back::started) return false;
+    w.inflight.pop_front();
+    running_count.fetch_sub(1, std::memory_order_relaxed);
+    if (r == pool::Job::Back::cancelled) {
+        cancelled_count.fetch_add(1, std::memory_order_relaxed);
+    } else {
+        failed_count.fetch_add(1, std::memory_order_relaxed);
+        head->release_descriptors();
+        (void)head->set_exception(std::make_exception_ptr(TimeoutError(
+            "the task's time limit passed while its worker, " + w.name + " (pid " + std::to_string(w.pid) +
+            "), was still in the pool's initializer; the worker was left to finish it")));
+    }
+    // The rest: none can have started either. Taken back to the pool's queue, or, cancelled
+    // while queued here, settled now: w may never read them (it skips them if it does).
+    take_back_queued(w);
+    for (const auto& job : w.inflight) {
+        (void)job;
+        running_count.fetch_sub(1, std::memory_order_relaxed);
+        cancelled_count.fetch_add(1, std::memory_order_relaxed);
+    }
+    w.inflight.clear();
+    w.assigned.store(0, std::memory_order_relaxed);
+    w.head_since.reset();
+    w.deadline.reset();
+    w.init_overran = true;
+    return true;
+}
+
+// When shutdown stops waiting for w's initializer: the pool's task_timeout after w was
+// launched (the bound the user set on a task's wait, its initializer included); none without
+// one (Python's pools wait for every initializer).
+std::optional<PoolEngine::Impl::Clock::time_point> PoolEngine::Impl::initializer_limit(const pool::Worker& w) const {
+    if (w.ready || !cfg.initializer || !cfg.task_timeout || cfg.task_timeout->count() <= 0) return std::nullopt;
+    const auto left = Clock::time_point::max() - w.started_at;
+    return w.started_at + std::min<Clock::duration>(left, std::chrono::duration_cast<Clock::duration>(*cfg.task_timeout));
+}
+
+// Shutting down with nothing left to run: a worker still in its initializer that has overrun a
+// task's time limit, or the pool's task_timeout since it was launched, is killed rather than
+// waited for (it would only read its end of input and exit). A killed initializer is cut short.
+void PoolEngine::Impl::stop_stuck_initializers(Clock::time_point now) {
+    for (auto& w : workers) {
+        if (w->ready || w->stopped_in_initializer || !w->pidfd) continue;
+        const auto limit = initializer_limit(*w);
+        if (!w->init_overran && !(limit && *limit <= now)) continue;
+        w->stopped_in_initializer = true;
+        get_logger().debug("killing " + w->name + ", still in the initializer at shutdown");
+        sys::pidfd_send_signal(w->pidfd.get(), SIGKILL);
     }
 }
 

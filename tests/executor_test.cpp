@@ -201,6 +201,14 @@ int g_init_value = -1;
 void init_global(int v) { g_init_value = v; }
 void init_that_throws(int) { throw std::runtime_error("initializer failed"); }
 int read_global(int) { return g_init_value; }
+void init_sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+// The first worker to run it (the one that creates `path`) never returns; the others do.
+void init_first_hangs(std::string path) {
+    const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    ::close(fd);
+    std::this_thread::sleep_for(std::chrono::hours(1));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Test helpers
@@ -2487,6 +2495,98 @@ TEST_P(ExecutorStartMethod, MaxMemoryPerChildIgnoresWhatTheParentHolds) {
 TEST_P(ExecutorStartMethod, InitializerRuns) {
     mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = GetParam()}, init_global, 5);
     for (int i = 0; i < 4; ++i) EXPECT_EQ(ex.submit(read_global, 0).result(kLong), 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A task's time limit and the pool's initializer (found from outside: a task waiting for an
+// initializer that never returned waited for ever, task_timeout or not, and so did shutdown).
+// ---------------------------------------------------------------------------------------------
+
+class ExecutorInitializerTimeout : public ::testing::TestWithParam<mp::StartMethod> {
+protected:
+    // shutdown(wait) in another thread, bounded: false if it had not returned within `limit`
+    // (the workers are then killed so that it does).
+    static bool shuts_down_within(mp::ProcessPoolExecutor& ex, std::chrono::milliseconds limit) {
+        auto done = std::async(std::launch::async, [&] { ex.shutdown(true); });
+        if (done.wait_for(limit) == std::future_status::ready) return true;
+        ex.kill_workers();
+        done.wait();
+        return false;
+    }
+    static pid_t only_worker(mp::ProcessPoolExecutor& ex) {
+        pid_t pid = 0;
+        (void)eventually([&] {
+            const auto st = ex.stats();
+            if (st.workers.size() == 1) pid = st.workers[0].pid;
+            return pid > 0;
+        });
+        return pid;
+    }
+};
+
+INSTANTIATE_TEST_SUITE_P(StartMethods, ExecutorInitializerTimeout,
+                         ::testing::Values(mp::StartMethod::fork, mp::StartMethod::forkserver,
+                                           mp::StartMethod::spawn),
+                         [](const auto& p) { return mp::to_string(p.param); });
+
+TEST_P(ExecutorInitializerTimeout, ATaskWaitingForAnInitializerThatNeverReturnsTimesOut) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam(), .task_timeout = 1s},
+                               init_first_hangs, dir.path + "/hung");
+    const pid_t stuck = only_worker(ex);
+    ASSERT_GT(stuck, 0);
+    auto f = ex.submit(square, 3);
+    auto e = catch_as<mp::TimeoutError>([&] { (void)f.result(kLong); });
+    ASSERT_TRUE(e.has_value()) << "the task did not time out while the initializer hung";
+    EXPECT_NE(std::string(e->what()).find("initializer"), std::string::npos) << e->what();
+    // The worker was left to its initializer, and shutdown does not wait for it.
+    EXPECT_EQ(ex.stats().workers_started, 1u);
+    EXPECT_TRUE(shuts_down_within(ex, 30s)) << "shutdown waited for an initializer that never returns";
+    EXPECT_TRUE(mp::test::wait_pid_stopped(stuck, 5000ms));
+}
+
+TEST_P(ExecutorInitializerTimeout, ShutdownStopsWaitingForAHungInitializerAfterTheTaskTimeout) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam(), .task_timeout = 1s},
+                               init_first_hangs, dir.path + "/hung");
+    const pid_t stuck = only_worker(ex);
+    ASSERT_GT(stuck, 0);
+    EXPECT_TRUE(shuts_down_within(ex, 30s)) << "shutdown waited for an initializer that never returns";
+    EXPECT_TRUE(mp::test::wait_pid_stopped(stuck, 5000ms));
+    EXPECT_EQ(ex.stats().worker_deaths, 0u);  // an end the pool asked for
+}
+
+TEST_P(ExecutorInitializerTimeout, ASlowInitializerFailsOnlyTheTasksThatWaitedLongerThanTheirLimit) {
+    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam(), .task_timeout = 300ms},
+                               init_sleep_ms, 3000);
+    auto late = ex.submit(square, 2);
+    EXPECT_THROW((void)late.result(kLong), mp::TimeoutError);
+    // A limit longer than what is left of the initializer: the same worker, not killed, runs it.
+    EXPECT_EQ(ex.submit(mp::TaskOptions{.timeout = kLong}, square, 3).result(kLong), 9);
+    EXPECT_EQ(ex.submit(square, 4).result(kLong), 16);
+    EXPECT_EQ(ex.stats().workers_started, 1u);
+}
+
+TEST_P(ExecutorInitializerTimeout, TasksGoToTheWorkersWhoseInitializerReturned) {
+    TempDir dir;
+    mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = GetParam(), .task_timeout = 1s},
+                               init_first_hangs, dir.path + "/hung");
+    std::vector<mp::Future<int>> first;
+    for (int i = 0; i < 20; ++i) first.push_back(ex.submit(square, i));
+    int ok = 0, timed_out = 0;
+    for (auto& f : first) {
+        try {
+            ok += f.result(kLong) >= 0;
+        } catch (const mp::TimeoutError&) {
+            ++timed_out;
+        }
+    }
+    EXPECT_EQ(ok + timed_out, 20);
+    // The stuck worker held a few at most; after its first overrun it gets no more.
+    EXPECT_LE(timed_out, 2);
+    for (int i = 0; i < 20; ++i) EXPECT_EQ(ex.submit(square, i).result(kLong), i * i);
+    EXPECT_EQ(ex.stats().workers_started, 2u);
+    EXPECT_TRUE(shuts_down_within(ex, 30s)) << "shutdown waited for an initializer that never returns";
 }
 
 

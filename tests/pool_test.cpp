@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <gtest/gtest.h>
 #include <map>
 #include <mutex>
@@ -1367,6 +1368,36 @@ TEST_P(PoolInitializer, EveryWorkerRunsItWhenThePoolIsClosedAtOnce) {
     p.close();
     p.join();
     EXPECT_EQ(ns.get(), 3);
+}
+
+// The first worker to run it (the one that creates `path`) never returns; the others do.
+void init_first_hangs(std::string path) {
+    const int fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+    if (fd < 0) return;
+    ::close(fd);
+    std::this_thread::sleep_for(std::chrono::hours(1));
+}
+
+// task_timeout bounds a task waiting for an initializer that never returns, and join() does not
+// wait for that initializer (both waited for ever: found from outside, t33_inithang.cpp).
+TEST_P(PoolInitializer, TaskTimeoutBoundsAHungInitializerAndJoin) {
+    mp::test::TempDir dir;
+    auto opts = with_method(mp::PoolOptions{.processes = 1});
+    opts.task_timeout = std::chrono::seconds(1);
+    mp::Pool pool(opts, init_first_hangs, dir.path + "/hung");
+    auto r = pool.apply_async(sqr, 3);
+    try {
+        (void)r.get(kLong);
+        ADD_FAILURE() << "no exception";
+    } catch (const mp::TimeoutError& e) {
+        EXPECT_NE(std::string(e.what()).find("initializer"), std::string::npos) << e.what();
+    }
+    pool.close();
+    auto joined = std::async(std::launch::async, [&] { pool.join(); });
+    const bool in_time = joined.wait_for(kLong) == std::future_status::ready;
+    if (!in_time) pool.terminate();
+    joined.wait();
+    EXPECT_TRUE(in_time) << "join() waited for an initializer that never returns";
 }
 
 TEST_P(PoolInitializer, AnInitializerThatThrowsBreaksThePool) {

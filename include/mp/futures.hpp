@@ -465,6 +465,13 @@ struct ExecutorOptions {
     /// TimeoutError, one that had not goes to another worker (after the third worker killed
     /// for it so, it fails with TimeoutError). Zero or less: every task fails with TimeoutError
     /// at submit, and no worker runs it.
+    ///
+    /// The pool's initializer counts against it: a task that is the next for a worker still in
+    /// its initializer when the limit passes fails with TimeoutError. That worker is not killed
+    /// (a slow initializer is no fault), but gets no more tasks while another worker can take
+    /// them. At shutdown, a worker still in its initializer after task_timeout since it started
+    /// (or past a task's limit so) is killed rather than waited for: with no task_timeout,
+    /// shutdown waits for every initializer, as Python's does.
     detail::Timeout task_timeout{};
     /// Python's behaviour: a worker that dies breaks the whole pool (BrokenProcessPool).
     bool break_on_worker_death = false;

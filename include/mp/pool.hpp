@@ -70,7 +70,8 @@ struct PoolOptions {
     /// Per-task (per-chunk) time limit, counted from when the task is the next for a worker;
     /// the worker is killed, the task fails with TimeoutError (one it had not started goes to
     /// another worker, up to three workers killed for it). Zero or less: every task fails with
-    /// TimeoutError at once, and no worker runs it.
+    /// TimeoutError at once, and no worker runs it. The initializer counts against it, and
+    /// join() does not wait for an initializer past it: see ExecutorOptions::task_timeout.
     detail::Timeout task_timeout{};
 };
 

@@ -23,7 +23,7 @@ namespace mp::detail {
 
 /// Code named independently of where the module was loaded.
 struct CodeRef {
-    std::uint64_t module = 0;  // hash of the module's build id (or of its path without one)
+    std::uint64_t module = 0;  // hash of the module's build id (or of its read-only contents without one)
     std::uint64_t offset = 0;  // address minus the module's load address
 };
 

@@ -191,20 +191,27 @@ void kill_and_reap(pid_t pid) noexcept {
     }
 }
 
-// Whether the kernel reaps this process's children itself as they end: SIGCHLD ignored, or
-// SA_NOCLDWAIT (a program that wants no zombies). Asked at each fork start: the program may
-// change it at any time.
-bool children_reaped_by_kernel() noexcept {
+// Whether a child may be reaped before its pidfd is open: the kernel reaps the children itself
+// (SIGCHLD ignored, or SA_NOCLDWAIT: a program that wants no zombies), or the program has a
+// SIGCHLD handler, which may well call waitpid(-1) (a reaper, as many servers have). Asked at
+// each fork start: the program may change it at any time. (A waitpid(-1) in another thread with
+// no handler cannot be seen: the child's pidfd may then be missing, see pidfd_or_kill.)
+bool children_may_be_reaped_early() noexcept {
     struct sigaction action {};
-    return ::sigaction(SIGCHLD, nullptr, &action) == 0 &&
-           (action.sa_handler == SIG_IGN || (action.sa_flags & SA_NOCLDWAIT) != 0);
+    if (::sigaction(SIGCHLD, nullptr, &action) != 0) return false;
+    return (action.sa_flags & (SA_NOCLDWAIT | SA_SIGINFO)) != 0 || action.sa_handler != SIG_DFL;
 }
 
-// Without a pidfd the child cannot be waited for or signalled safely: it is ended at once.
+// Without a pidfd the child cannot be waited for or signalled safely: it is ended at once. One
+// already reaped by someone else (ESRCH) is not killed: its pid may be another process's now.
 sys::Fd pidfd_or_kill(pid_t pid) {
     try {
         return sys::pidfd_open(pid);
-    } catch (...) {
+    } catch (const std::system_error& e) {
+        if (e.code().value() == ESRCH)
+            throw ProcessError("mp: the child (pid " + std::to_string(pid) +
+                               ") was reaped by a waitpid() elsewhere in the program before mp "
+                               "could open its pidfd: its end is not known");
         kill_and_reap(pid);
         throw;
     }
@@ -230,13 +237,13 @@ Launched launch_fork(const ChildSpec& spec) {
         struct sigaction bind {};  // binds sigaction() here: the child calls it (become_child)
         ::sigaction(setup.checked_death_signal, nullptr, &bind);
     }
-    // When the kernel reaps our children itself, a child that ended before its pidfd below is
-    // open would be gone, and its pid with it (pidfd_open: ESRCH), and with the pidfd open when
-    // it ends the kernel keeps its status for us (sys::pidfd_exit_status): such a child waits
-    // for our word first. Listed, so that no other fork child keeps a copy: the word's end
-    // closing at our death releases it too.
+    // When the kernel or a SIGCHLD handler may reap our children, a child that ended before its
+    // pidfd below is open would be gone, and its pid with it (pidfd_open: ESRCH), and with the
+    // pidfd open when it ends the kernel keeps its status for us (sys::pidfd_exit_status): such
+    // a child waits for our word first. Listed, so that no other fork child keeps a copy: the
+    // word's end closing at our death releases it too.
     std::pair<ParentOnlyFd, ParentOnlyFd> hold;
-    if (children_reaped_by_kernel()) hold = parent_only_socketpair(SOCK_STREAM);
+    if (children_may_be_reaped_early()) hold = parent_only_socketpair(SOCK_STREAM);
     const int wait_word = hold.second.get();
     auto child = [&]() noexcept -> int {
         if (wait_word >= 0) {

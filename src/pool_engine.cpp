@@ -398,7 +398,19 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
     }
 }
 
+// Pools copied into a child of a fork() that is not mp's (the program's own, a daemonizing double
+// fork): their thread and workers are the parent's. Kept, never destroyed: destroying the state
+// would join a thread handle that means nothing here (std::terminate, or a wait for ever on
+// whichever thread of the child reuses its address), and its lock may have been held at the fork.
+// Reachable from here, so LeakSanitizer does not report them.
+std::vector<std::shared_ptr<PoolEngine::Impl>>* g_inherited_pools = nullptr;
+
 PoolEngine::~PoolEngine() {
+    if (inherited()) {
+        if (g_inherited_pools == nullptr) g_inherited_pools = new std::vector<std::shared_ptr<Impl>>;
+        g_inherited_pools->push_back(std::move(impl_));
+        return;
+    }
     if (impl_->thread.get_id() == std::this_thread::get_id()) {
         // The last handle went in a done callback, on the pool's own thread, which cannot wait
         // for itself: as shutdown(wait=false), the thread finishes the work, stops the workers
@@ -429,7 +441,16 @@ PoolEngine::~PoolEngine() {
 
 static_assert(kMaxTaskFds == sys::kMaxFds);
 
+bool PoolEngine::inherited() const noexcept { return impl_->owner != sys::self_pid(); }
+
+void PoolEngine::check_owner() const {
+    if (inherited())
+        throw Error("mp pool: this pool belongs to process " + std::to_string(impl_->owner) +
+                    " and was copied into this one by fork(): it cannot be used here (make a new one)");
+}
+
 std::shared_ptr<FutureCore> PoolEngine::submit(Task task, JobOptions options) {
+    check_owner();
     // One frame's descriptors go in one message: refused here, this submit fails alone. (Found
     // later, as the pool's thread sends the task, it would break the pool, and the task, by then
     // in no queue, would never finish.)
@@ -489,6 +510,7 @@ void PoolEngine::post(std::function<void()> fn) {
 }
 
 void PoolEngine::shutdown(bool wait, bool cancel_pending) {
+    check_owner();
     {
         std::unique_lock lock(impl_->mu);
         impl_->shutting_down = true;
@@ -505,6 +527,7 @@ void PoolEngine::shutdown(bool wait, bool cancel_pending) {
 }
 
 void PoolEngine::stop_workers(int sig) {
+    check_owner();
     std::unique_lock lock(impl_->mu);
     impl_->shutting_down = true;
     impl_->cancel_requested = true;
@@ -519,6 +542,7 @@ void PoolEngine::stop_workers(int sig) {
 }
 
 void PoolEngine::terminate() {
+    check_owner();
     {
         std::lock_guard lock(impl_->mu);
         impl_->shutting_down = true;
@@ -532,6 +556,7 @@ void PoolEngine::terminate() {
 }
 
 void PoolEngine::join() {
+    check_owner();
     if (impl_->thread.get_id() == std::this_thread::get_id())
         throw Error("mp pool: cannot join the pool from its own thread (a done callback)");
     std::lock_guard lock(impl_->join_mu);  // two threads may join one pool

@@ -30,6 +30,7 @@
 #include "pool_frames.hpp"
 #include "sys/block_arena.hpp"
 #include "sys/fd.hpp"
+#include "sys/pidfd.hpp"
 
 namespace mp::detail {
 namespace pool {
@@ -215,6 +216,7 @@ struct Worker {
 struct PoolEngine::Impl {
     using Clock = std::chrono::steady_clock;
     PoolConfig cfg;
+    pid_t owner = sys::self_pid();  // the process whose pool it is (a fork() child's copy is not)
 
     // Shared with submitters: under mu.
     mutable std::mutex mu;

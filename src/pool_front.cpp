@@ -46,6 +46,7 @@ detail::PoolConfig Pool::make_config(const PoolOptions& o, std::optional<detail:
 }
 
 Pool::~Pool() {
+    if (engine_.inherited()) return;  // a fork() child's copy: the parent's pool, left alone
     {
         // An imap that outlives the pool reads no more input.
         std::lock_guard lk(imaps_->mu);

@@ -2498,6 +2498,75 @@ TEST_P(ExecutorStartMethod, InitializerRuns) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A pool copied into a child of the program's own fork() (found from outside: its destructor
+// joined the parent's thread handle, which means nothing there: std::terminate, or a wait for
+// ever on the child's own pool thread that happened to reuse its address).
+// ---------------------------------------------------------------------------------------------
+
+// Runs `child` in a child of a plain fork(); its exit code, or -1 if it did not end in time.
+template <class F>
+int in_forked_child(F&& child) {
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid == 0) ::_exit(child());
+    const auto deadline = Clock::now() + kLong;
+    int status = 0;
+    while (::waitpid(pid, &status, WNOHANG) == 0) {
+        if (Clock::now() >= deadline) {
+            ::kill(pid, SIGKILL);
+            ::waitpid(pid, &status, 0);
+            return -1;
+        }
+        std::this_thread::sleep_for(5ms);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 100 + WTERMSIG(status);
+}
+
+TEST(ExecutorForkedProgram, APoolCopiedByForkIsLeftToTheParent) {
+    auto inherited = std::make_unique<mp::ProcessPoolExecutor>(mp::ExecutorOptions{.max_workers = 1});
+    auto inherited_pool = std::make_unique<mp::Pool>(mp::PoolOptions{.processes = 1});
+    ASSERT_EQ(inherited->submit(square, 2).result(kLong), 4);
+    ASSERT_EQ(inherited_pool->apply(square, 3), 9);
+    const int code = in_forked_child([&]() -> int {
+        try {
+            (void)inherited->submit(square, 3);
+            return 1;  // accepted: it would never finish
+        } catch (const mp::Error&) {
+        }
+        try {
+            (void)inherited_pool->apply_async(square, 3);
+            return 2;
+        } catch (const mp::Error&) {
+        }
+        mp::ProcessPoolExecutor own({.max_workers = 1});
+        if (own.submit(square, 5).result(kLong) != 25) return 3;
+        inherited.reset();  // with the child's own pool thread running: returns at once
+        inherited_pool.reset();
+        return 0;
+    });
+    EXPECT_EQ(code, 0) << "1, 2: the copy took work; 3: the child's own pool failed; -1: hung; >100: signal";
+    // The parent's pools are untouched.
+    EXPECT_EQ(inherited->submit(square, 6).result(kLong), 36);
+    EXPECT_EQ(inherited_pool->apply(square, 7), 49);
+}
+
+TEST(ExecutorForkedProgram, AChildThatReturnsWithTheCopyLeavesCleanly) {
+    mp::ProcessPoolExecutor inherited({.max_workers = 1});
+    ASSERT_EQ(inherited.submit(square, 2).result(kLong), 4);
+    // As a child that returns from main: the copy is destroyed in the child (was: std::terminate).
+    const int code = in_forked_child([&]() -> int {
+        {
+            mp::ProcessPoolExecutor own({.max_workers = 1});
+            if (own.submit(square, 3).result(kLong) != 9) return 3;
+        }
+        inherited.~ProcessPoolExecutor();  // then _exit: never destroyed twice
+        return 0;
+    });
+    EXPECT_EQ(code, 0);
+    EXPECT_EQ(inherited.submit(square, 6).result(kLong), 36);
+}
+
+// ---------------------------------------------------------------------------------------------
 // A task's time limit and the pool's initializer (found from outside: a task waiting for an
 // initializer that never returned waited for ever, task_timeout or not, and so did shutdown).
 // ---------------------------------------------------------------------------------------------

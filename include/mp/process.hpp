@@ -200,8 +200,10 @@ public:
     /// Waits for the child to end. Throws ProcessError before start, after close, or in the child.
     /// A child reaped by someone else (SIGCHLD ignored or SA_NOCLDWAIT, or a waitpid(-1)
     /// elsewhere in the program) still gives its exit code on Linux 6.15 and later, which keeps
-    /// it for the child's pidfd (every start method; under fork such a child waits for the
-    /// parent to open its pidfd before it runs). On older kernels its status is lost: join()
+    /// it for the child's pidfd (every start method; under fork, when SIGCHLD is ignored or has
+    /// a handler, the child waits for the parent to open its pidfd before it runs; a waitpid(-1)
+    /// in another thread with no handler may reap a child that ends at once before then: start()
+    /// then throws ProcessError). On older kernels its status is lost: join()
     /// throws ProcessError (Python's exitcode stays None), and the child, ended all the same,
     /// leaves active_children() and close() accepts it.
     void join();

@@ -71,7 +71,8 @@ void join_detached_pools();
 class PoolEngine {
 public:
     explicit PoolEngine(PoolConfig config);
-    /// Shuts down and waits (as shutdown(true, false)).
+    /// Shuts down and waits (as shutdown(true, false)). In a child of a fork() that copied the
+    /// pool (the program's own fork, not mp's), it does nothing: the pool is the parent's.
     ~PoolEngine();
     PoolEngine(const PoolEngine&) = delete;
     PoolEngine& operator=(const PoolEngine&) = delete;
@@ -97,12 +98,17 @@ public:
     void join();
     bool shut_down() const;
     bool broken() const;
+    /// True in a child of a fork() (not mp's) that copied the pool: it is the parent's, and
+    /// everything but the destructor and stats() throws mp::Error.
+    bool inherited() const noexcept;
     int size() const noexcept { return config_workers_; }
     PoolStats stats() const;
 
     struct Impl;
 
 private:
+    // mp::Error in a child of a fork() (not mp's) that copied the pool: it is the parent's.
+    void check_owner() const;
     int config_workers_;
     std::shared_ptr<Impl> impl_;
 };

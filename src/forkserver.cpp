@@ -34,9 +34,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -67,6 +71,37 @@ struct Header {
     std::uint32_t magic;
     std::uint32_t flags;
 };
+
+// The descriptors a fresh server's program opened itself (its static initialisers: a global
+// log file, a library's socket), sorted: the server's children keep them, as the program's
+// spawn children have theirs and Python's forkserver children their modules' files. Everything
+// else above the control socket in a child is the server's (its children's sockets and pidfds).
+// Listed once, before any child; never freed (the children read it).
+std::vector<int>* g_program_fds = nullptr;
+
+void list_program_fds(int control) {
+    auto* fds = new std::vector<int>;
+    if (DIR* d = ::opendir("/proc/self/fd")) {
+        while (dirent* e = ::readdir(d)) {
+            char* end = nullptr;
+            const long fd = std::strtol(e->d_name, &end, 10);
+            if (end == e->d_name || *end != '\0' || fd <= kControlFd || fd == control || fd == ::dirfd(d)) continue;
+            fds->push_back(static_cast<int>(fd));
+        }
+        ::closedir(d);
+    }
+    std::sort(fds->begin(), fds->end());
+    g_program_fds = fds;
+}
+
+// Closes every descriptor above kControlFd but the program's own (g_program_fds), after moving
+// `fd` to kControlFd. Raw calls only (a forkserver child, just forked).
+void keep_only_control(int fd, bool close_on_exec) noexcept {
+    if (g_program_fds != nullptr)
+        sys::keep_only(fd, kControlFd, close_on_exec, g_program_fds->data(), g_program_fds->size());
+    else
+        sys::keep_only(fd, kControlFd, close_on_exec);
+}
 
 struct Reply {
     std::int32_t pid;  // > 0, or minus an errno when the server could not fork
@@ -193,7 +228,7 @@ pid_t fork_with_pidfd(int& pidfd, F in_child) noexcept {
 // The spare's life: it waits for its request socket, then is a child like any other.
 [[noreturn]] void spare_main(int handoff, pid_t server_pid) noexcept {
     ::prctl(PR_SET_NAME, "mp-fs-spare");
-    sys::keep_only(handoff, kControlFd);  // the server's descriptors are not the spare's
+    keep_only_control(handoff, false);  // the server's descriptors are not the spare's
     Header h{};
     int fds[4];
     int nfds = 0;
@@ -320,11 +355,20 @@ void run_preload(const std::vector<std::string>& preload) noexcept {
     }
 }
 
-[[noreturn]] void server_main(int control, const std::vector<std::string>& preload) noexcept {
+// `fresh`: a fresh exec of the program (serve()), whose descriptors above the control socket are
+// its own; else forked from the client, whose descriptors are not the server's to keep.
+[[noreturn]] void server_main(int control, const std::vector<std::string>& preload, bool fresh) noexcept {
     ::prctl(PR_SET_NAME, "mp-forkserver");
     // Ctrl-C is meant for the program and its children, not for the server (as Python's).
     sys::reset_signals({SIGINT});
-    sys::keep_only(control, kControlFd);
+    if (fresh) {
+        try {
+            list_program_fds(control);
+        } catch (...) {
+            // Out of memory at the server's start: its children close them, as before.
+        }
+    }
+    keep_only_control(control, false);
     // Call once here what only the children call otherwise (child_main, and the flush on their
     // way out, with nothing pending): each binds its PLT entry now, in the server, and not again
     // in every child, where a lazy binding runs ld.so after fork and faults in about ten pages.
@@ -471,7 +515,7 @@ void start_server_locked(Client& c) {
         // moment (start it early: set_start_method(StartMethod::forkserver) at the top of main).
         const int fd = theirs.get();
         const std::vector<std::string>& preload = c.preload;
-        auto body = [fd, &preload]() noexcept -> int { server_main(fd, preload); };
+        auto body = [fd, &preload]() noexcept -> int { server_main(fd, preload, false); };
         launch_helper("fork (forkserver)", ChildMain(body));
     }
     theirs.reset();
@@ -652,7 +696,7 @@ bool try_read_status(int status_fd, std::optional<int>& code) {
 void child_main(int request_fd, pid_t server_pid, bool dies_with_parent) noexcept {
     // Keep only stdio and our request socket: the control socket and the other children's
     // sockets and pidfds belong to the server.
-    sys::keep_only(request_fd, kControlFd, true);  // replaces the control socket's descriptor
+    keep_only_control(request_fd, true);  // replaces the control socket's descriptor
     ::signal(SIGINT, SIG_DFL);
     if (dies_with_parent) {
         ::prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -661,7 +705,7 @@ void child_main(int request_fd, pid_t server_pid, bool dies_with_parent) noexcep
     run_request(kControlFd, false);
 }
 
-void serve(int control, const std::vector<std::string>& preload) noexcept { server_main(control, preload); }
+void serve(int control, const std::vector<std::string>& preload) noexcept { server_main(control, preload, true); }
 
 }  // namespace detail::forkserver
 }  // namespace mp

@@ -11,6 +11,7 @@
 
 #include <pthread.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/wait.h>
 
@@ -132,6 +133,30 @@ void warm_up(const mp::ProcessOptions& o) {
 
 class Process : public mp::test::StartMethodTest {};
 MP_INSTANTIATE_START_METHODS(Process);
+
+// A descriptor the program opens in a static initialiser (a global log file, a library's
+// socket): every child has it, as in Python (a module-level open() in spawn and forkserver
+// children). The forkserver's children closed it (everything above their control socket), and
+// mp's own descriptors then took its number: a child's writes to its log went into its Pipe or
+// its pool's channel (found from outside: static_fd.cpp, a hang, a lost line, a broken pool).
+const int g_static_null = ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+
+void write_to_the_static_descriptor() {
+    struct stat st {}, null {};
+    if (g_static_null < 0 || ::fstat(g_static_null, &st) != 0 || ::stat("/dev/null", &null) != 0 ||
+        !S_ISCHR(st.st_mode) || st.st_rdev != null.st_rdev)
+        ::_exit(3);  // closed, or another file under its number
+    if (::write(g_static_null, "x", 1) != 1) ::_exit(4);
+}
+
+TEST_P(Process, ChildrenKeepWhatTheProgramOpenedInItsStaticInitialisers) {
+    for (int i = 0; i < 3; ++i) {
+        mp::Process p(options(), write_to_the_static_descriptor);
+        p.start();
+        ASSERT_TRUE(p.join(kLong));
+        EXPECT_EQ(p.exitcode(), 0) << "3: the descriptor was closed or reused in the child";
+    }
+}
 
 // Python's Process() with no target runs run(), which does nothing, under every start method;
 // under forkserver and spawn mp refused it as a target that cannot be sent.

@@ -18,6 +18,7 @@
 #include <sys/timerfd.h>
 #include <stdexcept>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <system_error>
 #include <unistd.h>
@@ -158,11 +159,26 @@ std::string random_hex(std::size_t bytes) {
     return s;
 }
 
-Address arbitrary_unix_address() {
-    const char* tmp = std::getenv("TMPDIR");
-    std::string dir = tmp != nullptr && *tmp != '\0' ? tmp : "/tmp";
-    return Address(dir + "/mp-listener-" + random_hex(8));
+// Where a Listener without an address puts its socket: as Python's tempfile.gettempdir(), the
+// first of $TMPDIR, $TEMP, $TMP, /tmp, /var/tmp, /usr/tmp that is a directory this process may
+// create files in, and short enough for a socket's path (108 bytes with the name); else the
+// working directory. (A $TMPDIR that did not exist failed every such Listener with "bind: No
+// such file or directory", which Python's does not.)
+std::string socket_directory() {
+    constexpr std::size_t kName = sizeof("/mp-listener-") - 1 + 16;
+    auto usable = [](const std::string& dir) {
+        struct stat st {};
+        return !dir.empty() && dir.size() + kName < sizeof(sockaddr_un{}.sun_path) &&
+               ::stat(dir.c_str(), &st) == 0 && S_ISDIR(st.st_mode) && ::access(dir.c_str(), W_OK | X_OK) == 0;
+    };
+    for (const char* var : {"TMPDIR", "TEMP", "TMP"})
+        if (const char* v = std::getenv(var); v != nullptr && usable(v)) return v;
+    for (const char* dir : {"/tmp", "/var/tmp", "/usr/tmp"})
+        if (usable(dir)) return dir;
+    return ".";
 }
+
+Address arbitrary_unix_address() { return Address(socket_directory() + "/mp-listener-" + random_hex(8)); }
 
 }  // namespace
 

@@ -22,6 +22,7 @@
 #include <functional>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <future>
 #include <optional>
 #include <ostream>
 #include <poll.h>
@@ -356,6 +357,32 @@ TEST(Listener, DefaultAddressIsAFreshUnixPath) {
     }
     struct stat st {};
     EXPECT_NE(::stat(path.c_str(), &st), 0) << "the destructor unlinks the path";
+}
+
+// As Python's tempfile.gettempdir(): a $TMPDIR that is missing (or too long for a socket's path)
+// is passed over (was: "bind: No such file or directory" for every Listener()).
+TEST(Listener, DefaultAddressPassesOverAnUnusableTmpdir) {
+    struct RestoreTmpdir {
+        std::optional<std::string> old;
+        RestoreTmpdir() {
+            if (const char* v = std::getenv("TMPDIR")) old = v;
+        }
+        ~RestoreTmpdir() {
+            if (old)
+                ::setenv("TMPDIR", old->c_str(), 1);
+            else
+                ::unsetenv("TMPDIR");
+        }
+    } restore;
+    for (const std::string& bad : {std::string("/nonexistent-mp-test-dir"), "/tmp/" + std::string(120, 'x')}) {
+        SCOPED_TRACE(bad.substr(0, 40));
+        ::setenv("TMPDIR", bad.c_str(), 1);
+        mp::Listener l;
+        EXPECT_EQ(l.address().path.rfind("/tmp/mp-listener-", 0), 0u) << l.address().path;
+        auto client = std::async(std::launch::async, [&] { mp::Client(l.address()).send_bytes("x"); });
+        EXPECT_EQ(accept_within(l).recv_bytes(), "x");
+        client.get();
+    }
 }
 
 TEST(Listener, CloseUnlinksPathAndAcceptThenFails) {

@@ -427,7 +427,10 @@ std::optional<Connection> accept_or_stop(Listener& listener, int stop_fd);
 
 class Listener {
 public:
-    /// Listens on a fresh Unix socket path in the temporary directory (Python's Listener()).
+    /// Listens on a fresh Unix socket path in the temporary directory (Python's Listener()):
+    /// the first usable of $TMPDIR, $TEMP, $TMP, /tmp, /var/tmp, /usr/tmp, as Python's
+    /// tempfile.gettempdir() (one that is missing, not writable or too long for a socket's path
+    /// is passed over).
     Listener();
     /// Binds and listens on `address`. Throws std::system_error naming the failing call
     /// (EADDRINUSE, ...), or std::invalid_argument for a host that does not resolve.

@@ -2582,6 +2582,17 @@ protected:
         done.wait();
         return false;
     }
+    // A one-worker executor whose initializer never returns, task_timeout 1 s; its worker's pid.
+    mp::ProcessPoolExecutor& start_hung() {
+        hung.emplace(mp::ExecutorOptions{.max_workers = 1, .start_method = GetParam(), .task_timeout = 1s},
+                     init_first_hangs, hung_dir.path + "/hung");
+        stuck = only_worker(*hung);
+        return *hung;
+    }
+    TempDir hung_dir;
+    std::optional<mp::ProcessPoolExecutor> hung;
+    pid_t stuck = 0;
+
     static pid_t only_worker(mp::ProcessPoolExecutor& ex) {
         pid_t pid = 0;
         (void)eventually([&] {
@@ -2599,10 +2610,7 @@ INSTANTIATE_TEST_SUITE_P(StartMethods, ExecutorInitializerTimeout,
                          [](const auto& p) { return mp::to_string(p.param); });
 
 TEST_P(ExecutorInitializerTimeout, ATaskWaitingForAnInitializerThatNeverReturnsTimesOut) {
-    TempDir dir;
-    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam(), .task_timeout = 1s},
-                               init_first_hangs, dir.path + "/hung");
-    const pid_t stuck = only_worker(ex);
+    auto& ex = start_hung();
     ASSERT_GT(stuck, 0);
     auto f = ex.submit(square, 3);
     auto e = catch_as<mp::TimeoutError>([&] { (void)f.result(kLong); });
@@ -2615,10 +2623,7 @@ TEST_P(ExecutorInitializerTimeout, ATaskWaitingForAnInitializerThatNeverReturnsT
 }
 
 TEST_P(ExecutorInitializerTimeout, ShutdownStopsWaitingForAHungInitializerAfterTheTaskTimeout) {
-    TempDir dir;
-    mp::ProcessPoolExecutor ex({.max_workers = 1, .start_method = GetParam(), .task_timeout = 1s},
-                               init_first_hangs, dir.path + "/hung");
-    const pid_t stuck = only_worker(ex);
+    auto& ex = start_hung();
     ASSERT_GT(stuck, 0);
     EXPECT_TRUE(shuts_down_within(ex, 30s)) << "shutdown waited for an initializer that never returns";
     EXPECT_TRUE(mp::test::wait_pid_stopped(stuck, 5000ms));

@@ -1557,15 +1557,10 @@ TEST(ProcessFork, AChildWhoseStatusWasCollectedElsewhereDoesNotBlockTheOthers) {
 // outside: the first start of `[] { _exit(7); }` failed); so it waits for its parent to open it.
 // And the status: from Linux 6.15 the kernel keeps it for the pidfd (every start method); before,
 // join() says it is lost.
-class ProcessChildrenReapedByTheKernel
-    : public ::testing::TestWithParam<std::tuple<mp::StartMethod, bool>> {};
-
-TEST_P(ProcessChildrenReapedByTheKernel, StartAndJoinChildrenThatEndAtOnce) {
-    const auto [method, nocldwait] = GetParam();
-    mp_test::ChildrenReapedByKernel reaped_by_kernel(nocldwait);
-    const bool kept = mp_test::kernel_keeps_exit_status();
-    const mp::ProcessOptions options{.start_method = method};
-    for (int i = 0; i < 40; ++i) {
+// `n` children that exit with 7 at once: each starts, and joins with its code when the kernel
+// keeps the status of a child someone else reaped (`kept`), else join() says it is lost.
+void start_and_join_children_that_end_at_once(const mp::ProcessOptions& options, int n, bool kept) {
+    for (int i = 0; i < n; ++i) {
         SCOPED_TRACE(i);
         mp::Process p(options, [](int code) { ::_exit(code); }, 7);
         ASSERT_NO_THROW(p.start());
@@ -1577,6 +1572,17 @@ TEST_P(ProcessChildrenReapedByTheKernel, StartAndJoinChildrenThatEndAtOnce) {
             EXPECT_FALSE(p.is_alive());
         }
     }
+}
+
+class ProcessChildrenReapedByTheKernel
+    : public ::testing::TestWithParam<std::tuple<mp::StartMethod, bool>> {};
+
+TEST_P(ProcessChildrenReapedByTheKernel, StartAndJoinChildrenThatEndAtOnce) {
+    const auto [method, nocldwait] = GetParam();
+    mp_test::ChildrenReapedByKernel reaped_by_kernel(nocldwait);
+    const bool kept = mp_test::kernel_keeps_exit_status();
+    const mp::ProcessOptions options{.start_method = method};
+    start_and_join_children_that_end_at_once(options, 40, kept);
     // A signal, and a child that runs a while before it ends.
     mp::Process killed(options, [](int ms) {
         std::this_thread::sleep_for(std::chrono::milliseconds(ms));
@@ -1629,17 +1635,7 @@ TEST_P(ProcessChildrenReapedByAHandler, StartAndJoinChildrenThatEndAtOnce) {
     const bool kept = mp_test::kernel_keeps_exit_status();
     // A race (the child must end before its parent opens the pidfd): many starts. Without the
     // fix, 100 starts failed in 2 of 5 runs here.
-    for (int i = 0; i < 300; ++i) {
-        SCOPED_TRACE(i);
-        mp::Process p(options(), [](int code) { ::_exit(code); }, 7);
-        ASSERT_NO_THROW(p.start());
-        if (kept) {
-            ASSERT_TRUE(p.join(kLong));
-            EXPECT_EQ(p.exitcode(), 7);
-        } else {
-            EXPECT_THROW((void)p.join(kLong), mp::ProcessError);
-        }
-    }
+    start_and_join_children_that_end_at_once(options(), 300, kept);
     EXPECT_TRUE(mp::active_children().empty());
 }
 

@@ -35,7 +35,10 @@
 //  I6  A consumer assembling a message that sees no further chunk checks plock: if it can take it
 //      (free, or EOWNERDEAD and repaired by I5) no producer is writing that message any more, so
 //      once the chunks now in the ring are read and the message is still incomplete, it is
-//      dropped. While plock is held by a live producer the rest is coming.
+//      dropped. While plock is held by a live producer the rest is coming. Likewise a getter
+//      waiting on an empty ring while `committed` counts a message it does not hold (a producer
+//      copying its only chunk in, or dead doing so), and a joiner, try plock every kPeerCheck:
+//      a dead producer's count is undone then, not at the next put.
 //  I7  A consumer reads a chunk fully before it stores `tail` past it; a chunk whose FIRST it did
 //      not see (its message's taker died after taking the FIRST) is dropped, and an orphan LAST
 //      counts the message as taken (and done, for join()).
@@ -712,6 +715,17 @@ struct Consumer {
 
 }  // namespace
 
+namespace {
+
+// Takes plock for a moment if it is free, repairing after a producer that died holding it (I5).
+void probe_producer(QueueCore::Header* h, const Ring& ring) {
+    RobustGuard probe;
+    Producer p{h, ring};
+    (void)probe.lock(&h->plock, false, std::nullopt, [&] { p.settle_inflight(); });
+}
+
+}  // namespace
+
 bool QueueCore::get(std::string& out, bool block, const Deadline& deadline) {
     StringSink sink(out);
     return get(sink, block, deadline);
@@ -803,6 +817,19 @@ bool QueueCore::get(QueueSink& out, bool block, const Deadline& deadline) {
                 continue;
             }
             if (!block) return false;
+            if (h->committed.load(sc) != h->taken.load(sc)) {
+                // A message counted (committed) but not in the ring: its producer is copying it
+                // in, or died doing so (I5), and only the next plock holder undoes its count,
+                // which until the next put would stand in qsize() and join(). While the count
+                // says so, look at plock every kPeerCheck: the repair settles a dead producer's.
+                Deadline slice = deadline_after(kPeerCheck);
+                if (deadline && *deadline < *slice) slice = deadline;
+                if (wait_for(h->data_seq, h->data_waiting, slice, [&] { return data() || shut() != kOpen; }))
+                    continue;
+                if (expired(deadline)) return false;
+                probe_producer(h, c.ring);
+                continue;
+            }
             if (!wait_for(h->data_seq, h->data_waiting, deadline,
                           [&] { return data() || shut() != kOpen; }))
                 return false;
@@ -873,7 +900,19 @@ bool QueueCore::join(const Deadline& deadline) {
             ok = true;
             break;
         }
-        if (sys::futex_wait(h->join_seq, seen, deadline) == sys::FutexResult::timed_out) {
+        // Woken at least every kPeerCheck while a message is counted that the ring does not
+        // hold: its producer may have died copying it in (see get), with no getter to notice.
+        const bool unseen = h->committed.load(sc) != h->taken.load(sc) && h->head.load(sc) == h->tail.load(sc);
+        Deadline slice = deadline;
+        if (unseen) {
+            slice = deadline_after(kPeerCheck);
+            if (deadline && *deadline < *slice) slice = deadline;
+        }
+        if (sys::futex_wait(h->join_seq, seen, slice) == sys::FutexResult::timed_out) {
+            if (unseen && !expired(deadline)) {
+                probe_producer(h, Ring{ring_, h->capacity});
+                continue;
+            }
             ok = finished();
             break;
         }

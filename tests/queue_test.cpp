@@ -813,6 +813,56 @@ TEST_P(QueueAcross, ProducerKilledMidMessageLosesOnlyThatMessage) {
     EXPECT_EQ(q.qsize(), 0u);
 }
 
+void put_big(mp::JoinableQueue<std::string> q, std::size_t n) { q.put(std::string(n, 'x')); }
+
+// A producer killed while it copies a message into the ring (counted in qsize(), nothing of it
+// visible yet): its count stood, with no getter or joiner to notice, until the next put, so
+// qsize() said 1, get() waited for a message that would never come and join() for ever (found
+// from outside: repro_prod_kill_qsize.cpp, 8 of 8 runs). A waiting getter, and a joiner, now look
+// at the producer lock while the count says a message the ring does not hold.
+TEST_P(QueueAcross, ProducerKilledCopyingAMessageInLeavesNoCountBehind) {
+    constexpr std::size_t kBig = std::size_t{64} << 20;  // one chunk: its copy takes a while
+    int staged = 0;
+    for (int attempt = 0; attempt < 5 && staged == 0; ++attempt) {
+        mp::JoinableQueue<std::string> q(0, std::size_t{256} << 20);
+        mp::Process producer(options(), put_big, q, kBig);
+        producer.start();
+        // Counted: the producer is inside the copy (or has just published it).
+        const auto until = Clock::now() + LONG;
+        while (q.qsize() == 0 && producer.is_alive() && Clock::now() < until) std::this_thread::yield();
+        producer.kill();
+        ASSERT_TRUE(producer.join(LONG));
+        // Either the message was published before the kill (then it is whole), or it is gone
+        // from the count too.
+        std::string got;
+        bool whole = false;
+        try {
+            got = q.get(TIMEOUT3);
+            whole = true;
+        } catch (const mp::Empty&) {
+        }
+        if (whole) {
+            EXPECT_EQ(got.size(), kBig);
+            q.task_done();
+            continue;
+        }
+        ++staged;
+        EXPECT_EQ(q.qsize(), 0u) << "the dead producer's message is still counted";
+        EXPECT_TRUE(q.join(TIMEOUT3)) << "join() waits for a message that will never come";
+        // A joiner with no getter repairs it too.
+        mp::Process producer2(options(), put_big, q, kBig);
+        producer2.start();
+        const auto until2 = Clock::now() + LONG;
+        while (q.qsize() == 0 && producer2.is_alive() && Clock::now() < until2) std::this_thread::yield();
+        producer2.kill();
+        ASSERT_TRUE(producer2.join(LONG));
+        const bool joined = q.join(TIMEOUT3);
+        if (joined) EXPECT_EQ(q.qsize(), 0u);
+        else EXPECT_EQ(q.qsize(), 1u);  // published before the kill: a whole message waits
+    }
+    EXPECT_GE(staged, 1) << "no kill landed inside the copy in 5 attempts";
+}
+
 // Reaches QueueCore's test hook through Queue's protected handle.
 struct QueueProbe : mp::Queue<int> {
     explicit QueueProbe(const mp::Queue<int>& q) : mp::Queue<int>(q) {}

@@ -69,7 +69,10 @@
 ///   producer always leaves room after every non-last chunk.
 /// - A consumer that finds chunks of a message whose FIRST chunk it never saw (its taker died)
 ///   drops them; one that is assembling a message and sees no more chunks checks the producer
-///   lock: free or owner dead means the rest will never come, so it repairs and moves on.
+///   lock: free or owner dead means the rest will never come, so it repairs and moves on. A
+///   getter waiting on an empty ring while a message is counted that the ring does not hold,
+///   and a JoinableQueue::join(), check it every 20 ms too: a producer killed while copying a
+///   message in leaves no count behind in qsize() or join().
 /// - The message counts (committed by producers, taken by consumers) are changed by the lock
 ///   holders after recording the value they are about to write, so a death between two steps is
 ///   repaired exactly and qsize() stays exact. task_done() is a single atomic step.

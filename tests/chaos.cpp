@@ -317,8 +317,23 @@ void run_pool(mp::StartMethod method, unsigned seed) {
 }
 
 TEST(Chaos, ExecutorUnderForkserver) { run_executor(mp::StartMethod::forkserver, 1); }
-TEST(Chaos, ExecutorUnderFork) { run_executor(mp::StartMethod::fork, 2); }
+TEST(Chaos, ExecutorUnderFork) {
+#if defined(__SANITIZE_ADDRESS__)
+    GTEST_SKIP() << "ASan's allocator is not fork-safe in a threaded parent (GCC 12's libasan): see PoolUnderFork";
+#endif
+    run_executor(mp::StartMethod::fork, 2);
+}
 TEST(Chaos, PoolUnderForkserver) { run_pool(mp::StartMethod::forkserver, 3); }
-TEST(Chaos, PoolUnderFork) { run_pool(mp::StartMethod::fork, 4); }
+TEST(Chaos, PoolUnderFork) {
+#if defined(__SANITIZE_ADDRESS__)
+    // As PoolForkStdout (pool_test.cpp): ASan's allocator (GCC 12's libasan) is not fork-safe, and
+    // the 80 replacements here are forked by the pool's thread while the main thread allocates.
+    // Seen in CI (2026-12-06) and again by hand (1 of 3 runs): a replacement's flusher thread
+    // waits for ever in ASan's realloc on a lock inherited held, its worker joins it at exit,
+    // and close()/join() wait for that worker. The ci and clang builds run it.
+    GTEST_SKIP() << "ASan's allocator is not fork-safe in a threaded parent (GCC 12's libasan)";
+#endif
+    run_pool(mp::StartMethod::fork, 4);
+}
 
 }  // namespace

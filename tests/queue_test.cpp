@@ -822,16 +822,20 @@ void put_big(mp::JoinableQueue<std::string> q, std::size_t n) { q.put(std::strin
 // at the producer lock while the count says a message the ring does not hold.
 TEST_P(QueueAcross, ProducerKilledCopyingAMessageInLeavesNoCountBehind) {
     constexpr std::size_t kBig = std::size_t{64} << 20;  // one chunk: its copy takes a while
-    int staged = 0;
-    for (int attempt = 0; attempt < 5 && staged == 0; ++attempt) {
-        mp::JoinableQueue<std::string> q(0, std::size_t{256} << 20);
+    // A producer of one big message, killed once qsize() counts it: inside the copy (or just
+    // after it published the message).
+    auto kill_a_producer_once_counted = [&](mp::JoinableQueue<std::string>& q) {
         mp::Process producer(options(), put_big, q, kBig);
         producer.start();
-        // Counted: the producer is inside the copy (or has just published it).
         const auto until = Clock::now() + LONG;
         while (q.qsize() == 0 && producer.is_alive() && Clock::now() < until) std::this_thread::yield();
         producer.kill();
-        ASSERT_TRUE(producer.join(LONG));
+        return producer.join(LONG);
+    };
+    int staged = 0;
+    for (int attempt = 0; attempt < 5 && staged == 0; ++attempt) {
+        mp::JoinableQueue<std::string> q(0, std::size_t{256} << 20);
+        ASSERT_TRUE(kill_a_producer_once_counted(q));
         // Either the message was published before the kill (then it is whole), or it is gone
         // from the count too.
         std::string got;
@@ -850,12 +854,7 @@ TEST_P(QueueAcross, ProducerKilledCopyingAMessageInLeavesNoCountBehind) {
         EXPECT_EQ(q.qsize(), 0u) << "the dead producer's message is still counted";
         EXPECT_TRUE(q.join(TIMEOUT3)) << "join() waits for a message that will never come";
         // A joiner with no getter repairs it too.
-        mp::Process producer2(options(), put_big, q, kBig);
-        producer2.start();
-        const auto until2 = Clock::now() + LONG;
-        while (q.qsize() == 0 && producer2.is_alive() && Clock::now() < until2) std::this_thread::yield();
-        producer2.kill();
-        ASSERT_TRUE(producer2.join(LONG));
+        ASSERT_TRUE(kill_a_producer_once_counted(q));
         const bool joined = q.join(TIMEOUT3);
         if (joined) EXPECT_EQ(q.qsize(), 0u);
         else EXPECT_EQ(q.qsize(), 1u);  // published before the kill: a whole message waits

@@ -2504,6 +2504,15 @@ TEST_P(ExecutorStartMethod, InitializerRuns) {
 // ---------------------------------------------------------------------------------------------
 
 // Runs `child` in a child of a plain fork(); its exit code, or -1 if it did not end in time.
+// The test process runs pool threads: under ASan (GCC 12's allocator is not fork-safe) the child
+// could inherit one of its locks held and hang in its first allocation, so these tests skip
+// there (as PoolForkStdout); the ci and clang builds run them.
+#if defined(__SANITIZE_ADDRESS__)
+#define MP_SKIP_PLAIN_FORK_UNDER_ASAN() \
+    GTEST_SKIP() << "ASan's allocator is not fork-safe in a threaded parent (GCC 12's libasan)"
+#else
+#define MP_SKIP_PLAIN_FORK_UNDER_ASAN() (void)0
+#endif
 template <class F>
 int in_forked_child(F&& child) {
     std::fflush(nullptr);
@@ -2523,6 +2532,7 @@ int in_forked_child(F&& child) {
 }
 
 TEST(ExecutorForkedProgram, APoolCopiedByForkIsLeftToTheParent) {
+    MP_SKIP_PLAIN_FORK_UNDER_ASAN();
     auto inherited = std::make_unique<mp::ProcessPoolExecutor>(mp::ExecutorOptions{.max_workers = 1});
     auto inherited_pool = std::make_unique<mp::Pool>(mp::PoolOptions{.processes = 1});
     ASSERT_EQ(inherited->submit(square, 2).result(kLong), 4);
@@ -2551,6 +2561,7 @@ TEST(ExecutorForkedProgram, APoolCopiedByForkIsLeftToTheParent) {
 }
 
 TEST(ExecutorForkedProgram, AChildThatReturnsWithTheCopyLeavesCleanly) {
+    MP_SKIP_PLAIN_FORK_UNDER_ASAN();
     mp::ProcessPoolExecutor inherited({.max_workers = 1});
     ASSERT_EQ(inherited.submit(square, 2).result(kLong), 4);
     // As a child that returns from main: the copy is destroyed in the child (was: std::terminate).

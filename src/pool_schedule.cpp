@@ -152,19 +152,22 @@ void PoolEngine::Impl::assign(pool::Worker& w, pool::JobPtr job, Clock::time_poi
 
 // The head of w's queue has changed (or w became ready): it is due from now.
 void PoolEngine::Impl::new_head(pool::Worker& w, Clock::time_point now) {
+    // The head's time limit from now, if it has one; false if not.
+    auto arm = [&](const pool::Job& head) {
+        const auto timeout = head.timeout(cfg);
+        if (!timeout) return false;
+        w.deadline = now + *timeout;
+        w.deadline_ordinal = head.ordinal;
+        return true;
+    };
     if (w.inflight.empty() || !w.ready) {
         w.head_since.reset();
         if (w.inflight.empty() && !w.stalled) w.deadline.reset();
         // A worker still in its initializer: the head's time limit counts from now all the
         // same (the initializer counts against it), so a task waiting for an initializer that
         // never returns still ends (fail_overdue_in_initializer). Armed once per task.
-        if (!w.inflight.empty() && cfg.initializer && w.deadline_ordinal != w.inflight.front()->ordinal) {
-            const pool::Job& head = *w.inflight.front();
-            if (const auto timeout = head.timeout(cfg)) {
-                w.deadline = now + *timeout;
-                w.deadline_ordinal = head.ordinal;
-            }
-        }
+        if (!w.inflight.empty() && cfg.initializer && w.deadline_ordinal != w.inflight.front()->ordinal)
+            (void)arm(*w.inflight.front());
         return;
     }
     const pool::Job& head = *w.inflight.front();
@@ -172,12 +175,7 @@ void PoolEngine::Impl::new_head(pool::Worker& w, Clock::time_point now) {
     w.head_since = now;
     w.head_ordinal = head.ordinal;
     if (w.deadline && w.deadline_ordinal == head.ordinal) return;  // armed while in the initializer
-    if (const auto timeout = head.timeout(cfg)) {
-        w.deadline = now + *timeout;
-        w.deadline_ordinal = head.ordinal;
-    } else {
-        w.deadline.reset();
-    }
+    if (!arm(head)) w.deadline.reset();
 }
 
 void PoolEngine::Impl::send(pool::Worker& w) {

@@ -42,6 +42,7 @@
 #include "mp/detail/task.hpp"
 #include "mp/errors.hpp"
 #include "mp/process.hpp"
+#include "sys/error.hpp"
 
 namespace mp::mpi {
 namespace {
@@ -971,17 +972,23 @@ Engine::Engine(const ExecutorOptions& options) : impl_(std::make_unique<Impl>())
         throw;
     }
     workers_ = g.size - 1;
-    impl_->thread = std::thread([impl = impl_.get()] {
-        impl->main();
-        // Destroyed on this thread, the Engine left the state to it: freed here, and the next
-        // Executor may start once this thread is joined.
-        if (std::shared_ptr<Impl> owned = std::move(impl->keep_alive)) {
-            owned.reset();
-            auto& gl = globals();
-            std::lock_guard lock(gl.mu);
-            gl.executor_alive = false;
-        }
-    });
+    try {
+        impl_->thread = sys::start_thread("mp::mpi::Executor: could not start its thread", [impl = impl_.get()] {
+            impl->main();
+            // Destroyed on this thread, the Engine left the state to it: freed here, and the next
+            // Executor may start once this thread is joined.
+            if (std::shared_ptr<Impl> owned = std::move(impl->keep_alive)) {
+                owned.reset();
+                auto& gl = globals();
+                std::lock_guard lock(gl.mu);
+                gl.executor_alive = false;
+            }
+        });
+    } catch (...) {
+        std::lock_guard lock(g.mu);
+        g.executor_alive = false;
+        throw;
+    }
     std::lock_guard lock(g.mu);
     g.live_engine = this;
 }

@@ -383,7 +383,7 @@ PoolEngine::PoolEngine(PoolConfig config) : config_workers_(config.workers) {
     if (caller_forks) impl_->start_workers();
     Impl* impl = impl_.get();
     try {
-        impl_->thread = std::thread([impl] {
+        impl_->thread = sys::start_thread("mp: the pool could not start its thread", [impl] {
             impl->run();
             // Destroyed on this thread, the engine left the state to it: freed here, last.
             const std::shared_ptr<Impl> owned = std::move(impl->keep_alive);

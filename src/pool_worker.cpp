@@ -208,7 +208,7 @@ public:
         slot_ = slot;
         stage_ = stage;
         cap_ = cap;
-        flusher_ = std::thread([this] { flusher(); });
+        flusher_ = sys::start_thread("mp: a pool worker could not start its output flusher", [this] { flusher(); });
         // A task may call exit(): stop the flusher first (atexit handlers run last-registered
         // first), so the process ends single-threaded, as exit-time checkers (LeakSanitizer)
         // and the C library's own teardown expect.

@@ -184,7 +184,7 @@ SignalStop::SignalStop(std::initializer_list<int> signals) : signals_(signals) {
         sys::check(::fcntl(w.get(), F_SETFL, flags | O_NONBLOCK), "fcntl F_SETFL");
         pipe_r_ = r.release();
         pipe_w_ = w.release();
-        watcher_ = std::thread([this] { watch(); });
+        watcher_ = sys::start_thread("mp: the prefork server could not start its signal watcher", [this] { watch(); });
         signal_owner.store(::getpid());
         signal_pipe.store(pipe_w_);
         for (int sig : signals_) {

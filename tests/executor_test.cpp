@@ -30,6 +30,7 @@
 #include <mutex>
 #include <optional>
 #include <poll.h>
+#include <pthread.h>
 #include <random>
 #include <regex>
 #include <set>
@@ -447,6 +448,41 @@ TEST(ExecutorTest, MaxWorkersZeroOrNegativeIsInvalidArgument) {
             << e->what();
         }
     }
+}
+
+// No thread to be had (EAGAIN from pthread_create: RLIMIT_NPROC, no memory for the stack): the
+// constructor throws a std::system_error that says which thread could not start, as every failing
+// call mp makes names itself (std::thread's own says only "Resource temporarily unavailable"),
+// and leaves no worker behind (the leak check). Provoked by a default thread stack no mapping can
+// hold; the workers, forked before the thread, inherit it and are killed with the pool.
+TEST(ExecutorTest, NoThreadToStartIsASystemErrorThatNamesIt) {
+    pthread_attr_t saved;
+    ASSERT_EQ(::pthread_getattr_default_np(&saved), 0);
+    pthread_attr_t huge;
+    ASSERT_EQ(::pthread_attr_init(&huge), 0);
+    ASSERT_EQ(::pthread_attr_setstacksize(&huge, std::size_t{1} << 46), 0);  // 64 TiB
+    ASSERT_EQ(::pthread_setattr_default_np(&huge), 0);
+    bool can_start = true;
+    try {
+        std::thread([] {}).join();
+    } catch (const std::system_error&) {
+        can_start = false;
+    }
+    for (auto method : {mp::StartMethod::fork, mp::StartMethod::spawn}) {
+        if (can_start) break;  // the runtime (a sanitizer's) ignores the default: nothing to test
+        SCOPED_TRACE(mp::to_string(method));
+        auto e = catch_as<std::system_error>(
+            [&] { mp::ProcessPoolExecutor ex({.max_workers = 2, .start_method = method}); });
+        if (e) {
+            EXPECT_EQ(e->code(), std::errc::resource_unavailable_try_again);
+            EXPECT_NE(std::string(e->what()).find("mp: the pool could not start its thread"), std::string::npos)
+                << e->what();
+        }
+    }
+    ASSERT_EQ(::pthread_setattr_default_np(&saved), 0);
+    ::pthread_attr_destroy(&huge);
+    ::pthread_attr_destroy(&saved);
+    if (can_start) GTEST_SKIP() << "a thread started with a 64 TiB default stack (the default is not honoured here)";
 }
 
 TEST(ExecutorTest, MaxWorkersIsReported) {

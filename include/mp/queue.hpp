@@ -415,7 +415,11 @@ public:
 
     /// Reports one taken item processed. Throws mp::Error("task_done() called too many times")
     /// when there are more task_done calls than items put. An item lost with a consumer killed
-    /// while taking it counts as done, so join() does not wait for it forever.
+    /// while taking it out of the shared ring counts as done, so join() does not wait for it
+    /// forever. Once the item has left the ring it is the consumer's, as if get() had returned
+    /// (its last step, the consumer lock's release, is after that): a consumer killed from then
+    /// on, as one killed before it calls task_done(), leaves the item unfinished, and join()
+    /// waits for it as Python's does (join(timeout) bounds that wait).
     void task_done() { this->core().task_done(); }
     /// Waits until every item put was reported done (items dropped by shutdown(true) count as
     /// done).

@@ -3,7 +3,10 @@
 // names the call, so a failure report says which operation failed and why.
 
 #include <cerrno>
+#include <string>
 #include <system_error>
+#include <thread>
+#include <utility>
 
 namespace mp::sys {
 
@@ -28,6 +31,18 @@ inline void check_ret(int err, const char* call) {
 inline long check_neg(long rc, const char* call) {
     if (rc < 0) throw_system_error(static_cast<int>(-rc), call);
     return rc;
+}
+
+/// Convention 4: std::thread's constructor, whose std::system_error (EAGAIN when no thread can
+/// be created: RLIMIT_NPROC, memory for the stack) names nothing; this one says which of mp's
+/// threads could not start.
+template <class F>
+std::thread start_thread(const char* what, F&& body) {
+    try {
+        return std::thread(std::forward<F>(body));
+    } catch (const std::system_error& e) {
+        throw std::system_error(e.code(), std::string(what) + " (pthread_create)");
+    }
 }
 
 }  // namespace mp::sys

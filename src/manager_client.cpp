@@ -3,11 +3,13 @@
 
 #include "mp/managers.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -82,10 +84,15 @@ Link open_link(const Address& address, const std::string& authkey) {
     return l;
 }
 
-/// One request and its reply over `l`.
-std::string round_trip(Link& l, std::string_view message) {
-    if (l.channel) return l.channel.call(l.socket, message);
+using GiveUp = std::optional<std::chrono::steady_clock::time_point>;
+
+/// One request and its reply over `l`; mp::TimeoutError when `give_up` passes first.
+std::string round_trip(Link& l, std::string_view message, GiveUp give_up) {
+    if (l.channel) return l.channel.call(l.socket, message, give_up);
     l.socket.send_bytes(message);
+    if (give_up && !l.socket.poll(std::max(*give_up - std::chrono::steady_clock::now(),
+                                           std::chrono::steady_clock::duration::zero())))
+        throw TimeoutError("mp: the manager server did not answer in time");
     return l.socket.recv_bytes();
 }
 
@@ -189,7 +196,9 @@ Address decode_address(Decoder& d) {
     return a;
 }
 
-std::string request(const Address& address, const std::string& authkey, std::string& message) {
+namespace {
+
+std::string request(const Address& address, const std::string& authkey, std::string& message, GiveUp give_up) {
     // The server would drop the connection on reading the header; say why instead.
     if (message.size() > kMaxMessage)
         throw Error("mp: a manager request of " + std::to_string(message.size()) +
@@ -199,11 +208,11 @@ std::string request(const Address& address, const std::string& authkey, std::str
         // This thread's connections are gone (a proxy destroyed at exit, after them): one for
         // this request alone.
         Link link = open_link(address, authkey);
-        reply = round_trip(link, message);
+        reply = round_trip(link, message, give_up);
     } else {
         Link& link = connection_to(address, authkey);
         try {
-            reply = round_trip(link, message);
+            reply = round_trip(link, message, give_up);
         } catch (const std::system_error& e) {
             // The server is gone (or the stream is out of step): the next call reconnects. A
             // connection that broke mid-request (a large one is written to the socket, where the
@@ -227,6 +236,19 @@ std::string request(const Address& address, const std::string& authkey, std::str
     Decoder d(std::string_view(reply).substr(1));
     ErrorInfo info = decode_error_info(d);
     std::rethrow_exception(make_remote_exception(info));
+}
+
+}  // namespace
+
+std::string request(const Address& address, const std::string& authkey, std::string& message) {
+    return request(address, authkey, message, std::nullopt);
+}
+
+std::string request_until(const Address& address, const std::string& authkey, Op op,
+                          std::chrono::steady_clock::time_point give_up) {
+    Encoder e;
+    begin_request(e, op, 0, {});
+    return request(address, authkey, e.bytes(), give_up);
 }
 
 std::string request(const Address& address, const std::string& authkey, Op op, std::uint64_t id,

@@ -3,6 +3,7 @@
 // (src/manager_server.cpp), the client's connections (src/manager_client.cpp) and the manager
 // classes (src/managers.cpp).
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -30,6 +31,11 @@ extern thread_local int t_client_fd;
 struct ClientGone : std::runtime_error {
     ClientGone() : std::runtime_error("the client disconnected") {}
 };
+
+/// request(address, authkey, op, 0, {}, {}) that gives up at `give_up`: mp::TimeoutError when
+/// the server (stopped, say) has not answered by then; the connection is dropped.
+std::string request_until(const Address& address, const std::string& authkey, Op op,
+                          std::chrono::steady_clock::time_point give_up);
 
 /// True when the peer of the connection this thread serves has hung up.
 bool client_gone();

@@ -4,6 +4,7 @@
 
 #include "mp/managers.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <stdexcept>
@@ -66,13 +67,17 @@ void BaseManager::shutdown() {
     }
     auto handle = std::move(server_);
     if (handle->process->is_alive()) {
+        // One bound for the request and the exit: a server that does not answer (stopped, say)
+        // holds the caller up no longer than one that answers and then does not exit.
+        const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
         try {
             get_logger().info("sending shutdown message to manager");
-            dm::request(address_, authkey_, dm::Op::shutdown, 0, {}, {});
+            dm::request_until(address_, authkey_, dm::Op::shutdown, give_up);
         } catch (...) {
             // Not answering: it is killed below.
         }
-        if (!handle->process->join(std::chrono::seconds(5))) {
+        if (!handle->process->join(std::max(give_up - std::chrono::steady_clock::now(),
+                                            std::chrono::steady_clock::duration::zero()))) {
             handle->process->kill();
             handle->process->join();
         }

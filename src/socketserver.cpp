@@ -738,6 +738,12 @@ void BaseServer::process_request(Request& request, const ServerAddress& client_a
     }
     case Concurrency::forking: {
         collect_children(false);
+        if (children_.size() >= options_.max_children) {
+            // Still at the limit: a stop came while waiting (collect_children). The request is
+            // not served; the stop's deadline, if any, ends the children that hold the limit.
+            shutdown_request(request);
+            return;
+        }
         const std::uint64_t id = add_connection(request.fd());
         auto child = std::make_unique<Process>(
             ProcessOptions{.start_method = StartMethod::fork}, [this, &request, &client_address] {
@@ -792,11 +798,15 @@ void BaseServer::collect_children(bool blocking) {
         children_.clear();
         return;
     }
-    // At the limit, wait for any child to end before taking another request.
-    while (children_.size() >= options_.max_children && !children_.empty()) {
+    // At the limit, wait for any child to end before taking another request, or for a stop
+    // (shutdown(), a stop token, a handler's shutdown()): then this returns still at the limit,
+    // so that serve_forever can end and a stop's deadline kill the children that hold it.
+    while (children_.size() >= options_.max_children && !children_.empty() && !shutdown_requested()) {
         std::vector<pollfd> fds;
         for (auto& c : children_) fds.push_back({c.process->sentinel(), POLLIN, 0});
+        fds.push_back({wake_r_, POLLIN, 0});
         if (::poll(fds.data(), fds.size(), -1) < 0 && errno != EINTR) sys::throw_system_error(errno, "poll");
+        if (fds.back().revents != 0) take_wakeup();
         std::erase_if(children_, [this](Child& c) {
             if (c.process->is_alive()) return false;
             reap(c);

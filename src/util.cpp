@@ -1,5 +1,6 @@
 #include "mp/util.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdlib>
@@ -13,6 +14,7 @@
 
 #include "mp/process.hpp"
 #include "process_impl.hpp"
+#include "sys/atfork.hpp"
 #include "sys/fd.hpp"
 #include "sys/pidfd.hpp"
 #include "util_internal.hpp"
@@ -39,6 +41,14 @@ Retired& retired() {
     static Retired* r = new Retired;  // never destroyed: a sink may be called during exit
     return *r;
 }
+
+void on_fork_child_logging() noexcept {
+    // Another thread of the parent may have been in set_sink at the moment of fork.
+    new (&retired().mu) std::mutex;
+}
+
+// Made here, with the handler, so that a fork child never allocates it.
+[[gnu::init_priority(101)]] const sys::ChildAtFork logging_atfork{((void)retired(), &on_fork_child_logging)};
 
 using sys::write_stderr;
 
@@ -86,7 +96,9 @@ void Logger::set_sink(LogSink sink) {
     if (sink) fresh = std::make_unique<const LogSink>(std::move(sink));
     Retired& r = retired();
     std::lock_guard lk(r.mu);
-    r.sinks.reserve(r.sinks.size() + 1);  // so that the push below cannot fail after the swap
+    // So that the push below cannot fail after the swap; grown by doubling, as push_back would
+    // (one more each time made n calls cost n^2 moves under the lock).
+    if (r.sinks.size() == r.sinks.capacity()) r.sinks.reserve(std::max<std::size_t>(8, 2 * r.sinks.capacity()));
     const LogSink* old = g_sink.exchange(fresh.release(), std::memory_order_acq_rel);
     if (old != nullptr) r.sinks.emplace_back(old);
 }
@@ -181,6 +193,14 @@ Registry& registry() {
     static Registry* r = new Registry;  // never destroyed: read by the exit handler
     return *r;
 }
+
+void on_fork_child_finalizers() noexcept {
+    // Another thread of the parent may have held the lock at the moment of fork (making or
+    // ending a finalizer); the child's first Finalize with an exit priority takes it.
+    new (&registry().mu) std::mutex;
+}
+
+[[gnu::init_priority(101)]] const sys::ChildAtFork finalizers_atfork{((void)registry(), &on_fork_child_finalizers)};
 
 std::atomic<pid_t> g_registry_pid{0};
 

@@ -38,6 +38,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include "helpers/leak_check.hpp"
 #include "helpers/proc_state.hpp"
 #include "helpers/run_child.hpp"
 #include "mp/connection.hpp"
@@ -693,6 +694,42 @@ TEST(ManagerTest, AThreadEndsThoughItsManagerIsStopped) {
               0);
     ::kill(server, SIGCONT);  // whatever happened in the child
     EXPECT_EQ(d.get(2), 2);
+}
+
+// shutdown() (and so the destructor) of a server that does not answer, stopped: the shutdown
+// request and the exit share one 5 s bound, then SIGKILL, as documented; with a connection this
+// thread already has (the request would wait on it for ever) and from a thread that has none
+// (whose handshake gives up).
+TEST(ManagerTest, ShutdownOfAStoppedServerEndsItWithinItsBound) {
+    for (bool tcp : {false, true}) {
+        for (bool used : {true, false}) {
+            SCOPED_TRACE(std::string(tcp ? "tcp" : "unix") + (used ? ", connected" : ", fresh thread"));
+            std::unique_ptr<mp::SyncManager> m;
+            if (tcp) {
+                m = std::make_unique<mp::SyncManager>(mp::Address("127.0.0.1", 0), "key");
+                m->start();
+            } else {
+                m = std::make_unique<mp::SyncManager>();
+            }
+            const pid_t server = m->server_pid();
+            auto v = m->Value<int>(1);
+            ASSERT_EQ(v.get(), 1);
+            ASSERT_EQ(::kill(server, SIGSTOP), 0);
+            for (int i = 0; i < 500 && mp::test::proc_info(server).state != 'T'; ++i)
+                std::this_thread::sleep_for(10ms);
+            ASSERT_EQ(mp::test::proc_info(server).state, 'T');
+            const auto t0 = std::chrono::steady_clock::now();
+            auto stop = [&] { m->shutdown(); };
+            if (used) {
+                stop();
+            } else {
+                std::thread(stop).join();
+            }
+            const auto took = std::chrono::steady_clock::now() - t0;
+            EXPECT_LT(took, 10s) << "shutdown() waits 5 s, then kills";
+            EXPECT_EQ(mp::test::proc_info(server).pid, 0) << "the server was killed and reaped";
+        }
+    }
 }
 
 // A request that meets a dead server's closed connection (a large one is written to the socket,

@@ -1140,6 +1140,40 @@ TEST(Socketserver, ForkingShutdownWithDeadlineClosesIdleConnections) {
     shutdown_with_deadline_closes_idle_connections<mp::ForkingTCPServer>();
 }
 
+// At max_children, serve_forever waits for a child to end before it takes the next request; a
+// stop meanwhile ends that wait, and the deadline then ends the children that hold the limit
+// (it waited for them for ever: shutdown(timeout) returned only as they ended on their own).
+// The child does not read its connection (closing the parent's copy at the deadline does not end
+// it); alarm() bounds it if nothing else does.
+struct IgnoresItsClient : mp::StreamRequestHandler {
+    static inline int started_fd = -1;
+    void handle() override {
+        ::alarm(30);
+        const char b = 's';
+        (void)!::write(started_fd, &b, 1);
+        for (;;) ::pause();
+    }
+};
+
+TEST(Socketserver, ForkingShutdownWithDeadlineEndsAWaitAtMaxChildren) {
+    run_bounded_in_child("shutdown(100ms) at max_children did not return", [] {
+        TestPipe started;
+        IgnoresItsClient::started_fd = started.w;
+        mp::ForkingTCPServer srv({"127.0.0.1", 0}, mp::handler<IgnoresItsClient>(), {.max_children = 1});
+        std::thread serving([&] { srv.serve_forever(20ms); });
+        Client first(srv.server_address(), SOCK_STREAM);
+        char b = 0;
+        if (!read_within(started.r, &b, 1, 10000ms)) throw std::runtime_error("the handler did not start");
+        Client second(srv.server_address(), SOCK_STREAM);  // waits in the backlog for a slot
+        std::this_thread::sleep_for(200ms);
+        srv.shutdown(100ms);
+        serving.join();
+        if (srv.active_children() != 0) throw std::runtime_error("a child is still running");
+        if (!first.recv_some().empty()) throw std::runtime_error("the first connection is still open");
+        srv.server_close();
+    });
+}
+
 // A prefork worker still busy with the idle client at the deadline is terminated.
 TEST(Socketserver, PreforkShutdownWithDeadlineEndsABusyWorker) {
     shutdown_with_deadline_closes_idle_connections<mp::PreforkTCPServer>();

@@ -4,8 +4,10 @@
 
 #include "mp/managers.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -16,6 +18,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -24,6 +28,8 @@
 #include "mp/detail/future_core.hpp"
 #include "mp/process.hpp"
 #include "mp/util.hpp"
+#include "sys/fd.hpp"
+#include "sys/pidfd.hpp"
 
 namespace mp {
 namespace detail::managers {
@@ -46,6 +52,120 @@ struct AttributeError : std::runtime_error {
 };
 struct NoSuchObject : std::runtime_error {
     using std::runtime_error::runtime_error;
+};
+
+/// The client processes on a Unix socket (SO_PEERCRED), by pid: when one ends, the server shuts
+/// its own end of each of that process's connections, so their threads end and what the client
+/// held is released (release_owned) even while another process keeps a copy of the client's end
+/// open, as a fork child of the client does (the child never uses it, but its copy hides the
+/// hang-up for as long as it lives). A thread polls a pidfd per process.
+class PeerWatcher {
+public:
+    PeerWatcher() = default;
+    PeerWatcher(const PeerWatcher&) = delete;
+    PeerWatcher& operator=(const PeerWatcher&) = delete;
+    ~PeerWatcher() {
+        {
+            std::lock_guard lk(mu_);
+            stopping_ = true;
+        }
+        if (thread_.joinable()) {
+            poke();
+            thread_.join();
+        }
+    }
+
+    /// Watches the process at the other end of `fd` (a connection of this process's, open until
+    /// forget(fd)). Nothing is watched when the peer is unknown (TCP) or cannot be (no pidfd).
+    void watch(int fd) {
+        ucred cred{};
+        socklen_t len = sizeof cred;
+        if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.pid <= 0) return;
+        std::lock_guard lk(mu_);
+        if (stopping_) return;
+        auto it = peers_.find(cred.pid);
+        if (it == peers_.end()) {
+            sys::Fd pidfd;
+            try {
+                pidfd = sys::pidfd_open(cred.pid);
+                if (!wake_) wake_ = sys::Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+                if (!wake_) return;
+                it = peers_.emplace(cred.pid, Peer{std::move(pidfd), {}}).first;
+                if (!thread_.joinable()) thread_ = std::thread([this] { run(); });
+            } catch (...) {
+                // Gone already, or no descriptor or thread to be had: its connections end as
+                // they close, as before.
+                if (it != peers_.end()) peers_.erase(it);
+                return;
+            }
+            poke();
+        }
+        it->second.fds.push_back(fd);
+        fds_[fd] = cred.pid;
+    }
+
+    /// Before `fd` closes: its number may be another connection's afterwards.
+    void forget(int fd) {
+        std::lock_guard lk(mu_);
+        auto f = fds_.find(fd);
+        if (f == fds_.end()) return;
+        auto p = peers_.find(f->second);
+        if (p != peers_.end()) std::erase(p->second.fds, fd);
+        fds_.erase(f);
+    }
+
+private:
+    struct Peer {
+        sys::Fd pidfd;
+        std::vector<int> fds;
+    };
+
+    void poke() {
+        const std::uint64_t one = 1;
+        (void)!::write(wake_.get(), &one, sizeof one);
+    }
+
+    void run() {
+        std::vector<pollfd> polled;
+        std::vector<pid_t> pids;
+        for (;;) {
+            {
+                std::lock_guard lk(mu_);
+                if (stopping_) return;
+                polled.assign(1, pollfd{wake_.get(), POLLIN, 0});
+                pids.assign(1, 0);
+                for (auto& [pid, peer] : peers_) {
+                    polled.push_back(pollfd{peer.pidfd.get(), POLLIN, 0});
+                    pids.push_back(pid);
+                }
+            }
+            if (::poll(polled.data(), polled.size(), -1) < 0) continue;  // EINTR
+            if (polled[0].revents != 0) {
+                std::uint64_t n;
+                (void)!::read(wake_.get(), &n, sizeof n);
+            }
+            std::lock_guard lk(mu_);
+            for (std::size_t i = 1; i < polled.size(); ++i) {
+                if (polled[i].revents == 0) continue;
+                auto p = peers_.find(pids[i]);
+                if (p == peers_.end()) continue;
+                // Under the lock: forget() comes before a connection closes, so every number
+                // here is still that process's connection.
+                for (int fd : p->second.fds) {
+                    ::shutdown(fd, SHUT_RDWR);
+                    fds_.erase(fd);
+                }
+                peers_.erase(p);
+            }
+        }
+    }
+
+    std::mutex mu_;
+    std::map<pid_t, Peer> peers_;
+    std::unordered_map<int, pid_t> fds_;
+    sys::Fd wake_;  // an eventfd: the thread polls the pidfds again (a new one, or it stops)
+    bool stopping_ = false;
+    std::thread thread_;
 };
 
 constexpr auto kHandshakeTimeout = std::chrono::seconds(5);
@@ -101,12 +221,15 @@ public:
                 std::lock_guard lk(mu_);
                 clients_.emplace(caller, c->fileno());
             }
+            const int fd = c->fileno();
+            peers_.watch(fd);
             try {
                 std::thread(&Server::serve_client, shared_from_this(), std::move(*c), caller)
                     .detach();
             } catch (const std::system_error&) {
                 // No thread to be had (EAGAIN: RLIMIT_NPROC, memory): refuse this client (its
                 // connection closes with the arguments std::thread had taken) and stay up.
+                peers_.forget(fd);
                 std::lock_guard lk(mu_);
                 clients_.erase(caller);
             }
@@ -266,6 +389,7 @@ private:
             std::lock_guard lk(mu_);
             clients_.erase(caller);
         }
+        peers_.forget(c.fileno());
         release_owned(caller, t_detached);
         c.close();
     }
@@ -302,6 +426,7 @@ private:
     }
 
     Listener listener_;
+    PeerWatcher peers_;
     TypeTable types_;
     std::unique_ptr<PythonSide> python_;
     Connection wake_r_, wake_w_;

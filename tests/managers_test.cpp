@@ -677,6 +677,38 @@ TEST(ManagerTest, ALockAcquiredByAThreadThatEndsStaysHeld) {
     lock.release();
 }
 
+// A client killed holding a Lock gives it up even while a fork child of it lives on: the child
+// has copies of the client's connections (never used), which hid the hang-up from the server
+// until the child ended. The server watches the client process itself (Unix socket).
+void holds_then_forks_a_sleeper(mp::LockProxy lock, mp::EventProxy ready, int release_fd, int release_w) {
+    ::close(release_w);  // the test's end only: the sleeper ends when the test closes it
+    if (!lock.acquire()) std::_Exit(3);
+    mp::Process sleeper({.start_method = mp::StartMethod::fork}, [release_fd] {
+        char b;
+        (void)!::read(release_fd, &b, 1);  // until the test lets it go (or its end closes the pipe)
+    });
+    sleeper.start();
+    ready.set();
+    for (;;) ::pause();
+}
+
+TEST(ManagerTest, AKilledHoldersLockIsReleasedWhileItsForkChildLives) {
+    mp::Manager m;
+    auto lock = m.Lock();
+    auto ready = m.Event();
+    int release[2];
+    ASSERT_EQ(::pipe2(release, O_CLOEXEC), 0);
+    mp::Process holder({.start_method = mp::StartMethod::fork}, holds_then_forks_a_sleeper, lock, ready, release[0], release[1]);
+    holder.start();
+    ASSERT_TRUE(ready.wait(10s));
+    ASSERT_EQ(::kill(holder.pid(), SIGKILL), 0);
+    ASSERT_TRUE(holder.join(10s));
+    EXPECT_TRUE(lock.acquire(true, 5s)) << "the lock stayed held while the killed holder's child lived";
+    lock.release();
+    ::close(release[1]);  // the sleeper, an orphan now, reads end of file and ends
+    ::close(release[0]);
+}
+
 // A thread's last word to a server as it ends (that only the thread ends) waits a bounded time:
 // a stopped server does not keep the thread from ending.
 TEST(ManagerTest, AThreadEndsThoughItsManagerIsStopped) {

@@ -347,7 +347,9 @@ public:
 };
 
 /// Lock / RLock: owned by the calling thread's connection (as Python's, whose server thread per
-/// connection owns it). A lock whose owner disconnects (a killed process) is released. A thread
+/// connection owns it). A lock whose owner disconnects (a killed process) is released: on a Unix
+/// socket as soon as the process ends, though a fork child of it keeps copies of its
+/// connections; over TCP once its connection closes. A thread
 /// that ends while its process goes on says so first: a plain Lock it holds then stays held, as
 /// Python's, for another thread to release; an RLock (or a Condition's lock) is released, as no
 /// other thread could release it.

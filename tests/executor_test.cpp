@@ -456,6 +456,11 @@ TEST(ExecutorTest, MaxWorkersZeroOrNegativeIsInvalidArgument) {
 // and leaves no worker behind (the leak check). Provoked by a default thread stack no mapping can
 // hold; the workers, forked before the thread, inherit it and are killed with the pool.
 TEST(ExecutorTest, NoThreadToStartIsASystemErrorThatNamesIt) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    // The sanitizers' own pthread_create sizes and maps their per-thread state from the stack
+    // attribute: what this provokes is theirs to handle, not mp's. The ci and clang builds run it.
+    GTEST_SKIP() << "a 64 TiB default thread stack is not for a sanitizer's runtime";
+#endif
     pthread_attr_t saved;
     ASSERT_EQ(::pthread_getattr_default_np(&saved), 0);
     pthread_attr_t huge;

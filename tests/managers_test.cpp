@@ -728,6 +728,14 @@ TEST(ManagerTest, AThreadEndsThoughItsManagerIsStopped) {
     EXPECT_EQ(d.get(2), 2);
 }
 
+// A started SyncManager on a Unix socket of its own, or on TCP at 127.0.0.1 (with a key).
+std::unique_ptr<mp::SyncManager> started_manager(bool tcp) {
+    if (!tcp) return std::make_unique<mp::SyncManager>();
+    auto m = std::make_unique<mp::SyncManager>(mp::Address("127.0.0.1", 0), "key");
+    m->start();
+    return m;
+}
+
 // shutdown() (and so the destructor) of a server that does not answer, stopped: the shutdown
 // request and the exit share one 5 s bound, then SIGKILL, as documented; with a connection this
 // thread already has (the request would wait on it for ever) and from a thread that has none
@@ -736,13 +744,7 @@ TEST(ManagerTest, ShutdownOfAStoppedServerEndsItWithinItsBound) {
     for (bool tcp : {false, true}) {
         for (bool used : {true, false}) {
             SCOPED_TRACE(std::string(tcp ? "tcp" : "unix") + (used ? ", connected" : ", fresh thread"));
-            std::unique_ptr<mp::SyncManager> m;
-            if (tcp) {
-                m = std::make_unique<mp::SyncManager>(mp::Address("127.0.0.1", 0), "key");
-                m->start();
-            } else {
-                m = std::make_unique<mp::SyncManager>();
-            }
+            std::unique_ptr<mp::SyncManager> m = started_manager(tcp);
             const pid_t server = m->server_pid();
             auto v = m->Value<int>(1);
             ASSERT_EQ(v.get(), 1);
@@ -770,13 +772,7 @@ TEST(ManagerTest, ShutdownOfAStoppedServerEndsItWithinItsBound) {
 TEST(ManagerTest, ServerKilledALargeRequestIsEOFError) {
     for (bool tcp : {false, true}) {
         SCOPED_TRACE(tcp ? "tcp" : "unix");
-        std::unique_ptr<mp::SyncManager> m;
-        if (tcp) {
-            m = std::make_unique<mp::SyncManager>(mp::Address("127.0.0.1", 0), "key");
-            m->start();
-        } else {
-            m = std::make_unique<mp::SyncManager>();
-        }
+        std::unique_ptr<mp::SyncManager> m = started_manager(tcp);
         auto d = m->dict<int, std::string>();
         d.set(1, "x");
         ASSERT_EQ(::kill(m->server_pid(), SIGKILL), 0);

@@ -27,7 +27,10 @@
 /// Destructor policy: the destructor calls server_close(), then joins every handler thread still
 /// running (daemon_threads or not: a detached thread would outlive the server it uses) and
 /// every forked child still running (mp::Process's policy). A subclass whose overridden hooks
-/// run in handler threads should call server_close() in its own destructor.
+/// run in handler threads should call server_close() in its own destructor, and then not set
+/// daemon_threads or block_on_close = false: server_close() does not wait for the handlers then,
+/// and one still running would call the hooks of a subclass already destroyed (the base's
+/// destructor, which joins it, runs after the subclass's).
 
 #include <atomic>
 #include <chrono>
@@ -199,7 +202,10 @@ struct ServerOptions {
     /// handle_request() waits this long for a request, then calls handle_timeout(); none: forever.
     detail::Timeout timeout{};
     std::size_t max_packet_size = 8192;  ///< datagram servers
-    /// Threading: server_close() does not wait for the handler threads (the destructor does).
+    /// Threading: server_close() does not wait for the handler threads (the destructor does; see
+    /// the destructor policy above for a subclass with hooks). A datagram handler still running
+    /// after server_close() must not reply: its socket is closed, and its number may be another
+    /// socket's by then.
     bool daemon_threads = false;
     /// Threading/forking: server_close() waits for the handler threads / children.
     bool block_on_close = true;

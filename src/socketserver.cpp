@@ -272,6 +272,7 @@ BaseServer::BaseServer(ServerAddress address, HandlerFactory factory, Kind kind,
 BaseServer::~BaseServer() {
     server_close();
     join_threads(true);
+    if (retired_sock_ >= 0) ::close(retired_sock_);
     for (auto& c : children_) reap(c);
     children_.clear();
     stop_closer();
@@ -302,12 +303,25 @@ void BaseServer::server_activate() {
 }
 
 void BaseServer::server_close() {
-    if (sock_ >= 0) {
-        ::close(sock_);
-        sock_ = -1;
-    }
     const bool wait = options_.block_on_close &&
                       !(kind_.concurrency == Concurrency::threading && options_.daemon_threads);
+    if (sock_ >= 0) {
+        // A datagram handler replies through the server's socket (Request::fd): one still running
+        // after this returns (server_close does not wait for it) must not find that number
+        // taken by another socket of the program's. It is kept, on /dev/null (a reply then fails
+        // with ENOTSOCK, as Python's fails with EBADF), until the destructor has joined them.
+        int null = -1;
+        if (kind_.socket == SocketKind::datagram && kind_.concurrency == Concurrency::threading && !wait &&
+            retired_sock_ < 0)
+            null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (null >= 0 && ::dup3(null, sock_, O_CLOEXEC) >= 0) {
+            retired_sock_ = sock_;
+        } else {
+            ::close(sock_);
+        }
+        if (null >= 0) ::close(null);
+        sock_ = -1;
+    }
     if (wait && kind_.concurrency != Concurrency::none) {
         // After a stop with a deadline, handlers past it have their connections closed.
         if (auto deadline = close_deadline()) {

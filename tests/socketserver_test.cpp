@@ -1140,6 +1140,49 @@ TEST(Socketserver, ForkingShutdownWithDeadlineClosesIdleConnections) {
     shutdown_with_deadline_closes_idle_connections<mp::ForkingTCPServer>();
 }
 
+// A datagram handler still running after server_close() (daemon_threads: server_close does not
+// wait for it) replies through the server socket's number (Request::fd), which must not be
+// another socket's by then: the reply went out of an unrelated socket the program had just made.
+// Now the number is kept until the handler is joined, and the reply fails (ENOTSOCK, reported by
+// handle_error; Python's fails with EBADF).
+struct SlowDatagramEcho : mp::DatagramRequestHandler {
+    static inline int started_fd = -1;
+    void handle() override {
+        const char b = 's';
+        (void)!::write(started_fd, &b, 1);
+        std::this_thread::sleep_for(300ms);
+        wfile.write(rfile.read());
+    }
+};
+
+TEST(Socketserver, ADatagramHandlerAfterServerCloseRepliesThroughNoOtherSocket) {
+    TestPipe started;
+    SlowDatagramEcho::started_fd = started.w;
+    const int client = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    ASSERT_GE(client, 0);
+    int other = -1;
+    {
+        mp::ThreadingUDPServer srv({"127.0.0.1", 0}, mp::handler<SlowDatagramEcho>(), {.daemon_threads = true});
+        const int server_fd = srv.fileno();
+        sockaddr_in to{};
+        to.sin_family = AF_INET;
+        to.sin_port = htons(srv.server_address().port);
+        to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        ASSERT_EQ(::sendto(client, "ping", 4, 0, reinterpret_cast<sockaddr*>(&to), sizeof to), 4);
+        srv.handle_request();  // starts the handler's thread
+        char b = 0;
+        ASSERT_TRUE(read_within(started.r, &b, 1, 10000ms));
+        srv.server_close();  // returns at once: daemon_threads
+        other = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);  // the lowest free number
+        ASSERT_GE(other, 0);
+        EXPECT_NE(other, server_fd) << "the closed server socket's number went to another socket";
+        pollfd p{client, POLLIN, 0};
+        EXPECT_EQ(::poll(&p, 1, 1500), 0) << "a reply came, from some socket of the program's";
+    }  // joins the handler
+    ::close(other);
+    ::close(client);
+}
+
 // At max_children, serve_forever waits for a child to end before it takes the next request; a
 // stop meanwhile ends that wait, and the deadline then ends the children that hold the limit
 // (it waited for them for ever: shutdown(timeout) returned only as they ended on their own).

@@ -204,8 +204,9 @@ struct ServerOptions {
     std::size_t max_packet_size = 8192;  ///< datagram servers
     /// Threading: server_close() does not wait for the handler threads (the destructor does; see
     /// the destructor policy above for a subclass with hooks). A datagram handler still running
-    /// after server_close() must not reply: its socket is closed, and its number may be another
-    /// socket's by then.
+    /// after server_close() cannot reply: its reply fails (std::system_error ENOTSOCK, to
+    /// handle_error; Python's fails with EBADF), and the socket's number is kept from other
+    /// sockets until the destructor has joined the handlers.
     bool daemon_threads = false;
     /// Threading/forking: server_close() waits for the handler threads / children.
     bool block_on_close = true;
@@ -349,6 +350,9 @@ private:
     Kind kind_;
     ServerOptions options_;
     int sock_ = -1;
+    /// A datagram server closed while its handler threads may still run (they reply through the
+    /// socket's number): the number, kept on /dev/null until they are joined, not reused meanwhile.
+    int retired_sock_ = -1;
     int wake_r_ = -1, wake_w_ = -1;
     // The process in serve_forever (0: none): a forked handler, whose copy still names its
     // parent, cannot stop its own copy of the loop and asks that process instead. Atomic: read
